@@ -1,0 +1,169 @@
+//! The [`BlockDevice`] trait and the small types around it.
+
+use async_trait::async_trait;
+use iobuf::IoBuf;
+use uuid::Uuid;
+
+use crate::Result;
+
+/// I/O types, named as in SPDK's `supported_io_types` (the RPC layer prints them in this order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum IoType {
+    /// Read.
+    Read,
+    /// Write.
+    Write,
+    /// Unmap (trim).
+    Unmap,
+    /// Flush.
+    Flush,
+    /// Reset.
+    Reset,
+    /// Write zeroes.
+    WriteZeroes,
+    /// Seek to the next hole.
+    SeekHole,
+    /// Seek to the next data.
+    SeekData,
+}
+
+impl IoType {
+    /// Every I/O type, in SPDK's order.
+    pub const ALL: [IoType; 8] = [
+        IoType::Read,
+        IoType::Write,
+        IoType::Unmap,
+        IoType::Flush,
+        IoType::Reset,
+        IoType::WriteZeroes,
+        IoType::SeekHole,
+        IoType::SeekData,
+    ];
+
+    /// SPDK's name for the type (`"write_zeroes"`, ...).
+    pub fn spdk_name(self) -> &'static str {
+        match self {
+            IoType::Read => "read",
+            IoType::Write => "write",
+            IoType::Unmap => "unmap",
+            IoType::Flush => "flush",
+            IoType::Reset => "reset",
+            IoType::WriteZeroes => "write_zeroes",
+            IoType::SeekHole => "seek_hole",
+            IoType::SeekData => "seek_data",
+        }
+    }
+}
+
+/// Claim types, as SPDK's bdev claims v2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClaimType {
+    /// One writer, nobody else may write or claim (SPDK `exclusive_write`).
+    ExclusiveWrite,
+    /// Many readers, one writer: what an lvol store takes on its base (`read_many_write_one`).
+    ReadManyWriteOne,
+    /// Many readers, no writer: what esnap clones and read-only bdevs take (`read_many_write_none`).
+    ReadManyWriteNone,
+}
+
+impl ClaimType {
+    /// SPDK's name for the claim type, as `bdev_get_bdevs` prints it.
+    pub fn spdk_name(self) -> &'static str {
+        match self {
+            ClaimType::ExclusiveWrite => "exclusive_write",
+            ClaimType::ReadManyWriteOne => "read_many_write_one",
+            ClaimType::ReadManyWriteNone => "read_many_write_none",
+        }
+    }
+}
+
+/// Events delivered to every open descriptor of a device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BdevEvent {
+    /// The device is being unregistered (hot-remove); close the descriptor.
+    Remove,
+    /// The device changed size; the new size in blocks.
+    Resize {
+        /// New size in blocks.
+        num_blocks: u64,
+    },
+}
+
+/// A block device. Implementations must be cheap to share (`Arc<dyn BlockDevice>`) and safe to
+/// call from any thread. Offsets and lengths are in blocks of [`BlockDevice::block_len`] bytes;
+/// a buffer's length must be a multiple of the block length.
+///
+/// Bounds, alignment, read-only and removal checks are done by [`crate::Descriptor`] before the
+/// call reaches the device, so implementations may assume valid arguments.
+#[async_trait]
+pub trait BlockDevice: Send + Sync + 'static {
+    /// Unique name.
+    fn name(&self) -> &str;
+    /// Product name as SPDK prints it (`"Malloc disk"`, `"AIO disk"`, `"Logical Volume"`).
+    fn product_name(&self) -> &str;
+    /// The module that owns the device (`"malloc"`, `"aio"`, `"lvol"`, `"ro"`, `"error"`).
+    fn module_name(&self) -> &str;
+    /// UUID of the device.
+    fn uuid(&self) -> Uuid;
+    /// Block size in bytes.
+    fn block_len(&self) -> u32;
+    /// Current size in blocks (may change on resize).
+    fn num_blocks(&self) -> u64;
+    /// Required buffer alignment in bytes (1 = any).
+    fn buf_align(&self) -> usize {
+        1
+    }
+    /// Optimal I/O boundary in blocks (0 = none).
+    fn optimal_io_boundary(&self) -> u32 {
+        0
+    }
+    /// Whether an I/O type is supported.
+    fn io_type_supported(&self, io_type: IoType) -> bool;
+    /// Reads `buf.len()` bytes at `offset_blocks` into `buf`, and returns the buffer.
+    async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf>;
+    /// Writes `buf` at `offset_blocks`, and returns the buffer.
+    async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf>;
+    /// Vectored read: the buffers are filled one after the other from `offset_blocks`.
+    async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
+        let mut out = Vec::with_capacity(bufs.len());
+        let mut off = offset_blocks;
+        for b in bufs {
+            let blocks = (b.len() / self.block_len() as usize) as u64;
+            out.push(self.read(off, b).await?);
+            off += blocks;
+        }
+        Ok(out)
+    }
+    /// Vectored write.
+    async fn writev(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
+        let mut out = Vec::with_capacity(bufs.len());
+        let mut off = offset_blocks;
+        for b in bufs {
+            let blocks = (b.len() / self.block_len() as usize) as u64;
+            out.push(self.write(off, b).await?);
+            off += blocks;
+        }
+        Ok(out)
+    }
+    /// Flushes volatile caches.
+    async fn flush(&self) -> Result<()>;
+    /// Unmaps (trims) a range.
+    async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()>;
+    /// Writes zeroes over a range.
+    async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()>;
+    /// Resets the device.
+    async fn reset(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The `driver_specific` object of `bdev_get_bdevs` (e.g. `{"aio": {...}}`); `{}` by default.
+    fn driver_specific(&self) -> serde_json::Value {
+        serde_json::json!({})
+    }
+    /// The `save_config` entry that re-creates this device (`{"method": ..., "params": ...}`),
+    /// or `None` when the device comes back by itself (lvol bdevs).
+    fn write_config(&self) -> Option<serde_json::Value> {
+        None
+    }
+    /// Called once after the device was unregistered and its last descriptor closed.
+    async fn destruct(&self) {}
+}

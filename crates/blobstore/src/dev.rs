@@ -1,0 +1,67 @@
+//! The narrow device trait the blobstore runs on (SPDK `struct spdk_bs_dev`).
+
+use async_trait::async_trait;
+use iobuf::IoBuf;
+
+/// A device under (or behind) a blobstore. Offsets and lengths are in blocks of `block_len`.
+/// Errors are `std::io::Error` carrying an errno (`raw_os_error`).
+#[async_trait]
+pub trait BsDev: Send + Sync + 'static {
+    /// Block size in bytes.
+    fn block_len(&self) -> u32;
+    /// Size in blocks.
+    fn block_count(&self) -> u64;
+    /// Required buffer alignment in bytes.
+    fn buf_align(&self) -> usize {
+        1
+    }
+    /// Reads `buf.len()` bytes at `lba`.
+    async fn read(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf>;
+    /// Writes `buf` at `lba`.
+    async fn write(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf>;
+    /// Writes zeroes over `lba_count` blocks.
+    async fn write_zeroes(&self, lba: u64, lba_count: u64) -> std::io::Result<()>;
+    /// Unmaps `lba_count` blocks.
+    async fn unmap(&self, lba: u64, lba_count: u64) -> std::io::Result<()>;
+    /// Flushes.
+    async fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    /// True if the range is known to read as zeroes (lets copy-on-write skip the copy).
+    fn is_zeroes(&self, _lba: u64, _lba_count: u64) -> bool {
+        false
+    }
+    /// True if the device cannot serve reads (a missing external snapshot).
+    fn is_degraded(&self) -> bool {
+        false
+    }
+}
+
+/// The zeroes device (SPDK `zeroes.c`): reads zeroes, refuses writes with EPERM.
+pub struct ZeroesDev;
+
+#[async_trait]
+impl BsDev for ZeroesDev {
+    fn block_len(&self) -> u32 {
+        512
+    }
+    fn block_count(&self) -> u64 {
+        u64::MAX
+    }
+    async fn read(&self, _lba: u64, mut buf: IoBuf) -> std::io::Result<IoBuf> {
+        buf.fill(0);
+        Ok(buf)
+    }
+    async fn write(&self, _lba: u64, _buf: IoBuf) -> std::io::Result<IoBuf> {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    }
+    async fn write_zeroes(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    }
+    async fn unmap(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    }
+    fn is_zeroes(&self, _lba: u64, _lba_count: u64) -> bool {
+        true
+    }
+}

@@ -1,0 +1,1 @@
+//! lvol (to be written).

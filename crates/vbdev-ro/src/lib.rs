@@ -1,0 +1,1 @@
+//! vbdev-ro (to be written).

@@ -1,0 +1,3 @@
+//! xtask (to be written).
+
+fn main() {}
