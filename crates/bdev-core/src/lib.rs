@@ -13,6 +13,7 @@ pub mod backend;
 mod device;
 mod error;
 mod registry;
+pub mod rpc;
 
 pub use device::{BdevEvent, BlockDevice, ClaimType, IoType};
 pub use error::{BdevError, Result};

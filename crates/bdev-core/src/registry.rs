@@ -95,6 +95,20 @@ impl Registry {
     pub async fn wait_for_examine(&self) {
         todo!()
     }
+    /// Runs a background task (event listeners, deferred work) on the registry's executor: a
+    /// small `futures` thread pool by default, or the spawner installed with `set_spawner`.
+    pub fn spawn(&self, fut: futures::future::BoxFuture<'static, ()>) {
+        let _ = fut;
+        todo!()
+    }
+    /// Installs the application's spawner (e.g. one that calls `tokio::spawn`).
+    pub fn set_spawner(
+        &self,
+        spawner: Arc<dyn Fn(futures::future::BoxFuture<'static, ()>) + Send + Sync>,
+    ) {
+        let _ = spawner;
+        todo!()
+    }
     /// Called by a device (or its owner) after its size changed: sends `Resize` to every
     /// descriptor.
     pub fn notify_resize(&self, name: &str) {

@@ -13,6 +13,7 @@
 
 mod dev;
 mod error;
+pub mod inspect;
 
 pub use dev::{BsDev, ZeroesDev};
 pub use error::{BsError, Result};

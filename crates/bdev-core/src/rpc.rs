@@ -1,0 +1,119 @@
+//! What every module's JSON-RPC handlers share: the error shape and SPDK's code conventions.
+//!
+//! Module crates (bdev-core's backends, lvol, vbdev-ro, ...) implement [`RpcModule`]; the `tgt`
+//! binary owns the socket and dispatch and knows nothing of what the methods do.
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+/// A JSON-RPC error object (`{"code": .., "message": ..}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RpcError {
+    /// JSON-RPC error code (SPDK uses negative errnos as codes too).
+    pub code: i32,
+    /// Message.
+    pub message: String,
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for RpcError {}
+
+/// `-32700`.
+pub const PARSE_ERROR: i32 = -32700;
+/// `-32600`.
+pub const INVALID_REQUEST: i32 = -32600;
+/// `-32601`.
+pub const METHOD_NOT_FOUND: i32 = -32601;
+/// `-32602`.
+pub const INVALID_PARAMS: i32 = -32602;
+/// `-32603`.
+pub const INTERNAL_ERROR: i32 = -32603;
+
+/// The C library's text for an errno (`strerror`), as SPDK puts it in messages.
+pub fn strerror(errno: i32) -> String {
+    let msg = std::io::Error::from_raw_os_error(errno).to_string();
+    // std appends " (os error N)"; SPDK prints the bare text.
+    match msg.rfind(" (os error ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg,
+    }
+}
+
+impl RpcError {
+    /// An error with an explicit code and message.
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        RpcError {
+            code,
+            message: message.into(),
+        }
+    }
+    /// SPDK's answer to a parameter decode failure (missing, wrongly typed or unknown field):
+    /// `-32603 "spdk_json_decode_object failed"`.
+    pub fn decode_failed() -> Self {
+        RpcError::new(INTERNAL_ERROR, "spdk_json_decode_object failed")
+    }
+    /// A synchronous failure: code `-errno`, message `strerror(errno)`.
+    pub fn from_errno(errno: i32) -> Self {
+        RpcError::new(-errno, strerror(errno))
+    }
+    /// A failure reported by an async callback in most lvol RPCs: `-32602` + strerror.
+    pub fn invalid_params_errno(errno: i32) -> Self {
+        RpcError::new(INVALID_PARAMS, strerror(errno))
+    }
+    /// `-32601 "Method not found"`.
+    pub fn method_not_found() -> Self {
+        RpcError::new(METHOD_NOT_FOUND, "Method not found")
+    }
+}
+
+/// Decodes params into `T` the way SPDK's `spdk_json_decode_object` does: absent params are an
+/// empty object, and any mismatch (missing required field, wrong type, unknown field when `T`
+/// denies unknown fields) is [`RpcError::decode_failed`].
+pub fn decode<T: serde::de::DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError> {
+    let v = match params {
+        None | Some(Value::Null) => Value::Object(Default::default()),
+        Some(v) => v,
+    };
+    serde_json::from_value(v).map_err(|_| RpcError::decode_failed())
+}
+
+/// A module's set of JSON-RPC methods.
+#[async_trait]
+pub trait RpcModule: Send + Sync + 'static {
+    /// The method names this module serves.
+    fn methods(&self) -> Vec<&'static str>;
+    /// Runs one method. `params` is the request's `params` member, if any.
+    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strerror_matches_spdk_text() {
+        assert_eq!(strerror(libc::ENODEV), "No such device");
+        assert_eq!(RpcError::from_errno(libc::EEXIST).code, -17);
+        assert_eq!(RpcError::from_errno(libc::EEXIST).message, "File exists");
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    struct P {
+        name: String,
+    }
+
+    #[test]
+    fn decode_rejects_missing_and_unknown_fields() {
+        assert_eq!(decode::<P>(None).unwrap_err(), RpcError::decode_failed());
+        let bad = serde_json::json!({"name": "a", "x": 1});
+        assert_eq!(decode::<P>(Some(bad)).unwrap_err().code, INTERNAL_ERROR);
+        let ok = serde_json::json!({"name": "a"});
+        assert_eq!(decode::<P>(Some(ok)).unwrap().name, "a");
+    }
+}
