@@ -174,6 +174,10 @@ impl StoreInner {
         }
         let _f = orig.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        // The snapshot takes the map as it is on disk: settle pending changes first.
+        if orig.lock().dirty {
+            orig.persist_locked().await?;
+        }
         // 1. The new blob, empty, marked SNAPTMP.
         let (n, use_et) = {
             let s = orig.lock();
