@@ -88,7 +88,7 @@ pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
         if !ok {
             continue;
         }
-        let ci = match parse_chain(id, &pages) {
+        let ci = match parse_chain(id, &pages, total) {
             Ok(ci) => ci,
             Err(e) => {
                 rep.problems.push(format!("{e}"));

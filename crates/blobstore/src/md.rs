@@ -20,6 +20,10 @@ pub(crate) struct BlobMd {
     pub eps: Vec<u32>,
 }
 
+/// Largest blob we accept from disk, in clusters (256 TiB with 1 MiB clusters). Keeps a
+/// hostile md page from making us allocate gigabytes for a cluster map.
+pub(crate) const MAX_BLOB_CLUSTERS: u64 = 1 << 28;
+
 /// What a chain says before its extent pages are read.
 #[derive(Debug, Default)]
 pub(crate) struct ChainInfo {
@@ -199,7 +203,7 @@ fn xattr_body(n: &str, v: &[u8]) -> Result<Vec<u8>> {
 
 /// Interprets a chain's pages (already CRC-checked) into metadata; extent pages are read
 /// by the caller from `table`.
-pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo]) -> Result<ChainInfo> {
+pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo], max_cluster: u64) -> Result<ChainInfo> {
     let mut ci = ChainInfo::default();
     let mut seen_flags = false;
     let mut seen_rle = false;
@@ -235,7 +239,7 @@ pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo]) -> Result<ChainInfo> {
                                     "blob {id:#x}: unallocated run in a thick blob"
                                 )));
                             }
-                            if ci.md.clusters.len() as u64 + u64::from(l) > (1 << 32) {
+                            if ci.md.clusters.len() as u64 + u64::from(l) > MAX_BLOB_CLUSTERS {
                                 return Err(corrupt(format!("blob {id:#x}: too many clusters")));
                             }
                             ci.md.clusters.extend(std::iter::repeat_n(0, l as usize));
@@ -243,6 +247,11 @@ pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo]) -> Result<ChainInfo> {
                             let end = c.checked_add(l).ok_or_else(|| {
                                 corrupt(format!("blob {id:#x}: extent run overflows"))
                             })?;
+                            if u64::from(end) > max_cluster {
+                                return Err(corrupt(format!(
+                                    "blob {id:#x}: extent run {c}+{l} is beyond the store ({max_cluster} clusters)"
+                                )));
+                            }
                             ci.md.clusters.extend(c..end);
                         }
                     }
@@ -270,6 +279,11 @@ pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo]) -> Result<ChainInfo> {
                     if seen_rle {
                         return Err(corrupt(format!(
                             "blob {id:#x}: extent table together with extent RLE"
+                        )));
+                    }
+                    if *num_clusters > MAX_BLOB_CLUSTERS {
+                        return Err(corrupt(format!(
+                            "blob {id:#x}: extent table claims {num_clusters} clusters"
                         )));
                     }
                     match &mut ci.table {

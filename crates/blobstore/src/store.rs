@@ -633,7 +633,8 @@ impl StoreInner {
             }
             p = next;
         }
-        let ci = parse_chain(id, &pages)?;
+        let total = self.state().total_clusters;
+        let ci = parse_chain(id, &pages, total)?;
         let mut md = ci.md;
         if let Some((num, entries)) = ci.table {
             md.clusters.clear();
@@ -1005,8 +1006,12 @@ pub(crate) async fn recover_masks(
                     crate::inspect::Descriptor::ExtentRle(runs) => {
                         for &(c, l) in runs {
                             if c != 0 {
-                                for k in 0..l {
-                                    mark(&mut clusters, c.saturating_add(k), id);
+                                let end = (u64::from(c) + u64::from(l)).min(total);
+                                if u64::from(c) + u64::from(l) > total {
+                                    mark(&mut clusters, u32::MAX, id);
+                                }
+                                for k in u64::from(c)..end {
+                                    clusters.set(k);
                                 }
                             }
                         }
@@ -1152,7 +1157,8 @@ impl StoreInner {
                     tracing::warn!(target: "blob", "blob {id:#x}: unreadable md chain, skipped");
                     continue;
                 }
-                let ci = match parse_chain(id, &pages) {
+                let total = self.state().total_clusters;
+                let ci = match parse_chain(id, &pages, total) {
                     Ok(ci) => ci,
                     Err(e) => {
                         tracing::warn!(target: "blob", "blob {id:#x}: {e}, skipped");
