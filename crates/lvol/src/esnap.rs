@@ -55,8 +55,10 @@ impl EsnapRetry {
     /// Sets both values.
     pub fn set(&self, retries: u32, delay: Duration) {
         self.retries.store(retries, Ordering::Relaxed);
-        self.delay_ms
-            .store(delay.as_millis().min(u128::from(u64::MAX)) as u64, Ordering::Relaxed);
+        self.delay_ms.store(
+            delay.as_millis().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
     }
 }
 
@@ -201,7 +203,10 @@ impl EsnapCtx {
     }
 
     /// Returns the shared device for `esnap_id`, opening it if needed.
-    pub(crate) fn get_or_open(self: &Arc<Self>, esnap_id: &[u8]) -> std::io::Result<Arc<BdevBsDev>> {
+    pub(crate) fn get_or_open(
+        self: &Arc<Self>,
+        esnap_id: &[u8],
+    ) -> std::io::Result<Arc<BdevBsDev>> {
         if let Some(dev) = self.lock().get(esnap_id).and_then(|e| e.dev.clone()) {
             return Ok(dev);
         }

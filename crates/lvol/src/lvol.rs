@@ -101,7 +101,10 @@ impl Lvol {
     }
     /// Size in bytes.
     pub fn size_bytes(&self) -> u64 {
-        let cs = self.store().map(|s| u64::from(s.cluster_size())).unwrap_or(0);
+        let cs = self
+            .store()
+            .map(|s| u64::from(s.cluster_size()))
+            .unwrap_or(0);
         self.blob.num_clusters() * cs
     }
     /// The esnap id as text (the base bdev's UUID), for esnap clones.
@@ -162,7 +165,10 @@ impl Lvol {
         );
         m.insert(
             "base_bdev".into(),
-            json!(store.as_ref().map(|s| s.base_bdev_name()).unwrap_or_default()),
+            json!(store
+                .as_ref()
+                .map(|s| s.base_bdev_name())
+                .unwrap_or_default()),
         );
         m.insert("thin_provision".into(), json!(self.is_thin()));
         m.insert(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bdev_core::{BdevEvent, BlockDevice, ClaimType, ExamineHook, Registry};
-use blobstore::{Blob, BlobId, BlobOpts, BsOpts, Blobstore, ClearMethod, Parent};
+use blobstore::{Blob, BlobId, BlobOpts, Blobstore, BsOpts, ClearMethod, Parent};
 use futures::channel::{mpsc::UnboundedReceiver, oneshot};
 use futures::StreamExt;
 use uuid::Uuid;
@@ -17,7 +17,9 @@ use uuid::Uuid;
 use crate::bs_dev::BdevBsDev;
 use crate::esnap::{esnap_id_for, EsnapCtx, EsnapRetry, Factory};
 use crate::lvol::{Lvol, LvolBdev};
-use crate::store::{LvolMaps, LvolStore, DEFAULT_CLUSTER_SIZE, DEFAULT_MD_PAGES_RATIO, LVS_BSTYPE, NAME_MAX};
+use crate::store::{
+    LvolMaps, LvolStore, DEFAULT_CLUSTER_SIZE, DEFAULT_MD_PAGES_RATIO, LVS_BSTYPE, NAME_MAX,
+};
 use crate::{LvolError, Result};
 
 /// How a new store clears its data region (`clear_method` of `bdev_lvol_create_lvstore`).
@@ -281,7 +283,10 @@ impl LvolModule {
             return Some(l);
         }
         if let Ok(u) = Uuid::parse_str(name) {
-            if let Some(l) = lock(&self.0.lvols).get(&u.hyphenated().to_string()).cloned() {
+            if let Some(l) = lock(&self.0.lvols)
+                .get(&u.hyphenated().to_string())
+                .cloned()
+            {
                 return Some(l);
             }
         }
@@ -318,7 +323,7 @@ impl LvolModule {
         let mut desc = self.0.registry.open(bdev_name, true)?;
         let dev = desc.device().clone();
         let bl = dev.block_len();
-        if opts.cluster_size < bl || opts.cluster_size % bl != 0 {
+        if opts.cluster_size < bl || opts.cluster_size.checked_rem(bl) != Some(0) {
             return Err(LvolError::InvalidArgument(format!(
                 "cluster size {} is not a multiple of the block size {bl}",
                 opts.cluster_size
@@ -599,11 +604,20 @@ impl LvolModule {
     }
 
     /// Unregisters the lvol bdevs, closes the blobs and unloads (or destroys) the store.
-    async fn close_store(&self, store: &Arc<LvolStore>, destroy: bool, removed: bool) -> Result<()> {
+    async fn close_store(
+        &self,
+        store: &Arc<LvolStore>,
+        destroy: bool,
+        removed: bool,
+    ) -> Result<()> {
         {
             let mut maps = lock(&self.0.stores);
             let name = store.name();
-            if maps.by_name.get(&name).is_some_and(|s| Arc::ptr_eq(s, store)) {
+            if maps
+                .by_name
+                .get(&name)
+                .is_some_and(|s| Arc::ptr_eq(s, store))
+            {
                 maps.by_name.remove(&name);
             }
             maps.by_uuid.remove(&store.uuid);
@@ -764,7 +778,9 @@ impl LvolModule {
 
     /// Snapshots an lvol; the lvol becomes a clone of the new snapshot.
     pub async fn create_snapshot(&self, lvol: &Arc<Lvol>, name: &str) -> Result<Arc<Lvol>> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         let _guard = reserve_lvol_name(&store, name)?;
         if lvol.is_read_only() {
             return Err(LvolError::InvalidArgument(
@@ -783,7 +799,9 @@ impl LvolModule {
 
     /// Clones a read-only lvol (a snapshot).
     pub async fn create_clone(&self, snap: &Arc<Lvol>, name: &str) -> Result<Arc<Lvol>> {
-        let store = snap.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = snap
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         let _guard = reserve_lvol_name(&store, name)?;
         if !snap.is_read_only() {
             return Err(LvolError::InvalidArgument(
@@ -812,7 +830,7 @@ impl LvolModule {
         let _guard = reserve_lvol_name(store, name)?;
         let size = dev.num_blocks() * u64::from(dev.block_len());
         let cs = u64::from(store.cluster_size());
-        if size % cs != 0 {
+        if size.checked_rem(cs) != Some(0) {
             return Err(LvolError::InvalidArgument(format!(
                 "bdev size {size} is not a multiple of the cluster size {cs}"
             )));
@@ -842,7 +860,9 @@ impl LvolModule {
         if old == new_name {
             return Ok(());
         }
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         let _guard = reserve_lvol_name(&store, new_name)?;
         let old_alias = lvol.alias();
         let new_alias = format!("{}/{}", store.name(), new_name);
@@ -875,7 +895,9 @@ impl LvolModule {
 
     /// Resizes an lvol to `size_bytes` rounded up to whole clusters.
     pub async fn resize_lvol(&self, lvol: &Arc<Lvol>, size_bytes: u64) -> Result<()> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         if lvol.is_read_only() {
             return Err(LvolError::NotPermitted("lvol is read-only".into()));
         }
@@ -897,7 +919,9 @@ impl LvolModule {
 
     /// Allocates every cluster of an lvol and cuts it from its parent.
     pub async fn inflate_lvol(&self, lvol: &Arc<Lvol>) -> Result<()> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         let res = store.bs.inflate_blob(lvol.blob_id).await;
         store.refresh_esnap_holders();
         res.map_err(Into::into)
@@ -905,7 +929,9 @@ impl LvolModule {
 
     /// Copies the parent's clusters into an lvol and re-points it to the grandparent.
     pub async fn decouple_parent(&self, lvol: &Arc<Lvol>) -> Result<()> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         if matches!(lvol.blob.parent(), Parent::None | Parent::Zeroes) {
             return Err(LvolError::InvalidArgument("lvol has no parent".into()));
         }
@@ -916,7 +942,9 @@ impl LvolModule {
 
     /// Re-parents a thin lvol onto a snapshot of the same store.
     pub async fn set_parent(&self, lvol: &Arc<Lvol>, snap: &Arc<Lvol>) -> Result<()> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         let same = snap.store().is_some_and(|s| Arc::ptr_eq(&s, &store));
         if !same {
             return Err(LvolError::InvalidArgument(
@@ -930,7 +958,9 @@ impl LvolModule {
 
     /// Makes a thin lvol an esnap clone of a bdev (by name or UUID).
     pub async fn set_parent_bdev(&self, lvol: &Arc<Lvol>, bdev: &str) -> Result<()> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         let dev = self
             .0
             .registry
@@ -940,7 +970,7 @@ impl LvolModule {
             return Err(LvolError::InvalidArgument("bdev is the lvol itself".into()));
         }
         let size = dev.num_blocks() * u64::from(dev.block_len());
-        if size % u64::from(store.cluster_size()) != 0 {
+        if size.checked_rem(u64::from(store.cluster_size())) != Some(0) {
             return Err(LvolError::InvalidArgument(
                 "bdev size is not a multiple of the cluster size".into(),
             ));
@@ -956,17 +986,16 @@ impl LvolModule {
             .esnap
             .get_or_open(&id)
             .map_err(|e| LvolError::NoDevice(format!("{bdev}: {e}")))?;
-        let res = store
-            .bs
-            .set_external_parent(lvol.blob_id, esdev, &id)
-            .await;
+        let res = store.bs.set_external_parent(lvol.blob_id, esdev, &id).await;
         store.refresh_esnap_holders();
         res.map_err(Into::into)
     }
 
     /// Deletes an lvol. A snapshot with two or more clones is refused with EPERM.
     pub async fn delete_lvol(&self, lvol: &Arc<Lvol>) -> Result<()> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         if store.bs.clones_of(lvol.blob_id).len() > 1 {
             return Err(LvolError::NotPermitted(
                 "snapshot has more than one clone".into(),
@@ -1004,7 +1033,12 @@ impl LvolModule {
     pub async fn heal_all(&self) -> usize {
         let mut healed = 0;
         for store in self.lvstores() {
-            let ids: Vec<Vec<u8>> = store.esnap.map.lock().map(|m| m.keys().cloned().collect()).unwrap_or_default();
+            let ids: Vec<Vec<u8>> = store
+                .esnap
+                .map
+                .lock()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default();
             for id in ids {
                 let Some(u) = crate::esnap::parse_esnap_id(&id) else {
                     continue;
@@ -1023,7 +1057,9 @@ impl LvolModule {
     /// Starts copying the allocated clusters of a read-only lvol onto a bdev; returns the
     /// operation id (from 1).
     pub fn start_shallow_copy(&self, lvol: &Arc<Lvol>, dst_bdev: &str) -> Result<u32> {
-        let store = lvol.store().ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol
+            .store()
+            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
         let desc = self.0.registry.open(dst_bdev, true)?;
         desc.claim(ClaimType::ReadManyWriteOne)?;
         let dst = Arc::new(BdevBsDev::new(desc));

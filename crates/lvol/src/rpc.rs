@@ -201,7 +201,10 @@ fn lvs_clear_method(s: Option<&str>) -> Result<LvsClearMethod, RpcError> {
         None | Some("unmap") => Ok(LvsClearMethod::Unmap),
         Some("write_zeroes") => Ok(LvsClearMethod::WriteZeroes),
         Some("none") => Ok(LvsClearMethod::None),
-        Some(_) => Err(RpcError::new(-libc::EINVAL, "Invalid clear_method parameter")),
+        Some(_) => Err(RpcError::new(
+            -libc::EINVAL,
+            "Invalid clear_method parameter",
+        )),
     }
 }
 
@@ -211,7 +214,10 @@ fn lvol_clear_method(s: Option<&str>) -> Result<ClearMethod, RpcError> {
         Some("none") => Ok(ClearMethod::None),
         Some("unmap") => Ok(ClearMethod::Unmap),
         Some("write_zeroes") => Ok(ClearMethod::WriteZeroes),
-        Some(_) => Err(RpcError::new(-libc::EINVAL, "Invalid clear_method parameter")),
+        Some(_) => Err(RpcError::new(
+            -libc::EINVAL,
+            "Invalid clear_method parameter",
+        )),
     }
 }
 
@@ -251,7 +257,10 @@ impl LvolRpc {
                 if let Some(s) = p.md_page_size {
                     opts.md_page_size = s;
                 }
-                let s = m.create_lvstore(&p.bdev_name, opts).await.map_err(create_err)?;
+                let s = m
+                    .create_lvstore(&p.bdev_name, opts)
+                    .await
+                    .map_err(create_err)?;
                 Ok(json!(s.uuid().hyphenated().to_string()))
             }
             "bdev_lvol_delete_lvstore" => {
@@ -263,7 +272,10 @@ impl LvolRpc {
             "bdev_lvol_rename_lvstore" => {
                 let p: RenameLvstore = decode(params)?;
                 let s = m.lvstore_by_name(&p.old_name).ok_or_else(|| {
-                    RpcError::new(-libc::ENOENT, format!("Lvol store {} not found", p.old_name))
+                    RpcError::new(
+                        -libc::ENOENT,
+                        format!("Lvol store {} not found", p.old_name),
+                    )
                 })?;
                 m.rename_lvstore(&s, &p.new_name).await.map_err(async_err)?;
                 Ok(json!(true))
@@ -293,7 +305,13 @@ impl LvolRpc {
                 let clear = lvol_clear_method(p.clear_method.as_deref())?;
                 let s = self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
                 let l = m
-                    .create_lvol(&s, &p.lvol_name, size, p.thin_provision.unwrap_or(false), clear)
+                    .create_lvol(
+                        &s,
+                        &p.lvol_name,
+                        size,
+                        p.thin_provision.unwrap_or(false),
+                        clear,
+                    )
                     .await
                     .map_err(create_err)?;
                 Ok(json!(l.unique_id()))
@@ -440,10 +458,7 @@ impl LvolRpc {
                 let p: EsnapRetryParams = decode(params)?;
                 let (r, d) = m.esnap_retry();
                 let retries = p.retries.unwrap_or(r);
-                let delay = p
-                    .delay_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(d);
+                let delay = p.delay_ms.map(Duration::from_millis).unwrap_or(d);
                 m.set_esnap_retry(retries, delay);
                 Ok(json!(true))
             }
