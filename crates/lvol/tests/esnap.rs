@@ -13,11 +13,21 @@ use uuid::Uuid;
 
 const ESNAP_UUID: &str = "2abddd12-c08d-40ad-bccf-ab131586ee4c";
 
-async fn esnap_base(reg: &bdev_core::Registry, name: &str, uuid: Uuid, size: u64) -> Vec<u8> {
-    malloc_uuid(reg, name, size, 512, uuid).await;
-    let d = open(reg, name, true);
+/// A file-backed base bdev with a known pattern and UUID; it can be removed and re-added with
+/// the same content (the examine hook claims it as soon as it is registered).
+async fn esnap_base(
+    reg: &bdev_core::Registry,
+    dir: &std::path::Path,
+    name: &str,
+    uuid: Uuid,
+    size: u64,
+) -> Vec<u8> {
+    let path = dir.join(format!("{name}.img"));
     let data = pattern(0x5a, 0, size as usize);
-    write_at(&d, 0, &data).await.unwrap();
+    if !path.exists() {
+        std::fs::write(&path, &data).unwrap();
+    }
+    aio(reg, name, &path, 512, Some(uuid), false).await;
     data
 }
 
@@ -25,10 +35,11 @@ async fn esnap_base(reg: &bdev_core::Registry, name: &str, uuid: Uuid, size: u64
 fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
     block_on(async {
         let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
         malloc(&reg, "M", 128 * MIB, 512).await;
         let s = lvs(&m, "M", "lvs_test", 16384).await;
         let u = Uuid::parse_str(ESNAP_UUID).unwrap();
-        let base = esnap_base(&reg, "esnap1", u, MIB).await;
+        let base = esnap_base(&reg, bdir.path(), "esnap1", u, MIB).await;
         let unknown = Uuid::new_v4().hyphenated().to_string();
         assert_eq!(
             m.create_esnap_clone(&unknown, &s, "c0")
@@ -94,12 +105,13 @@ fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
 fn chain_degrades_without_base_and_heals_when_it_returns() {
     block_on(async {
         let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let f = sparse_file(dir.path(), "s.img", 64 * MIB);
         aio(&reg, "aio0", &f, 512, None, false).await;
         let s = lvs(&m, "aio0", "lvs", MIB as u32).await;
         let u = Uuid::new_v4();
-        let base = esnap_base(&reg, "base", u, 4 * MIB).await;
+        let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         {
             let d = open(&reg, "lvs/ec", true);
@@ -168,7 +180,7 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
         );
 
         // Surprise add: heal in place, same descriptors.
-        esnap_base(&reg, "base", u, 4 * MIB).await;
+        esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
         reg.wait_for_examine().await;
         assert!(s.missing_esnaps().is_empty());
         for n in ["ec", "snap", "c2"] {
@@ -192,10 +204,11 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
 fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
     block_on(async {
         let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
         malloc(&reg, "M", 64 * MIB, 512).await;
         let s = lvs(&m, "M", "lvs", MIB as u32).await;
         let u = Uuid::new_v4();
-        let base = esnap_base(&reg, "base", u, 8 * MIB).await;
+        let base = esnap_base(&reg, bdir.path(), "base", u, 8 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         let plain = m
             .create_lvol(&s, "plain", 4 * MIB, false, ClearMethod::Default)
@@ -244,7 +257,7 @@ fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
         );
         assert_eq!(ec.info_json()["is_degraded"], true);
         // The base returns.
-        esnap_base(&reg, "base", u, 8 * MIB).await;
+        esnap_base(&reg, bdir.path(), "base", u, 8 * MIB).await;
         reg.wait_for_examine().await;
         assert!(!ec.is_degraded());
         assert_eq!(
@@ -258,10 +271,11 @@ fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
 fn inflate_and_decouple_of_esnap_clone_make_it_standalone() {
     block_on(async {
         let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
         malloc(&reg, "M", 64 * MIB, 512).await;
         let s = lvs(&m, "M", "lvs", MIB as u32).await;
         let u = Uuid::new_v4();
-        let base = esnap_base(&reg, "base", u, 2 * MIB).await;
+        let base = esnap_base(&reg, bdir.path(), "base", u, 2 * MIB).await;
         let a = m.create_esnap_clone("base", &s, "a").await.unwrap();
         let b = m.create_esnap_clone("base", &s, "b").await.unwrap();
         m.inflate_lvol(&a).await.unwrap();
@@ -283,10 +297,11 @@ fn inflate_and_decouple_of_esnap_clone_make_it_standalone() {
 fn set_parent_bdev_makes_an_esnap_clone() {
     block_on(async {
         let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
         malloc(&reg, "M", 64 * MIB, 512).await;
         let s = lvs(&m, "M", "lvs", MIB as u32).await;
         let u = Uuid::new_v4();
-        let base = esnap_base(&reg, "base", u, 4 * MIB).await;
+        let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
         let t = m
             .create_lvol(&s, "t", 4 * MIB, true, ClearMethod::Default)
             .await

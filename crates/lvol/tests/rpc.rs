@@ -24,6 +24,12 @@ fn assert_subset(got: &Value, want: &Value, ctx: &str) {
                 assert_subset(gv, wv, &format!("{ctx}.{k}"));
             }
         }
+        (Value::Array(g), Value::Array(w)) => {
+            assert_eq!(g.len(), w.len(), "{ctx}: length");
+            for (i, (gv, wv)) in g.iter().zip(w).enumerate() {
+                assert_subset(gv, wv, &format!("{ctx}[{i}]"));
+            }
+        }
         _ => assert_eq!(got, want, "{ctx}"),
     }
 }
