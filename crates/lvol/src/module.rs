@@ -579,7 +579,13 @@ impl LvolModule {
 
     /// Registers the bdev of an lvol (name = unique id, alias `lvs/lvol`).
     async fn register_bdev(&self, store: &Arc<LvolStore>, lvol: &Arc<Lvol>) -> Result<()> {
-        lock(&self.0.lvols).insert(lvol.unique_id.clone(), lvol.clone());
+        {
+            let mut lvols = lock(&self.0.lvols);
+            if lvols.contains_key(&lvol.unique_id) {
+                return Err(LvolError::AlreadyExists(format!("lvol {}", lvol.unique_id)));
+            }
+            lvols.insert(lvol.unique_id.clone(), lvol.clone());
+        }
         let bdev = Arc::new(LvolBdev::new(lvol.clone(), store, self.0.retry.clone()));
         if let Err(e) = self.0.registry.register(bdev).await {
             lock(&self.0.lvols).remove(&lvol.unique_id);
@@ -600,7 +606,13 @@ impl LvolModule {
                 tracing::warn!(target: "lvol", "unregistering {}: {e}", lvol.unique_id);
             }
         }
-        lock(&self.0.lvols).remove(&lvol.unique_id);
+        let mut lvols = lock(&self.0.lvols);
+        if lvols
+            .get(&lvol.unique_id)
+            .is_some_and(|l| Arc::ptr_eq(l, lvol))
+        {
+            lvols.remove(&lvol.unique_id);
+        }
     }
 
     /// Unregisters the lvol bdevs, closes the blobs and unloads (or destroys) the store.

@@ -1,6 +1,15 @@
 //! The `bdev_lvol_*` JSON-RPC methods, with SPDK's parameter names, result shapes and error
-//! conventions (see `spec/lvol-and-rpc.md` §2 and §4), plus our own
-//! `bdev_lvol_set_esnap_retry` / `bdev_lvol_get_esnap_retry`.
+//! conventions (see `spec/lvol-and-rpc.md` §2 and §4), plus two methods of our own for
+//! degraded mode (an esnap clone whose base bdev is missing):
+//!
+//! * `bdev_lvol_set_esnap_retry {"retries": N, "delay_ms": M}` (both optional, u32 / u64):
+//!   how many times I/O that needs a missing external snapshot is retried, and how long to
+//!   wait between tries, before it fails with EIO. Defaults: 3 retries, 100 ms. Result `true`.
+//!   Unknown or mistyped params: `-32603 "spdk_json_decode_object failed"`.
+//! * `bdev_lvol_get_esnap_retry {}`: `{"retries": N, "delay_ms": M}`.
+//!
+//! `bdev_lvol_get_lvols` entries carry `is_degraded` and `num_allocated_clusters`;
+//! `bdev_lvol_get_lvstores` entries carry `max_growable_size` (SPDK HEAD keys).
 
 use std::sync::Arc;
 use std::time::Duration;
