@@ -402,3 +402,47 @@ fn failing_heal_does_not_stop_others_and_is_retried() {
         assert_eq!(read_all(&db).await, base);
     });
 }
+
+#[test]
+fn esnap_link_moves_with_snapshot_and_back_on_its_delete() {
+    block_on(async {
+        let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
+        malloc(&reg, "M", 64 * MIB, 512).await;
+        let s = lvs(&m, "M", "lvs", MIB as u32).await;
+        let u = Uuid::new_v4();
+        let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
+        let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
+        let d = open(&reg, "lvs/ec", true);
+        write_at(&d, 0, &fill(0x44, 4096)).await.unwrap();
+        let snap = m.create_snapshot(&ec, "snap").await.unwrap();
+        assert!(snap.is_esnap_clone());
+        assert_eq!(
+            snap.external_snapshot_name(),
+            Some(u.hyphenated().to_string())
+        );
+        assert!(ec.is_clone() && !ec.is_esnap_clone());
+        let ds = reg.get(snap.unique_id()).unwrap().driver_specific();
+        assert_eq!(ds["lvol"]["esnap_clone"], true);
+        assert_eq!(ds["lvol"]["clones"], serde_json::json!(["ec"]));
+        // A clone of that snapshot is a plain clone.
+        let c = m.create_clone(&snap, "c").await.unwrap();
+        assert!(c.is_clone() && !c.is_esnap_clone());
+        m.delete_lvol(&c).await.unwrap();
+        // Deleting the snapshot gives the esnap link back to its clone.
+        m.delete_lvol(&snap).await.unwrap();
+        assert!(ec.is_esnap_clone());
+        assert!(!ec.is_clone());
+        assert_eq!(
+            ec.external_snapshot_name(),
+            Some(u.hyphenated().to_string())
+        );
+        assert_eq!(reg.claim_of("base"), Some(ClaimType::ReadManyWriteNone));
+        let mut want = base.clone();
+        want[..4096].copy_from_slice(&fill(0x44, 4096));
+        assert_eq!(read_all(&d).await, want);
+        // And the link still follows removal.
+        reg.unregister("base").await.unwrap();
+        assert!(ec.is_degraded());
+    });
+}

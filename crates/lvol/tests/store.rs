@@ -321,3 +321,61 @@ fn grow_lvstore_after_base_grows() {
         assert_eq!(s.free_clusters(), before + 32);
     });
 }
+
+#[test]
+fn hot_remove_waits_for_lvol_users_who_get_a_remove_event() {
+    block_on(async {
+        let (reg, m) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(dir.path(), "u.img", 32 * MIB);
+        aio(&reg, "aio0", &f, 512, None, false).await;
+        let s = lvs(&m, "aio0", "lvs_u", 1 << 20).await;
+        let v = m
+            .create_lvol(&s, "v", 2 * MIB, false, Default::default())
+            .await
+            .unwrap();
+        let uid = v.unique_id().to_string();
+        drop((v, s));
+        let mut d = open(&reg, "lvs_u/v", true);
+        let mut events = d.take_events().unwrap();
+        write_at(&d, 0, &fill(0x21, 4096)).await.unwrap();
+        let user = async {
+            use futures::StreamExt;
+            let ev = events.next().await;
+            assert_eq!(ev, Some(bdev_core::BdevEvent::Remove));
+            // Acknowledged writes made before closing are kept.
+            write_at(&d, 4096, &fill(0x22, 4096)).await.unwrap();
+            drop(d);
+        };
+        let (removed, ()) = futures::join!(reg.unregister("aio0"), user);
+        removed.unwrap();
+        assert!(reg.get(&uid).is_none());
+        aio(&reg, "aio0", &f, 512, None, false).await;
+        let d = open(&reg, "lvs_u/v", false);
+        assert_eq!(read_at(&d, 0, 4096).await.unwrap(), fill(0x21, 4096));
+        assert_eq!(read_at(&d, 4096, 4096).await.unwrap(), fill(0x22, 4096));
+    });
+}
+
+#[test]
+fn corrupt_or_foreign_bdevs_are_skipped_quietly() {
+    block_on(async {
+        let (reg, m) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        // A zeroed file and a file with garbage: no store, no claim.
+        let z = sparse_file(dir.path(), "z.img", 8 * MIB);
+        aio(&reg, "zero", &z, 512, None, false).await;
+        let g = dir.path().join("g.img");
+        std::fs::write(&g, pattern(9, 0, (8 * MIB) as usize)).unwrap();
+        aio(&reg, "garbage", &g, 512, None, false).await;
+        assert!(m.lvstores().is_empty());
+        assert_eq!(reg.claim_of("zero"), None);
+        assert_eq!(reg.claim_of("garbage"), None);
+        // Nothing was written by the failed tastings.
+        assert_eq!(
+            std::fs::read(&g).unwrap(),
+            pattern(9, 0, (8 * MIB) as usize)
+        );
+        assert!(m.load_lvstore("zero").await.is_err());
+    });
+}
