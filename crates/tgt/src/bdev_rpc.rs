@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -257,7 +257,9 @@ fn injection_from(p: &InjectError) -> Result<Option<Injection>, RpcError> {
 pub struct BdevRpc {
     registry: Registry,
     malloc_counter: Mutex<u64>,
-    error_bdevs: Mutex<HashMap<String, Arc<ErrorBdev>>>,
+    /// Weak: a strong reference would keep the base descriptor open after the error bdev
+    /// was unregistered, and the base could then never be removed.
+    error_bdevs: Mutex<HashMap<String, Weak<ErrorBdev>>>,
 }
 
 impl BdevRpc {
@@ -394,11 +396,12 @@ impl BdevRpc {
             .register(dev.clone())
             .await
             .map_err(|e| errno_err(&e))?;
-        self.lock_errors().insert(name.clone(), dev);
+        self.lock_errors()
+            .insert(name.clone(), Arc::downgrade(&dev));
         Ok(Value::String(name))
     }
 
-    fn lock_errors(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ErrorBdev>>> {
+    fn lock_errors(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<ErrorBdev>>> {
         self.error_bdevs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -407,7 +410,9 @@ impl BdevRpc {
         // Forget error bdevs that went away with their base.
         map.retain(|n, _| self.registry.get(n).is_some());
         let dev = self.registry.get(name).ok_or_else(enodev)?;
-        map.get(dev.name()).cloned().ok_or_else(enodev)
+        map.get(dev.name())
+            .and_then(Weak::upgrade)
+            .ok_or_else(enodev)
     }
 }
 

@@ -195,17 +195,23 @@ impl Target {
     pub async fn teardown(&self) {
         self.nbd.stop_all().await;
         loop {
-            let list = self.registry.list();
-            if list.is_empty() {
+            // Names only: holding the devices would keep stacked devices' base descriptors
+            // open and their bases could never go.
+            let names: Vec<String> = self
+                .registry
+                .list()
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect();
+            if names.is_empty() {
                 break;
             }
             let mut progress = false;
-            for dev in list.iter().rev() {
-                let name = dev.name().to_string();
-                if self.registry.get(&name).is_none() {
+            for name in names.iter().rev() {
+                if self.registry.get(name).is_none() {
                     continue;
                 }
-                match self.registry.unregister(&name).await {
+                match self.registry.unregister(name).await {
                     Ok(()) => progress = true,
                     Err(e) => tracing::warn!("unregister {name} at shutdown: {e}"),
                 }

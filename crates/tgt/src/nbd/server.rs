@@ -90,6 +90,13 @@ impl Tracker {
     }
 }
 
+/// Whether a device refuses writes: it does not support them, or it is an aio bdev opened
+/// read-only (SPDK's aio bdev reports write support even then; the writes fail).
+fn read_only_device(dev: &dyn bdev_core::BlockDevice) -> bool {
+    !dev.io_type_supported(IoType::Write)
+        || dev.driver_specific()["aio"]["readonly"] == Value::Bool(true)
+}
+
 /// The NBD server.
 pub struct NbdServer {
     registry: Registry,
@@ -262,7 +269,7 @@ impl NbdServer {
             .registry
             .get(bdev_name)
             .ok_or_else(|| RpcError::from_errno(libc::ENODEV))?;
-        let writable = writable && dev.io_type_supported(IoType::Write);
+        let writable = writable && !read_only_device(dev.as_ref());
         let mut desc = self
             .registry
             .open(bdev_name, writable)
