@@ -559,7 +559,10 @@ impl Descriptor {
 
     /// The claim this descriptor holds, if any.
     pub fn claim_type(&self) -> Option<ClaimType> {
-        lock(&self.state.ctl).descs.get(self.id).and_then(|d| d.claim)
+        lock(&self.state.ctl)
+            .descs
+            .get(self.id)
+            .and_then(|d| d.claim)
     }
 
     /// Takes the event receiver (once; `None` afterwards).
@@ -594,20 +597,17 @@ impl Descriptor {
         if let Some(held) = me.claim {
             return Err(BdevError::ClaimConflict { name: name(), held });
         }
-        let other_writer = ctl
-            .descs
-            .iter()
-            .any(|(id, d)| id != self.id && d.write);
+        let other_writer = ctl.descs.iter().any(|(id, d)| id != self.id && d.write);
         match claim {
             ClaimType::ExclusiveWrite | ClaimType::ReadManyWriteOne => {
+                if let Some(held) = ctl.claim {
+                    return Err(BdevError::ClaimConflict { name: name(), held });
+                }
                 if !self.write {
                     return Err(BdevError::InvalidArgument(format!(
                         "{} claim needs a writable descriptor",
                         claim.spdk_name()
                     )));
-                }
-                if let Some(held) = ctl.claim {
-                    return Err(BdevError::ClaimConflict { name: name(), held });
                 }
                 if claim == ClaimType::ReadManyWriteOne && other_writer {
                     return Err(BdevError::WriterConflict { name: name() });
@@ -689,14 +689,14 @@ impl Descriptor {
     /// Checks one buffer's length and alignment; returns its length in blocks.
     fn check_buf(&self, buf: &IoBuf) -> Result<u64> {
         let bl = self.dev.block_len() as usize;
-        if buf.len() % bl != 0 {
+        if !buf.len().is_multiple_of(bl) {
             return Err(BdevError::InvalidArgument(format!(
                 "buffer length {} is not a multiple of the block length {bl}",
                 buf.len()
             )));
         }
         let align = self.dev.buf_align().max(1);
-        if (buf.as_ptr() as usize) % align != 0 {
+        if !(buf.as_ptr() as usize).is_multiple_of(align) {
             return Err(BdevError::InvalidArgument(format!(
                 "buffer is not aligned to {align} bytes"
             )));

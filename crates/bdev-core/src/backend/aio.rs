@@ -149,7 +149,8 @@ fn pread_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
 }
 
 fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let off =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     loop {
         // SAFETY: fallocate only reads its integer arguments; the fd is open for the call.
@@ -189,7 +190,13 @@ fn probe_size(file: &File) -> io::Result<(u64, Option<u32>)> {
         }
         let mut ssz: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one int through the pointer, which is valid.
-        let r = unsafe { libc::ioctl(file.as_raw_fd(), BLKSSZGET as _, &mut ssz as *mut libc::c_int) };
+        let r = unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                BLKSSZGET as _,
+                &mut ssz as *mut libc::c_int,
+            )
+        };
         let lbs = if r == 0 && ssz > 0 {
             Some(ssz as u32)
         } else {
@@ -244,7 +251,12 @@ impl UringShared {
             // Queue full: hand what is queued to the kernel and retry.
             match self.ring.submitter().submit() {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)) => {
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+                    ) =>
+                {
                     std::thread::yield_now()
                 }
                 Err(e) => return Err(e),
@@ -273,33 +285,49 @@ impl UringShared {
 
     fn target_read(&self, ptr: *mut u8, len: u32, off: u64) -> squeue::Entry {
         if self.fixed {
-            opcode::Read::new(types::Fixed(0), ptr, len).offset(off).build()
+            opcode::Read::new(types::Fixed(0), ptr, len)
+                .offset(off)
+                .build()
         } else {
-            opcode::Read::new(types::Fd(self.fd), ptr, len).offset(off).build()
+            opcode::Read::new(types::Fd(self.fd), ptr, len)
+                .offset(off)
+                .build()
         }
     }
 
     fn target_write(&self, ptr: *const u8, len: u32, off: u64) -> squeue::Entry {
         if self.fixed {
-            opcode::Write::new(types::Fixed(0), ptr, len).offset(off).build()
+            opcode::Write::new(types::Fixed(0), ptr, len)
+                .offset(off)
+                .build()
         } else {
-            opcode::Write::new(types::Fd(self.fd), ptr, len).offset(off).build()
+            opcode::Write::new(types::Fd(self.fd), ptr, len)
+                .offset(off)
+                .build()
         }
     }
 
     fn target_readv(&self, iov: *const libc::iovec, n: u32, off: u64) -> squeue::Entry {
         if self.fixed {
-            opcode::Readv::new(types::Fixed(0), iov, n).offset(off).build()
+            opcode::Readv::new(types::Fixed(0), iov, n)
+                .offset(off)
+                .build()
         } else {
-            opcode::Readv::new(types::Fd(self.fd), iov, n).offset(off).build()
+            opcode::Readv::new(types::Fd(self.fd), iov, n)
+                .offset(off)
+                .build()
         }
     }
 
     fn target_writev(&self, iov: *const libc::iovec, n: u32, off: u64) -> squeue::Entry {
         if self.fixed {
-            opcode::Writev::new(types::Fixed(0), iov, n).offset(off).build()
+            opcode::Writev::new(types::Fixed(0), iov, n)
+                .offset(off)
+                .build()
         } else {
-            opcode::Writev::new(types::Fd(self.fd), iov, n).offset(off).build()
+            opcode::Writev::new(types::Fd(self.fd), iov, n)
+                .offset(off)
+                .build()
         }
     }
 }
@@ -311,7 +339,10 @@ fn reap(shared: Arc<UringShared>) {
     let mut exiting = false;
     loop {
         if let Err(e) = shared.ring.submitter().submit_and_wait(1) {
-            if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+            ) {
                 tracing::error!(target: "uring", "io_uring_enter failed: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
@@ -457,7 +488,7 @@ impl AioBdev {
             return Err(BdevError::InvalidArgument("empty bdev name".into()));
         }
         if let Some(bl) = opts.block_len {
-            if bl < 512 || bl % 512 != 0 {
+            if bl < 512 || !bl.is_multiple_of(512) {
                 return Err(BdevError::InvalidArgument(format!(
                     "block size {bl} is not a multiple of 512"
                 )));
@@ -640,13 +671,15 @@ impl AioBdev {
 
     async fn pool_read(&self, off: u64, mut buf: IoBuf) -> Result<IoBuf> {
         let file = self.file.clone();
-        run_blocking(move || pread_full(&file, &mut buf, off).map(|_| buf)).await?
+        run_blocking(move || pread_full(&file, &mut buf, off).map(|_| buf))
+            .await?
             .map_err(BdevError::Io)
     }
 
     async fn pool_write(&self, off: u64, buf: IoBuf) -> Result<IoBuf> {
         let file = self.file.clone();
-        run_blocking(move || file.write_all_at(&buf, off).map(|_| buf)).await?
+        run_blocking(move || file.write_all_at(&buf, off).map(|_| buf))
+            .await?
             .map_err(BdevError::Io)
     }
 }
@@ -744,7 +777,9 @@ impl BlockDevice for AioBdev {
     }
     async fn flush(&self) -> Result<()> {
         let file = self.file.clone();
-        run_blocking(move || file.sync_data()).await?.map_err(BdevError::Io)
+        run_blocking(move || file.sync_data())
+            .await?
+            .map_err(BdevError::Io)
     }
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
         if !self.fallocate {

@@ -60,7 +60,7 @@ impl MallocBdev {
         if name.is_empty() {
             return Err(BdevError::InvalidArgument("empty bdev name".into()));
         }
-        if block_len == 0 || block_len % 512 != 0 {
+        if block_len == 0 || !block_len.is_multiple_of(512) {
             return Err(BdevError::InvalidArgument(format!(
                 "block size {block_len} is not a multiple of 512"
             )));
@@ -89,7 +89,11 @@ impl MallocBdev {
 
     /// Bytes of RAM currently allocated for data (whole chunks).
     pub fn allocated_bytes(&self) -> u64 {
-        self.chunks.iter().filter(|c| read_lock(c).is_some()).count() as u64 * CHUNK
+        self.chunks
+            .iter()
+            .filter(|c| read_lock(c).is_some())
+            .count() as u64
+            * CHUNK
     }
 
     fn chunk_len(&self, idx: usize) -> usize {
