@@ -62,6 +62,8 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('bdev_name', help='bdev name, alias or UUID')
     p.add_argument('-n', '--name', help='export name (default: the bdev name)')
     p.add_argument('-r', '--read-only', action='store_true', help='export read-only')
+    p.add_argument('-w', '--writable', action='store_true',
+                   help='export writable (the default; a read-only bdev is always exported read-only)')
     p.set_defaults(func=nbd_export_add)
 
     def nbd_export_remove(args):

@@ -187,7 +187,7 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
     println!("tgt: RPC socket {}", socket.display());
     println!("tgt: NBD socket {}", nbd_sock.display());
     println!(
-        "tgt: try: spdk-rpc -s {} bdev_lvol_create -l lvs0 vol0 1024 && spdk-rpc -s {} --plugin spdk_rs_plugin nbd_export_add lvs0/vol0 -n vol0",
+        "tgt: try: spdk-rpc -s {} bdev_lvol_create -l lvs0 -t vol0 1024 && PYTHONPATH=python spdk-rpc -s {} --plugin spdk_rs_plugin nbd_export_add lvs0/vol0 -n vol0",
         socket.display(),
         socket.display()
     );

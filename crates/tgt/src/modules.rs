@@ -12,7 +12,11 @@ use crate::nbd::server::NbdServer;
 
 /// Every RPC module, in the order `rpc_get_methods` lists them.
 pub fn rpc_modules(registry: &Registry, nbd: &Arc<NbdServer>) -> Vec<Arc<dyn RpcModule>> {
-    vec![BdevRpc::new(registry.clone()), NbdRpc::new(nbd.clone())]
+    vec![
+        BdevRpc::new(registry.clone()),
+        NbdRpc::new(nbd.clone()),
+        Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
+    ]
 }
 
 /// Installs the modules' examine hooks (lvol tasting) on the registry.

@@ -591,3 +591,88 @@ fn kill_instance_and_bad_config() {
     assert_eq!(st.code(), Some(1));
     assert!(!sock.exists());
 }
+
+#[test]
+fn read_only_bdev_over_nbd_and_config() {
+    let Some((tools, dir)) = setup() else { return };
+    let sock = dir.path().join("rpc.sock");
+    let mut t = Tgt::start(&tools, dir.path(), &sock, &[]);
+    let nbd = dir.path().join("nbd.sock");
+    let f = dir.path().join("base.img");
+    sparse_file(&f, 8 << 20);
+    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    t.ok(&["bdev_aio_create", f.to_str().unwrap(), "B", "512"]);
+    t.ok(&["nbd_export_add", "B"]);
+    qemu_io_ok(&tools, &nbd_uri("B", &nbd), &["write -P 0x42 0 1M"]);
+    t.ok(&["nbd_export_remove", "B"]);
+
+    assert_eq!(t.ok(&["bdev_ro_create", "B", "-n", "ro0"]), json!("ro0"));
+    assert_eq!(t.err(&["bdev_ro_create", "nope", "-n", "ro1"]).code, -19);
+    let ro = &t.ok(&["bdev_get_bdevs", "-b", "ro0"])[0];
+    assert_eq!(ro["num_blocks"], json!(16384));
+    assert_eq!(ro["supported_io_types"]["read"], json!(true));
+    assert_eq!(ro["supported_io_types"]["write"], json!(false));
+    assert_eq!(ro["supported_io_types"]["unmap"], json!(false));
+    assert_eq!(ro["supported_io_types"]["write_zeroes"], json!(false));
+    let b = &t.ok(&["bdev_get_bdevs", "-b", "B"])[0];
+    assert_eq!(b["claimed"], json!(true));
+    assert_eq!(b["claim_type"], json!("read_many_write_none"));
+    // The claimed base cannot be exported writable any more.
+    assert_eq!(t.err(&["nbd_export_add", "B"]).code, -1);
+
+    assert_eq!(t.ok(&["nbd_export_add", "ro0"]), json!("ro0"));
+    assert_eq!(t.ok(&["nbd_get_exports"])[0]["writable"], json!(false));
+    let (ok, text) = qemu_io(
+        &tools,
+        &nbd_uri("ro0", &nbd),
+        true,
+        &["read -P 0x42 0 1M", "read -P 0 1M 7M"],
+    );
+    assert!(ok, "{text}");
+    let mut c = NbdClient::connect(&nbd, "ro0").unwrap();
+    let (err, _) = c.request(proto::CMD_WRITE, 0, 512, &[0u8; 512]).unwrap();
+    assert_eq!(err, proto::EPERM);
+    drop(c);
+
+    let out = t.rpc_raw(&["save_config"]);
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let methods: Vec<&str> = cfg["subsystems"][0]["config"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["method"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "bdev_set_options",
+            "bdev_aio_create",
+            "bdev_ro_create",
+            "bdev_wait_for_examine"
+        ]
+    );
+    let ro_entry = &cfg["subsystems"][0]["config"][2]["params"];
+    assert_eq!(ro_entry["name"], json!("ro0"));
+    assert_eq!(ro_entry["base_bdev_name"], json!("B"));
+    let cfg_path = dir.path().join("config.json");
+    std::fs::write(&cfg_path, &out.stdout).unwrap();
+    assert_eq!(t.stop(), 0);
+
+    let t = Tgt::start(
+        &tools,
+        dir.path(),
+        &sock,
+        &["--json", cfg_path.to_str().unwrap()],
+    );
+    assert_eq!(names(&t.ok(&["bdev_get_bdevs"])), ["B", "ro0"]);
+    let (ok, text) = qemu_io(&tools, &nbd_uri("ro0", &nbd), true, &["read -P 0x42 0 1M"]);
+    assert!(ok, "{text}");
+    let out = t.rpc_raw(&["save_config"]);
+    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), cfg);
+
+    // Removing the base takes the read-only bdev and its export with it.
+    assert_eq!(t.ok(&["bdev_aio_delete", "B"]), Value::Null);
+    assert_eq!(t.ok(&["bdev_get_bdevs"]), json!([]));
+    assert_eq!(t.ok(&["nbd_get_exports"]), json!([]));
+    assert_eq!(t.err(&["bdev_ro_delete", "ro0"]).code, -19);
+}

@@ -29,7 +29,15 @@ fn find_tool(env: &str, name: &str, extra: &[&str]) -> Option<PathBuf> {
 
 /// The tools the tests need, or `None` after printing why (and panicking under CI).
 pub fn tools() -> Option<Tools> {
-    let rpc = find_tool("SPDK_RPC", "spdk-rpc", &["/work/venv-spdk/bin/spdk-rpc"]);
+    let ci_venv = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../target/venv-spdk/bin/spdk-rpc"
+    );
+    let rpc = find_tool(
+        "SPDK_RPC",
+        "spdk-rpc",
+        &[ci_venv, "/work/venv-spdk/bin/spdk-rpc"],
+    );
     let qemu_io = find_tool("QEMU_IO", "qemu-io", &[]);
     let qemu_img = find_tool("QEMU_IMG", "qemu-img", &[]);
     match (rpc, qemu_io, qemu_img) {
