@@ -98,3 +98,21 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('--offset-blocks', type=int, help='only I/O touching this range (start)')
     p.add_argument('--num-blocks', type=int, help='only I/O touching this range (length)')
     p.set_defaults(func=bdev_error_inject_error_ext)
+
+    # lvol: retry policy for I/O that needs a missing external snapshot (degraded esnap clones).
+    def bdev_lvol_set_esnap_retry(args):
+        _print(args.client.bdev_lvol_set_esnap_retry(retries=args.retries,
+                                                     delay_ms=args.delay_ms))
+
+    p = subparsers.add_parser('bdev_lvol_set_esnap_retry',
+                              help='Set how often and how long I/O waits for a missing esnap')
+    p.add_argument('-r', '--retries', type=int, help='number of retries')
+    p.add_argument('-d', '--delay-ms', type=int, help='delay between retries in ms')
+    p.set_defaults(func=bdev_lvol_set_esnap_retry)
+
+    def bdev_lvol_get_esnap_retry(args):
+        _print(args.client.bdev_lvol_get_esnap_retry())
+
+    p = subparsers.add_parser('bdev_lvol_get_esnap_retry',
+                              help='Show the esnap retry policy')
+    p.set_defaults(func=bdev_lvol_get_esnap_retry)
