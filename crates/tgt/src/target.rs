@@ -9,8 +9,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bdev_core::rpc::{RpcError, RpcModule};
+use std::panic::AssertUnwindSafe;
+
+use bdev_core::rpc::{RpcError, RpcModule, INTERNAL_ERROR};
 use bdev_core::Registry;
+use futures::FutureExt;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
@@ -147,9 +150,18 @@ impl Target {
         if matches!(params, Some(Value::Array(_))) {
             return Err(RpcError::decode_failed());
         }
-        match self.table.get(method) {
-            Some(&i) => self.modules[i].call(method, params).await,
-            None => Err(RpcError::method_not_found()),
+        let Some(&i) = self.table.get(method) else {
+            return Err(RpcError::method_not_found());
+        };
+        // A bug in one module must not take the target down: a panicking handler becomes an
+        // internal error for that request.
+        let fut = self.modules[i].call(method, params);
+        match AssertUnwindSafe(fut).catch_unwind().await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("method {method} panicked");
+                Err(RpcError::new(INTERNAL_ERROR, "Internal error"))
+            }
         }
     }
 
