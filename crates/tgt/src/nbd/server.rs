@@ -401,7 +401,8 @@ async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
     wr.write_all(&proto::greeting()).await?;
     let mut flags = [0u8; 4];
     rd.read_exact(&mut flags).await?;
@@ -410,7 +411,7 @@ where
         let mut hdr = [0u8; 16];
         tokio::select! {
             r = rd.read_exact(&mut hdr) => { r?; }
-            _ = stop.changed() => return Ok(()),
+            _ = wait_true(&mut stop) => return Ok(()),
         }
         let h = proto::parse_option_header(&hdr).map_err(proto_err)?;
         let mut data = vec![0u8; h.len as usize];
@@ -433,14 +434,23 @@ where
     let _count = ConnCount(export.clone());
     let mut cancel = export.cancel.subscribe();
 
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(MAX_INFLIGHT);
+    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
+    // The writer batches whatever replies are ready into one flush.
     let writer = tokio::spawn(async move {
-        while let Some(buf) = rx.recv().await {
-            if wr.write_all(&buf).await.is_err() {
+        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+        'outer: while let Some(r) = rx.recv().await {
+            let mut next = Some(r);
+            while let Some(r) = next.take() {
+                if r.put(&mut w).await.is_err() {
+                    break 'outer;
+                }
+                next = rx.try_recv().ok();
+            }
+            if w.flush().await.is_err() {
                 break;
             }
         }
-        let _ = wr.shutdown().await;
+        let _ = w.shutdown().await;
     });
     let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
     let mut inflight = tokio::task::JoinSet::new();
@@ -451,8 +461,8 @@ where
         let mut hdr = [0u8; proto::REQUEST_LEN];
         let read = tokio::select! {
             r = rd.read_exact(&mut hdr) => r,
-            _ = cancel.changed() => break,
-            _ = stop.changed() => break,
+            _ = wait_true(&mut cancel) => break,
+            _ = wait_true(&mut stop) => break,
         };
         if read.is_err() {
             break;
@@ -463,22 +473,25 @@ where
         if req.cmd == proto::CMD_DISC {
             break;
         }
-        let mut payload = Vec::new();
+        let mut payload = None;
         if proto::has_payload(&req) {
             if req.len > proto::MAX_PAYLOAD {
                 // The payload cannot be skipped safely; end the connection.
                 break;
             }
-            payload = vec![0u8; req.len as usize];
-            if rd.read_exact(&mut payload).await.is_err() {
+            let mut buf = IoBuf::new(req.len as usize, export.desc.device().buf_align());
+            if rd.read_exact(&mut buf[..]).await.is_err() {
                 break;
             }
+            payload = Some(buf);
         }
         while inflight.try_join_next().is_some() {}
         let dev = export.desc.device();
         let size = dev.num_blocks() * dev.block_len() as u64;
         if let Err(e) = proto::check_request(&req, size, !export.writable) {
-            let _ = tx.send(proto::simple_reply(e, req.cookie).to_vec()).await;
+            let _ = tx
+                .send(Reply::Simple(proto::simple_reply(e, req.cookie)))
+                .await;
             continue;
         }
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -488,15 +501,13 @@ where
         let desc = export.desc.clone();
         inflight.spawn(async move {
             let reply = match execute(&desc, &req, payload).await {
-                Ok(data) => {
-                    let mut out = Vec::with_capacity(16 + data.as_ref().map_or(0, Vec::len));
-                    out.extend_from_slice(&proto::simple_reply(0, req.cookie));
-                    if let Some(d) = data {
-                        out.extend_from_slice(&d);
-                    }
-                    out
+                Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
+                Ok(Some((buf, skew, len))) => {
+                    Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len)
                 }
-                Err(errno) => proto::simple_reply(proto::nbd_errno(errno), req.cookie).to_vec(),
+                Err(errno) => {
+                    Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie))
+                }
             };
             let _ = tx.send(reply).await;
             drop(permit);
@@ -509,6 +520,35 @@ where
     Ok(())
 }
 
+/// Waits until the watched flag is true (forever if its sender is gone).
+async fn wait_true(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            futures::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A reply on its way to the socket.
+enum Reply {
+    /// A reply header alone.
+    Simple([u8; 16]),
+    /// A read reply: header, then `len` bytes of the buffer from `skew`.
+    Data([u8; 16], IoBuf, usize, usize),
+}
+
+impl Reply {
+    async fn put<W: AsyncWrite + Unpin>(self, w: &mut W) -> std::io::Result<()> {
+        match self {
+            Reply::Simple(h) => w.write_all(&h).await,
+            Reply::Data(h, buf, skew, len) => {
+                w.write_all(&h).await?;
+                w.write_all(&buf[skew..skew + len]).await
+            }
+        }
+    }
+}
+
 /// Block-aligned span covering a byte range: (first block, block count, byte skew in the
 /// first block).
 fn span(offset: u64, len: u64, bl: u64) -> (u64, u64, usize) {
@@ -517,28 +557,34 @@ fn span(offset: u64, len: u64, bl: u64) -> (u64, u64, usize) {
     (first, end - first, (offset - first * bl) as usize)
 }
 
-async fn read_bytes(desc: &Descriptor, offset: u64, len: u64) -> Result<Vec<u8>, i32> {
+/// Reads a byte range; returns the block-aligned buffer, the skew of the range in it and
+/// its length.
+async fn read_bytes(
+    desc: &Descriptor,
+    offset: u64,
+    len: u64,
+) -> Result<(IoBuf, usize, usize), i32> {
     let dev = desc.device();
     let bl = dev.block_len() as u64;
     let (first, count, skew) = span(offset, len, bl);
     let buf = IoBuf::new((count * bl) as usize, dev.buf_align());
     let buf = desc.read(first, buf).await.map_err(|e| e.errno())?;
-    Ok(buf[skew..skew + len as usize].to_vec())
+    Ok((buf, skew, len as usize))
 }
 
 /// Writes bytes at any offset: aligned spans go straight down, unaligned edges are
 /// read-modify-write.
-async fn write_bytes(desc: &Descriptor, offset: u64, data: &[u8]) -> Result<(), i32> {
+async fn write_bytes(desc: &Descriptor, offset: u64, data: IoBuf) -> Result<(), i32> {
     let dev = desc.device();
     let bl = dev.block_len() as u64;
     let len = data.len() as u64;
     let (first, count, skew) = span(offset, len, bl);
-    let buf = if skew == 0 && len % bl == 0 {
-        IoBuf::from_slice(data, dev.buf_align())
+    let buf = if skew == 0 && len % bl == 0 && data.align() >= dev.buf_align() {
+        data
     } else {
         let mut buf = IoBuf::new((count * bl) as usize, dev.buf_align());
         buf = desc.read(first, buf).await.map_err(|e| e.errno())?;
-        buf[skew..skew + data.len()].copy_from_slice(data);
+        buf[skew..skew + data.len()].copy_from_slice(&data);
         buf
     };
     desc.write(first, buf).await.map_err(|e| e.errno())?;
@@ -551,10 +597,10 @@ async fn zero_bytes(desc: &Descriptor, offset: u64, len: u64) -> Result<(), i32>
     let a_start = offset.div_ceil(bl) * bl;
     let a_end = ((offset + len) / bl) * bl;
     if a_start >= a_end {
-        return write_bytes(desc, offset, &vec![0u8; len as usize]).await;
+        return write_bytes(desc, offset, IoBuf::new(len as usize, 1)).await;
     }
     if a_start > offset {
-        write_bytes(desc, offset, &vec![0u8; (a_start - offset) as usize]).await?;
+        write_bytes(desc, offset, IoBuf::new((a_start - offset) as usize, 1)).await?;
     }
     if dev.io_type_supported(IoType::WriteZeroes) {
         desc.write_zeroes(a_start / bl, (a_end - a_start) / bl)
@@ -571,7 +617,7 @@ async fn zero_bytes(desc: &Descriptor, offset: u64, len: u64) -> Result<(), i32>
         }
     }
     if a_end < offset + len {
-        write_bytes(desc, a_end, &vec![0u8; (offset + len - a_end) as usize]).await?;
+        write_bytes(desc, a_end, IoBuf::new((offset + len - a_end) as usize, 1)).await?;
     }
     Ok(())
 }
@@ -580,20 +626,20 @@ async fn zero_bytes(desc: &Descriptor, offset: u64, len: u64) -> Result<(), i32>
 async fn execute(
     desc: &Descriptor,
     req: &Request,
-    payload: Vec<u8>,
-) -> Result<Option<Vec<u8>>, i32> {
+    payload: Option<IoBuf>,
+) -> Result<Option<(IoBuf, usize, usize)>, i32> {
     let dev = desc.device();
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     match req.cmd {
         proto::CMD_READ => {
             if req.len == 0 {
-                return Ok(Some(Vec::new()));
+                return Ok(Some((IoBuf::new(0, 1), 0, 0)));
             }
             read_bytes(desc, req.offset, req.len as u64).await.map(Some)
         }
         proto::CMD_WRITE => {
-            if !payload.is_empty() {
-                write_bytes(desc, req.offset, &payload).await?;
+            if let Some(p) = payload.filter(|p| !p.is_empty()) {
+                write_bytes(desc, req.offset, p).await?;
             }
             if fua && dev.io_type_supported(IoType::Flush) {
                 desc.flush().await.map_err(|e| e.errno())?;
