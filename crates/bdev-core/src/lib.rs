@@ -10,6 +10,8 @@
 //! [`BlockDevice`] for their own devices and describe themselves with JSON values.
 
 pub mod backend;
+#[cfg(feature = "test-util")]
+pub mod conformance;
 mod device;
 mod error;
 mod registry;
