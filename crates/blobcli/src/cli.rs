@@ -503,7 +503,9 @@ impl Session {
             }
             Action::SetXattr | Action::RemXattr => {
                 let id = self.resolve(bs, &self.ctx.blob.clone()).await?;
-                let b = self.open_blob(bs, id, "Error in blob open callback").await?;
+                let b = self
+                    .open_blob(bs, id, "Error in blob open callback")
+                    .await?;
                 let key = self.ctx.key.clone();
                 if action == Action::SetXattr {
                     let mut v = self.ctx.value.clone().into_bytes();
@@ -526,7 +528,10 @@ impl Session {
                     Ok(b) => b,
                     Err(e) => {
                         // SPDK prints nothing for a blob it does not find; say why on stderr.
-                        eprintln!("blobcli: cannot open blob 0x{id:x}: {}", strerror(e.errno()));
+                        eprintln!(
+                            "blobcli: cannot open blob 0x{id:x}: {}",
+                            strerror(e.errno())
+                        );
                         return Err(Fail::Cmd(-e.errno()));
                     }
                 };
@@ -541,13 +546,17 @@ impl Session {
             }
             Action::ImportBlob => {
                 let id = self.resolve(bs, &self.ctx.blob.clone()).await?;
-                let b = self.open_blob(bs, id, "Error in blob open callback").await?;
+                let b = self
+                    .open_blob(bs, id, "Error in blob open callback")
+                    .await?;
                 let r = self.import(bs, &b).await;
                 self.close_blob(b, r).await
             }
             Action::DumpBlob => {
                 let id = self.resolve(bs, &self.ctx.blob.clone()).await?;
-                let b = self.open_blob(bs, id, "Error in blob open callback").await?;
+                let b = self
+                    .open_blob(bs, id, "Error in blob open callback")
+                    .await?;
                 let r = self.dump_blob(bs, &b).await;
                 self.close_blob(b, r).await
             }
@@ -885,10 +894,7 @@ impl Session {
             };
             if let Err(e) = f.write_all(&buf) {
                 prog.finish();
-                return Err(self.fail(
-                    "Error with fwrite",
-                    e.raw_os_error().unwrap_or(libc::EIO),
-                ));
+                return Err(self.fail("Error with fwrite", e.raw_os_error().unwrap_or(libc::EIO)));
             }
             prog.advance(&mut self.out, n * io, n);
             off += n;

@@ -182,7 +182,9 @@ pub async fn create_bdevs(registry: &Registry, specs: &[BdevSpec]) -> anyhow::Re
                 let base = registry
                     .get(base_bdev_name)
                     .ok_or_else(|| anyhow!("bdev_ro_create: no bdev {base_bdev_name}"))?;
-                let name = name.clone().unwrap_or_else(|| format!("ro_{}", base.name()));
+                let name = name
+                    .clone()
+                    .unwrap_or_else(|| format!("ro_{}", base.name()));
                 Arc::new(RoBdev {
                     name,
                     uuid: uuid.unwrap_or_else(Uuid::new_v4),
@@ -303,7 +305,9 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(&specs[2], BdevSpec::Ro { base_bdev_name, .. } if base_bdev_name == "esnap"));
+        assert!(
+            matches!(&specs[2], BdevSpec::Ro { base_bdev_name, .. } if base_bdev_name == "esnap")
+        );
     }
 
     #[test]

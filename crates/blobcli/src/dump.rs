@@ -27,22 +27,22 @@ pub fn hexdump(out: &mut dyn Write, label: &str, buf: &[u8]) -> std::io::Result<
     let mut text = String::new();
     let mut idx = 0usize;
     while idx < buf.len() {
-        if idx != 0 && idx % 16 == 0 {
+        if idx != 0 && idx.is_multiple_of(16) {
             writeln!(out, "{line} {text}")?;
             line.clear();
             text.clear();
         }
-        if idx % 16 == 0 {
+        if idx.is_multiple_of(16) {
             line.push_str(&format!("{idx:08x} "));
         }
-        if idx % 8 == 0 {
+        if idx.is_multiple_of(8) {
             line.push(' ');
         }
         line.push_str(&format!("{:02x} ", buf[idx]));
         text.push(printable(buf[idx]));
         idx += 1;
     }
-    while idx % 16 != 0 {
+    while !idx.is_multiple_of(16) {
         if idx == 8 {
             line.push(' ');
         }
@@ -77,7 +77,11 @@ fn xattr_text(bstype: &[u8; 16], name: &[u8], value: &[u8]) -> String {
     }
 }
 
-fn print_flag_bits(out: &mut dyn Write, flags: u64, table: &[(u64, u64, &str)]) -> std::io::Result<()> {
+fn print_flag_bits(
+    out: &mut dyn Write,
+    flags: u64,
+    table: &[(u64, u64, &str)],
+) -> std::io::Result<()> {
     let mut covered = 0u64;
     for &(mask, val, name) in table {
         if mask & flags != val {
@@ -156,11 +160,31 @@ pub async fn dump_metadata(out: &mut dyn Write, dev: &dyn BsDev) -> Result<(), i
         let _ = writeln!(out, "Super Blob ID: 0x{:x}", sb.super_blob);
     }
     let _ = writeln!(out, "Clean: {}", sb.clean);
-    let _ = writeln!(out, "Used Metadata Page Mask Start: {}", sb.used_page_mask_start);
-    let _ = writeln!(out, "Used Metadata Page Mask Length: {}", sb.used_page_mask_len);
-    let _ = writeln!(out, "Used Cluster Mask Start: {}", sb.used_cluster_mask_start);
-    let _ = writeln!(out, "Used Cluster Mask Length: {}", sb.used_cluster_mask_len);
-    let _ = writeln!(out, "Used Blob ID Mask Start: {}", sb.used_blobid_mask_start);
+    let _ = writeln!(
+        out,
+        "Used Metadata Page Mask Start: {}",
+        sb.used_page_mask_start
+    );
+    let _ = writeln!(
+        out,
+        "Used Metadata Page Mask Length: {}",
+        sb.used_page_mask_len
+    );
+    let _ = writeln!(
+        out,
+        "Used Cluster Mask Start: {}",
+        sb.used_cluster_mask_start
+    );
+    let _ = writeln!(
+        out,
+        "Used Cluster Mask Length: {}",
+        sb.used_cluster_mask_len
+    );
+    let _ = writeln!(
+        out,
+        "Used Blob ID Mask Start: {}",
+        sb.used_blobid_mask_start
+    );
     let _ = writeln!(out, "Used Blob ID Mask Length: {}", sb.used_blobid_mask_len);
     let _ = writeln!(out, "Metadata Start: {}", sb.md_start);
     let _ = writeln!(out, "Metadata Length: {}", sb.md_len);
@@ -269,11 +293,7 @@ fn print_descriptor(
             value,
         } => {
             let kind = if *internal { "XATTR_INTERNAL" } else { "XATTR" };
-            let _ = writeln!(
-                out,
-                "{kind}: name = \"{}\"",
-                String::from_utf8_lossy(name)
-            );
+            let _ = writeln!(out, "{kind}: name = \"{}\"", String::from_utf8_lossy(name));
             let _ = writeln!(
                 out,
                 "       value = \"{}\"",

@@ -137,8 +137,11 @@ pub async fn gather(bs: &Blobstore, registry: &Registry) -> LvsInfo {
         });
         let _ = b.close().await;
     }
-    let names: Vec<(BlobId, Option<String>)> =
-        info.lvols.iter().map(|l| (l.blob_id, l.name.clone())).collect();
+    let names: Vec<(BlobId, Option<String>)> = info
+        .lvols
+        .iter()
+        .map(|l| (l.blob_id, l.name.clone()))
+        .collect();
     for l in &mut info.lvols {
         if let Some(p) = l.parent {
             l.parent_name = names

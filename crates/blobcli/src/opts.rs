@@ -197,8 +197,14 @@ pub fn usage(out: &mut dyn Write, mode: Option<Mode>, msg: &str) {
     if mode.is_none() || mode == Some(Mode::Cmd) {
         let _ = writeln!(out, "Version {VERSION}");
         let _ = writeln!(out, "Usage: blobcli [-j SPDK josn_config_file] Command");
-        let _ = writeln!(out, "\nblobcli is a command line tool for interacting with blobstore");
-        let _ = writeln!(out, "on the underlying device specified in the conf file passed");
+        let _ = writeln!(
+            out,
+            "\nblobcli is a command line tool for interacting with blobstore"
+        );
+        let _ = writeln!(
+            out,
+            "on the underlying device specified in the conf file passed"
+        );
         let _ = writeln!(out, "in as a command line option.");
     }
     if mode != Some(Mode::Script) {
@@ -218,10 +224,14 @@ pub fn parse_c_number(s: &str) -> Option<u64> {
         if h.is_empty() {
             return None;
         }
-        return u64::from_str_radix(h, 16).ok().filter(|v| *v <= i64::MAX as u64);
+        return u64::from_str_radix(h, 16)
+            .ok()
+            .filter(|v| *v <= i64::MAX as u64);
     }
     if t.len() > 1 && t.starts_with('0') {
-        return u64::from_str_radix(&t[1..], 8).ok().filter(|v| *v <= i64::MAX as u64);
+        return u64::from_str_radix(&t[1..], 8)
+            .ok()
+            .filter(|v| *v <= i64::MAX as u64);
     }
     t.parse::<u64>().ok().filter(|v| *v <= i64::MAX as u64)
 }
@@ -244,6 +254,10 @@ pub struct ParseIo<'a> {
     pub ask: &'a mut dyn FnMut() -> Option<String>,
 }
 
+/// One option as getopt returned it: the letter, its argument and up to two extra
+/// positional parameters.
+type ParsedOpt = (char, Option<String>, Option<String>, Option<String>);
+
 fn takes_arg(c: char) -> bool {
     "bdfjlmnprswTx".contains(c)
 }
@@ -257,7 +271,7 @@ pub fn cmd_parser(args: &[String], ctx: &mut Ctx, io: &mut ParseIo<'_>, quit: &m
     let mut saw_recover = false;
     let mut i = 0usize;
     // Options and their arguments, in order, as getopt with GNU permutation yields them.
-    let mut ops: Vec<(char, Option<String>, Option<String>, Option<String>)> = Vec::new();
+    let mut ops: Vec<ParsedOpt> = Vec::new();
     while i < args.len() {
         let a = &args[i];
         i += 1;
@@ -356,7 +370,11 @@ pub fn cmd_parser(args: &[String], ctx: &mut Ctx, io: &mut ParseIo<'_>, quit: &m
                     ctx.bdev_name = optarg;
                 } else {
                     let _ = writeln!(io.out, "Current setting for -b is: {}", ctx.bdev_name);
-                    usage(io.out, Some(mode), "ERROR: -b option can only be set once.\n");
+                    usage(
+                        io.out,
+                        Some(mode),
+                        "ERROR: -b option can only be set once.\n",
+                    );
                 }
             }
             'D' => {
@@ -522,9 +540,7 @@ pub fn cmd_parser(args: &[String], ctx: &mut Ctx, io: &mut ParseIo<'_>, quit: &m
                     ctx.key = k;
                     ctx.value = v;
                 }
-                (Some(_), Some(_), None) => {
-                    usage(io.out, Some(mode), "ERROR: invalid blob id.\n")
-                }
+                (Some(_), Some(_), None) => usage(io.out, Some(mode), "ERROR: invalid blob id.\n"),
                 _ => usage(io.out, Some(mode), "ERROR: missing parameter.\n"),
             },
             'I' => {
@@ -558,7 +574,11 @@ pub fn cmd_parser(args: &[String], ctx: &mut Ctx, io: &mut ParseIo<'_>, quit: &m
             ctx.action = Action::Recover;
         }
         if cmd_chosen > 1 {
-            usage(io.out, Some(mode), "Error: Please choose only one command\n");
+            usage(
+                io.out,
+                Some(mode),
+                "Error: Please choose only one command\n",
+            );
         }
     }
 
@@ -632,7 +652,8 @@ mod tests {
         let mut ctx = Ctx::default();
         let (ok, out) = parse("-b A -b B -s bs", &mut ctx);
         assert!(ok);
-        assert!(out.starts_with("Current setting for -b is: A\nERROR: -b option can only be set once.\n"));
+        assert!(out
+            .starts_with("Current setting for -b is: A\nERROR: -b option can only be set once.\n"));
     }
 
     #[test]

@@ -15,7 +15,8 @@ impl Progress {
     /// Starts a display for `total_bytes`. In plain mode this prints `Working`.
     pub fn start(out: &mut dyn Write, total_bytes: u64, what: &str) -> Progress {
         if std::io::stdout().is_terminal() {
-            let bar = ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stdout());
+            let bar =
+                ProgressBar::with_draw_target(Some(total_bytes), ProgressDrawTarget::stdout());
             let style = ProgressStyle::with_template(
                 "{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
             )
