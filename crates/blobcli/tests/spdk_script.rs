@@ -15,7 +15,11 @@ fn spdk_blobcli_script_test_passes() {
     std::fs::write(d.join("test.pattern"), &pattern).unwrap();
     malloc_config(d, 262144, 512);
 
-    let out = blobcli(d, &["-j", "conf.json", "-b", "Malloc0", "-T", "test.bs"], None);
+    let out = blobcli(
+        d,
+        &["-j", "conf.json", "-b", "Malloc0", "-T", "test.bs"],
+        None,
+    );
     let text = stdout(&out);
     let matchfile = std::fs::read_to_string(src.join("btest.out.match")).unwrap();
     let ignore = std::fs::read_to_string(src.join("btest.out.ignore")).unwrap();
@@ -28,5 +32,8 @@ fn spdk_blobcli_script_test_passes() {
     assert!(out.status.success(), "exit {:?}", out.status);
     let dumped = std::fs::read(d.join("test.pattern.blob")).unwrap();
     assert_eq!(dumped.len(), pattern.len());
-    assert!(dumped == pattern, "test.pattern.blob differs from test.pattern");
+    assert!(
+        dumped == pattern,
+        "test.pattern.blob differs from test.pattern"
+    );
 }

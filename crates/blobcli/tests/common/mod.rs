@@ -109,7 +109,9 @@ fn candidates(t: &Tok, s: &[char]) -> Vec<usize> {
                 .collect()
         }
         Tok::Fp => {
-            let e = run(sign, &|c| c.is_ascii_digit() || c == '.' || c == 'e' || c == 'E');
+            let e = run(sign, &|c| {
+                c.is_ascii_digit() || c == '.' || c == 'e' || c == 'E'
+            });
             (sign + 1..=e)
                 .rev()
                 .filter(|&k| {
@@ -293,13 +295,22 @@ mod matcher_tests {
         assert!(!line_matches("\tAPI Version: $(N)", "\tAPI Version: 3x"));
         assert!(line_matches("Blobstore Type: $(W)", "Blobstore Type: "));
         assert!(line_matches("Blobstore Type: $(W)", "Blobstore Type:    "));
-        assert!(!line_matches("Blobstore Type: $(W)", "Blobstore Type: LVOL"));
-        assert!(line_matches("a $(UUID) b", "a 7e5a0000-e5a0-4e5a-8e5a-000000000001 b"));
+        assert!(!line_matches(
+            "Blobstore Type: $(W)",
+            "Blobstore Type: LVOL"
+        ));
+        assert!(line_matches(
+            "a $(UUID) b",
+            "a 7e5a0000-e5a0-4e5a-8e5a-000000000001 b"
+        ));
         assert!(line_matches("$(S) end", "any thing end"));
         assert!(line_matches("x $(FP)", "x -1.5e3"));
         assert!(line_matches("x $(NC)", "x 1,024"));
         assert!(line_matches("$(*)", ""));
-        assert!(line_matches("blobstore init'd: ($(XX))", "blobstore init'd: (0x7ffd1234)"));
+        assert!(line_matches(
+            "blobstore init'd: ($(XX))",
+            "blobstore init'd: (0x7ffd1234)"
+        ));
     }
 
     #[test]
