@@ -324,6 +324,11 @@ impl BlockDevice for ErrorBdev {
             _ => self.base.reset().await,
         }
     }
+    /// Releases the claim on the base (the base descriptor itself closes when the last
+    /// reference to the error bdev is dropped).
+    async fn destruct(&self) {
+        self.base.release_claim();
+    }
     fn write_config(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({
             "method": "bdev_error_create",
