@@ -930,7 +930,11 @@ impl Session {
             },
             Err(_) => 4096,
         };
-        let prog = Arc::new(Progress::start(&mut self.out, total, "check"));
+        let prog = Arc::new(if self.ctx.json {
+            Progress::hidden()
+        } else {
+            Progress::start(&mut self.out, total, "check")
+        });
         let _ = self.out.flush();
         let p2 = prog.clone();
         let counting = CountingDev::new(

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use blobstore::inspect::{self, Descriptor, MaskInfo, SuperBlockInfo};
+use blobstore::inspect::{self, MaskInfo, SuperBlockInfo};
 use blobstore::BsDev;
 
 use crate::bsdev::read_bytes;
@@ -251,116 +251,148 @@ pub async fn dump_metadata(out: &mut dyn Write, dev: &dyn BsDev) -> Result<(), i
             "CRC: 0x{crc:x} ({})",
             if crc_ok { "OK" } else { "Mismatch" }
         );
-        let descs = match inspect::parse_md_page(&page) {
-            Ok(info) => info.descriptors,
-            Err(_) => Vec::new(),
-        };
-        for d in descs {
-            print_descriptor(out, &sb, &d, &page_to_lba);
-        }
+        walk_descriptors(out, &sb, &page, &page_to_lba);
     }
     Ok(())
 }
 
-fn print_descriptor(
+/// SPDK's descriptor walk for the dump: every descriptor up to the terminator, decoded from
+/// the raw page (extent pages print every slot the descriptor holds, as SPDK does).
+fn walk_descriptors(
     out: &mut dyn Write,
     sb: &SuperBlockInfo,
-    d: &Descriptor,
+    page: &[u8],
     page_to_lba: &dyn Fn(u64) -> u64,
 ) {
-    match d {
-        Descriptor::ExtentRle(runs) => {
-            for &(start, len) in runs {
-                if start != 0 {
-                    let _ = writeln!(out, "Allocated Extent - Start: {start} Length: {len}");
-                } else {
-                    let _ = writeln!(out, "Unallocated Extent -  Length: {len}");
+    const DESC_START: usize = 16;
+    const DESC_SIZE: usize = 4072;
+    let area = &page[DESC_START..DESC_START + DESC_SIZE];
+    let mut cur = 0usize;
+    while cur + 5 <= DESC_SIZE {
+        let ty = area[cur];
+        let length = le32(area, cur + 1) as usize;
+        let body_end = (cur + 5).saturating_add(length).min(DESC_SIZE);
+        let body = &area[cur + 5..body_end];
+        match ty {
+            0 => {
+                if length == 0 {
+                    break;
                 }
             }
-        }
-        Descriptor::ExtentPage { clusters, .. } => {
-            for &c in clusters {
-                if c != 0 {
-                    let _ = writeln!(out, "Allocated Extent - Start: {c}");
-                } else {
-                    let _ = writeln!(out, "Unallocated Extent");
+            1 => {
+                for run in body.chunks_exact(8) {
+                    let start = le32(run, 0);
+                    let len = le32(run, 4);
+                    if start != 0 {
+                        let _ = writeln!(out, "Allocated Extent - Start: {start} Length: {len}");
+                    } else {
+                        let _ = writeln!(out, "Unallocated Extent -  Length: {len}");
+                    }
                 }
             }
-        }
-        Descriptor::Xattr {
-            internal,
-            name,
-            value,
-        } => {
-            let kind = if *internal { "XATTR_INTERNAL" } else { "XATTR" };
-            let _ = writeln!(out, "{kind}: name = \"{}\"", String::from_utf8_lossy(name));
-            let _ = writeln!(
-                out,
-                "       value = \"{}\"",
-                xattr_text(&sb.bstype, name, value)
-            );
-            let mut line = String::new();
-            for (i, b) in value.iter().enumerate() {
-                if i % 16 == 0 {
-                    line.push_str("               ");
-                }
-                line.push_str(&format!("{b:02x} "));
-                if (i + 1) % 16 == 0 {
-                    let _ = writeln!(out, "{line}");
-                    line.clear();
+            2 | 4 => print_xattr(out, sb, ty == 4, body),
+            3 => {
+                if body.len() >= 24 {
+                    print_flags(out, le64(body, 0), le64(body, 8), le64(body, 16));
                 }
             }
-            if value.len() % 16 != 0 {
-                let _ = writeln!(out, "{line}");
-            }
-        }
-        Descriptor::Flags {
-            invalid,
-            data_ro,
-            md_ro,
-        } => {
-            let _ = writeln!(out, "Flags:");
-            let _ = writeln!(out, "\tinvalid: 0x{invalid:016x}");
-            let _ = print_flag_bits(
-                out,
-                *invalid,
-                &[
-                    (1, 1, "SPDK_BLOB_THIN_PROV"),
-                    (2, 2, "SPDK_BLOB_INTERNAL_XATTR"),
-                    (4, 4, "SPDK_BLOB_EXTENT_TABLE"),
-                ],
-            );
-            let _ = writeln!(out, "\tdata_ro: 0x{data_ro:016x}");
-            let _ = print_flag_bits(out, *data_ro, &[(1, 1, "SPDK_BLOB_READ_ONLY")]);
-            let _ = writeln!(out, "\t  md_ro: 0x{md_ro:016x}");
-            let _ = print_flag_bits(
-                out,
-                *md_ro,
-                &[
-                    (3, 0, "BLOB_CLEAR_WITH_DEFAULT"),
-                    (3, 1, "BLOB_CLEAR_WITH_NONE"),
-                    (3, 2, "BLOB_CLEAR_WITH_UNMAP"),
-                    (3, 3, "BLOB_CLEAR_WITH_WRITE_ZEROES"),
-                ],
-            );
-        }
-        Descriptor::ExtentTable { entries, .. } => {
-            let _ = writeln!(out, "Extent table:");
-            for &(page_idx, num_pages) in entries {
-                if page_idx == 0 {
-                    continue;
+            5 => {
+                let _ = writeln!(out, "Extent table:");
+                if body.len() >= 8 {
+                    for e in body[8..].chunks_exact(8) {
+                        let page_idx = le32(e, 0);
+                        let num_pages = le32(e, 4);
+                        if page_idx == 0 {
+                            continue;
+                        }
+                        let _ = writeln!(
+                            out,
+                            "\tExtent page: {page_idx:5} length {num_pages:3} at LBA {}",
+                            page_to_lba(page_idx as u64)
+                        );
+                    }
                 }
-                let _ = writeln!(
-                    out,
-                    "\tExtent page: {page_idx:5} length {num_pages:3} at LBA {}",
-                    page_to_lba(page_idx as u64)
-                );
+            }
+            6 => {
+                if body.len() >= 4 {
+                    for c in body[4..].chunks_exact(4) {
+                        let c = le32(c, 0);
+                        if c != 0 {
+                            let _ = writeln!(out, "Allocated Extent - Start: {c}");
+                        } else {
+                            let _ = writeln!(out, "Unallocated Extent");
+                        }
+                    }
+                }
+            }
+            other => {
+                let _ = writeln!(out, "Unknown descriptor type {other}");
             }
         }
-        Descriptor::Unknown { desc_type, .. } => {
-            let _ = writeln!(out, "Unknown descriptor type {desc_type}");
+        cur = cur.saturating_add(5 + length);
+        if cur + 5 > DESC_SIZE {
+            break;
         }
     }
+}
+
+fn print_xattr(out: &mut dyn Write, sb: &SuperBlockInfo, internal: bool, body: &[u8]) {
+    if body.len() < 4 {
+        return;
+    }
+    let name_len = u16::from_le_bytes([body[0], body[1]]) as usize;
+    let value_len = u16::from_le_bytes([body[2], body[3]]) as usize;
+    let name = &body[4..(4 + name_len).min(body.len())];
+    let vstart = (4 + name_len).min(body.len());
+    let value = &body[vstart..(vstart + value_len).min(body.len())];
+    let kind = if internal { "XATTR_INTERNAL" } else { "XATTR" };
+    let _ = writeln!(out, "{kind}: name = \"{}\"", String::from_utf8_lossy(name));
+    let _ = writeln!(
+        out,
+        "       value = \"{}\"",
+        xattr_text(&sb.bstype, name, value)
+    );
+    let mut line = String::new();
+    for (i, b) in value.iter().enumerate() {
+        if i % 16 == 0 {
+            line.push_str("               ");
+        }
+        line.push_str(&format!("{b:02x} "));
+        if (i + 1) % 16 == 0 {
+            let _ = writeln!(out, "{line}");
+            line.clear();
+        }
+    }
+    if !value.len().is_multiple_of(16) {
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+fn print_flags(out: &mut dyn Write, invalid: u64, data_ro: u64, md_ro: u64) {
+    let _ = writeln!(out, "Flags:");
+    let _ = writeln!(out, "\tinvalid: 0x{invalid:016x}");
+    let _ = print_flag_bits(
+        out,
+        invalid,
+        &[
+            (1, 1, "SPDK_BLOB_THIN_PROV"),
+            (2, 2, "SPDK_BLOB_INTERNAL_XATTR"),
+            (4, 4, "SPDK_BLOB_EXTENT_TABLE"),
+        ],
+    );
+    let _ = writeln!(out, "\tdata_ro: 0x{data_ro:016x}");
+    let _ = print_flag_bits(out, data_ro, &[(1, 1, "SPDK_BLOB_READ_ONLY")]);
+    let _ = writeln!(out, "\t  md_ro: 0x{md_ro:016x}");
+    let _ = print_flag_bits(
+        out,
+        md_ro,
+        &[
+            (3, 0, "BLOB_CLEAR_WITH_DEFAULT"),
+            (3, 1, "BLOB_CLEAR_WITH_NONE"),
+            (3, 2, "BLOB_CLEAR_WITH_UNMAP"),
+            (3, 3, "BLOB_CLEAR_WITH_WRITE_ZEROES"),
+        ],
+    );
 }
 
 #[cfg(test)]

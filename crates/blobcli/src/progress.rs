@@ -9,9 +9,18 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 /// One progress display.
 pub struct Progress {
     bar: Option<ProgressBar>,
+    quiet: bool,
 }
 
 impl Progress {
+    /// A display that shows nothing (JSON output).
+    pub fn hidden() -> Progress {
+        Progress {
+            bar: None,
+            quiet: true,
+        }
+    }
+
     /// Starts a display for `total_bytes`. In plain mode this prints `Working`.
     pub fn start(out: &mut dyn Write, total_bytes: u64, what: &str) -> Progress {
         if std::io::stdout().is_terminal() {
@@ -24,22 +33,29 @@ impl Progress {
             .progress_chars("=> ");
             bar.set_style(style);
             bar.set_message(what.to_string());
-            Progress { bar: Some(bar) }
+            Progress {
+                bar: Some(bar),
+                quiet: false,
+            }
         } else {
             let _ = write!(out, "Working");
-            Progress { bar: None }
+            Progress {
+                bar: None,
+                quiet: false,
+            }
         }
     }
 
-    /// Whether this is a terminal bar (no dots).
+    /// Whether no dots are printed (a terminal bar, or hidden).
     pub fn is_bar(&self) -> bool {
-        self.bar.is_some()
+        self.bar.is_some() || self.quiet
     }
 
     /// Records `bytes` more done; prints `dots` dots in plain mode.
     pub fn advance(&self, out: &mut dyn Write, bytes: u64, dots: u64) {
         match &self.bar {
             Some(b) => b.inc(bytes),
+            None if self.quiet => {}
             None => {
                 const DOTS: &str =
                     "................................................................";

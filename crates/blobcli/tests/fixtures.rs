@@ -85,6 +85,33 @@ fn rpc_text(name: &str, file: &str) -> String {
     std::fs::read_to_string(test_support::spdk_fixture(name).join("rpc").join(file)).unwrap()
 }
 
+/// SPDK v24.09's `-D` printed one slot too many for every extent page (it read the 4 bytes
+/// after the descriptor: SPDK commit eda006d048 "lib/blob: fix cluster_idx loop bound when
+/// dump mdpage"). Drops that last line of each extent page, giving current SPDK's output.
+fn dump_to_current(text: &str) -> String {
+    let mut out = String::new();
+    for (i, sec) in text.split("=========\n").enumerate() {
+        if i > 0 {
+            out.push_str("=========\n");
+        }
+        let lines: Vec<&str> = sec.lines().collect();
+        let is_extent_page = !sec.contains("Flags:")
+            && lines.last().is_some_and(|l| {
+                l.starts_with("Unallocated Extent") || l.starts_with("Allocated Extent")
+            });
+        let keep = if is_extent_page && i > 0 {
+            lines.len() - 1
+        } else {
+            lines.len()
+        };
+        for l in &lines[..keep] {
+            out.push_str(l);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// SPDK v24.09 printed `page size` and `# of pages`; current blobcli prints `md page size`
 /// and `# of io units` (equal values on these 4096-byte-block stores).
 fn to_current(text: &str) -> String {
@@ -101,7 +128,7 @@ fn check_fixture(name: &'static str) {
     assert!(o.status.success(), "-D failed: {}", stdout(&o));
     assert_eq!(
         stdout(&o),
-        rpc_text(name, "blobcli_dump_md.txt"),
+        dump_to_current(&rpc_text(name, "blobcli_dump_md.txt")),
         "-D of {name}"
     );
 
