@@ -391,3 +391,135 @@ fn check_of_unreadable_device_exits_2() {
     );
     assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
 }
+
+#[test]
+fn esnap_base_through_read_only_bdev() {
+    let f = fixture("esnap");
+    let cfg = f.dir.join("ro.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"subsystems":[{{"subsystem":"bdev","config":[
+              {{"method":"bdev_aio_create","params":{{"name":"esnap_file","filename":"{}","block_size":4096}}}},
+              {{"method":"bdev_ro_create","params":{{"name":"golden","base_bdev_name":"esnap_file","uuid":"{ESNAP_UUID}"}}}}
+            ]}}]}}"#,
+            f.dir.join("esnap.img").display()
+        ),
+    )
+    .unwrap();
+    let img = f.image.display().to_string();
+    let c = cfg.display().to_string();
+    let o = blobcli(&f.dir, &["--image", &img, "-j", &c, "-l", "bdevs"], None);
+    assert!(
+        stdout(&o).contains("\tbdev Name: golden\n"),
+        "{}",
+        stdout(&o)
+    );
+    let o = blobcli(&f.dir, &["--image", &img, "-j", &c, "-l", "lvols"], None);
+    let text = stdout(&o);
+    assert!(
+        text.contains(&format!("esnap {ESNAP_UUID} (present)")),
+        "{text}"
+    );
+    let lvol = f.manifest["lvols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "eclone2")
+        .unwrap()
+        .clone();
+    let out = f.dir.join("eclone2.bin");
+    let o = blobcli(
+        &f.dir,
+        &[
+            "--image",
+            &img,
+            "-j",
+            &c,
+            "-d",
+            "lvs_esnap/eclone2",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert_eq!(sha256_file(&out), lvol["sha256"].as_str().unwrap());
+}
+
+#[test]
+fn dump_of_esnap_clone_without_base_fails() {
+    let f = fixture("esnap");
+    let img = f.image.display().to_string();
+    let out = f.dir.join("e2.bin");
+    let o = blobcli(
+        &f.dir,
+        &[
+            "--image",
+            &img,
+            "-d",
+            "lvs_esnap/eclone2",
+            out.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(
+        stdout(&o).contains("Error in read completion (err "),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn recover_then_check_repairs_dirty_store() {
+    let f = fixture("dirty");
+    let before = sha256_file(&f.image);
+    // Looking recovers in memory only.
+    let o = run(&f, &["-s", "bs"]);
+    assert!(
+        stdout(&o).contains("\t# free clusters: 23\n"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(sha256_file(&f.image), before);
+    // -R writes the recovered state; the store is then clean and still checks clean.
+    let o = run(&f, &["-R", "--check"]);
+    let text = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{text}");
+    assert!(text.contains("Result: clean"), "{text}");
+    assert_ne!(sha256_file(&f.image), before);
+    let o = run(&f, &["-D"]);
+    assert!(stdout(&o).contains("\nClean: 1\n"));
+    for l in f.manifest["lvols"].as_array().unwrap() {
+        let alias = l["alias"].as_str().unwrap();
+        let out = f.dir.join("x.bin");
+        let o = run(&f, &["-d", alias, out.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", stdout(&o));
+        assert_eq!(sha256_file(&out), l["sha256"].as_str().unwrap(), "{alias}");
+    }
+}
+
+#[test]
+fn json_listings() {
+    let f = fixture("blobcli");
+    let o = run(&f, &["-l", "blobs", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["blobs"],
+        serde_json::json!(["0x100000000", "0x100000002", "0x100000004"])
+    );
+    let o = run(&f, &["-l", "bdevs", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["bdevs"][0]["name"], "aio0");
+    assert_eq!(v["bdevs"][0]["block_size"], 4096);
+    let o = run(&f, &["-s", "bs", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["super_blob_id"], "0x100000004");
+    assert_eq!(v["free_clusters"], 24);
+    assert_eq!(v["bstype"], "");
+    let o = run(&f, &["-s", "0x100000000", "--output", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["num_clusters"], 4);
+    assert_eq!(v["xattrs"]["color"]["text"], "blue");
+    assert_eq!(v["xattrs"]["color"]["len"], 5);
+}
