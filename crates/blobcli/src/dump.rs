@@ -112,7 +112,8 @@ fn le64(b: &[u8], off: usize) -> u64 {
 
 /// The bits of a mask region, or an empty set when it cannot be read or is not that mask.
 async fn read_mask(dev: &dyn BsDev, start: u32, len: u32, mask_type: u8) -> Option<MaskInfo> {
-    if len == 0 {
+    // Masks are a few pages; a huge length is damage, not something to allocate.
+    if len == 0 || len > 16384 {
         return None;
     }
     let bytes = read_bytes(dev, start as u64 * PAGE, (len as u64 * PAGE) as usize)
