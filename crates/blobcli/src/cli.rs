@@ -4,7 +4,7 @@
 //! commands. Commands that only look (list, show, dump, `-D`, `--check`) run on a read-only
 //! descriptor with an in-memory overlay: the device is never written by them.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use bdev_core::Registry;
 use blobstore::inspect;
 use blobstore::{Blob, BlobId, BlobOpts, Blobstore, BsDev, BsOpts, IoBuf};
 use futures::executor::block_on;
+use futures::StreamExt;
 use serde_json::json;
 
 use crate::bsdev::{read_bytes, BdevBsDev, CountingDev, OverlayDev, RegistryEsnapFactory};
@@ -33,6 +34,7 @@ type CmdResult = Result<(), Fail>;
 
 const MAX_IO_BYTES: u64 = 1 << 20;
 const BUF_ALIGN: usize = 4096;
+const READS_IN_FLIGHT: usize = 4;
 
 /// `strerror` text without Rust's " (os error N)" suffix.
 fn strerror(errno: i32) -> String {
@@ -881,23 +883,40 @@ impl Session {
             prog.finish();
             return Ok(());
         }
-        let mut off = 0;
-        while off < total {
-            let n = per.min(total - off);
-            let buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
-            let buf = match b.read(off, buf).await {
+        // A few reads in flight, written in order; all-zero chunks become holes.
+        let chunks = (0..total.div_ceil(per)).map(|i| (i * per, per.min(total - i * per)));
+        let mut reads = futures::stream::iter(chunks)
+            .map(|(off, n)| async move {
+                let buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
+                (n, b.read(off, buf).await)
+            })
+            .buffered(READS_IN_FLIGHT);
+        let mut written = 0u64;
+        while let Some((n, r)) = reads.next().await {
+            let buf = match r {
                 Ok(buf) => buf,
                 Err(e) => {
                     prog.finish();
                     return Err(self.fail("Error in read completion", e.errno()));
                 }
             };
-            if let Err(e) = f.write_all(&buf) {
+            let res = if buf.iter().all(|&x| x == 0) {
+                f.seek(std::io::SeekFrom::Current(buf.len() as i64))
+                    .map(|_| ())
+            } else {
+                f.write_all(&buf)
+            };
+            written += buf.len() as u64;
+            if let Err(e) = res {
                 prog.finish();
                 return Err(self.fail("Error with fwrite", e.raw_os_error().unwrap_or(libc::EIO)));
             }
             prog.advance(&mut self.out, n * io, n);
-            off += n;
+        }
+        drop(reads);
+        if let Err(e) = f.set_len(written).and_then(|_| f.flush()) {
+            prog.finish();
+            return Err(self.fail("Error with fwrite", e.raw_os_error().unwrap_or(libc::EIO)));
         }
         let bar = prog.is_bar();
         prog.finish();
