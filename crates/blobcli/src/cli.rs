@@ -900,6 +900,11 @@ impl Session {
                 Ok(buf) => buf,
                 Err(e) => {
                     prog.finish();
+                    let cluster = written / bs.cluster_size().max(1) as u64;
+                    eprintln!(
+                        "blobcli: reading blob 0x{:x} at byte {written} (cluster {cluster}) failed: {e}",
+                        b.id()
+                    );
                     return Err(self.fail("Error in read completion", e.errno()));
                 }
             };

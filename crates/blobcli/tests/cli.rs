@@ -382,3 +382,31 @@ fn image_is_never_written_by_looking() {
     assert_eq!(v["num_clusters"], 2);
     assert_eq!(v["xattrs"]["name"]["text"], "alpha");
 }
+
+#[test]
+fn missing_blobs_and_script_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    malloc_config(d, 262144, 512);
+    let o = script(
+        d,
+        "-i\n-s 0x100000005\n-d $B3 x.bin\n# a comment\n-l blobs\n",
+    );
+    let t = stdout(&o);
+    // SPDK prints nothing for a blob it cannot find; the reason goes to stderr.
+    assert!(
+        t.contains(
+            "SCRIPT NOW PROCESSING: -s 0x100000005\n\nSCRIPT NOW PROCESSING: -d $B3 x.bin\n"
+        ),
+        "{t}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open blob 0x100000005"));
+    assert!(t.contains("ERROR: There is no blob for $B3\n"), "{t}");
+    assert!(t.contains("Error in blob open callback (err -2)\n"), "{t}");
+    assert!(!t.contains("a comment"));
+    assert!(
+        t.ends_with("SCRIPT NOW PROCESSING: -l blobs\n\nSCRIPT NOW PROCESSING: -X\n"),
+        "{t}"
+    );
+    assert_eq!(o.status.code(), Some(1));
+}
