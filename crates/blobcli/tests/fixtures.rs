@@ -278,6 +278,30 @@ fn check_fixture(name: &'static str) {
             v["lvols"].as_array().unwrap().len(),
             f.manifest["lvols"].as_array().unwrap().len()
         );
+        // The flags mean what bdev_lvol_get_lvols says they mean.
+        for l in f.manifest["lvols"].as_array().unwrap() {
+            let got = v["lvols"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["alias"] == l["alias"])
+                .unwrap_or_else(|| panic!("{} missing from JSON", l["alias"]));
+            for key in [
+                "uuid",
+                "blob_id",
+                "size_bytes",
+                "thin",
+                "is_snapshot",
+                "is_clone",
+                "is_esnap_clone",
+                "is_degraded",
+                "num_allocated_clusters",
+                "base_snapshot",
+                "external_snapshot_name",
+            ] {
+                assert_eq!(got[key], l[key], "{} of {}", key, l["alias"]);
+            }
+        }
     }
     assert_eq!(sha256_file(&f.image), before, "{name} image was modified");
 }
