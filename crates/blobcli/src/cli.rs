@@ -188,10 +188,10 @@ pub fn run(args: Vec<String>) -> i32 {
 }
 
 fn read_line(input: &mut dyn BufRead) -> Option<String> {
-    let mut l = String::new();
-    match input.read_line(&mut l) {
+    let mut l = Vec::new();
+    match input.read_until(b'\n', &mut l) {
         Ok(0) | Err(_) => None,
-        Ok(_) => Some(l),
+        Ok(_) => Some(String::from_utf8_lossy(&l).into_owned()),
     }
 }
 
