@@ -789,13 +789,25 @@ impl Session {
         let value = self.ctx.fill_value;
         let prog = Progress::start(&mut self.out, total * io, "fill");
         let mut off = 0;
+        let mut spare: Option<IoBuf> = None;
         while off < total {
             let n = per.min(total - off);
-            let mut buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
-            buf.fill(value);
-            if let Err(e) = b.write(off, buf).await {
-                prog.finish();
-                return Err(self.fail("Error in write completion", e.errno()));
+            let len = (n * io) as usize;
+            // The written buffer comes back; it already holds the pattern.
+            let buf = match spare.take() {
+                Some(b) if b.len() == len => b,
+                _ => {
+                    let mut b = IoBuf::new(len, BUF_ALIGN);
+                    b.fill(value);
+                    b
+                }
+            };
+            match b.write(off, buf).await {
+                Ok(buf) => spare = Some(buf),
+                Err(e) => {
+                    prog.finish();
+                    return Err(self.fail("Error in write completion", e.errno()));
+                }
             }
             prog.advance(&mut self.out, n * io, n);
             off += n;
@@ -828,9 +840,14 @@ impl Session {
         };
         let mut off = 0;
         let mut eof = false;
+        let mut spare: Option<IoBuf> = None;
         while off < total {
             let n = per.min(total - off);
-            let mut buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
+            let len = (n * io) as usize;
+            let mut buf = match spare.take() {
+                Some(b) if b.len() == len => b,
+                _ => IoBuf::new(len, BUF_ALIGN),
+            };
             let mut got = 0usize;
             while !eof && got < buf.len() {
                 match f.read(&mut buf[got..]) {
@@ -847,9 +864,14 @@ impl Session {
                     }
                 }
             }
-            if let Err(e) = b.write(off, buf).await {
-                prog.finish();
-                return Err(self.fail("Error in write completion", e.errno()));
+            // Past the end of the file the rest of the blob is zeroed.
+            buf[got..].fill(0);
+            match b.write(off, buf).await {
+                Ok(buf) => spare = Some(buf),
+                Err(e) => {
+                    prog.finish();
+                    return Err(self.fail("Error in write completion", e.errno()));
+                }
             }
             // SPDK prints a dot before every write but the first.
             let dots = if off == 0 { n - 1 } else { n };
@@ -883,12 +905,22 @@ impl Session {
             prog.finish();
             return Ok(());
         }
-        // A few reads in flight, written in order; all-zero chunks become holes.
+        // A few reads in flight, written in order; all-zero chunks become holes. Buffers are
+        // recycled: fresh large allocations cost page faults on every chunk.
+        let pool: std::sync::Mutex<Vec<IoBuf>> = std::sync::Mutex::new(Vec::new());
         let chunks = (0..total.div_ceil(per)).map(|i| (i * per, per.min(total - i * per)));
         let mut reads = futures::stream::iter(chunks)
-            .map(|(off, n)| async move {
-                let buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
-                (n, b.read(off, buf).await)
+            .map(|(off, n)| {
+                let pool = &pool;
+                async move {
+                    let len = (n * io) as usize;
+                    let spare = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let buf = match spare {
+                        Some(b) if b.len() == len => b,
+                        _ => IoBuf::new(len, BUF_ALIGN),
+                    };
+                    (n, b.read(off, buf).await)
+                }
             })
             .buffered(READS_IN_FLIGHT);
         let mut written = 0u64;
@@ -920,6 +952,7 @@ impl Session {
                 prog.finish();
                 return Err(self.fail("Error with fwrite", e.raw_os_error().unwrap_or(libc::EIO)));
             }
+            pool.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
             prog.advance(&mut self.out, n * io, n);
         }
         drop(reads);
