@@ -1,54 +1,18 @@
-//! Devices under the blobstore: a bdev descriptor seen as a [`BsDev`] (SPDK `blob_bdev.c`),
-//! a copy-on-write overlay that keeps every write in memory (so read-only sessions never
-//! touch the device, even when loading a dirty store runs recovery), a byte counter for
-//! progress, and the esnap factory that finds external snapshots among the config's bdevs.
+//! Devices under the blobstore: a bdev descriptor seen as a [`BsDev`] (SPDK `blob_bdev.c`,
+//! from the lvol crate), a copy-on-write overlay that keeps every write in memory (so
+//! read-only sessions never touch the device, even when loading a dirty store runs
+//! recovery), a byte counter for progress, and the esnap factory that finds external
+//! snapshots among the config's bdevs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bdev_core::{Descriptor, Registry};
+use bdev_core::Registry;
 use blobstore::{BlobId, BsDev, EsnapDevFactory, IoBuf};
 
-/// A bdev descriptor as a blobstore device.
-pub struct BdevBsDev {
-    desc: Descriptor,
-}
-
-impl BdevBsDev {
-    /// Wraps an open descriptor.
-    pub fn new(desc: Descriptor) -> Self {
-        BdevBsDev { desc }
-    }
-}
-
-#[async_trait]
-impl BsDev for BdevBsDev {
-    fn block_len(&self) -> u32 {
-        self.desc.device().block_len()
-    }
-    fn block_count(&self) -> u64 {
-        self.desc.device().num_blocks()
-    }
-    fn buf_align(&self) -> usize {
-        self.desc.device().buf_align()
-    }
-    async fn read(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
-        Ok(self.desc.read(lba, buf).await?)
-    }
-    async fn write(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
-        Ok(self.desc.write(lba, buf).await?)
-    }
-    async fn write_zeroes(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
-        Ok(self.desc.write_zeroes(lba, lba_count).await?)
-    }
-    async fn unmap(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
-        Ok(self.desc.unmap(lba, lba_count).await?)
-    }
-    async fn flush(&self) -> std::io::Result<()> {
-        Ok(self.desc.flush().await?)
-    }
-}
+/// A bdev descriptor as a blobstore device (the lvol crate's adapter, SPDK `blob_bdev.c`).
+pub use lvol::BdevBsDev;
 
 /// Reads go to the device, writes stay in memory: the device is never modified.
 pub struct OverlayDev {
