@@ -72,6 +72,12 @@ impl BsDev for OverlayDev {
         Ok(buf)
     }
     async fn write_zeroes(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
+        if lba
+            .checked_add(lba_count)
+            .is_none_or(|end| end > self.inner.block_count())
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let zero = vec![0u8; self.inner.block_len() as usize];
         for i in 0..lba_count {
             self.put(lba + i, &zero);
