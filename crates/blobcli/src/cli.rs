@@ -419,8 +419,13 @@ impl Session {
         match b {
             BlobRef::Id(id) => Ok(*id),
             BlobRef::Alias(a) => {
-                let info = lvols::gather(bs, &self.registry).await;
-                match lvols::resolve_alias(&info, a) {
+                let found = if lvols::is_lvstore(bs) {
+                    let info = lvols::gather(bs, &self.registry).await;
+                    lvols::resolve_alias(&info, a)
+                } else {
+                    None
+                };
+                match found {
                     Some(id) => Ok(id),
                     None => {
                         self.p(&format!("Could not find lvol {a}\n"));
@@ -477,6 +482,15 @@ impl Session {
             Action::ShowBs => self.show_bs(bs),
             Action::ListBlobs => self.list_blobs(bs),
             Action::ListLvols => {
+                if !lvols::is_lvstore(bs) {
+                    let t = bs.bstype();
+                    let end = t.iter().position(|&c| c == 0).unwrap_or(16);
+                    self.p(&format!(
+                        "Not an lvol store: blobstore type is \"{}\" (use -l blobs)\n",
+                        String::from_utf8_lossy(&t[..end])
+                    ));
+                    return Err(Fail::Cmd(-libc::ENXIO));
+                }
                 let info = lvols::gather(bs, &self.registry).await;
                 if self.ctx.json {
                     self.p(&format!("{:#}\n", lvols::format_json(&info)));

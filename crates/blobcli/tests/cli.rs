@@ -353,7 +353,6 @@ fn image_is_never_written_by_looking() {
         vec!["-s", "bs"],
         vec!["-s", "0x100000000"],
         vec!["-l", "blobs"],
-        vec!["-l", "lvols"],
         vec!["-D"],
         vec!["--check"],
         vec!["-d", "0x100000000", "x.bin"],
@@ -364,6 +363,10 @@ fn image_is_never_written_by_looking() {
         let o = blobcli(d, &a, None);
         assert!(o.status.success(), "{args:?}: {}", stdout(&o));
     }
+    // Not an lvol store: said so, non-zero exit, nothing written.
+    let o = blobcli(d, &["--image", "v.img", "-l", "lvols"], None);
+    assert!(!o.status.success());
+    assert!(stdout(&o).starts_with("Not an lvol store: blobstore type is \"\""));
     assert_eq!(sha256_file(&img), before);
     let o = blobcli(
         d,
