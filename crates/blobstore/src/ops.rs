@@ -770,16 +770,18 @@ impl StoreInner {
     pub(crate) async fn grow(&self) -> Result<()> {
         self.check_live()?;
         let _g = self.md_lock.lock().await;
-        let s = self.read_super().await?;
         let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
         let total = self.state().total_clusters;
         let new_total = dev_bytes / u64::from(self.geo.cluster_size);
         if new_total < total {
-            return Err(enospc("the device shrank"));
+            return Err(enospc(format!(
+                "the device shrank to {new_total} clusters, the store has {total}"
+            )));
         }
         if new_total == total {
             return Ok(());
         }
+        let s = self.read_super().await?;
         let need = (5 + new_total.div_ceil(8)).div_ceil(PAGE as u64) as u32;
         let reserved = s.used_blobid_mask_start - s.used_cluster_mask_start;
         if need > reserved || new_total > u64::from(u32::MAX) {
