@@ -138,7 +138,7 @@ impl BlobInner {
 
     fn check_range(&self, offset: u64, bytes: usize) -> Result<u64> {
         let iu = u64::from(self.bs.geo.io_unit);
-        if bytes as u64 % iu != 0 {
+        if !(bytes as u64).is_multiple_of(iu) {
             return Err(einval(format!(
                 "length {bytes} is not a multiple of the io unit {iu}"
             )));
@@ -179,7 +179,11 @@ impl BlobInner {
     }
 
     /// Reads through the chain; anything past this blob's end reads as zeroes.
-    pub(crate) fn read_through(self: &Arc<Self>, offset: u64, mut buf: IoBuf) -> BoxFuture<'_, Result<IoBuf>> {
+    pub(crate) fn read_through(
+        self: &Arc<Self>,
+        offset: u64,
+        mut buf: IoBuf,
+    ) -> BoxFuture<'_, Result<IoBuf>> {
         async move {
             let iu = self.bs.geo.io_unit as usize;
             let units = (buf.len() / iu) as u64;
@@ -216,11 +220,17 @@ impl BlobInner {
                 .map_err(io_err);
         }
         let back = self.lock().back.clone_ref();
-        self.read_back(&back, s.cluster as u64 * lpc + s.off, buf).await
+        self.read_back(&back, s.cluster as u64 * lpc + s.off, buf)
+            .await
     }
 
     /// Reads `buf.len()` bytes at io_unit `offset` of the back device.
-    pub(crate) async fn read_back(&self, back: &BackRef, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+    pub(crate) async fn read_back(
+        &self,
+        back: &BackRef,
+        offset: u64,
+        mut buf: IoBuf,
+    ) -> Result<IoBuf> {
         match back {
             BackRef::Zeroes => {
                 buf.fill(0);
@@ -309,7 +319,8 @@ impl BlobInner {
                     .await
                     .map_err(io_err);
             }
-            self.alloc_write(s.cluster, s.off, s.len, Some(&buf)).await?;
+            self.alloc_write(s.cluster, s.off, s.len, Some(&buf))
+                .await?;
             return Ok(buf);
         }
         for s in &segs {
@@ -323,7 +334,8 @@ impl BlobInner {
                     .await
                     .map_err(io_err)?;
             } else {
-                self.alloc_write(s.cluster, s.off, s.len, Some(data)).await?;
+                self.alloc_write(s.cluster, s.off, s.len, Some(data))
+                    .await?;
             }
         }
         Ok(buf)

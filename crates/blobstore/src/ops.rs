@@ -291,7 +291,11 @@ impl StoreInner {
                         "blob {snap_id:#x} is not read-only and cannot be cloned"
                     )));
                 }
-                (s.md.clusters.len() as u64, s.md.use_et(), s.md.md_ro & MD_RO_CLEAR_MASK)
+                (
+                    s.md.clusters.len() as u64,
+                    s.md.use_et(),
+                    s.md.md_ro & MD_RO_CLEAR_MASK,
+                )
             };
             let mut md = BlobMd {
                 invalid: INV_THIN | if use_et { INV_EXTENT_TABLE } else { 0 },
@@ -534,7 +538,8 @@ impl StoreInner {
             (0..s.md.clusters.len())
                 .filter(|&i| {
                     s.md.clusters[i] == 0
-                        && (allocate_all || parent.as_ref().is_some_and(|p| p.cluster_at_pub(i) != 0))
+                        && (allocate_all
+                            || parent.as_ref().is_some_and(|p| p.cluster_at_pub(i) != 0))
                 })
                 .collect()
         };
@@ -671,7 +676,7 @@ impl StoreInner {
             return Err(einval("esnap id equals the blob id"));
         }
         let bytes = u64::from(dev.block_len()) * dev.block_count();
-        if bytes % u64::from(self.geo.cluster_size) != 0 {
+        if !bytes.is_multiple_of(u64::from(self.geo.cluster_size)) {
             return Err(einval(format!(
                 "esnap device of {bytes} bytes is not a multiple of the cluster size"
             )));

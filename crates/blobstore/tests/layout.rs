@@ -34,7 +34,9 @@ async fn write_blocks(bs: &Blobstore, id: BlobId, blocks: &[u64]) {
     let b = bs.open_blob(id).await.unwrap();
     let bl = bs.io_unit_size() as usize;
     for &i in blocks {
-        b.write(i, IoBuf::from_slice(&pat(i, bl), 4096)).await.unwrap();
+        b.write(i, IoBuf::from_slice(&pat(i, bl), 4096))
+            .await
+            .unwrap();
     }
     b.close().await.unwrap();
 }
@@ -189,7 +191,11 @@ fn many_extent_pages_and_shrink() {
             })
             .unwrap();
         assert_eq!(et.len(), 2, "two extent pages for 600 clusters");
-        assert_eq!(r.used_md_pages, pages_before - 1, "one extent page fewer than at 1300");
+        assert_eq!(
+            r.used_md_pages,
+            pages_before - 1,
+            "one extent page fewer than at 1300"
+        );
         check_blocks(&bs, big, &[0], &[]).await;
         // Dirty reload agrees.
         let free = bs.free_clusters();
