@@ -303,3 +303,33 @@ fn power_loss_unmap_release() {
         })
     });
 }
+
+/// setup_thin plus a thin blob that never allocated (no extent page yet).
+fn setup_unallocated(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
+    Box::pin(async move {
+        let mut ids = setup_thin(bs).await;
+        let id = bs
+            .create_blob(BlobOpts {
+                num_clusters: 3,
+                thin: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+        ids
+    })
+}
+
+#[test]
+fn power_loss_first_allocation_new_extent_page() {
+    sweep("first allocation", setup_unallocated, |bs, ids| {
+        Box::pin(async move {
+            let b = bs.open_blob(ids[2]).await.unwrap();
+            let mut buf = IoBuf::new(BLK as usize, 4096);
+            buf.fill(0x42);
+            let _ = b.write(1, buf).await;
+            let _ = b.close().await;
+        })
+    });
+}
