@@ -177,7 +177,7 @@ impl BlobInner {
         let iu = u64::from(g.io_unit);
         let units = bytes as u64 / iu;
         let off = offset % g.lba_per_cluster;
-        if bytes as u64 % iu != 0 || units == 0 || off + units > g.lba_per_cluster {
+        if !(bytes as u64).is_multiple_of(iu) || units == 0 || off + units > g.lba_per_cluster {
             return None;
         }
         let s = self.lock();
