@@ -1,7 +1,6 @@
 //! Parallel I/O: allocations of the same cluster never double-allocate, writes racing a
 //! snapshot or a resize land whole, threads share one store.
 
-
 use blobstore::testing::MemBsDev;
 use blobstore::{BlobOpts, Blobstore, BsOpts, IoBuf};
 use futures::executor::block_on;
