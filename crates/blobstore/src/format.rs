@@ -265,6 +265,9 @@ impl Bitmap {
     /// Serialises as a mask region of `pages` pages.
     pub(crate) fn to_mask(&self, mask_type: u8, pages: u32) -> Vec<u8> {
         let mut b = vec![0u8; pages as usize * PAGE];
+        if b.len() < 5 {
+            return b;
+        }
         b[0] = mask_type;
         wr_u32(&mut b, 1, self.len as u32);
         for i in self.iter_ones() {

@@ -244,6 +244,26 @@ pub(crate) fn validate_super(
             s.md_start, s.md_len
         )));
     }
+    let clusters = size / u64::from(s.cluster_size);
+    let fits = |len: u32, bits: u64| u64::from(len) * PAGE as u64 >= 5 + bits.div_ceil(8);
+    if !fits(s.used_page_mask_len, u64::from(s.md_len)) {
+        return Err(BsError::BadSuperBlock(format!(
+            "used page mask ({} pages) cannot hold {} bits",
+            s.used_page_mask_len, s.md_len
+        )));
+    }
+    if !fits(s.used_cluster_mask_len, clusters) {
+        return Err(BsError::BadSuperBlock(format!(
+            "used cluster mask ({} pages) cannot hold {clusters} bits",
+            s.used_cluster_mask_len
+        )));
+    }
+    if s.used_blobid_mask_len != 0 && !fits(s.used_blobid_mask_len, u64::from(s.md_len)) {
+        return Err(BsError::BadSuperBlock(format!(
+            "used blobid mask ({} pages) cannot hold {} bits",
+            s.used_blobid_mask_len, s.md_len
+        )));
+    }
     if size / u64::from(s.cluster_size) == 0 {
         return Err(BsError::BadSuperBlock("store holds no cluster".into()));
     }

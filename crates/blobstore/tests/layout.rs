@@ -308,3 +308,34 @@ fn io_unit_512() {
         let _ = reload(&d, bs, opts16k()).await;
     });
 }
+
+#[test]
+fn version_2_store_without_blobid_mask() {
+    block_on(async {
+        let d = MemBsDev::new(4096, 4096);
+        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
+        let a = bs
+            .create_blob(BlobOpts {
+                num_clusters: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        write_blocks(&bs, a, &[3]).await;
+        bs.unload().await.unwrap();
+        let mut img = d.snapshot();
+        img[8..12].copy_from_slice(&2u32.to_le_bytes());
+        img[72..80].fill(0);
+        let c = crc32c::crc32c(&img[..4092]);
+        img[4092..4096].copy_from_slice(&c.to_le_bytes());
+        let d = MemBsDev::from_bytes(4096, img);
+        for _ in 0..2 {
+            let bs = Blobstore::load(d.clone(), BsOpts::default()).await.unwrap();
+            assert_eq!(bs.blob_ids(), vec![a]);
+            check_blocks(&bs, a, &[3], &[4]).await;
+            bs.unload().await.unwrap();
+            let sb = inspect::parse_super(&d.snapshot()[..4096]).unwrap();
+            assert_eq!((sb.version, sb.used_blobid_mask_len, sb.clean), (2, 0, 1));
+        }
+    });
+}
