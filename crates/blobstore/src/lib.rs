@@ -305,6 +305,10 @@ impl Blobstore {
     ) -> Result<u64> {
         self.inner.shallow_copy(id, dst, progress).await
     }
+    /// Number of blobs open right now (including snapshots held open by their clones).
+    pub fn open_blobs_count(&self) -> usize {
+        self.inner.state().open.len()
+    }
     /// Ids of the clones of a snapshot.
     pub fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
         self.inner
@@ -507,6 +511,46 @@ impl Blob {
             .get_internal(name)
             .map(|v| v.to_vec())
             .ok_or_else(|| error::enoent(format!("internal xattr {name:?} not found")))
+    }
+    /// Sets an internal xattr (invisible to the public getters; persisted at sync). The
+    /// blobstore's own names (`SNAP`, `SNAPTMP`, `SNAPRM`, `EXTSNAP`) are refused (EINVAL).
+    pub fn set_internal_xattr(&self, name: &str, value: &[u8]) -> Result<()> {
+        if name.is_empty() || ["SNAP", "SNAPTMP", "SNAPRM", "EXTSNAP"].contains(&name) {
+            return Err(error::einval(format!(
+                "internal xattr name {name:?} is reserved"
+            )));
+        }
+        md::check_xattr_size(name, value)?;
+        let mut s = self.inner.lock();
+        if s.md_ro {
+            return Err(error::eperm(format!(
+                "blob {:#x} metadata is read-only",
+                self.inner.id
+            )));
+        }
+        s.md.set_internal(name, value);
+        s.touch();
+        Ok(())
+    }
+    /// Removes an internal xattr set with [`Blob::set_internal_xattr`] (ENOENT if missing).
+    pub fn remove_internal_xattr(&self, name: &str) -> Result<()> {
+        if ["SNAP", "SNAPTMP", "SNAPRM", "EXTSNAP"].contains(&name) {
+            return Err(error::einval(format!(
+                "internal xattr name {name:?} is reserved"
+            )));
+        }
+        let mut s = self.inner.lock();
+        if s.md_ro {
+            return Err(error::eperm(format!(
+                "blob {:#x} metadata is read-only",
+                self.inner.id
+            )));
+        }
+        if !s.md.remove_internal(name) {
+            return Err(error::enoent(format!("internal xattr {name:?} not found")));
+        }
+        s.touch();
+        Ok(())
     }
     /// The `EXTSNAP` id (EINVAL if not an esnap clone).
     pub fn esnap_id(&self) -> Result<Vec<u8>> {

@@ -389,7 +389,12 @@ fn a10_internal_xattrs() {
             b.get_internal_xattr("internal").unwrap(),
             7898u64.to_le_bytes()
         );
+        assert_eq!(errno(b.set_internal_xattr("SNAP", b"x")), libc::EINVAL);
+        b.set_internal_xattr("other", b"v").unwrap();
+        b.remove_internal_xattr("other").unwrap();
+        assert_eq!(errno(b.remove_internal_xattr("other")), libc::ENOENT);
         b.close().await.unwrap();
+        assert_eq!(bs.open_blobs_count(), 0);
         bs.unload().await.unwrap();
         // The INTERNAL_XATTR flag is on disk.
         let page = blobstore::inspect::parse_md_page(
