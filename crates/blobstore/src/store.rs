@@ -280,7 +280,7 @@ pub(crate) struct PageCache<'a> {
     align: usize,
     chunk: u32,
     base: u32,
-    data: Vec<u8>,
+    data: Option<IoBuf>,
 }
 
 impl<'a> PageCache<'a> {
@@ -291,7 +291,7 @@ impl<'a> PageCache<'a> {
             align,
             chunk: 64,
             base: u32::MAX,
-            data: Vec::new(),
+            data: None,
         }
     }
     pub(crate) async fn get(&mut self, p: u32) -> Result<&[u8]> {
@@ -304,17 +304,25 @@ impl<'a> PageCache<'a> {
         if self.base == u32::MAX || p < self.base || p >= self.base + self.chunk {
             let base = p - p % self.chunk;
             let n = self.chunk.min(self.geo.md_len - base);
-            let buf = IoBuf::new(n as usize * PAGE, self.align);
+            let len = n as usize * PAGE;
+            let buf = match self.data.take() {
+                Some(b) if b.len() == len => b,
+                _ => IoBuf::new(len, self.align),
+            };
+            self.base = u32::MAX;
             let buf = self
                 .dev
                 .read(self.geo.page_lba(base), buf)
                 .await
                 .map_err(io_err)?;
-            self.data = buf.to_vec();
+            self.data = Some(buf);
             self.base = base;
         }
         let o = (p - self.base) as usize * PAGE;
-        Ok(&self.data[o..o + PAGE])
+        match &self.data {
+            Some(d) => Ok(&d[o..o + PAGE]),
+            None => Err(corrupt("md page cache is empty")),
+        }
     }
 }
 
