@@ -85,6 +85,12 @@ pub(crate) struct BlobInner {
     st: Mutex<BlobState>,
 }
 
+/// Target of a fast-path read.
+enum Fast {
+    Dev(u64),
+    Esnap(Arc<dyn BsDev>, u64),
+}
+
 /// One piece of an I/O inside a single cluster.
 struct Seg {
     cluster: usize,
@@ -173,6 +179,15 @@ impl BlobInner {
     /// LBA when the whole request falls in one allocated cluster of an open blob (and, for
     /// writes, the blob is writable).
     fn fast_lba(&self, offset: u64, bytes: usize, write: bool) -> Option<u64> {
+        match self.fast_target(offset, bytes, write)? {
+            Fast::Dev(lba) => Some(lba),
+            Fast::Esnap(..) => None,
+        }
+    }
+
+    /// Where a single-cluster read can go without the general path: this blob's cluster,
+    /// or (unallocated cluster of an esnap clone) straight to the external device.
+    fn fast_target(&self, offset: u64, bytes: usize, write: bool) -> Option<Fast> {
         let g = &self.bs.geo;
         let iu = u64::from(g.io_unit);
         let units = bytes as u64 / iu;
@@ -185,13 +200,27 @@ impl BlobInner {
             return None;
         }
         let c = *s.md.clusters.get((offset / g.lba_per_cluster) as usize)?;
-        (c != 0).then(|| u64::from(c) * g.lba_per_cluster + off)
+        if c != 0 {
+            return Some(Fast::Dev(u64::from(c) * g.lba_per_cluster + off));
+        }
+        match &s.back {
+            Back::Esnap(Some(d)) if !write => {
+                let bl = u64::from(d.block_len());
+                let lba = offset * iu / bl;
+                let n = bytes as u64 / bl;
+                (lba + n <= d.block_count() && !d.is_degraded())
+                    .then(|| Fast::Esnap(d.clone(), lba))
+            }
+            _ => None,
+        }
     }
 
     pub(crate) async fn read(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let _f = self.freeze.read().await;
-        if let Some(lba) = self.fast_lba(offset, buf.len(), false) {
-            return self.bs.dev.read(lba, buf).await.map_err(io_err);
+        match self.fast_target(offset, buf.len(), false) {
+            Some(Fast::Dev(lba)) => return self.bs.dev.read(lba, buf).await.map_err(io_err),
+            Some(Fast::Esnap(d, lba)) => return d.read(lba, buf).await.map_err(io_err),
+            None => {}
         }
         let units = self.check_range(offset, buf.len())?;
         if units == 0 {
