@@ -346,14 +346,10 @@ impl Blob {
         let s = self.inner.lock();
         s.data_ro
     }
-    /// Has clones (SPDK `spdk_blob_is_snapshot`).
+    /// Has (or had, since load) clones: SPDK `spdk_blob_is_snapshot`, which is true while the
+    /// blob is in the store's snapshot list.
     pub fn is_snapshot(&self) -> bool {
-        self.inner
-            .bs
-            .state()
-            .clones
-            .get(&self.inner.id)
-            .is_some_and(|v| !v.is_empty())
+        self.inner.bs.state().clones.contains_key(&self.inner.id)
     }
     /// Is a clone of a snapshot blob.
     pub fn is_clone(&self) -> bool {

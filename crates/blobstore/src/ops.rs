@@ -357,7 +357,7 @@ impl StoreInner {
             self.state().used_blobids.set(u64::from(page));
             return Err(e);
         }
-        self.remove_relation(id);
+        self.forget_blob(id);
         Ok(())
     }
 
@@ -437,7 +437,7 @@ impl StoreInner {
         self.state().used_blobids.clear(u64::from(sid as u32));
         let g = self.state().parent_of.get(&sid).copied();
         self.remove_relation(cb.id);
-        self.remove_relation(sid);
+        self.forget_blob(sid);
         if let Some(g) = g {
             self.add_relation(g, cb.id);
         }

@@ -851,14 +851,19 @@ impl StoreInner {
         }
     }
 
+    /// Drops every relation of a deleted blob.
+    pub(crate) fn forget_blob(&self, id: BlobId) {
+        self.remove_relation(id);
+        self.state().clones.remove(&id);
+    }
+
     pub(crate) fn remove_relation(&self, clone: BlobId) {
         let mut st = self.state();
         if let Some(p) = st.parent_of.remove(&clone) {
+            // Like SPDK, a snapshot keeps its (maybe empty) entry until it is deleted, so it
+            // still counts as a snapshot for set_parent.
             if let Some(v) = st.clones.get_mut(&p) {
                 v.retain(|&c| c != clone);
-                if v.is_empty() {
-                    st.clones.remove(&p);
-                }
             }
         }
     }
@@ -1286,7 +1291,7 @@ impl StoreInner {
         }
         self.state().used_blobids.clear(u64::from(snap as u32));
         self.persist_delete(snap, &md, &chain).await?;
-        self.remove_relation(snap);
+        self.forget_blob(snap);
         let orphans: Vec<BlobId> = self.state().clones.remove(&snap).unwrap_or_default();
         for o in orphans {
             self.state().parent_of.remove(&o);
