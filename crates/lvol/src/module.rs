@@ -160,6 +160,18 @@ fn name_from_xattr(v: &[u8]) -> Option<String> {
     String::from_utf8(v[..end].to_vec()).ok()
 }
 
+/// An external snapshot's block size must divide the store's io unit.
+fn check_base_block(store: &LvolStore, dev: &dyn BlockDevice) -> Result<()> {
+    if store.block_size().checked_rem(dev.block_len()) != Some(0) {
+        return Err(LvolError::InvalidArgument(format!(
+            "base block size {} does not divide the store's io unit {}",
+            dev.block_len(),
+            store.block_size()
+        )));
+    }
+    Ok(())
+}
+
 fn div_ceil(a: u64, b: u64) -> u64 {
     if b == 0 {
         0
@@ -360,6 +372,7 @@ impl LvolModule {
                 return Err(e.into());
             }
         };
+        esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
         let uuid = Uuid::new_v4();
         let super_opts = BlobOpts {
             xattrs: vec![
@@ -459,6 +472,7 @@ impl LvolModule {
                 return Err(e.into());
             }
         };
+        esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
         let mut opened: Vec<Blob> = Vec::new();
         let res = self
             .load_inner(&bs, &base, dev.as_ref(), &esnap, &mut opened)
@@ -840,6 +854,7 @@ impl LvolModule {
         let dev = desc.device().clone();
         drop(desc);
         let _guard = reserve_lvol_name(store, name)?;
+        check_base_block(store, dev.as_ref())?;
         let size = dev.num_blocks() * u64::from(dev.block_len());
         let cs = u64::from(store.cluster_size());
         if size.checked_rem(cs) != Some(0) {
@@ -981,6 +996,7 @@ impl LvolModule {
         if dev.uuid() == lvol.uuid {
             return Err(LvolError::InvalidArgument("bdev is the lvol itself".into()));
         }
+        check_base_block(&store, dev.as_ref())?;
         let size = dev.num_blocks() * u64::from(dev.block_len());
         if size.checked_rem(u64::from(store.cluster_size())) != Some(0) {
             return Err(LvolError::InvalidArgument(

@@ -392,6 +392,14 @@ fn failing_heal_does_not_stop_others_and_is_retried() {
         malloc(&reg, "other", MIB, 512).await;
         assert!(ea.is_degraded());
         assert!(!eb.is_degraded());
+        // A new esnap clone on an incompatible base is refused.
+        assert_eq!(
+            m.create_esnap_clone("base", &sa, "ea2")
+                .await
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
         // Removed and back with 512-byte blocks: both heal.
         reg.unregister("base").await.unwrap();
         assert!(eb.is_degraded());
