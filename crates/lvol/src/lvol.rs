@@ -393,4 +393,8 @@ impl BlockDevice for LvolBdev {
     fn write_config(&self) -> Option<Value> {
         None
     }
+    async fn destruct(&self) {
+        // Unregistered (by us or by someone else): the lvol stays loaded, without a bdev.
+        self.lvol.registered.store(false, Ordering::SeqCst);
+    }
 }

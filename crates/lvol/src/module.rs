@@ -228,11 +228,13 @@ impl ExamineHook for Hook {
         let Some(dev) = registry.get(name) else {
             return;
         };
+        let m = LvolModule(inner);
+        m.heal_all().await;
+        // lvol bdevs may be external snapshots of other stores (healed above), but stores
+        // nested on lvols are not looked for.
         if dev.module_name() == "lvol" {
             return;
         }
-        let m = LvolModule(inner);
-        m.heal_all().await;
         match m.load_lvstore(name).await {
             Ok(s) => tracing::info!(target: "lvol", "lvol store {} found on {name}", s.name()),
             Err(e) => tracing::debug!(target: "lvol", "no lvol store on {name}: {e}"),

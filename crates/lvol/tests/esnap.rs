@@ -454,3 +454,41 @@ fn esnap_link_moves_with_snapshot_and_back_on_its_delete() {
         assert!(ec.is_degraded());
     });
 }
+
+/// The external snapshot is an lvol of another store: removing that store's base degrades
+/// the clone, re-adding it (tasting registers the lvol bdev again) heals it.
+#[test]
+fn esnap_base_that_is_an_lvol_of_another_store() {
+    block_on(async {
+        let (reg, m) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(dir.path(), "a.img", 32 * MIB);
+        aio(&reg, "aioA", &f, 512, None, false).await;
+        malloc(&reg, "MB", 32 * MIB, 512).await;
+        let sa = lvs(&m, "aioA", "lvsA", MIB as u32).await;
+        let sb = lvs(&m, "MB", "lvsB", MIB as u32).await;
+        let golden = m
+            .create_lvol(&sa, "golden", 4 * MIB, false, ClearMethod::Default)
+            .await
+            .unwrap();
+        let gid = golden.unique_id().to_string();
+        let data = pattern(0x17, 0, (4 * MIB) as usize);
+        {
+            let d = open(&reg, &gid, true);
+            write_at(&d, 0, &data).await.unwrap();
+        }
+        let c = m.create_esnap_clone("lvsA/golden", &sb, "c").await.unwrap();
+        assert_eq!(c.external_snapshot_name(), Some(gid.clone()));
+        let d = open(&reg, "lvsB/c", false);
+        assert_eq!(read_all(&d).await, data);
+        drop((golden, sa));
+        reg.unregister("aioA").await.unwrap();
+        assert!(c.is_degraded());
+        assert_eq!(read_at(&d, 0, 4096).await.unwrap_err().errno(), libc::EIO);
+        aio(&reg, "aioA", &f, 512, None, false).await;
+        assert!(!c.is_degraded());
+        assert_eq!(read_all(&d).await, data);
+        // The golden lvol is now claimed read-only: its own writers are refused.
+        assert!(reg.open(&gid, true).is_err());
+    });
+}
