@@ -1154,3 +1154,34 @@ impl LvolModule {
         Some(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_xattrs_are_spdk_shaped() {
+        let padded = name_xattr_padded("lvol");
+        assert_eq!(padded.len(), 64);
+        assert_eq!(&padded[..5], b"lvol\0");
+        assert!(padded[5..].iter().all(|&b| b == 0));
+        assert_eq!(name_xattr("lvs"), b"lvs\0".to_vec());
+        assert_eq!(name_from_xattr(&padded).as_deref(), Some("lvol"));
+        assert_eq!(name_from_xattr(b"abc").as_deref(), Some("abc"));
+        assert_eq!(name_from_xattr(&[b'a'; 65]), None);
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(check_name("").is_err());
+        assert!(check_name(&"a".repeat(63)).is_ok());
+        assert_eq!(
+            check_name(&"a".repeat(64)).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert!(check_name("a\0b").is_err());
+        assert_eq!(div_ceil(5, 4), 2);
+        assert_eq!(div_ceil(8, 4), 2);
+        assert_eq!(div_ceil(0, 4), 0);
+    }
+}
