@@ -492,3 +492,38 @@ fn esnap_base_that_is_an_lvol_of_another_store() {
         assert!(reg.open(&gid, true).is_err());
     });
 }
+
+/// A read that waits in its retries succeeds when the base comes back meanwhile.
+#[test]
+fn retrying_read_completes_when_the_base_returns() {
+    block_on(async {
+        let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
+        malloc(&reg, "M", 32 * MIB, 512).await;
+        let s = lvs(&m, "M", "lvs", MIB as u32).await;
+        let u = Uuid::new_v4();
+        let base = esnap_base(&reg, bdir.path(), "base", u, 2 * MIB).await;
+        let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
+        let d = open(&reg, "lvs/ec", false);
+        reg.unregister("base").await.unwrap();
+        assert!(ec.is_degraded());
+        m.set_esnap_retry(200, Duration::from_millis(5));
+        let read = read_at(&d, MIB, 4096);
+        let comeback = async {
+            futures_timer::Delay::new(Duration::from_millis(30)).await;
+            esnap_base(&reg, bdir.path(), "base", u, 2 * MIB).await;
+        };
+        let (got, ()) = futures::join!(read, comeback);
+        assert_eq!(
+            got.unwrap(),
+            base[MIB as usize..MIB as usize + 4096].to_vec()
+        );
+        assert!(!ec.is_degraded());
+        // With no retries, a degraded read fails at once.
+        reg.unregister("base").await.unwrap();
+        m.set_esnap_retry(0, Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        assert_eq!(read_at(&d, MIB, 4096).await.unwrap_err().errno(), libc::EIO);
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    });
+}
