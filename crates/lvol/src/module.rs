@@ -458,6 +458,9 @@ impl LvolModule {
     /// Loads the store on a bdev, registers its lvol bdevs (what tasting does).
     pub async fn load_lvstore(&self, bdev_name: &str) -> Result<Arc<LvolStore>> {
         let mut desc = self.0.registry.open(bdev_name, true)?;
+        // Claim before reading anything: if someone else writes the bdev, leave it alone (a
+        // failed load after a successful blobstore load unloads, which writes).
+        desc.claim(ClaimType::ReadManyWriteOne)?;
         let dev = desc.device().clone();
         let events = desc.take_events();
         let base = Arc::new(BdevBsDev::new(desc));
@@ -482,11 +485,7 @@ impl LvolModule {
         match res {
             Ok((store, guard)) => {
                 // The store's name is published by finish_store before the guard goes.
-                if let Some(ev) = events {
-                    self.finish_store(&store, Some(ev));
-                } else {
-                    self.finish_store(&store, None);
-                }
+                self.finish_store(&store, events);
                 drop(guard);
                 store.refresh_esnap_holders();
                 for l in store.lvols_by_blob_id() {
@@ -537,9 +536,6 @@ impl LvolModule {
         let guard = self.reserve_store_name(&name)?;
         if self.lvstore_by_uuid(&uuid).is_some() {
             return Err(LvolError::AlreadyExists(format!("lvol store {uuid}")));
-        }
-        if let Some(d) = base.descriptor() {
-            d.claim(ClaimType::ReadManyWriteOne)?;
         }
         let store = Arc::new(LvolStore {
             uuid,
