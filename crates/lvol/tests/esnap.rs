@@ -145,6 +145,8 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
             assert!(l.is_degraded(), "{n} degraded");
             assert!(l.is_registered(), "{n} still has its bdev");
             assert_eq!(l.info_json()["is_degraded"], true);
+            let ds = reg.get(l.unique_id()).unwrap().driver_specific();
+            assert_eq!(ds["lvol"]["degraded"], true);
         }
         let d = open(&reg, &c2_id, true);
         // Owned clusters work.
@@ -184,7 +186,10 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
         reg.wait_for_examine().await;
         assert!(s.missing_esnaps().is_empty());
         for n in ["ec", "snap", "c2"] {
-            assert!(!s.lvol_by_name(n).unwrap().is_degraded(), "{n} healed");
+            let l = s.lvol_by_name(n).unwrap();
+            assert!(!l.is_degraded(), "{n} healed");
+            let ds = reg.get(l.unique_id()).unwrap().driver_specific();
+            assert!(ds["lvol"].get("degraded").is_none());
         }
         assert_eq!(reg.claim_of("base"), Some(ClaimType::ReadManyWriteNone));
         want_c2[(2 * MIB) as usize + 8192..(2 * MIB) as usize + 12288]
