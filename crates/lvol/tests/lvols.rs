@@ -614,7 +614,7 @@ fn snapshot_under_concurrent_writes_keeps_every_acknowledged_write() {
             .await
             .unwrap();
         let d = open(&reg, "lvs/v", true);
-        let blocks = (8 * MIB / 4096) as u64;
+        let blocks = 8 * MIB / 4096;
         let writer = async {
             for b in 0..blocks {
                 write_at(&d, b * 4096, &pattern((b % 200) as u8 + 1, b, 4096))
