@@ -377,9 +377,10 @@ impl LvolModule {
         esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
         let uuid = Uuid::new_v4();
         let super_opts = BlobOpts {
+            // SPDK's order on the super blob: uuid, then name.
             xattrs: vec![
-                ("name".to_string(), name_xattr(&opts.name)),
                 ("uuid".to_string(), uuid_xattr(&uuid)),
+                ("name".to_string(), name_xattr(&opts.name)),
             ],
             ..BlobOpts::default()
         };

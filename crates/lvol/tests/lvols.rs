@@ -64,6 +64,10 @@ fn create_thick_and_thin_with_data_and_bdev_shape() {
         let name_x = l.blob().get_xattr("name").unwrap();
         assert_eq!(name_x.len(), 64);
         assert_eq!(&name_x[..10], b"lvol_test\0");
+        assert_eq!(
+            l.blob().xattr_names(),
+            vec!["name".to_string(), "uuid".to_string()]
+        );
         let uuid_x = l.blob().get_xattr("uuid").unwrap();
         assert_eq!(uuid_x, lvol::esnap_id_for(&l.uuid()));
 
