@@ -19,6 +19,7 @@ pub fn rpc_modules(registry: &Registry, nbd: &Arc<NbdServer>) -> Vec<Arc<dyn Rpc
         Arc::new(lvol::rpc::LvolRpc::new(lvol)),
         NbdRpc::new(nbd.clone()),
         Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
+        Arc::new(bdev_nbd::NbdRpc::new(registry.clone())),
     ]
 }
 

@@ -676,3 +676,38 @@ fn read_only_bdev_over_nbd_and_config() {
     assert_eq!(t.ok(&["nbd_get_exports"]), json!([]));
     assert_eq!(t.err(&["bdev_ro_delete", "ro0"]).code, -19);
 }
+
+#[test]
+fn nbd_client_bdev_over_our_own_export() {
+    let Some((tools, dir)) = setup() else { return };
+    let t = start(&tools, dir.path());
+    let nbd = dir.path().join("nbd.sock");
+    let listen = format!("unix:{}", nbd.display());
+    t.ok(&["nbd_server_start", &listen]);
+    t.ok(&["bdev_malloc_create", "-b", "M0", "8", "4096"]);
+    t.ok(&["nbd_export_add", "M0"]);
+    qemu_io_ok(&tools, &nbd_uri("M0", &nbd), &["write -P 0x9c 0 1M"]);
+    // A client bdev in the same target, over the export, re-exported under another name.
+    let u = "7e5a0000-e5a0-4e5a-8e5a-00000000000c";
+    assert_eq!(
+        t.ok(&["bdev_nbd_client_create", "C0", &listen, "M0", "-u", u]),
+        json!("C0")
+    );
+    let c = &t.ok(&["bdev_get_bdevs", "-b", u])[0];
+    assert_eq!(c["name"], json!("C0"));
+    assert_eq!(c["num_blocks"], json!(2048));
+    t.ok(&["nbd_export_add", "C0"]);
+    qemu_io_ok(
+        &tools,
+        &nbd_uri("C0", &nbd),
+        &["read -P 0x9c 0 1M", "write -P 0x9d 1M 1M"],
+    );
+    qemu_io_ok(&tools, &nbd_uri("M0", &nbd), &["read -P 0x9d 1M 1M"]);
+    let out = t.rpc_raw(&["save_config"]);
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = serde_json::to_string(&cfg["subsystems"][0]).unwrap();
+    assert!(text.contains("bdev_nbd_client_create"), "{text}");
+    assert_eq!(t.ok(&["bdev_nbd_client_delete", "C0"]), json!(true));
+    assert_eq!(t.err(&["bdev_nbd_client_delete", "C0"]).code, -19);
+    assert_eq!(t.ok(&["nbd_get_exports"]).as_array().unwrap().len(), 1);
+}
