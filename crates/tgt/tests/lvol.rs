@@ -476,3 +476,67 @@ fn read_only_volumes_and_restart_with_saved_config() {
     let out = t.rpc_raw(&["save_config"]);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), cfg);
 }
+
+/// Serialises tests that use SPDK's default socket, across processes (other test binaries
+/// or worktrees may run at the same time).
+struct DefaultSocketLock(std::fs::File);
+
+impl DefaultSocketLock {
+    fn take() -> DefaultSocketLock {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/var/tmp/spdk.sock.tgt-test.lock")
+            .unwrap();
+        // SAFETY: flock on an open descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0);
+        DefaultSocketLock(f)
+    }
+}
+
+#[test]
+fn embedded_default_with_no_arguments() {
+    let Some(env) = Env::new() else { return };
+    let _lock = DefaultSocketLock::take();
+    let default_sock = Path::new("/var/tmp/spdk.sock");
+    assert!(
+        std::os::unix::net::UnixStream::connect(default_sock).is_err(),
+        "another target listens on /var/tmp/spdk.sock"
+    );
+    let mut t = Tgt::start_default(&env.tools, env.dir.path());
+    let data = env.path("tgt-data");
+    let store = data.join("store.img");
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), 8 << 30);
+    let stores = t.ok(&["bdev_lvol_get_lvstores"]);
+    assert_eq!(stores[0]["name"], json!("lvs0"));
+    assert_eq!(stores[0]["base_bdev"], json!("store0"));
+    let lvs_uuid = stores[0]["uuid"].clone();
+    t.ok(&["bdev_lvol_create", "-l", "lvs0", "-t", "vol0", "64"]);
+    t.ok(&["nbd_export_add", "lvs0/vol0", "-n", "vol0"]);
+    let nbd = data.join("nbd.sock");
+    qemu_io_ok(
+        &env.tools,
+        &nbd_uri("vol0", &nbd),
+        &["write -P 0xab 0 1M", "read -P 0xab 0 1M"],
+    );
+    assert_eq!(t.stop(), 0);
+    assert!(!default_sock.exists());
+
+    // The second start finds the store again by tasting instead of creating a new one.
+    let mut t = Tgt::start_default(&env.tools, env.dir.path());
+    let stores = t.ok(&["bdev_lvol_get_lvstores"]);
+    assert_eq!(stores.as_array().unwrap().len(), 1);
+    assert_eq!(stores[0]["uuid"], lvs_uuid);
+    t.ok(&["nbd_export_add", "lvs0/vol0", "-n", "vol0"]);
+    let (ok, text) = qemu_io(
+        &env.tools,
+        &nbd_uri("vol0", &nbd),
+        true,
+        &["read -P 0xab 0 1M"],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(t.stop(), 0);
+}
