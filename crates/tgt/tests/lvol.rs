@@ -479,7 +479,10 @@ fn read_only_volumes_and_restart_with_saved_config() {
 
 /// Serialises tests that use SPDK's default socket, across processes (other test binaries
 /// or worktrees may run at the same time).
-struct DefaultSocketLock(std::fs::File);
+struct DefaultSocketLock {
+    /// Held for the lock; closing it releases the flock.
+    _file: std::fs::File,
+}
 
 impl DefaultSocketLock {
     fn take() -> DefaultSocketLock {
@@ -493,7 +496,7 @@ impl DefaultSocketLock {
         // SAFETY: flock on an open descriptor we own; no memory is involved.
         let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
         assert_eq!(rc, 0);
-        DefaultSocketLock(f)
+        DefaultSocketLock { _file: f }
     }
 }
 
