@@ -533,10 +533,14 @@ fn embedded_default_with_no_arguments() {
     let stores = t.ok(&["bdev_lvol_get_lvstores"]);
     assert_eq!(stores.as_array().unwrap().len(), 1);
     assert_eq!(stores[0]["uuid"], lvs_uuid);
-    t.ok(&["nbd_export_add", "lvs0/vol0", "-n", "vol0"]);
+    // The export name defaults to the bdev name, slash included (as the README shows).
+    assert_eq!(
+        t.ok(&["nbd_export_add", "lvs0/vol0", "--writable"]),
+        json!("lvs0/vol0")
+    );
     let (ok, text) = qemu_io(
         &env.tools,
-        &nbd_uri("vol0", &nbd),
+        &nbd_uri("lvs0/vol0", &nbd),
         true,
         &["read -P 0xab 0 1M"],
     );

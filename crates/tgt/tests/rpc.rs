@@ -109,6 +109,53 @@ fn bdev_lifecycle_and_errors() {
             .code,
         -19
     );
+    assert_eq!(
+        t.ok(&[
+            "bdev_error_inject_error",
+            "EE_M0",
+            "read",
+            "nomem",
+            "-n",
+            "1"
+        ]),
+        Value::Null
+    );
+    assert_eq!(
+        t.err(&["bdev_error_inject_error", "EE_M0", "read", "nvme_failure"])
+            .code,
+        -22
+    );
+    // Ours: writes after the first 2 are dropped (acknowledged, not written).
+    assert_eq!(
+        t.ok(&["bdev_error_inject_error_ext", "EE_M0", "clear", "failure"]),
+        json!(true)
+    );
+    assert_eq!(
+        t.ok(&[
+            "bdev_error_inject_error_ext",
+            "EE_M0",
+            "write",
+            "drop_writes",
+            "-a",
+            "2",
+            "-f"
+        ]),
+        json!(true)
+    );
+    let n = dir.path().join("n.sock");
+    t.ok(&["nbd_server_start", &format!("unix:{}", n.display())]);
+    t.ok(&["nbd_export_add", "EE_M0"]);
+    qemu_io_ok(
+        &tools,
+        &nbd_uri("EE_M0", &n),
+        &["write -P 1 0 4k", "write -P 2 4k 4k", "write -P 3 8k 4k"],
+    );
+    qemu_io_ok(
+        &tools,
+        &nbd_uri("EE_M0", &n),
+        &["read -P 1 0 4k", "read -P 2 4k 4k", "read -P 0 8k 4k"],
+    );
+    t.ok(&["nbd_export_remove", "EE_M0"]);
     assert_eq!(t.ok(&["bdev_error_delete", "EE_M0"]), Value::Null);
 
     assert_eq!(t.ok(&["bdev_malloc_delete", "M0"]), Value::Null);
