@@ -612,8 +612,19 @@ fn kill_instance_and_bad_config() {
     );
     assert_eq!(r[0]["error"]["code"], json!(-32602));
     assert!(t.alive());
+    // Clients that stall in the NBD handshake, or sit idle on an export, do not hold up the
+    // shutdown.
+    let nbd = dir.path().join("nbd.sock");
+    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
+    t.ok(&["nbd_export_add", "M0"]);
+    let _stalled = std::os::unix::net::UnixStream::connect(&nbd).unwrap();
+    let _idle = NbdClient::connect(&nbd, "M0").unwrap();
+    let started = std::time::Instant::now();
     assert_eq!(t.stop(), 0);
+    assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!sock.exists());
+    assert!(!nbd.exists());
 
     // A config whose method fails stops the start with an error.
     let cfg = dir.path().join("bad.json");

@@ -393,6 +393,43 @@ impl Drop for ConnCount {
     }
 }
 
+/// Longest a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The newstyle fixed handshake: options until one selects an export (returned) or the client
+/// aborts (`None`).
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    exports: &ExportMap,
+) -> std::io::Result<Option<Arc<Export>>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&proto::greeting()).await?;
+    let mut flags = [0u8; 4];
+    rd.read_exact(&mut flags).await?;
+    let no_zeroes = proto::parse_client_flags(flags).map_err(proto_err)?;
+    loop {
+        let mut hdr = [0u8; 16];
+        rd.read_exact(&mut hdr).await?;
+        let h = proto::parse_option_header(&hdr).map_err(proto_err)?;
+        let mut data = vec![0u8; h.len as usize];
+        rd.read_exact(&mut data).await?;
+        let out = proto::handle_option(h.option, &data, no_zeroes, &Lookup(exports));
+        wr.write_all(&out.reply).await?;
+        match out.next {
+            Next::Continue => {}
+            Next::Close => {
+                wr.shutdown().await.ok();
+                return Ok(None);
+            }
+            Next::Transmit(name) => return Ok(lock(exports).get(&name).cloned()),
+        }
+    }
+}
+
 async fn serve<S>(
     stream: S,
     exports: ExportMap,
@@ -403,32 +440,16 @@ where
 {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
-    wr.write_all(&proto::greeting()).await?;
-    let mut flags = [0u8; 4];
-    rd.read_exact(&mut flags).await?;
-    let no_zeroes = proto::parse_client_flags(flags).map_err(proto_err)?;
-    let export = loop {
-        let mut hdr = [0u8; 16];
-        tokio::select! {
-            r = rd.read_exact(&mut hdr) => { r?; }
-            _ = wait_true(&mut stop) => return Ok(()),
-        }
-        let h = proto::parse_option_header(&hdr).map_err(proto_err)?;
-        let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data).await?;
-        let out = proto::handle_option(h.option, &data, no_zeroes, &Lookup(&exports));
-        wr.write_all(&out.reply).await?;
-        match out.next {
-            Next::Continue => {}
-            Next::Close => {
-                wr.shutdown().await.ok();
-                return Ok(());
-            }
-            Next::Transmit(name) => match lock(&exports).get(&name) {
-                Some(e) => break e.clone(),
-                None => return Ok(()),
-            },
-        }
+    // The handshake gives up on shutdown and on clients that stall for a minute.
+    let export = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &exports)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        },
+        _ = wait_true(&mut stop) => return Ok(()),
+    };
+    let Some(export) = export else {
+        return Ok(());
     };
     export.connections.fetch_add(1, Ordering::SeqCst);
     let _count = ConnCount(export.clone());
