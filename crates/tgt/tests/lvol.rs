@@ -547,3 +547,44 @@ fn embedded_default_with_no_arguments() {
     assert!(ok, "{text}");
     assert_eq!(t.stop(), 0);
 }
+
+/// The super block's `clean` field (offset 16, u32 LE) of the store file.
+fn clean_flag(path: &Path) -> u32 {
+    let data = std::fs::read(path).unwrap();
+    u32::from_le_bytes(data[16..20].try_into().unwrap())
+}
+
+#[test]
+fn clean_shutdown_and_crash_recovery() {
+    let Some(env) = Env::new() else { return };
+    let mut t = env.start(&[]);
+    store(&env, &t);
+    t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "a", "8"]);
+    env.io_ok(&t, "lvs/a", &["write -P 0x1a 0 2M"]);
+    let cfg_path = env.path("config.json");
+    let out = t.rpc_raw(&["save_config"]);
+    std::fs::write(&cfg_path, &out.stdout).unwrap();
+    // A clean shutdown unloads the store: clean = 1.
+    assert_eq!(t.stop(), 0);
+    let sf = env.path("store.img");
+    assert_eq!(clean_flag(&sf), 1);
+
+    // Restart, change metadata, then die without unloading (spdk_kill_instance SIGKILL).
+    let mut t = env.start(&["--json", cfg_path.to_str().unwrap()]);
+    t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "b", "4"]);
+    env.io_ok(&t, "lvs/b", &["write -P 0x1b 1M 1M"]);
+    let _ = t.rpc_raw(&["spdk_kill_instance", "SIGKILL"]);
+    let mut child = t.child.take().unwrap();
+    let st = child.wait().unwrap();
+    assert!(!st.success(), "killed, not a clean exit");
+    assert_eq!(clean_flag(&sf), 0, "a store in use is marked dirty on disk");
+
+    // The next start recovers the store by tasting: both volumes with their data.
+    let _ = std::fs::remove_file(env.path("rpc.sock"));
+    let _ = std::fs::remove_file(&env.nbd);
+    let t = env.start(&["--json", cfg_path.to_str().unwrap()]);
+    let lvols = t.ok(&["bdev_lvol_get_lvols"]);
+    assert_eq!(lvols.as_array().unwrap().len(), 2, "{lvols}");
+    env.io_ok(&t, "lvs/a", &["read -P 0x1a 0 2M"]);
+    env.io_ok(&t, "lvs/b", &["read -P 0x1b 1M 1M", "read -P 0 0 1M"]);
+}
