@@ -412,6 +412,21 @@ fn nbd_round_trip_with_qemu() {
     // Non-loopback TCP needs allow_remote.
     assert_eq!(t.ok(&["nbd_server_stop"]), json!(true));
     assert_eq!(t.err(&["nbd_server_start", "192.0.2.1:10809"]).code, -1);
+    // Loopback TCP is fine.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    assert_eq!(t.ok(&["nbd_server_start", &listen]), json!(true));
+    let cfg = t.ok(&["framework_get_config", "nbd"]);
+    assert_eq!(cfg[0]["params"], json!({"listen": listen}));
+    qemu_io_ok(
+        &tools,
+        &format!("nbd://127.0.0.1:{port}/M0"),
+        &["write -P 0x44 0 4k", "read -P 0x44 0 4k"],
+    );
 }
 
 #[test]
