@@ -14,6 +14,7 @@ pub mod backend;
 pub mod conformance;
 mod device;
 mod error;
+pub mod reactor;
 mod registry;
 pub mod rpc;
 
