@@ -9,10 +9,11 @@
 //!
 //! Any future works here (malloc, lvol, channels...); only aio I/O issued from this thread
 //! while [`block_on`] runs goes through the thread's ring (aio I/O issued elsewhere uses the
-//! bdev's own ring and completion thread). Never block inside the future (no nested foreign
-//! `block_on` waiting for aio I/O): the reactor would not get to reap it. Nested
-//! [`block_on`] calls are fine. `block_on` returns only once every request it queued has
-//! completed, so no buffer outlives its owner in the kernel.
+//! bdev's own ring and completion thread). Do not block inside the future: a nested foreign
+//! `block_on` waiting for aio I/O still completes, because a backstop thread reaps the ring
+//! when the reactor has not for 10 ms, but it is slow. Nested [`block_on`] calls are fine.
+//! `block_on` returns only once every request it queued has completed, so no buffer
+//! outlives its owner in the kernel.
 //!
 //! Without io_uring, [`block_on`] is `futures::executor::block_on`.
 
@@ -30,13 +31,38 @@ use crate::backend::uring::{Ring, SubmitMode, EVENTFD_KEY};
 /// Ring size of a reactor.
 const ENTRIES: u32 = 512;
 
-/// The per-thread ring and its wake-up eventfd.
+/// The per-thread ring, its wake-up eventfd and its backstop thread.
 struct ThreadRing {
     ring: Arc<Ring>,
     efd: Arc<OwnedFd>,
     /// Target of the in-flight eventfd read; boxed so it does not move.
     efd_buf: Box<[u8; 8]>,
-    efd_armed: bool,
+    stop: Arc<AtomicBool>,
+    backstop: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the backstop looks for completions the reactor did not reap.
+const BACKSTOP_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Submits and reaps for the reactor when its thread has not drained the ring for a whole
+/// tick: the thread is then blocked inside its future (for instance in a foreign
+/// `block_on`), and this turns what would be a hang into a delay.
+fn backstop(ring: Arc<Ring>, stop: Arc<AtomicBool>) {
+    let (mut cqes, mut ready) = (Vec::new(), Vec::new());
+    let mut last = ring.drain_count();
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(BACKSTOP_TICK);
+        let now = ring.drain_count();
+        if now == last && ring.pending() > 0 {
+            // Submit what the stalled reactor queued, then reap what has completed.
+            ring.flush();
+            if ring.has_completions() {
+                tracing::debug!(target: "uring", "reactor stalled; backstop reaps");
+                ring.drain(&mut cqes, &mut ready);
+            }
+        }
+        last = ring.drain_count();
+    }
 }
 
 impl ThreadRing {
@@ -51,17 +77,25 @@ impl ThreadRing {
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let ring = Arc::new(ring);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r2, s2) = (ring.clone(), stop.clone());
+        let backstop = std::thread::Builder::new()
+            .name("bdev-reactor-bs".into())
+            .spawn(move || backstop(r2, s2))
+            .ok()?;
         Some(ThreadRing {
-            ring: Arc::new(ring),
+            ring,
             efd,
             efd_buf: Box::new([0; 8]),
-            efd_armed: false,
+            stop,
+            backstop: Some(backstop),
         })
     }
 
     /// Keeps one read of the eventfd in flight, so a cross-thread wake ends the sleep.
     fn arm(&mut self) {
-        if self.efd_armed {
+        if self.ring.efd_armed.swap(true, Ordering::SeqCst) {
             return;
         }
         let sqe = opcode::Read::new(
@@ -71,25 +105,27 @@ impl ThreadRing {
         )
         .build()
         .user_data(EVENTFD_KEY);
-        if self.ring.push_raw(&sqe).is_ok() {
-            self.efd_armed = true;
+        if self.ring.push_raw(&sqe).is_err() {
+            self.ring.efd_armed.store(false, Ordering::SeqCst);
         }
     }
 }
 
 impl Drop for ThreadRing {
     fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.backstop.take() {
+            let _ = t.join();
+        }
         // Complete the eventfd read (its buffer is ours) and every request still in flight
         // before the ring and the buffers go away.
         let one: u64 = 1;
         // SAFETY: writes 8 bytes from a valid u64 to our own eventfd.
         unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         let (mut cqes, mut ready) = (Vec::new(), Vec::new());
-        while self.efd_armed || self.ring.pending() > 0 {
-            self.ring.submit_and_wait(1);
-            if self.ring.drain(&mut cqes, &mut ready).eventfd {
-                self.efd_armed = false;
-            }
+        while self.ring.efd_armed.load(Ordering::SeqCst) || self.ring.pending() > 0 {
+            self.ring.wait_timeout(BACKSTOP_TICK);
+            self.ring.drain(&mut cqes, &mut ready);
         }
     }
 }
@@ -176,14 +212,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
         // Submit what the future queued and take what has completed.
         ring.flush();
-        let d = ring.drain(&mut cqes, &mut ready);
-        if d.eventfd {
-            RING.with(|r| {
-                if let Some(t) = r.borrow_mut().as_mut() {
-                    t.efd_armed = false;
-                }
-            });
-        }
+        ring.drain(&mut cqes, &mut ready);
         if state.woken.load(Ordering::SeqCst) {
             continue;
         }
@@ -194,30 +223,18 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         });
         state.sleeping.store(true, Ordering::SeqCst);
         if !state.woken.load(Ordering::SeqCst) {
-            ring.submit_and_wait(1);
+            // Bounded, so a lost wake-up (a race with the backstop) costs a tick, not a hang.
+            ring.wait_timeout(BACKSTOP_TICK);
         }
         state.sleeping.store(false, Ordering::SeqCst);
-        let d = ring.drain(&mut cqes, &mut ready);
-        if d.eventfd {
-            RING.with(|r| {
-                if let Some(t) = r.borrow_mut().as_mut() {
-                    t.efd_armed = false;
-                }
-            });
-        }
+        ring.drain(&mut cqes, &mut ready);
     };
     // Requests of futures dropped inside `fut` may still be in flight: wait for them, so
     // nothing this call queued outlives it (the eventfd read stays armed).
     if DEPTH.with(|d| d.get()) == 1 {
         while ring.pending() > 0 {
-            ring.submit_and_wait(1);
-            if ring.drain(&mut cqes, &mut ready).eventfd {
-                RING.with(|r| {
-                    if let Some(t) = r.borrow_mut().as_mut() {
-                        t.efd_armed = false;
-                    }
-                });
-            }
+            ring.wait_timeout(BACKSTOP_TICK);
+            ring.drain(&mut cqes, &mut ready);
         }
     }
     out

@@ -169,3 +169,20 @@ fn hot_remove_with_inflight_io_under_the_reactor() {
         assert!(reg.get("a").is_none());
     });
 }
+
+#[test]
+fn foreign_block_on_inside_the_reactor_does_not_hang() {
+    guarded(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
+            return;
+        };
+        let d = reg.open("a", true).unwrap();
+        reactor::block_on(async {
+            // Misuse (blocking the reactor), rescued by the backstop thread.
+            let w = futures::executor::block_on(d.write(3, pattern(&d, 3, 1, 4))).unwrap();
+            let r = futures::executor::block_on(d.read(3, IoBuf::new(4096, 1))).unwrap();
+            assert_eq!(r, w);
+        });
+    });
+}

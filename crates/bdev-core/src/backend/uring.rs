@@ -91,6 +91,12 @@ pub(crate) struct Drained {
 pub(crate) struct Ring {
     ring: IoUring,
     pending: Mutex<Slab<Pending>>,
+    /// Serialises consumers of the completion queue (a reactor and its backstop).
+    cq_lock: Mutex<()>,
+    /// Number of drains so far (the reactor's backstop watches it).
+    drains: std::sync::atomic::AtomicU64,
+    /// The reactor's eventfd read is in flight.
+    pub(crate) efd_armed: AtomicBool,
     /// A submitter has promised to submit what is queued (see `submit`).
     flush_armed: AtomicBool,
     mode: SubmitMode,
@@ -126,6 +132,9 @@ impl Ring {
         Ok(Ring {
             ring,
             pending: Mutex::new(Slab::with_capacity(entries as usize)),
+            cq_lock: Mutex::new(()),
+            drains: std::sync::atomic::AtomicU64::new(0),
+            efd_armed: AtomicBool::new(false),
             flush_armed: AtomicBool::new(false),
             mode,
         })
@@ -137,6 +146,19 @@ impl Ring {
             Ok(()) => FileRef::Fixed(0),
             Err(_) => FileRef::Fd(fd),
         }
+    }
+
+    /// Number of drains so far.
+    pub(crate) fn drain_count(&self) -> u64 {
+        self.drains.load(Ordering::Relaxed)
+    }
+
+    /// Whether completions are waiting in the completion queue.
+    pub(crate) fn has_completions(&self) -> bool {
+        let _cq = lock(&self.cq_lock);
+        // SAFETY: every consumer of the completion queue holds `cq_lock`; this only reads
+        // its head and tail.
+        unsafe { !self.ring.completion_shared().is_empty() }
     }
 
     /// Number of requests whose completion has not been reaped.
@@ -228,18 +250,40 @@ impl Ring {
         }
     }
 
-    /// Reaps every available CQE and completes its request. Only one thread may drain a
-    /// given ring (the completion thread, or the reactor that owns it).
+    /// Submits what is queued and waits for a completion, at most `timeout` (a plain wait
+    /// on kernels without timed waits).
+    pub(crate) fn wait_timeout(&self, timeout: std::time::Duration) {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.submit_and_wait(1),
+            Err(e) => {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+                ) {
+                    tracing::error!(target: "uring", "io_uring_enter failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Reaps every available CQE and completes its request.
     pub(crate) fn drain(
         &self,
         cqes: &mut Vec<(u64, i32)>,
         ready: &mut Vec<(i32, Pending)>,
     ) -> Drained {
-        // SAFETY: a ring is drained by exactly one thread (its completion thread, or the
-        // reactor thread that owns it), so nobody else touches the completion queue.
-        unsafe {
-            for cqe in self.ring.completion_shared() {
-                cqes.push((cqe.user_data(), cqe.result()));
+        {
+            let _cq = lock(&self.cq_lock);
+            self.drains.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: every consumer of the completion queue holds `cq_lock`.
+            unsafe {
+                for cqe in self.ring.completion_shared() {
+                    cqes.push((cqe.user_data(), cqe.result()));
+                }
             }
         }
         let mut d = Drained::default();
@@ -251,7 +295,10 @@ impl Ring {
             for (ud, res) in cqes.drain(..) {
                 match ud {
                     EXIT_KEY => d.exit = true,
-                    EVENTFD_KEY => d.eventfd = true,
+                    EVENTFD_KEY => {
+                        self.efd_armed.store(false, Ordering::SeqCst);
+                        d.eventfd = true
+                    }
                     _ => {
                         if let Some(p) = st.try_remove(ud as usize) {
                             ready.push((res, p));
