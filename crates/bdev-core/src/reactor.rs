@@ -204,26 +204,38 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
     }
     let _depth = Depth;
+    // Iterations in a row in which the future was woken again before going idle.
+    let mut busy = 0u32;
     let out = loop {
         if state.woken.swap(false, Ordering::SeqCst) {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
                 break v;
             }
         }
-        // Submit what the future queued and take what has completed.
-        ring.flush();
+        // Take what has completed (no syscall: this reads the completion queue).
         ring.drain(&mut cqes, &mut ready);
         if state.woken.load(Ordering::SeqCst) {
+            // More work right away; submissions wait for the idle point below (one syscall
+            // per batch, as fio), but a future that keeps itself busy must not starve them.
+            busy += 1;
+            if busy % 16 == 0 {
+                ring.flush();
+            }
             continue;
         }
+        busy = 0;
         RING.with(|r| {
             if let Some(t) = r.borrow_mut().as_mut() {
                 t.arm();
             }
         });
         state.sleeping.store(true, Ordering::SeqCst);
-        if !state.woken.load(Ordering::SeqCst) {
-            // Bounded, so a lost wake-up (a race with the backstop) costs a tick, not a hang.
+        if state.woken.load(Ordering::SeqCst) {
+            ring.flush();
+        } else {
+            // Submits what is queued and sleeps until a completion (or a cross-thread wake
+            // through the eventfd) in one syscall. Bounded, so a lost wake-up (a race with
+            // the backstop) costs a tick, not a hang.
             ring.wait_timeout(BACKSTOP_TICK);
         }
         state.sleeping.store(false, Ordering::SeqCst);
