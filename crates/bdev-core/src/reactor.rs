@@ -218,7 +218,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
             // More work right away; submissions wait for the idle point below (one syscall
             // per batch, as fio), but a future that keeps itself busy must not starve them.
             busy += 1;
-            if busy % 16 == 0 {
+            if busy.is_multiple_of(16) {
                 ring.flush();
             }
             continue;
