@@ -208,11 +208,11 @@ enum Engine {
 impl Engine {
     /// The ring serving a request from this thread: the reactor's when one runs here, else
     /// the bdev's own ring; with the file reference valid on that ring.
-    fn ring(&self, fd: i32) -> Option<(Arc<Ring>, FileRef)> {
+    fn ring(&self, file: &Arc<File>) -> Option<(Arc<Ring>, FileRef)> {
         match self {
             Engine::Uring(u) => Some(match crate::reactor::current_ring() {
-                Some(r) => (r, FileRef::Fd(fd)),
-                None => (u.ring.clone(), u.file),
+                Some(r) => (r, FileRef::Fd(file.clone())),
+                None => (u.ring.clone(), u.file.clone()),
             }),
             Engine::Pool => None,
         }
@@ -275,7 +275,7 @@ impl AioBdev {
         if opts.direct {
             oo.custom_flags(libc::O_DIRECT);
         }
-        let file = oo.open(&opts.filename)?;
+        let file = Arc::new(oo.open(&opts.filename)?);
         let (size, lbs) = probe_size(&file)?;
         let block_len = match (opts.block_len, lbs) {
             (Some(bl), Some(dev)) if bl < dev => {
@@ -296,8 +296,8 @@ impl AioBdev {
         }
         let engine = match opts.engine {
             AioEngine::ThreadPool => Engine::Pool,
-            AioEngine::Uring => Engine::Uring(UringEngine::new(file.as_raw_fd(), RING_ENTRIES)?),
-            AioEngine::Auto => match UringEngine::new(file.as_raw_fd(), RING_ENTRIES) {
+            AioEngine::Uring => Engine::Uring(UringEngine::new(&file, RING_ENTRIES)?),
+            AioEngine::Auto => match UringEngine::new(&file, RING_ENTRIES) {
                 Ok(u) => Engine::Uring(u),
                 Err(e) => {
                     tracing::info!(target: "bdev", "io_uring unavailable ({e}), using the thread pool");
@@ -317,7 +317,7 @@ impl AioBdev {
             nowait: opts.nowait,
             direct: opts.direct,
             num_blocks: AtomicU64::new(num_blocks),
-            file: Arc::new(file),
+            file,
             engine,
         }))
     }
@@ -401,22 +401,22 @@ impl BlockDevice for AioBdev {
     }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
         let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(self.file.as_raw_fd()) {
-            Some((r, f)) => r.rw(f, false, off, buf, 0).await,
+        match self.engine.ring(&self.file) {
+            Some((r, f)) => r.rw(&f, false, off, buf, 0).await,
             None => self.pool_read(off, buf).await,
         }
     }
     async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
         let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(self.file.as_raw_fd()) {
-            Some((r, f)) => r.rw(f, true, off, buf, 0).await,
+        match self.engine.ring(&self.file) {
+            Some((r, f)) => r.rw(&f, true, off, buf, 0).await,
             None => self.pool_write(off, buf).await,
         }
     }
     async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
         let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(self.file.as_raw_fd()) {
-            Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(f, false, off, bufs).await,
+        match self.engine.ring(&self.file) {
+            Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(&f, false, off, bufs).await,
             _ => {
                 let file = self.file.clone();
                 run_blocking(move || {
@@ -435,8 +435,8 @@ impl BlockDevice for AioBdev {
     }
     async fn writev(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
         let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(self.file.as_raw_fd()) {
-            Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(f, true, off, bufs).await,
+        match self.engine.ring(&self.file) {
+            Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(&f, true, off, bufs).await,
             _ => {
                 let file = self.file.clone();
                 run_blocking(move || {

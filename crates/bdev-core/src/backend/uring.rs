@@ -14,6 +14,7 @@
 //!   so a completion wakes exactly the thread that waits for it.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -41,12 +42,32 @@ fn os_err(errno: i32) -> BdevError {
 }
 
 /// How a request names its file.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum FileRef {
-    /// Index in the ring's registered files.
+    /// Index in the ring's registered files (the ring keeps the file open).
     Fixed(u32),
-    /// A plain descriptor.
-    Fd(i32),
+    /// A plain descriptor. Each pending request keeps the file open until its completion,
+    /// because a queued SQE names the descriptor by number until it is submitted.
+    Fd(Arc<std::fs::File>),
+}
+
+impl FileRef {
+    fn keep(&self) -> Option<Arc<std::fs::File>> {
+        match self {
+            FileRef::Fixed(_) => None,
+            FileRef::Fd(f) => Some(f.clone()),
+        }
+    }
+}
+
+/// Builds opcode `$op` on a [`FileRef`] (registered index or plain descriptor).
+macro_rules! on_file {
+    ($op:ident, $file:expr, $($arg:expr),*) => {
+        match $file {
+            FileRef::Fixed(i) => opcode::$op::new(types::Fixed(*i), $($arg),*),
+            FileRef::Fd(f) => opcode::$op::new(types::Fd(f.as_raw_fd()), $($arg),*),
+        }
+    };
 }
 
 /// What a pending request keeps alive until its completion arrives.
@@ -66,6 +87,7 @@ unsafe impl Send for IoVecs {}
 pub(crate) struct Pending {
     hold: Hold,
     tx: oneshot::Sender<(i32, Hold)>,
+    _file: Option<Arc<std::fs::File>>,
 }
 
 /// Who submits queued SQEs.
@@ -141,10 +163,11 @@ impl Ring {
     }
 
     /// Registers one file; returns how requests should name it.
-    pub(crate) fn register_file(&self, fd: i32) -> FileRef {
-        match self.ring.submitter().register_files(&[fd]) {
+    pub(crate) fn register_file(&self, file: &Arc<std::fs::File>) -> FileRef {
+        use std::os::fd::AsRawFd;
+        match self.ring.submitter().register_files(&[file.as_raw_fd()]) {
             Ok(()) => FileRef::Fixed(0),
-            Err(_) => FileRef::Fd(fd),
+            Err(_) => FileRef::Fd(file.clone()),
         }
     }
 
@@ -204,11 +227,16 @@ impl Ring {
         &self,
         sqe: squeue::Entry,
         hold: Hold,
+        file: &FileRef,
     ) -> Result<oneshot::Receiver<(i32, Hold)>> {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = lock(&self.pending);
-            let key = st.insert(Pending { hold, tx });
+            let key = st.insert(Pending {
+                hold,
+                tx,
+                _file: file.keep(),
+            });
             let sqe = sqe.user_data(key as u64);
             if let Err(e) = self.push_locked(&sqe) {
                 st.remove(key);
@@ -320,7 +348,7 @@ impl Ring {
     /// transfers; a read that hits the end of the file fills the rest with zeroes.
     pub(crate) async fn rw(
         &self,
-        file: FileRef,
+        file: &FileRef,
         write: bool,
         off: u64,
         mut buf: IoBuf,
@@ -332,21 +360,12 @@ impl Ring {
             let at = off + done as u64;
             // SAFETY: `done < len`, so the pointer stays inside the buffer's allocation.
             let ptr = unsafe { buf.as_mut_ptr().add(done) };
-            let sqe = match (write, file) {
-                (false, FileRef::Fixed(i)) => opcode::Read::new(types::Fixed(i), ptr, n)
-                    .offset(at)
-                    .build(),
-                (false, FileRef::Fd(fd)) => {
-                    opcode::Read::new(types::Fd(fd), ptr, n).offset(at).build()
-                }
-                (true, FileRef::Fixed(i)) => opcode::Write::new(types::Fixed(i), ptr, n)
-                    .offset(at)
-                    .build(),
-                (true, FileRef::Fd(fd)) => {
-                    opcode::Write::new(types::Fd(fd), ptr, n).offset(at).build()
-                }
+            let sqe = if write {
+                on_file!(Write, file, ptr, n).offset(at).build()
+            } else {
+                on_file!(Read, file, ptr, n).offset(at).build()
             };
-            let rx = self.submit(sqe, Hold::Buf(buf)).await?;
+            let rx = self.submit(sqe, Hold::Buf(buf), file).await?;
             let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
             buf = match hold {
                 Hold::Buf(b) => b,
@@ -373,7 +392,7 @@ impl Ring {
     /// Vectored read or write (at most [`MAX_IOVS`] buffers).
     pub(crate) async fn rwv(
         &self,
-        file: FileRef,
+        file: &FileRef,
         write: bool,
         off: u64,
         mut bufs: Vec<IoBuf>,
@@ -386,24 +405,15 @@ impl Ring {
                 iov_len: b.len(),
             })
             .collect();
-        let sqe = {
-            let (p, n) = (iov.as_ptr(), iov.len() as u32);
-            match (write, file) {
-                (false, FileRef::Fixed(i)) => opcode::Readv::new(types::Fixed(i), p, n)
-                    .offset(off)
-                    .build(),
-                (false, FileRef::Fd(fd)) => {
-                    opcode::Readv::new(types::Fd(fd), p, n).offset(off).build()
-                }
-                (true, FileRef::Fixed(i)) => opcode::Writev::new(types::Fixed(i), p, n)
-                    .offset(off)
-                    .build(),
-                (true, FileRef::Fd(fd)) => {
-                    opcode::Writev::new(types::Fd(fd), p, n).offset(off).build()
-                }
-            }
+        let (p, n) = (iov.as_ptr(), iov.len() as u32);
+        let sqe = if write {
+            on_file!(Writev, file, p, n).offset(off).build()
+        } else {
+            on_file!(Readv, file, p, n).offset(off).build()
         };
-        let rx = self.submit(sqe, Hold::Bufs(bufs, IoVecs(iov))).await?;
+        let rx = self
+            .submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)
+            .await?;
         let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
         bufs = match hold {
             Hold::Bufs(b, _) => b,
@@ -487,14 +497,14 @@ pub(crate) struct UringEngine {
 }
 
 impl UringEngine {
-    pub(crate) fn new(fd: i32, entries: u32) -> io::Result<Self> {
+    pub(crate) fn new(file: &Arc<std::fs::File>, entries: u32) -> io::Result<Self> {
         let mode = if std::env::var_os("BDEV_URING_NOBATCH").is_some() {
             SubmitMode::Immediate
         } else {
             SubmitMode::Batch
         };
         let ring = Arc::new(Ring::new(entries, mode)?);
-        let file = ring.register_file(fd);
+        let file = ring.register_file(file);
         let r2 = ring.clone();
         let thread = std::thread::Builder::new()
             .name("bdev-uring".into())
