@@ -30,6 +30,16 @@ pub struct NbdClientBdev {
     client: Arc<Client>,
 }
 
+impl std::fmt::Debug for NbdClientBdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdClientBdev")
+            .field("name", &self.client.cfg.name)
+            .field("address", &self.address())
+            .field("export", &self.client.cfg.export)
+            .finish()
+    }
+}
+
 impl NbdClientBdev {
     pub(crate) fn from_client(client: Arc<Client>) -> Self {
         NbdClientBdev { client }
@@ -57,6 +67,12 @@ impl NbdClientBdev {
     /// Whether a connection to the server is up right now.
     pub fn is_connected(&self) -> bool {
         self.client.is_connected()
+    }
+
+    /// Number of live connections to the server (more than one only when the server allows
+    /// it and `num_connections` asked for it).
+    pub fn connections(&self) -> usize {
+        self.client.connections()
     }
 
     fn bytes(&self, offset_blocks: u64) -> Result<u64, BdevError> {

@@ -318,6 +318,14 @@ impl Client {
         matches!(&lock(&self.ctl).link, Link::Up(s) if !s.any_dead())
     }
 
+    /// Number of live connections.
+    pub(crate) fn connections(&self) -> usize {
+        match &lock(&self.ctl).link {
+            Link::Up(s) => s.conns.iter().filter(|c| !c.is_dead()).count(),
+            _ => 0,
+        }
+    }
+
     pub(crate) fn block_len(&self) -> u32 {
         self.block_len.load(Ordering::Acquire)
     }
