@@ -216,7 +216,7 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
     std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
     Ok(format!(
-        "{:<34} ours {:>10.0} IOPS   {:<32} {:>10}   ratio {}",
+        "{:<34} ours {:>8.0} IOPS   {:<46} {:>13}   ratio {}",
         b.name,
         ours.iops,
         peer_name,

@@ -6,6 +6,7 @@
 //! the `bench` package, which `bench` builds and runs.
 
 mod bench;
+mod e2e;
 mod fuzz;
 mod soak;
 mod test;
@@ -27,6 +28,7 @@ commands:
   fuzz --time SECS             run every cargo-fuzz target for SECS seconds (needs cargo-fuzz
                                and a nightly toolchain; else replays the corpus via the tests)
   soak --time SECS [--cases N] run the blobstore model-based test with many cases for SECS
+  e2e                          only the blobcli end-to-end scenario of `test`
   docs                         cargo doc --workspace --no-deps with RUSTDOCFLAGS=-Dwarnings
 ";
 
@@ -40,6 +42,10 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::run(&rest),
         Some("soak") => soak::run(&rest),
         Some("docs") => docs(&rest),
+        Some("e2e") => e2e::run().map(|skipped| match skipped {
+            None => eprintln!("e2e: passed"),
+            Some(why) => eprintln!("e2e: skipped: {why}"),
+        }),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -130,7 +130,11 @@ pub struct Rng(u64);
 impl Rng {
     /// A generator from a seed (0 is replaced by a fixed non-zero value).
     pub fn new(seed: u64) -> Rng {
-        Rng(if seed == 0 { 0x9e37_79b9_7f4a_7c15 } else { seed })
+        Rng(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
     }
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
@@ -143,7 +147,7 @@ impl Rng {
     }
     /// A value in `0..n` (`n` > 0), without modulo bias worth caring about for n < 2^40.
     pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() >> 11) as u128 * n as u128 >> 53) as u64
+        (((self.next_u64() >> 11) as u128 * n as u128) >> 53) as u64
     }
 }
 
@@ -203,21 +207,24 @@ impl OffsetGen {
 
 /// Checks a workload against a device; returns a message when it cannot run.
 pub fn validate(w: &Workload, block_len: u64, size: u64) -> Result<(), String> {
-    if w.bs == 0 || w.bs % block_len != 0 {
+    if w.bs == 0 || !w.bs.is_multiple_of(block_len) {
         return Err(format!(
             "block size {} is not a multiple of the device block length {block_len}",
             w.bs
         ));
     }
     if w.bs > size {
-        return Err(format!("block size {} exceeds the device ({size} bytes)", w.bs));
+        return Err(format!(
+            "block size {} exceeds the device ({size} bytes)",
+            w.bs
+        ));
     }
     if let Some(step) = w.step {
-        if step % block_len != 0 {
+        if !step.is_multiple_of(block_len) {
             return Err(format!("step {step} is not a multiple of {block_len}"));
         }
     }
-    if w.offset % block_len != 0 || w.offset >= size {
+    if !w.offset.is_multiple_of(block_len) || w.offset >= size {
         return Err(format!("bad start offset {}", w.offset));
     }
     if w.qd == 0 {

@@ -192,7 +192,10 @@ fn main() -> ExitCode {
         Ok(v) => {
             println!("{v}");
             if v["errors"].as_u64().unwrap_or(0) > 0 {
-                eprintln!("bench: {} requests failed: {}", v["errors"], v["first_error"]);
+                eprintln!(
+                    "bench: {} requests failed: {}",
+                    v["errors"], v["first_error"]
+                );
                 return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
@@ -214,8 +217,9 @@ mod tests {
 
     #[test]
     fn parses_a_full_command_line() {
-        let a = args("--target aio:/x --engine uring --direct --rw randwrite --bs 4k --qd 32 --time 2")
-            .unwrap();
+        let a =
+            args("--target aio:/x --engine uring --direct --rw randwrite --bs 4k --qd 32 --time 2")
+                .unwrap();
         assert!(matches!(a.target, Target::Aio(ref p) if p == &PathBuf::from("/x")));
         assert_eq!(a.engine, AioEngine::Uring);
         assert!(a.direct);

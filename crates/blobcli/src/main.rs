@@ -1,6 +1,6 @@
-//! blobcli (to be written).
+//! The `blobcli` binary: see the library crate for what it does.
 
 fn main() {
-    eprintln!("blobcli: not built yet");
-    std::process::exit(1);
+    let code = blobcli::run(std::env::args().collect());
+    std::process::exit(code);
 }

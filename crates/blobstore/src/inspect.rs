@@ -1,6 +1,5 @@
 //! Raw, read-only views of the on-disk structures for inspection tools (blobcli `-D`,
 //! `--check`) and fuzzing. Nothing here writes to a device or needs a loaded store.
-//! (Contract only; implemented in the blobstore issue.)
 
 use std::sync::Arc;
 
@@ -141,26 +140,22 @@ pub struct CheckReport {
 
 /// Parses a 4096-byte super block. Never panics; EINVAL if `bytes` is shorter than 4096.
 pub fn parse_super(bytes: &[u8]) -> Result<SuperBlockInfo> {
-    let _ = bytes;
-    todo!()
+    crate::format::parse_super(bytes)
 }
 
 /// Parses a 4096-byte md page. Never panics, never allocates beyond the page's own size.
 pub fn parse_md_page(bytes: &[u8]) -> Result<MdPageInfo> {
-    let _ = bytes;
-    todo!()
+    crate::format::parse_md_page(bytes)
 }
 
 /// Parses a mask region (all its pages concatenated).
 pub fn parse_mask(bytes: &[u8]) -> Result<MaskInfo> {
-    let _ = bytes;
-    todo!()
+    crate::format::parse_mask(bytes)
 }
 
 /// Checks a store without modifying it: every md page CRC, chains, masks against a full
 /// scan, cluster ownership (double ownership, leaks). Errors only when the device cannot be
 /// read or holds no blobstore at all.
 pub async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
-    let _ = dev;
-    todo!()
+    crate::check::check(dev).await
 }

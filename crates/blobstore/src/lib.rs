@@ -9,11 +9,21 @@
 //! It depends only on its own narrow device trait, [`BsDev`]; it never sees the bdev
 //! registry. External snapshots are opaque ids turned into devices by an
 //! [`EsnapDevFactory`] the caller supplies.
-//! (Contract only; implemented in the blobstore issue.)
+//!
+//! It does not know about bdevs, lvols, RPC or reactors: it runs on any executor and
+//! only needs a [`BsDev`].
 
+mod blob;
+mod check;
 mod dev;
 mod error;
+mod format;
 pub mod inspect;
+mod md;
+mod ops;
+mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use dev::{BsDev, ZeroesDev};
 pub use error::{BsError, Result};
@@ -118,110 +128,128 @@ pub trait EsnapDevFactory: Send + Sync + 'static {
 /// A loaded blobstore. Cheap to clone (shared handle).
 #[derive(Clone)]
 pub struct Blobstore {
-    _private: Arc<()>,
+    inner: Arc<store::StoreInner>,
 }
 
 /// An open blob. Cheap to clone; every clone is the same open (one `open_ref`).
 #[derive(Clone)]
 pub struct Blob {
-    _private: Arc<()>,
+    inner: Arc<blob::BlobInner>,
 }
 
 impl Blobstore {
     /// Initialises a new store on `dev` (SPDK `spdk_bs_init`).
     pub async fn init(dev: Arc<dyn BsDev>, opts: BsOpts) -> Result<Blobstore> {
-        let _ = (dev, opts);
-        todo!()
+        Ok(Blobstore { inner: store::init(dev, &opts).await? })
     }
     /// Loads a store; a dirty store (or `force_recover`) is recovered by scanning md pages.
     /// A failed load never writes to the device.
     pub async fn load(dev: Arc<dyn BsDev>, opts: BsOpts) -> Result<Blobstore> {
-        let _ = (dev, opts);
-        todo!()
+        Ok(Blobstore { inner: store::load(dev, &opts).await? })
     }
     /// Writes the masks and marks the store clean. EBUSY if any blob is open.
     pub async fn unload(&self) -> Result<()> {
-        todo!()
+        self.inner.unload().await
     }
     /// Zeroes the super block (SPDK `spdk_bs_destroy`). EBUSY if any blob is open.
     pub async fn destroy(&self) -> Result<()> {
-        todo!()
+        let _g = self.inner.md_lock.lock().await;
+        {
+            let st = self.inner.state();
+            if !st.open.is_empty() {
+                return Err(BsError::Busy(format!("{} blob(s) still open", st.open.len())));
+            }
+        }
+        self.inner
+            .dev
+            .write_zeroes(0, 4096 / u64::from(self.inner.geo.io_unit))
+            .await?;
+        self.inner.state().unloaded = true;
+        Ok(())
     }
     /// Grows the store to the device's current size.
     pub async fn grow(&self) -> Result<()> {
-        todo!()
+        self.inner.grow().await
     }
     /// The device under the store.
     pub fn device(&self) -> Arc<dyn BsDev> {
-        todo!()
+        self.inner.dev.clone()
     }
     /// The super blob, if set.
     pub fn super_blob(&self) -> Option<BlobId> {
-        todo!()
+        let id = self.inner.state().super_blob;
+        (id != BLOBID_INVALID).then_some(id)
     }
     /// Sets the super blob.
     pub async fn set_super_blob(&self, id: BlobId) -> Result<()> {
-        let _ = id;
-        todo!()
+        self.inner.check_live()?;
+        let _g = self.inner.md_lock.lock().await;
+        self.inner.update_super(|s| s.super_blob = id).await?;
+        self.inner.state().super_blob = id;
+        Ok(())
     }
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u32 {
-        todo!()
+        self.inner.geo.cluster_size
     }
     /// io_unit size in bytes (the device block size).
     pub fn io_unit_size(&self) -> u32 {
-        todo!()
+        self.inner.geo.io_unit
     }
     /// md page size in bytes (4096).
     pub fn md_page_size(&self) -> u32 {
-        todo!()
+        4096
     }
     /// Total clusters (including metadata clusters).
     pub fn total_clusters(&self) -> u64 {
-        todo!()
+        self.inner.state().total_clusters
     }
     /// Clusters available for data (`total_data_clusters` of `bdev_lvol_get_lvstores`).
     pub fn total_data_clusters(&self) -> u64 {
-        todo!()
+        self.inner.state().total_clusters - self.inner.geo.md_clusters
     }
     /// Free clusters.
     pub fn free_clusters(&self) -> u64 {
-        todo!()
+        self.inner.free_clusters()
     }
     /// `spdk_bs_get_max_growable_size` in bytes.
     pub fn max_growable_size(&self) -> u64 {
-        todo!()
+        self.inner.max_growable_size()
     }
     /// The store's bstype.
     pub fn bstype(&self) -> [u8; 16] {
-        todo!()
+        self.inner.state().sbi.bstype
     }
     /// md region start (pages).
     pub fn md_start(&self) -> u32 {
-        todo!()
+        self.inner.geo.md_start
     }
     /// md region length (pages).
     pub fn md_len(&self) -> u32 {
-        todo!()
+        self.inner.geo.md_len
     }
     /// Ids of every blob, in increasing order (iteration).
     pub fn blob_ids(&self) -> Vec<BlobId> {
-        todo!()
+        self.inner
+            .state()
+            .used_blobids
+            .iter_ones()
+            .map(|p| (1u64 << 32) | p)
+            .collect()
     }
     /// Creates a blob and returns its id (the blob is not left open).
     pub async fn create_blob(&self, opts: BlobOpts) -> Result<BlobId> {
-        let _ = opts;
-        todo!()
+        self.inner.create_blob(&opts).await
     }
     /// Opens a blob (an already open blob returns the same open, `open_ref + 1`).
     pub async fn open_blob(&self, id: BlobId) -> Result<Blob> {
-        let _ = id;
-        todo!()
+        self.inner.check_live()?;
+        let inner = self.inner.open_internal(id).await?;
+        Ok(Blob { inner })
     }
     /// Deletes a blob (merging a snapshot into its single clone).
     pub async fn delete_blob(&self, id: BlobId) -> Result<()> {
-        let _ = id;
-        todo!()
+        self.inner.delete_blob(id).await
     }
     /// Snapshots a blob; returns the snapshot id.
     pub async fn create_snapshot(
@@ -229,8 +257,7 @@ impl Blobstore {
         id: BlobId,
         xattrs: Vec<(String, Vec<u8>)>,
     ) -> Result<BlobId> {
-        let _ = (id, xattrs);
-        todo!()
+        self.inner.create_snapshot(id, xattrs).await
     }
     /// Clones a read-only blob; returns the clone id.
     pub async fn create_clone(
@@ -238,23 +265,19 @@ impl Blobstore {
         snapshot: BlobId,
         xattrs: Vec<(String, Vec<u8>)>,
     ) -> Result<BlobId> {
-        let _ = (snapshot, xattrs);
-        todo!()
+        self.inner.create_clone(snapshot, xattrs).await
     }
     /// Allocates every cluster and cuts the parent link (thick result).
     pub async fn inflate_blob(&self, id: BlobId) -> Result<()> {
-        let _ = id;
-        todo!()
+        self.inner.inflate(id, true).await
     }
     /// Copies the clusters of the immediate parent and re-points to the grandparent.
     pub async fn decouple_parent(&self, id: BlobId) -> Result<()> {
-        let _ = id;
-        todo!()
+        self.inner.inflate(id, false).await
     }
     /// Re-parents a thin blob onto a snapshot (no data copied).
     pub async fn set_parent(&self, id: BlobId, snapshot: BlobId) -> Result<()> {
-        let _ = (id, snapshot);
-        todo!()
+        self.inner.set_parent(id, snapshot).await
     }
     /// Makes a thin blob an esnap clone of `dev`, identified by `esnap_id`.
     pub async fn set_external_parent(
@@ -263,8 +286,7 @@ impl Blobstore {
         dev: Arc<dyn BsDev>,
         esnap_id: &[u8],
     ) -> Result<()> {
-        let _ = (id, dev, esnap_id);
-        todo!()
+        self.inner.set_external_parent(id, dev, esnap_id).await
     }
     /// Copies the clusters allocated in a read-only blob to the same offsets of `dst`;
     /// `progress(copied)` is called after each cluster. Returns the number copied.
@@ -274,152 +296,211 @@ impl Blobstore {
         dst: Arc<dyn BsDev>,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64> {
-        let _ = (id, dst, progress);
-        todo!()
+        self.inner.shallow_copy(id, dst, progress).await
     }
     /// Ids of the clones of a snapshot.
     pub fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
-        let _ = id;
-        todo!()
+        self.inner.state().clones.get(&id).cloned().unwrap_or_default()
     }
 }
 
 impl Blob {
     /// Blob id.
     pub fn id(&self) -> BlobId {
-        todo!()
+        self.inner.id
     }
     /// Size in clusters.
     pub fn num_clusters(&self) -> u64 {
-        todo!()
+        self.inner.lock().md.clusters.len() as u64
     }
     /// Size in io_units.
     pub fn num_io_units(&self) -> u64 {
-        todo!()
+        self.inner.num_io_units()
     }
     /// Allocated clusters owned by this blob.
     pub fn num_allocated_clusters(&self) -> u64 {
-        todo!()
+        self.inner.lock().md.allocated()
     }
     /// Thin provisioned.
     pub fn is_thin(&self) -> bool {
-        todo!()
+        self.inner.lock().md.thin()
     }
     /// Read-only (data_ro).
     pub fn is_read_only(&self) -> bool {
-        todo!()
+        let s = self.inner.lock();
+        s.data_ro
     }
     /// Has clones (SPDK `spdk_blob_is_snapshot`).
     pub fn is_snapshot(&self) -> bool {
-        todo!()
+        self.inner
+            .bs
+            .state()
+            .clones
+            .get(&self.inner.id)
+            .is_some_and(|v| !v.is_empty())
     }
     /// Is a clone of a snapshot blob.
     pub fn is_clone(&self) -> bool {
-        todo!()
+        matches!(self.inner.parent(), Parent::Snapshot(_))
     }
     /// Is an esnap clone.
     pub fn is_esnap_clone(&self) -> bool {
-        todo!()
+        self.inner.lock().md.esnap()
     }
     /// True if the blob or anything in its back-device chain is degraded.
     pub fn is_degraded(&self) -> bool {
-        todo!()
+        self.inner.is_degraded()
     }
     /// The parent.
     pub fn parent(&self) -> Parent {
-        todo!()
+        self.inner.parent()
     }
     /// The stored clear method.
     pub fn clear_method(&self) -> ClearMethod {
-        todo!()
+        self.inner.lock().md.clear_method()
     }
     /// Whether cluster `idx` is allocated in this blob.
     pub fn is_cluster_allocated(&self, idx: u64) -> bool {
-        let _ = idx;
-        todo!()
+        self.inner.cluster_at_pub(idx as usize) != 0
     }
     /// Reads `buf.len()` bytes at io_unit `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let _ = (offset, buf);
-        todo!()
+        self.inner.read(offset, buf).await
     }
     /// Writes `buf` at io_unit `offset` (allocating and copying clusters of thin blobs).
     pub async fn write(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
-        let _ = (offset, buf);
-        todo!()
+        self.inner.write(offset, buf).await
     }
     /// Vectored read.
     pub async fn readv(&self, offset: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
-        let _ = (offset, bufs);
-        todo!()
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let align = bufs.first().map(|b| b.align()).unwrap_or(1);
+        let big = self.inner.read(offset, IoBuf::new(total, align)).await?;
+        let mut out = bufs;
+        let mut o = 0;
+        for b in out.iter_mut() {
+            let n = b.len();
+            b.copy_from_slice(&big[o..o + n]);
+            o += n;
+        }
+        Ok(out)
     }
     /// Vectored write.
     pub async fn writev(&self, offset: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
-        let _ = (offset, bufs);
-        todo!()
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let align = bufs.first().map(|b| b.align()).unwrap_or(1);
+        let mut big = IoBuf::new(total, align);
+        let mut o = 0;
+        for b in &bufs {
+            big[o..o + b.len()].copy_from_slice(b);
+            o += b.len();
+        }
+        self.inner.write(offset, big).await?;
+        Ok(bufs)
     }
     /// Writes zeroes over `len` io_units.
     pub async fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        todo!()
+        self.inner.write_zeroes(offset, len).await
     }
     /// Unmaps `len` io_units (releases whole clusters of parentless thin blobs).
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<()> {
-        let _ = (offset, len);
-        todo!()
+        self.inner.unmap(offset, len).await
     }
     /// Flushes the device.
     pub async fn flush(&self) -> Result<()> {
-        todo!()
+        Ok(self.inner.bs.dev.flush().await?)
     }
     /// Resizes (in clusters); persisted at the next sync.
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
-        let _ = num_clusters;
-        todo!()
+        self.inner.bs.resize(&self.inner, num_clusters).await
     }
     /// Marks read-only; takes effect at the next sync.
     pub fn set_read_only(&self) -> Result<()> {
-        todo!()
+        let mut s = self.inner.lock();
+        s.md.data_ro |= format::DATA_RO_READ_ONLY;
+        s.touch();
+        Ok(())
     }
     /// Persists dirty metadata.
     pub async fn sync_md(&self) -> Result<()> {
-        todo!()
+        if self.inner.lock().md_ro {
+            return Ok(());
+        }
+        let _g = self.inner.bs.md_lock.lock().await;
+        if self.inner.lock().dirty {
+            self.inner.persist_locked().await?;
+        }
+        Ok(())
     }
     /// Sets a public xattr (persisted at sync).
     pub fn set_xattr(&self, name: &str, value: &[u8]) -> Result<()> {
-        let _ = (name, value);
-        todo!()
+        if name.is_empty() {
+            return Err(error::einval("empty xattr name"));
+        }
+        md::check_xattr_size(name, value)?;
+        let mut s = self.inner.lock();
+        if s.md_ro {
+            return Err(error::eperm(format!("blob {:#x} metadata is read-only", self.inner.id)));
+        }
+        md::set_in(&mut s.md.xattrs, name, value);
+        s.touch();
+        Ok(())
     }
     /// Gets a public xattr (ENOENT if missing).
     pub fn get_xattr(&self, name: &str) -> Result<Vec<u8>> {
-        let _ = name;
-        todo!()
+        self.inner
+            .lock()
+            .md
+            .xattrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .ok_or_else(|| error::enoent(format!("xattr {name:?} not found")))
     }
     /// Removes a public xattr.
     pub fn remove_xattr(&self, name: &str) -> Result<()> {
-        let _ = name;
-        todo!()
+        let mut s = self.inner.lock();
+        if s.md_ro {
+            return Err(error::eperm(format!("blob {:#x} metadata is read-only", self.inner.id)));
+        }
+        let n = s.md.xattrs.len();
+        s.md.xattrs.retain(|(k, _)| k != name);
+        if n == s.md.xattrs.len() {
+            return Err(error::enoent(format!("xattr {name:?} not found")));
+        }
+        s.touch();
+        Ok(())
     }
     /// Public xattr names, in order.
     pub fn xattr_names(&self) -> Vec<String> {
-        todo!()
+        self.inner.lock().md.xattrs.iter().map(|(n, _)| n.clone()).collect()
     }
     /// Internal xattr (`SNAP`, `EXTSNAP`, ...) for inspection tools.
     pub fn get_internal_xattr(&self, name: &str) -> Result<Vec<u8>> {
-        let _ = name;
-        todo!()
+        self.inner
+            .lock()
+            .md
+            .get_internal(name)
+            .map(|v| v.to_vec())
+            .ok_or_else(|| error::enoent(format!("internal xattr {name:?} not found")))
     }
     /// The `EXTSNAP` id (EINVAL if not an esnap clone).
     pub fn esnap_id(&self) -> Result<Vec<u8>> {
-        todo!()
+        let s = self.inner.lock();
+        if !s.md.esnap() {
+            return Err(error::einval(format!("blob {:#x} is not an esnap clone", self.inner.id)));
+        }
+        s.md.get_internal(format::XATTR_EXTSNAP)
+            .map(|v| v.to_vec())
+            .ok_or_else(|| error::einval("esnap clone without EXTSNAP"))
     }
     /// Swaps the external-snapshot back device (heal or degrade); I/O is frozen meanwhile.
     pub async fn set_esnap_dev(&self, dev: Option<Arc<dyn BsDev>>) -> Result<()> {
-        let _ = dev;
-        todo!()
+        self.inner.set_esnap_dev(dev).await
     }
     /// Closes this open (persists dirty metadata first).
     pub async fn close(self) -> Result<()> {
-        todo!()
+        let bs = self.inner.bs.clone();
+        bs.close_internal(self.inner).await
     }
 }

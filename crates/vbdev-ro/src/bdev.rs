@@ -1,6 +1,6 @@
 //! The read-only bdev itself, its creation and its base-event listener.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
@@ -39,6 +39,10 @@ struct Shared {
     /// the `Arc`, so a read in flight keeps the descriptor open until it completes even after
     /// the slot was emptied; the base's unregister waits for exactly that.
     base: RwLock<Option<Arc<Descriptor>>>,
+    /// Set while the listener handles the base's removal: it then closes the base descriptor
+    /// itself, after our unregister has fully finished, so that by the time the base is gone
+    /// the read-only bdev is gone from the registry too.
+    base_removing: AtomicBool,
 }
 
 /// A read-only view of a base bdev. Reads pass through; every write-class I/O type is
@@ -197,9 +201,11 @@ impl BlockDevice for RoBdev {
         }))
     }
     async fn destruct(&self) {
-        if let Ok(mut slot) = self.shared.base.write() {
-            // Releases the claim on the base once the last in-flight read is done.
-            slot.take();
+        if !self.shared.base_removing.load(Ordering::Acquire) {
+            if let Ok(mut slot) = self.shared.base.write() {
+                // Releases the claim on the base once the last in-flight read is done.
+                slot.take();
+            }
         }
         if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
             let _ = stop.send(());
@@ -235,6 +241,7 @@ pub async fn create(registry: &Registry, opts: RoOpts) -> Result<Arc<RoBdev>> {
     let shared = Arc::new(Shared {
         num_blocks: AtomicU64::new(dev.num_blocks()),
         base: RwLock::new(Some(Arc::new(base))),
+        base_removing: AtomicBool::new(false),
     });
     let ro = Arc::new(RoBdev {
         name: name.clone(),
@@ -357,6 +364,7 @@ impl Listener {
     /// the call waits for them), then let go of the base so that its removal can complete.
     async fn base_removed(&mut self) {
         tracing::info!(target: "bdev", bdev = %self.name, "base bdev removed; unregistering");
+        self.shared.base_removing.store(true, Ordering::Release);
         // Our own guard descriptor would otherwise keep our unregister waiting forever.
         self.guard = None;
         if let Err(e) = self.registry.unregister(&self.name).await {

@@ -31,7 +31,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 
@@ -234,6 +234,10 @@ struct UringState {
 struct UringShared {
     ring: IoUring,
     state: Mutex<UringState>,
+    /// A submitter has promised to submit what is queued (see `submit`).
+    flush_armed: AtomicBool,
+    /// Batch submissions (off with `BDEV_URING_NOBATCH`, for comparisons).
+    batch: bool,
     fixed: bool,
     fd: i32,
 }
@@ -264,7 +268,15 @@ impl UringShared {
         }
     }
 
-    fn submit(&self, sqe: squeue::Entry, hold: Hold) -> Result<oneshot::Receiver<(i32, Hold)>> {
+    /// Queues a request. The first submitter of an executor pass yields once so that the
+    /// other tasks woken in the same pass queue theirs, then submits them all with one
+    /// `io_uring_enter` (fio submits in batches too). The completion thread's own
+    /// `io_uring_enter` also submits anything queued, as a backstop.
+    async fn submit(
+        &self,
+        sqe: squeue::Entry,
+        hold: Hold,
+    ) -> Result<oneshot::Receiver<(i32, Hold)>> {
         let (tx, rx) = oneshot::channel();
         {
             let mut st = lock(&self.state);
@@ -275,12 +287,24 @@ impl UringShared {
                 return Err(BdevError::Io(e));
             }
         }
-        // Entries that could not be submitted now stay queued; the completion thread submits
+        if self.batch {
+            if !self.flush_armed.swap(true, Ordering::SeqCst) {
+                let _flush = FlushOnDrop(self);
+                YieldOnce(false).await;
+            }
+        } else {
+            self.flush();
+        }
+        Ok(rx)
+    }
+
+    /// Submits every queued SQE.
+    fn flush(&self) {
+        // Entries that cannot be submitted now stay queued; the completion thread submits
         // them on its next io_uring_enter.
         if let Err(e) = self.ring.submitter().submit() {
             tracing::trace!(target: "uring", "submit deferred: {e}");
         }
-        Ok(rx)
     }
 
     fn target_read(&self, ptr: *mut u8, len: u32, off: u64) -> squeue::Entry {
@@ -329,6 +353,36 @@ impl UringShared {
                 .offset(off)
                 .build()
         }
+    }
+}
+
+/// Disarms the batch flag and submits, also when the submitting future is dropped mid-yield.
+struct FlushOnDrop<'a>(&'a UringShared);
+
+impl Drop for FlushOnDrop<'_> {
+    fn drop(&mut self) {
+        // The swap (not a plain store) synchronises with every submitter that saw the flag
+        // set, so their queued entries are visible to the submit below.
+        self.0.flush_armed.swap(false, Ordering::SeqCst);
+        self.0.flush();
+    }
+}
+
+/// Returns `Pending` once (waking itself), then `Ready`.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
     }
 }
 
@@ -382,7 +436,15 @@ struct UringEngine {
 
 impl UringEngine {
     fn new(file: &File) -> io::Result<Self> {
-        let ring = IoUring::new(RING_ENTRIES)?;
+        // COOP_TASKRUN: completions are not forced onto a submitter that is busy in user
+        // space with an interrupt; it runs them at its next syscall (kernel >= 5.19).
+        let ring = match std::env::var("BDEV_URING_PLAIN").is_ok() {
+            false => IoUring::builder()
+                .setup_coop_taskrun()
+                .build(RING_ENTRIES)
+                .or_else(|_| IoUring::new(RING_ENTRIES))?,
+            true => IoUring::new(RING_ENTRIES)?,
+        };
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for code in [
@@ -405,6 +467,8 @@ impl UringEngine {
             }),
             fixed,
             fd,
+            flush_armed: AtomicBool::new(false),
+            batch: std::env::var_os("BDEV_URING_NOBATCH").is_none(),
         });
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
@@ -594,7 +658,7 @@ impl AioBdev {
             } else {
                 u.target_read(ptr, n, at)
             };
-            let rx = u.submit(sqe, Hold::Buf(buf))?;
+            let rx = u.submit(sqe, Hold::Buf(buf)).await?;
             let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
             buf = match hold {
                 Hold::Buf(b) => b,
@@ -639,7 +703,7 @@ impl AioBdev {
         } else {
             u.target_readv(ptr, n, off)
         };
-        let rx = u.submit(sqe, Hold::Bufs(bufs, IoVecs(iov)))?;
+        let rx = u.submit(sqe, Hold::Bufs(bufs, IoVecs(iov))).await?;
         let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
         bufs = match hold {
             Hold::Bufs(b, _) => b,

@@ -1,0 +1,559 @@
+//! An open blob: its in-memory state, the back device chain and the I/O path
+//! (read-through, allocate-on-write, copy-on-write, unmap release).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use iobuf::IoBuf;
+
+use crate::error::{einval, eperm};
+use crate::format::*;
+use crate::md::BlobMd;
+use crate::store::{io_err, StoreInner};
+use crate::{BlobId, BsDev, BsError, Result};
+
+/// Where unallocated clusters read from.
+pub(crate) enum Back {
+    /// Thick blob.
+    None,
+    /// Parentless thin blob.
+    Zeroes,
+    /// Clone: the open parent snapshot.
+    Snapshot(Arc<BlobInner>),
+    /// Esnap clone: the external device, if there is one now.
+    Esnap(Option<Arc<dyn BsDev>>),
+}
+
+impl Back {
+    pub(crate) fn clone_ref(&self) -> BackRef {
+        match self {
+            Back::None | Back::Zeroes => BackRef::Zeroes,
+            Back::Snapshot(b) => BackRef::Snapshot(b.clone()),
+            Back::Esnap(d) => BackRef::Esnap(d.clone()),
+        }
+    }
+}
+
+/// A cheap copy of the back device taken out of the lock for one I/O.
+pub(crate) enum BackRef {
+    Zeroes,
+    Snapshot(Arc<BlobInner>),
+    Esnap(Option<Arc<dyn BsDev>>),
+}
+
+pub(crate) struct BlobState {
+    pub md: BlobMd,
+    pub chain: Vec<u32>,
+    pub dirty: bool,
+    pub gen: u64,
+    pub ep_dirty: BTreeSet<usize>,
+    pub data_ro: bool,
+    pub md_ro: bool,
+    pub open_ref: u32,
+    pub back: Back,
+    pub pending_clusters: Vec<u32>,
+}
+
+impl BlobState {
+    pub(crate) fn new(md: BlobMd, chain: Vec<u32>, data_ro: bool, md_ro: bool, back: Back) -> Self {
+        BlobState {
+            md,
+            chain,
+            dirty: false,
+            gen: 0,
+            ep_dirty: BTreeSet::new(),
+            data_ro,
+            md_ro,
+            open_ref: 1,
+            back,
+            pending_clusters: Vec::new(),
+        }
+    }
+    pub(crate) fn touch(&mut self) {
+        self.dirty = true;
+        self.gen += 1;
+    }
+}
+
+pub(crate) struct BlobInner {
+    pub id: BlobId,
+    pub bs: Arc<StoreInner>,
+    pub freeze: async_lock::RwLock<()>,
+    pub alloc: async_lock::Mutex<()>,
+    st: Mutex<BlobState>,
+}
+
+/// One piece of an I/O inside a single cluster.
+struct Seg {
+    cluster: usize,
+    /// io_unit offset inside the cluster.
+    off: u64,
+    /// io_units.
+    len: u64,
+    /// byte offset inside the user buffer.
+    buf_off: usize,
+}
+
+impl BlobInner {
+    pub(crate) fn new(id: BlobId, bs: Arc<StoreInner>, st: BlobState) -> Self {
+        BlobInner {
+            id,
+            bs,
+            freeze: async_lock::RwLock::new(()),
+            alloc: async_lock::Mutex::new(()),
+            st: Mutex::new(st),
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, BlobState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn num_io_units(&self) -> u64 {
+        self.lock().md.clusters.len() as u64 * self.bs.geo.lba_per_cluster
+    }
+
+    fn segments(&self, offset: u64, units: u64) -> Vec<Seg> {
+        let lpc = self.bs.geo.lba_per_cluster;
+        let iu = self.bs.geo.io_unit as usize;
+        let mut out = Vec::new();
+        let mut o = offset;
+        let end = offset + units;
+        while o < end {
+            let c = o / lpc;
+            let off = o % lpc;
+            let len = (lpc - off).min(end - o);
+            out.push(Seg {
+                cluster: c as usize,
+                off,
+                len,
+                buf_off: (o - offset) as usize * iu,
+            });
+            o += len;
+        }
+        out
+    }
+
+    fn check_range(&self, offset: u64, bytes: usize) -> Result<u64> {
+        let iu = u64::from(self.bs.geo.io_unit);
+        if bytes as u64 % iu != 0 {
+            return Err(einval(format!(
+                "length {bytes} is not a multiple of the io unit {iu}"
+            )));
+        }
+        let units = bytes as u64 / iu;
+        self.check_units(offset, units)?;
+        Ok(units)
+    }
+
+    fn check_units(&self, offset: u64, units: u64) -> Result<()> {
+        let s = self.lock();
+        if s.open_ref == 0 {
+            return Err(BsError::BadHandle(format!("blob {:#x} is closed", self.id)));
+        }
+        let total = s.md.clusters.len() as u64 * self.bs.geo.lba_per_cluster;
+        if offset.checked_add(units).is_none_or(|e| e > total) {
+            return Err(einval(format!(
+                "i/o at {offset}+{units} is beyond the end of blob {:#x} ({total} io units)",
+                self.id
+            )));
+        }
+        Ok(())
+    }
+
+    fn cluster_at(&self, idx: usize) -> u32 {
+        self.lock().md.clusters.get(idx).copied().unwrap_or(0)
+    }
+
+    // ---------------------------------------------------------------- read
+
+    pub(crate) async fn read(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let units = self.check_range(offset, buf.len())?;
+        if units == 0 {
+            return Ok(buf);
+        }
+        let _f = self.freeze.read().await;
+        self.read_through(offset, buf).await
+    }
+
+    /// Reads through the chain; anything past this blob's end reads as zeroes.
+    pub(crate) fn read_through(self: &Arc<Self>, offset: u64, mut buf: IoBuf) -> BoxFuture<'_, Result<IoBuf>> {
+        async move {
+            let iu = self.bs.geo.io_unit as usize;
+            let units = (buf.len() / iu) as u64;
+            let total = self.num_io_units();
+            if offset >= total {
+                buf.fill(0);
+                return Ok(buf);
+            }
+            let inside = units.min(total - offset);
+            let segs = self.segments(offset, inside);
+            if segs.len() == 1 && inside == units {
+                return self.read_seg(&segs[0], buf).await;
+            }
+            for s in &segs {
+                let sub = IoBuf::new(s.len as usize * iu, self.bs.align);
+                let sub = self.read_seg(s, sub).await?;
+                buf[s.buf_off..s.buf_off + sub.len()].copy_from_slice(&sub);
+            }
+            buf[inside as usize * iu..].fill(0);
+            Ok(buf)
+        }
+        .boxed()
+    }
+
+    async fn read_seg(self: &Arc<Self>, s: &Seg, buf: IoBuf) -> Result<IoBuf> {
+        let c = self.cluster_at(s.cluster);
+        let lpc = self.bs.geo.lba_per_cluster;
+        if c != 0 {
+            return self
+                .bs
+                .dev
+                .read(u64::from(c) * lpc + s.off, buf)
+                .await
+                .map_err(io_err);
+        }
+        let back = self.lock().back.clone_ref();
+        self.read_back(&back, s.cluster as u64 * lpc + s.off, buf).await
+    }
+
+    /// Reads `buf.len()` bytes at io_unit `offset` of the back device.
+    pub(crate) async fn read_back(&self, back: &BackRef, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        match back {
+            BackRef::Zeroes => {
+                buf.fill(0);
+                Ok(buf)
+            }
+            BackRef::Snapshot(p) => p.read_through(offset, buf).await,
+            BackRef::Esnap(None) => Err(BsError::Degraded(format!(
+                "blob {:#x}: external snapshot device is missing",
+                self.id
+            ))),
+            BackRef::Esnap(Some(d)) => {
+                if d.is_degraded() {
+                    return Err(BsError::Degraded(format!(
+                        "blob {:#x}: external snapshot device is degraded",
+                        self.id
+                    )));
+                }
+                let bl = u64::from(d.block_len());
+                let byte = offset * u64::from(self.bs.geo.io_unit);
+                let lba = byte / bl;
+                let n = buf.len() as u64 / bl;
+                let dev_blocks = d.block_count();
+                if lba >= dev_blocks {
+                    buf.fill(0);
+                    return Ok(buf);
+                }
+                if lba + n <= dev_blocks {
+                    return d.read(lba, buf).await.map_err(io_err);
+                }
+                let have = (dev_blocks - lba) as usize * bl as usize;
+                let sub = IoBuf::new(have, self.bs.align.max(d.buf_align()));
+                let sub = d.read(lba, sub).await.map_err(io_err)?;
+                buf[..have].copy_from_slice(&sub);
+                buf[have..].fill(0);
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Whether a cluster range of the back device is known to read as zeroes.
+    fn back_is_zeroes(&self, back: &BackRef, cluster: usize) -> bool {
+        match back {
+            BackRef::Zeroes => true,
+            BackRef::Snapshot(p) => {
+                let c = p.cluster_at(cluster);
+                if cluster >= p.lock().md.clusters.len() {
+                    return true;
+                }
+                if c != 0 {
+                    return false;
+                }
+                let pb = p.lock().back.clone_ref();
+                p.back_is_zeroes(&pb, cluster)
+            }
+            BackRef::Esnap(Some(d)) => {
+                let lpc = self.bs.geo.lba_per_cluster;
+                let bl = u64::from(d.block_len()).max(1);
+                let byte = cluster as u64 * lpc * u64::from(self.bs.geo.io_unit);
+                let cnt = u64::from(self.bs.geo.cluster_size) / bl;
+                d.is_zeroes(byte / bl, cnt)
+            }
+            BackRef::Esnap(None) => false,
+        }
+    }
+
+    // ---------------------------------------------------------------- write
+
+    pub(crate) async fn write(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        self.check_writable()?;
+        let units = self.check_range(offset, buf.len())?;
+        if units == 0 {
+            return Ok(buf);
+        }
+        let _f = self.freeze.read().await;
+        let segs = self.segments(offset, units);
+        let iu = self.bs.geo.io_unit as usize;
+        let lpc = self.bs.geo.lba_per_cluster;
+        if segs.len() == 1 {
+            let s = &segs[0];
+            let c = self.cluster_at(s.cluster);
+            if c != 0 {
+                return self
+                    .bs
+                    .dev
+                    .write(u64::from(c) * lpc + s.off, buf)
+                    .await
+                    .map_err(io_err);
+            }
+            self.alloc_write(s.cluster, s.off, s.len, Some(&buf)).await?;
+            return Ok(buf);
+        }
+        for s in &segs {
+            let data = &buf[s.buf_off..s.buf_off + s.len as usize * iu];
+            let c = self.cluster_at(s.cluster);
+            if c != 0 {
+                let sub = IoBuf::from_slice(data, self.bs.align);
+                self.bs
+                    .dev
+                    .write(u64::from(c) * lpc + s.off, sub)
+                    .await
+                    .map_err(io_err)?;
+            } else {
+                self.alloc_write(s.cluster, s.off, s.len, Some(data)).await?;
+            }
+        }
+        Ok(buf)
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        let s = self.lock();
+        if s.data_ro {
+            return Err(eperm(format!("blob {:#x} is read-only", self.id)));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn write_zeroes(self: &Arc<Self>, offset: u64, units: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_units(offset, units)?;
+        if units == 0 {
+            return Ok(());
+        }
+        let _f = self.freeze.read().await;
+        let lpc = self.bs.geo.lba_per_cluster;
+        for s in self.segments(offset, units) {
+            let c = self.cluster_at(s.cluster);
+            if c != 0 {
+                self.bs
+                    .dev
+                    .write_zeroes(u64::from(c) * lpc + s.off, s.len)
+                    .await
+                    .map_err(io_err)?;
+            } else {
+                self.alloc_write(s.cluster, s.off, s.len, None).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Allocates cluster `idx` (copying the parent's data, or zeroes) and writes `data` (or
+    /// zeroes when `None`) at io_unit `off` of it. Serialised per blob; a cluster allocated
+    /// meanwhile by someone else is written directly.
+    pub(crate) async fn alloc_write(
+        self: &Arc<Self>,
+        idx: usize,
+        off: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<()> {
+        let _a = self.alloc.lock().await;
+        let lpc = self.bs.geo.lba_per_cluster;
+        let iu = self.bs.geo.io_unit as usize;
+        let c = self.cluster_at(idx);
+        if c != 0 {
+            let lba = u64::from(c) * lpc + off;
+            return match data {
+                Some(d) => self
+                    .bs
+                    .dev
+                    .write(lba, IoBuf::from_slice(d, self.bs.align))
+                    .await
+                    .map(|_| ())
+                    .map_err(io_err),
+                None => self.bs.dev.write_zeroes(lba, len).await.map_err(io_err),
+            };
+        }
+        let back = self.lock().back.clone_ref();
+        let cs = self.bs.geo.cluster_size as usize;
+        let full = off == 0 && len == lpc;
+        let new_c = self.bs.claim_cluster()?;
+        let res = async {
+            let buf = if full && data.is_some() {
+                IoBuf::from_slice(data.unwrap_or_default(), self.bs.align)
+            } else {
+                let mut b = IoBuf::new(cs, self.bs.align);
+                if !self.back_is_zeroes(&back, idx) {
+                    b = self.read_back(&back, idx as u64 * lpc, b).await?;
+                }
+                let s = off as usize * iu;
+                let e = s + len as usize * iu;
+                match data {
+                    Some(d) => b[s..e].copy_from_slice(d),
+                    None => b[s..e].fill(0),
+                }
+                b
+            };
+            self.bs
+                .dev
+                .write(u64::from(new_c) * lpc, buf)
+                .await
+                .map_err(io_err)?;
+            Ok::<_, BsError>(())
+        }
+        .await;
+        if let Err(e) = res {
+            self.bs.unclaim_clusters(&[new_c]);
+            return Err(e);
+        }
+        let _m = self.bs.md_lock.lock().await;
+        {
+            let mut s = self.lock();
+            if idx >= s.md.clusters.len() {
+                drop(s);
+                self.bs.unclaim_clusters(&[new_c]);
+                return Err(einval("blob shrank during allocation"));
+            }
+            s.md.clusters[idx] = new_c;
+        }
+        if let Err(e) = self.persist_cluster_locked(idx).await {
+            self.lock().md.clusters[idx] = 0;
+            self.bs.unclaim_clusters(&[new_c]);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Persists a change of one cluster-map entry (md_lock held): rewrites its extent page in
+    /// place when it has one and nothing else is pending, else the whole md.
+    pub(crate) async fn persist_cluster_locked(&self, idx: usize) -> Result<()> {
+        let (page, entries) = {
+            let s = self.lock();
+            let k = idx / EXTENTS_PER_EP;
+            let p = s.md.eps.get(k).copied().unwrap_or(0);
+            if s.dirty || !s.md.use_et() || p == 0 || !s.ep_dirty.is_empty() {
+                (None, Vec::new())
+            } else {
+                (
+                    Some((p, (k * EXTENTS_PER_EP) as u32)),
+                    s.md.chunk_entries(k).to_vec(),
+                )
+            }
+        };
+        match page {
+            Some((p, start)) => {
+                self.bs.mark_dirty().await?;
+                let pg = build_extent_page(self.id, start, &entries);
+                self.bs.write_md_page(p, &pg).await
+            }
+            None => {
+                self.lock().touch();
+                self.persist_locked().await
+            }
+        }
+    }
+
+    /// Writes the whole md (md_lock held).
+    pub(crate) async fn persist_locked(&self) -> Result<()> {
+        let (md, chain, ep_dirty, pending, gen) = {
+            let s = self.lock();
+            (
+                s.md.clone(),
+                s.chain.clone(),
+                s.ep_dirty.clone(),
+                s.pending_clusters.clone(),
+                s.gen,
+            )
+        };
+        let (new_chain, eps) = self
+            .bs
+            .persist_md(self.id, &md, &chain, &ep_dirty, &pending)
+            .await?;
+        let mut s = self.lock();
+        s.chain = new_chain;
+        s.md.eps = eps;
+        s.ep_dirty.clear();
+        s.pending_clusters.drain(..pending.len());
+        if s.gen == gen {
+            s.dirty = false;
+        }
+        if s.md.data_ro & DATA_RO_READ_ONLY != 0 {
+            s.data_ro = true;
+            s.md_ro = true;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- unmap
+
+    pub(crate) async fn unmap(self: &Arc<Self>, offset: u64, units: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_units(offset, units)?;
+        if units == 0 {
+            return Ok(());
+        }
+        let _f = self.freeze.read().await;
+        let lpc = self.bs.geo.lba_per_cluster;
+        for s in self.segments(offset, units) {
+            let c = self.cluster_at(s.cluster);
+            if c == 0 {
+                continue;
+            }
+            let release = s.len == lpc && {
+                let st = self.lock();
+                st.md.thin() && matches!(st.back, Back::Zeroes)
+            };
+            if release {
+                let _a = self.alloc.lock().await;
+                let _m = self.bs.md_lock.lock().await;
+                if self.cluster_at(s.cluster) != c {
+                    continue;
+                }
+                self.lock().md.clusters[s.cluster] = 0;
+                if let Err(e) = self.persist_cluster_locked(s.cluster).await {
+                    self.lock().md.clusters[s.cluster] = c;
+                    return Err(e);
+                }
+                let cm = self.lock().md.clear_method();
+                let cm = if cm == crate::ClearMethod::None {
+                    crate::ClearMethod::Unmap
+                } else {
+                    cm
+                };
+                self.bs.release_clusters(&[c], cm).await;
+            } else {
+                self.bs
+                    .dev
+                    .unmap(u64::from(c) * lpc + s.off, s.len)
+                    .await
+                    .map_err(io_err)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_degraded(&self) -> bool {
+        if self.bs.dev.is_degraded() {
+            return true;
+        }
+        match self.lock().back.clone_ref() {
+            BackRef::Zeroes => false,
+            BackRef::Snapshot(p) => p.is_degraded(),
+            BackRef::Esnap(None) => true,
+            BackRef::Esnap(Some(d)) => d.is_degraded(),
+        }
+    }
+}

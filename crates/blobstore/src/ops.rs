@@ -1,0 +1,846 @@
+//! Metadata operations on blobs: create, delete (with snapshot merge), resize, snapshot,
+//! clone, inflate, decouple, set_parent, external parents, shallow copy, grow.
+//!
+//! Every operation that changes more than one md chain orders its writes so that a power
+//! failure at any write leaves the store in the before or the after state (or in a state
+//! the load-time SNAPTMP/SNAPRM fix-ups turn into one of them).
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use iobuf::IoBuf;
+
+use crate::blob::{Back, BlobInner, BlobState};
+use crate::error::{busy, einval, enospc, eperm};
+use crate::format::*;
+use crate::md::{check_xattr_size, BlobMd};
+use crate::store::{io_err, StoreInner};
+use crate::{BlobId, BlobOpts, BsDev, BsError, Parent, Result, BLOBID_INVALID};
+
+/// Yields once to the executor, so that an operation marked busy is observable by others.
+pub(crate) async fn yield_now() {
+    let mut yielded = false;
+    futures::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+fn clear_bits(m: crate::ClearMethod) -> u64 {
+    match m {
+        crate::ClearMethod::Default => 0,
+        crate::ClearMethod::None => 1,
+        crate::ClearMethod::Unmap => 2,
+        crate::ClearMethod::WriteZeroes => 3,
+    }
+}
+
+impl StoreInner {
+    /// Claims a root page and persists a new blob (md_lock held). Thick blobs get their
+    /// clusters here.
+    pub(crate) async fn create_locked(&self, md: BlobMd, n: u64) -> Result<BlobId> {
+        self.create_locked_chain(md, n).await.map(|(id, _)| id)
+    }
+
+    /// As [`create_locked`](Self::create_locked), also returning the chain written.
+    pub(crate) async fn create_locked_chain(
+        &self,
+        mut md: BlobMd,
+        n: u64,
+    ) -> Result<(BlobId, Vec<u32>)> {
+        let page = self.alloc_md_page()?;
+        let id = page_to_blobid(page);
+        self.state().used_blobids.set(u64::from(page));
+        let claimed = if md.thin() {
+            md.clusters = vec![0; n as usize];
+            Vec::new()
+        } else {
+            match self.claim_clusters(n) {
+                Ok(c) => {
+                    md.clusters = c.clone();
+                    c
+                }
+                Err(e) => {
+                    self.undo_create(page, &[]);
+                    return Err(e);
+                }
+            }
+        };
+        md.eps = if md.use_et() {
+            vec![0; md.num_chunks()]
+        } else {
+            Vec::new()
+        };
+        match self.persist_md(id, &md, &[], &BTreeSet::new(), &[]).await {
+            Ok((chain, _)) => Ok((id, chain)),
+            Err(e) => {
+                self.undo_create(page, &claimed);
+                Err(e)
+            }
+        }
+    }
+
+    fn undo_create(&self, page: u32, clusters: &[u32]) {
+        self.unclaim_clusters(clusters);
+        let mut st = self.state();
+        st.used_blobids.clear(u64::from(page));
+        st.used_pages.clear(u64::from(page));
+    }
+
+    pub(crate) async fn create_blob(self: &Arc<Self>, opts: &BlobOpts) -> Result<BlobId> {
+        self.check_live()?;
+        for (n, v) in opts.xattrs.iter().chain(opts.internal_xattrs.iter()) {
+            if n.is_empty() || v.is_empty() {
+                return Err(einval(format!("xattr {n:?} has an empty name or value")));
+            }
+            check_xattr_size(n, v)?;
+        }
+        let mut md = BlobMd::default();
+        if opts.use_extent_table {
+            md.invalid |= INV_EXTENT_TABLE;
+        }
+        if opts.thin || opts.esnap_id.is_some() {
+            md.invalid |= INV_THIN;
+        }
+        md.md_ro |= clear_bits(opts.clear_method);
+        md.xattrs = opts.xattrs.clone();
+        md.internal = opts.internal_xattrs.clone();
+        if let Some(e) = &opts.esnap_id {
+            if e.is_empty() || e.len() > u16::MAX as usize {
+                return Err(einval(format!("esnap id of {} bytes", e.len())));
+            }
+            md.invalid |= INV_ESNAP;
+            crate::md::set_in(&mut md.internal, XATTR_EXTSNAP, e);
+        }
+        if !md.internal.is_empty() {
+            md.invalid |= INV_INTERNAL_XATTR;
+        }
+        let _g = self.md_lock.lock().await;
+        self.create_locked(md, opts.num_clusters).await
+    }
+
+    /// Opens, runs `f`, closes; all with md_lock taken around open and close only.
+    pub(crate) async fn open_internal(self: &Arc<Self>, id: BlobId) -> Result<Arc<BlobInner>> {
+        let _g = self.md_lock.lock().await;
+        self.open_locked(id).await
+    }
+
+    pub(crate) async fn close_internal(self: &Arc<Self>, b: Arc<BlobInner>) -> Result<()> {
+        let _g = self.md_lock.lock().await;
+        self.close_locked(b).await
+    }
+
+    // ------------------------------------------------------------------ snapshot
+
+    pub(crate) async fn create_snapshot(
+        self: &Arc<Self>,
+        orig_id: BlobId,
+        xattrs: Vec<(String, Vec<u8>)>,
+    ) -> Result<BlobId> {
+        self.check_live()?;
+        for (n, v) in &xattrs {
+            if n.is_empty() || v.is_empty() {
+                return Err(einval(format!("xattr {n:?} has an empty name or value")));
+            }
+            check_xattr_size(n, v)?;
+        }
+        let _busy = self.busy_guard(&[orig_id])?;
+        yield_now().await;
+        let orig = self.open_internal(orig_id).await?;
+        let r = self.snapshot_inner(&orig, xattrs).await;
+        self.close_internal(orig).await?;
+        r
+    }
+
+    async fn snapshot_inner(
+        self: &Arc<Self>,
+        orig: &Arc<BlobInner>,
+        xattrs: Vec<(String, Vec<u8>)>,
+    ) -> Result<BlobId> {
+        {
+            let s = orig.lock();
+            if s.data_ro || s.md_ro {
+                return Err(einval(format!(
+                    "blob {:#x} is read-only and cannot be snapshotted",
+                    orig.id
+                )));
+            }
+        }
+        let _f = orig.freeze.write().await;
+        let _g = self.md_lock.lock().await;
+        // The snapshot takes the map as it is on disk: settle pending changes first.
+        if orig.lock().dirty {
+            orig.persist_locked().await?;
+        }
+        // 1. The new blob, empty, marked SNAPTMP.
+        let (n, use_et) = {
+            let s = orig.lock();
+            (s.md.clusters.len() as u64, s.md.use_et())
+        };
+        let mut smd = BlobMd {
+            invalid: INV_THIN | if use_et { INV_EXTENT_TABLE } else { 0 },
+            xattrs,
+            ..Default::default()
+        };
+        smd.set_internal(XATTR_SNAPTMP, &orig.id.to_le_bytes());
+        let (sid, smd_chain) = self.create_locked_chain(smd.clone(), n).await?;
+        // 2. Take over the original's map, flags and parent.
+        let mut sst = {
+            let mut os = orig.lock();
+            let mut m = smd;
+            m.clusters = std::mem::take(&mut os.md.clusters);
+            m.eps = std::mem::take(&mut os.md.eps);
+            m.invalid = os.md.invalid | INV_INTERNAL_XATTR;
+            m.md_ro = (m.md_ro & !MD_RO_CLEAR_MASK) | (os.md.md_ro & MD_RO_CLEAR_MASK);
+            if os.md.esnap() {
+                if let Some(v) = os.md.get_internal(XATTR_EXTSNAP) {
+                    let v = v.to_vec();
+                    m.set_internal(XATTR_EXTSNAP, &v);
+                }
+            } else if let Some(v) = os.md.get_internal(XATTR_SNAP) {
+                if os.md.thin() {
+                    let v = v.to_vec();
+                    m.set_internal(XATTR_SNAP, &v);
+                }
+            }
+            os.md.clusters = vec![0; n as usize];
+            os.md.eps = vec![0; os.md.num_chunks()];
+            BlobState::new(m, smd_chain, false, false, Back::None)
+        };
+        let restore = |orig: &Arc<BlobInner>, sst: &mut BlobState| {
+            let mut os = orig.lock();
+            os.md.clusters = std::mem::take(&mut sst.md.clusters);
+            os.md.eps = std::mem::take(&mut sst.md.eps);
+        };
+        match self
+            .persist_md(sid, &sst.md, &sst.chain, &BTreeSet::new(), &[])
+            .await
+        {
+            Ok((c, e)) => {
+                sst.chain = c;
+                sst.md.eps = e;
+            }
+            Err(e) => {
+                restore(orig, &mut sst);
+                return Err(e);
+            }
+        }
+        // 3. The original becomes a clone of the snapshot.
+        let old_parent = self.state().parent_of.get(&orig.id).copied();
+        let old_back = {
+            let mut os = orig.lock();
+            os.md.invalid |= INV_THIN;
+            os.md.invalid &= !INV_ESNAP;
+            os.md.remove_internal(XATTR_EXTSNAP);
+            os.md.set_internal(XATTR_SNAP, &sid.to_le_bytes());
+            os.ep_dirty.clear();
+            os.touch();
+            std::mem::replace(&mut os.back, Back::None)
+        };
+        sst.back = old_back;
+        sst.open_ref = 1;
+        let snap = Arc::new(BlobInner::new(sid, self.clone(), sst));
+        self.state().open.insert(sid, snap.clone());
+        orig.lock().back = Back::Snapshot(snap.clone());
+        orig.persist_locked().await?;
+        if let Some(p) = old_parent {
+            self.remove_relation(orig.id);
+            self.add_relation(p, sid);
+        }
+        self.add_relation(sid, orig.id);
+        // 4. Finish the snapshot.
+        {
+            let mut s = snap.lock();
+            s.md.remove_internal(XATTR_SNAPTMP);
+            s.md.data_ro |= DATA_RO_READ_ONLY;
+            s.touch();
+        }
+        snap.persist_locked().await?;
+        Ok(sid)
+    }
+
+    // ------------------------------------------------------------------ clone
+
+    pub(crate) async fn create_clone(
+        self: &Arc<Self>,
+        snap_id: BlobId,
+        xattrs: Vec<(String, Vec<u8>)>,
+    ) -> Result<BlobId> {
+        self.check_live()?;
+        for (n, v) in &xattrs {
+            if n.is_empty() || v.is_empty() {
+                return Err(einval(format!("xattr {n:?} has an empty name or value")));
+            }
+            check_xattr_size(n, v)?;
+        }
+        let _busy = self.busy_guard(&[snap_id])?;
+        yield_now().await;
+        let _g = self.md_lock.lock().await;
+        let snap = self.open_locked(snap_id).await?;
+        let r = async {
+            let (n, use_et, cm) = {
+                let s = snap.lock();
+                if !(s.data_ro && s.md_ro) {
+                    return Err(einval(format!(
+                        "blob {snap_id:#x} is not read-only and cannot be cloned"
+                    )));
+                }
+                (s.md.clusters.len() as u64, s.md.use_et(), s.md.md_ro & MD_RO_CLEAR_MASK)
+            };
+            let mut md = BlobMd {
+                invalid: INV_THIN | if use_et { INV_EXTENT_TABLE } else { 0 },
+                md_ro: cm,
+                xattrs,
+                ..Default::default()
+            };
+            md.set_internal(XATTR_SNAP, &snap_id.to_le_bytes());
+            let cid = self.create_locked(md, n).await?;
+            self.add_relation(snap_id, cid);
+            Ok(cid)
+        }
+        .await;
+        self.close_locked(snap).await?;
+        r
+    }
+
+    // ------------------------------------------------------------------ delete
+
+    pub(crate) async fn delete_blob(self: &Arc<Self>, id: BlobId) -> Result<()> {
+        self.check_live()?;
+        let _busy = self.busy_guard(&[id])?;
+        loop {
+            let clones = self.state().clones.get(&id).cloned().unwrap_or_default();
+            if clones.len() > 1 {
+                return Err(busy(format!(
+                    "blob {id:#x} has {} clones and cannot be deleted",
+                    clones.len()
+                )));
+            }
+            let clone_open = clones
+                .first()
+                .and_then(|c| self.state().open.get(c).cloned());
+            let _f = match &clone_open {
+                Some(c) => Some(c.freeze.write().await),
+                None => None,
+            };
+            let _g = self.md_lock.lock().await;
+            let now = self.state().clones.get(&id).cloned().unwrap_or_default();
+            let now_open = now.first().and_then(|c| self.state().open.get(c).cloned());
+            if now != clones || now_open.is_some() != clone_open.is_some() {
+                continue;
+            }
+            return match now.first() {
+                None => self.delete_plain_locked(id).await,
+                Some(&c) => self.delete_merge_locked(id, c).await,
+            };
+        }
+    }
+
+    async fn delete_plain_locked(self: &Arc<Self>, id: BlobId) -> Result<()> {
+        if self.state().open.contains_key(&id) {
+            return Err(busy(format!("blob {id:#x} is open")));
+        }
+        let (md, chain) = self.load_blob_md(id).await?;
+        let page = blobid_to_page(id).unwrap_or(0);
+        self.state().used_blobids.clear(u64::from(page));
+        if let Err(e) = self.persist_delete(id, &md, &chain).await {
+            self.state().used_blobids.set(u64::from(page));
+            return Err(e);
+        }
+        self.remove_relation(id);
+        Ok(())
+    }
+
+    async fn delete_merge_locked(self: &Arc<Self>, sid: BlobId, cid: BlobId) -> Result<()> {
+        let pre_ref = self
+            .state()
+            .open
+            .get(&sid)
+            .map(|b| b.lock().open_ref)
+            .unwrap_or(0);
+        let clone_was_open = self.state().open.contains_key(&cid);
+        if pre_ref > u32::from(clone_was_open) {
+            return Err(busy(format!("blob {sid:#x} is open")));
+        }
+        let cb = self.open_locked(cid).await?;
+        let r = self.merge_inner(sid, &cb).await;
+        self.close_locked(cb).await?;
+        r
+    }
+
+    async fn merge_inner(self: &Arc<Self>, sid: BlobId, cb: &Arc<BlobInner>) -> Result<()> {
+        let snap = self
+            .state()
+            .open
+            .get(&sid)
+            .cloned()
+            .ok_or_else(|| einval(format!("snapshot {sid:#x} of {:#x} is not open", cb.id)))?;
+        // 1. Power-failure marker.
+        {
+            let mut s = snap.lock();
+            s.md.set_internal(XATTR_SNAPRM, &cb.id.to_le_bytes());
+            s.touch();
+        }
+        snap.persist_locked().await?;
+        // 2. The clone takes every cluster it does not have, and the snapshot's parent.
+        let mut moved = Vec::new();
+        {
+            let (smd, sback) = {
+                let mut s = snap.lock();
+                (s.md.clone(), std::mem::replace(&mut s.back, Back::None))
+            };
+            let mut c = cb.lock();
+            let n = c.md.clusters.len().min(smd.clusters.len());
+            for i in 0..n {
+                if c.md.clusters[i] == 0 && smd.clusters[i] != 0 {
+                    c.md.clusters[i] = smd.clusters[i];
+                    moved.push(i);
+                    c.ep_dirty.insert(i / EXTENTS_PER_EP);
+                }
+            }
+            c.md.remove_internal(XATTR_SNAP);
+            if smd.esnap() {
+                if let Some(v) = smd.get_internal(XATTR_EXTSNAP) {
+                    let v = v.to_vec();
+                    c.md.set_internal(XATTR_EXTSNAP, &v);
+                }
+                c.md.invalid |= INV_ESNAP;
+            } else if let Some(g) = smd.snap_parent().ok().flatten() {
+                c.md.set_internal(XATTR_SNAP, &g.to_le_bytes());
+            }
+            c.touch();
+            let old = std::mem::replace(&mut c.back, sback);
+            drop(c);
+            // The clone's reference to the snapshot goes away with the snapshot.
+            drop(old);
+        }
+        cb.persist_locked().await?;
+        // 3. Delete the snapshot, freeing only what the clone did not take.
+        let (mut smd, chain) = {
+            let s = snap.lock();
+            (s.md.clone(), s.chain.clone())
+        };
+        for i in moved {
+            smd.clusters[i] = 0;
+        }
+        self.state().open.remove(&sid);
+        self.state().used_blobids.clear(u64::from(sid as u32));
+        let g = self.state().parent_of.get(&sid).copied();
+        self.remove_relation(cb.id);
+        self.remove_relation(sid);
+        if let Some(g) = g {
+            self.add_relation(g, cb.id);
+        }
+        self.persist_delete(sid, &smd, &chain).await?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ resize
+
+    pub(crate) async fn resize(self: &Arc<Self>, b: &Arc<BlobInner>, n: u64) -> Result<()> {
+        {
+            let s = b.lock();
+            if s.md_ro {
+                return Err(eperm(format!("blob {:#x} metadata is read-only", b.id)));
+            }
+            if s.md.clusters.len() as u64 == n {
+                return Ok(());
+            }
+        }
+        if n > u64::from(u32::MAX) {
+            return Err(einval(format!("{n} clusters is too many")));
+        }
+        let _busy = self.busy_guard(&[b.id])?;
+        yield_now().await;
+        let _f = b.freeze.write().await;
+        let _g = self.md_lock.lock().await;
+        let (old, thin) = {
+            let s = b.lock();
+            (s.md.clusters.len() as u64, s.md.thin())
+        };
+        if n > old {
+            let add = if thin {
+                vec![0; (n - old) as usize]
+            } else {
+                self.claim_clusters(n - old)?
+            };
+            let mut s = b.lock();
+            s.md.clusters.extend(add);
+        } else {
+            let mut s = b.lock();
+            let tail: Vec<u32> = s.md.clusters[n as usize..]
+                .iter()
+                .copied()
+                .filter(|&c| c != 0)
+                .collect();
+            s.pending_clusters.extend(tail);
+            s.md.clusters.truncate(n as usize);
+        }
+        let mut s = b.lock();
+        if s.md.use_et() {
+            let chunks = s.md.num_chunks();
+            if s.md.eps.len() < chunks {
+                s.md.eps.resize(chunks, 0);
+            }
+            let first = (old.min(n) as usize) / EXTENTS_PER_EP;
+            for k in first..s.md.eps.len() {
+                s.ep_dirty.insert(k);
+            }
+        }
+        s.touch();
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ inflate / decouple
+
+    pub(crate) async fn inflate(self: &Arc<Self>, id: BlobId, allocate_all: bool) -> Result<()> {
+        self.check_live()?;
+        let _busy = self.busy_guard(&[id])?;
+        yield_now().await;
+        let b = self.open_internal(id).await?;
+        let r = self.inflate_inner(&b, allocate_all).await;
+        self.close_internal(b).await?;
+        r
+    }
+
+    async fn inflate_inner(self: &Arc<Self>, b: &Arc<BlobInner>, allocate_all: bool) -> Result<()> {
+        let (thin, back) = {
+            let s = b.lock();
+            (s.md.thin(), s.back.clone_ref())
+        };
+        if !thin {
+            return Ok(());
+        }
+        let parent = match &back {
+            crate::blob::BackRef::Snapshot(p) => Some(p.clone()),
+            _ => None,
+        };
+        let is_esnap = matches!(back, crate::blob::BackRef::Esnap(_));
+        if !allocate_all && parent.is_none() && !is_esnap {
+            return Err(einval(format!("blob {:#x} has no parent", b.id)));
+        }
+        let allocate_all = allocate_all || is_esnap;
+        if b.lock().data_ro {
+            // Snapshots can be decoupled (SPDK allows md updates of snapshots here).
+        }
+        let todo: Vec<usize> = {
+            let s = b.lock();
+            (0..s.md.clusters.len())
+                .filter(|&i| {
+                    s.md.clusters[i] == 0
+                        && (allocate_all || parent.as_ref().is_some_and(|p| p.cluster_at_pub(i) != 0))
+                })
+                .collect()
+        };
+        if todo.len() as u64 > self.free_clusters() {
+            return Err(enospc(format!(
+                "inflating blob {:#x} needs {} clusters, {} free",
+                b.id,
+                todo.len(),
+                self.free_clusters()
+            )));
+        }
+        {
+            let _f = b.freeze.read().await;
+            let lpc = self.geo.lba_per_cluster;
+            let _ = lpc;
+            for i in todo {
+                b.alloc_write(i, 0, 0, Some(&[])).await?;
+            }
+        }
+        let _f = b.freeze.write().await;
+        let _g = self.md_lock.lock().await;
+        let old_back = {
+            let mut s = b.lock();
+            let old = std::mem::replace(&mut s.back, Back::None);
+            s.md.remove_internal(XATTR_SNAP);
+            s.md.remove_internal(XATTR_EXTSNAP);
+            s.md.invalid &= !INV_ESNAP;
+            if allocate_all {
+                s.md.invalid &= !INV_THIN;
+                s.back = Back::None;
+            } else {
+                s.back = Back::Zeroes;
+            }
+            s.touch();
+            old
+        };
+        self.remove_relation(b.id);
+        if !allocate_all {
+            if let Back::Snapshot(p) = &old_back {
+                let (pmd_parent, pback) = {
+                    let ps = p.lock();
+                    (ps.md.snap_parent().ok().flatten(), ps.back.clone_ref())
+                };
+                if let Some(g) = pmd_parent {
+                    let gb = self.open_locked(g).await?;
+                    let mut s = b.lock();
+                    s.md.set_internal(XATTR_SNAP, &g.to_le_bytes());
+                    s.back = Back::Snapshot(gb);
+                    drop(s);
+                    self.add_relation(g, b.id);
+                } else if let crate::blob::BackRef::Esnap(d) = pback {
+                    let ev = p.lock().md.get_internal(XATTR_EXTSNAP).map(|v| v.to_vec());
+                    if let Some(ev) = ev {
+                        let mut s = b.lock();
+                        s.md.set_internal(XATTR_EXTSNAP, &ev);
+                        s.md.invalid |= INV_ESNAP;
+                        s.back = Back::Esnap(d);
+                    }
+                }
+            }
+        }
+        b.persist_locked().await?;
+        if let Back::Snapshot(p) = old_back {
+            self.close_locked(p).await?;
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ set_parent
+
+    pub(crate) async fn set_parent(self: &Arc<Self>, id: BlobId, snap: BlobId) -> Result<()> {
+        self.check_live()?;
+        if snap == BLOBID_INVALID {
+            return Err(einval("snapshot id is invalid"));
+        }
+        if snap == id {
+            return Err(einval("a blob cannot be its own parent"));
+        }
+        if self.state().parent_of.get(&id) == Some(&snap) {
+            return Err(BsError::Exists(format!(
+                "blob {snap:#x} is already the parent of {id:#x}"
+            )));
+        }
+        let _busy = self.busy_guard(&[id, snap])?;
+        let b = self.open_internal(id).await?;
+        let r = async {
+            if !b.lock().md.thin() {
+                return Err(einval(format!("blob {id:#x} is not thin")));
+            }
+            if !self.state().clones.contains_key(&snap) {
+                return Err(einval(format!("blob {snap:#x} is not a snapshot")));
+            }
+            let _f = b.freeze.write().await;
+            let _g = self.md_lock.lock().await;
+            let sb = self.open_locked(snap).await?;
+            if sb.lock().md.clusters.len() != b.lock().md.clusters.len() {
+                self.close_locked(sb).await?;
+                return Err(einval(format!(
+                    "blob {id:#x} and snapshot {snap:#x} differ in size"
+                )));
+            }
+            let old = {
+                let mut s = b.lock();
+                s.md.remove_internal(XATTR_EXTSNAP);
+                s.md.invalid &= !INV_ESNAP;
+                s.md.set_internal(XATTR_SNAP, &snap.to_le_bytes());
+                s.touch();
+                std::mem::replace(&mut s.back, Back::Snapshot(sb))
+            };
+            b.persist_locked().await?;
+            self.remove_relation(id);
+            self.add_relation(snap, id);
+            if let Back::Snapshot(p) = old {
+                self.close_locked(p).await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.close_internal(b).await?;
+        r
+    }
+
+    pub(crate) async fn set_external_parent(
+        self: &Arc<Self>,
+        id: BlobId,
+        dev: Arc<dyn BsDev>,
+        esnap_id: &[u8],
+    ) -> Result<()> {
+        self.check_live()?;
+        if esnap_id.is_empty() || esnap_id.len() > u16::MAX as usize {
+            return Err(einval(format!("esnap id of {} bytes", esnap_id.len())));
+        }
+        if esnap_id == id.to_le_bytes() {
+            return Err(einval("esnap id equals the blob id"));
+        }
+        let bytes = u64::from(dev.block_len()) * dev.block_count();
+        if bytes % u64::from(self.geo.cluster_size) != 0 {
+            return Err(einval(format!(
+                "esnap device of {bytes} bytes is not a multiple of the cluster size"
+            )));
+        }
+        self.check_esnap_dev(dev.as_ref())?;
+        let _busy = self.busy_guard(&[id])?;
+        let b = self.open_internal(id).await?;
+        let r = async {
+            {
+                let s = b.lock();
+                if s.md.esnap() && s.md.get_internal(XATTR_EXTSNAP) == Some(esnap_id) {
+                    return Err(BsError::Exists(format!(
+                        "blob {id:#x} already has this external parent"
+                    )));
+                }
+                if !s.md.thin() {
+                    return Err(einval(format!("blob {id:#x} is not thin")));
+                }
+            }
+            let _f = b.freeze.write().await;
+            let _g = self.md_lock.lock().await;
+            let old = {
+                let mut s = b.lock();
+                s.md.remove_internal(XATTR_SNAP);
+                s.md.set_internal(XATTR_EXTSNAP, esnap_id);
+                s.md.invalid |= INV_ESNAP;
+                s.touch();
+                std::mem::replace(&mut s.back, Back::Esnap(Some(dev)))
+            };
+            b.persist_locked().await?;
+            self.remove_relation(id);
+            if let Back::Snapshot(p) = old {
+                self.close_locked(p).await?;
+            }
+            Ok(())
+        }
+        .await;
+        self.close_internal(b).await?;
+        r
+    }
+
+    // ------------------------------------------------------------------ shallow copy
+
+    pub(crate) async fn shallow_copy(
+        self: &Arc<Self>,
+        id: BlobId,
+        dst: Arc<dyn BsDev>,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64> {
+        self.check_live()?;
+        let b = self.open_internal(id).await?;
+        let r = async {
+            let (ro, clusters) = {
+                let s = b.lock();
+                (s.data_ro, s.md.clusters.clone())
+            };
+            if !ro {
+                return Err(eperm(format!("blob {id:#x} is not read-only")));
+            }
+            let dbl = u64::from(dst.block_len());
+            let cs = u64::from(self.geo.cluster_size);
+            if dbl == 0
+                || u64::from(self.geo.io_unit) % dbl != 0
+                || dst.block_count().saturating_mul(dbl) < clusters.len() as u64 * cs
+            {
+                return Err(einval(format!(
+                    "destination ({} blocks of {dbl}) cannot hold blob {id:#x}",
+                    dst.block_count()
+                )));
+            }
+            let _busy = self.busy_guard(&[id])?;
+            let mut copied = 0;
+            for (i, &c) in clusters.iter().enumerate() {
+                if c == 0 {
+                    continue;
+                }
+                let buf = IoBuf::new(cs as usize, self.align.max(dst.buf_align()));
+                let buf = self
+                    .dev
+                    .read(u64::from(c) * self.geo.lba_per_cluster, buf)
+                    .await
+                    .map_err(io_err)?;
+                dst.write(i as u64 * cs / dbl, buf).await.map_err(io_err)?;
+                copied += 1;
+                progress(copied);
+            }
+            Ok(copied)
+        }
+        .await;
+        self.close_internal(b).await?;
+        r
+    }
+
+    // ------------------------------------------------------------------ grow
+
+    pub(crate) async fn grow(&self) -> Result<()> {
+        self.check_live()?;
+        let _g = self.md_lock.lock().await;
+        let s = self.read_super().await?;
+        let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
+        let total = self.state().total_clusters;
+        let new_total = dev_bytes / u64::from(self.geo.cluster_size);
+        if new_total < total {
+            return Err(enospc("the device shrank"));
+        }
+        if new_total == total {
+            return Ok(());
+        }
+        let need = (5 + new_total.div_ceil(8)).div_ceil(PAGE as u64) as u32;
+        let reserved = s.used_blobid_mask_start - s.used_cluster_mask_start;
+        if need > reserved || new_total > u64::from(u32::MAX) {
+            return Err(enospc(format!(
+                "the cluster mask for {new_total} clusters does not fit in the space reserved at init"
+            )));
+        }
+        self.update_super(|s| {
+            s.size = dev_bytes;
+            s.used_cluster_mask_len = need;
+            s.clean = 0;
+        })
+        .await?;
+        let mut st = self.state();
+        st.total_clusters = new_total;
+        st.used_clusters.resize(new_total);
+        st.clean_on_disk = false;
+        Ok(())
+    }
+
+    pub(crate) fn max_growable_size(&self) -> u64 {
+        let md_len = u64::from(self.geo.md_len);
+        let pages = (5 + md_len.div_ceil(8)).div_ceil(PAGE as u64);
+        (pages * PAGE as u64 - 5) * 8 * u64::from(self.geo.cluster_size)
+    }
+}
+
+impl BlobInner {
+    pub(crate) fn cluster_at_pub(&self, idx: usize) -> u32 {
+        self.lock().md.clusters.get(idx).copied().unwrap_or(0)
+    }
+
+    pub(crate) fn parent(&self) -> Parent {
+        let s = self.lock();
+        if s.md.esnap() {
+            return Parent::External(
+                s.md.get_internal(XATTR_EXTSNAP)
+                    .map(|v| v.to_vec())
+                    .unwrap_or_default(),
+            );
+        }
+        if let Ok(Some(p)) = s.md.snap_parent() {
+            return Parent::Snapshot(p);
+        }
+        if s.md.thin() {
+            Parent::Zeroes
+        } else {
+            Parent::None
+        }
+    }
+
+    pub(crate) async fn set_esnap_dev(&self, dev: Option<Arc<dyn BsDev>>) -> Result<()> {
+        if let Some(d) = &dev {
+            self.bs.check_esnap_dev(d.as_ref())?;
+        }
+        let _f = self.freeze.write().await;
+        let mut s = self.lock();
+        if !s.md.esnap() {
+            return Err(einval(format!("blob {:#x} is not an esnap clone", self.id)));
+        }
+        s.back = Back::Esnap(dev);
+        Ok(())
+    }
+}

@@ -1,0 +1,1302 @@
+//! Store state and store-level operations: geometry, masks, super block writes, init, load
+//! (clean and recovery), unload, md persistence and blob open/close bookkeeping.
+//!
+//! Lock order, always: a blob's freeze lock, then its allocation lock, then the store's
+//! `md_lock`, then the std mutexes (never held across an await).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use iobuf::IoBuf;
+
+use crate::blob::{Back, BlobInner, BlobState};
+use crate::error::{corrupt, einval, enoent, enospc};
+use crate::format::*;
+use crate::inspect::SuperBlockInfo;
+use crate::md::{parse_chain, BlobMd};
+use crate::{BlobId, BsDev, BsError, BsOpts, ClearMethod, EsnapDevFactory, Result, BLOBID_INVALID};
+
+/// Fixed geometry of a loaded store.
+#[derive(Clone, Debug)]
+pub(crate) struct Geo {
+    pub io_unit: u32,
+    pub cluster_size: u32,
+    pub md_start: u32,
+    pub md_len: u32,
+    pub lba_per_cluster: u64,
+    pub lba_per_page: u64,
+    pub md_clusters: u64,
+}
+
+impl Geo {
+    pub(crate) fn page_lba(&self, md_page: u32) -> u64 {
+        (u64::from(self.md_start) + u64::from(md_page)) * self.lba_per_page
+    }
+}
+
+pub(crate) struct StoreState {
+    pub sbi: SuperBlockInfo,
+    pub total_clusters: u64,
+    pub used_pages: Bitmap,
+    pub used_clusters: Bitmap,
+    pub used_blobids: Bitmap,
+    pub clean_on_disk: bool,
+    pub super_blob: u64,
+    pub open: HashMap<BlobId, Arc<BlobInner>>,
+    /// Snapshot -> its clones, in creation / load order.
+    pub clones: BTreeMap<BlobId, Vec<BlobId>>,
+    /// Clone -> its snapshot parent.
+    pub parent_of: HashMap<BlobId, BlobId>,
+    pub busy: HashSet<BlobId>,
+    pub unloaded: bool,
+}
+
+pub(crate) struct StoreInner {
+    pub dev: Arc<dyn BsDev>,
+    pub geo: Geo,
+    pub align: usize,
+    pub md_lock: async_lock::Mutex<()>,
+    pub st: Mutex<StoreState>,
+    pub factory: Option<Arc<dyn EsnapDevFactory>>,
+}
+
+pub(crate) fn io_err(e: std::io::Error) -> BsError {
+    BsError::Io(e)
+}
+
+/// Releases the busy marks of an operation when dropped.
+pub(crate) struct BusyGuard {
+    bs: Arc<StoreInner>,
+    ids: Vec<BlobId>,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let mut st = self.bs.state();
+        for id in &self.ids {
+            st.busy.remove(id);
+        }
+    }
+}
+
+/// Computed layout for init.
+struct Layout {
+    total_clusters: u64,
+    page_mask_len: u32,
+    cluster_mask_start: u32,
+    cluster_mask_len: u32,
+    blobid_mask_start: u32,
+    blobid_mask_len: u32,
+    md_start: u32,
+    md_len: u32,
+    md_clusters: u64,
+}
+
+fn mask_pages(bits: u64) -> u32 {
+    (5 + bits.div_ceil(8)).div_ceil(PAGE as u64) as u32
+}
+
+fn compute_layout(dev_bytes: u64, cluster_size: u32, num_md_pages: Option<u32>) -> Result<Layout> {
+    if cluster_size < PAGE as u32 || cluster_size % PAGE as u32 != 0 {
+        return Err(einval(format!(
+            "cluster size {cluster_size} is not a multiple of {PAGE}"
+        )));
+    }
+    if dev_bytes < u64::from(cluster_size) {
+        return Err(enospc(format!(
+            "device of {dev_bytes} bytes is smaller than one cluster ({cluster_size})"
+        )));
+    }
+    let total_clusters = dev_bytes / u64::from(cluster_size);
+    let md_len64 = match num_md_pages {
+        Some(n) if n != u32::MAX => u64::from(n),
+        _ => total_clusters,
+    };
+    let md_len = u32::try_from(md_len64)
+        .map_err(|_| BsError::NoMemory(format!("{md_len64} md pages is too many")))?;
+    let page_mask_len = mask_pages(md_len64);
+    let cluster_mask_len = mask_pages(total_clusters);
+    let reserved = cluster_mask_len.max(mask_pages(md_len64));
+    let cluster_mask_start = 1 + page_mask_len;
+    let blobid_mask_start = cluster_mask_start + reserved;
+    let blobid_mask_len = mask_pages(md_len64);
+    let md_start = blobid_mask_start + blobid_mask_len;
+    let ppc = u64::from(cluster_size) / PAGE as u64;
+    let md_clusters = (u64::from(md_start) + md_len64).div_ceil(ppc);
+    if md_clusters > total_clusters {
+        return Err(BsError::NoMemory(format!(
+            "metadata needs {md_clusters} clusters but the device has {total_clusters}"
+        )));
+    }
+    Ok(Layout {
+        total_clusters,
+        page_mask_len,
+        cluster_mask_start,
+        cluster_mask_len,
+        blobid_mask_start,
+        blobid_mask_len,
+        md_start,
+        md_len,
+        md_clusters,
+    })
+}
+
+fn bstype_str(b: &[u8; 16]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(16);
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// Validates a super block as `bs_super_validate` does, plus geometry sanity checks so a
+/// hostile super block can never make us index outside the device.
+pub(crate) fn validate_super(
+    s: &SuperBlockInfo,
+    dev: &dyn BsDev,
+    bstype: Option<&[u8; 16]>,
+) -> Result<()> {
+    if !(1..=VERSION).contains(&s.version) {
+        return Err(BsError::BadSuperBlock(format!(
+            "unsupported version {}",
+            s.version
+        )));
+    }
+    if &s.signature != SIGNATURE {
+        return Err(BsError::BadSuperBlock(format!(
+            "signature {:02x?} is not SPDKBLOB",
+            s.signature
+        )));
+    }
+    if !s.crc_ok {
+        return Err(BsError::BadSuperBlock(format!(
+            "crc mismatch (stored {:#010x})",
+            s.crc
+        )));
+    }
+    if let Some(want) = bstype {
+        if want.iter().any(|&b| b != 0) && want != &s.bstype {
+            return Err(BsError::BstypeMismatch {
+                found: bstype_str(&s.bstype),
+                wanted: bstype_str(want),
+            });
+        }
+    }
+    let dev_bytes = u64::from(dev.block_len()).saturating_mul(dev.block_count());
+    if s.size > dev_bytes {
+        return Err(BsError::BadSuperBlock(format!(
+            "store size {} is larger than the device ({dev_bytes} bytes)",
+            s.size
+        )));
+    }
+    if s.md_page_size != 0 && s.md_page_size != PAGE as u32 {
+        return Err(einval(format!(
+            "md page size {} is not supported (only 4096)",
+            s.md_page_size
+        )));
+    }
+    let io_unit = if s.io_unit_size == 0 { 4096 } else { s.io_unit_size };
+    if io_unit != dev.block_len() {
+        return Err(einval(format!(
+            "store io_unit_size {io_unit} differs from the device block size {}",
+            dev.block_len()
+        )));
+    }
+    if s.cluster_size < PAGE as u32 || s.cluster_size % PAGE as u32 != 0 {
+        return Err(BsError::BadSuperBlock(format!(
+            "cluster size {} is not a multiple of 4096",
+            s.cluster_size
+        )));
+    }
+    let size = if s.size == 0 { dev_bytes } else { s.size };
+    let total_pages = size / PAGE as u64;
+    let md_end = u64::from(s.md_start) + u64::from(s.md_len);
+    let regions = [
+        (s.used_page_mask_start, s.used_page_mask_len, "used page mask"),
+        (
+            s.used_cluster_mask_start,
+            s.used_cluster_mask_len,
+            "used cluster mask",
+        ),
+        (
+            s.used_blobid_mask_start,
+            s.used_blobid_mask_len,
+            "used blobid mask",
+        ),
+    ];
+    for (start, len, what) in regions {
+        if u64::from(start) + u64::from(len) > total_pages {
+            return Err(BsError::BadSuperBlock(format!(
+                "{what} (pages {start}+{len}) lies outside the store"
+            )));
+        }
+    }
+    if md_end > total_pages || s.md_start == 0 {
+        return Err(BsError::BadSuperBlock(format!(
+            "md region (pages {}+{}) lies outside the store",
+            s.md_start, s.md_len
+        )));
+    }
+    if size / u64::from(s.cluster_size) == 0 {
+        return Err(BsError::BadSuperBlock("store holds no cluster".into()));
+    }
+    if (size / u64::from(s.cluster_size)) > u64::from(u32::MAX) {
+        return Err(BsError::BadSuperBlock("too many clusters".into()));
+    }
+    Ok(())
+}
+
+/// Reads md pages in chunks, for scans.
+pub(crate) struct PageCache<'a> {
+    dev: &'a dyn BsDev,
+    geo: &'a Geo,
+    align: usize,
+    chunk: u32,
+    base: u32,
+    data: Vec<u8>,
+}
+
+impl<'a> PageCache<'a> {
+    pub(crate) fn new(dev: &'a dyn BsDev, geo: &'a Geo, align: usize) -> PageCache<'a> {
+        PageCache {
+            dev,
+            geo,
+            align,
+            chunk: 64,
+            base: u32::MAX,
+            data: Vec::new(),
+        }
+    }
+    pub(crate) async fn get(&mut self, p: u32) -> Result<&[u8]> {
+        if p >= self.geo.md_len {
+            return Err(corrupt(format!(
+                "md page {p} is outside the md region ({} pages)",
+                self.geo.md_len
+            )));
+        }
+        if self.base == u32::MAX || p < self.base || p >= self.base + self.chunk {
+            let base = p - p % self.chunk;
+            let n = self.chunk.min(self.geo.md_len - base);
+            let buf = IoBuf::new(n as usize * PAGE, self.align);
+            let buf = self
+                .dev
+                .read(self.geo.page_lba(base), buf)
+                .await
+                .map_err(io_err)?;
+            self.data = buf.to_vec();
+            self.base = base;
+        }
+        let o = (p - self.base) as usize * PAGE;
+        Ok(&self.data[o..o + PAGE])
+    }
+}
+
+/// What the load-time scan learns about one blob without opening it.
+#[derive(Default)]
+struct BlobSummary {
+    parent: Option<BlobId>,
+    snaptmp: Option<BlobId>,
+    snaprm: Option<BlobId>,
+}
+
+impl StoreInner {
+    pub(crate) fn state(&self) -> MutexGuard<'_, StoreState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn busy_guard(self: &Arc<Self>, ids: &[BlobId]) -> Result<BusyGuard> {
+        let mut st = self.state();
+        if let Some(id) = ids.iter().find(|id| st.busy.contains(id)) {
+            return Err(crate::error::busy(format!(
+                "another operation is in progress on blob {id:#x}"
+            )));
+        }
+        for id in ids {
+            st.busy.insert(*id);
+        }
+        Ok(BusyGuard {
+            bs: self.clone(),
+            ids: ids.to_vec(),
+        })
+    }
+
+    pub(crate) fn check_live(&self) -> Result<()> {
+        if self.state().unloaded {
+            return Err(BsError::BadHandle("the blobstore was unloaded".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn read_md_page(&self, p: u32) -> Result<Vec<u8>> {
+        if p >= self.geo.md_len {
+            return Err(corrupt(format!(
+                "md page {p} is outside the md region ({} pages)",
+                self.geo.md_len
+            )));
+        }
+        let buf = IoBuf::new(PAGE, self.align);
+        let buf = self
+            .dev
+            .read(self.geo.page_lba(p), buf)
+            .await
+            .map_err(io_err)?;
+        Ok(buf.to_vec())
+    }
+
+    pub(crate) async fn write_md_page(&self, p: u32, data: &[u8]) -> Result<()> {
+        let buf = IoBuf::from_slice(data, self.align);
+        self.dev
+            .write(self.geo.page_lba(p), buf)
+            .await
+            .map_err(io_err)?;
+        Ok(())
+    }
+
+    pub(crate) async fn read_super(&self) -> Result<SuperBlockInfo> {
+        let n = PAGE as u64 / u64::from(self.geo.io_unit);
+        let _ = n;
+        let buf = IoBuf::new(PAGE, self.align);
+        let buf = self.dev.read(0, buf).await.map_err(io_err)?;
+        let s = parse_super(&buf)?;
+        validate_super(&s, self.dev.as_ref(), None)?;
+        Ok(s)
+    }
+
+    async fn write_super(&self, s: &SuperBlockInfo) -> Result<()> {
+        let b = write_super(s);
+        self.dev
+            .write(0, IoBuf::from_slice(&b, self.align))
+            .await
+            .map_err(io_err)?;
+        Ok(())
+    }
+
+    /// Rewrites the super block after patching it; re-reads and validates first.
+    pub(crate) async fn update_super(&self, f: impl FnOnce(&mut SuperBlockInfo)) -> Result<()> {
+        let mut s = self.read_super().await?;
+        f(&mut s);
+        self.write_super(&s).await?;
+        self.state().sbi = s;
+        Ok(())
+    }
+
+    /// Marks the super block dirty before the first md write (md_lock held).
+    pub(crate) async fn mark_dirty(&self) -> Result<()> {
+        if !self.state().clean_on_disk {
+            return Ok(());
+        }
+        let size = self.state().sbi.size;
+        let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
+        self.update_super(|s| {
+            s.clean = 0;
+            if size == 0 {
+                s.size = dev_bytes;
+            }
+        })
+        .await?;
+        self.state().clean_on_disk = false;
+        Ok(())
+    }
+
+    pub(crate) fn alloc_md_page(&self) -> Result<u32> {
+        let mut st = self.state();
+        let p = st.used_pages.first_clear(0).ok_or_else(|| {
+            BsError::NoMemory("no free metadata page".into())
+        })?;
+        st.used_pages.set(p);
+        Ok(p as u32)
+    }
+
+    pub(crate) fn free_md_page(&self, p: u32) {
+        self.state().used_pages.clear(u64::from(p));
+    }
+
+    /// Claims the lowest free cluster.
+    pub(crate) fn claim_cluster(&self) -> Result<u32> {
+        let mut st = self.state();
+        let c = st
+            .used_clusters
+            .first_clear(self.geo.md_clusters)
+            .ok_or_else(|| enospc("no free cluster"))?;
+        st.used_clusters.set(c);
+        Ok(c as u32)
+    }
+
+    /// Claims `n` clusters or none.
+    pub(crate) fn claim_clusters(&self, n: u64) -> Result<Vec<u32>> {
+        let mut st = self.state();
+        let free = st.total_clusters - st.used_clusters.count_ones();
+        if n > free {
+            return Err(enospc(format!("{n} clusters needed, {free} free")));
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        let mut from = self.geo.md_clusters;
+        for _ in 0..n {
+            let c = st
+                .used_clusters
+                .first_clear(from)
+                .ok_or_else(|| enospc("no free cluster"))?;
+            st.used_clusters.set(c);
+            out.push(c as u32);
+            from = c + 1;
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn unclaim_clusters(&self, cs: &[u32]) {
+        let mut st = self.state();
+        for &c in cs {
+            if u64::from(c) >= self.geo.md_clusters {
+                st.used_clusters.clear(u64::from(c));
+            }
+        }
+    }
+
+    /// Clears (per the clear method) and frees clusters.
+    pub(crate) async fn release_clusters(&self, cs: &[u32], method: ClearMethod) {
+        for &c in cs {
+            if c == 0 {
+                continue;
+            }
+            let lba = u64::from(c) * self.geo.lba_per_cluster;
+            let n = self.geo.lba_per_cluster;
+            let r = match method {
+                ClearMethod::None => Ok(()),
+                ClearMethod::WriteZeroes => self.dev.write_zeroes(lba, n).await,
+                ClearMethod::Default | ClearMethod::Unmap => self.dev.unmap(lba, n).await,
+            };
+            if let Err(e) = r {
+                tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
+            }
+        }
+        self.unclaim_clusters(cs);
+    }
+
+    /// Zeroes then frees md pages (old chain pages, released extent pages).
+    pub(crate) async fn release_md_pages(&self, pages: &[u32]) {
+        let zero = vec![0u8; PAGE];
+        for &p in pages {
+            if p == 0 || p >= self.geo.md_len {
+                continue;
+            }
+            if let Err(e) = self.write_md_page(p, &zero).await {
+                tracing::debug!(target: "blob", "zeroing md page {p} failed: {e}");
+                // Keep it claimed: an unzeroed page must not be reused while we are unsure.
+                continue;
+            }
+            self.free_md_page(p);
+        }
+    }
+
+    /// Writes a blob's metadata (md_lock held): new and changed extent pages to fresh pages,
+    /// continuation pages to fresh pages, then the root page (the commit point), then frees
+    /// what the old version used. Returns the new chain and extent-page list.
+    pub(crate) async fn persist_md(
+        &self,
+        id: BlobId,
+        md: &BlobMd,
+        old_chain: &[u32],
+        ep_dirty: &BTreeSet<usize>,
+        pending_clusters: &[u32],
+    ) -> Result<(Vec<u32>, Vec<u32>)> {
+        let root = blobid_to_page(id).ok_or_else(|| einval(format!("bad blob id {id:#x}")))?;
+        self.mark_dirty().await?;
+        let mut md = md.clone();
+        let mut new_pages: Vec<u32> = Vec::new();
+        let mut old_eps: Vec<u32> = Vec::new();
+        let res = async {
+            if md.use_et() {
+                let n = md.num_chunks();
+                if md.eps.len() > n {
+                    old_eps.extend(md.eps[n..].iter().copied().filter(|&p| p != 0));
+                }
+                md.eps.resize(n, 0);
+                for k in 0..n {
+                    let needs = !md.thin() || md.chunk_needs_page(k);
+                    if !needs {
+                        continue;
+                    }
+                    let cur = md.eps[k];
+                    if cur != 0 && !ep_dirty.contains(&k) {
+                        continue;
+                    }
+                    let p = self.alloc_md_page()?;
+                    new_pages.push(p);
+                    let page = build_extent_page(
+                        id,
+                        (k * EXTENTS_PER_EP) as u32,
+                        md.chunk_entries(k),
+                    );
+                    self.write_md_page(p, &page).await?;
+                    if cur != 0 {
+                        old_eps.push(cur);
+                    }
+                    md.eps[k] = p;
+                }
+            } else {
+                old_eps.extend(md.eps.iter().copied().filter(|&p| p != 0));
+                md.eps.clear();
+            }
+            let mut pages = md.serialize(id)?;
+            let mut chain = vec![root];
+            for _ in 1..pages.len() {
+                let p = self.alloc_md_page()?;
+                new_pages.push(p);
+                chain.push(p);
+            }
+            for i in 0..pages.len() {
+                let next = chain.get(i + 1).copied().unwrap_or(INVALID_PAGE);
+                wr_u32(&mut pages[i], NEXT_OFF, next);
+                seal_page(&mut pages[i]);
+            }
+            for i in 1..pages.len() {
+                self.write_md_page(chain[i], &pages[i]).await?;
+            }
+            Ok::<_, BsError>((chain, pages))
+        }
+        .await;
+        let (chain, pages) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                for p in new_pages {
+                    self.free_md_page(p);
+                }
+                return Err(e);
+            }
+        };
+        // The commit point. On failure the new pages stay claimed (we cannot know whether
+        // the root reached the disk); recovery sorts them out.
+        self.write_md_page(root, &pages[0]).await?;
+        let mut stale: Vec<u32> = old_chain
+            .iter()
+            .skip(1)
+            .copied()
+            .filter(|p| !chain.contains(p))
+            .collect();
+        stale.extend(old_eps);
+        self.release_md_pages(&stale).await;
+        self.release_clusters(pending_clusters, md.clear_method())
+            .await;
+        Ok((chain, md.eps))
+    }
+
+    /// Deletes a blob's metadata (md_lock held): zeroes the root first (the commit point),
+    /// then the other pages, then releases clusters.
+    pub(crate) async fn persist_delete(&self, id: BlobId, md: &BlobMd, chain: &[u32]) -> Result<()> {
+        let root = blobid_to_page(id).ok_or_else(|| einval(format!("bad blob id {id:#x}")))?;
+        self.mark_dirty().await?;
+        self.write_md_page(root, &vec![0u8; PAGE]).await?;
+        let mut pages: Vec<u32> = chain.iter().skip(1).copied().collect();
+        pages.extend(md.eps.iter().copied().filter(|&p| p != 0));
+        self.release_md_pages(&pages).await;
+        self.free_md_page(root);
+        let cs: Vec<u32> = md.clusters.iter().copied().filter(|&c| c != 0).collect();
+        self.release_clusters(&cs, md.clear_method()).await;
+        Ok(())
+    }
+
+    /// Reads and checks a blob's chain and extent pages (md_lock held or blob not open).
+    pub(crate) async fn load_blob_md(&self, id: BlobId) -> Result<(BlobMd, Vec<u32>)> {
+        let root = blobid_to_page(id)
+            .filter(|&p| p < self.geo.md_len)
+            .ok_or_else(|| enoent(format!("blob {id:#x} does not exist")))?;
+        if !self.state().used_blobids.get(u64::from(root)) {
+            return Err(enoent(format!("blob {id:#x} does not exist")));
+        }
+        let mut pages = Vec::new();
+        let mut chain = Vec::new();
+        let mut p = root;
+        loop {
+            if chain.contains(&p) {
+                return Err(corrupt(format!("blob {id:#x}: md chain loops at page {p}")));
+            }
+            let raw = self.read_md_page(p).await?;
+            let info = parse_md_page(&raw)?;
+            if !info.crc_ok {
+                return Err(corrupt(format!("blob {id:#x}: bad crc in md page {p}")));
+            }
+            if chain.is_empty() && info.id != id {
+                return Err(enoent(format!(
+                    "blob {id:#x}: md page {p} belongs to {:#x}",
+                    info.id
+                )));
+            }
+            chain.push(p);
+            let next = info.next;
+            pages.push(info);
+            if next == INVALID_PAGE {
+                break;
+            }
+            if next >= self.geo.md_len {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: md page {p} points to page {next} outside the md region"
+                )));
+            }
+            p = next;
+        }
+        let total = self.state().total_clusters;
+        let ci = parse_chain(id, &pages, total)?;
+        let mut md = ci.md;
+        if let Some((num, entries)) = ci.table {
+            md.clusters.clear();
+            md.eps.clear();
+            let mut remaining = num;
+            for (pidx, npages) in entries {
+                if pidx == 0 {
+                    if !md.thin() {
+                        return Err(corrupt(format!(
+                            "blob {id:#x}: unallocated extent pages in a thick blob"
+                        )));
+                    }
+                    for _ in 0..npages {
+                        let n = remaining.min(EXTENTS_PER_EP as u64);
+                        if n == 0 {
+                            break;
+                        }
+                        md.clusters.extend(std::iter::repeat_n(0, n as usize));
+                        md.eps.push(0);
+                        remaining -= n;
+                    }
+                    continue;
+                }
+                let raw = self.read_md_page(pidx).await?;
+                let info = parse_md_page(&raw)?;
+                if !info.crc_ok {
+                    return Err(corrupt(format!(
+                        "blob {id:#x}: bad crc in extent page {pidx}"
+                    )));
+                }
+                if info.next != INVALID_PAGE {
+                    return Err(corrupt(format!(
+                        "blob {id:#x}: extent page {pidx} has a next pointer"
+                    )));
+                }
+                let (start, entries) = extent_page_contents(&info).ok_or_else(|| {
+                    enoent(format!("blob {id:#x}: md page {pidx} is not an extent page"))
+                })?;
+                if start as usize != md.clusters.len() {
+                    return Err(corrupt(format!(
+                        "blob {id:#x}: extent page {pidx} starts at cluster {start}, expected {}",
+                        md.clusters.len()
+                    )));
+                }
+                if entries.len() > EXTENTS_PER_EP || entries.len() as u64 > remaining {
+                    return Err(corrupt(format!(
+                        "blob {id:#x}: extent page {pidx} holds {} entries, more than the table allows",
+                        entries.len()
+                    )));
+                }
+                md.clusters.extend_from_slice(entries);
+                md.eps.push(pidx);
+                remaining -= entries.len() as u64;
+            }
+        }
+        let st = self.state();
+        for (i, &c) in md.clusters.iter().enumerate() {
+            if c == 0 {
+                if !md.thin() {
+                    return Err(corrupt(format!(
+                        "blob {id:#x}: cluster {i} unallocated in a thick blob"
+                    )));
+                }
+            } else if u64::from(c) >= st.total_clusters
+                || u64::from(c) < self.geo.md_clusters
+                || !st.used_clusters.get(u64::from(c))
+            {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: cluster {i} maps to cluster {c}, which is not a used data cluster"
+                )));
+            }
+        }
+        Ok((md, chain))
+    }
+
+    /// Opens a blob (md_lock held). An open blob gets `open_ref + 1`.
+    pub(crate) fn open_locked(self: &Arc<Self>, id: BlobId) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
+        async move {
+            if let Some(b) = self.state().open.get(&id).cloned() {
+                b.lock().open_ref += 1;
+                return Ok(b);
+            }
+            let (md, chain) = self.load_blob_md(id).await?;
+            let data_ro = md.data_ro != 0;
+            let md_ro = data_ro || md.md_ro & !MD_RO_CLEAR_MASK != 0;
+            let back = if md.esnap() {
+                let f = self.factory.clone().ok_or_else(|| {
+                    BsError::NotSupported(format!(
+                        "blob {id:#x} is an esnap clone and no esnap device factory was given"
+                    ))
+                })?;
+                let eid = md
+                    .get_internal(XATTR_EXTSNAP)
+                    .ok_or_else(|| {
+                        einval(format!("esnap clone {id:#x} has no EXTSNAP xattr"))
+                    })?
+                    .to_vec();
+                let dev = f.create(id, &eid).await?;
+                if let Some(d) = &dev {
+                    self.check_esnap_dev(d.as_ref())?;
+                }
+                Back::Esnap(dev)
+            } else if let Some(p) = md.snap_parent()? {
+                Back::Snapshot(self.open_locked(p).await?)
+            } else if md.thin() {
+                Back::Zeroes
+            } else {
+                Back::None
+            };
+            let inner = Arc::new(BlobInner::new(
+                id,
+                self.clone(),
+                BlobState::new(md, chain, data_ro, md_ro, back),
+            ));
+            self.state().open.insert(id, inner.clone());
+            Ok(inner)
+        }
+        .boxed()
+    }
+
+    pub(crate) fn check_esnap_dev(&self, d: &dyn BsDev) -> Result<()> {
+        let bl = d.block_len();
+        if bl == 0 || self.geo.io_unit % bl != 0 {
+            return Err(einval(format!(
+                "esnap device block size {bl} does not divide the io unit {}",
+                self.geo.io_unit
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drops one open reference (md_lock held); persists dirty md first.
+    pub(crate) fn close_locked(self: &Arc<Self>, b: Arc<BlobInner>) -> BoxFuture<'_, Result<()>> {
+        async move {
+            {
+                let s = b.lock();
+                if s.open_ref == 0 {
+                    return Err(BsError::BadHandle(format!("blob {:#x} is not open", b.id)));
+                }
+            }
+            if b.lock().dirty {
+                b.persist_locked().await?;
+            }
+            let back = {
+                let mut s = b.lock();
+                s.open_ref -= 1;
+                if s.open_ref > 0 {
+                    return Ok(());
+                }
+                std::mem::replace(&mut s.back, Back::None)
+            };
+            self.state().open.remove(&b.id);
+            if let Back::Snapshot(p) = back {
+                self.close_locked(p).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    pub(crate) fn free_clusters(&self) -> u64 {
+        let st = self.state();
+        st.total_clusters - st.used_clusters.count_ones()
+    }
+
+    pub(crate) fn add_relation(&self, snap: BlobId, clone: BlobId) {
+        let mut st = self.state();
+        st.parent_of.insert(clone, snap);
+        let v = st.clones.entry(snap).or_default();
+        if !v.contains(&clone) {
+            v.push(clone);
+        }
+    }
+
+    pub(crate) fn remove_relation(&self, clone: BlobId) {
+        let mut st = self.state();
+        if let Some(p) = st.parent_of.remove(&clone) {
+            if let Some(v) = st.clones.get_mut(&p) {
+                v.retain(|&c| c != clone);
+                if v.is_empty() {
+                    st.clones.remove(&p);
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// init / load / unload
+
+pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<StoreInner>> {
+    let bl = dev.block_len();
+    if !bl.is_power_of_two() || !(512..=PAGE as u32).contains(&bl) {
+        return Err(einval(format!(
+            "device block size {bl} is not a power of two between 512 and 4096"
+        )));
+    }
+    let cluster_size = if opts.cluster_size == 0 {
+        1 << 20
+    } else {
+        opts.cluster_size
+    };
+    let dev_bytes = u64::from(bl).saturating_mul(dev.block_count());
+    let l = compute_layout(dev_bytes, cluster_size, opts.num_md_pages)?;
+    let lba_per_page = PAGE as u64 / u64::from(bl);
+    let md_end_lba = (u64::from(l.md_start) + u64::from(l.md_len)) * lba_per_page;
+    dev.write_zeroes(0, md_end_lba).await.map_err(io_err)?;
+    let data_start = md_end_lba;
+    let data_end = l.total_clusters * (u64::from(cluster_size) / u64::from(bl));
+    if data_end > data_start {
+        let r = match opts.clear_method {
+            ClearMethod::None => Ok(()),
+            ClearMethod::WriteZeroes => dev.write_zeroes(data_start, data_end - data_start).await,
+            ClearMethod::Default | ClearMethod::Unmap => {
+                dev.unmap(data_start, data_end - data_start).await
+            }
+        };
+        if let Err(e) = r {
+            if opts.clear_method == ClearMethod::WriteZeroes {
+                return Err(io_err(e));
+            }
+            tracing::debug!(target: "blob", "unmap at init failed: {e}");
+        }
+    }
+    let sbi = SuperBlockInfo {
+        signature: *SIGNATURE,
+        version: VERSION,
+        length: PAGE as u32,
+        clean: 0,
+        super_blob: BLOBID_INVALID,
+        cluster_size,
+        used_page_mask_start: 1,
+        used_page_mask_len: l.page_mask_len,
+        used_cluster_mask_start: l.cluster_mask_start,
+        used_cluster_mask_len: l.cluster_mask_len,
+        md_start: l.md_start,
+        md_len: l.md_len,
+        bstype: opts.bstype,
+        used_blobid_mask_start: l.blobid_mask_start,
+        used_blobid_mask_len: l.blobid_mask_len,
+        size: dev_bytes,
+        io_unit_size: bl,
+        md_page_size: 0,
+        crc: 0,
+        crc_ok: true,
+    };
+    let align = dev.buf_align();
+    dev.write(0, IoBuf::from_slice(&write_super(&sbi), align))
+        .await
+        .map_err(io_err)?;
+    let geo = Geo {
+        io_unit: bl,
+        cluster_size,
+        md_start: l.md_start,
+        md_len: l.md_len,
+        lba_per_cluster: u64::from(cluster_size) / u64::from(bl),
+        lba_per_page,
+        md_clusters: l.md_clusters,
+    };
+    let mut used_clusters = Bitmap::new(l.total_clusters);
+    for c in 0..l.md_clusters {
+        used_clusters.set(c);
+    }
+    Ok(Arc::new(StoreInner {
+        dev,
+        geo,
+        align,
+        md_lock: async_lock::Mutex::new(()),
+        st: Mutex::new(StoreState {
+            sbi,
+            total_clusters: l.total_clusters,
+            used_pages: Bitmap::new(u64::from(l.md_len)),
+            used_clusters,
+            used_blobids: Bitmap::new(u64::from(l.md_len)),
+            clean_on_disk: false,
+            super_blob: BLOBID_INVALID,
+            open: HashMap::new(),
+            clones: BTreeMap::new(),
+            parent_of: HashMap::new(),
+            busy: HashSet::new(),
+            unloaded: false,
+        }),
+        factory: opts.esnap_factory.clone(),
+    }))
+}
+
+/// Validated geometry from a super block.
+pub(crate) fn geo_from_super(s: &SuperBlockInfo, dev: &dyn BsDev) -> (Geo, u64) {
+    let dev_bytes = u64::from(dev.block_len()) * dev.block_count();
+    let size = if s.size == 0 { dev_bytes } else { s.size };
+    let io_unit = dev.block_len();
+    let ppc = u64::from(s.cluster_size) / PAGE as u64;
+    let geo = Geo {
+        io_unit,
+        cluster_size: s.cluster_size,
+        md_start: s.md_start,
+        md_len: s.md_len,
+        lba_per_cluster: u64::from(s.cluster_size) / u64::from(io_unit),
+        lba_per_page: PAGE as u64 / u64::from(io_unit),
+        md_clusters: (u64::from(s.md_start) + u64::from(s.md_len)).div_ceil(ppc),
+    };
+    (geo, size / u64::from(s.cluster_size))
+}
+
+/// Masks read from disk for a clean store, or `None` when they do not hold up.
+async fn read_masks(
+    dev: &dyn BsDev,
+    s: &SuperBlockInfo,
+    geo: &Geo,
+    total: u64,
+    align: usize,
+) -> Result<Option<(Bitmap, Bitmap, Bitmap)>> {
+    let read = |start: u32, len: u32| async move {
+        let buf = IoBuf::new(len as usize * PAGE, align);
+        dev.read(u64::from(start) * geo.lba_per_page, buf)
+            .await
+            .map_err(io_err)
+    };
+    let md_len = u64::from(geo.md_len);
+    let pb = read(s.used_page_mask_start, s.used_page_mask_len).await?;
+    let cb = read(s.used_cluster_mask_start, s.used_cluster_mask_len).await?;
+    let bb = read(s.used_blobid_mask_start, s.used_blobid_mask_len).await?;
+    let (Some(p), Some(c), Some(b)) = (
+        Bitmap::from_mask(&pb, MASK_PAGES, md_len),
+        Bitmap::from_mask(&cb, MASK_CLUSTERS, total),
+        Bitmap::from_mask(&bb, MASK_BLOBIDS, md_len),
+    ) else {
+        return Ok(None);
+    };
+    Ok(Some((p, c, b)))
+}
+
+/// Rebuilds the three masks by walking md pages (format §8).
+pub(crate) async fn recover_masks(
+    dev: &dyn BsDev,
+    geo: &Geo,
+    total: u64,
+    align: usize,
+) -> Result<(Bitmap, Bitmap, Bitmap)> {
+    let md_len = geo.md_len;
+    let mut pages = Bitmap::new(u64::from(md_len));
+    let mut clusters = Bitmap::new(total);
+    let mut blobids = Bitmap::new(u64::from(md_len));
+    let mut cache = PageCache::new(dev, geo, align);
+    let mark = |clusters: &mut Bitmap, c: u32, what: u64| {
+        if u64::from(c) < total {
+            clusters.set(u64::from(c));
+        } else {
+            tracing::warn!(target: "blob", "recovery: blob {what:#x} maps cluster {c} beyond the store");
+        }
+    };
+    for p in 0..md_len {
+        if pages.get(u64::from(p)) {
+            continue;
+        }
+        let info = parse_md_page(cache.get(p).await?)?;
+        if !info.crc_ok || info.sequence_num != 0 || info.id != page_to_blobid(p) {
+            continue;
+        }
+        let id = info.id;
+        pages.set(u64::from(p));
+        blobids.set(u64::from(p));
+        let mut ep_list: Vec<u32> = Vec::new();
+        let mut cur = info;
+        let mut seen = vec![p];
+        loop {
+            for d in &cur.descriptors {
+                match d {
+                    crate::inspect::Descriptor::ExtentRle(runs) => {
+                        for &(c, l) in runs {
+                            if c != 0 {
+                                let end = (u64::from(c) + u64::from(l)).min(total);
+                                if u64::from(c) + u64::from(l) > total {
+                                    mark(&mut clusters, u32::MAX, id);
+                                }
+                                for k in u64::from(c)..end {
+                                    clusters.set(k);
+                                }
+                            }
+                        }
+                    }
+                    crate::inspect::Descriptor::ExtentTable { entries, .. } => {
+                        ep_list.extend(entries.iter().filter(|e| e.0 != 0).map(|e| e.0));
+                    }
+                    _ => {}
+                }
+            }
+            let next = cur.next;
+            if next == INVALID_PAGE || next >= md_len || seen.contains(&next) {
+                break;
+            }
+            let ni = parse_md_page(cache.get(next).await?)?;
+            if !ni.crc_ok {
+                break;
+            }
+            pages.set(u64::from(next));
+            seen.push(next);
+            cur = ni;
+        }
+        for ep in ep_list {
+            if ep >= md_len {
+                continue;
+            }
+            let info = parse_md_page(cache.get(ep).await?)?;
+            let Some((_, entries)) = extent_page_contents(&info) else {
+                tracing::warn!(target: "blob", "recovery: extent page {ep} of blob {id:#x} is invalid");
+                continue;
+            };
+            pages.set(u64::from(ep));
+            for &c in entries {
+                if c != 0 {
+                    mark(&mut clusters, c, id);
+                }
+            }
+        }
+    }
+    for c in 0..geo.md_clusters.min(total) {
+        clusters.set(c);
+    }
+    Ok((pages, clusters, blobids))
+}
+
+pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<StoreInner>> {
+    let align = dev.buf_align();
+    let bl = dev.block_len();
+    if !bl.is_power_of_two() || !(512..=PAGE as u32).contains(&bl) {
+        return Err(einval(format!(
+            "device block size {bl} is not a power of two between 512 and 4096"
+        )));
+    }
+    if dev.block_count().saturating_mul(u64::from(bl)) < PAGE as u64 {
+        return Err(BsError::BadSuperBlock("device is smaller than a super block".into()));
+    }
+    let buf = dev.read(0, IoBuf::new(PAGE, align)).await.map_err(io_err)?;
+    let sbi = parse_super(&buf)?;
+    validate_super(&sbi, dev.as_ref(), Some(&opts.bstype))?;
+    let (geo, total) = geo_from_super(&sbi, dev.as_ref());
+    if geo.md_clusters > total {
+        return Err(BsError::BadSuperBlock(format!(
+            "metadata ({} clusters) does not fit in the store ({total} clusters)",
+            geo.md_clusters
+        )));
+    }
+    let need_recovery = sbi.used_blobid_mask_len == 0 || sbi.clean == 0 || opts.force_recover;
+    let masks = if need_recovery {
+        None
+    } else {
+        read_masks(dev.as_ref(), &sbi, &geo, total, align).await?
+    };
+    let (used_pages, mut used_clusters, used_blobids) = match masks {
+        Some(m) => m,
+        None => {
+            if !need_recovery {
+                tracing::warn!(target: "blob", "masks of a clean store are invalid; recovering");
+            }
+            recover_masks(dev.as_ref(), &geo, total, align).await?
+        }
+    };
+    for c in 0..geo.md_clusters {
+        used_clusters.set(c);
+    }
+    let clean_on_disk = sbi.clean == 1 && !need_recovery;
+    let inner = Arc::new(StoreInner {
+        dev,
+        geo,
+        align,
+        md_lock: async_lock::Mutex::new(()),
+        st: Mutex::new(StoreState {
+            super_blob: sbi.super_blob,
+            sbi,
+            total_clusters: total,
+            used_pages,
+            used_clusters,
+            used_blobids,
+            clean_on_disk,
+            open: HashMap::new(),
+            clones: BTreeMap::new(),
+            parent_of: HashMap::new(),
+            busy: HashSet::new(),
+            unloaded: false,
+        }),
+        factory: opts.esnap_factory.clone(),
+    });
+    inner.build_relations().await?;
+    Ok(inner)
+}
+
+impl StoreInner {
+    /// Reads every blob's chain to build the snapshot/clone graph, then runs the
+    /// SNAPTMP / SNAPRM power-failure fix-ups.
+    async fn build_relations(self: &Arc<Self>) -> Result<()> {
+        let ids: Vec<u64> = self.state().used_blobids.iter_ones().collect();
+        let mut summaries: BTreeMap<BlobId, BlobSummary> = BTreeMap::new();
+        {
+            let mut cache = PageCache::new(self.dev.as_ref(), &self.geo, self.align);
+            for p in ids {
+                let p = p as u32;
+                let id = page_to_blobid(p);
+                let mut pages = Vec::new();
+                let mut cur = p;
+                let mut ok = true;
+                loop {
+                    let info = parse_md_page(cache.get(cur).await?)?;
+                    if !info.crc_ok || (pages.is_empty() && info.id != id) {
+                        ok = false;
+                        break;
+                    }
+                    let next = info.next;
+                    pages.push(info);
+                    if next == INVALID_PAGE {
+                        break;
+                    }
+                    if next >= self.geo.md_len || pages.len() > self.geo.md_len as usize {
+                        ok = false;
+                        break;
+                    }
+                    cur = next;
+                }
+                if !ok {
+                    tracing::warn!(target: "blob", "blob {id:#x}: unreadable md chain, skipped");
+                    continue;
+                }
+                let total = self.state().total_clusters;
+                let ci = match parse_chain(id, &pages, total) {
+                    Ok(ci) => ci,
+                    Err(e) => {
+                        tracing::warn!(target: "blob", "blob {id:#x}: {e}, skipped");
+                        continue;
+                    }
+                };
+                let get = |n: &str| {
+                    ci.md
+                        .get_internal(n)
+                        .filter(|v| v.len() == 8)
+                        .map(|v| rd_u64(v, 0))
+                };
+                summaries.insert(
+                    id,
+                    BlobSummary {
+                        parent: ci.md.snap_parent().ok().flatten(),
+                        snaptmp: get(XATTR_SNAPTMP),
+                        snaprm: get(XATTR_SNAPRM),
+                    },
+                );
+            }
+        }
+        for (id, s) in &summaries {
+            if let Some(p) = s.parent {
+                self.add_relation(p, *id);
+            }
+        }
+        for (id, s) in &summaries {
+            let target = s.snaptmp.or(s.snaprm);
+            if let Some(t) = target {
+                self.fixup_pending_snapshot(*id, t, s.snaptmp.is_some()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A snapshot left with SNAPTMP (creation) or SNAPRM (deletion) by a power failure:
+    /// keep it if `target` already points at it, else delete it without freeing anything
+    /// `target` also owns.
+    async fn fixup_pending_snapshot(
+        self: &Arc<Self>,
+        snap: BlobId,
+        target: BlobId,
+        creating: bool,
+    ) -> Result<()> {
+        let _g = self.md_lock.lock().await;
+        let (mut md, chain) = self.load_blob_md(snap).await?;
+        let points_here = self.state().parent_of.get(&target) == Some(&snap);
+        if points_here {
+            md.remove_internal(if creating { XATTR_SNAPTMP } else { XATTR_SNAPRM });
+            if creating {
+                md.data_ro |= DATA_RO_READ_ONLY;
+            }
+            self.persist_md(snap, &md, &chain, &BTreeSet::new(), &[])
+                .await?;
+            tracing::info!(target: "blob", "recovery: kept snapshot {snap:#x}");
+            return Ok(());
+        }
+        let (tclusters, teps): (HashSet<u32>, HashSet<u32>) = match self.load_blob_md(target).await
+        {
+            Ok((tmd, _)) => (
+                tmd.clusters.iter().copied().filter(|&c| c != 0).collect(),
+                tmd.eps.iter().copied().filter(|&p| p != 0).collect(),
+            ),
+            Err(_) => (HashSet::new(), HashSet::new()),
+        };
+        for c in md.clusters.iter_mut() {
+            if tclusters.contains(c) {
+                *c = 0;
+            }
+        }
+        for p in md.eps.iter_mut() {
+            if teps.contains(p) {
+                *p = 0;
+            }
+        }
+        self.state().used_blobids.clear(u64::from(snap as u32));
+        self.persist_delete(snap, &md, &chain).await?;
+        self.remove_relation(snap);
+        let orphans: Vec<BlobId> = self.state().clones.remove(&snap).unwrap_or_default();
+        for o in orphans {
+            self.state().parent_of.remove(&o);
+        }
+        tracing::info!(target: "blob", "recovery: deleted unfinished snapshot {snap:#x}");
+        Ok(())
+    }
+
+    pub(crate) async fn unload(&self) -> Result<()> {
+        let _g = self.md_lock.lock().await;
+        {
+            let st = self.state();
+            if st.unloaded {
+                return Err(BsError::BadHandle("the blobstore was already unloaded".into()));
+            }
+            if !st.open.is_empty() {
+                return Err(crate::error::busy(format!(
+                    "{} blob(s) still open",
+                    st.open.len()
+                )));
+            }
+        }
+        let s = self.read_super().await?;
+        let (pm, cm, bm, total) = {
+            let st = self.state();
+            (
+                st.used_pages.to_mask(MASK_PAGES, s.used_page_mask_len),
+                st.used_clusters
+                    .to_mask(MASK_CLUSTERS, s.used_cluster_mask_len),
+                st.used_blobids.to_mask(MASK_BLOBIDS, s.used_blobid_mask_len),
+                st.total_clusters,
+            )
+        };
+        let lpp = self.geo.lba_per_page;
+        let w = |start: u32, data: Vec<u8>| async move {
+            self.dev
+                .write(u64::from(start) * lpp, IoBuf::from_slice(&data, self.align))
+                .await
+                .map_err(io_err)
+        };
+        w(s.used_page_mask_start, pm).await?;
+        if s.used_blobid_mask_len != 0 {
+            w(s.used_blobid_mask_start, bm).await?;
+        }
+        w(s.used_cluster_mask_start, cm).await?;
+        let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
+        let super_blob = self.state().super_blob;
+        self.update_super(|s| {
+            s.clean = 1;
+            s.super_blob = super_blob;
+            if s.size == 0 {
+                s.size = dev_bytes;
+            }
+            let _ = total;
+        })
+        .await?;
+        let mut st = self.state();
+        st.clean_on_disk = true;
+        st.unloaded = true;
+        Ok(())
+    }
+}

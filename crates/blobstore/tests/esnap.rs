@@ -1,0 +1,309 @@
+//! External snapshots (issue 5 parts 1-2): every move of the esnap link, with data and
+//! on-disk flags checked, across reloads.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use blobstore::inspect::{parse_md_page, Descriptor};
+use blobstore::testing::MemBsDev;
+use blobstore::{BlobId, BlobOpts, Blobstore, BsDev, BsOpts, EsnapDevFactory, IoBuf, Parent, Result};
+use futures::executor::block_on;
+
+const MIB: usize = 1 << 20;
+const ID: &[u8] = b"7e5a0000-e5a0-4e5a-8e5a-000000000001\0";
+
+struct Factory {
+    dev: Arc<MemBsDev>,
+    calls: AtomicU64,
+}
+
+#[async_trait]
+impl EsnapDevFactory for Factory {
+    async fn create(&self, _b: BlobId, id: &[u8]) -> Result<Option<Arc<dyn BsDev>>> {
+        assert_eq!(id, ID);
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(self.dev.clone() as Arc<dyn BsDev>))
+    }
+}
+
+fn base() -> Vec<u8> {
+    let mut v = vec![0u8; 4 * MIB];
+    for (i, b) in v.chunks_mut(4096).enumerate() {
+        let s = format!("BASE {i:6}");
+        b[..s.len()].copy_from_slice(s.as_bytes());
+        b[4095] = (i % 251) as u8;
+    }
+    v
+}
+
+struct Fx {
+    dev: Arc<MemBsDev>,
+    f: Arc<Factory>,
+    base: Vec<u8>,
+}
+
+impl Fx {
+    fn new() -> Fx {
+        let base = base();
+        Fx {
+            dev: MemBsDev::new(4096, (64 * MIB / 4096) as u64),
+            f: Arc::new(Factory {
+                dev: MemBsDev::read_only(4096, base.clone()),
+                calls: AtomicU64::new(0),
+            }),
+            base,
+        }
+    }
+    fn opts(&self) -> BsOpts {
+        BsOpts {
+            esnap_factory: Some(self.f.clone()),
+            ..Default::default()
+        }
+    }
+    async fn reload(&self, bs: Blobstore) -> Blobstore {
+        bs.unload().await.unwrap();
+        Blobstore::load(self.dev.clone(), self.opts()).await.unwrap()
+    }
+    /// Invalid flags of a blob as stored on disk (store must be unloaded or synced).
+    fn disk_flags(&self, id: BlobId) -> u64 {
+        let img = self.dev.snapshot();
+        let p = (4 + (id as u32) as usize) * 4096;
+        let page = parse_md_page(&img[p..p + 4096]).unwrap();
+        page.descriptors
+            .iter()
+            .find_map(|d| match d {
+                Descriptor::Flags { invalid, .. } => Some(*invalid),
+                _ => None,
+            })
+            .unwrap()
+    }
+}
+
+async fn read_all(bs: &Blobstore, id: BlobId) -> Vec<u8> {
+    let b = bs.open_blob(id).await.unwrap();
+    let n = b.num_io_units() as usize * 4096;
+    let r = b.read(0, IoBuf::new(n, 4096)).await.unwrap().to_vec();
+    b.close().await.unwrap();
+    r
+}
+
+/// An esnap clone of 4 clusters with two blocks written (one copy-on-write each).
+async fn eclone(bs: &Blobstore, expect: &mut [u8]) -> BlobId {
+    let e = bs
+        .create_blob(BlobOpts {
+            num_clusters: 4,
+            esnap_id: Some(ID.to_vec()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let h = bs.open_blob(e).await.unwrap();
+    for blk in [3usize, 600] {
+        let mut p = vec![0xC1u8; 4096];
+        p[0] = blk as u8;
+        h.write(blk as u64, IoBuf::from_slice(&p, 4096)).await.unwrap();
+        expect[blk * 4096..(blk + 1) * 4096].copy_from_slice(&p);
+    }
+    h.close().await.unwrap();
+    e
+}
+
+#[test]
+fn esnap_clone_reads_base_and_copies_on_write() {
+    block_on(async {
+        let fx = Fx::new();
+        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
+        let mut want = fx.base.clone();
+        let e = eclone(&bs, &mut want).await;
+        assert!(read_all(&bs, e).await == want);
+        let h = bs.open_blob(e).await.unwrap();
+        assert_eq!(h.num_allocated_clusters(), 2);
+        assert_eq!(h.esnap_id().unwrap(), ID);
+        assert_eq!(h.parent(), Parent::External(ID.to_vec()));
+        assert_eq!(h.get_internal_xattr("EXTSNAP").unwrap(), ID);
+        h.close().await.unwrap();
+        let bs = fx.reload(bs).await;
+        assert_eq!(fx.disk_flags(e) & 0xF, 0xF);
+        assert!(read_all(&bs, e).await == want);
+        assert!(fx.f.calls.load(Ordering::SeqCst) >= 2);
+    });
+}
+
+#[test]
+fn snapshot_of_esnap_clone_takes_the_link_and_delete_moves_it_back() {
+    block_on(async {
+        let fx = Fx::new();
+        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
+        let mut want = fx.base.clone();
+        let e = eclone(&bs, &mut want).await;
+        let s = bs.create_snapshot(e, vec![]).await.unwrap();
+        let bs = fx.reload(bs).await;
+        assert_eq!(fx.disk_flags(s) & 0xF, 0xF, "snapshot: thin+internal+et+esnap");
+        assert_eq!(fx.disk_flags(e) & 0x8, 0);
+        let hs = bs.open_blob(s).await.unwrap();
+        assert!(hs.is_esnap_clone() && hs.is_snapshot());
+        assert_eq!(hs.esnap_id().unwrap(), ID);
+        hs.close().await.unwrap();
+        let he = bs.open_blob(e).await.unwrap();
+        assert!(he.is_clone() && !he.is_esnap_clone());
+        assert_eq!(he.parent(), Parent::Snapshot(s));
+        assert!(he.get_internal_xattr("EXTSNAP").is_err());
+        assert!(he.esnap_id().is_err());
+        // New writes go to the clone; the snapshot keeps the old data.
+        let p = vec![0xD2u8; 4096];
+        he.write(1000, IoBuf::from_slice(&p, 4096)).await.unwrap();
+        he.close().await.unwrap();
+        let snap_data = want.clone();
+        want[1000 * 4096..1001 * 4096].copy_from_slice(&p);
+        assert!(read_all(&bs, s).await == snap_data);
+        assert!(read_all(&bs, e).await == want);
+        // Delete the snapshot: the link moves back.
+        bs.delete_blob(s).await.unwrap();
+        let he = bs.open_blob(e).await.unwrap();
+        assert!(he.is_esnap_clone() && !he.is_clone());
+        assert_eq!(he.esnap_id().unwrap(), ID);
+        he.close().await.unwrap();
+        assert!(read_all(&bs, e).await == want);
+        let bs = fx.reload(bs).await;
+        assert_eq!(fx.disk_flags(e) & 0x8, 0x8);
+        assert!(read_all(&bs, e).await == want);
+        bs.unload().await.unwrap();
+        let r = blobstore::inspect::check(fx.dev.clone()).await.unwrap();
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+    });
+}
+
+#[test]
+fn deleting_the_clone_leaves_the_link_on_the_snapshot_and_clones_are_plain() {
+    block_on(async {
+        let fx = Fx::new();
+        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
+        let mut want = fx.base.clone();
+        let e = eclone(&bs, &mut want).await;
+        let s = bs.create_snapshot(e, vec![]).await.unwrap();
+        bs.delete_blob(e).await.unwrap();
+        assert!(bs.clones_of(s).is_empty());
+        let hs = bs.open_blob(s).await.unwrap();
+        assert!(hs.is_esnap_clone());
+        hs.close().await.unwrap();
+        let c = bs.create_clone(s, vec![]).await.unwrap();
+        let hc = bs.open_blob(c).await.unwrap();
+        assert!(hc.is_clone() && !hc.is_esnap_clone());
+        assert!(hc.get_internal_xattr("EXTSNAP").is_err());
+        hc.close().await.unwrap();
+        assert!(read_all(&bs, c).await == want);
+        let bs = fx.reload(bs).await;
+        assert_eq!(fx.disk_flags(c) & 0x8, 0);
+        assert_eq!(fx.disk_flags(s) & 0x8, 0x8);
+        assert!(read_all(&bs, c).await == want);
+    });
+}
+
+#[test]
+fn inflate_and_decouple_of_esnap_clone_cut_the_link() {
+    block_on(async {
+        for decouple in [false, true] {
+            let fx = Fx::new();
+            let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
+            let mut want = fx.base.clone();
+            let e = eclone(&bs, &mut want).await;
+            if decouple {
+                bs.decouple_parent(e).await.unwrap();
+            } else {
+                bs.inflate_blob(e).await.unwrap();
+            }
+            let h = bs.open_blob(e).await.unwrap();
+            assert!(!h.is_esnap_clone() && !h.is_thin() && !h.is_clone());
+            assert_eq!(h.num_allocated_clusters(), 4);
+            assert!(h.get_internal_xattr("EXTSNAP").is_err());
+            h.close().await.unwrap();
+            let bs = fx.reload(bs).await;
+            assert_eq!(fx.disk_flags(e) & 0x9, 0);
+            assert!(read_all(&bs, e).await == want);
+            // Works without any factory now.
+            bs.unload().await.unwrap();
+            let bs = Blobstore::load(fx.dev.clone(), BsOpts::default()).await.unwrap();
+            assert!(read_all(&bs, e).await == want);
+        }
+    });
+}
+
+#[test]
+fn set_external_parent_and_esnap_dev_swap() {
+    block_on(async {
+        let fx = Fx::new();
+        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
+        let t = bs
+            .create_blob(BlobOpts {
+                num_clusters: 4,
+                thin: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let thick = bs
+            .create_blob(BlobOpts {
+                num_clusters: 4,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let dev: Arc<dyn BsDev> = fx.f.dev.clone();
+        assert_eq!(
+            bs.set_external_parent(thick, dev.clone(), ID).await.unwrap_err().errno(),
+            libc::EINVAL
+        );
+        let odd: Arc<dyn BsDev> = MemBsDev::read_only(4096, vec![0; 4096 * 3]);
+        assert_eq!(
+            bs.set_external_parent(t, odd, ID).await.unwrap_err().errno(),
+            libc::EINVAL
+        );
+        bs.set_external_parent(t, dev.clone(), ID).await.unwrap();
+        assert_eq!(
+            bs.set_external_parent(t, dev, ID).await.unwrap_err().errno(),
+            libc::EEXIST
+        );
+        assert!(read_all(&bs, t).await == fx.base);
+        let h = bs.open_blob(t).await.unwrap();
+        assert!(h.is_esnap_clone());
+        // Degrade then heal in place.
+        h.set_esnap_dev(None).await.unwrap();
+        assert!(h.is_degraded());
+        assert_eq!(
+            h.read(0, IoBuf::new(4096, 4096)).await.unwrap_err().errno(),
+            libc::EIO
+        );
+        h.set_esnap_dev(Some(fx.f.dev.clone())).await.unwrap();
+        assert!(!h.is_degraded());
+        assert_eq!(&h.read(7, IoBuf::new(4096, 4096)).await.unwrap()[..], &fx.base[7 * 4096..8 * 4096]);
+        h.close().await.unwrap();
+        let bs = fx.reload(bs).await;
+        assert!(read_all(&bs, t).await == fx.base);
+    });
+}
+
+#[test]
+fn chain_esnap_clone_snapshot_clone() {
+    block_on(async {
+        // esnap <- S <- E and S <- C: both read through S to the base.
+        let fx = Fx::new();
+        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
+        let mut want = fx.base.clone();
+        let e = eclone(&bs, &mut want).await;
+        let s = bs.create_snapshot(e, vec![]).await.unwrap();
+        let c = bs.create_clone(s, vec![]).await.unwrap();
+        let hc = bs.open_blob(c).await.unwrap();
+        let p = vec![0x99u8; 4096];
+        hc.write(900, IoBuf::from_slice(&p, 4096)).await.unwrap();
+        hc.close().await.unwrap();
+        let mut wc = want.clone();
+        wc[900 * 4096..901 * 4096].copy_from_slice(&p);
+        let bs = fx.reload(bs).await;
+        assert!(read_all(&bs, c).await == wc);
+        assert!(read_all(&bs, e).await == want);
+        let hc = bs.open_blob(c).await.unwrap();
+        assert!(!hc.is_degraded());
+        hc.close().await.unwrap();
+    });
+}
