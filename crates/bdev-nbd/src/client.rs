@@ -490,7 +490,7 @@ impl Client {
             return false;
         }
         let blocks = info.size / u64::from(bl);
-        if info.size % u64::from(bl) != 0 {
+        if !info.size.is_multiple_of(u64::from(bl)) {
             tracing::warn!(target: "bdev_nbd", name = %self.cfg.name,
                 "export size {} is not a multiple of {bl}; the tail is not used", info.size);
         }
