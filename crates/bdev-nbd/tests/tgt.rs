@@ -57,7 +57,9 @@ impl Tgt {
             .spawn()
             .expect("start tgt");
         self.child = Some(child);
-        wait_until(20, "tgt rpc socket", || UnixStream::connect(&self.sock).is_ok());
+        wait_until(20, "tgt rpc socket", || {
+            UnixStream::connect(&self.sock).is_ok()
+        });
     }
 
     fn kill(&mut self) {
@@ -191,6 +193,14 @@ fn tgt_exports_a_golden_image_to_clients_and_to_a_second_tgt() {
     assert_eq!(bdevs[0]["uuid"], uuid);
     assert_eq!(bdevs[0]["driver_specific"]["nbd_client"]["connected"], true);
     assert_eq!(bdevs[0]["driver_specific"]["nbd_client"]["read_only"], true);
+    // save_config re-creates it with the same UUID.
+    let cfg = b.ok("framework_get_config", json!({"name": "bdev"}));
+    let entry = cfg
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["method"] == "bdev_nbd_client_create"))
+        .unwrap_or_else(|| panic!("no bdev_nbd_client_create in {cfg}"));
+    assert_eq!(entry["params"]["uuid"], uuid);
+    assert_eq!(entry["params"]["export"], "golden");
     let store = b.call(
         "bdev_malloc_create",
         json!({"name": "store", "num_blocks": 65536, "block_size": 512}),
@@ -212,7 +222,10 @@ fn tgt_exports_a_golden_image_to_clients_and_to_a_second_tgt() {
         "nbd_server_start",
         json!({"listen": format!("unix:{}", clone_sock.display())}),
     );
-    b.ok("nbd_export_add", json!({"bdev_name": "lvs/vm1", "name": "vm1"}));
+    b.ok(
+        "nbd_export_add",
+        json!({"bdev_name": "lvs/vm1", "name": "vm1"}),
+    );
     let reg = Registry::new();
     let clients = NbdClients::new(reg.clone());
     let clone_addr = format!("unix:{}", clone_sock.display());
