@@ -249,6 +249,8 @@ impl BlockDevice for NbdClientBdev {
                 "reconnect_delay_ms": cfg.reconnect_delay.as_millis() as u64,
                 "io_timeout_ms": cfg.io_timeout.as_millis() as u64,
                 "num_connections": cfg.num_connections,
+                // A restart must not fail because the server is away at that moment.
+                "background_connect": true,
             }
         }))
     }

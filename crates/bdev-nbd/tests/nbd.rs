@@ -290,7 +290,7 @@ fn server_killed_and_restarted_during_reads() {
     let reg = Registry::new();
     let clients = NbdClients::new(reg.clone());
     let mut o = opts("rs0", &srv, "base");
-    o.reconnect_attempts = 15;
+    o.reconnect_attempts = 30;
     o.reconnect_delay_ms = 100;
     o.io_timeout_ms = 2000;
     let dev = run(10, clients.create(o)).unwrap();
@@ -351,6 +351,9 @@ fn server_killed_and_restarted_during_reads() {
         .expect("client kept while its server is away");
     assert!(!handle.is_connected());
     assert_eq!(handle.driver_specific()["nbd_client"]["connected"], false);
+    let info = &clients.info(Some("rs0")).unwrap()[0];
+    assert_eq!(info["state"], "disconnected");
+    assert_eq!(info["registered"], false);
     // Direct I/O on the removed bdev fails at once instead of waiting.
     let err = run(5, handle.read(0, IoBuf::new(512, 1))).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
@@ -383,9 +386,10 @@ fn zero_attempts_remove_at_once_and_delete_works_while_removed() {
     o.reconnect_attempts = 0;
     o.reconnect_delay_ms = 50;
     run(10, clients.create(o)).unwrap();
-    srv.kill();
-    // The reader sees the connection close; with no attempts the bdev goes at once.
     let desc = reg.open("z0", false).unwrap();
+    srv.kill();
+    // The reader sees the connection close; with no attempts the bdev goes at once (once
+    // this descriptor is closed).
     let err = run(10, desc.read(0, IoBuf::new(512, 1))).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
     drop(desc);
@@ -413,7 +417,11 @@ fn rpc_methods_follow_spdk_conventions() {
     let rpc = NbdRpc::new(reg.clone());
     assert_eq!(
         rpc.methods(),
-        ["bdev_nbd_client_create", "bdev_nbd_client_delete"]
+        [
+            "bdev_nbd_client_create",
+            "bdev_nbd_client_delete",
+            "bdev_nbd_client_get"
+        ]
     );
     let uuid = "0b0c0d0e-1111-4222-8333-444455556666";
     run(20, async {
@@ -488,6 +496,24 @@ fn rpc_methods_follow_spdk_conventions() {
             .unwrap_err();
         assert_eq!(e.code, -libc::EINVAL);
         assert!(reg.get("r3").is_none());
+        // Get: every client, or one.
+        let all = rpc.call("bdev_nbd_client_get", None).await.unwrap();
+        assert_eq!(all.as_array().unwrap().len(), 1);
+        let one = rpc
+            .call("bdev_nbd_client_get", Some(json!({"name": "r0"})))
+            .await
+            .unwrap();
+        assert_eq!(
+            one,
+            json!([{"name": "r0", "uuid": uuid, "address": srv.address(), "export": "base",
+                "read_only": true, "state": "connected", "registered": true, "connections": 1,
+                "block_size": 512, "num_blocks": 2048}])
+        );
+        let e = rpc
+            .call("bdev_nbd_client_get", Some(json!({"name": "zz"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, -19);
         // Delete.
         let e = rpc
             .call("bdev_nbd_client_delete", Some(json!({"name": "nope"})))
@@ -532,4 +558,48 @@ fn registry_delete_from_outside_stops_the_client() {
         clients.create(opts("x0", &srv, "base")).await.unwrap();
         clients.delete("x0").await.unwrap();
     });
+}
+
+#[test]
+fn background_connect_waits_for_a_server_that_is_not_there_yet() {
+    if !have_qemu("background_connect") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = pattern_file(dir.path(), "base.raw", MIB);
+    let mut srv = QemuNbd::unix(dir.path(), &raw, "raw", "base", &["-r"]);
+    srv.kill();
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    // Without background_connect the create fails.
+    let err = run(10, clients.create(opts("bg0", &srv, "base"))).unwrap_err();
+    assert_eq!(err.errno(), libc::ECONNREFUSED);
+    let mut o = opts("bg0", &srv, "base");
+    o.background_connect = true;
+    o.reconnect_delay_ms = 50;
+    let dev = run(10, clients.create(o)).unwrap();
+    assert!(reg.get("bg0").is_none());
+    assert_eq!(
+        clients.info(Some("bg0")).unwrap()[0]["state"],
+        "disconnected"
+    );
+    let cfg = dev.write_config().unwrap();
+    assert_eq!(cfg["params"]["background_connect"], true);
+    // Direct I/O before the server exists fails at once.
+    let err = run(5, dev.read(0, IoBuf::new(512, 1))).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    srv.restart();
+    wait_until(10, "registration", || {
+        reg.get_by_uuid(&dev.uuid()).is_some()
+    });
+    assert_eq!(dev.num_blocks(), MIB / 512);
+    assert!(dev.is_read_only());
+    let desc = reg.open("bg0", false).unwrap();
+    run(10, check_pattern(&desc, 0, 2048)).unwrap();
+    drop(desc);
+    let info = &clients.info(None).unwrap()[0];
+    assert_eq!(info["state"], "connected");
+    assert_eq!(info["registered"], true);
+    run(10, clients.delete("bg0")).unwrap();
+    assert!(reg.get("bg0").is_none());
 }
