@@ -85,6 +85,9 @@ impl NbdClientBdev {
     /// payload.
     async fn rw(&self, cmd: Cmd, base: u64, buf: IoBuf) -> Result<IoBuf, BdevError> {
         let total = buf.len();
+        if base.checked_add(total as u64).is_none() {
+            return Err(BdevError::InvalidArgument("range overflows".into()));
+        }
         let mut buf = Some(buf);
         let mut done = 0usize;
         while done < total {
@@ -104,7 +107,11 @@ impl NbdClientBdev {
     async fn range(&self, cmd: Cmd, offset_blocks: u64, num_blocks: u64) -> Result<(), BdevError> {
         let bl = u64::from(self.client.block_len());
         let mut off = self.bytes(offset_blocks)?;
-        let end = self.bytes(offset_blocks + num_blocks)?;
+        let end = self.bytes(
+            offset_blocks
+                .checked_add(num_blocks)
+                .ok_or_else(|| BdevError::InvalidArgument("range overflows".into()))?,
+        )?;
         let step = (MAX_RANGE_BYTES / bl).max(1) * bl;
         while off < end {
             let n = (end - off).min(step);
