@@ -61,8 +61,8 @@ fn make_hosts(tag: u32) -> Result<Hosts, String> {
     let server = Netns::add(format!("nbdc-srv-{pid}-{tag}"))?;
     let client = Netns::add(format!("nbdc-cli-{pid}-{tag}"))?;
     // Interface names live inside the namespaces, but must fit in 15 bytes.
-    let server_if = format!("ns{}", pid % 1_000_000);
-    let client_if = format!("nc{}", pid % 1_000_000);
+    let server_if = format!("ns{}x{tag}", pid % 1_000_000);
+    let client_if = format!("nc{}x{tag}", pid % 1_000_000);
     ip(&[
         "link", "add", &server_if, "netns", &server.0, "type", "veth", "peer", "name", &client_if,
         "netns", &client.0,
@@ -188,6 +188,66 @@ fn remote_base_survives_a_network_partition_between_hosts() {
         run(10, check_pattern(&desc, 0, 4096)).unwrap();
         drop(desc);
         run(10, clients.delete("remote0")).unwrap();
+        drop(srv);
+    });
+    drop(hosts);
+}
+
+#[test]
+fn an_idle_connection_to_a_vanished_host_is_noticed() {
+    let name = "an_idle_connection_to_a_vanished_host_is_noticed";
+    if let Some(why) = unsupported() {
+        eprintln!("{name}: skipped: {why}");
+        return;
+    }
+    if !have_qemu(name) {
+        return;
+    }
+    let hosts = match make_hosts(2) {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("{name}: skipped: cannot create network namespaces: {e}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = pattern_file(dir.path(), "golden.raw", MIB);
+    let server_ns = hosts.server.0.clone();
+    let server_ip = hosts.server_ip.clone();
+    let server_if = hosts.server_if.clone();
+    in_netns(&hosts.client.0.clone(), move || {
+        let listen = Listen::Tcp {
+            ip: server_ip.clone(),
+            port: 10809,
+            netns: Some(server_ns.clone()),
+        };
+        let srv = QemuNbd::start(listen, &raw, "raw", "golden", &["-r", "-e", "4"]);
+        let reg = Registry::new();
+        let clients = NbdClients::new(reg.clone());
+        let mut o = NbdClientOpts::new("idle0", &srv.address(), "golden");
+        o.reconnect_attempts = 1;
+        o.reconnect_delay_ms = 200;
+        o.io_timeout_ms = 1000;
+        let dev = run(10, clients.create(o)).unwrap();
+        let uuid = dev.uuid();
+        drop(dev);
+        {
+            let desc = reg.open("idle0", false).unwrap();
+            run(10, check_pattern(&desc, 0, 8)).unwrap();
+        }
+        // No I/O at all while the wire is cut: TCP keepalive finds the peer gone.
+        ip(&["-n", &server_ns, "link", "set", &server_if, "down"]).unwrap();
+        let t0 = std::time::Instant::now();
+        wait_until(20, "hot-removal of an idle bdev", || {
+            reg.get("idle0").is_none()
+        });
+        eprintln!("{name}: noticed after {:?}", t0.elapsed());
+        ip(&["-n", &server_ns, "link", "set", &server_if, "up"]).unwrap();
+        wait_until(15, "re-registration", || reg.get_by_uuid(&uuid).is_some());
+        let desc = reg.open("idle0", false).unwrap();
+        run(10, check_pattern(&desc, 0, 2048)).unwrap();
+        drop(desc);
+        run(10, clients.delete("idle0")).unwrap();
         drop(srv);
     });
     drop(hosts);
