@@ -533,6 +533,20 @@ fn rpc_methods_follow_spdk_conventions() {
         // The name is free again.
         let p = json!({"name": "r0", "address": srv.address(), "export": "base"});
         rpc.call("bdev_nbd_client_create", Some(p)).await.unwrap();
+        // The saved config entry re-creates the same bdev.
+        let saved = reg.get("r0").unwrap().write_config().unwrap();
+        let uuid0 = reg.get("r0").unwrap().uuid();
+        rpc.call("bdev_nbd_client_delete", Some(json!({"name": "r0"})))
+            .await
+            .unwrap();
+        let method = saved["method"].as_str().unwrap();
+        let v = rpc
+            .call(method, Some(saved["params"].clone()))
+            .await
+            .unwrap();
+        assert_eq!(v, json!("r0"));
+        assert_eq!(reg.get("r0").unwrap().uuid(), uuid0);
+        assert_eq!(reg.get("r0").unwrap().write_config().unwrap(), saved);
         rpc.clients().delete_all().await;
         assert!(reg.get("r0").is_none());
     });
