@@ -44,6 +44,8 @@ pub(crate) struct Config {
     pub reconnect_delay: Duration,
     pub io_timeout: Duration,
     pub num_connections: u32,
+    /// When the first connection fails, start anyway and keep trying in the background.
+    pub background_connect: bool,
 }
 
 /// The state of the link to the server.
@@ -123,6 +125,8 @@ pub(crate) struct Client {
     registry: Registry,
     /// Fixed by the first connection.
     block_len: AtomicU32,
+    /// A session was adopted once (the block length is fixed from then on).
+    adopted: AtomicBool,
     num_blocks: AtomicU64,
     /// The server's transmission flags of the current (or last) session.
     flags: AtomicU16,
@@ -151,6 +155,7 @@ impl Client {
             cfg,
             registry,
             block_len: AtomicU32::new(512),
+            adopted: AtomicBool::new(false),
             num_blocks: AtomicU64::new(0),
             flags: AtomicU16::new(0),
             max_payload: AtomicU32::new(1 << 25),
@@ -185,10 +190,11 @@ impl Client {
         }
     }
 
-    /// Starts the registration task, after the first registration succeeded.
-    pub(crate) fn start_registration_task(self: &Arc<Self>) {
-        self.registered.store(true, Ordering::Release);
-        lock(&self.ctl).want_registered = true;
+    /// Starts the registration task: after the first registration succeeded (`registered`),
+    /// or with nothing registered yet (a client still waiting for its server).
+    pub(crate) fn start_registration_task(self: &Arc<Self>, registered: bool) {
+        // The supervisor decides whether the bdev is wanted (it is while the link is up).
+        self.registered.store(registered, Ordering::Release);
         let Some(mut rx) = lock(&self.reg_rx).take() else {
             return;
         };
@@ -316,6 +322,34 @@ impl Client {
     /// Whether a session is up.
     pub(crate) fn is_connected(&self) -> bool {
         matches!(&lock(&self.ctl).link, Link::Up(s) if !s.any_dead())
+    }
+
+    /// The link state as `bdev_nbd_client_get` prints it.
+    pub(crate) fn state_name(&self) -> &'static str {
+        let c = lock(&self.ctl);
+        if c.stop {
+            return "deleted";
+        }
+        match &c.link {
+            Link::Connecting => "connecting",
+            Link::Up(s) if !s.any_dead() => "connected",
+            Link::Up(_) | Link::Reconnecting => "reconnecting",
+            Link::Down => "disconnected",
+            Link::Closed => "deleted",
+        }
+    }
+
+    /// Whether the bdev is in the registry now.
+    pub(crate) fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    /// Number of live connections.
+    pub(crate) fn connections(&self) -> usize {
+        match &lock(&self.ctl).link {
+            Link::Up(s) => s.conns.iter().filter(|c| !c.is_dead()).count(),
+            _ => 0,
+        }
     }
 
     pub(crate) fn block_len(&self) -> u32 {
@@ -474,15 +508,16 @@ impl Client {
 
     /// Takes a new session's export description; `false` when it cannot replace the old one
     /// (the block size changed).
-    fn adopt(&self, info: &ExportInfo, first: bool) -> bool {
+    fn adopt(&self, info: &ExportInfo) -> bool {
         let bl = Self::block_len_for(info);
+        let first = !self.adopted.load(Ordering::Acquire);
         if !first && bl != self.block_len() {
             tracing::error!(target: "bdev_nbd", name = %self.cfg.name,
                 "server now has {bl}-byte blocks instead of {}; not using it", self.block_len());
             return false;
         }
         let blocks = info.size / u64::from(bl);
-        if info.size % u64::from(bl) != 0 {
+        if !info.size.is_multiple_of(u64::from(bl)) {
             tracing::warn!(target: "bdev_nbd", name = %self.cfg.name,
                 "export size {} is not a multiple of {bl}; the tail is not used", info.size);
         }
@@ -490,6 +525,7 @@ impl Client {
         self.flags.store(info.flags, Ordering::Release);
         self.max_payload.store(info.max_payload, Ordering::Release);
         let old = self.num_blocks.swap(blocks, Ordering::AcqRel);
+        self.adopted.store(true, Ordering::Release);
         if !first && old != blocks && self.registered.load(Ordering::Acquire) {
             tracing::info!(target: "bdev_nbd", name = %self.cfg.name,
                 "export resized from {old} to {blocks} blocks");
@@ -537,7 +573,7 @@ impl Client {
     /// One connection attempt, adopting the session when it fits.
     fn try_connect(self: &Arc<Self>) -> Option<Arc<Session>> {
         match self.open_session() {
-            Ok(s) if self.adopt(&s.info, false) => Some(s),
+            Ok(s) if self.adopt(&s.info) => Some(s),
             Ok(s) => {
                 s.close();
                 None
@@ -577,7 +613,13 @@ impl Client {
         lock(&self.ctl).want_registered = false;
         self.set_link(Link::Down);
         self.request_sync();
-        // In the background: the bdev is gone from the registry meanwhile.
+        self.until_server_returns()
+    }
+
+    /// With the link down (and the bdev out of the registry): tries every `reconnect_delay`
+    /// until a session is up (then the bdev is wanted in the registry again) or the client
+    /// is stopped (`None`).
+    fn until_server_returns(self: &Arc<Self>) -> Option<Arc<Session>> {
         let delay = self.cfg.reconnect_delay.max(Duration::from_millis(10));
         loop {
             if !self.pause(delay) {
@@ -585,7 +627,7 @@ impl Client {
             }
             if let Some(s) = self.try_connect() {
                 tracing::info!(target: "bdev_nbd", name = %self.cfg.name,
-                    "server is back; registering the bdev again");
+                    "server is back; registering the bdev");
                 lock(&self.ctl).want_registered = true;
                 return Some(s);
             }
@@ -594,10 +636,38 @@ impl Client {
 
     /// The supervisor thread's body.
     fn supervise(self: Arc<Self>, first: oneshot::Sender<Result<()>>) {
-        let session = match self.open_session() {
+        let mut session = match self.open_session() {
             Ok(s) => {
-                self.adopt(&s.info, true);
+                self.adopt(&s.info);
+                lock(&self.ctl).want_registered = true;
+                self.set_link(Link::Up(s.clone()));
+                if first.send(Ok(())).is_err() {
+                    // Nobody waits for the client any more.
+                    s.close();
+                    self.set_link(Link::Closed);
+                    return;
+                }
                 s
+            }
+            Err(e) if self.cfg.background_connect => {
+                tracing::warn!(target: "bdev_nbd", name = %self.cfg.name,
+                    "cannot connect yet ({e}); retrying in the background");
+                self.set_link(Link::Down);
+                if first.send(Ok(())).is_err() {
+                    self.set_link(Link::Closed);
+                    return;
+                }
+                match self.until_server_returns() {
+                    Some(s) => {
+                        self.set_link(Link::Up(s.clone()));
+                        self.request_sync();
+                        s
+                    }
+                    None => {
+                        self.set_link(Link::Closed);
+                        return;
+                    }
+                }
             }
             Err(e) => {
                 self.set_link(Link::Closed);
@@ -605,14 +675,6 @@ impl Client {
                 return;
             }
         };
-        self.set_link(Link::Up(session.clone()));
-        if first.send(Ok(())).is_err() {
-            // Nobody waits for the client any more.
-            session.close();
-            self.set_link(Link::Closed);
-            return;
-        }
-        let mut session = session;
         let tick =
             (self.cfg.io_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut last_sync = Instant::now();

@@ -73,6 +73,10 @@ pub struct NbdClientOpts {
     pub io_timeout_ms: u64,
     /// Connections to open when the server allows several (`NBD_FLAG_CAN_MULTI_CONN`).
     pub num_connections: u32,
+    /// When the first connection fails, succeed anyway and keep trying every
+    /// `reconnect_delay_ms`; the bdev is registered when the server answers. The saved config
+    /// sets it, so that a restart never fails because a golden server is away.
+    pub background_connect: bool,
 }
 
 impl NbdClientOpts {
@@ -88,6 +92,7 @@ impl NbdClientOpts {
             reconnect_delay_ms: DEFAULT_RECONNECT_DELAY_MS,
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
             num_connections: 1,
+            background_connect: false,
         }
     }
 
@@ -115,6 +120,7 @@ impl NbdClientOpts {
             reconnect_delay: Duration::from_millis(self.reconnect_delay_ms),
             io_timeout: Duration::from_millis(self.io_timeout_ms),
             num_connections: self.num_connections,
+            background_connect: self.background_connect,
         })
     }
 }
@@ -147,7 +153,8 @@ impl NbdClients {
 
     /// Connects to the server and registers the bdev. Fails with EEXIST when the name or
     /// UUID is taken, EINVAL for bad options, and the connect or handshake errno
-    /// (ECONNREFUSED, ENOENT for an unknown export or a missing socket, ...) otherwise.
+    /// (ECONNREFUSED, ENOENT for an unknown export or a missing socket, ...) otherwise; with
+    /// `background_connect` a failed connection is not an error (the bdev comes later).
     pub async fn create(&self, opts: NbdClientOpts) -> Result<Arc<NbdClientBdev>> {
         let cfg = opts.config()?;
         let name = cfg.name.clone();
@@ -175,12 +182,17 @@ impl NbdClients {
             return Err(NbdError::Exists(name));
         }
         let dev = Arc::new(NbdClientBdev::from_client(client.clone()));
-        if let Err(e) = self.registry.register(dev.clone()).await {
-            lock(&self.clients).remove(&name);
-            client.delete().await;
-            return Err(e.into());
+        // Without a connection yet (`background_connect`), the bdev is registered when the
+        // server answers: its size is not known before.
+        let connected = client.is_connected();
+        if connected {
+            if let Err(e) = self.registry.register(dev.clone()).await {
+                lock(&self.clients).remove(&name);
+                client.delete().await;
+                return Err(e.into());
+            }
         }
-        client.start_registration_task();
+        client.start_registration_task(connected);
         tracing::info!(target: "bdev_nbd", name = %name, address = %dev.address(),
             export = %dev.export(), "created");
         Ok(dev)
@@ -203,6 +215,36 @@ impl NbdClients {
             .get(name)
             .filter(|c| !c.is_stopped())
             .map(|c| NbdClientBdev::from_client(c.clone()))
+    }
+
+    /// The `bdev_nbd_client_get` entries: every client, or the one named (ENODEV if none).
+    /// Unlike `bdev_get_bdevs`, this lists clients whose bdev is hot-removed too.
+    pub fn info(&self, name: Option<&str>) -> Result<Vec<serde_json::Value>> {
+        let t = lock(&self.clients);
+        let pick: Vec<&Arc<Client>> = match name {
+            Some(n) => vec![t
+                .get(n)
+                .filter(|c| !c.is_stopped())
+                .ok_or_else(|| NbdError::NotFound(n.to_string()))?],
+            None => t.values().filter(|c| !c.is_stopped()).collect(),
+        };
+        Ok(pick
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.cfg.name,
+                    "uuid": c.cfg.uuid.hyphenated().to_string(),
+                    "address": c.cfg.address.to_string(),
+                    "export": c.cfg.export,
+                    "read_only": c.read_only(),
+                    "state": c.state_name(),
+                    "registered": c.is_registered(),
+                    "connections": c.connections(),
+                    "block_size": c.block_len(),
+                    "num_blocks": c.num_blocks(),
+                })
+            })
+            .collect())
     }
 
     /// Names of the clients, sorted.

@@ -131,7 +131,13 @@ fn be_u64(b: &[u8]) -> u64 {
 
 fn read_n<R: Read>(r: &mut R, n: usize) -> Result<Vec<u8>> {
     let mut v = vec![0u8; n];
-    r.read_exact(&mut v).map_err(NbdError::Socket)?;
+    r.read_exact(&mut v).map_err(|e| match e.kind() {
+        // The handshake runs with a socket timeout; say so rather than "try again".
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            NbdError::Socket(std::io::Error::from_raw_os_error(libc::ETIMEDOUT))
+        }
+        _ => NbdError::Socket(e),
+    })?;
     Ok(v)
 }
 
