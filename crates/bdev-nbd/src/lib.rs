@@ -247,6 +247,20 @@ impl NbdClients {
             .collect())
     }
 
+    /// `bdev_nbd_client_create` entries for the clients whose bdev is **not** in the registry
+    /// right now (hot-removed while the server is away, or not connected yet). A config
+    /// writer that walks the registry misses those; it should append these, or a restart
+    /// would forget the client and leave its esnap clones degraded.
+    pub fn unregistered_config(&self) -> Vec<serde_json::Value> {
+        lock(&self.clients)
+            .values()
+            .filter(|c| !c.is_stopped() && !c.is_registered())
+            .filter_map(|c| {
+                bdev_core::BlockDevice::write_config(&NbdClientBdev::from_client(c.clone()))
+            })
+            .collect()
+    }
+
     /// Names of the clients, sorted.
     pub fn names(&self) -> Vec<String> {
         lock(&self.clients)

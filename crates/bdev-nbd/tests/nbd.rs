@@ -354,6 +354,10 @@ fn server_killed_and_restarted_during_reads() {
     let info = &clients.info(Some("rs0")).unwrap()[0];
     assert_eq!(info["state"], "disconnected");
     assert_eq!(info["registered"], false);
+    // A config saved now must still re-create it.
+    let pending = clients.unregistered_config();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0]["params"]["uuid"], uuid.to_string());
     // Direct I/O on the removed bdev fails at once instead of waiting.
     let err = run(5, handle.read(0, IoBuf::new(512, 1))).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
@@ -363,6 +367,9 @@ fn server_killed_and_restarted_during_reads() {
     wait_until(10, "re-registration", || reg.get_by_uuid(&uuid).is_some());
     let again = reg.get_by_uuid(&uuid).unwrap();
     assert_eq!(again.name(), "rs0");
+    wait_until(5, "registered flag", || {
+        clients.unregistered_config().is_empty()
+    });
     let desc = reg.open("rs0", false).unwrap();
     run(10, check_pattern(&desc, 0, 4096)).unwrap();
     drop(desc);
