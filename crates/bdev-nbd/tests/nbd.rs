@@ -618,9 +618,10 @@ fn background_connect_waits_for_a_server_that_is_not_there_yet() {
     let desc = reg.open("bg0", false).unwrap();
     run(10, check_pattern(&desc, 0, 2048)).unwrap();
     drop(desc);
-    let info = &clients.info(None).unwrap()[0];
-    assert_eq!(info["state"], "connected");
-    assert_eq!(info["registered"], true);
+    wait_until(5, "registered flag", || {
+        clients.info(None).unwrap()[0]["registered"] == true
+    });
+    assert_eq!(clients.info(None).unwrap()[0]["state"], "connected");
     run(10, clients.delete("bg0")).unwrap();
     assert!(reg.get("bg0").is_none());
 }
