@@ -97,8 +97,8 @@ impl NbdClientOpts {
     }
 
     fn config(&self) -> Result<Config> {
-        if self.name.is_empty() {
-            return Err(NbdError::InvalidArgument("empty bdev name".into()));
+        if self.name.is_empty() || self.name.contains('\0') {
+            return Err(NbdError::InvalidArgument("bad bdev name".into()));
         }
         if self.io_timeout_ms == 0 {
             return Err(NbdError::InvalidArgument(

@@ -496,6 +496,12 @@ fn rpc_methods_follow_spdk_conventions() {
             .await
             .unwrap_err();
         assert_eq!(e.code, -libc::ENOENT);
+        let p = json!({"name": "r\u{0}", "address": srv.address(), "export": "base"});
+        let e = rpc
+            .call("bdev_nbd_client_create", Some(p))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, -libc::EINVAL);
         let p = json!({"name": "r3", "address": "no-port-here", "export": "base"});
         let e = rpc
             .call("bdev_nbd_client_create", Some(p))
