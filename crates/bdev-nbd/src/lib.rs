@@ -7,7 +7,8 @@
 //! loss-and-return behaviour (bounded reconnects, then hot-removal from the registry, then
 //! re-registration under the same UUID when the server is back), the module's table of
 //! clients ([`NbdClients`]) and its JSON-RPC methods ([`NbdRpc`]: `bdev_nbd_client_create`,
-//! `bdev_nbd_client_delete`).
+//! `bdev_nbd_client_delete`, `bdev_nbd_client_get`). `docs/remote-bases.md` is the user's
+//! guide.
 //!
 //! It does not know about blobstores or lvols: an esnap clone over an NBD base reacts to the
 //! hot-removal and the re-registration like over any other base bdev. It does not serve NBD
