@@ -24,6 +24,9 @@ use tokio::task::JoinHandle;
 
 use super::proto::{self, ExportInfo, ExportLookup, Next, Request};
 
+/// Receive buffer of a connection.
+const RBUF_LEN: usize = 256 << 10;
+
 /// Requests one connection may have in flight at once.
 const MAX_INFLIGHT: usize = 128;
 
@@ -445,7 +448,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
+    // Small: it only serves the handshake; larger reads bypass it.
+    let mut rd = tokio::io::BufReader::with_capacity(4096, rd);
     // The handshake gives up on shutdown and on clients that stall for a minute.
     let export = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &exports)) => match r {
@@ -504,18 +508,19 @@ where
 {
     let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
     let mut inflight: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
-    let mut rbuf: Vec<u8> = Vec::with_capacity(256 << 10);
-    let mut tmp = vec![0u8; 256 << 10];
+    // Received bytes not yet parsed are rbuf[pos..].
+    let mut rbuf: Vec<u8> = Vec::with_capacity(RBUF_LEN);
+    let mut pos = 0usize;
     let mut pending: Option<Pending> = None;
     let mut closing = *cancel.borrow() || *stop.borrow();
     loop {
         // Take every complete request out of the receive buffer.
         while !closing && pending.is_none() && inflight.len() < MAX_INFLIGHT {
-            if rbuf.len() < proto::REQUEST_LEN {
+            if rbuf.len() - pos < proto::REQUEST_LEN {
                 break;
             }
             let mut hdr = [0u8; proto::REQUEST_LEN];
-            hdr.copy_from_slice(&rbuf[..proto::REQUEST_LEN]);
+            hdr.copy_from_slice(&rbuf[pos..pos + proto::REQUEST_LEN]);
             let Ok(req) = proto::parse_request(&hdr) else {
                 closing = true;
                 break;
@@ -525,7 +530,7 @@ where
                 break;
             }
             if !proto::has_payload(&req) {
-                rbuf.drain(..proto::REQUEST_LEN);
+                pos += proto::REQUEST_LEN;
                 submit(export, req, None, &mut inflight, &mut w).await?;
                 continue;
             }
@@ -536,9 +541,10 @@ where
             }
             let len = req.len as usize;
             let mut buf = IoBuf::new(len, export.desc.device().buf_align());
-            let have = (rbuf.len() - proto::REQUEST_LEN).min(len);
-            buf[..have].copy_from_slice(&rbuf[proto::REQUEST_LEN..proto::REQUEST_LEN + have]);
-            rbuf.drain(..proto::REQUEST_LEN + have);
+            let start = pos + proto::REQUEST_LEN;
+            let have = (rbuf.len() - start).min(len);
+            buf[..have].copy_from_slice(&rbuf[start..start + have]);
+            pos = start + have;
             if have == len {
                 submit(export, req, Some(buf), &mut inflight, &mut w).await?;
             } else {
@@ -548,6 +554,17 @@ where
                     filled: have,
                 });
             }
+        }
+        // Keep the unparsed tail at the front, with room to read into.
+        if pos == rbuf.len() {
+            rbuf.clear();
+            pos = 0;
+        } else if pos > 0 && rbuf.capacity() - rbuf.len() < RBUF_LEN / 4 {
+            rbuf.drain(..pos);
+            pos = 0;
+        }
+        if rbuf.capacity() - rbuf.len() < RBUF_LEN / 4 {
+            rbuf.reserve(RBUF_LEN / 4);
         }
         if closing && inflight.is_empty() {
             break;
@@ -566,7 +583,7 @@ where
                 }
                 w.flush().await?;
             }
-            n = read_some(rd, &mut pending, &mut tmp), if want_read => match n {
+            n = read_some(rd, &mut pending, &mut rbuf), if want_read => match n {
                 Ok(0) | Err(_) => closing = true,
                 Ok(n) => {
                     if let Some(p) = pending.as_mut() {
@@ -576,8 +593,6 @@ where
                                 submit(export, p.req, Some(p.buf), &mut inflight, &mut w).await?;
                             }
                         }
-                    } else {
-                        rbuf.extend_from_slice(&tmp[..n]);
                     }
                 }
             },
@@ -590,18 +605,18 @@ where
     Ok(())
 }
 
-/// Reads into the pending payload if there is one (no copy), else into `tmp`.
+/// Reads into the pending payload if there is one (no copy), else appends to `rbuf`.
 async fn read_some<R: AsyncRead + Unpin>(
     rd: &mut R,
     pending: &mut Option<Pending>,
-    tmp: &mut [u8],
+    rbuf: &mut Vec<u8>,
 ) -> std::io::Result<usize> {
     match pending {
         Some(p) => {
             let filled = p.filled;
             rd.read(&mut p.buf[filled..]).await
         }
-        None => rd.read(tmp).await,
+        None => rd.read_buf(rbuf).await,
     }
 }
 
