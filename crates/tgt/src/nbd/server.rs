@@ -942,6 +942,74 @@ mod tests {
         assert_eq!(server.list(), serde_json::json!([]));
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn payloads_split_across_reads_and_refused_requests() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 1024, 4096, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        server.add_export("M", None, true).unwrap();
+        // A 4 KiB pipe: every large payload arrives in many pieces.
+        let (mut c, s) = tokio::io::duplex(4096);
+        server.spawn_conn(s);
+        let (size, _) = client_go(&mut c, "").await;
+        assert_eq!(size, 4 << 20);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let w = proto::Request {
+            flags: proto::CMD_FLAG_FUA,
+            cmd: proto::CMD_WRITE,
+            cookie: 1,
+            offset: 8192,
+            len: data.len() as u32,
+        };
+        let bad = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 2,
+            offset: 4 << 20,
+            len: 4096,
+        };
+        let r = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 3,
+            offset: 8192,
+            len: data.len() as u32,
+        };
+        let mut msg = proto::encode_request(&w).to_vec();
+        msg.extend_from_slice(&data);
+        msg.extend_from_slice(&proto::encode_request(&bad));
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let writer = tokio::spawn(async move {
+            wr.write_all(&msg).await.unwrap();
+            // The read goes out only after the write's reply came back (below).
+            wr
+        });
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 1));
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(proto::EINVAL, 2));
+        let mut wr = writer.await.unwrap();
+        wr.write_all(&proto::encode_request(&r)).await.unwrap();
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 3));
+        let mut back = vec![0u8; data.len()];
+        rd.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, data);
+        // Disconnect: the server closes its side.
+        let d = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_DISC,
+            cookie: 4,
+            offset: 0,
+            len: 0,
+        };
+        wr.write_all(&proto::encode_request(&d)).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(rd.read(&mut b).await.unwrap(), 0);
+    }
+
     #[test]
     fn span_covers_unaligned_ranges() {
         assert_eq!(span(0, 4096, 512), (0, 8, 0));
