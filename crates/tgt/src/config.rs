@@ -78,7 +78,9 @@ pub enum ConfigError {
 }
 
 /// Flattens a saved config into `(method, params)` entries in file order (batches, i.e.
-/// nested arrays, are expanded in place).
+/// nested arrays, are expanded in place). Subsystems we do not have (a config saved by SPDK
+/// has `accel`, `iobuf`, `sock`, ...) are skipped with a notice, as SPDK skips subsystems
+/// that are not linked in.
 pub fn entries(doc: &Value) -> Result<Vec<(String, Option<Value>)>, ConfigError> {
     let mut out = Vec::new();
     let Some(subs) = doc.get("subsystems") else {
@@ -107,7 +109,23 @@ pub fn entries(doc: &Value) -> Result<Vec<(String, Option<Value>)>, ConfigError>
             _ => Err(ConfigError::Invalid("config entry is not an object".into())),
         }
     }
+    let known = crate::framework::subsystems();
+    let known: Vec<&str> = known
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["subsystem"].as_str()).collect())
+        .unwrap_or_default();
     for s in subs {
+        if let Some(name) = s.get("subsystem").and_then(Value::as_str) {
+            if !known.contains(&name) {
+                if s.get("config")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    eprintln!("tgt: config: subsystem {name} is not part of this target; skipped");
+                }
+                continue;
+            }
+        }
         match s.get("config") {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {
@@ -191,6 +209,7 @@ mod tests {
                 {"method": "bdev_wait_for_examine"}
             ]},
             {"subsystem": "nbd", "config": null},
+            {"subsystem": "iobuf", "config": [{"method": "iobuf_set_options", "params": {}}]},
             {"subsystem": "nbd", "config": [{"method": "nbd_server_start", "params": {"listen": "unix:/x"}}]}
         ]});
         let e = entries(&doc).unwrap();
