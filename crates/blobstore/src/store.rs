@@ -264,6 +264,18 @@ pub(crate) fn validate_super(
             s.used_blobid_mask_len, s.md_len
         )));
     }
+    let max_mask = mask_pages(clusters.max(u64::from(s.md_len))) + 1;
+    for (len, what) in [
+        (s.used_page_mask_len, "used page mask"),
+        (s.used_cluster_mask_len, "used cluster mask"),
+        (s.used_blobid_mask_len, "used blobid mask"),
+    ] {
+        if len > max_mask {
+            return Err(BsError::BadSuperBlock(format!(
+                "{what} is {len} pages long, more than the store can need"
+            )));
+        }
+    }
     if size / u64::from(s.cluster_size) == 0 {
         return Err(BsError::BadSuperBlock("store holds no cluster".into()));
     }
@@ -644,8 +656,9 @@ impl StoreInner {
         let mut pages = Vec::new();
         let mut chain = Vec::new();
         let mut p = root;
+        let mut seen = HashSet::new();
         loop {
-            if chain.contains(&p) {
+            if !seen.insert(p) {
                 return Err(corrupt(format!("blob {id:#x}: md chain loops at page {p}")));
             }
             let raw = self.read_md_page(p).await?;
@@ -1046,7 +1059,7 @@ pub(crate) async fn recover_masks(
         blobids.set(u64::from(p));
         let mut ep_list: Vec<u32> = Vec::new();
         let mut cur = info;
-        let mut seen = vec![p];
+        let mut seen = HashSet::from([p]);
         loop {
             for d in &cur.descriptors {
                 match d {
@@ -1070,7 +1083,7 @@ pub(crate) async fn recover_masks(
                 }
             }
             let next = cur.next;
-            if next == INVALID_PAGE || next >= md_len || seen.contains(&next) {
+            if next == INVALID_PAGE || next >= md_len || !seen.insert(next) {
                 break;
             }
             let ni = parse_md_page(cache.get(next).await?)?;
@@ -1078,7 +1091,6 @@ pub(crate) async fn recover_masks(
                 break;
             }
             pages.set(u64::from(next));
-            seen.push(next);
             cur = ni;
         }
         for ep in ep_list {
@@ -1185,7 +1197,12 @@ impl StoreInner {
                 let mut pages = Vec::new();
                 let mut cur = p;
                 let mut ok = true;
+                let mut seen = HashSet::new();
                 loop {
+                    if !seen.insert(cur) {
+                        ok = false;
+                        break;
+                    }
                     let info = parse_md_page(cache.get(cur).await?)?;
                     if !info.crc_ok || (pages.is_empty() && info.id != id) {
                         ok = false;
