@@ -18,6 +18,9 @@ use crate::inspect::SuperBlockInfo;
 use crate::md::{parse_chain, BlobMd};
 use crate::{BlobId, BsDev, BsError, BsOpts, ClearMethod, EsnapDevFactory, Result, BLOBID_INVALID};
 
+/// Longest snapshot chain we open (guards recursion against hostile metadata).
+pub(crate) const MAX_CHAIN_DEPTH: usize = 1024;
+
 /// Fixed geometry of a loaded store.
 #[derive(Clone, Debug)]
 pub(crate) struct Geo {
@@ -769,7 +772,26 @@ impl StoreInner {
         self: &Arc<Self>,
         id: BlobId,
     ) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
+        self.open_chain(id, Vec::new())
+    }
+
+    /// Opens `id`; `children` are the clones being opened below it (cycle and depth guard).
+    fn open_chain(
+        self: &Arc<Self>,
+        id: BlobId,
+        mut children: Vec<BlobId>,
+    ) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
         async move {
+            if children.contains(&id) {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: snapshot chain loops back to itself"
+                )));
+            }
+            if children.len() >= MAX_CHAIN_DEPTH {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: snapshot chain deeper than {MAX_CHAIN_DEPTH}"
+                )));
+            }
             if let Some(b) = self.state().open.get(&id).cloned() {
                 b.lock().open_ref += 1;
                 return Ok(b);
@@ -793,7 +815,8 @@ impl StoreInner {
                 }
                 Back::Esnap(dev)
             } else if let Some(p) = md.snap_parent()? {
-                Back::Snapshot(self.open_locked(p).await?)
+                children.push(id);
+                Back::Snapshot(self.open_chain(p, children).await?)
             } else if md.thin() {
                 Back::Zeroes
             } else {
