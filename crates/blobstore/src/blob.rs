@@ -81,8 +81,30 @@ pub(crate) struct BlobInner {
     pub id: BlobId,
     pub bs: Arc<StoreInner>,
     pub freeze: async_lock::RwLock<()>,
-    pub alloc: async_lock::Mutex<()>,
+    /// Per-cluster allocation locks: allocations of different clusters run in parallel,
+    /// two of the same cluster never do.
+    alloc: Mutex<std::collections::HashMap<usize, Arc<async_lock::Mutex<()>>>>,
     st: Mutex<BlobState>,
+}
+
+/// Holds a cluster's allocation lock; drops the map entry when nobody else wants it.
+struct ClusterGuard<'a> {
+    blob: &'a BlobInner,
+    idx: usize,
+    _g: Option<async_lock::MutexGuardArc<()>>,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.blob.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        self._g = None;
+        if let Some(m) = map.get(&self.idx) {
+            // Only the map holds it: nobody is waiting.
+            if Arc::strong_count(m) == 1 {
+                map.remove(&self.idx);
+            }
+        }
+    }
 }
 
 /// Target of a fast-path read.
@@ -108,8 +130,22 @@ impl BlobInner {
             id,
             bs,
             freeze: async_lock::RwLock::new(()),
-            alloc: async_lock::Mutex::new(()),
+            alloc: Mutex::new(std::collections::HashMap::new()),
             st: Mutex::new(st),
+        }
+    }
+
+    /// Takes the allocation lock of cluster `idx`.
+    async fn lock_cluster(&self, idx: usize) -> ClusterGuard<'_> {
+        let m = {
+            let mut map = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(idx).or_default().clone()
+        };
+        let g = m.lock_arc().await;
+        ClusterGuard {
+            blob: self,
+            idx,
+            _g: Some(g),
         }
     }
 
@@ -436,7 +472,7 @@ impl BlobInner {
         len: u64,
         data: Option<&[u8]>,
     ) -> Result<()> {
-        let _a = self.alloc.lock().await;
+        let _a = self.lock_cluster(idx).await;
         let lpc = self.bs.geo.lba_per_cluster;
         let iu = self.bs.geo.io_unit as usize;
         let c = self.cluster_at(idx);
@@ -583,7 +619,7 @@ impl BlobInner {
                 st.md.thin() && matches!(st.back, Back::Zeroes)
             };
             if release {
-                let _a = self.alloc.lock().await;
+                let _a = self.lock_cluster(s.cluster).await;
                 let _m = self.bs.md_lock.lock().await;
                 if self.cluster_at(s.cluster) != c {
                     continue;
