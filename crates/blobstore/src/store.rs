@@ -1356,6 +1356,14 @@ impl StoreInner {
                 )));
             }
         }
+        let r = self.write_clean().await;
+        // Like SPDK, a failed unload (a device gone away) still ends this store.
+        self.state().unloaded = true;
+        r
+    }
+
+    /// Writes the three masks, then the super block with clean = 1.
+    async fn write_clean(&self) -> Result<()> {
         let s = self.read_super().await?;
         let (pm, cm, bm, total) = {
             let st = self.state();
@@ -1391,9 +1399,7 @@ impl StoreInner {
             let _ = total;
         })
         .await?;
-        let mut st = self.state();
-        st.clean_on_disk = true;
-        st.unloaded = true;
+        self.state().clean_on_disk = true;
         Ok(())
     }
 }

@@ -167,6 +167,11 @@ fn a03_unload_busy_while_open() {
         b.write(0, filled(4096, 1)).await.unwrap();
         b.close().await.unwrap();
         bs.unload().await.unwrap();
+        // A device that fails during unload: the error is reported and the store is gone.
+        let (d, bs) = fx().await;
+        d.set_fault(blobstore::testing::Fault::FailAfter(0));
+        assert_eq!(errno(bs.unload().await), libc::EIO);
+        assert_ne!(errno(bs.create_blob(BlobOpts::default()).await), 0);
     });
 }
 
