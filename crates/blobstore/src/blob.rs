@@ -110,6 +110,7 @@ impl Drop for ClusterGuard<'_> {
 /// Target of a fast-path read.
 enum Fast {
     Dev(u64),
+    Zero,
     Esnap(Arc<dyn BsDev>, u64),
 }
 
@@ -217,7 +218,7 @@ impl BlobInner {
     fn fast_lba(&self, offset: u64, bytes: usize, write: bool) -> Option<u64> {
         match self.fast_target(offset, bytes, write)? {
             Fast::Dev(lba) => Some(lba),
-            Fast::Esnap(..) => None,
+            Fast::Esnap(..) | Fast::Zero => None,
         }
     }
 
@@ -240,6 +241,7 @@ impl BlobInner {
             return Some(Fast::Dev(u64::from(c) * g.lba_per_cluster + off));
         }
         match &s.back {
+            Back::Zeroes | Back::None if !write => Some(Fast::Zero),
             Back::Esnap(Some(d)) if !write => {
                 let bl = u64::from(d.block_len());
                 let lba = offset * iu / bl;
@@ -256,6 +258,11 @@ impl BlobInner {
         match self.fast_target(offset, buf.len(), false) {
             Some(Fast::Dev(lba)) => return self.bs.dev.read(lba, buf).await.map_err(io_err),
             Some(Fast::Esnap(d, lba)) => return d.read(lba, buf).await.map_err(io_err),
+            Some(Fast::Zero) => {
+                let mut buf = buf;
+                buf.fill(0);
+                return Ok(buf);
+            }
             None => {}
         }
         let units = self.check_range(offset, buf.len())?;
