@@ -14,9 +14,18 @@ fuzz_target!(|data: &[u8]| {
     futures::executor::block_on(async {
         // A small store with one blob whose root page is replaced by the input.
         let d = MemBsDev::new(4096, 64);
-        let o = BsOpts { cluster_size: 16384, ..Default::default() };
+        let o = BsOpts {
+            cluster_size: 16384,
+            ..Default::default()
+        };
         let bs = Blobstore::init(d.clone(), o.clone()).await.unwrap();
-        let id = bs.create_blob(BlobOpts { num_clusters: 1, ..Default::default() }).await.unwrap();
+        let id = bs
+            .create_blob(BlobOpts {
+                num_clusters: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         drop(bs);
         let mut img = d.snapshot();
         let md_start = inspect::parse_super(&img[..4096]).unwrap().md_start as usize;
