@@ -14,6 +14,9 @@ pub enum BdevError {
         /// The name, alias or UUID that clashed.
         what: String,
     },
+    /// The device is busy (for example, an unregister is already in progress).
+    #[error("bdev {0} is busy")]
+    Busy(String),
     /// A conflicting claim is held on the device.
     #[error("bdev {name} is already claimed ({held:?})")]
     ClaimConflict {
@@ -47,6 +50,13 @@ pub enum BdevError {
     /// Write through a read-only descriptor.
     #[error("descriptor is read-only")]
     ReadOnlyDescriptor,
+    /// A claim that forbids other writers was asked for while another descriptor is open for
+    /// writing.
+    #[error("bdev {name} is open for writing by another descriptor")]
+    WriterConflict {
+        /// Device name.
+        name: String,
+    },
 }
 
 impl BdevError {
@@ -54,6 +64,7 @@ impl BdevError {
     pub fn errno(&self) -> i32 {
         match self {
             BdevError::AlreadyExists { .. } => libc::EEXIST,
+            BdevError::Busy(_) => libc::EBUSY,
             BdevError::ClaimConflict { .. } => libc::EPERM,
             BdevError::InvalidArgument(_) => libc::EINVAL,
             BdevError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
@@ -61,6 +72,7 @@ impl BdevError {
             BdevError::NotSupported(_) => libc::ENOTSUP,
             BdevError::OutOfRange { .. } => libc::EINVAL,
             BdevError::ReadOnlyDescriptor => libc::EBADF,
+            BdevError::WriterConflict { .. } => libc::EPERM,
         }
     }
 }

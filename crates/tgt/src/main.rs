@@ -1,6 +1,199 @@
-//! tgt (to be written).
+//! The `tgt` binary: `tgt [-r SOCKET] [--json CONFIG] [--wait-for-rpc]`.
+//!
+//! With no arguments at all it runs the embedded default (an aio bdev over
+//! `./tgt-data/store.img`, lvol store `lvs0` on it, an NBD server on
+//! `./tgt-data/nbd.sock`); with any argument it starts empty like `spdk_tgt`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bdev_core::Registry;
+use clap::Parser;
+use serde_json::json;
+use tgt::nbd::server::NbdServer;
+use tgt::target::Target;
+use tgt::{config, modules, server};
+
+/// SPDK's default RPC socket.
+const DEFAULT_SOCKET: &str = "/var/tmp/spdk.sock";
+/// Size of the default store file.
+const DEFAULT_STORE_SIZE: u64 = 8 << 30;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tgt",
+    version,
+    about = "SPDK-compatible RPC target with an NBD export"
+)]
+struct Args {
+    /// RPC listen socket.
+    #[arg(short = 'r', long = "rpc-socket")]
+    rpc_socket: Option<PathBuf>,
+    /// JSON config to replay at start (as written by `spdk-rpc save_config`).
+    #[arg(short = 'c', long = "json")]
+    json: Option<PathBuf>,
+    /// Start in the STARTUP state and wait for `framework_start_init`.
+    #[arg(long = "wait-for-rpc")]
+    wait_for_rpc: bool,
+}
 
 fn main() {
-    eprintln!("tgt: not built yet");
-    std::process::exit(1);
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let default_mode = std::env::args_os().len() == 1;
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tgt")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tgt: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(run(args, default_mode));
+    // Connection tasks still parked on sockets are not waited for.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    std::process::exit(code);
+}
+
+async fn run(args: Args, default_mode: bool) -> i32 {
+    let registry = Registry::new();
+    let handle = tokio::runtime::Handle::current();
+    registry.set_spawner(Arc::new(move |f| {
+        handle.spawn(f);
+    }));
+    modules::install_examine_hooks(&registry);
+    let nbd = NbdServer::new(registry.clone());
+    let mods = modules::rpc_modules(&registry, &nbd);
+    let start_in_startup = args.wait_for_rpc || args.json.is_some();
+    let target = Target::new(registry, nbd, mods, start_in_startup);
+
+    let socket = args
+        .rpc_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let listener = match server::bind(&socket) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tgt: cannot listen on {}: {e}", socket.display());
+            return 1;
+        }
+    };
+    let mut shutdown = target.shutdown_watch();
+    let rpc_task = tokio::spawn(server::run(target.clone(), listener));
+
+    let mut code = 0;
+    if let Some(path) = &args.json {
+        if let Err(e) = config::replay_file(&target, path).await {
+            eprintln!("tgt: config {}: {e}", path.display());
+            code = 1;
+            target.request_shutdown();
+        }
+        if !args.wait_for_rpc {
+            target.mark_initialized();
+        }
+    } else if default_mode {
+        match embedded_default(&target, &socket).await {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("tgt: default setup failed: {e}");
+                code = 1;
+                target.request_shutdown();
+            }
+        }
+    }
+
+    let sig = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return futures::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = int.recv() => {},
+            _ = term.recv() => {},
+        }
+    };
+    tokio::select! {
+        _ = sig => {},
+        _ = async { while !*shutdown.borrow_and_update() { if shutdown.changed().await.is_err() { break; } } } => {},
+    }
+    tracing::info!("shutting down");
+    rpc_task.abort();
+    let _ = std::fs::remove_file(&socket);
+    target.teardown().await;
+    code
+}
+
+fn rpc_err(method: &str, e: bdev_core::rpc::RpcError) -> String {
+    format!("{method}: {} ({})", e.message, e.code)
+}
+
+async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), String> {
+    let dir = std::env::current_dir()
+        .map_err(|e| e.to_string())?
+        .join("tgt-data");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let store = dir.join("store.img");
+    if !store.exists() {
+        let f = std::fs::File::create(&store).map_err(|e| format!("{}: {e}", store.display()))?;
+        f.set_len(DEFAULT_STORE_SIZE)
+            .map_err(|e| format!("{}: {e}", store.display()))?;
+    }
+    target
+        .call(
+            "bdev_aio_create",
+            Some(
+                json!({"name": "store0", "filename": store.to_string_lossy(), "block_size": 4096}),
+            ),
+        )
+        .await
+        .map_err(|e| rpc_err("bdev_aio_create", e))?;
+    if target.has_method("bdev_lvol_get_lvstores") {
+        let found = target
+            .call("bdev_lvol_get_lvstores", Some(json!({"lvs_name": "lvs0"})))
+            .await
+            .is_ok();
+        if !found {
+            target
+                .call(
+                    "bdev_lvol_create_lvstore",
+                    Some(json!({"bdev_name": "store0", "lvs_name": "lvs0"})),
+                )
+                .await
+                .map_err(|e| rpc_err("bdev_lvol_create_lvstore", e))?;
+        }
+    } else {
+        eprintln!("tgt: lvol module not built in; no lvol store on store0");
+    }
+    let nbd_sock = dir.join("nbd.sock");
+    target
+        .call(
+            "nbd_server_start",
+            Some(json!({"listen": format!("unix:{}", nbd_sock.display())})),
+        )
+        .await
+        .map_err(|e| rpc_err("nbd_server_start", e))?;
+    println!("tgt: RPC socket {}", socket.display());
+    println!("tgt: NBD socket {}", nbd_sock.display());
+    println!(
+        "tgt: try: spdk-rpc -s {} bdev_lvol_create -l lvs0 -t vol0 1024 && PYTHONPATH=python spdk-rpc -s {} --plugin spdk_rs_plugin nbd_export_add lvs0/vol0 -n vol0",
+        socket.display(),
+        socket.display()
+    );
+    println!(
+        "tgt: then: qemu-io -f raw 'nbd+unix:///vol0?socket={}' -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M'",
+        nbd_sock.display()
+    );
+    Ok(())
 }

@@ -1,6 +1,8 @@
-//! Backends: `malloc`, `aio` (io_uring or thread pool) and the error-injection bdev.
-//! (Contract only; implemented in the bdev-core issue.)
+//! Backends: `malloc` (RAM), `aio` (file or block device; io_uring or a thread pool) and the
+//! error-injection bdev. Each implements [`crate::BlockDevice`] and describes itself for
+//! `bdev_get_bdevs` (`driver_specific`) and `save_config` (`write_config`).
 
 pub mod aio;
 pub mod error;
 pub mod malloc;
+pub(crate) mod uring;

@@ -1,0 +1,287 @@
+//! aio-specific behaviour: configuration output, fallocate, read-only files, block size
+//! detection, engine choice and dropped futures.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
+use bdev_core::conformance::{self as c, pattern};
+use bdev_core::{BlockDevice, IoBuf, IoType, Registry};
+use futures::executor::block_on;
+use futures::FutureExt;
+use rstest::rstest;
+use uuid::Uuid;
+
+fn file(dir: &Path, size: u64) -> std::path::PathBuf {
+    let p = dir.join("f.img");
+    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+    p
+}
+
+fn engines() -> Vec<AioEngine> {
+    if uring_available() {
+        vec![AioEngine::Uring, AioEngine::ThreadPool]
+    } else {
+        println!("SKIP io_uring variants: io_uring is not available");
+        vec![AioEngine::ThreadPool]
+    }
+}
+
+#[test]
+fn config_and_driver_specific_follow_spdk() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = file(dir.path(), 1 << 20);
+    let u = Uuid::parse_str("7e5a0000-e5a0-4e5a-8e5a-000000000001").unwrap();
+    let a = AioBdev::create(AioOpts {
+        name: "aio0".into(),
+        filename: p.clone(),
+        uuid: Some(u),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(a.block_len(), 512, "auto block size of a regular file");
+    assert_eq!(a.num_blocks(), 2048);
+    assert_eq!(a.product_name(), "AIO disk");
+    assert_eq!(a.module_name(), "aio");
+    let fname = p.to_string_lossy().to_string();
+    assert_eq!(
+        a.write_config().unwrap(),
+        serde_json::json!({"method": "bdev_aio_create", "params": {
+            "name": "aio0", "filename": fname, "readonly": false, "fallocate": false,
+            "uuid": "7e5a0000-e5a0-4e5a-8e5a-000000000001", "nowait": false}})
+    );
+    let keys: Vec<String> = a.write_config().unwrap()["params"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "name",
+            "filename",
+            "readonly",
+            "fallocate",
+            "uuid",
+            "nowait"
+        ]
+    );
+    assert_eq!(
+        a.driver_specific(),
+        serde_json::json!({"aio": {"filename": fname, "block_size_override": false,
+            "readonly": false, "fallocate": false, "nowait": false}})
+    );
+    drop(a);
+    let b = AioBdev::create(AioOpts {
+        name: "aio1".into(),
+        filename: p,
+        block_len: Some(4096),
+        fallocate: true,
+        nowait: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let cfg = b.write_config().unwrap();
+    let keys: Vec<String> = cfg["params"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        keys,
+        [
+            "name",
+            "block_size",
+            "filename",
+            "readonly",
+            "fallocate",
+            "uuid",
+            "nowait"
+        ]
+    );
+    assert_eq!(cfg["params"]["block_size"], 4096);
+    assert_eq!(cfg["params"]["nowait"], true);
+    assert_eq!(b.driver_specific()["aio"]["block_size_override"], true);
+    assert!(b.io_type_supported(IoType::Unmap));
+    assert!(b.io_type_supported(IoType::WriteZeroes));
+}
+
+#[test]
+fn bad_options_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = file(dir.path(), 100);
+    let e = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: p.clone(),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::EINVAL, "file smaller than a block");
+    let p = file(dir.path(), 1 << 20);
+    for bl in [0, 100, 513] {
+        let e = AioBdev::create(AioOpts {
+            name: "a".into(),
+            filename: p.clone(),
+            block_len: Some(bl),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL, "block size {bl}");
+    }
+    let e = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: dir.path().join("missing"),
+        ..Default::default()
+    })
+    .unwrap_err();
+    assert_eq!(e.errno(), libc::ENOENT);
+}
+
+#[test]
+fn auto_engine_prefers_uring() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: file(dir.path(), 1 << 20),
+        ..Default::default()
+    })
+    .unwrap();
+    let want = if uring_available() {
+        AioEngine::Uring
+    } else {
+        AioEngine::ThreadPool
+    };
+    assert_eq!(a.engine(), want);
+}
+
+#[rstest]
+fn fallocate_unmap_and_write_zeroes(#[values(0, 1)] which: usize) {
+    let Some(&engine) = engines().get(which) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = file(dir.path(), 4 << 20);
+    let reg = Registry::new();
+    let a = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: p.clone(),
+        block_len: Some(4096),
+        fallocate: true,
+        engine,
+        ..Default::default()
+    })
+    .unwrap();
+    block_on(reg.register(a)).unwrap();
+    c::check_io_types(&reg, "a");
+    let d = reg.open("a", true).unwrap();
+    block_on(async {
+        d.write(0, pattern(&d, 0, 256, 3)).await.unwrap();
+        d.unmap(16, 16).await.unwrap();
+        d.write_zeroes(64, 8).await.unwrap();
+        let r = d.read(0, IoBuf::new(256 * 4096, 1)).await.unwrap();
+        let want = pattern(&d, 0, 256, 3);
+        for blk in 0..256usize {
+            let got = &r[blk * 4096..(blk + 1) * 4096];
+            if (16..32).contains(&blk) || (64..72).contains(&blk) {
+                assert!(got.iter().all(|&b| b == 0), "block {blk} zeroed");
+            } else {
+                assert_eq!(got, &want[blk * 4096..(blk + 1) * 4096], "block {blk} kept");
+            }
+        }
+    });
+    assert_eq!(
+        std::fs::metadata(&p).unwrap().len(),
+        4 << 20,
+        "keeps the size"
+    );
+}
+
+#[rstest]
+fn readonly_file_refuses_writes(#[values(0, 1)] which: usize) {
+    let Some(&engine) = engines().get(which) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Registry::new();
+    let a = AioBdev::create(AioOpts {
+        name: "ro".into(),
+        filename: file(dir.path(), 1 << 20),
+        readonly: true,
+        engine,
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(a.driver_specific()["aio"]["readonly"], true);
+    block_on(reg.register(a)).unwrap();
+    let d = reg.open("ro", true).unwrap();
+    let e = block_on(d.write(0, IoBuf::new(512, 1))).unwrap_err();
+    assert_eq!(e.errno(), libc::EBADF);
+    block_on(d.read(0, IoBuf::new(512, 1))).unwrap();
+}
+
+#[rstest]
+fn dropped_futures_do_not_free_buffers_in_flight(#[values(0, 1)] which: usize) {
+    let Some(&engine) = engines().get(which) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let p = file(dir.path(), 8 << 20);
+    let a = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: p.clone(),
+        block_len: Some(4096),
+        engine,
+        ..Default::default()
+    })
+    .unwrap();
+    let reg = Registry::new();
+    block_on(reg.register(a.clone())).unwrap();
+    let d = reg.open("a", true).unwrap();
+    for i in 0..128u64 {
+        // Poll once (submits), then drop the future while the request is in flight.
+        let _ = d.write(i * 8, pattern(&d, i * 8, 8, 1)).now_or_never();
+        let _ = d.read(i * 8 + 1, IoBuf::new(4096 * 8, 1)).now_or_never();
+    }
+    drop(d);
+    block_on(reg.unregister("a")).unwrap();
+    drop(a); // Waits for the kernel to finish with every buffer.
+             // A fresh bdev over the same file works.
+    let b = AioBdev::create(AioOpts {
+        name: "b".into(),
+        filename: p,
+        block_len: Some(4096),
+        engine,
+        ..Default::default()
+    })
+    .unwrap();
+    let r = block_on(b.read(0, IoBuf::new(4096, 1))).unwrap();
+    assert_eq!(r.len(), 4096);
+}
+
+#[rstest]
+fn large_and_many_vectored_io(#[values(0, 1)] which: usize) {
+    let Some(&engine) = engines().get(which) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let a: Arc<dyn BlockDevice> = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: file(dir.path(), 16 << 20),
+        block_len: Some(512),
+        engine,
+        ..Default::default()
+    })
+    .unwrap();
+    let reg = Registry::new();
+    block_on(reg.register(a)).unwrap();
+    let d = reg.open("a", true).unwrap();
+    block_on(async {
+        let big = pattern(&d, 0, 16384, 4); // 8 MiB
+        let big = d.write(0, big).await.unwrap();
+        let r = d.read(0, IoBuf::new(8 << 20, 1)).await.unwrap();
+        assert!(r == big);
+        // More buffers than one io_uring request can carry.
+        let bufs: Vec<IoBuf> = (0..1500u64).map(|i| pattern(&d, 20000 + i, 1, 6)).collect();
+        let want: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+        d.writev(20000, bufs).await.unwrap();
+        let got = d.read(20000, IoBuf::new(1500 * 512, 1)).await.unwrap();
+        assert!(got[..] == want[..]);
+    });
+}

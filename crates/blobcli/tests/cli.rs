@@ -1,0 +1,415 @@
+//! blobcli's behaviour as SPDK defines it (acceptance scenarios A-45..A-50): command-line
+//! validation, fill/list/show/delete, import and dump edge cases, recovery, shell mode and
+//! the clean flag; plus `--image` staying read-only.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bdev_core::backend::aio::{AioBdev, AioOpts};
+use bdev_core::Registry;
+use blobcli::bsdev::BdevBsDev;
+use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts};
+use common::*;
+use futures::executor::block_on;
+
+fn file_dev(path: &Path) -> Arc<dyn BsDev> {
+    block_on(async {
+        let reg = Registry::new();
+        let dev = AioBdev::create(AioOpts {
+            name: "lib0".into(),
+            filename: path.to_path_buf(),
+            block_len: Some(4096),
+            ..Default::default()
+        })
+        .unwrap();
+        reg.register(dev).await.unwrap();
+        let desc = reg.open("lib0", true).unwrap();
+        Arc::new(BdevBsDev::new(desc)) as Arc<dyn BsDev>
+    })
+}
+
+fn sparse_file(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    p
+}
+
+fn script(dir: &Path, lines: &str) -> std::process::Output {
+    std::fs::write(dir.join("t.bs"), lines).unwrap();
+    blobcli(
+        dir,
+        &["-j", "conf.json", "-b", "Malloc0", "-T", "t.bs"],
+        None,
+    )
+}
+
+#[test]
+fn a45_command_line_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // (a) no arguments.
+    let o = blobcli(d, &[], None);
+    assert_ne!(o.status.code(), Some(0));
+    let t = stdout(&o);
+    assert!(t.starts_with("ERROR: Invalid option\nVersion "), "{t}");
+    assert!(t.contains("Usage: blobcli [-j SPDK josn_config_file] Command\n"));
+    assert!(t.contains("\t-T <filename> - automated script mode\n"));
+    // (b)..(f)
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["-b", "Malloc0", "-n", "0"],
+            "ERROR: invalid option for new\n",
+        ),
+        (
+            &["-b", "Malloc0", "-l", "foo"],
+            "ERROR: invalid option for list\n",
+        ),
+        (
+            &["-b", "Malloc0", "-s", "bs", "-l", "blobs"],
+            "Error: Please choose only one command\n",
+        ),
+        (&["-s", "bs"], "Error: -b option is required.\n"),
+        (
+            &["-b", "A", "-b", "B", "-s", "bs"],
+            "Current setting for -b is: A\nERROR: -b option can only be set once.\n",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = blobcli(d, args, None);
+        assert!(stdout(&o).contains(want), "{args:?}: {}", stdout(&o));
+        assert_ne!(o.status.code(), Some(0), "{args:?}");
+    }
+    // (g) missing config.
+    let o = blobcli(
+        d,
+        &["-j", "missing.json", "-b", "Malloc0", "-s", "bs"],
+        None,
+    );
+    assert!(stdout(&o).starts_with("Error: No config file found.\n"));
+    assert_ne!(o.status.code(), Some(0));
+    // (h) a bad script line, aborting and skipping.
+    malloc_config(d, 262144, 512);
+    std::fs::write(d.join("bad.bs"), "-l bdevs\n-z\n-l bdevs\n").unwrap();
+    let o = blobcli(
+        d,
+        &["-j", "conf.json", "-b", "Malloc0", "-T", "bad.bs"],
+        None,
+    );
+    let t = stdout(&o);
+    assert!(
+        t.contains("ERROR: Invalid script line starting with: -z\n\n** Aborting **\n"),
+        "{t}"
+    );
+    assert_eq!(t.matches("List bdevs:").count(), 1, "{t}");
+    assert!(!t.contains("SCRIPT NOW PROCESSING: -X"));
+    let o = blobcli(
+        d,
+        &["-j", "conf.json", "-b", "Malloc0", "-T", "bad.bs", "ignore"],
+        None,
+    );
+    let t = stdout(&o);
+    assert!(
+        t.contains("ERROR: Invalid script line starting with: -z\n\n** Skipping **\n"),
+        "{t}"
+    );
+    assert_eq!(t.matches("List bdevs:").count(), 2, "{t}");
+    assert!(t.ends_with("SCRIPT NOW PROCESSING: -X\n"), "{t}");
+    assert!(o.status.success());
+    // A missing bdev stops the tool.
+    let o = blobcli(d, &["-j", "conf.json", "-b", "Nope", "-s", "bs"], None);
+    assert!(stdout(&o).contains("Could not create blob bdev, No such device!!\n"));
+    assert_eq!(o.status.code(), Some(255));
+    // Help.
+    let o = blobcli(d, &["-h"], None);
+    assert!(stdout(&o).contains("\t-x <blobid> name value - set xattr name/value pair\n"));
+}
+
+#[test]
+fn a46_fill_list_show_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    malloc_config(d, 262144, 512);
+    let o = script(
+        d,
+        "-i\n-s bs\n-n 2\n-f $B0 0x5a\n-d $B0 out.bin\n-l blobs\n-w $B0\n-l blobs\n",
+    );
+    let t = stdout(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("\tsuper blob ID: none assigned\n"), "{t}");
+    let id_line = t.lines().find(|l| l.starts_with("New blob id 0x")).unwrap();
+    let id = id_line.trim_start_matches("New blob id ").to_string();
+    assert!(t.contains("blob now has USED clusters of 2\n"));
+    assert!(t.contains("\nBlob fill complete (with 0x5a).\n"));
+    assert!(t.contains(&format!("\nList BLOBS:\nFound blob with ID# {id}\n")));
+    assert!(t.contains(&format!("Blob {id} has been deleted.\n")));
+    assert_eq!(t.matches("Found blob with ID#").count(), 1, "{t}");
+    let out = std::fs::read(d.join("out.bin")).unwrap();
+    assert_eq!(out.len(), 2 << 20);
+    assert!(out.iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn a47_import_shorter_and_longer_and_empty_dump() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let small = random_bytes(100 << 10, 7);
+    let big = random_bytes(3 << 20, 8);
+    std::fs::write(d.join("small.bin"), &small).unwrap();
+    std::fs::write(d.join("big.bin"), &big).unwrap();
+    malloc_config(d, 262144, 512);
+    let o = script(
+        d,
+        "-i\n-n 1\n-m $B0 small.bin\n-d $B0 a.bin\n-m $B0 big.bin\n-d $B0 b.bin\n",
+    );
+    let t = stdout(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("\nBlob import complete (from small.bin).\n"));
+    let a = std::fs::read(d.join("a.bin")).unwrap();
+    assert_eq!(a.len(), 1 << 20);
+    assert_eq!(&a[..small.len()], &small[..]);
+    assert!(a[small.len()..].iter().all(|&b| b == 0));
+    let b = std::fs::read(d.join("b.bin")).unwrap();
+    assert_eq!(&b[..], &big[..1 << 20]);
+
+    // A blob of 0 clusters (made with the library) dumps to an empty file, without the
+    // completion line.
+    let img = sparse_file(d, "z.img", 16 << 20);
+    let o = blobcli(d, &["--image", "z.img", "-i"], Some("y\n"));
+    assert!(o.status.success(), "{}", stdout(&o));
+    let dev = file_dev(&img);
+    let id = block_on(async {
+        let bs = Blobstore::load(dev, BsOpts::default()).await.unwrap();
+        let id = bs.create_blob(BlobOpts::default()).await.unwrap();
+        bs.unload().await.unwrap();
+        id
+    });
+    let o = blobcli(
+        d,
+        &["--image", "z.img", "-d", &format!("0x{id:x}"), "e.bin"],
+        None,
+    );
+    let t = stdout(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(!t.contains("File write complete"), "{t}");
+    assert_eq!(std::fs::metadata(d.join("e.bin")).unwrap().len(), 0);
+    // -m of a missing file.
+    let o = blobcli(
+        d,
+        &["--image", "z.img", "-m", &format!("{id}"), "nope.bin"],
+        None,
+    );
+    assert!(
+        stdout(&o).contains("Error in opening file: errno 2\n"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a48_recover_after_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = sparse_file(d, "r.img", 64 << 20);
+    std::fs::write(d.join("s.bs"), "-i\n-n 40\n-n 2\n").unwrap();
+    let o = blobcli(d, &["--image", "r.img", "-T", "s.bs"], None);
+    assert!(o.status.success(), "{}", stdout(&o));
+    let t = stdout(&o);
+    let ids: Vec<&str> = t
+        .lines()
+        .filter_map(|l| l.strip_prefix("New blob id "))
+        .collect();
+    assert_eq!(ids.len(), 2, "{t}");
+    std::fs::write(d.join("big.bin"), random_bytes(40 << 20, 9)).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_blobcli"))
+        .current_dir(d)
+        .args(["--image", "r.img", "-m", ids[0], "big.bin"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let o = blobcli(d, &["--image", "r.img", "-R"], None);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert_eq!(stdout(&o), "");
+    let o = blobcli(d, &["--image", "r.img", "-l", "blobs"], None);
+    let t = stdout(&o);
+    for id in &ids {
+        assert!(t.contains(&format!("Found blob with ID# {id}\n")), "{t}");
+    }
+    let o = blobcli(d, &["--image", "r.img", "-s", "bs"], None);
+    assert!(
+        stdout(&o).contains("\t# free clusters: 21\n"),
+        "{}",
+        stdout(&o)
+    );
+    let o = blobcli(d, &["--image", "r.img", "-D"], None);
+    assert!(stdout(&o).contains("\nClean: 1\n"), "{}", stdout(&o));
+    let o = blobcli(d, &["--image", "r.img", "--check"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    drop(img);
+}
+
+#[test]
+fn a49_shell_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    malloc_config(d, 262144, 512);
+    let o = blobcli(
+        d,
+        &["-j", "conf.json", "-b", "Malloc0", "-S"],
+        Some("-i\ny\n-s bs\n-n 1\n-l blobs\n-j other.json\n-X\n"),
+    );
+    let t = stdout(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.starts_with("blob> Your entire blobstore will be destroyed. Are you sure? (y/n) Init blobstore using bdev Name: Malloc0\n"), "{t}");
+    assert!(t.contains("blob> Blobstore Public Info:\n"), "{t}");
+    assert!(t.contains("blob> New blob id 0x100000000\nblob now has USED clusters of 1\n"));
+    assert!(t.contains("blob> \nList BLOBS:\nFound blob with ID# 0x100000000\n"));
+    assert!(
+        t.contains("ERROR: -j option not valid during shell mode.\n"),
+        "{t}"
+    );
+    assert!(t.ends_with("blob> "), "{t}");
+    // End of input without -X also exits 0.
+    let o = blobcli(
+        d,
+        &["-j", "conf.json", "-b", "Malloc0", "-S"],
+        Some("-l bdevs\n"),
+    );
+    assert!(o.status.success());
+    assert_eq!(
+        stdout(&o),
+        "blob> \nList bdevs:\n\tbdev Name: Malloc0\n\tbdev Product Name: Malloc disk\n\nblob> "
+    );
+}
+
+#[test]
+fn a50_clean_flag_follows_load_and_unload() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = sparse_file(d, "c.img", 32 << 20);
+    std::fs::write(d.join("s.bs"), "-i\n-n 1\n").unwrap();
+    let o = blobcli(d, &["--image", "c.img", "-T", "s.bs"], None);
+    assert!(o.status.success(), "{}", stdout(&o));
+    let clean = |p: &Path| {
+        let b = std::fs::read(p).unwrap();
+        u32::from_le_bytes(b[16..20].try_into().unwrap())
+    };
+    assert_eq!(clean(&img), 1);
+    let dev = file_dev(&img);
+    block_on(async {
+        let bs = Blobstore::load(dev, BsOpts::default()).await.unwrap();
+        let b = bs.open_blob(0x1_0000_0000).await.unwrap();
+        b.set_xattr("k", b"v\0").unwrap();
+        b.sync_md().await.unwrap();
+        assert_eq!(
+            clean(&img),
+            0,
+            "a synced change must mark the store dirty on disk"
+        );
+        b.close().await.unwrap();
+        bs.unload().await.unwrap();
+    });
+    let o = blobcli(d, &["--image", "c.img", "-D"], None);
+    assert!(stdout(&o).contains("\nClean: 1\n"), "{}", stdout(&o));
+
+    // A store left dirty (loaded, changed, never unloaded) is recovered by -R.
+    let dev = file_dev(&img);
+    let id = block_on(async {
+        let bs = Blobstore::load(dev, BsOpts::default()).await.unwrap();
+        let id = bs
+            .create_blob(BlobOpts {
+                num_clusters: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        std::mem::forget(bs);
+        id
+    });
+    assert_eq!(clean(&img), 0);
+    let o = blobcli(d, &["--image", "c.img", "-R"], None);
+    assert!(o.status.success(), "{}", stdout(&o));
+    assert_eq!(clean(&img), 1);
+    let o = blobcli(d, &["--image", "c.img", "-s", &format!("0x{id:x}")], None);
+    assert!(stdout(&o).contains("# of clusters: 3\n"), "{}", stdout(&o));
+}
+
+#[test]
+fn image_is_never_written_by_looking() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = sparse_file(d, "v.img", 16 << 20);
+    std::fs::write(d.join("s.bs"), "-i\n-n 2\n-x $B0 name alpha\n").unwrap();
+    let o = blobcli(d, &["--image", "v.img", "-T", "s.bs"], None);
+    assert!(o.status.success(), "{}", stdout(&o));
+    let before = sha256_file(&img);
+    for args in [
+        vec!["-s", "bs"],
+        vec!["-s", "0x100000000"],
+        vec!["-l", "blobs"],
+        vec!["-D"],
+        vec!["--check"],
+        vec!["-d", "0x100000000", "x.bin"],
+        vec!["-s", "bs", "--output", "json"],
+    ] {
+        let mut a = vec!["--image", "v.img"];
+        a.extend(args.iter());
+        let o = blobcli(d, &a, None);
+        assert!(o.status.success(), "{args:?}: {}", stdout(&o));
+    }
+    // Not an lvol store: said so, non-zero exit, nothing written.
+    let o = blobcli(d, &["--image", "v.img", "-l", "lvols"], None);
+    assert!(!o.status.success());
+    assert!(stdout(&o).starts_with("Not an lvol store: blobstore type is \"\""));
+    assert_eq!(sha256_file(&img), before);
+    let o = blobcli(
+        d,
+        &["--image", "v.img", "-s", "bs", "--output", "json"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["cluster_size"], 1048576);
+    assert_eq!(v["super_blob_id"], serde_json::Value::Null);
+    let o = blobcli(
+        d,
+        &["--image", "v.img", "-s", "0x100000000", "--output", "json"],
+        None,
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["num_clusters"], 2);
+    assert_eq!(v["xattrs"]["name"]["text"], "alpha");
+}
+
+#[test]
+fn missing_blobs_and_script_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    malloc_config(d, 262144, 512);
+    let o = script(
+        d,
+        "-i\n-s 0x100000005\n-d $B3 x.bin\n# a comment\n-l blobs\n",
+    );
+    let t = stdout(&o);
+    // SPDK prints nothing for a blob it cannot find; the reason goes to stderr.
+    assert!(
+        t.contains(
+            "SCRIPT NOW PROCESSING: -s 0x100000005\n\nSCRIPT NOW PROCESSING: -d $B3 x.bin\n"
+        ),
+        "{t}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open blob 0x100000005"));
+    assert!(t.contains("ERROR: There is no blob for $B3\n"), "{t}");
+    assert!(t.contains("Error in blob open callback (err -2)\n"), "{t}");
+    assert!(!t.contains("a comment"));
+    assert!(
+        t.ends_with("SCRIPT NOW PROCESSING: -l blobs\n\nSCRIPT NOW PROCESSING: -X\n"),
+        "{t}"
+    );
+    assert_eq!(o.status.code(), Some(1));
+}

@@ -1,0 +1,493 @@
+//! The `bdev_lvol_*` JSON-RPC methods, with SPDK's parameter names, result shapes and error
+//! conventions (see `spec/lvol-and-rpc.md` §2 and §4), plus two methods of our own for
+//! degraded mode (an esnap clone whose base bdev is missing):
+//!
+//! * `bdev_lvol_set_esnap_retry {"retries": N, "delay_ms": M}` (both optional, u32 / u64):
+//!   how many times I/O that needs a missing external snapshot is retried, and how long to
+//!   wait between tries, before it fails with EIO. Defaults: 3 retries, 100 ms. Result `true`.
+//!   Unknown or mistyped params: `-32603 "spdk_json_decode_object failed"`.
+//! * `bdev_lvol_get_esnap_retry {}`: `{"retries": N, "delay_ms": M}`.
+//!
+//! `bdev_lvol_get_lvols` entries carry `is_degraded` and `num_allocated_clusters`;
+//! `bdev_lvol_get_lvstores` entries carry `max_growable_size` (SPDK HEAD keys).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bdev_core::rpc::{decode, strerror, RpcError, RpcModule, INTERNAL_ERROR, INVALID_PARAMS};
+use blobstore::ClearMethod;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::{Lvol, LvolError, LvolModule, LvolStore, LvsClearMethod, LvsOpts, ShallowCopyState};
+
+const MIB: u64 = 1 << 20;
+
+/// The lvol module's RPC methods.
+pub struct LvolRpc {
+    module: LvolModule,
+}
+
+impl LvolRpc {
+    /// Serves the methods of `module`.
+    pub fn new(module: LvolModule) -> Self {
+        LvolRpc { module }
+    }
+}
+
+/// Every method name served.
+pub const METHODS: &[&str] = &[
+    "bdev_lvol_create_lvstore",
+    "bdev_lvol_delete_lvstore",
+    "bdev_lvol_rename_lvstore",
+    "bdev_lvol_get_lvstores",
+    "bdev_lvol_grow_lvstore",
+    "bdev_lvol_create",
+    "bdev_lvol_snapshot",
+    "bdev_lvol_clone",
+    "bdev_lvol_clone_bdev",
+    "bdev_lvol_rename",
+    "bdev_lvol_resize",
+    "bdev_lvol_set_read_only",
+    "bdev_lvol_delete",
+    "bdev_lvol_inflate",
+    "bdev_lvol_decouple_parent",
+    "bdev_lvol_get_lvols",
+    "bdev_lvol_set_parent",
+    "bdev_lvol_set_parent_bdev",
+    "bdev_lvol_start_shallow_copy",
+    "bdev_lvol_check_shallow_copy",
+    "bdev_lvol_set_esnap_retry",
+    "bdev_lvol_get_esnap_retry",
+];
+
+fn enodev() -> RpcError {
+    RpcError::from_errno(libc::ENODEV)
+}
+
+/// A failure reported by an async completion: `-32602` + strerror.
+fn async_err(e: LvolError) -> RpcError {
+    RpcError::invalid_params_errno(e.errno())
+}
+
+/// A synchronous failure: `-errno` + strerror.
+fn sync_err(e: LvolError) -> RpcError {
+    RpcError::from_errno(e.errno())
+}
+
+/// Errors raised before the blobstore was involved are synchronous in SPDK; blobstore failures
+/// come back through the completion callback.
+fn create_err(e: LvolError) -> RpcError {
+    match e {
+        LvolError::Blobstore(_) => async_err(e),
+        other => sync_err(other),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateLvstore {
+    bdev_name: String,
+    lvs_name: String,
+    cluster_sz: Option<u32>,
+    clear_method: Option<String>,
+    num_md_pages_per_cluster_ratio: Option<u32>,
+    md_page_size: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LvsSel {
+    uuid: Option<String>,
+    lvs_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenameLvstore {
+    old_name: String,
+    new_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateLvol {
+    lvol_name: String,
+    size_in_mib: Option<u64>,
+    /// Older clients send the size in bytes.
+    size: Option<u64>,
+    thin_provision: Option<bool>,
+    uuid: Option<String>,
+    lvs_name: Option<String>,
+    clear_method: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Snapshot {
+    lvol_name: String,
+    snapshot_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Clone {
+    snapshot_name: String,
+    clone_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloneBdev {
+    bdev: String,
+    lvs_name: String,
+    clone_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rename {
+    old_name: String,
+    new_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    name: String,
+    size_in_mib: Option<u64>,
+    size: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Name {
+    name: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GetLvols {
+    lvs_uuid: Option<String>,
+    lvs_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetParent {
+    lvol_name: String,
+    parent_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartShallowCopy {
+    src_lvol_name: String,
+    dst_bdev_name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckShallowCopy {
+    operation_id: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EsnapRetryParams {
+    retries: Option<u32>,
+    delay_ms: Option<u64>,
+}
+
+fn lvs_clear_method(s: Option<&str>) -> Result<LvsClearMethod, RpcError> {
+    match s.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("unmap") => Ok(LvsClearMethod::Unmap),
+        Some("write_zeroes") => Ok(LvsClearMethod::WriteZeroes),
+        Some("none") => Ok(LvsClearMethod::None),
+        Some(_) => Err(RpcError::new(
+            -libc::EINVAL,
+            "Invalid clear_method parameter",
+        )),
+    }
+}
+
+fn lvol_clear_method(s: Option<&str>) -> Result<ClearMethod, RpcError> {
+    match s.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("default") => Ok(ClearMethod::Default),
+        Some("none") => Ok(ClearMethod::None),
+        Some("unmap") => Ok(ClearMethod::Unmap),
+        Some("write_zeroes") => Ok(ClearMethod::WriteZeroes),
+        Some(_) => Err(RpcError::new(
+            -libc::EINVAL,
+            "Invalid clear_method parameter",
+        )),
+    }
+}
+
+impl LvolRpc {
+    /// "lvs lookup": exactly one of uuid / name (else -22), not found -19.
+    fn lvs_xor(&self, uuid: Option<&str>, name: Option<&str>) -> Result<Arc<LvolStore>, RpcError> {
+        match (uuid, name) {
+            (Some(u), None) => Uuid::parse_str(u)
+                .ok()
+                .and_then(|u| self.module.lvstore_by_uuid(&u))
+                .ok_or_else(enodev),
+            (None, Some(n)) => self.module.lvstore_by_name(n).ok_or_else(enodev),
+            _ => Err(RpcError::from_errno(libc::EINVAL)),
+        }
+    }
+
+    fn lvol(&self, name: &str) -> Result<Arc<Lvol>, RpcError> {
+        self.module
+            .find_lvol(name)
+            .filter(|l| l.is_registered())
+            .ok_or_else(enodev)
+    }
+
+    async fn dispatch(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        let m = &self.module;
+        match method {
+            "bdev_lvol_create_lvstore" => {
+                let p: CreateLvstore = decode(params)?;
+                let mut opts = LvsOpts::new(&p.lvs_name);
+                // 0 means "default", as in SPDK's vbdev_lvs_create.
+                if let Some(c) = p.cluster_sz.filter(|&c| c != 0) {
+                    opts.cluster_size = c;
+                }
+                opts.clear_method = lvs_clear_method(p.clear_method.as_deref())?;
+                if let Some(r) = p.num_md_pages_per_cluster_ratio.filter(|&r| r != 0) {
+                    opts.md_pages_ratio = r;
+                }
+                if let Some(s) = p.md_page_size {
+                    opts.md_page_size = s;
+                }
+                let s = m
+                    .create_lvstore(&p.bdev_name, opts)
+                    .await
+                    .map_err(create_err)?;
+                Ok(json!(s.uuid().hyphenated().to_string()))
+            }
+            "bdev_lvol_delete_lvstore" => {
+                let p: LvsSel = decode(params)?;
+                let s = self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
+                m.destroy_lvstore(&s).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_rename_lvstore" => {
+                let p: RenameLvstore = decode(params)?;
+                let s = m.lvstore_by_name(&p.old_name).ok_or_else(|| {
+                    RpcError::new(
+                        -libc::ENOENT,
+                        format!("Lvol store {} not found", p.old_name),
+                    )
+                })?;
+                m.rename_lvstore(&s, &p.new_name).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_get_lvstores" => {
+                let p: LvsSel = decode(params)?;
+                let stores = if p.uuid.is_none() && p.lvs_name.is_none() {
+                    m.lvstores()
+                } else {
+                    vec![self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?]
+                };
+                Ok(Value::Array(stores.iter().map(|s| s.info_json()).collect()))
+            }
+            "bdev_lvol_grow_lvstore" => {
+                let p: LvsSel = decode(params)?;
+                let s = self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
+                m.grow_lvstore(&s).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_create" => {
+                let p: CreateLvol = decode(params)?;
+                let size = match (p.size_in_mib, p.size) {
+                    (Some(mib), _) => mib.saturating_mul(MIB),
+                    (None, Some(b)) => b,
+                    (None, None) => return Err(RpcError::decode_failed()),
+                };
+                let clear = lvol_clear_method(p.clear_method.as_deref())?;
+                let s = self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
+                let l = m
+                    .create_lvol(
+                        &s,
+                        &p.lvol_name,
+                        size,
+                        p.thin_provision.unwrap_or(false),
+                        clear,
+                    )
+                    .await
+                    .map_err(create_err)?;
+                Ok(json!(l.unique_id()))
+            }
+            "bdev_lvol_snapshot" => {
+                let p: Snapshot = decode(params)?;
+                let l = self.lvol(&p.lvol_name)?;
+                let s = m
+                    .create_snapshot(&l, &p.snapshot_name)
+                    .await
+                    .map_err(async_err)?;
+                Ok(json!(s.unique_id()))
+            }
+            "bdev_lvol_clone" => {
+                let p: Clone = decode(params)?;
+                let l = self.lvol(&p.snapshot_name)?;
+                let c = m.create_clone(&l, &p.clone_name).await.map_err(async_err)?;
+                Ok(json!(c.unique_id()))
+            }
+            "bdev_lvol_clone_bdev" => {
+                let p: CloneBdev = decode(params)?;
+                let s = m
+                    .lvstore_by_name(&p.lvs_name)
+                    .ok_or_else(|| RpcError::new(INVALID_PARAMS, "lvs does not exist"))?;
+                let dev = m
+                    .registry()
+                    .get(&p.bdev)
+                    .ok_or_else(|| RpcError::new(INVALID_PARAMS, "bdev does not exist"))?;
+                if dev.module_name() == "lvol" {
+                    if let Some(l) = m.find_lvol(dev.name()) {
+                        if l.store().is_some_and(|ls| Arc::ptr_eq(&ls, &s)) {
+                            return Err(RpcError::new(
+                                INVALID_PARAMS,
+                                "bdev is an lvol in same lvs as clone; use bdev_lvol_clone instead",
+                            ));
+                        }
+                    }
+                }
+                let c = m
+                    .create_esnap_clone(&p.bdev, &s, &p.clone_name)
+                    .await
+                    .map_err(async_err)?;
+                Ok(json!(c.unique_id()))
+            }
+            "bdev_lvol_rename" => {
+                let p: Rename = decode(params)?;
+                let l = self.lvol(&p.old_name)?;
+                m.rename_lvol(&l, &p.new_name).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_resize" => {
+                let p: Resize = decode(params)?;
+                let size = match (p.size_in_mib, p.size) {
+                    (Some(mib), _) => mib.saturating_mul(MIB),
+                    (None, Some(b)) => b,
+                    (None, None) => return Err(RpcError::decode_failed()),
+                };
+                let l = self.lvol(&p.name)?;
+                m.resize_lvol(&l, size).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_set_read_only" => {
+                let p: Name = decode(params)?;
+                let l = self.lvol(&p.name)?;
+                m.set_read_only(&l).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_delete" => {
+                let p: Name = decode(params)?;
+                // Also finds lvols without a bdev, by UUID or lvs/lvol.
+                let l = m.find_lvol(&p.name).ok_or_else(enodev)?;
+                m.delete_lvol(&l)
+                    .await
+                    .map_err(|e| RpcError::new(INTERNAL_ERROR, strerror(e.errno())))?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_inflate" => {
+                let p: Name = decode(params)?;
+                let l = self.lvol(&p.name)?;
+                m.inflate_lvol(&l).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_decouple_parent" => {
+                let p: Name = decode(params)?;
+                let l = self.lvol(&p.name)?;
+                m.decouple_parent(&l).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_get_lvols" => {
+                let p: GetLvols = decode(params)?;
+                let stores = if p.lvs_uuid.is_none() && p.lvs_name.is_none() {
+                    m.lvstores()
+                } else {
+                    vec![self.lvs_xor(p.lvs_uuid.as_deref(), p.lvs_name.as_deref())?]
+                };
+                let mut out = Vec::new();
+                for s in stores {
+                    out.extend(s.lvols_by_blob_id().iter().map(|l| l.info_json()));
+                }
+                Ok(Value::Array(out))
+            }
+            "bdev_lvol_set_parent" => {
+                let p: SetParent = decode(params)?;
+                let l = self.lvol(&p.lvol_name)?;
+                let parent = self.lvol(&p.parent_name)?;
+                m.set_parent(&l, &parent).await.map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_set_parent_bdev" => {
+                let p: SetParent = decode(params)?;
+                let l = self.lvol(&p.lvol_name)?;
+                if m.registry().get(&p.parent_name).is_none() {
+                    return Err(enodev());
+                }
+                m.set_parent_bdev(&l, &p.parent_name)
+                    .await
+                    .map_err(async_err)?;
+                Ok(json!(true))
+            }
+            "bdev_lvol_start_shallow_copy" => {
+                let p: StartShallowCopy = decode(params)?;
+                let l = self.lvol(&p.src_lvol_name)?;
+                let op = m
+                    .start_shallow_copy(&l, &p.dst_bdev_name)
+                    .map_err(async_err)?;
+                Ok(json!({ "operation_id": op }))
+            }
+            "bdev_lvol_check_shallow_copy" => {
+                let p: CheckShallowCopy = decode(params)?;
+                let s = m.check_shallow_copy(p.operation_id).ok_or_else(enodev)?;
+                let mut v = json!({
+                    "copied_clusters": s.copied_clusters,
+                    "total_clusters": s.total_clusters,
+                    "state": s.state.as_str(),
+                });
+                if s.state == ShallowCopyState::Error {
+                    if let (Some(errno), Some(obj)) = (s.error, v.as_object_mut()) {
+                        obj.insert("error".into(), json!(strerror(errno)));
+                    }
+                }
+                Ok(v)
+            }
+            "bdev_lvol_set_esnap_retry" => {
+                let p: EsnapRetryParams = decode(params)?;
+                let (r, d) = m.esnap_retry();
+                let retries = p.retries.unwrap_or(r);
+                let delay = p.delay_ms.map(Duration::from_millis).unwrap_or(d);
+                m.set_esnap_retry(retries, delay);
+                Ok(json!(true))
+            }
+            "bdev_lvol_get_esnap_retry" => {
+                let _: NoParams = decode(params)?;
+                let (r, d) = m.esnap_retry();
+                Ok(json!({ "retries": r, "delay_ms": d.as_millis() as u64 }))
+            }
+            _ => Err(RpcError::method_not_found()),
+        }
+    }
+}
+
+#[async_trait]
+impl RpcModule for LvolRpc {
+    fn methods(&self) -> Vec<&'static str> {
+        METHODS.to_vec()
+    }
+    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        self.dispatch(method, params).await
+    }
+}

@@ -1,0 +1,144 @@
+//! [`LvolStore`]: a blobstore of type `LVOLSTORE` on a bdev, with its super blob naming it and
+//! the lvols it holds, looked up by name and blob id in ordered maps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use blobstore::{BlobId, Blobstore, Parent};
+use futures::channel::oneshot;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::bs_dev::BdevBsDev;
+use crate::esnap::EsnapCtx;
+use crate::lvol::Lvol;
+
+/// The bstype of lvol stores.
+pub const LVS_BSTYPE: [u8; 16] = *b"LVOLSTORE\0\0\0\0\0\0\0";
+/// Longest lvs or lvol name, in bytes (SPDK `SPDK_LVS_NAME_MAX` / `SPDK_LVOL_NAME_MAX` - 1).
+pub const NAME_MAX: usize = 63;
+/// Default cluster size of a new store.
+pub const DEFAULT_CLUSTER_SIZE: u32 = 4 << 20;
+/// Default md pages per cluster ratio (percent).
+pub const DEFAULT_MD_PAGES_RATIO: u32 = 100;
+
+#[derive(Default)]
+pub(crate) struct LvolMaps {
+    pub(crate) by_name: BTreeMap<String, Arc<Lvol>>,
+    pub(crate) by_blob: BTreeMap<BlobId, Arc<Lvol>>,
+    /// Names reserved by creates in flight.
+    pub(crate) pending: BTreeSet<String>,
+}
+
+/// A loaded lvol store.
+pub struct LvolStore {
+    pub(crate) uuid: Uuid,
+    pub(crate) name: Mutex<String>,
+    pub(crate) base_name: String,
+    pub(crate) base: Arc<BdevBsDev>,
+    pub(crate) bs: Blobstore,
+    pub(crate) super_blob: BlobId,
+    pub(crate) lvols: Mutex<LvolMaps>,
+    pub(crate) esnap: Arc<EsnapCtx>,
+    pub(crate) stop_listener: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl std::fmt::Debug for LvolStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LvolStore")
+            .field("name", &self.name())
+            .field("uuid", &self.uuid)
+            .field("base", &self.base_name)
+            .finish()
+    }
+}
+
+impl LvolStore {
+    pub(crate) fn maps(&self) -> std::sync::MutexGuard<'_, LvolMaps> {
+        self.lvols.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Store UUID.
+    pub fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+    /// Store name.
+    pub fn name(&self) -> String {
+        self.name.lock().map(|n| n.clone()).unwrap_or_default()
+    }
+    /// Name of the base bdev.
+    pub fn base_bdev_name(&self) -> String {
+        self.base_name.clone()
+    }
+    /// The blobstore.
+    pub fn blobstore(&self) -> &Blobstore {
+        &self.bs
+    }
+    /// The super blob id.
+    pub fn super_blob_id(&self) -> BlobId {
+        self.super_blob
+    }
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u32 {
+        self.bs.cluster_size()
+    }
+    /// Block size of the lvol bdevs (the blobstore io unit).
+    pub fn block_size(&self) -> u32 {
+        self.bs.io_unit_size()
+    }
+    pub(crate) fn base_buf_align(&self) -> usize {
+        self.base.bdev().buf_align()
+    }
+    /// Clusters for data.
+    pub fn total_data_clusters(&self) -> u64 {
+        self.bs.total_data_clusters()
+    }
+    /// Free clusters.
+    pub fn free_clusters(&self) -> u64 {
+        self.bs.free_clusters()
+    }
+    /// Every lvol, in name order.
+    pub fn lvols(&self) -> Vec<Arc<Lvol>> {
+        self.maps().by_name.values().cloned().collect()
+    }
+    /// Every lvol, in blob id order.
+    pub fn lvols_by_blob_id(&self) -> Vec<Arc<Lvol>> {
+        self.maps().by_blob.values().cloned().collect()
+    }
+    /// An lvol by its name (exact match).
+    pub fn lvol_by_name(&self, name: &str) -> Option<Arc<Lvol>> {
+        self.maps().by_name.get(name).cloned()
+    }
+    /// An lvol by blob id.
+    pub fn lvol_by_blob(&self, id: BlobId) -> Option<Arc<Lvol>> {
+        self.maps().by_blob.get(&id).cloned()
+    }
+    /// Esnap ids whose base bdev is missing.
+    pub fn missing_esnaps(&self) -> Vec<Vec<u8>> {
+        self.esnap.missing_ids()
+    }
+
+    /// The `bdev_lvol_get_lvstores` entry.
+    pub fn info_json(&self) -> Value {
+        json!({
+            "uuid": self.uuid.hyphenated().to_string(),
+            "name": self.name(),
+            "base_bdev": self.base_name,
+            "total_data_clusters": self.total_data_clusters(),
+            "free_clusters": self.free_clusters(),
+            "block_size": self.block_size(),
+            "cluster_size": self.cluster_size(),
+            "max_growable_size": self.bs.max_growable_size(),
+        })
+    }
+
+    /// Re-computes which blobs hold which external snapshot (after any relation change).
+    pub(crate) fn refresh_esnap_holders(&self) {
+        let mut holders: BTreeMap<Vec<u8>, BTreeSet<BlobId>> = BTreeMap::new();
+        for l in self.lvols_by_blob_id() {
+            if let Parent::External(id) = l.blob().parent() {
+                holders.entry(id).or_default().insert(l.blob_id());
+            }
+        }
+        self.esnap.refresh_holders(holders);
+    }
+}

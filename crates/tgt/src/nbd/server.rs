@@ -1,0 +1,855 @@
+//! The userspace NBD server: listeners, exports and connections (tokio).
+//!
+//! Each export holds one open descriptor on its bdev; connections share it. A `Remove` event
+//! on that descriptor (hot-removal) removes the export and ends its connections: in-flight
+//! requests finish, their replies are sent, then the socket is closed and the descriptor
+//! dropped, which lets the unregister complete.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bdev_core::rpc::RpcError;
+use bdev_core::{BdevEvent, Descriptor, IoType, Registry};
+use futures::future::Either;
+use futures::StreamExt;
+use iobuf::IoBuf;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch, Notify, RwLock, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::proto::{self, ExportInfo, ExportLookup, Next, Request};
+
+/// Requests one connection may have in flight at once.
+const MAX_INFLIGHT: usize = 128;
+
+/// One export.
+pub struct Export {
+    name: String,
+    bdev_name: String,
+    writable: bool,
+    desc: Arc<Descriptor>,
+    /// Read-modify-write of partial blocks takes this exclusively, every other write shared,
+    /// so that concurrent requests touching different bytes of one block never lose data.
+    rmw: RwLock<()>,
+    generation: u64,
+    connections: AtomicUsize,
+    cancel: watch::Sender<bool>,
+}
+
+impl Export {
+    fn info(&self) -> ExportInfo {
+        let dev = self.desc.device();
+        let bl = dev.block_len();
+        ExportInfo {
+            size: dev.num_blocks() * bl as u64,
+            flags: proto::transmission_flags(!self.writable, dev.io_type_supported(IoType::Unmap)),
+            block_size: bl,
+        }
+    }
+}
+
+type ExportMap = Arc<Mutex<BTreeMap<String, Arc<Export>>>>;
+
+struct Listener {
+    listen: String,
+    allow_remote: bool,
+    task: JoinHandle<()>,
+    unix_path: Option<PathBuf>,
+}
+
+/// Counts live connection tasks so that shutdown can wait for them.
+#[derive(Default)]
+struct Tracker {
+    live: AtomicUsize,
+    idle: Notify,
+}
+
+struct TrackGuard(Arc<Tracker>);
+
+impl Drop for TrackGuard {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl Tracker {
+    fn enter(self: &Arc<Self>) -> TrackGuard {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        TrackGuard(self.clone())
+    }
+    async fn wait_idle(&self) {
+        loop {
+            let n = self.idle.notified();
+            if self.live.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Whether a device refuses writes: it does not support them, or it is an aio bdev opened
+/// read-only (SPDK's aio bdev reports write support even then; the writes fail).
+fn read_only_device(dev: &dyn bdev_core::BlockDevice) -> bool {
+    !dev.io_type_supported(IoType::Write)
+        || dev.driver_specific()["aio"]["readonly"] == Value::Bool(true)
+}
+
+/// The NBD server.
+pub struct NbdServer {
+    registry: Registry,
+    exports: ExportMap,
+    listener: Mutex<Option<Listener>>,
+    generation: AtomicU64,
+    stop: watch::Sender<bool>,
+    tracker: Arc<Tracker>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Lookup<'a>(&'a ExportMap);
+
+impl ExportLookup for Lookup<'_> {
+    fn lookup(&self, name: &str) -> Option<(String, ExportInfo)> {
+        let map = lock(self.0);
+        let e = if name.is_empty() && map.len() == 1 {
+            map.values().next()
+        } else {
+            map.get(name)
+        }?;
+        Some((e.name.clone(), e.info()))
+    }
+    fn names(&self) -> Vec<String> {
+        lock(self.0).keys().cloned().collect()
+    }
+}
+
+/// Whether every address `listen` resolves to is a loopback address.
+async fn resolve(listen: &str) -> Result<Vec<SocketAddr>, RpcError> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .map_err(|_| RpcError::from_errno(libc::EINVAL))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(RpcError::from_errno(libc::EINVAL));
+    }
+    Ok(addrs)
+}
+
+impl NbdServer {
+    /// A server with no listener and no exports.
+    pub fn new(registry: Registry) -> Arc<Self> {
+        let (stop, _) = watch::channel(false);
+        Arc::new(NbdServer {
+            registry,
+            exports: Arc::new(Mutex::new(BTreeMap::new())),
+            listener: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            stop,
+            tracker: Arc::new(Tracker::default()),
+        })
+    }
+
+    /// Starts listening on `unix:PATH` or `HOST:PORT`. A non-loopback address is refused
+    /// (EPERM) unless `allow_remote`.
+    pub async fn start(self: &Arc<Self>, listen: &str, allow_remote: bool) -> Result<(), RpcError> {
+        if lock(&self.listener).is_some() {
+            return Err(RpcError::from_errno(libc::EEXIST));
+        }
+        let _ = self.stop.send(false);
+        let me = self.clone();
+        let (task, unix_path) = if let Some(path) = listen.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if path.as_os_str().is_empty() {
+                return Err(RpcError::from_errno(libc::EINVAL));
+            }
+            if path.exists() {
+                // A stale socket from a previous run is removed; a live one is in use.
+                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+                    return Err(RpcError::from_errno(libc::EADDRINUSE));
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+            let l = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| RpcError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            let task = tokio::spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => me.spawn_conn(s),
+                        Err(e) => {
+                            tracing::warn!("nbd accept: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+            (task, Some(path))
+        } else {
+            let addrs = resolve(listen).await?;
+            if !allow_remote && addrs.iter().any(|a| !a.ip().is_loopback()) {
+                return Err(RpcError::from_errno(libc::EPERM));
+            }
+            let l = tokio::net::TcpListener::bind(&addrs[..])
+                .await
+                .map_err(|e| RpcError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            let task = tokio::spawn(async move {
+                loop {
+                    match l.accept().await {
+                        Ok((s, _)) => {
+                            let _ = s.set_nodelay(true);
+                            me.spawn_conn(s)
+                        }
+                        Err(e) => {
+                            tracing::warn!("nbd accept: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+            (task, None)
+        };
+        *lock(&self.listener) = Some(Listener {
+            listen: listen.to_string(),
+            allow_remote,
+            task,
+            unix_path,
+        });
+        Ok(())
+    }
+
+    /// Stops the listener and ends every connection (exports stay).
+    pub async fn stop(&self) -> Result<(), RpcError> {
+        let l = lock(&self.listener).take();
+        let Some(l) = l else {
+            return Err(RpcError::from_errno(libc::ENODEV));
+        };
+        l.task.abort();
+        if let Some(p) = &l.unix_path {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = self.stop.send(true);
+        self.tracker.wait_idle().await;
+        Ok(())
+    }
+
+    /// Shutdown: stops the listener, removes every export and waits for the connections.
+    pub async fn stop_all(&self) {
+        let _ = self.stop().await;
+        let all: Vec<Arc<Export>> = std::mem::take(&mut *lock(&self.exports))
+            .into_values()
+            .collect();
+        for e in &all {
+            let _ = e.cancel.send(true);
+        }
+        drop(all);
+        let _ = self.stop.send(true);
+        self.tracker.wait_idle().await;
+    }
+
+    /// Adds an export of `bdev_name` under `name` (default: the bdev name). A bdev that does
+    /// not support writes is exported read-only.
+    pub fn add_export(
+        &self,
+        bdev_name: &str,
+        name: Option<&str>,
+        writable: bool,
+    ) -> Result<String, RpcError> {
+        let name = name.unwrap_or(bdev_name).to_string();
+        if name.is_empty() {
+            return Err(RpcError::from_errno(libc::EINVAL));
+        }
+        if lock(&self.exports).contains_key(&name) {
+            return Err(RpcError::from_errno(libc::EEXIST));
+        }
+        let dev = self
+            .registry
+            .get(bdev_name)
+            .ok_or_else(|| RpcError::from_errno(libc::ENODEV))?;
+        let writable = writable && !read_only_device(dev.as_ref());
+        let mut desc = self
+            .registry
+            .open(bdev_name, writable)
+            .map_err(|e| RpcError::from_errno(e.errno()))?;
+        let events = desc.take_events();
+        let (cancel, mut cancel_rx) = watch::channel(false);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst);
+        let export = Arc::new(Export {
+            name: name.clone(),
+            bdev_name: bdev_name.to_string(),
+            writable,
+            desc: Arc::new(desc),
+            rmw: RwLock::new(()),
+            generation,
+            connections: AtomicUsize::new(0),
+            cancel,
+        });
+        {
+            let mut map = lock(&self.exports);
+            if map.contains_key(&name) {
+                return Err(RpcError::from_errno(libc::EEXIST));
+            }
+            map.insert(name.clone(), export);
+        }
+        if let Some(mut events) = events {
+            let map = self.exports.clone();
+            let ename = name.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        ev = events.next() => match ev {
+                            Some(BdevEvent::Remove) | None => {
+                                let mut m = lock(&map);
+                                if m.get(&ename).is_some_and(|e| e.generation == generation) {
+                                    if let Some(e) = m.remove(&ename) {
+                                        tracing::info!("nbd export {ename}: bdev removed");
+                                        let _ = e.cancel.send(true);
+                                    }
+                                }
+                                return;
+                            }
+                            Some(BdevEvent::Resize { .. }) => {}
+                        },
+                        _ = cancel_rx.changed() => return,
+                    }
+                }
+            });
+        }
+        Ok(name)
+    }
+
+    /// Removes an export and ends its connections.
+    pub fn remove_export(&self, name: &str) -> Result<(), RpcError> {
+        let e = lock(&self.exports)
+            .remove(name)
+            .ok_or_else(|| RpcError::from_errno(libc::ENODEV))?;
+        let _ = e.cancel.send(true);
+        Ok(())
+    }
+
+    /// `nbd_get_exports`.
+    pub fn list(&self) -> Value {
+        let map = lock(&self.exports);
+        Value::Array(
+            map.values()
+                .map(|e| {
+                    json!({
+                        "name": e.name,
+                        "bdev_name": e.bdev_name,
+                        "writable": e.writable,
+                        "connections": e.connections.load(Ordering::SeqCst),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// The nbd subsystem's config: `nbd_server_start` (if listening), then one
+    /// `nbd_export_add` per export.
+    pub fn config(&self) -> Vec<Value> {
+        let mut out = Vec::new();
+        if let Some(l) = lock(&self.listener).as_ref() {
+            let mut p = json!({"listen": l.listen});
+            if l.allow_remote {
+                p["allow_remote"] = json!(true);
+            }
+            out.push(json!({"method": "nbd_server_start", "params": p}));
+        }
+        for e in lock(&self.exports).values() {
+            out.push(json!({"method": "nbd_export_add", "params": {
+                "bdev_name": e.bdev_name, "name": e.name, "writable": e.writable}}));
+        }
+        out
+    }
+
+    fn spawn_conn<S>(self: &Arc<Self>, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let guard = self.tracker.enter();
+        let exports = self.exports.clone();
+        let stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            if let Err(e) = serve(stream, exports, stop).await {
+                tracing::debug!("nbd connection: {e}");
+            }
+            drop(guard);
+        });
+    }
+}
+
+fn proto_err(e: proto::ProtoError) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+}
+
+/// Decrements the export's connection count when the transmission phase ends.
+struct ConnCount(Arc<Export>);
+
+impl Drop for ConnCount {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Longest a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The newstyle fixed handshake: options until one selects an export (returned) or the client
+/// aborts (`None`).
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    exports: &ExportMap,
+) -> std::io::Result<Option<Arc<Export>>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&proto::greeting()).await?;
+    let mut flags = [0u8; 4];
+    rd.read_exact(&mut flags).await?;
+    let no_zeroes = proto::parse_client_flags(flags).map_err(proto_err)?;
+    loop {
+        let mut hdr = [0u8; 16];
+        rd.read_exact(&mut hdr).await?;
+        let h = proto::parse_option_header(&hdr).map_err(proto_err)?;
+        let mut data = vec![0u8; h.len as usize];
+        rd.read_exact(&mut data).await?;
+        let out = proto::handle_option(h.option, &data, no_zeroes, &Lookup(exports));
+        wr.write_all(&out.reply).await?;
+        match out.next {
+            Next::Continue => {}
+            Next::Close => {
+                wr.shutdown().await.ok();
+                return Ok(None);
+            }
+            Next::Transmit(name) => return Ok(lock(exports).get(&name).cloned()),
+        }
+    }
+}
+
+async fn serve<S>(
+    stream: S,
+    exports: ExportMap,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
+    // The handshake gives up on shutdown and on clients that stall for a minute.
+    let export = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &exports)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        },
+        _ = wait_true(&mut stop) => return Ok(()),
+    };
+    let Some(export) = export else {
+        return Ok(());
+    };
+    export.connections.fetch_add(1, Ordering::SeqCst);
+    let _count = ConnCount(export.clone());
+    let mut cancel = export.cancel.subscribe();
+
+    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
+    // The writer batches whatever replies are ready into one flush.
+    let writer = tokio::spawn(async move {
+        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+        'outer: while let Some(r) = rx.recv().await {
+            let mut next = Some(r);
+            while let Some(r) = next.take() {
+                if r.put(&mut w).await.is_err() {
+                    break 'outer;
+                }
+                next = rx.try_recv().ok();
+            }
+            if w.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = w.shutdown().await;
+    });
+    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
+    let mut inflight = tokio::task::JoinSet::new();
+    loop {
+        if *cancel.borrow() || *stop.borrow() {
+            break;
+        }
+        let mut hdr = [0u8; proto::REQUEST_LEN];
+        let read = tokio::select! {
+            r = rd.read_exact(&mut hdr) => r,
+            _ = wait_true(&mut cancel) => break,
+            _ = wait_true(&mut stop) => break,
+        };
+        if read.is_err() {
+            break;
+        }
+        let Ok(req) = proto::parse_request(&hdr) else {
+            break;
+        };
+        if req.cmd == proto::CMD_DISC {
+            break;
+        }
+        let mut payload = None;
+        if proto::has_payload(&req) {
+            if req.len > proto::MAX_PAYLOAD {
+                // The payload cannot be skipped safely; end the connection.
+                break;
+            }
+            let mut buf = IoBuf::new(req.len as usize, export.desc.device().buf_align());
+            if rd.read_exact(&mut buf[..]).await.is_err() {
+                break;
+            }
+            payload = Some(buf);
+        }
+        while inflight.try_join_next().is_some() {}
+        let dev = export.desc.device();
+        let size = dev.num_blocks() * dev.block_len() as u64;
+        if let Err(e) = proto::check_request(&req, size, !export.writable) {
+            let _ = tx
+                .send(Reply::Simple(proto::simple_reply(e, req.cookie)))
+                .await;
+            continue;
+        }
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let tx = tx.clone();
+        let exp = export.clone();
+        inflight.spawn(async move {
+            let reply = match execute(&exp.desc, &exp.rmw, &req, payload).await {
+                Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
+                Ok(Some((buf, skew, len))) => {
+                    Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len)
+                }
+                Err(errno) => {
+                    Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie))
+                }
+            };
+            let _ = tx.send(reply).await;
+            drop(permit);
+        });
+    }
+    // Drain: every accepted request completes and its reply is sent before the close.
+    while inflight.join_next().await.is_some() {}
+    drop(tx);
+    let _ = writer.await;
+    Ok(())
+}
+
+/// Waits until the watched flag is true (forever if its sender is gone).
+async fn wait_true(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            futures::future::pending::<()>().await;
+        }
+    }
+}
+
+/// A reply on its way to the socket.
+enum Reply {
+    /// A reply header alone.
+    Simple([u8; 16]),
+    /// A read reply: header, then `len` bytes of the buffer from `skew`.
+    Data([u8; 16], IoBuf, usize, usize),
+}
+
+impl Reply {
+    async fn put<W: AsyncWrite + Unpin>(self, w: &mut W) -> std::io::Result<()> {
+        match self {
+            Reply::Simple(h) => w.write_all(&h).await,
+            Reply::Data(h, buf, skew, len) => {
+                w.write_all(&h).await?;
+                w.write_all(&buf[skew..skew + len]).await
+            }
+        }
+    }
+}
+
+/// Block-aligned span covering a byte range: (first block, block count, byte skew in the
+/// first block).
+fn span(offset: u64, len: u64, bl: u64) -> (u64, u64, usize) {
+    let first = offset / bl;
+    let end = (offset + len).div_ceil(bl);
+    (first, end - first, (offset - first * bl) as usize)
+}
+
+/// Reads a byte range; returns the block-aligned buffer, the skew of the range in it and
+/// its length.
+async fn read_bytes(
+    desc: &Descriptor,
+    offset: u64,
+    len: u64,
+) -> Result<(IoBuf, usize, usize), i32> {
+    let dev = desc.device();
+    let bl = dev.block_len() as u64;
+    let (first, count, skew) = span(offset, len, bl);
+    let buf = IoBuf::new((count * bl) as usize, dev.buf_align());
+    let buf = desc.read(first, buf).await.map_err(|e| e.errno())?;
+    Ok((buf, skew, len as usize))
+}
+
+/// Writes bytes at any offset: aligned spans go straight down, unaligned edges are
+/// read-modify-write.
+async fn write_bytes(
+    desc: &Descriptor,
+    rmw: &RwLock<()>,
+    offset: u64,
+    data: IoBuf,
+) -> Result<(), i32> {
+    let dev = desc.device();
+    let bl = dev.block_len() as u64;
+    let len = data.len() as u64;
+    let (first, count, skew) = span(offset, len, bl);
+    let whole = skew == 0 && len % bl == 0;
+    let _guard = if whole {
+        Either::Left(rmw.read().await)
+    } else {
+        Either::Right(rmw.write().await)
+    };
+    let buf = if whole && data.align() >= dev.buf_align() {
+        data
+    } else if whole {
+        IoBuf::from_slice(&data, dev.buf_align())
+    } else {
+        let mut buf = IoBuf::new((count * bl) as usize, dev.buf_align());
+        buf = desc.read(first, buf).await.map_err(|e| e.errno())?;
+        buf[skew..skew + data.len()].copy_from_slice(&data);
+        buf
+    };
+    desc.write(first, buf).await.map_err(|e| e.errno())?;
+    Ok(())
+}
+
+async fn zero_bytes(desc: &Descriptor, rmw: &RwLock<()>, offset: u64, len: u64) -> Result<(), i32> {
+    let dev = desc.device();
+    let bl = dev.block_len() as u64;
+    let a_start = offset.div_ceil(bl) * bl;
+    let a_end = ((offset + len) / bl) * bl;
+    if a_start >= a_end {
+        return write_bytes(desc, rmw, offset, IoBuf::new(len as usize, 1)).await;
+    }
+    if a_start > offset {
+        write_bytes(
+            desc,
+            rmw,
+            offset,
+            IoBuf::new((a_start - offset) as usize, 1),
+        )
+        .await?;
+    }
+    let guard = rmw.read().await;
+    if dev.io_type_supported(IoType::WriteZeroes) {
+        desc.write_zeroes(a_start / bl, (a_end - a_start) / bl)
+            .await
+            .map_err(|e| e.errno())?;
+    } else {
+        const CHUNK: u64 = 1 << 20;
+        let mut pos = a_start;
+        while pos < a_end {
+            let n = CHUNK.min(a_end - pos);
+            let buf = IoBuf::new(n as usize, dev.buf_align());
+            desc.write(pos / bl, buf).await.map_err(|e| e.errno())?;
+            pos += n;
+        }
+    }
+    drop(guard);
+    if a_end < offset + len {
+        write_bytes(
+            desc,
+            rmw,
+            a_end,
+            IoBuf::new((offset + len - a_end) as usize, 1),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Runs one checked request; `Ok(Some(data))` for reads.
+async fn execute(
+    desc: &Descriptor,
+    rmw: &RwLock<()>,
+    req: &Request,
+    payload: Option<IoBuf>,
+) -> Result<Option<(IoBuf, usize, usize)>, i32> {
+    let dev = desc.device();
+    let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    match req.cmd {
+        proto::CMD_READ => {
+            if req.len == 0 {
+                return Ok(Some((IoBuf::new(0, 1), 0, 0)));
+            }
+            read_bytes(desc, req.offset, req.len as u64).await.map(Some)
+        }
+        proto::CMD_WRITE => {
+            if let Some(p) = payload.filter(|p| !p.is_empty()) {
+                write_bytes(desc, rmw, req.offset, p).await?;
+            }
+            if fua && dev.io_type_supported(IoType::Flush) {
+                desc.flush().await.map_err(|e| e.errno())?;
+            }
+            Ok(None)
+        }
+        proto::CMD_WRITE_ZEROES => {
+            if req.len > 0 {
+                zero_bytes(desc, rmw, req.offset, req.len as u64).await?;
+            }
+            if fua && dev.io_type_supported(IoType::Flush) {
+                desc.flush().await.map_err(|e| e.errno())?;
+            }
+            Ok(None)
+        }
+        proto::CMD_TRIM => {
+            // Trim is advisory: only whole blocks are unmapped.
+            let bl = dev.block_len() as u64;
+            let a_start = req.offset.div_ceil(bl);
+            let a_end = (req.offset + req.len as u64) / bl;
+            if a_end > a_start && dev.io_type_supported(IoType::Unmap) {
+                let _guard = rmw.read().await;
+                desc.unmap(a_start, a_end - a_start)
+                    .await
+                    .map_err(|e| e.errno())?;
+            }
+            Ok(None)
+        }
+        proto::CMD_FLUSH => {
+            if dev.io_type_supported(IoType::Flush) {
+                desc.flush().await.map_err(|e| e.errno())?;
+            }
+            Ok(None)
+        }
+        _ => Err(libc::EINVAL),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev_core::backend::malloc::MallocBdev;
+    use std::collections::HashMap;
+
+    async fn client_go<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, export: &str) -> (u64, u16) {
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await.unwrap();
+        assert_eq!(g, proto::greeting());
+        s.write_all(&3u32.to_be_bytes()).await.unwrap();
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
+        o.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+        o.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        o.extend_from_slice(&d);
+        s.write_all(&o).await.unwrap();
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).await.unwrap();
+            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut data = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+            s.read_exact(&mut data).await.unwrap();
+            if ty == proto::REP_INFO && data[..2] == [0, 0] {
+                size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                flags = u16::from_be_bytes([data[10], data[11]]);
+            }
+            if ty == proto::REP_ACK {
+                return (size, flags);
+            }
+            assert_eq!(ty & proto::REP_FLAG_ERROR, 0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_requests_unaligned_io_and_removal() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 2048, 512, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        assert_eq!(server.add_export("M", Some("m"), true).unwrap(), "m");
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        server.spawn_conn(s);
+        let (size, flags) = client_go(&mut c, "m").await;
+        assert_eq!(size, 1 << 20);
+        assert_eq!(flags & proto::TFLAG_READ_ONLY, 0);
+
+        // 64 writes of 1000 bytes at unaligned offsets, all sent before any reply is read.
+        let mut msg = Vec::new();
+        for i in 0..64u64 {
+            let r = proto::Request {
+                flags: 0,
+                cmd: proto::CMD_WRITE,
+                cookie: i,
+                offset: i * 1000 + 7,
+                len: 1000,
+            };
+            msg.extend_from_slice(&proto::encode_request(&r));
+            msg.extend(std::iter::repeat_n(i as u8 + 1, 1000));
+        }
+        c.write_all(&msg).await.unwrap();
+        let mut seen = HashMap::new();
+        for _ in 0..64 {
+            let mut h = [0u8; 16];
+            c.read_exact(&mut h).await.unwrap();
+            let cookie = u64::from_be_bytes(h[8..].try_into().unwrap());
+            seen.insert(cookie, u32::from_be_bytes(h[4..8].try_into().unwrap()));
+        }
+        assert_eq!(seen.len(), 64);
+        assert!(seen.values().all(|&e| e == 0));
+        // Write zeroes over part of the range, then read everything back in one request.
+        let z = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_WRITE_ZEROES,
+            cookie: 100,
+            offset: 1500,
+            len: 600,
+        };
+        c.write_all(&proto::encode_request(&z)).await.unwrap();
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 100));
+        let rd = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 101,
+            offset: 0,
+            len: 65_000,
+        };
+        c.write_all(&proto::encode_request(&rd)).await.unwrap();
+        c.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 101));
+        let mut data = vec![0u8; 65_000];
+        c.read_exact(&mut data).await.unwrap();
+        for (off, &b) in data.iter().enumerate() {
+            let expect = if !(7..64 * 1000 + 7).contains(&off) || (1500..2100).contains(&off) {
+                0
+            } else {
+                ((off - 7) / 1000) as u8 + 1
+            };
+            assert_eq!(b, expect, "byte {off}");
+        }
+        assert_eq!(server.list()[0]["connections"], serde_json::json!(1));
+        // Hot removal: the unregister completes and the connection is closed.
+        registry.unregister("M").await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).await.unwrap(), 0);
+        assert_eq!(server.list(), serde_json::json!([]));
+    }
+
+    #[test]
+    fn span_covers_unaligned_ranges() {
+        assert_eq!(span(0, 4096, 512), (0, 8, 0));
+        assert_eq!(span(100, 10, 512), (0, 1, 100));
+        assert_eq!(span(510, 4, 512), (0, 2, 510));
+        assert_eq!(span(4096, 1, 4096), (1, 1, 0));
+    }
+}

@@ -1,0 +1,363 @@
+//! The target: the device registry, the dispatch table of RPC modules, the framework state
+//! (STARTUP / RUNTIME as SPDK's `spdk_rpc_set_state`) and shutdown.
+//!
+//! Every module's methods are found through one table built from a `Vec<Arc<dyn RpcModule>>`
+//! ([`crate::modules::rpc_modules`]); the framework methods (`rpc_get_methods`,
+//! `framework_*`, `spdk_*`) are answered here because they need the table itself.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use std::panic::AssertUnwindSafe;
+
+use bdev_core::rpc::{RpcError, RpcModule, INTERNAL_ERROR};
+use bdev_core::Registry;
+use futures::FutureExt;
+use serde_json::Value;
+use tokio::sync::{watch, Notify};
+
+use crate::framework;
+use crate::nbd::server::NbdServer;
+
+/// SPDK's `SPDK_JSONRPC_ERROR_INVALID_STATE`.
+pub const INVALID_STATE: i32 = -1;
+
+/// The running target. Shared as `Arc<Target>` by every connection.
+pub struct Target {
+    registry: Registry,
+    modules: Vec<Arc<dyn RpcModule>>,
+    table: HashMap<&'static str, usize>,
+    nbd: Arc<NbdServer>,
+    initialized: AtomicBool,
+    init_done: Notify,
+    shutdown_tx: watch::Sender<bool>,
+    kill_signal: Mutex<Option<i32>>,
+}
+
+impl Target {
+    /// A target over `registry` serving `modules` (plus the framework methods). It starts in
+    /// the STARTUP state when `wait_for_rpc` is set, else it is initialised at once.
+    pub fn new(
+        registry: Registry,
+        nbd: Arc<NbdServer>,
+        modules: Vec<Arc<dyn RpcModule>>,
+        wait_for_rpc: bool,
+    ) -> Arc<Self> {
+        let mut table = HashMap::new();
+        for (i, m) in modules.iter().enumerate() {
+            for name in m.methods() {
+                if framework::METHODS.contains(&name) {
+                    tracing::warn!("module method {name} shadows a framework method; ignored");
+                    continue;
+                }
+                if table.insert(name, i).is_some() {
+                    tracing::warn!("method {name} is served by two modules; the last one wins");
+                }
+            }
+        }
+        let (shutdown_tx, _) = watch::channel(false);
+        Arc::new(Target {
+            registry,
+            modules,
+            table,
+            nbd,
+            initialized: AtomicBool::new(!wait_for_rpc),
+            init_done: Notify::new(),
+            shutdown_tx,
+            kill_signal: Mutex::new(None),
+        })
+    }
+
+    /// The device registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The NBD server.
+    pub fn nbd(&self) -> &Arc<NbdServer> {
+        &self.nbd
+    }
+
+    /// Every method served, framework methods first, then the modules' in table order.
+    pub fn method_names(&self) -> Vec<&'static str> {
+        let mut v: Vec<&'static str> = framework::METHODS.to_vec();
+        let mut mods: Vec<(&'static str, usize)> =
+            self.table.iter().map(|(k, v)| (*k, *v)).collect();
+        mods.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)));
+        v.extend(mods.into_iter().map(|(k, _)| k));
+        v
+    }
+
+    /// Whether a method exists.
+    pub fn has_method(&self, method: &str) -> bool {
+        framework::METHODS.contains(&method) || self.table.contains_key(method)
+    }
+
+    /// Whether a method may run in the current state.
+    pub fn allowed_now(&self, method: &str) -> bool {
+        let (startup, runtime) = framework::allowed_states(method);
+        if self.is_initialized() {
+            runtime
+        } else {
+            startup
+        }
+    }
+
+    /// Whether `framework_start_init` has run (RUNTIME state).
+    pub fn is_initialized(&self) -> bool {
+        self.initialized.load(Ordering::SeqCst)
+    }
+
+    /// Moves to the RUNTIME state (idempotent).
+    pub fn mark_initialized(&self) {
+        self.initialized.store(true, Ordering::SeqCst);
+        self.init_done.notify_waiters();
+    }
+
+    /// Waits until the RUNTIME state.
+    pub async fn wait_initialized(&self) {
+        loop {
+            let n = self.init_done.notified();
+            if self.is_initialized() {
+                return;
+            }
+            n.await;
+        }
+    }
+
+    /// Runs one method: state check, then the framework or the module that serves it.
+    pub async fn call(
+        self: &Arc<Self>,
+        method: &str,
+        params: Option<Value>,
+    ) -> Result<Value, RpcError> {
+        if !self.has_method(method) {
+            return Err(RpcError::method_not_found());
+        }
+        if !self.allowed_now(method) {
+            let msg = if self.is_initialized() {
+                "Method may only be called before framework is initialized. Use --wait-for-rpc command line parameter and then issue this RPC before the framework_start_init RPC."
+            } else {
+                "Method may only be called after framework is initialized using framework_start_init RPC."
+            };
+            return Err(RpcError::new(INVALID_STATE, msg));
+        }
+        if framework::METHODS.contains(&method) {
+            return framework::call(self, method, params).await;
+        }
+        // SPDK's handlers decode params with spdk_json_decode_object: an array never fits.
+        if matches!(params, Some(Value::Array(_))) {
+            return Err(RpcError::decode_failed());
+        }
+        let Some(&i) = self.table.get(method) else {
+            return Err(RpcError::method_not_found());
+        };
+        // A bug in one module must not take the target down: a panicking handler becomes an
+        // internal error for that request.
+        let fut = self.modules[i].call(method, params);
+        match AssertUnwindSafe(fut).catch_unwind().await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("method {method} panicked");
+                Err(RpcError::new(INTERNAL_ERROR, "Internal error"))
+            }
+        }
+    }
+
+    /// Asks the target to stop (SIGINT/SIGTERM, `spdk_kill_instance`).
+    pub fn request_shutdown(&self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+
+    /// Remembers a `spdk_kill_instance` signal; the connection that received it acts on it
+    /// after its answer was sent.
+    pub fn set_kill(&self, sig: i32) {
+        if let Ok(mut k) = self.kill_signal.lock() {
+            *k = Some(sig);
+        }
+    }
+
+    /// Takes a pending kill request.
+    pub fn take_kill(&self) -> Option<i32> {
+        self.kill_signal.lock().ok().and_then(|mut k| k.take())
+    }
+
+    /// Acts on a pending kill: SIGKILL ends the process at once (no clean unload, like
+    /// SPDK), any other signal starts the clean shutdown.
+    pub fn act_on_kill(&self) {
+        if let Some(sig) = self.take_kill() {
+            if sig == libc::SIGKILL {
+                // SAFETY: kill(2) on our own pid with a valid signal number has no memory effects.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+            }
+            self.request_shutdown();
+        }
+    }
+
+    /// A receiver that turns true when shutdown was requested.
+    pub fn shutdown_watch(&self) -> watch::Receiver<bool> {
+        self.shutdown_tx.subscribe()
+    }
+
+    /// Stops the NBD server, then unregisters every device (the newest first, so stacked
+    /// devices go before their bases), so that stores unload cleanly.
+    pub async fn teardown(&self) {
+        self.nbd.stop_all().await;
+        loop {
+            // Names only: holding the devices would keep stacked devices' base descriptors
+            // open and their bases could never go.
+            let names: Vec<String> = self
+                .registry
+                .list()
+                .iter()
+                .map(|d| d.name().to_string())
+                .collect();
+            if names.is_empty() {
+                break;
+            }
+            let mut progress = false;
+            for name in names.iter().rev() {
+                if self.registry.get(name).is_none() {
+                    continue;
+                }
+                match self.registry.unregister(name).await {
+                    Ok(()) => progress = true,
+                    Err(e) => tracing::warn!("unregister {name} at shutdown: {e}"),
+                }
+            }
+            if !progress {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use serde_json::json;
+
+    /// A module with an echo method and one that panics.
+    struct Fake;
+
+    #[async_trait]
+    impl RpcModule for Fake {
+        fn methods(&self) -> Vec<&'static str> {
+            vec!["echo", "boom", "rpc_get_methods"]
+        }
+        async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+            match method {
+                "echo" => Ok(params.unwrap_or(Value::Null)),
+                "boom" => panic!("boom"),
+                _ => Err(RpcError::method_not_found()),
+            }
+        }
+    }
+
+    fn target(wait_for_rpc: bool) -> Arc<Target> {
+        let registry = Registry::new();
+        let nbd = NbdServer::new(registry.clone());
+        Target::new(registry, nbd, vec![Arc::new(Fake)], wait_for_rpc)
+    }
+
+    #[tokio::test]
+    async fn dispatch_states_and_panics() {
+        let t = target(true);
+        // STARTUP: module methods are refused, framework ones run.
+        let e = t.call("echo", Some(json!({"a": 1}))).await.unwrap_err();
+        assert_eq!(e.code, INVALID_STATE);
+        let m = t
+            .call("rpc_get_methods", Some(json!({"current": true})))
+            .await
+            .unwrap();
+        assert!(m
+            .as_array()
+            .unwrap()
+            .contains(&json!("framework_start_init")));
+        assert!(!m.as_array().unwrap().contains(&json!("echo")));
+        assert_eq!(
+            t.call("framework_start_init", None).await.unwrap(),
+            json!(true)
+        );
+        // RUNTIME.
+        assert_eq!(
+            t.call("framework_start_init", None).await.unwrap_err().code,
+            INVALID_STATE
+        );
+        assert_eq!(
+            t.call("framework_wait_init", None).await.unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            t.call("echo", Some(json!({"a": 1}))).await.unwrap(),
+            json!({"a": 1})
+        );
+        assert_eq!(
+            t.call("echo", Some(json!([1]))).await.unwrap_err(),
+            RpcError::decode_failed()
+        );
+        assert_eq!(
+            t.call("nope", None).await.unwrap_err(),
+            RpcError::method_not_found()
+        );
+        let e = t.call("boom", None).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (INTERNAL_ERROR, "Internal error")
+        );
+        // The module's attempt to serve a framework method is ignored.
+        let m = t.call("rpc_get_methods", None).await.unwrap();
+        let names = m.as_array().unwrap();
+        assert_eq!(names.iter().filter(|n| *n == "rpc_get_methods").count(), 1);
+        assert!(names.contains(&json!("echo")));
+    }
+
+    #[tokio::test]
+    async fn framework_methods() {
+        let t = target(false);
+        assert!(t.call("spdk_get_version", Some(json!({}))).await.unwrap()["version"].is_string());
+        assert_eq!(
+            t.call("spdk_get_version", Some(json!({"x": 1})))
+                .await
+                .unwrap_err()
+                .code,
+            bdev_core::rpc::INVALID_PARAMS
+        );
+        let e = t
+            .call("framework_get_config", Some(json!({"name": "x"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.message, "Subsystem 'x' not found");
+        let cfg = t
+            .call(
+                "framework_get_config",
+                Some(json!({"name": "bdev", "with_batches": false})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(cfg[0]["method"], json!("bdev_set_options"));
+        assert_eq!(cfg[1], json!({"method": "bdev_wait_for_examine"}));
+        let nbd = t
+            .call("framework_get_config", Some(json!({"name": "nbd"})))
+            .await
+            .unwrap();
+        assert_eq!(nbd, json!([]));
+        let e = t
+            .call("spdk_kill_instance", Some(json!({"sig_name": "SIGNOPE"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, bdev_core::rpc::INVALID_PARAMS);
+        assert_eq!(t.take_kill(), None);
+        assert_eq!(
+            t.call("spdk_kill_instance", Some(json!({"sig_name": "SIGTERM"})))
+                .await
+                .unwrap(),
+            json!(true)
+        );
+        assert_eq!(t.take_kill(), Some(libc::SIGTERM));
+    }
+}

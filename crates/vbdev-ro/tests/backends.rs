@@ -1,0 +1,119 @@
+//! vbdev-ro over the real backends: malloc, aio with the thread pool, aio with io_uring (when
+//! the kernel allows it) and aio with O_DIRECT.
+
+mod common;
+
+use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::malloc::MallocBdev;
+use bdev_core::{BdevEvent, BlockDevice, IoBuf, Registry};
+use common::{base_removal_with_reads_in_flight, stamp_base, within};
+use futures::executor::block_on;
+use futures::stream::StreamExt;
+use vbdev_ro::{create, RoOpts};
+
+fn ro_opts(base: &str) -> RoOpts {
+    RoOpts {
+        base_bdev_name: base.to_string(),
+        name: None,
+        uuid: None,
+    }
+}
+
+fn aio_base(engine: AioEngine, direct: bool) -> (tempfile::TempDir, Registry) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("base.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let reg = Registry::new();
+    let a = AioBdev::create(AioOpts {
+        name: "AB".into(),
+        filename: path,
+        block_len: Some(if direct { 4096 } else { 512 }),
+        engine,
+        direct,
+        ..Default::default()
+    })
+    .unwrap();
+    block_on(reg.register(a)).unwrap();
+    stamp_base(&reg, "AB");
+    (dir, reg)
+}
+
+#[test]
+fn base_removal_with_64_reads_in_flight_malloc() {
+    let reg = Registry::new();
+    let m = MallocBdev::create("MB", 65536, 512, None).unwrap();
+    block_on(reg.register(m)).unwrap();
+    stamp_base(&reg, "MB");
+    base_removal_with_reads_in_flight(reg, "MB", 64);
+}
+
+#[test]
+fn base_removal_with_64_reads_in_flight_aio_thread_pool() {
+    let (_dir, reg) = aio_base(AioEngine::ThreadPool, false);
+    base_removal_with_reads_in_flight(reg, "AB", 64);
+}
+
+#[test]
+fn base_removal_with_64_reads_in_flight_aio_auto() {
+    let (_dir, reg) = aio_base(AioEngine::Auto, false);
+    base_removal_with_reads_in_flight(reg, "AB", 64);
+}
+
+#[test]
+fn base_removal_with_64_reads_in_flight_aio_direct() {
+    let (_dir, reg) = aio_base(AioEngine::Auto, true);
+    base_removal_with_reads_in_flight(reg, "AB", 64);
+}
+
+#[test]
+fn ro_over_aio_reports_the_base_alignment_and_reads_it() {
+    let (_dir, reg) = aio_base(AioEngine::Auto, true);
+    let ro = block_on(create(&reg, ro_opts("AB"))).unwrap();
+    let base = reg.get("AB").unwrap();
+    assert_eq!(ro.buf_align(), base.buf_align());
+    assert_eq!(ro.block_len(), 4096);
+    let d = reg.open("AB_ro", false).unwrap();
+    let got = block_on(d.read(5, IoBuf::new(4096, ro.buf_align()))).unwrap();
+    assert_eq!(got[0], 5u8.wrapping_mul(31) ^ 0x33);
+}
+
+#[test]
+fn aio_base_resize_propagates_to_ro_openers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grow.img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let reg = Registry::new();
+    let a = AioBdev::create(AioOpts {
+        name: "G".into(),
+        filename: path.clone(),
+        block_len: Some(512),
+        engine: AioEngine::ThreadPool,
+        ..Default::default()
+    })
+    .unwrap();
+    block_on(reg.register(a.clone())).unwrap();
+    block_on(create(&reg, ro_opts("G"))).unwrap();
+    let mut d = reg.open("G_ro", false).unwrap();
+    let mut ev = d.take_events().unwrap();
+    assert_eq!(d.device().num_blocks(), 2048);
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    assert_eq!(a.rescan().unwrap(), 8192);
+    reg.notify_resize("G");
+    let got = within(10, "resize event", move || block_on(ev.next()));
+    assert_eq!(got, Some(BdevEvent::Resize { num_blocks: 8192 }));
+    assert_eq!(reg.get("G_ro").unwrap().num_blocks(), 8192);
+    let tail = block_on(d.read(8191, IoBuf::new(512, 1))).unwrap();
+    assert_eq!(tail[..], [0u8; 512][..]);
+}

@@ -1,0 +1,241 @@
+//! Shared test helpers: a small in-memory device with an optional per-read delay (so reads
+//! really are in flight) and a resize knob, timeouts, and the base-removal-under-load scenario.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bdev_core::{BdevEvent, BlockDevice, IoBuf, IoType, Registry, Result};
+use futures::executor::block_on;
+use futures::stream::{FuturesUnordered, StreamExt};
+use uuid::Uuid;
+use vbdev_ro::{create, delete, RoOpts};
+
+/// An in-memory device.
+pub struct MemDev {
+    name: String,
+    uuid: Uuid,
+    block_len: u32,
+    num_blocks: AtomicU64,
+    data: Mutex<Vec<u8>>,
+    delay: Option<Duration>,
+}
+
+impl MemDev {
+    /// A zeroed device of `num_blocks` blocks.
+    pub fn new(name: &str, num_blocks: u64, block_len: u32, delay: Option<Duration>) -> Arc<Self> {
+        Arc::new(MemDev {
+            name: name.to_string(),
+            uuid: Uuid::new_v4(),
+            block_len,
+            num_blocks: AtomicU64::new(num_blocks),
+            data: Mutex::new(vec![0; (num_blocks * block_len as u64) as usize]),
+            delay,
+        })
+    }
+
+    /// Changes the size (zero-filling growth); the caller then notifies the registry.
+    pub fn resize(&self, num_blocks: u64) {
+        let mut d = self.data.lock().unwrap();
+        d.resize((num_blocks * self.block_len as u64) as usize, 0);
+        self.num_blocks.store(num_blocks, Ordering::Release);
+    }
+
+    fn range(&self, offset_blocks: u64, len: usize) -> std::ops::Range<usize> {
+        let start = (offset_blocks * self.block_len as u64) as usize;
+        start..start + len
+    }
+}
+
+#[async_trait]
+impl BlockDevice for MemDev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn product_name(&self) -> &str {
+        "Test memory disk"
+    }
+    fn module_name(&self) -> &str {
+        "test_mem"
+    }
+    fn uuid(&self) -> Uuid {
+        self.uuid
+    }
+    fn block_len(&self) -> u32 {
+        self.block_len
+    }
+    fn num_blocks(&self) -> u64 {
+        self.num_blocks.load(Ordering::Acquire)
+    }
+    fn io_type_supported(&self, io_type: IoType) -> bool {
+        matches!(io_type, IoType::Read | IoType::Write | IoType::WriteZeroes)
+    }
+    async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        if let Some(d) = self.delay {
+            futures_timer::Delay::new(d).await;
+        }
+        let r = self.range(offset_blocks, buf.len());
+        buf.copy_from_slice(&self.data.lock().unwrap()[r]);
+        Ok(buf)
+    }
+    async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
+        let r = self.range(offset_blocks, buf.len());
+        self.data.lock().unwrap()[r].copy_from_slice(&buf);
+        Ok(buf)
+    }
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+    async fn unmap(&self, _offset_blocks: u64, _num_blocks: u64) -> Result<()> {
+        Ok(())
+    }
+    async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
+        let r = self.range(offset_blocks, (num_blocks * self.block_len as u64) as usize);
+        self.data.lock().unwrap()[r].fill(0);
+        Ok(())
+    }
+}
+
+/// Closes a descriptor (releasing its claim and letting a pending unregister finish).
+pub fn close(_d: bdev_core::Descriptor) {}
+
+/// Runs `f` on its own thread and fails the test if it takes longer than `secs`.
+pub fn within<T: Send + 'static>(
+    secs: u64,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: did not finish within {secs} s ({e})"),
+    }
+}
+
+/// Polls `cond` until it holds or `secs` pass.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Hot-removes the base while a reader keeps `qd` reads in flight on the ro bdev. The reader
+/// closes its descriptor when it sees `Remove`, as a well-behaved consumer does.
+pub fn base_removal_with_reads_in_flight(reg: Registry, base: &str, qd: usize) {
+    let ro = block_on(create(
+        &reg,
+        RoOpts {
+            base_bdev_name: base.to_string(),
+            name: Some("ro0".into()),
+            uuid: None,
+        },
+    ))
+    .unwrap();
+    let bl = ro.block_len() as usize;
+    let blocks = ro.num_blocks();
+    let align = ro.buf_align();
+    drop(ro);
+    let mut d = reg.open("ro0", false).unwrap();
+    let mut events = d.take_events().unwrap().fuse();
+    let (started_tx, started_rx) = mpsc::channel();
+
+    let reader = std::thread::spawn(move || {
+        block_on(async move {
+            let mut inflight = FuturesUnordered::new();
+            let (mut ok, mut failed, mut next) = (0u64, 0u64, 0u64);
+            let mut removed = false;
+            let mut started = Some(started_tx);
+            let per_io = 64u64; // blocks per read
+            loop {
+                while !removed && inflight.len() < qd {
+                    let lba = (next * per_io) % (blocks - per_io);
+                    next += 1;
+                    let buf = IoBuf::new(per_io as usize * bl, align);
+                    let d = &d;
+                    inflight.push(async move { (lba, d.read(lba, buf).await) });
+                }
+                if removed && inflight.is_empty() {
+                    break;
+                }
+                futures::select! {
+                    r = inflight.select_next_some() => match r {
+                        (lba, Ok(buf)) => {
+                            // A completed read returns the base's data, nothing else.
+                            let want = (lba as u8).wrapping_mul(31) ^ 0x33;
+                            assert_eq!(buf[0], want, "data at lba {lba}");
+                            ok += 1;
+                            if ok == 256 {
+                                if let Some(s) = started.take() {
+                                    let _ = s.send(());
+                                }
+                            }
+                        }
+                        (_, Err(e)) => {
+                            let errno = e.errno();
+                            assert!(
+                                errno == libc::EIO || errno == libc::ENODEV,
+                                "in-flight read failed with {errno}: {e}"
+                            );
+                            failed += 1;
+                        }
+                    },
+                    ev = events.next() => {
+                        if matches!(ev, Some(BdevEvent::Remove) | None) {
+                            removed = true;
+                        }
+                    }
+                }
+            }
+            drop(inflight);
+            close(d);
+            (ok, failed)
+        })
+    });
+
+    started_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("reader made progress");
+    let r2 = reg.clone();
+    let name = base.to_string();
+    within(30, "base unregister with reads in flight", move || {
+        block_on(r2.unregister(&name)).expect("unregister base")
+    });
+    let (ok, failed) = within(30, "reader drains", move || reader.join().unwrap());
+    assert!(ok >= 256, "ok={ok} failed={failed}");
+    assert!(reg.get("ro0").is_none(), "ro bdev must go with its base");
+    assert!(reg.get(base).is_none());
+    let names: Vec<String> = reg.list().iter().map(|d| d.name().to_string()).collect();
+    assert!(names.is_empty(), "{names:?}");
+    assert_eq!(
+        block_on(delete(&reg, "ro0")).unwrap_err().errno(),
+        libc::ENODEV
+    );
+}
+
+/// A base whose every 512-byte block starts with `lba * 31 ^ 0x33` (enough to check reads).
+pub fn stamp_base(reg: &Registry, name: &str) {
+    block_on(async {
+        let d = reg.open(name, true).unwrap();
+        let dev = d.device().clone();
+        let bl = dev.block_len() as usize;
+        let n = dev.num_blocks();
+        let chunk = 2048u64.min(n);
+        let mut lba = 0;
+        while lba < n {
+            let c = chunk.min(n - lba);
+            let mut buf = IoBuf::new(c as usize * bl, dev.buf_align());
+            for i in 0..c {
+                buf[i as usize * bl] = ((lba + i) as u8).wrapping_mul(31) ^ 0x33;
+            }
+            d.write(lba, buf).await.unwrap();
+            lba += c;
+        }
+    });
+}

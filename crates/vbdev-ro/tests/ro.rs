@@ -1,0 +1,552 @@
+//! vbdev-ro behaviour through the public API: pass-through reads, refused writes, claims,
+//! removal and resize of the base, config and info output.
+
+use std::time::Duration;
+
+mod common;
+
+use bdev_core::{BdevEvent, BlockDevice, ClaimType, IoBuf, IoType, Registry};
+use common::{base_removal_with_reads_in_flight, close, stamp_base, wait_until, within, MemDev};
+use futures::executor::block_on;
+use futures::stream::StreamExt;
+use uuid::Uuid;
+use vbdev_ro::{create, delete, RoError, RoOpts};
+
+const BLOCK: u32 = 512;
+const BLOCKS: u64 = 16384; // 8 MiB
+
+/// The byte at block `lba`, offset `i` of the test pattern of bdev `tag`.
+fn pat(tag: u8, lba: u64, i: usize) -> u8 {
+    (lba as u8).wrapping_mul(31) ^ (i as u8).wrapping_mul(7) ^ tag
+}
+
+fn pattern(tag: u8, first: u64, blocks: u64, block_len: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity((blocks * block_len as u64) as usize);
+    for lba in first..first + blocks {
+        out.extend((0..block_len as usize).map(|i| pat(tag, lba, i)));
+    }
+    out
+}
+
+/// Writes the pattern over the whole device through a writable descriptor, then closes it.
+async fn fill(reg: &Registry, name: &str, tag: u8) {
+    let d = reg.open(name, true).expect("open base for writing");
+    let dev = d.device().clone();
+    let bl = dev.block_len();
+    let chunk = 1024u64;
+    let mut lba = 0;
+    while lba < dev.num_blocks() {
+        let n = chunk.min(dev.num_blocks() - lba);
+        let buf = IoBuf::from_slice(&pattern(tag, lba, n, bl), dev.buf_align());
+        d.write(lba, buf).await.expect("fill write");
+        lba += n;
+    }
+}
+
+async fn malloc_base(reg: &Registry, name: &str, tag: u8) {
+    let m = MemDev::new(name, BLOCKS, BLOCK, None);
+    reg.register(m).await.expect("register base");
+    fill(reg, name, tag).await;
+}
+
+fn opts(base: &str, name: Option<&str>) -> RoOpts {
+    RoOpts {
+        base_bdev_name: base.to_string(),
+        name: name.map(str::to_string),
+        uuid: None,
+    }
+}
+
+#[test]
+fn reads_pass_through_and_listing_matches_base() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 0x5a).await;
+        let ro = create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        assert_eq!(ro.name(), "ro0");
+        let base = reg.get("B").unwrap();
+        let dev = reg.get("ro0").expect("ro0 registered");
+        assert_eq!(dev.block_len(), base.block_len());
+        assert_eq!(dev.num_blocks(), base.num_blocks());
+        assert_eq!(dev.module_name(), "ro");
+        assert_ne!(dev.uuid(), base.uuid());
+
+        let d = reg.open("ro0", false).unwrap();
+        let all = d
+            .read(0, IoBuf::new((BLOCKS * BLOCK as u64) as usize, 1))
+            .await
+            .unwrap();
+        assert!(
+            all[..] == pattern(0x5a, 0, BLOCKS, BLOCK)[..],
+            "full read differs"
+        );
+
+        let bufs = vec![IoBuf::new(512, 1), IoBuf::new(4096, 1), IoBuf::new(1024, 1)];
+        let got = d.readv(100, bufs).await.unwrap();
+        let flat: Vec<u8> = got.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(flat, pattern(0x5a, 100, 11, BLOCK));
+    });
+}
+
+#[test]
+fn io_types_report_read_only() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 1).await;
+        create(&reg, opts("B", None)).await.unwrap();
+        let dev = reg.get("B_ro").expect("default name is <base>_ro");
+        let supported: Vec<IoType> = IoType::ALL
+            .into_iter()
+            .filter(|t| dev.io_type_supported(*t))
+            .collect();
+        assert_eq!(supported, vec![IoType::Read]);
+    });
+}
+
+#[test]
+fn write_class_io_fails_and_base_is_unchanged() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 2).await;
+        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        let dev = reg.get("ro0").unwrap();
+
+        // Straight to the device (as a module stacked on it without a descriptor check would).
+        let e = dev.write(0, IoBuf::new(512, 1)).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ENOTSUP, "{e}");
+        let e = dev.writev(0, vec![IoBuf::new(512, 1)]).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ENOTSUP);
+        assert_eq!(dev.unmap(0, 8).await.unwrap_err().errno(), libc::ENOTSUP);
+        assert_eq!(
+            dev.write_zeroes(0, 8).await.unwrap_err().errno(),
+            libc::ENOTSUP
+        );
+        assert_eq!(dev.flush().await.unwrap_err().errno(), libc::ENOTSUP);
+        assert_eq!(dev.reset().await.unwrap_err().errno(), libc::ENOTSUP);
+        assert!(dev
+            .write(0, IoBuf::new(512, 1))
+            .await
+            .unwrap_err()
+            .to_string()
+            .contains("not supported"));
+
+        // Through a (necessarily read-only) descriptor.
+        let d = reg.open("ro0", false).unwrap();
+        assert!(d
+            .write(0, IoBuf::from_slice(&[0xff; 512], 1))
+            .await
+            .is_err());
+        assert!(d.unmap(0, 8).await.is_err());
+        assert!(d.write_zeroes(0, 8).await.is_err());
+
+        let b = reg.open("B", false).unwrap();
+        let got = b.read(0, IoBuf::new(4096, 1)).await.unwrap();
+        assert_eq!(got[..], pattern(2, 0, 8, BLOCK)[..]);
+    });
+}
+
+#[test]
+fn write_open_of_ro_bdev_is_refused() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 3).await;
+        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        let Err(e) = reg.open("ro0", true) else {
+            panic!("write open of a read-only bdev must fail");
+        };
+        assert_eq!(e.errno(), libc::EPERM, "{e}");
+        // Readers, and readers that share a read-only claim (an esnap clone), are fine.
+        let r = reg.open("ro0", false).unwrap();
+        r.claim(ClaimType::ReadManyWriteNone).unwrap();
+    });
+}
+
+#[test]
+fn base_is_claimed_read_many_write_none_and_still_readable() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 4).await;
+        assert_eq!(reg.claim_of("B"), None);
+        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        assert_eq!(reg.claim_of("B"), Some(ClaimType::ReadManyWriteNone));
+        let Err(e) = reg.open("B", true) else {
+            panic!("a writer of a claimed base must be refused");
+        };
+        assert_eq!(e.errno(), libc::EPERM);
+        let r = reg.open("B", false).unwrap();
+        let got = r.read(7, IoBuf::new(512, 1)).await.unwrap();
+        assert_eq!(got[..], pattern(4, 7, 1, BLOCK)[..]);
+    });
+}
+
+#[test]
+fn two_ro_bdevs_share_the_claim_until_the_last_is_gone() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 5).await;
+        create(&reg, opts("B", Some("ro1"))).await.unwrap();
+        create(&reg, opts("B", Some("ro2"))).await.unwrap();
+        for n in ["ro1", "ro2"] {
+            let d = reg.open(n, false).unwrap();
+            let got = d.read(3, IoBuf::new(512, 1)).await.unwrap();
+            assert_eq!(got[..], pattern(5, 3, 1, BLOCK)[..]);
+        }
+        delete(&reg, "ro1").await.unwrap();
+        assert!(reg.get("ro1").is_none());
+        assert_eq!(
+            reg.open("B", true).err().map(|e| e.errno()),
+            Some(libc::EPERM)
+        );
+        assert_eq!(reg.claim_of("B"), Some(ClaimType::ReadManyWriteNone));
+        delete(&reg, "ro2").await.unwrap();
+        assert_eq!(reg.claim_of("B"), None);
+        let w = reg
+            .open("B", true)
+            .expect("writable again after the last ro bdev");
+        w.write(0, IoBuf::from_slice(&[9u8; 512], 1)).await.unwrap();
+    });
+}
+
+#[test]
+fn create_refuses_a_base_open_for_writing() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 6).await;
+        let _w = reg.open("B", true).unwrap();
+        let e = create(&reg, opts("B", None)).await.err().unwrap();
+        assert_eq!(e.errno(), libc::EPERM, "{e}");
+        assert!(reg.get("B_ro").is_none());
+    });
+}
+
+#[test]
+fn names_uuids_and_lookup_by_base_uuid() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 7).await;
+        let base_uuid = reg.get("B").unwrap().uuid();
+        let want = Uuid::new_v4();
+        let ro = create(
+            &reg,
+            RoOpts {
+                base_bdev_name: base_uuid.to_string(),
+                name: None,
+                uuid: Some(want),
+            },
+        )
+        .await
+        .unwrap();
+        // The default name comes from the base's real name, not the UUID it was found by.
+        assert_eq!(ro.name(), "B_ro");
+        assert_eq!(reg.get(&want.to_string()).unwrap().name(), "B_ro");
+        assert_eq!(ro.base_bdev_name(), "B");
+        assert_eq!(ro.base_bdev_uuid(), base_uuid);
+
+        let dup = create(&reg, opts("B", Some("B_ro"))).await.err().unwrap();
+        assert_eq!(dup.errno(), libc::EEXIST);
+        let dup_uuid = create(
+            &reg,
+            RoOpts {
+                base_bdev_name: "B".into(),
+                name: Some("other".into()),
+                uuid: Some(want),
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+        assert_eq!(dup_uuid.errno(), libc::EEXIST);
+        let clash_with_base = create(&reg, opts("B", Some("B"))).await.err().unwrap();
+        assert_eq!(clash_with_base.errno(), libc::EEXIST);
+
+        let missing = create(&reg, opts("nope", None)).await.err().unwrap();
+        assert!(matches!(missing, RoError::BaseNotFound(_)));
+        assert_eq!(missing.errno(), libc::ENODEV);
+
+        // The failed creates left nothing behind: one ro bdev, one claim holder.
+        let names: Vec<String> = reg.list().iter().map(|d| d.name().to_string()).collect();
+        assert_eq!(names, vec!["B".to_string(), "B_ro".to_string()]);
+        delete(&reg, "B_ro").await.unwrap();
+        assert_eq!(reg.claim_of("B"), None);
+    });
+}
+
+#[test]
+fn delete_refuses_unknown_and_foreign_bdevs() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 8).await;
+        assert_eq!(
+            delete(&reg, "nope").await.unwrap_err().errno(),
+            libc::ENODEV
+        );
+        assert_eq!(delete(&reg, "B").await.unwrap_err().errno(), libc::ENODEV);
+        assert!(
+            reg.get("B").is_some(),
+            "a malloc bdev must not be deleted as ro"
+        );
+        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        delete(&reg, "ro0").await.unwrap();
+        assert_eq!(delete(&reg, "ro0").await.unwrap_err().errno(), libc::ENODEV);
+    });
+}
+
+#[test]
+fn delete_sends_remove_to_openers_and_waits_for_them() {
+    let reg = Registry::new();
+    block_on(async {
+        malloc_base(&reg, "B", 9).await;
+        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+    });
+    let mut d = reg.open("ro0", false).unwrap();
+    let mut ev = d.take_events().unwrap();
+    let r2 = reg.clone();
+    let deleter = std::thread::spawn(move || block_on(delete(&r2, "ro0")));
+    let got = within(10, "remove event", move || block_on(ev.next()));
+    assert_eq!(got, Some(BdevEvent::Remove));
+    close(d);
+    within(10, "delete", move || deleter.join().unwrap()).unwrap();
+    assert!(reg.get("ro0").is_none());
+    assert_eq!(reg.claim_of("B"), None);
+}
+
+#[test]
+fn driver_specific_and_config_entry() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 10).await;
+        let base_uuid = reg.get("B").unwrap().uuid();
+        let u = Uuid::new_v4();
+        create(
+            &reg,
+            RoOpts {
+                base_bdev_name: "B".into(),
+                name: Some("ro0".into()),
+                uuid: Some(u),
+            },
+        )
+        .await
+        .unwrap();
+        let dev = reg.get("ro0").unwrap();
+        assert_eq!(
+            dev.driver_specific(),
+            serde_json::json!({"ro": {"base_bdev_name": "B", "base_bdev_uuid": base_uuid.to_string()}})
+        );
+        assert_eq!(
+            dev.write_config(),
+            Some(serde_json::json!({
+                "method": "bdev_ro_create",
+                "params": {"base_bdev_name": "B", "name": "ro0", "uuid": u.to_string()}
+            }))
+        );
+        // Registration order puts the ro bdev's config entry after its base's.
+        let order: Vec<String> = reg.list().iter().map(|d| d.name().to_string()).collect();
+        assert_eq!(order, vec!["B", "ro0"]);
+    });
+}
+
+#[test]
+fn base_removal_with_64_reads_in_flight() {
+    let reg = Registry::new();
+    block_on(reg.register(MemDev::new("MB", 65536, 512, None))).unwrap();
+    stamp_base(&reg, "MB");
+    base_removal_with_reads_in_flight(reg, "MB", 64);
+}
+
+#[test]
+fn base_removal_with_64_slow_reads_in_flight() {
+    let reg = Registry::new();
+    let slow = MemDev::new("SB", 65536, 512, Some(Duration::from_millis(2)));
+    block_on(reg.register(slow)).unwrap();
+    stamp_base(&reg, "SB");
+    base_removal_with_reads_in_flight(reg, "SB", 64);
+}
+
+#[test]
+fn base_removal_unregisters_every_ro_bdev_and_notifies_openers() {
+    let reg = Registry::new();
+    block_on(async {
+        malloc_base(&reg, "B", 11).await;
+        create(&reg, opts("B", Some("ro1"))).await.unwrap();
+        create(&reg, opts("B", Some("ro2"))).await.unwrap();
+    });
+    let mut d1 = reg.open("ro1", false).unwrap();
+    let mut d2 = reg.open("ro2", false).unwrap();
+    let mut e1 = d1.take_events().unwrap();
+    let mut e2 = d2.take_events().unwrap();
+    let r2 = reg.clone();
+    let remover = std::thread::spawn(move || block_on(r2.unregister("B")));
+    assert_eq!(
+        within(10, "remove on ro1", move || block_on(e1.next())),
+        Some(BdevEvent::Remove)
+    );
+    assert_eq!(
+        within(10, "remove on ro2", move || block_on(e2.next())),
+        Some(BdevEvent::Remove)
+    );
+    // A read between the remove notice and the close completes (the removal waits for us)
+    // or fails with EIO/ENODEV; it never hangs.
+    let r = within(10, "read after remove", move || {
+        let res = block_on(d1.read(0, IoBuf::new(512, 1)));
+        close(d1);
+        res
+    });
+    match r {
+        Ok(buf) => assert_eq!(buf[..], pattern(11, 0, 1, BLOCK)[..]),
+        Err(e) => assert!([libc::EIO, libc::ENODEV].contains(&e.errno()), "{e}"),
+    }
+    close(d2);
+    within(10, "base unregister", move || remover.join().unwrap()).unwrap();
+    assert!(reg.get("ro1").is_none() && reg.get("ro2").is_none() && reg.get("B").is_none());
+}
+
+#[test]
+fn base_resize_propagates_to_ro_openers() {
+    let reg = Registry::new();
+    let base = MemDev::new("G", 2048, 512, None);
+    block_on(reg.register(base.clone())).unwrap();
+    block_on(create(&reg, opts("G", None))).unwrap();
+    let mut d = reg.open("G_ro", false).unwrap();
+    let mut ev = d.take_events().unwrap();
+    assert_eq!(d.device().num_blocks(), 2048);
+    assert_eq!(
+        block_on(d.read(2048, IoBuf::new(512, 1)))
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+
+    base.resize(8192);
+    reg.notify_resize("G");
+    let got = within(10, "resize event", move || block_on(ev.next()));
+    assert_eq!(got, Some(BdevEvent::Resize { num_blocks: 8192 }));
+    let dev = reg.get("G_ro").unwrap();
+    assert_eq!(dev.num_blocks(), 8192);
+    // The new tail is readable through the ro bdev.
+    let tail = block_on(d.read(8191, IoBuf::new(512, 1))).unwrap();
+    assert_eq!(tail[..], [0u8; 512][..]);
+
+    base.resize(1024);
+    reg.notify_resize("G");
+    wait_until(10, "ro shrink", || dev.num_blocks() == 1024);
+    assert_eq!(
+        block_on(d.read(1024, IoBuf::new(512, 1)))
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+}
+
+#[test]
+fn rpc_create_delete_and_errors() {
+    use bdev_core::rpc::RpcModule;
+    use serde_json::json;
+    let reg = Registry::new();
+    block_on(async {
+        malloc_base(&reg, "B", 12).await;
+        let m = vbdev_ro::RoRpc::new(reg.clone());
+        assert_eq!(m.methods(), vec!["bdev_ro_create", "bdev_ro_delete"]);
+
+        let r = m
+            .call(
+                "bdev_ro_create",
+                Some(json!({"base_bdev_name": "B", "name": "ro0"})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r, json!("ro0"));
+        let r = m
+            .call("bdev_ro_create", Some(json!({"base_bdev_name": "B"})))
+            .await
+            .unwrap();
+        assert_eq!(r, json!("B_ro"));
+        let u = Uuid::new_v4();
+        let r = m
+            .call(
+                "bdev_ro_create",
+                Some(json!({"base_bdev_name": "B", "name": "ro_u", "uuid": u.to_string()})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r, json!("ro_u"));
+        assert_eq!(reg.get("ro_u").unwrap().uuid(), u);
+
+        let e = m
+            .call("bdev_ro_create", Some(json!({"base_bdev_name": "missing"})))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
+        let e = m
+            .call(
+                "bdev_ro_create",
+                Some(json!({"base_bdev_name": "B", "name": "ro0"})),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.message.as_str()), (-17, "File exists"));
+        for bad in [
+            None,
+            Some(json!({})),
+            Some(json!({"name": "x"})),
+            Some(json!({"base_bdev_name": 5})),
+            Some(json!({"base_bdev_name": "B", "uuid": "not-a-uuid"})),
+            Some(json!({"base_bdev_name": "B", "extra": 1})),
+        ] {
+            let e = m.call("bdev_ro_create", bad.clone()).await.unwrap_err();
+            assert_eq!(
+                (e.code, e.message.as_str()),
+                (-32603, "spdk_json_decode_object failed"),
+                "{bad:?}"
+            );
+        }
+
+        assert_eq!(
+            m.call("bdev_ro_delete", Some(json!({"name": "ro0"})))
+                .await
+                .unwrap(),
+            json!(true)
+        );
+        assert!(reg.get("ro0").is_none());
+        let e = m
+            .call("bdev_ro_delete", Some(json!({"name": "ro0"})))
+            .await
+            .unwrap_err();
+        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
+        let e = m
+            .call("bdev_ro_delete", Some(json!({"name": "B"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, -19);
+        let e = m.call("bdev_ro_delete", None).await.unwrap_err();
+        assert_eq!(e.code, -32603);
+        let e = m.call("bdev_ro_frobnicate", None).await.unwrap_err();
+        assert_eq!(e.code, -32601);
+    });
+}
+
+#[test]
+fn ro_bdev_over_ro_bdev_stacks() {
+    block_on(async {
+        let reg = Registry::new();
+        malloc_base(&reg, "B", 13).await;
+        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        let top = create(&reg, opts("ro0", None)).await.unwrap();
+        assert_eq!(top.name(), "ro0_ro");
+        let d = reg.open("ro0_ro", false).unwrap();
+        let got = d.read(42, IoBuf::new(1024, 1)).await.unwrap();
+        assert_eq!(got[..], pattern(13, 42, 2, BLOCK)[..]);
+    });
+}
+
+#[test]
+fn removing_the_bottom_of_a_stack_removes_all_of_it() {
+    let reg = Registry::new();
+    block_on(async {
+        malloc_base(&reg, "B", 14).await;
+        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        create(&reg, opts("ro0", Some("ro1"))).await.unwrap();
+    });
+    let r2 = reg.clone();
+    within(10, "stack removal", move || block_on(r2.unregister("B"))).unwrap();
+    wait_until(10, "stack gone", || reg.list().is_empty());
+}

@@ -1,0 +1,129 @@
+//! `cargo xtask soak --time SECS [--cases N]`: the blobstore model-based test, many cases,
+//! new seeds, until the time is up.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::util;
+
+/// The test filter that selects the model-based test(s).
+const FILTER: &str = "model";
+const PACKAGE: &str = "blobstore";
+
+/// Builds the blobstore test binaries in release mode, then runs the `model` tests over and
+/// over with `PROPTEST_CASES`, `SOAK=1` and a fresh `PROPTEST_RNG_SEED` each round until the
+/// time is up. A round still running at the deadline is stopped and counts as passed.
+pub fn run(args: &[String]) -> Result<()> {
+    crate::check_args(args, &[], &["--time", "--cases"])?;
+    let secs: u64 = crate::flag_value(args, "--time")?.unwrap_or(600);
+    let cases: u64 = crate::flag_value(args, "--cases")?.unwrap_or(5000);
+    let bins = test_binaries()?;
+    let with_model: Vec<_> = bins
+        .iter()
+        .filter(|b| lists_model_test(b).unwrap_or(false))
+        .collect();
+    if with_model.is_empty() {
+        eprintln!(
+            "note: the {PACKAGE} crate has no `{FILTER}` test yet; running the stub command \
+             `cargo test --release -p {PACKAGE} {FILTER}` once with PROPTEST_CASES={cases}"
+        );
+        return util::run(
+            "soak (stub)",
+            util::cargo()
+                .args(["test", "--release", "-p", PACKAGE, FILTER])
+                .env("PROPTEST_CASES", cases.to_string())
+                .env("SOAK", "1"),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut round = 0u64;
+    let base_seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(1);
+    while Instant::now() < deadline {
+        round += 1;
+        let seed = base_seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(round);
+        for bin in &with_model {
+            eprintln!("\n==> soak round {round}: {} seed {seed}", bin.display());
+            let mut cmd = Command::new(bin);
+            cmd.arg(FILTER)
+                .env("PROPTEST_CASES", cases.to_string())
+                .env("PROPTEST_RNG_SEED", seed.to_string())
+                .env("SOAK", "1")
+                .current_dir(util::project_root().join("crates").join(PACKAGE));
+            match run_until(&mut cmd, deadline)? {
+                Some(true) | None => {}
+                Some(false) => bail!(
+                    "soak failed in round {round}; reproduce with PROPTEST_RNG_SEED={seed} \
+                     PROPTEST_CASES={cases} SOAK=1 cargo test --release -p {PACKAGE} {FILTER}"
+                ),
+            }
+        }
+    }
+    eprintln!("soak: {round} rounds of {cases} cases passed in {secs} s");
+    Ok(())
+}
+
+/// Runs a command until it exits (`Some(success)`) or the deadline passes (`None`, killed).
+fn run_until(cmd: &mut Command, deadline: Instant) -> Result<Option<bool>> {
+    eprintln!("$ {}", util::show(cmd));
+    let mut child = cmd.spawn().context("start test binary")?;
+    loop {
+        if let Some(st) = child.try_wait()? {
+            return Ok(Some(st.success()));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            eprintln!("soak: time is up, stopped the running round");
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The blobstore test executables, built in release mode.
+fn test_binaries() -> Result<Vec<std::path::PathBuf>> {
+    let out = util::output(
+        "build the blobstore tests",
+        util::cargo().args([
+            "test",
+            "--release",
+            "-p",
+            PACKAGE,
+            "--no-run",
+            "--message-format=json",
+        ]),
+    )?;
+    let mut bins = Vec::new();
+    for line in out.lines() {
+        let Ok(v) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact" && v["profile"]["test"] == Value::Bool(true) {
+            if let Some(exe) = v["executable"].as_str() {
+                bins.push(exe.into());
+            }
+        }
+    }
+    if bins.is_empty() {
+        return Err(anyhow!("no test binaries for {PACKAGE}"));
+    }
+    Ok(bins)
+}
+
+fn lists_model_test(bin: &std::path::Path) -> Result<bool> {
+    let out = Command::new(bin)
+        .args(["--list", FILTER])
+        .output()
+        .context("list tests")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.ends_with(": test")))
+}
