@@ -6,12 +6,16 @@
 //! dropped future never frees memory the kernel is still using.
 //!
 //! Who calls `io_uring_enter` depends on the ring's [`SubmitMode`]:
-//! * a per-bdev ring ([`UringEngine`]) has a completion thread that waits for CQEs; the
-//!   first submitter of an executor pass yields once and then submits for everybody queued
-//!   in that pass (one syscall per batch, as fio does);
+//! * a per-bdev ring ([`UringEngine`]) is shared by every thread; each submitter submits its
+//!   own request, and a completion thread waits for CQEs and completes the requests (this
+//!   works under any executor);
 //! * a reactor ring ([`crate::reactor`]) is driven by the reactor thread itself, which
-//!   submits and reaps between polls of its future and sleeps in `io_uring_enter` when idle,
-//!   so a completion wakes exactly the thread that waits for it.
+//!   submits everything queued and waits for completions in one `io_uring_enter` when its
+//!   future is idle, so a completion wakes exactly the thread that waits for it.
+//!
+//! (Deferring per-bdev submissions to the end of an executor pass was tried: it saved a
+//! little CPU but could leave a request unsubmitted if the future that owed the submit was
+//! never polled again, and it measured no faster.)
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -93,9 +97,7 @@ pub(crate) struct Pending {
 /// Who submits queued SQEs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SubmitMode {
-    /// The first submitter of an executor pass submits for everybody (per-bdev rings).
-    Batch,
-    /// Every submitter submits at once.
+    /// Every submitter submits at once (per-bdev rings).
     Immediate,
     /// The ring's owner (the reactor loop) submits.
     Owner,
@@ -119,8 +121,6 @@ pub(crate) struct Ring {
     drains: std::sync::atomic::AtomicU64,
     /// The reactor's eventfd read is in flight.
     pub(crate) efd_armed: AtomicBool,
-    /// A submitter has promised to submit what is queued (see `submit`).
-    flush_armed: AtomicBool,
     mode: SubmitMode,
 }
 
@@ -157,7 +157,6 @@ impl Ring {
             cq_lock: Mutex::new(()),
             drains: std::sync::atomic::AtomicU64::new(0),
             efd_armed: AtomicBool::new(false),
-            flush_armed: AtomicBool::new(false),
             mode,
         })
     }
@@ -223,7 +222,7 @@ impl Ring {
     }
 
     /// Queues a request and arranges for its submission (see [`SubmitMode`]).
-    async fn submit(
+    fn submit(
         &self,
         sqe: squeue::Entry,
         hold: Hold,
@@ -243,15 +242,8 @@ impl Ring {
                 return Err(BdevError::Io(e));
             }
         }
-        match self.mode {
-            SubmitMode::Owner => {}
-            SubmitMode::Immediate => self.flush(),
-            SubmitMode::Batch => {
-                if !self.flush_armed.swap(true, Ordering::SeqCst) {
-                    let _flush = FlushOnDrop(self);
-                    YieldOnce(false).await;
-                }
-            }
+        if self.mode == SubmitMode::Immediate {
+            self.flush();
         }
         Ok(rx)
     }
@@ -365,7 +357,7 @@ impl Ring {
             } else {
                 on_file!(Read, file, ptr, n).offset(at).build()
             };
-            let rx = self.submit(sqe, Hold::Buf(buf), file).await?;
+            let rx = self.submit(sqe, Hold::Buf(buf), file)?;
             let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
             buf = match hold {
                 Hold::Buf(b) => b,
@@ -411,9 +403,7 @@ impl Ring {
         } else {
             on_file!(Readv, file, p, n).offset(off).build()
         };
-        let rx = self
-            .submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)
-            .await?;
+        let rx = self.submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)?;
         let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
         bufs = match hold {
             Hold::Bufs(b, _) => b,
@@ -444,36 +434,6 @@ impl Ring {
     }
 }
 
-/// Disarms the batch flag and submits, also when the submitting future is dropped mid-yield.
-struct FlushOnDrop<'a>(&'a Ring);
-
-impl Drop for FlushOnDrop<'_> {
-    fn drop(&mut self) {
-        // The swap (not a plain store) synchronises with every submitter that saw the flag
-        // set, so their queued entries are visible to the submit below.
-        self.0.flush_armed.swap(false, Ordering::SeqCst);
-        self.0.flush();
-    }
-}
-
-/// Returns `Pending` once (waking itself), then `Ready`.
-struct YieldOnce(bool);
-
-impl std::future::Future for YieldOnce {
-    type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
-}
-
 /// The completion thread of a per-bdev ring.
 fn reap(ring: Arc<Ring>) {
     let mut cqes = Vec::with_capacity(512);
@@ -498,12 +458,7 @@ pub(crate) struct UringEngine {
 
 impl UringEngine {
     pub(crate) fn new(file: &Arc<std::fs::File>, entries: u32) -> io::Result<Self> {
-        let mode = if std::env::var_os("BDEV_URING_NOBATCH").is_some() {
-            SubmitMode::Immediate
-        } else {
-            SubmitMode::Batch
-        };
-        let ring = Arc::new(Ring::new(entries, mode)?);
+        let ring = Arc::new(Ring::new(entries, SubmitMode::Immediate)?);
         let file = ring.register_file(file);
         let r2 = ring.clone();
         let thread = std::thread::Builder::new()
