@@ -440,7 +440,9 @@ fn reap(ring: Arc<Ring>) {
     let mut ready = Vec::with_capacity(512);
     let mut exiting = false;
     loop {
-        ring.submit_and_wait(1);
+        // Bounded, so a request whose submit failed transiently (EAGAIN, EBUSY) and stayed
+        // queued is submitted here soon even if nothing else completes.
+        ring.wait_timeout(std::time::Duration::from_millis(100));
         let d = ring.drain(&mut cqes, &mut ready);
         exiting |= d.exit;
         if exiting && ring.pending() == 0 {
