@@ -6,16 +6,15 @@
 //! dropped future never frees memory the kernel is still using.
 //!
 //! Who calls `io_uring_enter` depends on the ring's [`SubmitMode`]:
-//! * a per-bdev ring ([`UringEngine`]) is shared by every thread; each submitter submits its
-//!   own request, and a completion thread waits for CQEs and completes the requests (this
-//!   works under any executor);
+//! * a per-bdev ring ([`UringEngine`]) is shared by every thread and works under any
+//!   executor. A completion thread waits for CQEs and completes the requests. The first
+//!   submitter of an executor pass yields once so that the other tasks woken in the same pass
+//!   queue theirs, then submits them all with one `io_uring_enter` (fio submits in batches
+//!   too). The completion thread's bounded wait also submits anything queued, so a request is
+//!   never stranded if the future that owed the submit is not polled again;
 //! * a reactor ring ([`crate::reactor`]) is driven by the reactor thread itself, which
 //!   submits everything queued and waits for completions in one `io_uring_enter` when its
 //!   future is idle, so a completion wakes exactly the thread that waits for it.
-//!
-//! (Deferring per-bdev submissions to the end of an executor pass was tried: it saved a
-//! little CPU but could leave a request unsubmitted if the future that owed the submit was
-//! never polled again, and it measured no faster.)
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -97,7 +96,10 @@ pub(crate) struct Pending {
 /// Who submits queued SQEs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SubmitMode {
-    /// Every submitter submits at once (per-bdev rings).
+    /// The first submitter of an executor pass yields once, then submits for everybody
+    /// queued meanwhile (per-bdev rings; `BDEV_URING_NOBATCH` turns it off).
+    Batch,
+    /// Every submitter submits at once.
     Immediate,
     /// The ring's owner (the reactor loop) submits.
     Owner,
@@ -114,6 +116,8 @@ pub(crate) struct Drained {
 /// An io_uring with its pending requests.
 pub(crate) struct Ring {
     ring: IoUring,
+    /// A submitter has promised to submit what is queued (see `submit`).
+    flush_armed: AtomicBool,
     pending: Mutex<Slab<Pending>>,
     /// Serialises consumers of the completion queue (a reactor and its backstop).
     cq_lock: Mutex<()>,
@@ -153,6 +157,7 @@ impl Ring {
         probe(&ring)?;
         Ok(Ring {
             ring,
+            flush_armed: AtomicBool::new(false),
             pending: Mutex::new(Slab::with_capacity(entries as usize)),
             cq_lock: Mutex::new(()),
             drains: std::sync::atomic::AtomicU64::new(0),
@@ -222,7 +227,7 @@ impl Ring {
     }
 
     /// Queues a request and arranges for its submission (see [`SubmitMode`]).
-    fn submit(
+    async fn submit(
         &self,
         sqe: squeue::Entry,
         hold: Hold,
@@ -242,8 +247,15 @@ impl Ring {
                 return Err(BdevError::Io(e));
             }
         }
-        if self.mode == SubmitMode::Immediate {
-            self.flush();
+        match self.mode {
+            SubmitMode::Owner => {}
+            SubmitMode::Immediate => self.flush(),
+            SubmitMode::Batch => {
+                if !self.flush_armed.swap(true, Ordering::SeqCst) {
+                    let _flush = FlushOnDrop(self);
+                    YieldOnce(false).await;
+                }
+            }
         }
         Ok(rx)
     }
@@ -357,7 +369,7 @@ impl Ring {
             } else {
                 on_file!(Read, file, ptr, n).offset(at).build()
             };
-            let rx = self.submit(sqe, Hold::Buf(buf), file)?;
+            let rx = self.submit(sqe, Hold::Buf(buf), file).await?;
             let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
             buf = match hold {
                 Hold::Buf(b) => b,
@@ -403,7 +415,9 @@ impl Ring {
         } else {
             on_file!(Readv, file, p, n).offset(off).build()
         };
-        let rx = self.submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)?;
+        let rx = self
+            .submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)
+            .await?;
         let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
         bufs = match hold {
             Hold::Bufs(b, _) => b,
@@ -434,15 +448,47 @@ impl Ring {
     }
 }
 
+/// Disarms the batch flag and submits, also when the submitting future is dropped mid-yield.
+struct FlushOnDrop<'a>(&'a Ring);
+
+impl Drop for FlushOnDrop<'_> {
+    fn drop(&mut self) {
+        // The swap (not a plain store) synchronises with every submitter that saw the flag
+        // set, so their queued entries are visible to the submit below.
+        self.0.flush_armed.swap(false, Ordering::SeqCst);
+        self.0.flush();
+    }
+}
+
+/// Returns `Pending` once (waking itself), then `Ready`.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// The completion thread of a per-bdev ring.
 fn reap(ring: Arc<Ring>) {
     let mut cqes = Vec::with_capacity(512);
     let mut ready = Vec::with_capacity(512);
     let mut exiting = false;
     loop {
-        // Bounded, so a request whose submit failed transiently (EAGAIN, EBUSY) and stayed
-        // queued is submitted here soon even if nothing else completes.
+        // Bounded, and it submits whatever is queued: a request whose submit failed
+        // transiently, or whose batch flusher was never polled again, goes out here soon even
+        // if nothing else completes. Clearing the flag then un-sticks a leaked flusher.
         ring.wait_timeout(std::time::Duration::from_millis(100));
+        ring.flush_armed.store(false, Ordering::SeqCst);
         let d = ring.drain(&mut cqes, &mut ready);
         exiting |= d.exit;
         if exiting && ring.pending() == 0 {
@@ -460,7 +506,12 @@ pub(crate) struct UringEngine {
 
 impl UringEngine {
     pub(crate) fn new(file: &Arc<std::fs::File>, entries: u32) -> io::Result<Self> {
-        let ring = Arc::new(Ring::new(entries, SubmitMode::Immediate)?);
+        let mode = if std::env::var_os("BDEV_URING_NOBATCH").is_some() {
+            SubmitMode::Immediate
+        } else {
+            SubmitMode::Batch
+        };
+        let ring = Arc::new(Ring::new(entries, mode)?);
         let file = ring.register_file(file);
         let r2 = ring.clone();
         let thread = std::thread::Builder::new()
