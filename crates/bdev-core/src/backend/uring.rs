@@ -105,6 +105,9 @@ pub(crate) enum SubmitMode {
     Owner,
 }
 
+/// Reusable buffers of a drain: raw CQEs, then the requests they complete.
+type Scratch = (Vec<(u64, i32)>, Vec<(i32, Pending)>);
+
 /// What one drain of the completion queue saw besides requests.
 #[derive(Default, Debug)]
 pub(crate) struct Drained {
@@ -125,6 +128,8 @@ pub(crate) struct Ring {
     drains: std::sync::atomic::AtomicU64,
     /// The reactor's eventfd read is in flight.
     pub(crate) efd_armed: AtomicBool,
+    /// The completion thread's exit NOP has completed (whoever reaped it).
+    exit_seen: AtomicBool,
     mode: SubmitMode,
 }
 
@@ -162,6 +167,7 @@ impl Ring {
             cq_lock: Mutex::new(()),
             drains: std::sync::atomic::AtomicU64::new(0),
             efd_armed: AtomicBool::new(false),
+            exit_seen: AtomicBool::new(false),
             mode,
         })
     }
@@ -308,16 +314,44 @@ impl Ring {
         cqes: &mut Vec<(u64, i32)>,
         ready: &mut Vec<(i32, Pending)>,
     ) -> Drained {
-        {
-            let _cq = lock(&self.cq_lock);
-            self.drains.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: every consumer of the completion queue holds `cq_lock`.
-            unsafe {
-                for cqe in self.ring.completion_shared() {
-                    cqes.push((cqe.user_data(), cqe.result()));
-                }
+        let cq = lock(&self.cq_lock);
+        self.drain_locked(cq, cqes, ready)
+    }
+
+    /// Like [`Ring::drain`], but gives up at once if another thread is draining; returns
+    /// how many requests it completed. Used by waiting futures to take completions their
+    /// own thread's syscalls just posted, without a hop through the completion thread.
+    fn try_drain(&self) -> usize {
+        let Ok(cq) = self.cq_lock.try_lock() else {
+            return 0;
+        };
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Scratch> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut s) => {
+                let (cqes, ready) = &mut *s;
+                self.drain_locked(cq, cqes, ready).completed
+            }
+            Err(_) => 0,
+        })
+    }
+
+    fn drain_locked(
+        &self,
+        cq: MutexGuard<'_, ()>,
+        cqes: &mut Vec<(u64, i32)>,
+        ready: &mut Vec<(i32, Pending)>,
+    ) -> Drained {
+        self.drains.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: every consumer of the completion queue holds `cq_lock` (`cq` here).
+        unsafe {
+            for cqe in self.ring.completion_shared() {
+                cqes.push((cqe.user_data(), cqe.result()));
             }
         }
+        drop(cq);
         let mut d = Drained::default();
         if cqes.is_empty() {
             return d;
@@ -326,7 +360,10 @@ impl Ring {
             let mut st = lock(&self.pending);
             for (ud, res) in cqes.drain(..) {
                 match ud {
-                    EXIT_KEY => d.exit = true,
+                    EXIT_KEY => {
+                        self.exit_seen.store(true, Ordering::SeqCst);
+                        d.exit = true
+                    }
                     EVENTFD_KEY => {
                         self.efd_armed.store(false, Ordering::SeqCst);
                         d.eventfd = true
@@ -346,6 +383,17 @@ impl Ring {
             let _ = p.tx.send((res, p.hold));
         }
         d
+    }
+
+    /// Waits for a request's completion; on per-bdev rings a waiting future also reaps.
+    async fn completion(&self, rx: oneshot::Receiver<(i32, Hold)>) -> Result<(i32, Hold)> {
+        Completion {
+            ring: self,
+            rx,
+            reap: self.mode != SubmitMode::Owner,
+        }
+        .await
+        .map_err(|_| os_err(libc::EIO))
     }
 
     /// Read or write of `buf[done..]` at byte offset `off + done`, continuing short
@@ -370,7 +418,7 @@ impl Ring {
                 on_file!(Read, file, ptr, n).offset(at).build()
             };
             let rx = self.submit(sqe, Hold::Buf(buf), file).await?;
-            let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
+            let (res, hold) = self.completion(rx).await?;
             buf = match hold {
                 Hold::Buf(b) => b,
                 _ => return Err(os_err(libc::EIO)),
@@ -418,7 +466,7 @@ impl Ring {
         let rx = self
             .submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)
             .await?;
-        let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
+        let (res, hold) = self.completion(rx).await?;
         bufs = match hold {
             Hold::Bufs(b, _) => b,
             _ => return Err(os_err(libc::EIO)),
@@ -478,20 +526,42 @@ impl std::future::Future for YieldOnce {
     }
 }
 
+/// A request's completion; polling it also tries to reap the ring (see `try_drain`).
+struct Completion<'a> {
+    ring: &'a Ring,
+    rx: oneshot::Receiver<(i32, Hold)>,
+    reap: bool,
+}
+
+impl std::future::Future for Completion<'_> {
+    type Output = std::result::Result<(i32, Hold), oneshot::Canceled>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        if let Poll::Ready(r) = std::pin::Pin::new(&mut self.rx).poll(cx) {
+            return Poll::Ready(r);
+        }
+        if self.reap && self.ring.try_drain() > 0 {
+            return std::pin::Pin::new(&mut self.rx).poll(cx);
+        }
+        Poll::Pending
+    }
+}
+
 /// The completion thread of a per-bdev ring.
 fn reap(ring: Arc<Ring>) {
     let mut cqes = Vec::with_capacity(512);
     let mut ready = Vec::with_capacity(512);
-    let mut exiting = false;
     loop {
         // Bounded, and it submits whatever is queued: a request whose submit failed
         // transiently, or whose batch flusher was never polled again, goes out here soon even
         // if nothing else completes. Clearing the flag then un-sticks a leaked flusher.
         ring.wait_timeout(std::time::Duration::from_millis(100));
         ring.flush_armed.store(false, Ordering::SeqCst);
-        let d = ring.drain(&mut cqes, &mut ready);
-        exiting |= d.exit;
-        if exiting && ring.pending() == 0 {
+        ring.drain(&mut cqes, &mut ready);
+        if ring.exit_seen.load(Ordering::SeqCst) && ring.pending() == 0 {
             return;
         }
     }
