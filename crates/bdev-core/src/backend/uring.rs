@@ -255,7 +255,10 @@ impl Ring {
         }
         match self.mode {
             SubmitMode::Owner => {}
-            SubmitMode::Immediate => self.flush(),
+            SubmitMode::Immediate => {
+                self.flush();
+                self.try_drain();
+            }
             SubmitMode::Batch => {
                 if !self.flush_armed.swap(true, Ordering::SeqCst) {
                     let _flush = FlushOnDrop(self);
@@ -505,6 +508,8 @@ impl Drop for FlushOnDrop<'_> {
         // set, so their queued entries are visible to the submit below.
         self.0.flush_armed.swap(false, Ordering::SeqCst);
         self.0.flush();
+        // The syscall ran this thread's pending completion work: take what it posted.
+        self.0.try_drain();
     }
 }
 
