@@ -857,7 +857,13 @@ impl World {
         let rb = self.compare(&before).await;
         let ra = self.compare(&after).await;
         if rb.is_err() && ra.is_err() {
-            if matches!(real, Real::Write { .. }) {
+            // Data writes are not atomic, and inflate / decouple copy one cluster at a
+            // time (each copy durable on its own): block-wise old-or-new content, parent
+            // link old or new.
+            if matches!(
+                real,
+                Real::Write { .. } | Real::Inflate { .. } | Real::Decouple { .. }
+            ) {
                 self.compare_mixed(&before, &after).await?;
             } else {
                 return Err(format!(
@@ -880,6 +886,18 @@ impl World {
         }
         for id in ids {
             let blob = self.bs.open_blob(id).await.map_err(|e| e2s(&e))?;
+            let parent = match blob.parent() {
+                Parent::None => MParent::None,
+                Parent::Zeroes => MParent::Zeroes,
+                Parent::Snapshot(p) => MParent::Snap(p),
+                Parent::External(_) => MParent::Ext,
+            };
+            if parent != a.vols[&id].parent && Some(&parent) != b.vols.get(&id).map(|v| &v.parent) {
+                let _ = blob.close().await;
+                return Err(format!(
+                    "blob {id:#x}: parent {parent:?} is neither old nor new"
+                ));
+            }
             let n = a.vols[&id].clusters.len();
             for c in 0..n {
                 let got = blob.read((c * LPC) as u64, IoBuf::new(CLUSTER, BLK)).await;
