@@ -876,8 +876,8 @@ impl World {
             } else {
                 return Err(format!(
                     "power cut after {k} writes in {real:?}: neither before ({}) nor after ({})",
-                    rb.unwrap_err(),
-                    ra.unwrap_err()
+                    rb.err().unwrap_or_default(),
+                    ra.err().unwrap_or_default()
                 ));
             }
         }
@@ -1135,7 +1135,7 @@ fn run(steps: &[Step]) -> Result<Stats, String> {
         t[2].fetch_add(w.stats.ops_ok, Ordering::Relaxed);
         t[3].fetch_add(w.stats.ops_err, Ordering::Relaxed);
         t[4].fetch_add(w.stats.power_cuts, Ordering::Relaxed);
-        if n % 250 == 0 {
+        if n.is_multiple_of(250) {
             eprintln!(
                 "model totals: {n} sequences, {} steps, {} ops ok, {} refused as expected, {} power cuts",
                 t[1].load(Ordering::Relaxed),
