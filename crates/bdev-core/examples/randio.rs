@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p bdev-core --example randio -- FILE [randread|randwrite] [SECONDS]
-//!     [QD] [uring|pool] [direct|buffered]
+//!     [QD] [uring|pool] [direct|buffered] [reactor|futures]
 //! ```
 //! The file is created (1 GiB, fully written) when missing.
 
@@ -33,6 +33,7 @@ fn main() {
         _ => AioEngine::Uring,
     };
     let direct = args.get(6).map(String::as_str) != Some("buffered");
+    let reactor = args.get(7).map(String::as_str) != Some("futures");
 
     if std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) < SIZE {
         eprintln!("writing {}", path.display());
@@ -89,12 +90,17 @@ fn main() {
             done.set(done.get() + n);
         }
     });
-    futures::executor::block_on(futures::future::join_all(workers));
+    if reactor {
+        bdev_core::reactor::block_on(futures::future::join_all(workers));
+    } else {
+        futures::executor::block_on(futures::future::join_all(workers));
+    }
     let el = start.elapsed().as_secs_f64();
     let iops = done.get() as f64 / el;
     println!(
-        "{mode} qd={qd} bs=4k engine={:?}: {:.0} IOPS ({} I/Os in {el:.2}s)",
+        "{mode} qd={qd} bs=4k engine={:?} executor={}: {:.0} IOPS ({} I/Os in {el:.2}s)",
         engine,
+        if reactor { "reactor" } else { "futures" },
         iops,
         done.get()
     );

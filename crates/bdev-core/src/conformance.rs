@@ -12,12 +12,30 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::oneshot;
-use futures::executor::block_on;
 use futures::{FutureExt, StreamExt};
 use uuid::Uuid;
 
 use crate::backend::malloc::MallocBdev;
 use crate::{BdevError, BdevEvent, ClaimType, Descriptor, IoBuf, IoType, Registry};
+
+thread_local! {
+    static REACTOR: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Makes the checks run on this thread with [`crate::reactor::block_on`] (`true`) or
+/// `futures::executor::block_on` (`false`, the default).
+pub fn use_reactor(on: bool) {
+    REACTOR.with(|r| r.set(on));
+}
+
+/// Runs a future with the executor chosen by [`use_reactor`].
+pub fn block_on<T>(fut: impl std::future::Future<Output = T>) -> T {
+    if REACTOR.with(|r| r.get()) {
+        crate::reactor::block_on(fut)
+    } else {
+        futures::executor::block_on(fut)
+    }
+}
 
 /// Time after which a check that waits (hot-remove, unregister) is declared hung.
 pub const HANG_TIMEOUT: Duration = Duration::from_secs(20);

@@ -8,12 +8,34 @@
 //!
 //! It knows nothing about blobstores, lvols or RPC sockets: modules above it implement
 //! [`BlockDevice`] for their own devices and describe themselves with JSON values.
+//!
+//! # I/O model
+//!
+//! Every I/O call takes an owned [`IoBuf`] and hands it back on completion, so io_uring can
+//! own the memory while the kernel uses it. The library is runtime-agnostic: any executor can
+//! drive the futures. [`reactor::block_on`] is the fast path for a thread dedicated to I/O
+//! (SPDK's reactor): aio requests issued under it are submitted and reaped by that thread
+//! itself, with no hop through a completion thread. Elsewhere, each aio bdev's ring has a
+//! completion thread; the thread-pool engine runs blocking `pread`/`pwrite` on a small pool.
+//!
+//! # Events and removal
+//!
+//! [`Registry::unregister`] sends [`BdevEvent::Remove`] to every open descriptor and waits
+//! (asynchronously) until all of them are closed; meanwhile I/O through them still works.
+//! Then it calls [`BlockDevice::destruct`]. [`Registry::notify_resize`] sends
+//! [`BdevEvent::Resize`].
+//!
+//! # Testing
+//!
+//! The `test-util` feature exposes the `conformance` module: device checks that any
+//! backend (including ones in other crates) can run.
 
 pub mod backend;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 mod device;
 mod error;
+pub mod reactor;
 mod registry;
 pub mod rpc;
 

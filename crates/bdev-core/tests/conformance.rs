@@ -8,7 +8,6 @@ use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::conformance as c;
 use bdev_core::{BlockDevice, Registry};
-use futures::executor::block_on;
 use rstest::rstest;
 use tempfile::TempDir;
 
@@ -17,6 +16,8 @@ enum Backend {
     Malloc,
     UringDirect,
     UringBuffered,
+    /// io_uring with O_DIRECT, driven by `reactor::block_on`.
+    UringReactor,
     PoolDirect,
 }
 
@@ -54,7 +55,7 @@ fn setup(backend: Backend, block_len: u32) -> Option<Setup> {
         }
         _ => {
             let (engine, direct) = match backend {
-                Backend::UringDirect => (AioEngine::Uring, true),
+                Backend::UringDirect | Backend::UringReactor => (AioEngine::Uring, true),
                 Backend::UringBuffered => (AioEngine::Uring, false),
                 _ => (AioEngine::ThreadPool, true),
             };
@@ -82,7 +83,8 @@ fn setup(backend: Backend, block_len: u32) -> Option<Setup> {
             (a.clone(), Some(a), Some(path))
         }
     };
-    block_on(reg.register(dev)).unwrap();
+    c::use_reactor(matches!(backend, Backend::UringReactor));
+    c::block_on(reg.register(dev)).unwrap();
     Some(Setup {
         reg,
         aio,
@@ -95,7 +97,13 @@ macro_rules! conformance {
     ($($test:ident => $check:path;)*) => {$(
         #[rstest]
         fn $test(
-            #[values(Backend::Malloc, Backend::UringDirect, Backend::UringBuffered, Backend::PoolDirect)]
+            #[values(
+                Backend::Malloc,
+                Backend::UringDirect,
+                Backend::UringBuffered,
+                Backend::UringReactor,
+                Backend::PoolDirect
+            )]
             backend: Backend,
             #[values(512, 4096)] block_len: u32,
         ) {
@@ -120,7 +128,13 @@ conformance! {
 
 #[rstest]
 fn resize_event_after_rescan(
-    #[values(Backend::UringDirect, Backend::PoolDirect, Backend::UringBuffered)] backend: Backend,
+    #[values(
+        Backend::UringDirect,
+        Backend::PoolDirect,
+        Backend::UringBuffered,
+        Backend::UringReactor
+    )]
+    backend: Backend,
 ) {
     let Some(s) = setup(backend, 4096) else {
         return;
@@ -136,17 +150,19 @@ fn resize_event_after_rescan(
 }
 
 #[rstest]
-fn data_survives_reopen(#[values(Backend::UringDirect, Backend::PoolDirect)] backend: Backend) {
+fn data_survives_reopen(
+    #[values(Backend::UringDirect, Backend::PoolDirect, Backend::UringReactor)] backend: Backend,
+) {
     let Some(s) = setup(backend, 512) else {
         return;
     };
     let desc = s.reg.open("dev", true).unwrap();
     let w = c::pattern(&desc, 100, 16, 9);
     let expect = w.to_vec();
-    block_on(desc.write(100, w)).unwrap();
-    block_on(desc.flush()).unwrap();
+    c::block_on(desc.write(100, w)).unwrap();
+    c::block_on(desc.flush()).unwrap();
     drop(desc);
-    block_on(s.reg.unregister("dev")).unwrap();
+    c::block_on(s.reg.unregister("dev")).unwrap();
     let raw = std::fs::read(s.path.as_ref().unwrap()).unwrap();
     assert_eq!(&raw[100 * 512..116 * 512], &expect[..]);
 }

@@ -58,13 +58,19 @@ async fn check_lvols(bs: &Blobstore, m: &Value) {
         })
         .collect();
     let lvs = &m["lvstores"][0];
-    assert_eq!(bs.cluster_size() as u64, lvs["cluster_size"].as_u64().unwrap());
+    assert_eq!(
+        bs.cluster_size() as u64,
+        lvs["cluster_size"].as_u64().unwrap()
+    );
     assert_eq!(
         bs.total_data_clusters(),
         lvs["total_data_clusters"].as_u64().unwrap()
     );
     assert_eq!(bs.free_clusters(), lvs["free_clusters"].as_u64().unwrap());
-    assert_eq!(bs.super_blob(), Some(hexid(lvs["super_blob_id"].as_str().unwrap())));
+    assert_eq!(
+        bs.super_blob(),
+        Some(hexid(lvs["super_blob_id"].as_str().unwrap()))
+    );
     let mut want_ids: Vec<BlobId> = names.values().copied().collect();
     want_ids.push(hexid(lvs["super_blob_id"].as_str().unwrap()));
     want_ids.sort();
@@ -79,8 +85,16 @@ async fn check_lvols(bs: &Blobstore, m: &Value) {
             "{name}"
         );
         assert_eq!(b.is_thin(), l["thin"].as_bool().unwrap(), "{name} thin");
-        assert_eq!(b.is_clone(), l["is_clone"].as_bool().unwrap(), "{name} clone");
-        assert_eq!(b.is_snapshot(), l["is_snapshot"].as_bool().unwrap(), "{name} snapshot");
+        assert_eq!(
+            b.is_clone(),
+            l["is_clone"].as_bool().unwrap(),
+            "{name} clone"
+        );
+        assert_eq!(
+            b.is_snapshot(),
+            l["is_snapshot"].as_bool().unwrap(),
+            "{name} snapshot"
+        );
         assert_eq!(
             b.is_esnap_clone(),
             l["is_esnap_clone"].as_bool().unwrap(),
@@ -130,7 +144,11 @@ async fn check_lvols(bs: &Blobstore, m: &Value) {
         b.close().await.unwrap();
         let data = read_all(bs, id).await;
         assert_eq!(data.len() as u64, l["sha256_len"].as_u64().unwrap());
-        assert_eq!(sha256_hex(&data), l["sha256"].as_str().unwrap(), "{name} data");
+        assert_eq!(
+            sha256_hex(&data),
+            l["sha256"].as_str().unwrap(),
+            "{name} data"
+        );
     }
 }
 
@@ -186,7 +204,9 @@ fn basic_fixture_matches_manifest() {
     block_on(async {
         let m = manifest("basic");
         let dev = load_img("basic/store.img.gz");
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         assert_eq!(&bs.bstype()[..10], b"LVOLSTORE\0");
         assert_eq!((bs.md_start(), bs.md_len()), (4, 64));
         check_lvols(&bs, &m).await;
@@ -216,7 +236,9 @@ fn dirty_fixture_recovers() {
         let before = dev.snapshot();
         let sb = inspect::parse_super(&before[..4096]).unwrap();
         assert_eq!(sb.clean, 0);
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         // Loading wrote nothing.
         assert!(dev.snapshot() == before);
         check_lvols(&bs, &m).await;
@@ -261,7 +283,9 @@ fn esnap_fixture_without_base_is_degraded() {
     block_on(async {
         let dev = load_img("esnap/store.img.gz");
         // No factory: esnap clones do not open.
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         let e = bs.open_blob(0x1_0000_0002).await.err().unwrap();
         assert_eq!(e.errno(), libc::ENOTSUP);
         bs.unload().await.unwrap();
@@ -287,7 +311,11 @@ fn esnap_fixture_without_base_is_degraded() {
         assert_eq!(&b[..], &pattern_block("EC1B", 1)[..]);
         // Cluster 12 is unallocated in the clone and its snapshot: needs the base.
         assert!(!clone.is_cluster_allocated(12) && !snap.is_cluster_allocated(12));
-        let e = clone.read(12 * 256, IoBuf::new(4096, 4096)).await.err().unwrap();
+        let e = clone
+            .read(12 * 256, IoBuf::new(4096, 4096))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.errno(), libc::EIO);
         let free = bs.free_clusters();
         let e = clone
@@ -308,7 +336,9 @@ fn blobcli_fixture_matches_manifest() {
     block_on(async {
         let m = manifest("blobcli");
         let dev = load_img("blobcli/bs.img.gz");
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         assert_eq!(bs.bstype(), [0u8; 16]);
         assert_eq!(bs.super_blob(), Some(0x1_0000_0004));
         let mut ids: Vec<BlobId> = m["blobs"]
@@ -327,7 +357,12 @@ fn blobcli_fixture_matches_manifest() {
             let dump = &m["blobs_from_md_dump"][bl["blob_id"].as_str().unwrap()];
             let mut names = b.xattr_names();
             names.sort();
-            let mut want: Vec<String> = dump["xattrs"].as_object().unwrap().keys().cloned().collect();
+            let mut want: Vec<String> = dump["xattrs"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
             want.sort();
             assert_eq!(names, want);
             for (k, v) in dump["xattrs"].as_object().unwrap() {
@@ -342,7 +377,11 @@ fn blobcli_fixture_matches_manifest() {
             );
         }
         for d in m["deleted_blob_ids"].as_array().unwrap() {
-            let e = bs.open_blob(hexid(d.as_str().unwrap())).await.err().unwrap();
+            let e = bs
+                .open_blob(hexid(d.as_str().unwrap()))
+                .await
+                .err()
+                .unwrap();
             assert_eq!(e.errno(), libc::ENOENT);
         }
         bs.unload().await.unwrap();

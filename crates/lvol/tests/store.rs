@@ -31,6 +31,12 @@ fn create_lvstore_lists_like_spdk_and_writes_super_xattrs() {
 
         // The super blob's xattrs, byte for byte.
         let sb = s.blobstore().open_blob(s.super_blob_id()).await.unwrap();
+        assert_eq!(
+            sb.xattr_names(),
+            vec!["uuid".to_string(), "name".to_string()]
+        );
+        assert!(!sb.is_thin());
+        assert_eq!(sb.num_clusters(), 0);
         assert_eq!(sb.get_xattr("name").unwrap(), b"lvs_test\0".to_vec());
         let u = sb.get_xattr("uuid").unwrap();
         assert_eq!(u.len(), 37);

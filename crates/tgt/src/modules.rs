@@ -10,16 +10,21 @@ use crate::bdev_rpc::BdevRpc;
 use crate::nbd::rpc::NbdRpc;
 use crate::nbd::server::NbdServer;
 
-/// Every RPC module, in the order `rpc_get_methods` lists them.
+/// Every RPC module, in the order `rpc_get_methods` lists them. Creating the lvol module
+/// installs its examine hook (tasting), so this runs before any device is registered.
 pub fn rpc_modules(registry: &Registry, nbd: &Arc<NbdServer>) -> Vec<Arc<dyn RpcModule>> {
+    let lvol = lvol::LvolModule::new(registry.clone());
     vec![
         BdevRpc::new(registry.clone()),
+        Arc::new(lvol::rpc::LvolRpc::new(lvol)),
         NbdRpc::new(nbd.clone()),
         Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
+        Arc::new(bdev_nbd::NbdRpc::new(registry.clone())),
     ]
 }
 
-/// Installs the modules' examine hooks (lvol tasting) on the registry.
+/// Installs examine hooks of modules that have no RPC module (none today: the lvol module
+/// installs its own hook when [`rpc_modules`] creates it).
 pub fn install_examine_hooks(registry: &Registry) {
     let _ = registry;
 }

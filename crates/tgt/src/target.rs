@@ -234,3 +234,130 @@ impl Target {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use serde_json::json;
+
+    /// A module with an echo method and one that panics.
+    struct Fake;
+
+    #[async_trait]
+    impl RpcModule for Fake {
+        fn methods(&self) -> Vec<&'static str> {
+            vec!["echo", "boom", "rpc_get_methods"]
+        }
+        async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+            match method {
+                "echo" => Ok(params.unwrap_or(Value::Null)),
+                "boom" => panic!("boom"),
+                _ => Err(RpcError::method_not_found()),
+            }
+        }
+    }
+
+    fn target(wait_for_rpc: bool) -> Arc<Target> {
+        let registry = Registry::new();
+        let nbd = NbdServer::new(registry.clone());
+        Target::new(registry, nbd, vec![Arc::new(Fake)], wait_for_rpc)
+    }
+
+    #[tokio::test]
+    async fn dispatch_states_and_panics() {
+        let t = target(true);
+        // STARTUP: module methods are refused, framework ones run.
+        let e = t.call("echo", Some(json!({"a": 1}))).await.unwrap_err();
+        assert_eq!(e.code, INVALID_STATE);
+        let m = t
+            .call("rpc_get_methods", Some(json!({"current": true})))
+            .await
+            .unwrap();
+        assert!(m
+            .as_array()
+            .unwrap()
+            .contains(&json!("framework_start_init")));
+        assert!(!m.as_array().unwrap().contains(&json!("echo")));
+        assert_eq!(
+            t.call("framework_start_init", None).await.unwrap(),
+            json!(true)
+        );
+        // RUNTIME.
+        assert_eq!(
+            t.call("framework_start_init", None).await.unwrap_err().code,
+            INVALID_STATE
+        );
+        assert_eq!(
+            t.call("framework_wait_init", None).await.unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            t.call("echo", Some(json!({"a": 1}))).await.unwrap(),
+            json!({"a": 1})
+        );
+        assert_eq!(
+            t.call("echo", Some(json!([1]))).await.unwrap_err(),
+            RpcError::decode_failed()
+        );
+        assert_eq!(
+            t.call("nope", None).await.unwrap_err(),
+            RpcError::method_not_found()
+        );
+        let e = t.call("boom", None).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (INTERNAL_ERROR, "Internal error")
+        );
+        // The module's attempt to serve a framework method is ignored.
+        let m = t.call("rpc_get_methods", None).await.unwrap();
+        let names = m.as_array().unwrap();
+        assert_eq!(names.iter().filter(|n| *n == "rpc_get_methods").count(), 1);
+        assert!(names.contains(&json!("echo")));
+    }
+
+    #[tokio::test]
+    async fn framework_methods() {
+        let t = target(false);
+        assert!(t.call("spdk_get_version", Some(json!({}))).await.unwrap()["version"].is_string());
+        assert_eq!(
+            t.call("spdk_get_version", Some(json!({"x": 1})))
+                .await
+                .unwrap_err()
+                .code,
+            bdev_core::rpc::INVALID_PARAMS
+        );
+        let e = t
+            .call("framework_get_config", Some(json!({"name": "x"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.message, "Subsystem 'x' not found");
+        let cfg = t
+            .call(
+                "framework_get_config",
+                Some(json!({"name": "bdev", "with_batches": false})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(cfg[0]["method"], json!("bdev_set_options"));
+        assert_eq!(cfg[1], json!({"method": "bdev_wait_for_examine"}));
+        let nbd = t
+            .call("framework_get_config", Some(json!({"name": "nbd"})))
+            .await
+            .unwrap();
+        assert_eq!(nbd, json!([]));
+        let e = t
+            .call("spdk_kill_instance", Some(json!({"sig_name": "SIGNOPE"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, bdev_core::rpc::INVALID_PARAMS);
+        assert_eq!(t.take_kill(), None);
+        assert_eq!(
+            t.call("spdk_kill_instance", Some(json!({"sig_name": "SIGTERM"})))
+                .await
+                .unwrap(),
+            json!(true)
+        );
+        assert_eq!(t.take_kill(), Some(libc::SIGTERM));
+    }
+}

@@ -31,15 +31,15 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
 use futures::channel::oneshot;
-use io_uring::{opcode, squeue, types, IoUring, Probe};
+use io_uring::IoUring;
 use iobuf::IoBuf;
-use slab::Slab;
+
+use super::uring::{FileRef, Ring, UringEngine, MAX_IOVS};
 use uuid::Uuid;
 
 use crate::{BdevError, BlockDevice, IoType, Result};
@@ -83,20 +83,12 @@ pub struct AioOpts {
 const DIRECT_ALIGN: usize = 4096;
 /// Submission queue size of each ring.
 const RING_ENTRIES: u32 = 256;
-/// `user_data` of the NOP that tells the completion thread to stop.
-const EXIT_KEY: u64 = u64::MAX;
-/// Largest iovec count of one vectored request.
-const MAX_IOVS: usize = 1024;
 /// Threads of the blocking pool.
 const POOL_THREADS: usize = 4;
 
 // ioctl numbers from <linux/fs.h>.
 const BLKSSZGET: libc::c_ulong = 0x1268;
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn os_err(errno: i32) -> BdevError {
     BdevError::Io(io::Error::from_raw_os_error(errno))
@@ -208,300 +200,23 @@ fn probe_size(file: &File) -> io::Result<(u64, Option<u32>)> {
     }
 }
 
-/// What a pending request keeps alive until its completion arrives.
-enum Hold {
-    Buf(IoBuf),
-    /// The iovecs are only read by the kernel.
-    Bufs(Vec<IoBuf>, #[allow(dead_code)] IoVecs),
-}
-
-/// An iovec array pointing into the buffers held next to it.
-struct IoVecs(#[allow(dead_code)] Box<[libc::iovec]>);
-
-// SAFETY: the iovecs only point into `IoBuf`s owned by the same `Hold`, which moves with them;
-// nothing dereferences them except the kernel while the request is in flight.
-unsafe impl Send for IoVecs {}
-
-struct Pending {
-    hold: Hold,
-    tx: oneshot::Sender<(i32, Hold)>,
-}
-
-struct UringState {
-    pending: Slab<Pending>,
-}
-
-struct UringShared {
-    ring: IoUring,
-    state: Mutex<UringState>,
-    /// A submitter has promised to submit what is queued (see `submit`).
-    flush_armed: AtomicBool,
-    /// Batch submissions (off with `BDEV_URING_NOBATCH`, for comparisons).
-    batch: bool,
-    fixed: bool,
-    fd: i32,
-}
-
-impl UringShared {
-    /// Queues one SQE (with `user_data` set) and submits it; the caller holds `st`.
-    fn push_locked(&self, sqe: &squeue::Entry) -> io::Result<()> {
-        loop {
-            // SAFETY: the submission queue is only ever accessed under the `state` mutex,
-            // which the caller holds, and `sqe` points at memory owned by the pending slab.
-            let pushed = unsafe { self.ring.submission_shared().push(sqe).is_ok() };
-            if pushed {
-                return Ok(());
-            }
-            // Queue full: hand what is queued to the kernel and retry.
-            match self.ring.submitter().submit() {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
-                    ) =>
-                {
-                    std::thread::yield_now()
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Queues a request. The first submitter of an executor pass yields once so that the
-    /// other tasks woken in the same pass queue theirs, then submits them all with one
-    /// `io_uring_enter` (fio submits in batches too). The completion thread's own
-    /// `io_uring_enter` also submits anything queued, as a backstop.
-    async fn submit(
-        &self,
-        sqe: squeue::Entry,
-        hold: Hold,
-    ) -> Result<oneshot::Receiver<(i32, Hold)>> {
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut st = lock(&self.state);
-            let key = st.pending.insert(Pending { hold, tx });
-            let sqe = sqe.user_data(key as u64);
-            if let Err(e) = self.push_locked(&sqe) {
-                st.pending.remove(key);
-                return Err(BdevError::Io(e));
-            }
-        }
-        if self.batch {
-            if !self.flush_armed.swap(true, Ordering::SeqCst) {
-                let _flush = FlushOnDrop(self);
-                YieldOnce(false).await;
-            }
-        } else {
-            self.flush();
-        }
-        Ok(rx)
-    }
-
-    /// Submits every queued SQE.
-    fn flush(&self) {
-        // Entries that cannot be submitted now stay queued; the completion thread submits
-        // them on its next io_uring_enter.
-        if let Err(e) = self.ring.submitter().submit() {
-            tracing::trace!(target: "uring", "submit deferred: {e}");
-        }
-    }
-
-    fn target_read(&self, ptr: *mut u8, len: u32, off: u64) -> squeue::Entry {
-        if self.fixed {
-            opcode::Read::new(types::Fixed(0), ptr, len)
-                .offset(off)
-                .build()
-        } else {
-            opcode::Read::new(types::Fd(self.fd), ptr, len)
-                .offset(off)
-                .build()
-        }
-    }
-
-    fn target_write(&self, ptr: *const u8, len: u32, off: u64) -> squeue::Entry {
-        if self.fixed {
-            opcode::Write::new(types::Fixed(0), ptr, len)
-                .offset(off)
-                .build()
-        } else {
-            opcode::Write::new(types::Fd(self.fd), ptr, len)
-                .offset(off)
-                .build()
-        }
-    }
-
-    fn target_readv(&self, iov: *const libc::iovec, n: u32, off: u64) -> squeue::Entry {
-        if self.fixed {
-            opcode::Readv::new(types::Fixed(0), iov, n)
-                .offset(off)
-                .build()
-        } else {
-            opcode::Readv::new(types::Fd(self.fd), iov, n)
-                .offset(off)
-                .build()
-        }
-    }
-
-    fn target_writev(&self, iov: *const libc::iovec, n: u32, off: u64) -> squeue::Entry {
-        if self.fixed {
-            opcode::Writev::new(types::Fixed(0), iov, n)
-                .offset(off)
-                .build()
-        } else {
-            opcode::Writev::new(types::Fd(self.fd), iov, n)
-                .offset(off)
-                .build()
-        }
-    }
-}
-
-/// Disarms the batch flag and submits, also when the submitting future is dropped mid-yield.
-struct FlushOnDrop<'a>(&'a UringShared);
-
-impl Drop for FlushOnDrop<'_> {
-    fn drop(&mut self) {
-        // The swap (not a plain store) synchronises with every submitter that saw the flag
-        // set, so their queued entries are visible to the submit below.
-        self.0.flush_armed.swap(false, Ordering::SeqCst);
-        self.0.flush();
-    }
-}
-
-/// Returns `Pending` once (waking itself), then `Ready`.
-struct YieldOnce(bool);
-
-impl std::future::Future for YieldOnce {
-    type Output = ();
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
-}
-
-/// The completion thread: waits for CQEs and completes the pending requests.
-fn reap(shared: Arc<UringShared>) {
-    let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(RING_ENTRIES as usize * 2);
-    let mut ready: Vec<(Pending, i32)> = Vec::with_capacity(RING_ENTRIES as usize * 2);
-    let mut exiting = false;
-    loop {
-        if let Err(e) = shared.ring.submitter().submit_and_wait(1) {
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-            ) {
-                tracing::error!(target: "uring", "io_uring_enter failed: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
-        // SAFETY: only this thread touches the completion queue.
-        unsafe {
-            for cqe in shared.ring.completion_shared() {
-                cqes.push((cqe.user_data(), cqe.result()));
-            }
-        }
-        let empty = {
-            let mut st = lock(&shared.state);
-            for (ud, res) in cqes.drain(..) {
-                if ud == EXIT_KEY {
-                    exiting = true;
-                } else if let Some(p) = st.pending.try_remove(ud as usize) {
-                    ready.push((p, res));
-                }
-            }
-            st.pending.is_empty()
-        };
-        for (p, res) in ready.drain(..) {
-            // The receiver may be gone (future dropped); the buffer is freed here, after the
-            // kernel is done with it.
-            let _ = p.tx.send((res, p.hold));
-        }
-        if exiting && empty {
-            return;
-        }
-    }
-}
-
-struct UringEngine {
-    shared: Arc<UringShared>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl UringEngine {
-    fn new(file: &File) -> io::Result<Self> {
-        // COOP_TASKRUN: completions are not forced onto a submitter that is busy in user
-        // space with an interrupt; it runs them at its next syscall (kernel >= 5.19).
-        let ring = match std::env::var("BDEV_URING_PLAIN").is_ok() {
-            false => IoUring::builder()
-                .setup_coop_taskrun()
-                .build(RING_ENTRIES)
-                .or_else(|_| IoUring::new(RING_ENTRIES))?,
-            true => IoUring::new(RING_ENTRIES)?,
-        };
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe)?;
-        for code in [
-            opcode::Nop::CODE,
-            opcode::Read::CODE,
-            opcode::Write::CODE,
-            opcode::Readv::CODE,
-            opcode::Writev::CODE,
-        ] {
-            if !probe.is_supported(code) {
-                return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
-            }
-        }
-        let fd = file.as_raw_fd();
-        let fixed = ring.submitter().register_files(&[fd]).is_ok();
-        let shared = Arc::new(UringShared {
-            ring,
-            state: Mutex::new(UringState {
-                pending: Slab::with_capacity(RING_ENTRIES as usize),
-            }),
-            fixed,
-            fd,
-            flush_armed: AtomicBool::new(false),
-            batch: std::env::var_os("BDEV_URING_NOBATCH").is_none(),
-        });
-        let s2 = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("bdev-uring".into())
-            .spawn(move || reap(s2))?;
-        Ok(UringEngine {
-            shared,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UringEngine {
-    fn drop(&mut self) {
-        let nop = opcode::Nop::new().build().user_data(EXIT_KEY);
-        let pushed = {
-            let _st = lock(&self.shared.state);
-            self.shared.push_locked(&nop)
-        };
-        if pushed.is_ok() {
-            let _ = self.shared.ring.submitter().submit();
-            if let Some(t) = self.thread.take() {
-                let _ = t.join();
-            }
-        }
-        // If the NOP could not be queued the thread is left running (it owns the ring and
-        // any buffers still in flight), which is safer than freeing memory under the kernel.
-    }
-}
-
 enum Engine {
     Uring(UringEngine),
     Pool,
+}
+
+impl Engine {
+    /// The ring serving a request from this thread: the reactor's when one runs here, else
+    /// the bdev's own ring; with the file reference valid on that ring.
+    fn ring(&self, file: &Arc<File>) -> Option<(Arc<Ring>, FileRef)> {
+        match self {
+            Engine::Uring(u) => Some(match crate::reactor::current_ring() {
+                Some(r) => (r, FileRef::Fd(file.clone())),
+                None => (u.ring.clone(), u.file.clone()),
+            }),
+            Engine::Pool => None,
+        }
+    }
 }
 
 /// A bdev over a file or block device. Product name `"AIO disk"`.
@@ -538,10 +253,7 @@ pub fn uring_available() -> bool {
         let Ok(ring) = IoUring::new(4) else {
             return false;
         };
-        let mut probe = Probe::new();
-        ring.submitter().register_probe(&mut probe).is_ok()
-            && probe.is_supported(opcode::Read::CODE)
-            && probe.is_supported(opcode::Write::CODE)
+        super::uring::probe(&ring).is_ok()
     })
 }
 
@@ -563,7 +275,7 @@ impl AioBdev {
         if opts.direct {
             oo.custom_flags(libc::O_DIRECT);
         }
-        let file = oo.open(&opts.filename)?;
+        let file = Arc::new(oo.open(&opts.filename)?);
         let (size, lbs) = probe_size(&file)?;
         let block_len = match (opts.block_len, lbs) {
             (Some(bl), Some(dev)) if bl < dev => {
@@ -584,8 +296,8 @@ impl AioBdev {
         }
         let engine = match opts.engine {
             AioEngine::ThreadPool => Engine::Pool,
-            AioEngine::Uring => Engine::Uring(UringEngine::new(&file)?),
-            AioEngine::Auto => match UringEngine::new(&file) {
+            AioEngine::Uring => Engine::Uring(UringEngine::new(&file, RING_ENTRIES)?),
+            AioEngine::Auto => match UringEngine::new(&file, RING_ENTRIES) {
                 Ok(u) => Engine::Uring(u),
                 Err(e) => {
                     tracing::info!(target: "bdev", "io_uring unavailable ({e}), using the thread pool");
@@ -605,7 +317,7 @@ impl AioBdev {
             nowait: opts.nowait,
             direct: opts.direct,
             num_blocks: AtomicU64::new(num_blocks),
-            file: Arc::new(file),
+            file,
             engine,
         }))
     }
@@ -636,101 +348,6 @@ impl AioBdev {
         offset_blocks
             .checked_mul(self.block_len as u64)
             .ok_or_else(|| BdevError::InvalidArgument("offset overflows".into()))
-    }
-
-    /// io_uring read or write of `buf[done..]` at `off + done`, continuing short transfers.
-    async fn uring_rw(
-        &self,
-        u: &UringShared,
-        write: bool,
-        off: u64,
-        mut buf: IoBuf,
-        mut done: usize,
-    ) -> Result<IoBuf> {
-        let len = buf.len();
-        while done < len {
-            let n = (len - done).min(1 << 30) as u32;
-            let at = off + done as u64;
-            // SAFETY: `done < len`, so the pointer stays inside the buffer's allocation.
-            let ptr = unsafe { buf.as_mut_ptr().add(done) };
-            let sqe = if write {
-                u.target_write(ptr, n, at)
-            } else {
-                u.target_read(ptr, n, at)
-            };
-            let rx = u.submit(sqe, Hold::Buf(buf)).await?;
-            let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
-            buf = match hold {
-                Hold::Buf(b) => b,
-                _ => return Err(os_err(libc::EIO)),
-            };
-            if res < 0 {
-                if -res == libc::EINTR || -res == libc::EAGAIN {
-                    continue;
-                }
-                return Err(os_err(-res));
-            }
-            if res == 0 {
-                if write {
-                    return Err(os_err(libc::EIO));
-                }
-                buf[done..].fill(0);
-                return Ok(buf);
-            }
-            done += res as usize;
-        }
-        Ok(buf)
-    }
-
-    async fn uring_rwv(
-        &self,
-        u: &UringShared,
-        write: bool,
-        off: u64,
-        mut bufs: Vec<IoBuf>,
-    ) -> Result<Vec<IoBuf>> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        let iov: Box<[libc::iovec]> = bufs
-            .iter_mut()
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
-        let sqe = if write {
-            u.target_writev(ptr, n, off)
-        } else {
-            u.target_readv(ptr, n, off)
-        };
-        let rx = u.submit(sqe, Hold::Bufs(bufs, IoVecs(iov))).await?;
-        let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
-        bufs = match hold {
-            Hold::Bufs(b, _) => b,
-            _ => return Err(os_err(libc::EIO)),
-        };
-        if res < 0 && -res != libc::EINTR && -res != libc::EAGAIN {
-            return Err(os_err(-res));
-        }
-        let mut done = res.max(0) as usize;
-        if done >= total {
-            return Ok(bufs);
-        }
-        // Short transfer: finish buffer by buffer.
-        let mut out = Vec::with_capacity(bufs.len());
-        let mut pos = off;
-        for b in bufs {
-            let l = b.len();
-            let skip = done.min(l);
-            done -= skip;
-            out.push(if skip < l {
-                self.uring_rw(u, write, pos, b, skip).await?
-            } else {
-                b
-            });
-            pos += l as u64;
-        }
-        Ok(out)
     }
 
     async fn pool_read(&self, off: u64, mut buf: IoBuf) -> Result<IoBuf> {
@@ -784,24 +401,22 @@ impl BlockDevice for AioBdev {
     }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
         let off = self.byte_off(offset_blocks)?;
-        match &self.engine {
-            Engine::Uring(u) => self.uring_rw(&u.shared, false, off, buf, 0).await,
-            Engine::Pool => self.pool_read(off, buf).await,
+        match self.engine.ring(&self.file) {
+            Some((r, f)) => r.rw(&f, false, off, buf, 0).await,
+            None => self.pool_read(off, buf).await,
         }
     }
     async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
         let off = self.byte_off(offset_blocks)?;
-        match &self.engine {
-            Engine::Uring(u) => self.uring_rw(&u.shared, true, off, buf, 0).await,
-            Engine::Pool => self.pool_write(off, buf).await,
+        match self.engine.ring(&self.file) {
+            Some((r, f)) => r.rw(&f, true, off, buf, 0).await,
+            None => self.pool_write(off, buf).await,
         }
     }
     async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
         let off = self.byte_off(offset_blocks)?;
-        match &self.engine {
-            Engine::Uring(u) if bufs.len() <= MAX_IOVS => {
-                self.uring_rwv(&u.shared, false, off, bufs).await
-            }
+        match self.engine.ring(&self.file) {
+            Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(&f, false, off, bufs).await,
             _ => {
                 let file = self.file.clone();
                 run_blocking(move || {
@@ -820,10 +435,8 @@ impl BlockDevice for AioBdev {
     }
     async fn writev(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
         let off = self.byte_off(offset_blocks)?;
-        match &self.engine {
-            Engine::Uring(u) if bufs.len() <= MAX_IOVS => {
-                self.uring_rwv(&u.shared, true, off, bufs).await
-            }
+        match self.engine.ring(&self.file) {
+            Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(&f, true, off, bufs).await,
             _ => {
                 let file = self.file.clone();
                 run_blocking(move || {

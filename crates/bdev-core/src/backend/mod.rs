@@ -5,3 +5,4 @@
 pub mod aio;
 pub mod error;
 pub mod malloc;
+pub(crate) mod uring;

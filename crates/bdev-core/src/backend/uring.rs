@@ -1,0 +1,532 @@
+//! io_uring machinery shared by the aio bdev and the reactor.
+//!
+//! A [`Ring`] is an io_uring plus a slab of pending requests keyed by the SQE's `user_data`.
+//! Submitters push SQEs under a short mutex (which also guards the slab). The slab entry owns
+//! the request's buffers until its CQE arrives, then hands them back over a `oneshot`, so a
+//! dropped future never frees memory the kernel is still using.
+//!
+//! Who calls `io_uring_enter` depends on the ring's [`SubmitMode`]:
+//! * a per-bdev ring ([`UringEngine`]) has a completion thread that waits for CQEs; the
+//!   first submitter of an executor pass yields once and then submits for everybody queued
+//!   in that pass (one syscall per batch, as fio does);
+//! * a reactor ring ([`crate::reactor`]) is driven by the reactor thread itself, which
+//!   submits and reaps between polls of its future and sleeps in `io_uring_enter` when idle,
+//!   so a completion wakes exactly the thread that waits for it.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use futures::channel::oneshot;
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use iobuf::IoBuf;
+use slab::Slab;
+
+use crate::{BdevError, Result};
+
+/// `user_data` of the NOP that tells a completion thread to stop.
+pub(crate) const EXIT_KEY: u64 = u64::MAX;
+/// `user_data` of the reactor's eventfd read.
+pub(crate) const EVENTFD_KEY: u64 = u64::MAX - 1;
+/// Largest iovec count of one vectored request.
+pub(crate) const MAX_IOVS: usize = 1024;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn os_err(errno: i32) -> BdevError {
+    BdevError::Io(io::Error::from_raw_os_error(errno))
+}
+
+/// How a request names its file.
+#[derive(Clone, Debug)]
+pub(crate) enum FileRef {
+    /// Index in the ring's registered files (the ring keeps the file open).
+    Fixed(u32),
+    /// A plain descriptor. Each pending request keeps the file open until its completion,
+    /// because a queued SQE names the descriptor by number until it is submitted.
+    Fd(Arc<std::fs::File>),
+}
+
+impl FileRef {
+    fn keep(&self) -> Option<Arc<std::fs::File>> {
+        match self {
+            FileRef::Fixed(_) => None,
+            FileRef::Fd(f) => Some(f.clone()),
+        }
+    }
+}
+
+/// Builds opcode `$op` on a [`FileRef`] (registered index or plain descriptor).
+macro_rules! on_file {
+    ($op:ident, $file:expr, $($arg:expr),*) => {
+        match $file {
+            FileRef::Fixed(i) => opcode::$op::new(types::Fixed(*i), $($arg),*),
+            FileRef::Fd(f) => opcode::$op::new(types::Fd(f.as_raw_fd()), $($arg),*),
+        }
+    };
+}
+
+/// What a pending request keeps alive until its completion arrives.
+pub(crate) enum Hold {
+    Buf(IoBuf),
+    /// The iovecs are only read by the kernel.
+    Bufs(Vec<IoBuf>, #[allow(dead_code)] IoVecs),
+}
+
+/// An iovec array pointing into the buffers held next to it.
+pub(crate) struct IoVecs(#[allow(dead_code)] Box<[libc::iovec]>);
+
+// SAFETY: the iovecs only point into `IoBuf`s owned by the same `Hold`, which moves with them;
+// nothing dereferences them except the kernel while the request is in flight.
+unsafe impl Send for IoVecs {}
+
+pub(crate) struct Pending {
+    hold: Hold,
+    tx: oneshot::Sender<(i32, Hold)>,
+    _file: Option<Arc<std::fs::File>>,
+}
+
+/// Who submits queued SQEs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SubmitMode {
+    /// The first submitter of an executor pass submits for everybody (per-bdev rings).
+    Batch,
+    /// Every submitter submits at once.
+    Immediate,
+    /// The ring's owner (the reactor loop) submits.
+    Owner,
+}
+
+/// What one drain of the completion queue saw besides requests.
+#[derive(Default, Debug)]
+pub(crate) struct Drained {
+    pub exit: bool,
+    pub eventfd: bool,
+    pub completed: usize,
+}
+
+/// An io_uring with its pending requests.
+pub(crate) struct Ring {
+    ring: IoUring,
+    pending: Mutex<Slab<Pending>>,
+    /// Serialises consumers of the completion queue (a reactor and its backstop).
+    cq_lock: Mutex<()>,
+    /// Number of drains so far (the reactor's backstop watches it).
+    drains: std::sync::atomic::AtomicU64,
+    /// The reactor's eventfd read is in flight.
+    pub(crate) efd_armed: AtomicBool,
+    /// A submitter has promised to submit what is queued (see `submit`).
+    flush_armed: AtomicBool,
+    mode: SubmitMode,
+}
+
+/// Whether the kernel supports what the rings need.
+pub(crate) fn probe(ring: &IoUring) -> io::Result<()> {
+    let mut probe = Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for code in [
+        opcode::Nop::CODE,
+        opcode::Read::CODE,
+        opcode::Write::CODE,
+        opcode::Readv::CODE,
+        opcode::Writev::CODE,
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
+        }
+    }
+    Ok(())
+}
+
+impl Ring {
+    /// Sets up a ring with `entries` SQEs. COOP_TASKRUN (kernel >= 5.19) lets a busy
+    /// submitter run completion work at its next syscall instead of being interrupted.
+    pub(crate) fn new(entries: u32, mode: SubmitMode) -> io::Result<Ring> {
+        let ring = IoUring::builder()
+            .setup_coop_taskrun()
+            .build(entries)
+            .or_else(|_| IoUring::new(entries))?;
+        probe(&ring)?;
+        Ok(Ring {
+            ring,
+            pending: Mutex::new(Slab::with_capacity(entries as usize)),
+            cq_lock: Mutex::new(()),
+            drains: std::sync::atomic::AtomicU64::new(0),
+            efd_armed: AtomicBool::new(false),
+            flush_armed: AtomicBool::new(false),
+            mode,
+        })
+    }
+
+    /// Registers one file; returns how requests should name it.
+    pub(crate) fn register_file(&self, file: &Arc<std::fs::File>) -> FileRef {
+        use std::os::fd::AsRawFd;
+        match self.ring.submitter().register_files(&[file.as_raw_fd()]) {
+            Ok(()) => FileRef::Fixed(0),
+            Err(_) => FileRef::Fd(file.clone()),
+        }
+    }
+
+    /// Number of drains so far.
+    pub(crate) fn drain_count(&self) -> u64 {
+        self.drains.load(Ordering::Relaxed)
+    }
+
+    /// Whether completions are waiting in the completion queue.
+    pub(crate) fn has_completions(&self) -> bool {
+        let _cq = lock(&self.cq_lock);
+        // SAFETY: every consumer of the completion queue holds `cq_lock`; this only reads
+        // its head and tail.
+        unsafe { !self.ring.completion_shared().is_empty() }
+    }
+
+    /// Number of requests whose completion has not been reaped.
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Queues one SQE; the caller holds the pending lock.
+    fn push_locked(&self, sqe: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the submission queue is only ever accessed under the pending mutex,
+            // which the caller holds, and the memory the SQE points at is owned by the slab
+            // (or, for the reactor's eventfd read, by the reactor) until the CQE arrives.
+            let pushed = unsafe { self.ring.submission_shared().push(sqe).is_ok() };
+            if pushed {
+                return Ok(());
+            }
+            // Queue full: hand what is queued to the kernel and retry.
+            match self.ring.submitter().submit() {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAGAIN | libc::EBUSY | libc::EINTR)
+                    ) =>
+                {
+                    std::thread::yield_now()
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Queues an SQE whose `user_data` is already set and whose memory the caller keeps
+    /// alive (exit NOP, eventfd read).
+    pub(crate) fn push_raw(&self, sqe: &squeue::Entry) -> io::Result<()> {
+        let _g = lock(&self.pending);
+        self.push_locked(sqe)
+    }
+
+    /// Queues a request and arranges for its submission (see [`SubmitMode`]).
+    async fn submit(
+        &self,
+        sqe: squeue::Entry,
+        hold: Hold,
+        file: &FileRef,
+    ) -> Result<oneshot::Receiver<(i32, Hold)>> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = lock(&self.pending);
+            let key = st.insert(Pending {
+                hold,
+                tx,
+                _file: file.keep(),
+            });
+            let sqe = sqe.user_data(key as u64);
+            if let Err(e) = self.push_locked(&sqe) {
+                st.remove(key);
+                return Err(BdevError::Io(e));
+            }
+        }
+        match self.mode {
+            SubmitMode::Owner => {}
+            SubmitMode::Immediate => self.flush(),
+            SubmitMode::Batch => {
+                if !self.flush_armed.swap(true, Ordering::SeqCst) {
+                    let _flush = FlushOnDrop(self);
+                    YieldOnce(false).await;
+                }
+            }
+        }
+        Ok(rx)
+    }
+
+    /// Submits every queued SQE without waiting.
+    pub(crate) fn flush(&self) {
+        // Entries that cannot be submitted now stay queued; the next io_uring_enter (of the
+        // completion thread or the reactor) submits them.
+        if let Err(e) = self.ring.submitter().submit() {
+            tracing::trace!(target: "uring", "submit deferred: {e}");
+        }
+    }
+
+    /// Submits what is queued and waits for at least `want` completions.
+    pub(crate) fn submit_and_wait(&self, want: usize) {
+        if let Err(e) = self.ring.submitter().submit_and_wait(want) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+            ) {
+                tracing::error!(target: "uring", "io_uring_enter failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Submits what is queued and waits for a completion, at most `timeout` (a plain wait
+    /// on kernels without timed waits).
+    pub(crate) fn wait_timeout(&self, timeout: std::time::Duration) {
+        let ts = types::Timespec::from(timeout);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.submit_and_wait(1),
+            Err(e) => {
+                if !matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY | libc::ETIME)
+                ) {
+                    tracing::error!(target: "uring", "io_uring_enter failed: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Reaps every available CQE and completes its request.
+    pub(crate) fn drain(
+        &self,
+        cqes: &mut Vec<(u64, i32)>,
+        ready: &mut Vec<(i32, Pending)>,
+    ) -> Drained {
+        {
+            let _cq = lock(&self.cq_lock);
+            self.drains.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: every consumer of the completion queue holds `cq_lock`.
+            unsafe {
+                for cqe in self.ring.completion_shared() {
+                    cqes.push((cqe.user_data(), cqe.result()));
+                }
+            }
+        }
+        let mut d = Drained::default();
+        if cqes.is_empty() {
+            return d;
+        }
+        {
+            let mut st = lock(&self.pending);
+            for (ud, res) in cqes.drain(..) {
+                match ud {
+                    EXIT_KEY => d.exit = true,
+                    EVENTFD_KEY => {
+                        self.efd_armed.store(false, Ordering::SeqCst);
+                        d.eventfd = true
+                    }
+                    _ => {
+                        if let Some(p) = st.try_remove(ud as usize) {
+                            ready.push((res, p));
+                        }
+                    }
+                }
+            }
+        }
+        d.completed = ready.len();
+        for (res, p) in ready.drain(..) {
+            // The receiver may be gone (future dropped); the buffer is freed here, after the
+            // kernel is done with it.
+            let _ = p.tx.send((res, p.hold));
+        }
+        d
+    }
+
+    /// Read or write of `buf[done..]` at byte offset `off + done`, continuing short
+    /// transfers; a read that hits the end of the file fills the rest with zeroes.
+    pub(crate) async fn rw(
+        &self,
+        file: &FileRef,
+        write: bool,
+        off: u64,
+        mut buf: IoBuf,
+        mut done: usize,
+    ) -> Result<IoBuf> {
+        let len = buf.len();
+        while done < len {
+            let n = (len - done).min(1 << 30) as u32;
+            let at = off + done as u64;
+            // SAFETY: `done < len`, so the pointer stays inside the buffer's allocation.
+            let ptr = unsafe { buf.as_mut_ptr().add(done) };
+            let sqe = if write {
+                on_file!(Write, file, ptr, n).offset(at).build()
+            } else {
+                on_file!(Read, file, ptr, n).offset(at).build()
+            };
+            let rx = self.submit(sqe, Hold::Buf(buf), file).await?;
+            let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
+            buf = match hold {
+                Hold::Buf(b) => b,
+                _ => return Err(os_err(libc::EIO)),
+            };
+            if res < 0 {
+                if -res == libc::EINTR || -res == libc::EAGAIN {
+                    continue;
+                }
+                return Err(os_err(-res));
+            }
+            if res == 0 {
+                if write {
+                    return Err(os_err(libc::EIO));
+                }
+                buf[done..].fill(0);
+                return Ok(buf);
+            }
+            done += res as usize;
+        }
+        Ok(buf)
+    }
+
+    /// Vectored read or write (at most [`MAX_IOVS`] buffers).
+    pub(crate) async fn rwv(
+        &self,
+        file: &FileRef,
+        write: bool,
+        off: u64,
+        mut bufs: Vec<IoBuf>,
+    ) -> Result<Vec<IoBuf>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let iov: Box<[libc::iovec]> = bufs
+            .iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let (p, n) = (iov.as_ptr(), iov.len() as u32);
+        let sqe = if write {
+            on_file!(Writev, file, p, n).offset(off).build()
+        } else {
+            on_file!(Readv, file, p, n).offset(off).build()
+        };
+        let rx = self
+            .submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)
+            .await?;
+        let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
+        bufs = match hold {
+            Hold::Bufs(b, _) => b,
+            _ => return Err(os_err(libc::EIO)),
+        };
+        if res < 0 && -res != libc::EINTR && -res != libc::EAGAIN {
+            return Err(os_err(-res));
+        }
+        let mut done = res.max(0) as usize;
+        if done >= total {
+            return Ok(bufs);
+        }
+        // Short transfer: finish buffer by buffer.
+        let mut out = Vec::with_capacity(bufs.len());
+        let mut pos = off;
+        for b in bufs {
+            let l = b.len();
+            let skip = done.min(l);
+            done -= skip;
+            out.push(if skip < l {
+                Box::pin(self.rw(file, write, pos, b, skip)).await?
+            } else {
+                b
+            });
+            pos += l as u64;
+        }
+        Ok(out)
+    }
+}
+
+/// Disarms the batch flag and submits, also when the submitting future is dropped mid-yield.
+struct FlushOnDrop<'a>(&'a Ring);
+
+impl Drop for FlushOnDrop<'_> {
+    fn drop(&mut self) {
+        // The swap (not a plain store) synchronises with every submitter that saw the flag
+        // set, so their queued entries are visible to the submit below.
+        self.0.flush_armed.swap(false, Ordering::SeqCst);
+        self.0.flush();
+    }
+}
+
+/// Returns `Pending` once (waking itself), then `Ready`.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
+/// The completion thread of a per-bdev ring.
+fn reap(ring: Arc<Ring>) {
+    let mut cqes = Vec::with_capacity(512);
+    let mut ready = Vec::with_capacity(512);
+    let mut exiting = false;
+    loop {
+        ring.submit_and_wait(1);
+        let d = ring.drain(&mut cqes, &mut ready);
+        exiting |= d.exit;
+        if exiting && ring.pending() == 0 {
+            return;
+        }
+    }
+}
+
+/// A per-bdev ring with its completion thread (used from any executor).
+pub(crate) struct UringEngine {
+    pub(crate) ring: Arc<Ring>,
+    pub(crate) file: FileRef,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UringEngine {
+    pub(crate) fn new(file: &Arc<std::fs::File>, entries: u32) -> io::Result<Self> {
+        let mode = if std::env::var_os("BDEV_URING_NOBATCH").is_some() {
+            SubmitMode::Immediate
+        } else {
+            SubmitMode::Batch
+        };
+        let ring = Arc::new(Ring::new(entries, mode)?);
+        let file = ring.register_file(file);
+        let r2 = ring.clone();
+        let thread = std::thread::Builder::new()
+            .name("bdev-uring".into())
+            .spawn(move || reap(r2))?;
+        Ok(UringEngine {
+            ring,
+            file,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        let nop = opcode::Nop::new().build().user_data(EXIT_KEY);
+        if self.ring.push_raw(&nop).is_ok() {
+            self.ring.flush();
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+        // If the NOP could not be queued the thread is left running (it owns the ring and
+        // any buffers still in flight), which is safer than freeing memory under the kernel.
+    }
+}

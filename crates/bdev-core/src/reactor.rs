@@ -1,0 +1,253 @@
+//! A reactor: runs a future on the current thread and serves the aio bdevs' io_uring I/O
+//! inline (SPDK's reactor with its io_uring poller).
+//!
+//! [`block_on`] polls its future, and between polls submits the I/O the future queued and
+//! reaps completions from the thread's own ring. When nothing is ready it sleeps in
+//! `io_uring_enter` rather than on a futex, so a completion wakes exactly this thread, which
+//! then runs the woken tasks at once: one wake-up per completion batch, as in fio. Wakers
+//! called from other threads write to an eventfd the ring is reading.
+//!
+//! Any future works here (malloc, lvol, channels...); only aio I/O issued from this thread
+//! while [`block_on`] runs goes through the thread's ring (aio I/O issued elsewhere uses the
+//! bdev's own ring and completion thread). Do not block inside the future: a nested foreign
+//! `block_on` waiting for aio I/O still completes, because a backstop thread reaps the ring
+//! when the reactor has not for 10 ms, but it is slow. Nested [`block_on`] calls are fine.
+//! `block_on` returns only once every request it queued has completed, so no buffer
+//! outlives its owner in the kernel.
+//!
+//! Without io_uring, [`block_on`] is `futures::executor::block_on`.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use io_uring::{opcode, types};
+
+use crate::backend::uring::{Ring, SubmitMode, EVENTFD_KEY};
+
+/// Ring size of a reactor.
+const ENTRIES: u32 = 512;
+
+/// The per-thread ring, its wake-up eventfd and its backstop thread.
+struct ThreadRing {
+    ring: Arc<Ring>,
+    efd: Arc<OwnedFd>,
+    /// Target of the in-flight eventfd read; boxed so it does not move.
+    efd_buf: Box<[u8; 8]>,
+    stop: Arc<AtomicBool>,
+    backstop: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How often the backstop looks for completions the reactor did not reap.
+const BACKSTOP_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Submits and reaps for the reactor when its thread has not drained the ring for a whole
+/// tick: the thread is then blocked inside its future (for instance in a foreign
+/// `block_on`), and this turns what would be a hang into a delay.
+fn backstop(ring: Arc<Ring>, stop: Arc<AtomicBool>) {
+    let (mut cqes, mut ready) = (Vec::new(), Vec::new());
+    let mut last = ring.drain_count();
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(BACKSTOP_TICK);
+        let now = ring.drain_count();
+        if now == last && ring.pending() > 0 {
+            // Submit what the stalled reactor queued, then reap what has completed.
+            ring.flush();
+            if ring.has_completions() {
+                tracing::debug!(target: "uring", "reactor stalled; backstop reaps");
+                ring.drain(&mut cqes, &mut ready);
+            }
+        }
+        last = ring.drain_count();
+    }
+}
+
+impl ThreadRing {
+    fn new() -> Option<ThreadRing> {
+        let ring = Ring::new(ENTRIES, SubmitMode::Owner)
+            .map_err(|e| tracing::debug!(target: "uring", "no reactor ring: {e}"))
+            .ok()?;
+        // SAFETY: eventfd takes no pointers; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let ring = Arc::new(ring);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r2, s2) = (ring.clone(), stop.clone());
+        let backstop = std::thread::Builder::new()
+            .name("bdev-reactor-bs".into())
+            .spawn(move || backstop(r2, s2))
+            .ok()?;
+        Some(ThreadRing {
+            ring,
+            efd,
+            efd_buf: Box::new([0; 8]),
+            stop,
+            backstop: Some(backstop),
+        })
+    }
+
+    /// Keeps one read of the eventfd in flight, so a cross-thread wake ends the sleep.
+    fn arm(&mut self) {
+        if self.ring.efd_armed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let sqe = opcode::Read::new(
+            types::Fd(self.efd.as_raw_fd()),
+            self.efd_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(EVENTFD_KEY);
+        if self.ring.push_raw(&sqe).is_err() {
+            self.ring.efd_armed.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for ThreadRing {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.backstop.take() {
+            let _ = t.join();
+        }
+        // Complete the eventfd read (its buffer is ours) and every request still in flight
+        // before the ring and the buffers go away.
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our own eventfd.
+        unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        let (mut cqes, mut ready) = (Vec::new(), Vec::new());
+        while self.ring.efd_armed.load(Ordering::SeqCst) || self.ring.pending() > 0 {
+            self.ring.wait_timeout(BACKSTOP_TICK);
+            self.ring.drain(&mut cqes, &mut ready);
+        }
+    }
+}
+
+thread_local! {
+    static RING: RefCell<Option<ThreadRing>> = const { RefCell::new(None) };
+    static RING_TRIED: Cell<bool> = const { Cell::new(false) };
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The ring of the reactor running on this thread, if any.
+pub(crate) fn current_ring() -> Option<Arc<Ring>> {
+    if DEPTH.with(|d| d.get()) == 0 {
+        return None;
+    }
+    RING.with(|r| r.borrow().as_ref().map(|t| t.ring.clone()))
+}
+
+/// Whether the current thread is inside [`block_on`] with an io_uring ring.
+pub fn in_reactor() -> bool {
+    current_ring().is_some()
+}
+
+struct WakeState {
+    woken: AtomicBool,
+    sleeping: AtomicBool,
+    efd: Arc<OwnedFd>,
+}
+
+impl Wake for WakeState {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if self.sleeping.load(Ordering::SeqCst) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to an eventfd kept open by the Arc.
+            unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+    }
+}
+
+/// Runs `fut` to completion on this thread, serving aio io_uring I/O inline (see the module
+/// documentation).
+pub fn block_on<F: Future>(fut: F) -> F::Output {
+    let have_ring = RING.with(|r| {
+        if r.borrow().is_none() && !RING_TRIED.with(|t| t.replace(true)) {
+            *r.borrow_mut() = ThreadRing::new();
+        }
+        r.borrow().is_some()
+    });
+    if !have_ring {
+        return futures::executor::block_on(fut);
+    }
+    let (ring, efd) = RING.with(|r| {
+        let b = r.borrow();
+        let t = b.as_ref().expect("checked above");
+        (t.ring.clone(), t.efd.clone())
+    });
+    let state = Arc::new(WakeState {
+        woken: AtomicBool::new(true),
+        sleeping: AtomicBool::new(false),
+        efd,
+    });
+    let waker = Waker::from(state.clone());
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    let mut cqes = Vec::with_capacity(ENTRIES as usize);
+    let mut ready = Vec::with_capacity(ENTRIES as usize);
+    DEPTH.with(|d| d.set(d.get() + 1));
+    struct Depth;
+    impl Drop for Depth {
+        fn drop(&mut self) {
+            DEPTH.with(|d| d.set(d.get() - 1));
+        }
+    }
+    let _depth = Depth;
+    // Iterations in a row in which the future was woken again before going idle.
+    let mut busy = 0u32;
+    let out = loop {
+        if state.woken.swap(false, Ordering::SeqCst) {
+            if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
+                break v;
+            }
+        }
+        // Take what has completed (no syscall: this reads the completion queue).
+        ring.drain(&mut cqes, &mut ready);
+        if state.woken.load(Ordering::SeqCst) {
+            // More work right away; submissions wait for the idle point below (one syscall
+            // per batch, as fio), but a future that keeps itself busy must not starve them.
+            busy += 1;
+            if busy.is_multiple_of(16) {
+                ring.flush();
+            }
+            continue;
+        }
+        busy = 0;
+        RING.with(|r| {
+            if let Some(t) = r.borrow_mut().as_mut() {
+                t.arm();
+            }
+        });
+        state.sleeping.store(true, Ordering::SeqCst);
+        if state.woken.load(Ordering::SeqCst) {
+            ring.flush();
+        } else {
+            // Submits what is queued and sleeps until a completion (or a cross-thread wake
+            // through the eventfd) in one syscall. Bounded, so a lost wake-up (a race with
+            // the backstop) costs a tick, not a hang.
+            ring.wait_timeout(BACKSTOP_TICK);
+        }
+        state.sleeping.store(false, Ordering::SeqCst);
+        ring.drain(&mut cqes, &mut ready);
+    };
+    // Requests of futures dropped inside `fut` may still be in flight: wait for them, so
+    // nothing this call queued outlives it (the eventfd read stays armed).
+    if DEPTH.with(|d| d.get()) == 1 {
+        while ring.pending() > 0 {
+            ring.wait_timeout(BACKSTOP_TICK);
+            ring.drain(&mut cqes, &mut ready);
+        }
+    }
+    out
+}

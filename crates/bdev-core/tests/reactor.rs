@@ -1,0 +1,188 @@
+//! The reactor: aio I/O served inline by `reactor::block_on`, cross-thread wakes, dropped
+//! futures, nesting, and hot-remove under the reactor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::malloc::MallocBdev;
+use bdev_core::conformance::pattern;
+use bdev_core::{reactor, BdevEvent, IoBuf, Registry};
+use futures::{FutureExt, StreamExt};
+
+fn aio_registry(dir: &tempfile::TempDir, engine: AioEngine) -> Option<Registry> {
+    if !uring_available() {
+        println!("SKIP: io_uring is not available");
+        return None;
+    }
+    let p = dir.path().join("d.img");
+    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    let a = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: p,
+        block_len: Some(4096),
+        engine,
+        ..Default::default()
+    })
+    .unwrap();
+    let reg = Registry::new();
+    reactor::block_on(reg.register(a)).unwrap();
+    Some(reg)
+}
+
+/// Runs `f` on a thread with a deadline, so a hang fails the test instead of blocking it.
+fn guarded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("reactor test hung")
+}
+
+#[test]
+fn concurrent_io_round_trips_inline() {
+    guarded(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
+            return;
+        };
+        let d = reg.open("a", true).unwrap();
+        reactor::block_on(async {
+            assert!(reactor::in_reactor());
+            let writes = (0..64u64).map(|i| {
+                let d = &d;
+                async move { d.write(i * 3, pattern(d, i * 3, 2, 7)).await.unwrap() }
+            });
+            futures::future::join_all(writes).await;
+            let reads = (0..64u64).map(|i| {
+                let d = &d;
+                async move {
+                    let r = d.read(i * 3, IoBuf::new(8192, 1)).await.unwrap();
+                    assert_eq!(r, pattern(d, i * 3, 2, 7), "lba {}", i * 3);
+                }
+            });
+            futures::future::join_all(reads).await;
+            let v = d
+                .readv(0, vec![IoBuf::new(4096, 1), IoBuf::new(8192, 1)])
+                .await
+                .unwrap();
+            assert_eq!(v[0], pattern(&d, 0, 1, 7));
+        });
+        assert!(!reactor::in_reactor());
+    });
+}
+
+#[test]
+fn cross_thread_wake_and_timers() {
+    guarded(|| {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            tx.send(5u32).unwrap();
+        });
+        let v = reactor::block_on(async {
+            futures_timer::Delay::new(Duration::from_millis(10)).await;
+            rx.await.unwrap()
+        });
+        assert_eq!(v, 5);
+        // Malloc (no io_uring at all) works under the reactor too.
+        let reg = Registry::new();
+        let m = MallocBdev::create("m", 16, 512, None).unwrap();
+        reactor::block_on(reg.register(m)).unwrap();
+        let d = reg.open("m", true).unwrap();
+        let r = reactor::block_on(async {
+            d.write(1, pattern(&d, 1, 1, 3)).await.unwrap();
+            d.read(1, IoBuf::new(512, 1)).await.unwrap()
+        });
+        assert_eq!(r, pattern(&d, 1, 1, 3));
+    });
+}
+
+#[test]
+fn dropped_futures_complete_before_block_on_returns_and_nesting_works() {
+    guarded(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
+            return;
+        };
+        let d = reg.open("a", true).unwrap();
+        reactor::block_on(async {
+            for i in 0..100u64 {
+                // Poll once (queues the request), then drop the future.
+                let _ = d.read(i % 2000, IoBuf::new(4096, 1)).now_or_never();
+                let _ = d.write(i % 2000, pattern(&d, i, 1, 1)).now_or_never();
+            }
+            // A nested block_on serves the same ring.
+            let inner = reactor::block_on(async {
+                d.write(7, pattern(&d, 7, 1, 9)).await.unwrap();
+                d.read(7, IoBuf::new(4096, 1)).await.unwrap()
+            });
+            assert_eq!(inner, pattern(&d, 7, 1, 9));
+        });
+        // Everything has completed: the descriptor can be closed and the device removed.
+        drop(d);
+        reactor::block_on(reg.unregister("a")).unwrap();
+    });
+}
+
+#[test]
+fn hot_remove_with_inflight_io_under_the_reactor() {
+    guarded(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
+            return;
+        };
+        let mut d = reg.open("a", true).unwrap();
+        let mut events = d.take_events().unwrap();
+        let d = Arc::new(d);
+        let done = reactor::block_on(async {
+            let ios = (0..64u64).map(|i| {
+                let d = d.clone();
+                async move {
+                    let r = d.write(i, pattern(&d, i, 1, 2)).await;
+                    r.map(drop).map_err(|e| e.errno())
+                }
+            });
+            let ios = futures::future::join_all(ios);
+            let remove = async {
+                let (unreg, ev) = futures::join!(reg.unregister("a"), async {
+                    let ev = events.next().await;
+                    ev
+                });
+                (unreg, ev)
+            };
+            let holder = d.clone();
+            drop(d);
+            let closer = async move {
+                // The holder closes its descriptor once the I/O is done.
+                futures_timer::Delay::new(Duration::from_millis(5)).await;
+                drop(holder);
+            };
+            let (results, (unreg, ev), ()) = futures::join!(ios, remove, closer);
+            assert_eq!(ev, Some(BdevEvent::Remove));
+            unreg.unwrap();
+            results
+        });
+        assert_eq!(done.len(), 64);
+        assert!(done.iter().all(|r| r.is_ok() || *r == Err(libc::ENODEV)));
+        assert!(reg.get("a").is_none());
+    });
+}
+
+#[test]
+fn foreign_block_on_inside_the_reactor_does_not_hang() {
+    guarded(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
+            return;
+        };
+        let d = reg.open("a", true).unwrap();
+        reactor::block_on(async {
+            // Misuse (blocking the reactor), rescued by the backstop thread.
+            let w = futures::executor::block_on(d.write(3, pattern(&d, 3, 1, 4))).unwrap();
+            let r = futures::executor::block_on(d.read(3, IoBuf::new(4096, 1))).unwrap();
+            assert_eq!(r, w);
+        });
+    });
+}
