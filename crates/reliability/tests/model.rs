@@ -10,7 +10,8 @@
 //! operation, then the store is reloaded dirty from the image and must show the state before
 //! or after the operation (block-wise for data writes), never a mix of metadata.
 //!
-//! Default: `MODEL_CASES` (or `PROPTEST_CASES`) cases, 160 unless set; `SOAK=1` runs 4000.
+//! Default: `MODEL_CASES` (or `PROPTEST_CASES`) cases, 250 unless set; `SOAK=1` runs 4000
+//! unless set. `PROPTEST_RNG_SEED` picks the seed (as `cargo xtask soak` does).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -1150,12 +1151,11 @@ fn run(steps: &[Step]) -> Result<Stats, String> {
 
 fn cases() -> u32 {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse().ok());
+    let set = env("MODEL_CASES").or_else(|| env("PROPTEST_CASES"));
     if std::env::var_os("SOAK").is_some() {
-        return env("MODEL_CASES").unwrap_or(4000);
+        return set.unwrap_or(4000);
     }
-    env("MODEL_CASES")
-        .or_else(|| env("PROPTEST_CASES"))
-        .unwrap_or(250)
+    set.unwrap_or(250)
 }
 
 proptest! {
