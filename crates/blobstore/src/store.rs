@@ -449,10 +449,17 @@ impl StoreInner {
     }
 
     pub(crate) fn alloc_md_page(&self) -> Result<u32> {
+        self.alloc_md_page_from(0)
+    }
+
+    /// Claims the lowest free md page at or after `min`. Extent pages start at 1: an extent
+    /// table entry of 0 means "no extent page", so page 0 (free once blob 0x100000000 is
+    /// deleted) must never hold one.
+    pub(crate) fn alloc_md_page_from(&self, min: u64) -> Result<u32> {
         let mut st = self.state();
         let p = st
             .used_pages
-            .first_clear(0)
+            .first_clear(min)
             .ok_or_else(|| BsError::NoMemory("no free metadata page".into()))?;
         st.used_pages.set(p);
         Ok(p as u32)
@@ -571,7 +578,7 @@ impl StoreInner {
                     if cur != 0 && !ep_dirty.contains(&k) {
                         continue;
                     }
-                    let p = self.alloc_md_page()?;
+                    let p = self.alloc_md_page_from(1)?;
                     new_pages.push(p);
                     let page =
                         build_extent_page(id, (k * EXTENTS_PER_EP) as u32, md.chunk_entries(k));
