@@ -141,8 +141,12 @@ pub fn entries(doc: &Value) -> Result<Vec<(String, Option<Value>)>, ConfigError>
 
 /// Replays a saved config: pass 1 runs the methods allowed in the STARTUP state, then the
 /// framework is initialised, then pass 2 runs the rest in file order. The first failure
-/// stops the replay.
-pub async fn replay(target: &Arc<Target>, doc: &Value) -> Result<(), ConfigError> {
+/// stops the replay, unless `ignore_errors` (then failures are reported and skipped).
+pub async fn replay(
+    target: &Arc<Target>,
+    doc: &Value,
+    ignore_errors: bool,
+) -> Result<(), ConfigError> {
     let list = entries(doc)?;
     for (method, _) in &list {
         if !target.has_method(method) {
@@ -157,7 +161,7 @@ pub async fn replay(target: &Arc<Target>, doc: &Value) -> Result<(), ConfigError
     if !target.is_initialized() {
         for (i, (method, params)) in list.iter().enumerate() {
             if target.allowed_now(method) {
-                run(target, method, params.clone()).await?;
+                run(target, method, params.clone(), ignore_errors).await?;
                 done[i] = true;
             }
         }
@@ -165,34 +169,49 @@ pub async fn replay(target: &Arc<Target>, doc: &Value) -> Result<(), ConfigError
     }
     for (i, (method, params)) in list.iter().enumerate() {
         if !done[i] {
-            run(target, method, params.clone()).await?;
+            run(target, method, params.clone(), ignore_errors).await?;
         }
     }
     Ok(())
 }
 
-async fn run(target: &Arc<Target>, method: &str, params: Option<Value>) -> Result<(), ConfigError> {
+async fn run(
+    target: &Arc<Target>,
+    method: &str,
+    params: Option<Value>,
+    ignore_errors: bool,
+) -> Result<(), ConfigError> {
     tracing::info!("config: {method}");
-    target
-        .call(method, params)
-        .await
-        .map(|_| ())
-        .map_err(|e| ConfigError::Method {
+    match target.call(method, params).await {
+        Ok(_) => Ok(()),
+        Err(e) if ignore_errors => {
+            eprintln!(
+                "tgt: config: {method} failed: {} ({}); going on",
+                e.message, e.code
+            );
+            Ok(())
+        }
+        Err(e) => Err(ConfigError::Method {
             method: method.to_string(),
             code: e.code,
             message: e.message,
-        })
+        }),
+    }
 }
 
 /// Reads and replays a config file.
-pub async fn replay_file(target: &Arc<Target>, path: &std::path::Path) -> Result<(), ConfigError> {
+pub async fn replay_file(
+    target: &Arc<Target>,
+    path: &std::path::Path,
+    ignore_errors: bool,
+) -> Result<(), ConfigError> {
     let text = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
         source,
     })?;
     let doc: Value =
         serde_json::from_slice(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-    replay(target, &doc).await
+    replay(target, &doc, ignore_errors).await
 }
 
 #[cfg(test)]

@@ -663,6 +663,15 @@ fn kill_instance_and_bad_config() {
         .unwrap();
     assert_eq!(st.code(), Some(1));
     assert!(!sock.exists());
+    // With SPDK's --json-ignore-init-errors the failure is skipped; SPDK's -m is accepted.
+    let cfg_s = cfg.to_str().unwrap();
+    let t = Tgt::start(
+        &tools,
+        dir.path(),
+        &sock,
+        &["--json", cfg_s, "--json-ignore-init-errors", "-m", "0x1"],
+    );
+    assert_eq!(names(&t.ok(&["bdev_get_bdevs"])), ["A"]);
 }
 
 #[test]
