@@ -179,7 +179,10 @@ impl Client {
         std::thread::Builder::new()
             .name(format!("nbd-sup-{}", client.cfg.name))
             .spawn(move || {
-                c.supervise(first_tx);
+                let run = std::panic::AssertUnwindSafe(|| c.clone().supervise(first_tx));
+                if std::panic::catch_unwind(run).is_err() {
+                    c.abandon();
+                }
                 let _ = exit_tx.send(());
             })
             .map_err(NbdError::Socket)?;
@@ -296,6 +299,28 @@ impl Client {
         let exited = lock(&self.exited).take();
         if let Some(rx) = exited {
             let _ = rx.await;
+        }
+    }
+
+    /// After a bug stopped the supervisor: nothing may wait for it any more. The connections
+    /// are killed (pending requests complete as lost) and the client is closed.
+    fn abandon(&self) {
+        tracing::error!(target: "bdev_nbd", name = %self.cfg.name,
+            "supervisor failed; closing the client");
+        let (old, waiters) = {
+            let mut c = lock(&self.ctl);
+            c.stop = true;
+            c.want_registered = false;
+            (
+                std::mem::replace(&mut c.link, Link::Closed),
+                std::mem::take(&mut c.waiters),
+            )
+        };
+        if let Link::Up(s) = old {
+            s.kill("supervisor failed");
+        }
+        for w in waiters {
+            let _ = w.send(());
         }
     }
 
@@ -425,7 +450,11 @@ impl Client {
         let mut tries_left = self.cfg.reconnect_attempts.saturating_add(2);
         loop {
             let conn = self.conn().await?;
-            let outcome = match conn.submit(cmd, offset, len, buf.take(), buf_off) {
+            let submitted = conn.submit(cmd, offset, len, buf.take(), buf_off);
+            // Not kept while waiting: a connection nobody references any more drops its
+            // pending requests, which then complete (as lost) instead of waiting forever.
+            drop(conn);
+            let outcome = match submitted {
                 Ok(rx) => rx.await.unwrap_or(Outcome::Lost(None)),
                 Err(o) => o,
             };

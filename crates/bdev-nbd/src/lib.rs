@@ -7,7 +7,8 @@
 //! loss-and-return behaviour (bounded reconnects, then hot-removal from the registry, then
 //! re-registration under the same UUID when the server is back), the module's table of
 //! clients ([`NbdClients`]) and its JSON-RPC methods ([`NbdRpc`]: `bdev_nbd_client_create`,
-//! `bdev_nbd_client_delete`).
+//! `bdev_nbd_client_delete`, `bdev_nbd_client_get`). `docs/remote-bases.md` is the user's
+//! guide.
 //!
 //! It does not know about blobstores or lvols: an esnap clone over an NBD base reacts to the
 //! hot-removal and the re-registration like over any other base bdev. It does not serve NBD
@@ -97,8 +98,8 @@ impl NbdClientOpts {
     }
 
     fn config(&self) -> Result<Config> {
-        if self.name.is_empty() {
-            return Err(NbdError::InvalidArgument("empty bdev name".into()));
+        if self.name.is_empty() || self.name.contains('\0') {
+            return Err(NbdError::InvalidArgument("bad bdev name".into()));
         }
         if self.io_timeout_ms == 0 {
             return Err(NbdError::InvalidArgument(
@@ -245,6 +246,20 @@ impl NbdClients {
                 })
             })
             .collect())
+    }
+
+    /// `bdev_nbd_client_create` entries for the clients whose bdev is **not** in the registry
+    /// right now (hot-removed while the server is away, or not connected yet). A config
+    /// writer that walks the registry misses those; it should append these, or a restart
+    /// would forget the client and leave its esnap clones degraded.
+    pub fn unregistered_config(&self) -> Vec<serde_json::Value> {
+        lock(&self.clients)
+            .values()
+            .filter(|c| !c.is_stopped() && !c.is_registered())
+            .filter_map(|c| {
+                bdev_core::BlockDevice::write_config(&NbdClientBdev::from_client(c.clone()))
+            })
+            .collect()
     }
 
     /// Names of the clients, sorted.

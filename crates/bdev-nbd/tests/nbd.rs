@@ -354,6 +354,10 @@ fn server_killed_and_restarted_during_reads() {
     let info = &clients.info(Some("rs0")).unwrap()[0];
     assert_eq!(info["state"], "disconnected");
     assert_eq!(info["registered"], false);
+    // A config saved now must still re-create it.
+    let pending = clients.unregistered_config();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0]["params"]["uuid"], uuid.to_string());
     // Direct I/O on the removed bdev fails at once instead of waiting.
     let err = run(5, handle.read(0, IoBuf::new(512, 1))).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
@@ -363,6 +367,9 @@ fn server_killed_and_restarted_during_reads() {
     wait_until(10, "re-registration", || reg.get_by_uuid(&uuid).is_some());
     let again = reg.get_by_uuid(&uuid).unwrap();
     assert_eq!(again.name(), "rs0");
+    wait_until(5, "registered flag", || {
+        clients.unregistered_config().is_empty()
+    });
     let desc = reg.open("rs0", false).unwrap();
     run(10, check_pattern(&desc, 0, 4096)).unwrap();
     drop(desc);
@@ -489,6 +496,12 @@ fn rpc_methods_follow_spdk_conventions() {
             .await
             .unwrap_err();
         assert_eq!(e.code, -libc::ENOENT);
+        let p = json!({"name": "r\u{0}", "address": srv.address(), "export": "base"});
+        let e = rpc
+            .call("bdev_nbd_client_create", Some(p))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, -libc::EINVAL);
         let p = json!({"name": "r3", "address": "no-port-here", "export": "base"});
         let e = rpc
             .call("bdev_nbd_client_create", Some(p))
@@ -611,9 +624,71 @@ fn background_connect_waits_for_a_server_that_is_not_there_yet() {
     let desc = reg.open("bg0", false).unwrap();
     run(10, check_pattern(&desc, 0, 2048)).unwrap();
     drop(desc);
-    let info = &clients.info(None).unwrap()[0];
-    assert_eq!(info["state"], "connected");
-    assert_eq!(info["registered"], true);
+    wait_until(5, "registered flag", || {
+        clients.info(None).unwrap()[0]["registered"] == true
+    });
+    assert_eq!(clients.info(None).unwrap()[0]["state"], "connected");
     run(10, clients.delete("bg0")).unwrap();
     assert!(reg.get("bg0").is_none());
+}
+
+#[test]
+fn writes_in_flight_survive_a_server_restart() {
+    if !have_qemu("writes_in_flight_survive_a_server_restart") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let raw = pattern_file(dir.path(), "disk.raw", 4 * MIB);
+    let mut srv = QemuNbd::unix(dir.path(), &raw, "raw", "disk", &[]);
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    let mut o = opts("wr0", &srv, "disk");
+    o.reconnect_attempts = 50;
+    o.reconnect_delay_ms = 50;
+    run(10, clients.create(o)).unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let writers = {
+        let (reg, written) = (reg.clone(), written.clone());
+        std::thread::spawn(move || {
+            let desc = reg.open("wr0", true).unwrap();
+            // 32 writers, each rewriting its own 8 KiB block 40 times with a new value.
+            let tasks = (0..32u64).map(|w| {
+                let (d, written) = (&desc, &written);
+                async move {
+                    for round in 1..=40u8 {
+                        let buf = IoBuf::from_slice(&[round.wrapping_add(w as u8); 8192], 1);
+                        d.write(w * 16, buf).await.unwrap();
+                        written.fetch_add(1, Ordering::AcqRel);
+                    }
+                }
+            });
+            run(25, futures::future::join_all(tasks));
+        })
+    };
+    wait_until(10, "some writes", || written.load(Ordering::Acquire) > 100);
+    srv.kill();
+    let at_kill = written.load(Ordering::Acquire);
+    std::thread::sleep(Duration::from_millis(100));
+    srv.restart();
+    writers.join().unwrap();
+    assert!(at_kill < 32 * 40, "every write finished before the kill");
+    assert_eq!(written.load(Ordering::Acquire), 32 * 40);
+    let desc = reg.open("wr0", false).unwrap();
+    run(10, async {
+        for w in 0..32u64 {
+            let b = desc.read(w * 16, IoBuf::new(8192, 1)).await.unwrap();
+            let want = 40u8.wrapping_add(w as u8);
+            assert!(b.iter().all(|&x| x == want), "writer {w}");
+        }
+    });
+    drop(desc);
+    run(10, clients.delete("wr0")).unwrap();
+    let f = std::fs::read(&raw).unwrap();
+    for w in 0..32usize {
+        let want = 40u8.wrapping_add(w as u8);
+        assert!(
+            f[w * 8192..(w + 1) * 8192].iter().all(|&x| x == want),
+            "file, writer {w}"
+        );
+    }
 }
