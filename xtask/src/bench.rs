@@ -105,12 +105,14 @@ struct Ctx {
     data_file: PathBuf,
     bench_bin: PathBuf,
     seconds: u64,
+    rounds: u32,
     out_dir: PathBuf,
 }
 
-/// Entry point: `bench [--quick] [--filter NAME] [--list]`.
+/// Entry point: `bench [--quick] [--filter NAME] [--rounds N] [--list]`.
 pub fn run(args: &[String]) -> Result<()> {
-    crate::check_args(args, &["--quick", "--list"], &["--filter"])?;
+    crate::check_args(args, &["--quick", "--list"], &["--filter", "--rounds"])?;
+    let rounds: u32 = crate::flag_value(args, "--rounds")?.unwrap_or(1).max(1);
     let quick = args.iter().any(|a| a == "--quick");
     let filter: Option<String> = crate::flag_value(args, "--filter")?;
     let all = benches();
@@ -132,6 +134,7 @@ pub fn run(args: &[String]) -> Result<()> {
         data_file: target.join("bench-data").join("disk-1g.raw"),
         bench_bin: target.join("release").join("bench"),
         seconds: if quick { 2 } else { 10 },
+        rounds,
         out_dir: target.join("bench"),
     };
     std::fs::create_dir_all(&ctx.out_dir)?;
@@ -166,18 +169,57 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// The median of some figures (the upper middle one for an even count).
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
+/// Runs ours and the peer alternately, `rounds` times each, so that a change in the machine's
+/// load hits both sides; the figures are the medians.
 fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
-    let ours = run_ours(ctx, b)?;
-    let (peer_name, peer) = match b.peer {
-        Peer::Fio => run_fio(ctx, b),
-        Peer::QemuImgBench => run_qemu_img_bench(ctx, b, ours.ios),
-    };
-    let peer_value = match peer {
-        Ok(p) => Some(p),
-        Err(e) => {
-            eprintln!("note: peer {peer_name} not measured: {e:#}");
-            None
+    let mut ours_runs = Vec::new();
+    let mut peer_runs = Vec::new();
+    let mut peer_name = String::new();
+    let mut peer_missing = false;
+    for round in 0..ctx.rounds {
+        if ctx.rounds > 1 {
+            eprintln!("--- round {}/{}", round + 1, ctx.rounds);
         }
+        let ours = run_ours(ctx, b)?;
+        if !peer_missing {
+            let (name, peer) = match b.peer {
+                Peer::Fio => run_fio(ctx, b),
+                Peer::QemuImgBench => run_qemu_img_bench(ctx, b, ours.ios),
+            };
+            peer_name = name;
+            match peer {
+                Ok(p) => peer_runs.push(p.iops),
+                Err(e) => {
+                    eprintln!("note: peer {peer_name} not measured: {e:#}");
+                    peer_missing = true;
+                }
+            }
+        }
+        ours_runs.push(ours);
+    }
+    let ours_iops: Vec<f64> = ours_runs.iter().map(|m| m.iops).collect();
+    let ours = Measured {
+        iops: median(ours_iops.clone()).unwrap_or(0.0),
+        ios: ours_runs.iter().map(|m| m.ios).max().unwrap_or(0),
+        detail: ours_runs
+            .first()
+            .map(|m| m.detail.clone())
+            .unwrap_or(Value::Null),
+    };
+    let peer_value = if peer_missing {
+        None
+    } else {
+        median(peer_runs.clone()).map(|iops| Measured {
+            iops,
+            ios: 0,
+            detail: Value::Null,
+        })
     };
     let ratio = peer_value.as_ref().map(|p| ours.iops / p.iops);
     let mut params = json!({
@@ -185,6 +227,9 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
         "qd": b.qd,
         "file_size": FILE_SIZE,
         "file": ctx.data_file.display().to_string(),
+        "rounds": ctx.rounds,
+        "ours_runs": ours_iops.iter().map(|x| round1(*x)).collect::<Vec<_>>(),
+        "peer_runs": peer_runs.iter().map(|x| round1(*x)).collect::<Vec<_>>(),
     });
     if let Some(s) = b.step {
         params["step"] = json!(s);
@@ -199,7 +244,7 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
         Peer::Fio => params["seconds"] = json!(ctx.seconds),
         Peer::QemuImgBench => {
             params["seconds"] = json!(ctx.seconds);
-            params["peer_count"] = json!(ours.ios.max(1000));
+            params["peer_count"] = json!("our request count of the same round (at least 1000)");
         }
     }
     let record = json!({
@@ -443,6 +488,14 @@ mod tests {
         let m = parse_qemu_img_bench(out, 1000).unwrap();
         assert_eq!(m.iops, 2000.0);
         assert!(parse_qemu_img_bench("nothing", 1000).is_err());
+    }
+
+    #[test]
+    fn median_takes_the_middle_run() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![5.0]), Some(5.0));
+        assert_eq!(median(vec![4.0, 1.0]), Some(4.0));
+        assert_eq!(median(vec![]), None);
     }
 
     #[test]

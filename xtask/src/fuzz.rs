@@ -25,13 +25,20 @@ pub fn run(args: &[String]) -> Result<()> {
     let mut failed = Vec::new();
     for t in &targets {
         eprintln!("\n==> fuzz {t} for {secs} s");
-        let r = util::run(
-            &format!("fuzz target {t}"),
-            Command::new("rustup")
-                .args(["run", "nightly", "cargo", "fuzz", "run", t, "--"])
-                .arg(format!("-max_total_time={secs}"))
-                .current_dir(&fuzz_dir),
-        );
+        // New inputs go to a corpus under target/ (seeded by the committed one), so fuzzing
+        // leaves the source tree as it was.
+        let work = util::target_dir().join("fuzz-corpus").join(t);
+        std::fs::create_dir_all(&work)?;
+        let seed = fuzz_dir.join("corpus").join(t);
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", "nightly", "cargo", "fuzz", "run", t])
+            .arg(&work)
+            .current_dir(&fuzz_dir);
+        if seed.is_dir() {
+            cmd.arg(&seed);
+        }
+        cmd.arg("--").arg(format!("-max_total_time={secs}"));
+        let r = util::run(&format!("fuzz target {t}"), &mut cmd);
         if let Err(e) = r {
             eprintln!("fuzz {t}: {e:#}");
             failed.push(t.clone());

@@ -22,9 +22,9 @@ usage: cargo xtask <command> [options]
 commands:
   test [-- ARGS]               fmt check, clippy -D warnings, cargo test --workspace [ARGS],
                                then the blobcli end-to-end scenario
-  bench [--quick] [--filter NAME] [--list]
+  bench [--quick] [--filter NAME] [--rounds N] [--list]
                                run the benchmarks against their peers (fio, qemu-img bench),
-                               write target/bench/<name>.json
+                               alternating N rounds (medians), write target/bench/<name>.json
   fuzz --time SECS             run every cargo-fuzz target for SECS seconds (needs cargo-fuzz
                                and a nightly toolchain; else replays the corpus via the tests)
   soak --time SECS [--cases N] run the blobstore model-based test with many cases for SECS

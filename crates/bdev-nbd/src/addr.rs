@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -95,6 +96,29 @@ impl Stream {
         };
     }
 
+    /// For TCP: turns on keepalive probes so that a peer that vanished while the connection
+    /// was idle (host down, network cut) is noticed within about three times `idle`, and
+    /// bounds unacknowledged sends by the same time (`TCP_USER_TIMEOUT`). Unix sockets need
+    /// nothing: their peer cannot vanish silently.
+    pub(crate) fn set_keepalive(&self, idle: Duration) -> io::Result<()> {
+        let Stream::Tcp(s) = self else {
+            return Ok(());
+        };
+        let fd = s.as_raw_fd();
+        let secs = idle.as_secs().clamp(1, 3600) as libc::c_int;
+        let ms = (idle.as_millis().clamp(1000, 3_600_000) * 3) as libc::c_uint;
+        setsockopt(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs)?;
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, secs)?;
+        setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2)?;
+        setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            ms as libc::c_int,
+        )
+    }
+
     pub(crate) fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => {
@@ -133,6 +157,25 @@ impl Write for Stream {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+fn setsockopt(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call, and
+    // the option value is a live `c_int` whose size is passed along with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

@@ -30,6 +30,16 @@ pub struct NbdClientBdev {
     client: Arc<Client>,
 }
 
+impl std::fmt::Debug for NbdClientBdev {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdClientBdev")
+            .field("name", &self.client.cfg.name)
+            .field("address", &self.address())
+            .field("export", &self.client.cfg.export)
+            .finish()
+    }
+}
+
 impl NbdClientBdev {
     pub(crate) fn from_client(client: Arc<Client>) -> Self {
         NbdClientBdev { client }
@@ -59,6 +69,12 @@ impl NbdClientBdev {
         self.client.is_connected()
     }
 
+    /// Number of live connections to the server (more than one only when the server allows
+    /// it and `num_connections` asked for it).
+    pub fn connections(&self) -> usize {
+        self.client.connections()
+    }
+
     fn bytes(&self, offset_blocks: u64) -> Result<u64, BdevError> {
         offset_blocks
             .checked_mul(u64::from(self.client.block_len()))
@@ -69,6 +85,9 @@ impl NbdClientBdev {
     /// payload.
     async fn rw(&self, cmd: Cmd, base: u64, buf: IoBuf) -> Result<IoBuf, BdevError> {
         let total = buf.len();
+        if base.checked_add(total as u64).is_none() {
+            return Err(BdevError::InvalidArgument("range overflows".into()));
+        }
         let mut buf = Some(buf);
         let mut done = 0usize;
         while done < total {
@@ -88,7 +107,11 @@ impl NbdClientBdev {
     async fn range(&self, cmd: Cmd, offset_blocks: u64, num_blocks: u64) -> Result<(), BdevError> {
         let bl = u64::from(self.client.block_len());
         let mut off = self.bytes(offset_blocks)?;
-        let end = self.bytes(offset_blocks + num_blocks)?;
+        let end = self.bytes(
+            offset_blocks
+                .checked_add(num_blocks)
+                .ok_or_else(|| BdevError::InvalidArgument("range overflows".into()))?,
+        )?;
         let step = (MAX_RANGE_BYTES / bl).max(1) * bl;
         while off < end {
             let n = (end - off).min(step);
@@ -233,6 +256,8 @@ impl BlockDevice for NbdClientBdev {
                 "reconnect_delay_ms": cfg.reconnect_delay.as_millis() as u64,
                 "io_timeout_ms": cfg.io_timeout.as_millis() as u64,
                 "num_connections": cfg.num_connections,
+                // A restart must not fail because the server is away at that moment.
+                "background_connect": true,
             }
         }))
     }

@@ -44,6 +44,8 @@ pub(crate) struct Config {
     pub reconnect_delay: Duration,
     pub io_timeout: Duration,
     pub num_connections: u32,
+    /// When the first connection fails, start anyway and keep trying in the background.
+    pub background_connect: bool,
 }
 
 /// The state of the link to the server.
@@ -123,6 +125,8 @@ pub(crate) struct Client {
     registry: Registry,
     /// Fixed by the first connection.
     block_len: AtomicU32,
+    /// A session was adopted once (the block length is fixed from then on).
+    adopted: AtomicBool,
     num_blocks: AtomicU64,
     /// The server's transmission flags of the current (or last) session.
     flags: AtomicU16,
@@ -151,6 +155,7 @@ impl Client {
             cfg,
             registry,
             block_len: AtomicU32::new(512),
+            adopted: AtomicBool::new(false),
             num_blocks: AtomicU64::new(0),
             flags: AtomicU16::new(0),
             max_payload: AtomicU32::new(1 << 25),
@@ -174,7 +179,10 @@ impl Client {
         std::thread::Builder::new()
             .name(format!("nbd-sup-{}", client.cfg.name))
             .spawn(move || {
-                c.supervise(first_tx);
+                let run = std::panic::AssertUnwindSafe(|| c.clone().supervise(first_tx));
+                if std::panic::catch_unwind(run).is_err() {
+                    c.abandon();
+                }
                 let _ = exit_tx.send(());
             })
             .map_err(NbdError::Socket)?;
@@ -185,10 +193,11 @@ impl Client {
         }
     }
 
-    /// Starts the registration task, after the first registration succeeded.
-    pub(crate) fn start_registration_task(self: &Arc<Self>) {
-        self.registered.store(true, Ordering::Release);
-        lock(&self.ctl).want_registered = true;
+    /// Starts the registration task: after the first registration succeeded (`registered`),
+    /// or with nothing registered yet (a client still waiting for its server).
+    pub(crate) fn start_registration_task(self: &Arc<Self>, registered: bool) {
+        // The supervisor decides whether the bdev is wanted (it is while the link is up).
+        self.registered.store(registered, Ordering::Release);
         let Some(mut rx) = lock(&self.reg_rx).take() else {
             return;
         };
@@ -293,6 +302,28 @@ impl Client {
         }
     }
 
+    /// After a bug stopped the supervisor: nothing may wait for it any more. The connections
+    /// are killed (pending requests complete as lost) and the client is closed.
+    fn abandon(&self) {
+        tracing::error!(target: "bdev_nbd", name = %self.cfg.name,
+            "supervisor failed; closing the client");
+        let (old, waiters) = {
+            let mut c = lock(&self.ctl);
+            c.stop = true;
+            c.want_registered = false;
+            (
+                std::mem::replace(&mut c.link, Link::Closed),
+                std::mem::take(&mut c.waiters),
+            )
+        };
+        if let Link::Up(s) = old {
+            s.kill("supervisor failed");
+        }
+        for w in waiters {
+            let _ = w.send(());
+        }
+    }
+
     /// Tells the supervisor to stop; pending and new I/O fails with ENODEV.
     pub(crate) fn signal_stop(&self) {
         let waiters = {
@@ -316,6 +347,34 @@ impl Client {
     /// Whether a session is up.
     pub(crate) fn is_connected(&self) -> bool {
         matches!(&lock(&self.ctl).link, Link::Up(s) if !s.any_dead())
+    }
+
+    /// The link state as `bdev_nbd_client_get` prints it.
+    pub(crate) fn state_name(&self) -> &'static str {
+        let c = lock(&self.ctl);
+        if c.stop {
+            return "deleted";
+        }
+        match &c.link {
+            Link::Connecting => "connecting",
+            Link::Up(s) if !s.any_dead() => "connected",
+            Link::Up(_) | Link::Reconnecting => "reconnecting",
+            Link::Down => "disconnected",
+            Link::Closed => "deleted",
+        }
+    }
+
+    /// Whether the bdev is in the registry now.
+    pub(crate) fn is_registered(&self) -> bool {
+        self.registered.load(Ordering::Acquire)
+    }
+
+    /// Number of live connections.
+    pub(crate) fn connections(&self) -> usize {
+        match &lock(&self.ctl).link {
+            Link::Up(s) => s.conns.iter().filter(|c| !c.is_dead()).count(),
+            _ => 0,
+        }
     }
 
     pub(crate) fn block_len(&self) -> u32 {
@@ -391,7 +450,11 @@ impl Client {
         let mut tries_left = self.cfg.reconnect_attempts.saturating_add(2);
         loop {
             let conn = self.conn().await?;
-            let outcome = match conn.submit(cmd, offset, len, buf.take(), buf_off) {
+            let submitted = conn.submit(cmd, offset, len, buf.take(), buf_off);
+            // Not kept while waiting: a connection nobody references any more drops its
+            // pending requests, which then complete (as lost) instead of waiting forever.
+            drop(conn);
+            let outcome = match submitted {
                 Ok(rx) => rx.await.unwrap_or(Outcome::Lost(None)),
                 Err(o) => o,
             };
@@ -474,15 +537,16 @@ impl Client {
 
     /// Takes a new session's export description; `false` when it cannot replace the old one
     /// (the block size changed).
-    fn adopt(&self, info: &ExportInfo, first: bool) -> bool {
+    fn adopt(&self, info: &ExportInfo) -> bool {
         let bl = Self::block_len_for(info);
+        let first = !self.adopted.load(Ordering::Acquire);
         if !first && bl != self.block_len() {
             tracing::error!(target: "bdev_nbd", name = %self.cfg.name,
                 "server now has {bl}-byte blocks instead of {}; not using it", self.block_len());
             return false;
         }
         let blocks = info.size / u64::from(bl);
-        if info.size % u64::from(bl) != 0 {
+        if !info.size.is_multiple_of(u64::from(bl)) {
             tracing::warn!(target: "bdev_nbd", name = %self.cfg.name,
                 "export size {} is not a multiple of {bl}; the tail is not used", info.size);
         }
@@ -490,6 +554,7 @@ impl Client {
         self.flags.store(info.flags, Ordering::Release);
         self.max_payload.store(info.max_payload, Ordering::Release);
         let old = self.num_blocks.swap(blocks, Ordering::AcqRel);
+        self.adopted.store(true, Ordering::Release);
         if !first && old != blocks && self.registered.load(Ordering::Acquire) {
             tracing::info!(target: "bdev_nbd", name = %self.cfg.name,
                 "export resized from {old} to {blocks} blocks");
@@ -537,7 +602,7 @@ impl Client {
     /// One connection attempt, adopting the session when it fits.
     fn try_connect(self: &Arc<Self>) -> Option<Arc<Session>> {
         match self.open_session() {
-            Ok(s) if self.adopt(&s.info, false) => Some(s),
+            Ok(s) if self.adopt(&s.info) => Some(s),
             Ok(s) => {
                 s.close();
                 None
@@ -577,7 +642,13 @@ impl Client {
         lock(&self.ctl).want_registered = false;
         self.set_link(Link::Down);
         self.request_sync();
-        // In the background: the bdev is gone from the registry meanwhile.
+        self.until_server_returns()
+    }
+
+    /// With the link down (and the bdev out of the registry): tries every `reconnect_delay`
+    /// until a session is up (then the bdev is wanted in the registry again) or the client
+    /// is stopped (`None`).
+    fn until_server_returns(self: &Arc<Self>) -> Option<Arc<Session>> {
         let delay = self.cfg.reconnect_delay.max(Duration::from_millis(10));
         loop {
             if !self.pause(delay) {
@@ -585,7 +656,7 @@ impl Client {
             }
             if let Some(s) = self.try_connect() {
                 tracing::info!(target: "bdev_nbd", name = %self.cfg.name,
-                    "server is back; registering the bdev again");
+                    "server is back; registering the bdev");
                 lock(&self.ctl).want_registered = true;
                 return Some(s);
             }
@@ -594,10 +665,38 @@ impl Client {
 
     /// The supervisor thread's body.
     fn supervise(self: Arc<Self>, first: oneshot::Sender<Result<()>>) {
-        let session = match self.open_session() {
+        let mut session = match self.open_session() {
             Ok(s) => {
-                self.adopt(&s.info, true);
+                self.adopt(&s.info);
+                lock(&self.ctl).want_registered = true;
+                self.set_link(Link::Up(s.clone()));
+                if first.send(Ok(())).is_err() {
+                    // Nobody waits for the client any more.
+                    s.close();
+                    self.set_link(Link::Closed);
+                    return;
+                }
                 s
+            }
+            Err(e) if self.cfg.background_connect => {
+                tracing::warn!(target: "bdev_nbd", name = %self.cfg.name,
+                    "cannot connect yet ({e}); retrying in the background");
+                self.set_link(Link::Down);
+                if first.send(Ok(())).is_err() {
+                    self.set_link(Link::Closed);
+                    return;
+                }
+                match self.until_server_returns() {
+                    Some(s) => {
+                        self.set_link(Link::Up(s.clone()));
+                        self.request_sync();
+                        s
+                    }
+                    None => {
+                        self.set_link(Link::Closed);
+                        return;
+                    }
+                }
             }
             Err(e) => {
                 self.set_link(Link::Closed);
@@ -605,14 +704,6 @@ impl Client {
                 return;
             }
         };
-        self.set_link(Link::Up(session.clone()));
-        if first.send(Ok(())).is_err() {
-            // Nobody waits for the client any more.
-            session.close();
-            self.set_link(Link::Closed);
-            return;
-        }
-        let mut session = session;
         let tick =
             (self.cfg.io_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut last_sync = Instant::now();

@@ -109,8 +109,12 @@ impl Conn {
         })?;
         s.set_timeouts(Some(timeout)).map_err(NbdError::Socket)?;
         let info = proto::handshake(&mut s, export)?;
-        // From now on the watchdog bounds requests; an idle connection must not time out.
+        // From now on the watchdog bounds requests; an idle connection must not time out,
+        // but one whose peer vanished must be noticed.
         s.set_timeouts(None).map_err(NbdError::Socket)?;
+        if let Err(e) = s.set_keepalive(timeout) {
+            tracing::warn!(target: "bdev_nbd", conn = %label, "no tcp keepalive: {e}");
+        }
         let rd = s.try_clone().map_err(NbdError::Socket)?;
         let wr = s.try_clone().map_err(NbdError::Socket)?;
         let (tx, rx) = mpsc::channel();

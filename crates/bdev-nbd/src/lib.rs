@@ -7,7 +7,8 @@
 //! loss-and-return behaviour (bounded reconnects, then hot-removal from the registry, then
 //! re-registration under the same UUID when the server is back), the module's table of
 //! clients ([`NbdClients`]) and its JSON-RPC methods ([`NbdRpc`]: `bdev_nbd_client_create`,
-//! `bdev_nbd_client_delete`).
+//! `bdev_nbd_client_delete`, `bdev_nbd_client_get`). `docs/remote-bases.md` is the user's
+//! guide.
 //!
 //! It does not know about blobstores or lvols: an esnap clone over an NBD base reacts to the
 //! hot-removal and the re-registration like over any other base bdev. It does not serve NBD
@@ -73,6 +74,10 @@ pub struct NbdClientOpts {
     pub io_timeout_ms: u64,
     /// Connections to open when the server allows several (`NBD_FLAG_CAN_MULTI_CONN`).
     pub num_connections: u32,
+    /// When the first connection fails, succeed anyway and keep trying every
+    /// `reconnect_delay_ms`; the bdev is registered when the server answers. The saved config
+    /// sets it, so that a restart never fails because a golden server is away.
+    pub background_connect: bool,
 }
 
 impl NbdClientOpts {
@@ -88,12 +93,13 @@ impl NbdClientOpts {
             reconnect_delay_ms: DEFAULT_RECONNECT_DELAY_MS,
             io_timeout_ms: DEFAULT_IO_TIMEOUT_MS,
             num_connections: 1,
+            background_connect: false,
         }
     }
 
     fn config(&self) -> Result<Config> {
-        if self.name.is_empty() {
-            return Err(NbdError::InvalidArgument("empty bdev name".into()));
+        if self.name.is_empty() || self.name.contains('\0') {
+            return Err(NbdError::InvalidArgument("bad bdev name".into()));
         }
         if self.io_timeout_ms == 0 {
             return Err(NbdError::InvalidArgument(
@@ -115,6 +121,7 @@ impl NbdClientOpts {
             reconnect_delay: Duration::from_millis(self.reconnect_delay_ms),
             io_timeout: Duration::from_millis(self.io_timeout_ms),
             num_connections: self.num_connections,
+            background_connect: self.background_connect,
         })
     }
 }
@@ -147,7 +154,8 @@ impl NbdClients {
 
     /// Connects to the server and registers the bdev. Fails with EEXIST when the name or
     /// UUID is taken, EINVAL for bad options, and the connect or handshake errno
-    /// (ECONNREFUSED, ENOENT for an unknown export or a missing socket, ...) otherwise.
+    /// (ECONNREFUSED, ENOENT for an unknown export or a missing socket, ...) otherwise; with
+    /// `background_connect` a failed connection is not an error (the bdev comes later).
     pub async fn create(&self, opts: NbdClientOpts) -> Result<Arc<NbdClientBdev>> {
         let cfg = opts.config()?;
         let name = cfg.name.clone();
@@ -175,12 +183,17 @@ impl NbdClients {
             return Err(NbdError::Exists(name));
         }
         let dev = Arc::new(NbdClientBdev::from_client(client.clone()));
-        if let Err(e) = self.registry.register(dev.clone()).await {
-            lock(&self.clients).remove(&name);
-            client.delete().await;
-            return Err(e.into());
+        // Without a connection yet (`background_connect`), the bdev is registered when the
+        // server answers: its size is not known before.
+        let connected = client.is_connected();
+        if connected {
+            if let Err(e) = self.registry.register(dev.clone()).await {
+                lock(&self.clients).remove(&name);
+                client.delete().await;
+                return Err(e.into());
+            }
         }
-        client.start_registration_task();
+        client.start_registration_task(connected);
         tracing::info!(target: "bdev_nbd", name = %name, address = %dev.address(),
             export = %dev.export(), "created");
         Ok(dev)
@@ -203,6 +216,50 @@ impl NbdClients {
             .get(name)
             .filter(|c| !c.is_stopped())
             .map(|c| NbdClientBdev::from_client(c.clone()))
+    }
+
+    /// The `bdev_nbd_client_get` entries: every client, or the one named (ENODEV if none).
+    /// Unlike `bdev_get_bdevs`, this lists clients whose bdev is hot-removed too.
+    pub fn info(&self, name: Option<&str>) -> Result<Vec<serde_json::Value>> {
+        let t = lock(&self.clients);
+        let pick: Vec<&Arc<Client>> = match name {
+            Some(n) => vec![t
+                .get(n)
+                .filter(|c| !c.is_stopped())
+                .ok_or_else(|| NbdError::NotFound(n.to_string()))?],
+            None => t.values().filter(|c| !c.is_stopped()).collect(),
+        };
+        Ok(pick
+            .into_iter()
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.cfg.name,
+                    "uuid": c.cfg.uuid.hyphenated().to_string(),
+                    "address": c.cfg.address.to_string(),
+                    "export": c.cfg.export,
+                    "read_only": c.read_only(),
+                    "state": c.state_name(),
+                    "registered": c.is_registered(),
+                    "connections": c.connections(),
+                    "block_size": c.block_len(),
+                    "num_blocks": c.num_blocks(),
+                })
+            })
+            .collect())
+    }
+
+    /// `bdev_nbd_client_create` entries for the clients whose bdev is **not** in the registry
+    /// right now (hot-removed while the server is away, or not connected yet). A config
+    /// writer that walks the registry misses those; it should append these, or a restart
+    /// would forget the client and leave its esnap clones degraded.
+    pub fn unregistered_config(&self) -> Vec<serde_json::Value> {
+        lock(&self.clients)
+            .values()
+            .filter(|c| !c.is_stopped() && !c.is_registered())
+            .filter_map(|c| {
+                bdev_core::BlockDevice::write_config(&NbdClientBdev::from_client(c.clone()))
+            })
+            .collect()
     }
 
     /// Names of the clients, sorted.

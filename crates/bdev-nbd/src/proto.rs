@@ -131,7 +131,13 @@ fn be_u64(b: &[u8]) -> u64 {
 
 fn read_n<R: Read>(r: &mut R, n: usize) -> Result<Vec<u8>> {
     let mut v = vec![0u8; n];
-    r.read_exact(&mut v).map_err(NbdError::Socket)?;
+    r.read_exact(&mut v).map_err(|e| match e.kind() {
+        // The handshake runs with a socket timeout; say so rather than "try again".
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            NbdError::Socket(std::io::Error::from_raw_os_error(libc::ETIMEDOUT))
+        }
+        _ => NbdError::Socket(e),
+    })?;
     Ok(v)
 }
 
@@ -500,6 +506,42 @@ pub(crate) mod tests {
         let t = std::thread::spawn(move || serve_handshake(&mut s, "", 8192, 1, None));
         let info = handshake(&mut c, "").unwrap();
         t.join().unwrap().unwrap();
+        assert_eq!((info.min_block, info.max_payload), (1, 1 << 25));
+    }
+
+    #[test]
+    fn falls_back_to_export_name_without_opt_go() {
+        let (mut c, mut s) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            s.write_all(&NBDMAGIC.to_be_bytes()).unwrap();
+            s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+            s.write_all(&FLAG_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
+            let mut b4 = [0u8; 4];
+            s.read_exact(&mut b4).unwrap();
+            assert_eq!(be_u32(&b4), FLAG_C_FIXED_NEWSTYLE);
+            let mut hdr = [0u8; 16];
+            s.read_exact(&mut hdr).unwrap();
+            let mut data = vec![0u8; be_u32(&hdr[12..]) as usize];
+            s.read_exact(&mut data).unwrap();
+            s.write_all(&OPT_REPLY_MAGIC.to_be_bytes()).unwrap();
+            s.write_all(&OPT_GO.to_be_bytes()).unwrap();
+            s.write_all(&REP_ERR_UNSUP.to_be_bytes()).unwrap();
+            s.write_all(&0u32.to_be_bytes()).unwrap();
+            s.read_exact(&mut hdr).unwrap();
+            assert_eq!(be_u32(&hdr[8..]), OPT_EXPORT_NAME);
+            let mut name = vec![0u8; be_u32(&hdr[12..]) as usize];
+            s.read_exact(&mut name).unwrap();
+            assert_eq!(name, b"old");
+            s.write_all(&(3u64 << 20).to_be_bytes()).unwrap();
+            s.write_all(&(TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH).to_be_bytes())
+                .unwrap();
+            // Without NBD_FLAG_C_NO_ZEROES the 124 zero bytes follow.
+            s.write_all(&[0u8; 124]).unwrap();
+        });
+        let info = handshake(&mut c, "old").unwrap();
+        t.join().unwrap();
+        assert_eq!(info.size, 3 << 20);
+        assert!(info.has(TFLAG_SEND_FLUSH));
         assert_eq!((info.min_block, info.max_payload), (1, 1 << 25));
     }
 

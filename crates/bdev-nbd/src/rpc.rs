@@ -1,4 +1,5 @@
-//! The JSON-RPC methods of the module: `bdev_nbd_client_create` and `bdev_nbd_client_delete`.
+//! The JSON-RPC methods of the module: `bdev_nbd_client_create`, `bdev_nbd_client_delete` and
+//! `bdev_nbd_client_get`.
 
 use std::sync::Arc;
 
@@ -14,7 +15,8 @@ use crate::{
     DEFAULT_RECONNECT_DELAY_MS,
 };
 
-/// `bdev_nbd_client_create` and `bdev_nbd_client_delete` over a table of clients.
+/// `bdev_nbd_client_create`, `bdev_nbd_client_delete` and `bdev_nbd_client_get` over a
+/// table of clients.
 pub struct NbdRpc {
     clients: Arc<NbdClients>,
 }
@@ -72,6 +74,8 @@ struct CreateParams {
     io_timeout_ms: u64,
     #[serde(default = "one")]
     num_connections: u32,
+    #[serde(default)]
+    background_connect: bool,
 }
 
 #[derive(Deserialize)]
@@ -80,10 +84,21 @@ struct DeleteParams {
     name: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetParams {
+    #[serde(default)]
+    name: Option<String>,
+}
+
 #[async_trait]
 impl RpcModule for NbdRpc {
     fn methods(&self) -> Vec<&'static str> {
-        vec!["bdev_nbd_client_create", "bdev_nbd_client_delete"]
+        vec![
+            "bdev_nbd_client_create",
+            "bdev_nbd_client_delete",
+            "bdev_nbd_client_get",
+        ]
     }
 
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
@@ -100,6 +115,7 @@ impl RpcModule for NbdRpc {
                     reconnect_delay_ms: p.reconnect_delay_ms,
                     io_timeout_ms: p.io_timeout_ms,
                     num_connections: p.num_connections,
+                    background_connect: p.background_connect,
                 };
                 let dev = self
                     .clients
@@ -115,6 +131,14 @@ impl RpcModule for NbdRpc {
                     .await
                     .map_err(|e| RpcError::from_errno(e.errno()))?;
                 Ok(Value::Bool(true))
+            }
+            "bdev_nbd_client_get" => {
+                let p: GetParams = decode(params)?;
+                let list = self
+                    .clients
+                    .info(p.name.as_deref())
+                    .map_err(|e| RpcError::from_errno(e.errno()))?;
+                Ok(Value::Array(list))
             }
             _ => Err(RpcError::method_not_found()),
         }

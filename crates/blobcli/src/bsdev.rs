@@ -1,54 +1,18 @@
-//! Devices under the blobstore: a bdev descriptor seen as a [`BsDev`] (SPDK `blob_bdev.c`),
-//! a copy-on-write overlay that keeps every write in memory (so read-only sessions never
-//! touch the device, even when loading a dirty store runs recovery), a byte counter for
-//! progress, and the esnap factory that finds external snapshots among the config's bdevs.
+//! Devices under the blobstore: a bdev descriptor seen as a [`BsDev`] (SPDK `blob_bdev.c`,
+//! from the lvol crate), a copy-on-write overlay that keeps every write in memory (so
+//! read-only sessions never touch the device, even when loading a dirty store runs
+//! recovery), a byte counter for progress, and the esnap factory that finds external
+//! snapshots among the config's bdevs.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bdev_core::{Descriptor, Registry};
+use bdev_core::Registry;
 use blobstore::{BlobId, BsDev, EsnapDevFactory, IoBuf};
 
-/// A bdev descriptor as a blobstore device.
-pub struct BdevBsDev {
-    desc: Descriptor,
-}
-
-impl BdevBsDev {
-    /// Wraps an open descriptor.
-    pub fn new(desc: Descriptor) -> Self {
-        BdevBsDev { desc }
-    }
-}
-
-#[async_trait]
-impl BsDev for BdevBsDev {
-    fn block_len(&self) -> u32 {
-        self.desc.device().block_len()
-    }
-    fn block_count(&self) -> u64 {
-        self.desc.device().num_blocks()
-    }
-    fn buf_align(&self) -> usize {
-        self.desc.device().buf_align()
-    }
-    async fn read(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
-        Ok(self.desc.read(lba, buf).await?)
-    }
-    async fn write(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
-        Ok(self.desc.write(lba, buf).await?)
-    }
-    async fn write_zeroes(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
-        Ok(self.desc.write_zeroes(lba, lba_count).await?)
-    }
-    async fn unmap(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
-        Ok(self.desc.unmap(lba, lba_count).await?)
-    }
-    async fn flush(&self) -> std::io::Result<()> {
-        Ok(self.desc.flush().await?)
-    }
-}
+/// A bdev descriptor as a blobstore device (the lvol crate's adapter, SPDK `blob_bdev.c`).
+pub use lvol::BdevBsDev;
 
 /// Reads go to the device, writes stay in memory: the device is never modified.
 pub struct OverlayDev {
@@ -90,20 +54,30 @@ impl BsDev for OverlayDev {
         let bl = self.inner.block_len() as u64;
         let n = buf.len() as u64 / bl;
         let map = self.blocks.lock().unwrap_or_else(|e| e.into_inner());
-        for (k, v) in map.range(lba..lba + n) {
+        for (k, v) in map.range(lba..lba.saturating_add(n)) {
             let off = ((k - lba) * bl) as usize;
             buf[off..off + v.len()].copy_from_slice(v);
         }
         Ok(buf)
     }
     async fn write(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
-        if lba + buf.len() as u64 / self.inner.block_len() as u64 > self.inner.block_count() {
+        let n = buf.len() as u64 / self.inner.block_len().max(1) as u64;
+        if lba
+            .checked_add(n)
+            .is_none_or(|end| end > self.inner.block_count())
+        {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
         self.put(lba, &buf);
         Ok(buf)
     }
     async fn write_zeroes(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
+        if lba
+            .checked_add(lba_count)
+            .is_none_or(|end| end > self.inner.block_count())
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let zero = vec![0u8; self.inner.block_len() as usize];
         for i in 0..lba_count {
             self.put(lba + i, &zero);
@@ -211,4 +185,38 @@ pub async fn read_bytes(dev: &dyn BsDev, off: u64, len: usize) -> std::io::Resul
     let buf = dev.read(first, buf).await?;
     let skip = (off - first * bl) as usize;
     Ok(buf[skip..skip + len].to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blobstore::ZeroesDev;
+    use futures::executor::block_on;
+
+    #[test]
+    fn overlay_keeps_writes_in_memory() {
+        // ZeroesDev refuses writes: anything reaching it would fail.
+        let dev = OverlayDev::new(Arc::new(ZeroesDev));
+        block_on(async {
+            let data = IoBuf::from_slice(&[7u8; 1024], 1);
+            dev.write(10, data).await.unwrap();
+            dev.write_zeroes(11, 1).await.unwrap();
+            let buf = dev.read(9, IoBuf::new(2048, 1)).await.unwrap();
+            assert!(buf[..512].iter().all(|&b| b == 0));
+            assert!(buf[512..1024].iter().all(|&b| b == 7));
+            assert!(buf[1024..2048].iter().all(|&b| b == 0));
+            // An unaligned byte read through the overlay.
+            let v = read_bytes(&dev, 10 * 512 + 100, 10).await.unwrap();
+            assert_eq!(v, vec![7u8; 10]);
+        });
+    }
+
+    #[test]
+    fn esnap_id_text_stops_at_nul() {
+        assert_eq!(
+            esnap_id_text(b"7e5a0000-e5a0-4e5a-8e5a-000000000001\0"),
+            "7e5a0000-e5a0-4e5a-8e5a-000000000001"
+        );
+        assert_eq!(esnap_id_text(b"name"), "name");
+    }
 }

@@ -4,7 +4,7 @@
 //! commands. Commands that only look (list, show, dump, `-D`, `--check`) run on a read-only
 //! descriptor with an in-memory overlay: the device is never written by them.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use bdev_core::Registry;
 use blobstore::inspect;
 use blobstore::{Blob, BlobId, BlobOpts, Blobstore, BsDev, BsOpts, IoBuf};
 use futures::executor::block_on;
+use futures::StreamExt;
 use serde_json::json;
 
 use crate::bsdev::{read_bytes, BdevBsDev, CountingDev, OverlayDev, RegistryEsnapFactory};
@@ -33,6 +34,7 @@ type CmdResult = Result<(), Fail>;
 
 const MAX_IO_BYTES: u64 = 1 << 20;
 const BUF_ALIGN: usize = 4096;
+const READS_IN_FLIGHT: usize = 4;
 
 /// `strerror` text without Rust's " (os error N)" suffix.
 fn strerror(errno: i32) -> String {
@@ -186,10 +188,10 @@ pub fn run(args: Vec<String>) -> i32 {
 }
 
 fn read_line(input: &mut dyn BufRead) -> Option<String> {
-    let mut l = String::new();
-    match input.read_line(&mut l) {
+    let mut l = Vec::new();
+    match input.read_until(b'\n', &mut l) {
         Ok(0) | Err(_) => None,
-        Ok(_) => Some(l),
+        Ok(_) => Some(String::from_utf8_lossy(&l).into_owned()),
     }
 }
 
@@ -417,8 +419,13 @@ impl Session {
         match b {
             BlobRef::Id(id) => Ok(*id),
             BlobRef::Alias(a) => {
-                let info = lvols::gather(bs, &self.registry).await;
-                match lvols::resolve_alias(&info, a) {
+                let found = if lvols::is_lvstore(bs) {
+                    let info = lvols::gather(bs, &self.registry).await;
+                    lvols::resolve_alias(&info, a)
+                } else {
+                    None
+                };
+                match found {
                     Some(id) => Ok(id),
                     None => {
                         self.p(&format!("Could not find lvol {a}\n"));
@@ -475,6 +482,15 @@ impl Session {
             Action::ShowBs => self.show_bs(bs),
             Action::ListBlobs => self.list_blobs(bs),
             Action::ListLvols => {
+                if !lvols::is_lvstore(bs) {
+                    let t = bs.bstype();
+                    let end = t.iter().position(|&c| c == 0).unwrap_or(16);
+                    self.p(&format!(
+                        "Not an lvol store: blobstore type is \"{}\" (use -l blobs)\n",
+                        String::from_utf8_lossy(&t[..end])
+                    ));
+                    return Err(Fail::Cmd(-libc::ENXIO));
+                }
                 let info = lvols::gather(bs, &self.registry).await;
                 if self.ctx.json {
                     self.p(&format!("{:#}\n", lvols::format_json(&info)));
@@ -787,13 +803,25 @@ impl Session {
         let value = self.ctx.fill_value;
         let prog = Progress::start(&mut self.out, total * io, "fill");
         let mut off = 0;
+        let mut spare: Option<IoBuf> = None;
         while off < total {
             let n = per.min(total - off);
-            let mut buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
-            buf.fill(value);
-            if let Err(e) = b.write(off, buf).await {
-                prog.finish();
-                return Err(self.fail("Error in write completion", e.errno()));
+            let len = (n * io) as usize;
+            // The written buffer comes back; it already holds the pattern.
+            let buf = match spare.take() {
+                Some(b) if b.len() == len => b,
+                _ => {
+                    let mut b = IoBuf::new(len, BUF_ALIGN);
+                    b.fill(value);
+                    b
+                }
+            };
+            match b.write(off, buf).await {
+                Ok(buf) => spare = Some(buf),
+                Err(e) => {
+                    prog.finish();
+                    return Err(self.fail("Error in write completion", e.errno()));
+                }
             }
             prog.advance(&mut self.out, n * io, n);
             off += n;
@@ -826,9 +854,14 @@ impl Session {
         };
         let mut off = 0;
         let mut eof = false;
+        let mut spare: Option<IoBuf> = None;
         while off < total {
             let n = per.min(total - off);
-            let mut buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
+            let len = (n * io) as usize;
+            let mut buf = match spare.take() {
+                Some(b) if b.len() == len => b,
+                _ => IoBuf::new(len, BUF_ALIGN),
+            };
             let mut got = 0usize;
             while !eof && got < buf.len() {
                 match f.read(&mut buf[got..]) {
@@ -845,9 +878,14 @@ impl Session {
                     }
                 }
             }
-            if let Err(e) = b.write(off, buf).await {
-                prog.finish();
-                return Err(self.fail("Error in write completion", e.errno()));
+            // Past the end of the file the rest of the blob is zeroed.
+            buf[got..].fill(0);
+            match b.write(off, buf).await {
+                Ok(buf) => spare = Some(buf),
+                Err(e) => {
+                    prog.finish();
+                    return Err(self.fail("Error in write completion", e.errno()));
+                }
             }
             // SPDK prints a dot before every write but the first.
             let dots = if off == 0 { n - 1 } else { n };
@@ -881,23 +919,61 @@ impl Session {
             prog.finish();
             return Ok(());
         }
-        let mut off = 0;
-        while off < total {
-            let n = per.min(total - off);
-            let buf = IoBuf::new((n * io) as usize, BUF_ALIGN);
-            let buf = match b.read(off, buf).await {
+        // A few reads in flight, written in order; all-zero chunks become holes. Buffers are
+        // recycled: fresh large allocations cost page faults on every chunk.
+        let pool: std::sync::Mutex<Vec<IoBuf>> = std::sync::Mutex::new(Vec::new());
+        let chunks = (0..total.div_ceil(per)).map(|i| (i * per, per.min(total - i * per)));
+        let mut reads = futures::stream::iter(chunks)
+            .map(|(off, n)| {
+                let pool = &pool;
+                async move {
+                    let len = (n * io) as usize;
+                    let spare = pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    let buf = match spare {
+                        Some(b) if b.len() == len => b,
+                        _ => IoBuf::new(len, BUF_ALIGN),
+                    };
+                    (n, b.read(off, buf).await)
+                }
+            })
+            .buffered(READS_IN_FLIGHT);
+        let mut written = 0u64;
+        let zeroes = vec![0u8; (per * io) as usize];
+        // Holes only in regular files (not /dev/null, pipes or devices).
+        let sparse = f.metadata().map(|m| m.is_file()).unwrap_or(false);
+        while let Some((n, r)) = reads.next().await {
+            let buf = match r {
                 Ok(buf) => buf,
                 Err(e) => {
                     prog.finish();
+                    let cluster = written / bs.cluster_size().max(1) as u64;
+                    eprintln!(
+                        "blobcli: reading blob 0x{:x} at byte {written} (cluster {cluster}) failed: {e}",
+                        b.id()
+                    );
                     return Err(self.fail("Error in read completion", e.errno()));
                 }
             };
-            if let Err(e) = f.write_all(&buf) {
+            // memcmp against a zero buffer: fast even in debug builds.
+            let res = if sparse && buf[..] == zeroes[..buf.len()] {
+                f.seek(std::io::SeekFrom::Current(buf.len() as i64))
+                    .map(|_| ())
+            } else {
+                f.write_all(&buf)
+            };
+            written += buf.len() as u64;
+            if let Err(e) = res {
                 prog.finish();
                 return Err(self.fail("Error with fwrite", e.raw_os_error().unwrap_or(libc::EIO)));
             }
+            pool.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
             prog.advance(&mut self.out, n * io, n);
-            off += n;
+        }
+        drop(reads);
+        let fin = if sparse { f.set_len(written) } else { Ok(()) };
+        if let Err(e) = fin.and_then(|_| f.flush()) {
+            prog.finish();
+            return Err(self.fail("Error with fwrite", e.raw_os_error().unwrap_or(libc::EIO)));
         }
         let bar = prog.is_bar();
         prog.finish();

@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
-use async_trait::async_trait;
 use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
-use bdev_core::{BdevError, BlockDevice, IoBuf, IoType, Registry};
+use bdev_core::{BlockDevice, Registry};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -43,7 +42,7 @@ pub enum BdevSpec {
     },
     /// `bdev_ro_create`.
     Ro {
-        /// Name (`None`: `ro_<base>`).
+        /// Name (`None`: `<base>_ro`).
         name: Option<String>,
         /// Base bdev.
         base_bdev_name: String,
@@ -179,17 +178,18 @@ pub async fn create_bdevs(registry: &Registry, specs: &[BdevSpec]) -> anyhow::Re
                 base_bdev_name,
                 uuid,
             } => {
-                let base = registry
-                    .get(base_bdev_name)
-                    .ok_or_else(|| anyhow!("bdev_ro_create: no bdev {base_bdev_name}"))?;
-                let name = name
-                    .clone()
-                    .unwrap_or_else(|| format!("ro_{}", base.name()));
-                Arc::new(RoBdev {
-                    name,
-                    uuid: uuid.unwrap_or_else(Uuid::new_v4),
-                    base,
-                })
+                // vbdev-ro registers the bdev itself.
+                vbdev_ro::create(
+                    registry,
+                    vbdev_ro::RoOpts {
+                        base_bdev_name: base_bdev_name.clone(),
+                        name: name.clone(),
+                        uuid: *uuid,
+                    },
+                )
+                .await
+                .with_context(|| format!("bdev_ro_create over {base_bdev_name}"))?;
+                continue;
             }
         };
         let name = dev.name().to_string();
@@ -207,60 +207,6 @@ pub async fn load_config_file(registry: &Registry, path: &Path) -> anyhow::Resul
         .with_context(|| format!("reading config file {}", path.display()))?;
     let specs = parse_config(&text)?;
     create_bdevs(registry, &specs).await
-}
-
-/// A read-only view of another bdev (what `bdev_ro_create` makes): reads pass through,
-/// writes are refused.
-struct RoBdev {
-    name: String,
-    uuid: Uuid,
-    base: Arc<dyn BlockDevice>,
-}
-
-#[async_trait]
-impl BlockDevice for RoBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Read Only Disk"
-    }
-    fn module_name(&self) -> &str {
-        "ro"
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
-    }
-    fn block_len(&self) -> u32 {
-        self.base.block_len()
-    }
-    fn num_blocks(&self) -> u64 {
-        self.base.num_blocks()
-    }
-    fn buf_align(&self) -> usize {
-        self.base.buf_align()
-    }
-    fn io_type_supported(&self, io_type: IoType) -> bool {
-        match io_type {
-            IoType::Write | IoType::Unmap | IoType::WriteZeroes => false,
-            other => self.base.io_type_supported(other),
-        }
-    }
-    async fn read(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
-        self.base.read(offset_blocks, buf).await
-    }
-    async fn write(&self, _offset_blocks: u64, _buf: IoBuf) -> bdev_core::Result<IoBuf> {
-        Err(BdevError::NotSupported(IoType::Write))
-    }
-    async fn flush(&self) -> bdev_core::Result<()> {
-        Ok(())
-    }
-    async fn unmap(&self, _offset_blocks: u64, _num_blocks: u64) -> bdev_core::Result<()> {
-        Err(BdevError::NotSupported(IoType::Unmap))
-    }
-    async fn write_zeroes(&self, _offset_blocks: u64, _num_blocks: u64) -> bdev_core::Result<()> {
-        Err(BdevError::NotSupported(IoType::WriteZeroes))
-    }
 }
 
 #[cfg(test)]

@@ -111,14 +111,24 @@ fn le64(b: &[u8], off: usize) -> u64 {
 }
 
 /// The bits of a mask region, or an empty set when it cannot be read or is not that mask.
-async fn read_mask(dev: &dyn BsDev, start: u32, len: u32, mask_type: u8) -> Option<MaskInfo> {
+async fn read_mask(
+    dev: &dyn BsDev,
+    page_size: u64,
+    start: u32,
+    len: u32,
+    mask_type: u8,
+) -> Option<MaskInfo> {
     // Masks are a few pages; a huge length is damage, not something to allocate.
     if len == 0 || len > 16384 {
         return None;
     }
-    let bytes = read_bytes(dev, start as u64 * PAGE, (len as u64 * PAGE) as usize)
-        .await
-        .ok()?;
+    let bytes = read_bytes(
+        dev,
+        start as u64 * page_size,
+        (len as u64 * page_size) as usize,
+    )
+    .await
+    .ok()?;
     let m = inspect::parse_mask(&bytes).ok()?;
     (m.mask_type == mask_type).then_some(m)
 }
@@ -190,17 +200,33 @@ pub async fn dump_metadata(out: &mut dyn Write, dev: &dyn BsDev) -> Result<(), i
     let _ = writeln!(out, "Metadata Start: {}", sb.md_start);
     let _ = writeln!(out, "Metadata Length: {}", sb.md_len);
 
-    let used_md = read_mask(dev, sb.used_page_mask_start, sb.used_page_mask_len, 0).await;
-    let used_ids = read_mask(dev, sb.used_blobid_mask_start, sb.used_blobid_mask_len, 2).await;
+    // 0 (every store before v25.01) and anything SPDK would not have written mean 4096.
+    let md_page_size =
+        if sb.md_page_size.is_power_of_two() && (4096..=65536).contains(&sb.md_page_size) {
+            sb.md_page_size as u64
+        } else {
+            PAGE
+        };
+    let used_md = read_mask(
+        dev,
+        md_page_size,
+        sb.used_page_mask_start,
+        sb.used_page_mask_len,
+        0,
+    )
+    .await;
+    let used_ids = read_mask(
+        dev,
+        md_page_size,
+        sb.used_blobid_mask_start,
+        sb.used_blobid_mask_len,
+        2,
+    )
+    .await;
     let in_mask = |m: &Option<MaskInfo>, idx: u64| {
         m.as_ref()
             .map(|m| idx < m.length as u64 && m.set_bits.binary_search(&idx).is_ok())
             .unwrap_or(false)
-    };
-    let md_page_size = if sb.md_page_size == 0 {
-        PAGE
-    } else {
-        sb.md_page_size as u64
     };
     let io_unit = dev.block_len().max(1) as u64;
     let page_to_lba = |idx: u64| (sb.md_start as u64 + idx) * md_page_size / io_unit;

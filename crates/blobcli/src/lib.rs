@@ -3,10 +3,11 @@
 //! esnap clones (`--image`, `-l lvols`, `-d lvs/lvol`, `--output json`, `--check`).
 //!
 //! Owns: argument parsing, the SPDK JSON config reader (malloc, aio and read-only bdevs), the
-//! adapter from a bdev descriptor to the blobstore's device trait, the esnap factory that
-//! finds external snapshots among the configured bdevs, and every output format.
-//! Does not own: the on-disk format or any blobstore logic (the `blobstore` crate), the
-//! bdevs themselves (`bdev-core`).
+//! read-only overlay under inspection sessions, the esnap factory that finds external
+//! snapshots among the configured bdevs, and every output format.
+//! Does not own: the on-disk format or any blobstore logic (`blobstore`, including the
+//! `--check` scan), the bdevs (`bdev-core`, `vbdev-ro`), the descriptor-to-`BsDev` adapter
+//! (`lvol::BdevBsDev`).
 
 pub mod bsdev;
 pub mod cli;

@@ -75,6 +75,13 @@ fn get_text(b: &Blob, name: &str) -> Option<String> {
     b.get_xattr(name).ok().map(|v| xattr_string(&v))
 }
 
+/// Whether the store is an lvol store (bstype `LVOLSTORE`, as SPDK's lvol layer requires).
+pub fn is_lvstore(bs: &Blobstore) -> bool {
+    let t = bs.bstype();
+    let end = t.iter().position(|&c| c == 0).unwrap_or(16);
+    &t[..end] == b"LVOLSTORE"
+}
+
 /// Reads the lvol view of `bs`. Blobs are opened and closed again.
 pub async fn gather(bs: &Blobstore, registry: &Registry) -> LvsInfo {
     let super_blob = bs.super_blob();

@@ -353,7 +353,6 @@ fn image_is_never_written_by_looking() {
         vec!["-s", "bs"],
         vec!["-s", "0x100000000"],
         vec!["-l", "blobs"],
-        vec!["-l", "lvols"],
         vec!["-D"],
         vec!["--check"],
         vec!["-d", "0x100000000", "x.bin"],
@@ -364,6 +363,10 @@ fn image_is_never_written_by_looking() {
         let o = blobcli(d, &a, None);
         assert!(o.status.success(), "{args:?}: {}", stdout(&o));
     }
+    // Not an lvol store: said so, non-zero exit, nothing written.
+    let o = blobcli(d, &["--image", "v.img", "-l", "lvols"], None);
+    assert!(!o.status.success());
+    assert!(stdout(&o).starts_with("Not an lvol store: blobstore type is \"\""));
     assert_eq!(sha256_file(&img), before);
     let o = blobcli(
         d,
@@ -381,4 +384,32 @@ fn image_is_never_written_by_looking() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["num_clusters"], 2);
     assert_eq!(v["xattrs"]["name"]["text"], "alpha");
+}
+
+#[test]
+fn missing_blobs_and_script_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    malloc_config(d, 262144, 512);
+    let o = script(
+        d,
+        "-i\n-s 0x100000005\n-d $B3 x.bin\n# a comment\n-l blobs\n",
+    );
+    let t = stdout(&o);
+    // SPDK prints nothing for a blob it cannot find; the reason goes to stderr.
+    assert!(
+        t.contains(
+            "SCRIPT NOW PROCESSING: -s 0x100000005\n\nSCRIPT NOW PROCESSING: -d $B3 x.bin\n"
+        ),
+        "{t}"
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open blob 0x100000005"));
+    assert!(t.contains("ERROR: There is no blob for $B3\n"), "{t}");
+    assert!(t.contains("Error in blob open callback (err -2)\n"), "{t}");
+    assert!(!t.contains("a comment"));
+    assert!(
+        t.ends_with("SCRIPT NOW PROCESSING: -l blobs\n\nSCRIPT NOW PROCESSING: -X\n"),
+        "{t}"
+    );
+    assert_eq!(o.status.code(), Some(1));
 }

@@ -4,7 +4,9 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use common::*;
 use serde_json::Value;
@@ -19,13 +21,32 @@ struct Fixture {
     name: &'static str,
 }
 
+/// Decompresses a fixture file once per test process (debug-build gunzip is slow) and
+/// returns the pristine copy.
+fn pristine(rel: &str) -> PathBuf {
+    static CACHE: OnceLock<Mutex<(tempfile::TempDir, HashMap<String, PathBuf>)>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new((tempfile::tempdir().unwrap(), HashMap::new())));
+    let mut g = cache.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = g.1.get(rel) {
+        return p.clone();
+    }
+    let sub = g.0.path().join(rel.replace('/', "_"));
+    std::fs::create_dir_all(&sub).unwrap();
+    let p = test_support::gunzip_fixture(rel, &sub).unwrap();
+    g.1.insert(rel.to_string(), p.clone());
+    p
+}
+
 fn fixture(name: &'static str) -> Fixture {
     let img = if name == "blobcli" {
         "bs.img.gz"
     } else {
         "store.img.gz"
     };
-    let (dir, image) = test_support::fixture_copy(&format!("{name}/{img}"));
+    let dir = tempfile::tempdir().unwrap();
+    let src = pristine(&format!("{name}/{img}"));
+    let image = dir.path().join(src.file_name().unwrap());
+    std::fs::copy(&src, &image).unwrap();
     let manifest = test_support::manifest(name);
     let file = image.file_name().unwrap().to_str().unwrap().to_string();
     assert_eq!(
@@ -36,7 +57,7 @@ fn fixture(name: &'static str) -> Fixture {
         "fixture copy differs from the manifest"
     );
     if name == "esnap" {
-        test_support::gunzip_fixture("esnap/esnap.img.gz", dir.path()).unwrap();
+        std::fs::copy(pristine("esnap/esnap.img.gz"), dir.path().join("esnap.img")).unwrap();
     }
     Fixture {
         dir: dir.path().to_path_buf(),
@@ -257,6 +278,30 @@ fn check_fixture(name: &'static str) {
             v["lvols"].as_array().unwrap().len(),
             f.manifest["lvols"].as_array().unwrap().len()
         );
+        // The flags mean what bdev_lvol_get_lvols says they mean.
+        for l in f.manifest["lvols"].as_array().unwrap() {
+            let got = v["lvols"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|x| x["alias"] == l["alias"])
+                .unwrap_or_else(|| panic!("{} missing from JSON", l["alias"]));
+            for key in [
+                "uuid",
+                "blob_id",
+                "size_bytes",
+                "thin",
+                "is_snapshot",
+                "is_clone",
+                "is_esnap_clone",
+                "is_degraded",
+                "num_allocated_clusters",
+                "base_snapshot",
+                "external_snapshot_name",
+            ] {
+                assert_eq!(got[key], l[key], "{} of {}", key, l["alias"]);
+            }
+        }
     }
     assert_eq!(sha256_file(&f.image), before, "{name} image was modified");
 }

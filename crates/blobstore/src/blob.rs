@@ -81,8 +81,37 @@ pub(crate) struct BlobInner {
     pub id: BlobId,
     pub bs: Arc<StoreInner>,
     pub freeze: async_lock::RwLock<()>,
-    pub alloc: async_lock::Mutex<()>,
+    /// Per-cluster allocation locks: allocations of different clusters run in parallel,
+    /// two of the same cluster never do.
+    alloc: Mutex<std::collections::HashMap<usize, Arc<async_lock::Mutex<()>>>>,
     st: Mutex<BlobState>,
+}
+
+/// Holds a cluster's allocation lock; drops the map entry when nobody else wants it.
+struct ClusterGuard<'a> {
+    blob: &'a BlobInner,
+    idx: usize,
+    _g: Option<async_lock::MutexGuardArc<()>>,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.blob.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        self._g = None;
+        if let Some(m) = map.get(&self.idx) {
+            // Only the map holds it: nobody is waiting.
+            if Arc::strong_count(m) == 1 {
+                map.remove(&self.idx);
+            }
+        }
+    }
+}
+
+/// Target of a fast-path read.
+enum Fast {
+    Dev(u64),
+    Zero,
+    Esnap(Arc<dyn BsDev>, u64),
 }
 
 /// One piece of an I/O inside a single cluster.
@@ -102,8 +131,22 @@ impl BlobInner {
             id,
             bs,
             freeze: async_lock::RwLock::new(()),
-            alloc: async_lock::Mutex::new(()),
+            alloc: Mutex::new(std::collections::HashMap::new()),
             st: Mutex::new(st),
+        }
+    }
+
+    /// Takes the allocation lock of cluster `idx`.
+    async fn lock_cluster(&self, idx: usize) -> ClusterGuard<'_> {
+        let m = {
+            let mut map = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(idx).or_default().clone()
+        };
+        let g = m.lock_arc().await;
+        ClusterGuard {
+            blob: self,
+            idx,
+            _g: Some(g),
         }
     }
 
@@ -138,7 +181,7 @@ impl BlobInner {
 
     fn check_range(&self, offset: u64, bytes: usize) -> Result<u64> {
         let iu = u64::from(self.bs.geo.io_unit);
-        if bytes as u64 % iu != 0 {
+        if !(bytes as u64).is_multiple_of(iu) {
             return Err(einval(format!(
                 "length {bytes} is not a multiple of the io unit {iu}"
             )));
@@ -169,17 +212,72 @@ impl BlobInner {
 
     // ---------------------------------------------------------------- read
 
+    /// The fast path of a single-cluster I/O: one lock, no allocation. Returns the device
+    /// LBA when the whole request falls in one allocated cluster of an open blob (and, for
+    /// writes, the blob is writable).
+    fn fast_lba(&self, offset: u64, bytes: usize, write: bool) -> Option<u64> {
+        match self.fast_target(offset, bytes, write)? {
+            Fast::Dev(lba) => Some(lba),
+            Fast::Esnap(..) | Fast::Zero => None,
+        }
+    }
+
+    /// Where a single-cluster read can go without the general path: this blob's cluster,
+    /// or (unallocated cluster of an esnap clone) straight to the external device.
+    fn fast_target(&self, offset: u64, bytes: usize, write: bool) -> Option<Fast> {
+        let g = &self.bs.geo;
+        let iu = u64::from(g.io_unit);
+        let units = bytes as u64 / iu;
+        let off = offset % g.lba_per_cluster;
+        if !(bytes as u64).is_multiple_of(iu) || units == 0 || off + units > g.lba_per_cluster {
+            return None;
+        }
+        let s = self.lock();
+        if s.open_ref == 0 || (write && s.data_ro) {
+            return None;
+        }
+        let c = *s.md.clusters.get((offset / g.lba_per_cluster) as usize)?;
+        if c != 0 {
+            return Some(Fast::Dev(u64::from(c) * g.lba_per_cluster + off));
+        }
+        match &s.back {
+            Back::Zeroes | Back::None if !write => Some(Fast::Zero),
+            Back::Esnap(Some(d)) if !write => {
+                let bl = u64::from(d.block_len());
+                let lba = offset * iu / bl;
+                let n = bytes as u64 / bl;
+                (lba + n <= d.block_count() && !d.is_degraded())
+                    .then(|| Fast::Esnap(d.clone(), lba))
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) async fn read(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let _f = self.freeze.read().await;
+        match self.fast_target(offset, buf.len(), false) {
+            Some(Fast::Dev(lba)) => return self.bs.dev.read(lba, buf).await.map_err(io_err),
+            Some(Fast::Esnap(d, lba)) => return d.read(lba, buf).await.map_err(io_err),
+            Some(Fast::Zero) => {
+                let mut buf = buf;
+                buf.fill(0);
+                return Ok(buf);
+            }
+            None => {}
+        }
         let units = self.check_range(offset, buf.len())?;
         if units == 0 {
             return Ok(buf);
         }
-        let _f = self.freeze.read().await;
         self.read_through(offset, buf).await
     }
 
     /// Reads through the chain; anything past this blob's end reads as zeroes.
-    pub(crate) fn read_through(self: &Arc<Self>, offset: u64, mut buf: IoBuf) -> BoxFuture<'_, Result<IoBuf>> {
+    pub(crate) fn read_through(
+        self: &Arc<Self>,
+        offset: u64,
+        mut buf: IoBuf,
+    ) -> BoxFuture<'_, Result<IoBuf>> {
         async move {
             let iu = self.bs.geo.io_unit as usize;
             let units = (buf.len() / iu) as u64;
@@ -216,11 +314,17 @@ impl BlobInner {
                 .map_err(io_err);
         }
         let back = self.lock().back.clone_ref();
-        self.read_back(&back, s.cluster as u64 * lpc + s.off, buf).await
+        self.read_back(&back, s.cluster as u64 * lpc + s.off, buf)
+            .await
     }
 
     /// Reads `buf.len()` bytes at io_unit `offset` of the back device.
-    pub(crate) async fn read_back(&self, back: &BackRef, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+    pub(crate) async fn read_back(
+        &self,
+        back: &BackRef,
+        offset: u64,
+        mut buf: IoBuf,
+    ) -> Result<IoBuf> {
         match back {
             BackRef::Zeroes => {
                 buf.fill(0);
@@ -289,12 +393,15 @@ impl BlobInner {
     // ---------------------------------------------------------------- write
 
     pub(crate) async fn write(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let _f = self.freeze.read().await;
+        if let Some(lba) = self.fast_lba(offset, buf.len(), true) {
+            return self.bs.dev.write(lba, buf).await.map_err(io_err);
+        }
         self.check_writable()?;
         let units = self.check_range(offset, buf.len())?;
         if units == 0 {
             return Ok(buf);
         }
-        let _f = self.freeze.read().await;
         let segs = self.segments(offset, units);
         let iu = self.bs.geo.io_unit as usize;
         let lpc = self.bs.geo.lba_per_cluster;
@@ -309,7 +416,8 @@ impl BlobInner {
                     .await
                     .map_err(io_err);
             }
-            self.alloc_write(s.cluster, s.off, s.len, Some(&buf)).await?;
+            self.alloc_write(s.cluster, s.off, s.len, Some(&buf))
+                .await?;
             return Ok(buf);
         }
         for s in &segs {
@@ -323,7 +431,8 @@ impl BlobInner {
                     .await
                     .map_err(io_err)?;
             } else {
-                self.alloc_write(s.cluster, s.off, s.len, Some(data)).await?;
+                self.alloc_write(s.cluster, s.off, s.len, Some(data))
+                    .await?;
             }
         }
         Ok(buf)
@@ -370,7 +479,7 @@ impl BlobInner {
         len: u64,
         data: Option<&[u8]>,
     ) -> Result<()> {
-        let _a = self.alloc.lock().await;
+        let _a = self.lock_cluster(idx).await;
         let lpc = self.bs.geo.lba_per_cluster;
         let iu = self.bs.geo.io_unit as usize;
         let c = self.cluster_at(idx);
@@ -517,7 +626,7 @@ impl BlobInner {
                 st.md.thin() && matches!(st.back, Back::Zeroes)
             };
             if release {
-                let _a = self.alloc.lock().await;
+                let _a = self.lock_cluster(s.cluster).await;
                 let _m = self.bs.md_lock.lock().await;
                 if self.cluster_at(s.cluster) != c {
                     continue;

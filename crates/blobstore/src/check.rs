@@ -13,10 +13,7 @@ use crate::{BsDev, Result};
 
 pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
     let align = dev.buf_align();
-    let buf = dev
-        .read(0, IoBuf::new(PAGE, align))
-        .await
-        .map_err(io_err)?;
+    let buf = dev.read(0, IoBuf::new(PAGE, align)).await.map_err(io_err)?;
     let sbi = parse_super(&buf)?;
     validate_super(&sbi, dev.as_ref(), None)?;
     let (geo, total) = geo_from_super(&sbi, dev.as_ref());
@@ -34,8 +31,10 @@ pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
             if info.crc_ok {
                 heads.push(p);
             } else {
-                rep.problems
-                    .push(format!("bad crc at md page {p} (root page of blob {:#x})", info.id));
+                rep.problems.push(format!(
+                    "bad crc at md page {p} (root page of blob {:#x})",
+                    info.id
+                ));
             }
         }
     }
@@ -44,9 +43,10 @@ pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
         let mut pages = Vec::new();
         let mut cur = p;
         let mut chain = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut ok = true;
         loop {
-            if chain.contains(&cur) {
+            if !seen.insert(cur) {
                 rep.problems
                     .push(format!("blob {id:#x}: md chain loops back to page {cur}"));
                 ok = false;
@@ -118,18 +118,21 @@ pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
                 }
                 let info = parse_md_page(cache.get(pi).await?)?;
                 if !info.crc_ok {
-                    rep.problems
-                        .push(format!("blob {id:#x}: bad crc at md page {pi} (extent page)"));
+                    rep.problems.push(format!(
+                        "blob {id:#x}: bad crc at md page {pi} (extent page)"
+                    ));
                     continue;
                 }
                 let Some((_, e)) = extent_page_contents(&info) else {
-                    rep.problems
-                        .push(format!("blob {id:#x}: md page {pi} is not a valid extent page"));
+                    rep.problems.push(format!(
+                        "blob {id:#x}: md page {pi} is not a valid extent page"
+                    ));
                     continue;
                 };
                 if used_pages.get(u64::from(pi)) {
-                    rep.problems
-                        .push(format!("md page {pi} is used twice (extent page of {id:#x})"));
+                    rep.problems.push(format!(
+                        "md page {pi} is used twice (extent page of {id:#x})"
+                    ));
                 }
                 used_pages.set(u64::from(pi));
                 clusters.extend_from_slice(e);
@@ -160,8 +163,9 @@ pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
     }
     for (c, p) in &parents {
         if !used_blobids.get(u64::from(*p as u32)) || p >> 32 != 1 {
-            rep.problems
-                .push(format!("blob {c:#x}: parent snapshot {p:#x} does not exist"));
+            rep.problems.push(format!(
+                "blob {c:#x}: parent snapshot {p:#x} does not exist"
+            ));
         }
     }
     let mut used_clusters = Bitmap::new(total);
@@ -216,9 +220,9 @@ pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
             };
             for i in 0..len {
                 match (m.get(i), scan.get(i)) {
-                    (true, false) if t == MASK_CLUSTERS => rep
-                        .problems
-                        .push(format!("leaked cluster {i}: set in the mask, owned by no blob")),
+                    (true, false) if t == MASK_CLUSTERS => rep.problems.push(format!(
+                        "leaked cluster {i}: set in the mask, owned by no blob"
+                    )),
                     (false, true) if t == MASK_CLUSTERS => rep.problems.push(format!(
                         "cluster {i} is owned by blob {:#x} but clear in the mask",
                         owner.get(&(i as u32)).copied().unwrap_or(0)

@@ -239,7 +239,7 @@ impl Bitmap {
         let mut i = from;
         while i < self.len {
             let w = self.words[(i / 64) as usize];
-            if w == u64::MAX && i % 64 == 0 {
+            if w == u64::MAX && i.is_multiple_of(64) {
                 i += 64;
                 continue;
             }
@@ -265,6 +265,9 @@ impl Bitmap {
     /// Serialises as a mask region of `pages` pages.
     pub(crate) fn to_mask(&self, mask_type: u8, pages: u32) -> Vec<u8> {
         let mut b = vec![0u8; pages as usize * PAGE];
+        if b.len() < 5 {
+            return b;
+        }
         b[0] = mask_type;
         wr_u32(&mut b, 1, self.len as u32);
         for i in self.iter_ones() {
@@ -353,7 +356,8 @@ pub(crate) fn parse_md_page(b: &[u8]) -> Result<MdPageInfo> {
             }
         };
         let d = parse_descriptor(t, len, body);
-        let malformed = matches!(d, Descriptor::Unknown { desc_type, .. } if (1..=6).contains(&desc_type));
+        let malformed =
+            matches!(d, Descriptor::Unknown { desc_type, .. } if (1..=6).contains(&desc_type));
         if t != DESC_PADDING {
             descriptors.push(d);
         }
@@ -379,7 +383,7 @@ fn parse_descriptor(t: u8, len: u32, body: &[u8]) -> Descriptor {
     };
     match t {
         DESC_EXTENT_RLE => {
-            if len == 0 || len % 8 != 0 {
+            if len == 0 || !len.is_multiple_of(8) {
                 return bad;
             }
             let runs = body
@@ -414,7 +418,7 @@ fn parse_descriptor(t: u8, len: u32, body: &[u8]) -> Descriptor {
             }
         }
         DESC_EXTENT_TABLE => {
-            if body.len() < 8 || (body.len() - 8) % 8 != 0 {
+            if body.len() < 8 || !(body.len() - 8).is_multiple_of(8) {
                 return bad;
             }
             Descriptor::ExtentTable {
@@ -426,7 +430,7 @@ fn parse_descriptor(t: u8, len: u32, body: &[u8]) -> Descriptor {
             }
         }
         DESC_EXTENT_PAGE => {
-            if body.len() <= 4 || (body.len() - 4) % 4 != 0 {
+            if body.len() <= 4 || !(body.len() - 4).is_multiple_of(4) {
                 return bad;
             }
             Descriptor::ExtentPage {

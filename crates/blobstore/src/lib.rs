@@ -12,6 +12,28 @@
 //!
 //! It does not know about bdevs, lvols, RPC or reactors: it runs on any executor and
 //! only needs a [`BsDev`].
+//!
+//! ```text
+//!   Blobstore ──► StoreInner: geometry, masks, open blobs, snapshot→clones graph,
+//!                 md_lock (serialises every metadata write)
+//!   Blob ───────► BlobInner: metadata (flags, xattrs, cluster map, extent pages),
+//!                 freeze (I/O takes it shared; snapshot/resize/set_parent/merge exclusive),
+//!                 alloc lock (one allocating write per blob at a time),
+//!                 back device: none | zeroes | parent BlobInner | esnap BsDev
+//! ```
+//!
+//! Locks are always taken in this order: a blob's freeze, its allocation lock, the store's
+//! md_lock, then short std mutexes that are never held across an await. A read or write of
+//! an allocated cluster takes only the freeze (shared) and one std mutex.
+//!
+//! Crash safety follows SPDK's write order: new extent and continuation pages are written
+//! to fresh md pages first, the root page last (the commit point), and only then are old
+//! pages zeroed and clusters released. Deleting zeroes the root first. Multi-blob
+//! operations leave `SNAPTMP` / `SNAPRM` markers that load turns into the before or after
+//! state; unlike SPDK, that fix-up frees only what no surviving blob references. Beyond
+//! SPDK: a newly allocated cluster of a thin blob is always written whole (parent data or
+//! zeroes), so freed data never shows through; looping or over-deep chains and oversized
+//! maps on disk are refused instead of crashing.
 
 mod blob;
 mod check;
@@ -140,12 +162,16 @@ pub struct Blob {
 impl Blobstore {
     /// Initialises a new store on `dev` (SPDK `spdk_bs_init`).
     pub async fn init(dev: Arc<dyn BsDev>, opts: BsOpts) -> Result<Blobstore> {
-        Ok(Blobstore { inner: store::init(dev, &opts).await? })
+        Ok(Blobstore {
+            inner: store::init(dev, &opts).await?,
+        })
     }
     /// Loads a store; a dirty store (or `force_recover`) is recovered by scanning md pages.
     /// A failed load never writes to the device.
     pub async fn load(dev: Arc<dyn BsDev>, opts: BsOpts) -> Result<Blobstore> {
-        Ok(Blobstore { inner: store::load(dev, &opts).await? })
+        Ok(Blobstore {
+            inner: store::load(dev, &opts).await?,
+        })
     }
     /// Writes the masks and marks the store clean. EBUSY if any blob is open.
     pub async fn unload(&self) -> Result<()> {
@@ -157,7 +183,10 @@ impl Blobstore {
         {
             let st = self.inner.state();
             if !st.open.is_empty() {
-                return Err(BsError::Busy(format!("{} blob(s) still open", st.open.len())));
+                return Err(BsError::Busy(format!(
+                    "{} blob(s) still open",
+                    st.open.len()
+                )));
             }
         }
         self.inner
@@ -298,9 +327,18 @@ impl Blobstore {
     ) -> Result<u64> {
         self.inner.shallow_copy(id, dst, progress).await
     }
+    /// Number of blobs open right now (including snapshots held open by their clones).
+    pub fn open_blobs_count(&self) -> usize {
+        self.inner.state().open.len()
+    }
     /// Ids of the clones of a snapshot.
     pub fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
-        self.inner.state().clones.get(&id).cloned().unwrap_or_default()
+        self.inner
+            .state()
+            .clones
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -330,14 +368,10 @@ impl Blob {
         let s = self.inner.lock();
         s.data_ro
     }
-    /// Has clones (SPDK `spdk_blob_is_snapshot`).
+    /// Has (or had, since load) clones: SPDK `spdk_blob_is_snapshot`, which is true while the
+    /// blob is in the store's snapshot list.
     pub fn is_snapshot(&self) -> bool {
-        self.inner
-            .bs
-            .state()
-            .clones
-            .get(&self.inner.id)
-            .is_some_and(|v| !v.is_empty())
+        self.inner.bs.state().clones.contains_key(&self.inner.id)
     }
     /// Is a clone of a snapshot blob.
     pub fn is_clone(&self) -> bool {
@@ -440,7 +474,10 @@ impl Blob {
         md::check_xattr_size(name, value)?;
         let mut s = self.inner.lock();
         if s.md_ro {
-            return Err(error::eperm(format!("blob {:#x} metadata is read-only", self.inner.id)));
+            return Err(error::eperm(format!(
+                "blob {:#x} metadata is read-only",
+                self.inner.id
+            )));
         }
         md::set_in(&mut s.md.xattrs, name, value);
         s.touch();
@@ -461,7 +498,10 @@ impl Blob {
     pub fn remove_xattr(&self, name: &str) -> Result<()> {
         let mut s = self.inner.lock();
         if s.md_ro {
-            return Err(error::eperm(format!("blob {:#x} metadata is read-only", self.inner.id)));
+            return Err(error::eperm(format!(
+                "blob {:#x} metadata is read-only",
+                self.inner.id
+            )));
         }
         let n = s.md.xattrs.len();
         s.md.xattrs.retain(|(k, _)| k != name);
@@ -473,7 +513,13 @@ impl Blob {
     }
     /// Public xattr names, in order.
     pub fn xattr_names(&self) -> Vec<String> {
-        self.inner.lock().md.xattrs.iter().map(|(n, _)| n.clone()).collect()
+        self.inner
+            .lock()
+            .md
+            .xattrs
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
     /// Internal xattr (`SNAP`, `EXTSNAP`, ...) for inspection tools.
     pub fn get_internal_xattr(&self, name: &str) -> Result<Vec<u8>> {
@@ -484,11 +530,54 @@ impl Blob {
             .map(|v| v.to_vec())
             .ok_or_else(|| error::enoent(format!("internal xattr {name:?} not found")))
     }
+    /// Sets an internal xattr (invisible to the public getters; persisted at sync). The
+    /// blobstore's own names (`SNAP`, `SNAPTMP`, `SNAPRM`, `EXTSNAP`) are refused (EINVAL).
+    pub fn set_internal_xattr(&self, name: &str, value: &[u8]) -> Result<()> {
+        if name.is_empty() || ["SNAP", "SNAPTMP", "SNAPRM", "EXTSNAP"].contains(&name) {
+            return Err(error::einval(format!(
+                "internal xattr name {name:?} is reserved"
+            )));
+        }
+        md::check_xattr_size(name, value)?;
+        let mut s = self.inner.lock();
+        if s.md_ro {
+            return Err(error::eperm(format!(
+                "blob {:#x} metadata is read-only",
+                self.inner.id
+            )));
+        }
+        s.md.set_internal(name, value);
+        s.touch();
+        Ok(())
+    }
+    /// Removes an internal xattr set with [`Blob::set_internal_xattr`] (ENOENT if missing).
+    pub fn remove_internal_xattr(&self, name: &str) -> Result<()> {
+        if ["SNAP", "SNAPTMP", "SNAPRM", "EXTSNAP"].contains(&name) {
+            return Err(error::einval(format!(
+                "internal xattr name {name:?} is reserved"
+            )));
+        }
+        let mut s = self.inner.lock();
+        if s.md_ro {
+            return Err(error::eperm(format!(
+                "blob {:#x} metadata is read-only",
+                self.inner.id
+            )));
+        }
+        if !s.md.remove_internal(name) {
+            return Err(error::enoent(format!("internal xattr {name:?} not found")));
+        }
+        s.touch();
+        Ok(())
+    }
     /// The `EXTSNAP` id (EINVAL if not an esnap clone).
     pub fn esnap_id(&self) -> Result<Vec<u8>> {
         let s = self.inner.lock();
         if !s.md.esnap() {
-            return Err(error::einval(format!("blob {:#x} is not an esnap clone", self.inner.id)));
+            return Err(error::einval(format!(
+                "blob {:#x} is not an esnap clone",
+                self.inner.id
+            )));
         }
         s.md.get_internal(format::XATTR_EXTSNAP)
             .map(|v| v.to_vec())

@@ -318,3 +318,91 @@ pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo], max_cluster: u64) -> Re
     }
     Ok(ci)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{parse_md_page, seal_page, wr_u32, NEXT_OFF};
+
+    fn roundtrip(md: &BlobMd) -> ChainInfo {
+        let id = page_to_blobid(7);
+        let mut pages = md.serialize(id).unwrap();
+        let n = pages.len();
+        for (i, p) in pages.iter_mut().enumerate() {
+            wr_u32(
+                p,
+                NEXT_OFF,
+                if i + 1 < n { 100 + i as u32 } else { u32::MAX },
+            );
+            seal_page(p);
+        }
+        let infos: Vec<_> = pages.iter().map(|p| parse_md_page(p).unwrap()).collect();
+        assert!(infos.iter().all(|i| i.crc_ok && i.id == id));
+        assert!(infos
+            .iter()
+            .enumerate()
+            .all(|(k, i)| i.sequence_num == k as u32));
+        parse_chain(id, &infos, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn rle_roundtrip_merges_runs() {
+        let md = BlobMd {
+            invalid: INV_THIN,
+            xattrs: vec![("name".into(), b"x\0".to_vec())],
+            clusters: vec![5, 6, 7, 0, 0, 9, 20, 21, 0],
+            ..Default::default()
+        };
+        let ci = roundtrip(&md);
+        assert_eq!(ci.md.clusters, md.clusters);
+        assert_eq!(ci.md.xattrs, md.xattrs);
+        assert!(ci.table.is_none());
+    }
+
+    #[test]
+    fn extent_table_roundtrip_with_spill() {
+        let mut md = BlobMd {
+            invalid: INV_THIN | INV_EXTENT_TABLE | INV_INTERNAL_XATTR,
+            clusters: vec![0; 3000],
+            eps: vec![3, 0, 0, 4, 0, 9],
+            ..Default::default()
+        };
+        for i in 0..5 {
+            md.xattrs.push((format!("a{i}"), vec![i; 1000]));
+        }
+        md.set_internal(XATTR_SNAP, &page_to_blobid(2).to_le_bytes());
+        let ci = roundtrip(&md);
+        let (n, entries) = ci.table.unwrap();
+        assert_eq!(n, 3000);
+        assert_eq!(entries, vec![(3, 1), (0, 2), (4, 1), (0, 1), (9, 1)]);
+        assert_eq!(ci.md.xattrs.len(), 5);
+        assert_eq!(ci.md.snap_parent().unwrap(), Some(page_to_blobid(2)));
+    }
+
+    #[test]
+    fn zero_cluster_blob_has_an_empty_table() {
+        let md = BlobMd {
+            invalid: INV_EXTENT_TABLE,
+            ..Default::default()
+        };
+        let ci = roundtrip(&md);
+        assert_eq!(ci.table, Some((0, vec![])));
+    }
+
+    #[test]
+    fn unknown_invalid_flag_and_bad_snap_are_rejected() {
+        let md = BlobMd {
+            invalid: 0x10,
+            ..Default::default()
+        };
+        let pages = md.serialize(page_to_blobid(1)).unwrap();
+        let info = parse_md_page(&pages[0]).unwrap();
+        assert!(parse_chain(page_to_blobid(1), &[info], 10).is_err());
+        let mut md = BlobMd {
+            invalid: INV_THIN,
+            ..Default::default()
+        };
+        md.set_internal(XATTR_SNAP, b"short");
+        assert_eq!(md.snap_parent().unwrap_err().errno(), libc::EINVAL);
+    }
+}

@@ -291,7 +291,11 @@ impl StoreInner {
                         "blob {snap_id:#x} is not read-only and cannot be cloned"
                     )));
                 }
-                (s.md.clusters.len() as u64, s.md.use_et(), s.md.md_ro & MD_RO_CLEAR_MASK)
+                (
+                    s.md.clusters.len() as u64,
+                    s.md.use_et(),
+                    s.md.md_ro & MD_RO_CLEAR_MASK,
+                )
             };
             let mut md = BlobMd {
                 invalid: INV_THIN | if use_et { INV_EXTENT_TABLE } else { 0 },
@@ -353,7 +357,7 @@ impl StoreInner {
             self.state().used_blobids.set(u64::from(page));
             return Err(e);
         }
-        self.remove_relation(id);
+        self.forget_blob(id);
         Ok(())
     }
 
@@ -433,7 +437,7 @@ impl StoreInner {
         self.state().used_blobids.clear(u64::from(sid as u32));
         let g = self.state().parent_of.get(&sid).copied();
         self.remove_relation(cb.id);
-        self.remove_relation(sid);
+        self.forget_blob(sid);
         if let Some(g) = g {
             self.add_relation(g, cb.id);
         }
@@ -534,7 +538,8 @@ impl StoreInner {
             (0..s.md.clusters.len())
                 .filter(|&i| {
                     s.md.clusters[i] == 0
-                        && (allocate_all || parent.as_ref().is_some_and(|p| p.cluster_at_pub(i) != 0))
+                        && (allocate_all
+                            || parent.as_ref().is_some_and(|p| p.cluster_at_pub(i) != 0))
                 })
                 .collect()
         };
@@ -671,7 +676,7 @@ impl StoreInner {
             return Err(einval("esnap id equals the blob id"));
         }
         let bytes = u64::from(dev.block_len()) * dev.block_count();
-        if bytes % u64::from(self.geo.cluster_size) != 0 {
+        if !bytes.is_multiple_of(u64::from(self.geo.cluster_size)) {
             return Err(einval(format!(
                 "esnap device of {bytes} bytes is not a multiple of the cluster size"
             )));
@@ -770,16 +775,18 @@ impl StoreInner {
     pub(crate) async fn grow(&self) -> Result<()> {
         self.check_live()?;
         let _g = self.md_lock.lock().await;
-        let s = self.read_super().await?;
         let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
         let total = self.state().total_clusters;
         let new_total = dev_bytes / u64::from(self.geo.cluster_size);
         if new_total < total {
-            return Err(enospc("the device shrank"));
+            return Err(enospc(format!(
+                "the device shrank to {new_total} clusters, the store has {total}"
+            )));
         }
         if new_total == total {
             return Ok(());
         }
+        let s = self.read_super().await?;
         let need = (5 + new_total.div_ceil(8)).div_ceil(PAGE as u64) as u32;
         let reserved = s.used_blobid_mask_start - s.used_cluster_mask_start;
         if need > reserved || new_total > u64::from(u32::MAX) {

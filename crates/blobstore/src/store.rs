@@ -18,6 +18,9 @@ use crate::inspect::SuperBlockInfo;
 use crate::md::{parse_chain, BlobMd};
 use crate::{BlobId, BsDev, BsError, BsOpts, ClearMethod, EsnapDevFactory, Result, BLOBID_INVALID};
 
+/// Longest snapshot chain we open (guards recursion against hostile metadata).
+pub(crate) const MAX_CHAIN_DEPTH: usize = 1024;
+
 /// Fixed geometry of a loaded store.
 #[derive(Clone, Debug)]
 pub(crate) struct Geo {
@@ -99,7 +102,7 @@ fn mask_pages(bits: u64) -> u32 {
 }
 
 fn compute_layout(dev_bytes: u64, cluster_size: u32, num_md_pages: Option<u32>) -> Result<Layout> {
-    if cluster_size < PAGE as u32 || cluster_size % PAGE as u32 != 0 {
+    if cluster_size < PAGE as u32 || !cluster_size.is_multiple_of(PAGE as u32) {
         return Err(einval(format!(
             "cluster size {cluster_size} is not a multiple of {PAGE}"
         )));
@@ -194,14 +197,18 @@ pub(crate) fn validate_super(
             s.md_page_size
         )));
     }
-    let io_unit = if s.io_unit_size == 0 { 4096 } else { s.io_unit_size };
+    let io_unit = if s.io_unit_size == 0 {
+        4096
+    } else {
+        s.io_unit_size
+    };
     if io_unit != dev.block_len() {
         return Err(einval(format!(
             "store io_unit_size {io_unit} differs from the device block size {}",
             dev.block_len()
         )));
     }
-    if s.cluster_size < PAGE as u32 || s.cluster_size % PAGE as u32 != 0 {
+    if s.cluster_size < PAGE as u32 || !s.cluster_size.is_multiple_of(PAGE as u32) {
         return Err(BsError::BadSuperBlock(format!(
             "cluster size {} is not a multiple of 4096",
             s.cluster_size
@@ -211,7 +218,11 @@ pub(crate) fn validate_super(
     let total_pages = size / PAGE as u64;
     let md_end = u64::from(s.md_start) + u64::from(s.md_len);
     let regions = [
-        (s.used_page_mask_start, s.used_page_mask_len, "used page mask"),
+        (
+            s.used_page_mask_start,
+            s.used_page_mask_len,
+            "used page mask",
+        ),
         (
             s.used_cluster_mask_start,
             s.used_cluster_mask_len,
@@ -236,6 +247,38 @@ pub(crate) fn validate_super(
             s.md_start, s.md_len
         )));
     }
+    let clusters = size / u64::from(s.cluster_size);
+    let fits = |len: u32, bits: u64| u64::from(len) * PAGE as u64 >= 5 + bits.div_ceil(8);
+    if !fits(s.used_page_mask_len, u64::from(s.md_len)) {
+        return Err(BsError::BadSuperBlock(format!(
+            "used page mask ({} pages) cannot hold {} bits",
+            s.used_page_mask_len, s.md_len
+        )));
+    }
+    if !fits(s.used_cluster_mask_len, clusters) {
+        return Err(BsError::BadSuperBlock(format!(
+            "used cluster mask ({} pages) cannot hold {clusters} bits",
+            s.used_cluster_mask_len
+        )));
+    }
+    if s.used_blobid_mask_len != 0 && !fits(s.used_blobid_mask_len, u64::from(s.md_len)) {
+        return Err(BsError::BadSuperBlock(format!(
+            "used blobid mask ({} pages) cannot hold {} bits",
+            s.used_blobid_mask_len, s.md_len
+        )));
+    }
+    let max_mask = mask_pages(clusters.max(u64::from(s.md_len))) + 1;
+    for (len, what) in [
+        (s.used_page_mask_len, "used page mask"),
+        (s.used_cluster_mask_len, "used cluster mask"),
+        (s.used_blobid_mask_len, "used blobid mask"),
+    ] {
+        if len > max_mask {
+            return Err(BsError::BadSuperBlock(format!(
+                "{what} is {len} pages long, more than the store can need"
+            )));
+        }
+    }
     if size / u64::from(s.cluster_size) == 0 {
         return Err(BsError::BadSuperBlock("store holds no cluster".into()));
     }
@@ -252,7 +295,7 @@ pub(crate) struct PageCache<'a> {
     align: usize,
     chunk: u32,
     base: u32,
-    data: Vec<u8>,
+    data: Option<IoBuf>,
 }
 
 impl<'a> PageCache<'a> {
@@ -263,7 +306,7 @@ impl<'a> PageCache<'a> {
             align,
             chunk: 64,
             base: u32::MAX,
-            data: Vec::new(),
+            data: None,
         }
     }
     pub(crate) async fn get(&mut self, p: u32) -> Result<&[u8]> {
@@ -276,17 +319,25 @@ impl<'a> PageCache<'a> {
         if self.base == u32::MAX || p < self.base || p >= self.base + self.chunk {
             let base = p - p % self.chunk;
             let n = self.chunk.min(self.geo.md_len - base);
-            let buf = IoBuf::new(n as usize * PAGE, self.align);
+            let len = n as usize * PAGE;
+            let buf = match self.data.take() {
+                Some(b) if b.len() == len => b,
+                _ => IoBuf::new(len, self.align),
+            };
+            self.base = u32::MAX;
             let buf = self
                 .dev
                 .read(self.geo.page_lba(base), buf)
                 .await
                 .map_err(io_err)?;
-            self.data = buf.to_vec();
+            self.data = Some(buf);
             self.base = base;
         }
         let o = (p - self.base) as usize * PAGE;
-        Ok(&self.data[o..o + PAGE])
+        match &self.data {
+            Some(d) => Ok(&d[o..o + PAGE]),
+            None => Err(corrupt("md page cache is empty")),
+        }
     }
 }
 
@@ -398,10 +449,18 @@ impl StoreInner {
     }
 
     pub(crate) fn alloc_md_page(&self) -> Result<u32> {
+        self.alloc_md_page_from(0)
+    }
+
+    /// Claims the lowest free md page at or after `min`. Extent pages start at 1: an extent
+    /// table entry of 0 means "no extent page", so page 0 (free once blob 0x100000000 is
+    /// deleted) must never hold one.
+    pub(crate) fn alloc_md_page_from(&self, min: u64) -> Result<u32> {
         let mut st = self.state();
-        let p = st.used_pages.first_clear(0).ok_or_else(|| {
-            BsError::NoMemory("no free metadata page".into())
-        })?;
+        let p = st
+            .used_pages
+            .first_clear(min)
+            .ok_or_else(|| BsError::NoMemory("no free metadata page".into()))?;
         st.used_pages.set(p);
         Ok(p as u32)
     }
@@ -519,13 +578,10 @@ impl StoreInner {
                     if cur != 0 && !ep_dirty.contains(&k) {
                         continue;
                     }
-                    let p = self.alloc_md_page()?;
+                    let p = self.alloc_md_page_from(1)?;
                     new_pages.push(p);
-                    let page = build_extent_page(
-                        id,
-                        (k * EXTENTS_PER_EP) as u32,
-                        md.chunk_entries(k),
-                    );
+                    let page =
+                        build_extent_page(id, (k * EXTENTS_PER_EP) as u32, md.chunk_entries(k));
                     self.write_md_page(p, &page).await?;
                     if cur != 0 {
                         old_eps.push(cur);
@@ -543,10 +599,10 @@ impl StoreInner {
                 new_pages.push(p);
                 chain.push(p);
             }
-            for i in 0..pages.len() {
+            for (i, page) in pages.iter_mut().enumerate() {
                 let next = chain.get(i + 1).copied().unwrap_or(INVALID_PAGE);
-                wr_u32(&mut pages[i], NEXT_OFF, next);
-                seal_page(&mut pages[i]);
+                wr_u32(page, NEXT_OFF, next);
+                seal_page(page);
             }
             for i in 1..pages.len() {
                 self.write_md_page(chain[i], &pages[i]).await?;
@@ -581,7 +637,12 @@ impl StoreInner {
 
     /// Deletes a blob's metadata (md_lock held): zeroes the root first (the commit point),
     /// then the other pages, then releases clusters.
-    pub(crate) async fn persist_delete(&self, id: BlobId, md: &BlobMd, chain: &[u32]) -> Result<()> {
+    pub(crate) async fn persist_delete(
+        &self,
+        id: BlobId,
+        md: &BlobMd,
+        chain: &[u32],
+    ) -> Result<()> {
         let root = blobid_to_page(id).ok_or_else(|| einval(format!("bad blob id {id:#x}")))?;
         self.mark_dirty().await?;
         self.write_md_page(root, &vec![0u8; PAGE]).await?;
@@ -605,8 +666,9 @@ impl StoreInner {
         let mut pages = Vec::new();
         let mut chain = Vec::new();
         let mut p = root;
+        let mut seen = HashSet::new();
         loop {
-            if chain.contains(&p) {
+            if !seen.insert(p) {
                 return Err(corrupt(format!("blob {id:#x}: md chain loops at page {p}")));
             }
             let raw = self.read_md_page(p).await?;
@@ -671,7 +733,9 @@ impl StoreInner {
                     )));
                 }
                 let (start, entries) = extent_page_contents(&info).ok_or_else(|| {
-                    enoent(format!("blob {id:#x}: md page {pidx} is not an extent page"))
+                    enoent(format!(
+                        "blob {id:#x}: md page {pidx} is not an extent page"
+                    ))
                 })?;
                 if start as usize != md.clusters.len() {
                     return Err(corrupt(format!(
@@ -711,8 +775,30 @@ impl StoreInner {
     }
 
     /// Opens a blob (md_lock held). An open blob gets `open_ref + 1`.
-    pub(crate) fn open_locked(self: &Arc<Self>, id: BlobId) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
+    pub(crate) fn open_locked(
+        self: &Arc<Self>,
+        id: BlobId,
+    ) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
+        self.open_chain(id, Vec::new())
+    }
+
+    /// Opens `id`; `children` are the clones being opened below it (cycle and depth guard).
+    fn open_chain(
+        self: &Arc<Self>,
+        id: BlobId,
+        mut children: Vec<BlobId>,
+    ) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
         async move {
+            if children.contains(&id) {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: snapshot chain loops back to itself"
+                )));
+            }
+            if children.len() >= MAX_CHAIN_DEPTH {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: snapshot chain deeper than {MAX_CHAIN_DEPTH}"
+                )));
+            }
             if let Some(b) = self.state().open.get(&id).cloned() {
                 b.lock().open_ref += 1;
                 return Ok(b);
@@ -728,9 +814,7 @@ impl StoreInner {
                 })?;
                 let eid = md
                     .get_internal(XATTR_EXTSNAP)
-                    .ok_or_else(|| {
-                        einval(format!("esnap clone {id:#x} has no EXTSNAP xattr"))
-                    })?
+                    .ok_or_else(|| einval(format!("esnap clone {id:#x} has no EXTSNAP xattr")))?
                     .to_vec();
                 let dev = f.create(id, &eid).await?;
                 if let Some(d) = &dev {
@@ -738,7 +822,8 @@ impl StoreInner {
                 }
                 Back::Esnap(dev)
             } else if let Some(p) = md.snap_parent()? {
-                Back::Snapshot(self.open_locked(p).await?)
+                children.push(id);
+                Back::Snapshot(self.open_chain(p, children).await?)
             } else if md.thin() {
                 Back::Zeroes
             } else {
@@ -757,7 +842,7 @@ impl StoreInner {
 
     pub(crate) fn check_esnap_dev(&self, d: &dyn BsDev) -> Result<()> {
         let bl = d.block_len();
-        if bl == 0 || self.geo.io_unit % bl != 0 {
+        if bl == 0 || !self.geo.io_unit.is_multiple_of(bl) {
             return Err(einval(format!(
                 "esnap device block size {bl} does not divide the io unit {}",
                 self.geo.io_unit
@@ -809,14 +894,19 @@ impl StoreInner {
         }
     }
 
+    /// Drops every relation of a deleted blob.
+    pub(crate) fn forget_blob(&self, id: BlobId) {
+        self.remove_relation(id);
+        self.state().clones.remove(&id);
+    }
+
     pub(crate) fn remove_relation(&self, clone: BlobId) {
         let mut st = self.state();
         if let Some(p) = st.parent_of.remove(&clone) {
+            // Like SPDK, a snapshot keeps its (maybe empty) entry until it is deleted, so it
+            // still counts as a snapshot for set_parent.
             if let Some(v) = st.clones.get_mut(&p) {
                 v.retain(|&c| c != clone);
-                if v.is_empty() {
-                    st.clones.remove(&p);
-                }
             }
         }
     }
@@ -999,7 +1089,7 @@ pub(crate) async fn recover_masks(
         blobids.set(u64::from(p));
         let mut ep_list: Vec<u32> = Vec::new();
         let mut cur = info;
-        let mut seen = vec![p];
+        let mut seen = HashSet::from([p]);
         loop {
             for d in &cur.descriptors {
                 match d {
@@ -1023,7 +1113,7 @@ pub(crate) async fn recover_masks(
                 }
             }
             let next = cur.next;
-            if next == INVALID_PAGE || next >= md_len || seen.contains(&next) {
+            if next == INVALID_PAGE || next >= md_len || !seen.insert(next) {
                 break;
             }
             let ni = parse_md_page(cache.get(next).await?)?;
@@ -1031,7 +1121,6 @@ pub(crate) async fn recover_masks(
                 break;
             }
             pages.set(u64::from(next));
-            seen.push(next);
             cur = ni;
         }
         for ep in ep_list {
@@ -1066,7 +1155,9 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         )));
     }
     if dev.block_count().saturating_mul(u64::from(bl)) < PAGE as u64 {
-        return Err(BsError::BadSuperBlock("device is smaller than a super block".into()));
+        return Err(BsError::BadSuperBlock(
+            "device is smaller than a super block".into(),
+        ));
     }
     let buf = dev.read(0, IoBuf::new(PAGE, align)).await.map_err(io_err)?;
     let sbi = parse_super(&buf)?;
@@ -1136,7 +1227,12 @@ impl StoreInner {
                 let mut pages = Vec::new();
                 let mut cur = p;
                 let mut ok = true;
+                let mut seen = HashSet::new();
                 loop {
+                    if !seen.insert(cur) {
+                        ok = false;
+                        break;
+                    }
                     let info = parse_md_page(cache.get(cur).await?)?;
                     if !info.crc_ok || (pages.is_empty() && info.id != id) {
                         ok = false;
@@ -1189,7 +1285,8 @@ impl StoreInner {
         for (id, s) in &summaries {
             let target = s.snaptmp.or(s.snaprm);
             if let Some(t) = target {
-                self.fixup_pending_snapshot(*id, t, s.snaptmp.is_some()).await?;
+                self.fixup_pending_snapshot(*id, t, s.snaptmp.is_some())
+                    .await?;
             }
         }
         Ok(())
@@ -1208,7 +1305,11 @@ impl StoreInner {
         let (mut md, chain) = self.load_blob_md(snap).await?;
         let points_here = self.state().parent_of.get(&target) == Some(&snap);
         if points_here {
-            md.remove_internal(if creating { XATTR_SNAPTMP } else { XATTR_SNAPRM });
+            md.remove_internal(if creating {
+                XATTR_SNAPTMP
+            } else {
+                XATTR_SNAPRM
+            });
             if creating {
                 md.data_ro |= DATA_RO_READ_ONLY;
             }
@@ -1237,7 +1338,7 @@ impl StoreInner {
         }
         self.state().used_blobids.clear(u64::from(snap as u32));
         self.persist_delete(snap, &md, &chain).await?;
-        self.remove_relation(snap);
+        self.forget_blob(snap);
         let orphans: Vec<BlobId> = self.state().clones.remove(&snap).unwrap_or_default();
         for o in orphans {
             self.state().parent_of.remove(&o);
@@ -1251,7 +1352,9 @@ impl StoreInner {
         {
             let st = self.state();
             if st.unloaded {
-                return Err(BsError::BadHandle("the blobstore was already unloaded".into()));
+                return Err(BsError::BadHandle(
+                    "the blobstore was already unloaded".into(),
+                ));
             }
             if !st.open.is_empty() {
                 return Err(crate::error::busy(format!(
@@ -1260,6 +1363,14 @@ impl StoreInner {
                 )));
             }
         }
+        let r = self.write_clean().await;
+        // Like SPDK, a failed unload (a device gone away) still ends this store.
+        self.state().unloaded = true;
+        r
+    }
+
+    /// Writes the three masks, then the super block with clean = 1.
+    async fn write_clean(&self) -> Result<()> {
         let s = self.read_super().await?;
         let (pm, cm, bm, total) = {
             let st = self.state();
@@ -1267,7 +1378,8 @@ impl StoreInner {
                 st.used_pages.to_mask(MASK_PAGES, s.used_page_mask_len),
                 st.used_clusters
                     .to_mask(MASK_CLUSTERS, s.used_cluster_mask_len),
-                st.used_blobids.to_mask(MASK_BLOBIDS, s.used_blobid_mask_len),
+                st.used_blobids
+                    .to_mask(MASK_BLOBIDS, s.used_blobid_mask_len),
                 st.total_clusters,
             )
         };
@@ -1294,9 +1406,7 @@ impl StoreInner {
             let _ = total;
         })
         .await?;
-        let mut st = self.state();
-        st.clean_on_disk = true;
-        st.unloaded = true;
+        self.state().clean_on_disk = true;
         Ok(())
     }
 }

@@ -95,7 +95,10 @@ impl MemBsDev {
 
     fn range(&self, lba: u64, n: u64) -> std::io::Result<(usize, usize)> {
         let bl = u64::from(self.block_len);
-        if lba.checked_add(n).is_none_or(|e| e > self.blocks.load(Ordering::SeqCst)) {
+        if lba
+            .checked_add(n)
+            .is_none_or(|e| e > self.blocks.load(Ordering::SeqCst))
+        {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(((lba * bl) as usize, ((lba + n) * bl) as usize))

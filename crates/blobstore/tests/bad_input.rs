@@ -24,10 +24,7 @@ fn store() -> (Vec<u8>, u64, u64) {
             .create_blob(BlobOpts {
                 num_clusters: 2,
                 thin: true,
-                xattrs: vec![
-                    ("x1".into(), vec![1; 3000]),
-                    ("x2".into(), vec![2; 3000]),
-                ],
+                xattrs: vec![("x1".into(), vec![1; 3000]), ("x2".into(), vec![2; 3000])],
                 ..Default::default()
             })
             .await
@@ -40,7 +37,9 @@ fn store() -> (Vec<u8>, u64, u64) {
             .await
             .unwrap();
         let h = bs.open_blob(a).await.unwrap();
-        h.write(0, IoBuf::from_slice(&[7u8; 4096], 4096)).await.unwrap();
+        h.write(0, IoBuf::from_slice(&[7u8; 4096], 4096))
+            .await
+            .unwrap();
         h.close().await.unwrap();
         bs.unload().await.unwrap();
         (d.snapshot(), a, b)
@@ -100,7 +99,7 @@ fn wrong_signature_bad_crc_unknown_version() {
     reseal(&mut g[..4096]);
     assert_eq!(load_err(g).0, libc::EINVAL);
     // Too small for a super block.
-    assert_eq!(load_err(vec![0; 4096 * 0 + 512]).0 != 0, true);
+    assert!(load_err(vec![0; 512]).0 != 0);
 }
 
 fn chain_pages(img: &[u8], md_start: usize, root: usize) -> Vec<usize> {
@@ -123,7 +122,11 @@ fn looping_or_escaping_chain_is_an_error() {
     let ms = sb.md_start as usize;
     let chain = chain_pages(&img, ms, (a as u32) as usize);
     assert!(chain.len() >= 2, "{chain:?}");
-    for (next, clean) in [(chain[0] as u32, 1u8), (999_999u32, 1), (chain[0] as u32, 0)] {
+    for (next, clean) in [
+        (chain[0] as u32, 1u8),
+        (999_999u32, 1),
+        (chain[0] as u32, 0),
+    ] {
         let mut m = img.clone();
         let last = *chain.last().unwrap();
         let pg = md_page(&mut m, ms, last);
@@ -138,7 +141,9 @@ fn looping_or_escaping_chain_is_an_error() {
             assert_eq!(e.errno(), libc::EINVAL, "{e}");
             let r = check(d.clone()).await.unwrap();
             assert!(
-                r.problems.iter().any(|p| p.contains("loops") || p.contains("outside")),
+                r.problems
+                    .iter()
+                    .any(|p| p.contains("loops") || p.contains("outside")),
                 "{:?}",
                 r.problems
             );
@@ -163,7 +168,9 @@ fn bad_md_crc_and_bad_flags() {
         bs.unload().await.unwrap();
         let r = check(d).await.unwrap();
         assert!(
-            r.problems.iter().any(|p| p.contains(&format!("bad crc at md page {}", b as u32))),
+            r.problems
+                .iter()
+                .any(|p| p.contains(&format!("bad crc at md page {}", b as u32))),
             "{:?}",
             r.problems
         );
@@ -187,7 +194,9 @@ fn check_reports_leaks_and_double_ownership() {
     let (img, a, b) = store();
     let sb = inspect::parse_super(&img[..4096]).unwrap();
     block_on(async {
-        let r = check(MemBsDev::from_bytes(4096, img.clone())).await.unwrap();
+        let r = check(MemBsDev::from_bytes(4096, img.clone()))
+            .await
+            .unwrap();
         assert!(r.problems.is_empty(), "{:?}", r.problems);
         assert_eq!(r.blobs, 2);
     });
@@ -197,7 +206,10 @@ fn check_reports_leaks_and_double_ownership() {
     m[off] |= 0x80; // cluster 15
     block_on(async {
         let r = check(MemBsDev::from_bytes(4096, m)).await.unwrap();
-        assert_eq!(r.problems, vec!["leaked cluster 15: set in the mask, owned by no blob"]);
+        assert_eq!(
+            r.problems,
+            vec!["leaked cluster 15: set in the mask, owned by no blob"]
+        );
     });
     // Double ownership: point blob a's extent page at one of b's clusters.
     let ms = sb.md_start as usize;
@@ -228,7 +240,9 @@ fn check_reports_leaks_and_double_ownership() {
     block_on(async {
         let r = check(MemBsDev::from_bytes(4096, m)).await.unwrap();
         assert!(
-            r.problems.iter().any(|p| p.contains(&format!("cluster {bc} is owned twice"))),
+            r.problems
+                .iter()
+                .any(|p| p.contains(&format!("cluster {bc} is owned twice"))),
             "{:?}",
             r.problems
         );
@@ -247,7 +261,10 @@ fn failed_load_writes_nothing() {
             bstype: *b"NOPE\0\0\0\0\0\0\0\0\0\0\0\0",
             ..Default::default()
         };
-        assert_eq!(Blobstore::load(d.clone(), o).await.err().unwrap().errno(), libc::ENXIO);
+        assert_eq!(
+            Blobstore::load(d.clone(), o).await.err().unwrap().errno(),
+            libc::ENXIO
+        );
         assert!(d.snapshot() == img);
     });
 }
@@ -276,6 +293,12 @@ fn replay(data: &[u8]) {
     let _ = inspect::parse_mask(data);
     let mut img = data.to_vec();
     img.resize(img.len().max(64 * 4096).div_ceil(4096) * 4096, 0);
+    // As the fuzz target: inputs with an odd first byte get every page's CRC fixed.
+    if data.first().is_some_and(|b| b & 1 == 1) {
+        for page in img.chunks_mut(4096) {
+            reseal(page);
+        }
+    }
     block_on(async {
         let d: Arc<MemBsDev> = MemBsDev::from_bytes(4096, img);
         if let Ok(bs) = Blobstore::load(d.clone(), BsOpts::default()).await {

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use blobstore::inspect::{parse_md_page, Descriptor};
 use blobstore::testing::MemBsDev;
-use blobstore::{BlobId, BlobOpts, Blobstore, BsDev, BsOpts, EsnapDevFactory, IoBuf, Parent, Result};
+use blobstore::{
+    BlobId, BlobOpts, Blobstore, BsDev, BsOpts, EsnapDevFactory, IoBuf, Parent, Result,
+};
 use futures::executor::block_on;
 
 const MIB: usize = 1 << 20;
@@ -63,7 +65,9 @@ impl Fx {
     }
     async fn reload(&self, bs: Blobstore) -> Blobstore {
         bs.unload().await.unwrap();
-        Blobstore::load(self.dev.clone(), self.opts()).await.unwrap()
+        Blobstore::load(self.dev.clone(), self.opts())
+            .await
+            .unwrap()
     }
     /// Invalid flags of a blob as stored on disk (store must be unloaded or synced).
     fn disk_flags(&self, id: BlobId) -> u64 {
@@ -102,7 +106,9 @@ async fn eclone(bs: &Blobstore, expect: &mut [u8]) -> BlobId {
     for blk in [3usize, 600] {
         let mut p = vec![0xC1u8; 4096];
         p[0] = blk as u8;
-        h.write(blk as u64, IoBuf::from_slice(&p, 4096)).await.unwrap();
+        h.write(blk as u64, IoBuf::from_slice(&p, 4096))
+            .await
+            .unwrap();
         expect[blk * 4096..(blk + 1) * 4096].copy_from_slice(&p);
     }
     h.close().await.unwrap();
@@ -139,7 +145,11 @@ fn snapshot_of_esnap_clone_takes_the_link_and_delete_moves_it_back() {
         let e = eclone(&bs, &mut want).await;
         let s = bs.create_snapshot(e, vec![]).await.unwrap();
         let bs = fx.reload(bs).await;
-        assert_eq!(fx.disk_flags(s) & 0xF, 0xF, "snapshot: thin+internal+et+esnap");
+        assert_eq!(
+            fx.disk_flags(s) & 0xF,
+            0xF,
+            "snapshot: thin+internal+et+esnap"
+        );
         assert_eq!(fx.disk_flags(e) & 0x8, 0);
         let hs = bs.open_blob(s).await.unwrap();
         assert!(hs.is_esnap_clone() && hs.is_snapshot());
@@ -223,7 +233,9 @@ fn inflate_and_decouple_of_esnap_clone_cut_the_link() {
             assert!(read_all(&bs, e).await == want);
             // Works without any factory now.
             bs.unload().await.unwrap();
-            let bs = Blobstore::load(fx.dev.clone(), BsOpts::default()).await.unwrap();
+            let bs = Blobstore::load(fx.dev.clone(), BsOpts::default())
+                .await
+                .unwrap();
             assert!(read_all(&bs, e).await == want);
         }
     });
@@ -251,17 +263,26 @@ fn set_external_parent_and_esnap_dev_swap() {
             .unwrap();
         let dev: Arc<dyn BsDev> = fx.f.dev.clone();
         assert_eq!(
-            bs.set_external_parent(thick, dev.clone(), ID).await.unwrap_err().errno(),
+            bs.set_external_parent(thick, dev.clone(), ID)
+                .await
+                .unwrap_err()
+                .errno(),
             libc::EINVAL
         );
         let odd: Arc<dyn BsDev> = MemBsDev::read_only(4096, vec![0; 4096 * 3]);
         assert_eq!(
-            bs.set_external_parent(t, odd, ID).await.unwrap_err().errno(),
+            bs.set_external_parent(t, odd, ID)
+                .await
+                .unwrap_err()
+                .errno(),
             libc::EINVAL
         );
         bs.set_external_parent(t, dev.clone(), ID).await.unwrap();
         assert_eq!(
-            bs.set_external_parent(t, dev, ID).await.unwrap_err().errno(),
+            bs.set_external_parent(t, dev, ID)
+                .await
+                .unwrap_err()
+                .errno(),
             libc::EEXIST
         );
         assert!(read_all(&bs, t).await == fx.base);
@@ -276,7 +297,10 @@ fn set_external_parent_and_esnap_dev_swap() {
         );
         h.set_esnap_dev(Some(fx.f.dev.clone())).await.unwrap();
         assert!(!h.is_degraded());
-        assert_eq!(&h.read(7, IoBuf::new(4096, 4096)).await.unwrap()[..], &fx.base[7 * 4096..8 * 4096]);
+        assert_eq!(
+            &h.read(7, IoBuf::new(4096, 4096)).await.unwrap()[..],
+            &fx.base[7 * 4096..8 * 4096]
+        );
         h.close().await.unwrap();
         let bs = fx.reload(bs).await;
         assert!(read_all(&bs, t).await == fx.base);

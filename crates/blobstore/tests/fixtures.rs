@@ -58,13 +58,19 @@ async fn check_lvols(bs: &Blobstore, m: &Value) {
         })
         .collect();
     let lvs = &m["lvstores"][0];
-    assert_eq!(bs.cluster_size() as u64, lvs["cluster_size"].as_u64().unwrap());
+    assert_eq!(
+        bs.cluster_size() as u64,
+        lvs["cluster_size"].as_u64().unwrap()
+    );
     assert_eq!(
         bs.total_data_clusters(),
         lvs["total_data_clusters"].as_u64().unwrap()
     );
     assert_eq!(bs.free_clusters(), lvs["free_clusters"].as_u64().unwrap());
-    assert_eq!(bs.super_blob(), Some(hexid(lvs["super_blob_id"].as_str().unwrap())));
+    assert_eq!(
+        bs.super_blob(),
+        Some(hexid(lvs["super_blob_id"].as_str().unwrap()))
+    );
     let mut want_ids: Vec<BlobId> = names.values().copied().collect();
     want_ids.push(hexid(lvs["super_blob_id"].as_str().unwrap()));
     want_ids.sort();
@@ -79,8 +85,16 @@ async fn check_lvols(bs: &Blobstore, m: &Value) {
             "{name}"
         );
         assert_eq!(b.is_thin(), l["thin"].as_bool().unwrap(), "{name} thin");
-        assert_eq!(b.is_clone(), l["is_clone"].as_bool().unwrap(), "{name} clone");
-        assert_eq!(b.is_snapshot(), l["is_snapshot"].as_bool().unwrap(), "{name} snapshot");
+        assert_eq!(
+            b.is_clone(),
+            l["is_clone"].as_bool().unwrap(),
+            "{name} clone"
+        );
+        assert_eq!(
+            b.is_snapshot(),
+            l["is_snapshot"].as_bool().unwrap(),
+            "{name} snapshot"
+        );
         assert_eq!(
             b.is_esnap_clone(),
             l["is_esnap_clone"].as_bool().unwrap(),
@@ -130,7 +144,11 @@ async fn check_lvols(bs: &Blobstore, m: &Value) {
         b.close().await.unwrap();
         let data = read_all(bs, id).await;
         assert_eq!(data.len() as u64, l["sha256_len"].as_u64().unwrap());
-        assert_eq!(sha256_hex(&data), l["sha256"].as_str().unwrap(), "{name} data");
+        assert_eq!(
+            sha256_hex(&data),
+            l["sha256"].as_str().unwrap(),
+            "{name} data"
+        );
     }
 }
 
@@ -186,7 +204,9 @@ fn basic_fixture_matches_manifest() {
     block_on(async {
         let m = manifest("basic");
         let dev = load_img("basic/store.img.gz");
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         assert_eq!(&bs.bstype()[..10], b"LVOLSTORE\0");
         assert_eq!((bs.md_start(), bs.md_len()), (4, 64));
         check_lvols(&bs, &m).await;
@@ -216,7 +236,9 @@ fn dirty_fixture_recovers() {
         let before = dev.snapshot();
         let sb = inspect::parse_super(&before[..4096]).unwrap();
         assert_eq!(sb.clean, 0);
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         // Loading wrote nothing.
         assert!(dev.snapshot() == before);
         check_lvols(&bs, &m).await;
@@ -261,7 +283,9 @@ fn esnap_fixture_without_base_is_degraded() {
     block_on(async {
         let dev = load_img("esnap/store.img.gz");
         // No factory: esnap clones do not open.
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         let e = bs.open_blob(0x1_0000_0002).await.err().unwrap();
         assert_eq!(e.errno(), libc::ENOTSUP);
         bs.unload().await.unwrap();
@@ -287,7 +311,11 @@ fn esnap_fixture_without_base_is_degraded() {
         assert_eq!(&b[..], &pattern_block("EC1B", 1)[..]);
         // Cluster 12 is unallocated in the clone and its snapshot: needs the base.
         assert!(!clone.is_cluster_allocated(12) && !snap.is_cluster_allocated(12));
-        let e = clone.read(12 * 256, IoBuf::new(4096, 4096)).await.err().unwrap();
+        let e = clone
+            .read(12 * 256, IoBuf::new(4096, 4096))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.errno(), libc::EIO);
         let free = bs.free_clusters();
         let e = clone
@@ -308,7 +336,9 @@ fn blobcli_fixture_matches_manifest() {
     block_on(async {
         let m = manifest("blobcli");
         let dev = load_img("blobcli/bs.img.gz");
-        let bs = Blobstore::load(dev.clone(), BsOpts::default()).await.unwrap();
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
         assert_eq!(bs.bstype(), [0u8; 16]);
         assert_eq!(bs.super_blob(), Some(0x1_0000_0004));
         let mut ids: Vec<BlobId> = m["blobs"]
@@ -327,7 +357,12 @@ fn blobcli_fixture_matches_manifest() {
             let dump = &m["blobs_from_md_dump"][bl["blob_id"].as_str().unwrap()];
             let mut names = b.xattr_names();
             names.sort();
-            let mut want: Vec<String> = dump["xattrs"].as_object().unwrap().keys().cloned().collect();
+            let mut want: Vec<String> = dump["xattrs"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
             want.sort();
             assert_eq!(names, want);
             for (k, v) in dump["xattrs"].as_object().unwrap() {
@@ -342,7 +377,11 @@ fn blobcli_fixture_matches_manifest() {
             );
         }
         for d in m["deleted_blob_ids"].as_array().unwrap() {
-            let e = bs.open_blob(hexid(d.as_str().unwrap())).await.err().unwrap();
+            let e = bs
+                .open_blob(hexid(d.as_str().unwrap()))
+                .await
+                .err()
+                .unwrap();
             assert_eq!(e.errno(), libc::ENOENT);
         }
         bs.unload().await.unwrap();
@@ -413,5 +452,111 @@ fn new_store_super_block_matches_spdk() {
                 clusters: (1..=8).collect()
             }]
         );
+    });
+}
+
+/// Recreates the first blobs of the `basic` store with the same options and xattrs and
+/// checks our md pages are byte-identical to SPDK's (CRC included).
+#[test]
+fn our_md_pages_are_byte_identical_to_spdk() {
+    block_on(async {
+        let theirs = load_img("basic/store.img.gz").snapshot();
+        let md = |img: &[u8], p: usize| img[(4 + p) * 4096..(5 + p) * 4096].to_vec();
+        let xattrs_of = |page: &[u8]| -> Vec<(String, Vec<u8>)> {
+            inspect::parse_md_page(page)
+                .unwrap()
+                .descriptors
+                .into_iter()
+                .filter_map(|d| match d {
+                    inspect::Descriptor::Xattr {
+                        internal: false,
+                        name,
+                        value,
+                    } => Some((String::from_utf8(name).unwrap(), value)),
+                    _ => None,
+                })
+                .collect()
+        };
+        let dev = MemBsDev::new(4096, 64 * 256);
+        let mut bstype = [0u8; 16];
+        bstype[..9].copy_from_slice(b"LVOLSTORE");
+        let bs = Blobstore::init(
+            dev.clone(),
+            BsOpts {
+                bstype,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let sb = bs
+            .create_blob(blobstore::BlobOpts {
+                xattrs: xattrs_of(&md(&theirs, 0)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        bs.set_super_blob(sb).await.unwrap();
+        let thick = bs
+            .create_blob(blobstore::BlobOpts {
+                num_clusters: 8,
+                xattrs: xattrs_of(&md(&theirs, 1)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!((sb, thick), (0x1_0000_0000, 0x1_0000_0001));
+        bs.unload().await.unwrap();
+        let ours = dev.snapshot();
+        for p in 0..3 {
+            assert!(
+                md(&ours, p) == md(&theirs, p),
+                "md page {p} differs from SPDK's"
+            );
+        }
+    });
+}
+
+/// Same for an esnap clone: `eclone2` of the esnap store (never written) at md page 2.
+#[test]
+fn our_esnap_clone_md_page_is_byte_identical_to_spdk() {
+    block_on(async {
+        let theirs = load_img("esnap/store.img.gz").snapshot();
+        let md = |img: &[u8], p: usize| img[(4 + p) * 4096..(5 + p) * 4096].to_vec();
+        let page = inspect::parse_md_page(&md(&theirs, 2)).unwrap();
+        let mut xattrs = Vec::new();
+        let mut esnap = None;
+        for d in page.descriptors {
+            if let inspect::Descriptor::Xattr {
+                internal,
+                name,
+                value,
+            } = d
+            {
+                if internal {
+                    assert_eq!(name, b"EXTSNAP");
+                    esnap = Some(value);
+                } else {
+                    xattrs.push((String::from_utf8(name).unwrap(), value));
+                }
+            }
+        }
+        let dev = MemBsDev::new(4096, 64 * 256);
+        let (opts, _f) = esnap_opts();
+        let bs = Blobstore::init(dev.clone(), opts).await.unwrap();
+        for _ in 0..2 {
+            bs.create_blob(Default::default()).await.unwrap();
+        }
+        let e = bs
+            .create_blob(blobstore::BlobOpts {
+                num_clusters: 16,
+                xattrs,
+                esnap_id: esnap,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(e, 0x1_0000_0002);
+        assert!(md(&dev.snapshot(), 2) == md(&theirs, 2));
     });
 }

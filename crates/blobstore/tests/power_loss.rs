@@ -17,9 +17,30 @@ const CLUSTER: u32 = 16384;
 type Op = for<'a> fn(&'a Blobstore, &'a [BlobId]) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 type Setup = for<'a> fn(&'a Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + 'a>>;
 
+struct Base;
+
+#[async_trait::async_trait]
+impl blobstore::EsnapDevFactory for Base {
+    async fn create(
+        &self,
+        _b: BlobId,
+        _id: &[u8],
+    ) -> blobstore::Result<Option<Arc<dyn blobstore::BsDev>>> {
+        static DEV: std::sync::OnceLock<Arc<MemBsDev>> = std::sync::OnceLock::new();
+        let d = DEV.get_or_init(|| {
+            let v: Vec<u8> = (0..8 * CLUSTER as usize)
+                .map(|i| (i / 4096 + 0x80) as u8)
+                .collect();
+            MemBsDev::read_only(BLK, v)
+        });
+        Ok(Some(d.clone() as Arc<dyn blobstore::BsDev>))
+    }
+}
+
 fn opts() -> BsOpts {
     BsOpts {
         cluster_size: CLUSTER,
+        esnap_factory: Some(Arc::new(Base)),
         ..Default::default()
     }
 }
@@ -92,7 +113,11 @@ fn sweep(name: &str, setup: Setup, op: Op) {
             let all_before = before.keys().all(|id| now.contains_key(id));
             let all_after = after.keys().all(|id| now.contains_key(id));
             assert!(
-                all_before || all_after || now.keys().all(|id| before.contains_key(id) || after.contains_key(id)),
+                all_before
+                    || all_after
+                    || now
+                        .keys()
+                        .all(|id| before.contains_key(id) || after.contains_key(id)),
                 "{name}: k={k}: blob set {:x?} matches neither side",
                 now.keys().collect::<Vec<_>>()
             );
@@ -108,13 +133,18 @@ fn sweep(name: &str, setup: Setup, op: Op) {
         for k in (0..=total).step_by(((total / 6) as usize).max(1)) {
             let (dev, bs, ids) = fresh(setup).await;
             dev.set_fault(Fault::FailAfter(k));
-            let _ = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(op(&bs, &ids))).await;
+            let _ =
+                futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(op(&bs, &ids))).await;
             drop(bs);
             let img = MemBsDev::from_bytes(BLK, dev.snapshot());
             let bs = Blobstore::load(img.clone(), opts()).await.unwrap();
             bs.unload().await.unwrap();
             let rep = inspect::check(img).await.unwrap();
-            assert!(rep.problems.is_empty(), "{name}: fail k={k}: {:?}", rep.problems);
+            assert!(
+                rep.problems.is_empty(),
+                "{name}: fail k={k}: {:?}",
+                rep.problems
+            );
         }
     });
 }
@@ -211,7 +241,9 @@ fn power_loss_resize() {
 fn power_loss_snapshot_create() {
     sweep("snapshot create", setup_thin, |bs, ids| {
         Box::pin(async move {
-            let _ = bs.create_snapshot(ids[0], vec![("name".into(), b"s\0".to_vec())]).await;
+            let _ = bs
+                .create_snapshot(ids[0], vec![("name".into(), b"s\0".to_vec())])
+                .await;
         })
     });
 }
@@ -229,7 +261,9 @@ fn power_loss_snapshot_of_thick() {
 fn power_loss_clone() {
     sweep("clone", setup_chain, |bs, ids| {
         Box::pin(async move {
-            let _ = bs.create_clone(ids[1], vec![("name".into(), b"c\0".to_vec())]).await;
+            let _ = bs
+                .create_clone(ids[1], vec![("name".into(), b"c\0".to_vec())])
+                .await;
         })
     });
 }
@@ -287,6 +321,90 @@ fn power_loss_unmap_release() {
             let b = bs.open_blob(ids[0]).await.unwrap();
             let _ = b.unmap(0, u64::from(CLUSTER / BLK)).await;
             let _ = b.close().await;
+        })
+    });
+}
+
+/// setup_thin plus a thin blob that never allocated (no extent page yet).
+fn setup_unallocated(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
+    Box::pin(async move {
+        let mut ids = setup_thin(bs).await;
+        let id = bs
+            .create_blob(BlobOpts {
+                num_clusters: 3,
+                thin: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        ids.push(id);
+        ids
+    })
+}
+
+#[test]
+fn power_loss_first_allocation_new_extent_page() {
+    sweep("first allocation", setup_unallocated, |bs, ids| {
+        Box::pin(async move {
+            let b = bs.open_blob(ids[2]).await.unwrap();
+            let mut buf = IoBuf::new(BLK as usize, 4096);
+            buf.fill(0x42);
+            let _ = b.write(1, buf).await;
+            let _ = b.close().await;
+        })
+    });
+}
+
+/// An esnap clone with one copied-on-write cluster, and a thick blob.
+fn setup_esnap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
+    Box::pin(async move {
+        let e = bs
+            .create_blob(BlobOpts {
+                num_clusters: 4,
+                esnap_id: Some(b"base".to_vec()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        fill(bs, e, 1, 0x31).await;
+        vec![e]
+    })
+}
+
+/// setup_esnap, then a snapshot of the esnap clone (which takes the link) and one more write.
+fn setup_esnap_snap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
+    Box::pin(async move {
+        let mut ids = setup_esnap(bs).await;
+        let s = bs.create_snapshot(ids[0], vec![]).await.unwrap();
+        fill(bs, ids[0], 2, 0x32).await;
+        ids.push(s);
+        ids
+    })
+}
+
+#[test]
+fn power_loss_esnap_snapshot_create() {
+    sweep("esnap snapshot create", setup_esnap, |bs, ids| {
+        Box::pin(async move {
+            let _ = bs.create_snapshot(ids[0], vec![]).await;
+        })
+    });
+}
+
+#[test]
+fn power_loss_esnap_snapshot_delete() {
+    sweep("esnap snapshot delete", setup_esnap_snap, |bs, ids| {
+        Box::pin(async move {
+            let _ = bs.delete_blob(ids[1]).await;
+        })
+    });
+}
+
+#[test]
+fn power_loss_esnap_inflate() {
+    sweep("esnap inflate", setup_esnap, |bs, ids| {
+        Box::pin(async move {
+            let _ = bs.inflate_blob(ids[0]).await;
         })
     });
 }

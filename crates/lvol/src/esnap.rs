@@ -133,6 +133,9 @@ pub(crate) struct EsnapCtx {
     registry: Registry,
     pub(crate) map: Mutex<BTreeMap<Vec<u8>, EsnapEntry>>,
     pub(crate) store: Mutex<Weak<LvolStore>>,
+    /// The store's io unit once known (0 before): a base whose block size does not divide it
+    /// cannot serve the store and is treated as missing.
+    pub(crate) io_unit: AtomicU32,
 }
 
 fn bs_errno(errno: i32) -> BsError {
@@ -145,6 +148,7 @@ impl EsnapCtx {
             registry,
             map: Mutex::new(BTreeMap::new()),
             store: Mutex::new(Weak::new()),
+            io_unit: AtomicU32::new(0),
         })
     }
 
@@ -157,6 +161,11 @@ impl EsnapCtx {
         let uuid = parse_esnap_id(esnap_id)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         let mut desc = self.registry.open(&uuid.hyphenated().to_string(), false)?;
+        let io_unit = self.io_unit.load(Ordering::Relaxed);
+        let bl = desc.device().block_len();
+        if io_unit != 0 && io_unit.checked_rem(bl) != Some(0) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         desc.claim(ClaimType::ReadManyWriteNone)?;
         let events = desc.take_events();
         let dev = Arc::new(BdevBsDev::new(desc));

@@ -22,6 +22,7 @@ pub struct Lvol {
     pub(crate) unique_id: String,
     pub(crate) name: Mutex<String>,
     pub(crate) registered: AtomicBool,
+    pub(crate) seq: u64,
 }
 
 impl std::fmt::Debug for Lvol {
@@ -190,6 +191,11 @@ impl Lvol {
         m.insert("esnap_clone".into(), json!(self.is_esnap_clone()));
         if let Some(n) = self.external_snapshot_name() {
             m.insert("external_snapshot_name".into(), json!(n));
+        }
+        // SPDK registers no bdev for a degraded lvol, so it never prints this key; we keep
+        // the bdev and say so (only when true, so healthy output stays byte-identical).
+        if self.is_degraded() {
+            m.insert("degraded".into(), json!(true));
         }
         json!({ "lvol": Value::Object(m) })
     }
@@ -392,5 +398,9 @@ impl BlockDevice for LvolBdev {
     }
     fn write_config(&self) -> Option<Value> {
         None
+    }
+    async fn destruct(&self) {
+        // Unregistered (by us or by someone else): the lvol stays loaded, without a bdev.
+        self.lvol.registered.store(false, Ordering::SeqCst);
     }
 }

@@ -118,6 +118,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct LvolModule(Arc<Inner>);
 
+/// Creation order of stores and lvols (SPDK lists them in that order).
+fn next_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -158,6 +164,18 @@ fn name_from_xattr(v: &[u8]) -> Option<String> {
     }
     let end = v.iter().position(|&b| b == 0).unwrap_or(v.len());
     String::from_utf8(v[..end].to_vec()).ok()
+}
+
+/// An external snapshot's block size must divide the store's io unit.
+fn check_base_block(store: &LvolStore, dev: &dyn BlockDevice) -> Result<()> {
+    if store.block_size().checked_rem(dev.block_len()) != Some(0) {
+        return Err(LvolError::InvalidArgument(format!(
+            "base block size {} does not divide the store's io unit {}",
+            dev.block_len(),
+            store.block_size()
+        )));
+    }
+    Ok(())
 }
 
 fn div_ceil(a: u64, b: u64) -> u64 {
@@ -216,11 +234,13 @@ impl ExamineHook for Hook {
         let Some(dev) = registry.get(name) else {
             return;
         };
+        let m = LvolModule(inner);
+        m.heal_all().await;
+        // lvol bdevs may be external snapshots of other stores (healed above), but stores
+        // nested on lvols are not looked for.
         if dev.module_name() == "lvol" {
             return;
         }
-        let m = LvolModule(inner);
-        m.heal_all().await;
         match m.load_lvstore(name).await {
             Ok(s) => tracing::info!(target: "lvol", "lvol store {} found on {name}", s.name()),
             Err(e) => tracing::debug!(target: "lvol", "no lvol store on {name}: {e}"),
@@ -260,9 +280,11 @@ impl LvolModule {
 
     // ----- lookups ---------------------------------------------------------------------
 
-    /// Every loaded store, in name order.
+    /// Every loaded store, in creation (or load) order.
     pub fn lvstores(&self) -> Vec<Arc<LvolStore>> {
-        lock(&self.0.stores).by_name.values().cloned().collect()
+        let mut v: Vec<_> = lock(&self.0.stores).by_name.values().cloned().collect();
+        v.sort_by_key(|s| s.seq);
+        v
     }
     /// A store by name.
     pub fn lvstore_by_name(&self, name: &str) -> Option<Arc<LvolStore>> {
@@ -360,11 +382,13 @@ impl LvolModule {
                 return Err(e.into());
             }
         };
+        esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
         let uuid = Uuid::new_v4();
         let super_opts = BlobOpts {
+            // SPDK's order on the super blob: uuid, then name.
             xattrs: vec![
-                ("name".to_string(), name_xattr(&opts.name)),
                 ("uuid".to_string(), uuid_xattr(&uuid)),
+                ("name".to_string(), name_xattr(&opts.name)),
             ],
             ..BlobOpts::default()
         };
@@ -392,6 +416,7 @@ impl LvolModule {
             lvols: Mutex::new(LvolMaps::default()),
             esnap,
             stop_listener: Mutex::new(None),
+            seq: next_seq(),
         });
         self.finish_store(&store, events);
         drop(guard);
@@ -443,6 +468,9 @@ impl LvolModule {
     /// Loads the store on a bdev, registers its lvol bdevs (what tasting does).
     pub async fn load_lvstore(&self, bdev_name: &str) -> Result<Arc<LvolStore>> {
         let mut desc = self.0.registry.open(bdev_name, true)?;
+        // Claim before reading anything: if someone else writes the bdev, leave it alone (a
+        // failed load after a successful blobstore load unloads, which writes).
+        desc.claim(ClaimType::ReadManyWriteOne)?;
         let dev = desc.device().clone();
         let events = desc.take_events();
         let base = Arc::new(BdevBsDev::new(desc));
@@ -459,6 +487,7 @@ impl LvolModule {
                 return Err(e.into());
             }
         };
+        esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
         let mut opened: Vec<Blob> = Vec::new();
         let res = self
             .load_inner(&bs, &base, dev.as_ref(), &esnap, &mut opened)
@@ -466,11 +495,7 @@ impl LvolModule {
         match res {
             Ok((store, guard)) => {
                 // The store's name is published by finish_store before the guard goes.
-                if let Some(ev) = events {
-                    self.finish_store(&store, Some(ev));
-                } else {
-                    self.finish_store(&store, None);
-                }
+                self.finish_store(&store, events);
                 drop(guard);
                 store.refresh_esnap_holders();
                 for l in store.lvols_by_blob_id() {
@@ -522,9 +547,6 @@ impl LvolModule {
         if self.lvstore_by_uuid(&uuid).is_some() {
             return Err(LvolError::AlreadyExists(format!("lvol store {uuid}")));
         }
-        if let Some(d) = base.descriptor() {
-            d.claim(ClaimType::ReadManyWriteOne)?;
-        }
         let store = Arc::new(LvolStore {
             uuid,
             name: Mutex::new(name),
@@ -535,6 +557,7 @@ impl LvolModule {
             lvols: Mutex::new(LvolMaps::default()),
             esnap: esnap.clone(),
             stop_listener: Mutex::new(None),
+            seq: next_seq(),
         });
         if let Ok(mut w) = esnap.store.lock() {
             *w = Arc::downgrade(&store);
@@ -566,6 +589,7 @@ impl LvolModule {
                 unique_id,
                 name: Mutex::new(lname.clone()),
                 registered: Default::default(),
+                seq: next_seq(),
             });
             let mut maps = store.maps();
             if maps.by_name.contains_key(&lname) {
@@ -734,6 +758,7 @@ impl LvolModule {
             unique_id: uuid.hyphenated().to_string(),
             name: Mutex::new(name.to_string()),
             registered: Default::default(),
+            seq: next_seq(),
         });
         {
             let mut maps = store.maps();
@@ -840,6 +865,7 @@ impl LvolModule {
         let dev = desc.device().clone();
         drop(desc);
         let _guard = reserve_lvol_name(store, name)?;
+        check_base_block(store, dev.as_ref())?;
         let size = dev.num_blocks() * u64::from(dev.block_len());
         let cs = u64::from(store.cluster_size());
         if size.checked_rem(cs) != Some(0) {
@@ -981,6 +1007,7 @@ impl LvolModule {
         if dev.uuid() == lvol.uuid {
             return Err(LvolError::InvalidArgument("bdev is the lvol itself".into()));
         }
+        check_base_block(&store, dev.as_ref())?;
         let size = dev.num_blocks() * u64::from(dev.block_len());
         if size.checked_rem(u64::from(store.cluster_size())) != Some(0) {
             return Err(LvolError::InvalidArgument(
@@ -1134,5 +1161,36 @@ impl LvolModule {
             map.remove(&op);
         }
         Some(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_xattrs_are_spdk_shaped() {
+        let padded = name_xattr_padded("lvol");
+        assert_eq!(padded.len(), 64);
+        assert_eq!(&padded[..5], b"lvol\0");
+        assert!(padded[5..].iter().all(|&b| b == 0));
+        assert_eq!(name_xattr("lvs"), b"lvs\0".to_vec());
+        assert_eq!(name_from_xattr(&padded).as_deref(), Some("lvol"));
+        assert_eq!(name_from_xattr(b"abc").as_deref(), Some("abc"));
+        assert_eq!(name_from_xattr(&[b'a'; 65]), None);
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(check_name("").is_err());
+        assert!(check_name(&"a".repeat(63)).is_ok());
+        assert_eq!(
+            check_name(&"a".repeat(64)).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert!(check_name("a\0b").is_err());
+        assert_eq!(div_ceil(5, 4), 2);
+        assert_eq!(div_ceil(8, 4), 2);
+        assert_eq!(div_ceil(0, 4), 0);
     }
 }

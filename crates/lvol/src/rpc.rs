@@ -256,11 +256,12 @@ impl LvolRpc {
             "bdev_lvol_create_lvstore" => {
                 let p: CreateLvstore = decode(params)?;
                 let mut opts = LvsOpts::new(&p.lvs_name);
-                if let Some(c) = p.cluster_sz {
+                // 0 means "default", as in SPDK's vbdev_lvs_create.
+                if let Some(c) = p.cluster_sz.filter(|&c| c != 0) {
                     opts.cluster_size = c;
                 }
                 opts.clear_method = lvs_clear_method(p.clear_method.as_deref())?;
-                if let Some(r) = p.num_md_pages_per_cluster_ratio {
+                if let Some(r) = p.num_md_pages_per_cluster_ratio.filter(|&r| r != 0) {
                     opts.md_pages_ratio = r;
                 }
                 if let Some(s) = p.md_page_size {
@@ -418,7 +419,7 @@ impl LvolRpc {
                 };
                 let mut out = Vec::new();
                 for s in stores {
-                    out.extend(s.lvols_by_blob_id().iter().map(|l| l.info_json()));
+                    out.extend(s.lvols_in_order().iter().map(|l| l.info_json()));
                 }
                 Ok(Value::Array(out))
             }

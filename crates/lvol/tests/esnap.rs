@@ -145,6 +145,8 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
             assert!(l.is_degraded(), "{n} degraded");
             assert!(l.is_registered(), "{n} still has its bdev");
             assert_eq!(l.info_json()["is_degraded"], true);
+            let ds = reg.get(l.unique_id()).unwrap().driver_specific();
+            assert_eq!(ds["lvol"]["degraded"], true);
         }
         let d = open(&reg, &c2_id, true);
         // Owned clusters work.
@@ -184,7 +186,10 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
         reg.wait_for_examine().await;
         assert!(s.missing_esnaps().is_empty());
         for n in ["ec", "snap", "c2"] {
-            assert!(!s.lvol_by_name(n).unwrap().is_degraded(), "{n} healed");
+            let l = s.lvol_by_name(n).unwrap();
+            assert!(!l.is_degraded(), "{n} healed");
+            let ds = reg.get(l.unique_id()).unwrap().driver_specific();
+            assert!(ds["lvol"].get("degraded").is_none());
         }
         assert_eq!(reg.claim_of("base"), Some(ClaimType::ReadManyWriteNone));
         want_c2[(2 * MIB) as usize + 8192..(2 * MIB) as usize + 12288]
@@ -392,6 +397,14 @@ fn failing_heal_does_not_stop_others_and_is_retried() {
         malloc(&reg, "other", MIB, 512).await;
         assert!(ea.is_degraded());
         assert!(!eb.is_degraded());
+        // A new esnap clone on an incompatible base is refused.
+        assert_eq!(
+            m.create_esnap_clone("base", &sa, "ea2")
+                .await
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
         // Removed and back with 512-byte blocks: both heal.
         reg.unregister("base").await.unwrap();
         assert!(eb.is_degraded());
@@ -444,5 +457,123 @@ fn esnap_link_moves_with_snapshot_and_back_on_its_delete() {
         // And the link still follows removal.
         reg.unregister("base").await.unwrap();
         assert!(ec.is_degraded());
+    });
+}
+
+/// The external snapshot is an lvol of another store: removing that store's base degrades
+/// the clone, re-adding it (tasting registers the lvol bdev again) heals it.
+#[test]
+fn esnap_base_that_is_an_lvol_of_another_store() {
+    block_on(async {
+        let (reg, m) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(dir.path(), "a.img", 32 * MIB);
+        aio(&reg, "aioA", &f, 512, None, false).await;
+        malloc(&reg, "MB", 32 * MIB, 512).await;
+        let sa = lvs(&m, "aioA", "lvsA", MIB as u32).await;
+        let sb = lvs(&m, "MB", "lvsB", MIB as u32).await;
+        let golden = m
+            .create_lvol(&sa, "golden", 4 * MIB, false, ClearMethod::Default)
+            .await
+            .unwrap();
+        let gid = golden.unique_id().to_string();
+        let data = pattern(0x17, 0, (4 * MIB) as usize);
+        {
+            let d = open(&reg, &gid, true);
+            write_at(&d, 0, &data).await.unwrap();
+        }
+        let c = m.create_esnap_clone("lvsA/golden", &sb, "c").await.unwrap();
+        assert_eq!(c.external_snapshot_name(), Some(gid.clone()));
+        let d = open(&reg, "lvsB/c", false);
+        assert_eq!(read_all(&d).await, data);
+        drop((golden, sa));
+        reg.unregister("aioA").await.unwrap();
+        assert!(c.is_degraded());
+        assert_eq!(read_at(&d, 0, 4096).await.unwrap_err().errno(), libc::EIO);
+        aio(&reg, "aioA", &f, 512, None, false).await;
+        assert!(!c.is_degraded());
+        assert_eq!(read_all(&d).await, data);
+        // The golden lvol is now claimed read-only: its own writers are refused.
+        assert!(reg.open(&gid, true).is_err());
+    });
+}
+
+/// A read that waits in its retries succeeds when the base comes back meanwhile.
+#[test]
+fn retrying_read_completes_when_the_base_returns() {
+    block_on(async {
+        let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
+        malloc(&reg, "M", 32 * MIB, 512).await;
+        let s = lvs(&m, "M", "lvs", MIB as u32).await;
+        let u = Uuid::new_v4();
+        let base = esnap_base(&reg, bdir.path(), "base", u, 2 * MIB).await;
+        let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
+        let d = open(&reg, "lvs/ec", false);
+        reg.unregister("base").await.unwrap();
+        assert!(ec.is_degraded());
+        m.set_esnap_retry(200, Duration::from_millis(5));
+        let read = read_at(&d, MIB, 4096);
+        let comeback = async {
+            futures_timer::Delay::new(Duration::from_millis(30)).await;
+            esnap_base(&reg, bdir.path(), "base", u, 2 * MIB).await;
+        };
+        let (got, ()) = futures::join!(read, comeback);
+        assert_eq!(
+            got.unwrap(),
+            base[MIB as usize..MIB as usize + 4096].to_vec()
+        );
+        assert!(!ec.is_degraded());
+        // With no retries, a degraded read fails at once.
+        reg.unregister("base").await.unwrap();
+        m.set_esnap_retry(0, Duration::from_secs(10));
+        let t0 = std::time::Instant::now();
+        assert_eq!(read_at(&d, MIB, 4096).await.unwrap_err().errno(), libc::EIO);
+        assert!(t0.elapsed() < Duration::from_secs(5));
+    });
+}
+
+/// Remove and re-add the base several times while a reader keeps going: no hang, every read
+/// returns the base's data or EIO, and the clone ends healed.
+#[test]
+fn repeated_surprise_removal_and_return_under_io() {
+    block_on(async {
+        let (reg, m) = setup();
+        let bdir = tempfile::tempdir().unwrap();
+        malloc(&reg, "M", 32 * MIB, 512).await;
+        let s = lvs(&m, "M", "lvs", MIB as u32).await;
+        let u = Uuid::new_v4();
+        let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
+        let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
+        let d = open(&reg, "lvs/ec", false);
+        m.set_esnap_retry(0, Duration::from_millis(1));
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let reader = async {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let o = (n % 64) * 65536;
+                match read_at(&d, o, 65536).await {
+                    Ok(b) => assert_eq!(b, base[o as usize..o as usize + 65536].to_vec()),
+                    Err(e) => assert_eq!(e.errno(), libc::EIO),
+                }
+                n += 1;
+                futures_timer::Delay::new(Duration::from_micros(200)).await;
+            }
+            n
+        };
+        let churn = async {
+            for _ in 0..5 {
+                futures_timer::Delay::new(Duration::from_millis(3)).await;
+                reg.unregister("base").await.unwrap();
+                futures_timer::Delay::new(Duration::from_millis(3)).await;
+                esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        };
+        let (n, ()) = futures::join!(reader, churn);
+        assert!(n > 0);
+        assert!(!ec.is_degraded());
+        assert_eq!(read_all(&d).await, base);
+        assert_eq!(reg.claim_of("base"), Some(ClaimType::ReadManyWriteNone));
     });
 }

@@ -64,6 +64,10 @@ fn create_thick_and_thin_with_data_and_bdev_shape() {
         let name_x = l.blob().get_xattr("name").unwrap();
         assert_eq!(name_x.len(), 64);
         assert_eq!(&name_x[..10], b"lvol_test\0");
+        assert_eq!(
+            l.blob().xattr_names(),
+            vec!["name".to_string(), "uuid".to_string()]
+        );
         let uuid_x = l.blob().get_xattr("uuid").unwrap();
         assert_eq!(uuid_x, lvol::esnap_id_for(&l.uuid()));
 
@@ -600,5 +604,100 @@ fn shallow_copy_copies_allocated_clusters() {
             m.start_shallow_copy(&l, "nope").unwrap_err().errno(),
             libc::ENODEV
         );
+    });
+}
+
+#[test]
+fn snapshot_under_concurrent_writes_keeps_every_acknowledged_write() {
+    block_on(async {
+        let (reg, m) = setup();
+        malloc(&reg, "M", 64 * MIB, 512).await;
+        let s = lvs(&m, "M", "lvs", 1 << 20).await;
+        let l = m
+            .create_lvol(&s, "v", 8 * MIB, true, ClearMethod::Default)
+            .await
+            .unwrap();
+        let d = open(&reg, "lvs/v", true);
+        let blocks = 8 * MIB / 4096;
+        let writer = async {
+            for b in 0..blocks {
+                write_at(&d, b * 4096, &pattern((b % 200) as u8 + 1, b, 4096))
+                    .await
+                    .unwrap();
+            }
+        };
+        let snapper = async {
+            futures_timer::Delay::new(std::time::Duration::from_millis(1)).await;
+            m.create_snapshot(&l, "snap").await.unwrap()
+        };
+        let ((), snap) = futures::join!(writer, snapper);
+        let all = read_all(&d).await;
+        for b in 0..blocks as usize {
+            assert_eq!(
+                &all[b * 4096..(b + 1) * 4096],
+                &pattern((b % 200) as u8 + 1, b as u64, 4096)[..],
+                "block {b}"
+            );
+        }
+        // The snapshot holds, block by block, either the data or zeroes (never a torn block).
+        let ds = open(&reg, snap.unique_id(), false);
+        let snapdata = read_all(&ds).await;
+        for b in 0..blocks as usize {
+            let blk = &snapdata[b * 4096..(b + 1) * 4096];
+            let want = pattern((b % 200) as u8 + 1, b as u64, 4096);
+            assert!(blk == &want[..] || blk.iter().all(|&x| x == 0), "block {b}");
+        }
+    });
+}
+
+#[test]
+fn many_concurrent_creates_and_deletes() {
+    block_on(async {
+        let (reg, m) = setup();
+        malloc(&reg, "M", 256 * MIB, 4096).await;
+        let s = lvs(&m, "M", "lvs", 1 << 20).await;
+        let creates = (0..64).map(|i| {
+            let m = m.clone();
+            let s = s.clone();
+            async move {
+                m.create_lvol(&s, &format!("v{i}"), MIB, i % 2 == 0, ClearMethod::Default)
+                    .await
+            }
+        });
+        let made: Vec<_> = futures::future::join_all(creates).await;
+        let made: Vec<_> = made.into_iter().map(|r| r.unwrap()).collect();
+        assert_eq!(s.lvols().len(), 64);
+        let mut uuids: Vec<_> = made.iter().map(|l| l.uuid()).collect();
+        uuids.sort();
+        uuids.dedup();
+        assert_eq!(uuids.len(), 64);
+        for l in &made {
+            assert!(reg.get(l.unique_id()).is_some());
+        }
+        let dels = made.iter().map(|l| m.delete_lvol(l));
+        for r in futures::future::join_all(dels).await {
+            r.unwrap();
+        }
+        assert!(s.lvols().is_empty());
+        assert_eq!(s.free_clusters(), s.total_data_clusters());
+    });
+}
+
+#[test]
+fn zero_sized_lvol_can_be_created_and_grown() {
+    block_on(async {
+        let (reg, m) = setup();
+        malloc(&reg, "M", 32 * MIB, 512).await;
+        let s = lvs(&m, "M", "lvs", 1 << 20).await;
+        let l = m
+            .create_lvol(&s, "z", 0, false, ClearMethod::Default)
+            .await
+            .unwrap();
+        assert_eq!(reg.get(l.unique_id()).unwrap().num_blocks(), 0);
+        m.resize_lvol(&l, 1).await.unwrap();
+        assert_eq!(l.size_bytes(), MIB);
+        let d = open(&reg, "lvs/z", true);
+        write_at(&d, 0, &fill(4, 512)).await.unwrap();
+        assert_eq!(read_at(&d, 0, 512).await.unwrap(), fill(4, 512));
     });
 }

@@ -474,6 +474,18 @@ impl RpcModule for BdevRpc {
             "bdev_error_inject_error" => {
                 let p: InjectError = decode(params)?;
                 let dev = self.error_bdev(&p.name)?;
+                let ours = p.error_type == "drop_writes"
+                    || p.after != 0
+                    || p.forever
+                    || p.offset_blocks.is_some()
+                    || p.num_blocks.is_some();
+                if !ours && p.io_type != "clear" && p.error_type != "failure" {
+                    // SPDK's other error types, mapped by the error bdev itself (nomem fails
+                    // with ENOMEM, pending and corrupt_data with EIO).
+                    dev.inject_spdk(&p.io_type, &p.error_type, p.num)
+                        .map_err(|e| errno_err(&e))?;
+                    return Ok(Value::Bool(true));
+                }
                 match injection_from(&p)? {
                     None => dev.clear(),
                     Some(inj) => dev.inject(inj),

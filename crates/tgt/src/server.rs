@@ -118,3 +118,48 @@ async fn handle_single(target: &Arc<Target>, v: Value) -> Option<Value> {
         Err(e) => jsonrpc::response_err(id, &e),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev_core::Registry;
+    use serde_json::json;
+
+    use crate::nbd::server::NbdServer;
+
+    fn target() -> Arc<Target> {
+        let registry = Registry::new();
+        let nbd = NbdServer::new(registry.clone());
+        Target::new(registry, nbd, Default::default(), false)
+    }
+
+    #[tokio::test]
+    async fn batches_and_notifications() {
+        let t = target();
+        assert_eq!(
+            handle_value(&t, json!([])).await.unwrap()["error"]["code"],
+            json!(INVALID_REQUEST)
+        );
+        // Notifications get nothing, alone or in a batch.
+        assert_eq!(
+            handle_value(&t, json!({"method": "spdk_get_version"})).await,
+            None
+        );
+        assert_eq!(
+            handle_value(&t, json!([{"method": "spdk_get_version", "id": null}])).await,
+            None
+        );
+        let r = handle_value(
+            &t,
+            json!([{"method": "spdk_get_version", "id": 1}, 5, {"method": "x", "id": "a"}]),
+        )
+        .await
+        .unwrap();
+        let r = r.as_array().unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0]["id"], json!(1));
+        assert_eq!(r[1]["error"]["code"], json!(INVALID_REQUEST));
+        assert_eq!(r[2]["error"]["code"], json!(-32601));
+        assert_eq!(r[2]["id"], json!("a"));
+    }
+}

@@ -2,7 +2,7 @@
 //! (STARTUP / RUNTIME as SPDK's `spdk_rpc_set_state`) and shutdown.
 //!
 //! Every module's methods are found through one table built from a `Vec<Arc<dyn RpcModule>>`
-//! ([`crate::modules::rpc_modules`]); the framework methods (`rpc_get_methods`,
+//! ([`crate::modules::wiring`]); the framework methods (`rpc_get_methods`,
 //! `framework_*`, `spdk_*`) are answered here because they need the table itself.
 
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
 use crate::framework;
+use crate::modules::{ConfigWriter, ShutdownHook, Wiring};
 use crate::nbd::server::NbdServer;
 
 /// SPDK's `SPDK_JSONRPC_ERROR_INVALID_STATE`.
@@ -27,6 +28,8 @@ pub const INVALID_STATE: i32 = -1;
 pub struct Target {
     registry: Registry,
     modules: Vec<Arc<dyn RpcModule>>,
+    config_writers: Vec<ConfigWriter>,
+    shutdown_hooks: Vec<ShutdownHook>,
     table: HashMap<&'static str, usize>,
     nbd: Arc<NbdServer>,
     initialized: AtomicBool,
@@ -36,14 +39,19 @@ pub struct Target {
 }
 
 impl Target {
-    /// A target over `registry` serving `modules` (plus the framework methods). It starts in
-    /// the STARTUP state when `wait_for_rpc` is set, else it is initialised at once.
+    /// A target over `registry` serving the wired modules (plus the framework methods). It
+    /// starts in the STARTUP state when `wait_for_rpc` is set, else it is initialised at once.
     pub fn new(
         registry: Registry,
         nbd: Arc<NbdServer>,
-        modules: Vec<Arc<dyn RpcModule>>,
+        wiring: Wiring,
         wait_for_rpc: bool,
     ) -> Arc<Self> {
+        let Wiring {
+            modules,
+            config_writers,
+            shutdown_hooks,
+        } = wiring;
         let mut table = HashMap::new();
         for (i, m) in modules.iter().enumerate() {
             for name in m.methods() {
@@ -60,6 +68,8 @@ impl Target {
         Arc::new(Target {
             registry,
             modules,
+            config_writers,
+            shutdown_hooks,
             table,
             nbd,
             initialized: AtomicBool::new(!wait_for_rpc),
@@ -77,6 +87,12 @@ impl Target {
     /// The NBD server.
     pub fn nbd(&self) -> &Arc<NbdServer> {
         &self.nbd
+    }
+
+    /// The `bdev` subsystem config (`framework_get_config {"name": "bdev"}`).
+    pub fn bdev_config(&self) -> Vec<Value> {
+        let extra: Vec<Value> = self.config_writers.iter().flat_map(|w| w()).collect();
+        crate::config::bdev_config(&self.registry, extra)
     }
 
     /// Every method served, framework methods first, then the modules' in table order.
@@ -232,5 +248,139 @@ impl Target {
                 break;
             }
         }
+        for hook in &self.shutdown_hooks {
+            hook().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use serde_json::json;
+
+    /// A module with an echo method and one that panics.
+    struct Fake;
+
+    #[async_trait]
+    impl RpcModule for Fake {
+        fn methods(&self) -> Vec<&'static str> {
+            vec!["echo", "boom", "rpc_get_methods"]
+        }
+        async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+            match method {
+                "echo" => Ok(params.unwrap_or(Value::Null)),
+                "boom" => panic!("boom"),
+                _ => Err(RpcError::method_not_found()),
+            }
+        }
+    }
+
+    fn target(wait_for_rpc: bool) -> Arc<Target> {
+        let registry = Registry::new();
+        let nbd = NbdServer::new(registry.clone());
+        let wiring = Wiring {
+            modules: vec![Arc::new(Fake)],
+            ..Default::default()
+        };
+        Target::new(registry, nbd, wiring, wait_for_rpc)
+    }
+
+    #[tokio::test]
+    async fn dispatch_states_and_panics() {
+        let t = target(true);
+        // STARTUP: module methods are refused, framework ones run.
+        let e = t.call("echo", Some(json!({"a": 1}))).await.unwrap_err();
+        assert_eq!(e.code, INVALID_STATE);
+        let m = t
+            .call("rpc_get_methods", Some(json!({"current": true})))
+            .await
+            .unwrap();
+        assert!(m
+            .as_array()
+            .unwrap()
+            .contains(&json!("framework_start_init")));
+        assert!(!m.as_array().unwrap().contains(&json!("echo")));
+        assert_eq!(
+            t.call("framework_start_init", None).await.unwrap(),
+            json!(true)
+        );
+        // RUNTIME.
+        assert_eq!(
+            t.call("framework_start_init", None).await.unwrap_err().code,
+            INVALID_STATE
+        );
+        assert_eq!(
+            t.call("framework_wait_init", None).await.unwrap(),
+            json!(true)
+        );
+        assert_eq!(
+            t.call("echo", Some(json!({"a": 1}))).await.unwrap(),
+            json!({"a": 1})
+        );
+        assert_eq!(
+            t.call("echo", Some(json!([1]))).await.unwrap_err(),
+            RpcError::decode_failed()
+        );
+        assert_eq!(
+            t.call("nope", None).await.unwrap_err(),
+            RpcError::method_not_found()
+        );
+        let e = t.call("boom", None).await.unwrap_err();
+        assert_eq!(
+            (e.code, e.message.as_str()),
+            (INTERNAL_ERROR, "Internal error")
+        );
+        // The module's attempt to serve a framework method is ignored.
+        let m = t.call("rpc_get_methods", None).await.unwrap();
+        let names = m.as_array().unwrap();
+        assert_eq!(names.iter().filter(|n| *n == "rpc_get_methods").count(), 1);
+        assert!(names.contains(&json!("echo")));
+    }
+
+    #[tokio::test]
+    async fn framework_methods() {
+        let t = target(false);
+        assert!(t.call("spdk_get_version", Some(json!({}))).await.unwrap()["version"].is_string());
+        assert_eq!(
+            t.call("spdk_get_version", Some(json!({"x": 1})))
+                .await
+                .unwrap_err()
+                .code,
+            bdev_core::rpc::INVALID_PARAMS
+        );
+        let e = t
+            .call("framework_get_config", Some(json!({"name": "x"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.message, "Subsystem 'x' not found");
+        let cfg = t
+            .call(
+                "framework_get_config",
+                Some(json!({"name": "bdev", "with_batches": false})),
+            )
+            .await
+            .unwrap();
+        assert_eq!(cfg[0]["method"], json!("bdev_set_options"));
+        assert_eq!(cfg[1], json!({"method": "bdev_wait_for_examine"}));
+        let nbd = t
+            .call("framework_get_config", Some(json!({"name": "nbd"})))
+            .await
+            .unwrap();
+        assert_eq!(nbd, json!([]));
+        let e = t
+            .call("spdk_kill_instance", Some(json!({"sig_name": "SIGNOPE"})))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, bdev_core::rpc::INVALID_PARAMS);
+        assert_eq!(t.take_kill(), None);
+        assert_eq!(
+            t.call("spdk_kill_instance", Some(json!({"sig_name": "SIGTERM"})))
+                .await
+                .unwrap(),
+            json!(true)
+        );
+        assert_eq!(t.take_kill(), Some(libc::SIGTERM));
     }
 }

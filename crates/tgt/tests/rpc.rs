@@ -109,6 +109,53 @@ fn bdev_lifecycle_and_errors() {
             .code,
         -19
     );
+    assert_eq!(
+        t.ok(&[
+            "bdev_error_inject_error",
+            "EE_M0",
+            "read",
+            "nomem",
+            "-n",
+            "1"
+        ]),
+        Value::Null
+    );
+    assert_eq!(
+        t.err(&["bdev_error_inject_error", "EE_M0", "read", "nvme_failure"])
+            .code,
+        -22
+    );
+    // Ours: writes after the first 2 are dropped (acknowledged, not written).
+    assert_eq!(
+        t.ok(&["bdev_error_inject_error_ext", "EE_M0", "clear", "failure"]),
+        json!(true)
+    );
+    assert_eq!(
+        t.ok(&[
+            "bdev_error_inject_error_ext",
+            "EE_M0",
+            "write",
+            "drop_writes",
+            "-a",
+            "2",
+            "-f"
+        ]),
+        json!(true)
+    );
+    let n = dir.path().join("n.sock");
+    t.ok(&["nbd_server_start", &format!("unix:{}", n.display())]);
+    t.ok(&["nbd_export_add", "EE_M0"]);
+    qemu_io_ok(
+        &tools,
+        &nbd_uri("EE_M0", &n),
+        &["write -P 1 0 4k", "write -P 2 4k 4k", "write -P 3 8k 4k"],
+    );
+    qemu_io_ok(
+        &tools,
+        &nbd_uri("EE_M0", &n),
+        &["read -P 1 0 4k", "read -P 2 4k 4k", "read -P 0 8k 4k"],
+    );
+    t.ok(&["nbd_export_remove", "EE_M0"]);
     assert_eq!(t.ok(&["bdev_error_delete", "EE_M0"]), Value::Null);
 
     assert_eq!(t.ok(&["bdev_malloc_delete", "M0"]), Value::Null);
@@ -365,6 +412,21 @@ fn nbd_round_trip_with_qemu() {
     // Non-loopback TCP needs allow_remote.
     assert_eq!(t.ok(&["nbd_server_stop"]), json!(true));
     assert_eq!(t.err(&["nbd_server_start", "192.0.2.1:10809"]).code, -1);
+    // Loopback TCP is fine.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    assert_eq!(t.ok(&["nbd_server_start", &listen]), json!(true));
+    let cfg = t.ok(&["framework_get_config", "nbd"]);
+    assert_eq!(cfg[0]["params"], json!({"listen": listen}));
+    qemu_io_ok(
+        &tools,
+        &format!("nbd://127.0.0.1:{port}/M0"),
+        &["write -P 0x44 0 4k", "read -P 0x44 0 4k"],
+    );
 }
 
 #[test]
@@ -565,8 +627,19 @@ fn kill_instance_and_bad_config() {
     );
     assert_eq!(r[0]["error"]["code"], json!(-32602));
     assert!(t.alive());
+    // Clients that stall in the NBD handshake, or sit idle on an export, do not hold up the
+    // shutdown.
+    let nbd = dir.path().join("nbd.sock");
+    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
+    t.ok(&["nbd_export_add", "M0"]);
+    let _stalled = std::os::unix::net::UnixStream::connect(&nbd).unwrap();
+    let _idle = NbdClient::connect(&nbd, "M0").unwrap();
+    let started = std::time::Instant::now();
     assert_eq!(t.stop(), 0);
+    assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!sock.exists());
+    assert!(!nbd.exists());
 
     // A config whose method fails stops the start with an error.
     let cfg = dir.path().join("bad.json");
@@ -675,4 +748,66 @@ fn read_only_bdev_over_nbd_and_config() {
     assert_eq!(t.ok(&["bdev_get_bdevs"]), json!([]));
     assert_eq!(t.ok(&["nbd_get_exports"]), json!([]));
     assert_eq!(t.err(&["bdev_ro_delete", "ro0"]).code, -19);
+}
+
+#[test]
+fn nbd_client_bdev_over_our_own_export() {
+    let Some((tools, dir)) = setup() else { return };
+    let t = start(&tools, dir.path());
+    let nbd = dir.path().join("nbd.sock");
+    let listen = format!("unix:{}", nbd.display());
+    t.ok(&["nbd_server_start", &listen]);
+    t.ok(&["bdev_malloc_create", "-b", "M0", "8", "4096"]);
+    t.ok(&["nbd_export_add", "M0"]);
+    qemu_io_ok(&tools, &nbd_uri("M0", &nbd), &["write -P 0x9c 0 1M"]);
+    // A client bdev in the same target, over the export, re-exported under another name.
+    let u = "7e5a0000-e5a0-4e5a-8e5a-00000000000c";
+    assert_eq!(
+        t.ok(&["bdev_nbd_client_create", "C0", &listen, "M0", "-u", u]),
+        json!("C0")
+    );
+    let c = &t.ok(&["bdev_get_bdevs", "-b", u])[0];
+    assert_eq!(c["name"], json!("C0"));
+    assert_eq!(c["num_blocks"], json!(2048));
+    t.ok(&["nbd_export_add", "C0"]);
+    qemu_io_ok(
+        &tools,
+        &nbd_uri("C0", &nbd),
+        &["read -P 0x9c 0 1M", "write -P 0x9d 1M 1M"],
+    );
+    qemu_io_ok(&tools, &nbd_uri("M0", &nbd), &["read -P 0x9d 1M 1M"]);
+    let out = t.rpc_raw(&["save_config"]);
+    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = serde_json::to_string(&cfg["subsystems"][0]).unwrap();
+    assert!(text.contains("bdev_nbd_client_create"), "{text}");
+    let info = t.ok(&["bdev_nbd_client_get", "-b", "C0"]);
+    assert_eq!(info[0]["state"], json!("connected"));
+    assert_eq!(info[0]["registered"], json!(true));
+    // A client waiting for an absent server is saved too (it is not in the registry).
+    let away = format!("unix:{}", dir.path().join("away.sock").display());
+    assert_eq!(
+        t.ok(&[
+            "bdev_nbd_client_create",
+            "C1",
+            &away,
+            "x",
+            "-b",
+            "--reconnect-delay-ms",
+            "100000"
+        ]),
+        json!("C1")
+    );
+    assert_eq!(t.err(&["bdev_get_bdevs", "-b", "C1"]).code, -19);
+    let cfg = t.ok(&["framework_get_config", "bdev"]);
+    let c1 = cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["params"]["name"] == json!("C1"))
+        .expect("C1 in the config");
+    assert_eq!(c1["method"], json!("bdev_nbd_client_create"));
+    assert_eq!(t.ok(&["bdev_nbd_client_delete", "C1"]), json!(true));
+    assert_eq!(t.ok(&["bdev_nbd_client_delete", "C0"]), json!(true));
+    assert_eq!(t.err(&["bdev_nbd_client_delete", "C0"]).code, -19);
+    assert_eq!(t.ok(&["nbd_get_exports"]).as_array().unwrap().len(), 1);
 }

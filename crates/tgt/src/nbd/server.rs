@@ -13,14 +13,19 @@ use std::sync::{Arc, Mutex};
 
 use bdev_core::rpc::RpcError;
 use bdev_core::{BdevEvent, Descriptor, IoType, Registry};
-use futures::StreamExt;
+use futures::future::Either;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use iobuf::IoBuf;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, RwLock};
 use tokio::task::JoinHandle;
 
 use super::proto::{self, ExportInfo, ExportLookup, Next, Request};
+
+/// Receive buffer of a connection.
+const RBUF_LEN: usize = 256 << 10;
 
 /// Requests one connection may have in flight at once.
 const MAX_INFLIGHT: usize = 128;
@@ -31,6 +36,9 @@ pub struct Export {
     bdev_name: String,
     writable: bool,
     desc: Arc<Descriptor>,
+    /// Read-modify-write of partial blocks takes this exclusively, every other write shared,
+    /// so that concurrent requests touching different bytes of one block never lose data.
+    rmw: RwLock<()>,
     generation: u64,
     connections: AtomicUsize,
     cancel: watch::Sender<bool>,
@@ -282,6 +290,7 @@ impl NbdServer {
             bdev_name: bdev_name.to_string(),
             writable,
             desc: Arc::new(desc),
+            rmw: RwLock::new(()),
             generation,
             connections: AtomicUsize::new(0),
             cancel,
@@ -393,6 +402,43 @@ impl Drop for ConnCount {
     }
 }
 
+/// Longest a client may take over its handshake.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The newstyle fixed handshake: options until one selects an export (returned) or the client
+/// aborts (`None`).
+async fn handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    exports: &ExportMap,
+) -> std::io::Result<Option<Arc<Export>>>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    wr.write_all(&proto::greeting()).await?;
+    let mut flags = [0u8; 4];
+    rd.read_exact(&mut flags).await?;
+    let no_zeroes = proto::parse_client_flags(flags).map_err(proto_err)?;
+    loop {
+        let mut hdr = [0u8; 16];
+        rd.read_exact(&mut hdr).await?;
+        let h = proto::parse_option_header(&hdr).map_err(proto_err)?;
+        let mut data = vec![0u8; h.len as usize];
+        rd.read_exact(&mut data).await?;
+        let out = proto::handle_option(h.option, &data, no_zeroes, &Lookup(exports));
+        wr.write_all(&out.reply).await?;
+        match out.next {
+            Next::Continue => {}
+            Next::Close => {
+                wr.shutdown().await.ok();
+                return Ok(None);
+            }
+            Next::Transmit(name) => return Ok(lock(exports).get(&name).cloned()),
+        }
+    }
+}
+
 async fn serve<S>(
     stream: S,
     exports: ExportMap,
@@ -402,122 +448,199 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
-    wr.write_all(&proto::greeting()).await?;
-    let mut flags = [0u8; 4];
-    rd.read_exact(&mut flags).await?;
-    let no_zeroes = proto::parse_client_flags(flags).map_err(proto_err)?;
-    let export = loop {
-        let mut hdr = [0u8; 16];
-        tokio::select! {
-            r = rd.read_exact(&mut hdr) => { r?; }
-            _ = wait_true(&mut stop) => return Ok(()),
-        }
-        let h = proto::parse_option_header(&hdr).map_err(proto_err)?;
-        let mut data = vec![0u8; h.len as usize];
-        rd.read_exact(&mut data).await?;
-        let out = proto::handle_option(h.option, &data, no_zeroes, &Lookup(&exports));
-        wr.write_all(&out.reply).await?;
-        match out.next {
-            Next::Continue => {}
-            Next::Close => {
-                wr.shutdown().await.ok();
-                return Ok(());
-            }
-            Next::Transmit(name) => match lock(&exports).get(&name) {
-                Some(e) => break e.clone(),
-                None => return Ok(()),
-            },
-        }
+    // Small: it only serves the handshake; larger reads bypass it.
+    let mut rd = tokio::io::BufReader::with_capacity(4096, rd);
+    // The handshake gives up on shutdown and on clients that stall for a minute.
+    let export = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &exports)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Ok(()),
+        },
+        _ = wait_true(&mut stop) => return Ok(()),
+    };
+    let Some(export) = export else {
+        return Ok(());
     };
     export.connections.fetch_add(1, Ordering::SeqCst);
     let _count = ConnCount(export.clone());
     let mut cancel = export.cancel.subscribe();
+    transmission(&mut rd, wr, &export, &mut cancel, &mut stop).await
+}
 
-    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
-    // The writer batches whatever replies are ready into one flush.
-    let writer = tokio::spawn(async move {
-        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-        'outer: while let Some(r) = rx.recv().await {
-            let mut next = Some(r);
-            while let Some(r) = next.take() {
-                if r.put(&mut w).await.is_err() {
-                    break 'outer;
-                }
-                next = rx.try_recv().ok();
+/// A request whose payload is still arriving.
+struct Pending {
+    req: Request,
+    buf: IoBuf,
+    filled: usize,
+}
+
+type ReplyFuture = futures::future::BoxFuture<'static, Reply>;
+
+/// Starts one checked request; the future yields its reply.
+fn start_request(export: &Arc<Export>, req: Request, payload: Option<IoBuf>) -> ReplyFuture {
+    let exp = export.clone();
+    Box::pin(async move {
+        match execute(&exp.desc, &exp.rmw, &req, payload).await {
+            Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
+            Ok(Some((buf, skew, len))) => {
+                Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len)
             }
-            if w.flush().await.is_err() {
+            Err(errno) => Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie)),
+        }
+    })
+}
+
+/// The transmission phase. One task reads requests, runs up to [`MAX_INFLIGHT`] of them
+/// concurrently (a `FuturesUnordered`, no task per request) and writes each reply as soon as
+/// it is ready, batching the replies that are ready together into one flush. When the client
+/// disconnects, the export goes away or the server stops, no new request is read; the ones in
+/// flight complete and their replies are sent before the socket is closed.
+async fn transmission<R, W>(
+    rd: &mut R,
+    wr: W,
+    export: &Arc<Export>,
+    cancel: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+    let mut inflight: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
+    // Received bytes not yet parsed are rbuf[pos..].
+    let mut rbuf: Vec<u8> = Vec::with_capacity(RBUF_LEN);
+    let mut pos = 0usize;
+    let mut pending: Option<Pending> = None;
+    let mut closing = *cancel.borrow() || *stop.borrow();
+    loop {
+        // Take every complete request out of the receive buffer.
+        while !closing && pending.is_none() && inflight.len() < MAX_INFLIGHT {
+            if rbuf.len() - pos < proto::REQUEST_LEN {
                 break;
             }
-        }
-        let _ = w.shutdown().await;
-    });
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    let mut inflight = tokio::task::JoinSet::new();
-    loop {
-        if *cancel.borrow() || *stop.borrow() {
-            break;
-        }
-        let mut hdr = [0u8; proto::REQUEST_LEN];
-        let read = tokio::select! {
-            r = rd.read_exact(&mut hdr) => r,
-            _ = wait_true(&mut cancel) => break,
-            _ = wait_true(&mut stop) => break,
-        };
-        if read.is_err() {
-            break;
-        }
-        let Ok(req) = proto::parse_request(&hdr) else {
-            break;
-        };
-        if req.cmd == proto::CMD_DISC {
-            break;
-        }
-        let mut payload = None;
-        if proto::has_payload(&req) {
+            let mut hdr = [0u8; proto::REQUEST_LEN];
+            hdr.copy_from_slice(&rbuf[pos..pos + proto::REQUEST_LEN]);
+            let Ok(req) = proto::parse_request(&hdr) else {
+                closing = true;
+                break;
+            };
+            if req.cmd == proto::CMD_DISC {
+                closing = true;
+                break;
+            }
+            if !proto::has_payload(&req) {
+                pos += proto::REQUEST_LEN;
+                submit(export, req, None, &mut inflight, &mut w).await?;
+                continue;
+            }
             if req.len > proto::MAX_PAYLOAD {
                 // The payload cannot be skipped safely; end the connection.
+                closing = true;
                 break;
             }
-            let mut buf = IoBuf::new(req.len as usize, export.desc.device().buf_align());
-            if rd.read_exact(&mut buf[..]).await.is_err() {
-                break;
+            let len = req.len as usize;
+            let mut buf = IoBuf::new(len, export.desc.device().buf_align());
+            let start = pos + proto::REQUEST_LEN;
+            let have = (rbuf.len() - start).min(len);
+            buf[..have].copy_from_slice(&rbuf[start..start + have]);
+            pos = start + have;
+            if have == len {
+                submit(export, req, Some(buf), &mut inflight, &mut w).await?;
+            } else {
+                pending = Some(Pending {
+                    req,
+                    buf,
+                    filled: have,
+                });
             }
-            payload = Some(buf);
         }
-        while inflight.try_join_next().is_some() {}
-        let dev = export.desc.device();
-        let size = dev.num_blocks() * dev.block_len() as u64;
-        if let Err(e) = proto::check_request(&req, size, !export.writable) {
-            let _ = tx
-                .send(Reply::Simple(proto::simple_reply(e, req.cookie)))
-                .await;
-            continue;
+        // Keep the unparsed tail at the front, with room to read into.
+        if pos == rbuf.len() {
+            rbuf.clear();
+            pos = 0;
+        } else if pos > 0 && rbuf.capacity() - rbuf.len() < RBUF_LEN / 4 {
+            rbuf.drain(..pos);
+            pos = 0;
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        if rbuf.capacity() - rbuf.len() < RBUF_LEN / 4 {
+            rbuf.reserve(RBUF_LEN / 4);
+        }
+        if closing && inflight.is_empty() {
             break;
-        };
-        let tx = tx.clone();
-        let desc = export.desc.clone();
-        inflight.spawn(async move {
-            let reply = match execute(&desc, &req, payload).await {
-                Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
-                Ok(Some((buf, skew, len))) => {
-                    Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len)
+        }
+        // Replies written at once (refused requests) must not wait for the next completion.
+        if !w.buffer().is_empty() {
+            w.flush().await?;
+        }
+        let want_read = !closing && inflight.len() < MAX_INFLIGHT;
+        tokio::select! {
+            biased;
+            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                reply.put(&mut w).await?;
+                while let Some(Some(reply)) = inflight.next().now_or_never() {
+                    reply.put(&mut w).await?;
                 }
-                Err(errno) => {
-                    Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie))
+                w.flush().await?;
+            }
+            n = read_some(rd, &mut pending, &mut rbuf), if want_read => match n {
+                Ok(0) | Err(_) => closing = true,
+                Ok(n) => {
+                    if let Some(p) = pending.as_mut() {
+                        p.filled += n;
+                        if p.filled == p.buf.len() {
+                            if let Some(p) = pending.take() {
+                                submit(export, p.req, Some(p.buf), &mut inflight, &mut w).await?;
+                            }
+                        }
+                    }
                 }
-            };
-            let _ = tx.send(reply).await;
-            drop(permit);
-        });
+            },
+            _ = wait_true(cancel), if !closing => closing = true,
+            _ = wait_true(stop), if !closing => closing = true,
+        }
     }
-    // Drain: every accepted request completes and its reply is sent before the close.
-    while inflight.join_next().await.is_some() {}
-    drop(tx);
-    let _ = writer.await;
+    w.flush().await?;
+    let _ = w.shutdown().await;
     Ok(())
+}
+
+/// Reads into the pending payload if there is one (no copy), else appends to `rbuf`.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    pending: &mut Option<Pending>,
+    rbuf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    match pending {
+        Some(p) => {
+            let filled = p.filled;
+            rd.read(&mut p.buf[filled..]).await
+        }
+        None => rd.read_buf(rbuf).await,
+    }
+}
+
+/// Checks a request; an invalid one is answered at once, a valid one starts.
+async fn submit<W: AsyncWrite + Unpin>(
+    export: &Arc<Export>,
+    req: Request,
+    payload: Option<IoBuf>,
+    inflight: &mut FuturesUnordered<ReplyFuture>,
+    w: &mut W,
+) -> std::io::Result<()> {
+    let dev = export.desc.device();
+    let size = dev.num_blocks() * dev.block_len() as u64;
+    match proto::check_request(&req, size, !export.writable) {
+        Err(e) => {
+            Reply::Simple(proto::simple_reply(e, req.cookie))
+                .put(w)
+                .await
+        }
+        Ok(()) => {
+            inflight.push(start_request(export, req, payload));
+            Ok(())
+        }
+    }
 }
 
 /// Waits until the watched flag is true (forever if its sender is gone).
@@ -574,13 +697,26 @@ async fn read_bytes(
 
 /// Writes bytes at any offset: aligned spans go straight down, unaligned edges are
 /// read-modify-write.
-async fn write_bytes(desc: &Descriptor, offset: u64, data: IoBuf) -> Result<(), i32> {
+async fn write_bytes(
+    desc: &Descriptor,
+    rmw: &RwLock<()>,
+    offset: u64,
+    data: IoBuf,
+) -> Result<(), i32> {
     let dev = desc.device();
     let bl = dev.block_len() as u64;
     let len = data.len() as u64;
     let (first, count, skew) = span(offset, len, bl);
-    let buf = if skew == 0 && len % bl == 0 && data.align() >= dev.buf_align() {
+    let whole = skew == 0 && len % bl == 0;
+    let _guard = if whole {
+        Either::Left(rmw.read().await)
+    } else {
+        Either::Right(rmw.write().await)
+    };
+    let buf = if whole && data.align() >= dev.buf_align() {
         data
+    } else if whole {
+        IoBuf::from_slice(&data, dev.buf_align())
     } else {
         let mut buf = IoBuf::new((count * bl) as usize, dev.buf_align());
         buf = desc.read(first, buf).await.map_err(|e| e.errno())?;
@@ -591,17 +727,24 @@ async fn write_bytes(desc: &Descriptor, offset: u64, data: IoBuf) -> Result<(), 
     Ok(())
 }
 
-async fn zero_bytes(desc: &Descriptor, offset: u64, len: u64) -> Result<(), i32> {
+async fn zero_bytes(desc: &Descriptor, rmw: &RwLock<()>, offset: u64, len: u64) -> Result<(), i32> {
     let dev = desc.device();
     let bl = dev.block_len() as u64;
     let a_start = offset.div_ceil(bl) * bl;
     let a_end = ((offset + len) / bl) * bl;
     if a_start >= a_end {
-        return write_bytes(desc, offset, IoBuf::new(len as usize, 1)).await;
+        return write_bytes(desc, rmw, offset, IoBuf::new(len as usize, 1)).await;
     }
     if a_start > offset {
-        write_bytes(desc, offset, IoBuf::new((a_start - offset) as usize, 1)).await?;
+        write_bytes(
+            desc,
+            rmw,
+            offset,
+            IoBuf::new((a_start - offset) as usize, 1),
+        )
+        .await?;
     }
+    let guard = rmw.read().await;
     if dev.io_type_supported(IoType::WriteZeroes) {
         desc.write_zeroes(a_start / bl, (a_end - a_start) / bl)
             .await
@@ -616,8 +759,15 @@ async fn zero_bytes(desc: &Descriptor, offset: u64, len: u64) -> Result<(), i32>
             pos += n;
         }
     }
+    drop(guard);
     if a_end < offset + len {
-        write_bytes(desc, a_end, IoBuf::new((offset + len - a_end) as usize, 1)).await?;
+        write_bytes(
+            desc,
+            rmw,
+            a_end,
+            IoBuf::new((offset + len - a_end) as usize, 1),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -625,6 +775,7 @@ async fn zero_bytes(desc: &Descriptor, offset: u64, len: u64) -> Result<(), i32>
 /// Runs one checked request; `Ok(Some(data))` for reads.
 async fn execute(
     desc: &Descriptor,
+    rmw: &RwLock<()>,
     req: &Request,
     payload: Option<IoBuf>,
 ) -> Result<Option<(IoBuf, usize, usize)>, i32> {
@@ -639,7 +790,7 @@ async fn execute(
         }
         proto::CMD_WRITE => {
             if let Some(p) = payload.filter(|p| !p.is_empty()) {
-                write_bytes(desc, req.offset, p).await?;
+                write_bytes(desc, rmw, req.offset, p).await?;
             }
             if fua && dev.io_type_supported(IoType::Flush) {
                 desc.flush().await.map_err(|e| e.errno())?;
@@ -648,7 +799,7 @@ async fn execute(
         }
         proto::CMD_WRITE_ZEROES => {
             if req.len > 0 {
-                zero_bytes(desc, req.offset, req.len as u64).await?;
+                zero_bytes(desc, rmw, req.offset, req.len as u64).await?;
             }
             if fua && dev.io_type_supported(IoType::Flush) {
                 desc.flush().await.map_err(|e| e.errno())?;
@@ -661,6 +812,7 @@ async fn execute(
             let a_start = req.offset.div_ceil(bl);
             let a_end = (req.offset + req.len as u64) / bl;
             if a_end > a_start && dev.io_type_supported(IoType::Unmap) {
+                let _guard = rmw.read().await;
                 desc.unmap(a_start, a_end - a_start)
                     .await
                     .map_err(|e| e.errno())?;
@@ -680,6 +832,183 @@ async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bdev_core::backend::malloc::MallocBdev;
+    use std::collections::HashMap;
+
+    async fn client_go<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, export: &str) -> (u64, u16) {
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await.unwrap();
+        assert_eq!(g, proto::greeting());
+        s.write_all(&3u32.to_be_bytes()).await.unwrap();
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
+        o.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+        o.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        o.extend_from_slice(&d);
+        s.write_all(&o).await.unwrap();
+        let (mut size, mut flags) = (0, 0);
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).await.unwrap();
+            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut data = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+            s.read_exact(&mut data).await.unwrap();
+            if ty == proto::REP_INFO && data[..2] == [0, 0] {
+                size = u64::from_be_bytes(data[2..10].try_into().unwrap());
+                flags = u16::from_be_bytes([data[10], data[11]]);
+            }
+            if ty == proto::REP_ACK {
+                return (size, flags);
+            }
+            assert_eq!(ty & proto::REP_FLAG_ERROR, 0);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pipelined_requests_unaligned_io_and_removal() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 2048, 512, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        assert_eq!(server.add_export("M", Some("m"), true).unwrap(), "m");
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        server.spawn_conn(s);
+        let (size, flags) = client_go(&mut c, "m").await;
+        assert_eq!(size, 1 << 20);
+        assert_eq!(flags & proto::TFLAG_READ_ONLY, 0);
+
+        // 64 writes of 1000 bytes at unaligned offsets, all sent before any reply is read.
+        let mut msg = Vec::new();
+        for i in 0..64u64 {
+            let r = proto::Request {
+                flags: 0,
+                cmd: proto::CMD_WRITE,
+                cookie: i,
+                offset: i * 1000 + 7,
+                len: 1000,
+            };
+            msg.extend_from_slice(&proto::encode_request(&r));
+            msg.extend(std::iter::repeat_n(i as u8 + 1, 1000));
+        }
+        c.write_all(&msg).await.unwrap();
+        let mut seen = HashMap::new();
+        for _ in 0..64 {
+            let mut h = [0u8; 16];
+            c.read_exact(&mut h).await.unwrap();
+            let cookie = u64::from_be_bytes(h[8..].try_into().unwrap());
+            seen.insert(cookie, u32::from_be_bytes(h[4..8].try_into().unwrap()));
+        }
+        assert_eq!(seen.len(), 64);
+        assert!(seen.values().all(|&e| e == 0));
+        // Write zeroes over part of the range, then read everything back in one request.
+        let z = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_WRITE_ZEROES,
+            cookie: 100,
+            offset: 1500,
+            len: 600,
+        };
+        c.write_all(&proto::encode_request(&z)).await.unwrap();
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 100));
+        let rd = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 101,
+            offset: 0,
+            len: 65_000,
+        };
+        c.write_all(&proto::encode_request(&rd)).await.unwrap();
+        c.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 101));
+        let mut data = vec![0u8; 65_000];
+        c.read_exact(&mut data).await.unwrap();
+        for (off, &b) in data.iter().enumerate() {
+            let expect = if !(7..64 * 1000 + 7).contains(&off) || (1500..2100).contains(&off) {
+                0
+            } else {
+                ((off - 7) / 1000) as u8 + 1
+            };
+            assert_eq!(b, expect, "byte {off}");
+        }
+        assert_eq!(server.list()[0]["connections"], serde_json::json!(1));
+        // Hot removal: the unregister completes and the connection is closed.
+        registry.unregister("M").await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).await.unwrap(), 0);
+        assert_eq!(server.list(), serde_json::json!([]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn payloads_split_across_reads_and_refused_requests() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 1024, 4096, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        server.add_export("M", None, true).unwrap();
+        // A 4 KiB pipe: every large payload arrives in many pieces.
+        let (mut c, s) = tokio::io::duplex(4096);
+        server.spawn_conn(s);
+        let (size, _) = client_go(&mut c, "").await;
+        assert_eq!(size, 4 << 20);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let w = proto::Request {
+            flags: proto::CMD_FLAG_FUA,
+            cmd: proto::CMD_WRITE,
+            cookie: 1,
+            offset: 8192,
+            len: data.len() as u32,
+        };
+        let bad = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 2,
+            offset: 4 << 20,
+            len: 4096,
+        };
+        let r = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 3,
+            offset: 8192,
+            len: data.len() as u32,
+        };
+        let mut msg = proto::encode_request(&w).to_vec();
+        msg.extend_from_slice(&data);
+        msg.extend_from_slice(&proto::encode_request(&bad));
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let writer = tokio::spawn(async move {
+            wr.write_all(&msg).await.unwrap();
+            // The read goes out only after the write's reply came back (below).
+            wr
+        });
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 1));
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(proto::EINVAL, 2));
+        let mut wr = writer.await.unwrap();
+        wr.write_all(&proto::encode_request(&r)).await.unwrap();
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 3));
+        let mut back = vec![0u8; data.len()];
+        rd.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, data);
+        // Disconnect: the server closes its side.
+        let d = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_DISC,
+            cookie: 4,
+            offset: 0,
+            len: 0,
+        };
+        wr.write_all(&proto::encode_request(&d)).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(rd.read(&mut b).await.unwrap(), 0);
+    }
 
     #[test]
     fn span_covers_unaligned_ranges() {

@@ -124,6 +124,22 @@ impl Tgt {
         }
     }
 
+    /// Starts `tgt` with no arguments at all (the embedded default) in `dir`; it listens on
+    /// SPDK's default socket.
+    pub fn start_default(tools: &Tools, dir: &Path) -> Tgt {
+        let sock = PathBuf::from("/var/tmp/spdk.sock");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
+        cmd.current_dir(dir);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn tgt");
+        wait_for_socket(&sock, &mut child);
+        Tgt {
+            child: Some(child),
+            sock,
+            tools: tools.clone(),
+        }
+    }
+
     /// Runs `spdk-rpc -s SOCK --plugin spdk_rs_plugin ARGS`.
     pub fn rpc_raw(&self, args: &[&str]) -> Output {
         Command::new(&self.tools.rpc)

@@ -1,0 +1,243 @@
+//! Test helpers: qemu-nbd servers started and killed by the tests, pattern files, and
+//! timeouts so that no test can hang.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bdev_core::{BdevEvent, Descriptor, IoBuf};
+
+/// Whether qemu-nbd and qemu-img are installed; prints why a test is skipped if not.
+pub fn have_qemu(test: &str) -> bool {
+    let ok = ["qemu-nbd", "qemu-img"].iter().all(|b| {
+        Command::new(b)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !ok {
+        eprintln!("{test}: skipped: qemu-nbd or qemu-img is not installed");
+    }
+    ok
+}
+
+/// Runs a future to completion on this thread, panicking if it takes longer than `secs`.
+pub fn run<F: Future>(secs: u64, f: F) -> F::Output {
+    futures::executor::block_on(async {
+        let f = std::pin::pin!(f);
+        let t = futures_timer::Delay::new(Duration::from_secs(secs));
+        match futures::future::select(f, t).await {
+            futures::future::Either::Left((v, _)) => v,
+            futures::future::Either::Right(_) => panic!("timed out after {secs} s"),
+        }
+    })
+}
+
+/// Polls `cond` every 20 ms until it holds, panicking after `secs`.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The byte at `pos` of the pattern file: every 8-byte word holds its own index, mixed.
+pub fn pattern_byte(pos: u64) -> u8 {
+    let word = pos / 8;
+    let v = word.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a;
+    v.to_le_bytes()[(pos % 8) as usize]
+}
+
+/// `len` bytes of the pattern starting at byte `pos`.
+pub fn pattern(pos: u64, len: usize) -> Vec<u8> {
+    (0..len as u64).map(|i| pattern_byte(pos + i)).collect()
+}
+
+/// Writes a raw file of `len` bytes holding the pattern.
+pub fn pattern_file(dir: &Path, name: &str, len: u64) -> PathBuf {
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).expect("create pattern file");
+    let chunk = 1 << 20;
+    let mut pos = 0;
+    while pos < len {
+        let n = chunk.min(len - pos);
+        f.write_all(&pattern(pos, n as usize))
+            .expect("write pattern");
+        pos += n;
+    }
+    p
+}
+
+/// Makes a qcow2 image over a raw backing file.
+pub fn qcow2_over(dir: &Path, backing: &Path, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(backing)
+        .arg(&p)
+        .status()
+        .expect("run qemu-img");
+    assert!(st.success(), "qemu-img create failed");
+    p
+}
+
+/// Where a test server listens.
+#[derive(Clone, Debug)]
+pub enum Listen {
+    /// A Unix socket.
+    Unix(PathBuf),
+    /// A TCP address, inside a network namespace (`ip netns exec`) when one is given.
+    Tcp {
+        ip: String,
+        port: u16,
+        netns: Option<String>,
+    },
+}
+
+/// A qemu-nbd process, killed on drop.
+pub struct QemuNbd {
+    child: Option<Child>,
+    listen: Listen,
+    file: PathBuf,
+    format: String,
+    export: String,
+    extra: Vec<String>,
+}
+
+impl QemuNbd {
+    /// Serves `file` on a Unix socket in `dir`, persistent (`-t`), with extra arguments
+    /// (`-r`, `-e N`, ...).
+    pub fn unix(dir: &Path, file: &Path, format: &str, export: &str, extra: &[&str]) -> Self {
+        let sock = dir.join(format!("{export}.sock"));
+        Self::start(Listen::Unix(sock), file, format, export, extra)
+    }
+
+    /// Serves `file` on a listening address.
+    pub fn start(listen: Listen, file: &Path, format: &str, export: &str, extra: &[&str]) -> Self {
+        let mut s = QemuNbd {
+            child: None,
+            listen,
+            file: file.to_path_buf(),
+            format: format.to_string(),
+            export: export.to_string(),
+            extra: extra.iter().map(|e| e.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// The address to give `bdev_nbd_client_create`.
+    pub fn address(&self) -> String {
+        match &self.listen {
+            Listen::Unix(p) => format!("unix:{}", p.display()),
+            Listen::Tcp { ip, port, .. } => format!("{ip}:{port}"),
+        }
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = match &self.listen {
+            Listen::Tcp {
+                netns: Some(ns), ..
+            } => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-nbd"]);
+                c
+            }
+            _ => Command::new("qemu-nbd"),
+        };
+        match &self.listen {
+            Listen::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                cmd.arg("-k").arg(p);
+            }
+            Listen::Tcp { ip, port, .. } => {
+                cmd.args(["-b", ip, "-p", &port.to_string()]);
+            }
+        }
+        cmd.args(["-x", &self.export, "-f", &self.format, "-t"])
+            .args(&self.extra)
+            .arg(&self.file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().expect("start qemu-nbd");
+        self.child = Some(child);
+        self.wait_listening();
+    }
+
+    /// Waits until a connection succeeds (the probe connection is closed at once).
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = match &self.listen {
+                Listen::Unix(p) => UnixStream::connect(p).is_ok(),
+                Listen::Tcp { ip, port, .. } => {
+                    let sa = format!("{ip}:{port}").parse().expect("test address");
+                    std::net::TcpStream::connect_timeout(&sa, Duration::from_millis(200)).is_ok()
+                }
+            };
+            if ok {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("qemu-nbd exited at start: {st}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qemu-nbd did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the server (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again with the same arguments.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Reads `blocks` blocks at `lba` through a descriptor and checks them against the pattern.
+pub async fn check_pattern(desc: &Descriptor, lba: u64, blocks: u64) -> bdev_core::Result<()> {
+    let bl = desc.block_len() as u64;
+    let buf = desc
+        .read(lba, IoBuf::new((blocks * bl) as usize, 1))
+        .await?;
+    assert!(
+        buf[..] == pattern(lba * bl, buf.len())[..],
+        "pattern mismatch at lba {lba}"
+    );
+    Ok(())
+}
+
+/// Whether a `Remove` event arrived on the descriptor's event receiver.
+pub fn removed(events: &mut futures::channel::mpsc::UnboundedReceiver<BdevEvent>) -> bool {
+    while let Ok(ev) = events.try_recv() {
+        if ev == BdevEvent::Remove {
+            return true;
+        }
+    }
+    false
+}

@@ -1,0 +1,337 @@
+//! The client against a small NBD server written here, for what qemu-nbd will not do on
+//! demand: replies in reverse order, a server that stops answering, error replies,
+//! `NBD_ESHUTDOWN`, and a 4096-byte minimum block size.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bdev_core::{BlockDevice, IoBuf, Registry};
+use bdev_nbd::{NbdClientOpts, NbdClients};
+use common::*;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Collect this many requests (or whatever came within 50 ms), answer them last first.
+    Reverse(usize),
+    /// Complete the handshake, then never answer.
+    Hang,
+    /// Answer writes with this NBD error value.
+    WriteError(u32),
+    /// Answer the first request of the first connection with NBD_ESHUTDOWN and close it.
+    ShutdownFirst,
+}
+
+struct Fake {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    /// Connections accepted.
+    conns: Arc<AtomicUsize>,
+    /// Most requests held at once before answering.
+    max_batch: Arc<AtomicUsize>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = UnixStream::connect(&self.path);
+    }
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+fn be64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b[..8].try_into().unwrap())
+}
+
+/// The server side of the fixed-newstyle handshake, answering NBD_OPT_GO.
+fn handshake(s: &mut UnixStream, size: u64, flags: u16, min_block: u32) -> std::io::Result<()> {
+    s.write_all(&0x4e42_444d_4147_4943u64.to_be_bytes())?;
+    s.write_all(&0x4948_4156_454f_5054u64.to_be_bytes())?;
+    s.write_all(&3u16.to_be_bytes())?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf)?;
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h)?;
+    assert_eq!(be32(&h[8..]), 7, "NBD_OPT_GO expected");
+    let mut data = vec![0u8; be32(&h[12..]) as usize];
+    s.read_exact(&mut data)?;
+    let reply = |s: &mut UnixStream, typ: u32, payload: &[u8]| -> std::io::Result<()> {
+        s.write_all(&0x0003_e889_0455_65a9u64.to_be_bytes())?;
+        s.write_all(&7u32.to_be_bytes())?;
+        s.write_all(&typ.to_be_bytes())?;
+        s.write_all(&(payload.len() as u32).to_be_bytes())?;
+        s.write_all(payload)
+    };
+    let mut p = 0u16.to_be_bytes().to_vec();
+    p.extend_from_slice(&size.to_be_bytes());
+    p.extend_from_slice(&flags.to_be_bytes());
+    reply(s, 3, &p)?;
+    let mut p = 3u16.to_be_bytes().to_vec();
+    for v in [min_block, min_block.max(4096), 1 << 20] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    reply(s, 3, &p)?;
+    reply(s, 1, &[])
+}
+
+fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
+    let mut r = 0x6744_6698u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&error.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r
+}
+
+fn serve(mut s: UnixStream, mode: Mode, data: Arc<Mutex<Vec<u8>>>, first: bool, fake: &FakeCtl) {
+    let size = data.lock().unwrap().len() as u64;
+    // Has flags, flush, trim.
+    if handshake(&mut s, size, 1 | 4 | 32, fake.min_block).is_err() {
+        return;
+    }
+    let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut held: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut buf = Vec::new();
+    loop {
+        if fake.stop.load(Ordering::Acquire) {
+            return;
+        }
+        let mut h = [0u8; 28];
+        let got = read_full(&mut s, &mut h, &fake.stop);
+        match got {
+            Some(true) => {}
+            Some(false) => {
+                // Timed out between requests: answer what is held.
+                if let Mode::Reverse(_) = mode {
+                    flush_held(&mut s, &mut held, &fake.max_batch);
+                }
+                continue;
+            }
+            None => return,
+        }
+        let typ = u16::from_be_bytes([h[6], h[7]]);
+        let cookie = be64(&h[8..]);
+        let off = be64(&h[16..]) as usize;
+        let len = be32(&h[24..]) as usize;
+        if typ == 2 {
+            return;
+        }
+        if typ == 1 {
+            buf.resize(len, 0);
+            if read_full(&mut s, &mut buf, &fake.stop) != Some(true) {
+                return;
+            }
+        }
+        let reply = match mode {
+            Mode::Hang => continue,
+            Mode::ShutdownFirst if first => {
+                let _ = s.write_all(&simple_reply(108, cookie));
+                return;
+            }
+            Mode::WriteError(e) if typ == 1 => simple_reply(e, cookie),
+            _ => {
+                let mut d = data.lock().unwrap();
+                let mut r = simple_reply(0, cookie);
+                match typ {
+                    0 => r.extend_from_slice(&d[off..off + len]),
+                    1 => d[off..off + len].copy_from_slice(&buf),
+                    _ => {}
+                }
+                r
+            }
+        };
+        match mode {
+            Mode::Reverse(n) => {
+                held.push((cookie, reply));
+                if held.len() >= n {
+                    flush_held(&mut s, &mut held, &fake.max_batch);
+                }
+            }
+            _ => {
+                if s.write_all(&reply).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn flush_held(s: &mut UnixStream, held: &mut Vec<(u64, Vec<u8>)>, max: &AtomicUsize) {
+    max.fetch_max(held.len(), Ordering::AcqRel);
+    while let Some((_, r)) = held.pop() {
+        let _ = s.write_all(&r);
+    }
+}
+
+/// Reads all of `b`: `Some(true)` done, `Some(false)` timed out before the first byte, `None`
+/// closed or stopped.
+fn read_full(s: &mut UnixStream, b: &mut [u8], stop: &AtomicBool) -> Option<bool> {
+    let mut n = 0;
+    while n < b.len() {
+        match s.read(&mut b[n..]) {
+            Ok(0) => return None,
+            Ok(k) => n += k,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                if stop.load(Ordering::Acquire) {
+                    return None;
+                }
+                if n == 0 {
+                    return Some(false);
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+    Some(true)
+}
+
+struct FakeCtl {
+    stop: Arc<AtomicBool>,
+    max_batch: Arc<AtomicUsize>,
+    min_block: u32,
+}
+
+fn start(mode: Mode, size: usize, min_block: u32) -> (Fake, Arc<Mutex<Vec<u8>>>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    let data = Arc::new(Mutex::new(pattern(0, size)));
+    let fake = Fake {
+        path,
+        stop: Arc::new(AtomicBool::new(false)),
+        conns: Arc::new(AtomicUsize::new(0)),
+        max_batch: Arc::new(AtomicUsize::new(0)),
+        _dir: dir,
+    };
+    let ctl = Arc::new(FakeCtl {
+        stop: fake.stop.clone(),
+        max_batch: fake.max_batch.clone(),
+        min_block,
+    });
+    let (conns, d) = (fake.conns.clone(), data.clone());
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            if ctl.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let Ok(s) = s else { return };
+            let first = conns.fetch_add(1, Ordering::AcqRel) == 0;
+            let (ctl, d) = (ctl.clone(), d.clone());
+            std::thread::spawn(move || serve(s, mode, d, first, &ctl));
+        }
+    });
+    (fake, data)
+}
+
+fn opts(name: &str, fake: &Fake) -> NbdClientOpts {
+    let mut o = NbdClientOpts::new(name, &format!("unix:{}", fake.path.display()), "");
+    o.reconnect_attempts = 2;
+    o.reconnect_delay_ms = 50;
+    o.io_timeout_ms = 400;
+    o
+}
+
+#[test]
+fn replies_out_of_order_are_matched_by_cookie() {
+    let (fake, _data) = start(Mode::Reverse(16), 1 << 20, 4096);
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    run(20, async {
+        let dev = clients.create(opts("ooo", &fake)).await.unwrap();
+        // The server's minimum block size is the bdev's block size.
+        assert_eq!(dev.block_len(), 4096);
+        assert_eq!(dev.num_blocks(), 256);
+        let desc = reg.open("ooo", true).unwrap();
+        let reads = (0..64u64).map(|i| {
+            let d = &desc;
+            async move {
+                let lba = (i * 7) % 256;
+                let b = d.read(lba, IoBuf::new(4096, 1)).await.unwrap();
+                assert!(b[..] == pattern(lba * 4096, 4096)[..], "lba {lba}");
+            }
+        });
+        futures::future::join_all(reads).await;
+        let writes = (0..32u64).map(|i| {
+            let d = &desc;
+            async move {
+                d.write(i, IoBuf::from_slice(&[i as u8 + 1; 4096], 1))
+                    .await
+                    .unwrap();
+            }
+        });
+        futures::future::join_all(writes).await;
+        for i in 0..32u64 {
+            let b = desc.read(i, IoBuf::new(4096, 1)).await.unwrap();
+            assert!(b.iter().all(|&x| x == i as u8 + 1), "block {i}");
+        }
+        drop(desc);
+        clients.delete("ooo").await.unwrap();
+    });
+    // The server held 16 requests before answering any: they were all in flight together.
+    assert_eq!(fake.max_batch.load(Ordering::Acquire), 16);
+}
+
+#[test]
+fn a_server_that_stops_answering_cannot_hang_io() {
+    let (fake, _data) = start(Mode::Hang, 1 << 20, 512);
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    run(20, async {
+        clients.create(opts("hang", &fake)).await.unwrap();
+        let desc = reg.open("hang", false).unwrap();
+        let t0 = Instant::now();
+        let e = desc.read(0, IoBuf::new(512, 1)).await.unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        // Timeout, reconnect, resubmit, a few times over; bounded well below the test limit.
+        assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+        assert!(fake.conns.load(Ordering::Acquire) >= 2, "no reconnect");
+        drop(desc);
+        clients.delete("hang").await.unwrap();
+    });
+}
+
+#[test]
+fn error_replies_map_to_errno_and_keep_the_connection() {
+    let (fake, data) = start(Mode::WriteError(28), 1 << 20, 512);
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    run(20, async {
+        let dev = clients.create(opts("err", &fake)).await.unwrap();
+        let desc = reg.open("err", true).unwrap();
+        let e = desc.write(0, IoBuf::new(512, 1)).await.unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC);
+        check_pattern(&desc, 0, 8).await.unwrap();
+        desc.flush().await.unwrap();
+        assert!(dev.is_connected());
+        assert_eq!(fake.conns.load(Ordering::Acquire), 1);
+        drop(desc);
+        clients.delete("err").await.unwrap();
+    });
+    assert!(data.lock().unwrap()[..512] == pattern(0, 512)[..]);
+}
+
+#[test]
+fn eshutdown_reconnects_and_resubmits() {
+    let (fake, _data) = start(Mode::ShutdownFirst, 1 << 20, 512);
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    run(20, async {
+        clients.create(opts("shut", &fake)).await.unwrap();
+        let desc = reg.open("shut", false).unwrap();
+        check_pattern(&desc, 5, 3).await.unwrap();
+        assert_eq!(fake.conns.load(Ordering::Acquire), 2);
+        assert!(reg.get("shut").is_some());
+        drop(desc);
+        clients.delete("shut").await.unwrap();
+    });
+}

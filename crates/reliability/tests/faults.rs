@@ -1,0 +1,391 @@
+//! Fault injection through the error bdev (issue 9 part 4): write and read errors on the lvol
+//! store's device at every point of the metadata paths, and read errors on an esnap base.
+//! Each failing operation returns EIO; what the store holds in memory is what a reload from
+//! the device finds (the store is cut off from the device with dropped writes before the
+//! reload, so nothing in memory can be written down after the fact); the reloaded store is
+//! consistent.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
+use bdev_core::{IoType, Registry};
+use common::*;
+use futures::executor::block_on;
+use lvol::{Lvol, LvolModule, LvolStore};
+
+type Listing = BTreeMap<String, (u64, bool, bool, Option<String>, u64, Vec<u8>)>;
+
+async fn listing(reg: &Registry, s: &Arc<LvolStore>) -> Listing {
+    let mut out = BTreeMap::new();
+    for l in s.lvols() {
+        let d = reg.open(l.unique_id(), false).unwrap();
+        let data = read_at(&d, 0, l.size_bytes() as usize)
+            .await
+            .unwrap_or_default();
+        out.insert(
+            l.name(),
+            (
+                l.size_bytes(),
+                l.is_thin(),
+                l.is_read_only(),
+                l.parent_lvol().map(|p| p.name()),
+                l.num_allocated_clusters(),
+                data,
+            ),
+        );
+    }
+    out
+}
+
+struct Env {
+    reg: Registry,
+    m: LvolModule,
+    ee: Arc<ErrorBdev>,
+    s: Arc<LvolStore>,
+}
+
+/// A store on `EE_m0` with a thick lvol (data), a thin lvol with a snapshot and a clone.
+async fn env() -> Env {
+    let (reg, m) = setup();
+    let ee = error_over_malloc(&reg, "m0", 8 * MIB).await;
+    let s = lvs(&m, "EE_m0", "lvs").await;
+    let a = m
+        .create_lvol(
+            &s,
+            "thick",
+            2 * u64::from(CLUSTER),
+            false,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    let b = m
+        .create_lvol(&s, "thin", 3 * u64::from(CLUSTER), true, Default::default())
+        .await
+        .unwrap();
+    for (l, seed) in [(&a, 1u8), (&b, 2)] {
+        let d = reg.open(l.unique_id(), true).unwrap();
+        write_at(&d, 4096, &pattern(seed, 8192)).await.unwrap();
+    }
+    let snap = m.create_snapshot(&b, "snap").await.unwrap();
+    m.create_clone(&snap, "clone").await.unwrap();
+    Env { reg, m, ee, s }
+}
+
+fn by_name(s: &Arc<LvolStore>, n: &str) -> Arc<Lvol> {
+    s.lvol_by_name(n).unwrap_or_else(|| panic!("no lvol {n}"))
+}
+
+type Op = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = Result<(), i32>> + 'a>>;
+
+fn ops() -> Vec<(&'static str, Op)> {
+    vec![
+        ("create", |e| {
+            Box::pin(async move {
+                e.m.create_lvol(
+                    &e.s,
+                    "new",
+                    2 * u64::from(CLUSTER),
+                    false,
+                    Default::default(),
+                )
+                .await
+                .map(|_| ())
+                .map_err(|e| e.errno())
+            })
+        }),
+        ("snapshot", |e| {
+            Box::pin(async move {
+                e.m.create_snapshot(&by_name(&e.s, "thick"), "snap2")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.errno())
+            })
+        }),
+        ("clone", |e| {
+            Box::pin(async move {
+                e.m.create_clone(&by_name(&e.s, "snap"), "clone2")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.errno())
+            })
+        }),
+        ("resize", |e| {
+            Box::pin(async move {
+                e.m.resize_lvol(&by_name(&e.s, "thick"), 4 * u64::from(CLUSTER))
+                    .await
+                    .map_err(|e| e.errno())
+            })
+        }),
+        ("delete", |e| {
+            Box::pin(async move {
+                e.m.delete_lvol(&by_name(&e.s, "clone"))
+                    .await
+                    .map_err(|e| e.errno())
+            })
+        }),
+        ("inflate", |e| {
+            Box::pin(async move {
+                e.m.inflate_lvol(&by_name(&e.s, "clone"))
+                    .await
+                    .map_err(|e| e.errno())
+            })
+        }),
+        ("decouple", |e| {
+            Box::pin(async move {
+                e.m.decouple_parent(&by_name(&e.s, "thin"))
+                    .await
+                    .map_err(|e| e.errno())
+            })
+        }),
+        ("rename", |e| {
+            Box::pin(async move {
+                e.m.rename_lvol(&by_name(&e.s, "thin"), "thin-renamed")
+                    .await
+                    .map_err(|e| e.errno())
+            })
+        }),
+    ]
+}
+
+/// Cuts the store off the device (every later write dropped), unloads it, and loads it
+/// again from what reached the device.
+async fn crash_reload(e: &Env, what: &str) -> Result<Arc<LvolStore>, String> {
+    e.ee.clear();
+    e.ee.inject(Injection::drop_writes_after(0));
+    e.m.unload_lvstore(&e.s)
+        .await
+        .map_err(|x| format!("{what}: unload: {x}"))?;
+    e.ee.clear();
+    let s =
+        e.m.load_lvstore("EE_m0")
+            .await
+            .map_err(|x| format!("{what}: reload: {x}"))?;
+    let rep = blobstore::inspect::check(s.blobstore().device())
+        .await
+        .unwrap();
+    if !rep.problems.is_empty() {
+        return Err(format!("{what}: check: {:?}", rep.problems));
+    }
+    Ok(s)
+}
+
+/// Makes every write of the operation `only` fail in turn (sampled to about 12 points) and
+/// checks the outcome; panics with the list of every problem found.
+fn sweep(only: &'static str) {
+    with_timeout(100, move || {
+        block_on(async {
+            let mut total_faults = 0;
+            let mut failures: Vec<String> = Vec::new();
+            for (name, op) in ops().into_iter().filter(|(n, _)| *n == only) {
+                // Reference run: how many writes the operation needs.
+                let e = env().await;
+                let w0 = e.ee.writes_seen();
+                op(&e)
+                    .await
+                    .unwrap_or_else(|x| panic!("{name}: reference run failed: {x}"));
+                let writes = e.ee.writes_seen() - w0;
+                assert!(writes > 0, "{name} wrote nothing");
+                let step = (writes / 12).max(1);
+                for k in (0..writes).step_by(step as usize) {
+                    let e = env().await;
+                    e.ee.inject(Injection {
+                        io_type: Some(IoType::Write),
+                        kind: ErrorKind::Failure,
+                        range: None,
+                        after: k,
+                        count: u64::MAX,
+                    });
+                    total_faults += 1;
+                    let r = op(&e).await;
+                    // Success is only acceptable when the failed write was not needed: the
+                    // reload below must then show the completed operation.
+                    if r != Err(libc::EIO) && r != Ok(()) {
+                        failures.push(format!("{name}: write {k} of {writes} failed: got {r:?}"));
+                        continue;
+                    }
+                    e.ee.clear();
+                    let mem = listing(&e.reg, &e.s).await;
+                    let s = match crash_reload(&e, &format!("{name} write {k}")).await {
+                        Ok(s) => s,
+                        Err(x) => {
+                            failures.push(x);
+                            continue;
+                        }
+                    };
+                    let disk = listing(&e.reg, &s).await;
+                    if mem.keys().ne(disk.keys()) {
+                        failures.push(format!(
+                            "{name}: write {k}: lvols in memory {:?} vs on disk {:?}",
+                            mem.keys().collect::<Vec<_>>(),
+                            disk.keys().collect::<Vec<_>>()
+                        ));
+                        continue;
+                    }
+                    for (n, v) in &mem {
+                        let d = &disk[n];
+                        if d != v {
+                            failures.push(format!(
+                                "{name}: write {k}: lvol {n} (size, thin, ro, parent, allocated) \
+                                 in memory {:?} vs on disk {:?}, same data: {}",
+                                (v.0, v.1, v.2, &v.3, v.4),
+                                (d.0, d.1, d.2, &d.3, d.4),
+                                v.5 == d.5
+                            ));
+                        }
+                    }
+                    // The store still works: a new lvol can be made and written.
+                    let l =
+                        e.m.create_lvol(&s, "after", u64::from(CLUSTER), true, Default::default())
+                            .await
+                            .unwrap();
+                    let d = e.reg.open(l.unique_id(), true).unwrap();
+                    write_at(&d, 0, &[7; 4096]).await.unwrap();
+                    assert_eq!(read_at(&d, 0, 4096).await.unwrap(), vec![7; 4096]);
+                }
+            }
+            eprintln!("{only}: write faults injected: {total_faults}");
+            assert!(
+                failures.is_empty(),
+                "{} failures:\n{}",
+                failures.len(),
+                failures.join("\n")
+            );
+        })
+    });
+}
+
+#[test]
+fn write_errors_in_create() {
+    sweep("create");
+}
+
+#[test]
+fn write_errors_in_snapshot() {
+    sweep("snapshot");
+}
+
+#[test]
+fn write_errors_in_clone() {
+    sweep("clone");
+}
+
+#[test]
+fn write_errors_in_resize() {
+    sweep("resize");
+}
+
+#[test]
+fn write_errors_in_delete() {
+    sweep("delete");
+}
+
+#[test]
+fn write_errors_in_inflate() {
+    sweep("inflate");
+}
+
+#[test]
+fn write_errors_in_decouple() {
+    sweep("decouple");
+}
+
+#[test]
+fn write_errors_in_rename() {
+    sweep("rename");
+}
+
+#[test]
+fn read_errors_while_loading_never_write_and_leave_the_store_loadable() {
+    with_timeout(60, || {
+        block_on(async {
+            let e = env().await;
+            let want = listing(&e.reg, &e.s).await;
+            e.m.unload_lvstore(&e.s).await.unwrap();
+            for k in 0..40 {
+                e.ee.inject(Injection {
+                    io_type: Some(IoType::Read),
+                    kind: ErrorKind::Failure,
+                    range: None,
+                    after: k,
+                    count: u64::MAX,
+                });
+                let w0 = e.ee.writes_seen();
+                match e.m.load_lvstore("EE_m0").await {
+                    Err(x) => {
+                        // FINDING: lvol reports a failed super blob read as ENODEV (wrapping the
+                        // EIO); accepted here, listed in docs/reliability.md.
+                        assert!(
+                            x.errno() == libc::EIO
+                                || (x.errno() == libc::ENODEV && x.to_string().contains("i/o")),
+                            "read {k}: {x}"
+                        );
+                        assert_eq!(e.ee.writes_seen(), w0, "a failed load wrote to the device");
+                        e.ee.clear();
+                    }
+                    Ok(s) => {
+                        // Loaded before the k-th read: every lvol is there.
+                        e.ee.clear();
+                        assert_eq!(listing(&e.reg, &s).await, want);
+                        e.m.unload_lvstore(&s).await.unwrap();
+                        break;
+                    }
+                }
+            }
+            let s = e.m.load_lvstore("EE_m0").await.unwrap();
+            assert_eq!(listing(&e.reg, &s).await, want);
+        })
+    });
+}
+
+#[test]
+fn read_errors_on_the_esnap_base_fail_with_eio_and_allocate_nothing() {
+    with_timeout(60, || {
+        block_on(async {
+            let (reg, m) = setup();
+            malloc(&reg, "store", 8 * MIB, 512, None).await;
+            let base = error_over_malloc(&reg, "gold", 4 * u64::from(CLUSTER)).await;
+            let golden = pattern(9, 4 * CLUSTER as usize);
+            {
+                let d = reg.open("EE_gold", true).unwrap();
+                write_at(&d, 0, &golden).await.unwrap();
+            }
+            let s = lvs(&m, "store", "lvs").await;
+            let c = m.create_esnap_clone("EE_gold", &s, "ec").await.unwrap();
+            let d = reg.open(c.unique_id(), true).unwrap();
+            assert_eq!(read_at(&d, 0, 8192).await.unwrap(), golden[..8192]);
+            base.inject(Injection::fail(Some(IoType::Read)));
+            let free = s.free_clusters();
+            assert_eq!(
+                read_at(&d, 4096, 4096).await.unwrap_err().errno(),
+                libc::EIO
+            );
+            // A partial-cluster write needs the copy-on-write read of the base.
+            assert_eq!(
+                write_at(&d, 512, &[1; 512]).await.unwrap_err().errno(),
+                libc::EIO
+            );
+            assert_eq!(
+                s.free_clusters(),
+                free,
+                "a failed copy-on-write leaked a cluster"
+            );
+            assert_eq!(c.num_allocated_clusters(), 0);
+            // A full-cluster write needs no base read and works.
+            write_at(&d, u64::from(CLUSTER), &vec![3; CLUSTER as usize])
+                .await
+                .unwrap();
+            base.clear();
+            write_at(&d, 512, &[1; 512]).await.unwrap();
+            let mut want = golden.clone();
+            want[512..1024].fill(1);
+            want[CLUSTER as usize..2 * CLUSTER as usize].fill(3);
+            assert_eq!(read_at(&d, 0, want.len()).await.unwrap(), want);
+        })
+    });
+}
