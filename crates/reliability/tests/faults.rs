@@ -389,3 +389,83 @@ fn read_errors_on_the_esnap_base_fail_with_eio_and_allocate_nothing() {
         })
     });
 }
+
+#[test]
+fn read_errors_on_the_esnap_base_during_inflate_and_decouple() {
+    with_timeout(60, || {
+        block_on(async {
+            let cs = CLUSTER as usize;
+            for (op, k) in [
+                ("inflate", 0u64),
+                ("inflate", 1),
+                ("inflate", 2),
+                ("decouple", 0),
+                ("decouple", 2),
+            ] {
+                let (reg, m) = setup();
+                malloc(&reg, "store", 8 * MIB, 512, None).await;
+                let base = error_over_malloc(&reg, "gold", 4 * u64::from(CLUSTER)).await;
+                let golden = pattern(0x33, 4 * cs);
+                {
+                    let d = reg.open("EE_gold", true).unwrap();
+                    write_at(&d, 0, &golden).await.unwrap();
+                }
+                let s = lvs(&m, "store", "lvs").await;
+                let c = m.create_esnap_clone("EE_gold", &s, "ec").await.unwrap();
+                let mut want = golden.clone();
+                {
+                    let d = reg.open(c.unique_id(), true).unwrap();
+                    write_at(&d, u64::from(CLUSTER) + 512, &[0xee; 512])
+                        .await
+                        .unwrap();
+                    want[cs + 512..cs + 1024].fill(0xee);
+                }
+                let free = s.free_clusters();
+                base.inject(Injection {
+                    io_type: Some(IoType::Read),
+                    kind: ErrorKind::Failure,
+                    range: None,
+                    after: k,
+                    count: u64::MAX,
+                });
+                let r = if op == "inflate" {
+                    m.inflate_lvol(&c).await
+                } else {
+                    m.decouple_parent(&c).await
+                };
+                assert_eq!(r.map_err(|e| e.errno()), Err(libc::EIO), "{op} read {k}");
+                base.clear();
+                // The clone is still an esnap clone and reads as before; nothing leaked
+                // beyond the clusters whose copy completed (each is durable on its own).
+                assert!(c.is_esnap_clone(), "{op} read {k}");
+                let d = reg.open(c.unique_id(), false).unwrap();
+                assert_eq!(
+                    read_at(&d, 0, want.len()).await.unwrap(),
+                    want,
+                    "{op} read {k}"
+                );
+                drop(d);
+                let copied = c.num_allocated_clusters() - 1;
+                assert_eq!(free - s.free_clusters(), copied, "{op} read {k}: leak");
+                // Reload: same state, consistent store; then the operation succeeds.
+                m.unload_lvstore(&s).await.unwrap();
+                let s = m.load_lvstore("store").await.unwrap();
+                let rep = blobstore::inspect::check(s.blobstore().device())
+                    .await
+                    .unwrap();
+                assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+                let c = s.lvol_by_name("ec").unwrap();
+                assert!(c.is_esnap_clone());
+                let r = if op == "inflate" {
+                    m.inflate_lvol(&c).await
+                } else {
+                    m.decouple_parent(&c).await
+                };
+                r.unwrap();
+                assert!(!c.is_esnap_clone());
+                let d = reg.open(c.unique_id(), false).unwrap();
+                assert_eq!(read_at(&d, 0, want.len()).await.unwrap(), want);
+            }
+        })
+    });
+}
