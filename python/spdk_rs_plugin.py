@@ -124,7 +124,8 @@ def spdk_rpc_plugin_initialize(subparsers):
             read_only=True if args.read_only else None,
             reconnect_attempts=args.reconnect_attempts,
             reconnect_delay_ms=args.reconnect_delay_ms,
-            io_timeout_ms=args.io_timeout_ms, num_connections=args.num_connections))
+            io_timeout_ms=args.io_timeout_ms, num_connections=args.num_connections,
+            background_connect=True if args.background_connect else None))
 
     p = subparsers.add_parser('bdev_nbd_client_create',
                               help='Create a bdev over an NBD export (unix:PATH or HOST:PORT)')
@@ -139,6 +140,8 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.add_argument('--io-timeout-ms', type=int, help='longest wait for a reply')
     p.add_argument('-c', '--num-connections', type=int,
                    help='connections when the server allows several')
+    p.add_argument('-b', '--background-connect', action='store_true',
+                   help='succeed even if the server is away; connect in the background')
     p.set_defaults(func=bdev_nbd_client_create)
 
     def bdev_nbd_client_delete(args):
@@ -147,3 +150,11 @@ def spdk_rpc_plugin_initialize(subparsers):
     p = subparsers.add_parser('bdev_nbd_client_delete', help='Delete an NBD client bdev')
     p.add_argument('name', help='bdev name')
     p.set_defaults(func=bdev_nbd_client_delete)
+
+    def bdev_nbd_client_get(args):
+        _print(args.client.bdev_nbd_client_get(name=args.name))
+
+    p = subparsers.add_parser('bdev_nbd_client_get',
+                              help='List NBD client bdevs with their connection state')
+    p.add_argument('-b', '--name', help='only this client')
+    p.set_defaults(func=bdev_nbd_client_get)

@@ -127,3 +127,30 @@ fn lists_model_test(bin: &std::path::Path) -> Result<bool> {
         .lines()
         .any(|l| l.ends_with(": test")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_report_exit_status_or_deadline() {
+        let far = Instant::now() + Duration::from_secs(30);
+        assert_eq!(
+            run_until(&mut Command::new("true"), far).unwrap(),
+            Some(true)
+        );
+        assert_eq!(
+            run_until(&mut Command::new("false"), far).unwrap(),
+            Some(false)
+        );
+        let t0 = Instant::now();
+        let soon = t0 + Duration::from_millis(200);
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("30");
+        assert_eq!(run_until(&mut sleeper, soon).unwrap(), None);
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the round was stopped"
+        );
+    }
+}

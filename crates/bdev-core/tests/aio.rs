@@ -285,3 +285,35 @@ fn large_and_many_vectored_io(#[values(0, 1)] which: usize) {
         assert!(got[..] == want[..]);
     });
 }
+
+#[test]
+fn a_future_polled_once_and_kept_does_not_strand_other_io() {
+    if !uring_available() {
+        println!("SKIP: io_uring is not available");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let a = AioBdev::create(AioOpts {
+        name: "a".into(),
+        filename: file(dir.path(), 1 << 20),
+        engine: AioEngine::Uring,
+        ..Default::default()
+    })
+    .unwrap();
+    let reg = Registry::new();
+    block_on(reg.register(a)).unwrap();
+    let d = reg.open("a", true).unwrap();
+    // Polled once (it owes the batch its submit), then parked without being dropped.
+    let mut parked = Box::pin(d.write(0, pattern(&d, 0, 1, 1)));
+    assert!((&mut parked).now_or_never().is_none());
+    let r = c::with_timeout(
+        std::time::Duration::from_secs(10),
+        "I/O behind a parked flusher",
+        d.read(8, IoBuf::new(512, 1)),
+    );
+    assert!(r.is_ok());
+    // The parked write completes too once polled again.
+    block_on(parked).unwrap();
+    let back = block_on(d.read(0, IoBuf::new(512, 1))).unwrap();
+    assert_eq!(back, pattern(&d, 0, 1, 1));
+}

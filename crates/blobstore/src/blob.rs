@@ -81,13 +81,36 @@ pub(crate) struct BlobInner {
     pub id: BlobId,
     pub bs: Arc<StoreInner>,
     pub freeze: async_lock::RwLock<()>,
-    pub alloc: async_lock::Mutex<()>,
+    /// Per-cluster allocation locks: allocations of different clusters run in parallel,
+    /// two of the same cluster never do.
+    alloc: Mutex<std::collections::HashMap<usize, Arc<async_lock::Mutex<()>>>>,
     st: Mutex<BlobState>,
+}
+
+/// Holds a cluster's allocation lock; drops the map entry when nobody else wants it.
+struct ClusterGuard<'a> {
+    blob: &'a BlobInner,
+    idx: usize,
+    _g: Option<async_lock::MutexGuardArc<()>>,
+}
+
+impl Drop for ClusterGuard<'_> {
+    fn drop(&mut self) {
+        let mut map = self.blob.alloc.lock().unwrap_or_else(|e| e.into_inner());
+        self._g = None;
+        if let Some(m) = map.get(&self.idx) {
+            // Only the map holds it: nobody is waiting.
+            if Arc::strong_count(m) == 1 {
+                map.remove(&self.idx);
+            }
+        }
+    }
 }
 
 /// Target of a fast-path read.
 enum Fast {
     Dev(u64),
+    Zero,
     Esnap(Arc<dyn BsDev>, u64),
 }
 
@@ -108,8 +131,22 @@ impl BlobInner {
             id,
             bs,
             freeze: async_lock::RwLock::new(()),
-            alloc: async_lock::Mutex::new(()),
+            alloc: Mutex::new(std::collections::HashMap::new()),
             st: Mutex::new(st),
+        }
+    }
+
+    /// Takes the allocation lock of cluster `idx`.
+    async fn lock_cluster(&self, idx: usize) -> ClusterGuard<'_> {
+        let m = {
+            let mut map = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(idx).or_default().clone()
+        };
+        let g = m.lock_arc().await;
+        ClusterGuard {
+            blob: self,
+            idx,
+            _g: Some(g),
         }
     }
 
@@ -181,7 +218,7 @@ impl BlobInner {
     fn fast_lba(&self, offset: u64, bytes: usize, write: bool) -> Option<u64> {
         match self.fast_target(offset, bytes, write)? {
             Fast::Dev(lba) => Some(lba),
-            Fast::Esnap(..) => None,
+            Fast::Esnap(..) | Fast::Zero => None,
         }
     }
 
@@ -204,6 +241,7 @@ impl BlobInner {
             return Some(Fast::Dev(u64::from(c) * g.lba_per_cluster + off));
         }
         match &s.back {
+            Back::Zeroes | Back::None if !write => Some(Fast::Zero),
             Back::Esnap(Some(d)) if !write => {
                 let bl = u64::from(d.block_len());
                 let lba = offset * iu / bl;
@@ -220,6 +258,11 @@ impl BlobInner {
         match self.fast_target(offset, buf.len(), false) {
             Some(Fast::Dev(lba)) => return self.bs.dev.read(lba, buf).await.map_err(io_err),
             Some(Fast::Esnap(d, lba)) => return d.read(lba, buf).await.map_err(io_err),
+            Some(Fast::Zero) => {
+                let mut buf = buf;
+                buf.fill(0);
+                return Ok(buf);
+            }
             None => {}
         }
         let units = self.check_range(offset, buf.len())?;
@@ -436,7 +479,7 @@ impl BlobInner {
         len: u64,
         data: Option<&[u8]>,
     ) -> Result<()> {
-        let _a = self.alloc.lock().await;
+        let _a = self.lock_cluster(idx).await;
         let lpc = self.bs.geo.lba_per_cluster;
         let iu = self.bs.geo.io_unit as usize;
         let c = self.cluster_at(idx);
@@ -583,7 +626,7 @@ impl BlobInner {
                 st.md.thin() && matches!(st.back, Back::Zeroes)
             };
             if release {
-                let _a = self.alloc.lock().await;
+                let _a = self.lock_cluster(s.cluster).await;
                 let _m = self.bs.md_lock.lock().await;
                 if self.cluster_at(s.cluster) != c {
                     continue;

@@ -43,9 +43,10 @@ pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {
         let mut pages = Vec::new();
         let mut cur = p;
         let mut chain = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut ok = true;
         loop {
-            if chain.contains(&cur) {
+            if !seen.insert(cur) {
                 rep.problems
                     .push(format!("blob {id:#x}: md chain loops back to page {cur}"));
                 ok = false;

@@ -12,6 +12,28 @@
 //!
 //! It does not know about bdevs, lvols, RPC or reactors: it runs on any executor and
 //! only needs a [`BsDev`].
+//!
+//! ```text
+//!   Blobstore ──► StoreInner: geometry, masks, open blobs, snapshot→clones graph,
+//!                 md_lock (serialises every metadata write)
+//!   Blob ───────► BlobInner: metadata (flags, xattrs, cluster map, extent pages),
+//!                 freeze (I/O takes it shared; snapshot/resize/set_parent/merge exclusive),
+//!                 alloc lock (one allocating write per blob at a time),
+//!                 back device: none | zeroes | parent BlobInner | esnap BsDev
+//! ```
+//!
+//! Locks are always taken in this order: a blob's freeze, its allocation lock, the store's
+//! md_lock, then short std mutexes that are never held across an await. A read or write of
+//! an allocated cluster takes only the freeze (shared) and one std mutex.
+//!
+//! Crash safety follows SPDK's write order: new extent and continuation pages are written
+//! to fresh md pages first, the root page last (the commit point), and only then are old
+//! pages zeroed and clusters released. Deleting zeroes the root first. Multi-blob
+//! operations leave `SNAPTMP` / `SNAPRM` markers that load turns into the before or after
+//! state; unlike SPDK, that fix-up frees only what no surviving blob references. Beyond
+//! SPDK: a newly allocated cluster of a thin blob is always written whole (parent data or
+//! zeroes), so freed data never shows through; looping or over-deep chains and oversized
+//! maps on disk are refused instead of crashing.
 
 mod blob;
 mod check;

@@ -18,6 +18,9 @@ use crate::inspect::SuperBlockInfo;
 use crate::md::{parse_chain, BlobMd};
 use crate::{BlobId, BsDev, BsError, BsOpts, ClearMethod, EsnapDevFactory, Result, BLOBID_INVALID};
 
+/// Longest snapshot chain we open (guards recursion against hostile metadata).
+pub(crate) const MAX_CHAIN_DEPTH: usize = 1024;
+
 /// Fixed geometry of a loaded store.
 #[derive(Clone, Debug)]
 pub(crate) struct Geo {
@@ -263,6 +266,18 @@ pub(crate) fn validate_super(
             "used blobid mask ({} pages) cannot hold {} bits",
             s.used_blobid_mask_len, s.md_len
         )));
+    }
+    let max_mask = mask_pages(clusters.max(u64::from(s.md_len))) + 1;
+    for (len, what) in [
+        (s.used_page_mask_len, "used page mask"),
+        (s.used_cluster_mask_len, "used cluster mask"),
+        (s.used_blobid_mask_len, "used blobid mask"),
+    ] {
+        if len > max_mask {
+            return Err(BsError::BadSuperBlock(format!(
+                "{what} is {len} pages long, more than the store can need"
+            )));
+        }
     }
     if size / u64::from(s.cluster_size) == 0 {
         return Err(BsError::BadSuperBlock("store holds no cluster".into()));
@@ -651,8 +666,9 @@ impl StoreInner {
         let mut pages = Vec::new();
         let mut chain = Vec::new();
         let mut p = root;
+        let mut seen = HashSet::new();
         loop {
-            if chain.contains(&p) {
+            if !seen.insert(p) {
                 return Err(corrupt(format!("blob {id:#x}: md chain loops at page {p}")));
             }
             let raw = self.read_md_page(p).await?;
@@ -763,7 +779,26 @@ impl StoreInner {
         self: &Arc<Self>,
         id: BlobId,
     ) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
+        self.open_chain(id, Vec::new())
+    }
+
+    /// Opens `id`; `children` are the clones being opened below it (cycle and depth guard).
+    fn open_chain(
+        self: &Arc<Self>,
+        id: BlobId,
+        mut children: Vec<BlobId>,
+    ) -> BoxFuture<'_, Result<Arc<BlobInner>>> {
         async move {
+            if children.contains(&id) {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: snapshot chain loops back to itself"
+                )));
+            }
+            if children.len() >= MAX_CHAIN_DEPTH {
+                return Err(corrupt(format!(
+                    "blob {id:#x}: snapshot chain deeper than {MAX_CHAIN_DEPTH}"
+                )));
+            }
             if let Some(b) = self.state().open.get(&id).cloned() {
                 b.lock().open_ref += 1;
                 return Ok(b);
@@ -787,7 +822,8 @@ impl StoreInner {
                 }
                 Back::Esnap(dev)
             } else if let Some(p) = md.snap_parent()? {
-                Back::Snapshot(self.open_locked(p).await?)
+                children.push(id);
+                Back::Snapshot(self.open_chain(p, children).await?)
             } else if md.thin() {
                 Back::Zeroes
             } else {
@@ -1053,7 +1089,7 @@ pub(crate) async fn recover_masks(
         blobids.set(u64::from(p));
         let mut ep_list: Vec<u32> = Vec::new();
         let mut cur = info;
-        let mut seen = vec![p];
+        let mut seen = HashSet::from([p]);
         loop {
             for d in &cur.descriptors {
                 match d {
@@ -1077,7 +1113,7 @@ pub(crate) async fn recover_masks(
                 }
             }
             let next = cur.next;
-            if next == INVALID_PAGE || next >= md_len || seen.contains(&next) {
+            if next == INVALID_PAGE || next >= md_len || !seen.insert(next) {
                 break;
             }
             let ni = parse_md_page(cache.get(next).await?)?;
@@ -1085,7 +1121,6 @@ pub(crate) async fn recover_masks(
                 break;
             }
             pages.set(u64::from(next));
-            seen.push(next);
             cur = ni;
         }
         for ep in ep_list {
@@ -1192,7 +1227,12 @@ impl StoreInner {
                 let mut pages = Vec::new();
                 let mut cur = p;
                 let mut ok = true;
+                let mut seen = HashSet::new();
                 loop {
+                    if !seen.insert(cur) {
+                        ok = false;
+                        break;
+                    }
                     let info = parse_md_page(cache.get(cur).await?)?;
                     if !info.crc_ok || (pages.is_empty() && info.id != id) {
                         ok = false;
@@ -1323,6 +1363,14 @@ impl StoreInner {
                 )));
             }
         }
+        let r = self.write_clean().await;
+        // Like SPDK, a failed unload (a device gone away) still ends this store.
+        self.state().unloaded = true;
+        r
+    }
+
+    /// Writes the three masks, then the super block with clean = 1.
+    async fn write_clean(&self) -> Result<()> {
         let s = self.read_super().await?;
         let (pm, cm, bm, total) = {
             let st = self.state();
@@ -1358,9 +1406,7 @@ impl StoreInner {
             let _ = total;
         })
         .await?;
-        let mut st = self.state();
-        st.clean_on_disk = true;
-        st.unloaded = true;
+        self.state().clean_on_disk = true;
         Ok(())
     }
 }

@@ -17,9 +17,30 @@ const CLUSTER: u32 = 16384;
 type Op = for<'a> fn(&'a Blobstore, &'a [BlobId]) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
 type Setup = for<'a> fn(&'a Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + 'a>>;
 
+struct Base;
+
+#[async_trait::async_trait]
+impl blobstore::EsnapDevFactory for Base {
+    async fn create(
+        &self,
+        _b: BlobId,
+        _id: &[u8],
+    ) -> blobstore::Result<Option<Arc<dyn blobstore::BsDev>>> {
+        static DEV: std::sync::OnceLock<Arc<MemBsDev>> = std::sync::OnceLock::new();
+        let d = DEV.get_or_init(|| {
+            let v: Vec<u8> = (0..8 * CLUSTER as usize)
+                .map(|i| (i / 4096 + 0x80) as u8)
+                .collect();
+            MemBsDev::read_only(BLK, v)
+        });
+        Ok(Some(d.clone() as Arc<dyn blobstore::BsDev>))
+    }
+}
+
 fn opts() -> BsOpts {
     BsOpts {
         cluster_size: CLUSTER,
+        esnap_factory: Some(Arc::new(Base)),
         ..Default::default()
     }
 }
@@ -330,6 +351,60 @@ fn power_loss_first_allocation_new_extent_page() {
             buf.fill(0x42);
             let _ = b.write(1, buf).await;
             let _ = b.close().await;
+        })
+    });
+}
+
+/// An esnap clone with one copied-on-write cluster, and a thick blob.
+fn setup_esnap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
+    Box::pin(async move {
+        let e = bs
+            .create_blob(BlobOpts {
+                num_clusters: 4,
+                esnap_id: Some(b"base".to_vec()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        fill(bs, e, 1, 0x31).await;
+        vec![e]
+    })
+}
+
+/// setup_esnap, then a snapshot of the esnap clone (which takes the link) and one more write.
+fn setup_esnap_snap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
+    Box::pin(async move {
+        let mut ids = setup_esnap(bs).await;
+        let s = bs.create_snapshot(ids[0], vec![]).await.unwrap();
+        fill(bs, ids[0], 2, 0x32).await;
+        ids.push(s);
+        ids
+    })
+}
+
+#[test]
+fn power_loss_esnap_snapshot_create() {
+    sweep("esnap snapshot create", setup_esnap, |bs, ids| {
+        Box::pin(async move {
+            let _ = bs.create_snapshot(ids[0], vec![]).await;
+        })
+    });
+}
+
+#[test]
+fn power_loss_esnap_snapshot_delete() {
+    sweep("esnap snapshot delete", setup_esnap_snap, |bs, ids| {
+        Box::pin(async move {
+            let _ = bs.delete_blob(ids[1]).await;
+        })
+    });
+}
+
+#[test]
+fn power_loss_esnap_inflate() {
+    sweep("esnap inflate", setup_esnap, |bs, ids| {
+        Box::pin(async move {
+            let _ = bs.inflate_blob(ids[0]).await;
         })
     });
 }

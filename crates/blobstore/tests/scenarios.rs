@@ -167,6 +167,11 @@ fn a03_unload_busy_while_open() {
         b.write(0, filled(4096, 1)).await.unwrap();
         b.close().await.unwrap();
         bs.unload().await.unwrap();
+        // A device that fails during unload: the error is reported and the store is gone.
+        let (d, bs) = fx().await;
+        d.set_fault(blobstore::testing::Fault::FailAfter(0));
+        assert_eq!(errno(bs.unload().await), libc::EIO);
+        assert_ne!(errno(bs.create_blob(BlobOpts::default()).await), 0);
     });
 }
 
@@ -1168,5 +1173,37 @@ fn clear_method_is_stored() {
         assert_eq!(h.clear_method(), ClearMethod::WriteZeroes);
         h.clone().close().await.unwrap();
         assert_eq!(errno(h.close().await), libc::EBADF);
+    });
+}
+
+#[test]
+fn vectored_io_and_unmap_on_clone() {
+    block_on(async {
+        let (_d, bs) = fx().await;
+        let id = thin(&bs, 3).await;
+        let b = bs.open_blob(id).await.unwrap();
+        // Three buffers straddling the cluster 0/1 boundary.
+        let bufs = vec![filled(4096, 1), filled(8192, 2), filled(4096, 3)];
+        b.writev(254, bufs).await.unwrap();
+        let got = b
+            .readv(254, vec![IoBuf::new(8192, 4096), IoBuf::new(8192, 4096)])
+            .await
+            .unwrap();
+        assert!(all(&got[0][..4096], 1) && all(&got[0][4096..], 2));
+        assert!(all(&got[1][..4096], 2) && all(&got[1][4096..], 3));
+        assert_eq!(b.num_allocated_clusters(), 2);
+        b.close().await.unwrap();
+        let s = bs.create_snapshot(id, vec![]).await.unwrap();
+        let b = bs.open_blob(id).await.unwrap();
+        b.write(0, filled(4096, 9)).await.unwrap();
+        // Unmap of a clone's whole cluster keeps the cluster (it has a parent) and zeroes it.
+        b.unmap(0, 256).await.unwrap();
+        assert_eq!(b.num_allocated_clusters(), 1);
+        assert!(all(&b.read(0, IoBuf::new(4096, 4096)).await.unwrap(), 0));
+        // Unallocated ranges: no-op, still reads the snapshot.
+        b.unmap(256, 256).await.unwrap();
+        assert!(all(&b.read(256, IoBuf::new(4096, 4096)).await.unwrap(), 2));
+        b.close().await.unwrap();
+        assert!(all(&rd(&bs, s, 254, 1).await, 1));
     });
 }

@@ -11,6 +11,18 @@
 //!
 //! It does not own the on-disk format (the blobstore does), the devices or the registry
 //! (bdev-core does), or the socket (tgt does).
+//!
+//! Wiring: create one [`LvolModule`] per [`bdev_core::Registry`] (it installs the examine
+//! hook, so stores on bdevs registered afterwards are tasted), and serve its RPC methods
+//! with [`rpc::LvolRpc::new`]. Every operation (`create_lvstore`, `create_lvol`,
+//! `create_snapshot`, `create_esnap_clone`, `delete_lvol`, ...) is a method of the module.
+//!
+//! Degraded mode: an lvol that depends on a missing external snapshot keeps its bdev. Reads
+//! and writes of clusters it (or a snapshot below it) owns work; requests that need the base
+//! are retried [`DEFAULT_ESNAP_RETRIES`] times, [`DEFAULT_ESNAP_RETRY_DELAY_MS`] ms apart
+//! (see [`LvolModule::set_esnap_retry`]), then fail with EIO. When the base bdev is removed,
+//! its dependents switch to [`DegradedDev`] and the claim is released; when a bdev with the
+//! missing UUID is registered, they are healed in place.
 
 mod bs_dev;
 mod error;

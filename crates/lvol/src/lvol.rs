@@ -22,6 +22,7 @@ pub struct Lvol {
     pub(crate) unique_id: String,
     pub(crate) name: Mutex<String>,
     pub(crate) registered: AtomicBool,
+    pub(crate) seq: u64,
 }
 
 impl std::fmt::Debug for Lvol {

@@ -118,6 +118,12 @@ struct Inner {
 #[derive(Clone)]
 pub struct LvolModule(Arc<Inner>);
 
+/// Creation order of stores and lvols (SPDK lists them in that order).
+fn next_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -274,9 +280,11 @@ impl LvolModule {
 
     // ----- lookups ---------------------------------------------------------------------
 
-    /// Every loaded store, in name order.
+    /// Every loaded store, in creation (or load) order.
     pub fn lvstores(&self) -> Vec<Arc<LvolStore>> {
-        lock(&self.0.stores).by_name.values().cloned().collect()
+        let mut v: Vec<_> = lock(&self.0.stores).by_name.values().cloned().collect();
+        v.sort_by_key(|s| s.seq);
+        v
     }
     /// A store by name.
     pub fn lvstore_by_name(&self, name: &str) -> Option<Arc<LvolStore>> {
@@ -408,6 +416,7 @@ impl LvolModule {
             lvols: Mutex::new(LvolMaps::default()),
             esnap,
             stop_listener: Mutex::new(None),
+            seq: next_seq(),
         });
         self.finish_store(&store, events);
         drop(guard);
@@ -548,6 +557,7 @@ impl LvolModule {
             lvols: Mutex::new(LvolMaps::default()),
             esnap: esnap.clone(),
             stop_listener: Mutex::new(None),
+            seq: next_seq(),
         });
         if let Ok(mut w) = esnap.store.lock() {
             *w = Arc::downgrade(&store);
@@ -579,6 +589,7 @@ impl LvolModule {
                 unique_id,
                 name: Mutex::new(lname.clone()),
                 registered: Default::default(),
+                seq: next_seq(),
             });
             let mut maps = store.maps();
             if maps.by_name.contains_key(&lname) {
@@ -747,6 +758,7 @@ impl LvolModule {
             unique_id: uuid.hyphenated().to_string(),
             name: Mutex::new(name.to_string()),
             registered: Default::default(),
+            seq: next_seq(),
         });
         {
             let mut maps = store.maps();

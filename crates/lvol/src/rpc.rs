@@ -419,7 +419,7 @@ impl LvolRpc {
                 };
                 let mut out = Vec::new();
                 for s in stores {
-                    out.extend(s.lvols_by_blob_id().iter().map(|l| l.info_json()));
+                    out.extend(s.lvols_in_order().iter().map(|l| l.info_json()));
                 }
                 Ok(Value::Array(out))
             }

@@ -41,6 +41,7 @@ pub struct LvolStore {
     pub(crate) lvols: Mutex<LvolMaps>,
     pub(crate) esnap: Arc<EsnapCtx>,
     pub(crate) stop_listener: Mutex<Option<oneshot::Sender<()>>>,
+    pub(crate) seq: u64,
 }
 
 impl std::fmt::Debug for LvolStore {
@@ -99,6 +100,12 @@ impl LvolStore {
     /// Every lvol, in name order.
     pub fn lvols(&self) -> Vec<Arc<Lvol>> {
         self.maps().by_name.values().cloned().collect()
+    }
+    /// Every lvol, in creation (or load) order, as SPDK lists them.
+    pub fn lvols_in_order(&self) -> Vec<Arc<Lvol>> {
+        let mut v: Vec<_> = self.maps().by_blob.values().cloned().collect();
+        v.sort_by_key(|l| l.seq);
+        v
     }
     /// Every lvol, in blob id order.
     pub fn lvols_by_blob_id(&self) -> Vec<Arc<Lvol>> {

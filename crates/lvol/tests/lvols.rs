@@ -682,3 +682,22 @@ fn many_concurrent_creates_and_deletes() {
         assert_eq!(s.free_clusters(), s.total_data_clusters());
     });
 }
+
+#[test]
+fn zero_sized_lvol_can_be_created_and_grown() {
+    block_on(async {
+        let (reg, m) = setup();
+        malloc(&reg, "M", 32 * MIB, 512).await;
+        let s = lvs(&m, "M", "lvs", 1 << 20).await;
+        let l = m
+            .create_lvol(&s, "z", 0, false, ClearMethod::Default)
+            .await
+            .unwrap();
+        assert_eq!(reg.get(l.unique_id()).unwrap().num_blocks(), 0);
+        m.resize_lvol(&l, 1).await.unwrap();
+        assert_eq!(l.size_bytes(), MIB);
+        let d = open(&reg, "lvs/z", true);
+        write_at(&d, 0, &fill(4, 512)).await.unwrap();
+        assert_eq!(read_at(&d, 0, 512).await.unwrap(), fill(4, 512));
+    });
+}

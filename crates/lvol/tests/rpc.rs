@@ -604,3 +604,64 @@ fn shallow_copy_over_rpc_reports_progress_then_forgets() {
         assert_eq!(read_at(&dd, 0, 4096).await.unwrap(), fill(0x61, 4096));
     });
 }
+
+#[test]
+fn listings_follow_creation_order() {
+    block_on(async {
+        let (reg, m) = setup();
+        let r = LvolRpc::new(m.clone());
+        malloc(&reg, "M1", 32 * MIB, 512).await;
+        malloc(&reg, "M2", 32 * MIB, 512).await;
+        call(
+            &r,
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "M1", "lvs_name": "zz", "cluster_sz": 1048576}),
+        )
+        .await
+        .unwrap();
+        call(
+            &r,
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "M2", "lvs_name": "aa", "cluster_sz": 1048576}),
+        )
+        .await
+        .unwrap();
+        for n in ["a", "b", "c"] {
+            call(
+                &r,
+                "bdev_lvol_create",
+                json!({"lvol_name": n, "size_in_mib": 1, "lvs_name": "zz"}),
+            )
+            .await
+            .unwrap();
+        }
+        call(&r, "bdev_lvol_delete", json!({"name": "zz/a"}))
+            .await
+            .unwrap();
+        call(
+            &r,
+            "bdev_lvol_create",
+            json!({"lvol_name": "d", "size_in_mib": 1, "lvs_name": "zz"}),
+        )
+        .await
+        .unwrap();
+        let stores = call(&r, "bdev_lvol_get_lvstores", json!({})).await.unwrap();
+        let names: Vec<&str> = stores
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["zz", "aa"]);
+        let lvols = call(&r, "bdev_lvol_get_lvols", json!({"lvs_name": "zz"}))
+            .await
+            .unwrap();
+        let names: Vec<&str> = lvols
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["b", "c", "d"]);
+    });
+}

@@ -385,3 +385,49 @@ fn corrupt_or_foreign_bdevs_are_skipped_quietly() {
         assert!(m.load_lvstore("zero").await.is_err());
     });
 }
+
+#[test]
+fn flags_and_relations_survive_reload() {
+    block_on(async {
+        use blobstore::ClearMethod;
+        let (reg, m) = setup();
+        let dir = tempfile::tempdir().unwrap();
+        let f = sparse_file(dir.path(), "p.img", 64 * MIB);
+        aio(&reg, "aio0", &f, 512, None, false).await;
+        let s = lvs(&m, "aio0", "lvs_p", 1 << 20).await;
+        let a = m
+            .create_lvol(&s, "a", 2 * MIB, true, ClearMethod::WriteZeroes)
+            .await
+            .unwrap();
+        let b = m
+            .create_lvol(&s, "b", 2 * MIB, false, ClearMethod::None)
+            .await
+            .unwrap();
+        m.set_read_only(&b).await.unwrap();
+        let snap = m.create_snapshot(&a, "snap").await.unwrap();
+        let c = m.create_clone(&snap, "c").await.unwrap();
+        m.resize_lvol(&c, 5 * MIB).await.unwrap();
+        drop((a, b, snap, c, s));
+        reg.unregister("aio0").await.unwrap();
+        aio(&reg, "aio0", &f, 512, None, false).await;
+        let s = m.lvstore_by_name("lvs_p").unwrap();
+        let a = s.lvol_by_name("a").unwrap();
+        let b = s.lvol_by_name("b").unwrap();
+        let snap = s.lvol_by_name("snap").unwrap();
+        let c = s.lvol_by_name("c").unwrap();
+        assert_eq!(a.blob().clear_method(), ClearMethod::WriteZeroes);
+        assert_eq!(b.blob().clear_method(), ClearMethod::None);
+        assert!(b.is_read_only() && !b.is_thin());
+        assert!(!reg
+            .get(b.unique_id())
+            .unwrap()
+            .io_type_supported(bdev_core::IoType::Write));
+        assert!(snap.is_read_only());
+        assert_eq!(a.parent_lvol().unwrap().name(), "snap");
+        assert_eq!(c.parent_lvol().unwrap().name(), "snap");
+        assert_eq!(c.size_bytes(), 5 * MIB);
+        let mut clones: Vec<String> = snap.clones().iter().map(|l| l.name()).collect();
+        clones.sort();
+        assert_eq!(clones, vec!["a", "c"]);
+    });
+}

@@ -22,15 +22,17 @@ pub fn bdev_set_options_entry() -> Value {
     })
 }
 
-/// The bdev subsystem's config array: `bdev_set_options`, then every device's
-/// `write_config()` entry in registration order (a base is registered before the devices
-/// stacked on it), then `bdev_wait_for_examine`.
+/// The bdev subsystem's config array: `bdev_set_options`, then `extra` (entries of devices
+/// a module keeps outside the registry), then every device's `write_config()` entry in
+/// registration order (a base is registered before the devices stacked on it), then
+/// `bdev_wait_for_examine`.
 ///
 /// Devices that write nothing (lvol bdevs) come back by examine when their base is
 /// re-created. A device with an entry that was registered after such a device may stand on
 /// it, so a `bdev_wait_for_examine` goes before it to make the replay wait for the tasting.
-pub fn bdev_config(registry: &Registry) -> Vec<Value> {
+pub fn bdev_config(registry: &Registry, extra: Vec<Value>) -> Vec<Value> {
     let mut out = vec![bdev_set_options_entry()];
+    out.extend(extra);
     let mut after_examined = false;
     for dev in registry.list() {
         match dev.write_config() {

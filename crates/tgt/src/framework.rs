@@ -7,7 +7,6 @@ use bdev_core::rpc::{RpcError, INVALID_PARAMS};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::config;
 use crate::target::Target;
 
 /// The methods answered by the target itself.
@@ -153,7 +152,7 @@ pub async fn call(t: &Arc<Target>, method: &str, params: Option<Value>) -> Resul
             let p: GetConfig = decode_or(params, "Invalid arguments")?;
             let _ = p.with_batches;
             match p.name.as_str() {
-                "bdev" => Ok(Value::Array(config::bdev_config(t.registry()))),
+                "bdev" => Ok(Value::Array(t.bdev_config())),
                 "nbd" => Ok(Value::Array(t.nbd().config())),
                 other => Err(invalid(&format!("Subsystem '{other}' not found"))),
             }

@@ -70,11 +70,10 @@ async fn run(args: Args, default_mode: bool) -> i32 {
     registry.set_spawner(Arc::new(move |f| {
         handle.spawn(f);
     }));
-    modules::install_examine_hooks(&registry);
     let nbd = NbdServer::new(registry.clone());
-    let mods = modules::rpc_modules(&registry, &nbd);
+    let wiring = modules::wiring(&registry, &nbd);
     let start_in_startup = args.wait_for_rpc || args.json.is_some();
-    let target = Target::new(registry, nbd, mods, start_in_startup);
+    let target = Target::new(registry, nbd, wiring, start_in_startup);
 
     let socket = args
         .rpc_socket

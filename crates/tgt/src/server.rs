@@ -130,7 +130,7 @@ mod tests {
     fn target() -> Arc<Target> {
         let registry = Registry::new();
         let nbd = NbdServer::new(registry.clone());
-        Target::new(registry, nbd, vec![], false)
+        Target::new(registry, nbd, Default::default(), false)
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 //! (STARTUP / RUNTIME as SPDK's `spdk_rpc_set_state`) and shutdown.
 //!
 //! Every module's methods are found through one table built from a `Vec<Arc<dyn RpcModule>>`
-//! ([`crate::modules::rpc_modules`]); the framework methods (`rpc_get_methods`,
+//! ([`crate::modules::wiring`]); the framework methods (`rpc_get_methods`,
 //! `framework_*`, `spdk_*`) are answered here because they need the table itself.
 
 use std::collections::HashMap;
@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
 use crate::framework;
+use crate::modules::{ConfigWriter, ShutdownHook, Wiring};
 use crate::nbd::server::NbdServer;
 
 /// SPDK's `SPDK_JSONRPC_ERROR_INVALID_STATE`.
@@ -27,6 +28,8 @@ pub const INVALID_STATE: i32 = -1;
 pub struct Target {
     registry: Registry,
     modules: Vec<Arc<dyn RpcModule>>,
+    config_writers: Vec<ConfigWriter>,
+    shutdown_hooks: Vec<ShutdownHook>,
     table: HashMap<&'static str, usize>,
     nbd: Arc<NbdServer>,
     initialized: AtomicBool,
@@ -36,14 +39,19 @@ pub struct Target {
 }
 
 impl Target {
-    /// A target over `registry` serving `modules` (plus the framework methods). It starts in
-    /// the STARTUP state when `wait_for_rpc` is set, else it is initialised at once.
+    /// A target over `registry` serving the wired modules (plus the framework methods). It
+    /// starts in the STARTUP state when `wait_for_rpc` is set, else it is initialised at once.
     pub fn new(
         registry: Registry,
         nbd: Arc<NbdServer>,
-        modules: Vec<Arc<dyn RpcModule>>,
+        wiring: Wiring,
         wait_for_rpc: bool,
     ) -> Arc<Self> {
+        let Wiring {
+            modules,
+            config_writers,
+            shutdown_hooks,
+        } = wiring;
         let mut table = HashMap::new();
         for (i, m) in modules.iter().enumerate() {
             for name in m.methods() {
@@ -60,6 +68,8 @@ impl Target {
         Arc::new(Target {
             registry,
             modules,
+            config_writers,
+            shutdown_hooks,
             table,
             nbd,
             initialized: AtomicBool::new(!wait_for_rpc),
@@ -77,6 +87,12 @@ impl Target {
     /// The NBD server.
     pub fn nbd(&self) -> &Arc<NbdServer> {
         &self.nbd
+    }
+
+    /// The `bdev` subsystem config (`framework_get_config {"name": "bdev"}`).
+    pub fn bdev_config(&self) -> Vec<Value> {
+        let extra: Vec<Value> = self.config_writers.iter().flat_map(|w| w()).collect();
+        crate::config::bdev_config(&self.registry, extra)
     }
 
     /// Every method served, framework methods first, then the modules' in table order.
@@ -232,6 +248,9 @@ impl Target {
                 break;
             }
         }
+        for hook in &self.shutdown_hooks {
+            hook().await;
+        }
     }
 }
 
@@ -261,7 +280,11 @@ mod tests {
     fn target(wait_for_rpc: bool) -> Arc<Target> {
         let registry = Registry::new();
         let nbd = NbdServer::new(registry.clone());
-        Target::new(registry, nbd, vec![Arc::new(Fake)], wait_for_rpc)
+        let wiring = Wiring {
+            modules: vec![Arc::new(Fake)],
+            ..Default::default()
+        };
+        Target::new(registry, nbd, wiring, wait_for_rpc)
     }
 
     #[tokio::test]

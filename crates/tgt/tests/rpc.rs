@@ -780,6 +780,33 @@ fn nbd_client_bdev_over_our_own_export() {
     let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
     let text = serde_json::to_string(&cfg["subsystems"][0]).unwrap();
     assert!(text.contains("bdev_nbd_client_create"), "{text}");
+    let info = t.ok(&["bdev_nbd_client_get", "-b", "C0"]);
+    assert_eq!(info[0]["state"], json!("connected"));
+    assert_eq!(info[0]["registered"], json!(true));
+    // A client waiting for an absent server is saved too (it is not in the registry).
+    let away = format!("unix:{}", dir.path().join("away.sock").display());
+    assert_eq!(
+        t.ok(&[
+            "bdev_nbd_client_create",
+            "C1",
+            &away,
+            "x",
+            "-b",
+            "--reconnect-delay-ms",
+            "100000"
+        ]),
+        json!("C1")
+    );
+    assert_eq!(t.err(&["bdev_get_bdevs", "-b", "C1"]).code, -19);
+    let cfg = t.ok(&["framework_get_config", "bdev"]);
+    let c1 = cfg
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["params"]["name"] == json!("C1"))
+        .expect("C1 in the config");
+    assert_eq!(c1["method"], json!("bdev_nbd_client_create"));
+    assert_eq!(t.ok(&["bdev_nbd_client_delete", "C1"]), json!(true));
     assert_eq!(t.ok(&["bdev_nbd_client_delete", "C0"]), json!(true));
     assert_eq!(t.err(&["bdev_nbd_client_delete", "C0"]).code, -19);
     assert_eq!(t.ok(&["nbd_get_exports"]).as_array().unwrap().len(), 1);

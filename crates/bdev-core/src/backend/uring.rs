@@ -6,12 +6,15 @@
 //! dropped future never frees memory the kernel is still using.
 //!
 //! Who calls `io_uring_enter` depends on the ring's [`SubmitMode`]:
-//! * a per-bdev ring ([`UringEngine`]) has a completion thread that waits for CQEs; the
-//!   first submitter of an executor pass yields once and then submits for everybody queued
-//!   in that pass (one syscall per batch, as fio does);
+//! * a per-bdev ring ([`UringEngine`]) is shared by every thread and works under any
+//!   executor. A completion thread waits for CQEs and completes the requests. The first
+//!   submitter of an executor pass yields once so that the other tasks woken in the same pass
+//!   queue theirs, then submits them all with one `io_uring_enter` (fio submits in batches
+//!   too). The completion thread's bounded wait also submits anything queued, so a request is
+//!   never stranded if the future that owed the submit is not polled again;
 //! * a reactor ring ([`crate::reactor`]) is driven by the reactor thread itself, which
-//!   submits and reaps between polls of its future and sleeps in `io_uring_enter` when idle,
-//!   so a completion wakes exactly the thread that waits for it.
+//!   submits everything queued and waits for completions in one `io_uring_enter` when its
+//!   future is idle, so a completion wakes exactly the thread that waits for it.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -93,13 +96,17 @@ pub(crate) struct Pending {
 /// Who submits queued SQEs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SubmitMode {
-    /// The first submitter of an executor pass submits for everybody (per-bdev rings).
+    /// The first submitter of an executor pass yields once, then submits for everybody
+    /// queued meanwhile (per-bdev rings; `BDEV_URING_NOBATCH` turns it off).
     Batch,
     /// Every submitter submits at once.
     Immediate,
     /// The ring's owner (the reactor loop) submits.
     Owner,
 }
+
+/// Reusable buffers of a drain: raw CQEs, then the requests they complete.
+type Scratch = (Vec<(u64, i32)>, Vec<(i32, Pending)>);
 
 /// What one drain of the completion queue saw besides requests.
 #[derive(Default, Debug)]
@@ -112,6 +119,8 @@ pub(crate) struct Drained {
 /// An io_uring with its pending requests.
 pub(crate) struct Ring {
     ring: IoUring,
+    /// A submitter has promised to submit what is queued (see `submit`).
+    flush_armed: AtomicBool,
     pending: Mutex<Slab<Pending>>,
     /// Serialises consumers of the completion queue (a reactor and its backstop).
     cq_lock: Mutex<()>,
@@ -119,8 +128,8 @@ pub(crate) struct Ring {
     drains: std::sync::atomic::AtomicU64,
     /// The reactor's eventfd read is in flight.
     pub(crate) efd_armed: AtomicBool,
-    /// A submitter has promised to submit what is queued (see `submit`).
-    flush_armed: AtomicBool,
+    /// The completion thread's exit NOP has completed (whoever reaped it).
+    exit_seen: AtomicBool,
     mode: SubmitMode,
 }
 
@@ -153,11 +162,12 @@ impl Ring {
         probe(&ring)?;
         Ok(Ring {
             ring,
+            flush_armed: AtomicBool::new(false),
             pending: Mutex::new(Slab::with_capacity(entries as usize)),
             cq_lock: Mutex::new(()),
             drains: std::sync::atomic::AtomicU64::new(0),
             efd_armed: AtomicBool::new(false),
-            flush_armed: AtomicBool::new(false),
+            exit_seen: AtomicBool::new(false),
             mode,
         })
     }
@@ -245,7 +255,10 @@ impl Ring {
         }
         match self.mode {
             SubmitMode::Owner => {}
-            SubmitMode::Immediate => self.flush(),
+            SubmitMode::Immediate => {
+                self.flush();
+                self.try_drain();
+            }
             SubmitMode::Batch => {
                 if !self.flush_armed.swap(true, Ordering::SeqCst) {
                     let _flush = FlushOnDrop(self);
@@ -304,16 +317,44 @@ impl Ring {
         cqes: &mut Vec<(u64, i32)>,
         ready: &mut Vec<(i32, Pending)>,
     ) -> Drained {
-        {
-            let _cq = lock(&self.cq_lock);
-            self.drains.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: every consumer of the completion queue holds `cq_lock`.
-            unsafe {
-                for cqe in self.ring.completion_shared() {
-                    cqes.push((cqe.user_data(), cqe.result()));
-                }
+        let cq = lock(&self.cq_lock);
+        self.drain_locked(cq, cqes, ready)
+    }
+
+    /// Like [`Ring::drain`], but gives up at once if another thread is draining; returns
+    /// how many requests it completed. Used by waiting futures to take completions their
+    /// own thread's syscalls just posted, without a hop through the completion thread.
+    fn try_drain(&self) -> usize {
+        let Ok(cq) = self.cq_lock.try_lock() else {
+            return 0;
+        };
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Scratch> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut s) => {
+                let (cqes, ready) = &mut *s;
+                self.drain_locked(cq, cqes, ready).completed
+            }
+            Err(_) => 0,
+        })
+    }
+
+    fn drain_locked(
+        &self,
+        cq: MutexGuard<'_, ()>,
+        cqes: &mut Vec<(u64, i32)>,
+        ready: &mut Vec<(i32, Pending)>,
+    ) -> Drained {
+        self.drains.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: every consumer of the completion queue holds `cq_lock` (`cq` here).
+        unsafe {
+            for cqe in self.ring.completion_shared() {
+                cqes.push((cqe.user_data(), cqe.result()));
             }
         }
+        drop(cq);
         let mut d = Drained::default();
         if cqes.is_empty() {
             return d;
@@ -322,7 +363,10 @@ impl Ring {
             let mut st = lock(&self.pending);
             for (ud, res) in cqes.drain(..) {
                 match ud {
-                    EXIT_KEY => d.exit = true,
+                    EXIT_KEY => {
+                        self.exit_seen.store(true, Ordering::SeqCst);
+                        d.exit = true
+                    }
                     EVENTFD_KEY => {
                         self.efd_armed.store(false, Ordering::SeqCst);
                         d.eventfd = true
@@ -342,6 +386,17 @@ impl Ring {
             let _ = p.tx.send((res, p.hold));
         }
         d
+    }
+
+    /// Waits for a request's completion; on per-bdev rings a waiting future also reaps.
+    async fn completion(&self, rx: oneshot::Receiver<(i32, Hold)>) -> Result<(i32, Hold)> {
+        Completion {
+            ring: self,
+            rx,
+            reap: self.mode != SubmitMode::Owner,
+        }
+        .await
+        .map_err(|_| os_err(libc::EIO))
     }
 
     /// Read or write of `buf[done..]` at byte offset `off + done`, continuing short
@@ -366,7 +421,7 @@ impl Ring {
                 on_file!(Read, file, ptr, n).offset(at).build()
             };
             let rx = self.submit(sqe, Hold::Buf(buf), file).await?;
-            let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
+            let (res, hold) = self.completion(rx).await?;
             buf = match hold {
                 Hold::Buf(b) => b,
                 _ => return Err(os_err(libc::EIO)),
@@ -414,7 +469,7 @@ impl Ring {
         let rx = self
             .submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)
             .await?;
-        let (res, hold) = rx.await.map_err(|_| os_err(libc::EIO))?;
+        let (res, hold) = self.completion(rx).await?;
         bufs = match hold {
             Hold::Bufs(b, _) => b,
             _ => return Err(os_err(libc::EIO)),
@@ -453,6 +508,8 @@ impl Drop for FlushOnDrop<'_> {
         // set, so their queued entries are visible to the submit below.
         self.0.flush_armed.swap(false, Ordering::SeqCst);
         self.0.flush();
+        // The syscall ran this thread's pending completion work: take what it posted.
+        self.0.try_drain();
     }
 }
 
@@ -474,16 +531,42 @@ impl std::future::Future for YieldOnce {
     }
 }
 
+/// A request's completion; polling it also tries to reap the ring (see `try_drain`).
+struct Completion<'a> {
+    ring: &'a Ring,
+    rx: oneshot::Receiver<(i32, Hold)>,
+    reap: bool,
+}
+
+impl std::future::Future for Completion<'_> {
+    type Output = std::result::Result<(i32, Hold), oneshot::Canceled>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        if let Poll::Ready(r) = std::pin::Pin::new(&mut self.rx).poll(cx) {
+            return Poll::Ready(r);
+        }
+        if self.reap && self.ring.try_drain() > 0 {
+            return std::pin::Pin::new(&mut self.rx).poll(cx);
+        }
+        Poll::Pending
+    }
+}
+
 /// The completion thread of a per-bdev ring.
 fn reap(ring: Arc<Ring>) {
     let mut cqes = Vec::with_capacity(512);
     let mut ready = Vec::with_capacity(512);
-    let mut exiting = false;
     loop {
-        ring.submit_and_wait(1);
-        let d = ring.drain(&mut cqes, &mut ready);
-        exiting |= d.exit;
-        if exiting && ring.pending() == 0 {
+        // Bounded, and it submits whatever is queued: a request whose submit failed
+        // transiently, or whose batch flusher was never polled again, goes out here soon even
+        // if nothing else completes. Clearing the flag then un-sticks a leaked flusher.
+        ring.wait_timeout(std::time::Duration::from_millis(100));
+        ring.flush_armed.store(false, Ordering::SeqCst);
+        ring.drain(&mut cqes, &mut ready);
+        if ring.exit_seen.load(Ordering::SeqCst) && ring.pending() == 0 {
             return;
         }
     }

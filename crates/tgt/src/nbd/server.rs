@@ -14,14 +14,18 @@ use std::sync::{Arc, Mutex};
 use bdev_core::rpc::RpcError;
 use bdev_core::{BdevEvent, Descriptor, IoType, Registry};
 use futures::future::Either;
-use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use iobuf::IoBuf;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch, Notify, RwLock, Semaphore};
+use tokio::sync::{watch, Notify, RwLock};
 use tokio::task::JoinHandle;
 
 use super::proto::{self, ExportInfo, ExportLookup, Next, Request};
+
+/// Receive buffer of a connection.
+const RBUF_LEN: usize = 256 << 10;
 
 /// Requests one connection may have in flight at once.
 const MAX_INFLIGHT: usize = 128;
@@ -444,7 +448,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
+    // Small: it only serves the handshake; larger reads bypass it.
+    let mut rd = tokio::io::BufReader::with_capacity(4096, rd);
     // The handshake gives up on shutdown and on clients that stall for a minute.
     let export = tokio::select! {
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut wr, &exports)) => match r {
@@ -459,91 +464,183 @@ where
     export.connections.fetch_add(1, Ordering::SeqCst);
     let _count = ConnCount(export.clone());
     let mut cancel = export.cancel.subscribe();
+    transmission(&mut rd, wr, &export, &mut cancel, &mut stop).await
+}
 
-    let (tx, mut rx) = mpsc::channel::<Reply>(MAX_INFLIGHT);
-    // The writer batches whatever replies are ready into one flush.
-    let writer = tokio::spawn(async move {
-        let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
-        'outer: while let Some(r) = rx.recv().await {
-            let mut next = Some(r);
-            while let Some(r) = next.take() {
-                if r.put(&mut w).await.is_err() {
-                    break 'outer;
-                }
-                next = rx.try_recv().ok();
+/// A request whose payload is still arriving.
+struct Pending {
+    req: Request,
+    buf: IoBuf,
+    filled: usize,
+}
+
+type ReplyFuture = futures::future::BoxFuture<'static, Reply>;
+
+/// Starts one checked request; the future yields its reply.
+fn start_request(export: &Arc<Export>, req: Request, payload: Option<IoBuf>) -> ReplyFuture {
+    let exp = export.clone();
+    Box::pin(async move {
+        match execute(&exp.desc, &exp.rmw, &req, payload).await {
+            Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
+            Ok(Some((buf, skew, len))) => {
+                Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len)
             }
-            if w.flush().await.is_err() {
+            Err(errno) => Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie)),
+        }
+    })
+}
+
+/// The transmission phase. One task reads requests, runs up to [`MAX_INFLIGHT`] of them
+/// concurrently (a `FuturesUnordered`, no task per request) and writes each reply as soon as
+/// it is ready, batching the replies that are ready together into one flush. When the client
+/// disconnects, the export goes away or the server stops, no new request is read; the ones in
+/// flight complete and their replies are sent before the socket is closed.
+async fn transmission<R, W>(
+    rd: &mut R,
+    wr: W,
+    export: &Arc<Export>,
+    cancel: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+    let mut inflight: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
+    // Received bytes not yet parsed are rbuf[pos..].
+    let mut rbuf: Vec<u8> = Vec::with_capacity(RBUF_LEN);
+    let mut pos = 0usize;
+    let mut pending: Option<Pending> = None;
+    let mut closing = *cancel.borrow() || *stop.borrow();
+    loop {
+        // Take every complete request out of the receive buffer.
+        while !closing && pending.is_none() && inflight.len() < MAX_INFLIGHT {
+            if rbuf.len() - pos < proto::REQUEST_LEN {
                 break;
             }
-        }
-        let _ = w.shutdown().await;
-    });
-    let slots = Arc::new(Semaphore::new(MAX_INFLIGHT));
-    let mut inflight = tokio::task::JoinSet::new();
-    loop {
-        if *cancel.borrow() || *stop.borrow() {
-            break;
-        }
-        let mut hdr = [0u8; proto::REQUEST_LEN];
-        let read = tokio::select! {
-            r = rd.read_exact(&mut hdr) => r,
-            _ = wait_true(&mut cancel) => break,
-            _ = wait_true(&mut stop) => break,
-        };
-        if read.is_err() {
-            break;
-        }
-        let Ok(req) = proto::parse_request(&hdr) else {
-            break;
-        };
-        if req.cmd == proto::CMD_DISC {
-            break;
-        }
-        let mut payload = None;
-        if proto::has_payload(&req) {
+            let mut hdr = [0u8; proto::REQUEST_LEN];
+            hdr.copy_from_slice(&rbuf[pos..pos + proto::REQUEST_LEN]);
+            let Ok(req) = proto::parse_request(&hdr) else {
+                closing = true;
+                break;
+            };
+            if req.cmd == proto::CMD_DISC {
+                closing = true;
+                break;
+            }
+            if !proto::has_payload(&req) {
+                pos += proto::REQUEST_LEN;
+                submit(export, req, None, &mut inflight, &mut w).await?;
+                continue;
+            }
             if req.len > proto::MAX_PAYLOAD {
                 // The payload cannot be skipped safely; end the connection.
+                closing = true;
                 break;
             }
-            let mut buf = IoBuf::new(req.len as usize, export.desc.device().buf_align());
-            if rd.read_exact(&mut buf[..]).await.is_err() {
-                break;
+            let len = req.len as usize;
+            let mut buf = IoBuf::new(len, export.desc.device().buf_align());
+            let start = pos + proto::REQUEST_LEN;
+            let have = (rbuf.len() - start).min(len);
+            buf[..have].copy_from_slice(&rbuf[start..start + have]);
+            pos = start + have;
+            if have == len {
+                submit(export, req, Some(buf), &mut inflight, &mut w).await?;
+            } else {
+                pending = Some(Pending {
+                    req,
+                    buf,
+                    filled: have,
+                });
             }
-            payload = Some(buf);
         }
-        while inflight.try_join_next().is_some() {}
-        let dev = export.desc.device();
-        let size = dev.num_blocks() * dev.block_len() as u64;
-        if let Err(e) = proto::check_request(&req, size, !export.writable) {
-            let _ = tx
-                .send(Reply::Simple(proto::simple_reply(e, req.cookie)))
-                .await;
-            continue;
+        // Keep the unparsed tail at the front, with room to read into.
+        if pos == rbuf.len() {
+            rbuf.clear();
+            pos = 0;
+        } else if pos > 0 && rbuf.capacity() - rbuf.len() < RBUF_LEN / 4 {
+            rbuf.drain(..pos);
+            pos = 0;
         }
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        if rbuf.capacity() - rbuf.len() < RBUF_LEN / 4 {
+            rbuf.reserve(RBUF_LEN / 4);
+        }
+        if closing && inflight.is_empty() {
             break;
-        };
-        let tx = tx.clone();
-        let exp = export.clone();
-        inflight.spawn(async move {
-            let reply = match execute(&exp.desc, &exp.rmw, &req, payload).await {
-                Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
-                Ok(Some((buf, skew, len))) => {
-                    Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len)
+        }
+        // Replies written at once (refused requests) must not wait for the next completion.
+        if !w.buffer().is_empty() {
+            w.flush().await?;
+        }
+        let want_read = !closing && inflight.len() < MAX_INFLIGHT;
+        tokio::select! {
+            biased;
+            Some(reply) = inflight.next(), if !inflight.is_empty() => {
+                reply.put(&mut w).await?;
+                while let Some(Some(reply)) = inflight.next().now_or_never() {
+                    reply.put(&mut w).await?;
                 }
-                Err(errno) => {
-                    Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie))
+                w.flush().await?;
+            }
+            n = read_some(rd, &mut pending, &mut rbuf), if want_read => match n {
+                Ok(0) | Err(_) => closing = true,
+                Ok(n) => {
+                    if let Some(p) = pending.as_mut() {
+                        p.filled += n;
+                        if p.filled == p.buf.len() {
+                            if let Some(p) = pending.take() {
+                                submit(export, p.req, Some(p.buf), &mut inflight, &mut w).await?;
+                            }
+                        }
+                    }
                 }
-            };
-            let _ = tx.send(reply).await;
-            drop(permit);
-        });
+            },
+            _ = wait_true(cancel), if !closing => closing = true,
+            _ = wait_true(stop), if !closing => closing = true,
+        }
     }
-    // Drain: every accepted request completes and its reply is sent before the close.
-    while inflight.join_next().await.is_some() {}
-    drop(tx);
-    let _ = writer.await;
+    w.flush().await?;
+    let _ = w.shutdown().await;
     Ok(())
+}
+
+/// Reads into the pending payload if there is one (no copy), else appends to `rbuf`.
+async fn read_some<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    pending: &mut Option<Pending>,
+    rbuf: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    match pending {
+        Some(p) => {
+            let filled = p.filled;
+            rd.read(&mut p.buf[filled..]).await
+        }
+        None => rd.read_buf(rbuf).await,
+    }
+}
+
+/// Checks a request; an invalid one is answered at once, a valid one starts.
+async fn submit<W: AsyncWrite + Unpin>(
+    export: &Arc<Export>,
+    req: Request,
+    payload: Option<IoBuf>,
+    inflight: &mut FuturesUnordered<ReplyFuture>,
+    w: &mut W,
+) -> std::io::Result<()> {
+    let dev = export.desc.device();
+    let size = dev.num_blocks() * dev.block_len() as u64;
+    match proto::check_request(&req, size, !export.writable) {
+        Err(e) => {
+            Reply::Simple(proto::simple_reply(e, req.cookie))
+                .put(w)
+                .await
+        }
+        Ok(()) => {
+            inflight.push(start_request(export, req, payload));
+            Ok(())
+        }
+    }
 }
 
 /// Waits until the watched flag is true (forever if its sender is gone).
@@ -843,6 +940,74 @@ mod tests {
         let mut b = [0u8; 1];
         assert_eq!(c.read(&mut b).await.unwrap(), 0);
         assert_eq!(server.list(), serde_json::json!([]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn payloads_split_across_reads_and_refused_requests() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 1024, 4096, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        server.add_export("M", None, true).unwrap();
+        // A 4 KiB pipe: every large payload arrives in many pieces.
+        let (mut c, s) = tokio::io::duplex(4096);
+        server.spawn_conn(s);
+        let (size, _) = client_go(&mut c, "").await;
+        assert_eq!(size, 4 << 20);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let w = proto::Request {
+            flags: proto::CMD_FLAG_FUA,
+            cmd: proto::CMD_WRITE,
+            cookie: 1,
+            offset: 8192,
+            len: data.len() as u32,
+        };
+        let bad = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 2,
+            offset: 4 << 20,
+            len: 4096,
+        };
+        let r = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_READ,
+            cookie: 3,
+            offset: 8192,
+            len: data.len() as u32,
+        };
+        let mut msg = proto::encode_request(&w).to_vec();
+        msg.extend_from_slice(&data);
+        msg.extend_from_slice(&proto::encode_request(&bad));
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let writer = tokio::spawn(async move {
+            wr.write_all(&msg).await.unwrap();
+            // The read goes out only after the write's reply came back (below).
+            wr
+        });
+        let mut h = [0u8; 16];
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 1));
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(proto::EINVAL, 2));
+        let mut wr = writer.await.unwrap();
+        wr.write_all(&proto::encode_request(&r)).await.unwrap();
+        rd.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, proto::simple_reply(0, 3));
+        let mut back = vec![0u8; data.len()];
+        rd.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, data);
+        // Disconnect: the server closes its side.
+        let d = proto::Request {
+            flags: 0,
+            cmd: proto::CMD_DISC,
+            cookie: 4,
+            offset: 0,
+            len: 0,
+        };
+        wr.write_all(&proto::encode_request(&d)).await.unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(rd.read(&mut b).await.unwrap(), 0);
     }
 
     #[test]
