@@ -178,6 +178,13 @@ async fn crash_reload(e: &Env, what: &str) -> Result<Arc<LvolStore>, String> {
 /// Makes every write of the operation `only` fail in turn (sampled to about 12 points) and
 /// checks the outcome; panics with the list of every problem found.
 fn sweep(only: &'static str) {
+    sweep_io(only, IoType::Write)
+}
+
+/// The same with `io_type` faults: for reads, the first 10 reads of the operation in turn
+/// (an operation that reads less simply succeeds, which the reload must confirm).
+fn sweep_io(only: &'static str, io_type: IoType) {
+    let kind = if io_type == IoType::Read { "read" } else { "write" };
     with_timeout(100, move || {
         block_on(async {
             let mut total_faults = 0;
@@ -189,13 +196,16 @@ fn sweep(only: &'static str) {
                 op(&e)
                     .await
                     .unwrap_or_else(|x| panic!("{name}: reference run failed: {x}"));
-                let writes = e.ee.writes_seen() - w0;
+                let mut writes = e.ee.writes_seen() - w0;
                 assert!(writes > 0, "{name} wrote nothing");
+                if io_type == IoType::Read {
+                    writes = 10;
+                }
                 let step = (writes / 12).max(1);
                 for k in (0..writes).step_by(step as usize) {
                     let e = env().await;
                     e.ee.inject(Injection {
-                        io_type: Some(IoType::Write),
+                        io_type: Some(io_type),
                         kind: ErrorKind::Failure,
                         range: None,
                         after: k,
@@ -206,12 +216,12 @@ fn sweep(only: &'static str) {
                     // Success is only acceptable when the failed write was not needed: the
                     // reload below must then show the completed operation.
                     if r != Err(libc::EIO) && r != Ok(()) {
-                        failures.push(format!("{name}: write {k} of {writes} failed: got {r:?}"));
+                        failures.push(format!("{name}: {kind} {k} of {writes} failed: got {r:?}"));
                         continue;
                     }
                     e.ee.clear();
                     let mem = listing(&e.reg, &e.s).await;
-                    let s = match crash_reload(&e, &format!("{name} write {k}")).await {
+                    let s = match crash_reload(&e, &format!("{name} {kind} {k}")).await {
                         Ok(s) => s,
                         Err(x) => {
                             failures.push(x);
@@ -221,7 +231,7 @@ fn sweep(only: &'static str) {
                     let disk = listing(&e.reg, &s).await;
                     if mem.keys().ne(disk.keys()) {
                         failures.push(format!(
-                            "{name}: write {k}: lvols in memory {:?} vs on disk {:?}",
+                            "{name}: {kind} {k}: lvols in memory {:?} vs on disk {:?}",
                             mem.keys().collect::<Vec<_>>(),
                             disk.keys().collect::<Vec<_>>()
                         ));
@@ -231,7 +241,7 @@ fn sweep(only: &'static str) {
                         let d = &disk[n];
                         if d != v {
                             failures.push(format!(
-                                "{name}: write {k}: lvol {n} (size, thin, ro, parent, allocated) \
+                                "{name}: {kind} {k}: lvol {n} (size, thin, ro, parent, allocated) \
                                  in memory {:?} vs on disk {:?}, same data: {}",
                                 (v.0, v.1, v.2, &v.3, v.4),
                                 (d.0, d.1, d.2, &d.3, d.4),
@@ -249,7 +259,7 @@ fn sweep(only: &'static str) {
                     assert_eq!(read_at(&d, 0, 4096).await.unwrap(), vec![7; 4096]);
                 }
             }
-            eprintln!("{only}: write faults injected: {total_faults}");
+            eprintln!("{only}: {kind} faults injected: {total_faults}");
             assert!(
                 failures.is_empty(),
                 "{} failures:\n{}",
@@ -298,6 +308,46 @@ fn write_errors_in_decouple() {
 #[test]
 fn write_errors_in_rename() {
     sweep("rename");
+}
+
+#[test]
+fn read_errors_in_create() {
+    sweep_io("create", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_snapshot() {
+    sweep_io("snapshot", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_clone() {
+    sweep_io("clone", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_resize() {
+    sweep_io("resize", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_delete() {
+    sweep_io("delete", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_inflate() {
+    sweep_io("inflate", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_decouple() {
+    sweep_io("decouple", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_rename() {
+    sweep_io("rename", IoType::Read);
 }
 
 #[test]
