@@ -78,7 +78,9 @@ pub enum ConfigError {
 }
 
 /// Flattens a saved config into `(method, params)` entries in file order (batches, i.e.
-/// nested arrays, are expanded in place).
+/// nested arrays, are expanded in place). Subsystems we do not have (a config saved by SPDK
+/// has `accel`, `iobuf`, `sock`, ...) are skipped with a notice, as SPDK skips subsystems
+/// that are not linked in.
 pub fn entries(doc: &Value) -> Result<Vec<(String, Option<Value>)>, ConfigError> {
     let mut out = Vec::new();
     let Some(subs) = doc.get("subsystems") else {
@@ -107,7 +109,23 @@ pub fn entries(doc: &Value) -> Result<Vec<(String, Option<Value>)>, ConfigError>
             _ => Err(ConfigError::Invalid("config entry is not an object".into())),
         }
     }
+    let known = crate::framework::subsystems();
+    let known: Vec<&str> = known
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s["subsystem"].as_str()).collect())
+        .unwrap_or_default();
     for s in subs {
+        if let Some(name) = s.get("subsystem").and_then(Value::as_str) {
+            if !known.contains(&name) {
+                if s.get("config")
+                    .and_then(Value::as_array)
+                    .is_some_and(|c| !c.is_empty())
+                {
+                    eprintln!("tgt: config: subsystem {name} is not part of this target; skipped");
+                }
+                continue;
+            }
+        }
         match s.get("config") {
             None | Some(Value::Null) => {}
             Some(Value::Array(items)) => {
@@ -123,8 +141,12 @@ pub fn entries(doc: &Value) -> Result<Vec<(String, Option<Value>)>, ConfigError>
 
 /// Replays a saved config: pass 1 runs the methods allowed in the STARTUP state, then the
 /// framework is initialised, then pass 2 runs the rest in file order. The first failure
-/// stops the replay.
-pub async fn replay(target: &Arc<Target>, doc: &Value) -> Result<(), ConfigError> {
+/// stops the replay, unless `ignore_errors` (then failures are reported and skipped).
+pub async fn replay(
+    target: &Arc<Target>,
+    doc: &Value,
+    ignore_errors: bool,
+) -> Result<(), ConfigError> {
     let list = entries(doc)?;
     for (method, _) in &list {
         if !target.has_method(method) {
@@ -139,7 +161,7 @@ pub async fn replay(target: &Arc<Target>, doc: &Value) -> Result<(), ConfigError
     if !target.is_initialized() {
         for (i, (method, params)) in list.iter().enumerate() {
             if target.allowed_now(method) {
-                run(target, method, params.clone()).await?;
+                run(target, method, params.clone(), ignore_errors).await?;
                 done[i] = true;
             }
         }
@@ -147,34 +169,49 @@ pub async fn replay(target: &Arc<Target>, doc: &Value) -> Result<(), ConfigError
     }
     for (i, (method, params)) in list.iter().enumerate() {
         if !done[i] {
-            run(target, method, params.clone()).await?;
+            run(target, method, params.clone(), ignore_errors).await?;
         }
     }
     Ok(())
 }
 
-async fn run(target: &Arc<Target>, method: &str, params: Option<Value>) -> Result<(), ConfigError> {
+async fn run(
+    target: &Arc<Target>,
+    method: &str,
+    params: Option<Value>,
+    ignore_errors: bool,
+) -> Result<(), ConfigError> {
     tracing::info!("config: {method}");
-    target
-        .call(method, params)
-        .await
-        .map(|_| ())
-        .map_err(|e| ConfigError::Method {
+    match target.call(method, params).await {
+        Ok(_) => Ok(()),
+        Err(e) if ignore_errors => {
+            eprintln!(
+                "tgt: config: {method} failed: {} ({}); going on",
+                e.message, e.code
+            );
+            Ok(())
+        }
+        Err(e) => Err(ConfigError::Method {
             method: method.to_string(),
             code: e.code,
             message: e.message,
-        })
+        }),
+    }
 }
 
 /// Reads and replays a config file.
-pub async fn replay_file(target: &Arc<Target>, path: &std::path::Path) -> Result<(), ConfigError> {
+pub async fn replay_file(
+    target: &Arc<Target>,
+    path: &std::path::Path,
+    ignore_errors: bool,
+) -> Result<(), ConfigError> {
     let text = std::fs::read(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
         source,
     })?;
     let doc: Value =
         serde_json::from_slice(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-    replay(target, &doc).await
+    replay(target, &doc, ignore_errors).await
 }
 
 #[cfg(test)]
@@ -191,6 +228,7 @@ mod tests {
                 {"method": "bdev_wait_for_examine"}
             ]},
             {"subsystem": "nbd", "config": null},
+            {"subsystem": "iobuf", "config": [{"method": "iobuf_set_options", "params": {}}]},
             {"subsystem": "nbd", "config": [{"method": "nbd_server_start", "params": {"listen": "unix:/x"}}]}
         ]});
         let e = entries(&doc).unwrap();

@@ -159,11 +159,12 @@ pub fn parse_error_response() -> Value {
     response_err(Value::Null, &RpcError::new(PARSE_ERROR, "Parse error"))
 }
 
-/// The answer to a request over [`MAX_REQUEST_BYTES`].
+/// The answer to a request over [`MAX_REQUEST_BYTES`]: SPDK counts a request that is too
+/// long as a parse error (`doc/jsonrpc.md`).
 pub fn too_large_response() -> Value {
     response_err(
         Value::Null,
-        &RpcError::new(INVALID_REQUEST, "Request too large"),
+        &RpcError::new(PARSE_ERROR, "Request too large"),
     )
 }
 

@@ -35,6 +35,21 @@ struct Args {
     /// Start in the STARTUP state and wait for `framework_start_init`.
     #[arg(long = "wait-for-rpc")]
     wait_for_rpc: bool,
+    /// Go on when a method of the `--json` config fails (SPDK's option of the same name).
+    #[arg(long = "json-ignore-init-errors")]
+    json_ignore_init_errors: bool,
+    /// SPDK's core mask (accepted for script compatibility; the target sizes its own pool).
+    #[arg(short = 'm', long = "cpumask")]
+    cpumask: Option<String>,
+    /// SPDK's hugepage memory size (accepted, unused: no hugepages here).
+    #[arg(short = 's', long = "mem-size")]
+    mem_size: Option<String>,
+    /// SPDK's shared memory id (accepted, unused).
+    #[arg(short = 'i', long = "shm-id")]
+    shm_id: Option<String>,
+    /// SPDK's log flags (accepted; use RUST_LOG, e.g. RUST_LOG=lvol=debug).
+    #[arg(short = 'L', long = "logflag")]
+    logflag: Vec<String>,
 }
 
 fn main() {
@@ -91,7 +106,7 @@ async fn run(args: Args, default_mode: bool) -> i32 {
 
     let mut code = 0;
     if let Some(path) = &args.json {
-        if let Err(e) = config::replay_file(&target, path).await {
+        if let Err(e) = config::replay_file(&target, path, args.json_ignore_init_errors).await {
             eprintln!("tgt: config {}: {e}", path.display());
             code = 1;
             target.request_shutdown();

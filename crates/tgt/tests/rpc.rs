@@ -302,6 +302,14 @@ fn many_clients_and_garbage() {
         assert!(v["result"]["version"].is_string());
     }
     let _hog = hog.join().unwrap();
+    // A request over the 32 MiB limit: a parse error, then the connection is closed.
+    let mut big =
+        b"{\"jsonrpc\":\"2.0\",\"method\":\"spdk_get_version\",\"id\":1,\"params\":{\"x\":\""
+            .to_vec();
+    big.extend(std::iter::repeat_n(b'a', 33 << 20));
+    let (r, closed) = raw_exchange(&sock, &big, 1);
+    assert_eq!(r[0]["error"]["code"], json!(-32700));
+    assert!(closed);
     assert!(t.ok(&["spdk_get_version"])["version"].is_string());
 }
 
@@ -663,6 +671,15 @@ fn kill_instance_and_bad_config() {
         .unwrap();
     assert_eq!(st.code(), Some(1));
     assert!(!sock.exists());
+    // With SPDK's --json-ignore-init-errors the failure is skipped; SPDK's -m is accepted.
+    let cfg_s = cfg.to_str().unwrap();
+    let t = Tgt::start(
+        &tools,
+        dir.path(),
+        &sock,
+        &["--json", cfg_s, "--json-ignore-init-errors", "-m", "0x1"],
+    );
+    assert_eq!(names(&t.ok(&["bdev_get_bdevs"])), ["A"]);
 }
 
 #[test]

@@ -3,13 +3,14 @@
 //! An [`AioBdev`] serves a regular file or a block device. Two engines, both always compiled:
 //!
 //! * **io_uring** (the default when the kernel allows it, probed at runtime). One ring per
-//!   bdev with the file registered. A submitter pushes its SQE under a short mutex, which also
-//!   guards a slab of pending requests keyed by the SQE's `user_data`, then calls
-//!   `io_uring_enter` to submit. A dedicated completion thread waits in `io_uring_enter`
-//!   (`GETEVENTS`), drains the completion queue and completes each request over a `oneshot`.
-//!   The slab entry owns the I/O buffer until its CQE arrives, so a dropped future never frees
-//!   memory the kernel is still using. Short transfers are continued, and a read past the end
-//!   of a shrunken file reads zeroes.
+//!   bdev with the file registered, shared by all threads: submitters push SQEs under a short
+//!   mutex that also guards a slab of pending requests keyed by `user_data`, and a completion
+//!   thread waits for CQEs and completes each request over a `oneshot` (details in the
+//!   private `uring` module). On a thread running [`crate::reactor::block_on`], requests go
+//!   to that thread's own ring instead, which the reactor submits and reaps inline. Either
+//!   way the slab entry owns the I/O buffer until its CQE arrives, so a dropped future never
+//!   frees memory the kernel is still using. Short transfers are continued, and a read past
+//!   the end of a shrunken file reads zeroes.
 //! * **thread pool**: blocking `pread`/`pwrite` on a small shared pool of threads that reply
 //!   over a `oneshot` (used when io_uring is unavailable, or on request).
 //!

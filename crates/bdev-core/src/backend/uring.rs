@@ -11,7 +11,10 @@
 //!   submitter of an executor pass yields once so that the other tasks woken in the same pass
 //!   queue theirs, then submits them all with one `io_uring_enter` (fio submits in batches
 //!   too). The completion thread's bounded wait also submits anything queued, so a request is
-//!   never stranded if the future that owed the submit is not polled again;
+//!   never stranded if the future that owed the submit is not polled again. A waiting
+//!   future, and a submitter right after its syscall, also try to reap (without blocking):
+//!   completions of a thread's requests are posted when that thread enters the kernel, so it
+//!   can often take them itself instead of waiting for the completion thread to wake it;
 //! * a reactor ring ([`crate::reactor`]) is driven by the reactor thread itself, which
 //!   submits everything queued and waits for completions in one `io_uring_enter` when its
 //!   future is idle, so a completion wakes exactly the thread that waits for it.

@@ -464,8 +464,31 @@ where
     export.connections.fetch_add(1, Ordering::SeqCst);
     let _count = ConnCount(export.clone());
     let mut cancel = export.cancel.subscribe();
-    transmission(&mut rd, wr, &export, &mut cancel, &mut stop).await
+    let (mut cancel2, mut stop2) = (export.cancel.subscribe(), stop.clone());
+    let t = transmission(&mut rd, wr, &export, &mut cancel, &mut stop);
+    // A client that stops reading its replies must not hold the export (and so a bdev
+    // removal) forever: once the connection is told to close, it gets a grace period.
+    let grace = async {
+        tokio::select! {
+            _ = wait_true(&mut cancel2) => {},
+            _ = wait_true(&mut stop2) => {},
+        }
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        r = t => r,
+        _ = grace => {
+            tracing::warn!("nbd export {}: connection did not drain in time; dropped", export.name);
+            Ok(())
+        }
+    }
 }
+
+/// How long a closing connection may take to finish its requests and send the replies.
+#[cfg(not(test))]
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+#[cfg(test)]
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// A request whose payload is still arriving.
 struct Pending {
@@ -1008,6 +1031,38 @@ mod tests {
         wr.write_all(&proto::encode_request(&d)).await.unwrap();
         let mut b = [0u8; 1];
         assert_eq!(rd.read(&mut b).await.unwrap(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_reads_cannot_block_removal() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 4096, 4096, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        server.add_export("M", None, true).unwrap();
+        let (mut c, s) = tokio::io::duplex(64 << 10);
+        server.spawn_conn(s);
+        client_go(&mut c, "M").await;
+        // 16 MiB of read replies that nobody reads.
+        for i in 0..16u64 {
+            let r = proto::Request {
+                flags: 0,
+                cmd: proto::CMD_READ,
+                cookie: i,
+                offset: i << 20,
+                len: 1 << 20,
+            };
+            c.write_all(&proto::encode_request(&r)).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let t0 = std::time::Instant::now();
+        tokio::time::timeout(std::time::Duration::from_secs(10), registry.unregister("M"))
+            .await
+            .expect("removal completes")
+            .unwrap();
+        assert!(t0.elapsed() >= CLOSE_GRACE / 2);
+        assert_eq!(server.list(), serde_json::json!([]));
+        drop(c);
     }
 
     #[test]
