@@ -22,39 +22,50 @@ fn copy_on_write_while_the_esnap_base_is_hot_removed() {
         let (reg, m) = setup();
         let cs = CLUSTER as usize;
         let u = Uuid::new_v4();
-        let golden = pattern(0x5a, 16 * cs);
+        const N: u64 = 128;
+        let golden = pattern(0x5a, N as usize * cs);
         block_on(async {
-            malloc(&reg, "store", 16 * MIB, 512, None).await;
-            malloc(&reg, "gold", 16 * CLUSTER as u64, 512, Some(u)).await;
+            malloc(&reg, "store", 2 * N * u64::from(CLUSTER), 512, None).await;
+            malloc(&reg, "gold", N * u64::from(CLUSTER), 512, Some(u)).await;
             let d = reg.open("gold", true).unwrap();
             write_at(&d, 0, &golden).await.unwrap();
         });
         let s = block_on(lvs(&m, "store", "lvs"));
         let ec = block_on(m.create_esnap_clone("gold", &s, "ec")).unwrap();
         let d = Arc::new(reg.open(ec.unique_id(), true).unwrap());
-        let stop = Arc::new(AtomicBool::new(false));
+        let removed = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
         let writer = {
             let d = d.clone();
-            let stop = stop.clone();
+            let removed = removed.clone();
             std::thread::spawn(move || {
                 block_on(async {
                     let mut res = Vec::new();
-                    for c in 0..16u64 {
+                    for c in 0..N {
+                        let after = removed.load(Ordering::SeqCst);
                         // 512 bytes into each cluster: needs a copy of the rest from the base.
                         let r =
                             write_at(&d, c * u64::from(CLUSTER) + 1024, &[c as u8 + 1; 512]).await;
+                        if after {
+                            // Started after the removal completed: the base is gone.
+                            assert!(r.is_err(), "cluster {c}: copy-on-write without a base");
+                        }
                         res.push(r.map_err(|e| e.errno()));
-                        if stop.load(Ordering::SeqCst) && c > 12 {
-                            break;
+                        if c == 4 {
+                            let _ = tx.send(());
                         }
                     }
                     res
                 })
             })
         };
+        rx.recv().unwrap();
         block_on(reg.unregister("gold")).expect("hot-remove completes");
-        stop.store(true, Ordering::SeqCst);
+        removed.store(true, Ordering::SeqCst);
         let res = writer.join().expect("writer thread");
+        let ok = res.iter().filter(|r| r.is_ok()).count();
+        eprintln!("copy-on-writes: {ok} landed, {} failed", res.len() - ok);
+        assert!(ok >= 5);
         assert!(ec.is_degraded());
         // Every write either landed (cluster allocated, base copied around it) or failed with
         // EIO / ENODEV leaving the cluster unallocated.
@@ -83,7 +94,7 @@ fn copy_on_write_while_the_esnap_base_is_hot_removed() {
             // The base comes back: the clone heals in place and the rest reads the base.
             // A new (zero-filled) bdev with the base's UUID: the examine hook claims it at
             // once, so its content is zeroes.
-            malloc(&reg, "gold2", 16 * CLUSTER as u64, 512, Some(u)).await;
+            malloc(&reg, "gold2", N * u64::from(CLUSTER), 512, Some(u)).await;
             reg.wait_for_examine().await;
             if ec.is_degraded() {
                 m.heal_all().await;

@@ -184,7 +184,11 @@ fn sweep(only: &'static str) {
 /// The same with `io_type` faults: for reads, the first 10 reads of the operation in turn
 /// (an operation that reads less simply succeeds, which the reload must confirm).
 fn sweep_io(only: &'static str, io_type: IoType) {
-    let kind = if io_type == IoType::Read { "read" } else { "write" };
+    let kind = if io_type == IoType::Read {
+        "read"
+    } else {
+        "write"
+    };
     with_timeout(100, move || {
         block_on(async {
             let mut total_faults = 0;
