@@ -310,3 +310,86 @@ fn nbd_server_survives_hostile_clients() {
         assert!(r.get("error").is_none(), "{r}");
     });
 }
+
+/// Every method the target lists, called with hostile params (wrong types, huge numbers,
+/// long strings, nesting): each call is answered (result or error) and the target stays up.
+/// Methods that would stop the target or touch files and sockets are left out.
+#[test]
+fn every_method_with_hostile_params() {
+    let bin = tgt_binary();
+    common::with_timeout(110, move || {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tgt, sock) = start(&bin, dir.path());
+        let r = call(
+            &sock,
+            &json!({"jsonrpc":"2.0","method":"rpc_get_methods","id":0}),
+        );
+        let methods: Vec<String> = r["result"]
+            .as_array()
+            .expect("method list")
+            .iter()
+            .filter_map(|m| m.as_str().map(String::from))
+            .collect();
+        assert!(methods.len() > 10, "{methods:?}");
+        let skip = [
+            "kill",
+            "shutdown",
+            "aio",
+            "uring",
+            "file",
+            "nbd_server_start",
+            "load",
+            "save",
+            "framework_start_init",
+            "wait",
+        ];
+        let long = "x".repeat(5000);
+        let params = [
+            json!({}),
+            json!([]),
+            json!([1, "a", null]),
+            json!({"name": 1}),
+            json!({"name": long}),
+            json!({"name": "m0", "num_blocks": 1e30, "block_size": 512}),
+            json!({"name": "m1", "num_blocks": -1, "block_size": 0}),
+            json!({"name": "m2", "num_blocks": u64::MAX, "block_size": 4096}),
+            json!({"bdev_name": {"a": [1, {"b": null}]}, "lvs_name": [], "size_in_mib": "9"}),
+            json!({"lvol_name": "\u{0}\u{ffff}", "uuid": "not-a-uuid", "cluster_sz": 3}),
+        ];
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut rd = BufReader::new(s.try_clone().unwrap());
+        let mut calls = 0;
+        for (i, m) in methods.iter().enumerate() {
+            if skip.iter().any(|k| m.contains(k)) {
+                continue;
+            }
+            for (j, p) in params.iter().enumerate() {
+                let id = (i * 100 + j) as u64;
+                let req = json!({"jsonrpc":"2.0","method":m,"params":p,"id":id});
+                s.write_all(&serde_json::to_vec(&req).unwrap()).unwrap();
+                let mut line = String::new();
+                rd.read_line(&mut line)
+                    .unwrap_or_else(|e| panic!("{m} {p}: {e}"));
+                let v: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{m}: {e}: {line:?}"));
+                assert_eq!(v["id"], json!(id), "{m}: {v}");
+                assert!(
+                    v.get("result").is_some() != v.get("error").is_some(),
+                    "{m}: {v}"
+                );
+                calls += 1;
+            }
+        }
+        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        let r = call(
+            &sock,
+            &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
+        );
+        assert!(r["result"].is_array(), "{r}");
+        eprintln!(
+            "hostile params: {calls} calls over {} methods",
+            methods.len()
+        );
+    });
+}
