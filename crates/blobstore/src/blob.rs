@@ -80,7 +80,7 @@ impl BlobState {
 pub(crate) struct BlobInner {
     pub id: BlobId,
     pub bs: Arc<StoreInner>,
-    pub freeze: async_lock::RwLock<()>,
+    pub freeze: crate::freeze::Freeze,
     /// Per-cluster allocation locks: allocations of different clusters run in parallel,
     /// two of the same cluster never do.
     alloc: Mutex<std::collections::HashMap<usize, Arc<async_lock::Mutex<()>>>>,
@@ -130,7 +130,7 @@ impl BlobInner {
         BlobInner {
             id,
             bs,
-            freeze: async_lock::RwLock::new(()),
+            freeze: crate::freeze::Freeze::new(),
             alloc: Mutex::new(std::collections::HashMap::new()),
             st: Mutex::new(st),
         }

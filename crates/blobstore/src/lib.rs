@@ -40,6 +40,7 @@ mod check;
 mod dev;
 mod error;
 mod format;
+mod freeze;
 pub mod inspect;
 mod md;
 mod ops;
