@@ -364,10 +364,10 @@ impl Blob {
     pub fn is_thin(&self) -> bool {
         self.inner.lock().md.thin()
     }
-    /// Read-only (data_ro).
+    /// Read-only: data or metadata (SPDK `spdk_blob_is_read_only`).
     pub fn is_read_only(&self) -> bool {
         let s = self.inner.lock();
-        s.data_ro
+        s.data_ro || s.md_ro
     }
     /// Has (or had, since load) clones: SPDK `spdk_blob_is_snapshot`, which is true while the
     /// blob is in the store's snapshot list.
