@@ -654,6 +654,18 @@ impl BlobInner {
         Ok(())
     }
 
+    pub(crate) fn next_io_unit(&self, offset: u64, allocated: bool) -> Option<u64> {
+        let lpc = self.bs.geo.lba_per_cluster;
+        let s = self.lock();
+        let first = (offset / lpc) as usize;
+        let idx = (first..s.md.clusters.len()).find(|&i| (s.md.clusters[i] != 0) == allocated)?;
+        Some(if idx == first {
+            offset
+        } else {
+            idx as u64 * lpc
+        })
+    }
+
     pub(crate) fn is_degraded(&self) -> bool {
         if self.bs.dev.is_degraded() {
             return true;

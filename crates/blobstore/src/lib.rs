@@ -398,6 +398,16 @@ impl Blob {
     pub fn is_cluster_allocated(&self, idx: u64) -> bool {
         self.inner.cluster_at_pub(idx as usize) != 0
     }
+    /// First io_unit at or after `offset` that lies in an allocated cluster, or `None`
+    /// (SPDK `spdk_blob_get_next_allocated_io_unit`, for seek_data).
+    pub fn next_allocated_io_unit(&self, offset: u64) -> Option<u64> {
+        self.inner.next_io_unit(offset, true)
+    }
+    /// First io_unit at or after `offset` that lies in an unallocated cluster, or `None`
+    /// (SPDK `spdk_blob_get_next_unallocated_io_unit`, for seek_hole).
+    pub fn next_unallocated_io_unit(&self, offset: u64) -> Option<u64> {
+        self.inner.next_io_unit(offset, false)
+    }
     /// Reads `buf.len()` bytes at io_unit `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.inner.read(offset, buf).await
