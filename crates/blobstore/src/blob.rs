@@ -416,6 +416,9 @@ impl BlobInner {
                     .await
                     .map_err(io_err);
             }
+            if s.off == 0 && s.len == lpc {
+                return self.alloc_write_full(s.cluster, buf).await;
+            }
             self.alloc_write(s.cluster, s.off, s.len, Some(&buf))
                 .await?;
             return Ok(buf);
@@ -528,6 +531,38 @@ impl BlobInner {
             self.bs.unclaim_clusters(&[new_c]);
             return Err(e);
         }
+        self.commit_cluster(idx, new_c).await
+    }
+
+    /// A write of exactly one whole unallocated cluster: no copy, the caller's buffer goes
+    /// straight to the new cluster.
+    async fn alloc_write_full(self: &Arc<Self>, idx: usize, buf: IoBuf) -> Result<IoBuf> {
+        let _a = self.lock_cluster(idx).await;
+        let lpc = self.bs.geo.lba_per_cluster;
+        let c = self.cluster_at(idx);
+        if c != 0 {
+            return self
+                .bs
+                .dev
+                .write(u64::from(c) * lpc, buf)
+                .await
+                .map_err(io_err);
+        }
+        let new_c = self.bs.claim_cluster()?;
+        let buf = match self.bs.dev.write(u64::from(new_c) * lpc, buf).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.bs.unclaim_clusters(&[new_c]);
+                return Err(io_err(e));
+            }
+        };
+        self.commit_cluster(idx, new_c).await?;
+        Ok(buf)
+    }
+
+    /// Puts a written cluster into the map and persists it; on failure the cluster is
+    /// released again.
+    async fn commit_cluster(&self, idx: usize, new_c: u32) -> Result<()> {
         let _m = self.bs.md_lock.lock().await;
         {
             let mut s = self.lock();

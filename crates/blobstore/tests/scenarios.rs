@@ -489,6 +489,8 @@ fn a13_thin_shrink_releases_on_sync() {
         }
         assert_eq!(b.num_allocated_clusters(), 4);
         assert_eq!(bs.free_clusters(), free - 4);
+        let c0 = b.read(0, IoBuf::new(512 * 4096, 4096)).await.unwrap();
+        assert!(all(&c0[..MIB as usize], 1) && all(&c0[MIB as usize..], 0));
         b.resize(2).await.unwrap();
         assert_eq!((b.num_clusters(), b.num_allocated_clusters()), (2, 1));
         assert_eq!(bs.free_clusters(), free - 4);
