@@ -178,6 +178,17 @@ async fn crash_reload(e: &Env, what: &str) -> Result<Arc<LvolStore>, String> {
 /// Makes every write of the operation `only` fail in turn (sampled to about 12 points) and
 /// checks the outcome; panics with the list of every problem found.
 fn sweep(only: &'static str) {
+    sweep_io(only, IoType::Write)
+}
+
+/// The same with `io_type` faults: for reads, the first 10 reads of the operation in turn
+/// (an operation that reads less simply succeeds, which the reload must confirm).
+fn sweep_io(only: &'static str, io_type: IoType) {
+    let kind = if io_type == IoType::Read {
+        "read"
+    } else {
+        "write"
+    };
     with_timeout(100, move || {
         block_on(async {
             let mut total_faults = 0;
@@ -189,13 +200,16 @@ fn sweep(only: &'static str) {
                 op(&e)
                     .await
                     .unwrap_or_else(|x| panic!("{name}: reference run failed: {x}"));
-                let writes = e.ee.writes_seen() - w0;
+                let mut writes = e.ee.writes_seen() - w0;
                 assert!(writes > 0, "{name} wrote nothing");
+                if io_type == IoType::Read {
+                    writes = 10;
+                }
                 let step = (writes / 12).max(1);
                 for k in (0..writes).step_by(step as usize) {
                     let e = env().await;
                     e.ee.inject(Injection {
-                        io_type: Some(IoType::Write),
+                        io_type: Some(io_type),
                         kind: ErrorKind::Failure,
                         range: None,
                         after: k,
@@ -206,12 +220,12 @@ fn sweep(only: &'static str) {
                     // Success is only acceptable when the failed write was not needed: the
                     // reload below must then show the completed operation.
                     if r != Err(libc::EIO) && r != Ok(()) {
-                        failures.push(format!("{name}: write {k} of {writes} failed: got {r:?}"));
+                        failures.push(format!("{name}: {kind} {k} of {writes} failed: got {r:?}"));
                         continue;
                     }
                     e.ee.clear();
                     let mem = listing(&e.reg, &e.s).await;
-                    let s = match crash_reload(&e, &format!("{name} write {k}")).await {
+                    let s = match crash_reload(&e, &format!("{name} {kind} {k}")).await {
                         Ok(s) => s,
                         Err(x) => {
                             failures.push(x);
@@ -221,7 +235,7 @@ fn sweep(only: &'static str) {
                     let disk = listing(&e.reg, &s).await;
                     if mem.keys().ne(disk.keys()) {
                         failures.push(format!(
-                            "{name}: write {k}: lvols in memory {:?} vs on disk {:?}",
+                            "{name}: {kind} {k}: lvols in memory {:?} vs on disk {:?}",
                             mem.keys().collect::<Vec<_>>(),
                             disk.keys().collect::<Vec<_>>()
                         ));
@@ -231,7 +245,7 @@ fn sweep(only: &'static str) {
                         let d = &disk[n];
                         if d != v {
                             failures.push(format!(
-                                "{name}: write {k}: lvol {n} (size, thin, ro, parent, allocated) \
+                                "{name}: {kind} {k}: lvol {n} (size, thin, ro, parent, allocated) \
                                  in memory {:?} vs on disk {:?}, same data: {}",
                                 (v.0, v.1, v.2, &v.3, v.4),
                                 (d.0, d.1, d.2, &d.3, d.4),
@@ -249,7 +263,7 @@ fn sweep(only: &'static str) {
                     assert_eq!(read_at(&d, 0, 4096).await.unwrap(), vec![7; 4096]);
                 }
             }
-            eprintln!("{only}: write faults injected: {total_faults}");
+            eprintln!("{only}: {kind} faults injected: {total_faults}");
             assert!(
                 failures.is_empty(),
                 "{} failures:\n{}",
@@ -298,6 +312,46 @@ fn write_errors_in_decouple() {
 #[test]
 fn write_errors_in_rename() {
     sweep("rename");
+}
+
+#[test]
+fn read_errors_in_create() {
+    sweep_io("create", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_snapshot() {
+    sweep_io("snapshot", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_clone() {
+    sweep_io("clone", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_resize() {
+    sweep_io("resize", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_delete() {
+    sweep_io("delete", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_inflate() {
+    sweep_io("inflate", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_decouple() {
+    sweep_io("decouple", IoType::Read);
+}
+
+#[test]
+fn read_errors_in_rename() {
+    sweep_io("rename", IoType::Read);
 }
 
 #[test]
@@ -386,6 +440,86 @@ fn read_errors_on_the_esnap_base_fail_with_eio_and_allocate_nothing() {
             want[512..1024].fill(1);
             want[CLUSTER as usize..2 * CLUSTER as usize].fill(3);
             assert_eq!(read_at(&d, 0, want.len()).await.unwrap(), want);
+        })
+    });
+}
+
+#[test]
+fn read_errors_on_the_esnap_base_during_inflate_and_decouple() {
+    with_timeout(60, || {
+        block_on(async {
+            let cs = CLUSTER as usize;
+            for (op, k) in [
+                ("inflate", 0u64),
+                ("inflate", 1),
+                ("inflate", 2),
+                ("decouple", 0),
+                ("decouple", 2),
+            ] {
+                let (reg, m) = setup();
+                malloc(&reg, "store", 8 * MIB, 512, None).await;
+                let base = error_over_malloc(&reg, "gold", 4 * u64::from(CLUSTER)).await;
+                let golden = pattern(0x33, 4 * cs);
+                {
+                    let d = reg.open("EE_gold", true).unwrap();
+                    write_at(&d, 0, &golden).await.unwrap();
+                }
+                let s = lvs(&m, "store", "lvs").await;
+                let c = m.create_esnap_clone("EE_gold", &s, "ec").await.unwrap();
+                let mut want = golden.clone();
+                {
+                    let d = reg.open(c.unique_id(), true).unwrap();
+                    write_at(&d, u64::from(CLUSTER) + 512, &[0xee; 512])
+                        .await
+                        .unwrap();
+                    want[cs + 512..cs + 1024].fill(0xee);
+                }
+                let free = s.free_clusters();
+                base.inject(Injection {
+                    io_type: Some(IoType::Read),
+                    kind: ErrorKind::Failure,
+                    range: None,
+                    after: k,
+                    count: u64::MAX,
+                });
+                let r = if op == "inflate" {
+                    m.inflate_lvol(&c).await
+                } else {
+                    m.decouple_parent(&c).await
+                };
+                assert_eq!(r.map_err(|e| e.errno()), Err(libc::EIO), "{op} read {k}");
+                base.clear();
+                // The clone is still an esnap clone and reads as before; nothing leaked
+                // beyond the clusters whose copy completed (each is durable on its own).
+                assert!(c.is_esnap_clone(), "{op} read {k}");
+                let d = reg.open(c.unique_id(), false).unwrap();
+                assert_eq!(
+                    read_at(&d, 0, want.len()).await.unwrap(),
+                    want,
+                    "{op} read {k}"
+                );
+                drop(d);
+                let copied = c.num_allocated_clusters() - 1;
+                assert_eq!(free - s.free_clusters(), copied, "{op} read {k}: leak");
+                // Reload: same state, consistent store; then the operation succeeds.
+                m.unload_lvstore(&s).await.unwrap();
+                let s = m.load_lvstore("store").await.unwrap();
+                let rep = blobstore::inspect::check(s.blobstore().device())
+                    .await
+                    .unwrap();
+                assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+                let c = s.lvol_by_name("ec").unwrap();
+                assert!(c.is_esnap_clone());
+                let r = if op == "inflate" {
+                    m.inflate_lvol(&c).await
+                } else {
+                    m.decouple_parent(&c).await
+                };
+                r.unwrap();
+                assert!(!c.is_esnap_clone());
+                let d = reg.open(c.unique_id(), false).unwrap();
+                assert_eq!(read_at(&d, 0, want.len()).await.unwrap(), want);
+            }
         })
     });
 }

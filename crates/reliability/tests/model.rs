@@ -29,6 +29,8 @@ const BLK: usize = 4096;
 const CLUSTER: usize = 16384;
 const LPC: usize = CLUSTER / BLK;
 const DEV_BLOCKS: u64 = 256; // 1 MiB: 64 clusters, some of them metadata.
+/// A small device (28 clusters) where sequences run out of space.
+const SMALL_DEV_BLOCKS: u64 = 112;
 const BASE_CLUSTERS: usize = 4;
 const ESNAP_ID: &[u8] = b"reliability-esnap-base";
 
@@ -142,6 +144,13 @@ enum Op {
     Create {
         thick: bool,
         clusters: u8,
+        /// RLE extents instead of an extent table.
+        rle: bool,
+    },
+    WriteZeroes {
+        vol: u8,
+        block: u8,
+        len: u8,
     },
     Write {
         vol: u8,
@@ -191,7 +200,10 @@ struct Step {
 
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
-        3 => (any::<bool>(), 1u8..=4).prop_map(|(thick, clusters)| Op::Create { thick, clusters }),
+        3 => (any::<bool>(), 1u8..=4, prop::bool::weighted(0.3))
+            .prop_map(|(thick, clusters, rle)| Op::Create { thick, clusters, rle }),
+        1 => (any::<u8>(), any::<u8>(), 1u8..=8)
+            .prop_map(|(vol, block, len)| Op::WriteZeroes { vol, block, len }),
         8 => (any::<u8>(), any::<u8>(), 1u8..=8, 1u8..=255)
             .prop_map(|(vol, block, len, byte)| Op::Write { vol, block, len, byte }),
         2 => any::<u8>().prop_map(|vol| Op::Snapshot { vol }),
@@ -248,7 +260,13 @@ enum Real {
     Create {
         clusters: u64,
         thin: bool,
+        rle: bool,
         name: String,
+    },
+    WriteZeroes {
+        id: BlobId,
+        off: u64,
+        len: u64,
     },
     Write {
         id: BlobId,
@@ -327,14 +345,14 @@ fn e2s(e: &BsError) -> String {
 }
 
 impl World {
-    async fn new() -> World {
+    async fn new(dev_blocks: u64) -> World {
         let base = base_bytes();
         let factory = Arc::new(BaseFactory {
             dev: MemBsDev::read_only(BLK as u32, base.clone()),
             present: AtomicBool::new(true),
             opens: AtomicU64::new(0),
         });
-        let dev = MemBsDev::new(BLK as u32, DEV_BLOCKS);
+        let dev = MemBsDev::new(BLK as u32, dev_blocks);
         let bs = Blobstore::init(dev.clone(), opts(&factory)).await.unwrap();
         World {
             dev,
@@ -362,7 +380,11 @@ impl World {
         let free = self.bs.free_clusters() as usize;
         let skip = (Real::Skip, Expect::Ok(m.clone()));
         match *op {
-            Op::Create { thick, clusters } => {
+            Op::Create {
+                thick,
+                clusters,
+                rle,
+            } => {
                 let n = usize::from(clusters);
                 let name = self.name("vol");
                 let mut m2 = m.clone();
@@ -390,6 +412,7 @@ impl World {
                     Real::Create {
                         clusters: n as u64,
                         thin: !thick,
+                        rle,
                         name,
                     },
                     e,
@@ -440,6 +463,46 @@ impl World {
                         id,
                         off: off as u64,
                         data,
+                    },
+                    e,
+                )
+            }
+            Op::WriteZeroes { vol, block, len } => {
+                let Some(id) = pick(&writable(&m), vol) else {
+                    return skip;
+                };
+                let total = m.vols[&id].clusters.len() * LPC;
+                let off = usize::from(block) % total;
+                let len = usize::from(len).min(total - off);
+                let mut m2 = m.clone();
+                let mut allocs = 0;
+                for c in off / LPC..=(off + len - 1) / LPC {
+                    if m2.vols[&id].clusters[c].is_none() {
+                        let Some(d) = resolve(&m, &self.base, id, c) else {
+                            return skip;
+                        };
+                        allocs += 1;
+                        m2.vols.get_mut(&id).unwrap().clusters[c] = Some(d);
+                    }
+                }
+                for blk in off..off + len {
+                    let cl = m2.vols.get_mut(&id).unwrap().clusters[blk / LPC]
+                        .as_mut()
+                        .unwrap();
+                    cl[(blk % LPC) * BLK..(blk % LPC + 1) * BLK].fill(0);
+                }
+                // Whether write_zeroes allocates is the store's choice; `step` takes the
+                // allocation from the store and checks the bytes.
+                let e = if allocs > free {
+                    Expect::Maybe(m2, "write_zeroes without free clusters")
+                } else {
+                    Expect::Ok(m2)
+                };
+                (
+                    Real::WriteZeroes {
+                        id,
+                        off: off as u64,
+                        len: len as u64,
                     },
                     e,
                 )
@@ -685,16 +748,25 @@ impl World {
             Real::Create {
                 clusters,
                 thin,
+                rle,
                 name,
             } => bs
                 .create_blob(BlobOpts {
                     num_clusters: *clusters,
                     thin: *thin,
+                    use_extent_table: !*rle,
                     xattrs: vec![("name".into(), name.as_bytes().to_vec())],
                     ..Default::default()
                 })
                 .await
                 .map(Some),
+            Real::WriteZeroes { id, off, len } => {
+                let b = bs.open_blob(*id).await?;
+                let r = b.write_zeroes(*off, *len).await;
+                let c = b.close().await;
+                r?;
+                c.map(|_| None)
+            }
             Real::Write { id, off, data } => {
                 let b = bs.open_blob(*id).await?;
                 let r = b.write(*off, IoBuf::from_slice(data, BLK)).await;
@@ -806,13 +878,16 @@ impl World {
                 if self.stale_free && thick_claim {
                     self.model = self.rebuild().await?;
                 }
+                if let Real::WriteZeroes { id, .. } = &real {
+                    self.adopt_allocation(*id).await?;
+                }
             }
             (Err(e), Expect::Ok(_)) => {
                 return Err(format!("{real:?} failed: {}", e2s(&e)));
             }
             (Err(e), Expect::Maybe(_, why)) => {
                 self.stats.ops_err += 1;
-                if matches!(real, Real::Write { .. }) {
+                if matches!(real, Real::Write { .. } | Real::WriteZeroes { .. }) {
                     // A failed multi-cluster write may have landed in part: check block-wise,
                     // then take what the store holds as the new truth.
                     if e.errno() != libc::ENOSPC {
@@ -871,7 +946,10 @@ impl World {
             // link old or new.
             if matches!(
                 real,
-                Real::Write { .. } | Real::Inflate { .. } | Real::Decouple { .. }
+                Real::Write { .. }
+                    | Real::WriteZeroes { .. }
+                    | Real::Inflate { .. }
+                    | Real::Decouple { .. }
             ) {
                 self.compare_mixed(&before, &after).await?;
             } else {
@@ -927,6 +1005,33 @@ impl World {
                 }
             }
             blob.close().await.map_err(|e| e2s(&e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes which clusters of `id` are allocated from the store, keeping the expected bytes:
+    /// an unallocated cluster must then read the same bytes through the parent.
+    async fn adopt_allocation(&mut self, id: BlobId) -> Result<(), String> {
+        let b = self.bs.open_blob(id).await.map_err(|e| e2s(&e))?;
+        let n = self.model.vols[&id].clusters.len();
+        let mut next = Vec::with_capacity(n);
+        for c in 0..n {
+            let want = resolve(&self.model, &self.base, id, c);
+            next.push(if b.is_cluster_allocated(c as u64) {
+                want
+            } else {
+                None
+            });
+        }
+        b.close().await.map_err(|e| e2s(&e))?;
+        let before = self.model.clone();
+        self.model.vols.get_mut(&id).unwrap().clusters = next;
+        for c in 0..n {
+            if resolve(&self.model, &self.base, id, c) != resolve(&before, &self.base, id, c) {
+                return Err(format!(
+                    "{id:#x}: write_zeroes left cluster {c} unallocated over non-zero parent data"
+                ));
+            }
         }
         Ok(())
     }
@@ -1123,8 +1228,12 @@ impl World {
 static TOTALS: [AtomicU64; 5] = [const { AtomicU64::new(0) }; 5];
 
 fn run(steps: &[Step]) -> Result<Stats, String> {
+    run_on(steps, DEV_BLOCKS)
+}
+
+fn run_on(steps: &[Step], dev_blocks: u64) -> Result<Stats, String> {
     block_on(async {
-        let mut w = World::new().await;
+        let mut w = World::new(dev_blocks).await;
         for (i, s) in steps.iter().enumerate() {
             w.step(s)
                 .await
@@ -1166,8 +1275,12 @@ proptest! {
     })]
 
     #[test]
-    fn store_matches_model(steps in prop::collection::vec(step_strategy(), 1..28)) {
-        if let Err(e) = run(&steps) {
+    fn store_matches_model(
+        small in prop::bool::weighted(0.3),
+        steps in prop::collection::vec(step_strategy(), 1..28),
+    ) {
+        let blocks = if small { SMALL_DEV_BLOCKS } else { DEV_BLOCKS };
+        if let Err(e) = run_on(&steps, blocks) {
             prop_assert!(false, "{}", e);
         }
     }
@@ -1181,10 +1294,12 @@ fn every_operation_in_one_sequence() {
         Create {
             thick: true,
             clusters: 2,
+            rle: false,
         },
         Create {
             thick: false,
             clusters: 3,
+            rle: false,
         },
         Write {
             vol: 0,
@@ -1253,10 +1368,12 @@ fn regression_extent_page_at_md_page_0() {
         Create {
             thick: false,
             clusters: 1,
+            rle: false,
         },
         Create {
             thick: false,
             clusters: 1,
+            rle: false,
         },
         Delete { vol: 0 },
         Write {

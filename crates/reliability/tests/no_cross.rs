@@ -252,3 +252,64 @@ fn thick_grow_after_a_power_cut_does_not_show_lost_bytes() {
         assert!(found, "no cut kept the data and lost the allocation");
     });
 }
+
+/// A thick blob created or grown after a delete or a shrink, for every store and blob clear
+/// method: its clusters never show the old volume's bytes.
+#[test]
+fn thick_allocation_never_shows_a_deleted_volumes_bytes() {
+    block_on(async {
+        let mut bad = Vec::new();
+        for store_cm in METHODS {
+            for blob_cm in METHODS {
+                let dev = MemBsDev::new(BLK as u32, 256);
+                let o = BsOpts {
+                    cluster_size: CLUSTER as u32,
+                    clear_method: store_cm,
+                    ..Default::default()
+                };
+                let bs = Blobstore::init(dev.clone(), o).await.unwrap();
+                let n = bs.free_clusters();
+                let a = bs
+                    .create_blob(BlobOpts {
+                        num_clusters: n,
+                        clear_method: blob_cm,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                write(&bs, a, 0, &secret(n as usize * CLUSTER))
+                    .await
+                    .unwrap();
+                bs.delete_blob(a).await.unwrap();
+                let c = bs
+                    .create_blob(BlobOpts {
+                        num_clusters: n / 2,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                let t = bs
+                    .create_blob(BlobOpts {
+                        num_clusters: 1,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                let b = bs.open_blob(t).await.unwrap();
+                b.resize(n - n / 2).await.unwrap();
+                b.sync_md().await.unwrap();
+                b.close().await.unwrap();
+                for (what, id) in [("thick create", c), ("thick grow", t)] {
+                    if holds_secret(&read_all(&bs, id).await) {
+                        bad.push(format!("store {store_cm:?} blob {blob_cm:?}: {what}"));
+                    }
+                }
+            }
+        }
+        assert!(
+            bad.is_empty(),
+            "stale bytes of a deleted volume in:\n{}",
+            bad.join("\n")
+        );
+    });
+}

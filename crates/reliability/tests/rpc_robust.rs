@@ -38,6 +38,25 @@ impl Drop for Tgt {
     }
 }
 
+/// Starts `tgt` on a socket in `dir` and waits until it accepts connections.
+fn start(bin: &PathBuf, dir: &std::path::Path) -> (Tgt, PathBuf) {
+    let sock = dir.join("rpc.sock");
+    let child = Command::new(bin)
+        .arg("-r")
+        .arg(&sock)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tgt = Tgt(child);
+    let t0 = Instant::now();
+    while UnixStream::connect(&sock).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "tgt did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (tgt, sock)
+}
+
 fn call(sock: &PathBuf, req: &Value) -> Value {
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -52,20 +71,8 @@ fn hundred_clients_garbage_and_half_closed_connections() {
     let bin = tgt_binary();
     common::with_timeout(110, move || {
         let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("rpc.sock");
-        let child = Command::new(&bin)
-            .arg("-r")
-            .arg(&sock)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut tgt = Tgt(child);
+        let (mut tgt, sock) = start(&bin, dir.path());
         let t0 = Instant::now();
-        while UnixStream::connect(&sock).is_err() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "tgt did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
         let r = call(
             &sock,
             &json!({"jsonrpc": "2.0", "method": "bdev_malloc_create", "id": 1,
@@ -157,5 +164,232 @@ fn hundred_clients_garbage_and_half_closed_connections() {
         );
         assert_eq!(r["result"][0]["name"], json!("m0"), "{r}");
         eprintln!("rpc robustness: 100 clients, {answered} valid/invalid requests answered, 20 garbage clients, in {:?}", t0.elapsed());
+    });
+}
+
+/// A minimal NBD client: fixed newstyle handshake with NBD_OPT_GO.
+fn nbd_connect(path: &std::path::Path, export: &str) -> UnixStream {
+    use tgt::nbd::proto;
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    assert_eq!(g, proto::greeting());
+    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    let mut data = (export.len() as u32).to_be_bytes().to_vec();
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    let mut opt = proto::IHAVEOPT.to_be_bytes().to_vec();
+    opt.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    opt.extend_from_slice(&data);
+    s.write_all(&opt).unwrap();
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+        let mut d = vec![0u8; len];
+        s.read_exact(&mut d).unwrap();
+        assert_eq!(
+            typ & proto::REP_FLAG_ERROR,
+            0,
+            "NBD_OPT_GO refused: {typ:#x}"
+        );
+        if typ == proto::REP_ACK {
+            return s;
+        }
+    }
+}
+
+/// Sends one request and returns the reply's error and data.
+fn nbd_io(
+    s: &mut UnixStream,
+    cmd: u16,
+    cookie: u64,
+    offset: u64,
+    payload: &[u8],
+    len: u32,
+) -> (u32, Vec<u8>) {
+    use tgt::nbd::proto;
+    let r = proto::Request {
+        flags: 0,
+        cmd,
+        cookie,
+        offset,
+        len,
+    };
+    s.write_all(&proto::encode_request(&r)).unwrap();
+    s.write_all(payload).unwrap();
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[8..], &cookie.to_be_bytes());
+    let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+    let mut d = Vec::new();
+    if cmd == proto::CMD_READ && err == 0 {
+        d = vec![0u8; len as usize];
+        s.read_exact(&mut d).unwrap();
+    }
+    (err, d)
+}
+
+#[test]
+fn nbd_server_survives_hostile_clients() {
+    use tgt::nbd::proto;
+    let bin = tgt_binary();
+    common::with_timeout(110, move || {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tgt, sock) = start(&bin, dir.path());
+        let nbd = dir.path().join("nbd.sock");
+        for req in [
+            json!({"jsonrpc":"2.0","method":"bdev_malloc_create","id":1,"params":{"name":"m0","num_blocks":2048,"block_size":512}}),
+            json!({"jsonrpc":"2.0","method":"nbd_server_start","id":2,"params":{"listen":format!("unix:{}", nbd.display())}}),
+            json!({"jsonrpc":"2.0","method":"nbd_export_add","id":3,"params":{"bdev_name":"m0","name":"m0"}}),
+        ] {
+            let r = call(&sock, &req);
+            assert!(r.get("error").is_none(), "{r}");
+        }
+        // Hostile clients: every NBD corpus file, 1 MiB of garbage, a header announcing a
+        // 4 GiB option; twice each, all at once; each then hangs up.
+        let corpus =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/nbd_request");
+        let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(corpus)
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read(e.path()).unwrap())
+            .collect();
+        inputs.push(vec![0xa5; 1 << 20]);
+        let mut big = 3u32.to_be_bytes().to_vec();
+        big.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        big.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+        big.extend_from_slice(&u32::MAX.to_be_bytes());
+        inputs.push(big);
+        let mut threads = Vec::new();
+        for input in inputs.clone().into_iter().chain(inputs) {
+            let nbd = nbd.clone();
+            threads.push(std::thread::spawn(move || {
+                let mut s = UnixStream::connect(&nbd).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut g = [0u8; 18];
+                s.read_exact(&mut g).unwrap();
+                let _ = s.write_all(&input);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+            }));
+        }
+        // Meanwhile a well-behaved client writes and reads back.
+        let mut c = nbd_connect(&nbd, "m0");
+        let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_WRITE, 1, 4096, &data, data.len() as u32).0,
+            0
+        );
+        let (e, back) = nbd_io(&mut c, proto::CMD_READ, 2, 4096, &[], data.len() as u32);
+        assert_eq!(e, 0);
+        assert_eq!(back, data);
+        // Out-of-range and oversized requests get errors, not a dropped connection.
+        assert_ne!(nbd_io(&mut c, proto::CMD_READ, 3, 1 << 40, &[], 512).0, 0);
+        assert_eq!(
+            nbd_io(&mut c, proto::CMD_READ, 4, 0, &[], u32::MAX).0,
+            proto::EOVERFLOW
+        );
+        for t in threads {
+            t.join().expect("hostile client thread");
+        }
+        // Still serving both sockets.
+        let mut c2 = nbd_connect(&nbd, "m0");
+        let (e, back) = nbd_io(&mut c2, proto::CMD_READ, 5, 4096, &[], data.len() as u32);
+        assert_eq!((e, back), (0, data));
+        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        let r = call(
+            &sock,
+            &json!({"jsonrpc":"2.0","method":"nbd_get_exports","id":9}),
+        );
+        assert!(r.get("error").is_none(), "{r}");
+    });
+}
+
+/// Every method the target lists, called with hostile params (wrong types, huge numbers,
+/// long strings, nesting): each call is answered (result or error) and the target stays up.
+/// Methods that would stop the target or touch files and sockets are left out.
+#[test]
+fn every_method_with_hostile_params() {
+    let bin = tgt_binary();
+    common::with_timeout(110, move || {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tgt, sock) = start(&bin, dir.path());
+        let r = call(
+            &sock,
+            &json!({"jsonrpc":"2.0","method":"rpc_get_methods","id":0}),
+        );
+        let methods: Vec<String> = r["result"]
+            .as_array()
+            .expect("method list")
+            .iter()
+            .filter_map(|m| m.as_str().map(String::from))
+            .collect();
+        assert!(methods.len() > 10, "{methods:?}");
+        let skip = [
+            "kill",
+            "shutdown",
+            "aio",
+            "uring",
+            "file",
+            "nbd_server_start",
+            "load",
+            "save",
+            "framework_start_init",
+            "wait",
+        ];
+        let long = "x".repeat(5000);
+        let params = [
+            json!({}),
+            json!([]),
+            json!([1, "a", null]),
+            json!({"name": 1}),
+            json!({"name": long}),
+            json!({"name": "m0", "num_blocks": 1e30, "block_size": 512}),
+            json!({"name": "m1", "num_blocks": -1, "block_size": 0}),
+            json!({"name": "m2", "num_blocks": u64::MAX, "block_size": 4096}),
+            json!({"bdev_name": {"a": [1, {"b": null}]}, "lvs_name": [], "size_in_mib": "9"}),
+            json!({"lvol_name": "\u{0}\u{ffff}", "uuid": "not-a-uuid", "cluster_sz": 3}),
+        ];
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut rd = BufReader::new(s.try_clone().unwrap());
+        let mut calls = 0;
+        for (i, m) in methods.iter().enumerate() {
+            if skip.iter().any(|k| m.contains(k)) {
+                continue;
+            }
+            for (j, p) in params.iter().enumerate() {
+                let id = (i * 100 + j) as u64;
+                let req = json!({"jsonrpc":"2.0","method":m,"params":p,"id":id});
+                s.write_all(&serde_json::to_vec(&req).unwrap()).unwrap();
+                let mut line = String::new();
+                rd.read_line(&mut line)
+                    .unwrap_or_else(|e| panic!("{m} {p}: {e}"));
+                let v: Value =
+                    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{m}: {e}: {line:?}"));
+                assert_eq!(v["id"], json!(id), "{m}: {v}");
+                assert!(
+                    v.get("result").is_some() != v.get("error").is_some(),
+                    "{m}: {v}"
+                );
+                calls += 1;
+            }
+        }
+        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        let r = call(
+            &sock,
+            &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
+        );
+        assert!(r["result"].is_array(), "{r}");
+        eprintln!(
+            "hostile params: {calls} calls over {} methods",
+            methods.len()
+        );
     });
 }
