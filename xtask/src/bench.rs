@@ -131,6 +131,16 @@ fn benches() -> Vec<Bench> {
             ours: lvol,
             peer: Peer::Ours(aio),
         },
+        Bench {
+            name: "lvol_randwrite_4k_qd32",
+            workload: "randwrite",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            file: LVS_FILE,
+            ours: lvol,
+            peer: Peer::Ours(aio),
+        },
     ]
 }
 
