@@ -40,12 +40,24 @@ enum Ours {
         /// O_DIRECT.
         direct: bool,
     },
+    /// A fresh esnap clone (nothing allocated) of our aio bdev over the data file, its lvol
+    /// store on a new sparse file next to it; 4 KiB blocks.
+    Esnap {
+        /// `uring`, `threadpool` or `auto`.
+        engine: &'static str,
+        /// O_DIRECT.
+        direct: bool,
+        /// Cluster size of the clone's store (None: 4 MiB).
+        cluster: Option<u32>,
+    },
 }
 
 impl Ours {
     fn direct(self) -> bool {
         match self {
-            Ours::AioFile { direct, .. } | Ours::Lvol { direct, .. } => direct,
+            Ours::AioFile { direct, .. }
+            | Ours::Lvol { direct, .. }
+            | Ours::Esnap { direct, .. } => direct,
         }
     }
 }
@@ -59,6 +71,12 @@ enum Peer {
     QemuImgBench,
     /// One of our own setups on the same file (e.g. the raw base under an lvol).
     Ours(Ours),
+    /// `qemu-img bench -w` on a fresh qcow2 image whose backing file is the raw data file
+    /// (`-o cluster_size=N`), `-t none`, the same count, depth, size and step as ours.
+    QemuQcow2Cow {
+        /// qcow2 cluster size in bytes.
+        cluster: u32,
+    },
 }
 
 /// One benchmark.
@@ -71,6 +89,8 @@ struct Bench {
     qd: u32,
     /// Sequential patterns: bytes from one request's start to the next's.
     step: Option<u64>,
+    /// A fixed request count instead of a time (e.g. one write per cluster).
+    count: Option<u64>,
     /// The data file (under target/bench-data/).
     file: &'static str,
     ours: Ours,
@@ -97,6 +117,7 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: None,
+            count: None,
             file: RAW_FILE,
             ours: aio,
             peer: Peer::Fio,
@@ -107,6 +128,7 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: None,
+            count: None,
             file: RAW_FILE,
             ours: aio,
             peer: Peer::Fio,
@@ -117,6 +139,7 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: Some(64 << 10),
+            count: None,
             file: RAW_FILE,
             ours: aio,
             peer: Peer::QemuImgBench,
@@ -127,6 +150,7 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: None,
+            count: None,
             file: LVS_FILE,
             ours: lvol,
             peer: Peer::Ours(aio),
@@ -137,9 +161,40 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: None,
+            count: None,
             file: LVS_FILE,
             ours: lvol,
             peer: Peer::Ours(aio),
+        },
+        Bench {
+            name: "esnap_randread_4k_qd32",
+            workload: "randread",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            count: None,
+            file: RAW_FILE,
+            ours: Ours::Esnap {
+                engine: "uring",
+                direct: true,
+                cluster: None,
+            },
+            peer: Peer::Ours(aio),
+        },
+        Bench {
+            name: "esnap_cow_first_write_4k_1m_clusters_qd32",
+            workload: "write",
+            bs: 4096,
+            qd: 32,
+            step: Some(1 << 20),
+            count: Some(FILE_SIZE >> 20),
+            file: RAW_FILE,
+            ours: Ours::Esnap {
+                engine: "uring",
+                direct: true,
+                cluster: Some(1 << 20),
+            },
+            peer: Peer::QemuQcow2Cow { cluster: 1 << 20 },
         },
     ]
 }
@@ -247,6 +302,7 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
             let (name, peer) = match b.peer {
                 Peer::Fio => run_fio(ctx, b),
                 Peer::QemuImgBench => run_qemu_img_bench(ctx, b, ours.ios),
+                Peer::QemuQcow2Cow { cluster } => run_qemu_qcow2_cow(ctx, b, cluster),
                 Peer::Ours(setup) => (
                     format!("ours: {}", setup_label(setup)),
                     run_ours(ctx, b, setup),
@@ -293,6 +349,9 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
     });
     if let Some(s) = b.step {
         params["step"] = json!(s);
+    }
+    if let Some(n) = b.count {
+        params["count"] = json!(n);
     }
     params["direct"] = json!(b.ours.direct());
     params["ours_setup"] = json!(setup_label(b.ours));
@@ -371,6 +430,11 @@ fn setup_label(o: Ours) -> String {
     let (what, engine, direct) = match o {
         Ours::AioFile { engine, direct } => ("aio bdev", engine, direct),
         Ours::Lvol { engine, direct } => ("thick lvol on aio bdev", engine, direct),
+        Ours::Esnap { engine, direct, .. } => (
+            "fresh esnap clone of aio bdev (4 KiB blocks)",
+            engine,
+            direct,
+        ),
     };
     format!(
         "{what} ({engine}{})",
@@ -384,6 +448,18 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
     let (kind, engine, direct) = match setup {
         Ours::AioFile { engine, direct } => ("aio", engine, direct),
         Ours::Lvol { engine, direct } => ("lvol", engine, direct),
+        Ours::Esnap {
+            engine,
+            direct,
+            cluster,
+        } => {
+            // 512-byte blocks under an esnap clone fail reads with EIO (lvol issue).
+            cmd.args(["--block-len", "4096"]);
+            if let Some(c) = cluster {
+                cmd.args(["--cluster-size", &c.to_string()]);
+            }
+            ("esnap", engine, direct)
+        }
     };
     cmd.arg("--target")
         .arg(format!("{kind}:{}", file.display()))
@@ -393,8 +469,11 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
     }
     cmd.args(["--rw", b.workload])
         .args(["--bs", &b.bs.to_string()])
-        .args(["--qd", &b.qd.to_string()])
-        .args(["--time", &ctx.seconds.to_string()]);
+        .args(["--qd", &b.qd.to_string()]);
+    match b.count {
+        Some(n) => cmd.args(["--count", &n.to_string()]),
+        None => cmd.args(["--time", &ctx.seconds.to_string()]),
+    };
     if let Some(s) = b.step {
         cmd.args(["--step", &s.to_string()]);
     }
@@ -509,6 +588,59 @@ fn run_qemu_img_bench(ctx: &Ctx, b: &Bench, count: u64) -> (String, Result<Measu
         }
     }
     (format!("qemu-img {version} bench"), Err(last_err))
+}
+
+/// `qemu-img bench -w` on a new qcow2 clone of the raw data file: the same request count,
+/// depth, size and step as ours, so each write lands in an unallocated cluster as in ours.
+fn run_qemu_qcow2_cow(ctx: &Ctx, b: &Bench, cluster: u32) -> (String, Result<Measured>) {
+    let Some(qemu) = util::find_or_install("qemu-img", "qemu-utils") else {
+        return (
+            "qemu-img bench (not installed)".into(),
+            Err(anyhow!("qemu-img missing")),
+        );
+    };
+    let version = util::version_of(&qemu)
+        .and_then(|v| v.split_whitespace().nth(2).map(str::to_string))
+        .unwrap_or_default();
+    let label = format!(
+        "qemu-img {version} bench -w qcow2 (raw backing, cluster_size={cluster}) cache=none"
+    );
+    let base = ctx.data_dir.join(b.file);
+    let clone = ctx.data_dir.join(format!("{}.qcow2", b.name));
+    let count = b.count.unwrap_or(1000);
+    let r = (|| -> Result<Measured> {
+        let _ = std::fs::remove_file(&clone);
+        util::run(
+            "qemu-img create",
+            Command::new(&qemu)
+                .args(["create", "-q", "-f", "qcow2", "-b"])
+                .arg(&base)
+                .args(["-F", "raw", "-o", &format!("cluster_size={cluster}")])
+                .arg(&clone)
+                .arg(FILE_SIZE.to_string()),
+        )?;
+        let mut last_err = anyhow!("not run");
+        for aio in ["io_uring", "native"] {
+            let mut cmd = Command::new(&qemu);
+            cmd.args(["bench", "-w", "-f", "qcow2", "-t", "none", "-i", aio])
+                .args(["-c", &count.to_string()])
+                .args(["-d", &b.qd.to_string()])
+                .args(["-s", &b.bs.to_string()]);
+            if let Some(s) = b.step {
+                cmd.args(["-S", &s.to_string()]);
+            }
+            cmd.arg(&clone);
+            match util::output("qemu-img bench", &mut cmd)
+                .and_then(|o| parse_qemu_img_bench(&o, count))
+            {
+                Ok(m) => return Ok(m),
+                Err(e) => last_err = e,
+            }
+        }
+        Err(last_err)
+    })();
+    let _ = std::fs::remove_file(&clone);
+    (label, r)
 }
 
 /// `Run completed in 1.234 seconds.` → IOPS for `count` requests.

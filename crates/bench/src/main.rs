@@ -10,6 +10,11 @@
 //! `lvol:PATH` is a thick lvol filling an lvol store on an aio bdev over PATH (store
 //! `bench_lvs`, lvol `vol`, 4 MiB clusters, created on first use without clearing the data,
 //! found again by examine on later runs).
+//!
+//! `esnap:PATH` is a fresh esnap clone (no cluster allocated) of an aio bdev over PATH; its
+//! lvol store lives on a new sparse file `PATH.esnap-lvs` (recreated on every run, 4 MiB
+//! clusters unless `--cluster-size` says otherwise), so reads of unwritten clusters go to the
+//! base and each first write to a cluster copies it.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -25,7 +30,7 @@ use lvol::{LvolModule, LvsClearMethod, LvsOpts};
 use serde_json::json;
 
 const USAGE: &str =
-    "usage: bench --target aio:PATH|lvol:PATH|malloc:MIB [--engine auto|uring|threadpool] \
+    "usage: bench --target aio:PATH|lvol:PATH|esnap:PATH|malloc:MIB [--cluster-size BYTES] [--engine auto|uring|threadpool] \
 [--direct] [--block-len 512|4096] --rw read|write|randread|randwrite|randrw [--rwmix-read PCT] \
 [--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N]";
 
@@ -33,6 +38,7 @@ const USAGE: &str =
 enum Target {
     Aio(PathBuf),
     Lvol(PathBuf),
+    Esnap(PathBuf),
     Malloc { mib: u64 },
 }
 
@@ -41,6 +47,7 @@ struct Args {
     engine: AioEngine,
     direct: bool,
     block_len: Option<u32>,
+    cluster_size: Option<u32>,
     workload: Workload,
 }
 
@@ -64,6 +71,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut engine = AioEngine::Auto;
     let mut direct = false;
     let mut block_len = None;
+    let mut cluster_size = None;
     let mut w = Workload {
         duration: None,
         ..Default::default()
@@ -76,6 +84,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Target::Aio(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("lvol:") {
                     Target::Lvol(PathBuf::from(p))
+                } else if let Some(p) = v.strip_prefix("esnap:") {
+                    Target::Esnap(PathBuf::from(p))
                 } else if let Some(m) = v.strip_prefix("malloc:") {
                     Target::Malloc {
                         mib: parse_num("--target malloc:", Some(m.to_string()))?,
@@ -93,6 +103,12 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                 }
             }
             "--direct" => direct = true,
+            "--cluster-size" => {
+                cluster_size = Some(
+                    u32::try_from(parse_num("--cluster-size", it.next())?)
+                        .map_err(|_| "--cluster-size too large")?,
+                )
+            }
             "--block-len" => block_len = Some(parse_num("--block-len", it.next())? as u32),
             "--rw" => {
                 let v = it.next().ok_or("--rw needs a value")?;
@@ -126,6 +142,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         engine,
         direct,
         block_len,
+        cluster_size,
         workload: w,
     })
 }
@@ -186,6 +203,51 @@ async fn lvol_target(
     Ok((lvol.unique_id().to_string(), engine))
 }
 
+/// A fresh esnap clone of an aio bdev over `path`, its store on a new sparse file next to
+/// it; returns the clone's bdev name and the aio engine.
+async fn esnap_target(
+    reg: &Registry,
+    m: &LvolModule,
+    args: &Args,
+    path: &Path,
+) -> Result<(String, AioEngine), String> {
+    let base = aio_bdev(args, "bench_esnap_base", path)?;
+    let engine = base.engine();
+    let base_size = std::fs::metadata(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len();
+    reg.register(base)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    let mut store_path = path.as_os_str().to_owned();
+    store_path.push(".esnap-lvs");
+    let store_path = PathBuf::from(store_path);
+    // A new file every run: the clone starts with every cluster unallocated.
+    let _ = std::fs::remove_file(&store_path);
+    std::fs::File::create(&store_path)
+        .and_then(|f| f.set_len(base_size + (256 << 20)))
+        .map_err(|e| format!("{}: {e}", store_path.display()))?;
+    let sa = aio_bdev(args, "bench_esnap_store", &store_path)?;
+    reg.register(sa)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    reg.wait_for_examine().await;
+    let mut o = LvsOpts::new("bench_esnap_lvs");
+    o.clear_method = LvsClearMethod::None;
+    if let Some(cs) = args.cluster_size {
+        o.cluster_size = cs;
+    }
+    let store = m
+        .create_lvstore("bench_esnap_store", o)
+        .await
+        .map_err(|e| format!("create lvol store: {e}"))?;
+    let clone = m
+        .create_esnap_clone("bench_esnap_base", &store, "clone")
+        .await
+        .map_err(|e| format!("create esnap clone: {e}"))?;
+    Ok((clone.unique_id().to_string(), engine))
+}
+
 fn run(args: Args) -> Result<serde_json::Value, String> {
     let reg = Registry::new();
     let mut _lvol_module = None;
@@ -205,6 +267,12 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
             let (name, eng) = futures::executor::block_on(lvol_target(&reg, &m, &args, path))?;
             _lvol_module = Some(m);
             (name, format!("lvol:{}", path.display()), Some(eng))
+        }
+        Target::Esnap(path) => {
+            let m = LvolModule::new(reg.clone());
+            let (name, eng) = futures::executor::block_on(esnap_target(&reg, &m, &args, path))?;
+            _lvol_module = Some(m);
+            (name, format!("esnap:{}", path.display()), Some(eng))
         }
         Target::Malloc { mib } => {
             let bl = args.block_len.unwrap_or(512);
