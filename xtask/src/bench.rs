@@ -50,6 +50,27 @@ enum Ours {
         /// Cluster size of the clone's store (None: 4 MiB).
         cluster: Option<u32>,
     },
+    /// A thick blob filling a blobstore (1 MiB clusters) initialised on our aio bdev over the
+    /// data file at every run, driven through the blob API.
+    Blob {
+        /// `uring`, `threadpool` or `auto`.
+        engine: &'static str,
+        /// O_DIRECT.
+        direct: bool,
+    },
+    /// Load time (ms) of a blobstore with `blobs` blobs on a sparse file next to the data file
+    /// (O_DIRECT, io_uring); `recover` loads it the way a dirty store is loaded.
+    BsLoad {
+        /// Blobs in the store.
+        blobs: u64,
+        /// Force recovery (the dirty-store path).
+        recover: bool,
+    },
+    /// Snapshot + clone creations per second on an lvol store holding `lvols` thin lvols.
+    SnapClone {
+        /// Thin lvols in the store.
+        lvols: u64,
+    },
 }
 
 impl Ours {
@@ -57,7 +78,20 @@ impl Ours {
         match self {
             Ours::AioFile { direct, .. }
             | Ours::Lvol { direct, .. }
-            | Ours::Esnap { direct, .. } => direct,
+            | Ours::Esnap { direct, .. }
+            | Ours::Blob { direct, .. } => direct,
+            Ours::BsLoad { .. } | Ours::SnapClone { .. } => true,
+        }
+    }
+
+    /// The unit of the figure the setup reports.
+    fn unit(self) -> &'static str {
+        match self {
+            Ours::BsLoad { .. } => "ms",
+            Ours::SnapClone { .. } => "ops/s",
+            Ours::AioFile { .. } | Ours::Lvol { .. } | Ours::Esnap { .. } | Ours::Blob { .. } => {
+                "IOPS"
+            }
         }
     }
 }
@@ -77,6 +111,8 @@ enum Peer {
         /// qcow2 cluster size in bytes.
         cluster: u32,
     },
+    /// No peer measures the same thing.
+    None,
 }
 
 /// One benchmark.
@@ -107,6 +143,10 @@ fn benches() -> Vec<Bench> {
         direct: true,
     };
     let lvol = Ours::Lvol {
+        engine: "uring",
+        direct: true,
+    };
+    let blob = Ours::Blob {
         engine: "uring",
         direct: true,
     };
@@ -195,6 +235,70 @@ fn benches() -> Vec<Bench> {
                 cluster: Some(1 << 20),
             },
             peer: Peer::QemuQcow2Cow { cluster: 1 << 20 },
+        },
+        Bench {
+            name: "blob_randread_4k_qd32",
+            workload: "randread",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            count: None,
+            file: RAW_FILE,
+            ours: blob,
+            peer: Peer::Ours(aio),
+        },
+        Bench {
+            name: "blob_randwrite_4k_qd32",
+            workload: "randwrite",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            count: None,
+            file: RAW_FILE,
+            ours: blob,
+            peer: Peer::Ours(aio),
+        },
+        Bench {
+            name: "blobstore_load_clean_10k_blobs",
+            workload: "load",
+            bs: 0,
+            qd: 1,
+            step: None,
+            count: None,
+            file: RAW_FILE,
+            ours: Ours::BsLoad {
+                blobs: 10_000,
+                recover: false,
+            },
+            peer: Peer::None,
+        },
+        Bench {
+            name: "blobstore_load_dirty_10k_blobs",
+            workload: "load",
+            bs: 0,
+            qd: 1,
+            step: None,
+            count: None,
+            file: RAW_FILE,
+            ours: Ours::BsLoad {
+                blobs: 10_000,
+                recover: true,
+            },
+            peer: Peer::Ours(Ours::BsLoad {
+                blobs: 10_000,
+                recover: false,
+            }),
+        },
+        Bench {
+            name: "lvol_snapshot_clone_1k_lvols",
+            workload: "create",
+            bs: 0,
+            qd: 1,
+            step: None,
+            count: Some(1000),
+            file: RAW_FILE,
+            ours: Ours::SnapClone { lvols: 1000 },
+            peer: Peer::None,
         },
     ]
 }
@@ -303,6 +407,10 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
                 Peer::Fio => run_fio(ctx, b),
                 Peer::QemuImgBench => run_qemu_img_bench(ctx, b, ours.ios),
                 Peer::QemuQcow2Cow { cluster } => run_qemu_qcow2_cow(ctx, b, cluster),
+                Peer::None => (
+                    "none".to_string(),
+                    Err(anyhow!("no peer for this benchmark")),
+                ),
                 Peer::Ours(setup) => (
                     format!("ours: {}", setup_label(setup)),
                     run_ours(ctx, b, setup),
@@ -312,7 +420,9 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
             match peer {
                 Ok(p) => peer_runs.push(p.iops),
                 Err(e) => {
-                    eprintln!("note: peer {peer_name} not measured: {e:#}");
+                    if !matches!(b.peer, Peer::None) {
+                        eprintln!("note: peer {peer_name} not measured: {e:#}");
+                    }
                     peer_missing = true;
                 }
             }
@@ -357,6 +467,21 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
     params["ours_setup"] = json!(setup_label(b.ours));
     params["ours_engine"] = ours.detail["engine"].clone();
     params["seconds"] = json!(ctx.seconds);
+    match (b.ours, b.peer) {
+        (Ours::BsLoad { recover: true, .. }, _) => {
+            params["dirty"] = json!(
+                "the store is loaded with forced recovery (blobcli -R), the path a store not \
+                 marked clean takes; peer: the clean load of the same store; ratio = dirty ms / clean ms"
+            );
+        }
+        (_, Peer::None) => {
+            params["peer_note"] = json!("no peer measures the same thing");
+        }
+        _ => {}
+    }
+    if let Ours::SnapClone { .. } = b.ours {
+        params["op"] = json!("one snapshot or one clone creation (count = snapshot+clone pairs)");
+    }
     if let Peer::QemuImgBench = b.peer {
         params["peer_count"] = json!("our request count of the same round (at least 1000)");
     }
@@ -364,23 +489,24 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
         "name": b.name,
         "workload": b.workload,
         "params": params,
-        "unit": "IOPS",
+        "unit": b.ours.unit(),
         "ours": round1(ours.iops),
         "peer": peer_name,
         "peer_value": peer_value.as_ref().map(|p| round1(p.iops)),
         "ratio": ratio.map(|r| (r * 1000.0).round() / 1000.0),
     });
+    let unit = b.ours.unit();
     let path = ctx.out_dir.join(format!("{}.json", b.name));
     std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
     Ok(format!(
-        "{:<34} ours {:>8.0} IOPS   {:<46} {:>13}   ratio {}",
+        "{:<34} ours {:>8.1} {unit}   {:<46} {:>13}   ratio {}",
         b.name,
         ours.iops,
         peer_name,
         peer_value
             .as_ref()
-            .map(|p| format!("{:.0} IOPS", p.iops))
+            .map(|p| format!("{:.1} {unit}", p.iops))
             .unwrap_or_else(|| "n/a".into()),
         ratio
             .map(|r| format!("{r:.3}"))
@@ -435,6 +561,20 @@ fn setup_label(o: Ours) -> String {
             engine,
             direct,
         ),
+        Ours::Blob { engine, direct } => ("thick blob on aio bdev", engine, direct),
+        Ours::BsLoad { blobs, recover } => {
+            return format!(
+                "blobstore load, {blobs} blobs, {} (aio uring, O_DIRECT)",
+                if recover {
+                    "recovery path of a dirty store"
+                } else {
+                    "clean"
+                }
+            )
+        }
+        Ours::SnapClone { lvols } => {
+            return format!("snapshot + clone creation, {lvols} thin lvols (aio uring, O_DIRECT)")
+        }
     };
     format!(
         "{what} ({engine}{})",
@@ -460,6 +600,18 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
             }
             ("esnap", engine, direct)
         }
+        Ours::Blob { engine, direct } => ("blob", engine, direct),
+        Ours::BsLoad { blobs, recover } => {
+            cmd.args(["--blobs", &blobs.to_string()]);
+            if recover {
+                cmd.arg("--recover");
+            }
+            ("bsload", "uring", true)
+        }
+        Ours::SnapClone { lvols } => {
+            cmd.args(["--lvols", &lvols.to_string()]);
+            ("snapclone", "uring", true)
+        }
     };
     cmd.arg("--target")
         .arg(format!("{kind}:{}", file.display()))
@@ -467,7 +619,12 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
     if direct {
         cmd.arg("--direct");
     }
-    cmd.args(["--rw", b.workload])
+    // Load and creation benchmarks do no I/O pattern of their own.
+    let rw = match b.workload {
+        "load" | "create" => "read",
+        w => w,
+    };
+    cmd.args(["--rw", rw])
         .args(["--bs", &b.bs.to_string()])
         .args(["--qd", &b.qd.to_string()]);
     match b.count {
@@ -708,9 +865,16 @@ mod tests {
         assert!(names
             .iter()
             .all(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')));
-        assert!(all
-            .iter()
-            .all(|b| ["read", "write", "randread", "randwrite", "randrw"].contains(&b.workload)));
+        assert!(all.iter().all(|b| [
+            "read",
+            "write",
+            "randread",
+            "randwrite",
+            "randrw",
+            "load",
+            "create"
+        ]
+        .contains(&b.workload)));
     }
 
     #[test]

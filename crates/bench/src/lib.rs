@@ -257,11 +257,50 @@ pub async fn run(desc: &Descriptor, w: &Workload) -> Result<Stats, String> {
     let dev = desc.device().clone();
     let block_len = dev.block_len() as u64;
     let size = dev.num_blocks() * block_len;
-    validate(w, block_len, size)?;
     if w.pattern.writes() && !desc.is_writable() {
         return Err("a write pattern needs a writable descriptor".into());
     }
-    let align = dev.buf_align().max(1);
+    drive(
+        w,
+        block_len,
+        size,
+        dev.buf_align().max(1),
+        |off, write, buf| async move {
+            let (write, r) = one_io(desc, off, write, buf).await;
+            (write, r.map_err(|e| e.to_string()))
+        },
+    )
+    .await
+}
+
+/// Runs the workload on an open blob (offsets in io units), as [`run`] does on a descriptor.
+pub async fn run_blob(blob: &blobstore::Blob, io_unit: u64, w: &Workload) -> Result<Stats, String> {
+    let size = blob.num_io_units() * io_unit;
+    drive(w, io_unit, size, 4096, |off, write, buf| async move {
+        let r = if write {
+            blob.write(off, buf).await
+        } else {
+            blob.read(off, buf).await
+        };
+        (write, r.map_err(|e| e.to_string()))
+    })
+    .await
+}
+
+/// The queue-depth loop shared by [`run`] and [`run_blob`]: `io(offset in blocks, write,
+/// buffer)` performs one request.
+async fn drive<'a, F, Fut>(
+    w: &Workload,
+    block_len: u64,
+    size: u64,
+    align: usize,
+    io: F,
+) -> Result<Stats, String>
+where
+    F: Fn(u64, bool, IoBuf) -> Fut + 'a,
+    Fut: std::future::Future<Output = (bool, Result<IoBuf, String>)> + 'a,
+{
+    validate(w, block_len, size)?;
     let new_buf = || {
         let mut b = IoBuf::new(w.bs as usize, align);
         for (i, x) in b.iter_mut().enumerate() {
@@ -283,7 +322,7 @@ pub async fn run(desc: &Descriptor, w: &Workload) -> Result<Stats, String> {
             break;
         }
         let (off, write) = gen.next_io();
-        inflight.push(one_io(desc, off / block_len, write, new_buf()));
+        inflight.push(io(off / block_len, write, new_buf()));
         submitted += 1;
     }
     while let Some((write, r)) = inflight.next().await {
@@ -298,13 +337,13 @@ pub async fn run(desc: &Descriptor, w: &Workload) -> Result<Stats, String> {
             }
             Err(e) => {
                 stats.errors += 1;
-                stats.first_error.get_or_insert_with(|| e.to_string());
+                stats.first_error.get_or_insert(e);
                 new_buf()
             }
         };
         if more(submitted) {
             let (off, write) = gen.next_io();
-            inflight.push(one_io(desc, off / block_len, write, buf));
+            inflight.push(io(off / block_len, write, buf));
             submitted += 1;
         }
     }

@@ -15,22 +15,34 @@
 //! lvol store lives on a new sparse file `PATH.esnap-lvs` (recreated on every run, 4 MiB
 //! clusters unless `--cluster-size` says otherwise), so reads of unwritten clusters go to the
 //! base and each first write to a cluster copies it.
+//!
+//! `blob:PATH` is a thick blob filling a blobstore (1 MiB clusters) initialised on an aio bdev
+//! over PATH at every run; the workload goes straight to the blob.
+//!
+//! `bsload:PATH --blobs N [--recover]` times the load of a blobstore holding N blobs on the
+//! sparse file `PATH.bsN` (created on first use); `--recover` loads it the way a dirty store
+//! is loaded (full recovery from the md pages). It prints `ms` instead of `iops`.
+//!
+//! `snapclone:PATH --lvols N --count M` creates an lvol store (1 MiB clusters) on a new sparse
+//! file `PATH.snapclone`, fills it with N thin lvols, then times M snapshot + clone pairs of
+//! them; `iops` is creations (a snapshot or a clone) per second.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::Registry;
 use bench::{Pattern, Workload};
-use blobstore::ClearMethod;
-use lvol::{LvolModule, LvsClearMethod, LvsOpts};
+use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod};
+use lvol::{BdevBsDev, LvolModule, LvsClearMethod, LvsOpts};
 use serde_json::json;
 
 const USAGE: &str =
-    "usage: bench --target aio:PATH|lvol:PATH|esnap:PATH|malloc:MIB [--cluster-size BYTES] [--engine auto|uring|threadpool] \
+    "usage: bench --target aio:PATH|lvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|malloc:MIB \
+[--blobs N] [--recover] [--lvols N] [--cluster-size BYTES] [--engine auto|uring|threadpool] \
 [--direct] [--block-len 512|4096] --rw read|write|randread|randwrite|randrw [--rwmix-read PCT] \
 [--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N]";
 
@@ -39,6 +51,9 @@ enum Target {
     Aio(PathBuf),
     Lvol(PathBuf),
     Esnap(PathBuf),
+    Blob(PathBuf),
+    BsLoad(PathBuf),
+    SnapClone(PathBuf),
     Malloc { mib: u64 },
 }
 
@@ -48,6 +63,9 @@ struct Args {
     direct: bool,
     block_len: Option<u32>,
     cluster_size: Option<u32>,
+    blobs: u64,
+    lvols: u64,
+    recover: bool,
     workload: Workload,
 }
 
@@ -72,6 +90,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut direct = false;
     let mut block_len = None;
     let mut cluster_size = None;
+    let mut blobs = 10_000;
+    let mut recover = false;
+    let mut lvols = 1000;
     let mut w = Workload {
         duration: None,
         ..Default::default()
@@ -84,6 +105,12 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Target::Aio(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("lvol:") {
                     Target::Lvol(PathBuf::from(p))
+                } else if let Some(p) = v.strip_prefix("blob:") {
+                    Target::Blob(PathBuf::from(p))
+                } else if let Some(p) = v.strip_prefix("snapclone:") {
+                    Target::SnapClone(PathBuf::from(p))
+                } else if let Some(p) = v.strip_prefix("bsload:") {
+                    Target::BsLoad(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("esnap:") {
                     Target::Esnap(PathBuf::from(p))
                 } else if let Some(m) = v.strip_prefix("malloc:") {
@@ -109,6 +136,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                         .map_err(|_| "--cluster-size too large")?,
                 )
             }
+            "--blobs" => blobs = parse_num("--blobs", it.next())?,
+            "--recover" => recover = true,
+            "--lvols" => lvols = parse_num("--lvols", it.next())?,
             "--block-len" => block_len = Some(parse_num("--block-len", it.next())? as u32),
             "--rw" => {
                 let v = it.next().ok_or("--rw needs a value")?;
@@ -143,6 +173,9 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         direct,
         block_len,
         cluster_size,
+        blobs,
+        lvols,
+        recover,
         workload: w,
     })
 }
@@ -248,6 +281,228 @@ async fn esnap_target(
     Ok((clone.unique_id().to_string(), engine))
 }
 
+/// A blobstore device over an aio bdev on `path`.
+async fn bs_dev(
+    reg: &Registry,
+    args: &Args,
+    name: &str,
+    path: &Path,
+) -> Result<(Arc<dyn BsDev>, AioEngine), String> {
+    let a = aio_bdev(args, name, path)?;
+    let engine = a.engine();
+    reg.register(a)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    let desc = reg.open(name, true).map_err(|e| format!("open: {e}"))?;
+    Ok((Arc::new(BdevBsDev::new(desc)), engine))
+}
+
+/// A thick blob over a freshly initialised blobstore on `path`.
+async fn blob_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_json::Value, String> {
+    let (dev, engine) = bs_dev(reg, args, "bench_bs", path).await?;
+    let bs = Blobstore::init(
+        dev,
+        BsOpts {
+            cluster_size: 1 << 20,
+            clear_method: ClearMethod::None,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("init blobstore: {e}"))?;
+    let id = bs
+        .create_blob(BlobOpts {
+            num_clusters: bs.free_clusters(),
+            clear_method: ClearMethod::None,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("create blob: {e}"))?;
+    let blob = bs
+        .open_blob(id)
+        .await
+        .map_err(|e| format!("open blob: {e}"))?;
+    let io_unit = u64::from(bs.io_unit_size());
+    let stats = bench::run_blob(&blob, io_unit, &args.workload).await?;
+    let size = blob.num_io_units() * io_unit;
+    let _ = blob.close().await;
+    let _ = bs.unload().await;
+    Ok(io_json(
+        args,
+        format!("blob:{}", path.display()),
+        Some(engine),
+        io_unit as u32,
+        size,
+        &stats,
+    ))
+}
+
+/// Times the load of a store with `args.blobs` blobs (built on first use) on `PATH.bsN`.
+async fn bsload_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_json::Value, String> {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".bs{}", args.blobs));
+    let store_path = PathBuf::from(p);
+    let (dev, engine) = if store_path.exists() {
+        bs_dev(reg, args, "bench_bsload", &store_path).await?
+    } else {
+        let size = (args.blobs + 256) << 20;
+        std::fs::File::create(&store_path)
+            .and_then(|f| f.set_len(size))
+            .map_err(|e| format!("{}: {e}", store_path.display()))?;
+        let (dev, _) = bs_dev(reg, args, "bench_bsbuild", &store_path).await?;
+        let built = async {
+            let bs = Blobstore::init(
+                dev,
+                BsOpts {
+                    cluster_size: 1 << 20,
+                    num_md_pages: Some((args.blobs * 3 + 1024) as u32),
+                    clear_method: ClearMethod::None,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("init blobstore: {e}"))?;
+            for _ in 0..args.blobs {
+                bs.create_blob(BlobOpts {
+                    num_clusters: 1,
+                    clear_method: ClearMethod::None,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| format!("create blob: {e}"))?;
+            }
+            bs.unload().await.map_err(|e| format!("unload: {e}"))
+        }
+        .await;
+        if let Err(e) = built {
+            let _ = std::fs::remove_file(&store_path);
+            return Err(e);
+        }
+        bs_dev(reg, args, "bench_bsload", &store_path).await?
+    };
+    let t0 = Instant::now();
+    let bs = Blobstore::load(
+        dev,
+        BsOpts {
+            force_recover: args.recover,
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("load blobstore: {e}"))?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let n = bs.blob_ids().len() as u64;
+    // Unloading writes the store clean again for the next run.
+    bs.unload().await.map_err(|e| format!("unload: {e}"))?;
+    if n != args.blobs {
+        return Err(format!("loaded {n} blobs, expected {}", args.blobs));
+    }
+    Ok(json!({
+        "target": format!("bsload:{}", store_path.display()),
+        "engine": engine_name(engine),
+        "direct": args.direct,
+        "blobs": n,
+        "recover": args.recover,
+        "ms": ms,
+        "iops": ms,
+        "ios": 1,
+        "errors": 0,
+    }))
+}
+
+/// Snapshot + clone creation rate on a store holding `args.lvols` thin lvols.
+async fn snapclone_run(
+    reg: &Registry,
+    args: &Args,
+    path: &Path,
+) -> Result<serde_json::Value, String> {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".snapclone");
+    let store_path = PathBuf::from(p);
+    let _ = std::fs::remove_file(&store_path);
+    std::fs::File::create(&store_path)
+        .and_then(|f| f.set_len((args.lvols * 3 + 512) << 20))
+        .map_err(|e| format!("{}: {e}", store_path.display()))?;
+    let a = aio_bdev(args, "bench_sc", &store_path)?;
+    let engine = a.engine();
+    reg.register(a)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    let m = LvolModule::new(reg.clone());
+    let mut o = LvsOpts::new("bench_sc_lvs");
+    o.cluster_size = 1 << 20;
+    o.clear_method = LvsClearMethod::None;
+    let store = m
+        .create_lvstore("bench_sc", o)
+        .await
+        .map_err(|e| format!("create lvol store: {e}"))?;
+    let mut vols = Vec::new();
+    for i in 0..args.lvols {
+        vols.push(
+            m.create_lvol(&store, &format!("v{i}"), 1 << 20, true, ClearMethod::None)
+                .await
+                .map_err(|e| format!("create lvol {i}: {e}"))?,
+        );
+    }
+    let pairs = args.workload.count.unwrap_or(100).min(args.lvols);
+    let t0 = Instant::now();
+    for (i, l) in vols.iter().take(pairs as usize).enumerate() {
+        let snap = m
+            .create_snapshot(l, &format!("s{i}"))
+            .await
+            .map_err(|e| format!("snapshot {i}: {e}"))?;
+        m.create_clone(&snap, &format!("c{i}"))
+            .await
+            .map_err(|e| format!("clone {i}: {e}"))?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let _ = m.destroy_lvstore(&store).await;
+    drop(vols);
+    let _ = std::fs::remove_file(&store_path);
+    let ops = pairs * 2;
+    Ok(json!({
+        "target": format!("snapclone:{}", store_path.display()),
+        "engine": engine_name(engine),
+        "direct": args.direct,
+        "lvols": args.lvols,
+        "pairs": pairs,
+        "seconds": secs,
+        "iops": ops as f64 / secs,
+        "ios": ops,
+        "errors": 0,
+    }))
+}
+
+fn io_json(
+    args: &Args,
+    target_desc: String,
+    engine: Option<AioEngine>,
+    block_len: u32,
+    size: u64,
+    stats: &bench::Stats,
+) -> serde_json::Value {
+    let w = &args.workload;
+    json!({
+        "target": target_desc,
+        "engine": engine.map(engine_name),
+        "direct": args.direct,
+        "block_len": block_len,
+        "size_bytes": size,
+        "rw": w.pattern.name(),
+        "bs": w.bs,
+        "qd": w.qd,
+        "step": w.step,
+        "reads": stats.reads,
+        "writes": stats.writes,
+        "ios": stats.reads + stats.writes,
+        "errors": stats.errors,
+        "first_error": stats.first_error,
+        "seconds": stats.elapsed.as_secs_f64(),
+        "iops": stats.iops(),
+        "mib_per_s": stats.iops() * w.bs as f64 / (1 << 20) as f64,
+    })
+}
+
 fn run(args: Args) -> Result<serde_json::Value, String> {
     let reg = Registry::new();
     let mut _lvol_module = None;
@@ -267,6 +522,15 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
             let (name, eng) = futures::executor::block_on(lvol_target(&reg, &m, &args, path))?;
             _lvol_module = Some(m);
             (name, format!("lvol:{}", path.display()), Some(eng))
+        }
+        Target::Blob(path) => {
+            return bdev_core::reactor::block_on(blob_run(&reg, &args, path));
+        }
+        Target::SnapClone(path) => {
+            return bdev_core::reactor::block_on(snapclone_run(&reg, &args, path));
+        }
+        Target::BsLoad(path) => {
+            return bdev_core::reactor::block_on(bsload_run(&reg, &args, path));
         }
         Target::Esnap(path) => {
             let m = LvolModule::new(reg.clone());
@@ -290,25 +554,14 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
     // The reactor submits and reaps this thread's aio requests inline (SPDK's reactor with
     // its io_uring poller), as fio does; other devices run as under any executor.
     let stats = bdev_core::reactor::block_on(bench::run(&desc, w))?;
-    Ok(json!({
-        "target": target_desc,
-        "engine": engine.map(engine_name),
-        "direct": args.direct,
-        "block_len": dev.block_len(),
-        "size_bytes": dev.num_blocks() * dev.block_len() as u64,
-        "rw": w.pattern.name(),
-        "bs": w.bs,
-        "qd": w.qd,
-        "step": w.step,
-        "reads": stats.reads,
-        "writes": stats.writes,
-        "ios": stats.reads + stats.writes,
-        "errors": stats.errors,
-        "first_error": stats.first_error,
-        "seconds": stats.elapsed.as_secs_f64(),
-        "iops": stats.iops(),
-        "mib_per_s": stats.iops() * w.bs as f64 / (1 << 20) as f64,
-    }))
+    Ok(io_json(
+        &args,
+        target_desc,
+        engine,
+        dev.block_len(),
+        dev.num_blocks() * dev.block_len() as u64,
+        &stats,
+    ))
 }
 
 fn main() -> ExitCode {
