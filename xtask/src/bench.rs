@@ -71,6 +71,9 @@ enum Ours {
         /// Thin lvols in the store.
         lvols: u64,
     },
+    /// Our `tgt` process serving a fresh esnap clone (1 MiB clusters) of the data file over
+    /// its NBD export on a Unix socket; `qemu-img bench` is the client.
+    NbdTgtEsnap,
 }
 
 impl Ours {
@@ -80,7 +83,7 @@ impl Ours {
             | Ours::Lvol { direct, .. }
             | Ours::Esnap { direct, .. }
             | Ours::Blob { direct, .. } => direct,
-            Ours::BsLoad { .. } | Ours::SnapClone { .. } => true,
+            Ours::BsLoad { .. } | Ours::SnapClone { .. } | Ours::NbdTgtEsnap => true,
         }
     }
 
@@ -89,9 +92,11 @@ impl Ours {
         match self {
             Ours::BsLoad { .. } => "ms",
             Ours::SnapClone { .. } => "ops/s",
-            Ours::AioFile { .. } | Ours::Lvol { .. } | Ours::Esnap { .. } | Ours::Blob { .. } => {
-                "IOPS"
-            }
+            Ours::AioFile { .. }
+            | Ours::Lvol { .. }
+            | Ours::Esnap { .. }
+            | Ours::Blob { .. }
+            | Ours::NbdTgtEsnap => "IOPS",
         }
     }
 }
@@ -113,6 +118,9 @@ enum Peer {
     },
     /// No peer measures the same thing.
     None,
+    /// `qemu-nbd` serving a fresh qcow2 clone (raw backing = the data file, 1 MiB clusters)
+    /// on a Unix socket; `qemu-img bench` is the client.
+    QemuNbdQcow2,
 }
 
 /// One benchmark.
@@ -134,6 +142,10 @@ struct Bench {
 }
 
 const RAW_FILE: &str = "disk-1g.raw";
+/// Requests per NBD run (sequential 4 KiB, so 50,000 cover about 195 MiB).
+const NBD_COUNT: u64 = 50_000;
+/// The uuid our tgt gives the base bdev of the NBD esnap clone.
+const NBD_BASE_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-0000000000b0";
 /// The lvol benchmarks get their own file: the store's metadata lives at its start.
 const LVS_FILE: &str = "disk-1g-lvs.raw";
 
@@ -300,6 +312,28 @@ fn benches() -> Vec<Bench> {
             ours: Ours::SnapClone { lvols: 1000 },
             peer: Peer::None,
         },
+        Bench {
+            name: "nbd_esnap_read_4k_qd32",
+            workload: "read",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            count: Some(NBD_COUNT),
+            file: RAW_FILE,
+            ours: Ours::NbdTgtEsnap,
+            peer: Peer::QemuNbdQcow2,
+        },
+        Bench {
+            name: "nbd_esnap_write_4k_qd32",
+            workload: "write",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            count: Some(NBD_COUNT),
+            file: RAW_FILE,
+            ours: Ours::NbdTgtEsnap,
+            peer: Peer::QemuNbdQcow2,
+        },
     ]
 }
 
@@ -358,6 +392,12 @@ pub fn run(args: &[String]) -> Result<()> {
         "build the bench binary",
         util::cargo().args(["build", "--release", "-p", "bench"]),
     )?;
+    if selected.iter().any(|b| matches!(b.ours, Ours::NbdTgtEsnap)) {
+        util::run(
+            "build the tgt binary",
+            util::cargo().args(["build", "--release", "-p", "tgt", "--bin", "tgt"]),
+        )?;
+    }
 
     let mut lines = Vec::new();
     let mut failures = Vec::new();
@@ -411,6 +451,7 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
                     "none".to_string(),
                     Err(anyhow!("no peer for this benchmark")),
                 ),
+                Peer::QemuNbdQcow2 => run_qemu_nbd_qcow2(ctx, b),
                 Peer::Ours(setup) => (
                     format!("ours: {}", setup_label(setup)),
                     run_ours(ctx, b, setup),
@@ -575,6 +616,9 @@ fn setup_label(o: Ours) -> String {
         Ours::SnapClone { lvols } => {
             return format!("snapshot + clone creation, {lvols} thin lvols (aio uring, O_DIRECT)")
         }
+        Ours::NbdTgtEsnap => {
+            return "tgt NBD export (unix socket) of an esnap clone, 1 MiB clusters; client qemu-img bench".into()
+        }
     };
     format!(
         "{what} ({engine}{})",
@@ -583,6 +627,9 @@ fn setup_label(o: Ours) -> String {
 }
 
 fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
+    if let Ours::NbdTgtEsnap = setup {
+        return run_tgt_nbd_esnap(ctx, b);
+    }
     let mut cmd = Command::new(&ctx.bench_bin);
     let file = ctx.data_dir.join(b.file);
     let (kind, engine, direct) = match setup {
@@ -612,6 +659,7 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
             cmd.args(["--lvols", &lvols.to_string()]);
             ("snapclone", "uring", true)
         }
+        Ours::NbdTgtEsnap => unreachable!("handled above"),
     };
     cmd.arg("--target")
         .arg(format!("{kind}:{}", file.display()))
@@ -797,6 +845,175 @@ fn run_qemu_qcow2_cow(ctx: &Ctx, b: &Bench, cluster: u32) -> (String, Result<Mea
         Err(last_err)
     })();
     let _ = std::fs::remove_file(&clone);
+    (label, r)
+}
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until a Unix socket accepts connections.
+fn wait_socket(p: &Path) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(p).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    bail!("{} never accepted connections", p.display())
+}
+
+/// One JSON-RPC call over our target's socket.
+fn rpc(sock: &Path, method: &str, params: Value) -> Result<Value> {
+    use std::io::BufRead;
+    let mut s = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connect {}", sock.display()))?;
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    s.write_all(req.to_string().as_bytes())?;
+    let mut line = String::new();
+    std::io::BufReader::new(&s).read_line(&mut line)?;
+    let v: Value = serde_json::from_str(&line).with_context(|| format!("{method}: {line:?}"))?;
+    match v.get("error") {
+        Some(e) => bail!("{method}: {e}"),
+        None => Ok(v["result"].clone()),
+    }
+}
+
+/// `qemu-img bench` over an NBD URI: the bench's size, depth, pattern and count.
+fn qemu_img_bench_nbd(b: &Bench, uri: &str) -> Result<Measured> {
+    let count = b.count.unwrap_or(NBD_COUNT);
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["bench", "-f", "raw"])
+        .args(["-c", &count.to_string()])
+        .args(["-d", &b.qd.to_string()])
+        .args(["-s", &b.bs.to_string()]);
+    if let Some(s) = b.step {
+        cmd.args(["-S", &s.to_string()]);
+    }
+    if b.workload == "write" {
+        cmd.arg("-w");
+    }
+    cmd.arg(uri);
+    let out = util::output("qemu-img bench", &mut cmd)?;
+    parse_qemu_img_bench(&out, count)
+}
+
+/// Ours over NBD: a `tgt` process (built by `cargo build --release -p tgt`), an aio base bdev
+/// over the data file, a fresh lvol store on a sparse file, an esnap clone exported over NBD.
+fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Measured> {
+    let tgt = ctx.bench_bin.with_file_name("tgt");
+    let dir = ctx.data_dir.join(format!("{}.tmp", b.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let store = dir.join("store.img");
+    File::create(&store)?.set_len(FILE_SIZE + (256 << 20))?;
+    let sock = dir.join("rpc.sock");
+    let nbd = dir.join("nbd.sock");
+    let child = Command::new(&tgt)
+        .arg("-r")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {}", tgt.display()))?;
+    let guard = KillOnDrop(child);
+    let r = (|| -> Result<Measured> {
+        wait_socket(&sock)?;
+        let base = ctx.data_dir.join(b.file);
+        rpc(
+            &sock,
+            "bdev_aio_create",
+            json!({"name": "base", "filename": base, "block_size": 4096,
+                   "readonly": true, "uuid": NBD_BASE_UUID}),
+        )?;
+        rpc(
+            &sock,
+            "bdev_aio_create",
+            json!({"name": "store", "filename": store, "block_size": 4096}),
+        )?;
+        rpc(
+            &sock,
+            "bdev_lvol_create_lvstore",
+            json!({"bdev_name": "store", "lvs_name": "lvs", "cluster_sz": 1 << 20,
+                   "clear_method": "none"}),
+        )?;
+        rpc(
+            &sock,
+            "bdev_lvol_clone_bdev",
+            json!({"bdev": NBD_BASE_UUID, "lvs_name": "lvs", "clone_name": "ec"}),
+        )?;
+        rpc(
+            &sock,
+            "nbd_server_start",
+            json!({"listen": format!("unix:{}", nbd.display())}),
+        )?;
+        rpc(
+            &sock,
+            "nbd_export_add",
+            json!({"bdev_name": "lvs/ec", "name": "ec"}),
+        )?;
+        qemu_img_bench_nbd(b, &format!("nbd+unix:///ec?socket={}", nbd.display()))
+    })();
+    let _ = rpc(&sock, "spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
+    drop(guard);
+    let _ = std::fs::remove_dir_all(&dir);
+    r
+}
+
+/// The peer over NBD: `qemu-nbd` serving a fresh qcow2 clone of the data file (raw backing,
+/// 1 MiB clusters) on a Unix socket.
+fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench) -> (String, Result<Measured>) {
+    let Some(qemu_nbd) = util::find_or_install("qemu-nbd", "qemu-utils") else {
+        return (
+            "qemu-nbd (not installed)".into(),
+            Err(anyhow!("qemu-nbd missing")),
+        );
+    };
+    let version = util::version_of(&qemu_nbd)
+        .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_default();
+    let label = format!("qemu-nbd {version} qcow2 clone (raw backing, 1 MiB clusters), unix socket; client qemu-img bench");
+    let dir = ctx.data_dir.join(format!("{}.qtmp", b.name));
+    let r = (|| -> Result<Measured> {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let qcow = dir.join("clone.qcow2");
+        util::run(
+            "qemu-img create",
+            Command::new("qemu-img")
+                .args([
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-F",
+                    "raw",
+                    "-o",
+                    "cluster_size=1M",
+                    "-b",
+                ])
+                .arg(ctx.data_dir.join(b.file))
+                .arg(&qcow),
+        )?;
+        let qsock = dir.join("q.sock");
+        let child = Command::new(&qemu_nbd)
+            .args(["-f", "qcow2", "-x", "q", "-t", "-k"])
+            .arg(&qsock)
+            .arg(&qcow)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .context("start qemu-nbd")?;
+        let _q = KillOnDrop(child);
+        wait_socket(&qsock)?;
+        qemu_img_bench_nbd(b, &format!("nbd+unix:///q?socket={}", qsock.display()))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
     (label, r)
 }
 
