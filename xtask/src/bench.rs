@@ -74,6 +74,9 @@ enum Ours {
     /// Our `tgt` process serving a fresh esnap clone (1 MiB clusters) of the data file over
     /// its NBD export on a Unix socket; `qemu-img bench` is the client.
     NbdTgtEsnap,
+    /// A fresh esnap clone (store in memory, 1 MiB clusters) whose base is our NBD client
+    /// bdev connected to `qemu-nbd` serving the data file (raw, read-only) on a Unix socket.
+    NbdClientEsnap,
 }
 
 impl Ours {
@@ -83,7 +86,10 @@ impl Ours {
             | Ours::Lvol { direct, .. }
             | Ours::Esnap { direct, .. }
             | Ours::Blob { direct, .. } => direct,
-            Ours::BsLoad { .. } | Ours::SnapClone { .. } | Ours::NbdTgtEsnap => true,
+            Ours::BsLoad { .. }
+            | Ours::SnapClone { .. }
+            | Ours::NbdTgtEsnap
+            | Ours::NbdClientEsnap => true,
         }
     }
 
@@ -96,7 +102,8 @@ impl Ours {
             | Ours::Lvol { .. }
             | Ours::Esnap { .. }
             | Ours::Blob { .. }
-            | Ours::NbdTgtEsnap => "IOPS",
+            | Ours::NbdTgtEsnap
+            | Ours::NbdClientEsnap => "IOPS",
         }
     }
 }
@@ -121,6 +128,9 @@ enum Peer {
     /// `qemu-nbd` serving a fresh qcow2 clone (raw backing = the data file, 1 MiB clusters)
     /// on a Unix socket; `qemu-img bench` is the client.
     QemuNbdQcow2,
+    /// `qemu-img bench` straight from `qemu-nbd` serving the data file (raw, read-only) on a
+    /// Unix socket.
+    QemuImgNbdRaw,
 }
 
 /// One benchmark.
@@ -334,6 +344,17 @@ fn benches() -> Vec<Bench> {
             ours: Ours::NbdTgtEsnap,
             peer: Peer::QemuNbdQcow2,
         },
+        Bench {
+            name: "nbd_client_esnap_read_4k_qd32",
+            workload: "read",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            count: Some(NBD_COUNT),
+            file: RAW_FILE,
+            ours: Ours::NbdClientEsnap,
+            peer: Peer::QemuImgNbdRaw,
+        },
     ]
 }
 
@@ -452,6 +473,7 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
                     Err(anyhow!("no peer for this benchmark")),
                 ),
                 Peer::QemuNbdQcow2 => run_qemu_nbd_qcow2(ctx, b),
+                Peer::QemuImgNbdRaw => run_qemu_img_nbd_raw(ctx, b),
                 Peer::Ours(setup) => (
                     format!("ours: {}", setup_label(setup)),
                     run_ours(ctx, b, setup),
@@ -619,6 +641,9 @@ fn setup_label(o: Ours) -> String {
         Ours::NbdTgtEsnap => {
             return "tgt NBD export (unix socket) of an esnap clone, 1 MiB clusters; client qemu-img bench".into()
         }
+        Ours::NbdClientEsnap => {
+            return "esnap clone (1 MiB clusters) over our NBD client bdev, qemu-nbd raw export on a unix socket".into()
+        }
     };
     format!(
         "{what} ({engine}{})",
@@ -631,7 +656,14 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
         return run_tgt_nbd_esnap(ctx, b);
     }
     let mut cmd = Command::new(&ctx.bench_bin);
-    let file = ctx.data_dir.join(b.file);
+    let mut file = ctx.data_dir.join(b.file);
+    let mut server = None;
+    let qdir = ctx.data_dir.join(format!("{}.ours-tmp", b.name));
+    if let Ours::NbdClientEsnap = setup {
+        let (srv, sock) = start_qemu_nbd_raw(ctx, b, &qdir)?;
+        server = Some(srv);
+        file = sock;
+    }
     let (kind, engine, direct) = match setup {
         Ours::AioFile { engine, direct } => ("aio", engine, direct),
         Ours::Lvol { engine, direct } => ("lvol", engine, direct),
@@ -659,6 +691,7 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
             cmd.args(["--lvols", &lvols.to_string()]);
             ("snapclone", "uring", true)
         }
+        Ours::NbdClientEsnap => ("nbdesnap", "auto", false),
         Ours::NbdTgtEsnap => unreachable!("handled above"),
     };
     cmd.arg("--target")
@@ -682,7 +715,11 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
     if let Some(s) = b.step {
         cmd.args(["--step", &s.to_string()]);
     }
-    let out = util::output("our benchmark", &mut cmd)?;
+    let out = util::output("our benchmark", &mut cmd);
+    if server.take().is_some() {
+        let _ = std::fs::remove_dir_all(&qdir);
+    }
+    let out = out?;
     let v: Value = serde_json::from_str(out.trim())
         .with_context(|| format!("bench printed no JSON: {out:?}"))?;
     let iops = v["iops"]
@@ -964,6 +1001,39 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Measured> {
     drop(guard);
     let _ = std::fs::remove_dir_all(&dir);
     r
+}
+
+/// Starts `qemu-nbd` serving the data file read-only as export `base` on `dir/q.sock`.
+fn start_qemu_nbd_raw(ctx: &Ctx, b: &Bench, dir: &Path) -> Result<(KillOnDrop, PathBuf)> {
+    let qemu_nbd =
+        util::find_or_install("qemu-nbd", "qemu-utils").ok_or_else(|| anyhow!("no qemu-nbd"))?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let sock = dir.join("q.sock");
+    let child = Command::new(qemu_nbd)
+        .args(["-r", "-t", "-e", "8", "-x", "base", "-f", "raw", "-k"])
+        .arg(&sock)
+        .arg(ctx.data_dir.join(b.file))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("start qemu-nbd")?;
+    let srv = KillOnDrop(child);
+    wait_socket(&sock)?;
+    Ok((srv, sock))
+}
+
+/// The peer of the NBD client: `qemu-img bench` straight from qemu-nbd.
+fn run_qemu_img_nbd_raw(ctx: &Ctx, b: &Bench) -> (String, Result<Measured>) {
+    let version = util::version_of("qemu-nbd")
+        .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_default();
+    let label = format!("qemu-img bench straight from qemu-nbd {version} (raw, unix socket)");
+    let dir = ctx.data_dir.join(format!("{}.peer-tmp", b.name));
+    let r = start_qemu_nbd_raw(ctx, b, &dir).and_then(|(_srv, sock)| {
+        qemu_img_bench_nbd(b, &format!("nbd+unix:///base?socket={}", sock.display()))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    (label, r)
 }
 
 /// The peer over NBD: `qemu-nbd` serving a fresh qcow2 clone of the data file (raw backing,

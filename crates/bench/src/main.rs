@@ -26,6 +26,10 @@
 //! `snapclone:PATH --lvols N --count M` creates an lvol store (1 MiB clusters) on a new sparse
 //! file `PATH.snapclone`, fills it with N thin lvols, then times M snapshot + clone pairs of
 //! them; `iops` is creations (a snapshot or a clone) per second.
+//!
+//! `nbdesnap:SOCKET` is a fresh esnap clone (1 MiB clusters, store in memory) whose base is
+//! our NBD client bdev connected to the export `--export NAME` (default `base`) on a Unix
+//! socket; reads of the clone go to the NBD server.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -34,15 +38,16 @@ use std::time::{Duration, Instant};
 
 use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
-use bdev_core::Registry;
+use bdev_core::{BlockDevice, Registry};
+use bdev_nbd::{NbdClientOpts, NbdClients};
 use bench::{Pattern, Workload};
 use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod};
 use lvol::{BdevBsDev, LvolModule, LvsClearMethod, LvsOpts};
 use serde_json::json;
 
 const USAGE: &str =
-    "usage: bench --target aio:PATH|lvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|malloc:MIB \
-[--blobs N] [--recover] [--lvols N] [--cluster-size BYTES] [--engine auto|uring|threadpool] \
+    "usage: bench --target aio:PATH|lvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
+[--blobs N] [--recover] [--lvols N] [--export NAME] [--cluster-size BYTES] [--engine auto|uring|threadpool] \
 [--direct] [--block-len 512|4096] --rw read|write|randread|randwrite|randrw [--rwmix-read PCT] \
 [--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N]";
 
@@ -54,6 +59,7 @@ enum Target {
     Blob(PathBuf),
     BsLoad(PathBuf),
     SnapClone(PathBuf),
+    NbdEsnap(PathBuf),
     Malloc { mib: u64 },
 }
 
@@ -65,6 +71,7 @@ struct Args {
     cluster_size: Option<u32>,
     blobs: u64,
     lvols: u64,
+    export: String,
     recover: bool,
     workload: Workload,
 }
@@ -93,6 +100,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut blobs = 10_000;
     let mut recover = false;
     let mut lvols = 1000;
+    let mut export = "base".to_string();
     let mut w = Workload {
         duration: None,
         ..Default::default()
@@ -107,6 +115,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Target::Lvol(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("blob:") {
                     Target::Blob(PathBuf::from(p))
+                } else if let Some(p) = v.strip_prefix("nbdesnap:") {
+                    Target::NbdEsnap(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("snapclone:") {
                     Target::SnapClone(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("bsload:") {
@@ -138,6 +148,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--blobs" => blobs = parse_num("--blobs", it.next())?,
             "--recover" => recover = true,
+            "--export" => export = it.next().ok_or("--export needs a value")?,
             "--lvols" => lvols = parse_num("--lvols", it.next())?,
             "--block-len" => block_len = Some(parse_num("--block-len", it.next())? as u32),
             "--rw" => {
@@ -175,6 +186,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         cluster_size,
         blobs,
         lvols,
+        export,
         recover,
         workload: w,
     })
@@ -473,6 +485,41 @@ async fn snapclone_run(
     }))
 }
 
+/// A fresh esnap clone (store in memory) of an NBD client bdev on the Unix socket `sock`.
+async fn nbd_esnap_target(
+    reg: &Registry,
+    clients: &NbdClients,
+    m: &LvolModule,
+    args: &Args,
+    sock: &Path,
+) -> Result<String, String> {
+    let dev = clients
+        .create(NbdClientOpts::new(
+            "bench_nbd_base",
+            &format!("unix:{}", sock.display()),
+            &args.export,
+        ))
+        .await
+        .map_err(|e| format!("nbd client: {e}"))?;
+    let store = MallocBdev::create("bench_nbd_store", (256 << 20) / 4096, 4096, None)
+        .map_err(|e| format!("malloc bdev: {e}"))?;
+    reg.register(store)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    let mut o = LvsOpts::new("bench_nbd_lvs");
+    o.cluster_size = args.cluster_size.unwrap_or(1 << 20);
+    o.clear_method = LvsClearMethod::None;
+    let s = m
+        .create_lvstore("bench_nbd_store", o)
+        .await
+        .map_err(|e| format!("create lvol store: {e}"))?;
+    let clone = m
+        .create_esnap_clone(&dev.uuid().to_string(), &s, "clone")
+        .await
+        .map_err(|e| format!("create esnap clone: {e}"))?;
+    Ok(clone.unique_id().to_string())
+}
+
 fn io_json(
     args: &Args,
     target_desc: String,
@@ -506,6 +553,7 @@ fn io_json(
 fn run(args: Args) -> Result<serde_json::Value, String> {
     let reg = Registry::new();
     let mut _lvol_module = None;
+    let mut _nbd_clients = None;
     let (name, target_desc, engine) = match &args.target {
         Target::Aio(path) => {
             let a = aio_bdev(&args, "bench0", path)?;
@@ -525,6 +573,15 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
         }
         Target::Blob(path) => {
             return bdev_core::reactor::block_on(blob_run(&reg, &args, path));
+        }
+        Target::NbdEsnap(sock) => {
+            let m = LvolModule::new(reg.clone());
+            let clients = NbdClients::new(reg.clone());
+            let name =
+                futures::executor::block_on(nbd_esnap_target(&reg, &clients, &m, &args, sock))?;
+            _lvol_module = Some(m);
+            _nbd_clients = Some(clients);
+            (name, format!("nbdesnap:{}", sock.display()), None)
         }
         Target::SnapClone(path) => {
             return bdev_core::reactor::block_on(snapclone_run(&reg, &args, path));
