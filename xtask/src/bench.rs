@@ -2,12 +2,12 @@
 //! queue depth, one JSON file per benchmark under `target/bench/`.
 //!
 //! A benchmark is one [`Bench`] entry: what we run (an [`Ours`] setup driven by the `bench`
-//! package's workload generator) and which [`Peer`] measures the same thing. Later benchmarks
-//! (blobstore thick blob vs raw device, lvol vs base, esnap clone reads vs base, CoW vs
-//! `qemu-img bench -w` on a qcow2 with a raw backing file, NBD vs qemu-nbd) are more entries:
-//! a new `Ours` variant tells the `bench` binary which stack to build, a new `Peer` variant
-//! how to measure the counterpart; `Peer::Ours` compares with one of our own setups (as
-//! `lvol_randread_4k_qd32` compares a thick lvol with the raw aio bdev under it).
+//! package's workload generator, or for NBD our `tgt` process) and which [`Peer`] measures
+//! the same thing: fio, `qemu-img bench` (raw, or `-w` on a qcow2 clone with a raw backing
+//! file), `qemu-nbd` with `qemu-img bench` as the client, or `Peer::Ours`, one of our own
+//! setups (as `lvol_randread_4k_qd32` compares a thick lvol with the raw aio bdev under it).
+//! Load and creation benchmarks report `ms` or `ops/s` instead of IOPS. docs/benchmarks.md
+//! lists every entry and the figures measured.
 
 use std::fs::File;
 use std::io::Write;
@@ -1132,6 +1132,29 @@ mod tests {
         let m = parse_qemu_img_bench(out, 1000).unwrap();
         assert_eq!(m.iops, 2000.0);
         assert!(parse_qemu_img_bench("nothing", 1000).is_err());
+    }
+
+    #[test]
+    fn units_and_counts_fit_each_setup() {
+        for b in benches() {
+            match b.ours {
+                Ours::BsLoad { .. } => assert_eq!(b.ours.unit(), "ms", "{}", b.name),
+                Ours::SnapClone { .. } => {
+                    assert_eq!(b.ours.unit(), "ops/s");
+                    assert!(b.count.is_some(), "{}", b.name);
+                }
+                Ours::NbdTgtEsnap | Ours::NbdClientEsnap => {
+                    assert_eq!(b.ours.unit(), "IOPS");
+                    assert!(b.count.is_some(), "{} is count-based", b.name);
+                }
+                _ => assert_eq!(b.ours.unit(), "IOPS"),
+            }
+            // The CoW entry writes each cluster exactly once.
+            if let Peer::QemuQcow2Cow { cluster } = b.peer {
+                assert_eq!(b.step, Some(u64::from(cluster)));
+                assert_eq!(b.count, Some(FILE_SIZE / u64::from(cluster)));
+            }
+        }
     }
 
     #[test]

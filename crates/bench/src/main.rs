@@ -681,6 +681,21 @@ mod tests {
         assert!(matches!(l.target, Target::Lvol(ref p) if p == &PathBuf::from("/f")));
         let d = args("--target malloc:64 --rw read").unwrap();
         assert_eq!(d.workload.duration, Some(Duration::from_secs(10)));
+        let e =
+            args("--target esnap:/b --cluster-size 1M --rw write --step 1M --count 1024").unwrap();
+        assert!(matches!(e.target, Target::Esnap(ref p) if p == &PathBuf::from("/b")));
+        assert_eq!(e.cluster_size, Some(1 << 20));
+        let l = args("--target bsload:/b --blobs 10000 --recover --rw read").unwrap();
+        assert!(matches!(l.target, Target::BsLoad(_)));
+        assert_eq!((l.blobs, l.recover), (10_000, true));
+        let n = args("--target nbdesnap:/s --export x --rw read").unwrap();
+        assert!(matches!(n.target, Target::NbdEsnap(_)));
+        assert_eq!(n.export, "x");
+        let s = args("--target snapclone:/b --lvols 10 --rw read").unwrap();
+        assert!(matches!(s.target, Target::SnapClone(_)));
+        assert_eq!(s.lvols, 10);
+        assert!(args("--target blob:/b --rw read").is_ok());
+        assert!(args("--target malloc:64 --cluster-size 8G --rw read").is_err());
         assert!(args("--rw read").is_err());
         assert!(args("--target nvme:0 --rw read").is_err());
         assert!(args("--target malloc:64 --rw sideways").is_err());
