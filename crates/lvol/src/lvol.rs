@@ -1,6 +1,6 @@
 //! One logical volume ([`Lvol`]) and its block device ([`LvolBdev`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
@@ -23,6 +23,10 @@ pub struct Lvol {
     pub(crate) name: Mutex<String>,
     pub(crate) registered: AtomicBool,
     pub(crate) seq: u64,
+    /// The blob's size in io units, read on every request (range check of the bdev layer)
+    /// without taking the blob's lock; refreshed by [`Lvol::refresh_size`] after a resize,
+    /// the only operation that changes it.
+    pub(crate) io_units: AtomicU64,
 }
 
 impl std::fmt::Debug for Lvol {
@@ -67,6 +71,11 @@ impl Lvol {
     /// The blob id.
     pub fn blob_id(&self) -> BlobId {
         self.blob_id
+    }
+    /// Re-reads the cached size from the blob (after a resize, whatever its outcome).
+    pub(crate) fn refresh_size(&self) {
+        self.io_units
+            .store(self.blob.num_io_units(), Ordering::Release);
     }
     /// Whether its bdev is registered.
     pub fn is_registered(&self) -> bool {
@@ -318,7 +327,7 @@ impl BlockDevice for LvolBdev {
         self.block_len
     }
     fn num_blocks(&self) -> u64 {
-        self.lvol.blob.num_io_units()
+        self.lvol.io_units.load(Ordering::Acquire)
     }
     fn buf_align(&self) -> usize {
         self.buf_align

@@ -606,7 +606,9 @@ impl LvolModule {
                 name: Mutex::new(lname.clone()),
                 registered: Default::default(),
                 seq: next_seq(),
+                io_units: Default::default(),
             });
+            lvol.refresh_size();
             let mut maps = store.maps();
             if maps.by_name.contains_key(&lname) {
                 return Err(LvolError::AlreadyExists(format!("lvol {lname}")));
@@ -803,7 +805,9 @@ impl LvolModule {
             name: Mutex::new(name.to_string()),
             registered: Default::default(),
             seq: next_seq(),
+            io_units: Default::default(),
         });
+        lvol.refresh_size();
         {
             let mut maps = store.maps();
             maps.by_name.insert(name.to_string(), lvol.clone());
@@ -1051,8 +1055,13 @@ impl LvolModule {
             return Err(LvolError::NotPermitted("lvol is read-only".into()));
         }
         let n = div_ceil(size_bytes, u64::from(store.cluster_size()));
-        lvol.blob.resize(n).await?;
-        lvol.blob.sync_md().await?;
+        let res = async {
+            lvol.blob.resize(n).await?;
+            lvol.blob.sync_md().await
+        }
+        .await;
+        lvol.refresh_size();
+        res?;
         if lvol.is_registered() {
             self.0.registry.notify_resize(&lvol.unique_id);
         }
