@@ -6,7 +6,8 @@
 //! (blobstore thick blob vs raw device, lvol vs base, esnap clone reads vs base, CoW vs
 //! `qemu-img bench -w` on a qcow2 with a raw backing file, NBD vs qemu-nbd) are more entries:
 //! a new `Ours` variant tells the `bench` binary which stack to build, a new `Peer` variant
-//! how to measure the counterpart (`Peer::Ours` compares with one of our own setups).
+//! how to measure the counterpart; `Peer::Ours` compares with one of our own setups (as
+//! `lvol_randread_4k_qd32` compares a thick lvol with the raw aio bdev under it).
 
 use std::fs::File;
 use std::io::Write;
@@ -32,6 +33,21 @@ enum Ours {
         /// O_DIRECT.
         direct: bool,
     },
+    /// A thick lvol filling an lvol store on our aio bdev over the data file.
+    Lvol {
+        /// `uring`, `threadpool` or `auto`.
+        engine: &'static str,
+        /// O_DIRECT.
+        direct: bool,
+    },
+}
+
+impl Ours {
+    fn direct(self) -> bool {
+        match self {
+            Ours::AioFile { direct, .. } | Ours::Lvol { direct, .. } => direct,
+        }
+    }
 }
 
 /// Who we compare with.
@@ -41,6 +57,8 @@ enum Peer {
     Fio,
     /// `qemu-img bench` on the raw file with `-t none` (O_DIRECT), same count as our run.
     QemuImgBench,
+    /// One of our own setups on the same file (e.g. the raw base under an lvol).
+    Ours(Ours),
 }
 
 /// One benchmark.
@@ -53,12 +71,22 @@ struct Bench {
     qd: u32,
     /// Sequential patterns: bytes from one request's start to the next's.
     step: Option<u64>,
+    /// The data file (under target/bench-data/).
+    file: &'static str,
     ours: Ours,
     peer: Peer,
 }
 
+const RAW_FILE: &str = "disk-1g.raw";
+/// The lvol benchmarks get their own file: the store's metadata lives at its start.
+const LVS_FILE: &str = "disk-1g-lvs.raw";
+
 fn benches() -> Vec<Bench> {
     let aio = Ours::AioFile {
+        engine: "uring",
+        direct: true,
+    };
+    let lvol = Ours::Lvol {
         engine: "uring",
         direct: true,
     };
@@ -69,6 +97,7 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: None,
+            file: RAW_FILE,
             ours: aio,
             peer: Peer::Fio,
         },
@@ -78,6 +107,7 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: None,
+            file: RAW_FILE,
             ours: aio,
             peer: Peer::Fio,
         },
@@ -87,8 +117,19 @@ fn benches() -> Vec<Bench> {
             bs: 4096,
             qd: 32,
             step: Some(64 << 10),
+            file: RAW_FILE,
             ours: aio,
             peer: Peer::QemuImgBench,
+        },
+        Bench {
+            name: "lvol_randread_4k_qd32",
+            workload: "randread",
+            bs: 4096,
+            qd: 32,
+            step: None,
+            file: LVS_FILE,
+            ours: lvol,
+            peer: Peer::Ours(aio),
         },
     ]
 }
@@ -102,7 +143,7 @@ struct Measured {
 }
 
 struct Ctx {
-    data_file: PathBuf,
+    data_dir: PathBuf,
     bench_bin: PathBuf,
     seconds: u64,
     rounds: u32,
@@ -131,14 +172,19 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let target = util::target_dir();
     let ctx = Ctx {
-        data_file: target.join("bench-data").join("disk-1g.raw"),
+        data_dir: target.join("bench-data"),
         bench_bin: target.join("release").join("bench"),
         seconds: if quick { 2 } else { 10 },
         rounds,
         out_dir: target.join("bench"),
     };
     std::fs::create_dir_all(&ctx.out_dir)?;
-    prepare_data_file(&ctx.data_file, FILE_SIZE)?;
+    let mut files: Vec<&str> = selected.iter().map(|b| b.file).collect();
+    files.sort_unstable();
+    files.dedup();
+    for f in files {
+        prepare_data_file(&ctx.data_dir.join(f), FILE_SIZE)?;
+    }
     util::run(
         "build the bench binary",
         util::cargo().args(["build", "--release", "-p", "bench"]),
@@ -186,11 +232,15 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
         if ctx.rounds > 1 {
             eprintln!("--- round {}/{}", round + 1, ctx.rounds);
         }
-        let ours = run_ours(ctx, b)?;
+        let ours = run_ours(ctx, b, b.ours)?;
         if !peer_missing {
             let (name, peer) = match b.peer {
                 Peer::Fio => run_fio(ctx, b),
                 Peer::QemuImgBench => run_qemu_img_bench(ctx, b, ours.ios),
+                Peer::Ours(setup) => (
+                    format!("ours: {}", setup_label(setup)),
+                    run_ours(ctx, b, setup),
+                ),
             };
             peer_name = name;
             match peer {
@@ -226,7 +276,7 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
         "bs": b.bs,
         "qd": b.qd,
         "file_size": FILE_SIZE,
-        "file": ctx.data_file.display().to_string(),
+        "file": ctx.data_dir.join(b.file).display().to_string(),
         "rounds": ctx.rounds,
         "ours_runs": ours_iops.iter().map(|x| round1(*x)).collect::<Vec<_>>(),
         "peer_runs": peer_runs.iter().map(|x| round1(*x)).collect::<Vec<_>>(),
@@ -234,18 +284,12 @@ fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
     if let Some(s) = b.step {
         params["step"] = json!(s);
     }
-    match b.ours {
-        Ours::AioFile { direct, .. } => {
-            params["direct"] = json!(direct);
-            params["ours_engine"] = ours.detail["engine"].clone();
-        }
-    }
-    match b.peer {
-        Peer::Fio => params["seconds"] = json!(ctx.seconds),
-        Peer::QemuImgBench => {
-            params["seconds"] = json!(ctx.seconds);
-            params["peer_count"] = json!("our request count of the same round (at least 1000)");
-        }
+    params["direct"] = json!(b.ours.direct());
+    params["ours_setup"] = json!(setup_label(b.ours));
+    params["ours_engine"] = ours.detail["engine"].clone();
+    params["seconds"] = json!(ctx.seconds);
+    if let Peer::QemuImgBench = b.peer {
+        params["peer_count"] = json!("our request count of the same round (at least 1000)");
     }
     let record = json!({
         "name": b.name,
@@ -312,17 +356,30 @@ fn prepare_data_file(path: &Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn run_ours(ctx: &Ctx, b: &Bench) -> Result<Measured> {
+/// How a setup is described in results.
+fn setup_label(o: Ours) -> String {
+    let (what, engine, direct) = match o {
+        Ours::AioFile { engine, direct } => ("aio bdev", engine, direct),
+        Ours::Lvol { engine, direct } => ("thick lvol on aio bdev", engine, direct),
+    };
+    format!(
+        "{what} ({engine}{})",
+        if direct { ", O_DIRECT" } else { "" }
+    )
+}
+
+fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
     let mut cmd = Command::new(&ctx.bench_bin);
-    match b.ours {
-        Ours::AioFile { engine, direct } => {
-            cmd.arg("--target")
-                .arg(format!("aio:{}", ctx.data_file.display()))
-                .args(["--engine", engine]);
-            if direct {
-                cmd.arg("--direct");
-            }
-        }
+    let file = ctx.data_dir.join(b.file);
+    let (kind, engine, direct) = match setup {
+        Ours::AioFile { engine, direct } => ("aio", engine, direct),
+        Ours::Lvol { engine, direct } => ("lvol", engine, direct),
+    };
+    cmd.arg("--target")
+        .arg(format!("{kind}:{}", file.display()))
+        .args(["--engine", engine]);
+    if direct {
+        cmd.arg("--direct");
     }
     cmd.args(["--rw", b.workload])
         .args(["--bs", &b.bs.to_string()])
@@ -350,9 +407,7 @@ fn run_fio(ctx: &Ctx, b: &Bench) -> (String, Result<Measured>) {
         return ("fio (not installed)".into(), Err(anyhow!("fio missing")));
     };
     let version = util::version_of(&fio).unwrap_or_else(|| "fio".into());
-    let direct = match b.ours {
-        Ours::AioFile { direct, .. } => direct,
-    };
+    let direct = b.ours.direct();
     let label = format!("{version} io_uring direct={}", u8::from(direct));
     // fio's rw=read:<skip> skips `skip` bytes after each request.
     let rw = match b.step {
@@ -361,7 +416,10 @@ fn run_fio(ctx: &Ctx, b: &Bench) -> (String, Result<Measured>) {
     };
     let mut cmd = Command::new(&fio);
     cmd.arg(format!("--name={}", b.name))
-        .arg(format!("--filename={}", ctx.data_file.display()))
+        .arg(format!(
+            "--filename={}",
+            ctx.data_dir.join(b.file).display()
+        ))
         .arg(format!("--size={FILE_SIZE}"))
         .arg(format!("--rw={rw}"))
         .arg(format!("--bs={}", b.bs))
@@ -428,7 +486,7 @@ fn run_qemu_img_bench(ctx: &Ctx, b: &Bench, count: u64) -> (String, Result<Measu
         if b.workload == "write" {
             cmd.arg("-w");
         }
-        cmd.arg(&ctx.data_file);
+        cmd.arg(ctx.data_dir.join(b.file));
         match util::output("qemu-img bench", &mut cmd).and_then(|o| parse_qemu_img_bench(&o, count))
         {
             Ok(m) => {

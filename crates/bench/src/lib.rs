@@ -251,7 +251,8 @@ async fn one_io(
 }
 
 /// Runs the workload through `desc`, keeping `qd` requests in flight on the calling task, and
-/// returns what was measured. Failed requests are counted, not retried.
+/// returns what was measured. Failed requests are counted, not retried. Run it under
+/// `bdev_core::reactor::block_on` for aio devices (the `bench` binary does).
 pub async fn run(desc: &Descriptor, w: &Workload) -> Result<Stats, String> {
     let dev = desc.device().clone();
     let block_len = dev.block_len() as u64;

@@ -80,7 +80,7 @@ impl BlobState {
 pub(crate) struct BlobInner {
     pub id: BlobId,
     pub bs: Arc<StoreInner>,
-    pub freeze: async_lock::RwLock<()>,
+    pub freeze: crate::freeze::Freeze,
     /// Per-cluster allocation locks: allocations of different clusters run in parallel,
     /// two of the same cluster never do.
     alloc: Mutex<std::collections::HashMap<usize, Arc<async_lock::Mutex<()>>>>,
@@ -130,7 +130,7 @@ impl BlobInner {
         BlobInner {
             id,
             bs,
-            freeze: async_lock::RwLock::new(()),
+            freeze: crate::freeze::Freeze::new(),
             alloc: Mutex::new(std::collections::HashMap::new()),
             st: Mutex::new(st),
         }
@@ -416,6 +416,9 @@ impl BlobInner {
                     .await
                     .map_err(io_err);
             }
+            if s.off == 0 && s.len == lpc {
+                return self.alloc_write_full(s.cluster, buf).await;
+            }
             self.alloc_write(s.cluster, s.off, s.len, Some(&buf))
                 .await?;
             return Ok(buf);
@@ -528,6 +531,38 @@ impl BlobInner {
             self.bs.unclaim_clusters(&[new_c]);
             return Err(e);
         }
+        self.commit_cluster(idx, new_c).await
+    }
+
+    /// A write of exactly one whole unallocated cluster: no copy, the caller's buffer goes
+    /// straight to the new cluster.
+    async fn alloc_write_full(self: &Arc<Self>, idx: usize, buf: IoBuf) -> Result<IoBuf> {
+        let _a = self.lock_cluster(idx).await;
+        let lpc = self.bs.geo.lba_per_cluster;
+        let c = self.cluster_at(idx);
+        if c != 0 {
+            return self
+                .bs
+                .dev
+                .write(u64::from(c) * lpc, buf)
+                .await
+                .map_err(io_err);
+        }
+        let new_c = self.bs.claim_cluster()?;
+        let buf = match self.bs.dev.write(u64::from(new_c) * lpc, buf).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.bs.unclaim_clusters(&[new_c]);
+                return Err(io_err(e));
+            }
+        };
+        self.commit_cluster(idx, new_c).await?;
+        Ok(buf)
+    }
+
+    /// Puts a written cluster into the map and persists it; on failure the cluster is
+    /// released again.
+    async fn commit_cluster(&self, idx: usize, new_c: u32) -> Result<()> {
         let _m = self.bs.md_lock.lock().await;
         {
             let mut s = self.lock();
@@ -652,6 +687,18 @@ impl BlobInner {
             }
         }
         Ok(())
+    }
+
+    pub(crate) fn next_io_unit(&self, offset: u64, allocated: bool) -> Option<u64> {
+        let lpc = self.bs.geo.lba_per_cluster;
+        let s = self.lock();
+        let first = (offset / lpc) as usize;
+        let idx = (first..s.md.clusters.len()).find(|&i| (s.md.clusters[i] != 0) == allocated)?;
+        Some(if idx == first {
+            offset
+        } else {
+            idx as u64 * lpc
+        })
     }
 
     pub(crate) fn is_degraded(&self) -> bool {

@@ -40,6 +40,7 @@ mod check;
 mod dev;
 mod error;
 mod format;
+mod freeze;
 pub mod inspect;
 mod md;
 mod ops;
@@ -363,10 +364,10 @@ impl Blob {
     pub fn is_thin(&self) -> bool {
         self.inner.lock().md.thin()
     }
-    /// Read-only (data_ro).
+    /// Read-only: data or metadata (SPDK `spdk_blob_is_read_only`).
     pub fn is_read_only(&self) -> bool {
         let s = self.inner.lock();
-        s.data_ro
+        s.data_ro || s.md_ro
     }
     /// Has (or had, since load) clones: SPDK `spdk_blob_is_snapshot`, which is true while the
     /// blob is in the store's snapshot list.
@@ -396,6 +397,16 @@ impl Blob {
     /// Whether cluster `idx` is allocated in this blob.
     pub fn is_cluster_allocated(&self, idx: u64) -> bool {
         self.inner.cluster_at_pub(idx as usize) != 0
+    }
+    /// First io_unit at or after `offset` that lies in an allocated cluster, or `None`
+    /// (SPDK `spdk_blob_get_next_allocated_io_unit`, for seek_data).
+    pub fn next_allocated_io_unit(&self, offset: u64) -> Option<u64> {
+        self.inner.next_io_unit(offset, true)
+    }
+    /// First io_unit at or after `offset` that lies in an unallocated cluster, or `None`
+    /// (SPDK `spdk_blob_get_next_unallocated_io_unit`, for seek_hole).
+    pub fn next_unallocated_io_unit(&self, offset: u64) -> Option<u64> {
+        self.inner.next_io_unit(offset, false)
     }
     /// Reads `buf.len()` bytes at io_unit `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {

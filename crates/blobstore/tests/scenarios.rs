@@ -489,6 +489,8 @@ fn a13_thin_shrink_releases_on_sync() {
         }
         assert_eq!(b.num_allocated_clusters(), 4);
         assert_eq!(bs.free_clusters(), free - 4);
+        let c0 = b.read(0, IoBuf::new(512 * 4096, 4096)).await.unwrap();
+        assert!(all(&c0[..MIB as usize], 1) && all(&c0[MIB as usize..], 0));
         b.resize(2).await.unwrap();
         assert_eq!((b.num_clusters(), b.num_allocated_clusters()), (2, 1));
         assert_eq!(bs.free_clusters(), free - 4);
@@ -1205,5 +1207,60 @@ fn vectored_io_and_unmap_on_clone() {
         assert!(all(&b.read(256, IoBuf::new(4096, 4096)).await.unwrap(), 2));
         b.close().await.unwrap();
         assert!(all(&rd(&bs, s, 254, 1).await, 1));
+    });
+}
+
+#[test]
+fn seek_allocated_and_unallocated() {
+    block_on(async {
+        let (_d, bs) = fx().await;
+        let id = thin(&bs, 6).await;
+        wr(&bs, id, 256 + 3, 1, 1).await;
+        wr(&bs, id, 4 * 256, 1, 1).await;
+        let b = bs.open_blob(id).await.unwrap();
+        assert_eq!(b.next_allocated_io_unit(0), Some(256));
+        assert_eq!(b.next_allocated_io_unit(300), Some(300));
+        assert_eq!(b.next_allocated_io_unit(512), Some(1024));
+        assert_eq!(b.next_unallocated_io_unit(256), Some(512));
+        assert_eq!(b.next_unallocated_io_unit(1030), Some(1280));
+        assert_eq!(b.next_allocated_io_unit(1281), None);
+        assert_eq!(b.next_unallocated_io_unit(6 * 256), None);
+        b.close().await.unwrap();
+    });
+}
+
+#[test]
+fn dirty_shutdown_keeps_every_synced_change() {
+    block_on(async {
+        let (d, bs) = fx().await;
+        let free0 = bs.free_clusters();
+        let a = thick(&bs, 10).await;
+        bs.set_super_blob(a).await.unwrap();
+        let h = bs.open_blob(a).await.unwrap();
+        h.set_xattr("name", b"a").unwrap();
+        h.set_xattr("page", &vec![5u8; 4000]).unwrap();
+        h.sync_md().await.unwrap();
+        h.close().await.unwrap();
+        let bs = dirty_reload(&d, bs).await;
+        assert_eq!(bs.free_clusters(), free0 - 10);
+        assert_eq!(bs.super_blob(), Some(a));
+        let h = bs.open_blob(a).await.unwrap();
+        assert_eq!(h.get_xattr("page").unwrap(), vec![5u8; 4000]);
+        h.resize(20).await.unwrap();
+        h.sync_md().await.unwrap();
+        h.close().await.unwrap();
+        let bs = dirty_reload(&d, bs).await;
+        assert_eq!(bs.free_clusters(), free0 - 20);
+        let b2 = thick(&bs, 3).await;
+        let bs = dirty_reload(&d, bs).await;
+        assert_eq!(bs.free_clusters(), free0 - 23);
+        bs.delete_blob(b2).await.unwrap();
+        let bs = dirty_reload(&d, bs).await;
+        assert_eq!(bs.free_clusters(), free0 - 20);
+        assert_eq!(bs.blob_ids(), vec![a]);
+        let h = bs.open_blob(a).await.unwrap();
+        assert_eq!(h.num_clusters(), 20);
+        assert_eq!(h.get_xattr("name").unwrap(), b"a");
+        h.close().await.unwrap();
     });
 }

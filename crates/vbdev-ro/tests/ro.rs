@@ -130,14 +130,17 @@ fn write_class_io_fails_and_base_is_unchanged() {
             .to_string()
             .contains("not supported"));
 
-        // Through a (necessarily read-only) descriptor.
+        // Through a (necessarily read-only) descriptor: EBADF, as SPDK's bdev layer answers.
         let d = reg.open("ro0", false).unwrap();
-        assert!(d
+        let e = d
             .write(0, IoBuf::from_slice(&[0xff; 512], 1))
             .await
-            .is_err());
-        assert!(d.unmap(0, 8).await.is_err());
-        assert!(d.write_zeroes(0, 8).await.is_err());
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EBADF, "{e}");
+        assert_eq!(d.unmap(0, 8).await.unwrap_err().errno(), libc::EBADF);
+        assert_eq!(d.write_zeroes(0, 8).await.unwrap_err().errno(), libc::EBADF);
+        assert!(!d.io_type_supported(IoType::Write));
+        assert!(!d.io_type_supported(IoType::WriteZeroes));
 
         let b = reg.open("B", false).unwrap();
         let got = b.read(0, IoBuf::new(4096, 1)).await.unwrap();
