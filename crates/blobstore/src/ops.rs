@@ -63,6 +63,10 @@ impl StoreInner {
         } else {
             match self.claim_clusters(n) {
                 Ok(c) => {
+                    if let Err(e) = self.scrub_clusters(&c).await {
+                        self.undo_create(page, &c);
+                        return Err(e);
+                    }
                     md.clusters = c.clone();
                     c
                 }
@@ -472,7 +476,12 @@ impl StoreInner {
             let add = if thin {
                 vec![0; (n - old) as usize]
             } else {
-                self.claim_clusters(n - old)?
+                let c = self.claim_clusters(n - old)?;
+                if let Err(e) = self.scrub_clusters(&c).await {
+                    self.unclaim_clusters(&c);
+                    return Err(e);
+                }
+                c
             };
             let mut s = b.lock();
             s.md.clusters.extend(add);
@@ -803,6 +812,10 @@ impl StoreInner {
         let mut st = self.state();
         st.total_clusters = new_total;
         st.used_clusters.resize(new_total);
+        st.stale.resize(new_total);
+        for c in total..new_total {
+            st.stale.set(c);
+        }
         st.clean_on_disk = false;
         Ok(())
     }

@@ -45,6 +45,9 @@ pub(crate) struct StoreState {
     pub used_pages: Bitmap,
     pub used_clusters: Bitmap,
     pub used_blobids: Bitmap,
+    /// Clusters that may still hold bytes of an earlier owner (released without clearing,
+    /// never cleared since init, or free after a load). A thick claim zeroes them first.
+    pub stale: Bitmap,
     pub clean_on_disk: bool,
     pub super_blob: u64,
     pub open: HashMap<BlobId, Arc<BlobInner>>,
@@ -519,15 +522,55 @@ impl StoreInner {
             let lba = u64::from(c) * self.geo.lba_per_cluster;
             let n = self.geo.lba_per_cluster;
             let r = match method {
-                ClearMethod::None => Ok(()),
-                ClearMethod::WriteZeroes => self.dev.write_zeroes(lba, n).await,
-                ClearMethod::Default | ClearMethod::Unmap => self.dev.unmap(lba, n).await,
+                ClearMethod::None => Err(None),
+                ClearMethod::WriteZeroes => self.dev.write_zeroes(lba, n).await.map_err(Some),
+                ClearMethod::Default | ClearMethod::Unmap => {
+                    self.dev.unmap(lba, n).await.map_err(Some)
+                }
             };
-            if let Err(e) = r {
-                tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
+            let mut st = self.state();
+            match r {
+                Ok(()) => st.stale.clear(u64::from(c)),
+                Err(e) => {
+                    if let Some(e) = e {
+                        tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
+                    }
+                    st.stale.set(u64::from(c));
+                }
             }
         }
         self.unclaim_clusters(cs);
+    }
+
+    /// Zeroes the stale clusters among `cs` (just claimed for a thick blob), so that the part
+    /// of a new cluster the user has not written never shows an earlier owner's bytes.
+    pub(crate) async fn scrub_clusters(&self, cs: &[u32]) -> Result<()> {
+        let stale: Vec<u64> = {
+            let st = self.state();
+            cs.iter()
+                .map(|&c| u64::from(c))
+                .filter(|&c| c != 0 && st.stale.get(c))
+                .collect()
+        };
+        let lpc = self.geo.lba_per_cluster;
+        let mut i = 0;
+        while i < stale.len() {
+            let mut j = i + 1;
+            while j < stale.len() && stale[j] == stale[j - 1] + 1 {
+                j += 1;
+            }
+            self.dev
+                .write_zeroes(stale[i] * lpc, (j - i) as u64 * lpc)
+                .await
+                .map_err(io_err)?;
+            let mut st = self.state();
+            for &c in &stale[i..j] {
+                st.stale.clear(c);
+            }
+            drop(st);
+            i = j;
+        }
+        Ok(())
     }
 
     /// Zeroes then frees md pages (old chain pages, released extent pages).
@@ -934,6 +977,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     dev.write_zeroes(0, md_end_lba).await.map_err(io_err)?;
     let data_start = md_end_lba;
     let data_end = l.total_clusters * (u64::from(cluster_size) / u64::from(bl));
+    let mut data_clean = opts.clear_method != ClearMethod::None;
     if data_end > data_start {
         let r = match opts.clear_method {
             ClearMethod::None => Ok(()),
@@ -947,6 +991,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
                 return Err(io_err(e));
             }
             tracing::debug!(target: "blob", "unmap at init failed: {e}");
+            data_clean = false;
         }
     }
     let sbi = SuperBlockInfo {
@@ -988,6 +1033,12 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     for c in 0..l.md_clusters {
         used_clusters.set(c);
     }
+    let mut stale = Bitmap::new(l.total_clusters);
+    if !data_clean {
+        for c in l.md_clusters..l.total_clusters {
+            stale.set(c);
+        }
+    }
     Ok(Arc::new(StoreInner {
         dev,
         geo,
@@ -999,6 +1050,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             used_pages: Bitmap::new(u64::from(l.md_len)),
             used_clusters,
             used_blobids: Bitmap::new(u64::from(l.md_len)),
+            stale,
             clean_on_disk: false,
             super_blob: BLOBID_INVALID,
             open: HashMap::new(),
@@ -1188,6 +1240,15 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         used_clusters.set(c);
     }
     let clean_on_disk = sbi.clean == 1 && !need_recovery;
+    // What was released without clearing before this load is not recorded on disk: every
+    // free cluster may hold old bytes (also those of a write whose allocation a power cut
+    // lost). A thick claim zeroes them; thin allocations write whole clusters anyway.
+    let mut stale = Bitmap::new(total);
+    for c in geo.md_clusters..total {
+        if !used_clusters.get(c) {
+            stale.set(c);
+        }
+    }
     let inner = Arc::new(StoreInner {
         dev,
         geo,
@@ -1200,6 +1261,7 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             used_pages,
             used_clusters,
             used_blobids,
+            stale,
             clean_on_disk,
             open: HashMap::new(),
             clones: BTreeMap::new(),
