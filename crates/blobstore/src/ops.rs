@@ -158,8 +158,23 @@ impl StoreInner {
         yield_now().await;
         let orig = self.open_internal(orig_id).await?;
         let r = self.snapshot_inner(&orig, xattrs).await;
-        self.close_internal(orig).await?;
-        r
+        let c = self.close_internal(orig).await;
+        let id = r?;
+        c?;
+        Ok(id)
+    }
+
+    /// Deletes a blob just created by a failed operation (md_lock held; nothing else refers
+    /// to it). Its clusters and extent pages are not touched: `md` names none it owns. If
+    /// the delete cannot be written, the blob still leaves the listing: it carries SNAPTMP
+    /// and the load-time fix-up deletes it; its pages stay claimed until then.
+    async fn discard_new_blob(&self, id: BlobId, chain: &[u32]) {
+        self.state().used_blobids.clear(u64::from(id as u32));
+        let md = BlobMd::default();
+        if let Err(e) = self.persist_delete(id, &md, chain).await {
+            tracing::warn!(target: "blob", "discarding unfinished blob {id:#x} failed: {e}");
+        }
+        self.forget_blob(id);
     }
 
     async fn snapshot_inner(
@@ -232,11 +247,19 @@ impl StoreInner {
             }
             Err(e) => {
                 restore(orig, &mut sst);
+                self.discard_new_blob(sid, &sst.chain).await;
                 return Err(e);
             }
         }
         // 3. The original becomes a clone of the snapshot.
         let old_parent = self.state().parent_of.get(&orig.id).copied();
+        let (saved_md, saved_dirty) = {
+            let os = orig.lock();
+            let mut m = os.md.clone();
+            m.clusters = sst.md.clusters.clone();
+            m.eps = sst.md.eps.clone();
+            (m, os.dirty)
+        };
         let old_back = {
             let mut os = orig.lock();
             os.md.invalid |= INV_THIN;
@@ -252,7 +275,26 @@ impl StoreInner {
         let snap = Arc::new(BlobInner::new(sid, self.clone(), sst));
         self.state().open.insert(sid, snap.clone());
         orig.lock().back = Back::Snapshot(snap.clone());
-        orig.persist_locked().await?;
+        if let Err(e) = orig.persist_locked().await {
+            // Not committed: the original keeps its map, flags and parent; the snapshot goes.
+            let back = {
+                let mut ss = snap.lock();
+                ss.open_ref = 0;
+                std::mem::replace(&mut ss.back, Back::None)
+            };
+            self.state().open.remove(&sid);
+            {
+                let mut os = orig.lock();
+                os.md = saved_md;
+                os.back = back;
+                os.ep_dirty.clear();
+                os.dirty = saved_dirty;
+            }
+            let chain = snap.lock().chain.clone();
+            drop(snap);
+            self.discard_new_blob(sid, &chain).await;
+            return Err(e);
+        }
         if let Some(p) = old_parent {
             self.remove_relation(orig.id);
             self.add_relation(p, sid);
@@ -265,7 +307,14 @@ impl StoreInner {
             s.md.data_ro |= DATA_RO_READ_ONLY;
             s.touch();
         }
-        snap.persist_locked().await?;
+        // The snapshot is committed (the original points at it); if clearing SNAPTMP cannot
+        // be written, the load-time fix-up finishes it, so this is still a success.
+        if let Err(e) = snap.persist_locked().await {
+            tracing::warn!(target: "blob", "snapshot {sid:#x}: final md write failed: {e}");
+            let mut s = snap.lock();
+            s.data_ro = true;
+            s.md_ro = true;
+        }
         Ok(sid)
     }
 

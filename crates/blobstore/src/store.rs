@@ -903,22 +903,28 @@ impl StoreInner {
                     return Err(BsError::BadHandle(format!("blob {:#x} is not open", b.id)));
                 }
             }
-            if b.lock().dirty {
-                b.persist_locked().await?;
-            }
+            // The reference is dropped even when the persist fails: the handle is consumed
+            // by every caller, so a kept reference could never be released (EBUSY at unload).
+            let r = if b.lock().dirty {
+                b.persist_locked().await
+            } else {
+                Ok(())
+            };
             let back = {
                 let mut s = b.lock();
                 s.open_ref -= 1;
                 if s.open_ref > 0 {
-                    return Ok(());
+                    return r;
                 }
                 std::mem::replace(&mut s.back, Back::None)
             };
             self.state().open.remove(&b.id);
             if let Back::Snapshot(p) = back {
-                self.close_locked(p).await?;
+                let rp = self.close_locked(p).await;
+                r.and(rp)
+            } else {
+                r
             }
-            Ok(())
         }
         .boxed()
     }
