@@ -518,7 +518,10 @@ impl StoreInner {
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
         let (old, thin) = {
-            let s = b.lock();
+            let mut s = b.lock();
+            if s.saved_clusters.is_none() {
+                s.saved_clusters = Some(s.md.clusters.clone());
+            }
             (s.md.clusters.len() as u64, s.md.thin())
         };
         if n > old {
@@ -619,6 +622,8 @@ impl StoreInner {
         }
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        let saved_md = b.lock().md.clone();
+        let saved_parent = self.state().parent_of.get(&b.id).copied();
         let old_back = {
             let mut s = b.lock();
             let old = std::mem::replace(&mut s.back, Back::None);
@@ -635,31 +640,50 @@ impl StoreInner {
             old
         };
         self.remove_relation(b.id);
-        if !allocate_all {
-            if let Back::Snapshot(p) = &old_back {
-                let (pmd_parent, pback) = {
-                    let ps = p.lock();
-                    (ps.md.snap_parent().ok().flatten(), ps.back.clone_ref())
-                };
-                if let Some(g) = pmd_parent {
-                    let gb = self.open_locked(g).await?;
-                    let mut s = b.lock();
-                    s.md.set_internal(XATTR_SNAP, &g.to_le_bytes());
-                    s.back = Back::Snapshot(gb);
-                    drop(s);
-                    self.add_relation(g, b.id);
-                } else if let crate::blob::BackRef::Esnap(d) = pback {
-                    let ev = p.lock().md.get_internal(XATTR_EXTSNAP).map(|v| v.to_vec());
-                    if let Some(ev) = ev {
+        let r = async {
+            if !allocate_all {
+                if let Back::Snapshot(p) = &old_back {
+                    let (pmd_parent, pback) = {
+                        let ps = p.lock();
+                        (ps.md.snap_parent().ok().flatten(), ps.back.clone_ref())
+                    };
+                    if let Some(g) = pmd_parent {
+                        let gb = self.open_locked(g).await?;
                         let mut s = b.lock();
-                        s.md.set_internal(XATTR_EXTSNAP, &ev);
-                        s.md.invalid |= INV_ESNAP;
-                        s.back = Back::Esnap(d);
+                        s.md.set_internal(XATTR_SNAP, &g.to_le_bytes());
+                        s.back = Back::Snapshot(gb);
+                        drop(s);
+                        self.add_relation(g, b.id);
+                    } else if let crate::blob::BackRef::Esnap(d) = pback {
+                        let ev = p.lock().md.get_internal(XATTR_EXTSNAP).map(|v| v.to_vec());
+                        if let Some(ev) = ev {
+                            let mut s = b.lock();
+                            s.md.set_internal(XATTR_EXTSNAP, &ev);
+                            s.md.invalid |= INV_ESNAP;
+                            s.back = Back::Esnap(d);
+                        }
                     }
                 }
             }
+            b.persist_locked().await
         }
-        b.persist_locked().await?;
+        .await;
+        if let Err(e) = r {
+            // Not written: the blob keeps its parent (the allocations made above are on disk).
+            let new_back = {
+                let mut s = b.lock();
+                s.md = saved_md;
+                std::mem::replace(&mut s.back, old_back)
+            };
+            self.remove_relation(b.id);
+            if let Some(p) = saved_parent {
+                self.add_relation(p, b.id);
+            }
+            if let Back::Snapshot(gb) = new_back {
+                let _ = self.close_locked(gb).await;
+            }
+            return Err(e);
+        }
         if let Back::Snapshot(p) = old_back {
             self.close_locked(p).await?;
         }

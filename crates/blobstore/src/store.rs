@@ -504,11 +504,14 @@ impl StoreInner {
         Ok(out)
     }
 
+    /// Gives back claimed clusters that may have been written (a failed operation): they
+    /// count as stale until cleared.
     pub(crate) fn unclaim_clusters(&self, cs: &[u32]) {
         let mut st = self.state();
         for &c in cs {
             if u64::from(c) >= self.geo.md_clusters {
                 st.used_clusters.clear(u64::from(c));
+                st.stale.set(u64::from(c));
             }
         }
     }
@@ -528,18 +531,19 @@ impl StoreInner {
                     self.dev.unmap(lba, n).await.map_err(Some)
                 }
             };
+            if let Err(Some(e)) = &r {
+                tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
+            }
             let mut st = self.state();
-            match r {
-                Ok(()) => st.stale.clear(u64::from(c)),
-                Err(e) => {
-                    if let Some(e) = e {
-                        tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
-                    }
+            if u64::from(c) >= self.geo.md_clusters {
+                st.used_clusters.clear(u64::from(c));
+                if r.is_ok() {
+                    st.stale.clear(u64::from(c));
+                } else {
                     st.stale.set(u64::from(c));
                 }
             }
         }
-        self.unclaim_clusters(cs);
     }
 
     /// Zeroes the stale clusters among `cs` (just claimed for a thick blob), so that the part
