@@ -623,13 +623,12 @@ impl BlobInner {
                 return;
             };
             let keep: HashSet<u32> = saved.iter().copied().filter(|&c| c != 0).collect();
-            let added = s
-                .md
-                .clusters
-                .iter()
-                .copied()
-                .filter(|&c| c != 0 && !keep.contains(&c))
-                .collect();
+            let added =
+                s.md.clusters
+                    .iter()
+                    .copied()
+                    .filter(|&c| c != 0 && !keep.contains(&c))
+                    .collect();
             s.pending_clusters.retain(|c| !keep.contains(c));
             s.md.clusters = saved;
             if s.md.use_et() {

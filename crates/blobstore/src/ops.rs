@@ -444,9 +444,13 @@ impl StoreInner {
             s.md.set_internal(XATTR_SNAPRM, &cb.id.to_le_bytes());
             s.touch();
         }
-        snap.persist_locked().await?;
+        if let Err(e) = snap.persist_locked().await {
+            snap.lock().md.remove_internal(XATTR_SNAPRM);
+            return Err(e);
+        }
         // 2. The clone takes every cluster it does not have, and the snapshot's parent.
         let mut moved = Vec::new();
+        let saved_cmd = cb.lock().md.clone();
         {
             let (smd, sback) = {
                 let mut s = snap.lock();
@@ -477,7 +481,21 @@ impl StoreInner {
             // The clone's reference to the snapshot goes away with the snapshot.
             drop(old);
         }
-        cb.persist_locked().await?;
+        if let Err(e) = cb.persist_locked().await {
+            // Not committed: the clone keeps its map and the snapshot; on disk the snapshot
+            // may carry SNAPRM, which the load-time fix-up removes since the clone still
+            // points at it. Do the same here.
+            let sback = {
+                let mut c = cb.lock();
+                c.md = saved_cmd;
+                std::mem::replace(&mut c.back, Back::Snapshot(snap.clone()))
+            };
+            let mut s = snap.lock();
+            s.back = sback;
+            s.md.remove_internal(XATTR_SNAPRM);
+            s.touch();
+            return Err(e);
+        }
         // 3. Delete the snapshot, freeing only what the clone did not take.
         let (mut smd, chain) = {
             let s = snap.lock();
