@@ -165,15 +165,12 @@ impl StoreInner {
     }
 
     /// Deletes a blob just created by a failed operation (md_lock held; nothing else refers
-    /// to it). Its clusters and extent pages are not touched: `md` names none it owns. If
-    /// the delete cannot be written, the blob still leaves the listing: it carries SNAPTMP
-    /// and the load-time fix-up deletes it; its pages stay claimed until then.
+    /// to it). Its clusters and extent pages are not touched: the empty md names none. If
+    /// the delete cannot be written, the blob still leaves the listing: it carries SNAPTMP,
+    /// so unload retries the delete or the load-time fix-up does it.
     async fn discard_new_blob(&self, id: BlobId, chain: &[u32]) {
         self.state().used_blobids.clear(u64::from(id as u32));
-        let md = BlobMd::default();
-        if let Err(e) = self.persist_delete(id, &md, chain).await {
-            tracing::warn!(target: "blob", "discarding unfinished blob {id:#x} failed: {e}");
-        }
+        self.delete_or_doom(id, &BlobMd::default(), chain).await;
         self.forget_blob(id);
     }
 
@@ -512,7 +509,9 @@ impl StoreInner {
         if let Some(g) = g {
             self.add_relation(g, cb.id);
         }
-        self.persist_delete(sid, &smd, &chain).await?;
+        // The clone no longer points at the snapshot: the delete is committed. If zeroing the
+        // snapshot's md fails, it carries SNAPRM and is deleted at unload or recovery.
+        self.delete_or_doom(sid, &smd, &chain).await;
         Ok(())
     }
 

@@ -57,6 +57,13 @@ pub(crate) struct StoreState {
     pub parent_of: HashMap<BlobId, BlobId>,
     pub busy: HashSet<BlobId>,
     pub unloaded: bool,
+    /// Blobs already gone from the listing whose on-disk delete could not be written (each
+    /// carries SNAPTMP / SNAPRM, so a recovery load deletes it); retried at unload.
+    pub doomed: Vec<(BlobId, BlobMd, Vec<u32>)>,
+    /// An md write failed: what the disk holds may differ from what we think (a root page
+    /// that may or may not have landed, pages claimed for it, an unfinished-operation
+    /// marker). Unload then leaves the store dirty so the next load recovers it.
+    pub tainted: bool,
 }
 
 pub(crate) struct StoreInner {
@@ -398,10 +405,10 @@ impl StoreInner {
 
     pub(crate) async fn write_md_page(&self, p: u32, data: &[u8]) -> Result<()> {
         let buf = IoBuf::from_slice(data, self.align);
-        self.dev
-            .write(self.geo.page_lba(p), buf)
-            .await
-            .map_err(io_err)?;
+        if let Err(e) = self.dev.write(self.geo.page_lba(p), buf).await {
+            self.state().tainted = true;
+            return Err(io_err(e));
+        }
         Ok(())
     }
 
@@ -684,6 +691,15 @@ impl StoreInner {
 
     /// Deletes a blob's metadata (md_lock held): zeroes the root first (the commit point),
     /// then the other pages, then releases clusters.
+    /// Deletes a blob already dropped from the in-memory listing (md_lock held); if the
+    /// delete cannot be written, it is retried at unload.
+    pub(crate) async fn delete_or_doom(&self, id: BlobId, md: &BlobMd, chain: &[u32]) {
+        if let Err(e) = self.persist_delete(id, md, chain).await {
+            tracing::warn!(target: "blob", "deleting blob {id:#x} failed, retried at unload: {e}");
+            self.state().doomed.push((id, md.clone(), chain.to_vec()));
+        }
+    }
+
     pub(crate) async fn persist_delete(
         &self,
         id: BlobId,
@@ -1068,6 +1084,8 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             parent_of: HashMap::new(),
             busy: HashSet::new(),
             unloaded: false,
+            doomed: Vec::new(),
+            tainted: false,
         }),
         factory: opts.esnap_factory.clone(),
     }))
@@ -1278,6 +1296,8 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             parent_of: HashMap::new(),
             busy: HashSet::new(),
             unloaded: false,
+            doomed: Vec::new(),
+            tainted: false,
         }),
         factory: opts.esnap_factory.clone(),
     });
@@ -1443,6 +1463,20 @@ impl StoreInner {
 
     /// Writes the three masks, then the super block with clean = 1.
     async fn write_clean(&self) -> Result<()> {
+        if self.state().tainted {
+            tracing::warn!(target: "blob", "an md write failed earlier: the store is left dirty for recovery at the next load");
+            return Ok(());
+        }
+        // A blob left out of the masks must be gone from the disk too, else a clean load
+        // would never see (and never finish deleting) it. If it still cannot be deleted, the
+        // store stays dirty and the next load's recovery deletes it.
+        let doomed = std::mem::take(&mut self.state().doomed);
+        for (i, (id, md, chain)) in doomed.iter().enumerate() {
+            if let Err(e) = self.persist_delete(*id, md, chain).await {
+                self.state().doomed.extend(doomed[i..].iter().cloned());
+                return Err(e);
+            }
+        }
         let s = self.read_super().await?;
         let (pm, cm, bm, total) = {
             let st = self.state();

@@ -235,6 +235,12 @@ fn sweep<F>(
                 );
             }
             bs.unload().await.unwrap();
+            let rep = blobstore::inspect::check(dev.clone()).await.unwrap();
+            assert!(
+                rep.problems.is_empty(),
+                "{what} fail after {k}: check after reload and unload: {:?}",
+                rep.problems
+            );
         }
         assert!(completed, "{what}: no fault point let the operation finish");
     });
