@@ -740,6 +740,7 @@ impl StoreInner {
                     "blob {id:#x} and snapshot {snap:#x} differ in size"
                 )));
             }
+            let saved_md = b.lock().md.clone();
             let old = {
                 let mut s = b.lock();
                 s.md.remove_internal(XATTR_EXTSNAP);
@@ -748,7 +749,17 @@ impl StoreInner {
                 s.touch();
                 std::mem::replace(&mut s.back, Back::Snapshot(sb))
             };
-            b.persist_locked().await?;
+            if let Err(e) = b.persist_locked().await {
+                let new = {
+                    let mut s = b.lock();
+                    s.md = saved_md;
+                    std::mem::replace(&mut s.back, old)
+                };
+                if let Back::Snapshot(sb) = new {
+                    let _ = self.close_locked(sb).await;
+                }
+                return Err(e);
+            }
             self.remove_relation(id);
             self.add_relation(snap, id);
             if let Back::Snapshot(p) = old {
@@ -797,6 +808,7 @@ impl StoreInner {
             }
             let _f = b.freeze.write().await;
             let _g = self.md_lock.lock().await;
+            let saved_md = b.lock().md.clone();
             let old = {
                 let mut s = b.lock();
                 s.md.remove_internal(XATTR_SNAP);
@@ -805,7 +817,12 @@ impl StoreInner {
                 s.touch();
                 std::mem::replace(&mut s.back, Back::Esnap(Some(dev)))
             };
-            b.persist_locked().await?;
+            if let Err(e) = b.persist_locked().await {
+                let mut s = b.lock();
+                s.md = saved_md;
+                s.back = old;
+                return Err(e);
+            }
             self.remove_relation(id);
             if let Back::Snapshot(p) = old {
                 self.close_locked(p).await?;

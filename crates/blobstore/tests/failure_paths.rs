@@ -373,3 +373,10 @@ fn failed_resize_sync_restores_the_old_size() {
         bs.unload().await.unwrap();
     });
 }
+
+#[test]
+fn failed_set_parent_keeps_the_old_parent() {
+    sweep("set_parent", 4, clone_of_snapshot, |bs, ids| {
+        Box::pin(async move { bs.set_parent(ids[0], ids[1]).await })
+    });
+}
