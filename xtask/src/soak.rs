@@ -1,6 +1,8 @@
-//! `cargo xtask soak --time SECS [--cases N]`: the blobstore model-based test, many cases,
-//! new seeds, until the time is up.
+//! `cargo xtask soak --time SECS [--cases N]`: the blobstore model-based test (the `model`
+//! tests of the `reliability` and `blobstore` packages), many cases, new seeds, until the time
+//! is up.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,62 +13,100 @@ use crate::util;
 
 /// The test filter that selects the model-based test(s).
 const FILTER: &str = "model";
-const PACKAGE: &str = "blobstore";
+/// Packages that may hold model-based tests (those present in the workspace are searched).
+const PACKAGES: [&str; 2] = ["reliability", "blobstore"];
 
-/// Builds the blobstore test binaries in release mode, then runs the `model` tests over and
-/// over with `PROPTEST_CASES`, `SOAK=1` and a fresh `PROPTEST_RNG_SEED` each round until the
-/// time is up. A round still running at the deadline is stopped and counts as passed.
+/// A test executable and the package directory it runs in.
+struct TestBin {
+    exe: PathBuf,
+    dir: PathBuf,
+}
+
+/// Builds the candidate packages' test binaries in release mode, then runs the `model` tests
+/// over and over with `PROPTEST_CASES`, `SOAK=1` and a fresh `PROPTEST_RNG_SEED` each round
+/// until the time is up. A round still running at the deadline is stopped and counts as
+/// passed.
 pub fn run(args: &[String]) -> Result<()> {
     crate::check_args(args, &[], &["--time", "--cases"])?;
     let secs: u64 = crate::flag_value(args, "--time")?.unwrap_or(600);
-    let cases: u64 = crate::flag_value(args, "--cases")?.unwrap_or(5000);
-    let bins = test_binaries()?;
-    let with_model: Vec<_> = bins
+    let cases: u64 = crate::flag_value(args, "--cases")?.unwrap_or(4000);
+    let packages: Vec<&str> = PACKAGES
+        .into_iter()
+        .filter(|p| {
+            util::project_root()
+                .join("crates")
+                .join(p)
+                .join("Cargo.toml")
+                .is_file()
+        })
+        .collect();
+    let bins = if packages.is_empty() {
+        Vec::new()
+    } else {
+        test_binaries(&packages)?
+    };
+    let with_model: Vec<&TestBin> = bins
         .iter()
-        .filter(|b| lists_model_test(b).unwrap_or(false))
+        .filter(|b| lists_model_test(&b.exe).unwrap_or(false))
         .collect();
     if with_model.is_empty() {
         eprintln!(
-            "note: the {PACKAGE} crate has no `{FILTER}` test yet; running the stub command \
-             `cargo test --release -p {PACKAGE} {FILTER}` once with PROPTEST_CASES={cases}"
+            "note: no `{FILTER}` test in {PACKAGES:?} yet; running the stub command \
+             `cargo test --release -p blobstore {FILTER}` once with PROPTEST_CASES={cases}"
         );
         return util::run(
             "soak (stub)",
             util::cargo()
-                .args(["test", "--release", "-p", PACKAGE, FILTER])
+                .args(["test", "--release", "-p", "blobstore", FILTER])
                 .env("PROPTEST_CASES", cases.to_string())
                 .env("SOAK", "1"),
         );
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut round = 0u64;
+    let mut complete = 0u64;
     let base_seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(1);
     while Instant::now() < deadline {
         round += 1;
+        let mut cut = false;
         let seed = base_seed
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(round);
         for bin in &with_model {
-            eprintln!("\n==> soak round {round}: {} seed {seed}", bin.display());
-            let mut cmd = Command::new(bin);
+            eprintln!(
+                "\n==> soak round {round}: {} seed {seed}",
+                bin.exe.display()
+            );
+            let mut cmd = Command::new(&bin.exe);
             cmd.arg(FILTER)
                 .env("PROPTEST_CASES", cases.to_string())
                 .env("PROPTEST_RNG_SEED", seed.to_string())
                 .env("SOAK", "1")
-                .current_dir(util::project_root().join("crates").join(PACKAGE));
+                .current_dir(&bin.dir);
             match run_until(&mut cmd, deadline)? {
-                Some(true) | None => {}
+                Some(true) => {}
+                None => cut = true,
                 Some(false) => bail!(
                     "soak failed in round {round}; reproduce with PROPTEST_RNG_SEED={seed} \
-                     PROPTEST_CASES={cases} SOAK=1 cargo test --release -p {PACKAGE} {FILTER}"
+                     PROPTEST_CASES={cases} SOAK=1 {} {FILTER} (run in {})",
+                    bin.exe.display(),
+                    bin.dir.display()
                 ),
             }
         }
+        if !cut {
+            complete += 1;
+        }
     }
-    eprintln!("soak: {round} rounds of {cases} cases passed in {secs} s");
+    let partial = if complete < round {
+        " (plus one cut short at the deadline, no failure so far)"
+    } else {
+        ""
+    };
+    eprintln!("soak: {complete} complete rounds of {cases} cases passed in {secs} s{partial}");
     Ok(())
 }
 
@@ -88,32 +128,36 @@ fn run_until(cmd: &mut Command, deadline: Instant) -> Result<Option<bool>> {
     }
 }
 
-/// The blobstore test executables, built in release mode.
-fn test_binaries() -> Result<Vec<std::path::PathBuf>> {
-    let out = util::output(
-        "build the blobstore tests",
-        util::cargo().args([
-            "test",
-            "--release",
-            "-p",
-            PACKAGE,
-            "--no-run",
-            "--message-format=json",
-        ]),
-    )?;
+/// The packages' test executables, built in release mode.
+fn test_binaries(packages: &[&str]) -> Result<Vec<TestBin>> {
+    let mut cmd = util::cargo();
+    cmd.args(["test", "--release", "--no-run", "--message-format=json"]);
+    for p in packages {
+        cmd.args(["-p", p]);
+    }
+    let out = util::output("build the test binaries", &mut cmd)?;
     let mut bins = Vec::new();
     for line in out.lines() {
         let Ok(v) = serde_json::from_str::<Value>(line) else {
             continue;
         };
         if v["reason"] == "compiler-artifact" && v["profile"]["test"] == Value::Bool(true) {
-            if let Some(exe) = v["executable"].as_str() {
-                bins.push(exe.into());
+            if let (Some(exe), Some(manifest)) =
+                (v["executable"].as_str(), v["manifest_path"].as_str())
+            {
+                let dir = PathBuf::from(manifest)
+                    .parent()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(util::project_root);
+                bins.push(TestBin {
+                    exe: exe.into(),
+                    dir,
+                });
             }
         }
     }
     if bins.is_empty() {
-        return Err(anyhow!("no test binaries for {PACKAGE}"));
+        return Err(anyhow!("no test binaries in {packages:?}"));
     }
     Ok(bins)
 }

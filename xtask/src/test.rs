@@ -57,7 +57,8 @@ pub fn run(args: &[String]) -> Result<()> {
             name: "test",
             run: Box::new(move || {
                 let mut c = util::cargo();
-                c.args(["test", "--workspace"]);
+                // Run every test binary even after a failure, so one report lists them all.
+                c.args(["test", "--workspace", "--no-fail-fast"]);
                 if !test_args.is_empty() {
                     c.arg("--").args(&test_args);
                 }

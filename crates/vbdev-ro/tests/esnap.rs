@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use bdev_core::backend::aio::{AioBdev, AioOpts};
@@ -173,6 +173,7 @@ fn removal_and_heal() {
 
     // Readers of base-backed clusters keep going while the base under the ro bdev is removed.
     let done = AtomicBool::new(false);
+    let started = AtomicU32::new(0);
     let (ok, eio) = std::thread::scope(|sc| {
         let reader = sc.spawn(|| {
             block_on(async {
@@ -188,6 +189,7 @@ fn removal_and_heal() {
                         Ok(b) => {
                             assert_eq!(b[..], base[off as usize..off as usize + 65536]);
                             ok += 1;
+                            started.fetch_add(1, Ordering::SeqCst);
                         }
                         Err(e) => {
                             assert_eq!(e.errno(), libc::EIO, "{e}");
@@ -198,7 +200,10 @@ fn removal_and_heal() {
                 (ok, eio)
             })
         });
-        std::thread::sleep(Duration::from_millis(5));
+        // Start the removal once reads are flowing.
+        while started.load(Ordering::SeqCst) == 0 && !reader.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         block_on(s.reg.unregister("B")).expect("base removal completes");
         done.store(true, Ordering::SeqCst);
         reader.join().unwrap()
