@@ -1,7 +1,7 @@
 //! An open blob: its in-memory state, the back device chain and the I/O path
 //! (read-through, allocate-on-write, copy-on-write, unmap release).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
@@ -54,6 +54,9 @@ pub(crate) struct BlobState {
     pub open_ref: u32,
     pub back: Back,
     pub pending_clusters: Vec<u32>,
+    /// The cluster map as on disk before the first unsynced resize; a failed md write
+    /// restores it.
+    pub saved_clusters: Option<Vec<u32>>,
 }
 
 impl BlobState {
@@ -69,6 +72,7 @@ impl BlobState {
             open_ref: 1,
             back,
             pending_clusters: Vec::new(),
+            saved_clusters: None,
         }
     }
     pub(crate) fn touch(&mut self) {
@@ -610,6 +614,34 @@ impl BlobInner {
         }
     }
 
+    /// Puts back the on-disk cluster map after a failed md write of a resized blob: clusters
+    /// claimed by a grow are given back, clusters a shrink was to free stay the blob's.
+    fn undo_resize(&self) {
+        let added: Vec<u32> = {
+            let mut s = self.lock();
+            let Some(saved) = s.saved_clusters.take() else {
+                return;
+            };
+            let keep: HashSet<u32> = saved.iter().copied().filter(|&c| c != 0).collect();
+            let added =
+                s.md.clusters
+                    .iter()
+                    .copied()
+                    .filter(|&c| c != 0 && !keep.contains(&c))
+                    .collect();
+            s.pending_clusters.retain(|c| !keep.contains(c));
+            s.md.clusters = saved;
+            if s.md.use_et() {
+                let n = s.md.num_chunks();
+                if s.md.eps.len() > n {
+                    s.md.eps.truncate(n);
+                }
+            }
+            added
+        };
+        self.bs.unclaim_clusters(&added);
+    }
+
     /// Writes the whole md (md_lock held).
     pub(crate) async fn persist_locked(&self) -> Result<()> {
         let (md, chain, ep_dirty, pending, gen) = {
@@ -622,11 +654,19 @@ impl BlobInner {
                 s.gen,
             )
         };
-        let (new_chain, eps) = self
+        let (new_chain, eps) = match self
             .bs
             .persist_md(self.id, &md, &chain, &ep_dirty, &pending)
-            .await?;
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.undo_resize();
+                return Err(e);
+            }
+        };
         let mut s = self.lock();
+        s.saved_clusters = None;
         s.chain = new_chain;
         s.md.eps = eps;
         s.ep_dirty.clear();

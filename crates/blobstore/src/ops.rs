@@ -63,6 +63,10 @@ impl StoreInner {
         } else {
             match self.claim_clusters(n) {
                 Ok(c) => {
+                    if let Err(e) = self.scrub_clusters(&c).await {
+                        self.undo_create(page, &c);
+                        return Err(e);
+                    }
                     md.clusters = c.clone();
                     c
                 }
@@ -154,8 +158,20 @@ impl StoreInner {
         yield_now().await;
         let orig = self.open_internal(orig_id).await?;
         let r = self.snapshot_inner(&orig, xattrs).await;
-        self.close_internal(orig).await?;
-        r
+        let c = self.close_internal(orig).await;
+        let id = r?;
+        c?;
+        Ok(id)
+    }
+
+    /// Deletes a blob just created by a failed operation (md_lock held; nothing else refers
+    /// to it). Its clusters and extent pages are not touched: the empty md names none. If
+    /// the delete cannot be written, the blob still leaves the listing: it carries SNAPTMP,
+    /// so unload retries the delete or the load-time fix-up does it.
+    async fn discard_new_blob(&self, id: BlobId, chain: &[u32]) {
+        self.state().used_blobids.clear(u64::from(id as u32));
+        self.delete_or_doom(id, &BlobMd::default(), chain).await;
+        self.forget_blob(id);
     }
 
     async fn snapshot_inner(
@@ -228,11 +244,19 @@ impl StoreInner {
             }
             Err(e) => {
                 restore(orig, &mut sst);
+                self.discard_new_blob(sid, &sst.chain).await;
                 return Err(e);
             }
         }
         // 3. The original becomes a clone of the snapshot.
         let old_parent = self.state().parent_of.get(&orig.id).copied();
+        let (saved_md, saved_dirty) = {
+            let os = orig.lock();
+            let mut m = os.md.clone();
+            m.clusters = sst.md.clusters.clone();
+            m.eps = sst.md.eps.clone();
+            (m, os.dirty)
+        };
         let old_back = {
             let mut os = orig.lock();
             os.md.invalid |= INV_THIN;
@@ -248,7 +272,26 @@ impl StoreInner {
         let snap = Arc::new(BlobInner::new(sid, self.clone(), sst));
         self.state().open.insert(sid, snap.clone());
         orig.lock().back = Back::Snapshot(snap.clone());
-        orig.persist_locked().await?;
+        if let Err(e) = orig.persist_locked().await {
+            // Not committed: the original keeps its map, flags and parent; the snapshot goes.
+            let back = {
+                let mut ss = snap.lock();
+                ss.open_ref = 0;
+                std::mem::replace(&mut ss.back, Back::None)
+            };
+            self.state().open.remove(&sid);
+            {
+                let mut os = orig.lock();
+                os.md = saved_md;
+                os.back = back;
+                os.ep_dirty.clear();
+                os.dirty = saved_dirty;
+            }
+            let chain = snap.lock().chain.clone();
+            drop(snap);
+            self.discard_new_blob(sid, &chain).await;
+            return Err(e);
+        }
         if let Some(p) = old_parent {
             self.remove_relation(orig.id);
             self.add_relation(p, sid);
@@ -261,7 +304,14 @@ impl StoreInner {
             s.md.data_ro |= DATA_RO_READ_ONLY;
             s.touch();
         }
-        snap.persist_locked().await?;
+        // The snapshot is committed (the original points at it); if clearing SNAPTMP cannot
+        // be written, the load-time fix-up finishes it, so this is still a success.
+        if let Err(e) = snap.persist_locked().await {
+            tracing::warn!(target: "blob", "snapshot {sid:#x}: final md write failed: {e}");
+            let mut s = snap.lock();
+            s.data_ro = true;
+            s.md_ro = true;
+        }
         Ok(sid)
     }
 
@@ -391,9 +441,13 @@ impl StoreInner {
             s.md.set_internal(XATTR_SNAPRM, &cb.id.to_le_bytes());
             s.touch();
         }
-        snap.persist_locked().await?;
+        if let Err(e) = snap.persist_locked().await {
+            snap.lock().md.remove_internal(XATTR_SNAPRM);
+            return Err(e);
+        }
         // 2. The clone takes every cluster it does not have, and the snapshot's parent.
         let mut moved = Vec::new();
+        let saved_cmd = cb.lock().md.clone();
         {
             let (smd, sback) = {
                 let mut s = snap.lock();
@@ -424,7 +478,21 @@ impl StoreInner {
             // The clone's reference to the snapshot goes away with the snapshot.
             drop(old);
         }
-        cb.persist_locked().await?;
+        if let Err(e) = cb.persist_locked().await {
+            // Not committed: the clone keeps its map and the snapshot; on disk the snapshot
+            // may carry SNAPRM, which the load-time fix-up removes since the clone still
+            // points at it. Do the same here.
+            let sback = {
+                let mut c = cb.lock();
+                c.md = saved_cmd;
+                std::mem::replace(&mut c.back, Back::Snapshot(snap.clone()))
+            };
+            let mut s = snap.lock();
+            s.back = sback;
+            s.md.remove_internal(XATTR_SNAPRM);
+            s.touch();
+            return Err(e);
+        }
         // 3. Delete the snapshot, freeing only what the clone did not take.
         let (mut smd, chain) = {
             let s = snap.lock();
@@ -441,7 +509,9 @@ impl StoreInner {
         if let Some(g) = g {
             self.add_relation(g, cb.id);
         }
-        self.persist_delete(sid, &smd, &chain).await?;
+        // The clone no longer points at the snapshot: the delete is committed. If zeroing the
+        // snapshot's md fails, it carries SNAPRM and is deleted at unload or recovery.
+        self.delete_or_doom(sid, &smd, &chain).await;
         Ok(())
     }
 
@@ -465,14 +535,22 @@ impl StoreInner {
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
         let (old, thin) = {
-            let s = b.lock();
+            let mut s = b.lock();
+            if s.saved_clusters.is_none() {
+                s.saved_clusters = Some(s.md.clusters.clone());
+            }
             (s.md.clusters.len() as u64, s.md.thin())
         };
         if n > old {
             let add = if thin {
                 vec![0; (n - old) as usize]
             } else {
-                self.claim_clusters(n - old)?
+                let c = self.claim_clusters(n - old)?;
+                if let Err(e) = self.scrub_clusters(&c).await {
+                    self.unclaim_clusters(&c);
+                    return Err(e);
+                }
+                c
             };
             let mut s = b.lock();
             s.md.clusters.extend(add);
@@ -561,6 +639,8 @@ impl StoreInner {
         }
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        let saved_md = b.lock().md.clone();
+        let saved_parent = self.state().parent_of.get(&b.id).copied();
         let old_back = {
             let mut s = b.lock();
             let old = std::mem::replace(&mut s.back, Back::None);
@@ -577,31 +657,50 @@ impl StoreInner {
             old
         };
         self.remove_relation(b.id);
-        if !allocate_all {
-            if let Back::Snapshot(p) = &old_back {
-                let (pmd_parent, pback) = {
-                    let ps = p.lock();
-                    (ps.md.snap_parent().ok().flatten(), ps.back.clone_ref())
-                };
-                if let Some(g) = pmd_parent {
-                    let gb = self.open_locked(g).await?;
-                    let mut s = b.lock();
-                    s.md.set_internal(XATTR_SNAP, &g.to_le_bytes());
-                    s.back = Back::Snapshot(gb);
-                    drop(s);
-                    self.add_relation(g, b.id);
-                } else if let crate::blob::BackRef::Esnap(d) = pback {
-                    let ev = p.lock().md.get_internal(XATTR_EXTSNAP).map(|v| v.to_vec());
-                    if let Some(ev) = ev {
+        let r = async {
+            if !allocate_all {
+                if let Back::Snapshot(p) = &old_back {
+                    let (pmd_parent, pback) = {
+                        let ps = p.lock();
+                        (ps.md.snap_parent().ok().flatten(), ps.back.clone_ref())
+                    };
+                    if let Some(g) = pmd_parent {
+                        let gb = self.open_locked(g).await?;
                         let mut s = b.lock();
-                        s.md.set_internal(XATTR_EXTSNAP, &ev);
-                        s.md.invalid |= INV_ESNAP;
-                        s.back = Back::Esnap(d);
+                        s.md.set_internal(XATTR_SNAP, &g.to_le_bytes());
+                        s.back = Back::Snapshot(gb);
+                        drop(s);
+                        self.add_relation(g, b.id);
+                    } else if let crate::blob::BackRef::Esnap(d) = pback {
+                        let ev = p.lock().md.get_internal(XATTR_EXTSNAP).map(|v| v.to_vec());
+                        if let Some(ev) = ev {
+                            let mut s = b.lock();
+                            s.md.set_internal(XATTR_EXTSNAP, &ev);
+                            s.md.invalid |= INV_ESNAP;
+                            s.back = Back::Esnap(d);
+                        }
                     }
                 }
             }
+            b.persist_locked().await
         }
-        b.persist_locked().await?;
+        .await;
+        if let Err(e) = r {
+            // Not written: the blob keeps its parent (the allocations made above are on disk).
+            let new_back = {
+                let mut s = b.lock();
+                s.md = saved_md;
+                std::mem::replace(&mut s.back, old_back)
+            };
+            self.remove_relation(b.id);
+            if let Some(p) = saved_parent {
+                self.add_relation(p, b.id);
+            }
+            if let Back::Snapshot(gb) = new_back {
+                let _ = self.close_locked(gb).await;
+            }
+            return Err(e);
+        }
         if let Back::Snapshot(p) = old_back {
             self.close_locked(p).await?;
         }
@@ -641,6 +740,7 @@ impl StoreInner {
                     "blob {id:#x} and snapshot {snap:#x} differ in size"
                 )));
             }
+            let saved_md = b.lock().md.clone();
             let old = {
                 let mut s = b.lock();
                 s.md.remove_internal(XATTR_EXTSNAP);
@@ -649,7 +749,17 @@ impl StoreInner {
                 s.touch();
                 std::mem::replace(&mut s.back, Back::Snapshot(sb))
             };
-            b.persist_locked().await?;
+            if let Err(e) = b.persist_locked().await {
+                let new = {
+                    let mut s = b.lock();
+                    s.md = saved_md;
+                    std::mem::replace(&mut s.back, old)
+                };
+                if let Back::Snapshot(sb) = new {
+                    let _ = self.close_locked(sb).await;
+                }
+                return Err(e);
+            }
             self.remove_relation(id);
             self.add_relation(snap, id);
             if let Back::Snapshot(p) = old {
@@ -698,6 +808,7 @@ impl StoreInner {
             }
             let _f = b.freeze.write().await;
             let _g = self.md_lock.lock().await;
+            let saved_md = b.lock().md.clone();
             let old = {
                 let mut s = b.lock();
                 s.md.remove_internal(XATTR_SNAP);
@@ -706,7 +817,12 @@ impl StoreInner {
                 s.touch();
                 std::mem::replace(&mut s.back, Back::Esnap(Some(dev)))
             };
-            b.persist_locked().await?;
+            if let Err(e) = b.persist_locked().await {
+                let mut s = b.lock();
+                s.md = saved_md;
+                s.back = old;
+                return Err(e);
+            }
             self.remove_relation(id);
             if let Back::Snapshot(p) = old {
                 self.close_locked(p).await?;
@@ -803,6 +919,10 @@ impl StoreInner {
         let mut st = self.state();
         st.total_clusters = new_total;
         st.used_clusters.resize(new_total);
+        st.stale.resize(new_total);
+        for c in total..new_total {
+            st.stale.set(c);
+        }
         st.clean_on_disk = false;
         Ok(())
     }

@@ -45,6 +45,9 @@ pub(crate) struct StoreState {
     pub used_pages: Bitmap,
     pub used_clusters: Bitmap,
     pub used_blobids: Bitmap,
+    /// Clusters that may still hold bytes of an earlier owner (released without clearing,
+    /// never cleared since init, or free after a load). A thick claim zeroes them first.
+    pub stale: Bitmap,
     pub clean_on_disk: bool,
     pub super_blob: u64,
     pub open: HashMap<BlobId, Arc<BlobInner>>,
@@ -54,6 +57,13 @@ pub(crate) struct StoreState {
     pub parent_of: HashMap<BlobId, BlobId>,
     pub busy: HashSet<BlobId>,
     pub unloaded: bool,
+    /// Blobs already gone from the listing whose on-disk delete could not be written (each
+    /// carries SNAPTMP / SNAPRM, so a recovery load deletes it); retried at unload.
+    pub doomed: Vec<(BlobId, BlobMd, Vec<u32>)>,
+    /// An md write failed: what the disk holds may differ from what we think (a root page
+    /// that may or may not have landed, pages claimed for it, an unfinished-operation
+    /// marker). Unload then leaves the store dirty so the next load recovers it.
+    pub tainted: bool,
 }
 
 pub(crate) struct StoreInner {
@@ -395,10 +405,10 @@ impl StoreInner {
 
     pub(crate) async fn write_md_page(&self, p: u32, data: &[u8]) -> Result<()> {
         let buf = IoBuf::from_slice(data, self.align);
-        self.dev
-            .write(self.geo.page_lba(p), buf)
-            .await
-            .map_err(io_err)?;
+        if let Err(e) = self.dev.write(self.geo.page_lba(p), buf).await {
+            self.state().tainted = true;
+            return Err(io_err(e));
+        }
         Ok(())
     }
 
@@ -501,11 +511,14 @@ impl StoreInner {
         Ok(out)
     }
 
+    /// Gives back claimed clusters that may have been written (a failed operation): they
+    /// count as stale until cleared.
     pub(crate) fn unclaim_clusters(&self, cs: &[u32]) {
         let mut st = self.state();
         for &c in cs {
             if u64::from(c) >= self.geo.md_clusters {
                 st.used_clusters.clear(u64::from(c));
+                st.stale.set(u64::from(c));
             }
         }
     }
@@ -519,15 +532,56 @@ impl StoreInner {
             let lba = u64::from(c) * self.geo.lba_per_cluster;
             let n = self.geo.lba_per_cluster;
             let r = match method {
-                ClearMethod::None => Ok(()),
-                ClearMethod::WriteZeroes => self.dev.write_zeroes(lba, n).await,
-                ClearMethod::Default | ClearMethod::Unmap => self.dev.unmap(lba, n).await,
+                ClearMethod::None => Err(None),
+                ClearMethod::WriteZeroes => self.dev.write_zeroes(lba, n).await.map_err(Some),
+                ClearMethod::Default | ClearMethod::Unmap => {
+                    self.dev.unmap(lba, n).await.map_err(Some)
+                }
             };
-            if let Err(e) = r {
+            if let Err(Some(e)) = &r {
                 tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
             }
+            let mut st = self.state();
+            if u64::from(c) >= self.geo.md_clusters {
+                st.used_clusters.clear(u64::from(c));
+                if r.is_ok() {
+                    st.stale.clear(u64::from(c));
+                } else {
+                    st.stale.set(u64::from(c));
+                }
+            }
         }
-        self.unclaim_clusters(cs);
+    }
+
+    /// Zeroes the stale clusters among `cs` (just claimed for a thick blob), so that the part
+    /// of a new cluster the user has not written never shows an earlier owner's bytes.
+    pub(crate) async fn scrub_clusters(&self, cs: &[u32]) -> Result<()> {
+        let stale: Vec<u64> = {
+            let st = self.state();
+            cs.iter()
+                .map(|&c| u64::from(c))
+                .filter(|&c| c != 0 && st.stale.get(c))
+                .collect()
+        };
+        let lpc = self.geo.lba_per_cluster;
+        let mut i = 0;
+        while i < stale.len() {
+            let mut j = i + 1;
+            while j < stale.len() && stale[j] == stale[j - 1] + 1 {
+                j += 1;
+            }
+            self.dev
+                .write_zeroes(stale[i] * lpc, (j - i) as u64 * lpc)
+                .await
+                .map_err(io_err)?;
+            let mut st = self.state();
+            for &c in &stale[i..j] {
+                st.stale.clear(c);
+            }
+            drop(st);
+            i = j;
+        }
+        Ok(())
     }
 
     /// Zeroes then frees md pages (old chain pages, released extent pages).
@@ -637,6 +691,15 @@ impl StoreInner {
 
     /// Deletes a blob's metadata (md_lock held): zeroes the root first (the commit point),
     /// then the other pages, then releases clusters.
+    /// Deletes a blob already dropped from the in-memory listing (md_lock held); if the
+    /// delete cannot be written, it is retried at unload.
+    pub(crate) async fn delete_or_doom(&self, id: BlobId, md: &BlobMd, chain: &[u32]) {
+        if let Err(e) = self.persist_delete(id, md, chain).await {
+            tracing::warn!(target: "blob", "deleting blob {id:#x} failed, retried at unload: {e}");
+            self.state().doomed.push((id, md.clone(), chain.to_vec()));
+        }
+    }
+
     pub(crate) async fn persist_delete(
         &self,
         id: BlobId,
@@ -860,22 +923,28 @@ impl StoreInner {
                     return Err(BsError::BadHandle(format!("blob {:#x} is not open", b.id)));
                 }
             }
-            if b.lock().dirty {
-                b.persist_locked().await?;
-            }
+            // The reference is dropped even when the persist fails: the handle is consumed
+            // by every caller, so a kept reference could never be released (EBUSY at unload).
+            let r = if b.lock().dirty {
+                b.persist_locked().await
+            } else {
+                Ok(())
+            };
             let back = {
                 let mut s = b.lock();
                 s.open_ref -= 1;
                 if s.open_ref > 0 {
-                    return Ok(());
+                    return r;
                 }
                 std::mem::replace(&mut s.back, Back::None)
             };
             self.state().open.remove(&b.id);
             if let Back::Snapshot(p) = back {
-                self.close_locked(p).await?;
+                let rp = self.close_locked(p).await;
+                r.and(rp)
+            } else {
+                r
             }
-            Ok(())
         }
         .boxed()
     }
@@ -934,6 +1003,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     dev.write_zeroes(0, md_end_lba).await.map_err(io_err)?;
     let data_start = md_end_lba;
     let data_end = l.total_clusters * (u64::from(cluster_size) / u64::from(bl));
+    let mut data_clean = opts.clear_method != ClearMethod::None;
     if data_end > data_start {
         let r = match opts.clear_method {
             ClearMethod::None => Ok(()),
@@ -947,6 +1017,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
                 return Err(io_err(e));
             }
             tracing::debug!(target: "blob", "unmap at init failed: {e}");
+            data_clean = false;
         }
     }
     let sbi = SuperBlockInfo {
@@ -988,6 +1059,12 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     for c in 0..l.md_clusters {
         used_clusters.set(c);
     }
+    let mut stale = Bitmap::new(l.total_clusters);
+    if !data_clean {
+        for c in l.md_clusters..l.total_clusters {
+            stale.set(c);
+        }
+    }
     Ok(Arc::new(StoreInner {
         dev,
         geo,
@@ -999,6 +1076,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             used_pages: Bitmap::new(u64::from(l.md_len)),
             used_clusters,
             used_blobids: Bitmap::new(u64::from(l.md_len)),
+            stale,
             clean_on_disk: false,
             super_blob: BLOBID_INVALID,
             open: HashMap::new(),
@@ -1006,6 +1084,8 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             parent_of: HashMap::new(),
             busy: HashSet::new(),
             unloaded: false,
+            doomed: Vec::new(),
+            tainted: false,
         }),
         factory: opts.esnap_factory.clone(),
     }))
@@ -1188,6 +1268,15 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         used_clusters.set(c);
     }
     let clean_on_disk = sbi.clean == 1 && !need_recovery;
+    // What was released without clearing before this load is not recorded on disk: every
+    // free cluster may hold old bytes (also those of a write whose allocation a power cut
+    // lost). A thick claim zeroes them; thin allocations write whole clusters anyway.
+    let mut stale = Bitmap::new(total);
+    for c in geo.md_clusters..total {
+        if !used_clusters.get(c) {
+            stale.set(c);
+        }
+    }
     let inner = Arc::new(StoreInner {
         dev,
         geo,
@@ -1200,12 +1289,15 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             used_pages,
             used_clusters,
             used_blobids,
+            stale,
             clean_on_disk,
             open: HashMap::new(),
             clones: BTreeMap::new(),
             parent_of: HashMap::new(),
             busy: HashSet::new(),
             unloaded: false,
+            doomed: Vec::new(),
+            tainted: false,
         }),
         factory: opts.esnap_factory.clone(),
     });
@@ -1371,6 +1463,20 @@ impl StoreInner {
 
     /// Writes the three masks, then the super block with clean = 1.
     async fn write_clean(&self) -> Result<()> {
+        if self.state().tainted {
+            tracing::warn!(target: "blob", "an md write failed earlier: the store is left dirty for recovery at the next load");
+            return Ok(());
+        }
+        // A blob left out of the masks must be gone from the disk too, else a clean load
+        // would never see (and never finish deleting) it. If it still cannot be deleted, the
+        // store stays dirty and the next load's recovery deletes it.
+        let doomed = std::mem::take(&mut self.state().doomed);
+        for (i, (id, md, chain)) in doomed.iter().enumerate() {
+            if let Err(e) = self.persist_delete(*id, md, chain).await {
+                self.state().doomed.extend(doomed[i..].iter().cloned());
+                return Err(e);
+            }
+        }
         let s = self.read_super().await?;
         let (pm, cm, bm, total) = {
             let st = self.state();

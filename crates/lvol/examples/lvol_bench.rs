@@ -28,8 +28,22 @@ impl Rng {
     }
 }
 
+/// CPU time used by the process so far, in nanoseconds (the machine may be shared: CPU time
+/// per request is steadier than wall-clock IOPS).
+fn cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Random 4 KiB I/O over the first `span` bytes for `secs`, `QD` requests in flight; IOPS.
+/// Also prints the CPU time per request.
 async fn randio(d: &Descriptor, span: u64, write: bool, secs: f64) -> f64 {
+    let cpu0 = cpu_ns();
     let bl = u64::from(d.device().block_len());
     let blocks = span / 4096;
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
@@ -51,6 +65,12 @@ async fn randio(d: &Descriptor, span: u64, write: bool, secs: f64) -> f64 {
         n
     });
     let total: u64 = futures::future::join_all(workers).await.into_iter().sum();
+    println!(
+        "  {} {}: {:.0} ns CPU per request",
+        d.device().module_name(),
+        if write { "write" } else { "read" },
+        (cpu_ns() - cpu0) as f64 / total.max(1) as f64
+    );
     total as f64 / secs
 }
 

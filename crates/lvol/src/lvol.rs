@@ -1,6 +1,6 @@
 //! One logical volume ([`Lvol`]) and its block device ([`LvolBdev`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
@@ -23,6 +23,10 @@ pub struct Lvol {
     pub(crate) name: Mutex<String>,
     pub(crate) registered: AtomicBool,
     pub(crate) seq: u64,
+    /// The blob's size in io units, read on every request (range check of the bdev layer)
+    /// without taking the blob's lock; refreshed by [`Lvol::refresh_size`] after a resize,
+    /// the only operation that changes it.
+    pub(crate) io_units: AtomicU64,
 }
 
 impl std::fmt::Debug for Lvol {
@@ -67,6 +71,11 @@ impl Lvol {
     /// The blob id.
     pub fn blob_id(&self) -> BlobId {
         self.blob_id
+    }
+    /// Re-reads the cached size from the blob (after a resize, whatever its outcome).
+    pub(crate) fn refresh_size(&self) {
+        self.io_units
+            .store(self.blob.num_io_units(), Ordering::Release);
     }
     /// Whether its bdev is registered.
     pub fn is_registered(&self) -> bool {
@@ -277,6 +286,57 @@ impl LvolBdev {
         (first..=last).all(|c| self.lvol.blob.is_cluster_allocated(c))
     }
 
+    /// Slow path of a read that failed once with `first`: retried (into fresh buffers) while
+    /// the failure is for want of an external snapshot, as the retry policy allows.
+    async fn read_retry(
+        &self,
+        offset_blocks: u64,
+        len: usize,
+        align: usize,
+        first: BsError,
+    ) -> bdev_core::Result<IoBuf> {
+        let mut err = first;
+        let mut attempt = 0;
+        loop {
+            if !self.retryable(&err) {
+                return Err(to_bdev_err(err));
+            }
+            if attempt >= self.retry.retries() {
+                return Err(eio());
+            }
+            attempt += 1;
+            self.pause().await;
+            match self
+                .lvol
+                .blob
+                .read(offset_blocks, IoBuf::new(len, align))
+                .await
+            {
+                Ok(b) => return Ok(b),
+                Err(e) => err = e,
+            }
+        }
+    }
+
+    /// A write that may need a copy-on-write from a base that can go missing: the data is
+    /// kept so the request can be retried.
+    async fn write_retry(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
+        let mut attempt = 0;
+        loop {
+            match self.lvol.blob.write(offset_blocks, buf.clone()).await {
+                Ok(_) => return Ok(buf),
+                Err(e) if self.retryable(&e) => {
+                    if attempt >= self.retry.retries() {
+                        return Err(eio());
+                    }
+                    attempt += 1;
+                    self.pause().await;
+                }
+                Err(e) => return Err(to_bdev_err(e)),
+            }
+        }
+    }
+
     /// Runs a request without buffers with the degraded retry policy.
     async fn retry_plain<F, Fut>(&self, f: F) -> bdev_core::Result<()>
     where
@@ -318,7 +378,7 @@ impl BlockDevice for LvolBdev {
         self.block_len
     }
     fn num_blocks(&self) -> u64 {
-        self.lvol.blob.num_io_units()
+        self.lvol.io_units.load(Ordering::Acquire)
     }
     fn buf_align(&self) -> usize {
         self.buf_align
@@ -334,25 +394,12 @@ impl BlockDevice for LvolBdev {
         }
     }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
+        // Fast path: one blob read. The retry loop (with its timer) lives in a separately
+        // boxed future, so this future stays small and is cheap to build and poll.
         let (len, align) = (buf.len(), buf.align());
-        let mut next = Some(buf);
-        let mut attempt = 0;
-        loop {
-            let b = match next.take() {
-                Some(b) => b,
-                None => IoBuf::new(len, align),
-            };
-            match self.lvol.blob.read(offset_blocks, b).await {
-                Ok(b) => return Ok(b),
-                Err(e) if self.retryable(&e) => {
-                    if attempt >= self.retry.retries() {
-                        return Err(eio());
-                    }
-                    attempt += 1;
-                    self.pause().await;
-                }
-                Err(e) => return Err(to_bdev_err(e)),
-            }
+        match self.lvol.blob.read(offset_blocks, buf).await {
+            Ok(b) => Ok(b),
+            Err(e) => Box::pin(self.read_retry(offset_blocks, len, align, e)).await,
         }
     }
     async fn write(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
@@ -365,22 +412,7 @@ impl BlockDevice for LvolBdev {
                 .await
                 .map_err(to_bdev_err);
         }
-        // The write may need a copy-on-write from a base that can go missing: keep the data
-        // so the request can be retried.
-        let mut attempt = 0;
-        loop {
-            match self.lvol.blob.write(offset_blocks, buf.clone()).await {
-                Ok(_) => return Ok(buf),
-                Err(e) if self.retryable(&e) => {
-                    if attempt >= self.retry.retries() {
-                        return Err(eio());
-                    }
-                    attempt += 1;
-                    self.pause().await;
-                }
-                Err(e) => return Err(to_bdev_err(e)),
-            }
-        }
+        Box::pin(self.write_retry(offset_blocks, buf)).await
     }
     async fn flush(&self) -> bdev_core::Result<()> {
         self.lvol.blob.flush().await.map_err(to_bdev_err)

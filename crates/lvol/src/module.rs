@@ -22,6 +22,14 @@ use crate::store::{
 };
 use crate::{LvolError, Result};
 
+/// User xattr marking a blob that is not (or no longer) a committed lvol. A create writes
+/// it with the new blob and removes it once the lvol is open and its bdev registered (the
+/// commit point); a delete writes it before the blob is deleted. A load deletes every blob
+/// carrying it, so an interrupted or failed create never turns into an lvol after a reload,
+/// and a delete that failed half-way (the device went bad between the mark and the delete)
+/// is finished. SPDK ignores unknown user xattrs, so stores stay readable by SPDK.
+pub(crate) const PENDING_DELETE_XATTR: &str = "pending_delete";
+
 /// How a new store clears its data region (`clear_method` of `bdev_lvol_create_lvstore`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LvsClearMethod {
@@ -528,10 +536,12 @@ impl LvolModule {
         let super_id = bs
             .super_blob()
             .ok_or_else(|| LvolError::NoDevice("lvol store has no super blob".into()))?;
-        let sb = bs
-            .open_blob(super_id)
-            .await
-            .map_err(|e| LvolError::NoDevice(format!("super blob: {e}")))?;
+        // An I/O error reading the super blob is reported as such (EIO); only a super blob
+        // that is not there (or not readable as a blob) means "no lvol store here".
+        let sb = bs.open_blob(super_id).await.map_err(|e| match e.errno() {
+            libc::EIO => LvolError::from(e),
+            _ => LvolError::NoDevice(format!("super blob: {e}")),
+        })?;
         let uuid_v = sb.get_xattr("uuid");
         let name_v = sb.get_xattr("name");
         let _ = sb.close().await;
@@ -562,11 +572,17 @@ impl LvolModule {
         if let Ok(mut w) = esnap.store.lock() {
             *w = Arc::downgrade(&store);
         }
+        let mut pending = Vec::new();
         for id in bs.blob_ids() {
             if id == super_id {
                 continue;
             }
             let blob = bs.open_blob(id).await?;
+            if blob.get_xattr(PENDING_DELETE_XATTR).is_ok() {
+                blob.close().await?;
+                pending.push(id);
+                continue;
+            }
             opened.push(blob.clone());
             let lname = blob
                 .get_xattr("name")
@@ -590,13 +606,25 @@ impl LvolModule {
                 name: Mutex::new(lname.clone()),
                 registered: Default::default(),
                 seq: next_seq(),
+                io_units: Default::default(),
             });
+            lvol.refresh_size();
             let mut maps = store.maps();
             if maps.by_name.contains_key(&lname) {
                 return Err(LvolError::AlreadyExists(format!("lvol {lname}")));
             }
             maps.by_name.insert(lname, lvol.clone());
             maps.by_blob.insert(id, lvol);
+        }
+        // Finish the creates and deletes that did not complete. A failure leaves the blob
+        // marked (and unlisted) for the next load.
+        for id in pending {
+            match bs.delete_blob(id).await {
+                Ok(()) => tracing::info!(target: "lvol", "deleted uncommitted blob {id:#x}"),
+                Err(e) => {
+                    tracing::warn!(target: "lvol", "deleting uncommitted blob {id:#x}: {e}")
+                }
+            }
         }
         Ok((store, guard))
     }
@@ -672,10 +700,16 @@ impl LvolModule {
                 tracing::warn!(target: "lvol", "closing lvol {}: {e}", l.name());
             }
         }
-        {
+        let orphans = {
             let mut maps = store.maps();
             maps.by_name.clear();
             maps.by_blob.clear();
+            std::mem::take(&mut maps.orphans)
+        };
+        for b in orphans {
+            if let Err(e) = b.close().await {
+                tracing::warn!(target: "lvol", "closing an uncommitted blob: {e}");
+            }
         }
         store.esnap.close_all();
         let res = if destroy {
@@ -750,6 +784,18 @@ impl LvolModule {
         name: &str,
     ) -> Result<Arc<Lvol>> {
         let blob = store.bs.open_blob(id).await?;
+        self.publish(store, blob, id, uuid, name).await
+    }
+
+    /// Lists an lvol on an open blob and registers its bdev; on failure the blob is closed.
+    async fn publish(
+        &self,
+        store: &Arc<LvolStore>,
+        blob: Blob,
+        id: BlobId,
+        uuid: Uuid,
+        name: &str,
+    ) -> Result<Arc<Lvol>> {
         let lvol = Arc::new(Lvol {
             store: Arc::downgrade(store),
             blob,
@@ -759,7 +805,9 @@ impl LvolModule {
             name: Mutex::new(name.to_string()),
             registered: Default::default(),
             seq: next_seq(),
+            io_units: Default::default(),
         });
+        lvol.refresh_size();
         {
             let mut maps = store.maps();
             maps.by_name.insert(name.to_string(), lvol.clone());
@@ -785,6 +833,84 @@ impl LvolModule {
         ]
     }
 
+    /// The xattrs of a blob made by a create: those of an lvol plus the pending-delete mark
+    /// that [`commit_new`](Self::commit_new) removes.
+    fn uncommitted_lvol_xattrs(name: &str, uuid: &Uuid) -> Vec<(String, Vec<u8>)> {
+        let mut v = Self::new_lvol_xattrs(name, uuid);
+        v.push((PENDING_DELETE_XATTR.to_string(), vec![1]));
+        v
+    }
+
+    /// Turns a blob just created with [`uncommitted_lvol_xattrs`](Self::uncommitted_lvol_xattrs)
+    /// into a listed lvol with a registered bdev, then commits it by removing the mark.
+    ///
+    /// On any failure the create is rolled back: the lvol is unlisted, its bdev unregistered
+    /// and the blob deleted. If the device fails the rollback too (a read error at the open
+    /// fails the delete as well), the blob stays on disk with its mark and is not listed: the
+    /// create is reported failed, and the next load deletes the blob, so what the process
+    /// shows and what a reload finds agree.
+    async fn commit_new(
+        &self,
+        store: &Arc<LvolStore>,
+        id: BlobId,
+        uuid: Uuid,
+        name: &str,
+    ) -> Result<Arc<Lvol>> {
+        let blob = match store.bs.open_blob(id).await {
+            Ok(b) => b,
+            Err(e) => {
+                self.discard_uncommitted(store, None, id).await;
+                return Err(e.into());
+            }
+        };
+        let lvol = match self.publish(store, blob.clone(), id, uuid, name).await {
+            Ok(l) => l,
+            Err(e) => {
+                // publish closed the blob.
+                self.discard_uncommitted(store, None, id).await;
+                return Err(e);
+            }
+        };
+        let res = async {
+            lvol.blob.remove_xattr(PENDING_DELETE_XATTR)?;
+            lvol.blob.sync_md().await
+        }
+        .await;
+        if let Err(e) = res {
+            let _ = lvol.blob.set_xattr(PENDING_DELETE_XATTR, &[1]);
+            self.unregister_bdev(&lvol).await;
+            {
+                let mut maps = store.maps();
+                maps.by_name.remove(name);
+                maps.by_blob.remove(&id);
+            }
+            self.discard_uncommitted(store, Some(lvol.blob.clone()), id)
+                .await;
+            store.refresh_esnap_holders();
+            return Err(e.into());
+        }
+        Ok(lvol)
+    }
+
+    /// Closes (if `blob` is given) and deletes a marked blob that is not listed. A blob that
+    /// cannot be closed is kept as an orphan until the store closes; one that cannot be
+    /// deleted stays marked on disk for the next load.
+    async fn discard_uncommitted(&self, store: &Arc<LvolStore>, blob: Option<Blob>, id: BlobId) {
+        if let Some(b) = blob {
+            if let Err(e) = b.clone().close().await {
+                tracing::warn!(target: "lvol", "closing uncommitted blob {id:#x}: {e}");
+                store.maps().orphans.push(b);
+                return;
+            }
+        }
+        if let Err(e) = store.bs.delete_blob(id).await {
+            tracing::warn!(
+                target: "lvol",
+                "deleting uncommitted blob {id:#x}: {e}; the next load deletes it"
+            );
+        }
+    }
+
     /// Creates an lvol of `size_bytes` (rounded up to whole clusters), thick or thin.
     pub async fn create_lvol(
         &self,
@@ -800,17 +926,11 @@ impl LvolModule {
             num_clusters: div_ceil(size_bytes, u64::from(store.cluster_size())),
             thin,
             clear_method,
-            xattrs: Self::new_lvol_xattrs(name, &uuid),
+            xattrs: Self::uncommitted_lvol_xattrs(name, &uuid),
             ..BlobOpts::default()
         };
         let id = store.bs.create_blob(opts).await?;
-        match self.attach(store, id, uuid, name).await {
-            Ok(l) => Ok(l),
-            Err(e) => {
-                let _ = store.bs.delete_blob(id).await;
-                Err(e)
-            }
-        }
+        self.commit_new(store, id, uuid, name).await
     }
 
     /// Snapshots an lvol; the lvol becomes a clone of the new snapshot.
@@ -848,9 +968,9 @@ impl LvolModule {
         let uuid = Uuid::new_v4();
         let id = store
             .bs
-            .create_clone(snap.blob_id, Self::new_lvol_xattrs(name, &uuid))
+            .create_clone(snap.blob_id, Self::uncommitted_lvol_xattrs(name, &uuid))
             .await?;
-        self.attach(&store, id, uuid, name).await
+        self.commit_new(&store, id, uuid, name).await
     }
 
     /// Creates an esnap clone of any bdev (by name, alias or UUID): a thin lvol of the bdev's
@@ -877,19 +997,14 @@ impl LvolModule {
         let opts = BlobOpts {
             num_clusters: size / cs,
             thin: true,
-            xattrs: Self::new_lvol_xattrs(name, &uuid),
+            xattrs: Self::uncommitted_lvol_xattrs(name, &uuid),
             esnap_id: Some(esnap_id_for(&dev.uuid())),
             ..BlobOpts::default()
         };
         let id = store.bs.create_blob(opts).await?;
-        match self.attach(store, id, uuid, name).await {
-            Ok(l) => Ok(l),
-            Err(e) => {
-                let _ = store.bs.delete_blob(id).await;
-                store.refresh_esnap_holders();
-                Err(e)
-            }
-        }
+        let res = self.commit_new(store, id, uuid, name).await;
+        store.refresh_esnap_holders();
+        res
     }
 
     /// Renames an lvol; its bdev alias follows. Renaming to the same name succeeds.
@@ -940,8 +1055,13 @@ impl LvolModule {
             return Err(LvolError::NotPermitted("lvol is read-only".into()));
         }
         let n = div_ceil(size_bytes, u64::from(store.cluster_size()));
-        lvol.blob.resize(n).await?;
-        lvol.blob.sync_md().await?;
+        let res = async {
+            lvol.blob.resize(n).await?;
+            lvol.blob.sync_md().await
+        }
+        .await;
+        lvol.refresh_size();
+        res?;
         if lvol.is_registered() {
             self.0.registry.notify_resize(&lvol.unique_id);
         }
@@ -1041,6 +1161,18 @@ impl LvolModule {
             ));
         }
         let name = lvol.name();
+        // Write the pending-delete mark first (snapshots have read-only metadata and go
+        // without): once it is on disk, a delete that fails below after the blob was closed
+        // and could not be re-opened is finished by the next load instead of leaving an lvol
+        // that the process no longer lists.
+        let marked = lvol.blob.set_xattr(PENDING_DELETE_XATTR, &[1]).is_ok();
+        if marked {
+            if let Err(e) = lvol.blob.sync_md().await {
+                // Nothing changed on disk: the lvol stays as it was.
+                let _ = lvol.blob.remove_xattr(PENDING_DELETE_XATTR);
+                return Err(e.into());
+            }
+        }
         self.unregister_bdev(lvol).await;
         {
             let mut maps = store.maps();
@@ -1056,12 +1188,53 @@ impl LvolModule {
                 Ok(())
             }
             Err(e) => {
-                // Bring the lvol back as it was.
-                if let Err(e2) = self.attach(&store, lvol.blob_id, lvol.uuid, &name).await {
-                    tracing::warn!(target: "lvol", "re-opening {name} after a failed delete: {e2}");
-                }
+                self.restore_after_failed_delete(&store, lvol, &name, marked)
+                    .await;
+                store.refresh_esnap_holders();
                 Err(e.into())
             }
+        }
+    }
+
+    /// Brings an lvol whose delete failed back as it was (listed, bdev registered, mark
+    /// removed). When the device does not allow that, the lvol stays unlisted and marked on
+    /// disk, and the next load finishes the delete.
+    async fn restore_after_failed_delete(
+        &self,
+        store: &Arc<LvolStore>,
+        lvol: &Arc<Lvol>,
+        name: &str,
+        marked: bool,
+    ) {
+        let id = lvol.blob_id;
+        let blob = match store.bs.open_blob(id).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(
+                    target: "lvol",
+                    "re-opening {name} after a failed delete: {e}; the next load deletes it"
+                );
+                return;
+            }
+        };
+        if marked {
+            let res = async {
+                blob.remove_xattr(PENDING_DELETE_XATTR)?;
+                blob.sync_md().await
+            }
+            .await;
+            if let Err(e) = res {
+                tracing::warn!(
+                    target: "lvol",
+                    "unmarking {name} after a failed delete: {e}; the next load deletes it"
+                );
+                let _ = blob.set_xattr(PENDING_DELETE_XATTR, &[1]);
+                self.discard_uncommitted(store, Some(blob), id).await;
+                return;
+            }
+        }
+        if let Err(e) = self.publish(store, blob, id, lvol.uuid, name).await {
+            tracing::warn!(target: "lvol", "re-listing {name} after a failed delete: {e}");
         }
     }
 

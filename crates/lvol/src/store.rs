@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use blobstore::{BlobId, Blobstore, Parent};
+use blobstore::{Blob, BlobId, Blobstore, Parent};
 use futures::channel::oneshot;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -28,6 +28,10 @@ pub(crate) struct LvolMaps {
     pub(crate) by_blob: BTreeMap<BlobId, Arc<Lvol>>,
     /// Names reserved by creates in flight.
     pub(crate) pending: BTreeSet<String>,
+    /// Open blobs of failed creates or deletes that could not be closed (their metadata
+    /// write failed); they carry the pending-delete mark in memory and on disk, are closed
+    /// when the store closes, and the next load deletes them.
+    pub(crate) orphans: Vec<Blob>,
 }
 
 /// A loaded lvol store.

@@ -35,7 +35,8 @@ const BASE_CLUSTERS: usize = 4;
 const ESNAP_ID: &[u8] = b"reliability-esnap-base";
 
 // ---------------------------------------------------------------------------------------
-// The esnap base: a read-only pattern device that can be removed and re-added.
+// The esnap base: a read-only pattern device with 512-byte blocks (the store has 4 KiB
+// blocks) that can be removed and re-added.
 
 struct BaseFactory {
     dev: Arc<MemBsDev>,
@@ -348,7 +349,7 @@ impl World {
     async fn new(dev_blocks: u64) -> World {
         let base = base_bytes();
         let factory = Arc::new(BaseFactory {
-            dev: MemBsDev::read_only(BLK as u32, base.clone()),
+            dev: MemBsDev::read_only(512, base.clone()),
             present: AtomicBool::new(true),
             opens: AtomicU64::new(0),
         });

@@ -1,0 +1,382 @@
+//! Regressions for the reliability findings 2 and 3: thick claims never show stale bytes, and
+//! failed metadata operations release their opens and leave memory matching the disk.
+
+use std::collections::BTreeMap;
+
+use blobstore::testing::{Fault, MemBsDev};
+use blobstore::{BlobId, BlobOpts, Blobstore, BsOpts, ClearMethod, IoBuf, Parent};
+use futures::executor::block_on;
+
+const BLK: u32 = 4096;
+const CLUSTER: u32 = 16384;
+const LPC: u64 = (CLUSTER / BLK) as u64;
+const METHODS: [ClearMethod; 4] = [
+    ClearMethod::Default,
+    ClearMethod::None,
+    ClearMethod::Unmap,
+    ClearMethod::WriteZeroes,
+];
+
+fn opts(cm: ClearMethod) -> BsOpts {
+    BsOpts {
+        cluster_size: CLUSTER,
+        clear_method: cm,
+        ..Default::default()
+    }
+}
+
+fn secret(len: usize) -> IoBuf {
+    let mut b = IoBuf::new(len, 4096);
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = 0xA5 ^ (i as u8 & 0x0f);
+    }
+    b
+}
+
+async fn read_all(bs: &Blobstore, id: BlobId) -> Vec<u8> {
+    let b = bs.open_blob(id).await.unwrap();
+    let n = b.num_clusters() * u64::from(CLUSTER);
+    let d = b.read(0, IoBuf::new(n as usize, 4096)).await.unwrap();
+    b.close().await.unwrap();
+    d.to_vec()
+}
+
+async fn thick(bs: &Blobstore, n: u64, cm: ClearMethod) -> BlobId {
+    bs.create_blob(BlobOpts {
+        num_clusters: n,
+        clear_method: cm,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+async fn write_secret(bs: &Blobstore, id: BlobId) {
+    let b = bs.open_blob(id).await.unwrap();
+    let n = b.num_clusters() as usize * CLUSTER as usize;
+    b.write(0, secret(n)).await.unwrap();
+    b.close().await.unwrap();
+}
+
+/// Creates a thick blob of `n / 2` clusters and grows a 1-cluster thick blob to `n - n / 2`;
+/// both must read as zeroes.
+async fn thick_claims_read_zeroes(bs: &Blobstore, n: u64, what: &str) {
+    let c = thick(bs, n / 2, ClearMethod::Default).await;
+    let t = thick(bs, 1, ClearMethod::Default).await;
+    let b = bs.open_blob(t).await.unwrap();
+    b.resize(n - n / 2).await.unwrap();
+    b.sync_md().await.unwrap();
+    b.close().await.unwrap();
+    for (how, id) in [("create", c), ("grow", t)] {
+        assert!(
+            read_all(bs, id).await.iter().all(|&x| x == 0),
+            "{what}: thick {how} shows stale bytes"
+        );
+    }
+}
+
+#[test]
+fn thick_claims_after_an_uncleared_delete_read_zeroes() {
+    block_on(async {
+        for store_cm in METHODS {
+            let dev = MemBsDev::new(BLK, 256);
+            let bs = Blobstore::init(dev.clone(), opts(store_cm)).await.unwrap();
+            let n = bs.free_clusters();
+            let a = thick(&bs, n, ClearMethod::None).await;
+            write_secret(&bs, a).await;
+            bs.delete_blob(a).await.unwrap();
+            thick_claims_read_zeroes(&bs, n, &format!("store {store_cm:?}")).await;
+        }
+    });
+}
+
+#[test]
+fn thick_claims_after_a_clean_reload_read_zeroes() {
+    block_on(async {
+        let dev = MemBsDev::new(BLK, 256);
+        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        let n = bs.free_clusters();
+        let a = thick(&bs, n, ClearMethod::None).await;
+        write_secret(&bs, a).await;
+        bs.delete_blob(a).await.unwrap();
+        bs.unload().await.unwrap();
+        let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        thick_claims_read_zeroes(&bs, n, "after reload").await;
+    });
+}
+
+#[test]
+fn thick_create_on_a_store_initialised_without_clearing_reads_zeroes() {
+    block_on(async {
+        let dev = MemBsDev::from_bytes(BLK, vec![0xEE; 256 * BLK as usize]);
+        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::None))
+            .await
+            .unwrap();
+        let n = bs.free_clusters();
+        thick_claims_read_zeroes(&bs, n, "init clear none").await;
+    });
+}
+
+#[test]
+fn thick_create_fast_path_writes_no_data_on_a_cleared_store() {
+    block_on(async {
+        let dev = MemBsDev::new(BLK, 256);
+        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        let n = bs.free_clusters();
+        let w0 = dev.writes();
+        let id = thick(&bs, n, ClearMethod::Default).await;
+        // Only metadata: the super block (dirty), the extent page(s) and the root page.
+        assert!(dev.writes() - w0 <= 4, "{} writes", dev.writes() - w0);
+        assert!(read_all(&bs, id).await.iter().all(|&x| x == 0));
+    });
+}
+
+#[test]
+fn a_thin_write_whose_metadata_failed_does_not_leak_into_a_thick_claim() {
+    block_on(async {
+        let dev = MemBsDev::new(BLK, 64);
+        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        let thin = bs
+            .create_blob(BlobOpts {
+                num_clusters: 2,
+                thin: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let b = bs.open_blob(thin).await.unwrap();
+        // The data write lands, the metadata write after it fails.
+        dev.set_fault(Fault::FailAfter(1));
+        let r = b.write(0, secret(CLUSTER as usize)).await;
+        assert_eq!(r.err().map(|e| e.errno()), Some(libc::EIO));
+        dev.set_fault(Fault::None);
+        assert_eq!(b.num_allocated_clusters(), 0);
+        b.close().await.unwrap();
+        let n = bs.free_clusters();
+        thick_claims_read_zeroes(&bs, n, "after a failed thin allocation").await;
+    });
+}
+
+/// Every blob with its parent and bytes.
+async fn listing(bs: &Blobstore) -> BTreeMap<BlobId, (u64, Parent, bool, Vec<u8>)> {
+    let mut m = BTreeMap::new();
+    for id in bs.blob_ids() {
+        let b = bs.open_blob(id).await.unwrap();
+        let n = b.num_clusters() * u64::from(CLUSTER);
+        let d = b.read(0, IoBuf::new(n as usize, 4096)).await.unwrap();
+        m.insert(id, (b.num_clusters(), b.parent(), b.is_thin(), d.to_vec()));
+        b.close().await.unwrap();
+    }
+    m
+}
+
+/// Runs `op` with every write after the k-th failing, for k = 0..limit; then checks the
+/// store unloads (no leaked open), and that a reload shows exactly what memory showed.
+fn sweep<F>(
+    what: &str,
+    limit: u64,
+    setup: fn(&Blobstore) -> futures::future::BoxFuture<'_, Vec<BlobId>>,
+    op: F,
+) where
+    F: for<'a> Fn(
+        &'a Blobstore,
+        &'a [BlobId],
+    ) -> futures::future::BoxFuture<'a, blobstore::Result<()>>,
+{
+    block_on(async {
+        let mut completed = false;
+        for k in 0..limit {
+            let dev = MemBsDev::new(BLK, 128);
+            let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
+                .await
+                .unwrap();
+            let ids = setup(&bs).await;
+            dev.set_fault(Fault::FailAfter(k));
+            let r = op(&bs, &ids).await;
+            dev.set_fault(Fault::None);
+            if let Err(e) = &r {
+                assert_eq!(e.errno(), libc::EIO, "{what} fail after {k}: {e}");
+            } else {
+                completed = true;
+            }
+            assert_eq!(
+                bs.open_blobs_count(),
+                0,
+                "{what} fail after {k}: open leaked"
+            );
+            let mem = listing(&bs).await;
+            bs.unload()
+                .await
+                .unwrap_or_else(|e| panic!("{what} fail after {k}: unload: {e}"));
+            let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap))
+                .await
+                .unwrap();
+            let disk = listing(&bs).await;
+            assert_eq!(
+                mem.keys().collect::<Vec<_>>(),
+                disk.keys().collect::<Vec<_>>(),
+                "{what} fail after {k} ({r:?}): blobs in memory vs after reload"
+            );
+            for (id, v) in &mem {
+                let d = &disk[id];
+                assert!(
+                    v.0 == d.0 && v.1 == d.1 && v.2 == d.2 && v.3 == d.3,
+                    "{what} fail after {k} ({r:?}): blob {id:#x} in memory {:?} vs disk {:?}",
+                    (v.0, &v.1, v.2),
+                    (d.0, &d.1, d.2)
+                );
+            }
+            bs.unload().await.unwrap();
+            let rep = blobstore::inspect::check(dev.clone()).await.unwrap();
+            assert!(
+                rep.problems.is_empty(),
+                "{what} fail after {k}: check after reload and unload: {:?}",
+                rep.problems
+            );
+        }
+        assert!(completed, "{what}: no fault point let the operation finish");
+    });
+}
+
+fn one_blob(bs: &Blobstore) -> futures::future::BoxFuture<'_, Vec<BlobId>> {
+    Box::pin(async move {
+        let id = thick(bs, 2, ClearMethod::Default).await;
+        write_secret(bs, id).await;
+        vec![id]
+    })
+}
+
+fn clone_of_snapshot(bs: &Blobstore) -> futures::future::BoxFuture<'_, Vec<BlobId>> {
+    Box::pin(async move {
+        let id = bs
+            .create_blob(BlobOpts {
+                num_clusters: 3,
+                thin: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let b = bs.open_blob(id).await.unwrap();
+        b.write(LPC, secret(CLUSTER as usize)).await.unwrap();
+        b.close().await.unwrap();
+        let s = bs.create_snapshot(id, vec![]).await.unwrap();
+        let s2 = bs.create_snapshot(id, vec![]).await.unwrap();
+        let b = bs.open_blob(id).await.unwrap();
+        b.write(0, secret(BLK as usize)).await.unwrap();
+        b.close().await.unwrap();
+        vec![id, s, s2]
+    })
+}
+
+#[test]
+fn failed_snapshot_releases_its_opens_and_rolls_back() {
+    // The brief's repro first: 2 clusters, FailAfter(2), EIO, then unload must work.
+    block_on(async {
+        let dev = MemBsDev::new(BLK, 128);
+        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        let id = one_blob(&bs).await[0];
+        let before = bs.blob_ids();
+        dev.set_fault(Fault::FailAfter(2));
+        let r = bs.create_snapshot(id, vec![]).await;
+        dev.set_fault(Fault::None);
+        assert_eq!(r.err().map(|e| e.errno()), Some(libc::EIO));
+        assert_eq!(bs.blob_ids(), before);
+        let b = bs.open_blob(id).await.unwrap();
+        assert_eq!(b.parent(), Parent::None);
+        assert!(!b.is_thin());
+        b.close().await.unwrap();
+        bs.unload().await.unwrap();
+    });
+    sweep("snapshot", 8, one_blob, |bs, ids| {
+        Box::pin(async move { bs.create_snapshot(ids[0], vec![]).await.map(|_| ()) })
+    });
+}
+
+#[test]
+fn failed_inflate_and_decouple_roll_back() {
+    sweep("inflate", 8, clone_of_snapshot, |bs, ids| {
+        Box::pin(async move { bs.inflate_blob(ids[0]).await })
+    });
+    sweep("decouple", 8, clone_of_snapshot, |bs, ids| {
+        Box::pin(async move { bs.decouple_parent(ids[0]).await })
+    });
+}
+
+#[test]
+fn failed_clone_and_delete_leave_memory_matching_disk() {
+    sweep("clone", 6, clone_of_snapshot, |bs, ids| {
+        Box::pin(async move { bs.create_clone(ids[1], vec![]).await.map(|_| ()) })
+    });
+    sweep("delete merge", 8, clone_of_snapshot, |bs, ids| {
+        Box::pin(async move { bs.delete_blob(ids[2]).await })
+    });
+}
+
+#[test]
+fn failed_resize_sync_restores_the_old_size() {
+    for grow in [true, false] {
+        sweep("resize", 4, one_blob, move |bs, ids| {
+            Box::pin(async move {
+                let b = bs.open_blob(ids[0]).await?;
+                let r = async {
+                    b.resize(if grow { 4 } else { 1 }).await?;
+                    b.sync_md().await
+                }
+                .await;
+                let c = b.close().await;
+                r.and(c)
+            })
+        });
+    }
+    // Direct check of the in-memory size and free count.
+    block_on(async {
+        let dev = MemBsDev::new(BLK, 128);
+        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        let id = one_blob(&bs).await[0];
+        let free = bs.free_clusters();
+        let b = bs.open_blob(id).await.unwrap();
+        b.resize(4).await.unwrap();
+        dev.set_fault(Fault::FailAfter(0));
+        assert_eq!(b.sync_md().await.err().map(|e| e.errno()), Some(libc::EIO));
+        dev.set_fault(Fault::None);
+        assert_eq!(b.num_clusters(), 2);
+        assert_eq!(bs.free_clusters(), free);
+        b.resize(1).await.unwrap();
+        dev.set_fault(Fault::FailAfter(0));
+        assert_eq!(b.sync_md().await.err().map(|e| e.errno()), Some(libc::EIO));
+        dev.set_fault(Fault::None);
+        assert_eq!(b.num_clusters(), 2);
+        assert_eq!(bs.free_clusters(), free);
+        let d = b
+            .read(0, IoBuf::new(2 * CLUSTER as usize, 4096))
+            .await
+            .unwrap();
+        assert_eq!(&d[..], &secret(2 * CLUSTER as usize)[..]);
+        b.close().await.unwrap();
+        bs.unload().await.unwrap();
+        let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        assert_eq!(bs.free_clusters(), free);
+        bs.unload().await.unwrap();
+    });
+}
+
+#[test]
+fn failed_set_parent_keeps_the_old_parent() {
+    sweep("set_parent", 4, clone_of_snapshot, |bs, ids| {
+        Box::pin(async move { bs.set_parent(ids[0], ids[1]).await })
+    });
+}
