@@ -16,7 +16,7 @@ fn run(store_bl: u32, base_bl: u32) {
         malloc(&reg, "store", 64 * MIB, store_bl).await;
         let s = lvs(&m, "store", "lvs", MIB as u32).await;
         let clone = m.create_esnap_clone("base", &s, "ec").await.unwrap();
-        let d = open(&reg, &clone.unique_id(), true);
+        let d = open(&reg, clone.unique_id(), true);
         // Unallocated: read through to the base.
         assert_eq!(read_at(&d, 0, 8192).await.unwrap(), data[..8192].to_vec());
         assert_eq!(
