@@ -47,7 +47,7 @@ fn fixtures_dir() -> PathBuf {
 
 /// Whether blobcli is still the workspace skeleton's placeholder (then the step is skipped).
 fn blobcli_is_placeholder() -> bool {
-    let main = util::project_root().join("crates/blobcli/src/main.rs");
+    let main = util::project_root().join("blobcli/src/main.rs");
     std::fs::read_to_string(main)
         .map(|s| s.contains("(to be written)"))
         .unwrap_or(true)

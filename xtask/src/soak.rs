@@ -32,13 +32,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let cases: u64 = crate::flag_value(args, "--cases")?.unwrap_or(4000);
     let packages: Vec<&str> = PACKAGES
         .into_iter()
-        .filter(|p| {
-            util::project_root()
-                .join("crates")
-                .join(p)
-                .join("Cargo.toml")
-                .is_file()
-        })
+        .filter(|p| util::project_root().join(p).join("Cargo.toml").is_file())
         .collect();
     let bins = if packages.is_empty() {
         Vec::new()

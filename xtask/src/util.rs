@@ -155,3 +155,20 @@ pub fn version_of(program: impl AsRef<OsStr>) -> Option<String> {
         .next()
         .map(|l| l.trim().to_string())
 }
+
+#[cfg(test)]
+/// The library and binary crates of the workspace: every top-level folder with a
+/// `Cargo.toml` except `xtask` itself and `fuzz` (not a workspace member).
+pub fn crate_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(project_root())
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    dirs.retain(|p| {
+        p.join("Cargo.toml").is_file()
+            && !p
+                .file_name()
+                .is_some_and(|n| n == "xtask" || n == "fuzz" || n == "target")
+    });
+    dirs.sort();
+    dirs
+}

@@ -73,7 +73,7 @@ pub struct Tools {
 
 /// The repository's python directory (the spdk-rpc plugin).
 pub fn plugin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../python")
 }
 
 /// A running target.

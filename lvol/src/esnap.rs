@@ -91,6 +91,10 @@ impl BsDev for DegradedDev {
     async fn unmap(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(libc::EPERM))
     }
+    async fn flush(&self) -> std::io::Result<()> {
+        // Never written: nothing to make durable.
+        Ok(())
+    }
     fn is_degraded(&self) -> bool {
         true
     }

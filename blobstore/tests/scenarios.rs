@@ -966,6 +966,10 @@ impl BsDev for DegradedDev {
     async fn unmap(&self, _l: u64, _n: u64) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(libc::EPERM))
     }
+    async fn flush(&self) -> std::io::Result<()> {
+        // Never written: nothing to make durable.
+        Ok(())
+    }
     fn is_degraded(&self) -> bool {
         true
     }

@@ -145,10 +145,22 @@ pub trait BlockDevice: Send + Sync + 'static {
         }
         Ok(out)
     }
-    /// Flushes volatile caches.
+    /// Flushes volatile caches: every write completed before the call is durable when it
+    /// returns.
     async fn flush(&self) -> Result<()>;
-    /// Unmaps (trims) a range.
+    /// True when completed writes may sit in a volatile cache until a flush (a file in the
+    /// page cache, a disk with a write-back cache, a remote disk). A device that answers
+    /// `false` keeps nothing volatile, so its consumers may skip flushes that buy nothing.
+    fn has_volatile_cache(&self) -> bool {
+        true
+    }
+    /// Unmaps (trims) a range. Unless [`BlockDevice::unmap_zeroes`] says so, the range may
+    /// read back its old bytes afterwards.
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()>;
+    /// True when a completed unmap guarantees that the range reads back as zeroes.
+    fn unmap_zeroes(&self) -> bool {
+        false
+    }
     /// Writes zeroes over a range.
     async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()>;
     /// Resets the device.

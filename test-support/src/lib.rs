@@ -8,12 +8,12 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-/// The workspace root (two levels above this crate).
+/// The workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
-        .nth(2)
-        .expect("crate sits two levels below the workspace root")
+        .nth(1)
+        .expect("crate sits one level below the workspace root")
         .to_path_buf()
 }
 

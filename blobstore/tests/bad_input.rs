@@ -271,7 +271,7 @@ fn failed_load_writes_nothing() {
 
 #[test]
 fn fuzz_corpus_and_regressions_replay() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
     let mut n = 0;
     for dir in ["corpus/super_block", "corpus/md_page", "regressions"] {
         let Ok(rd) = std::fs::read_dir(root.join(dir)) else {

@@ -9,7 +9,7 @@ use reliability::fuzz::{jsonrpc_stream, nbd_session, FUZZ_RPC_LIMIT};
 use tgt::nbd::proto;
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
 }
 
 /// Every file under `fuzz/corpus/<target>/` and `fuzz/regressions/<target>/`, plus flat

@@ -87,6 +87,13 @@ impl BsDev for OverlayDev {
     async fn unmap(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
         self.write_zeroes(lba, lba_count).await
     }
+    fn unmap_zeroes(&self) -> bool {
+        true
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        // Writes stay in the in-memory overlay and never reach the device.
+        Ok(())
+    }
 }
 
 /// Counts the bytes read through it (for progress of `--check`).
@@ -126,6 +133,9 @@ impl BsDev for CountingDev {
     }
     async fn unmap(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
         self.inner.unmap(lba, lba_count).await
+    }
+    fn unmap_zeroes(&self) -> bool {
+        self.inner.unmap_zeroes()
     }
     async fn flush(&self) -> std::io::Result<()> {
         self.inner.flush().await

@@ -161,6 +161,13 @@ impl BsDev for MemBsDev {
     async fn unmap(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
         self.write_zeroes(lba, lba_count).await
     }
+    fn unmap_zeroes(&self) -> bool {
+        true
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        // Writes land in `data` at once: no volatile cache.
+        Ok(())
+    }
     fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::SeqCst)
     }

@@ -253,7 +253,7 @@ fn nbd_server_survives_hostile_clients() {
         // Hostile clients: every NBD corpus file, 1 MiB of garbage, a header announcing a
         // 4 GiB option; twice each, all at once; each then hangs up.
         let corpus =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/nbd_request");
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nbd_request");
         let mut inputs: Vec<Vec<u8>> = std::fs::read_dir(corpus)
             .unwrap()
             .flatten()

@@ -107,8 +107,12 @@ impl BsDev for BdevBsDev {
         if d.device().io_type_supported(bdev_core::IoType::Unmap) {
             return Ok(d.unmap(lba, lba_count).await?);
         }
-        // Unmap is advisory: a device without it keeps its data.
+        // Unmap is advisory: a device without it keeps its data (and `unmap_zeroes` says
+        // false, so the blobstore does not count the range as cleared).
         Ok(())
+    }
+    fn unmap_zeroes(&self) -> bool {
+        self.dev.io_type_supported(bdev_core::IoType::Unmap) && self.dev.unmap_zeroes()
     }
     async fn flush(&self) -> std::io::Result<()> {
         let d = self.desc_or_enodev()?;

@@ -21,12 +21,17 @@ pub trait BsDev: Send + Sync + 'static {
     async fn write(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf>;
     /// Writes zeroes over `lba_count` blocks.
     async fn write_zeroes(&self, lba: u64, lba_count: u64) -> std::io::Result<()>;
-    /// Unmaps `lba_count` blocks.
+    /// Unmaps `lba_count` blocks. Unless [`BsDev::unmap_zeroes`] says so, the range may keep
+    /// its old bytes afterwards: the blobstore must not count it as cleared.
     async fn unmap(&self, lba: u64, lba_count: u64) -> std::io::Result<()>;
-    /// Flushes.
-    async fn flush(&self) -> std::io::Result<()> {
-        Ok(())
+    /// True when a completed [`BsDev::unmap`] guarantees that the range reads back as zeroes.
+    fn unmap_zeroes(&self) -> bool {
+        false
     }
+    /// Makes every write completed before the call durable (a device with a volatile write
+    /// cache writes it back). Required: a device with nothing to write back says so by
+    /// returning `Ok(())`, so that no implementation forgets flushes by inheriting a default.
+    async fn flush(&self) -> std::io::Result<()>;
     /// True if the range is known to read as zeroes (lets copy-on-write skip the copy).
     fn is_zeroes(&self, _lba: u64, _lba_count: u64) -> bool {
         false
@@ -60,6 +65,10 @@ impl BsDev for ZeroesDev {
     }
     async fn unmap(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
         Err(std::io::Error::from_raw_os_error(libc::EPERM))
+    }
+    async fn flush(&self) -> std::io::Result<()> {
+        // Never written: nothing to make durable.
+        Ok(())
     }
     fn is_zeroes(&self, _lba: u64, _lba_count: u64) -> bool {
         true
