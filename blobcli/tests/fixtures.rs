@@ -1,4 +1,4 @@
-//! Every store SPDK wrote (../shared/fixtures/spdk), inspected with blobcli alone on temp
+//! Every store SPDK wrote (tests/fixtures/spdk), inspected with blobcli alone on temp
 //! copies: listed, shown, dumped (`-D`), checked clean, and every lvol or blob dumped to a
 //! file whose sha256 matches the manifest. None of this may change the image.
 

@@ -27,8 +27,9 @@ pub enum CrashPlan {
     KeepAll,
     /// The writes issued before the `n`-th survive, the rest are lost (an in-order cut).
     Prefix(usize),
-    /// Each io unit of each unflushed write survives with probability one half, chosen by a
-    /// [`SplitMix64`] seeded with this value: lost writes in any subset, and torn writes.
+    /// Each unflushed write is, with a [`SplitMix64`] seeded with this value, lost whole (one
+    /// time in four), kept whole (one in four) or torn (each of its io units kept or lost with
+    /// probability one half): lost writes in any subset, and torn writes.
     Random(u64),
 }
 
@@ -147,7 +148,15 @@ impl CacheDisk {
                 }
                 CrashPlan::Random(_) => {
                     let rng = rng.as_mut().expect("seeded above");
-                    // Units are aligned to the device, not to the write.
+                    match rng.below(4) {
+                        0 => continue,
+                        1 => {
+                            img[w.offset..w.offset + w.data.len()].copy_from_slice(&w.data);
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    // Torn. Units are aligned to the device, not to the write.
                     let mut pos = 0;
                     while pos < w.data.len() {
                         let abs = w.offset + pos;

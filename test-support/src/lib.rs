@@ -1,5 +1,6 @@
-//! Test support: finds the read-only `../shared` folder beside the workspace, decompresses
-//! fixtures into temp dirs (never writing in `../shared`), reads manifests and hashes data.
+//! Test support: finds the SPDK-written fixtures in the repository (`tests/fixtures/spdk`),
+//! decompresses them into temp dirs (never writing in the repository), reads manifests and
+//! hashes data.
 //! Used only by tests, benches and xtask; no production crate depends on it.
 
 use std::fs::File;
@@ -17,27 +18,28 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The shared folder: `$SPDK_RS_SHARED` if set, else `<workspace>/../shared`.
-pub fn shared_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("SPDK_RS_SHARED") {
+/// The SPDK-written fixtures: `$SPDK_RS_FIXTURES` if set, else `<workspace>/tests/fixtures/spdk`
+/// (see the README there for how each was made).
+pub fn spdk_fixtures_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("SPDK_RS_FIXTURES") {
         return PathBuf::from(p);
     }
-    workspace_root().join("..").join("shared")
+    workspace_root().join("tests").join("fixtures").join("spdk")
 }
 
-/// `shared/fixtures/spdk/<rel>`.
+/// `tests/fixtures/spdk/<rel>`.
 pub fn spdk_fixture(rel: &str) -> PathBuf {
-    shared_dir().join("fixtures").join("spdk").join(rel)
+    spdk_fixtures_dir().join(rel)
 }
 
-/// Reads `shared/fixtures/spdk/<dir>/MANIFEST.json`.
+/// Reads `tests/fixtures/spdk/<dir>/MANIFEST.json`.
 pub fn manifest(dir: &str) -> serde_json::Value {
     let p = spdk_fixture(dir).join("MANIFEST.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", p.display()))
 }
 
-/// Decompresses `shared/fixtures/spdk/<rel>` (a `.gz` file) into `dest_dir`, keeping holes
+/// Decompresses `tests/fixtures/spdk/<rel>` (a `.gz` file) into `dest_dir`, keeping holes
 /// sparse, and returns the path of the decompressed file (the name without `.gz`).
 pub fn gunzip_fixture(rel: &str, dest_dir: &Path) -> io::Result<PathBuf> {
     let src = spdk_fixture(rel);
@@ -82,7 +84,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-/// The deterministic pattern of `shared/fixtures/spdk/gen_pattern.py`: the 4096-byte block that
+/// The deterministic pattern of `tests/fixtures/spdk/gen_pattern.py`: the 4096-byte block that
 /// tag `tag` puts at absolute block index `block`.
 pub fn pattern_block(tag: &str, block: u64) -> Vec<u8> {
     let mut hdr = format!("TAG={tag} blk={block:010}").into_bytes();

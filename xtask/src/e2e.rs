@@ -1,7 +1,7 @@
 //! The blobcli end-to-end scenario of `cargo xtask test`, run against the built binary in a
 //! temporary directory:
 //!
-//! 1. stores written by SPDK (`../shared/fixtures/spdk/{basic,esnap}`: thick and thin lvols,
+//! 1. stores written by SPDK (`tests/fixtures/spdk/{basic,esnap}`: thick and thin lvols,
 //!    a snapshot, a clone, esnap clones and a snapshot of an esnap clone) are loaded by a fresh
 //!    process, listed, and every lvol is dumped through its whole chain and compared with the
 //!    sha256 SPDK recorded. The esnap store's external snapshot is reached through a read-only
@@ -37,12 +37,11 @@ impl Drop for TempDir {
     }
 }
 
-/// `$SPDK_RS_SHARED/fixtures/spdk` or `<root>/../shared/fixtures/spdk`.
+/// `$SPDK_RS_FIXTURES` or `<root>/tests/fixtures/spdk` (the SPDK-written stores, in the repo).
 fn fixtures_dir() -> PathBuf {
-    let shared = std::env::var_os("SPDK_RS_SHARED")
+    std::env::var_os("SPDK_RS_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| util::project_root().join("..").join("shared"));
-    shared.join("fixtures").join("spdk")
+        .unwrap_or_else(|| util::project_root().join("tests").join("fixtures").join("spdk"))
 }
 
 /// Whether blobcli is still the workspace skeleton's placeholder (then the step is skipped).
@@ -82,7 +81,7 @@ pub fn run() -> Result<Option<String>> {
     let fixtures = fixtures_dir();
     if !fixtures.join("esnap").join("MANIFEST.json").is_file() {
         bail!(
-            "SPDK fixtures not found at {} (clone next to ../shared or set SPDK_RS_SHARED)",
+            "SPDK fixtures not found at {} (tests/fixtures/spdk in the repository, or set SPDK_RS_FIXTURES)",
             fixtures.display()
         );
     }
