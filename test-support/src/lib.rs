@@ -96,6 +96,65 @@ pub fn pattern_block(tag: &str, block: u64) -> Vec<u8> {
     out
 }
 
+/// The environment variable naming the file where skipped tests are recorded (set by
+/// `cargo xtask test`, which counts and reports them).
+pub const SKIP_LOG_ENV: &str = "SPDK_RS_SKIP_LOG";
+
+/// Records that `test` cannot run here because of `why`, and returns (the caller then returns
+/// early). Under CI (`CI` set) it panics instead, so a missing tool fails the run rather than
+/// passing it silently. Elsewhere the skip is appended to `$SPDK_RS_SKIP_LOG`, so that `cargo
+/// xtask test` counts it as skipped, not passed; and it is printed.
+pub fn skip(test: &str, why: &str) {
+    let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty());
+    let log = std::env::var_os(SKIP_LOG_ENV).map(PathBuf::from);
+    if let Err(msg) = record_skip(test, why, ci, log.as_deref()) {
+        panic!("{msg}");
+    }
+}
+
+/// [`skip`] without the environment: `Err` (the panic message) under CI, else the skip is
+/// printed and appended to `log`.
+fn record_skip(test: &str, why: &str, ci: bool, log: Option<&Path>) -> Result<(), String> {
+    if ci {
+        return Err(format!("{test}: cannot run under CI: {why}"));
+    }
+    eprintln!("{test}: SKIPPED: {why}");
+    if let Some(log) = log {
+        let line = format!("{test}\t{}\n", why.replace('\n', " "));
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+    Ok(())
+}
+
+/// True when every program in `tools` answers `--version` (or `-V`); otherwise records a skip
+/// of `test` through [`skip`] and returns false.
+pub fn require_tools(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !tool_runs(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(
+        test,
+        &format!("needs {} (not installed)", missing.join(", ")),
+    );
+    false
+}
+
+fn tool_runs(tool: &str) -> bool {
+    ["--version", "-V"].iter().any(|arg| {
+        std::process::Command::new(tool)
+            .arg(arg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +172,24 @@ mod tests {
         // esnap.img is ESNAP blocks 0..4095.
         assert_eq!(&data[..4096], &pattern_block("ESNAP", 0)[..]);
         assert_eq!(&data[4096 * 77..4096 * 78], &pattern_block("ESNAP", 77)[..]);
+    }
+
+    #[test]
+    fn a_skip_fails_under_ci_and_is_logged_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("skips.log");
+        let err = super::record_skip("t1", "needs x", true, Some(&log)).unwrap_err();
+        assert!(err.contains("t1") && err.contains("needs x"), "{err}");
+        assert!(!log.exists(), "a CI failure is not logged as a skip");
+        super::record_skip("t2", "needs y\nand z", false, Some(&log)).unwrap();
+        super::record_skip("t3", "needs w", false, Some(&log)).unwrap();
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(text, "t2\tneeds y and z\nt3\tneeds w\n");
+    }
+
+    #[test]
+    fn require_tools_finds_a_real_tool_and_not_a_missing_one() {
+        assert!(super::tool_runs("cargo"));
+        assert!(!super::tool_runs("no-such-tool-spdk-rs"));
     }
 }

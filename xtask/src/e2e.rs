@@ -41,7 +41,12 @@ impl Drop for TempDir {
 fn fixtures_dir() -> PathBuf {
     std::env::var_os("SPDK_RS_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| util::project_root().join("tests").join("fixtures").join("spdk"))
+        .unwrap_or_else(|| {
+            util::project_root()
+                .join("tests")
+                .join("fixtures")
+                .join("spdk")
+        })
 }
 
 /// Whether blobcli is still the workspace skeleton's placeholder (then the step is skipped).

@@ -55,15 +55,7 @@ pub fn run(args: &[String]) -> Result<()> {
         },
         Step {
             name: "test",
-            run: Box::new(move || {
-                let mut c = util::cargo();
-                // Run every test binary even after a failure, so one report lists them all.
-                c.args(["test", "--workspace", "--no-fail-fast"]);
-                if !test_args.is_empty() {
-                    c.arg("--").args(&test_args);
-                }
-                util::run("cargo test", &mut c).map(|_| Outcome::Passed)
-            }),
+            run: Box::new(move || cargo_test(&test_args)),
         },
         Step {
             name: "blobcli end-to-end",
@@ -105,6 +97,86 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Test counts summed over every test binary of a run.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Counts {
+    /// Adds a libtest summary line (`test result: ok. 5 passed; 0 failed; 1 ignored; ...`);
+    /// other lines are ignored.
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `cargo test --workspace --no-fail-fast`, with its output passed through and counted. Tests
+/// that could not run record themselves in a skip log (`test_support::skip`); they are counted
+/// as skipped, not passed, and under CI (`CI` set) any skip fails the step.
+fn cargo_test(test_args: &[String]) -> Result<Outcome> {
+    use std::io::{BufRead, BufReader};
+    let skip_log = util::target_dir().join("test-skips.log");
+    std::fs::create_dir_all(util::target_dir())?;
+    std::fs::write(&skip_log, b"")?;
+    let mut c = util::cargo();
+    // Run every test binary even after a failure, so one report lists them all.
+    c.args(["test", "--workspace", "--no-fail-fast"]);
+    c.env("SPDK_RS_SKIP_LOG", &skip_log);
+    if !test_args.is_empty() {
+        c.arg("--").args(test_args);
+    }
+    eprintln!("$ {}", util::show(&c));
+    let mut child = c.stdout(std::process::Stdio::piped()).spawn()?;
+    let mut counts = Counts::default();
+    let stdout = child.stdout.take().expect("piped above");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        counts.add_line(&line);
+    }
+    let status = child.wait()?;
+    let skips: Vec<String> = std::fs::read_to_string(&skip_log)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    // A test that skipped returned early, so libtest counted it as passed.
+    let skipped = skips.len() as u64 + counts.ignored;
+    let passed = counts.passed.saturating_sub(skips.len() as u64);
+    for s in &skips {
+        eprintln!("skipped: {}", s.replace('\t', ": "));
+    }
+    println!(
+        "{passed} passed, {} failed, {skipped} skipped",
+        counts.failed
+    );
+    if !status.success() {
+        bail!("cargo test failed ({status})");
+    }
+    if skipped > 0 && std::env::var_os("CI").is_some_and(|v| !v.is_empty()) {
+        bail!("{skipped} tests skipped under CI (every test must run here)");
+    }
+    Ok(Outcome::Passed)
+}
+
 /// The blobcli scenario (SPDK-written stores with snapshots, clones and esnap clones reloaded
 /// and compared; a new store created, reloaded and compared) in a temp dir; see `e2e.rs`.
 fn blobcli_e2e() -> Result<Outcome> {
@@ -112,4 +184,28 @@ fn blobcli_e2e() -> Result<Outcome> {
         None => Outcome::Passed,
         Some(why) => Outcome::Skipped(why),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    #[test]
+    fn counts_sum_libtest_summaries() {
+        let mut c = Counts::default();
+        c.add_line("test result: ok. 5 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s");
+        c.add_line(
+            "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        c.add_line("running 4 tests");
+        c.add_line("test foo ... ok");
+        assert_eq!(
+            c,
+            Counts {
+                passed: 8,
+                failed: 2,
+                ignored: 1
+            }
+        );
+    }
 }

@@ -12,20 +12,10 @@ use std::time::{Duration, Instant};
 
 use bdev_core::{BdevEvent, Descriptor, IoBuf};
 
-/// Whether qemu-nbd and qemu-img are installed; prints why a test is skipped if not.
+/// Whether qemu-nbd and qemu-img are installed; if not, the test is recorded as skipped (and
+/// fails under CI) through `test_support::require_tools`.
 pub fn have_qemu(test: &str) -> bool {
-    let ok = ["qemu-nbd", "qemu-img"].iter().all(|b| {
-        Command::new(b)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if !ok {
-        eprintln!("{test}: skipped: qemu-nbd or qemu-img is not installed");
-    }
-    ok
+    test_support::require_tools(test, &["qemu-nbd", "qemu-img"])
 }
 
 /// Runs a future to completion on this thread, panicking if it takes longer than `secs`.
