@@ -126,7 +126,7 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
 fn remote_base_survives_a_network_partition_between_hosts() {
     let name = "remote_base_survives_a_network_partition_between_hosts";
     if let Some(why) = unsupported() {
-        eprintln!("{name}: skipped: {why}");
+        test_support::skip(name, &why);
         return;
     }
     if !have_qemu(name) {
@@ -135,7 +135,7 @@ fn remote_base_survives_a_network_partition_between_hosts() {
     let hosts = match make_hosts(1) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("{name}: skipped: cannot create network namespaces: {e}");
+            test_support::skip(name, &format!("cannot create network namespaces: {e}"));
             return;
         }
     };
@@ -197,7 +197,7 @@ fn remote_base_survives_a_network_partition_between_hosts() {
 fn an_idle_connection_to_a_vanished_host_is_noticed() {
     let name = "an_idle_connection_to_a_vanished_host_is_noticed";
     if let Some(why) = unsupported() {
-        eprintln!("{name}: skipped: {why}");
+        test_support::skip(name, &why);
         return;
     }
     if !have_qemu(name) {
@@ -206,7 +206,7 @@ fn an_idle_connection_to_a_vanished_host_is_noticed() {
     let hosts = match make_hosts(2) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("{name}: skipped: cannot create network namespaces: {e}");
+            test_support::skip(name, &format!("cannot create network namespaces: {e}"));
             return;
         }
     };
