@@ -70,6 +70,12 @@ impl LvolModule {
                 Ok(store)
             }
             Err(e) => {
+                // The blobstore loaded and says it is an lvol store, so this is a damaged or
+                // duplicate store, not a bdev without one: say so above debug level.
+                tracing::warn!(
+                    target: "lvol",
+                    "{bdev_name} holds an lvol store that cannot be loaded: {e}"
+                );
                 for b in opened.into_iter().rev() {
                     let _ = b.close().await;
                 }
