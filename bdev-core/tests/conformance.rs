@@ -120,6 +120,7 @@ conformance! {
     alignment => c::check_alignment;
     read_only_descriptor => c::check_read_only_descriptor;
     io_types => c::check_io_types;
+    flush => c::check_flush;
     claims => c::check_claims;
     names => c::check_names;
     hot_remove_with_64_inflight => c::check_hot_remove_with_inflight;

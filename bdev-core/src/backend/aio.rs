@@ -14,7 +14,8 @@
 //! * **thread pool**: blocking `pread`/`pwrite` on a small shared pool of threads that reply
 //!   over a `oneshot` (used when io_uring is unavailable, or on request).
 //!
-//! Flush (`fdatasync`) and `fallocate` always run on the thread pool. With `fallocate`
+//! Flush is `fdatasync`: `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` on the ring, a plain
+//! `fdatasync` on the thread-pool engine. `fallocate` always runs on the thread pool. With `fallocate`
 //! enabled, unmap punches a hole (`PUNCH_HOLE | KEEP_SIZE`) and write_zeroes uses
 //! `ZERO_RANGE` (falling back to writing zeroes where the file system lacks it); without it,
 //! unmap and write_zeroes are unsupported, as in SPDK ([`crate::Descriptor::write_zeroes`]
@@ -454,6 +455,9 @@ impl BlockDevice for AioBdev {
         }
     }
     async fn flush(&self) -> Result<()> {
+        if let Some((r, f)) = self.engine.ring(&self.file) {
+            return r.fdatasync(&f).await;
+        }
         let file = self.file.clone();
         run_blocking(move || file.sync_data())
             .await?
