@@ -11,12 +11,15 @@
 //! set by [`CachedBdev::mark`] (creation by default). [`CachedBdev::crash_image`] gives the
 //! image a power cut would leave now, [`CachedBdev::crash_image_at`] the image a cut after the
 //! first `n` logged events would have left, and [`CachedBdev::for_each_cut`] walks every cut
-//! point of the log in one replay (a crash sweep).
+//! point of the log in one replay (a crash sweep). [`CachedBdev::resize`] grows or shrinks the
+//! device (logged too), for tests of a store that grows onto its device.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use crashsim::{CacheDisk, CrashPlan};
+/// The crash model's types, re-exported so that tests need no dependency of their own.
+pub use crashsim::{CacheDisk, CrashPlan};
 use iobuf::IoBuf;
 use uuid::Uuid;
 
@@ -34,6 +37,11 @@ pub enum CacheEvent {
     },
     /// A completed flush.
     Flush,
+    /// The device grew or shrank to `len` bytes (new bytes are durable zeroes).
+    Resize {
+        /// New size in bytes.
+        len: usize,
+    },
 }
 
 struct State {
@@ -51,7 +59,7 @@ pub struct CachedBdev {
     name: String,
     uuid: Uuid,
     block_len: u32,
-    num_blocks: u64,
+    num_blocks: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -60,7 +68,7 @@ impl std::fmt::Debug for CachedBdev {
         f.debug_struct("CachedBdev")
             .field("name", &self.name)
             .field("block_len", &self.block_len)
-            .field("num_blocks", &self.num_blocks)
+            .field("num_blocks", &self.num_blocks())
             .finish()
     }
 }
@@ -123,7 +131,7 @@ impl CachedBdev {
             name: name.to_string(),
             uuid: uuid.unwrap_or_else(Uuid::new_v4),
             block_len,
-            num_blocks,
+            num_blocks: AtomicU64::new(num_blocks),
             state: Mutex::new(State {
                 at_mark: disk.clone(),
                 disk,
@@ -151,6 +159,17 @@ impl CachedBdev {
     fn byte_range(&self, offset_blocks: u64, num_blocks: u64) -> (usize, usize) {
         let bl = u64::from(self.block_len);
         ((offset_blocks * bl) as usize, (num_blocks * bl) as usize)
+    }
+
+    /// Grows or shrinks the device to `num_blocks` (at most 1 GiB in all: EINVAL); the caller
+    /// then calls `Registry::notify_resize`. New blocks read zeroes and are durable.
+    pub fn resize(&self, num_blocks: u64) -> Result<()> {
+        let len = Self::check(&self.name, num_blocks, self.block_len)?;
+        let mut st = self.lock();
+        st.disk.resize(len);
+        st.log.push(CacheEvent::Resize { len });
+        self.num_blocks.store(num_blocks, Ordering::Release);
+        Ok(())
     }
 
     /// Starts a new log: the device as it is now becomes cut point 0.
@@ -233,6 +252,7 @@ fn apply(disk: &mut CacheDisk, e: &CacheEvent) {
     match e {
         CacheEvent::Write { offset, data } => disk.write(*offset, data),
         CacheEvent::Flush => disk.flush(),
+        CacheEvent::Resize { len } => disk.resize(*len),
     }
 }
 
@@ -254,7 +274,7 @@ impl BlockDevice for CachedBdev {
         self.block_len
     }
     fn num_blocks(&self) -> u64 {
-        self.num_blocks
+        self.num_blocks.load(Ordering::Acquire)
     }
     fn io_type_supported(&self, io_type: IoType) -> bool {
         match io_type {
