@@ -1,10 +1,11 @@
-//! The device conformance suite over every backend: malloc, aio on io_uring (O_DIRECT and
+//! The device conformance suite over every backend: malloc, cached RAM, aio on io_uring (O_DIRECT and
 //! buffered) and aio on the thread pool (O_DIRECT), with 512- and 4096-byte blocks.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::cached::CachedBdev;
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::conformance as c;
 use bdev_core::{BlockDevice, Registry};
@@ -14,6 +15,8 @@ use tempfile::TempDir;
 #[derive(Clone, Copy, Debug)]
 enum Backend {
     Malloc,
+    /// RAM behind the crash model's write-back cache.
+    Cached,
     UringDirect,
     UringBuffered,
     /// io_uring with O_DIRECT, driven by `reactor::block_on`.
@@ -51,6 +54,10 @@ fn setup(backend: Backend, block_len: u32) -> Option<Setup> {
     let (dev, aio, path): (Arc<dyn BlockDevice>, _, _) = match backend {
         Backend::Malloc => {
             let m = MallocBdev::create("dev", SIZE / block_len as u64, block_len, None).unwrap();
+            (m, None, None)
+        }
+        Backend::Cached => {
+            let m = CachedBdev::create("dev", SIZE / block_len as u64, block_len, None).unwrap();
             (m, None, None)
         }
         _ => {
@@ -99,6 +106,7 @@ macro_rules! conformance {
         fn $test(
             #[values(
                 Backend::Malloc,
+                Backend::Cached,
                 Backend::UringDirect,
                 Backend::UringBuffered,
                 Backend::UringReactor,
@@ -120,6 +128,7 @@ conformance! {
     alignment => c::check_alignment;
     read_only_descriptor => c::check_read_only_descriptor;
     io_types => c::check_io_types;
+    flush => c::check_flush;
     claims => c::check_claims;
     names => c::check_names;
     hot_remove_with_64_inflight => c::check_hot_remove_with_inflight;

@@ -331,6 +331,7 @@ fn error_bdev_on_conformance() {
     let (reg, _e) = error_setup();
     bdev_core::conformance::check_read_write_round_trip(&reg, "EE_base");
     bdev_core::conformance::check_bounds(&reg, "EE_base");
+    bdev_core::conformance::check_flush(&reg, "EE_base");
     bdev_core::conformance::check_claims(&reg, "EE_base");
     bdev_core::conformance::check_hot_remove_with_inflight(&reg, "EE_base");
     // Unregistering the error bdev released its claim on the base.

@@ -159,9 +159,8 @@ impl BlockDevice for NbdClientBdev {
         let rw = !self.client.read_only();
         match io_type {
             IoType::Read => true,
-            // Without NBD_FLAG_SEND_FLUSH the server has no volatile cache to flush, and a
-            // read-only bdev has nothing to flush: flush then completes at once.
-            IoType::Flush => true,
+            // Only a server that offers NBD_FLAG_SEND_FLUSH has a cache to write back.
+            IoType::Flush => self.client.server_has(proto::TFLAG_SEND_FLUSH),
             IoType::Write => rw,
             IoType::Unmap => rw && self.client.server_has(proto::TFLAG_SEND_TRIM),
             IoType::WriteZeroes => rw && self.client.server_has(proto::TFLAG_SEND_WRITE_ZEROES),
@@ -207,11 +206,20 @@ impl BlockDevice for NbdClientBdev {
     }
 
     async fn flush(&self) -> bdev_core::Result<()> {
-        if self.client.read_only() || !self.client.server_has(proto::TFLAG_SEND_FLUSH) {
+        if !self.client.server_has(proto::TFLAG_SEND_FLUSH) {
+            return Err(BdevError::NotSupported(IoType::Flush));
+        }
+        // A read-only export has no writes of ours to make durable.
+        if self.client.read_only() {
             return Ok(());
         }
         self.client.io(Cmd::Flush, 0, 0, None, 0).await?;
         Ok(())
+    }
+
+    fn has_volatile_cache(&self) -> bool {
+        // A server without NBD_FLAG_SEND_FLUSH says it has nothing to write back.
+        self.client.server_has(proto::TFLAG_SEND_FLUSH)
     }
 
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> bdev_core::Result<()> {

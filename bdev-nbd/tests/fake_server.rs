@@ -34,6 +34,8 @@ struct Fake {
     conns: Arc<AtomicUsize>,
     /// Most requests held at once before answering.
     max_batch: Arc<AtomicUsize>,
+    /// NBD_CMD_FLUSH requests received.
+    flushes: Arc<AtomicUsize>,
     _dir: tempfile::TempDir,
 }
 
@@ -92,8 +94,7 @@ fn simple_reply(error: u32, cookie: u64) -> Vec<u8> {
 
 fn serve(mut s: UnixStream, mode: Mode, data: Arc<Mutex<Vec<u8>>>, first: bool, fake: &FakeCtl) {
     let size = data.lock().unwrap().len() as u64;
-    // Has flags, flush, trim.
-    if handshake(&mut s, size, 1 | 4 | 32, fake.min_block).is_err() {
+    if handshake(&mut s, size, fake.flags, fake.min_block).is_err() {
         return;
     }
     let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
@@ -122,6 +123,9 @@ fn serve(mut s: UnixStream, mode: Mode, data: Arc<Mutex<Vec<u8>>>, first: bool, 
         let len = be32(&h[24..]) as usize;
         if typ == 2 {
             return;
+        }
+        if typ == 3 {
+            fake.flushes.fetch_add(1, Ordering::AcqRel);
         }
         if typ == 1 {
             buf.resize(len, 0);
@@ -198,10 +202,20 @@ fn read_full(s: &mut UnixStream, b: &mut [u8], stop: &AtomicBool) -> Option<bool
 struct FakeCtl {
     stop: Arc<AtomicBool>,
     max_batch: Arc<AtomicUsize>,
+    flushes: Arc<AtomicUsize>,
     min_block: u32,
+    /// Transmission flags offered.
+    flags: u16,
 }
 
+/// Has flags, flush, trim.
+const FLAGS: u16 = 1 | 4 | 32;
+
 fn start(mode: Mode, size: usize, min_block: u32) -> (Fake, Arc<Mutex<Vec<u8>>>) {
+    start_with(mode, size, min_block, FLAGS)
+}
+
+fn start_with(mode: Mode, size: usize, min_block: u32, flags: u16) -> (Fake, Arc<Mutex<Vec<u8>>>) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fake.sock");
     let listener = UnixListener::bind(&path).unwrap();
@@ -211,12 +225,15 @@ fn start(mode: Mode, size: usize, min_block: u32) -> (Fake, Arc<Mutex<Vec<u8>>>)
         stop: Arc::new(AtomicBool::new(false)),
         conns: Arc::new(AtomicUsize::new(0)),
         max_batch: Arc::new(AtomicUsize::new(0)),
+        flushes: Arc::new(AtomicUsize::new(0)),
         _dir: dir,
     };
     let ctl = Arc::new(FakeCtl {
         stop: fake.stop.clone(),
         max_batch: fake.max_batch.clone(),
+        flushes: fake.flushes.clone(),
         min_block,
+        flags,
     });
     let (conns, d) = (fake.conns.clone(), data.clone());
     std::thread::spawn(move || {
@@ -334,4 +351,45 @@ fn eshutdown_reconnects_and_resubmits() {
         drop(desc);
         clients.delete("shut").await.unwrap();
     });
+}
+
+#[test]
+fn flush_is_sent_when_offered_and_not_advertised_otherwise() {
+    // Offered: the bdev advertises flush and a volatile cache, and each flush is one
+    // NBD_CMD_FLUSH on the wire.
+    let (fake, _data) = start(Mode::Reverse(1), 1 << 20, 512);
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    run(20, async {
+        let dev = clients.create(opts("fl", &fake)).await.unwrap();
+        assert!(dev.io_type_supported(bdev_core::IoType::Flush));
+        assert!(dev.has_volatile_cache());
+        let desc = reg.open("fl", true).unwrap();
+        desc.write(0, IoBuf::from_slice(&[7; 512], 1))
+            .await
+            .unwrap();
+        desc.flush().await.unwrap();
+        desc.flush().await.unwrap();
+        drop(desc);
+        clients.delete("fl").await.unwrap();
+    });
+    assert_eq!(fake.flushes.load(Ordering::Acquire), 2);
+
+    // Not offered: no flush support, no volatile cache, and nothing goes on the wire.
+    let (fake, _data) = start_with(Mode::Reverse(1), 1 << 20, 512, 1 | 32);
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    run(20, async {
+        let dev = clients.create(opts("nf", &fake)).await.unwrap();
+        assert!(!dev.io_type_supported(bdev_core::IoType::Flush));
+        assert!(!dev.has_volatile_cache());
+        let desc = reg.open("nf", true).unwrap();
+        desc.write(0, IoBuf::from_slice(&[7; 512], 1))
+            .await
+            .unwrap();
+        assert_eq!(desc.flush().await.unwrap_err().errno(), libc::ENOTSUP);
+        drop(desc);
+        clients.delete("nf").await.unwrap();
+    });
+    assert_eq!(fake.flushes.load(Ordering::Acquire), 0);
 }

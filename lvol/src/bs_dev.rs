@@ -116,9 +116,11 @@ impl BsDev for BdevBsDev {
     }
     async fn flush(&self) -> std::io::Result<()> {
         let d = self.desc_or_enodev()?;
-        if d.device().io_type_supported(bdev_core::IoType::Flush) {
-            return Ok(d.flush().await?);
+        // A device that keeps nothing volatile (RAM), or that has no flush at all, has
+        // nothing to write back.
+        if !self.dev.has_volatile_cache() || !self.dev.io_type_supported(bdev_core::IoType::Flush) {
+            return Ok(());
         }
-        Ok(())
+        Ok(d.flush().await?)
     }
 }

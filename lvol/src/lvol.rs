@@ -389,8 +389,12 @@ impl BlockDevice for LvolBdev {
     fn io_type_supported(&self, io_type: IoType) -> bool {
         match io_type {
             IoType::Read | IoType::Reset | IoType::SeekHole | IoType::SeekData => true,
-            IoType::Write | IoType::Unmap | IoType::WriteZeroes => !self.lvol.is_read_only(),
-            IoType::Flush => false,
+            // A flush makes the lvol's acknowledged writes durable on the store's device (a
+            // read-only lvol has none in flight: everything it holds was made durable when
+            // it was set read-only).
+            IoType::Write | IoType::Unmap | IoType::WriteZeroes | IoType::Flush => {
+                !self.lvol.is_read_only()
+            }
         }
     }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
@@ -415,6 +419,8 @@ impl BlockDevice for LvolBdev {
         Box::pin(self.write_retry(offset_blocks, buf)).await
     }
     async fn flush(&self) -> bdev_core::Result<()> {
+        // The blob's flush reaches the store's device (`BdevBsDev::flush`), which writes back
+        // every earlier write of this lvol and the metadata its clusters hang on.
         self.lvol.blob.flush().await.map_err(to_bdev_err)
     }
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> bdev_core::Result<()> {

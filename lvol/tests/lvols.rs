@@ -44,10 +44,10 @@ fn create_thick_and_thin_with_data_and_bdev_shape() {
             IoType::Reset,
             IoType::SeekHole,
             IoType::SeekData,
+            IoType::Flush,
         ] {
             assert!(dev.io_type_supported(t), "{t:?}");
         }
-        assert!(!dev.io_type_supported(IoType::Flush));
         let ds = dev.driver_specific();
         let lv = &ds["lvol"];
         assert_eq!(lv["lvol_store_uuid"], s.uuid().hyphenated().to_string());

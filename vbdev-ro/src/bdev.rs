@@ -136,12 +136,13 @@ impl BlockDevice for RoBdev {
     }
     fn io_type_supported(&self, io_type: IoType) -> bool {
         match io_type {
-            IoType::Read => true,
-            // No seek operations exist in the device trait; a flush has nothing to write back
-            // and a reset could disturb the base's other users.
+            // A flush goes to the base (a writer elsewhere may want it through us too; with
+            // nothing to write back it completes at once).
+            IoType::Read | IoType::Flush => true,
+            // No seek operations exist in the device trait, and a reset could disturb the
+            // base's other users.
             IoType::Write
             | IoType::Unmap
-            | IoType::Flush
             | IoType::Reset
             | IoType::WriteZeroes
             | IoType::SeekHole
@@ -171,7 +172,16 @@ impl BlockDevice for RoBdev {
         Err(self.unsupported(IoType::Write))
     }
     async fn flush(&self) -> bdev_core::Result<()> {
-        Err(self.unsupported(IoType::Flush))
+        let base = self.base()?;
+        if !base.io_type_supported(IoType::Flush) {
+            return Ok(());
+        }
+        base.flush().await.map_err(|e| self.map_base_err(e))
+    }
+    fn has_volatile_cache(&self) -> bool {
+        self.base()
+            .map(|b| b.device().has_volatile_cache())
+            .unwrap_or(false)
     }
     async fn unmap(&self, _offset_blocks: u64, _num_blocks: u64) -> bdev_core::Result<()> {
         Err(self.unsupported(IoType::Unmap))
@@ -373,6 +383,89 @@ impl Listener {
         }
         if let Ok(mut slot) = self.shared.base.write() {
             slot.take();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev_core::Registry;
+    use futures::executor::block_on;
+    use iobuf::IoBuf;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A base that counts flushes and says whether it has a volatile cache.
+    struct Counting {
+        flushes: AtomicUsize,
+        volatile: bool,
+    }
+
+    #[async_trait]
+    impl BlockDevice for Counting {
+        fn name(&self) -> &str {
+            "C"
+        }
+        fn product_name(&self) -> &str {
+            "counting"
+        }
+        fn module_name(&self) -> &str {
+            "test"
+        }
+        fn uuid(&self) -> Uuid {
+            Uuid::from_u128(7)
+        }
+        fn block_len(&self) -> u32 {
+            512
+        }
+        fn num_blocks(&self) -> u64 {
+            8
+        }
+        fn io_type_supported(&self, t: IoType) -> bool {
+            matches!(t, IoType::Read | IoType::Write | IoType::Flush)
+        }
+        async fn read(&self, _o: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
+            Ok(buf)
+        }
+        async fn write(&self, _o: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
+            Ok(buf)
+        }
+        async fn flush(&self) -> bdev_core::Result<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        fn has_volatile_cache(&self) -> bool {
+            self.volatile
+        }
+        async fn unmap(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn flush_reaches_the_base_and_the_cache_capability_follows_it() {
+        for volatile in [true, false] {
+            let reg = Registry::new();
+            let base = Arc::new(Counting {
+                flushes: AtomicUsize::new(0),
+                volatile,
+            });
+            block_on(reg.register(base.clone())).unwrap();
+            let opts = crate::RoOpts {
+                base_bdev_name: "C".into(),
+                name: Some("r".into()),
+                uuid: None,
+            };
+            block_on(crate::create(&reg, opts)).unwrap();
+            let d = reg.open("r", false).unwrap();
+            assert!(d.io_type_supported(IoType::Flush));
+            assert_eq!(d.device().has_volatile_cache(), volatile);
+            block_on(d.flush()).unwrap();
+            block_on(d.flush()).unwrap();
+            assert_eq!(base.flushes.load(Ordering::SeqCst), 2);
         }
     }
 }

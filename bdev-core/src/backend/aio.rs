@@ -14,11 +14,23 @@
 //! * **thread pool**: blocking `pread`/`pwrite` on a small shared pool of threads that reply
 //!   over a `oneshot` (used when io_uring is unavailable, or on request).
 //!
-//! Flush (`fdatasync`) and `fallocate` always run on the thread pool. With `fallocate`
-//! enabled, unmap punches a hole (`PUNCH_HOLE | KEEP_SIZE`) and write_zeroes uses
-//! `ZERO_RANGE` (falling back to writing zeroes where the file system lacks it); without it,
-//! unmap and write_zeroes are unsupported, as in SPDK ([`crate::Descriptor::write_zeroes`]
-//! emulates the latter with writes).
+//! Flush is `fdatasync`: `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` on the ring, a plain
+//! `fdatasync` on the thread-pool engine. `fallocate` always runs on the thread pool.
+//!
+//! Unmap and write_zeroes: on a writable regular file, creation probes whether the file system
+//! punches holes (a `PUNCH_HOLE | KEEP_SIZE` past the end of the file, which changes nothing).
+//! Where it does, unmap punches a hole and write_zeroes uses `ZERO_RANGE` (else a punch), both
+//! are supported whatever the `fallocate` option says, and [`BlockDevice::unmap_zeroes`] is
+//! true: a punched hole reads back zeroes. Otherwise they are supported only with the
+//! `fallocate` option, as in SPDK (falling back to written zeroes where the file system lacks
+//! the mode; [`crate::Descriptor::write_zeroes`] emulates write_zeroes without it), and
+//! `unmap_zeroes` is false (block devices included: discard does not promise zeroes).
+//!
+//! Exclusive open: the file is locked with an open-file-description lock (`F_OFD_SETLK`,
+//! a write lock, or a read lock for a read-only bdev) for the bdev's lifetime, and one process
+//! never opens the same file (device and inode) twice unless both opens are read-only. A
+//! second open fails with EBUSY naming the holder: the other bdev in this process, or "another
+//! process". So a store can be loaded by one target at a time.
 //!
 //! With `O_DIRECT`, buffers must be 4096-byte aligned ([`BlockDevice::buf_align`] says so).
 //! The block size is the given one, or the logical block size of a block device
@@ -93,6 +105,124 @@ const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
 
 fn os_err(errno: i32) -> BdevError {
     BdevError::Io(io::Error::from_raw_os_error(errno))
+}
+
+/// Who holds a file in this process: the first bdev's name, whether it writes, and how many
+/// (read-only) bdevs share it.
+struct Holder {
+    name: String,
+    write: bool,
+    count: usize,
+}
+
+type OpenFiles = std::sync::Mutex<std::collections::HashMap<(u64, u64), Holder>>;
+
+/// Files open by aio bdevs of this process, by (device, inode).
+fn open_files() -> &'static OpenFiles {
+    static OPEN: OnceLock<OpenFiles> = OnceLock::new();
+    OPEN.get_or_init(Default::default)
+}
+
+/// An exclusive (or, read-only, shared) hold on a file: an OFD lock plus the in-process
+/// table entry. Released on drop.
+struct FileLock {
+    key: (u64, u64),
+    file: Arc<File>,
+}
+
+impl FileLock {
+    fn take(name: &str, path: &std::path::Path, file: &Arc<File>, write: bool) -> Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata()?;
+        let key = (md.dev(), md.ino());
+        {
+            let mut open = open_files().lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = open.get(&key) {
+                if write || h.write {
+                    return Err(BdevError::Busy(format!(
+                        "{name}: {} is already open as aio bdev {}",
+                        path.display(),
+                        h.name
+                    )));
+                }
+            }
+            ofd_lock(file, write).map_err(|e| {
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+                    BdevError::Busy(format!(
+                        "{name}: {} is locked by another process",
+                        path.display()
+                    ))
+                } else {
+                    BdevError::Io(e)
+                }
+            })?;
+            // Several read-only holders share the entry; the first one names it.
+            open.entry(key)
+                .or_insert_with(|| Holder {
+                    name: name.to_string(),
+                    write,
+                    count: 0,
+                })
+                .count += 1;
+        }
+        Ok(FileLock {
+            key,
+            file: file.clone(),
+        })
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let mut open = open_files().lock().unwrap_or_else(|e| e.into_inner());
+        // Other read-only holders keep their own OFD read locks; the entry goes with the last.
+        if let Some(h) = open.get_mut(&self.key) {
+            h.count -= 1;
+            if h.count == 0 {
+                open.remove(&self.key);
+            }
+        }
+        let _ = ofd_unlock(&self.file);
+    }
+}
+
+fn ofd_lock_op(file: &File, typ: libc::c_short) -> io::Result<()> {
+    // SAFETY: an all-zero flock is a valid value; the fields we need are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = typ;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // the whole file
+                  // SAFETY: F_OFD_SETLK reads the flock through the pointer, which is valid for the call.
+    let r = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_OFD_SETLK,
+            &fl as *const libc::flock,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Takes the OFD lock: a write lock for a writable bdev, a read lock for a read-only one.
+fn ofd_lock(file: &File, write: bool) -> io::Result<()> {
+    let typ = if write { libc::F_WRLCK } else { libc::F_RDLCK };
+    ofd_lock_op(file, typ as libc::c_short)
+}
+
+fn ofd_unlock(file: &File) -> io::Result<()> {
+    ofd_lock_op(file, libc::F_UNLCK as libc::c_short)
+}
+
+/// Whether the file system punches holes in this (writable, regular) file: a punch past its
+/// end, which changes neither its bytes nor its size.
+fn probe_punch(file: &File, size: u64, block_len: u32) -> bool {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    fallocate(file, mode, size, u64::from(block_len)).is_ok()
 }
 
 /// The shared blocking pool used by the thread-pool engine, flush and fallocate.
@@ -234,6 +364,12 @@ pub struct AioBdev {
     num_blocks: AtomicU64,
     file: Arc<File>,
     engine: Engine,
+    /// The file system punches holes in the file (a regular, writable file).
+    punch: bool,
+    /// `ZERO_RANGE` has not been refused yet.
+    zero_range: std::sync::atomic::AtomicBool,
+    /// The exclusive hold on the file, released by `destruct` (or on drop).
+    lock: std::sync::Mutex<Option<FileLock>>,
 }
 
 impl std::fmt::Debug for AioBdev {
@@ -277,6 +413,7 @@ impl AioBdev {
             oo.custom_flags(libc::O_DIRECT);
         }
         let file = Arc::new(oo.open(&opts.filename)?);
+        let lock = FileLock::take(&opts.name, &opts.filename, &file, !opts.readonly)?;
         let (size, lbs) = probe_size(&file)?;
         let block_len = match (opts.block_len, lbs) {
             (Some(bl), Some(dev)) if bl < dev => {
@@ -306,7 +443,9 @@ impl AioBdev {
                 }
             },
         };
-        tracing::debug!(target: "bdev", name = %opts.name, block_len, num_blocks, "aio bdev created");
+        let regular = file.metadata()?.file_type().is_file();
+        let punch = regular && !opts.readonly && probe_punch(&file, size, block_len);
+        tracing::debug!(target: "bdev", name = %opts.name, block_len, num_blocks, punch, "aio bdev created");
         Ok(Arc::new(AioBdev {
             name: opts.name,
             filename: opts.filename,
@@ -320,6 +459,9 @@ impl AioBdev {
             num_blocks: AtomicU64::new(num_blocks),
             file,
             engine,
+            punch,
+            zero_range: std::sync::atomic::AtomicBool::new(true),
+            lock: std::sync::Mutex::new(Some(lock)),
         }))
     }
 
@@ -396,7 +538,7 @@ impl BlockDevice for AioBdev {
     fn io_type_supported(&self, io_type: IoType) -> bool {
         match io_type {
             IoType::Read | IoType::Write | IoType::Flush | IoType::Reset => true,
-            IoType::Unmap | IoType::WriteZeroes => self.fallocate,
+            IoType::Unmap | IoType::WriteZeroes => !self.readonly && (self.fallocate || self.punch),
             IoType::SeekHole | IoType::SeekData => false,
         }
     }
@@ -454,13 +596,20 @@ impl BlockDevice for AioBdev {
         }
     }
     async fn flush(&self) -> Result<()> {
+        if let Some((r, f)) = self.engine.ring(&self.file) {
+            return r.fdatasync(&f).await;
+        }
         let file = self.file.clone();
         run_blocking(move || file.sync_data())
             .await?
             .map_err(BdevError::Io)
     }
+    fn unmap_zeroes(&self) -> bool {
+        // A hole punched in a regular file reads back zeroes.
+        self.punch
+    }
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
-        if !self.fallocate {
+        if !self.io_type_supported(IoType::Unmap) {
             return Err(BdevError::NotSupported(IoType::Unmap));
         }
         let off = self.byte_off(offset_blocks)?;
@@ -479,23 +628,43 @@ impl BlockDevice for AioBdev {
         .map_err(BdevError::Io)
     }
     async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
-        if !self.fallocate {
+        if !self.io_type_supported(IoType::WriteZeroes) {
             return Err(BdevError::NotSupported(IoType::WriteZeroes));
         }
         let off = self.byte_off(offset_blocks)?;
         let len = self.byte_off(num_blocks)?;
         let file = self.file.clone();
-        run_blocking(move || {
-            let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-            match fallocate(&file, mode, off, len) {
-                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    write_zeroes_slow(&file, off, len)
+        let try_zero_range = self.zero_range.load(Ordering::Relaxed);
+        let punch = self.punch;
+        let zero_range_ok = run_blocking(move || {
+            let unsupported = |e: &io::Error| e.raw_os_error() == Some(libc::EOPNOTSUPP);
+            if try_zero_range {
+                let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+                match fallocate(&file, mode, off, len) {
+                    Err(e) if unsupported(&e) => {}
+                    r => return r.map(|_| true),
                 }
-                r => r,
             }
+            if punch {
+                let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                match fallocate(&file, mode, off, len) {
+                    Err(e) if unsupported(&e) => {}
+                    r => return r.map(|_| false),
+                }
+            }
+            write_zeroes_slow(&file, off, len).map(|_| false)
         })
         .await?
-        .map_err(BdevError::Io)
+        .map_err(BdevError::Io)?;
+        if try_zero_range && !zero_range_ok {
+            // The file system refused ZERO_RANGE: do not ask again.
+            self.zero_range.store(false, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+    async fn destruct(&self) {
+        // Unregistered and closed: the file may be opened again.
+        self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
     fn driver_specific(&self) -> serde_json::Value {
         serde_json::json!({

@@ -262,6 +262,12 @@ impl BlockDevice for ErrorBdev {
     fn io_type_supported(&self, io_type: IoType) -> bool {
         self.base.device().io_type_supported(io_type)
     }
+    fn has_volatile_cache(&self) -> bool {
+        self.base.device().has_volatile_cache()
+    }
+    fn unmap_zeroes(&self) -> bool {
+        self.base.device().unmap_zeroes()
+    }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
         match self.judge(IoType::Read, offset_blocks, self.blocks(buf.len())) {
             Verdict::Fail(e) => Err(fail(e)),

@@ -192,7 +192,15 @@ impl BlockDevice for MallocBdev {
         Ok(buf)
     }
     async fn flush(&self) -> Result<()> {
+        // RAM has no cache in front of it: a completed write is as durable as it gets.
         Ok(())
+    }
+    fn has_volatile_cache(&self) -> bool {
+        false
+    }
+    fn unmap_zeroes(&self) -> bool {
+        // `zero` frees or zeroes the range before the unmap completes.
+        true
     }
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
         self.zero(offset_blocks, num_blocks);

@@ -78,6 +78,8 @@ macro_rules! on_file {
 
 /// What a pending request keeps alive until its completion arrives.
 pub(crate) enum Hold {
+    /// A request without memory (fsync).
+    Nothing,
     Buf(IoBuf),
     /// The iovecs are only read by the kernel.
     Bufs(Vec<IoBuf>, #[allow(dead_code)] IoVecs),
@@ -146,6 +148,7 @@ pub(crate) fn probe(ring: &IoUring) -> io::Result<()> {
         opcode::Write::CODE,
         opcode::Readv::CODE,
         opcode::Writev::CODE,
+        opcode::Fsync::CODE,
     ] {
         if !probe.is_supported(code) {
             return Err(io::Error::from_raw_os_error(libc::ENOTSUP));
@@ -445,6 +448,25 @@ impl Ring {
             done += res as usize;
         }
         Ok(buf)
+    }
+
+    /// `fdatasync` of the file (`IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`): every write
+    /// completed before the call is durable when it returns.
+    pub(crate) async fn fdatasync(&self, file: &FileRef) -> Result<()> {
+        loop {
+            let sqe = on_file!(Fsync, file,)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            let rx = self.submit(sqe, Hold::Nothing, file).await?;
+            let (res, _) = self.completion(rx).await?;
+            if res == -libc::EINTR || res == -libc::EAGAIN {
+                continue;
+            }
+            if res < 0 {
+                return Err(os_err(-res));
+            }
+            return Ok(());
+        }
     }
 
     /// Vectored read or write (at most [`MAX_IOVS`] buffers).
