@@ -45,7 +45,7 @@ pub mod inspect;
 mod md;
 mod ops;
 mod store;
-#[cfg(any(test, feature = "testing"))]
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use dev::{BsDev, ZeroesDev};
