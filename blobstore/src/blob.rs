@@ -523,11 +523,9 @@ impl BlobInner {
                 }
                 b
             };
-            self.bs
-                .dev
-                .write(u64::from(new_c) * lpc, buf)
-                .await
-                .map_err(io_err)?;
+            let r = self.bs.dev.write(u64::from(new_c) * lpc, buf).await;
+            self.bs.note_write();
+            r.map_err(io_err)?;
             Ok::<_, BsError>(())
         }
         .await;
@@ -553,7 +551,9 @@ impl BlobInner {
                 .map_err(io_err);
         }
         let new_c = self.bs.claim_cluster()?;
-        let buf = match self.bs.dev.write(u64::from(new_c) * lpc, buf).await {
+        let r = self.bs.dev.write(u64::from(new_c) * lpc, buf).await;
+        self.bs.note_write();
+        let buf = match r {
             Ok(b) => b,
             Err(e) => {
                 self.bs.unclaim_clusters(&[new_c]);
@@ -604,6 +604,10 @@ impl BlobInner {
         match page {
             Some((p, start)) => {
                 self.bs.mark_dirty().await?;
+                // The cluster's data is durable before the extent page names it. No flush
+                // after: an allocating write need not be durable before a client flush (or
+                // the next commit's barrier) makes it so.
+                self.bs.pre_commit().await?;
                 let pg = build_extent_page(self.id, start, &entries);
                 self.bs.write_md_page(p, &pg).await
             }
@@ -711,6 +715,8 @@ impl BlobInner {
                     self.lock().md.clusters[s.cluster] = c;
                     return Err(e);
                 }
+                // The map without the cluster is durable before the cluster can be reused.
+                self.bs.barrier(crate::barrier::Barrier::PostCommit).await?;
                 let cm = self.lock().md.clear_method();
                 let cm = if cm == crate::ClearMethod::None {
                     crate::ClearMethod::Unmap

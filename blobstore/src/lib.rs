@@ -35,6 +35,7 @@
 //! zeroes), so freed data never shows through; looping or over-deep chains and oversized
 //! maps on disk are refused instead of crashing.
 
+mod barrier;
 mod blob;
 mod check;
 mod dev;
@@ -45,7 +46,7 @@ pub mod inspect;
 mod md;
 mod ops;
 mod store;
-#[cfg(any(test, feature = "testing"))]
+#[cfg(feature = "testing")]
 pub mod testing;
 
 pub use dev::{BsDev, ZeroesDev};
@@ -194,6 +195,7 @@ impl Blobstore {
             .dev
             .write_zeroes(0, 4096 / u64::from(self.inner.geo.io_unit))
             .await?;
+        self.inner.barrier(barrier::Barrier::Super).await?;
         self.inner.state().unloaded = true;
         Ok(())
     }
@@ -215,6 +217,7 @@ impl Blobstore {
         self.inner.check_live()?;
         let _g = self.inner.md_lock.lock().await;
         self.inner.update_super(|s| s.super_blob = id).await?;
+        self.inner.barrier(barrier::Barrier::Super).await?;
         self.inner.state().super_blob = id;
         Ok(())
     }
@@ -451,11 +454,14 @@ impl Blob {
     pub async fn unmap(&self, offset: u64, len: u64) -> Result<()> {
         self.inner.unmap(offset, len).await
     }
-    /// Flushes the device.
+    /// Makes every write of this blob acknowledged before the call durable, with the
+    /// metadata it depends on: an allocating write returns only after its extent page or
+    /// root page was written (behind a barrier that made the cluster's data durable first),
+    /// so one device flush covers both.
     pub async fn flush(&self) -> Result<()> {
-        Ok(self.inner.bs.dev.flush().await?)
+        self.inner.bs.flush_all().await
     }
-    /// Resizes (in clusters); persisted at the next sync.
+    /// Resizes (in clusters); the new size is durable when this returns.
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
         self.inner.bs.resize(&self.inner, num_clusters).await
     }

@@ -564,19 +564,22 @@ impl StoreInner {
             s.pending_clusters.extend(tail);
             s.md.clusters.truncate(n as usize);
         }
-        let mut s = b.lock();
-        if s.md.use_et() {
-            let chunks = s.md.num_chunks();
-            if s.md.eps.len() < chunks {
-                s.md.eps.resize(chunks, 0);
+        {
+            let mut s = b.lock();
+            if s.md.use_et() {
+                let chunks = s.md.num_chunks();
+                if s.md.eps.len() < chunks {
+                    s.md.eps.resize(chunks, 0);
+                }
+                let first = (old.min(n) as usize) / EXTENTS_PER_EP;
+                for k in first..s.md.eps.len() {
+                    s.ep_dirty.insert(k);
+                }
             }
-            let first = (old.min(n) as usize) / EXTENTS_PER_EP;
-            for k in first..s.md.eps.len() {
-                s.ep_dirty.insert(k);
-            }
+            s.touch();
         }
-        s.touch();
-        Ok(())
+        // Durable before returning (a failed write puts the old map back).
+        b.persist_locked().await
     }
 
     // ------------------------------------------------------------------ inflate / decouple
@@ -916,6 +919,7 @@ impl StoreInner {
             s.clean = 0;
         })
         .await?;
+        self.barrier(crate::barrier::Barrier::Super).await?;
         let mut st = self.state();
         st.total_clusters = new_total;
         st.used_clusters.resize(new_total);

@@ -5,12 +5,14 @@
 //! `md_lock`, then the std mutexes (never held across an await).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use iobuf::IoBuf;
 
+use crate::barrier::Barrier;
 use crate::blob::{Back, BlobInner, BlobState};
 use crate::error::{corrupt, einval, enoent, enospc};
 use crate::format::*;
@@ -73,6 +75,9 @@ pub(crate) struct StoreInner {
     pub md_lock: async_lock::Mutex<()>,
     pub st: Mutex<StoreState>,
     pub factory: Option<Arc<dyn EsnapDevFactory>>,
+    /// The store wrote to the device since the last flush it started (md pages, cluster
+    /// data of an allocation, clearing): a commit write must be preceded by a flush.
+    pub unflushed: AtomicBool,
 }
 
 pub(crate) fn io_err(e: std::io::Error) -> BsError {
@@ -405,9 +410,54 @@ impl StoreInner {
 
     pub(crate) async fn write_md_page(&self, p: u32, data: &[u8]) -> Result<()> {
         let buf = IoBuf::from_slice(data, self.align);
-        if let Err(e) = self.dev.write(self.geo.page_lba(p), buf).await {
+        let r = self.dev.write(self.geo.page_lba(p), buf).await;
+        self.note_write();
+        if let Err(e) = r {
             self.state().tainted = true;
             return Err(io_err(e));
+        }
+        Ok(())
+    }
+
+    /// Records that the store wrote to the device (after the write completed, so that a
+    /// flush started later covers it).
+    pub(crate) fn note_write(&self) {
+        self.unflushed.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes every write completed so far durable (a flush), unless a test switched this
+    /// kind of barrier off. A failed flush taints the store: what reached the disk is
+    /// unknown, so the next load recovers.
+    pub(crate) async fn barrier(&self, kind: Barrier) -> Result<()> {
+        #[cfg(feature = "testing")]
+        if crate::testing::barrier_skipped(kind) {
+            return Ok(());
+        }
+        let _ = kind;
+        self.unflushed.store(false, Ordering::SeqCst);
+        if let Err(e) = self.dev.flush().await {
+            self.unflushed.store(true, Ordering::SeqCst);
+            self.state().tainted = true;
+            return Err(io_err(e));
+        }
+        Ok(())
+    }
+
+    /// A client flush: everything written so far is durable.
+    pub(crate) async fn flush_all(&self) -> Result<()> {
+        self.unflushed.store(false, Ordering::SeqCst);
+        if let Err(e) = self.dev.flush().await {
+            self.unflushed.store(true, Ordering::SeqCst);
+            return Err(io_err(e));
+        }
+        Ok(())
+    }
+
+    /// The barrier before a commit write: flushes only if the store wrote since its last
+    /// flush (new md pages, new cluster data, cleared clusters).
+    pub(crate) async fn pre_commit(&self) -> Result<()> {
+        if self.unflushed.load(Ordering::SeqCst) {
+            self.barrier(Barrier::PreCommit).await?;
         }
         Ok(())
     }
@@ -424,10 +474,9 @@ impl StoreInner {
 
     async fn write_super(&self, s: &SuperBlockInfo) -> Result<()> {
         let b = write_super(s);
-        self.dev
-            .write(0, IoBuf::from_slice(&b, self.align))
-            .await
-            .map_err(io_err)?;
+        let r = self.dev.write(0, IoBuf::from_slice(&b, self.align)).await;
+        self.note_write();
+        r.map_err(io_err)?;
         Ok(())
     }
 
@@ -454,6 +503,7 @@ impl StoreInner {
             }
         })
         .await?;
+        self.barrier(Barrier::DirtyMark).await?;
         self.state().clean_on_disk = false;
         Ok(())
     }
@@ -538,6 +588,7 @@ impl StoreInner {
                     self.dev.unmap(lba, n).await.map_err(Some)
                 }
             };
+            self.note_write();
             if let Err(Some(e)) = &r {
                 tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
             }
@@ -570,10 +621,12 @@ impl StoreInner {
             while j < stale.len() && stale[j] == stale[j - 1] + 1 {
                 j += 1;
             }
-            self.dev
+            let r = self
+                .dev
                 .write_zeroes(stale[i] * lpc, (j - i) as u64 * lpc)
-                .await
-                .map_err(io_err)?;
+                .await;
+            self.note_write();
+            r.map_err(io_err)?;
             let mut st = self.state();
             for &c in &stale[i..j] {
                 st.stale.clear(c);
@@ -673,9 +726,19 @@ impl StoreInner {
                 return Err(e);
             }
         };
+        // New pages and the data of new clusters are durable before the commit point.
+        if let Err(e) = self.pre_commit().await {
+            for p in new_pages {
+                self.free_md_page(p);
+            }
+            return Err(e);
+        }
         // The commit point. On failure the new pages stay claimed (we cannot know whether
         // the root reached the disk); recovery sorts them out.
         self.write_md_page(root, &pages[0]).await?;
+        // Durable before we return, and before the old pages and clusters are freed: a
+        // freed cluster may be reused at once, so the root that dropped it must not be lost.
+        self.barrier(Barrier::PostCommit).await?;
         let mut stale: Vec<u32> = old_chain
             .iter()
             .skip(1)
@@ -708,7 +771,9 @@ impl StoreInner {
     ) -> Result<()> {
         let root = blobid_to_page(id).ok_or_else(|| einval(format!("bad blob id {id:#x}")))?;
         self.mark_dirty().await?;
+        self.pre_commit().await?;
         self.write_md_page(root, &vec![0u8; PAGE]).await?;
+        self.barrier(Barrier::PostCommit).await?;
         let mut pages: Vec<u32> = chain.iter().skip(1).copied().collect();
         pages.extend(md.eps.iter().copied().filter(|&p| p != 0));
         self.release_md_pages(&pages).await;
@@ -1065,7 +1130,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             stale.set(c);
         }
     }
-    Ok(Arc::new(StoreInner {
+    let inner = Arc::new(StoreInner {
         dev,
         geo,
         align,
@@ -1088,7 +1153,11 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             tainted: false,
         }),
         factory: opts.esnap_factory.clone(),
-    }))
+        unflushed: AtomicBool::new(false),
+    });
+    // init returns a store that a power cut cannot take back.
+    inner.barrier(Barrier::Super).await?;
+    Ok(inner)
 }
 
 /// Validated geometry from a super block.
@@ -1300,6 +1369,7 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             tainted: false,
         }),
         factory: opts.esnap_factory.clone(),
+        unflushed: AtomicBool::new(false),
     });
     inner.build_relations().await?;
     Ok(inner)
@@ -1501,6 +1571,8 @@ impl StoreInner {
             w(s.used_blobid_mask_start, bm).await?;
         }
         w(s.used_cluster_mask_start, cm).await?;
+        // The masks are durable before the store says they are valid.
+        self.barrier(Barrier::UnloadMasks).await?;
         let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
         let super_blob = self.state().super_blob;
         self.update_super(|s| {
@@ -1512,6 +1584,7 @@ impl StoreInner {
             let _ = total;
         })
         .await?;
+        self.barrier(Barrier::UnloadClean).await?;
         self.state().clean_on_disk = true;
         Ok(())
     }
