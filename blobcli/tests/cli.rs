@@ -318,8 +318,11 @@ fn a50_clean_flag_follows_load_and_unload() {
     let o = blobcli(d, &["--image", "c.img", "-D"], None);
     assert!(stdout(&o).contains("\nClean: 1\n"), "{}", stdout(&o));
 
-    // A store left dirty (loaded, changed, never unloaded) is recovered by -R.
-    let dev = file_dev(&img);
+    // A store left dirty (loaded, changed, never unloaded) is recovered by -R. The "crashed"
+    // session runs on an in-memory copy written back to the file, since an aio bdev holds an
+    // exclusive lock on its file for as long as it lives.
+    let mem = blobstore::testing::MemBsDev::from_bytes(4096, std::fs::read(&img).unwrap());
+    let dev: Arc<dyn BsDev> = mem.clone();
     let id = block_on(async {
         let bs = Blobstore::load(dev, BsOpts::default()).await.unwrap();
         let id = bs
@@ -332,6 +335,7 @@ fn a50_clean_flag_follows_load_and_unload() {
         std::mem::forget(bs);
         id
     });
+    std::fs::write(&img, mem.snapshot()).unwrap();
     assert_eq!(clean(&img), 0);
     let o = blobcli(d, &["--image", "c.img", "-R"], None);
     assert!(o.status.success(), "{}", stdout(&o));

@@ -146,7 +146,7 @@ impl FileLock {
                     )));
                 }
             }
-            ofd_lock(file, write).map_err(|e| {
+            ofd_lock_patiently(file, write).map_err(|e| {
                 if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
                     BdevError::Busy(format!(
                         "{name}: {} is locked by another process",
@@ -212,6 +212,23 @@ fn ofd_lock_op(file: &File, typ: libc::c_short) -> io::Result<()> {
 fn ofd_lock(file: &File, write: bool) -> io::Result<()> {
     let typ = if write { libc::F_WRLCK } else { libc::F_RDLCK };
     ofd_lock_op(file, typ as libc::c_short)
+}
+
+/// [`ofd_lock`], retried for up to about 1.3 s while another holder has the lock: a process
+/// that just exited may still pin the file for a moment (its io_uring is torn down
+/// asynchronously by the kernel, and the ring holds the file open until then).
+fn ofd_lock_patiently(file: &File, write: bool) -> io::Result<()> {
+    let mut wait = std::time::Duration::from_millis(10);
+    for _ in 0..7 {
+        match ofd_lock(file, write) {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) => {
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            other => return other,
+        }
+    }
+    ofd_lock(file, write)
 }
 
 fn ofd_unlock(file: &File) -> io::Result<()> {
