@@ -122,8 +122,11 @@ impl CacheDisk {
     }
     /// A completed flush: everything visible is durable.
     pub fn flush(&mut self) {
-        self.durable.copy_from_slice(&self.visible);
-        self.pending.clear();
+        // Apply the log rather than copying the whole image: a flush costs what was written
+        // since the last one, not the size of the device.
+        for w in self.pending.drain(..) {
+            self.durable[w.offset..w.offset + w.data.len()].copy_from_slice(&w.data);
+        }
         self.flushes += 1;
     }
     /// Grows or shrinks the device (new bytes are zeroes and durable at once).
