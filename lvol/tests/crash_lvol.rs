@@ -535,6 +535,15 @@ fn flushed_client_writes_survive_losing_every_unflushed_write() {
             .unwrap();
         let dt = reg.open(thin.unique_id(), true).unwrap();
         let dk = reg.open(thick.unique_id(), true).unwrap();
+        // The lvols say what their store's device says about a volatile cache.
+        assert!(dt.device().has_volatile_cache());
+        malloc(&reg, "M", 4 * MIB, BL).await;
+        let ms = lvs(&m, "M", "lvs_m", CLUSTER).await;
+        let ml = m
+            .create_lvol(&ms, "v", u64::from(CLUSTER), true, ClearMethod::Default)
+            .await
+            .unwrap();
+        assert!(!reg.get(ml.unique_id()).unwrap().has_volatile_cache());
         // Writes that allocate clusters of the thin lvol, and plain writes to the thick one.
         let flushes = dev.flushes();
         for i in 0..6u64 {
@@ -591,4 +600,40 @@ fn flushed_client_writes_survive_losing_every_unflushed_write() {
             "{plan:?}: thick"
         );
     }
+}
+
+#[test]
+fn bs_dev_flush_reaches_only_devices_with_a_volatile_cache() {
+    use bdev_core::backend::error::{ErrorBdev, Injection};
+    use bdev_core::IoType;
+    use blobstore::BsDev;
+    use lvol::BdevBsDev;
+    block_on(async {
+        let reg = Registry::new();
+        let cached = CachedBdev::create("C", 64, BL, None).unwrap();
+        reg.register(cached).await.unwrap();
+        malloc(&reg, "M", MIB, BL).await;
+        for base in ["C", "M"] {
+            let e = ErrorBdev::create("", reg.open(base, true).unwrap()).unwrap();
+            e.inject(Injection::fail(Some(IoType::Flush)));
+            reg.register(e).await.unwrap();
+            let dev = BdevBsDev::new(reg.open(&format!("EE_{base}"), true).unwrap());
+            let r = dev.flush().await;
+            if base == "C" {
+                // A volatile cache: the flush is sent (and fails as injected).
+                assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EIO));
+            } else {
+                // RAM has nothing volatile: the flush is skipped.
+                r.unwrap();
+            }
+        }
+        // Straight on a cached device, the flush reaches it.
+        let c2 = CachedBdev::create("C2", 64, BL, None).unwrap();
+        reg.register(c2.clone()).await.unwrap();
+        let dev = BdevBsDev::new(reg.open("C2", true).unwrap());
+        dev.write(0, IoBuf::new(BL as usize, 1)).await.unwrap();
+        assert_eq!(c2.unflushed_writes(), 1);
+        dev.flush().await.unwrap();
+        assert_eq!((c2.flushes(), c2.unflushed_writes()), (1, 0));
+    });
 }
