@@ -24,7 +24,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bdev_core::backend::cached::{CacheDisk, CachedBdev, CrashPlan};
+use bdev_core::backend::cached::{CachedBdev, CrashPlan};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{BlockDevice, IoBuf, Registry};
 use blobstore::ClearMethod;
@@ -243,14 +243,10 @@ fn sweep(dev: &CachedBdev, op: &str, pre: Option<&State>, post: &State) -> Sweep
     let visit = cuts(events, op.len() as u64 * 7919);
     let mut out = Sweep::default();
     let mut last_flushed_at = None;
-    let mut states: Vec<(usize, CacheDisk)> = Vec::new();
     dev.for_each_cut(|cut, disk| {
-        if visit.binary_search(&cut).is_ok() {
-            states.push((cut, disk.clone()));
+        if visit.binary_search(&cut).is_err() {
+            return true;
         }
-        true
-    });
-    for (cut, disk) in states {
         let done = cut == events;
         let mut plans = vec![CrashPlan::KeepAll];
         // LoseAll only differs from the previous cut's LoseAll after a flush.
@@ -276,7 +272,8 @@ fn sweep(dev: &CachedBdev, op: &str, pre: Option<&State>, post: &State) -> Sweep
                     .push(format!("{op}: cut {cut}/{events} {plan:?}: {e}"));
             }
         }
-    }
+        true
+    });
     out
 }
 

@@ -26,8 +26,10 @@ use tgt::{modules, server};
 const BL: u32 = 4096;
 const DEV_BYTES: u64 = 8 << 20;
 const CLUSTER: u64 = 128 * 1024;
-/// Random crash states per cut point.
+/// Random crash states at the cut where a step returned (one at other cuts).
 const SEEDS: u64 = 2;
+/// Cut points visited while a step runs, besides the one where it returned.
+const MID_CUTS: usize = 4;
 
 fn find_tool(env: &str, name: &str, extra: &[&str]) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(env) {
@@ -399,23 +401,34 @@ fn spdk_rpc_operations_and_qemu_io_data_survive_power_cuts() {
     let mut failures: Vec<String> = Vec::new();
     let mut step = 0;
     let total = dev.events();
-    let mut states = Vec::new();
+    // Cuts visited: where each step returned, and up to `MID_CUTS` evenly spaced cuts while it
+    // ran.
+    let mut visit = std::collections::BTreeSet::new();
+    let mut start = 0;
+    for st in &steps {
+        visit.insert(st.events);
+        let span = st.events - start;
+        for i in 0..MID_CUTS.min(span) {
+            visit.insert(start + i * span / MID_CUTS.min(span));
+        }
+        start = st.events;
+    }
     dev.for_each_cut(|cut, disk| {
-        states.push((cut, disk.clone()));
-        true
-    });
-    for (cut, disk) in states {
+        if !visit.contains(&cut) {
+            return true;
+        }
         while step < steps.len() && steps[step].events < cut {
             step += 1;
         }
         if step == steps.len() {
-            break;
+            return false;
         }
         let cur = &steps[step];
         let prev = step.checked_sub(1).map(|i| &steps[i]);
         let done = cur.events == cut;
         let mut plans = vec![CrashPlan::KeepAll, CrashPlan::LoseAll];
-        plans.extend((0..SEEDS).map(|s| CrashPlan::Random(cut as u64 * 100 + s + 1)));
+        let seeds = if done { SEEDS } else { 1 };
+        plans.extend((0..seeds).map(|s| CrashPlan::Random(cut as u64 * 100 + s + 1)));
         for plan in plans {
             images += 1;
             if let Err(e) = judge(
@@ -429,7 +442,8 @@ fn spdk_rpc_operations_and_qemu_io_data_survive_power_cuts() {
                 failures.push(format!("{}: cut {cut}/{total} {plan:?}: {e}", cur.name));
             }
         }
-    }
+        true
+    });
     println!("{images} crash images over {total} device events");
     let mut per_step: BTreeMap<&str, usize> = BTreeMap::new();
     for f in &failures {
