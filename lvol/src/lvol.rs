@@ -423,6 +423,13 @@ impl BlockDevice for LvolBdev {
         // every earlier write of this lvol and the metadata its clusters hang on.
         self.lvol.blob.flush().await.map_err(to_bdev_err)
     }
+    fn has_volatile_cache(&self) -> bool {
+        // Whatever the store's device keeps volatile, the lvol's writes may sit in it too.
+        self.lvol
+            .store()
+            .map(|s| s.base.bdev().has_volatile_cache())
+            .unwrap_or(true)
+    }
     async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> bdev_core::Result<()> {
         self.retry_plain(|| self.lvol.blob.unmap(offset_blocks, num_blocks))
             .await

@@ -140,7 +140,7 @@ impl FileLock {
             if let Some(h) = open.get(&key) {
                 if write || h.write {
                     return Err(BdevError::Busy(format!(
-                        "{name}: {} is already open as aio bdev {}",
+                        "{name} (its file {} is already open as aio bdev {})",
                         path.display(),
                         h.name
                     )));
@@ -149,7 +149,7 @@ impl FileLock {
             ofd_lock_patiently(file, write).map_err(|e| {
                 if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
                     BdevError::Busy(format!(
-                        "{name}: {} is locked by another process",
+                        "{name} (its file {} is locked by another process)",
                         path.display()
                     ))
                 } else {

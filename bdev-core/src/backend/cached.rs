@@ -61,6 +61,8 @@ pub struct CachedBdev {
     block_len: u32,
     num_blocks: AtomicU64,
     state: Mutex<State>,
+    /// Every write is durable at once (no volatile cache): a control for crash tests.
+    write_through: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for CachedBdev {
@@ -132,6 +134,7 @@ impl CachedBdev {
             uuid: uuid.unwrap_or_else(Uuid::new_v4),
             block_len,
             num_blocks: AtomicU64::new(num_blocks),
+            write_through: std::sync::atomic::AtomicBool::new(false),
             state: Mutex::new(State {
                 at_mark: disk.clone(),
                 disk,
@@ -154,6 +157,18 @@ impl CachedBdev {
             data: data.to_vec(),
         });
         st.writes += 1;
+        if self.write_through.load(Ordering::Acquire) {
+            st.disk.flush();
+            st.log.push(CacheEvent::Flush);
+        }
+    }
+
+    /// Makes every later write durable as it completes (logged as the write and a flush),
+    /// as on a device without a volatile cache; `has_volatile_cache` then says false. A
+    /// control for crash tests: what fails on the write-back device but passes here is a
+    /// missing flush.
+    pub fn set_write_through(&self, on: bool) {
+        self.write_through.store(on, Ordering::Release);
     }
 
     fn byte_range(&self, offset_blocks: u64, num_blocks: u64) -> (usize, usize) {
@@ -312,6 +327,9 @@ impl BlockDevice for CachedBdev {
         st.flushes += 1;
         Ok(())
     }
+    fn has_volatile_cache(&self) -> bool {
+        !self.write_through.load(Ordering::Acquire)
+    }
     fn unmap_zeroes(&self) -> bool {
         true
     }
@@ -399,6 +417,18 @@ mod tests {
             torn |= kept > 0 && kept < 8;
         }
         assert!(torn);
+    }
+
+    #[test]
+    fn write_through_makes_every_write_durable() {
+        let d = CachedBdev::create("c", 8, 512, None).unwrap();
+        assert!(d.has_volatile_cache());
+        d.set_write_through(true);
+        assert!(!d.has_volatile_cache());
+        block_on(d.write(0, buf(4, 2))).unwrap();
+        assert_eq!(d.unflushed_writes(), 0);
+        assert_eq!(&d.crash_image(CrashPlan::LoseAll)[..1024], &[4; 1024][..]);
+        assert_eq!(d.events(), 2, "the write and its flush");
     }
 
     #[test]
