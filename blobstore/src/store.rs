@@ -651,8 +651,12 @@ impl StoreInner {
         }
     }
 
-    /// Clears (per the clear method) and frees clusters.
+    /// Clears (per the clear method) and frees clusters. A cluster counts as cleared only
+    /// when the device guarantees it reads zeroes now: a completed write_zeroes, or a
+    /// completed unmap on a device whose unmap zeroes. Any other cluster stays stale and is
+    /// scrubbed before a thick claim.
     pub(crate) async fn release_clusters(&self, cs: &[u32], method: ClearMethod) {
+        let unmap_zeroes = self.dev.unmap_zeroes();
         for &c in cs {
             if c == 0 {
                 continue;
@@ -670,10 +674,11 @@ impl StoreInner {
             if let Err(Some(e)) = &r {
                 tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
             }
+            let cleared = r.is_ok() && (method == ClearMethod::WriteZeroes || unmap_zeroes);
             let mut st = self.state();
             if u64::from(c) >= self.geo.md_clusters {
                 st.used_clusters.clear(u64::from(c));
-                if r.is_ok() {
+                if cleared {
                     st.stale.clear(u64::from(c));
                 } else {
                     st.stale.set(u64::from(c));
@@ -1166,7 +1171,12 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     dev.write_zeroes(0, md_end_lba).await.map_err(io_err)?;
     let data_start = md_end_lba;
     let data_end = l.total_clusters * (u64::from(cluster_size) / u64::from(bl));
-    let mut data_clean = opts.clear_method != ClearMethod::None;
+    // The data region reads zeroes only after a write_zeroes, or an unmap that zeroes.
+    let mut data_clean = match opts.clear_method {
+        ClearMethod::None => false,
+        ClearMethod::WriteZeroes => true,
+        ClearMethod::Default | ClearMethod::Unmap => dev.unmap_zeroes(),
+    };
     if data_end > data_start {
         let r = match opts.clear_method {
             ClearMethod::None => Ok(()),
