@@ -15,6 +15,9 @@ pub enum Barrier {
     UnloadMasks,
     /// At unload, the super block with `clean = 1` is durable.
     UnloadClean,
+    /// A page about to be rewritten in place on a device whose io unit is smaller than an md
+    /// page has a durable shadow copy first (not a flush: the write of the copy).
+    Shadow,
     /// Any other super block update (init, grow, set_super_blob, destroy) is durable.
     Super,
 }

@@ -607,9 +607,15 @@ impl BlobInner {
                 // The cluster's data is durable before the extent page names it. No flush
                 // after: an allocating write need not be durable before a client flush (or
                 // the next commit's barrier) makes it so.
-                self.bs.pre_commit().await?;
                 let pg = build_extent_page(self.id, start, &entries);
-                self.bs.write_md_page(p, &pg).await
+                let shadow = self.bs.write_shadow(&shadow_of(&pg)).await?;
+                if let Err(e) = self.bs.pre_commit().await {
+                    self.bs.issued_shadow(shadow, true);
+                    return Err(e);
+                }
+                let r = self.bs.write_md_page(p, &pg).await;
+                self.bs.issued_shadow(shadow, true);
+                r
             }
             None => {
                 self.lock().touch();

@@ -94,6 +94,49 @@ pub(crate) fn seal_page(page: &mut [u8]) {
     wr_u32(page, CRC_OFF, c);
 }
 
+/// Offset of the md page's `reserved` field, which SPDK (and our own md pages) leave zero.
+pub(crate) const RESERVED_OFF: usize = 12;
+
+/// `reserved` of a shadow page: a copy of an md page about to be rewritten in place, kept in
+/// a free md page until that write is durable (see "Metadata ordering" in the docs).
+pub(crate) const SHADOW_TAG: u32 = 0x5744_4853; // "SHDW"
+
+/// The shadow of md page `page`: the same bytes, tagged, CRC resealed.
+pub(crate) fn shadow_of(page: &[u8]) -> Vec<u8> {
+    let mut p = page.to_vec();
+    wr_u32(&mut p, RESERVED_OFF, SHADOW_TAG);
+    seal_page(&mut p);
+    p
+}
+
+/// The md page a shadow stands for (tag cleared, CRC resealed).
+pub(crate) fn unshadow(shadow: &[u8]) -> Vec<u8> {
+    let mut p = shadow.to_vec();
+    wr_u32(&mut p, RESERVED_OFF, 0);
+    seal_page(&mut p);
+    p
+}
+
+/// `sequence_num` of a tombstone: the shadow of a root page about to be zeroed (a blob
+/// delete), so that a delete torn by a power cut is told from a damaged root page.
+pub(crate) const TOMBSTONE_SEQ: u32 = u32::MAX;
+
+/// The tombstone of blob `id` (a shadow page).
+pub(crate) fn tombstone(id: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE];
+    wr_u64(&mut p, 0, id);
+    wr_u32(&mut p, 8, TOMBSTONE_SEQ);
+    wr_u32(&mut p, NEXT_OFF, INVALID_PAGE);
+    shadow_of(&p)
+}
+
+/// Whether `page` is a shadow of an md page with a valid CRC.
+pub(crate) fn is_shadow(page: &[u8]) -> bool {
+    page.len() >= PAGE
+        && rd_u32(page, RESERVED_OFF) == SHADOW_TAG
+        && page_crc(page) == rd_u32(page, CRC_OFF)
+}
+
 /// Blob id of md page `idx`.
 pub(crate) fn page_to_blobid(idx: u32) -> u64 {
     (1u64 << 32) | u64::from(idx)

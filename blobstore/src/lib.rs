@@ -26,9 +26,11 @@
 //! md_lock, then short std mutexes that are never held across an await. A read or write of
 //! an allocated cluster takes only the freeze (shared) and one std mutex.
 //!
-//! Crash safety follows SPDK's write order: new extent and continuation pages are written
-//! to fresh md pages first, the root page last (the commit point), and only then are old
-//! pages zeroed and clusters released. Deleting zeroes the root first. Multi-blob
+//! Crash safety follows SPDK's write order, with barriers: new extent and continuation pages
+//! (and the data of new clusters) are written to fresh places and flushed, then the root page
+//! is written (the commit point) and flushed, and only then are old pages zeroed and clusters
+//! released; on devices whose io unit is smaller than an md page, pages rewritten in place
+//! get a durable shadow copy first ("Metadata ordering" in `docs/architecture.md`). Deleting zeroes the root first. Multi-blob
 //! operations leave `SNAPTMP` / `SNAPRM` markers that load turns into the before or after
 //! state; unlike SPDK, that fix-up frees only what no surviving blob references. Beyond
 //! SPDK: a newly allocated cluster of a thin blob is always written whole (parent data or

@@ -16,7 +16,7 @@ use crate::barrier::Barrier;
 use crate::blob::{Back, BlobInner, BlobState};
 use crate::error::{corrupt, einval, enoent, enospc};
 use crate::format::*;
-use crate::inspect::SuperBlockInfo;
+use crate::inspect::{MdPageInfo, SuperBlockInfo};
 use crate::md::{parse_chain, BlobMd};
 use crate::{BlobId, BsDev, BsError, BsOpts, ClearMethod, EsnapDevFactory, Result, BLOBID_INVALID};
 
@@ -66,6 +66,9 @@ pub(crate) struct StoreState {
     /// that may or may not have landed, pages claimed for it, an unfinished-operation
     /// marker). Unload then leaves the store dirty so the next load recovers it.
     pub tainted: bool,
+    /// Shadow pages whose in-place write was issued (page, zero it when retired): retired
+    /// once a flush started after that write completed.
+    pub shadows: Vec<(u32, bool)>,
 }
 
 pub(crate) struct StoreInner {
@@ -78,6 +81,9 @@ pub(crate) struct StoreInner {
     /// The store wrote to the device since the last flush it started (md pages, cluster
     /// data of an allocation, clearing): a commit write must be preceded by a flush.
     pub unflushed: AtomicBool,
+    /// The device's io unit is smaller than an md page, so a 4 KiB in-place write may tear:
+    /// such writes are preceded by a durable shadow copy.
+    pub shadowed: bool,
 }
 
 pub(crate) fn io_err(e: std::io::Error) -> BsError {
@@ -434,22 +440,68 @@ impl StoreInner {
             return Ok(());
         }
         let _ = kind;
+        let retire = std::mem::take(&mut self.state().shadows);
         self.unflushed.store(false, Ordering::SeqCst);
         if let Err(e) = self.dev.flush().await {
             self.unflushed.store(true, Ordering::SeqCst);
-            self.state().tainted = true;
+            let mut st = self.state();
+            st.tainted = true;
+            st.shadows.extend(retire);
             return Err(io_err(e));
         }
+        self.retire_shadows(retire).await;
         Ok(())
+    }
+
+    /// Writes a shadow copy of a page about to be written in place, when such a write may
+    /// tear; the caller then flushes before the in-place write and hands the page to
+    /// [`issued_shadow`](Self::issued_shadow) after it.
+    pub(crate) async fn write_shadow(&self, bytes: &[u8]) -> Result<Option<u32>> {
+        if !self.shadowed {
+            return Ok(None);
+        }
+        #[cfg(feature = "testing")]
+        if crate::testing::barrier_skipped(Barrier::Shadow) {
+            return Ok(None);
+        }
+        let p = self.alloc_md_page()?;
+        if let Err(e) = self.write_md_page(p, bytes).await {
+            self.free_md_page(p);
+            return Err(e);
+        }
+        Ok(Some(p))
+    }
+
+    /// The in-place write a shadow covers was issued: retire the shadow after the next flush.
+    pub(crate) fn issued_shadow(&self, p: Option<u32>, zero: bool) {
+        if let Some(p) = p {
+            self.state().shadows.push((p, zero));
+        }
+    }
+
+    /// The writes these shadows covered are durable: md-page shadows are zeroed (a stale one
+    /// must never be taken for the copy of a later write), super block shadows are only
+    /// freed (they are matched by content).
+    async fn retire_shadows(&self, retire: Vec<(u32, bool)>) {
+        for (p, zero) in retire {
+            if zero && self.write_md_page(p, &[0u8; PAGE]).await.is_err() {
+                // Left claimed: the store is tainted and the next load clears it.
+                continue;
+            }
+            self.free_md_page(p);
+        }
     }
 
     /// A client flush: everything written so far is durable.
     pub(crate) async fn flush_all(&self) -> Result<()> {
+        let retire = std::mem::take(&mut self.state().shadows);
         self.unflushed.store(false, Ordering::SeqCst);
         if let Err(e) = self.dev.flush().await {
             self.unflushed.store(true, Ordering::SeqCst);
+            self.state().shadows.extend(retire);
             return Err(io_err(e));
         }
+        self.retire_shadows(retire).await;
         Ok(())
     }
 
@@ -481,10 +533,36 @@ impl StoreInner {
     }
 
     /// Rewrites the super block after patching it; re-reads and validates first.
+    /// When the super block write may tear, copies of the old and the new super block are
+    /// made durable first: a torn super block keeps one version's fields in its first io
+    /// unit, and load takes the copy whose first io unit matches.
     pub(crate) async fn update_super(&self, f: impl FnOnce(&mut SuperBlockInfo)) -> Result<()> {
         let mut s = self.read_super().await?;
+        let old = write_super(&s);
         f(&mut s);
-        self.write_super(&s).await?;
+        let mut shadows = [None, None];
+        if self.shadowed {
+            shadows[0] = self.write_shadow(&old).await?;
+            shadows[1] = match self.write_shadow(&write_super(&s)).await {
+                Ok(p) => p,
+                Err(e) => {
+                    self.issued_shadow(shadows[0], false);
+                    return Err(e);
+                }
+            };
+            let r = self.barrier(Barrier::PreCommit).await;
+            if let Err(e) = r {
+                for p in shadows {
+                    self.issued_shadow(p, false);
+                }
+                return Err(e);
+            }
+        }
+        let r = self.write_super(&s).await;
+        for p in shadows {
+            self.issued_shadow(p, false);
+        }
+        r?;
         self.state().sbi = s;
         Ok(())
     }
@@ -573,8 +651,12 @@ impl StoreInner {
         }
     }
 
-    /// Clears (per the clear method) and frees clusters.
+    /// Clears (per the clear method) and frees clusters. A cluster counts as cleared only
+    /// when the device guarantees it reads zeroes now: a completed write_zeroes, or a
+    /// completed unmap on a device whose unmap zeroes. Any other cluster stays stale and is
+    /// scrubbed before a thick claim.
     pub(crate) async fn release_clusters(&self, cs: &[u32], method: ClearMethod) {
+        let unmap_zeroes = self.dev.unmap_zeroes();
         for &c in cs {
             if c == 0 {
                 continue;
@@ -592,10 +674,11 @@ impl StoreInner {
             if let Err(Some(e)) = &r {
                 tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
             }
+            let cleared = r.is_ok() && (method == ClearMethod::WriteZeroes || unmap_zeroes);
             let mut st = self.state();
             if u64::from(c) >= self.geo.md_clusters {
                 st.used_clusters.clear(u64::from(c));
-                if r.is_ok() {
+                if cleared {
                     st.stale.clear(u64::from(c));
                 } else {
                     st.stale.set(u64::from(c));
@@ -726,16 +809,29 @@ impl StoreInner {
                 return Err(e);
             }
         };
-        // New pages and the data of new clusters are durable before the commit point.
+        // New pages, the data of new clusters and the root's shadow (if the root may tear)
+        // are durable before the commit point.
+        let shadow = match self.write_shadow(&shadow_of(&pages[0])).await {
+            Ok(sh) => sh,
+            Err(e) => {
+                for p in new_pages {
+                    self.free_md_page(p);
+                }
+                return Err(e);
+            }
+        };
         if let Err(e) = self.pre_commit().await {
             for p in new_pages {
                 self.free_md_page(p);
             }
+            self.issued_shadow(shadow, true);
             return Err(e);
         }
         // The commit point. On failure the new pages stay claimed (we cannot know whether
         // the root reached the disk); recovery sorts them out.
-        self.write_md_page(root, &pages[0]).await?;
+        let r = self.write_md_page(root, &pages[0]).await;
+        self.issued_shadow(shadow, true);
+        r?;
         // Durable before we return, and before the old pages and clusters are freed: a
         // freed cluster may be reused at once, so the root that dropped it must not be lost.
         self.barrier(Barrier::PostCommit).await?;
@@ -771,8 +867,15 @@ impl StoreInner {
     ) -> Result<()> {
         let root = blobid_to_page(id).ok_or_else(|| einval(format!("bad blob id {id:#x}")))?;
         self.mark_dirty().await?;
-        self.pre_commit().await?;
-        self.write_md_page(root, &vec![0u8; PAGE]).await?;
+        // A zeroing of the root torn by a power cut must read as a delete, not as damage.
+        let tomb = self.write_shadow(&tombstone(id)).await?;
+        if let Err(e) = self.pre_commit().await {
+            self.issued_shadow(tomb, true);
+            return Err(e);
+        }
+        let r = self.write_md_page(root, &vec![0u8; PAGE]).await;
+        self.issued_shadow(tomb, true);
+        r?;
         self.barrier(Barrier::PostCommit).await?;
         let mut pages: Vec<u32> = chain.iter().skip(1).copied().collect();
         pages.extend(md.eps.iter().copied().filter(|&p| p != 0));
@@ -1068,7 +1171,12 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     dev.write_zeroes(0, md_end_lba).await.map_err(io_err)?;
     let data_start = md_end_lba;
     let data_end = l.total_clusters * (u64::from(cluster_size) / u64::from(bl));
-    let mut data_clean = opts.clear_method != ClearMethod::None;
+    // The data region reads zeroes only after a write_zeroes, or an unmap that zeroes.
+    let mut data_clean = match opts.clear_method {
+        ClearMethod::None => false,
+        ClearMethod::WriteZeroes => true,
+        ClearMethod::Default | ClearMethod::Unmap => dev.unmap_zeroes(),
+    };
     if data_end > data_start {
         let r = match opts.clear_method {
             ClearMethod::None => Ok(()),
@@ -1151,9 +1259,11 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             unloaded: false,
             doomed: Vec::new(),
             tainted: false,
+            shadows: Vec::new(),
         }),
         factory: opts.esnap_factory.clone(),
         unflushed: AtomicBool::new(false),
+        shadowed: bl < PAGE as u32,
     });
     // init returns a store that a power cut cannot take back.
     inner.barrier(Barrier::Super).await?;
@@ -1204,6 +1314,150 @@ async fn read_masks(
         return Ok(None);
     };
     Ok(Some((p, c, b)))
+}
+
+/// Finds the copy of a torn super block: a valid super block in the md region whose first io
+/// unit equals the torn one's (so its fields are the ones the torn page holds).
+async fn find_super_shadow(
+    dev: &dyn BsDev,
+    torn: &[u8],
+    sbi: &SuperBlockInfo,
+    align: usize,
+) -> Result<Option<Vec<u8>>> {
+    let mut probe = sbi.clone();
+    probe.crc_ok = true;
+    if validate_super(&probe, dev, None).is_err() {
+        return Ok(None);
+    }
+    let (geo, _) = geo_from_super(&probe, dev);
+    let unit = dev.block_len() as usize;
+    let mut cache = PageCache::new(dev, &geo, align);
+    for p in 0..geo.md_len {
+        let pg = cache.get(p).await?;
+        if &pg[..8] == SIGNATURE && pg[..unit] == torn[..unit] && parse_super(pg)?.crc_ok {
+            return Ok(Some(pg.to_vec()));
+        }
+    }
+    Ok(None)
+}
+
+/// Before a recovery load on a device whose io unit is smaller than an md page: puts back
+/// the md pages (roots, extent pages) that a power cut tore during their in-place write,
+/// from the shadow copies made durable before it, writes a restored super block, then
+/// zeroes every shadow (a stale one must never stand for a later write). Writes nothing
+/// when there is no shadow.
+async fn repair_torn(
+    dev: &dyn BsDev,
+    geo: &Geo,
+    align: usize,
+    super_fix: Option<Vec<u8>>,
+) -> Result<()> {
+    let mut cache = PageCache::new(dev, geo, align);
+    let mut shadows: Vec<(u32, MdPageInfo, Vec<u8>)> = Vec::new();
+    let mut bad: BTreeSet<u32> = BTreeSet::new();
+    let mut roots: Vec<u32> = Vec::new();
+    for p in 0..geo.md_len {
+        let pg = cache.get(p).await?;
+        if is_shadow(pg) {
+            shadows.push((p, parse_md_page(pg)?, pg.to_vec()));
+            continue;
+        }
+        let info = parse_md_page(pg)?;
+        if !info.crc_ok {
+            bad.insert(p);
+        } else if info.sequence_num == 0 && info.id == page_to_blobid(p) {
+            roots.push(p);
+        }
+    }
+    if shadows.is_empty() && super_fix.is_none() {
+        return Ok(());
+    }
+    let ep_of = |i: &MdPageInfo| extent_page_contents(i).map(|(s, _)| s);
+    let mut fixes: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+    for &p in &bad {
+        let id = page_to_blobid(p);
+        let Some((_, info, sh)) = shadows.iter().find(|(_, i, _)| {
+            i.id == id
+                && (i.sequence_num == TOMBSTONE_SEQ || (i.sequence_num == 0 && ep_of(i).is_none()))
+        }) else {
+            continue;
+        };
+        if info.sequence_num == TOMBSTONE_SEQ {
+            // A delete whose root zeroing tore: finish it.
+            fixes.insert(p, vec![0u8; PAGE]);
+        } else {
+            fixes.insert(p, unshadow(sh));
+            roots.push(p);
+        }
+    }
+    if shadows.iter().any(|(_, i, _)| ep_of(i).is_some()) {
+        for &r in &roots {
+            let id = page_to_blobid(r);
+            // The extent table of the (maybe restored) chain.
+            let mut entries: Vec<(u32, u32)> = Vec::new();
+            let mut cur = match fixes.get(&r) {
+                Some(b) => parse_md_page(b)?,
+                None => parse_md_page(cache.get(r).await?)?,
+            };
+            let mut seen = HashSet::from([r]);
+            loop {
+                for d in &cur.descriptors {
+                    if let crate::inspect::Descriptor::ExtentTable { entries: e, .. } = d {
+                        entries.extend_from_slice(e);
+                    }
+                }
+                let next = cur.next;
+                if next == INVALID_PAGE || next >= geo.md_len || !seen.insert(next) {
+                    break;
+                }
+                cur = parse_md_page(cache.get(next).await?)?;
+                if !cur.crc_ok {
+                    break;
+                }
+            }
+            let mut idx = 0u64;
+            for (pidx, n) in entries {
+                if pidx == 0 {
+                    idx += u64::from(n);
+                    continue;
+                }
+                let start = idx * EXTENTS_PER_EP as u64;
+                idx += 1;
+                if pidx >= geo.md_len || fixes.contains_key(&pidx) {
+                    continue;
+                }
+                let info = parse_md_page(cache.get(pidx).await?)?;
+                if info.crc_ok {
+                    continue;
+                }
+                if let Some((_, _, sh)) = shadows
+                    .iter()
+                    .find(|(_, i, _)| i.id == id && ep_of(i).map(u64::from) == Some(start))
+                {
+                    fixes.insert(pidx, unshadow(sh));
+                }
+            }
+        }
+    }
+    for (p, b) in &fixes {
+        tracing::warn!(target: "blob", "md page {p} torn by a power cut: restored from its shadow");
+        dev.write(geo.page_lba(*p), IoBuf::from_slice(b, align))
+            .await
+            .map_err(io_err)?;
+    }
+    if let Some(b) = &super_fix {
+        dev.write(0, IoBuf::from_slice(b, align))
+            .await
+            .map_err(io_err)?;
+    }
+    dev.flush().await.map_err(io_err)?;
+    for (p, _, _) in &shadows {
+        dev.write_zeroes(geo.page_lba(*p), geo.lba_per_page)
+            .await
+            .map_err(io_err)?;
+    }
+    dev.flush().await.map_err(io_err)?;
+    Ok(())
 }
 
 /// Rebuilds the three masks by walking md pages (format §8).
@@ -1309,7 +1563,17 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         ));
     }
     let buf = dev.read(0, IoBuf::new(PAGE, align)).await.map_err(io_err)?;
-    let sbi = parse_super(&buf)?;
+    let mut sbi = parse_super(&buf)?;
+    // A super block write torn by a power cut (io unit < 4 KiB) keeps one version's fields
+    // in its first io unit: take the durable copy written before it that matches.
+    let mut super_fix = None;
+    if !sbi.crc_ok && bl < PAGE as u32 && &sbi.signature == SIGNATURE {
+        if let Some(fixed) = find_super_shadow(dev.as_ref(), &buf, &sbi, align).await? {
+            sbi = parse_super(&fixed)?;
+            tracing::warn!(target: "blob", "super block torn by a power cut: restored from its copy");
+            super_fix = Some(fixed);
+        }
+    }
     validate_super(&sbi, dev.as_ref(), Some(&opts.bstype))?;
     let (geo, total) = geo_from_super(&sbi, dev.as_ref());
     if geo.md_clusters > total {
@@ -1318,7 +1582,13 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             geo.md_clusters
         )));
     }
-    let need_recovery = sbi.used_blobid_mask_len == 0 || sbi.clean == 0 || opts.force_recover;
+    let need_recovery = sbi.used_blobid_mask_len == 0
+        || sbi.clean == 0
+        || opts.force_recover
+        || super_fix.is_some();
+    if need_recovery && bl < PAGE as u32 {
+        repair_torn(dev.as_ref(), &geo, align, super_fix).await?;
+    }
     let masks = if need_recovery {
         None
     } else {
@@ -1367,9 +1637,11 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             unloaded: false,
             doomed: Vec::new(),
             tainted: false,
+            shadows: Vec::new(),
         }),
         factory: opts.esnap_factory.clone(),
         unflushed: AtomicBool::new(false),
+        shadowed: bl < PAGE as u32,
     });
     inner.build_relations().await?;
     Ok(inner)
@@ -1547,6 +1819,9 @@ impl StoreInner {
                 return Err(e);
             }
         }
+        // Retire the shadows of earlier in-place writes (their zeroing is made durable by the
+        // masks' barrier below), so that the masks do not count them.
+        self.flush_all().await?;
         let s = self.read_super().await?;
         let (pm, cm, bm, total) = {
             let st = self.state();

@@ -6,9 +6,12 @@
 //! clusters are allocated, and every byte read through the chain), and the store invariants
 //! are checked on a copy of the device (`inspect::check`: no cluster owned twice, chains
 //! whole; and the in-memory used-cluster count equals what a full scan finds, so nothing
-//! leaks). A step can carry a power cut: writes after the k-th are dropped during the
-//! operation, then the store is reloaded dirty from the image and must show the state before
-//! or after the operation (block-wise for data writes), never a mix of metadata.
+//! leaks). The device has a volatile write cache (`MemBsDev` write-back mode). A step can
+//! carry a power cut: the power goes after the k-th write or flush of the operation, the
+//! cache loses the unflushed writes as a crash plan says (all, none, or a random subset torn
+//! at 4 KiB), then the store is reloaded dirty from that image and must show the state
+//! before or after the operation (block-wise for data writes), never a mix of metadata; an
+//! operation that returned before the cut must show its after state.
 //!
 //! Default: `MODEL_CASES` (or `PROPTEST_CASES`) cases, 250 unless set; `SOAK=1` runs 4000
 //! unless set. `PROPTEST_RNG_SEED` picks the seed (as `cargo xtask soak` does).
@@ -18,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use blobstore::testing::{Fault, MemBsDev};
+use blobstore::testing::{CrashPlan, Fault, MemBsDev};
 use blobstore::{
     inspect, BlobId, BlobOpts, Blobstore, BsDev, BsError, BsOpts, EsnapDevFactory, IoBuf, Parent,
 };
@@ -195,8 +198,9 @@ enum Op {
 #[derive(Clone, Debug)]
 struct Step {
     op: Op,
-    /// Power cut after this many writes of the operation.
-    cut: Option<u8>,
+    /// Power cut after this many writes and flushes of the operation, and which crash plan
+    /// the cache follows (`plan_of`).
+    cut: Option<(u8, u8)>,
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
@@ -223,7 +227,21 @@ fn op_strategy() -> impl Strategy<Value = Op> {
 }
 
 fn step_strategy() -> impl Strategy<Value = Step> {
-    (op_strategy(), prop::option::weighted(0.06, 0u8..16)).prop_map(|(op, cut)| Step { op, cut })
+    (
+        op_strategy(),
+        prop::option::weighted(0.06, (0u8..24, any::<u8>())),
+    )
+        .prop_map(|(op, cut)| Step { op, cut })
+}
+
+/// The crash plan a cut's selector stands for: lose every unflushed write, keep them all, or
+/// a seeded random subset torn at the io unit.
+fn plan_of(sel: u8) -> CrashPlan {
+    match sel % 8 {
+        0 => CrashPlan::LoseAll,
+        1 => CrashPlan::KeepAll,
+        _ => CrashPlan::Random(0x6d6f_6465_6c00 | u64::from(sel)),
+    }
 }
 
 fn pick(ids: &[BlobId], i: u8) -> Option<BlobId> {
@@ -319,10 +337,6 @@ struct World {
     model: Model,
     serial: u64,
     stats: Stats,
-    /// A power cut happened: free clusters may hold bytes of writes whose allocation was
-    /// lost. Thick allocation does not clear them (see `no_cross.rs`), so the model takes
-    /// what a thick create or grow reads as the truth once this is set.
-    stale_free: bool,
 }
 
 #[derive(Default, Debug)]
@@ -353,7 +367,7 @@ impl World {
             present: AtomicBool::new(true),
             opens: AtomicU64::new(0),
         });
-        let dev = MemBsDev::new(BLK as u32, dev_blocks);
+        let dev = MemBsDev::write_back(BLK as u32, dev_blocks);
         let bs = Blobstore::init(dev.clone(), opts(&factory)).await.unwrap();
         World {
             dev,
@@ -366,7 +380,6 @@ impl World {
             },
             serial: 0,
             stats: Stats::default(),
-            stale_free: false,
         }
     }
 
@@ -763,14 +776,22 @@ impl World {
                 .map(Some),
             Real::WriteZeroes { id, off, len } => {
                 let b = bs.open_blob(*id).await?;
-                let r = b.write_zeroes(*off, *len).await;
+                // The client flushes after each write: the model holds acknowledged,
+                // flushed data (an unflushed write may be lost by a power cut).
+                let r = match b.write_zeroes(*off, *len).await {
+                    Ok(()) => b.flush().await,
+                    Err(e) => Err(e),
+                };
                 let c = b.close().await;
                 r?;
                 c.map(|_| None)
             }
             Real::Write { id, off, data } => {
                 let b = bs.open_blob(*id).await?;
-                let r = b.write(*off, IoBuf::from_slice(data, BLK)).await;
+                let r = match b.write(*off, IoBuf::from_slice(data, BLK)).await {
+                    Ok(_) => b.flush().await,
+                    Err(e) => Err(e),
+                };
                 let c = b.close().await;
                 r?;
                 c.map(|_| None)
@@ -863,22 +884,18 @@ impl World {
             ) {
                 // Nothing to cut; run normally.
             } else {
-                return self.power_cut(&real, expect, u64::from(k)).await;
+                return self
+                    .power_cut(&real, expect, u64::from(k.0), plan_of(k.1))
+                    .await;
             }
         }
         let res = self.exec(&real).await;
         match (res, expect) {
             (Ok(new), Expect::Ok(m) | Expect::Maybe(m, _)) => {
                 self.stats.ops_ok += 1;
+                // A thick claim reads zeroes, also after power cuts (every free cluster is
+                // stale after a load and scrubbed before it is claimed).
                 self.model = Self::patch(m, new);
-                let thick_claim = match &real {
-                    Real::Create { thin, .. } => !thin,
-                    Real::Resize { id, .. } => !before.vols[id].thin,
-                    _ => false,
-                };
-                if self.stale_free && thick_claim {
-                    self.model = self.rebuild().await?;
-                }
                 if let Real::WriteZeroes { id, .. } = &real {
                     self.adopt_allocation(*id).await?;
                 }
@@ -913,55 +930,68 @@ impl World {
         }
     }
 
-    /// Runs `real` with writes dropped after the k-th, then reloads dirty from the image.
-    async fn power_cut(&mut self, real: &Real, expect: Expect, k: u64) -> Result<(), String> {
+    /// Runs `real` with the power cut after its k-th write or flush, builds the image the
+    /// write-back cache leaves under `plan`, then reloads dirty from it.
+    async fn power_cut(
+        &mut self,
+        real: &Real,
+        expect: Expect,
+        k: u64,
+        plan: CrashPlan,
+    ) -> Result<(), String> {
         self.stats.power_cuts += 1;
         let before = self.model.clone();
-        self.dev.set_fault(Fault::DropAfter(k));
+        self.dev.set_fault(Fault::CutAfter(k));
         let res = self.exec(real).await;
-        self.dev.set_fault(Fault::None);
+        // The operation returned before the power went: what it returned must survive.
+        let returned = self.dev.events() <= k;
         let after = match (&res, expect) {
             (Ok(new), Expect::Ok(m) | Expect::Maybe(m, _)) => Self::patch(m, *new),
             (Err(_), _) => before.clone(),
         };
-        // Crash: the store is dropped without unload; the image is what reached the media.
-        let img = MemBsDev::from_bytes(BLK as u32, self.dev.snapshot());
+        // Crash: the store is dropped without unload; the image is what the cache left.
+        let img = MemBsDev::from_bytes(BLK as u32, self.dev.crash_image(plan));
+        img.set_write_back(true);
         self.dev = img;
         self.bs = Blobstore::load(self.dev.clone(), opts(&self.factory))
             .await
-            .map_err(|e| format!("dirty load after a power cut in {real:?}: {}", e2s(&e)))?;
-        let rb = self.compare(&before).await;
+            .map_err(|e| {
+                format!(
+                    "dirty load after a power cut in {real:?} ({plan:?}): {}",
+                    e2s(&e)
+                )
+            })?;
+        // Not atomic: a data write, or inflate / decouple (one cluster at a time).
+        let data_op = matches!(
+            real,
+            Real::Write { .. }
+                | Real::WriteZeroes { .. }
+                | Real::Inflate { .. }
+                | Real::Decouple { .. }
+        );
         let ra = self.compare(&after).await;
-        let thick_claim = match real {
-            Real::Create { thin, .. } => !thin,
-            Real::Resize { id, .. } => !before.vols[id].thin,
-            _ => false,
-        };
-        // Known finding (no_cross.rs): a thick claim may show stale bytes of a lost write.
-        let stale_ok = thick_claim
-            && self.stale_free
-            && self.bs.blob_ids() == after.vols.keys().copied().collect::<Vec<_>>();
-        if rb.is_err() && ra.is_err() && !stale_ok {
-            // Data writes are not atomic, and inflate / decouple copy one cluster at a
-            // time (each copy durable on its own): block-wise old-or-new content, parent
-            // link old or new.
-            if matches!(
-                real,
-                Real::Write { .. }
-                    | Real::WriteZeroes { .. }
-                    | Real::Inflate { .. }
-                    | Real::Decouple { .. }
-            ) {
-                self.compare_mixed(&before, &after).await?;
-            } else {
-                return Err(format!(
-                    "power cut after {k} writes in {real:?}: neither before ({}) nor after ({})",
-                    rb.err().unwrap_or_default(),
-                    ra.err().unwrap_or_default()
-                ));
+        if returned && res.is_ok() {
+            // A metadata operation is durable when it returns, a write once flushed.
+            ra.map_err(|e| {
+                format!("{real:?} returned before the power cut after {k} events ({plan:?}) but its result was lost: {e}")
+            })?;
+        } else if ra.is_err() {
+            let rb = self.compare(&before).await;
+            if rb.is_err() {
+                // Data writes are not atomic (and not durable before a flush), and inflate /
+                // decouple copy one cluster at a time (each copy durable on its own):
+                // block-wise old-or-new content, parent link old or new.
+                if data_op {
+                    self.compare_mixed(&before, &after).await?;
+                } else {
+                    return Err(format!(
+                        "power cut after {k} events in {real:?} ({plan:?}): neither before ({}) nor after ({})",
+                        rb.err().unwrap_or_default(),
+                        ra.err().unwrap_or_default()
+                    ));
+                }
             }
         }
-        self.stale_free = true;
         self.model = self.rebuild().await?;
         self.check_invariants().await
     }
@@ -1353,7 +1383,7 @@ fn every_operation_in_one_sequence() {
     // And one power cut in a snapshot.
     steps.push(Step {
         op: Snapshot { vol: 0 },
-        cut: Some(3),
+        cut: Some((3, 2)),
     });
     let st = run(&steps).unwrap();
     assert!(st.ops_ok >= 18, "{st:?}");
