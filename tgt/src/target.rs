@@ -29,7 +29,7 @@ pub const INVALID_STATE: i32 = -1;
 /// `-22` before the method runs (see `docs/rpc.md`).
 pub const PARAM_BOUNDS: &[(&str, &str, u64)] = &[
     ("bdev_nbd_client_create", "io_timeout_ms", 3_600_000),
-    ("bdev_nbd_client_create", "reconnect_delay_ms", 60_000),
+    ("bdev_nbd_client_create", "reconnect_delay_ms", 3_600_000),
     ("bdev_nbd_client_create", "reconnect_attempts", 1000),
 ];
 

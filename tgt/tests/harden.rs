@@ -371,7 +371,7 @@ fn retry_and_timeout_parameters_are_bounded() {
     );
     for (k, v) in [
         ("io_timeout_ms", 3_600_001u64),
-        ("reconnect_delay_ms", 60_001),
+        ("reconnect_delay_ms", 3_600_001),
         ("reconnect_attempts", 1001),
     ] {
         let mut p = json!({"name": "n", "address": "unix:/nonexistent", "export": "",
