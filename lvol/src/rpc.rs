@@ -101,8 +101,31 @@ fn enodev() -> RpcError {
     RpcError::from_errno(libc::ENODEV)
 }
 
-/// A failure reported by an async completion: `-32602` + strerror.
+/// Whether an operation failed because its lvol or store went away under it (deleted or
+/// unloaded by a concurrent request): ENODEV, a blob or store handle closed meanwhile, or a
+/// blob deleted meanwhile.
+fn is_gone(e: &LvolError) -> bool {
+    e.errno() == libc::ENODEV
+        || matches!(
+            e,
+            LvolError::Blobstore(
+                blobstore::BsError::BadHandle(_) | blobstore::BsError::NotFound(_)
+            )
+        )
+}
+
+/// A failure reported by an async completion: `-32602` + strerror. An lvol or store that
+/// went away meanwhile is `-19` "No such device", the answer a request sent a moment later
+/// gets from the lookup, so that one situation has one code however the race falls.
 fn async_err(e: LvolError) -> RpcError {
+    if is_gone(&e) {
+        return enodev();
+    }
+    RpcError::invalid_params_errno(e.errno())
+}
+
+/// [`async_err`] for methods where ENODEV names another bdev (SPDK: `-32602`).
+fn async_err_raw(e: LvolError) -> RpcError {
     RpcError::invalid_params_errno(e.errno())
 }
 
@@ -112,8 +135,11 @@ fn sync_err(e: LvolError) -> RpcError {
 }
 
 /// Errors raised before the blobstore was involved are synchronous in SPDK; blobstore failures
-/// come back through the completion callback.
+/// come back through the completion callback. A store that went away is `-19`.
 fn create_err(e: LvolError) -> RpcError {
+    if is_gone(&e) {
+        return enodev();
+    }
     match e {
         LvolError::Blobstore(_) => async_err(e),
         other => sync_err(other),
@@ -402,7 +428,7 @@ impl LvolRpc {
                 let c = m
                     .create_esnap_clone(&p.bdev, &s, &p.clone_name)
                     .await
-                    .map_err(async_err)?;
+                    .map_err(async_err_raw)?;
                 Ok(json!(c.unique_id()))
             }
             "bdev_lvol_rename" => {
@@ -432,9 +458,13 @@ impl LvolRpc {
                 let p: Name = decode(params)?;
                 // Also finds lvols without a bdev, by UUID or lvs/lvol.
                 let l = m.find_lvol(&p.name).ok_or_else(enodev)?;
-                m.delete_lvol(&l)
-                    .await
-                    .map_err(|e| RpcError::new(INTERNAL_ERROR, strerror(e.errno())))?;
+                m.delete_lvol(&l).await.map_err(|e| {
+                    if is_gone(&e) {
+                        enodev()
+                    } else {
+                        RpcError::new(INTERNAL_ERROR, strerror(e.errno()))
+                    }
+                })?;
                 Ok(json!(true))
             }
             "bdev_lvol_inflate" => {
@@ -477,7 +507,7 @@ impl LvolRpc {
                 }
                 m.set_parent_bdev(&l, &p.parent_name)
                     .await
-                    .map_err(async_err)?;
+                    .map_err(async_err_raw)?;
                 Ok(json!(true))
             }
             "bdev_lvol_start_shallow_copy" => {
@@ -485,7 +515,7 @@ impl LvolRpc {
                 let l = self.lvol(&p.src_lvol_name)?;
                 let op = m
                     .start_shallow_copy(&l, &p.dst_bdev_name)
-                    .map_err(async_err)?;
+                    .map_err(async_err_raw)?;
                 Ok(json!({ "operation_id": op }))
             }
             "bdev_lvol_check_shallow_copy" => {

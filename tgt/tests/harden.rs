@@ -603,3 +603,151 @@ fn an_aio_file_is_opened_once() {
     a.ok(&["bdev_lvol_create", "-l", "lvs0", "v", "4"]);
     assert_eq!(a.ok(&["bdev_lvol_get_lvols"]).as_array().unwrap().len(), 1);
 }
+
+/// One persistent JSON-RPC connection (requests answered in order, one line each).
+struct Conn {
+    s: UnixStream,
+    r: std::io::BufReader<UnixStream>,
+    id: u64,
+}
+
+impl Conn {
+    fn new(sock: &Path) -> Conn {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let r = std::io::BufReader::new(s.try_clone().unwrap());
+        Conn { s, r, id: 0 }
+    }
+    /// (code, message); code 0 on success.
+    fn call(&mut self, method: &str, params: Value) -> (i64, String) {
+        use std::io::BufRead;
+        self.id += 1;
+        let req = json!({"jsonrpc": "2.0", "id": self.id, "method": method, "params": params});
+        self.s
+            .write_all(&serde_json::to_vec(&req).unwrap())
+            .unwrap();
+        let mut line = String::new();
+        self.r.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], json!(self.id));
+        match v.get("error") {
+            None => (0, String::new()),
+            Some(e) => (
+                e["code"].as_i64().unwrap(),
+                e["message"].as_str().unwrap().to_string(),
+            ),
+        }
+    }
+}
+
+/// Finding 9: creates, snapshots, resizes and deletes racing the deletion of their lvol
+/// store (and of each other) answer one code when the object is gone: -19 "No such device",
+/// never -2, -9 or -32602/-32603 with those texts.
+#[test]
+fn racing_requests_answer_one_code_for_a_vanished_object() {
+    let (tools, dir) = setup();
+    let sock = dir.path().join("rpc.sock");
+    let t = Tgt::start(&tools, dir.path(), &sock, &[]);
+    t.ok(&["bdev_malloc_create", "-b", "M", "128", "4096"]);
+    let stop = Instant::now() + Duration::from_secs(8);
+    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, i64, String)>::new()));
+    let mut hs = Vec::new();
+    type Step = fn(&mut Conn, u64) -> Vec<(&'static str, (i64, String))>;
+    let steps: [Step; 4] = [
+        |c, _| {
+            vec![
+                (
+                    "create_lvstore",
+                    c.call(
+                        "bdev_lvol_create_lvstore",
+                        json!({"bdev_name": "M", "lvs_name": "lvs"}),
+                    ),
+                ),
+                (
+                    "delete_lvstore",
+                    c.call("bdev_lvol_delete_lvstore", json!({"lvs_name": "lvs"})),
+                ),
+            ]
+        },
+        |c, n| {
+            vec![(
+                "create",
+                c.call(
+                    "bdev_lvol_create",
+                    json!({"lvs_name": "lvs", "lvol_name": format!("v{}", n % 3),
+                        "size_in_mib": 4, "thin_provision": true}),
+                ),
+            )]
+        },
+        |c, n| {
+            let v = format!("lvs/v{}", n % 3);
+            vec![
+                (
+                    "snapshot",
+                    c.call(
+                        "bdev_lvol_snapshot",
+                        json!({"lvol_name": v, "snapshot_name": format!("s{n}")}),
+                    ),
+                ),
+                (
+                    "resize",
+                    c.call("bdev_lvol_resize", json!({"name": v, "size_in_mib": 8})),
+                ),
+                ("delete", c.call("bdev_lvol_delete", json!({"name": v}))),
+            ]
+        },
+        |c, n| {
+            vec![(
+                "create",
+                c.call(
+                    "bdev_lvol_create",
+                    json!({"lvs_name": "lvs", "lvol_name": format!("w{}", n % 2),
+                        "size_in_mib": 4}),
+                ),
+            )]
+        },
+    ];
+    for step in steps {
+        let sock = sock.clone();
+        let results = results.clone();
+        hs.push(std::thread::spawn(move || {
+            let mut c = Conn::new(&sock);
+            let mut n = 0u64;
+            while Instant::now() < stop {
+                n += 1;
+                for (m, (code, msg)) in step(&mut c, n) {
+                    results.lock().unwrap().push((m.to_string(), code, msg));
+                }
+            }
+        }));
+    }
+    for h in hs {
+        h.join().unwrap();
+    }
+    let results = results.lock().unwrap();
+    let mut seen = std::collections::BTreeMap::<(String, i64, String), usize>::new();
+    for r in results.iter() {
+        *seen.entry(r.clone()).or_default() += 1;
+    }
+    eprintln!("{seen:#?}");
+    let gone_texts = [
+        "No such device",
+        "No such file or directory",
+        "Bad file descriptor",
+    ];
+    for ((m, code, msg), _) in &seen {
+        if gone_texts.contains(&msg.as_str()) {
+            assert_eq!(
+                (*code, msg.as_str()),
+                (-19, "No such device"),
+                "{m} answered {code} {msg}"
+            );
+        }
+    }
+    assert!(
+        seen.keys().any(|(m, c, _)| m == "create" && *c == 0),
+        "no create succeeded: the race was not exercised"
+    );
+    assert!(seen.keys().any(|(_, c, _)| *c == -19));
+    assert!(t.ok(&["spdk_get_version"])["version"].is_string());
+}
