@@ -561,6 +561,16 @@ impl LvolRpc {
     }
 }
 
+#[async_trait]
+impl RpcModule for LvolRpc {
+    fn methods(&self) -> Vec<&'static str> {
+        METHODS.to_vec()
+    }
+    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        self.dispatch(method, params).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -582,15 +592,5 @@ mod tests {
             request_size(None, None, c).unwrap_err().code,
             INTERNAL_ERROR
         );
-    }
-}
-
-#[async_trait]
-impl RpcModule for LvolRpc {
-    fn methods(&self) -> Vec<&'static str> {
-        METHODS.to_vec()
-    }
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        self.dispatch(method, params).await
     }
 }

@@ -735,7 +735,7 @@ fn racing_requests_answer_one_code_for_a_vanished_object() {
         "No such file or directory",
         "Bad file descriptor",
     ];
-    for ((m, code, msg), _) in &seen {
+    for (m, code, msg) in seen.keys() {
         if gone_texts.contains(&msg.as_str()) {
             assert_eq!(
                 (*code, msg.as_str()),
