@@ -432,10 +432,18 @@ fn rpc_partial_requests_share_a_bounded_budget() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1000));
-    // Small requests never wait for the budget.
-    let t0 = Instant::now();
-    assert_eq!(t.ok(&["bdev_get_bdevs"]), json!([]));
-    assert!(t0.elapsed() < Duration::from_secs(5));
+    // Small requests never wait for the budget: answered while the attack still runs.
+    let (r, _) = raw_exchange(
+        &sock,
+        br#"{"jsonrpc":"2.0","method":"bdev_get_bdevs","id":1}"#,
+        1,
+    );
+    assert_eq!(r[0]["result"], json!([]));
+    let running = senders.iter().filter(|h| !h.is_finished()).count();
+    assert!(
+        running > 0,
+        "the attack was over before the small request was answered"
+    );
     let results: Vec<(usize, bool, UnixStream)> =
         senders.into_iter().map(|h| h.join().unwrap()).collect();
     let grown = proc_status_bytes(pid, "VmHWM").saturating_sub(base);
