@@ -739,6 +739,11 @@ where
                     reply.put(&mut w).await?;
                 }
                 w.flush().await?;
+                // Nothing was read while the replies went out: that time is ours, not a
+                // stall of the client's payload.
+                if pending.is_some() || discard > 0 {
+                    last_payload_byte = tokio::time::Instant::now();
+                }
             }
             c = async { match waiting.as_mut() { Some((_, f)) => f.await, None => futures::future::pending().await } }, if waiting.is_some() && !closing => {
                 if let Some((req, _)) = waiting.take() {
@@ -1368,6 +1373,34 @@ mod tests {
         }
         assert_eq!(server.budget().used(), 0);
         drop(c);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_announced_payload_that_never_comes_is_dropped() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 64 << 11, 512, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let limits = Limits {
+            stall_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let server = NbdServer::with_limits(registry.clone(), limits);
+        server.add_export("M", None, true).unwrap();
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        server.spawn_conn(s);
+        client_go(&mut c, "M").await;
+        // A 16 MiB write with 4 KiB of its payload, then silence.
+        let mut m = req(proto::CMD_WRITE, 0, 1, 0, 16 << 20);
+        m.extend([1u8; 4096]);
+        c.write_all(&m).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(server.budget().used() >= 16 << 20, "the payload is charged");
+        let t0 = std::time::Instant::now();
+        while server.list()[0]["connections"] != serde_json::json!(0) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "not dropped");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(server.budget().used(), 0);
     }
 
     #[test]
