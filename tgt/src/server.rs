@@ -116,7 +116,8 @@ async fn connection(
     use std::os::fd::AsRawFd;
     let fd = stream.as_raw_fd();
     let mut parser = StreamParser::new();
-    let mut buf = vec![0u8; READ_CHUNK];
+    // Small while requests are small: an idle connection costs a few KiB.
+    let mut buf = vec![0u8; 4096];
     let mut held = Held::none(&budget);
     loop {
         // Charge what the next read may make the buffer grow to; over budget, stop reading
@@ -141,6 +142,9 @@ async fn connection(
             return Ok(());
         }
         parser.push(&buf[..n]);
+        if n == buf.len() && buf.len() < READ_CHUNK {
+            buf.resize(READ_CHUNK, 0);
+        }
         loop {
             match parser.next_frame() {
                 Frame::Value(v) => {
