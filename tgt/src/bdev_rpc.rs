@@ -387,7 +387,14 @@ impl BdevRpc {
             uuid,
             ..Default::default()
         };
-        let dev = AioBdev::create(opts).map_err(|e| errno_err(&e))?;
+        let dev = AioBdev::create(opts).map_err(|e| match &e {
+            // The file is held (by another bdev or process): say by whom, after SPDK's text.
+            BdevError::Busy(who) => RpcError::new(
+                -libc::EBUSY,
+                format!("{}: {who}", bdev_core::rpc::strerror(libc::EBUSY)),
+            ),
+            e => errno_err(e),
+        })?;
         self.registry
             .register(dev)
             .await

@@ -599,13 +599,15 @@ fn an_aio_file_is_opened_once() {
     a.ok(&["bdev_lvol_create_lvstore", "store0", "lvs0"]);
     let e = a.err(&["bdev_aio_create", fs, "store1", "4096"]);
     eprintln!("second bdev_aio_create in one target: {e:?}");
-    assert_ne!(e.code, 0);
-    assert!(!e.message.is_empty());
+    assert_eq!(e.code, -16, "{e:?}");
+    assert!(e.message.contains("store0"), "the holder is named: {e:?}");
     assert_eq!(a.ok(&["bdev_get_bdevs"]).as_array().unwrap().len(), 1);
     // A second target process on the same store.
     let b = Tgt::start(&tools, dir.path(), &dir.path().join("b.sock"), &[]);
     let e = b.err(&["bdev_aio_create", fs, "store0", "4096"]);
     eprintln!("bdev_aio_create in a second target: {e:?}");
+    assert_eq!(e.code, -16, "{e:?}");
+    assert!(e.message.contains("another process"), "{e:?}");
     assert_eq!(b.ok(&["bdev_lvol_get_lvstores"]), json!([]));
     // The first target still owns a working store.
     a.ok(&["bdev_lvol_create", "-l", "lvs0", "v", "4"]);
