@@ -4,8 +4,15 @@
 //!
 //! * `bdev_lvol_set_esnap_retry {"retries": N, "delay_ms": M}` (both optional, u32 / u64):
 //!   how many times I/O that needs a missing external snapshot is retried, and how long to
-//!   wait between tries, before it fails with EIO. Defaults: 3 retries, 100 ms. Result `true`.
+//!   wait between tries, before it fails with EIO. Defaults: 3 retries, 100 ms. Bounds:
+//!   [`MAX_ESNAP_RETRIES`], [`MAX_ESNAP_RETRY_DELAY_MS`]; beyond them `-22`. Result `true`.
 //!   Unknown or mistyped params: `-32603 "spdk_json_decode_object failed"`.
+//!
+//! Sizes (`bdev_lvol_create`, `bdev_lvol_resize`): `size_in_mib` (or `size` in bytes) must
+//! fit in a u64 in bytes after rounding up to the store's cluster size, else `-22`
+//! "Invalid argument" before anything is allocated (SPDK's C arithmetic would wrap); a create
+//! of size 0 is `-22` too. What the store cannot hold is the blobstore's answer (`-32602`
+//! "No space left on device").
 //! * `bdev_lvol_get_esnap_retry {}`: `{"retries": N, "delay_ms": M}`.
 //!
 //! `bdev_lvol_get_lvols` entries carry `is_degraded` and `num_allocated_clusters`;
@@ -25,6 +32,33 @@ use crate::{Lvol, LvolError, LvolModule, LvolStore, LvsClearMethod, LvsOpts, Sha
 
 const MIB: u64 = 1 << 20;
 
+/// The most retries `bdev_lvol_set_esnap_retry` accepts.
+pub const MAX_ESNAP_RETRIES: u32 = 1000;
+/// The longest delay between retries `bdev_lvol_set_esnap_retry` accepts (60 s).
+pub const MAX_ESNAP_RETRY_DELAY_MS: u64 = 60_000;
+
+/// The size in bytes of a create or resize request: `size_in_mib` first, else `size`.
+/// `-22` when it overflows a u64, or does once rounded up to `cluster_size`.
+fn request_size(
+    size_in_mib: Option<u64>,
+    size: Option<u64>,
+    cluster_size: u32,
+) -> Result<u64, RpcError> {
+    let too_big = || {
+        RpcError::new(
+            -libc::EINVAL,
+            "Invalid argument: size does not fit in 64 bits once rounded to the cluster size",
+        )
+    };
+    let bytes = match (size_in_mib, size) {
+        (Some(mib), _) => mib.checked_mul(MIB).ok_or_else(too_big)?,
+        (None, Some(b)) => b,
+        (None, None) => return Err(RpcError::decode_failed()),
+    };
+    let c = u64::from(cluster_size.max(1));
+    bytes.checked_next_multiple_of(c).ok_or_else(too_big)?;
+    Ok(bytes)
+}
 /// The lvol module's RPC methods.
 pub struct LvolRpc {
     module: LvolModule,
@@ -67,8 +101,31 @@ fn enodev() -> RpcError {
     RpcError::from_errno(libc::ENODEV)
 }
 
-/// A failure reported by an async completion: `-32602` + strerror.
+/// Whether an operation failed because its lvol or store went away under it (deleted or
+/// unloaded by a concurrent request): ENODEV, a blob or store handle closed meanwhile, or a
+/// blob deleted meanwhile.
+fn is_gone(e: &LvolError) -> bool {
+    e.errno() == libc::ENODEV
+        || matches!(
+            e,
+            LvolError::Blobstore(
+                blobstore::BsError::BadHandle(_) | blobstore::BsError::NotFound(_)
+            )
+        )
+}
+
+/// A failure reported by an async completion: `-32602` + strerror. An lvol or store that
+/// went away meanwhile is `-19` "No such device", the answer a request sent a moment later
+/// gets from the lookup, so that one situation has one code however the race falls.
 fn async_err(e: LvolError) -> RpcError {
+    if is_gone(&e) {
+        return enodev();
+    }
+    RpcError::invalid_params_errno(e.errno())
+}
+
+/// [`async_err`] for methods where ENODEV names another bdev (SPDK: `-32602`).
+fn async_err_raw(e: LvolError) -> RpcError {
     RpcError::invalid_params_errno(e.errno())
 }
 
@@ -78,8 +135,11 @@ fn sync_err(e: LvolError) -> RpcError {
 }
 
 /// Errors raised before the blobstore was involved are synchronous in SPDK; blobstore failures
-/// come back through the completion callback.
+/// come back through the completion callback. A store that went away is `-19`.
 fn create_err(e: LvolError) -> RpcError {
+    if is_gone(&e) {
+        return enodev();
+    }
     match e {
         LvolError::Blobstore(_) => async_err(e),
         other => sync_err(other),
@@ -307,13 +367,18 @@ impl LvolRpc {
             }
             "bdev_lvol_create" => {
                 let p: CreateLvol = decode(params)?;
-                let size = match (p.size_in_mib, p.size) {
-                    (Some(mib), _) => mib.saturating_mul(MIB),
-                    (None, Some(b)) => b,
-                    (None, None) => return Err(RpcError::decode_failed()),
-                };
+                if p.size_in_mib.is_none() && p.size.is_none() {
+                    return Err(RpcError::decode_failed());
+                }
                 let clear = lvol_clear_method(p.clear_method.as_deref())?;
                 let s = self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
+                let size = request_size(p.size_in_mib, p.size, s.cluster_size())?;
+                if size == 0 {
+                    return Err(RpcError::new(
+                        -libc::EINVAL,
+                        "Invalid argument: size must be greater than 0",
+                    ));
+                }
                 let l = m
                     .create_lvol(
                         &s,
@@ -363,7 +428,7 @@ impl LvolRpc {
                 let c = m
                     .create_esnap_clone(&p.bdev, &s, &p.clone_name)
                     .await
-                    .map_err(async_err)?;
+                    .map_err(async_err_raw)?;
                 Ok(json!(c.unique_id()))
             }
             "bdev_lvol_rename" => {
@@ -374,12 +439,12 @@ impl LvolRpc {
             }
             "bdev_lvol_resize" => {
                 let p: Resize = decode(params)?;
-                let size = match (p.size_in_mib, p.size) {
-                    (Some(mib), _) => mib.saturating_mul(MIB),
-                    (None, Some(b)) => b,
-                    (None, None) => return Err(RpcError::decode_failed()),
-                };
+                if p.size_in_mib.is_none() && p.size.is_none() {
+                    return Err(RpcError::decode_failed());
+                }
                 let l = self.lvol(&p.name)?;
+                let cluster = l.store().map(|s| s.cluster_size()).unwrap_or(1);
+                let size = request_size(p.size_in_mib, p.size, cluster)?;
                 m.resize_lvol(&l, size).await.map_err(async_err)?;
                 Ok(json!(true))
             }
@@ -393,9 +458,13 @@ impl LvolRpc {
                 let p: Name = decode(params)?;
                 // Also finds lvols without a bdev, by UUID or lvs/lvol.
                 let l = m.find_lvol(&p.name).ok_or_else(enodev)?;
-                m.delete_lvol(&l)
-                    .await
-                    .map_err(|e| RpcError::new(INTERNAL_ERROR, strerror(e.errno())))?;
+                m.delete_lvol(&l).await.map_err(|e| {
+                    if is_gone(&e) {
+                        enodev()
+                    } else {
+                        RpcError::new(INTERNAL_ERROR, strerror(e.errno()))
+                    }
+                })?;
                 Ok(json!(true))
             }
             "bdev_lvol_inflate" => {
@@ -438,7 +507,7 @@ impl LvolRpc {
                 }
                 m.set_parent_bdev(&l, &p.parent_name)
                     .await
-                    .map_err(async_err)?;
+                    .map_err(async_err_raw)?;
                 Ok(json!(true))
             }
             "bdev_lvol_start_shallow_copy" => {
@@ -446,7 +515,7 @@ impl LvolRpc {
                 let l = self.lvol(&p.src_lvol_name)?;
                 let op = m
                     .start_shallow_copy(&l, &p.dst_bdev_name)
-                    .map_err(async_err)?;
+                    .map_err(async_err_raw)?;
                 Ok(json!({ "operation_id": op }))
             }
             "bdev_lvol_check_shallow_copy" => {
@@ -466,6 +535,16 @@ impl LvolRpc {
             }
             "bdev_lvol_set_esnap_retry" => {
                 let p: EsnapRetryParams = decode(params)?;
+                if p.retries.is_some_and(|r| r > MAX_ESNAP_RETRIES)
+                    || p.delay_ms.is_some_and(|d| d > MAX_ESNAP_RETRY_DELAY_MS)
+                {
+                    return Err(RpcError::new(
+                        -libc::EINVAL,
+                        format!(
+                            "Invalid argument: retries must be at most {MAX_ESNAP_RETRIES}, delay_ms at most {MAX_ESNAP_RETRY_DELAY_MS}"
+                        ),
+                    ));
+                }
                 let (r, d) = m.esnap_retry();
                 let retries = p.retries.unwrap_or(r);
                 let delay = p.delay_ms.map(Duration::from_millis).unwrap_or(d);
@@ -489,5 +568,29 @@ impl RpcModule for LvolRpc {
     }
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         self.dispatch(method, params).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_that_overflow_are_refused() {
+        let c = 4 << 20;
+        assert_eq!(request_size(Some(4), None, c).unwrap(), 4 * MIB);
+        assert_eq!(request_size(None, Some(5), c).unwrap(), 5);
+        // 2^44 MiB is 2^64 bytes; 2^64 - 1 MiB overflows too.
+        assert_eq!(request_size(Some(1 << 44), None, c).unwrap_err().code, -22);
+        assert_eq!(request_size(Some(u64::MAX), None, c).unwrap_err().code, -22);
+        // Fits in bytes but not once rounded up to a cluster.
+        assert_eq!(
+            request_size(None, Some(u64::MAX - 5), c).unwrap_err().code,
+            -22
+        );
+        assert_eq!(
+            request_size(None, None, c).unwrap_err().code,
+            INTERNAL_ERROR
+        );
     }
 }

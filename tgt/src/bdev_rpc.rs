@@ -94,6 +94,13 @@ pub fn bdev_info(dev: &dyn BlockDevice, aliases: &[String], claim: Option<ClaimT
     Value::Object(m)
 }
 
+/// The longest `bdev_get_bdevs` wait (`timeout`, ms) accepted: one hour. A client that
+/// hangs up stops its wait at once anyway.
+pub const MAX_GET_BDEVS_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The smallest and largest malloc block size (a power of two in between).
+pub const MALLOC_BLOCK_SIZES: std::ops::RangeInclusive<u32> = 512..=65536;
+
 fn errno_err(e: &BdevError) -> RpcError {
     RpcError::from_errno(e.errno())
 }
@@ -312,6 +319,12 @@ impl BdevRpc {
                 self.registry.list().iter().map(info).collect(),
             )),
             Some(name) => {
+                if p.timeout > MAX_GET_BDEVS_TIMEOUT_MS {
+                    return Err(RpcError::new(
+                        -libc::EINVAL,
+                        format!("Invalid argument: timeout must be at most {MAX_GET_BDEVS_TIMEOUT_MS} ms"),
+                    ));
+                }
                 let deadline = Instant::now() + Duration::from_millis(p.timeout);
                 loop {
                     if let Some(d) = self.registry.get(&name) {
@@ -328,7 +341,12 @@ impl BdevRpc {
 
     async fn malloc_create(&self, p: MallocCreate) -> Result<Value, RpcError> {
         let uuid = parse_uuid(&p.uuid)?;
-        if p.block_size == 0 || p.block_size % 512 != 0 || p.num_blocks == 0 {
+        if !MALLOC_BLOCK_SIZES.contains(&p.block_size)
+            || !p.block_size.is_power_of_two()
+            || p.num_blocks == 0
+        {
+            // SPDK only asks for a multiple of 512; a huge block would make every small
+            // write a read-modify-write of that much memory.
             return Err(RpcError::from_errno(libc::EINVAL));
         }
         if p.physical_block_size % 512 != 0 {
@@ -369,7 +387,14 @@ impl BdevRpc {
             uuid,
             ..Default::default()
         };
-        let dev = AioBdev::create(opts).map_err(|e| errno_err(&e))?;
+        let dev = AioBdev::create(opts).map_err(|e| match &e {
+            // The file is held (by another bdev or process): say by whom, after SPDK's text.
+            BdevError::Busy(who) => RpcError::new(
+                -libc::EBUSY,
+                format!("{}: {who}", bdev_core::rpc::strerror(libc::EBUSY)),
+            ),
+            e => errno_err(e),
+        })?;
         self.registry
             .register(dev)
             .await

@@ -33,6 +33,9 @@ pub struct StreamParser {
     /// arriving 32 MiB request does not cost quadratic time.
     incomplete_len: usize,
     limit: usize,
+    /// The text of the ids of the last value that `f64` does not reproduce (see
+    /// [`StreamParser::take_raw_ids`]).
+    raw_ids: Vec<String>,
 }
 
 impl StreamParser {
@@ -47,6 +50,34 @@ impl StreamParser {
             buf: Vec::new(),
             incomplete_len: 0,
             limit,
+            raw_ids: Vec::new(),
+        }
+    }
+
+    /// The buffer capacity after pushing `extra` more bytes: it doubles, but never beyond
+    /// the limit plus the bytes pushed, so the memory a connection can pin is bounded by
+    /// the request limit (a caller charges it to a budget before reading).
+    pub fn capacity_after(&self, extra: usize) -> usize {
+        let need = self.buf.len() + extra;
+        if need <= self.buf.capacity() {
+            return self.buf.capacity();
+        }
+        (self.buf.capacity() * 2)
+            .max(need)
+            .max(4096)
+            .min(need.max(self.limit + extra))
+    }
+
+    /// Bytes allocated for the receive buffer.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Gives memory back once a large request was consumed.
+    pub fn shrink(&mut self) {
+        let cap = self.buf.capacity();
+        if cap > 64 * 1024 && self.buf.len() < cap / 4 {
+            self.buf.shrink_to(self.buf.len().max(16 * 1024));
         }
     }
 
@@ -54,6 +85,10 @@ impl StreamParser {
     pub fn push(&mut self, data: &[u8]) {
         let big = self.buf.len() > 1024 * 1024;
         let closes = data.iter().any(|&b| b == b'}' || b == b']');
+        let cap = self.capacity_after(data.len());
+        if cap > self.buf.capacity() {
+            self.buf.reserve_exact(cap - self.buf.len());
+        }
         self.buf.extend_from_slice(data);
         if !big || closes || self.buf.len() >= 2 * self.incomplete_len {
             self.incomplete_len = 0;
@@ -85,6 +120,7 @@ impl StreamParser {
         match it.next() {
             Some(Ok(v)) => {
                 let used = it.byte_offset();
+                self.raw_ids = inexact_ids(&v, &self.buf[..used]);
                 self.buf.drain(..used);
                 self.incomplete_len = 0;
                 Frame::Value(v)
@@ -101,6 +137,213 @@ impl StreamParser {
             None => Frame::NeedMore,
         }
     }
+}
+
+impl StreamParser {
+    /// The ids of the last value returned that are numbers `f64` does not reproduce as sent
+    /// (2^64, 1e2, ...), as the client wrote them, in document order (the order of the
+    /// responses that carry them). Give them to [`encode_exact`], as SPDK echoes ids verbatim.
+    pub fn take_raw_ids(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.raw_ids)
+    }
+}
+
+fn is_inexact_id(v: &Value) -> bool {
+    matches!(v.get("id"), Some(Value::Number(n)) if n.is_f64())
+}
+
+/// The raw text of the ids of `v` (its top-level object, or each object of a batch) that are
+/// numbers parsed as `f64`; `raw` is the text `v` was parsed from.
+fn inexact_ids(v: &Value, raw: &[u8]) -> Vec<String> {
+    let wanted = match v {
+        Value::Object(_) => is_inexact_id(v),
+        Value::Array(a) => a.iter().any(is_inexact_id),
+        _ => false,
+    };
+    if !wanted {
+        return Vec::new();
+    }
+    let mut sc = Scan { b: raw, i: 0 };
+    sc.ws();
+    let texts: Vec<Option<String>> = match sc.peek() {
+        Some(b'{') => vec![sc.object_id()],
+        Some(b'[') => sc.array_ids(),
+        _ => Vec::new(),
+    };
+    let items: Vec<&Value> = match v {
+        Value::Array(a) => a.iter().collect(),
+        v => vec![v],
+    };
+    items
+        .iter()
+        .zip(texts)
+        .filter(|(item, _)| is_inexact_id(item))
+        .filter_map(|(_, t)| t)
+        .collect()
+}
+
+/// A scanner over bytes already known to be one valid JSON value.
+struct Scan<'a> {
+    b: &'a [u8],
+    i: usize,
+}
+
+impl Scan<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+    fn ws(&mut self) {
+        while self.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+            self.i += 1;
+        }
+    }
+    fn string(&mut self) {
+        self.i += 1;
+        while let Some(c) = self.peek() {
+            self.i += 1;
+            match c {
+                b'\\' => self.i += 1,
+                b'"' => return,
+                _ => {}
+            }
+        }
+    }
+    fn value(&mut self) {
+        match self.peek() {
+            Some(b'"') => self.string(),
+            Some(b'{' | b'[') => {
+                let mut depth = 0usize;
+                while let Some(c) = self.peek() {
+                    match c {
+                        b'"' => {
+                            self.string();
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.i += 1;
+                                return;
+                            }
+                        }
+                        _ => {}
+                    }
+                    self.i += 1;
+                }
+            }
+            _ => {
+                while self
+                    .peek()
+                    .is_some_and(|c| !matches!(c, b',' | b'}' | b']') && !c.is_ascii_whitespace())
+                {
+                    self.i += 1;
+                }
+            }
+        }
+    }
+    /// At `{`: the text of the last member named `id`.
+    fn object_id(&mut self) -> Option<String> {
+        let mut found = None;
+        self.i += 1;
+        loop {
+            self.ws();
+            match self.peek() {
+                Some(b'"') => {}
+                Some(b',') => {
+                    self.i += 1;
+                    continue;
+                }
+                _ => {
+                    self.i += 1;
+                    return found;
+                }
+            }
+            let k0 = self.i;
+            self.string();
+            let key = serde_json::from_slice::<String>(&self.b[k0..self.i]).ok();
+            self.ws();
+            self.i += 1; // ':'
+            self.ws();
+            let v0 = self.i;
+            self.value();
+            if key.as_deref() == Some("id") {
+                found = std::str::from_utf8(&self.b[v0..self.i])
+                    .ok()
+                    .map(str::to_string);
+            }
+        }
+    }
+    /// At `[`: per element, the id text of objects (`None` for other elements).
+    fn array_ids(&mut self) -> Vec<Option<String>> {
+        let mut out = Vec::new();
+        self.i += 1;
+        loop {
+            self.ws();
+            match self.peek() {
+                Some(b']') | None => return out,
+                Some(b',') => self.i += 1,
+                Some(b'{') => out.push(self.object_id()),
+                Some(_) => {
+                    self.value();
+                    out.push(None);
+                }
+            }
+        }
+    }
+}
+
+/// [`encode`], with the ids that are `f64` numbers written as the client sent them: the
+/// `n`-th such id among the responses takes `raw_ids[n]` (see
+/// [`StreamParser::take_raw_ids`]); a text that does not parse to the same number is ignored.
+pub fn encode_exact(v: &Value, raw_ids: &[String]) -> Vec<u8> {
+    if raw_ids.is_empty() {
+        return encode(v);
+    }
+    let mut next = raw_ids.iter();
+    let mut one = |r: &Value, out: &mut Vec<u8>| {
+        if is_inexact_id(r) {
+            if let Some(raw) = next.next() {
+                let same = serde_json::from_str::<Value>(raw).ok().as_ref() == r.get("id");
+                if same {
+                    if let Some(body) = without_id(r) {
+                        out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+                        out.extend_from_slice(raw.as_bytes());
+                        out.extend_from_slice(&body);
+                        return;
+                    }
+                }
+            }
+        }
+        out.extend(serde_json::to_vec(r).unwrap_or_else(|_| b"{}".to_vec()));
+    };
+    let mut out = Vec::new();
+    match v {
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, r) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                one(r, &mut out);
+            }
+            out.push(b']');
+        }
+        r => one(r, &mut out),
+    }
+    out.push(b'\n');
+    out
+}
+
+/// A response serialised after its `"jsonrpc":"2.0","id":X` prefix: `,"result":...}`.
+fn without_id(r: &Value) -> Option<Vec<u8>> {
+    let mut m = r.as_object()?.clone();
+    m.shift_remove("jsonrpc");
+    m.shift_remove("id");
+    let mut body = serde_json::to_vec(&Value::Object(m)).ok()?;
+    // `{...}` -> `,...}` (the object is never empty: it has a result or an error).
+    body[0] = b',';
+    Some(body)
 }
 
 /// One validated request.
@@ -165,6 +408,18 @@ pub fn too_large_response() -> Value {
     response_err(
         Value::Null,
         &RpcError::new(PARSE_ERROR, "Request too large"),
+    )
+}
+
+/// The answer to a connection whose partial request waited for memory longer than the stall
+/// timeout (other connections hold the RPC budget); the connection is then closed.
+pub fn busy_response() -> Value {
+    response_err(
+        Value::Null,
+        &RpcError::new(
+            -libc::ENOBUFS,
+            "Server busy: request buffer budget exhausted",
+        ),
     )
 }
 
@@ -249,6 +504,73 @@ mod tests {
         p.push(b"\",\"method\":\"m\"}");
         let f = frames(&mut p);
         assert_eq!(f.len(), 1);
+    }
+
+    #[test]
+    fn big_and_odd_number_ids_are_echoed_as_sent() {
+        let mut p = StreamParser::new();
+        p.push(br#"{"method":"m","params":{"id":1.5},"id" : 18446744073709551616}"#);
+        let Frame::Value(v) = p.next_frame() else {
+            panic!()
+        };
+        let raw = p.take_raw_ids();
+        assert_eq!(raw, vec!["18446744073709551616".to_string()]);
+        let r = parse_request(v).unwrap();
+        let out = encode_exact(&response_ok(r.id.unwrap(), json!(true)), &raw);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"jsonrpc\":\"2.0\",\"id\":18446744073709551616,\"result\":true}\n"
+        );
+        // A batch: only the inexact ids are kept, in order; exact ones are left alone.
+        p.push(br#"[{"id":1e2,"method":"a"},{"id":7,"method":"b"},3,{"method":"c","id":-99999999999999999999}]"#);
+        let Frame::Value(Value::Array(items)) = p.next_frame() else {
+            panic!()
+        };
+        let raw = p.take_raw_ids();
+        assert_eq!(
+            raw,
+            vec!["1e2".to_string(), "-99999999999999999999".to_string()]
+        );
+        let resp: Vec<Value> = items
+            .into_iter()
+            .map(|i| match parse_request(i) {
+                Ok(r) => response_ok(r.id.unwrap(), json!(1)),
+                Err((id, e)) => response_err(id, &e),
+            })
+            .collect();
+        let out = String::from_utf8(encode_exact(&Value::Array(resp), &raw)).unwrap();
+        assert!(
+            out.starts_with(
+                "[{\"jsonrpc\":\"2.0\",\"id\":1e2,\"result\":1},{\"jsonrpc\":\"2.0\",\"id\":7,"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.ends_with("{\"jsonrpc\":\"2.0\",\"id\":-99999999999999999999,\"result\":1}]\n"),
+            "{out}"
+        );
+        let back: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(back.as_array().unwrap().len(), 4);
+        // Nothing inexact: nothing recorded.
+        p.push(br#"{"id":"x\"id\":1e2","method":"m"}"#);
+        assert!(matches!(p.next_frame(), Frame::Value(_)));
+        assert!(p.take_raw_ids().is_empty());
+    }
+
+    #[test]
+    fn buffer_capacity_is_bounded_by_the_limit() {
+        let mut p = StreamParser::with_limit(1 << 20);
+        p.push(b"{\"method\":\"");
+        let chunk = vec![b'a'; 64 * 1024];
+        while p.next_frame() == Frame::NeedMore {
+            assert!(p.capacity_after(chunk.len()) <= (1 << 20) + 2 * chunk.len());
+            p.push(&chunk);
+            assert!(
+                p.capacity() <= (1 << 20) + 2 * chunk.len(),
+                "{}",
+                p.capacity()
+            );
+        }
     }
 
     #[test]

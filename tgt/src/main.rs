@@ -12,7 +12,7 @@ use clap::Parser;
 use serde_json::json;
 use tgt::nbd::server::NbdServer;
 use tgt::target::Target;
-use tgt::{config, modules, server};
+use tgt::{config, limits, modules, server};
 
 /// SPDK's default RPC socket.
 const DEFAULT_SOCKET: &str = "/var/tmp/spdk.sock";
@@ -50,6 +50,47 @@ struct Args {
     /// SPDK's log flags (accepted; use RUST_LOG, e.g. RUST_LOG=lvol=debug).
     #[arg(short = 'L', long = "logflag")]
     logflag: Vec<String>,
+    /// MiB all NBD connections together may hold in payloads and unsent replies.
+    #[arg(long = "nbd-mem-mib", default_value_t = limits::NBD_TOTAL_MEM >> 20)]
+    nbd_mem_mib: usize,
+    /// MiB one NBD connection may hold (at least 32: one maximum-size request).
+    #[arg(long = "nbd-conn-mem-mib", default_value_t = limits::NBD_CONN_MEM >> 20)]
+    nbd_conn_mem_mib: usize,
+    /// MiB all RPC connections together may hold in partial requests (beyond 64 KiB each).
+    #[arg(long = "rpc-mem-mib", default_value_t = limits::RPC_TOTAL_MEM >> 20)]
+    rpc_mem_mib: usize,
+    /// Milliseconds a client may leave its replies unread (NBD), an announced payload unsent
+    /// (NBD) or a partial request waiting for memory (RPC) before it is disconnected.
+    #[arg(long = "stall-timeout-ms", default_value_t = limits::STALL_TIMEOUT.as_millis() as u64)]
+    stall_timeout_ms: u64,
+}
+
+impl Args {
+    /// The limits from the options; `Err` names the bad one.
+    fn limits(&self) -> Result<limits::Limits, String> {
+        let max_payload = tgt::nbd::proto::MAX_PAYLOAD as usize >> 20;
+        if self.nbd_conn_mem_mib < max_payload {
+            return Err(format!(
+                "--nbd-conn-mem-mib must be at least {max_payload} (one maximum-size request)"
+            ));
+        }
+        if self.nbd_mem_mib < self.nbd_conn_mem_mib {
+            return Err("--nbd-mem-mib must be at least --nbd-conn-mem-mib".into());
+        }
+        if self.rpc_mem_mib < 32 {
+            return Err("--rpc-mem-mib must be at least 32 (one maximum-size request)".into());
+        }
+        if self.stall_timeout_ms == 0 || self.stall_timeout_ms > 3_600_000 {
+            return Err("--stall-timeout-ms must be in 1..=3600000".into());
+        }
+        let mib = |v: usize| v.checked_mul(1 << 20).ok_or("limit too large");
+        Ok(limits::Limits {
+            nbd_conn_mem: mib(self.nbd_conn_mem_mib)?,
+            nbd_total_mem: mib(self.nbd_mem_mib)?,
+            rpc_total_mem: mib(self.rpc_mem_mib)?,
+            stall_timeout: std::time::Duration::from_millis(self.stall_timeout_ms),
+        })
+    }
 }
 
 fn main() {
@@ -80,12 +121,19 @@ fn main() {
 }
 
 async fn run(args: Args, default_mode: bool) -> i32 {
+    let limits = match args.limits() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("tgt: {e}");
+            return 2;
+        }
+    };
     let registry = Registry::new();
     let handle = tokio::runtime::Handle::current();
     registry.set_spawner(Arc::new(move |f| {
         handle.spawn(f);
     }));
-    let nbd = NbdServer::new(registry.clone());
+    let nbd = NbdServer::with_limits(registry.clone(), limits);
     let wiring = modules::wiring(&registry, &nbd);
     let start_in_startup = args.wait_for_rpc || args.json.is_some();
     let target = Target::new(registry, nbd, wiring, start_in_startup);
@@ -94,7 +142,7 @@ async fn run(args: Args, default_mode: bool) -> i32 {
         .rpc_socket
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    let listener = match server::bind(&socket) {
+    let (listener, bound) = match server::bind(&socket) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("tgt: cannot listen on {}: {e}", socket.display());
@@ -102,7 +150,7 @@ async fn run(args: Args, default_mode: bool) -> i32 {
         }
     };
     let mut shutdown = target.shutdown_watch();
-    let rpc_task = tokio::spawn(server::run(target.clone(), listener));
+    let rpc_task = tokio::spawn(server::run_with(target.clone(), listener, limits));
 
     let mut code = 0;
     if let Some(path) = &args.json {
@@ -144,7 +192,9 @@ async fn run(args: Args, default_mode: bool) -> i32 {
     }
     tracing::info!("shutting down");
     rpc_task.abort();
-    let _ = std::fs::remove_file(&socket);
+    if let Some(b) = &bound {
+        b.remove();
+    }
     target.teardown().await;
     code
 }

@@ -10,31 +10,90 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::jsonrpc::{self, Frame, StreamParser};
+use crate::limits::{Held, Limits, MemBudget, RPC_CONN_FREE};
+use crate::sockpath;
 use crate::target::Target;
 
-/// Binds the RPC socket. A stale socket file (nobody listening) is replaced; a live one is
-/// an error (another target runs there).
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("another target is listening on {}", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
-    UnixListener::bind(path)
+/// Binds the RPC socket (see [`crate::sockpath`]): only a stale socket is replaced; a live
+/// one, anything that is not a socket, or a path too long for a socket address is an error.
+pub fn bind(
+    path: &Path,
+) -> Result<(UnixListener, Option<sockpath::BoundPath>), sockpath::SockPathError> {
+    sockpath::bind(path)
 }
 
-/// Accepts clients until the task is aborted.
+/// Bytes read from a connection at once.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Methods whose handler may be dropped half-way: they only wait or read. When the client of
+/// such a request hangs up, the request is cancelled (its fd and task go at once); any other
+/// request runs to the end (its answer is then discarded), so that no operation is left
+/// half-done.
+const CANCEL_SAFE: &[&str] = &[
+    "bdev_get_bdevs",
+    "bdev_wait_for_examine",
+    "framework_wait_init",
+    "rpc_get_methods",
+    "spdk_get_version",
+    "framework_get_config",
+    "framework_get_subsystems",
+    "bdev_lvol_get_lvstores",
+    "bdev_lvol_get_lvols",
+    "nbd_get_exports",
+];
+
+/// Whether every request in `v` may be cancelled when its client goes away.
+fn cancel_safe(v: &Value) -> bool {
+    let one = |r: &Value| {
+        r.get("method")
+            .and_then(Value::as_str)
+            .is_some_and(|m| CANCEL_SAFE.contains(&m))
+    };
+    match v {
+        Value::Array(items) => items.iter().all(one),
+        r => one(r),
+    }
+}
+
+/// Whether the peer closed its end completely (`POLLHUP`; a half-close that still waits for
+/// its answers is not a hang-up).
+fn peer_hung_up(fd: std::os::fd::RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout; poll does not keep the pointer.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
+}
+
+/// Resolves when the client of `fd` hung up (checked every 100 ms).
+async fn hung_up(fd: std::os::fd::RawFd) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if peer_hung_up(fd) {
+            return;
+        }
+    }
+}
+
+/// Accepts clients until the task is aborted, with the default [`Limits`].
 pub async fn run(target: Arc<Target>, listener: UnixListener) {
+    run_with(target, listener, Limits::default()).await
+}
+
+/// Accepts clients until the task is aborted. Partial requests of all connections share a
+/// budget of `limits.rpc_total_mem` bytes beyond [`RPC_CONN_FREE`] each.
+pub async fn run_with(target: Arc<Target>, listener: UnixListener, limits: Limits) {
+    let budget = MemBudget::new(limits.rpc_total_mem);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let t = target.clone();
+                let b = budget.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(t, stream).await {
+                    if let Err(e) = connection(t, stream, b, limits.stall_timeout).await {
                         tracing::debug!("rpc connection: {e}");
                     }
                 });
@@ -48,20 +107,60 @@ pub async fn run(target: Arc<Target>, listener: UnixListener) {
     }
 }
 
-async fn connection(target: Arc<Target>, mut stream: UnixStream) -> std::io::Result<()> {
+async fn connection(
+    target: Arc<Target>,
+    mut stream: UnixStream,
+    budget: Arc<MemBudget>,
+    stall: std::time::Duration,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = stream.as_raw_fd();
     let mut parser = StreamParser::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small while requests are small: an idle connection costs a few KiB.
+    let mut buf = vec![0u8; 4096];
+    let mut held = Held::none(&budget);
     loop {
+        // Charge what the next read may make the buffer grow to; over budget, stop reading
+        // until other connections give some back, and give up after the stall timeout.
+        let need = parser
+            .capacity_after(READ_CHUNK)
+            .saturating_sub(RPC_CONN_FREE);
+        if need > held.bytes() {
+            let extra = need - held.bytes();
+            if tokio::time::timeout(stall, held.grow(extra)).await.is_err() {
+                tracing::warn!(
+                    "rpc connection: partial request over the memory budget for {stall:?}; dropped"
+                );
+                stream
+                    .write_all(&jsonrpc::encode(&jsonrpc::busy_response()))
+                    .await?;
+                return Ok(());
+            }
+        }
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             return Ok(());
         }
         parser.push(&buf[..n]);
+        if n == buf.len() && buf.len() < READ_CHUNK {
+            buf.resize(READ_CHUNK, 0);
+        }
         loop {
             match parser.next_frame() {
                 Frame::Value(v) => {
-                    if let Some(resp) = handle_value(&target, v).await {
-                        stream.write_all(&jsonrpc::encode(&resp)).await?;
+                    let raw_ids = parser.take_raw_ids();
+                    let resp = if cancel_safe(&v) {
+                        tokio::select! {
+                            r = handle_value(&target, v) => r,
+                            _ = hung_up(fd) => return Ok(()),
+                        }
+                    } else {
+                        handle_value(&target, v).await
+                    };
+                    if let Some(resp) = resp {
+                        stream
+                            .write_all(&jsonrpc::encode_exact(&resp, &raw_ids))
+                            .await?;
                     }
                     target.act_on_kill();
                 }
@@ -80,6 +179,8 @@ async fn connection(target: Arc<Target>, mut stream: UnixStream) -> std::io::Res
                 }
             }
         }
+        parser.shrink();
+        held.shrink_to(parser.capacity().saturating_sub(RPC_CONN_FREE));
     }
 }
 

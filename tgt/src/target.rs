@@ -24,6 +24,38 @@ use crate::nbd::server::NbdServer;
 /// SPDK's `SPDK_JSONRPC_ERROR_INVALID_STATE`.
 pub const INVALID_STATE: i32 = -1;
 
+/// Upper bounds of the timeout and retry parameters of methods served by crates that do not
+/// bound them themselves: (method, parameter, largest accepted value). A bigger value is
+/// `-22` before the method runs (see `docs/rpc.md`).
+pub const PARAM_BOUNDS: &[(&str, &str, u64)] = &[
+    ("bdev_nbd_client_create", "io_timeout_ms", 3_600_000),
+    ("bdev_nbd_client_create", "reconnect_delay_ms", 3_600_000),
+    ("bdev_nbd_client_create", "reconnect_attempts", 1000),
+];
+
+/// Checks `params` against [`PARAM_BOUNDS`].
+fn check_bounds(method: &str, params: &Option<Value>) -> Result<(), RpcError> {
+    for &(m, key, max) in PARAM_BOUNDS {
+        if m != method {
+            continue;
+        }
+        let v = params.as_ref().and_then(|p| p.get(key));
+        let over = match v {
+            Some(Value::Number(n)) => {
+                n.as_u64().is_none_or(|x| x > max) && n.as_i64().is_none_or(|x| x >= 0)
+            }
+            _ => false,
+        };
+        if over {
+            return Err(RpcError::new(
+                -libc::EINVAL,
+                format!("Invalid argument: {key} must be at most {max}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The running target. Shared as `Arc<Target>` by every connection.
 pub struct Target {
     registry: Registry,
@@ -169,6 +201,7 @@ impl Target {
         let Some(&i) = self.table.get(method) else {
             return Err(RpcError::method_not_found());
         };
+        check_bounds(method, &params)?;
         // A bug in one module must not take the target down: a panicking handler becomes an
         // internal error for that request.
         let fut = self.modules[i].call(method, params);

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bdev_core::rpc::RpcError;
 use bdev_core::{BdevEvent, Descriptor, IoType, Registry};
@@ -23,6 +24,8 @@ use tokio::sync::{watch, Notify, RwLock};
 use tokio::task::JoinHandle;
 
 use super::proto::{self, ExportInfo, ExportLookup, Next, Request};
+use crate::limits::{Held, Limits, MemBudget, StallGuard};
+use crate::sockpath::{self, BoundPath};
 
 /// Receive buffer of a connection.
 const RBUF_LEN: usize = 256 << 10;
@@ -62,7 +65,7 @@ struct Listener {
     listen: String,
     allow_remote: bool,
     task: JoinHandle<()>,
-    unix_path: Option<PathBuf>,
+    unix_path: Option<BoundPath>,
 }
 
 /// Counts live connection tasks so that shutdown can wait for them.
@@ -113,6 +116,8 @@ pub struct NbdServer {
     generation: AtomicU64,
     stop: watch::Sender<bool>,
     tracker: Arc<Tracker>,
+    limits: Limits,
+    budget: Arc<MemBudget>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -149,8 +154,13 @@ async fn resolve(listen: &str) -> Result<Vec<SocketAddr>, RpcError> {
 }
 
 impl NbdServer {
-    /// A server with no listener and no exports.
+    /// A server with no listener and no exports, with the default [`Limits`].
     pub fn new(registry: Registry) -> Arc<Self> {
+        Self::with_limits(registry, Limits::default())
+    }
+
+    /// A server whose connections share `limits.nbd_total_mem` bytes of buffers.
+    pub fn with_limits(registry: Registry, limits: Limits) -> Arc<Self> {
         let (stop, _) = watch::channel(false);
         Arc::new(NbdServer {
             registry,
@@ -159,7 +169,14 @@ impl NbdServer {
             generation: AtomicU64::new(0),
             stop,
             tracker: Arc::new(Tracker::default()),
+            limits,
+            budget: MemBudget::new(limits.nbd_total_mem),
         })
+    }
+
+    /// The server-wide buffer budget (its `used()` and `peak()` show what connections hold).
+    pub fn budget(&self) -> &Arc<MemBudget> {
+        &self.budget
     }
 
     /// Starts listening on `unix:PATH` or `HOST:PORT`. A non-loopback address is refused
@@ -172,18 +189,9 @@ impl NbdServer {
         let me = self.clone();
         let (task, unix_path) = if let Some(path) = listen.strip_prefix("unix:") {
             let path = PathBuf::from(path);
-            if path.as_os_str().is_empty() {
-                return Err(RpcError::from_errno(libc::EINVAL));
-            }
-            if path.exists() {
-                // A stale socket from a previous run is removed; a live one is in use.
-                if std::os::unix::net::UnixStream::connect(&path).is_ok() {
-                    return Err(RpcError::from_errno(libc::EADDRINUSE));
-                }
-                let _ = std::fs::remove_file(&path);
-            }
-            let l = tokio::net::UnixListener::bind(&path)
-                .map_err(|e| RpcError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            // Only a stale socket is replaced; anything else at the path is left alone.
+            let (l, bound) =
+                sockpath::bind(&path).map_err(|e| RpcError::new(-e.errno(), e.to_string()))?;
             let task = tokio::spawn(async move {
                 loop {
                     match l.accept().await {
@@ -195,7 +203,7 @@ impl NbdServer {
                     }
                 }
             });
-            (task, Some(path))
+            (task, bound)
         } else {
             let addrs = resolve(listen).await?;
             if !allow_remote && addrs.iter().any(|a| !a.ip().is_loopback()) {
@@ -237,7 +245,7 @@ impl NbdServer {
         };
         l.task.abort();
         if let Some(p) = &l.unix_path {
-            let _ = std::fs::remove_file(p);
+            p.remove();
         }
         let _ = self.stop.send(true);
         self.tracker.wait_idle().await;
@@ -380,8 +388,13 @@ impl NbdServer {
         let guard = self.tracker.enter();
         let exports = self.exports.clone();
         let stop = self.stop.subscribe();
+        let mem = ConnMem {
+            conn: MemBudget::new(self.limits.nbd_conn_mem),
+            global: self.budget.clone(),
+            stall: self.limits.stall_timeout,
+        };
         tokio::spawn(async move {
-            if let Err(e) = serve(stream, exports, stop).await {
+            if let Err(e) = serve(stream, exports, mem, stop).await {
                 tracing::debug!("nbd connection: {e}");
             }
             drop(guard);
@@ -442,6 +455,7 @@ where
 async fn serve<S>(
     stream: S,
     exports: ExportMap,
+    mem: ConnMem,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()>
 where
@@ -465,7 +479,7 @@ where
     let _count = ConnCount(export.clone());
     let mut cancel = export.cancel.subscribe();
     let (mut cancel2, mut stop2) = (export.cancel.subscribe(), stop.clone());
-    let t = transmission(&mut rd, wr, &export, &mut cancel, &mut stop);
+    let t = transmission(&mut rd, wr, &export, &mem, &mut cancel, &mut stop);
     // A client that stops reading its replies must not hold the export (and so a bdev
     // removal) forever: once the connection is told to close, it gets a grace period.
     let grace = async {
@@ -490,27 +504,115 @@ const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 #[cfg(test)]
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_millis(300);
 
+/// Send buffer of a connection.
+const WBUF_LEN: usize = 256 << 10;
+
+/// The memory a connection may use: its own budget, the server-wide one, and the stall
+/// timeout.
+#[derive(Clone)]
+struct ConnMem {
+    conn: Arc<MemBudget>,
+    global: Arc<MemBudget>,
+    stall: Duration,
+}
+
+/// Bytes charged to both budgets until a request's reply was written.
+type Charge = (Held, Held);
+
+impl ConnMem {
+    /// A request's charge, bounded so that it always fits an empty budget.
+    fn bound(&self, n: usize) -> usize {
+        n.min(self.conn.limit()).min(self.global.limit())
+    }
+    fn try_charge(&self, n: usize) -> Option<Charge> {
+        let n = self.bound(n);
+        let a = Held::try_take(&self.conn, n)?;
+        let b = Held::try_take(&self.global, n)?;
+        Some((a, b))
+    }
+    fn charge(&self, n: usize) -> futures::future::BoxFuture<'static, Charge> {
+        let (conn, global, n) = (self.conn.clone(), self.global.clone(), self.bound(n));
+        Box::pin(async move {
+            // Dropped half-way, the first part is given back with `a`.
+            let a = Held::take(&conn, n).await;
+            let b = Held::take(&global, n).await;
+            (a, b)
+        })
+    }
+}
+
+/// The memory a request pins until its reply is written: the payload of a write, the reply
+/// buffer of a read (block-aligned), a bounded scratch buffer for write zeroes.
+fn request_bytes(req: &Request, bl: u64) -> usize {
+    let (_, count, _) = span(req.offset, req.len as u64, bl);
+    let bytes = count.saturating_mul(bl);
+    match req.cmd {
+        proto::CMD_READ | proto::CMD_WRITE => bytes as usize,
+        proto::CMD_WRITE_ZEROES => bytes.min((1 << 20) + 2 * bl) as usize,
+        _ => 0,
+    }
+}
+
 /// A request whose payload is still arriving.
 struct Pending {
     req: Request,
     buf: IoBuf,
     filled: usize,
+    charge: Charge,
 }
 
 type ReplyFuture = futures::future::BoxFuture<'static, Reply>;
 
-/// Starts one checked request; the future yields its reply.
-fn start_request(export: &Arc<Export>, req: Request, payload: Option<IoBuf>) -> ReplyFuture {
+/// Starts one checked request; the future yields its reply, which keeps the charge of a
+/// read until it was written.
+fn start_request(
+    export: &Arc<Export>,
+    req: Request,
+    payload: Option<IoBuf>,
+    charge: Charge,
+) -> ReplyFuture {
     let exp = export.clone();
     Box::pin(async move {
         match execute(&exp.desc, &exp.rmw, &req, payload).await {
             Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
             Ok(Some((buf, skew, len))) => {
-                Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len)
+                Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len, charge)
             }
             Err(errno) => Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie)),
         }
     })
+}
+
+/// Starts a checked and charged request: at once, or once its payload arrived (the part
+/// already received is taken from `rbuf[*pos..]`).
+fn begin(
+    export: &Arc<Export>,
+    req: Request,
+    charge: Charge,
+    rbuf: &[u8],
+    pos: &mut usize,
+    pending: &mut Option<Pending>,
+    inflight: &mut FuturesUnordered<ReplyFuture>,
+) {
+    if !proto::has_payload(&req) {
+        inflight.push(start_request(export, req, None, charge));
+        return;
+    }
+    let len = req.len as usize;
+    let mut buf = IoBuf::new(len, export.desc.device().buf_align());
+    let have = (rbuf.len() - *pos).min(len);
+    buf[..have].copy_from_slice(&rbuf[*pos..*pos + have]);
+    *pos += have;
+    if have == len {
+        inflight.push(start_request(export, req, Some(buf), charge));
+    } else {
+        *pending = Some(Pending {
+            req,
+            buf,
+            filled: have,
+            charge,
+        });
+    }
 }
 
 /// The transmission phase. One task reads requests, runs up to [`MAX_INFLIGHT`] of them
@@ -518,10 +620,18 @@ fn start_request(export: &Arc<Export>, req: Request, payload: Option<IoBuf>) -> 
 /// it is ready, batching the replies that are ready together into one flush. When the client
 /// disconnects, the export goes away or the server stops, no new request is read; the ones in
 /// flight complete and their replies are sent before the socket is closed.
+///
+/// Memory: every payload and read reply is charged to the connection's and the server's
+/// budget before it is allocated and given back when the reply was written. Without budget
+/// the connection stops reading requests (its replies still go out); a client that reads
+/// none of its replies, or announces a payload and does not send it, for the stall timeout
+/// is dropped. A write over [`proto::MAX_PAYLOAD`] is answered `EOVERFLOW` and its payload
+/// read and thrown away.
 async fn transmission<R, W>(
     rd: &mut R,
     wr: W,
     export: &Arc<Export>,
+    mem: &ConnMem,
     cancel: &mut watch::Receiver<bool>,
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()>
@@ -529,16 +639,40 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut w = tokio::io::BufWriter::with_capacity(256 << 10, wr);
+    // The fixed buffers count against the server's budget too.
+    let Ok(_fixed) =
+        tokio::time::timeout(mem.stall, Held::take(&mem.global, RBUF_LEN + WBUF_LEN)).await
+    else {
+        tracing::warn!(
+            "nbd export {}: no memory for a new connection; closed",
+            export.name
+        );
+        return Ok(());
+    };
+    let mut w = tokio::io::BufWriter::with_capacity(WBUF_LEN, StallGuard::new(wr, mem.stall));
     let mut inflight: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
     // Received bytes not yet parsed are rbuf[pos..].
     let mut rbuf: Vec<u8> = Vec::with_capacity(RBUF_LEN);
     let mut pos = 0usize;
     let mut pending: Option<Pending> = None;
+    // A checked request waiting for budget.
+    let mut waiting: Option<(Request, futures::future::BoxFuture<'static, Charge>)> = None;
+    // Payload bytes of a refused write still to be skipped.
+    let mut discard: u64 = 0;
+    let mut last_payload_byte = tokio::time::Instant::now();
+    let bl = export.desc.device().block_len() as u64;
     let mut closing = *cancel.borrow() || *stop.borrow();
     loop {
         // Take every complete request out of the receive buffer.
-        while !closing && pending.is_none() && inflight.len() < MAX_INFLIGHT {
+        while !closing && pending.is_none() && waiting.is_none() && inflight.len() < MAX_INFLIGHT {
+            if discard > 0 {
+                let k = (discard as usize).min(rbuf.len() - pos);
+                pos += k;
+                discard -= k as u64;
+                if discard > 0 {
+                    break;
+                }
+            }
             if rbuf.len() - pos < proto::REQUEST_LEN {
                 break;
             }
@@ -552,30 +686,29 @@ where
                 closing = true;
                 break;
             }
-            if !proto::has_payload(&req) {
-                pos += proto::REQUEST_LEN;
-                submit(export, req, None, &mut inflight, &mut w).await?;
+            pos += proto::REQUEST_LEN;
+            let dev = export.desc.device();
+            let size = dev.num_blocks() * dev.block_len() as u64;
+            if let Err(e) = proto::check_request(&req, size, !export.writable) {
+                // Refused: the payload of a write is skipped, not buffered.
+                if proto::has_payload(&req) {
+                    discard = req.len as u64;
+                    last_payload_byte = tokio::time::Instant::now();
+                }
+                Reply::Simple(proto::simple_reply(e, req.cookie))
+                    .put(&mut w)
+                    .await?;
                 continue;
             }
-            if req.len > proto::MAX_PAYLOAD {
-                // The payload cannot be skipped safely; end the connection.
-                closing = true;
-                break;
-            }
-            let len = req.len as usize;
-            let mut buf = IoBuf::new(len, export.desc.device().buf_align());
-            let start = pos + proto::REQUEST_LEN;
-            let have = (rbuf.len() - start).min(len);
-            buf[..have].copy_from_slice(&rbuf[start..start + have]);
-            pos = start + have;
-            if have == len {
-                submit(export, req, Some(buf), &mut inflight, &mut w).await?;
-            } else {
-                pending = Some(Pending {
-                    req,
-                    buf,
-                    filled: have,
-                });
+            let n = request_bytes(&req, bl);
+            match mem.try_charge(n) {
+                Some(c) => {
+                    begin(export, req, c, &rbuf, &mut pos, &mut pending, &mut inflight);
+                    if pending.is_some() {
+                        last_payload_byte = tokio::time::Instant::now();
+                    }
+                }
+                None => waiting = Some((req, mem.charge(n))),
             }
         }
         // Keep the unparsed tail at the front, with room to read into.
@@ -596,7 +729,8 @@ where
         if !w.buffer().is_empty() {
             w.flush().await?;
         }
-        let want_read = !closing && inflight.len() < MAX_INFLIGHT;
+        let want_read = !closing && waiting.is_none() && inflight.len() < MAX_INFLIGHT;
+        let payload_due = pending.is_some() || discard > 0;
         tokio::select! {
             biased;
             Some(reply) = inflight.next(), if !inflight.is_empty() => {
@@ -605,20 +739,36 @@ where
                     reply.put(&mut w).await?;
                 }
                 w.flush().await?;
+                // Nothing was read while the replies went out: that time is ours, not a
+                // stall of the client's payload.
+                if pending.is_some() || discard > 0 {
+                    last_payload_byte = tokio::time::Instant::now();
+                }
+            }
+            c = async { match waiting.as_mut() { Some((_, f)) => f.await, None => futures::future::pending().await } }, if waiting.is_some() && !closing => {
+                if let Some((req, _)) = waiting.take() {
+                    begin(export, req, c, &rbuf, &mut pos, &mut pending, &mut inflight);
+                    last_payload_byte = tokio::time::Instant::now();
+                }
             }
             n = read_some(rd, &mut pending, &mut rbuf), if want_read => match n {
                 Ok(0) | Err(_) => closing = true,
                 Ok(n) => {
+                    last_payload_byte = tokio::time::Instant::now();
                     if let Some(p) = pending.as_mut() {
                         p.filled += n;
                         if p.filled == p.buf.len() {
                             if let Some(p) = pending.take() {
-                                submit(export, p.req, Some(p.buf), &mut inflight, &mut w).await?;
+                                inflight.push(start_request(export, p.req, Some(p.buf), p.charge));
                             }
                         }
                     }
                 }
             },
+            _ = tokio::time::sleep_until(last_payload_byte + mem.stall), if payload_due && !closing => {
+                tracing::warn!("nbd export {}: client sent no payload byte for {:?}; dropped", export.name, mem.stall);
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "payload stalled"));
+            }
             _ = wait_true(cancel), if !closing => closing = true,
             _ = wait_true(stop), if !closing => closing = true,
         }
@@ -643,29 +793,6 @@ async fn read_some<R: AsyncRead + Unpin>(
     }
 }
 
-/// Checks a request; an invalid one is answered at once, a valid one starts.
-async fn submit<W: AsyncWrite + Unpin>(
-    export: &Arc<Export>,
-    req: Request,
-    payload: Option<IoBuf>,
-    inflight: &mut FuturesUnordered<ReplyFuture>,
-    w: &mut W,
-) -> std::io::Result<()> {
-    let dev = export.desc.device();
-    let size = dev.num_blocks() * dev.block_len() as u64;
-    match proto::check_request(&req, size, !export.writable) {
-        Err(e) => {
-            Reply::Simple(proto::simple_reply(e, req.cookie))
-                .put(w)
-                .await
-        }
-        Ok(()) => {
-            inflight.push(start_request(export, req, payload));
-            Ok(())
-        }
-    }
-}
-
 /// Waits until the watched flag is true (forever if its sender is gone).
 async fn wait_true(rx: &mut watch::Receiver<bool>) {
     while !*rx.borrow_and_update() {
@@ -679,15 +806,16 @@ async fn wait_true(rx: &mut watch::Receiver<bool>) {
 enum Reply {
     /// A reply header alone.
     Simple([u8; 16]),
-    /// A read reply: header, then `len` bytes of the buffer from `skew`.
-    Data([u8; 16], IoBuf, usize, usize),
+    /// A read reply: header, then `len` bytes of the buffer from `skew`; the charge is
+    /// given back once written.
+    Data([u8; 16], IoBuf, usize, usize, Charge),
 }
 
 impl Reply {
     async fn put<W: AsyncWrite + Unpin>(self, w: &mut W) -> std::io::Result<()> {
         match self {
             Reply::Simple(h) => w.write_all(&h).await,
-            Reply::Data(h, buf, skew, len) => {
+            Reply::Data(h, buf, skew, len, _charge) => {
                 w.write_all(&h).await?;
                 w.write_all(&buf[skew..skew + len]).await
             }
@@ -1063,6 +1191,216 @@ mod tests {
         assert!(t0.elapsed() >= CLOSE_GRACE / 2);
         assert_eq!(server.list(), serde_json::json!([]));
         drop(c);
+    }
+
+    /// A malloc device that counts the flushes it receives.
+    struct Counting {
+        inner: Arc<MallocBdev>,
+        flushes: Arc<AtomicUsize>,
+    }
+
+    #[async_trait::async_trait]
+    impl bdev_core::BlockDevice for Counting {
+        fn name(&self) -> &str {
+            "C"
+        }
+        fn product_name(&self) -> &str {
+            "counting"
+        }
+        fn module_name(&self) -> &str {
+            "test"
+        }
+        fn uuid(&self) -> uuid::Uuid {
+            self.inner.uuid()
+        }
+        fn block_len(&self) -> u32 {
+            self.inner.block_len()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.inner.num_blocks()
+        }
+        fn io_type_supported(&self, t: IoType) -> bool {
+            self.inner.io_type_supported(t)
+        }
+        async fn read(&self, o: u64, b: IoBuf) -> bdev_core::Result<IoBuf> {
+            self.inner.read(o, b).await
+        }
+        async fn write(&self, o: u64, b: IoBuf) -> bdev_core::Result<IoBuf> {
+            self.inner.write(o, b).await
+        }
+        async fn flush(&self) -> bdev_core::Result<()> {
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            self.inner.flush().await
+        }
+        async fn unmap(&self, o: u64, n: u64) -> bdev_core::Result<()> {
+            self.inner.unmap(o, n).await
+        }
+        async fn write_zeroes(&self, o: u64, n: u64) -> bdev_core::Result<()> {
+            self.inner.write_zeroes(o, n).await
+        }
+    }
+
+    async fn reply<S: AsyncRead + Unpin>(c: &mut S) -> (u32, u64) {
+        let mut h = [0u8; 16];
+        c.read_exact(&mut h).await.unwrap();
+        (
+            u32::from_be_bytes(h[4..8].try_into().unwrap()),
+            u64::from_be_bytes(h[8..].try_into().unwrap()),
+        )
+    }
+
+    fn req(cmd: u16, flags: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+        proto::encode_request(&proto::Request {
+            flags,
+            cmd,
+            cookie,
+            offset,
+            len,
+        })
+        .to_vec()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fua_writes_and_flushes_reach_the_device() {
+        let registry = Registry::new();
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let dev = Arc::new(Counting {
+            inner: MallocBdev::create("M", 1024, 512, None).unwrap(),
+            flushes: flushes.clone(),
+        });
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        server.add_export("C", None, true).unwrap();
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        server.spawn_conn(s);
+        let (_, flags) = client_go(&mut c, "C").await;
+        assert_ne!(flags & proto::TFLAG_SEND_FUA, 0);
+        assert_ne!(flags & proto::TFLAG_SEND_FLUSH, 0);
+        // A plain write does not flush.
+        let mut m = req(proto::CMD_WRITE, 0, 1, 0, 512);
+        m.extend([7u8; 512]);
+        c.write_all(&m).await.unwrap();
+        assert_eq!(reply(&mut c).await, (0, 1));
+        assert_eq!(flushes.load(Ordering::SeqCst), 0);
+        // A FUA write is flushed before its reply.
+        let mut m = req(proto::CMD_WRITE, proto::CMD_FLAG_FUA, 2, 512, 512);
+        m.extend([8u8; 512]);
+        c.write_all(&m).await.unwrap();
+        assert_eq!(reply(&mut c).await, (0, 2));
+        assert_eq!(flushes.load(Ordering::SeqCst), 1);
+        // FLUSH and FUA write-zeroes too.
+        c.write_all(&req(proto::CMD_FLUSH, 0, 3, 0, 0))
+            .await
+            .unwrap();
+        assert_eq!(reply(&mut c).await, (0, 3));
+        assert_eq!(flushes.load(Ordering::SeqCst), 2);
+        c.write_all(&req(
+            proto::CMD_WRITE_ZEROES,
+            proto::CMD_FLAG_FUA,
+            4,
+            0,
+            512,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(reply(&mut c).await, (0, 4));
+        assert_eq!(flushes.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_write_gets_eoverflow_and_the_connection_goes_on() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 2048, 512, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let server = NbdServer::new(registry.clone());
+        server.add_export("M", None, true).unwrap();
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        server.spawn_conn(s);
+        client_go(&mut c, "M").await;
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let big = proto::MAX_PAYLOAD + 4096;
+        let writer = tokio::spawn(async move {
+            let mut m = req(proto::CMD_WRITE, 0, 1, 0, big);
+            m.extend(std::iter::repeat_n(0xeeu8, big as usize));
+            // A valid write follows right behind the refused payload.
+            m.extend(req(proto::CMD_WRITE, 0, 2, 0, 512));
+            m.extend([5u8; 512]);
+            m.extend(req(proto::CMD_READ, 0, 3, 0, 512));
+            wr.write_all(&m).await.unwrap();
+            wr
+        });
+        assert_eq!(reply(&mut rd).await, (proto::EOVERFLOW, 1));
+        assert_eq!(reply(&mut rd).await, (0, 2));
+        assert_eq!(reply(&mut rd).await, (0, 3));
+        let mut data = [0u8; 512];
+        rd.read_exact(&mut data).await.unwrap();
+        assert_eq!(data, [5u8; 512]);
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unread_replies_are_bounded_and_the_client_is_dropped() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 64 << 11, 512, None).unwrap(); // 64 MiB
+        registry.register(dev).await.unwrap();
+        let limits = Limits {
+            nbd_conn_mem: 4 << 20,
+            nbd_total_mem: 16 << 20,
+            stall_timeout: Duration::from_millis(500),
+            ..Limits::default()
+        };
+        let server = NbdServer::with_limits(registry.clone(), limits);
+        server.add_export("M", None, true).unwrap();
+        let (mut c, s) = tokio::io::duplex(64 << 10);
+        server.spawn_conn(s);
+        client_go(&mut c, "M").await;
+        // 64 reads of 1 MiB whose replies are never read.
+        let mut m = Vec::new();
+        for i in 0..64u64 {
+            m.extend(req(proto::CMD_READ, 0, i, i << 20, 1 << 20));
+        }
+        c.write_all(&m).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let fixed = RBUF_LEN + WBUF_LEN;
+        let peak = server.budget().peak();
+        assert!(peak <= fixed + (4 << 20), "peak {peak}");
+        assert!(peak > fixed, "nothing was charged");
+        // Dropped after the stall timeout, and every byte is given back.
+        let t0 = std::time::Instant::now();
+        while server.list()[0]["connections"] != serde_json::json!(0) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "not dropped");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(server.budget().used(), 0);
+        drop(c);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_announced_payload_that_never_comes_is_dropped() {
+        let registry = Registry::new();
+        let dev = MallocBdev::create("M", 64 << 11, 512, None).unwrap();
+        registry.register(dev).await.unwrap();
+        let limits = Limits {
+            stall_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let server = NbdServer::with_limits(registry.clone(), limits);
+        server.add_export("M", None, true).unwrap();
+        let (mut c, s) = tokio::io::duplex(1 << 20);
+        server.spawn_conn(s);
+        client_go(&mut c, "M").await;
+        // A 16 MiB write with 4 KiB of its payload, then silence.
+        let mut m = req(proto::CMD_WRITE, 0, 1, 0, 16 << 20);
+        m.extend([1u8; 4096]);
+        c.write_all(&m).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(server.budget().used() >= 16 << 20, "the payload is charged");
+        let t0 = std::time::Instant::now();
+        while server.list()[0]["connections"] != serde_json::json!(0) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "not dropped");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(server.budget().used(), 0);
     }
 
     #[test]

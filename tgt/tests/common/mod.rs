@@ -124,6 +124,36 @@ impl Tgt {
         }
     }
 
+    /// Starts `tgt -r SOCK` in `dir` with its address space limited to `bytes`
+    /// (`RLIMIT_AS`): an allocation sized by a request then kills the target instead of
+    /// exhausting the machine.
+    pub fn start_limited(tools: &Tools, dir: &Path, sock: &Path, bytes: u64) -> Tgt {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
+        cmd.arg("-r").arg(sock).current_dir(dir);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        let lim = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: bytes,
+        };
+        // SAFETY: setrlimit is async-signal-safe and touches only the child's limits.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_AS, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("spawn tgt");
+        wait_for_socket(sock, &mut child);
+        Tgt {
+            child: Some(child),
+            sock: sock.to_path_buf(),
+            tools: tools.clone(),
+        }
+    }
+
     /// Starts `tgt` with no arguments at all (the embedded default) in `dir`; it listens on
     /// SPDK's default socket.
     pub fn start_default(tools: &Tools, dir: &Path) -> Tgt {
@@ -211,6 +241,11 @@ impl Tgt {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// Whether the process still runs.
@@ -367,9 +402,21 @@ impl NbdClient {
         len: u32,
         payload: &[u8],
     ) -> std::io::Result<(u32, Vec<u8>)> {
+        self.request_flags(cmd, 0, offset, len, payload)
+    }
+
+    /// [`NbdClient::request`] with command flags (e.g. `CMD_FLAG_FUA`).
+    pub fn request_flags(
+        &mut self,
+        cmd: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<(u32, Vec<u8>)> {
         self.cookie += 1;
         let r = proto::Request {
-            flags: 0,
+            flags,
             cmd,
             cookie: self.cookie,
             offset,
@@ -397,9 +444,38 @@ impl NbdClient {
         Ok((err, data))
     }
 
+    /// The socket, for raw use.
+    pub fn stream(&mut self) -> &mut UnixStream {
+        &mut self.s
+    }
+
     /// Reads until EOF (the server closed); true if it closed within the timeout.
     pub fn wait_closed(&mut self) -> bool {
         let mut b = [0u8; 64];
         matches!(self.s.read(&mut b), Ok(0) | Err(_))
     }
+}
+
+/// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read status");
+    for line in s.lines() {
+        if let Some(rest) = line.strip_prefix(field).and_then(|r| r.strip_prefix(':')) {
+            let kb: u64 = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .expect("kB value");
+            return kb * 1024;
+        }
+    }
+    panic!("no {field} in /proc/{pid}/status");
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read fd dir")
+        .count()
 }
