@@ -8,13 +8,20 @@
 //! ```
 //!
 //! `lvol:PATH` is a thick lvol filling an lvol store on an aio bdev over PATH (store
-//! `bench_lvs`, lvol `vol`, 4 MiB clusters, created on first use without clearing the data,
-//! found again by examine on later runs).
+//! `bench_lvs`, lvol `vol`, 4 MiB clusters unless `--cluster-size` says otherwise). The store
+//! is created afresh on every run (the old super block is wiped first, the data region is not
+//! cleared), so a run never depends on what an earlier run or a raw peer left in the file.
 //!
-//! `esnap:PATH` is a fresh esnap clone (no cluster allocated) of an aio bdev over PATH; its
-//! lvol store lives on a new sparse file `PATH.esnap-lvs` (recreated on every run, 4 MiB
-//! clusters unless `--cluster-size` says otherwise), so reads of unwritten clusters go to the
-//! base and each first write to a cluster copies it.
+//! `thinlvol:PATH` is a thin lvol (no base) over the whole capacity of a fresh lvol store on
+//! PATH (1 MiB clusters unless `--cluster-size` says otherwise), so each first write to a
+//! cluster allocates it; with `--prefill` every cluster is first written once (untimed) and
+//! the workload then runs on allocated clusters only.
+//!
+//! `esnap:PATH` is a fresh esnap clone (no cluster allocated) of a read-only aio bdev over
+//! PATH (block length `--block-len`, default 512); its lvol store lives on a new sparse file
+//! `PATH.esnap-lvs` (4 KiB blocks, recreated on every run, 4 MiB clusters unless
+//! `--cluster-size` says otherwise), so reads of unwritten clusters go to the base and each
+//! first write to a cluster copies it.
 //!
 //! `blob:PATH` is a thick blob filling a blobstore (1 MiB clusters) initialised on an aio bdev
 //! over PATH at every run; the workload goes straight to the blob.
@@ -46,8 +53,8 @@ use lvol::{BdevBsDev, LvolModule, LvsClearMethod, LvsOpts};
 use serde_json::json;
 
 const USAGE: &str =
-    "usage: bench --target aio:PATH|lvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
-[--blobs N] [--recover] [--lvols N] [--export NAME] [--cluster-size BYTES] [--engine auto|uring|threadpool] \
+    "usage: bench --target aio:PATH|lvol:PATH|thinlvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
+[--blobs N] [--recover] [--lvols N] [--export NAME] [--cluster-size BYTES] [--prefill] [--engine auto|uring|threadpool] \
 [--direct] [--block-len 512|4096] --rw read|write|randread|randwrite|randrw [--rwmix-read PCT] \
 [--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N]";
 
@@ -55,6 +62,7 @@ const USAGE: &str =
 enum Target {
     Aio(PathBuf),
     Lvol(PathBuf),
+    ThinLvol(PathBuf),
     Esnap(PathBuf),
     Blob(PathBuf),
     BsLoad(PathBuf),
@@ -73,6 +81,7 @@ struct Args {
     lvols: u64,
     export: String,
     recover: bool,
+    prefill: bool,
     workload: Workload,
 }
 
@@ -99,6 +108,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut cluster_size = None;
     let mut blobs = 10_000;
     let mut recover = false;
+    let mut prefill = false;
     let mut lvols = 1000;
     let mut export = "base".to_string();
     let mut w = Workload {
@@ -113,6 +123,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Target::Aio(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("lvol:") {
                     Target::Lvol(PathBuf::from(p))
+                } else if let Some(p) = v.strip_prefix("thinlvol:") {
+                    Target::ThinLvol(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("blob:") {
                     Target::Blob(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("nbdesnap:") {
@@ -148,6 +160,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--blobs" => blobs = parse_num("--blobs", it.next())?,
             "--recover" => recover = true,
+            "--prefill" => prefill = true,
             "--export" => export = it.next().ok_or("--export needs a value")?,
             "--lvols" => lvols = parse_num("--lvols", it.next())?,
             "--block-len" => block_len = Some(parse_num("--block-len", it.next())? as u32),
@@ -188,6 +201,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         lvols,
         export,
         recover,
+        prefill,
         workload: w,
     })
 }
@@ -201,10 +215,21 @@ fn engine_name(e: AioEngine) -> &'static str {
 }
 
 fn aio_bdev(args: &Args, name: &str, path: &Path) -> Result<Arc<AioBdev>, String> {
+    aio_bdev_with(args, name, path, args.block_len, false)
+}
+
+fn aio_bdev_with(
+    args: &Args,
+    name: &str,
+    path: &Path,
+    block_len: Option<u32>,
+    readonly: bool,
+) -> Result<Arc<AioBdev>, String> {
     AioBdev::create(AioOpts {
         name: name.into(),
         filename: path.to_path_buf(),
-        block_len: args.block_len,
+        block_len,
+        readonly,
         direct: args.direct,
         engine: args.engine,
         ..Default::default()
@@ -212,39 +237,94 @@ fn aio_bdev(args: &Args, name: &str, path: &Path) -> Result<Arc<AioBdev>, String
     .map_err(|e| format!("aio bdev on {}: {e}", path.display()))
 }
 
-/// A thick lvol over the whole store on `path`, created on first use; returns its bdev name
-/// and the aio engine under it.
-async fn lvol_target(
+/// Zeroes the first MiB of `path` (where a blobstore keeps its super block) so that examine
+/// finds no store and the next one is created from scratch.
+fn wipe_super_block(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len()
+        .min(1 << 20);
+    f.write_all_at(&vec![0u8; len as usize], 0)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| format!("wipe {}: {e}", path.display()))
+}
+
+/// A fresh lvol store `bench_lvs` on an aio bdev over `path` (any old store there is
+/// forgotten first).
+async fn fresh_lvstore(
     reg: &Registry,
     m: &LvolModule,
     args: &Args,
     path: &Path,
-) -> Result<(String, AioEngine), String> {
+    cluster_size: Option<u32>,
+) -> Result<(Arc<lvol::LvolStore>, AioEngine), String> {
+    wipe_super_block(path)?;
     let a = aio_bdev(args, "bench_base", path)?;
     let engine = a.engine();
     reg.register(a)
         .await
         .map_err(|e| format!("register: {e}"))?;
     reg.wait_for_examine().await;
-    let store = match m.lvstore_by_name("bench_lvs") {
-        Some(s) => s,
-        None => {
-            let mut o = LvsOpts::new("bench_lvs");
-            o.clear_method = LvsClearMethod::None;
-            m.create_lvstore("bench_base", o)
-                .await
-                .map_err(|e| format!("create lvol store: {e}"))?
+    let mut o = LvsOpts::new("bench_lvs");
+    o.clear_method = LvsClearMethod::None;
+    if let Some(cs) = cluster_size {
+        o.cluster_size = cs;
+    }
+    let store = m
+        .create_lvstore("bench_base", o)
+        .await
+        .map_err(|e| format!("create lvol store: {e}"))?;
+    Ok((store, engine))
+}
+
+/// A thick (or with `thin`, thin) lvol over the whole capacity of a fresh store on `path`;
+/// returns its bdev name and the aio engine under it.
+async fn lvol_target(
+    reg: &Registry,
+    m: &LvolModule,
+    args: &Args,
+    path: &Path,
+    thin: bool,
+) -> Result<(String, AioEngine), String> {
+    let default_cluster = if thin { Some(1 << 20) } else { None };
+    let (store, engine) =
+        fresh_lvstore(reg, m, args, path, args.cluster_size.or(default_cluster)).await?;
+    let size = store.free_clusters() * u64::from(store.cluster_size());
+    let lvol = m
+        .create_lvol(&store, "vol", size, thin, ClearMethod::None)
+        .await
+        .map_err(|e| format!("create lvol: {e}"))?;
+    if thin && args.prefill {
+        // One write per cluster allocates every cluster before the timed workload.
+        let desc = reg
+            .open(&lvol.unique_id().to_string(), true)
+            .map_err(|e| format!("open: {e}"))?;
+        let cs = u64::from(store.cluster_size());
+        let fill = Workload {
+            pattern: Pattern::Write,
+            bs: u64::from(desc.device().block_len()).max(4096),
+            qd: 32,
+            duration: None,
+            count: Some(size / cs),
+            step: Some(cs),
+            ..Default::default()
+        };
+        let s = bench::run(&desc, &fill).await?;
+        if s.errors > 0 || s.writes != size / cs {
+            return Err(format!(
+                "prefill: {} of {} writes, first error {:?}",
+                s.writes,
+                size / cs,
+                s.first_error
+            ));
         }
-    };
-    let lvol = match store.lvol_by_name("vol") {
-        Some(l) => l,
-        None => {
-            let size = store.free_clusters() * u64::from(store.cluster_size());
-            m.create_lvol(&store, "vol", size, false, ClearMethod::None)
-                .await
-                .map_err(|e| format!("create lvol: {e}"))?
-        }
-    };
+    }
     Ok((lvol.unique_id().to_string(), engine))
 }
 
@@ -256,7 +336,8 @@ async fn esnap_target(
     args: &Args,
     path: &Path,
 ) -> Result<(String, AioEngine), String> {
-    let base = aio_bdev(args, "bench_esnap_base", path)?;
+    // The base is read-only: nothing this run does can change the data file.
+    let base = aio_bdev_with(args, "bench_esnap_base", path, args.block_len, true)?;
     let engine = base.engine();
     let base_size = std::fs::metadata(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
@@ -272,7 +353,7 @@ async fn esnap_target(
     std::fs::File::create(&store_path)
         .and_then(|f| f.set_len(base_size + (256 << 20)))
         .map_err(|e| format!("{}: {e}", store_path.display()))?;
-    let sa = aio_bdev(args, "bench_esnap_store", &store_path)?;
+    let sa = aio_bdev_with(args, "bench_esnap_store", &store_path, Some(4096), false)?;
     reg.register(sa)
         .await
         .map_err(|e| format!("register: {e}"))?;
@@ -565,11 +646,14 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
                 Some(eng),
             )
         }
-        Target::Lvol(path) => {
+        Target::Lvol(path) | Target::ThinLvol(path) => {
+            let thin = matches!(args.target, Target::ThinLvol(_));
             let m = LvolModule::new(reg.clone());
-            let (name, eng) = futures::executor::block_on(lvol_target(&reg, &m, &args, path))?;
+            let (name, eng) =
+                bdev_core::reactor::block_on(lvol_target(&reg, &m, &args, path, thin))?;
             _lvol_module = Some(m);
-            (name, format!("lvol:{}", path.display()), Some(eng))
+            let kind = if thin { "thinlvol" } else { "lvol" };
+            (name, format!("{kind}:{}", path.display()), Some(eng))
         }
         Target::Blob(path) => {
             return bdev_core::reactor::block_on(blob_run(&reg, &args, path));
@@ -679,6 +763,10 @@ mod tests {
         assert_eq!(a.workload.duration, None);
         let l = args("--target lvol:/f --rw randread").unwrap();
         assert!(matches!(l.target, Target::Lvol(ref p) if p == &PathBuf::from("/f")));
+        let t = args("--target thinlvol:/f --prefill --rw randwrite").unwrap();
+        assert!(matches!(t.target, Target::ThinLvol(ref p) if p == &PathBuf::from("/f")));
+        assert!(t.prefill);
+        assert!(!l.prefill);
         let d = args("--target malloc:64 --rw read").unwrap();
         assert_eq!(d.workload.duration, Some(Duration::from_secs(10)));
         let e =
