@@ -38,8 +38,10 @@
 //! our NBD client bdev connected to the export `--export NAME` (default `base`) on a Unix
 //! socket; reads of the clone go to the NBD server.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -51,6 +53,44 @@ use bench::{Pattern, Workload};
 use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod};
 use lvol::{BdevBsDev, LvolModule, LvsClearMethod, LvsOpts};
 use serde_json::json;
+
+/// Counts every allocation of the process (all threads), so a run can report allocations per
+/// I/O (issue 15: the steady-state data path should allocate nothing).
+struct CountingAlloc;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call forwards to the system allocator with the caller's arguments unchanged;
+// the counter has no effect on the memory handed out.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above; `ptr` came from this allocator, which is the system's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Allocations so far (all threads).
+fn allocs() -> u64 {
+    ALLOCS.load(Ordering::Relaxed)
+}
 
 const USAGE: &str =
     "usage: bench --target aio:PATH|lvol:PATH|thinlvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
@@ -303,7 +343,7 @@ async fn lvol_target(
     if thin && args.prefill {
         // One write per cluster allocates every cluster before the timed workload.
         let desc = reg
-            .open(&lvol.unique_id().to_string(), true)
+            .open(lvol.unique_id(), true)
             .map_err(|e| format!("open: {e}"))?;
         let cs = u64::from(store.cluster_size());
         let fill = Workload {
@@ -416,7 +456,9 @@ async fn blob_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_json
         .await
         .map_err(|e| format!("open blob: {e}"))?;
     let io_unit = u64::from(bs.io_unit_size());
+    let a0 = allocs();
     let stats = bench::run_blob(&blob, io_unit, &args.workload).await?;
+    let run_allocs = allocs() - a0;
     let size = blob.num_io_units() * io_unit;
     let _ = blob.close().await;
     let _ = bs.unload().await;
@@ -427,6 +469,7 @@ async fn blob_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_json
         io_unit as u32,
         size,
         &stats,
+        run_allocs,
     ))
 }
 
@@ -608,9 +651,15 @@ fn io_json(
     block_len: u32,
     size: u64,
     stats: &bench::Stats,
+    run_allocs: u64,
 ) -> serde_json::Value {
     let w = &args.workload;
+    let ios = stats.reads + stats.writes;
     json!({
+        // Every allocation in the process (all threads) from the first submission to the
+        // last completion, including the run's own setup (one buffer per queue slot).
+        "allocs": run_allocs,
+        "allocs_per_io": if ios > 0 { run_allocs as f64 / ios as f64 } else { 0.0 },
         "target": target_desc,
         "engine": engine.map(engine_name),
         "direct": args.direct,
@@ -694,7 +743,9 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
     let dev = desc.device().clone();
     // The reactor submits and reaps this thread's aio requests inline (SPDK's reactor with
     // its io_uring poller), as fio does; other devices run as under any executor.
+    let a0 = allocs();
     let stats = bdev_core::reactor::block_on(bench::run(&desc, w))?;
+    let run_allocs = allocs() - a0;
     Ok(io_json(
         &args,
         target_desc,
@@ -702,6 +753,7 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
         dev.block_len(),
         dev.num_blocks() * dev.block_len() as u64,
         &stats,
+        run_allocs,
     ))
 }
 

@@ -907,11 +907,21 @@ pub fn run(args: &[String]) -> Result<()> {
     for f in files {
         prepare_data_file(&ctx.file(f), ctx.file_size)?;
     }
+    // Both binaries in one build, always: building one alone unifies features differently
+    // and rebuilds the shared crates each time.
     let mut build = util::cargo();
-    build.args(["build", "--release", "-p", "bench", "--bin", "bench"]);
-    if selected.iter().any(|b| b.ours == Ours::NbdTgtEsnap) {
-        build.args(["-p", "tgt", "--bin", "tgt"]);
-    }
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "bench",
+        "--bin",
+        "bench",
+        "-p",
+        "tgt",
+        "--bin",
+        "tgt",
+    ]);
     util::run("build the bench and tgt binaries", &mut build)?;
 
     let started = Instant::now();
@@ -1056,11 +1066,12 @@ fn ours_label(o: Ours) -> String {
             "fresh esnap clone, cluster_size={cluster}, base aio (read-only, direct) block_len={base_block}, store aio block_len=4096"
         ),
         Ours::Blob => "thick blob on a fresh blobstore (1 MiB clusters), aio io_uring direct".into(),
-        Ours::BsLoad { blobs, recover } => format!(
-            "blobstore load, {blobs} blobs, {}",
+        // Counts are in params and details (--quick uses a tenth).
+        Ours::BsLoad { recover, .. } => format!(
+            "blobstore load, {}",
             if recover { "forced recovery" } else { "clean" }
         ),
-        Ours::SnapClone { lvols } => format!("snapshot + clone, {lvols} thin lvols"),
+        Ours::SnapClone { .. } => "snapshot + clone of thin lvols".into(),
         Ours::NbdTgtEsnap => "tgt NBD export of a fresh esnap clone".into(),
         Ours::NbdClientEsnap => "esnap clone over our NBD client bdev".into(),
     }
@@ -1080,6 +1091,7 @@ fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
         data_note = json!({"pattern_checked_before": true, "restored": !intact});
     }
     let load_before = loadavg();
+    let t0 = Instant::now();
     let sides = sides(ctx, b);
     let mut runs: Vec<Vec<Run>> = vec![Vec::new(); sides.len()];
     let mut errors: Vec<Option<String>> = vec![None; sides.len()];
@@ -1111,7 +1123,7 @@ fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
             }
         }
     }
-    let record = build_record(
+    let mut record = build_record(
         ctx,
         b,
         &sides,
@@ -1121,6 +1133,7 @@ fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
         load_before,
         data_note,
     );
+    record["method"]["wall_seconds"] = json!(round1(t0.elapsed().as_secs_f64()));
     let path = ctx.out_dir.join(format!("{}.json", b.name));
     std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
@@ -1168,6 +1181,14 @@ fn build_record(
         });
         if let Some(e) = &errors[i] {
             v["error"] = json!(e);
+        }
+        // Our bench binary counts allocations (all threads) during the timed run.
+        let allocs: Option<Vec<f64>> = runs[i]
+            .iter()
+            .map(|r| r.detail["allocs_per_io"].as_f64())
+            .collect();
+        if let Some(a) = allocs.filter(|a| !a.is_empty()) {
+            v["allocs_per_io"] = json!(a.iter().map(|x| round3(*x)).collect::<Vec<_>>());
         }
         side_json.push(v);
     }
@@ -1318,8 +1339,10 @@ fn run_side(ctx: &Ctx, b: &Bench, side: Side) -> Result<Run> {
 struct TmpDir(PathBuf);
 
 impl TmpDir {
-    fn new(ctx: &Ctx, b: &Bench, what: &str) -> Result<TmpDir> {
-        let p = ctx.data_dir.join(format!("{}.{what}.tmp", b.name));
+    /// `data_dir/tmp-WHAT`: on the data files' file system, and short, because a Unix
+    /// socket's path must fit in 108 bytes (entries run one at a time, so no clash).
+    fn new(ctx: &Ctx, what: &str) -> Result<TmpDir> {
+        let p = ctx.data_dir.join(format!("tmp-{what}"));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p)?;
         Ok(TmpDir(p))
@@ -1342,7 +1365,7 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
     let mut cmd = ctx.pinned(&ctx.bench_bin);
     let mut server = None;
     let mut commands = Vec::new();
-    let tmp = TmpDir::new(ctx, b, "ours")?;
+    let tmp = TmpDir::new(ctx, "ours")?;
     let (kind, direct) = match setup {
         Ours::Aio { io, block_len } => {
             if let Some(bl) = block_len {
@@ -1601,7 +1624,7 @@ fn run_qemu_img_cow(ctx: &Ctx, b: &Bench, cluster: u64) -> Result<Run> {
     let count = ctx
         .count(b.work.len)
         .ok_or_else(|| anyhow!("qemu-img bench needs a count"))?;
-    let tmp = TmpDir::new(ctx, b, "peer")?;
+    let tmp = TmpDir::new(ctx, "peer")?;
     let clone = tmp.0.join("clone.qcow2");
     let mut last = anyhow!("not run");
     for aio in ["io_uring", "native"] {
@@ -1749,7 +1772,7 @@ fn rpc(sock: &Path, method: &str, params: Value) -> Result<Value> {
 /// Ours over NBD: a pinned `tgt`, a read-only aio base bdev over the pattern file (4 KiB
 /// blocks), a fresh lvol store on a sparse file, an esnap clone exported over NBD.
 fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
-    let tmp = TmpDir::new(ctx, b, "ours")?;
+    let tmp = TmpDir::new(ctx, "ours")?;
     let store = tmp.0.join("store.img");
     File::create(&store)?.set_len(ctx.file_size + (256 << 20))?;
     let sock = tmp.0.join("rpc.sock");
@@ -1793,9 +1816,10 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
         rpc(&sock, m, p.clone())?;
         commands.push(format!("rpc {m} {p}"));
     }
-    let files = open_files(guard.0.id(), &[&ctx.data_dir]);
     let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///ec?socket={}", nbd.display()))?;
     commands.push(client);
+    // After the client's run: by then the server has opened everything it opens.
+    let files = open_files(guard.0.id(), &[&ctx.data_dir]);
     let _ = rpc(&sock, "spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
     drop(guard);
     let direct = all_direct(&files);
@@ -1821,7 +1845,7 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
 fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench, cache: &str, aio: Option<&str>) -> Result<Run> {
     let qemu_nbd = util::find_or_install("qemu-nbd", "qemu-utils")
         .ok_or_else(|| anyhow!("qemu-nbd missing"))?;
-    let tmp = TmpDir::new(ctx, b, "peer")?;
+    let tmp = TmpDir::new(ctx, "peer")?;
     let qcow = tmp.0.join("clone.qcow2");
     let create = create_qcow2_clone(ctx, &qcow, 1 << 20)?;
     let qsock = tmp.0.join("q.sock");
@@ -1834,8 +1858,8 @@ fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench, cache: &str, aio: Option<&str>) -> R
     let shown = util::show(&cmd);
     let mut srv = KillOnDrop(cmd.spawn().context("start qemu-nbd")?);
     wait_socket(&qsock, &mut srv)?;
-    let files = open_files(srv.0.id(), &[&ctx.data_dir]);
     let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///q?socket={}", qsock.display()))?;
+    let files = open_files(srv.0.id(), &[&ctx.data_dir]);
     drop(srv);
     Ok(Run {
         value,
@@ -1864,7 +1888,7 @@ fn start_qemu_nbd_raw(ctx: &Ctx, dir: &Path) -> Result<(KillOnDrop, PathBuf, Str
 
 /// The peer of the NBD client: `qemu-img bench` straight from qemu-nbd.
 fn run_qemu_nbd_raw_peer(ctx: &Ctx, b: &Bench) -> Result<Run> {
-    let tmp = TmpDir::new(ctx, b, "peer")?;
+    let tmp = TmpDir::new(ctx, "peer")?;
     let (srv, sock, shown) = start_qemu_nbd_raw(ctx, &tmp.0)?;
     let r = nbd_client(
         ctx,
@@ -1916,7 +1940,7 @@ fn spdk_config(ctx: &Ctx, b: &Bench, job: SpdkJob, store: &Path) -> (Value, Stri
 /// SPDK's bdevperf on the same file(s), pinned to the same CPUs (`-m` the same set), a
 /// generated JSON config; untested against a live binary here (see docs/benchmarks.md).
 fn run_spdk(ctx: &Ctx, b: &Bench, bin: &Path, job: SpdkJob) -> Result<Run> {
-    let tmp = TmpDir::new(ctx, b, "spdk")?;
+    let tmp = TmpDir::new(ctx, "spdk")?;
     let store = tmp.0.join("store.img");
     if let SpdkJob::Esnap { .. } = job {
         File::create(&store)?.set_len(ctx.file_size + (256 << 20))?;
