@@ -1251,6 +1251,9 @@ fn build_record(
         "ratio": ours.zip(best).and_then(|(o, (_, p))| ratio(&o, &p)).map(round3),
         "ratio_of": "median of ours / median of the best peer",
         "spdk": spdk_json,
+        // Set when our side did not open its files the way the entry's name says (e.g. the
+        // NBD target without O_DIRECT): the ratio then compares different things.
+        "mode_mismatch": runs[0].iter().find_map(|r| r.detail.get("mode_mismatch").cloned()),
     })
 }
 
@@ -1299,10 +1302,10 @@ fn markdown_table(records: &[Value]) -> String {
             fmt_summary(&r["ours"]),
             r["best_peer"].as_str().unwrap_or("–"),
             fmt_summary(&r["peer_value"]),
-            if r["ratio"].is_null() {
-                "–".to_string()
-            } else {
-                r["ratio"].to_string()
+            match (&r["ratio"], r["mode_mismatch"].is_null()) {
+                (Value::Null, _) => "–".to_string(),
+                (x, true) => x.to_string(),
+                (x, false) => format!("{x} (mode mismatch, see JSON)"),
             },
             spdk,
         );
@@ -2249,6 +2252,21 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
         );
         assert_eq!(rec["sides"][1]["commands"][0], json!("taskset -c 1 x"));
         assert!(rec["spdk"].is_null(), "no SPDK job for NBD entries");
+        assert!(rec["mode_mismatch"].is_null());
+        let mut odd = runs.clone();
+        odd[0][2].detail = json!({"mode_mismatch": "page cache"});
+        let rec = build_record(
+            &ctx,
+            &b,
+            &sd,
+            &odd,
+            &[None, None, None],
+            vec![],
+            String::new(),
+            Value::Null,
+        );
+        assert_eq!(rec["mode_mismatch"], json!("page cache"));
+        assert!(markdown_table(&[rec]).contains("2.5 (mode mismatch, see JSON)"));
         // An entry with an SPDK job says why there is no SPDK figure.
         let a = benches()
             .into_iter()
