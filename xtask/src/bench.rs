@@ -2148,6 +2148,63 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
         assert!(parse_bdevperf("\r Total : x").is_err());
     }
 
+    /// The SPDK side end to end with a stand-in for bdevperf: the command line it gets, the
+    /// config file it is handed, its report parsed.
+    #[test]
+    fn spdk_peer_runs_bdevperf_with_a_generated_config() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("xtask-spdk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("sample.txt"), BDEVPERF_SAMPLE).unwrap();
+        let script = dir.join("bdevperf");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$@\" > {d}/args\nwhile [ $# -gt 0 ]; do \
+                 if [ \"$1\" = -c ]; then cp \"$2\" {d}/config.json; fi; shift; done\n\
+                 cat {d}/sample.txt\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut ctx = test_ctx();
+        ctx.data_dir = dir.clone();
+        ctx.cpus = default_cpu();
+        ctx.spdk = Some(script);
+        let b = benches()
+            .into_iter()
+            .find(|b| b.name == "aio_randread_4k_qd32_direct")
+            .unwrap();
+        assert_eq!(sides(&ctx, &b).last(), Some(&Side::Spdk));
+        let run = run_side(&ctx, &b, Side::Spdk).unwrap();
+        assert_eq!(run.value, 118_123.45);
+        assert!(run.commands[0].starts_with(&format!("taskset -c {} ", ctx.cpus)));
+        let args = std::fs::read_to_string(dir.join("args")).unwrap();
+        let mask = cpu_mask(&parse_cpu_list(&ctx.cpus).unwrap());
+        assert!(
+            args.contains(&format!(
+                "-q 32 -o 4096 -w randread -t 10 -m {mask} -T aio0"
+            )),
+            "{args}"
+        );
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let create = &cfg["subsystems"][0]["config"][0];
+        assert_eq!(create["method"], json!("bdev_aio_create"));
+        assert_eq!(
+            create["params"]["filename"],
+            json!(ctx.file(DataFile::Pattern))
+        );
+        assert!(
+            !dir.join("tmp-spdk").exists(),
+            "the run's scratch directory is removed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn spdk_config_names_the_same_files() {
         let ctx = test_ctx();
