@@ -1111,6 +1111,10 @@ fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
             if errors[i].is_some() {
                 continue;
             }
+            // Every run starts with none of the data files in the page cache, whichever side
+            // ran before it.
+            drop_page_cache(&ctx.file(b.file));
+            drop_page_cache(&ctx.file(DataFile::Pattern));
             match run_side(ctx, b, sides[i]) {
                 Ok(r) => runs[i].push(r),
                 Err(e) => {
@@ -1240,6 +1244,7 @@ fn build_record(
             "rounds": ctx.rounds,
             "order_per_round": orders,
             "quick": ctx.quick,
+            "page_cache": "the entry's file and the pattern file dropped from the page cache before every run (dd iflag=nocache count=0)",
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
             "data": data_note,
@@ -1973,6 +1978,19 @@ fn run_spdk(ctx: &Ctx, b: &Bench, bin: &Path, job: SpdkJob) -> Result<Run> {
         commands: vec![util::show(&cmd)],
         detail: json!({"config": config}),
     })
+}
+
+/// Drops a file's clean pages from the page cache (GNU dd: `iflag=nocache count=0` advises
+/// DONTNEED for the whole file); best effort, it only makes runs start alike.
+fn drop_page_cache(path: &Path) {
+    let ok = Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: could not drop the page cache of {}", path.display());
+    }
 }
 
 /// Bytes `start..start + out.len()` of MiB number `tag` of the pattern: distinct per MiB,
