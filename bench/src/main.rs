@@ -23,6 +23,14 @@
 //! `--cluster-size` says otherwise), so reads of unwritten clusters go to the base and each
 //! first write to a cluster copies it.
 //!
+//! Every malloc bdev is written once in full before the run (untimed), so runs measure mapped
+//! memory holding data rather than first-touch page faults.
+//!
+//! `mlvol:MIB` is a thick lvol filling a fresh store on a malloc bdev of MIB MiB (4 KiB
+//! blocks unless `--block-len` says otherwise); `mesnap:MIB` a fresh esnap clone of a malloc
+//! base of MIB MiB (`--block-len`, default 4096) with its store on a second malloc bdev. Both
+//! use 4 MiB clusters unless `--cluster-size` says otherwise.
+//!
 //! `blob:PATH` is a thick blob filling a blobstore (1 MiB clusters) initialised on an aio bdev
 //! over PATH at every run; the workload goes straight to the blob.
 //!
@@ -93,7 +101,7 @@ fn allocs() -> u64 {
 }
 
 const USAGE: &str =
-    "usage: bench --target aio:PATH|lvol:PATH|thinlvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
+    "usage: bench --target aio:PATH|lvol:PATH|thinlvol:PATH|mlvol:MIB|mesnap:MIB|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
 [--blobs N] [--recover] [--lvols N] [--export NAME] [--cluster-size BYTES] [--prefill] [--engine auto|uring|threadpool] \
 [--direct] [--block-len 512|4096] --rw read|write|randread|randwrite|randrw [--rwmix-read PCT] \
 [--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N]";
@@ -109,6 +117,8 @@ enum Target {
     SnapClone(PathBuf),
     NbdEsnap(PathBuf),
     Malloc { mib: u64 },
+    MallocLvol { mib: u64 },
+    MallocEsnap { mib: u64 },
 }
 
 struct Args {
@@ -175,6 +185,14 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Target::BsLoad(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("esnap:") {
                     Target::Esnap(PathBuf::from(p))
+                } else if let Some(m) = v.strip_prefix("mlvol:") {
+                    Target::MallocLvol {
+                        mib: parse_num("--target mlvol:", Some(m.to_string()))?,
+                    }
+                } else if let Some(m) = v.strip_prefix("mesnap:") {
+                    Target::MallocEsnap {
+                        mib: parse_num("--target mesnap:", Some(m.to_string()))?,
+                    }
                 } else if let Some(m) = v.strip_prefix("malloc:") {
                     Target::Malloc {
                         mib: parse_num("--target malloc:", Some(m.to_string()))?,
@@ -412,6 +430,89 @@ async fn esnap_target(
         .await
         .map_err(|e| format!("create esnap clone: {e}"))?;
     Ok((clone.unique_id().to_string(), engine))
+}
+
+/// Over malloc bdevs of `mib` MiB: a thick lvol filling a fresh store (4 KiB blocks, or
+/// `--block-len`), or with `esnap` a fresh esnap clone of a malloc base (`--block-len`
+/// blocks, default 4096) whose store is a second malloc bdev (4 KiB blocks). 4 MiB clusters
+/// unless `--cluster-size` says otherwise. Returns the lvol's bdev name.
+async fn malloc_lvol_target(
+    reg: &Registry,
+    m: &LvolModule,
+    args: &Args,
+    mib: u64,
+    esnap: bool,
+) -> Result<String, String> {
+    let malloc = |name: &str, mib: u64, bl: u32| {
+        MallocBdev::create(name, (mib << 20) / u64::from(bl), bl, None)
+            .map_err(|e| format!("malloc bdev {name}: {e}"))
+    };
+    let bl = args.block_len.unwrap_or(4096);
+    let (store_bdev, store_mib, store_bl) = if esnap {
+        ("bench_mstore", mib + 256, 4096)
+    } else {
+        ("bench_mbase", mib, bl)
+    };
+    reg.register(malloc("bench_mbase", mib, bl)?)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    touch_malloc(reg, "bench_mbase").await?;
+    if esnap {
+        reg.register(malloc(store_bdev, store_mib, store_bl)?)
+            .await
+            .map_err(|e| format!("register: {e}"))?;
+        touch_malloc(reg, store_bdev).await?;
+    }
+    reg.wait_for_examine().await;
+    let mut o = LvsOpts::new("bench_mlvs");
+    o.clear_method = LvsClearMethod::None;
+    if let Some(cs) = args.cluster_size {
+        o.cluster_size = cs;
+    }
+    let store = m
+        .create_lvstore(store_bdev, o)
+        .await
+        .map_err(|e| format!("create lvol store: {e}"))?;
+    let lvol = if esnap {
+        m.create_esnap_clone("bench_mbase", &store, "clone")
+            .await
+            .map_err(|e| format!("create esnap clone: {e}"))?
+    } else {
+        let size = store.free_clusters() * u64::from(store.cluster_size());
+        let l = m
+            .create_lvol(&store, "vol", size, false, ClearMethod::None)
+            .await
+            .map_err(|e| format!("create lvol: {e}"))?;
+        // The store scrubs (write_zeroes) the thick lvol's clusters, which a malloc bdev
+        // turns into unbacked chunks read as zeroes without a copy: write the lvol once so
+        // its reads copy memory as the raw malloc peer's do.
+        touch_malloc(reg, l.unique_id()).await?;
+        l
+    };
+    Ok(lvol.unique_id().to_string())
+}
+
+/// Writes a whole (malloc-backed) bdev once (1 MiB requests, untimed), so that a run measures memory
+/// that is already mapped and holds data, not first-touch page faults or the zero page.
+async fn touch_malloc(reg: &Registry, name: &str) -> Result<(), String> {
+    let desc = reg
+        .open(name, true)
+        .map_err(|e| format!("open {name}: {e}"))?;
+    let size = desc.device().num_blocks() * u64::from(desc.device().block_len());
+    let bs = (1u64 << 20).min(size);
+    let fill = Workload {
+        pattern: Pattern::Write,
+        bs,
+        qd: 4,
+        duration: None,
+        count: Some(size / bs),
+        ..Default::default()
+    };
+    let s = bench::run(&desc, &fill).await?;
+    if s.errors > 0 {
+        return Err(format!("filling {name}: {:?}", s.first_error));
+    }
+    Ok(())
 }
 
 /// A blobstore device over an aio bdev on `path`.
@@ -728,11 +829,21 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
             _lvol_module = Some(m);
             (name, format!("esnap:{}", path.display()), Some(eng))
         }
+        Target::MallocLvol { mib } | Target::MallocEsnap { mib } => {
+            let esnap = matches!(args.target, Target::MallocEsnap { .. });
+            let m = LvolModule::new(reg.clone());
+            let name =
+                futures::executor::block_on(malloc_lvol_target(&reg, &m, &args, *mib, esnap))?;
+            _lvol_module = Some(m);
+            let kind = if esnap { "mesnap" } else { "mlvol" };
+            (name, format!("{kind}:{mib}"), None)
+        }
         Target::Malloc { mib } => {
             let bl = args.block_len.unwrap_or(512);
             let m = MallocBdev::create("bench0", (mib << 20) / bl as u64, bl, None)
                 .map_err(|e| format!("malloc bdev: {e}"))?;
             futures::executor::block_on(reg.register(m)).map_err(|e| format!("register: {e}"))?;
+            futures::executor::block_on(touch_malloc(&reg, "bench0"))?;
             ("bench0".to_string(), format!("malloc:{mib}"), None)
         }
     };
@@ -831,6 +942,10 @@ mod tests {
         let n = args("--target nbdesnap:/s --export x --rw read").unwrap();
         assert!(matches!(n.target, Target::NbdEsnap(_)));
         assert_eq!(n.export, "x");
+        let ml = args("--target mlvol:256 --rw randread").unwrap();
+        assert!(matches!(ml.target, Target::MallocLvol { mib: 256 }));
+        let me = args("--target mesnap:64 --block-len 512 --rw randread").unwrap();
+        assert!(matches!(me.target, Target::MallocEsnap { mib: 64 }));
         let s = args("--target snapclone:/b --lvols 10 --rw read").unwrap();
         assert!(matches!(s.target, Target::SnapClone(_)));
         assert_eq!(s.lvols, 10);

@@ -78,9 +78,12 @@ enum DataFile {
     /// Fully written scratch space for entries that write (ours and peers alike); what it
     /// holds is not promised to anyone.
     Scratch,
-    /// Read entries through a store (lvol, blob): our side writes a fresh store's metadata at
-    /// its start on every run, the rest keeps the pattern as written.
+    /// Read entries through a store (thick lvol, blob): our side creates a fresh store on it
+    /// every run; the blobstore zeroes (write_zeroes) the clusters of a new thick blob, so our
+    /// side reads zeroes from allocated blocks and the raw peer reads whatever is there.
     Store,
+    /// No file: malloc bdevs of the file size, zero-filled, in our process.
+    Memory,
 }
 
 impl DataFile {
@@ -89,6 +92,7 @@ impl DataFile {
             DataFile::Pattern => "pattern",
             DataFile::Scratch => "scratch",
             DataFile::Store => "store",
+            DataFile::Memory => "memory-not-a-file",
         };
         format!("{kind}-{}m.raw", size >> 20)
     }
@@ -100,6 +104,8 @@ impl DataFile {
 enum Io {
     Direct,
     Buffered,
+    /// Malloc bdevs: no file, no cache.
+    Memory,
 }
 
 impl Io {
@@ -107,6 +113,7 @@ impl Io {
         match self {
             Io::Direct => "direct",
             Io::Buffered => "buffered",
+            Io::Memory => "malloc",
         }
     }
 }
@@ -188,6 +195,13 @@ enum Ours {
     /// A fresh esnap clone (store in memory) whose base is our NBD client bdev connected to
     /// `qemu-nbd -r` serving the file.
     NbdClientEsnap,
+    /// A malloc bdev (`block_len`) of the file size.
+    Malloc { block_len: u32 },
+    /// A thick lvol filling a fresh store (4 MiB clusters) on a malloc bdev (4 KiB blocks).
+    MallocLvol,
+    /// A fresh esnap clone (4 MiB clusters) of a malloc base (`base_block`), store on a
+    /// second malloc bdev.
+    MallocEsnap { base_block: u32 },
 }
 
 /// Our peers.
@@ -324,7 +338,7 @@ fn benches() -> Vec<Bench> {
         },
         Bench {
             name: "lvol_thin_first_write_4k_qd32_direct_1m_clusters",
-            what: "thin lvol (no base) on a fresh store: one 4 KiB write at the start of each 1 MiB cluster, each allocating it (7/8 of the clusters); peer: the raw aio bdev, 4 KiB writes at the same offsets (IOPS)",
+            what: "thin lvol (no base) on a fresh store (clear_method none, so every cluster is stale and its first write also zeroes the rest of it): one 4 KiB write at the start of each 1 MiB cluster, each allocating it (7/8 of the clusters); peer: the raw aio bdev, 4 KiB writes at the same offsets (IOPS)",
             unit: Unit::ClustersPerSec,
             work: work(
                 true,
@@ -358,6 +372,37 @@ fn benches() -> Vec<Bench> {
             spdk: None,
         },
     ];
+    let malloc4k = Ours::Malloc { block_len: 4096 };
+    for (name, write) in [
+        ("lvol_thick_randread_4k_qd32_malloc_4m_clusters", false),
+        ("lvol_thick_randwrite_4k_qd32_malloc_4m_clusters", true),
+    ] {
+        v.push(Bench {
+            name,
+            what: "thick lvol filling a fresh store (4 MiB clusters) on a malloc bdev (4 KiB blocks) the size of the data files; peer: the malloc bdev itself (issue 15's lvol-over-malloc target)",
+            unit: Unit::Iops,
+            work: rand(write),
+            file: DataFile::Memory,
+            ours: Ours::MallocLvol,
+            peers: vec![Peer::Ours(malloc4k)],
+            spdk: None,
+        });
+    }
+    for (name, base_block) in [
+        ("esnap_randread_4k_qd32_malloc_4m_clusters_base512", 512),
+        ("esnap_randread_4k_qd32_malloc_4m_clusters_base4096", 4096),
+    ] {
+        v.push(Bench {
+            name,
+            what: "fresh esnap clone (nothing allocated, 4 MiB clusters) of a malloc base, store on a second malloc bdev: every read goes to the base; peer: the base malloc bdev read directly (issue 15's esnap-over-malloc target)",
+            unit: Unit::Iops,
+            work: rand(false),
+            file: DataFile::Memory,
+            ours: Ours::MallocEsnap { base_block },
+            peers: vec![Peer::Ours(Ours::Malloc { block_len: base_block })],
+            spdk: None,
+        });
+    }
     v.extend(esnap_benches());
     v.extend([
         Bench {
@@ -594,9 +639,10 @@ fn nbd_benches() -> Vec<Bench> {
         ),
     ];
     for (name, write, order, io) in names {
-        let cache = match io {
-            Io::Direct => "none",
-            Io::Buffered => "writeback",
+        let cache = if io == Io::Direct {
+            "none"
+        } else {
+            "writeback"
         };
         v.push(Bench {
             name,
@@ -638,12 +684,14 @@ impl Bench {
                 _ => Io::Direct,
             },
             Ours::NbdClientEsnap => Io::Buffered,
+            Ours::Malloc { .. } | Ours::MallocLvol | Ours::MallocEsnap { .. } => Io::Memory,
             _ => Io::Direct,
         }
     }
     fn cluster(&self) -> Option<u64> {
         match self.ours {
             Ours::Lvol { cluster, .. } | Ours::Esnap { cluster, .. } => Some(cluster),
+            Ours::MallocLvol | Ours::MallocEsnap { .. } => Some(4 << 20),
             Ours::Blob | Ours::NbdTgtEsnap | Ours::NbdClientEsnap | Ours::SnapClone { .. } => {
                 Some(1 << 20)
             }
@@ -652,7 +700,7 @@ impl Bench {
     }
     fn base_block(&self) -> Option<u32> {
         match self.ours {
-            Ours::Esnap { base_block, .. } => Some(base_block),
+            Ours::Esnap { base_block, .. } | Ours::MallocEsnap { base_block } => Some(base_block),
             Ours::NbdTgtEsnap => Some(4096),
             _ => None,
         }
@@ -902,6 +950,7 @@ pub fn run(args: &[String]) -> Result<()> {
     std::fs::create_dir_all(&ctx.out_dir)?;
     let mut files: Vec<DataFile> = selected.iter().map(|b| b.file).collect();
     files.push(DataFile::Pattern);
+    files.retain(|f| *f != DataFile::Memory);
     files.sort_unstable();
     files.dedup();
     for f in files {
@@ -1074,6 +1123,11 @@ fn ours_label(o: Ours) -> String {
         Ours::SnapClone { .. } => "snapshot + clone of thin lvols".into(),
         Ours::NbdTgtEsnap => "tgt NBD export of a fresh esnap clone".into(),
         Ours::NbdClientEsnap => "esnap clone over our NBD client bdev".into(),
+        Ours::Malloc { block_len } => format!("malloc bdev block_len={block_len}"),
+        Ours::MallocLvol => "thick lvol on a malloc bdev, 4 MiB clusters".into(),
+        Ours::MallocEsnap { base_block } => {
+            format!("fresh esnap clone of a malloc base block_len={base_block}, 4 MiB clusters")
+        }
     }
 }
 
@@ -1113,7 +1167,9 @@ fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
             }
             // Every run starts with none of the data files in the page cache, whichever side
             // ran before it.
-            drop_page_cache(&ctx.file(b.file));
+            if b.file != DataFile::Memory {
+                drop_page_cache(&ctx.file(b.file));
+            }
             drop_page_cache(&ctx.file(DataFile::Pattern));
             match run_side(ctx, b, sides[i]) {
                 Ok(r) => runs[i].push(r),
@@ -1234,7 +1290,7 @@ fn build_record(
             "count": ctx.count(w.len),
             "cluster_size": b.cluster(),
             "base_block_size": b.base_block(),
-            "file": ctx.file(b.file).display().to_string(),
+            "file": (b.file != DataFile::Memory).then(|| ctx.file(b.file).display().to_string()),
             "file_kind": format!("{:?}", b.file).to_lowercase(),
             "file_size": ctx.file_size,
         },
@@ -1401,6 +1457,19 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
             ("esnap", true)
         }
         Ours::Blob => ("blob", true),
+        Ours::Malloc { block_len } => {
+            cmd.args(["--block-len", &block_len.to_string()]);
+            ("malloc", false)
+        }
+        Ours::MallocLvol => {
+            cmd.args(["--cluster-size", &(4u64 << 20).to_string()]);
+            ("mlvol", false)
+        }
+        Ours::MallocEsnap { base_block } => {
+            cmd.args(["--cluster-size", &(4u64 << 20).to_string()])
+                .args(["--block-len", &base_block.to_string()]);
+            ("mesnap", false)
+        }
         Ours::BsLoad { blobs, recover } => {
             let blobs = if ctx.quick { blobs / 10 } else { blobs };
             cmd.args(["--blobs", &blobs.to_string()]);
@@ -1423,6 +1492,10 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
         }
         Ours::NbdTgtEsnap => unreachable!("handled above"),
     };
+    if b.file == DataFile::Memory {
+        // Malloc targets take their size in MiB instead of a file.
+        file = PathBuf::from((ctx.file_size >> 20).to_string());
+    }
     cmd.arg("--target")
         .arg(format!("{kind}:{}", file.display()))
         .args(["--engine", "uring"]);
@@ -2432,7 +2505,9 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
                 };
                 assert!(n.contains(&c), "{n}: cluster size");
             }
-            if let (Some(bb), Ours::Esnap { .. }) = (b.base_block(), b.ours) {
+            if let (Some(bb), Ours::Esnap { .. } | Ours::MallocEsnap { .. }) =
+                (b.base_block(), b.ours)
+            {
                 assert!(n.ends_with(&format!("base{bb}")), "{n}: base block size");
             }
             assert!(
