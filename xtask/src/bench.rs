@@ -136,8 +136,13 @@ enum Len {
     Secs(f64),
     /// A fixed request count (complete, quick).
     Count(u64, u64),
-    /// One request per `cluster` bytes of the file divided by `div` (one write per cluster).
-    PerCluster { cluster: u64, div: u64 },
+    /// One write per cluster over a fraction of the file's clusters.
+    PerCluster {
+        cluster: u64,
+        /// The fraction of the file's clusters written: `num / den`.
+        num: u64,
+        den: u64,
+    },
 }
 
 /// The I/O of an entry.
@@ -345,7 +350,9 @@ fn benches() -> Vec<Bench> {
                 Order::Stride(1 << 20),
                 Len::PerCluster {
                     cluster: 1 << 20,
-                    div: 0,
+                    // The store's metadata takes a few clusters of the file.
+                    num: 7,
+                    den: 8,
                 },
             ),
             file: DataFile::Scratch,
@@ -510,7 +517,11 @@ fn esnap_benches() -> Vec<Bench> {
     };
     let cow = |c: u64| move |_| vec![Peer::QemuImgCow { cluster: c }];
     let no_spdk = |_| None;
-    let per_cluster = |c: u64, div: u64| Len::PerCluster { cluster: c, div };
+    let per_cluster = |c: u64, den: u64| Len::PerCluster {
+        cluster: c,
+        num: 1,
+        den,
+    };
     let mut v = Vec::new();
     v.extend(both_bases!(
         "esnap_randread_4k_qd32_direct_4m_clusters",
@@ -878,9 +889,7 @@ impl Ctx {
         match len {
             Len::Secs(_) => None,
             Len::Count(full, quick) => Some(if self.quick { quick } else { full }),
-            // div 0: the thin lvol's 7/8 of the clusters (the store's metadata takes some).
-            Len::PerCluster { cluster, div: 0 } => Some(self.file_size / cluster * 7 / 8),
-            Len::PerCluster { cluster, div } => Some(self.file_size / cluster / div),
+            Len::PerCluster { cluster, num, den } => Some(self.file_size / cluster * num / den),
         }
     }
     fn secs_of(&self, len: Len) -> Option<f64> {
