@@ -1143,7 +1143,8 @@ fn ours_label(o: Ours) -> String {
 /// Runs every round of an entry and writes its JSON; returns the record.
 fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
     let mut data_note = Value::Null;
-    if b.file == DataFile::Pattern || b.ours == Ours::NbdClientEsnap {
+    let reads_pattern = b.file == DataFile::Pattern || b.ours == Ours::NbdClientEsnap;
+    if reads_pattern {
         let path = ctx.file(DataFile::Pattern);
         let intact = pattern_intact(&path, ctx.file_size)?;
         if !intact {
@@ -1190,6 +1191,14 @@ fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
                     errors[i] = Some(format!("{e:#}"));
                 }
             }
+        }
+    }
+    if reads_pattern {
+        // Which entry changed the pattern, if one did.
+        let after = pattern_intact(&ctx.file(DataFile::Pattern), ctx.file_size)?;
+        data_note["pattern_intact_after"] = json!(after);
+        if !after {
+            eprintln!("error: {} changed the pattern file", b.name);
         }
     }
     let mut record = build_record(
