@@ -52,6 +52,7 @@ enum Unit {
     ClustersPerSec,
     OpsPerSec,
     Ms,
+    CpuPercent,
 }
 
 impl Unit {
@@ -61,10 +62,11 @@ impl Unit {
             Unit::ClustersPerSec => "clusters/s",
             Unit::OpsPerSec => "ops/s",
             Unit::Ms => "ms",
+            Unit::CpuPercent => "% of one core",
         }
     }
     fn higher_is_better(self) -> bool {
-        self != Unit::Ms
+        !matches!(self, Unit::Ms | Unit::CpuPercent)
     }
 }
 
@@ -197,6 +199,8 @@ enum Ours {
     /// Our `tgt` serving a fresh esnap clone (1 MiB clusters, 4 KiB base blocks) of the file
     /// over its NBD export on a Unix socket.
     NbdTgtEsnap,
+    /// The same `tgt` setup with no client: its CPU use while idle.
+    TgtIdle,
     /// A fresh esnap clone (store in memory) whose base is our NBD client bdev connected to
     /// `qemu-nbd -r` serving the file.
     NbdClientEsnap,
@@ -474,6 +478,16 @@ fn benches() -> Vec<Bench> {
     ]);
     v.extend(nbd_benches());
     v.push(Bench {
+        name: "tgt_idle_cpu_nbd_export_10s",
+        what: "our tgt set up as for the NBD entries (esnap clone exported over NBD) and left idle: CPU time of the process (all threads) over 10 s, in % of one core (issue 15's target: below 1 %)",
+        unit: Unit::CpuPercent,
+        work: work(false, Order::Seq, Len::Secs(FULL_SECS)),
+        file: DataFile::Pattern,
+        ours: Ours::TgtIdle,
+        peers: vec![],
+        spdk: None,
+    });
+    v.push(Bench {
         name: "nbd_client_esnap_seqread_4k_qd32_buffered_1m_clusters",
         what: "our NBD client bdev connected to `qemu-nbd -r` serving the pattern file is the base of a fresh esnap clone (store in memory); sequential reads through the clone; peer: qemu-img bench straight from the same kind of qemu-nbd",
         unit: Unit::Iops,
@@ -718,7 +732,10 @@ impl Bench {
     }
     /// Whether this is an I/O entry (its name must then say the pattern, size, depth, mode).
     fn is_io(&self) -> bool {
-        !matches!(self.ours, Ours::BsLoad { .. } | Ours::SnapClone { .. })
+        !matches!(
+            self.ours,
+            Ours::BsLoad { .. } | Ours::SnapClone { .. } | Ours::TgtIdle
+        )
     }
 }
 
@@ -1131,6 +1148,7 @@ fn ours_label(o: Ours) -> String {
         ),
         Ours::SnapClone { .. } => "snapshot + clone of thin lvols".into(),
         Ours::NbdTgtEsnap => "tgt NBD export of a fresh esnap clone".into(),
+        Ours::TgtIdle => "tgt with an NBD export and no client".into(),
         Ours::NbdClientEsnap => "esnap clone over our NBD client bdev".into(),
         Ours::Malloc { block_len } => format!("malloc bdev block_len={block_len}"),
         Ours::MallocLvol => "thick lvol on a malloc bdev, 4 MiB clusters".into(),
@@ -1439,7 +1457,7 @@ impl Drop for TmpDir {
 
 /// Our `bench` binary, pinned, on one of our setups.
 fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
-    if setup == Ours::NbdTgtEsnap {
+    if matches!(setup, Ours::NbdTgtEsnap | Ours::TgtIdle) {
         return run_tgt_nbd_esnap(ctx, b);
     }
     let w = &b.work;
@@ -1508,7 +1526,7 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
             file = sock;
             ("nbdesnap", false)
         }
-        Ours::NbdTgtEsnap => unreachable!("handled above"),
+        Ours::NbdTgtEsnap | Ours::TgtIdle => unreachable!("handled above"),
     };
     if b.file == DataFile::Memory {
         // Malloc targets take their size in MiB instead of a file.
@@ -1915,6 +1933,23 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
         rpc(&sock, m, p.clone())?;
         commands.push(format!("rpc {m} {p}"));
     }
+    if b.ours == Ours::TgtIdle {
+        let secs = ctx
+            .secs_of(b.work.len)
+            .ok_or_else(|| anyhow!("the idle entry is timed"))?;
+        // Let the setup's work finish before the window opens.
+        std::thread::sleep(Duration::from_millis(500));
+        let pct = idle_cpu_percent(guard.0.id(), secs)?;
+        let _ = rpc(&sock, "spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
+        commands.push(format!(
+            "(no client; CPU time of the tgt process over {secs} s)"
+        ));
+        return Ok(Run {
+            value: pct,
+            commands,
+            detail: json!({"seconds": secs}),
+        });
+    }
     let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///ec?socket={}", nbd.display()))?;
     commands.push(client);
     // After the client's run: by then the server has opened everything it opens.
@@ -1937,6 +1972,41 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
         commands,
         detail,
     })
+}
+
+/// CPU time (user + system, all threads) a process spends over `secs` seconds, in percent of
+/// one core, from /proc/PID/stat.
+fn idle_cpu_percent(pid: u32, secs: f64) -> Result<f64> {
+    let ticks = |pid: u32| -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        parse_stat_cpu_ticks(&stat)
+    };
+    let hz: f64 = command_line_output("getconf", &["CLK_TCK"])
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100.0);
+    let t0 = ticks(pid)?;
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let t1 = ticks(pid)?;
+    let wall = start.elapsed().as_secs_f64();
+    Ok((t1.saturating_sub(t0)) as f64 / hz / wall * 100.0)
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line; the command name (field 2, in
+/// parentheses) may contain spaces.
+fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("bad /proc stat line"))?;
+    // `rest` starts at field 3 (state): utime is field 14, so index 11 here.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| anyhow!("bad /proc stat field {}", i + 3))
+    };
+    Ok(num(11)? + num(12)?)
 }
 
 /// The qemu-nbd peer: a fresh qcow2 clone (1 MiB clusters) of the pattern file served with
@@ -2224,6 +2294,17 @@ mod tests {
             parse_fio(r#"{"jobs": [{"error": 0, "read": {"iops": 0.0, "total_ios": 0}}]}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn proc_stat_cpu_ticks_are_parsed() {
+        // Fields 14 and 15 (utime 7, stime 5); the name has a space and a parenthesis.
+        let line = "1234 (tgt (x) y) S 1 1234 1234 0 -1 4194304 100 0 0 0 7 5 0 0 20 0 9 0 5 0";
+        assert_eq!(parse_stat_cpu_ticks(line).unwrap(), 12);
+        assert!(parse_stat_cpu_ticks("1234 (tgt) S 1").is_err());
+        assert!(parse_stat_cpu_ticks("garbage").is_err());
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_stat_cpu_ticks(&me).is_ok());
     }
 
     #[test]
