@@ -9,13 +9,14 @@
 //!
 //! `lvol:PATH` is a thick lvol filling an lvol store on an aio bdev over PATH (store
 //! `bench_lvs`, lvol `vol`, 4 MiB clusters unless `--cluster-size` says otherwise). The store
-//! is created afresh on every run (the old super block is wiped first, the data region is not
-//! cleared), so a run never depends on what an earlier run or a raw peer left in the file.
+//! is created afresh on every run (the old super block is wiped first), so a run never depends
+//! on what an earlier run or a raw peer left in the file. With `--prefill` the whole lvol is
+//! written once (untimed) before the workload.
 //!
 //! `thinlvol:PATH` is a thin lvol (no base) over the whole capacity of a fresh lvol store on
 //! PATH (1 MiB clusters unless `--cluster-size` says otherwise), so each first write to a
-//! cluster allocates it; with `--prefill` every cluster is first written once (untimed) and
-//! the workload then runs on allocated clusters only.
+//! cluster allocates it; with `--prefill` every cluster is first written in full (untimed)
+//! and the workload then runs on allocated, written clusters only.
 //!
 //! `esnap:PATH` is a fresh esnap clone (no cluster allocated) of a read-only aio bdev over
 //! PATH (block length `--block-len`, default 512); its lvol store lives on a new sparse file
@@ -32,7 +33,8 @@
 //! use 4 MiB clusters unless `--cluster-size` says otherwise.
 //!
 //! `blob:PATH` is a thick blob filling a blobstore (1 MiB clusters) initialised on an aio bdev
-//! over PATH at every run; the workload goes straight to the blob.
+//! over PATH at every run; the workload goes straight to the blob (after writing all of it
+//! once with `--prefill`).
 //!
 //! `bsload:PATH --blobs N [--recover]` times the load of a blobstore holding N blobs on the
 //! sparse file `PATH.bsN` (created on first use); `--recover` loads it the way a dirty store
@@ -55,7 +57,7 @@ use std::time::{Duration, Instant};
 
 use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
-use bdev_core::{BlockDevice, Registry};
+use bdev_core::{BlockDevice, IoBuf, Registry};
 use bdev_nbd::{NbdClientOpts, NbdClients};
 use bench::{Pattern, Workload};
 use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod};
@@ -358,30 +360,12 @@ async fn lvol_target(
         .create_lvol(&store, "vol", size, thin, ClearMethod::None)
         .await
         .map_err(|e| format!("create lvol: {e}"))?;
-    if thin && args.prefill {
-        // One write per cluster allocates every cluster before the timed workload.
-        let desc = reg
-            .open(lvol.unique_id(), true)
-            .map_err(|e| format!("open: {e}"))?;
-        let cs = u64::from(store.cluster_size());
-        let fill = Workload {
-            pattern: Pattern::Write,
-            bs: u64::from(desc.device().block_len()).max(4096),
-            qd: 32,
-            duration: None,
-            count: Some(size / cs),
-            step: Some(cs),
-            ..Default::default()
-        };
-        let s = bench::run(&desc, &fill).await?;
-        if s.errors > 0 || s.writes != size / cs {
-            return Err(format!(
-                "prefill: {} of {} writes, first error {:?}",
-                s.writes,
-                size / cs,
-                s.first_error
-            ));
-        }
+    if args.prefill {
+        // Every block written before the timed workload: a thin lvol then has every cluster
+        // allocated, and neither kind reads or writes blocks the file system holds as holes
+        // or unwritten extents (the store zeroes new clusters, with ZERO_RANGE where the
+        // file system has it).
+        fill_bdev(reg, lvol.unique_id()).await?;
     }
     Ok((lvol.unique_id().to_string(), engine))
 }
@@ -456,12 +440,12 @@ async fn malloc_lvol_target(
     reg.register(malloc("bench_mbase", mib, bl)?)
         .await
         .map_err(|e| format!("register: {e}"))?;
-    touch_malloc(reg, "bench_mbase").await?;
+    fill_bdev(reg, "bench_mbase").await?;
     if esnap {
         reg.register(malloc(store_bdev, store_mib, store_bl)?)
             .await
             .map_err(|e| format!("register: {e}"))?;
-        touch_malloc(reg, store_bdev).await?;
+        fill_bdev(reg, store_bdev).await?;
     }
     reg.wait_for_examine().await;
     let mut o = LvsOpts::new("bench_mlvs");
@@ -486,31 +470,44 @@ async fn malloc_lvol_target(
         // The store scrubs (write_zeroes) the thick lvol's clusters, which a malloc bdev
         // turns into unbacked chunks read as zeroes without a copy: write the lvol once so
         // its reads copy memory as the raw malloc peer's do.
-        touch_malloc(reg, l.unique_id()).await?;
+        fill_bdev(reg, l.unique_id()).await?;
         l
     };
     Ok(lvol.unique_id().to_string())
 }
 
-/// Writes a whole (malloc-backed) bdev once (1 MiB requests, untimed), so that a run measures memory
-/// that is already mapped and holds data, not first-touch page faults or the zero page.
-async fn touch_malloc(reg: &Registry, name: &str) -> Result<(), String> {
+/// A 1 MiB buffer of non-zero bytes.
+fn fill_buf(align: usize) -> IoBuf {
+    let mut b = IoBuf::new(1 << 20, align.max(4096));
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i % 251) as u8 | 1;
+    }
+    b
+}
+
+/// Writes a whole bdev once, in order, 1 MiB at a time (untimed): a malloc bdev then holds
+/// mapped memory with data (no first-touch page faults, no unbacked zero chunks), a lvol has
+/// every cluster allocated and written.
+async fn fill_bdev(reg: &Registry, name: &str) -> Result<(), String> {
     let desc = reg
         .open(name, true)
         .map_err(|e| format!("open {name}: {e}"))?;
-    let size = desc.device().num_blocks() * u64::from(desc.device().block_len());
-    let bs = (1u64 << 20).min(size);
-    let fill = Workload {
-        pattern: Pattern::Write,
-        bs,
-        qd: 4,
-        duration: None,
-        count: Some(size / bs),
-        ..Default::default()
-    };
-    let s = bench::run(&desc, &fill).await?;
-    if s.errors > 0 {
-        return Err(format!("filling {name}: {:?}", s.first_error));
+    let dev = desc.device().clone();
+    let bl = u64::from(dev.block_len());
+    let size = dev.num_blocks() * bl;
+    let mut buf = fill_buf(dev.buf_align());
+    let mut off = 0;
+    while off < size {
+        if size - off < buf.len() as u64 {
+            buf = IoBuf::new((size - off) as usize, dev.buf_align().max(4096));
+            buf.iter_mut().for_each(|x| *x = 0x5a);
+        }
+        let n = buf.len() as u64;
+        buf = desc
+            .write(off / bl, buf)
+            .await
+            .map_err(|e| format!("filling {name} at {off}: {e}"))?;
+        off += n;
     }
     Ok(())
 }
@@ -557,6 +554,20 @@ async fn blob_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_json
         .await
         .map_err(|e| format!("open blob: {e}"))?;
     let io_unit = u64::from(bs.io_unit_size());
+    if args.prefill {
+        // Every block written (untimed): the store zeroed the new clusters, with ZERO_RANGE
+        // where the file system has it, and the workload must not hit unwritten extents.
+        let size = blob.num_io_units() * io_unit;
+        let mut buf = fill_buf(4096);
+        let mut off = 0;
+        while off + (1 << 20) <= size {
+            buf = blob
+                .write(off / io_unit, buf)
+                .await
+                .map_err(|e| format!("filling the blob at {off}: {e}"))?;
+            off += 1 << 20;
+        }
+    }
     let a0 = allocs();
     let stats = bench::run_blob(&blob, io_unit, &args.workload).await?;
     let run_allocs = allocs() - a0;
@@ -843,7 +854,7 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
             let m = MallocBdev::create("bench0", (mib << 20) / bl as u64, bl, None)
                 .map_err(|e| format!("malloc bdev: {e}"))?;
             futures::executor::block_on(reg.register(m)).map_err(|e| format!("register: {e}"))?;
-            futures::executor::block_on(touch_malloc(&reg, "bench0"))?;
+            futures::executor::block_on(fill_bdev(&reg, "bench0"))?;
             ("bench0".to_string(), format!("malloc:{mib}"), None)
         }
     };

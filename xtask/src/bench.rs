@@ -81,10 +81,15 @@ enum DataFile {
     /// holds is not promised to anyone.
     Scratch,
     /// Read entries through a store (thick lvol, blob): our side creates a fresh store on it
-    /// every run; the blobstore zeroes (write_zeroes) the clusters of a new thick blob, so our
-    /// side reads zeroes from allocated blocks and the raw peer reads whatever is there.
+    /// every run and writes the whole lvol or blob once before the workload (the store zeroes
+    /// new clusters, with ZERO_RANGE where the file system has it), so both sides read
+    /// written blocks.
     Store,
-    /// No file: malloc bdevs of the file size, zero-filled, in our process.
+    /// The thin lvol first-write entry's own file: its runs leave most of every cluster
+    /// zeroed by the store (a hole or unwritten extent where the file system has them), which
+    /// no other entry should write into.
+    Thin,
+    /// No file: malloc bdevs of the file size, in our process.
     Memory,
 }
 
@@ -94,6 +99,7 @@ impl DataFile {
             DataFile::Pattern => "pattern",
             DataFile::Scratch => "scratch",
             DataFile::Store => "store",
+            DataFile::Thin => "thin",
             DataFile::Memory => "memory-not-a-file",
         };
         format!("{kind}-{}m.raw", size >> 20)
@@ -319,13 +325,13 @@ fn benches() -> Vec<Bench> {
         },
         Bench {
             name: "lvol_thick_randread_4k_qd32_direct_4m_clusters",
-            what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev; peer: the raw aio bdev on the same file",
+            what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev, written once in full before the run (untimed); peer: the raw aio bdev on the same file",
             unit: Unit::Iops,
             work: rand(false),
             file: DataFile::Store,
             ours: Ours::Lvol {
                 thin: false,
-                prefill: false,
+                prefill: true,
                 cluster: 4 << 20,
             },
             peers: vec![Peer::Ours(aio)],
@@ -333,13 +339,13 @@ fn benches() -> Vec<Bench> {
         },
         Bench {
             name: "lvol_thick_randwrite_4k_qd32_direct_4m_clusters",
-            what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev; peer: the raw aio bdev on the same file",
+            what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev, written once in full before the run (untimed); peer: the raw aio bdev on the same file",
             unit: Unit::Iops,
             work: rand(true),
             file: DataFile::Scratch,
             ours: Ours::Lvol {
                 thin: false,
-                prefill: false,
+                prefill: true,
                 cluster: 4 << 20,
             },
             peers: vec![Peer::Ours(aio)],
@@ -359,7 +365,7 @@ fn benches() -> Vec<Bench> {
                     den: 8,
                 },
             ),
-            file: DataFile::Scratch,
+            file: DataFile::Thin,
             ours: Ours::Lvol {
                 thin: true,
                 prefill: false,
@@ -370,7 +376,7 @@ fn benches() -> Vec<Bench> {
         },
         Bench {
             name: "lvol_thin_allocated_randwrite_4k_qd32_direct_1m_clusters",
-            what: "thin lvol on a fresh store with every cluster allocated first (untimed), then 4 KiB random writes (steady state); peer: the raw aio bdev on the same file",
+            what: "thin lvol on a fresh store with every cluster allocated and written in full first (untimed), then 4 KiB random writes (steady state); peer: the raw aio bdev on the same file",
             unit: Unit::Iops,
             work: rand(true),
             file: DataFile::Scratch,
@@ -418,7 +424,7 @@ fn benches() -> Vec<Bench> {
     v.extend([
         Bench {
             name: "blob_randread_4k_qd32_direct_1m_clusters",
-            what: "thick blob filling a blobstore initialised on our aio bdev every run, through the blob API; peer: the raw aio bdev on the same file",
+            what: "thick blob filling a blobstore initialised on our aio bdev every run, written once in full (untimed), then the workload through the blob API; peer: the raw aio bdev on the same file",
             unit: Unit::Iops,
             work: rand(false),
             file: DataFile::Store,
@@ -428,7 +434,7 @@ fn benches() -> Vec<Bench> {
         },
         Bench {
             name: "blob_randwrite_4k_qd32_direct_1m_clusters",
-            what: "thick blob filling a blobstore initialised on our aio bdev every run, through the blob API; peer: the raw aio bdev on the same file",
+            what: "thick blob filling a blobstore initialised on our aio bdev every run, written once in full (untimed), then the workload through the blob API; peer: the raw aio bdev on the same file",
             unit: Unit::Iops,
             work: rand(true),
             file: DataFile::Scratch,
@@ -1132,7 +1138,7 @@ fn ours_label(o: Ours) -> String {
         } => format!(
             "{} lvol on aio bdev io_uring direct, cluster_size={cluster}{}",
             if thin { "thin" } else { "thick" },
-            if prefill { ", all clusters allocated first" } else { "" }
+            if prefill { ", written in full first" } else { "" }
         ),
         Ours::Esnap {
             cluster,
@@ -1492,7 +1498,10 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
                 .args(["--block-len", &base_block.to_string()]);
             ("esnap", true)
         }
-        Ours::Blob => ("blob", true),
+        Ours::Blob => {
+            cmd.arg("--prefill");
+            ("blob", true)
+        }
         Ours::Malloc { block_len } => {
             cmd.args(["--block-len", &block_len.to_string()]);
             ("malloc", false)
@@ -2719,7 +2728,11 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
             let writes_file =
                 b.work.write && matches!(b.ours, Ours::Aio { .. } | Ours::Lvol { .. } | Ours::Blob);
             if writes_file {
-                assert_eq!(b.file, DataFile::Scratch, "{}", b.name);
+                assert!(
+                    matches!(b.file, DataFile::Scratch | DataFile::Thin),
+                    "{}",
+                    b.name
+                );
             }
             if b.file == DataFile::Pattern {
                 // Every side opens the pattern read-only or only as a qcow2/esnap base.
