@@ -8,16 +8,33 @@
 //! ```
 //!
 //! `lvol:PATH` is a thick lvol filling an lvol store on an aio bdev over PATH (store
-//! `bench_lvs`, lvol `vol`, 4 MiB clusters, created on first use without clearing the data,
-//! found again by examine on later runs).
+//! `bench_lvs`, lvol `vol`, 4 MiB clusters unless `--cluster-size` says otherwise). The store
+//! is created afresh on every run (the old super block is wiped first), so a run never depends
+//! on what an earlier run or a raw peer left in the file. With `--prefill` the whole lvol is
+//! written once (untimed) before the workload.
 //!
-//! `esnap:PATH` is a fresh esnap clone (no cluster allocated) of an aio bdev over PATH; its
-//! lvol store lives on a new sparse file `PATH.esnap-lvs` (recreated on every run, 4 MiB
-//! clusters unless `--cluster-size` says otherwise), so reads of unwritten clusters go to the
-//! base and each first write to a cluster copies it.
+//! `thinlvol:PATH` is a thin lvol (no base) over the whole capacity of a fresh lvol store on
+//! PATH (1 MiB clusters unless `--cluster-size` says otherwise), so each first write to a
+//! cluster allocates it; with `--prefill` every cluster is first written in full (untimed)
+//! and the workload then runs on allocated, written clusters only.
+//!
+//! `esnap:PATH` is a fresh esnap clone (no cluster allocated) of a read-only aio bdev over
+//! PATH (block length `--block-len`, default 512); its lvol store lives on a new sparse file
+//! `PATH.esnap-lvs` (4 KiB blocks, recreated on every run, 4 MiB clusters unless
+//! `--cluster-size` says otherwise), so reads of unwritten clusters go to the base and each
+//! first write to a cluster copies it.
+//!
+//! Every malloc bdev is written once in full before the run (untimed), so runs measure mapped
+//! memory holding data rather than first-touch page faults.
+//!
+//! `mlvol:MIB` is a thick lvol filling a fresh store on a malloc bdev of MIB MiB (4 KiB
+//! blocks unless `--block-len` says otherwise); `mesnap:MIB` a fresh esnap clone of a malloc
+//! base of MIB MiB (`--block-len`, default 4096) with its store on a second malloc bdev. Both
+//! use 4 MiB clusters unless `--cluster-size` says otherwise.
 //!
 //! `blob:PATH` is a thick blob filling a blobstore (1 MiB clusters) initialised on an aio bdev
-//! over PATH at every run; the workload goes straight to the blob.
+//! over PATH at every run; the workload goes straight to the blob (after writing all of it
+//! once with `--prefill`).
 //!
 //! `bsload:PATH --blobs N [--recover]` times the load of a blobstore holding N blobs on the
 //! sparse file `PATH.bsN` (created on first use); `--recover` loads it the way a dirty store
@@ -31,23 +48,63 @@
 //! our NBD client bdev connected to the export `--export NAME` (default `base`) on a Unix
 //! socket; reads of the clone go to the NBD server.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
-use bdev_core::{BlockDevice, Registry};
+use bdev_core::{BlockDevice, IoBuf, Registry};
 use bdev_nbd::{NbdClientOpts, NbdClients};
 use bench::{Pattern, Workload};
 use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod};
 use lvol::{BdevBsDev, LvolModule, LvsClearMethod, LvsOpts};
 use serde_json::json;
 
+/// Counts every allocation of the process (all threads), so a run can report allocations per
+/// I/O (issue 15: the steady-state data path should allocate nothing).
+struct CountingAlloc;
+
+static ALLOCS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call forwards to the system allocator with the caller's arguments unchanged;
+// the counter has no effect on the memory handed out.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: as above; `ptr` came from this allocator, which is the system's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: CountingAlloc = CountingAlloc;
+
+/// Allocations so far (all threads).
+fn allocs() -> u64 {
+    ALLOCS.load(Ordering::Relaxed)
+}
+
 const USAGE: &str =
-    "usage: bench --target aio:PATH|lvol:PATH|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
-[--blobs N] [--recover] [--lvols N] [--export NAME] [--cluster-size BYTES] [--engine auto|uring|threadpool] \
+    "usage: bench --target aio:PATH|lvol:PATH|thinlvol:PATH|mlvol:MIB|mesnap:MIB|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
+[--blobs N] [--recover] [--lvols N] [--export NAME] [--cluster-size BYTES] [--prefill] [--engine auto|uring|threadpool] \
 [--direct] [--block-len 512|4096] --rw read|write|randread|randwrite|randrw [--rwmix-read PCT] \
 [--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N]";
 
@@ -55,12 +112,15 @@ const USAGE: &str =
 enum Target {
     Aio(PathBuf),
     Lvol(PathBuf),
+    ThinLvol(PathBuf),
     Esnap(PathBuf),
     Blob(PathBuf),
     BsLoad(PathBuf),
     SnapClone(PathBuf),
     NbdEsnap(PathBuf),
     Malloc { mib: u64 },
+    MallocLvol { mib: u64 },
+    MallocEsnap { mib: u64 },
 }
 
 struct Args {
@@ -73,6 +133,7 @@ struct Args {
     lvols: u64,
     export: String,
     recover: bool,
+    prefill: bool,
     workload: Workload,
 }
 
@@ -99,6 +160,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut cluster_size = None;
     let mut blobs = 10_000;
     let mut recover = false;
+    let mut prefill = false;
     let mut lvols = 1000;
     let mut export = "base".to_string();
     let mut w = Workload {
@@ -113,6 +175,8 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Target::Aio(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("lvol:") {
                     Target::Lvol(PathBuf::from(p))
+                } else if let Some(p) = v.strip_prefix("thinlvol:") {
+                    Target::ThinLvol(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("blob:") {
                     Target::Blob(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("nbdesnap:") {
@@ -123,6 +187,14 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
                     Target::BsLoad(PathBuf::from(p))
                 } else if let Some(p) = v.strip_prefix("esnap:") {
                     Target::Esnap(PathBuf::from(p))
+                } else if let Some(m) = v.strip_prefix("mlvol:") {
+                    Target::MallocLvol {
+                        mib: parse_num("--target mlvol:", Some(m.to_string()))?,
+                    }
+                } else if let Some(m) = v.strip_prefix("mesnap:") {
+                    Target::MallocEsnap {
+                        mib: parse_num("--target mesnap:", Some(m.to_string()))?,
+                    }
                 } else if let Some(m) = v.strip_prefix("malloc:") {
                     Target::Malloc {
                         mib: parse_num("--target malloc:", Some(m.to_string()))?,
@@ -148,6 +220,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--blobs" => blobs = parse_num("--blobs", it.next())?,
             "--recover" => recover = true,
+            "--prefill" => prefill = true,
             "--export" => export = it.next().ok_or("--export needs a value")?,
             "--lvols" => lvols = parse_num("--lvols", it.next())?,
             "--block-len" => block_len = Some(parse_num("--block-len", it.next())? as u32),
@@ -188,6 +261,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         lvols,
         export,
         recover,
+        prefill,
         workload: w,
     })
 }
@@ -201,10 +275,21 @@ fn engine_name(e: AioEngine) -> &'static str {
 }
 
 fn aio_bdev(args: &Args, name: &str, path: &Path) -> Result<Arc<AioBdev>, String> {
+    aio_bdev_with(args, name, path, args.block_len, false)
+}
+
+fn aio_bdev_with(
+    args: &Args,
+    name: &str,
+    path: &Path,
+    block_len: Option<u32>,
+    readonly: bool,
+) -> Result<Arc<AioBdev>, String> {
     AioBdev::create(AioOpts {
         name: name.into(),
         filename: path.to_path_buf(),
-        block_len: args.block_len,
+        block_len,
+        readonly,
         direct: args.direct,
         engine: args.engine,
         ..Default::default()
@@ -212,39 +297,76 @@ fn aio_bdev(args: &Args, name: &str, path: &Path) -> Result<Arc<AioBdev>, String
     .map_err(|e| format!("aio bdev on {}: {e}", path.display()))
 }
 
-/// A thick lvol over the whole store on `path`, created on first use; returns its bdev name
-/// and the aio engine under it.
-async fn lvol_target(
+/// Zeroes the first MiB of `path` (where a blobstore keeps its super block) so that examine
+/// finds no store and the next one is created from scratch.
+fn wipe_super_block(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let len = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .len()
+        .min(1 << 20);
+    f.write_all_at(&vec![0u8; len as usize], 0)
+        .and_then(|()| f.sync_data())
+        .map_err(|e| format!("wipe {}: {e}", path.display()))
+}
+
+/// A fresh lvol store `bench_lvs` on an aio bdev over `path` (any old store there is
+/// forgotten first).
+async fn fresh_lvstore(
     reg: &Registry,
     m: &LvolModule,
     args: &Args,
     path: &Path,
-) -> Result<(String, AioEngine), String> {
+    cluster_size: Option<u32>,
+) -> Result<(Arc<lvol::LvolStore>, AioEngine), String> {
+    wipe_super_block(path)?;
     let a = aio_bdev(args, "bench_base", path)?;
     let engine = a.engine();
     reg.register(a)
         .await
         .map_err(|e| format!("register: {e}"))?;
     reg.wait_for_examine().await;
-    let store = match m.lvstore_by_name("bench_lvs") {
-        Some(s) => s,
-        None => {
-            let mut o = LvsOpts::new("bench_lvs");
-            o.clear_method = LvsClearMethod::None;
-            m.create_lvstore("bench_base", o)
-                .await
-                .map_err(|e| format!("create lvol store: {e}"))?
-        }
-    };
-    let lvol = match store.lvol_by_name("vol") {
-        Some(l) => l,
-        None => {
-            let size = store.free_clusters() * u64::from(store.cluster_size());
-            m.create_lvol(&store, "vol", size, false, ClearMethod::None)
-                .await
-                .map_err(|e| format!("create lvol: {e}"))?
-        }
-    };
+    let mut o = LvsOpts::new("bench_lvs");
+    o.clear_method = LvsClearMethod::None;
+    if let Some(cs) = cluster_size {
+        o.cluster_size = cs;
+    }
+    let store = m
+        .create_lvstore("bench_base", o)
+        .await
+        .map_err(|e| format!("create lvol store: {e}"))?;
+    Ok((store, engine))
+}
+
+/// A thick (or with `thin`, thin) lvol over the whole capacity of a fresh store on `path`;
+/// returns its bdev name and the aio engine under it.
+async fn lvol_target(
+    reg: &Registry,
+    m: &LvolModule,
+    args: &Args,
+    path: &Path,
+    thin: bool,
+) -> Result<(String, AioEngine), String> {
+    let default_cluster = if thin { Some(1 << 20) } else { None };
+    let (store, engine) =
+        fresh_lvstore(reg, m, args, path, args.cluster_size.or(default_cluster)).await?;
+    let size = store.free_clusters() * u64::from(store.cluster_size());
+    let lvol = m
+        .create_lvol(&store, "vol", size, thin, ClearMethod::None)
+        .await
+        .map_err(|e| format!("create lvol: {e}"))?;
+    if args.prefill {
+        // Every block written before the timed workload: a thin lvol then has every cluster
+        // allocated, and neither kind reads or writes blocks the file system holds as holes
+        // or unwritten extents (the store zeroes new clusters, with ZERO_RANGE where the
+        // file system has it).
+        fill_bdev(reg, lvol.unique_id()).await?;
+    }
     Ok((lvol.unique_id().to_string(), engine))
 }
 
@@ -256,7 +378,8 @@ async fn esnap_target(
     args: &Args,
     path: &Path,
 ) -> Result<(String, AioEngine), String> {
-    let base = aio_bdev(args, "bench_esnap_base", path)?;
+    // The base is read-only: nothing this run does can change the data file.
+    let base = aio_bdev_with(args, "bench_esnap_base", path, args.block_len, true)?;
     let engine = base.engine();
     let base_size = std::fs::metadata(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
@@ -272,7 +395,7 @@ async fn esnap_target(
     std::fs::File::create(&store_path)
         .and_then(|f| f.set_len(base_size + (256 << 20)))
         .map_err(|e| format!("{}: {e}", store_path.display()))?;
-    let sa = aio_bdev(args, "bench_esnap_store", &store_path)?;
+    let sa = aio_bdev_with(args, "bench_esnap_store", &store_path, Some(4096), false)?;
     reg.register(sa)
         .await
         .map_err(|e| format!("register: {e}"))?;
@@ -291,6 +414,103 @@ async fn esnap_target(
         .await
         .map_err(|e| format!("create esnap clone: {e}"))?;
     Ok((clone.unique_id().to_string(), engine))
+}
+
+/// Over malloc bdevs of `mib` MiB: a thick lvol filling a fresh store (4 KiB blocks, or
+/// `--block-len`), or with `esnap` a fresh esnap clone of a malloc base (`--block-len`
+/// blocks, default 4096) whose store is a second malloc bdev (4 KiB blocks). 4 MiB clusters
+/// unless `--cluster-size` says otherwise. Returns the lvol's bdev name.
+async fn malloc_lvol_target(
+    reg: &Registry,
+    m: &LvolModule,
+    args: &Args,
+    mib: u64,
+    esnap: bool,
+) -> Result<String, String> {
+    let malloc = |name: &str, mib: u64, bl: u32| {
+        MallocBdev::create(name, (mib << 20) / u64::from(bl), bl, None)
+            .map_err(|e| format!("malloc bdev {name}: {e}"))
+    };
+    let bl = args.block_len.unwrap_or(4096);
+    let (store_bdev, store_mib, store_bl) = if esnap {
+        ("bench_mstore", mib + 256, 4096)
+    } else {
+        ("bench_mbase", mib, bl)
+    };
+    reg.register(malloc("bench_mbase", mib, bl)?)
+        .await
+        .map_err(|e| format!("register: {e}"))?;
+    if esnap {
+        // The clone reads the base; the store below only takes metadata. (A thick lvol is
+        // written in full after creation instead.)
+        fill_bdev(reg, "bench_mbase").await?;
+        reg.register(malloc(store_bdev, store_mib, store_bl)?)
+            .await
+            .map_err(|e| format!("register: {e}"))?;
+    }
+    reg.wait_for_examine().await;
+    let mut o = LvsOpts::new("bench_mlvs");
+    o.clear_method = LvsClearMethod::None;
+    if let Some(cs) = args.cluster_size {
+        o.cluster_size = cs;
+    }
+    let store = m
+        .create_lvstore(store_bdev, o)
+        .await
+        .map_err(|e| format!("create lvol store: {e}"))?;
+    let lvol = if esnap {
+        m.create_esnap_clone("bench_mbase", &store, "clone")
+            .await
+            .map_err(|e| format!("create esnap clone: {e}"))?
+    } else {
+        let size = store.free_clusters() * u64::from(store.cluster_size());
+        let l = m
+            .create_lvol(&store, "vol", size, false, ClearMethod::None)
+            .await
+            .map_err(|e| format!("create lvol: {e}"))?;
+        // The store scrubs (write_zeroes) the thick lvol's clusters, which a malloc bdev
+        // turns into unbacked chunks read as zeroes without a copy: write the lvol once so
+        // its reads copy memory as the raw malloc peer's do.
+        fill_bdev(reg, l.unique_id()).await?;
+        l
+    };
+    Ok(lvol.unique_id().to_string())
+}
+
+/// A 1 MiB buffer of non-zero bytes.
+fn fill_buf(align: usize) -> IoBuf {
+    let mut b = IoBuf::new(1 << 20, align.max(4096));
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (i % 251) as u8 | 1;
+    }
+    b
+}
+
+/// Writes a whole bdev once, in order, 1 MiB at a time (untimed): a malloc bdev then holds
+/// mapped memory with data (no first-touch page faults, no unbacked zero chunks), a lvol has
+/// every cluster allocated and written.
+async fn fill_bdev(reg: &Registry, name: &str) -> Result<(), String> {
+    let desc = reg
+        .open(name, true)
+        .map_err(|e| format!("open {name}: {e}"))?;
+    let dev = desc.device().clone();
+    let bl = u64::from(dev.block_len());
+    let size = dev.num_blocks() * bl;
+    let mut buf = fill_buf(dev.buf_align());
+    let mut off = 0;
+    while off < size {
+        if size - off < buf.len() as u64 {
+            buf = IoBuf::new((size - off) as usize, dev.buf_align().max(4096));
+            buf.iter_mut().for_each(|x| *x = 0x5a);
+        }
+        let n = buf.len() as u64;
+        buf = desc
+            .write(off / bl, buf)
+            .await
+            .map_err(|e| format!("filling {name} at {off}: {e}"))?;
+        off += n;
+    }
+    Ok(())
 }
 
 /// A blobstore device over an aio bdev on `path`.
@@ -335,7 +555,23 @@ async fn blob_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_json
         .await
         .map_err(|e| format!("open blob: {e}"))?;
     let io_unit = u64::from(bs.io_unit_size());
+    if args.prefill {
+        // Every block written (untimed): the store zeroed the new clusters, with ZERO_RANGE
+        // where the file system has it, and the workload must not hit unwritten extents.
+        let size = blob.num_io_units() * io_unit;
+        let mut buf = fill_buf(4096);
+        let mut off = 0;
+        while off + (1 << 20) <= size {
+            buf = blob
+                .write(off / io_unit, buf)
+                .await
+                .map_err(|e| format!("filling the blob at {off}: {e}"))?;
+            off += 1 << 20;
+        }
+    }
+    let a0 = allocs();
     let stats = bench::run_blob(&blob, io_unit, &args.workload).await?;
+    let run_allocs = allocs() - a0;
     let size = blob.num_io_units() * io_unit;
     let _ = blob.close().await;
     let _ = bs.unload().await;
@@ -346,6 +582,7 @@ async fn blob_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_json
         io_unit as u32,
         size,
         &stats,
+        run_allocs,
     ))
 }
 
@@ -527,9 +764,15 @@ fn io_json(
     block_len: u32,
     size: u64,
     stats: &bench::Stats,
+    run_allocs: u64,
 ) -> serde_json::Value {
     let w = &args.workload;
+    let ios = stats.reads + stats.writes;
     json!({
+        // Every allocation in the process (all threads) from the first submission to the
+        // last completion, including the run's own setup (one buffer per queue slot).
+        "allocs": run_allocs,
+        "allocs_per_io": if ios > 0 { run_allocs as f64 / ios as f64 } else { 0.0 },
         "target": target_desc,
         "engine": engine.map(engine_name),
         "direct": args.direct,
@@ -565,11 +808,14 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
                 Some(eng),
             )
         }
-        Target::Lvol(path) => {
+        Target::Lvol(path) | Target::ThinLvol(path) => {
+            let thin = matches!(args.target, Target::ThinLvol(_));
             let m = LvolModule::new(reg.clone());
-            let (name, eng) = futures::executor::block_on(lvol_target(&reg, &m, &args, path))?;
+            let (name, eng) =
+                bdev_core::reactor::block_on(lvol_target(&reg, &m, &args, path, thin))?;
             _lvol_module = Some(m);
-            (name, format!("lvol:{}", path.display()), Some(eng))
+            let kind = if thin { "thinlvol" } else { "lvol" };
+            (name, format!("{kind}:{}", path.display()), Some(eng))
         }
         Target::Blob(path) => {
             return bdev_core::reactor::block_on(blob_run(&reg, &args, path));
@@ -595,11 +841,21 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
             _lvol_module = Some(m);
             (name, format!("esnap:{}", path.display()), Some(eng))
         }
+        Target::MallocLvol { mib } | Target::MallocEsnap { mib } => {
+            let esnap = matches!(args.target, Target::MallocEsnap { .. });
+            let m = LvolModule::new(reg.clone());
+            let name =
+                futures::executor::block_on(malloc_lvol_target(&reg, &m, &args, *mib, esnap))?;
+            _lvol_module = Some(m);
+            let kind = if esnap { "mesnap" } else { "mlvol" };
+            (name, format!("{kind}:{mib}"), None)
+        }
         Target::Malloc { mib } => {
             let bl = args.block_len.unwrap_or(512);
             let m = MallocBdev::create("bench0", (mib << 20) / bl as u64, bl, None)
                 .map_err(|e| format!("malloc bdev: {e}"))?;
             futures::executor::block_on(reg.register(m)).map_err(|e| format!("register: {e}"))?;
+            futures::executor::block_on(fill_bdev(&reg, "bench0"))?;
             ("bench0".to_string(), format!("malloc:{mib}"), None)
         }
     };
@@ -610,7 +866,9 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
     let dev = desc.device().clone();
     // The reactor submits and reaps this thread's aio requests inline (SPDK's reactor with
     // its io_uring poller), as fio does; other devices run as under any executor.
+    let a0 = allocs();
     let stats = bdev_core::reactor::block_on(bench::run(&desc, w))?;
+    let run_allocs = allocs() - a0;
     Ok(io_json(
         &args,
         target_desc,
@@ -618,6 +876,7 @@ fn run(args: Args) -> Result<serde_json::Value, String> {
         dev.block_len(),
         dev.num_blocks() * dev.block_len() as u64,
         &stats,
+        run_allocs,
     ))
 }
 
@@ -679,6 +938,10 @@ mod tests {
         assert_eq!(a.workload.duration, None);
         let l = args("--target lvol:/f --rw randread").unwrap();
         assert!(matches!(l.target, Target::Lvol(ref p) if p == &PathBuf::from("/f")));
+        let t = args("--target thinlvol:/f --prefill --rw randwrite").unwrap();
+        assert!(matches!(t.target, Target::ThinLvol(ref p) if p == &PathBuf::from("/f")));
+        assert!(t.prefill);
+        assert!(!l.prefill);
         let d = args("--target malloc:64 --rw read").unwrap();
         assert_eq!(d.workload.duration, Some(Duration::from_secs(10)));
         let e =
@@ -691,6 +954,10 @@ mod tests {
         let n = args("--target nbdesnap:/s --export x --rw read").unwrap();
         assert!(matches!(n.target, Target::NbdEsnap(_)));
         assert_eq!(n.export, "x");
+        let ml = args("--target mlvol:256 --rw randread").unwrap();
+        assert!(matches!(ml.target, Target::MallocLvol { mib: 256 }));
+        let me = args("--target mesnap:64 --block-len 512 --rw randread").unwrap();
+        assert!(matches!(me.target, Target::MallocEsnap { mib: 64 }));
         let s = args("--target snapclone:/b --lvols 10 --rw read").unwrap();
         assert!(matches!(s.target, Target::SnapClone(_)));
         assert_eq!(s.lvols, 10);

@@ -1,389 +1,950 @@
-//! `cargo xtask bench`: our figures next to a peer's on the same file, same pattern, same
-//! queue depth, one JSON file per benchmark under `target/bench/`.
+//! `cargo xtask bench`: our figures next to our peers' on the same files, the same pattern
+//! and queue depth, the same CPU set, in the same invocation.
 //!
-//! A benchmark is one [`Bench`] entry: what we run (an [`Ours`] setup driven by the `bench`
-//! package's workload generator, or for NBD our `tgt` process) and which [`Peer`] measures
-//! the same thing: fio, `qemu-img bench` (raw, or `-w` on a qcow2 clone with a raw backing
-//! file), `qemu-nbd` with `qemu-img bench` as the client, or `Peer::Ours`, one of our own
-//! setups (as `lvol_randread_4k_qd32` compares a thick lvol with the raw aio bdev under it).
-//! Load and creation benchmarks report `ms` or `ops/s` instead of IOPS. docs/benchmarks.md
-//! lists every entry and the figures measured.
+//! Method (docs/benchmarks.md gives the why):
+//! - Every process of a side (our `bench` binary, our `tgt` and its NBD client, fio, qemu-img,
+//!   qemu-nbd, SPDK's bdevperf) runs under `taskset -c CPUS` (`--cpus`, default the last core
+//!   of our affinity mask).
+//! - An entry runs `--rounds` rounds (default 5); in round `r` the sides run in the order
+//!   rotated by `r` ([`round_order`]), so no side always goes first.
+//! - The JSON of an entry (`target/bench/<name>.json`) keeps every run of every side, its
+//!   median, min and max, the side that goes into the ratio (the best peer by median) and the
+//!   ratio of medians; an SPDK bdevperf peer has its own ratio.
+//! - Entries that write get their own file (`scratch`) or a fresh store/clone; the pattern
+//!   file is only ever opened read-only, and is checked (and rewritten if it changed) before
+//!   every entry that reads it.
+//!
+//! A benchmark is one [`Bench`]: a [`Work`] (what I/O), our [`Ours`] setup, its [`Peer`]s, and
+//! whether an SPDK bdevperf run of the same workload exists ([`SpdkJob`]).
 
+use std::fmt::Write as _;
 use std::fs::File;
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::util;
 
-/// Size of the data file every benchmark runs on.
-const FILE_SIZE: u64 = 1 << 30;
+/// Size of the data files of a complete run.
+const FULL_FILE_SIZE: u64 = 1 << 30;
+/// Size of the data files of a `--quick` run.
+const QUICK_FILE_SIZE: u64 = 256 << 20;
+/// Seconds of a timed run of a complete run.
+const FULL_SECS: f64 = 10.0;
+/// Seconds of a timed run in `--quick` mode.
+const QUICK_SECS: f64 = 0.5;
+/// The uuid of the base bdev of every esnap clone built by RPC (ours over NBD, SPDK).
+const BASE_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-0000000000b0";
+/// The environment variable naming SPDK's bdevperf binary.
+const SPDK_ENV: &str = "SPDK_BDEVPERF";
+/// Extra arguments for bdevperf (e.g. `--no-huge -s 2048`), split on white space.
+const SPDK_ARGS_ENV: &str = "SPDK_BDEVPERF_ARGS";
 
-/// What we measure.
+/// What the figure counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Unit {
+    Iops,
+    ClustersPerSec,
+    OpsPerSec,
+    Ms,
+    CpuPercent,
+}
+
+impl Unit {
+    fn name(self) -> &'static str {
+        match self {
+            Unit::Iops => "IOPS",
+            Unit::ClustersPerSec => "clusters/s",
+            Unit::OpsPerSec => "ops/s",
+            Unit::Ms => "ms",
+            Unit::CpuPercent => "% of one core",
+        }
+    }
+    fn higher_is_better(self) -> bool {
+        !matches!(self, Unit::Ms | Unit::CpuPercent)
+    }
+}
+
+/// The data file an entry uses (under `target/bench-data/`, or `.../quick/`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum DataFile {
+    /// The pattern: distinct non-zero bytes in every MiB. Only opened read-only (our esnap
+    /// base, the qcow2 backing file, `qemu-nbd -r`, fio and qemu-img reads); checked before
+    /// every entry that reads it, rewritten if it changed.
+    Pattern,
+    /// Fully written scratch space for entries that write (ours and peers alike); what it
+    /// holds is not promised to anyone.
+    Scratch,
+    /// Read entries through a store (thick lvol, blob): our side creates a fresh store on it
+    /// every run and writes the whole lvol or blob once before the workload (the store zeroes
+    /// new clusters, with ZERO_RANGE where the file system has it), so both sides read
+    /// written blocks.
+    Store,
+    /// The thin lvol first-write entry's own file: its runs leave most of every cluster
+    /// zeroed by the store (a hole or unwritten extent where the file system has them), which
+    /// no other entry should write into.
+    Thin,
+    /// No file: malloc bdevs of the file size, in our process.
+    Memory,
+}
+
+impl DataFile {
+    fn file_name(self, size: u64) -> String {
+        let kind = match self {
+            DataFile::Pattern => "pattern",
+            DataFile::Scratch => "scratch",
+            DataFile::Store => "store",
+            DataFile::Thin => "thin",
+            DataFile::Memory => "memory-not-a-file",
+        };
+        format!("{kind}-{}m.raw", size >> 20)
+    }
+}
+
+/// Direct (O_DIRECT, `cache=none`) or buffered (page cache) access by the side that opens the
+/// files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Io {
+    Direct,
+    Buffered,
+    /// Malloc bdevs: no file, no cache.
+    Memory,
+}
+
+impl Io {
+    fn name(self) -> &'static str {
+        match self {
+            Io::Direct => "direct",
+            Io::Buffered => "buffered",
+            Io::Memory => "malloc",
+        }
+    }
+}
+
+/// The order of the offsets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Order {
+    /// Uniform random over the device.
+    Rand,
+    /// Sequential: each request right after the previous one.
+    Seq,
+    /// qemu-img bench's pattern: from 0, advance `step` bytes, wrap modulo (size - bs).
+    Stride(u64),
+}
+
+/// How long a run lasts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Len {
+    /// Time based: seconds of a complete run (quick runs use at most [`QUICK_SECS`]).
+    Secs(f64),
+    /// A fixed request count (complete, quick).
+    Count(u64, u64),
+    /// One write per cluster over a fraction of the file's clusters.
+    PerCluster {
+        cluster: u64,
+        /// The fraction of the file's clusters written: `num / den`.
+        num: u64,
+        den: u64,
+    },
+}
+
+/// The I/O of an entry.
 #[derive(Clone, Copy, Debug)]
+struct Work {
+    write: bool,
+    order: Order,
+    bs: u64,
+    qd: u32,
+    len: Len,
+}
+
+impl Work {
+    /// fio's / our `bench`'s `--rw` name.
+    fn rw(&self) -> &'static str {
+        match (self.order, self.write) {
+            (Order::Rand, false) => "randread",
+            (Order::Rand, true) => "randwrite",
+            (_, false) => "read",
+            (_, true) => "write",
+        }
+    }
+    fn step(&self) -> Option<u64> {
+        match self.order {
+            Order::Stride(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// Our setups.
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Ours {
-    /// Our aio bdev over the data file.
-    AioFile {
-        /// `uring`, `threadpool` or `auto`.
-        engine: &'static str,
-        /// O_DIRECT.
-        direct: bool,
-    },
-    /// A thick lvol filling an lvol store on our aio bdev over the data file.
+    /// Our aio bdev (io_uring) over the file; `block_len` None = the default (512).
+    Aio { io: Io, block_len: Option<u32> },
+    /// A lvol over the whole capacity of a fresh lvol store on the file.
     Lvol {
-        /// `uring`, `threadpool` or `auto`.
-        engine: &'static str,
-        /// O_DIRECT.
-        direct: bool,
+        thin: bool,
+        /// Thin only: every cluster written once (untimed) before the workload.
+        prefill: bool,
+        cluster: u64,
     },
-    /// A fresh esnap clone (nothing allocated) of our aio bdev over the data file, its lvol
-    /// store on a new sparse file next to it; 4 KiB blocks.
-    Esnap {
-        /// `uring`, `threadpool` or `auto`.
-        engine: &'static str,
-        /// O_DIRECT.
-        direct: bool,
-        /// Cluster size of the clone's store (None: 4 MiB).
-        cluster: Option<u32>,
-    },
-    /// A thick blob filling a blobstore (1 MiB clusters) initialised on our aio bdev over the
-    /// data file at every run, driven through the blob API.
-    Blob {
-        /// `uring`, `threadpool` or `auto`.
-        engine: &'static str,
-        /// O_DIRECT.
-        direct: bool,
-    },
-    /// Load time (ms) of a blobstore with `blobs` blobs on a sparse file next to the data file
-    /// (O_DIRECT, io_uring); `recover` loads it the way a dirty store is loaded.
-    BsLoad {
-        /// Blobs in the store.
-        blobs: u64,
-        /// Force recovery (the dirty-store path).
-        recover: bool,
-    },
-    /// Snapshot + clone creations per second on an lvol store holding `lvols` thin lvols.
-    SnapClone {
-        /// Thin lvols in the store.
-        lvols: u64,
-    },
-    /// Our `tgt` process serving a fresh esnap clone (1 MiB clusters) of the data file over
-    /// its NBD export on a Unix socket; `qemu-img bench` is the client.
+    /// A fresh esnap clone of a read-only aio bdev over the file (base block length
+    /// `base_block`), its store (4 KiB blocks) on a new sparse file.
+    Esnap { cluster: u64, base_block: u32 },
+    /// A thick blob filling a blobstore (1 MiB clusters) initialised on the file every run.
+    Blob,
+    /// Load time of a blobstore holding `blobs` blobs; `recover` = the dirty-store path.
+    BsLoad { blobs: u64, recover: bool },
+    /// Snapshot + clone creations per second on a store holding `lvols` thin lvols.
+    SnapClone { lvols: u64 },
+    /// Our `tgt` serving a fresh esnap clone (1 MiB clusters, 4 KiB base blocks) of the file
+    /// over its NBD export on a Unix socket.
     NbdTgtEsnap,
-    /// A fresh esnap clone (store in memory, 1 MiB clusters) whose base is our NBD client
-    /// bdev connected to `qemu-nbd` serving the data file (raw, read-only) on a Unix socket.
+    /// The same `tgt` setup with no client: its CPU use while idle.
+    TgtIdle,
+    /// A fresh esnap clone (store in memory) whose base is our NBD client bdev connected to
+    /// `qemu-nbd -r` serving the file.
     NbdClientEsnap,
+    /// A malloc bdev (`block_len`) of the file size.
+    Malloc { block_len: u32 },
+    /// A thick lvol filling a fresh store (4 MiB clusters) on a malloc bdev (4 KiB blocks).
+    MallocLvol,
+    /// A fresh esnap clone (4 MiB clusters) of a malloc base (`base_block`), store on a
+    /// second malloc bdev.
+    MallocEsnap { base_block: u32 },
 }
 
-impl Ours {
-    fn direct(self) -> bool {
-        match self {
-            Ours::AioFile { direct, .. }
-            | Ours::Lvol { direct, .. }
-            | Ours::Esnap { direct, .. }
-            | Ours::Blob { direct, .. } => direct,
-            Ours::BsLoad { .. }
-            | Ours::SnapClone { .. }
-            | Ours::NbdTgtEsnap
-            | Ours::NbdClientEsnap => true,
-        }
-    }
-
-    /// The unit of the figure the setup reports.
-    fn unit(self) -> &'static str {
-        match self {
-            Ours::BsLoad { .. } => "ms",
-            Ours::SnapClone { .. } => "ops/s",
-            Ours::AioFile { .. }
-            | Ours::Lvol { .. }
-            | Ours::Esnap { .. }
-            | Ours::Blob { .. }
-            | Ours::NbdTgtEsnap
-            | Ours::NbdClientEsnap => "IOPS",
-        }
-    }
-}
-
-/// Who we compare with.
-#[derive(Clone, Copy, Debug)]
+/// Our peers.
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Peer {
-    /// fio, io_uring engine, same direct flag, time based.
-    Fio,
-    /// `qemu-img bench` on the raw file with `-t none` (O_DIRECT), same count as our run.
-    QemuImgBench,
-    /// One of our own setups on the same file (e.g. the raw base under an lvol).
+    /// One of our own setups as the reference (e.g. the raw aio bdev under a lvol).
     Ours(Ours),
-    /// `qemu-img bench -w` on a fresh qcow2 image whose backing file is the raw data file
-    /// (`-o cluster_size=N`), `-t none`, the same count, depth, size and step as ours.
-    QemuQcow2Cow {
-        /// qcow2 cluster size in bytes.
-        cluster: u32,
+    /// fio, io_uring engine, the same direct flag, the same file.
+    Fio,
+    /// `qemu-img bench -f raw` on the file (`-t none` for direct), the same count.
+    QemuImgRaw,
+    /// `qemu-img bench -w -t none` on a fresh qcow2 clone (raw backing = the file,
+    /// `cluster_size`), the same count, depth, size and step.
+    QemuImgCow { cluster: u64 },
+    /// `qemu-nbd` serving a fresh qcow2 clone (1 MiB clusters) of the file with `--cache` and
+    /// optionally `--aio`; the same NBD client as ours.
+    QemuNbd {
+        cache: &'static str,
+        aio: Option<&'static str>,
     },
-    /// No peer measures the same thing.
-    None,
-    /// `qemu-nbd` serving a fresh qcow2 clone (raw backing = the data file, 1 MiB clusters)
-    /// on a Unix socket; `qemu-img bench` is the client.
-    QemuNbdQcow2,
-    /// `qemu-img bench` straight from `qemu-nbd` serving the data file (raw, read-only) on a
-    /// Unix socket.
-    QemuImgNbdRaw,
+    /// `qemu-img bench` straight from `qemu-nbd -r` serving the file.
+    QemuNbdRaw,
 }
 
-/// One benchmark.
+/// An SPDK bdevperf run of the entry's workload.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SpdkJob {
+    /// SPDK's aio bdev over the same file (`block_size` 512, as ours).
+    Aio,
+    /// A fresh esnap clone (lvol store on a new sparse file, `cluster` bytes) of SPDK's aio
+    /// bdev over the file with `base_block`-byte blocks.
+    Esnap { cluster: u64, base_block: u32 },
+}
+
+/// One benchmark entry.
 #[derive(Clone, Debug)]
 struct Bench {
     name: &'static str,
-    /// fio's pattern name: `read`, `write`, `randread`, `randwrite`, `randrw`.
-    workload: &'static str,
-    bs: u64,
-    qd: u32,
-    /// Sequential patterns: bytes from one request's start to the next's.
-    step: Option<u64>,
-    /// A fixed request count instead of a time (e.g. one write per cluster).
-    count: Option<u64>,
-    /// The data file (under target/bench-data/).
-    file: &'static str,
+    /// One sentence on what runs.
+    what: &'static str,
+    unit: Unit,
+    work: Work,
+    file: DataFile,
     ours: Ours,
-    peer: Peer,
+    peers: Vec<Peer>,
+    spdk: Option<SpdkJob>,
 }
 
-const RAW_FILE: &str = "disk-1g.raw";
-/// Requests per NBD run (sequential 4 KiB, so 50,000 cover about 195 MiB).
-const NBD_COUNT: u64 = 50_000;
-/// The uuid our tgt gives the base bdev of the NBD esnap clone.
-const NBD_BASE_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-0000000000b0";
-/// The lvol benchmarks get their own file: the store's metadata lives at its start.
-const LVS_FILE: &str = "disk-1g-lvs.raw";
+/// A side of an entry.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Side {
+    Ours,
+    Peer(usize),
+    Spdk,
+}
+
+const fn work(write: bool, order: Order, len: Len) -> Work {
+    Work {
+        write,
+        order,
+        bs: 4096,
+        qd: 32,
+        len,
+    }
+}
+
+/// Requests of an NBD sequential run (complete, quick).
+const NBD_SEQ_COUNT: Len = Len::Count(50_000, 5_000);
 
 fn benches() -> Vec<Bench> {
-    let aio = Ours::AioFile {
-        engine: "uring",
-        direct: true,
+    let aio = Ours::Aio {
+        io: Io::Direct,
+        block_len: None,
     };
-    let lvol = Ours::Lvol {
-        engine: "uring",
-        direct: true,
-    };
-    let blob = Ours::Blob {
-        engine: "uring",
-        direct: true,
-    };
-    vec![
+    let rand = |write| work(write, Order::Rand, Len::Secs(FULL_SECS));
+    let mut v = vec![
         Bench {
-            name: "aio_randread_4k_qd32",
-            workload: "randread",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: None,
-            file: RAW_FILE,
+            name: "aio_randread_4k_qd32_direct",
+            what: "our aio bdev (io_uring, O_DIRECT, 512-byte blocks) on the pattern file",
+            unit: Unit::Iops,
+            work: rand(false),
+            file: DataFile::Pattern,
             ours: aio,
-            peer: Peer::Fio,
+            peers: vec![Peer::Fio],
+            spdk: Some(SpdkJob::Aio),
         },
         Bench {
-            name: "aio_randwrite_4k_qd32",
-            workload: "randwrite",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: None,
-            file: RAW_FILE,
+            name: "aio_randwrite_4k_qd32_direct",
+            what: "our aio bdev (io_uring, O_DIRECT) on the scratch file",
+            unit: Unit::Iops,
+            work: rand(true),
+            file: DataFile::Scratch,
             ours: aio,
-            peer: Peer::Fio,
+            peers: vec![Peer::Fio],
+            spdk: Some(SpdkJob::Aio),
         },
         Bench {
-            name: "aio_stride_read_4k_step64k_qd32",
-            workload: "read",
-            bs: 4096,
-            qd: 32,
-            step: Some(64 << 10),
-            count: None,
-            file: RAW_FILE,
+            name: "aio_strided_read_4k_step64k_qd32_direct",
+            what: "our aio bdev, 4 KiB reads every 64 KiB (qemu-img bench's pattern), fixed count",
+            unit: Unit::Iops,
+            work: work(false, Order::Stride(64 << 10), Len::Count(500_000, 20_000)),
+            file: DataFile::Pattern,
             ours: aio,
-            peer: Peer::QemuImgBench,
+            peers: vec![Peer::QemuImgRaw],
+            spdk: None,
         },
         Bench {
-            name: "lvol_randread_4k_qd32",
-            workload: "randread",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: None,
-            file: LVS_FILE,
-            ours: lvol,
-            peer: Peer::Ours(aio),
-        },
-        Bench {
-            name: "lvol_randwrite_4k_qd32",
-            workload: "randwrite",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: None,
-            file: LVS_FILE,
-            ours: lvol,
-            peer: Peer::Ours(aio),
-        },
-        Bench {
-            name: "esnap_randread_4k_qd32",
-            workload: "randread",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: None,
-            file: RAW_FILE,
-            ours: Ours::Esnap {
-                engine: "uring",
-                direct: true,
-                cluster: None,
+            name: "lvol_thick_randread_4k_qd32_direct_4m_clusters",
+            what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev, written once in full before the run (untimed); peer: the raw aio bdev on the same file",
+            unit: Unit::Iops,
+            work: rand(false),
+            file: DataFile::Store,
+            ours: Ours::Lvol {
+                thin: false,
+                prefill: true,
+                cluster: 4 << 20,
             },
-            peer: Peer::Ours(aio),
+            peers: vec![Peer::Ours(aio)],
+            spdk: None,
         },
         Bench {
-            name: "esnap_cow_first_write_4k_1m_clusters_qd32",
-            workload: "write",
-            bs: 4096,
-            qd: 32,
-            step: Some(1 << 20),
-            count: Some(FILE_SIZE >> 20),
-            file: RAW_FILE,
-            ours: Ours::Esnap {
-                engine: "uring",
-                direct: true,
-                cluster: Some(1 << 20),
+            name: "lvol_thick_randwrite_4k_qd32_direct_4m_clusters",
+            what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev, written once in full before the run (untimed); peer: the raw aio bdev on the same file",
+            unit: Unit::Iops,
+            work: rand(true),
+            file: DataFile::Scratch,
+            ours: Ours::Lvol {
+                thin: false,
+                prefill: true,
+                cluster: 4 << 20,
             },
-            peer: Peer::QemuQcow2Cow { cluster: 1 << 20 },
+            peers: vec![Peer::Ours(aio)],
+            spdk: None,
         },
         Bench {
-            name: "blob_randread_4k_qd32",
-            workload: "randread",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: None,
-            file: RAW_FILE,
-            ours: blob,
-            peer: Peer::Ours(aio),
+            name: "lvol_thin_first_write_4k_qd32_direct_1m_clusters",
+            what: "thin lvol (no base) on a fresh store (clear_method none, so every cluster is stale and its first write also zeroes the rest of it): one 4 KiB write at the start of each 1 MiB cluster, each allocating it (7/8 of the clusters); peer: the raw aio bdev, 4 KiB writes at the same offsets (IOPS)",
+            unit: Unit::ClustersPerSec,
+            work: work(
+                true,
+                Order::Stride(1 << 20),
+                Len::PerCluster {
+                    cluster: 1 << 20,
+                    // The store's metadata takes a few clusters of the file.
+                    num: 7,
+                    den: 8,
+                },
+            ),
+            file: DataFile::Thin,
+            ours: Ours::Lvol {
+                thin: true,
+                prefill: false,
+                cluster: 1 << 20,
+            },
+            peers: vec![Peer::Ours(aio)],
+            spdk: None,
         },
         Bench {
-            name: "blob_randwrite_4k_qd32",
-            workload: "randwrite",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: None,
-            file: RAW_FILE,
-            ours: blob,
-            peer: Peer::Ours(aio),
+            name: "lvol_thin_allocated_randwrite_4k_qd32_direct_1m_clusters",
+            what: "thin lvol on a fresh store with every cluster allocated and written in full first (untimed), then 4 KiB random writes (steady state); peer: the raw aio bdev on the same file",
+            unit: Unit::Iops,
+            work: rand(true),
+            file: DataFile::Scratch,
+            ours: Ours::Lvol {
+                thin: true,
+                prefill: true,
+                cluster: 1 << 20,
+            },
+            peers: vec![Peer::Ours(aio)],
+            spdk: None,
+        },
+    ];
+    let malloc4k = Ours::Malloc { block_len: 4096 };
+    for (name, write) in [
+        ("lvol_thick_randread_4k_qd32_malloc_4m_clusters", false),
+        ("lvol_thick_randwrite_4k_qd32_malloc_4m_clusters", true),
+    ] {
+        v.push(Bench {
+            name,
+            what: "thick lvol filling a fresh store (4 MiB clusters) on a malloc bdev (4 KiB blocks) the size of the data files; peer: the malloc bdev itself (issue 15's lvol-over-malloc target)",
+            unit: Unit::Iops,
+            work: rand(write),
+            file: DataFile::Memory,
+            ours: Ours::MallocLvol,
+            peers: vec![Peer::Ours(malloc4k)],
+            spdk: None,
+        });
+    }
+    for (name, base_block) in [
+        ("esnap_randread_4k_qd32_malloc_4m_clusters_base512", 512),
+        ("esnap_randread_4k_qd32_malloc_4m_clusters_base4096", 4096),
+    ] {
+        v.push(Bench {
+            name,
+            what: "fresh esnap clone (nothing allocated, 4 MiB clusters) of a malloc base, store on a second malloc bdev: every read goes to the base; peer: the base malloc bdev read directly (issue 15's esnap-over-malloc target)",
+            unit: Unit::Iops,
+            work: rand(false),
+            file: DataFile::Memory,
+            ours: Ours::MallocEsnap { base_block },
+            peers: vec![Peer::Ours(Ours::Malloc { block_len: base_block })],
+            spdk: None,
+        });
+    }
+    v.extend(esnap_benches());
+    v.extend([
+        Bench {
+            name: "blob_randread_4k_qd32_direct_1m_clusters",
+            what: "thick blob filling a blobstore initialised on our aio bdev every run, written once in full (untimed), then the workload through the blob API; peer: the raw aio bdev on the same file",
+            unit: Unit::Iops,
+            work: rand(false),
+            file: DataFile::Store,
+            ours: Ours::Blob,
+            peers: vec![Peer::Ours(aio)],
+            spdk: None,
+        },
+        Bench {
+            name: "blob_randwrite_4k_qd32_direct_1m_clusters",
+            what: "thick blob filling a blobstore initialised on our aio bdev every run, written once in full (untimed), then the workload through the blob API; peer: the raw aio bdev on the same file",
+            unit: Unit::Iops,
+            work: rand(true),
+            file: DataFile::Scratch,
+            ours: Ours::Blob,
+            peers: vec![Peer::Ours(aio)],
+            spdk: None,
         },
         Bench {
             name: "blobstore_load_clean_10k_blobs",
-            workload: "load",
-            bs: 0,
-            qd: 1,
-            step: None,
-            count: None,
-            file: RAW_FILE,
+            what: "Blobstore::load of a clean store of 10,000 one-cluster blobs (sparse file built on first use; aio io_uring O_DIRECT)",
+            unit: Unit::Ms,
+            work: work(false, Order::Seq, Len::Count(1, 1)),
+            file: DataFile::Pattern,
             ours: Ours::BsLoad {
                 blobs: 10_000,
                 recover: false,
             },
-            peer: Peer::None,
+            peers: vec![],
+            spdk: None,
         },
         Bench {
-            name: "blobstore_load_dirty_10k_blobs",
-            workload: "load",
-            bs: 0,
-            qd: 1,
-            step: None,
-            count: None,
-            file: RAW_FILE,
+            name: "blobstore_load_recovery_10k_blobs",
+            what: "the same store loaded with forced recovery (the path of a store not marked clean); peer: its clean load; ratio = recovery ms / clean ms",
+            unit: Unit::Ms,
+            work: work(false, Order::Seq, Len::Count(1, 1)),
+            file: DataFile::Pattern,
             ours: Ours::BsLoad {
                 blobs: 10_000,
                 recover: true,
             },
-            peer: Peer::Ours(Ours::BsLoad {
+            peers: vec![Peer::Ours(Ours::BsLoad {
                 blobs: 10_000,
                 recover: false,
-            }),
+            })],
+            spdk: None,
         },
         Bench {
             name: "lvol_snapshot_clone_1k_lvols",
-            workload: "create",
-            bs: 0,
-            qd: 1,
-            step: None,
-            count: Some(1000),
-            file: RAW_FILE,
+            what: "a fresh lvol store (1 MiB clusters, aio io_uring O_DIRECT, sparse file) holding 1,000 thin lvols; 1,000 snapshot + clone pairs timed; one op = one snapshot or one clone",
+            unit: Unit::OpsPerSec,
+            work: work(false, Order::Seq, Len::Count(1000, 100)),
+            file: DataFile::Pattern,
             ours: Ours::SnapClone { lvols: 1000 },
-            peer: Peer::None,
+            peers: vec![],
+            spdk: None,
         },
-        Bench {
-            name: "nbd_esnap_read_4k_qd32",
-            workload: "read",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: Some(NBD_COUNT),
-            file: RAW_FILE,
-            ours: Ours::NbdTgtEsnap,
-            peer: Peer::QemuNbdQcow2,
-        },
-        Bench {
-            name: "nbd_esnap_write_4k_qd32",
-            workload: "write",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: Some(NBD_COUNT),
-            file: RAW_FILE,
-            ours: Ours::NbdTgtEsnap,
-            peer: Peer::QemuNbdQcow2,
-        },
-        Bench {
-            name: "nbd_client_esnap_read_4k_qd32",
-            workload: "read",
-            bs: 4096,
-            qd: 32,
-            step: None,
-            count: Some(NBD_COUNT),
-            file: RAW_FILE,
-            ours: Ours::NbdClientEsnap,
-            peer: Peer::QemuImgNbdRaw,
-        },
-    ]
+    ]);
+    v.extend(nbd_benches());
+    v.push(Bench {
+        name: "tgt_idle_cpu_nbd_export_10s",
+        what: "our tgt set up as for the NBD entries (esnap clone exported over NBD) and left idle: CPU time of the process (all threads) over 10 s, in % of one core (issue 15's target: below 1 %)",
+        unit: Unit::CpuPercent,
+        work: work(false, Order::Seq, Len::Secs(FULL_SECS)),
+        file: DataFile::Pattern,
+        ours: Ours::TgtIdle,
+        peers: vec![],
+        spdk: None,
+    });
+    v.push(Bench {
+        name: "nbd_client_esnap_seqread_4k_qd32_buffered_1m_clusters",
+        what: "our NBD client bdev connected to `qemu-nbd -r` serving the pattern file is the base of a fresh esnap clone (store in memory); sequential reads through the clone; peer: qemu-img bench straight from the same kind of qemu-nbd",
+        unit: Unit::Iops,
+        work: work(false, Order::Seq, NBD_SEQ_COUNT),
+        file: DataFile::Pattern,
+        ours: Ours::NbdClientEsnap,
+        peers: vec![Peer::QemuNbdRaw],
+        spdk: None,
+    });
+    v
 }
 
-/// One measured figure.
-struct Measured {
-    iops: f64,
-    /// Requests completed (used to size count-based peers).
-    ios: u64,
+/// Esnap entries, each over a base with 512- and with 4096-byte blocks.
+fn esnap_benches() -> Vec<Bench> {
+    macro_rules! both_bases {
+        ($stem:literal, $what:expr, $unit:expr, $work:expr, $cluster:expr, $peers:expr, $spdk:expr) => {
+            [512u32, 4096].map(|base_block| Bench {
+                name: if base_block == 512 {
+                    concat!($stem, "_base512")
+                } else {
+                    concat!($stem, "_base4096")
+                },
+                what: $what,
+                unit: $unit,
+                work: $work,
+                file: DataFile::Pattern,
+                ours: Ours::Esnap {
+                    cluster: $cluster,
+                    base_block,
+                },
+                peers: $peers(base_block),
+                spdk: $spdk(base_block),
+            })
+        };
+    }
+    let raw_base = |b: u32| {
+        vec![Peer::Ours(Ours::Aio {
+            io: Io::Direct,
+            block_len: Some(b),
+        })]
+    };
+    let cow = |c: u64| move |_| vec![Peer::QemuImgCow { cluster: c }];
+    let no_spdk = |_| None;
+    let per_cluster = |c: u64, den: u64| Len::PerCluster {
+        cluster: c,
+        num: 1,
+        den,
+    };
+    let mut v = Vec::new();
+    v.extend(both_bases!(
+        "esnap_randread_4k_qd32_direct_4m_clusters",
+        "fresh esnap clone (nothing allocated, 4 MiB clusters) of a read-only aio bdev over the pattern file: every read goes to the base; peer: the base aio bdev read directly",
+        Unit::Iops,
+        work(false, Order::Rand, Len::Secs(FULL_SECS)),
+        4 << 20,
+        raw_base,
+        no_spdk
+    ));
+    v.extend(both_bases!(
+        "esnap_cow_first_write_seq_4k_qd32_direct_1m_clusters",
+        "fresh esnap clone: one 4 KiB write at the start of each 1 MiB cluster in order, each copying the cluster from the base; peer: qemu-img bench -w on a fresh qcow2 clone (raw backing, cluster_size=1M)",
+        Unit::ClustersPerSec,
+        work(true, Order::Stride(1 << 20), per_cluster(1 << 20, 1)),
+        1 << 20,
+        cow(1 << 20),
+        no_spdk
+    ));
+    v.extend(both_bases!(
+        "esnap_cow_first_write_scattered_4k_qd32_direct_1m_clusters",
+        "as the seq entry, but in scattered order (stride of 97 clusters, wrapping as qemu-img bench does: every write still hits a distinct cluster; qemu-img bench has no random order, so both sides use this one)",
+        Unit::ClustersPerSec,
+        work(true, Order::Stride(97 << 20), per_cluster(1 << 20, 1)),
+        1 << 20,
+        cow(1 << 20),
+        no_spdk
+    ));
+    v.extend(both_bases!(
+        "esnap_cow_first_write_seq_4k_qd32_direct_64k_clusters",
+        "fresh esnap clone, 64 KiB clusters: one 4 KiB write at the start of each cluster of the first quarter of the file; peer: qemu-img bench -w on a fresh qcow2 clone (cluster_size=64K)",
+        Unit::ClustersPerSec,
+        work(true, Order::Stride(64 << 10), per_cluster(64 << 10, 4)),
+        64 << 10,
+        cow(64 << 10),
+        no_spdk
+    ));
+    v.extend(both_bases!(
+        "esnap_cow_first_write_scattered_4k_qd32_direct_64k_clusters",
+        "as the 64 KiB seq entry in scattered order (stride of 61 clusters, a quarter of the clusters, each hit once)",
+        Unit::ClustersPerSec,
+        work(true, Order::Stride(61 << 16), per_cluster(64 << 10, 4)),
+        64 << 10,
+        cow(64 << 10),
+        no_spdk
+    ));
+    v.extend(both_bases!(
+        "esnap_fresh_clone_randwrite_4k_qd32_direct_1m_clusters_2s",
+        "fresh esnap clone (1 MiB clusters): uniform random 4 KiB writes for 2 s, the first write to each cluster copying it; peer: SPDK bdevperf when SPDK_BDEVPERF is set (qemu-img bench has no random order: see the scattered_write entry for the qemu-img ratio)",
+        Unit::Iops,
+        work(true, Order::Rand, Len::Secs(2.0)),
+        1 << 20,
+        |_| vec![],
+        |b| Some(SpdkJob::Esnap {
+            cluster: 1 << 20,
+            base_block: b
+        })
+    ));
+    v.extend(both_bases!(
+        "esnap_fresh_clone_scattered_write_4k_qd32_direct_1m_clusters",
+        "fresh esnap clone (1 MiB clusters): 4 KiB writes with a stride of 97 MiB + 4 KiB (the first 1,024 writes copy a cluster each, later ones overwrite copied clusters), fixed count; peer: qemu-img bench -w, the same stride, on a fresh qcow2 clone (cluster_size=1M)",
+        Unit::Iops,
+        work(
+            true,
+            Order::Stride((97 << 20) + 4096),
+            Len::Count(20_000, 2_000)
+        ),
+        1 << 20,
+        cow(1 << 20),
+        no_spdk
+    ));
+    v
+}
+
+/// NBD export entries: random and sequential, read and write, direct and buffered.
+fn nbd_benches() -> Vec<Bench> {
+    let mut v = Vec::new();
+    let names = [
+        (
+            "nbd_esnap_randread_4k_qd32_direct_1m_clusters",
+            false,
+            Order::Rand,
+            Io::Direct,
+        ),
+        (
+            "nbd_esnap_randwrite_4k_qd32_direct_1m_clusters",
+            true,
+            Order::Rand,
+            Io::Direct,
+        ),
+        (
+            "nbd_esnap_seqread_4k_qd32_direct_1m_clusters",
+            false,
+            Order::Seq,
+            Io::Direct,
+        ),
+        (
+            "nbd_esnap_seqwrite_4k_qd32_direct_1m_clusters",
+            true,
+            Order::Seq,
+            Io::Direct,
+        ),
+        (
+            "nbd_esnap_randread_4k_qd32_buffered_1m_clusters",
+            false,
+            Order::Rand,
+            Io::Buffered,
+        ),
+        (
+            "nbd_esnap_randwrite_4k_qd32_buffered_1m_clusters",
+            true,
+            Order::Rand,
+            Io::Buffered,
+        ),
+        (
+            "nbd_esnap_seqread_4k_qd32_buffered_1m_clusters",
+            false,
+            Order::Seq,
+            Io::Buffered,
+        ),
+        (
+            "nbd_esnap_seqwrite_4k_qd32_buffered_1m_clusters",
+            true,
+            Order::Seq,
+            Io::Buffered,
+        ),
+    ];
+    for (name, write, order, io) in names {
+        let cache = if io == Io::Direct {
+            "none"
+        } else {
+            "writeback"
+        };
+        v.push(Bench {
+            name,
+            what: "our tgt's NBD export (unix socket) of a fresh esnap clone (1 MiB clusters, 4 KiB-block base = the pattern file); client: fio's nbd engine (random, timed) or qemu-img bench (sequential, fixed count); peers: qemu-nbd serving a fresh qcow2 clone (raw backing, cluster_size=1M) with the same cache mode, default aio and --aio=io_uring, the same client; the better peer counts",
+            unit: Unit::Iops,
+            work: work(
+                write,
+                order,
+                if order == Order::Rand {
+                    Len::Secs(FULL_SECS)
+                } else {
+                    NBD_SEQ_COUNT
+                },
+            ),
+            file: DataFile::Pattern,
+            ours: Ours::NbdTgtEsnap,
+            peers: vec![
+                Peer::QemuNbd { cache, aio: None },
+                Peer::QemuNbd {
+                    cache,
+                    aio: Some("io_uring"),
+                },
+            ],
+            spdk: None,
+        });
+    }
+    v
+}
+
+impl Bench {
+    /// The access mode the entry asks of the side that opens the files.
+    fn io(&self) -> Io {
+        match self.ours {
+            Ours::Aio { io, .. } => io,
+            Ours::NbdTgtEsnap => match self.peers.first() {
+                Some(Peer::QemuNbd {
+                    cache: "writeback", ..
+                }) => Io::Buffered,
+                _ => Io::Direct,
+            },
+            Ours::NbdClientEsnap => Io::Buffered,
+            Ours::Malloc { .. } | Ours::MallocLvol | Ours::MallocEsnap { .. } => Io::Memory,
+            _ => Io::Direct,
+        }
+    }
+    fn cluster(&self) -> Option<u64> {
+        match self.ours {
+            Ours::Lvol { cluster, .. } | Ours::Esnap { cluster, .. } => Some(cluster),
+            Ours::MallocLvol | Ours::MallocEsnap { .. } => Some(4 << 20),
+            Ours::Blob | Ours::NbdTgtEsnap | Ours::NbdClientEsnap | Ours::SnapClone { .. } => {
+                Some(1 << 20)
+            }
+            _ => None,
+        }
+    }
+    fn base_block(&self) -> Option<u32> {
+        match self.ours {
+            Ours::Esnap { base_block, .. } | Ours::MallocEsnap { base_block } => Some(base_block),
+            Ours::NbdTgtEsnap => Some(4096),
+            _ => None,
+        }
+    }
+    /// Whether this is an I/O entry (its name must then say the pattern, size, depth, mode).
+    fn is_io(&self) -> bool {
+        !matches!(
+            self.ours,
+            Ours::BsLoad { .. } | Ours::SnapClone { .. } | Ours::TgtIdle
+        )
+    }
+}
+
+/// Median, min and max of a side's runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+/// The summary of some figures (the median of an even count is the mean of the middle two);
+/// None when there are none or one is not finite.
+fn summarize(runs: &[f64]) -> Option<Summary> {
+    if runs.is_empty() || runs.iter().any(|x| !x.is_finite()) {
+        return None;
+    }
+    let mut v = runs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Summary {
+        median,
+        min: v[0],
+        max: v[n - 1],
+    })
+}
+
+/// Ours / peer, of medians (for `ms` a ratio above 1 means slower).
+fn ratio(ours: &Summary, peer: &Summary) -> Option<f64> {
+    (peer.median > 0.0).then(|| ours.median / peer.median)
+}
+
+/// The best peer by median: the highest for rates, the lowest for times.
+fn best_peer(peers: &[(usize, Summary)], higher_is_better: bool) -> Option<(usize, Summary)> {
+    peers.iter().copied().reduce(|a, b| {
+        let b_better = if higher_is_better {
+            b.1.median > a.1.median
+        } else {
+            b.1.median < a.1.median
+        };
+        if b_better {
+            b
+        } else {
+            a
+        }
+    })
+}
+
+/// The order the `n` sides of an entry run in, in round `round` (0-based): the list rotated
+/// by the round, so with two sides they alternate which goes first and with more each side
+/// goes first in turn.
+fn round_order(round: u32, n: usize) -> Vec<usize> {
+    if n == 0 {
+        return vec![];
+    }
+    let r = round as usize % n;
+    (0..n).map(|i| (i + r) % n).collect()
+}
+
+/// Parses a CPU list as taskset takes it (`3`, `0-3`, `0,2,4-5`) into CPU numbers.
+fn parse_cpu_list(s: &str) -> Result<Vec<u32>> {
+    let mut cpus = Vec::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        let bad = || anyhow!("bad CPU list {s:?} (e.g. 1 or 0-3 or 0,2)");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u32, u32) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b || b >= 1024 {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => {
+                let c: u32 = part.parse().map_err(|_| bad())?;
+                if c >= 1024 {
+                    return Err(bad());
+                }
+                cpus.push(c);
+            }
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// SPDK's `-m` core mask for a CPU list (hexadecimal, `0x...`).
+fn cpu_mask(cpus: &[u32]) -> String {
+    let top = cpus.iter().max().map_or(0, |m| *m as usize / 4);
+    let mut nibbles = vec![0u32; top + 1];
+    for &c in cpus {
+        nibbles[c as usize / 4] |= 1 << (c % 4);
+    }
+    let hex: String = nibbles
+        .iter()
+        .rev()
+        .map(|d| char::from_digit(*d, 16).unwrap_or('0'))
+        .collect();
+    let hex = hex.trim_start_matches('0');
+    format!("0x{}", if hex.is_empty() { "0" } else { hex })
+}
+
+/// The last CPU of our affinity mask (`Cpus_allowed_list` in /proc/self/status).
+fn default_cpu() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .and_then(|l| parse_cpu_list(l.trim()).ok())
+                .and_then(|c| c.last().copied())
+        })
+        .unwrap_or(0)
+        .to_string()
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// One run of one side.
+#[derive(Clone, Debug)]
+struct Run {
+    value: f64,
+    /// How the side was started (every process, as run).
+    commands: Vec<String>,
+    /// Anything else worth keeping (our bench's JSON, observed open flags, ...).
     detail: Value,
 }
 
 struct Ctx {
     data_dir: PathBuf,
     bench_bin: PathBuf,
-    seconds: u64,
-    rounds: u32,
+    tgt_bin: PathBuf,
     out_dir: PathBuf,
+    file_size: u64,
+    secs_cap: f64,
+    quick: bool,
+    rounds: u32,
+    cpus: String,
+    spdk: Option<PathBuf>,
 }
 
-/// Entry point: `bench [--quick] [--filter NAME] [--rounds N] [--list]`.
+impl Ctx {
+    fn file(&self, f: DataFile) -> PathBuf {
+        self.data_dir.join(f.file_name(self.file_size))
+    }
+    /// A command pinned to the CPU set.
+    fn pinned(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &self.cpus]).arg(program);
+        c
+    }
+    fn secs(&self, full: f64) -> f64 {
+        full.min(self.secs_cap)
+    }
+    /// Requests of a count-based run.
+    fn count(&self, len: Len) -> Option<u64> {
+        match len {
+            Len::Secs(_) => None,
+            Len::Count(full, quick) => Some(if self.quick { quick } else { full }),
+            Len::PerCluster { cluster, num, den } => Some(self.file_size / cluster * num / den),
+        }
+    }
+    fn secs_of(&self, len: Len) -> Option<f64> {
+        match len {
+            Len::Secs(s) => Some(self.secs(s)),
+            _ => None,
+        }
+    }
+}
+
+const USAGE: &str =
+    "cargo xtask bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST]";
+
+/// Entry point: `bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST]`.
 pub fn run(args: &[String]) -> Result<()> {
-    crate::check_args(args, &["--quick", "--list"], &["--filter", "--rounds"])?;
-    let rounds: u32 = crate::flag_value(args, "--rounds")?.unwrap_or(1).max(1);
+    crate::check_args(
+        args,
+        &["--quick", "--list"],
+        &["--filter", "--rounds", "--cpus"],
+    )?;
     let quick = args.iter().any(|a| a == "--quick");
+    let rounds: u32 = crate::flag_value(args, "--rounds")?.unwrap_or(if quick { 1 } else { 5 });
+    if rounds == 0 {
+        bail!("--rounds must be at least 1\n{USAGE}");
+    }
+    let cpus: String = crate::flag_value(args, "--cpus")?.unwrap_or_else(default_cpu);
+    parse_cpu_list(&cpus)?;
     let filter: Option<String> = crate::flag_value(args, "--filter")?;
     let all = benches();
     if args.iter().any(|a| a == "--list") {
         for b in &all {
-            println!("{}", b.name);
+            println!("{:<64} {}", b.name, b.what);
         }
         return Ok(());
     }
@@ -394,40 +955,81 @@ pub fn run(args: &[String]) -> Result<()> {
     if selected.is_empty() {
         bail!("no benchmark matches {filter:?} (see `cargo xtask bench --list`)");
     }
+    if util::which("taskset").is_none() {
+        bail!("taskset (util-linux) is needed to pin every side to the same CPUs");
+    }
     let target = util::target_dir();
+    let sub = if quick { "quick" } else { "" };
+    let spdk = std::env::var_os(SPDK_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     let ctx = Ctx {
-        data_dir: target.join("bench-data"),
+        data_dir: target.join("bench-data").join(sub),
         bench_bin: target.join("release").join("bench"),
-        seconds: if quick { 2 } else { 10 },
+        tgt_bin: target.join("release").join("tgt"),
+        out_dir: target.join("bench").join(sub),
+        file_size: if quick {
+            QUICK_FILE_SIZE
+        } else {
+            FULL_FILE_SIZE
+        },
+        secs_cap: if quick { QUICK_SECS } else { f64::MAX },
+        quick,
         rounds,
-        out_dir: target.join("bench"),
+        cpus,
+        spdk,
     };
     std::fs::create_dir_all(&ctx.out_dir)?;
-    let mut files: Vec<&str> = selected.iter().map(|b| b.file).collect();
+    let mut files: Vec<DataFile> = selected.iter().map(|b| b.file).collect();
+    files.push(DataFile::Pattern);
+    files.retain(|f| *f != DataFile::Memory);
     files.sort_unstable();
     files.dedup();
     for f in files {
-        prepare_data_file(&ctx.data_dir.join(f), FILE_SIZE)?;
+        prepare_data_file(&ctx.file(f), ctx.file_size)?;
     }
-    util::run(
-        "build the bench binary",
-        util::cargo().args(["build", "--release", "-p", "bench"]),
-    )?;
-    if selected.iter().any(|b| matches!(b.ours, Ours::NbdTgtEsnap)) {
-        util::run(
-            "build the tgt binary",
-            util::cargo().args(["build", "--release", "-p", "tgt", "--bin", "tgt"]),
-        )?;
-    }
+    // Both binaries in one build, always: building one alone unifies features differently
+    // and rebuilds the shared crates each time.
+    let mut build = util::cargo();
+    build.args([
+        "build",
+        "--release",
+        "-p",
+        "bench",
+        "--bin",
+        "bench",
+        "-p",
+        "tgt",
+        "--bin",
+        "tgt",
+    ]);
+    util::run("build the bench and tgt binaries", &mut build)?;
 
-    let mut lines = Vec::new();
+    let started = Instant::now();
+    let run_info = json!({
+        "command": format!("cargo xtask bench {}", args.join(" ")),
+        "date_utc": command_line_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        "machine": machine_info(),
+        "cpus": ctx.cpus,
+        "rounds": ctx.rounds,
+        "quick": ctx.quick,
+        "file_size": ctx.file_size,
+        "loadavg_start": loadavg(),
+        "spdk": spdk_status(&ctx),
+        "tools": {
+            "fio": util::version_of("fio"),
+            "qemu-img": util::version_of("qemu-img"),
+            "qemu-nbd": util::version_of("qemu-nbd"),
+        },
+    });
+    let mut records = Vec::new();
     let mut failures = Vec::new();
     for b in &selected {
-        eprintln!("\n==> bench {} ({} s)", b.name, ctx.seconds);
-        match run_one(&ctx, b) {
-            Ok(line) => {
-                println!("{line}");
-                lines.push(line);
+        eprintln!("\n==> bench {}", b.name);
+        match run_entry(&ctx, b) {
+            Ok(rec) => {
+                println!("{}", summary_line(&rec));
+                records.push(rec);
             }
             Err(e) => {
                 eprintln!("bench {}: FAILED: {e:#}", b.name);
@@ -435,9 +1037,26 @@ pub fn run(args: &[String]) -> Result<()> {
             }
         }
     }
-    println!("\nresults (JSON in {}):", ctx.out_dir.display());
-    for l in &lines {
-        println!("{l}");
+    // The pattern file must still hold the pattern after everything ran.
+    let pattern_ok = pattern_intact(&ctx.file(DataFile::Pattern), ctx.file_size)?;
+    let mut info = run_info;
+    info["loadavg_end"] = json!(loadavg());
+    info["seconds"] = json!(started.elapsed().as_secs());
+    info["pattern_file_intact_at_end"] = json!(pattern_ok);
+    info["failed"] = json!(failures);
+    std::fs::write(
+        ctx.out_dir.join("_run.json"),
+        serde_json::to_string_pretty(&info)? + "\n",
+    )?;
+    let md = markdown_table(&records);
+    std::fs::write(ctx.out_dir.join("_summary.md"), &md)?;
+    println!(
+        "\nresults: {} (JSON per entry, _run.json, _summary.md)",
+        ctx.out_dir.display()
+    );
+    print!("{md}");
+    if !pattern_ok {
+        bail!("the pattern file changed during the run: an entry wrote to it");
     }
     if !failures.is_empty() {
         bail!("benchmarks failed: {}", failures.join(", "));
@@ -445,330 +1064,563 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The median of some figures (the upper middle one for an even count).
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
+fn command_line_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Runs ours and the peer alternately, `rounds` times each, so that a change in the machine's
-/// load hits both sides; the figures are the medians.
-fn run_one(ctx: &Ctx, b: &Bench) -> Result<String> {
-    let mut ours_runs = Vec::new();
-    let mut peer_runs = Vec::new();
-    let mut peer_name = String::new();
-    let mut peer_missing = false;
+fn machine_info() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string());
+    json!({
+        "kernel": command_line_output("uname", &["-sr"]),
+        "cpu_model": model,
+        "online_cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "mem_total": std::fs::read_to_string("/proc/meminfo").ok()
+            .and_then(|m| m.lines().next().map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))),
+    })
+}
+
+fn spdk_status(ctx: &Ctx) -> Value {
+    match &ctx.spdk {
+        Some(p) => json!(format!("{} ({SPDK_ENV})", p.display())),
+        None => json!(format!("not available ({SPDK_ENV} unset)")),
+    }
+}
+
+/// The sides of an entry, in their canonical order: ours, the peers, SPDK.
+fn sides(ctx: &Ctx, b: &Bench) -> Vec<Side> {
+    let mut s = vec![Side::Ours];
+    s.extend((0..b.peers.len()).map(Side::Peer));
+    if b.spdk.is_some() && ctx.spdk.is_some() {
+        s.push(Side::Spdk);
+    }
+    s
+}
+
+fn side_id(b: &Bench, s: Side) -> String {
+    match s {
+        Side::Ours => "ours".into(),
+        Side::Spdk => "spdk".into(),
+        Side::Peer(i) => match b.peers[i] {
+            Peer::Ours(o) => format!("ours:{}", ours_label(o)),
+            Peer::Fio => "fio".into(),
+            Peer::QemuImgRaw => "qemu-img bench raw".into(),
+            Peer::QemuImgCow { cluster } => {
+                format!("qemu-img bench -w qcow2 cluster_size={cluster}")
+            }
+            Peer::QemuNbd { cache, aio } => format!(
+                "qemu-nbd --cache={cache} --aio={}",
+                aio.unwrap_or("default")
+            ),
+            Peer::QemuNbdRaw => "qemu-nbd -r raw + qemu-img bench".into(),
+        },
+    }
+}
+
+fn ours_label(o: Ours) -> String {
+    match o {
+        Ours::Aio { io, block_len } => format!(
+            "aio bdev io_uring {} block_len={}",
+            io.name(),
+            block_len.unwrap_or(512)
+        ),
+        Ours::Lvol {
+            thin,
+            prefill,
+            cluster,
+        } => format!(
+            "{} lvol on aio bdev io_uring direct, cluster_size={cluster}{}",
+            if thin { "thin" } else { "thick" },
+            if prefill { ", written in full first" } else { "" }
+        ),
+        Ours::Esnap {
+            cluster,
+            base_block,
+        } => format!(
+            "fresh esnap clone, cluster_size={cluster}, base aio (read-only, direct) block_len={base_block}, store aio block_len=4096"
+        ),
+        Ours::Blob => "thick blob on a fresh blobstore (1 MiB clusters), aio io_uring direct".into(),
+        // Counts are in params and details (--quick uses a tenth).
+        Ours::BsLoad { recover, .. } => format!(
+            "blobstore load, {}",
+            if recover { "forced recovery" } else { "clean" }
+        ),
+        Ours::SnapClone { .. } => "snapshot + clone of thin lvols".into(),
+        Ours::NbdTgtEsnap => "tgt NBD export of a fresh esnap clone".into(),
+        Ours::TgtIdle => "tgt with an NBD export and no client".into(),
+        Ours::NbdClientEsnap => "esnap clone over our NBD client bdev".into(),
+        Ours::Malloc { block_len } => format!("malloc bdev block_len={block_len}"),
+        Ours::MallocLvol => "thick lvol on a malloc bdev, 4 MiB clusters".into(),
+        Ours::MallocEsnap { base_block } => {
+            format!("fresh esnap clone of a malloc base block_len={base_block}, 4 MiB clusters")
+        }
+    }
+}
+
+/// Runs every round of an entry and writes its JSON; returns the record.
+fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
+    let mut data_note = Value::Null;
+    let reads_pattern = b.file == DataFile::Pattern || b.ours == Ours::NbdClientEsnap;
+    if reads_pattern {
+        let path = ctx.file(DataFile::Pattern);
+        let intact = pattern_intact(&path, ctx.file_size)?;
+        if !intact {
+            eprintln!("note: {} changed; rewriting it", path.display());
+            std::fs::remove_file(&path)?;
+            prepare_data_file(&path, ctx.file_size)?;
+        }
+        data_note = json!({"pattern_checked_before": true, "restored": !intact});
+    }
+    let load_before = loadavg();
+    let t0 = Instant::now();
+    let sides = sides(ctx, b);
+    let mut runs: Vec<Vec<Run>> = vec![Vec::new(); sides.len()];
+    let mut errors: Vec<Option<String>> = vec![None; sides.len()];
+    let mut orders = Vec::new();
     for round in 0..ctx.rounds {
+        let order = round_order(round, sides.len());
+        orders.push(
+            order
+                .iter()
+                .map(|&i| side_id(b, sides[i]))
+                .collect::<Vec<_>>(),
+        );
         if ctx.rounds > 1 {
             eprintln!("--- round {}/{}", round + 1, ctx.rounds);
         }
-        let ours = run_ours(ctx, b, b.ours)?;
-        if !peer_missing {
-            let (name, peer) = match b.peer {
-                Peer::Fio => run_fio(ctx, b),
-                Peer::QemuImgBench => run_qemu_img_bench(ctx, b, ours.ios),
-                Peer::QemuQcow2Cow { cluster } => run_qemu_qcow2_cow(ctx, b, cluster),
-                Peer::None => (
-                    "none".to_string(),
-                    Err(anyhow!("no peer for this benchmark")),
-                ),
-                Peer::QemuNbdQcow2 => run_qemu_nbd_qcow2(ctx, b),
-                Peer::QemuImgNbdRaw => run_qemu_img_nbd_raw(ctx, b),
-                Peer::Ours(setup) => (
-                    format!("ours: {}", setup_label(setup)),
-                    run_ours(ctx, b, setup),
-                ),
-            };
-            peer_name = name;
-            match peer {
-                Ok(p) => peer_runs.push(p.iops),
+        for i in order {
+            if errors[i].is_some() {
+                continue;
+            }
+            // Every run starts with none of the data files in the page cache, whichever side
+            // ran before it.
+            if b.file != DataFile::Memory {
+                drop_page_cache(&ctx.file(b.file));
+            }
+            drop_page_cache(&ctx.file(DataFile::Pattern));
+            match run_side(ctx, b, sides[i]) {
+                Ok(r) => runs[i].push(r),
                 Err(e) => {
-                    if !matches!(b.peer, Peer::None) {
-                        eprintln!("note: peer {peer_name} not measured: {e:#}");
+                    if sides[i] == Side::Ours {
+                        return Err(e.context("our side failed"));
                     }
-                    peer_missing = true;
+                    eprintln!("note: {} not measured: {e:#}", side_id(b, sides[i]));
+                    errors[i] = Some(format!("{e:#}"));
                 }
             }
         }
-        ours_runs.push(ours);
     }
-    let ours_iops: Vec<f64> = ours_runs.iter().map(|m| m.iops).collect();
-    let ours = Measured {
-        iops: median(ours_iops.clone()).unwrap_or(0.0),
-        ios: ours_runs.iter().map(|m| m.ios).max().unwrap_or(0),
-        detail: ours_runs
-            .first()
-            .map(|m| m.detail.clone())
-            .unwrap_or(Value::Null),
-    };
-    let peer_value = if peer_missing {
-        None
-    } else {
-        median(peer_runs.clone()).map(|iops| Measured {
-            iops,
-            ios: 0,
-            detail: Value::Null,
-        })
-    };
-    let ratio = peer_value.as_ref().map(|p| ours.iops / p.iops);
-    let mut params = json!({
-        "bs": b.bs,
-        "qd": b.qd,
-        "file_size": FILE_SIZE,
-        "file": ctx.data_dir.join(b.file).display().to_string(),
-        "rounds": ctx.rounds,
-        "ours_runs": ours_iops.iter().map(|x| round1(*x)).collect::<Vec<_>>(),
-        "peer_runs": peer_runs.iter().map(|x| round1(*x)).collect::<Vec<_>>(),
-    });
-    if let Some(s) = b.step {
-        params["step"] = json!(s);
-    }
-    if let Some(n) = b.count {
-        params["count"] = json!(n);
-    }
-    params["direct"] = json!(b.ours.direct());
-    params["ours_setup"] = json!(setup_label(b.ours));
-    params["ours_engine"] = ours.detail["engine"].clone();
-    params["seconds"] = json!(ctx.seconds);
-    match (b.ours, b.peer) {
-        (Ours::BsLoad { recover: true, .. }, _) => {
-            params["dirty"] = json!(
-                "the store is loaded with forced recovery (blobcli -R), the path a store not \
-                 marked clean takes; peer: the clean load of the same store; ratio = dirty ms / clean ms"
-            );
+    if reads_pattern {
+        // Which entry changed the pattern, if one did.
+        let after = pattern_intact(&ctx.file(DataFile::Pattern), ctx.file_size)?;
+        data_note["pattern_intact_after"] = json!(after);
+        if !after {
+            eprintln!("error: {} changed the pattern file", b.name);
         }
-        (_, Peer::None) => {
-            params["peer_note"] = json!("no peer measures the same thing");
-        }
-        _ => {}
     }
-    if let Ours::SnapClone { .. } = b.ours {
-        params["op"] = json!("one snapshot or one clone creation (count = snapshot+clone pairs)");
-    }
-    if let Peer::QemuImgBench = b.peer {
-        params["peer_count"] = json!("our request count of the same round (at least 1000)");
-    }
-    let record = json!({
-        "name": b.name,
-        "workload": b.workload,
-        "params": params,
-        "unit": b.ours.unit(),
-        "ours": round1(ours.iops),
-        "peer": peer_name,
-        "peer_value": peer_value.as_ref().map(|p| round1(p.iops)),
-        "ratio": ratio.map(|r| (r * 1000.0).round() / 1000.0),
-    });
-    let unit = b.ours.unit();
+    let mut record = build_record(
+        ctx,
+        b,
+        &sides,
+        &runs,
+        &errors,
+        orders,
+        load_before,
+        data_note,
+    );
+    record["method"]["wall_seconds"] = json!(round1(t0.elapsed().as_secs_f64()));
     let path = ctx.out_dir.join(format!("{}.json", b.name));
     std::fs::write(&path, serde_json::to_string_pretty(&record)? + "\n")
         .with_context(|| format!("write {}", path.display()))?;
-    Ok(format!(
-        "{:<34} ours {:>8.1} {unit}   {:<46} {:>13}   ratio {}",
-        b.name,
-        ours.iops,
-        peer_name,
-        peer_value
-            .as_ref()
-            .map(|p| format!("{:.1} {unit}", p.iops))
-            .unwrap_or_else(|| "n/a".into()),
-        ratio
-            .map(|r| format!("{r:.3}"))
-            .unwrap_or_else(|| "n/a".into()),
-    ))
+    Ok(record)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 fn round1(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// Creates the data file (fully written, so reads hit real blocks rather than holes) unless a
-/// fully allocated file of the right size is already there.
-fn prepare_data_file(path: &Path, size: u64) -> Result<()> {
-    if let Ok(m) = std::fs::metadata(path) {
-        if m.len() == size && m.blocks() * 512 >= size {
-            return Ok(());
-        }
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    eprintln!(
-        "==> writing the {} MiB data file {}",
-        size >> 20,
-        path.display()
-    );
-    let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut off = 0u64;
-    while off < size {
-        // Distinct, never-zero content per MiB.
-        let tag = (off >> 20) as u32;
-        for (i, x) in chunk.iter_mut().enumerate() {
-            *x = ((i as u32).wrapping_mul(2_654_435_761) ^ tag.wrapping_mul(40_503)) as u8 | 1;
-        }
-        let n = chunk.len().min((size - off) as usize);
-        f.write_all(&chunk[..n])?;
-        off += n as u64;
-    }
-    f.sync_all()?;
-    Ok(())
+fn summary_json(s: &Summary) -> Value {
+    json!({"median": round1(s.median), "min": round1(s.min), "max": round1(s.max)})
 }
 
-/// How a setup is described in results.
-fn setup_label(o: Ours) -> String {
-    let (what, engine, direct) = match o {
-        Ours::AioFile { engine, direct } => ("aio bdev", engine, direct),
-        Ours::Lvol { engine, direct } => ("thick lvol on aio bdev", engine, direct),
-        Ours::Esnap { engine, direct, .. } => (
-            "fresh esnap clone of aio bdev (4 KiB blocks)",
-            engine,
-            direct,
-        ),
-        Ours::Blob { engine, direct } => ("thick blob on aio bdev", engine, direct),
-        Ours::BsLoad { blobs, recover } => {
-            return format!(
-                "blobstore load, {blobs} blobs, {} (aio uring, O_DIRECT)",
-                if recover {
-                    "recovery path of a dirty store"
-                } else {
-                    "clean"
-                }
-            )
+/// The JSON of an entry: params, method, every run of every side, summaries and ratios.
+#[allow(clippy::too_many_arguments)]
+fn build_record(
+    ctx: &Ctx,
+    b: &Bench,
+    sides: &[Side],
+    runs: &[Vec<Run>],
+    errors: &[Option<String>],
+    orders: Vec<Vec<String>>,
+    load_before: String,
+    data_note: Value,
+) -> Value {
+    let unit = b.unit;
+    let summaries: Vec<Option<Summary>> = runs
+        .iter()
+        .map(|r| summarize(&r.iter().map(|x| x.value).collect::<Vec<_>>()))
+        .collect();
+    let mut side_json = Vec::new();
+    for (i, s) in sides.iter().enumerate() {
+        let mut v = json!({
+            "id": side_id(b, *s),
+            "role": match s { Side::Ours => "ours", Side::Peer(_) => "peer", Side::Spdk => "spdk" },
+            "runs": runs[i].iter().map(|r| round1(r.value)).collect::<Vec<_>>(),
+            "summary": summaries[i].as_ref().map(summary_json),
+            "commands": runs[i].first().map(|r| r.commands.clone()).unwrap_or_default(),
+            "details": runs[i].iter().map(|r| r.detail.clone()).collect::<Vec<_>>(),
+        });
+        if let Some(e) = &errors[i] {
+            v["error"] = json!(e);
         }
-        Ours::SnapClone { lvols } => {
-            return format!("snapshot + clone creation, {lvols} thin lvols (aio uring, O_DIRECT)")
+        // Our bench binary counts allocations (all threads) during the timed run.
+        let allocs: Option<Vec<f64>> = runs[i]
+            .iter()
+            .map(|r| r.detail["allocs_per_io"].as_f64())
+            .collect();
+        if let Some(a) = allocs.filter(|a| !a.is_empty()) {
+            v["allocs_per_io"] = json!(a.iter().map(|x| round3(*x)).collect::<Vec<_>>());
         }
-        Ours::NbdTgtEsnap => {
-            return "tgt NBD export (unix socket) of an esnap clone, 1 MiB clusters; client qemu-img bench".into()
-        }
-        Ours::NbdClientEsnap => {
-            return "esnap clone (1 MiB clusters) over our NBD client bdev, qemu-nbd raw export on a unix socket".into()
+        side_json.push(v);
+    }
+    let ours = summaries[0];
+    let peers: Vec<(usize, Summary)> = sides
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, Side::Peer(_)))
+        .filter_map(|(i, _)| summaries[i].map(|s| (i, s)))
+        .collect();
+    let best = best_peer(&peers, unit.higher_is_better());
+    let spdk_json = match (b.spdk, &ctx.spdk) {
+        (None, _) => Value::Null,
+        (Some(_), None) => json!(format!("not available ({SPDK_ENV} unset)")),
+        (Some(_), Some(_)) => {
+            let i = sides.iter().position(|s| *s == Side::Spdk);
+            let sum = i.and_then(|i| summaries[i]);
+            json!({
+                "summary": sum.as_ref().map(summary_json),
+                "ratio": ours.zip(sum).and_then(|(o, s)| ratio(&o, &s)).map(round3),
+                "error": i.and_then(|i| errors[i].clone()),
+            })
         }
     };
+    let w = &b.work;
+    json!({
+        "name": b.name,
+        "what": b.what,
+        "unit": unit.name(),
+        "higher_is_better": unit.higher_is_better(),
+        "params": {
+            "rw": if b.is_io() { json!(w.rw()) } else { Value::Null },
+            "order": match w.order { Order::Rand => "random", Order::Seq => "sequential", Order::Stride(_) => "strided" },
+            "step": w.step(),
+            "io": b.io().name(),
+            "bs": b.is_io().then_some(w.bs),
+            "qd": b.is_io().then_some(w.qd),
+            "seconds": ctx.secs_of(w.len),
+            "count": ctx.count(w.len),
+            "cluster_size": b.cluster(),
+            "base_block_size": b.base_block(),
+            "file": (b.file != DataFile::Memory).then(|| ctx.file(b.file).display().to_string()),
+            "file_kind": format!("{:?}", b.file).to_lowercase(),
+            "file_size": ctx.file_size,
+        },
+        "method": {
+            "cpus": ctx.cpus,
+            "pinning": format!("every process of every side under `taskset -c {}`", ctx.cpus),
+            "rounds": ctx.rounds,
+            "order_per_round": orders,
+            "quick": ctx.quick,
+            "page_cache": "the entry's file and the pattern file dropped from the page cache before every run (dd iflag=nocache count=0)",
+            "loadavg_before": load_before,
+            "loadavg_after": loadavg(),
+            "data": data_note,
+        },
+        "sides": side_json,
+        "ours": ours.as_ref().map(summary_json),
+        "best_peer": best.map(|(i, _)| side_id(b, sides[i])),
+        "peer_value": best.map(|(_, s)| summary_json(&s)),
+        "ratio": ours.zip(best).and_then(|(o, (_, p))| ratio(&o, &p)).map(round3),
+        "ratio_of": "median of ours / median of the best peer",
+        "spdk": spdk_json,
+        // Set when our side did not open its files the way the entry's name says (e.g. the
+        // NBD target without O_DIRECT): the ratio then compares different things.
+        "mode_mismatch": runs[0].iter().find_map(|r| r.detail.get("mode_mismatch").cloned()),
+    })
+}
+
+fn fmt_summary(v: &Value) -> String {
+    if v.is_null() {
+        return "–".into();
+    }
+    let f = |x: &Value| {
+        let x = x.as_f64().unwrap_or(f64::NAN);
+        if x >= 100.0 {
+            format!("{x:.0}")
+        } else {
+            format!("{x:.1}")
+        }
+    };
+    format!("{} ({}–{})", f(&v["median"]), f(&v["min"]), f(&v["max"]))
+}
+
+fn summary_line(rec: &Value) -> String {
     format!(
-        "{what} ({engine}{})",
-        if direct { ", O_DIRECT" } else { "" }
+        "{:<64} ours {:<28} best peer {:<28} ratio {}  [{}]",
+        rec["name"].as_str().unwrap_or(""),
+        fmt_summary(&rec["ours"]),
+        fmt_summary(&rec["peer_value"]),
+        rec["ratio"],
+        rec["best_peer"].as_str().unwrap_or("no peer"),
     )
 }
 
-fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Measured> {
-    if let Ours::NbdTgtEsnap = setup {
+/// A markdown table of every entry: median (min–max) of ours and of the best peer, the ratio.
+fn markdown_table(records: &[Value]) -> String {
+    let mut s = String::from(
+        "| benchmark | unit | ours: median (min–max) | best peer | peer: median (min–max) | ratio | SPDK ratio |\n|---|---|---|---|---|---|---|\n",
+    );
+    for r in records {
+        let spdk = match &r["spdk"] {
+            Value::Null => "–".to_string(),
+            Value::String(t) => t.clone(),
+            v => v["ratio"].to_string(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r["name"].as_str().unwrap_or(""),
+            r["unit"].as_str().unwrap_or(""),
+            fmt_summary(&r["ours"]),
+            r["best_peer"].as_str().unwrap_or("–"),
+            fmt_summary(&r["peer_value"]),
+            match (&r["ratio"], r["mode_mismatch"].is_null()) {
+                (Value::Null, _) => "–".to_string(),
+                (x, true) => x.to_string(),
+                (x, false) => format!("{x} (mode mismatch, see JSON)"),
+            },
+            spdk,
+        );
+    }
+    s
+}
+
+/// Runs one side once.
+fn run_side(ctx: &Ctx, b: &Bench, side: Side) -> Result<Run> {
+    match side {
+        Side::Ours => run_ours(ctx, b, b.ours),
+        Side::Spdk => {
+            let bin = ctx
+                .spdk
+                .as_ref()
+                .ok_or_else(|| anyhow!("{SPDK_ENV} unset"))?;
+            let job = b
+                .spdk
+                .ok_or_else(|| anyhow!("no SPDK job for this entry"))?;
+            run_spdk(ctx, b, bin, job)
+        }
+        Side::Peer(i) => match b.peers[i] {
+            Peer::Ours(o) => run_ours(ctx, b, o),
+            Peer::Fio => run_fio_file(ctx, b),
+            Peer::QemuImgRaw => run_qemu_img_raw(ctx, b),
+            Peer::QemuImgCow { cluster } => run_qemu_img_cow(ctx, b, cluster),
+            Peer::QemuNbd { cache, aio } => run_qemu_nbd_qcow2(ctx, b, cache, aio),
+            Peer::QemuNbdRaw => run_qemu_nbd_raw_peer(ctx, b),
+        },
+    }
+}
+
+/// A scratch directory for one side's run, removed when dropped.
+struct TmpDir(PathBuf);
+
+impl TmpDir {
+    /// `data_dir/tmp-WHAT`: on the data files' file system, and short, because a Unix
+    /// socket's path must fit in 108 bytes (entries run one at a time, so no clash).
+    fn new(ctx: &Ctx, what: &str) -> Result<TmpDir> {
+        let p = ctx.data_dir.join(format!("tmp-{what}"));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)?;
+        Ok(TmpDir(p))
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Our `bench` binary, pinned, on one of our setups.
+fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
+    if matches!(setup, Ours::NbdTgtEsnap | Ours::TgtIdle) {
         return run_tgt_nbd_esnap(ctx, b);
     }
-    let mut cmd = Command::new(&ctx.bench_bin);
-    let mut file = ctx.data_dir.join(b.file);
+    let w = &b.work;
+    let mut file = ctx.file(b.file);
+    let mut cmd = ctx.pinned(&ctx.bench_bin);
     let mut server = None;
-    let qdir = ctx.data_dir.join(format!("{}.ours-tmp", b.name));
-    if let Ours::NbdClientEsnap = setup {
-        let (srv, sock) = start_qemu_nbd_raw(ctx, b, &qdir)?;
-        server = Some(srv);
-        file = sock;
-    }
-    let (kind, engine, direct) = match setup {
-        Ours::AioFile { engine, direct } => ("aio", engine, direct),
-        Ours::Lvol { engine, direct } => ("lvol", engine, direct),
-        Ours::Esnap {
-            engine,
-            direct,
+    let mut commands = Vec::new();
+    let tmp = TmpDir::new(ctx, "ours")?;
+    let (kind, direct) = match setup {
+        Ours::Aio { io, block_len } => {
+            if let Some(bl) = block_len {
+                cmd.args(["--block-len", &bl.to_string()]);
+            }
+            ("aio", io == Io::Direct)
+        }
+        Ours::Lvol {
+            thin,
+            prefill,
             cluster,
         } => {
-            // 512-byte blocks under an esnap clone fail reads with EIO (lvol issue).
-            cmd.args(["--block-len", "4096"]);
-            if let Some(c) = cluster {
-                cmd.args(["--cluster-size", &c.to_string()]);
+            cmd.args(["--cluster-size", &cluster.to_string()]);
+            if prefill {
+                cmd.arg("--prefill");
             }
-            ("esnap", engine, direct)
+            (if thin { "thinlvol" } else { "lvol" }, true)
         }
-        Ours::Blob { engine, direct } => ("blob", engine, direct),
+        Ours::Esnap {
+            cluster,
+            base_block,
+        } => {
+            cmd.args(["--cluster-size", &cluster.to_string()])
+                .args(["--block-len", &base_block.to_string()]);
+            ("esnap", true)
+        }
+        Ours::Blob => {
+            cmd.arg("--prefill");
+            ("blob", true)
+        }
+        Ours::Malloc { block_len } => {
+            cmd.args(["--block-len", &block_len.to_string()]);
+            ("malloc", false)
+        }
+        Ours::MallocLvol => {
+            cmd.args(["--cluster-size", &(4u64 << 20).to_string()]);
+            ("mlvol", false)
+        }
+        Ours::MallocEsnap { base_block } => {
+            cmd.args(["--cluster-size", &(4u64 << 20).to_string()])
+                .args(["--block-len", &base_block.to_string()]);
+            ("mesnap", false)
+        }
         Ours::BsLoad { blobs, recover } => {
+            let blobs = if ctx.quick { blobs / 10 } else { blobs };
             cmd.args(["--blobs", &blobs.to_string()]);
             if recover {
                 cmd.arg("--recover");
             }
-            ("bsload", "uring", true)
+            ("bsload", true)
         }
         Ours::SnapClone { lvols } => {
+            let lvols = if ctx.quick { lvols / 10 } else { lvols };
             cmd.args(["--lvols", &lvols.to_string()]);
-            ("snapclone", "uring", true)
+            ("snapclone", true)
         }
-        Ours::NbdClientEsnap => ("nbdesnap", "auto", false),
-        Ours::NbdTgtEsnap => unreachable!("handled above"),
+        Ours::NbdClientEsnap => {
+            let (srv, sock, c) = start_qemu_nbd_raw(ctx, &tmp.0)?;
+            server = Some(srv);
+            commands.push(c);
+            file = sock;
+            ("nbdesnap", false)
+        }
+        Ours::NbdTgtEsnap | Ours::TgtIdle => unreachable!("handled above"),
     };
+    if b.file == DataFile::Memory {
+        // Malloc targets take their size in MiB instead of a file.
+        file = PathBuf::from((ctx.file_size >> 20).to_string());
+    }
     cmd.arg("--target")
         .arg(format!("{kind}:{}", file.display()))
-        .args(["--engine", engine]);
+        .args(["--engine", "uring"]);
     if direct {
         cmd.arg("--direct");
     }
-    // Load and creation benchmarks do no I/O pattern of their own.
-    let rw = match b.workload {
-        "load" | "create" => "read",
-        w => w,
+    cmd.args(["--rw", w.rw()])
+        .args(["--bs", &w.bs.to_string()])
+        .args(["--qd", &w.qd.to_string()]);
+    match (ctx.count(w.len), ctx.secs_of(w.len)) {
+        (Some(n), _) => cmd.args(["--count", &n.to_string()]),
+        (None, Some(s)) => cmd.args(["--time", &s.to_string()]),
+        (None, None) => unreachable!("a length is a count or a time"),
     };
-    cmd.args(["--rw", rw])
-        .args(["--bs", &b.bs.to_string()])
-        .args(["--qd", &b.qd.to_string()]);
-    match b.count {
-        Some(n) => cmd.args(["--count", &n.to_string()]),
-        None => cmd.args(["--time", &ctx.seconds.to_string()]),
-    };
-    if let Some(s) = b.step {
+    if let Some(s) = w.step() {
         cmd.args(["--step", &s.to_string()]);
     }
-    let out = util::output("our benchmark", &mut cmd);
-    if server.take().is_some() {
-        let _ = std::fs::remove_dir_all(&qdir);
-    }
+    commands.push(util::show(&cmd));
+    let out = util::output("our bench", &mut cmd);
+    drop(server);
     let out = out?;
     let v: Value = serde_json::from_str(out.trim())
         .with_context(|| format!("bench printed no JSON: {out:?}"))?;
-    let iops = v["iops"]
-        .as_f64()
-        .ok_or_else(|| anyhow!("no iops in {v}"))?;
-    Ok(Measured {
-        iops,
-        ios: v["ios"].as_u64().unwrap_or(0),
+    let value = match setup {
+        Ours::BsLoad { .. } => v["ms"].as_f64(),
+        _ => v["iops"].as_f64(),
+    }
+    .ok_or_else(|| anyhow!("no figure in {v}"))?;
+    Ok(Run {
+        value,
+        commands,
         detail: v,
     })
 }
 
-/// Runs fio with the same pattern; returns the peer's label and its figure.
-fn run_fio(ctx: &Ctx, b: &Bench) -> (String, Result<Measured>) {
-    let Some(fio) = util::find_or_install("fio", "fio") else {
-        return ("fio (not installed)".into(), Err(anyhow!("fio missing")));
-    };
-    let version = util::version_of(&fio).unwrap_or_else(|| "fio".into());
-    let direct = b.ours.direct();
-    let label = format!("{version} io_uring direct={}", u8::from(direct));
-    // fio's rw=read:<skip> skips `skip` bytes after each request.
-    let rw = match b.step {
-        Some(s) if s > b.bs => format!("{}:{}", b.workload, s - b.bs),
-        _ => b.workload.to_string(),
-    };
-    let mut cmd = Command::new(&fio);
-    cmd.arg(format!("--name={}", b.name))
-        .arg(format!(
-            "--filename={}",
-            ctx.data_dir.join(b.file).display()
-        ))
-        .arg(format!("--size={FILE_SIZE}"))
-        .arg(format!("--rw={rw}"))
-        .arg(format!("--bs={}", b.bs))
-        .arg(format!("--iodepth={}", b.qd))
+/// fio on a file: io_uring, the entry's direct flag, time based or with the entry's count.
+fn run_fio_file(ctx: &Ctx, b: &Bench) -> Result<Run> {
+    let fio = util::find_or_install("fio", "fio").ok_or_else(|| anyhow!("fio missing"))?;
+    let mut cmd = ctx.pinned(&fio);
+    cmd.arg(format!("--filename={}", ctx.file(b.file).display()))
+        .arg(format!("--size={}", ctx.file_size))
         .arg("--ioengine=io_uring")
-        .arg(format!("--direct={}", u8::from(direct)))
-        .arg("--time_based=1")
-        .arg(format!("--runtime={}", ctx.seconds))
+        .arg(format!("--direct={}", u8::from(b.io() == Io::Direct)));
+    fio_common(ctx, b, &mut cmd);
+    let out = util::output("fio", &mut cmd)?;
+    let m = parse_fio(&out)?;
+    Ok(Run {
+        value: m.0,
+        commands: vec![util::show(&cmd)],
+        detail: json!({"version": util::version_of(&fio), "ios": m.1}),
+    })
+}
+
+/// The workload flags shared by fio on a file and fio over NBD.
+fn fio_common(ctx: &Ctx, b: &Bench, cmd: &mut Command) {
+    let w = &b.work;
+    // fio's rw=read:<skip> skips `skip` bytes after each request.
+    let rw = match w.step() {
+        Some(s) if s > w.bs => format!("{}:{}", w.rw(), s - w.bs),
+        _ => w.rw().to_string(),
+    };
+    cmd.arg(format!("--name={}", b.name))
+        .arg(format!("--rw={rw}"))
+        .arg(format!("--bs={}", w.bs))
+        .arg(format!("--iodepth={}", w.qd))
         .arg("--norandommap=1")
         .arg("--randrepeat=0")
         .arg("--numjobs=1")
         .arg("--output-format=json");
-    let r = util::output("fio", &mut cmd).and_then(|out| parse_fio(&out));
-    (label, r)
+    match (ctx.count(w.len), ctx.secs_of(w.len)) {
+        (Some(n), _) => cmd.arg(format!("--number_ios={n}")),
+        (None, Some(s)) => cmd
+            .arg("--time_based=1")
+            .arg(format!("--runtime={}ms", (s * 1000.0) as u64)),
+        (None, None) => unreachable!("a length is a count or a time"),
+    };
 }
 
-/// Extracts the IOPS (read + write) of the first job from fio's JSON output.
-fn parse_fio(out: &str) -> Result<Measured> {
+/// IOPS (read + write) and requests of fio's first job, from its JSON output.
+fn parse_fio(out: &str) -> Result<(f64, u64)> {
     let start = out
         .find('{')
         .ok_or_else(|| anyhow!("no JSON in fio output"))?;
@@ -784,105 +1636,143 @@ fn parse_fio(out: &str) -> Result<Measured> {
         job["read"]["iops"].as_f64().unwrap_or(0.0) + job["write"]["iops"].as_f64().unwrap_or(0.0);
     let ios = job["read"]["total_ios"].as_u64().unwrap_or(0)
         + job["write"]["total_ios"].as_u64().unwrap_or(0);
-    Ok(Measured {
-        iops,
-        ios,
-        detail: Value::Null,
-    })
+    if ios == 0 || iops.is_nan() || iops <= 0.0 {
+        bail!("fio completed no request");
+    }
+    Ok((iops, ios))
 }
 
-/// Runs `qemu-img bench` with the same request size, step and depth for `count` requests.
-fn run_qemu_img_bench(ctx: &Ctx, b: &Bench, count: u64) -> (String, Result<Measured>) {
-    let Some(qemu) = util::find_or_install("qemu-img", "qemu-utils") else {
-        return (
-            "qemu-img bench (not installed)".into(),
-            Err(anyhow!("qemu-img missing")),
-        );
+/// `Run completed in 1.234 seconds.` → requests per second for `count` requests.
+fn parse_qemu_img_bench(out: &str, count: u64) -> Result<f64> {
+    let secs = out
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("Run completed in ")
+                .and_then(|r| r.strip_suffix(" seconds."))
+                .and_then(|s| s.trim().parse::<f64>().ok())
+        })
+        .ok_or_else(|| anyhow!("no `Run completed in` line in qemu-img output: {out:?}"))?;
+    if secs.is_nan() || secs <= 0.0 {
+        bail!("qemu-img reported {secs} seconds");
+    }
+    Ok(count as f64 / secs)
+}
+
+/// IOPS from the `Total` line of SPDK bdevperf's report (`Total : <IOPS> <MiB/s> ...`).
+fn parse_bdevperf(out: &str) -> Result<f64> {
+    let line = out
+        .lines()
+        .map(|l| l.trim_start_matches('\r').trim())
+        .rfind(|l| l.starts_with("Total"))
+        .ok_or_else(|| anyhow!("no Total line in bdevperf output"))?;
+    let (_, rest) = line
+        .split_once(':')
+        .ok_or_else(|| anyhow!("bad bdevperf Total line {line:?}"))?;
+    let mut nums = rest.split_whitespace().map(str::parse::<f64>);
+    let iops = match nums.next() {
+        Some(Ok(x)) if x.is_finite() && x > 0.0 => x,
+        _ => bail!("no IOPS in bdevperf Total line {line:?}"),
     };
-    let version = util::version_of(&qemu)
-        .and_then(|v| v.split_whitespace().nth(2).map(str::to_string))
-        .unwrap_or_default();
-    let count = count.max(1000);
-    let mut last_err = anyhow!("not run");
-    // io_uring like ours when qemu was built with it, else Linux native AIO.
-    for aio in ["io_uring", "native"] {
-        let mut cmd = Command::new(&qemu);
-        cmd.args(["bench", "-f", "raw", "-t", "none", "-i", aio])
-            .args(["-c", &count.to_string()])
-            .args(["-d", &b.qd.to_string()])
-            .args(["-s", &b.bs.to_string()]);
-        if let Some(s) = b.step {
-            cmd.args(["-S", &s.to_string()]);
-        }
-        if b.workload == "write" {
-            cmd.arg("-w");
-        }
-        cmd.arg(ctx.data_dir.join(b.file));
-        match util::output("qemu-img bench", &mut cmd).and_then(|o| parse_qemu_img_bench(&o, count))
-        {
-            Ok(m) => {
-                return (
-                    format!("qemu-img {version} bench aio={aio} cache=none"),
-                    Ok(m),
-                )
-            }
-            Err(e) => last_err = e,
+    if let Some(Ok(fail)) = nums.nth(1) {
+        if fail > 0.0 {
+            bail!("bdevperf reports {fail} failed I/O per second");
         }
     }
-    (format!("qemu-img {version} bench"), Err(last_err))
+    Ok(iops)
 }
 
-/// `qemu-img bench -w` on a new qcow2 clone of the raw data file: the same request count,
-/// depth, size and step as ours, so each write lands in an unallocated cluster as in ours.
-fn run_qemu_qcow2_cow(ctx: &Ctx, b: &Bench, cluster: u32) -> (String, Result<Measured>) {
-    let Some(qemu) = util::find_or_install("qemu-img", "qemu-utils") else {
-        return (
-            "qemu-img bench (not installed)".into(),
-            Err(anyhow!("qemu-img missing")),
-        );
+/// `qemu-img bench` arguments for the entry's size, depth, step, direction and count.
+fn qemu_img_bench_args(b: &Bench, count: u64, cmd: &mut Command) {
+    let w = &b.work;
+    cmd.args(["-c", &count.to_string()])
+        .args(["-d", &w.qd.to_string()])
+        .args(["-s", &w.bs.to_string()]);
+    if let Some(s) = w.step() {
+        cmd.args(["-S", &s.to_string()]);
+    }
+    if w.write {
+        cmd.arg("-w");
+    }
+}
+
+fn qemu_img() -> Result<PathBuf> {
+    util::find_or_install("qemu-img", "qemu-utils").ok_or_else(|| anyhow!("qemu-img missing"))
+}
+
+/// `qemu-img bench -f raw` on the entry's file with io_uring (falling back to native AIO).
+fn run_qemu_img_raw(ctx: &Ctx, b: &Bench) -> Result<Run> {
+    let qemu = qemu_img()?;
+    let count = ctx
+        .count(b.work.len)
+        .ok_or_else(|| anyhow!("qemu-img bench needs a count"))?;
+    let cache = if b.io() == Io::Direct {
+        "none"
+    } else {
+        "writeback"
     };
-    let version = util::version_of(&qemu)
-        .and_then(|v| v.split_whitespace().nth(2).map(str::to_string))
-        .unwrap_or_default();
-    let label = format!(
-        "qemu-img {version} bench -w qcow2 (raw backing, cluster_size={cluster}) cache=none"
-    );
-    let base = ctx.data_dir.join(b.file);
-    let clone = ctx.data_dir.join(format!("{}.qcow2", b.name));
-    let count = b.count.unwrap_or(1000);
-    let r = (|| -> Result<Measured> {
-        let _ = std::fs::remove_file(&clone);
-        util::run(
-            "qemu-img create",
-            Command::new(&qemu)
-                .args(["create", "-q", "-f", "qcow2", "-b"])
-                .arg(&base)
-                .args(["-F", "raw", "-o", &format!("cluster_size={cluster}")])
-                .arg(&clone)
-                .arg(FILE_SIZE.to_string()),
-        )?;
-        let mut last_err = anyhow!("not run");
-        for aio in ["io_uring", "native"] {
-            let mut cmd = Command::new(&qemu);
-            cmd.args(["bench", "-w", "-f", "qcow2", "-t", "none", "-i", aio])
-                .args(["-c", &count.to_string()])
-                .args(["-d", &b.qd.to_string()])
-                .args(["-s", &b.bs.to_string()]);
-            if let Some(s) = b.step {
-                cmd.args(["-S", &s.to_string()]);
+    let mut last = anyhow!("not run");
+    for aio in ["io_uring", "native"] {
+        let mut cmd = ctx.pinned(&qemu);
+        cmd.args(["bench", "-f", "raw", "-t", cache, "-i", aio]);
+        qemu_img_bench_args(b, count, &mut cmd);
+        cmd.arg(ctx.file(b.file));
+        match util::output("qemu-img bench", &mut cmd).and_then(|o| parse_qemu_img_bench(&o, count))
+        {
+            Ok(v) => {
+                return Ok(Run {
+                    value: v,
+                    commands: vec![util::show(&cmd)],
+                    detail: json!({"version": util::version_of(&qemu)}),
+                })
             }
-            cmd.arg(&clone);
-            match util::output("qemu-img bench", &mut cmd)
-                .and_then(|o| parse_qemu_img_bench(&o, count))
-            {
-                Ok(m) => return Ok(m),
-                Err(e) => last_err = e,
-            }
+            Err(e) => last = e,
         }
-        Err(last_err)
-    })();
-    let _ = std::fs::remove_file(&clone);
-    (label, r)
+    }
+    Err(last)
+}
+
+/// `qemu-img create -f qcow2 -b PATTERN -F raw -o cluster_size=C CLONE SIZE`.
+fn create_qcow2_clone(ctx: &Ctx, clone: &Path, cluster: u64) -> Result<String> {
+    let mut cmd = Command::new(qemu_img()?);
+    cmd.args(["create", "-q", "-f", "qcow2", "-b"])
+        .arg(ctx.file(DataFile::Pattern))
+        .args(["-F", "raw", "-o", &format!("cluster_size={cluster}")])
+        .arg(clone)
+        .arg(ctx.file_size.to_string());
+    util::run("qemu-img create", &mut cmd)?;
+    Ok(util::show(&cmd))
+}
+
+/// `qemu-img bench -w -t none` on a fresh qcow2 clone of the pattern file.
+fn run_qemu_img_cow(ctx: &Ctx, b: &Bench, cluster: u64) -> Result<Run> {
+    let qemu = qemu_img()?;
+    let count = ctx
+        .count(b.work.len)
+        .ok_or_else(|| anyhow!("qemu-img bench needs a count"))?;
+    let tmp = TmpDir::new(ctx, "peer")?;
+    let clone = tmp.0.join("clone.qcow2");
+    let mut last = anyhow!("not run");
+    for aio in ["io_uring", "native"] {
+        let _ = std::fs::remove_file(&clone);
+        let create = create_qcow2_clone(ctx, &clone, cluster)?;
+        let mut cmd = ctx.pinned(&qemu);
+        cmd.args(["bench", "-f", "qcow2", "-t", "none", "-i", aio]);
+        qemu_img_bench_args(b, count, &mut cmd);
+        cmd.arg(&clone);
+        match util::output("qemu-img bench", &mut cmd).and_then(|o| parse_qemu_img_bench(&o, count))
+        {
+            Ok(v) => {
+                return Ok(Run {
+                    value: v,
+                    commands: vec![create, util::show(&cmd)],
+                    detail: json!({"version": util::version_of(&qemu)}),
+                })
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// A child process killed and reaped when dropped.
@@ -895,16 +1785,98 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Waits until a Unix socket accepts connections.
-fn wait_socket(p: &Path) -> Result<()> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while std::time::Instant::now() < deadline {
+/// Waits until a Unix socket accepts connections (or the server exits).
+fn wait_socket(p: &Path, child: &mut KillOnDrop) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
         if std::os::unix::net::UnixStream::connect(p).is_ok() {
             return Ok(());
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        if let Ok(Some(st)) = child.0.try_wait() {
+            bail!(
+                "the server exited ({st}) before listening on {}",
+                p.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     bail!("{} never accepted connections", p.display())
+}
+
+/// The files a process holds open under `dir_prefixes`, with whether each is O_DIRECT (from
+/// /proc/PID/fdinfo): what a server really does, whatever its options say.
+fn open_files(pid: u32, prefixes: &[&Path]) -> Value {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return json!("unreadable");
+    };
+    for e in rd.flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !prefixes.iter().any(|p| target.starts_with(p)) {
+            continue;
+        }
+        let fd = e.file_name().to_string_lossy().into_owned();
+        let flags = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            });
+        out.push(json!({
+            "path": target.display().to_string(),
+            "o_direct": flags.map(|f| f & libc_o_direct() != 0),
+            "flags_octal": flags.map(|f| format!("{f:o}")),
+        }));
+    }
+    json!(out)
+}
+
+/// O_DIRECT on the architectures we run on.
+fn libc_o_direct() -> u32 {
+    if cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
+        0o200000
+    } else {
+        0o40000
+    }
+}
+
+/// Whether the server opened every observed file with O_DIRECT.
+fn all_direct(files: &Value) -> Option<bool> {
+    let a = files.as_array()?;
+    if a.is_empty() {
+        return None;
+    }
+    a.iter()
+        .map(|f| f["o_direct"].as_bool())
+        .collect::<Option<Vec<bool>>>()
+        .map(|v| v.iter().all(|x| *x))
+}
+
+/// The NBD client of an entry: fio's nbd engine for random workloads (timed), qemu-img bench
+/// for sequential ones (fixed count); both pinned.
+fn nbd_client(ctx: &Ctx, b: &Bench, uri: &str) -> Result<(f64, String)> {
+    if b.work.order == Order::Rand {
+        let fio =
+            util::which("fio").ok_or_else(|| anyhow!("fio missing (needed for random NBD)"))?;
+        let mut cmd = ctx.pinned(&fio);
+        cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
+        fio_common(ctx, b, &mut cmd);
+        let out = util::output("fio (nbd)", &mut cmd)?;
+        Ok((parse_fio(&out)?.0, util::show(&cmd)))
+    } else {
+        let count = ctx
+            .count(b.work.len)
+            .ok_or_else(|| anyhow!("qemu-img bench needs a count"))?;
+        let mut cmd = ctx.pinned(qemu_img()?);
+        cmd.args(["bench", "-f", "raw"]);
+        qemu_img_bench_args(b, count, &mut cmd);
+        cmd.arg(uri);
+        let out = util::output("qemu-img bench (nbd)", &mut cmd)?;
+        Ok((parse_qemu_img_bench(&out, count)?, util::show(&cmd)))
+    }
 }
 
 /// One JSON-RPC call over our target's socket.
@@ -923,189 +1895,339 @@ fn rpc(sock: &Path, method: &str, params: Value) -> Result<Value> {
     }
 }
 
-/// `qemu-img bench` over an NBD URI: the bench's size, depth, pattern and count.
-fn qemu_img_bench_nbd(b: &Bench, uri: &str) -> Result<Measured> {
-    let count = b.count.unwrap_or(NBD_COUNT);
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["bench", "-f", "raw"])
-        .args(["-c", &count.to_string()])
-        .args(["-d", &b.qd.to_string()])
-        .args(["-s", &b.bs.to_string()]);
-    if let Some(s) = b.step {
-        cmd.args(["-S", &s.to_string()]);
-    }
-    if b.workload == "write" {
-        cmd.arg("-w");
-    }
-    cmd.arg(uri);
-    let out = util::output("qemu-img bench", &mut cmd)?;
-    parse_qemu_img_bench(&out, count)
-}
-
-/// Ours over NBD: a `tgt` process (built by `cargo build --release -p tgt`), an aio base bdev
-/// over the data file, a fresh lvol store on a sparse file, an esnap clone exported over NBD.
-fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Measured> {
-    let tgt = ctx.bench_bin.with_file_name("tgt");
-    let dir = ctx.data_dir.join(format!("{}.tmp", b.name));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let store = dir.join("store.img");
-    File::create(&store)?.set_len(FILE_SIZE + (256 << 20))?;
-    let sock = dir.join("rpc.sock");
-    let nbd = dir.join("nbd.sock");
-    let child = Command::new(&tgt)
-        .arg("-r")
-        .arg(&sock)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .with_context(|| format!("start {}", tgt.display()))?;
-    let guard = KillOnDrop(child);
-    let r = (|| -> Result<Measured> {
-        wait_socket(&sock)?;
-        let base = ctx.data_dir.join(b.file);
-        rpc(
-            &sock,
+/// Ours over NBD: a pinned `tgt`, a read-only aio base bdev over the pattern file (4 KiB
+/// blocks), a fresh lvol store on a sparse file, an esnap clone exported over NBD.
+fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
+    let tmp = TmpDir::new(ctx, "ours")?;
+    let store = tmp.0.join("store.img");
+    File::create(&store)?.set_len(ctx.file_size + (256 << 20))?;
+    let sock = tmp.0.join("rpc.sock");
+    let nbd = tmp.0.join("nbd.sock");
+    let mut cmd = ctx.pinned(&ctx.tgt_bin);
+    cmd.arg("-r").arg(&sock).stdout(Stdio::null());
+    let shown = util::show(&cmd);
+    let mut guard = KillOnDrop(cmd.spawn().with_context(|| format!("start {shown}"))?);
+    wait_socket(&sock, &mut guard)?;
+    let base = ctx.file(DataFile::Pattern);
+    let calls = [
+        (
             "bdev_aio_create",
             json!({"name": "base", "filename": base, "block_size": 4096,
-                   "readonly": true, "uuid": NBD_BASE_UUID}),
-        )?;
-        rpc(
-            &sock,
+                   "readonly": true, "uuid": BASE_UUID}),
+        ),
+        (
             "bdev_aio_create",
             json!({"name": "store", "filename": store, "block_size": 4096}),
-        )?;
-        rpc(
-            &sock,
+        ),
+        (
             "bdev_lvol_create_lvstore",
             json!({"bdev_name": "store", "lvs_name": "lvs", "cluster_sz": 1 << 20,
                    "clear_method": "none"}),
-        )?;
-        rpc(
-            &sock,
+        ),
+        (
             "bdev_lvol_clone_bdev",
-            json!({"bdev": NBD_BASE_UUID, "lvs_name": "lvs", "clone_name": "ec"}),
-        )?;
-        rpc(
-            &sock,
+            json!({"bdev": BASE_UUID, "lvs_name": "lvs", "clone_name": "ec"}),
+        ),
+        (
             "nbd_server_start",
             json!({"listen": format!("unix:{}", nbd.display())}),
-        )?;
-        rpc(
-            &sock,
+        ),
+        (
             "nbd_export_add",
             json!({"bdev_name": "lvs/ec", "name": "ec"}),
-        )?;
-        qemu_img_bench_nbd(b, &format!("nbd+unix:///ec?socket={}", nbd.display()))
-    })();
+        ),
+    ];
+    let mut commands = vec![shown];
+    for (m, p) in calls {
+        rpc(&sock, m, p.clone())?;
+        commands.push(format!("rpc {m} {p}"));
+    }
+    if b.ours == Ours::TgtIdle {
+        let secs = ctx
+            .secs_of(b.work.len)
+            .ok_or_else(|| anyhow!("the idle entry is timed"))?;
+        // Let the setup's work finish before the window opens.
+        std::thread::sleep(Duration::from_millis(500));
+        let pct = idle_cpu_percent(guard.0.id(), secs)?;
+        let _ = rpc(&sock, "spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
+        commands.push(format!(
+            "(no client; CPU time of the tgt process over {secs} s)"
+        ));
+        return Ok(Run {
+            value: pct,
+            commands,
+            detail: json!({"seconds": secs}),
+        });
+    }
+    let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///ec?socket={}", nbd.display()))?;
+    commands.push(client);
+    // After the client's run: by then the server has opened everything it opens.
+    let files = open_files(guard.0.id(), &[&ctx.data_dir]);
     let _ = rpc(&sock, "spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
     drop(guard);
-    let _ = std::fs::remove_dir_all(&dir);
-    r
+    let direct = all_direct(&files);
+    let mut detail = json!({"open_files": files, "all_o_direct": direct});
+    if let (Some(d), want) = (direct, b.io() == Io::Direct) {
+        if d != want {
+            detail["mode_mismatch"] = json!(format!(
+                "the entry asks for {} access but tgt opened its files {}; bdev_aio_create takes no cache option in this build",
+                b.io().name(),
+                if d { "with O_DIRECT" } else { "through the page cache" }
+            ));
+        }
+    }
+    Ok(Run {
+        value,
+        commands,
+        detail,
+    })
 }
 
-/// Starts `qemu-nbd` serving the data file read-only as export `base` on `dir/q.sock`.
-fn start_qemu_nbd_raw(ctx: &Ctx, b: &Bench, dir: &Path) -> Result<(KillOnDrop, PathBuf)> {
+/// CPU time (user + system, all threads) a process spends over `secs` seconds, in percent of
+/// one core, from /proc/PID/stat.
+fn idle_cpu_percent(pid: u32, secs: f64) -> Result<f64> {
+    let ticks = |pid: u32| -> Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        parse_stat_cpu_ticks(&stat)
+    };
+    let hz: f64 = command_line_output("getconf", &["CLK_TCK"])
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100.0);
+    let t0 = ticks(pid)?;
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let t1 = ticks(pid)?;
+    let wall = start.elapsed().as_secs_f64();
+    Ok((t1.saturating_sub(t0)) as f64 / hz / wall * 100.0)
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/PID/stat line; the command name (field 2, in
+/// parentheses) may contain spaces.
+fn parse_stat_cpu_ticks(stat: &str) -> Result<u64> {
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("bad /proc stat line"))?;
+    // `rest` starts at field 3 (state): utime is field 14, so index 11 here.
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|x| x.parse().ok())
+            .ok_or_else(|| anyhow!("bad /proc stat field {}", i + 3))
+    };
+    Ok(num(11)? + num(12)?)
+}
+
+/// The qemu-nbd peer: a fresh qcow2 clone (1 MiB clusters) of the pattern file served with
+/// `--cache` and `--aio` as given, the same client as ours.
+fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench, cache: &str, aio: Option<&str>) -> Result<Run> {
+    let qemu_nbd = util::find_or_install("qemu-nbd", "qemu-utils")
+        .ok_or_else(|| anyhow!("qemu-nbd missing"))?;
+    let tmp = TmpDir::new(ctx, "peer")?;
+    let qcow = tmp.0.join("clone.qcow2");
+    let create = create_qcow2_clone(ctx, &qcow, 1 << 20)?;
+    let qsock = tmp.0.join("q.sock");
+    let mut cmd = ctx.pinned(&qemu_nbd);
+    cmd.args(["-f", "qcow2", "-x", "q", "-t", "--cache", cache]);
+    if let Some(a) = aio {
+        cmd.args(["--aio", a]);
+    }
+    cmd.arg("-k").arg(&qsock).arg(&qcow).stdout(Stdio::null());
+    let shown = util::show(&cmd);
+    let mut srv = KillOnDrop(cmd.spawn().context("start qemu-nbd")?);
+    wait_socket(&qsock, &mut srv)?;
+    let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///q?socket={}", qsock.display()))?;
+    let files = open_files(srv.0.id(), &[&ctx.data_dir]);
+    drop(srv);
+    Ok(Run {
+        value,
+        commands: vec![create, shown, client],
+        detail: json!({"open_files": files, "all_o_direct": all_direct(&files),
+                       "version": util::version_of(&qemu_nbd)}),
+    })
+}
+
+/// Starts a pinned `qemu-nbd -r` serving the pattern file as export `base` on `dir/q.sock`;
+/// returns the server, the socket and the command line.
+fn start_qemu_nbd_raw(ctx: &Ctx, dir: &Path) -> Result<(KillOnDrop, PathBuf, String)> {
     let qemu_nbd =
         util::find_or_install("qemu-nbd", "qemu-utils").ok_or_else(|| anyhow!("no qemu-nbd"))?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
     let sock = dir.join("q.sock");
-    let child = Command::new(qemu_nbd)
-        .args(["-r", "-t", "-e", "8", "-x", "base", "-f", "raw", "-k"])
+    let mut cmd = ctx.pinned(qemu_nbd);
+    cmd.args(["-r", "-t", "-e", "8", "-x", "base", "-f", "raw", "-k"])
         .arg(&sock)
-        .arg(ctx.data_dir.join(b.file))
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .context("start qemu-nbd")?;
-    let srv = KillOnDrop(child);
-    wait_socket(&sock)?;
-    Ok((srv, sock))
+        .arg(ctx.file(DataFile::Pattern))
+        .stdout(Stdio::null());
+    let shown = util::show(&cmd);
+    let mut srv = KillOnDrop(cmd.spawn().context("start qemu-nbd")?);
+    wait_socket(&sock, &mut srv)?;
+    Ok((srv, sock, shown))
 }
 
 /// The peer of the NBD client: `qemu-img bench` straight from qemu-nbd.
-fn run_qemu_img_nbd_raw(ctx: &Ctx, b: &Bench) -> (String, Result<Measured>) {
-    let version = util::version_of("qemu-nbd")
-        .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
-        .unwrap_or_default();
-    let label = format!("qemu-img bench straight from qemu-nbd {version} (raw, unix socket)");
-    let dir = ctx.data_dir.join(format!("{}.peer-tmp", b.name));
-    let r = start_qemu_nbd_raw(ctx, b, &dir).and_then(|(_srv, sock)| {
-        qemu_img_bench_nbd(b, &format!("nbd+unix:///base?socket={}", sock.display()))
-    });
-    let _ = std::fs::remove_dir_all(&dir);
-    (label, r)
-}
-
-/// The peer over NBD: `qemu-nbd` serving a fresh qcow2 clone of the data file (raw backing,
-/// 1 MiB clusters) on a Unix socket.
-fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench) -> (String, Result<Measured>) {
-    let Some(qemu_nbd) = util::find_or_install("qemu-nbd", "qemu-utils") else {
-        return (
-            "qemu-nbd (not installed)".into(),
-            Err(anyhow!("qemu-nbd missing")),
-        );
-    };
-    let version = util::version_of(&qemu_nbd)
-        .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
-        .unwrap_or_default();
-    let label = format!("qemu-nbd {version} qcow2 clone (raw backing, 1 MiB clusters), unix socket; client qemu-img bench");
-    let dir = ctx.data_dir.join(format!("{}.qtmp", b.name));
-    let r = (|| -> Result<Measured> {
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        let qcow = dir.join("clone.qcow2");
-        util::run(
-            "qemu-img create",
-            Command::new("qemu-img")
-                .args([
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-F",
-                    "raw",
-                    "-o",
-                    "cluster_size=1M",
-                    "-b",
-                ])
-                .arg(ctx.data_dir.join(b.file))
-                .arg(&qcow),
-        )?;
-        let qsock = dir.join("q.sock");
-        let child = Command::new(&qemu_nbd)
-            .args(["-f", "qcow2", "-x", "q", "-t", "-k"])
-            .arg(&qsock)
-            .arg(&qcow)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("start qemu-nbd")?;
-        let _q = KillOnDrop(child);
-        wait_socket(&qsock)?;
-        qemu_img_bench_nbd(b, &format!("nbd+unix:///q?socket={}", qsock.display()))
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    (label, r)
-}
-
-/// `Run completed in 1.234 seconds.` → IOPS for `count` requests.
-fn parse_qemu_img_bench(out: &str, count: u64) -> Result<Measured> {
-    let secs = out
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("Run completed in ")
-                .and_then(|r| r.strip_suffix(" seconds."))
-                .and_then(|s| s.trim().parse::<f64>().ok())
-        })
-        .ok_or_else(|| anyhow!("no `Run completed in` line in qemu-img output: {out:?}"))?;
-    if secs <= 0.0 {
-        bail!("qemu-img reported {secs} seconds");
-    }
-    Ok(Measured {
-        iops: count as f64 / secs,
-        ios: count,
+fn run_qemu_nbd_raw_peer(ctx: &Ctx, b: &Bench) -> Result<Run> {
+    let tmp = TmpDir::new(ctx, "peer")?;
+    let (srv, sock, shown) = start_qemu_nbd_raw(ctx, &tmp.0)?;
+    let r = nbd_client(
+        ctx,
+        b,
+        &format!("nbd+unix:///base?socket={}", sock.display()),
+    );
+    drop(srv);
+    let (value, client) = r?;
+    Ok(Run {
+        value,
+        commands: vec![shown, client],
         detail: Value::Null,
     })
+}
+
+/// The JSON config bdevperf loads (`-c`) for a job, and the bdev to run on (`-T`).
+fn spdk_config(ctx: &Ctx, b: &Bench, job: SpdkJob, store: &Path) -> (Value, String) {
+    match job {
+        SpdkJob::Aio => (
+            json!({"subsystems": [{"subsystem": "bdev", "config": [
+                {"method": "bdev_aio_create",
+                 "params": {"name": "aio0", "filename": ctx.file(b.file), "block_size": 512}},
+                {"method": "bdev_wait_for_examine"}
+            ]}]}),
+            "aio0".into(),
+        ),
+        SpdkJob::Esnap {
+            cluster,
+            base_block,
+        } => (
+            json!({"subsystems": [{"subsystem": "bdev", "config": [
+                {"method": "bdev_aio_create",
+                 "params": {"name": "base", "filename": ctx.file(b.file),
+                            "block_size": base_block, "uuid": BASE_UUID, "readonly": true}},
+                {"method": "bdev_aio_create",
+                 "params": {"name": "store", "filename": store, "block_size": 4096}},
+                {"method": "bdev_lvol_create_lvstore",
+                 "params": {"bdev_name": "store", "lvs_name": "lvs", "cluster_sz": cluster,
+                            "clear_method": "none"}},
+                {"method": "bdev_lvol_clone_bdev",
+                 "params": {"bdev": BASE_UUID, "lvs_name": "lvs", "clone_name": "clone"}},
+                {"method": "bdev_wait_for_examine"}
+            ]}]}),
+            "lvs/clone".into(),
+        ),
+    }
+}
+
+/// SPDK's bdevperf on the same file(s), pinned to the same CPUs (`-m` the same set), a
+/// generated JSON config; untested against a live binary here (see docs/benchmarks.md).
+fn run_spdk(ctx: &Ctx, b: &Bench, bin: &Path, job: SpdkJob) -> Result<Run> {
+    let tmp = TmpDir::new(ctx, "spdk")?;
+    let store = tmp.0.join("store.img");
+    if let SpdkJob::Esnap { .. } = job {
+        File::create(&store)?.set_len(ctx.file_size + (256 << 20))?;
+    }
+    let (config, bdev) = spdk_config(ctx, b, job, &store);
+    let cfg_path = tmp.0.join("bdevperf.json");
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&config)?)?;
+    let secs = ctx
+        .secs_of(b.work.len)
+        .ok_or_else(|| anyhow!("the SPDK peer runs timed workloads only"))?;
+    let mut cmd = ctx.pinned(bin);
+    cmd.arg("-c")
+        .arg(&cfg_path)
+        .args(["-q", &b.work.qd.to_string()])
+        .args(["-o", &b.work.bs.to_string()])
+        .args(["-w", b.work.rw()])
+        // bdevperf takes whole seconds.
+        .args(["-t", &(secs.ceil() as u64).max(1).to_string()])
+        .args(["-m", &cpu_mask(&parse_cpu_list(&ctx.cpus)?)])
+        .args(["-T", &bdev]);
+    if let Ok(extra) = std::env::var(SPDK_ARGS_ENV) {
+        cmd.args(extra.split_whitespace());
+    }
+    let out = util::output("SPDK bdevperf", &mut cmd)?;
+    Ok(Run {
+        value: parse_bdevperf(&out)?,
+        commands: vec![util::show(&cmd)],
+        detail: json!({"config": config}),
+    })
+}
+
+/// Drops a file's clean pages from the page cache (GNU dd: `iflag=nocache count=0` advises
+/// DONTNEED for the whole file); best effort, it only makes runs start alike.
+fn drop_page_cache(path: &Path) {
+    let ok = Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("note: could not drop the page cache of {}", path.display());
+    }
+}
+
+/// Bytes `start..start + out.len()` of MiB number `tag` of the pattern: distinct per MiB,
+/// never zero.
+fn pattern_bytes(tag: u32, start: usize, out: &mut [u8]) {
+    for (i, x) in out.iter_mut().enumerate() {
+        let i = (start + i) as u32;
+        *x = (i.wrapping_mul(2_654_435_761) ^ tag.wrapping_mul(40_503)) as u8 | 1;
+    }
+}
+
+/// Creates a data file holding the pattern (fully written, so reads hit real blocks rather
+/// than holes) unless a fully allocated file of the right size is already there.
+fn prepare_data_file(path: &Path, size: u64) -> Result<()> {
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.len() == size && m.blocks() * 512 >= size {
+            return Ok(());
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    eprintln!(
+        "==> writing the {} MiB data file {}",
+        size >> 20,
+        path.display()
+    );
+    let mut f = File::create(path).with_context(|| format!("create {}", path.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        pattern_bytes((off >> 20) as u32, 0, &mut chunk);
+        let n = chunk.len().min((size - off) as usize);
+        f.write_all(&chunk[..n])?;
+        off += n as u64;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Whether the file still holds the pattern: its size, and 4 KiB of every MiB (at an offset
+/// that moves from MiB to MiB) compared byte for byte.
+fn pattern_intact(path: &Path, size: u64) -> Result<bool> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("open {}", path.display())),
+    };
+    if f.metadata()?.len() != size {
+        return Ok(false);
+    }
+    let mut want = vec![0u8; 4096];
+    let mut got = vec![0u8; 4096];
+    for mib in 0..size.div_ceil(1 << 20) {
+        let at = (mib * 7 * 4096) % (1 << 20);
+        let len = 4096.min(size - (mib << 20) - at.min(size - (mib << 20))) as usize;
+        if len == 0 {
+            continue;
+        }
+        // Only the bytes compared are computed: xtask runs unoptimised.
+        pattern_bytes(mib as u32, at as usize, &mut want[..len]);
+        f.read_exact_at(&mut got[..len], (mib << 20) + at)?;
+        if got[..len] != want[..len] {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -1113,93 +2235,554 @@ mod tests {
     use super::*;
 
     #[test]
+    fn statistics_take_median_min_max_and_ratio_of_medians() {
+        let s = summarize(&[30.0, 10.0, 20.0, 50.0, 40.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (30.0, 10.0, 50.0));
+        let e = summarize(&[4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!((e.median, e.min, e.max), (2.5, 1.0, 4.0));
+        assert_eq!(summarize(&[7.0]).unwrap().median, 7.0);
+        assert!(summarize(&[]).is_none());
+        assert!(summarize(&[1.0, f64::NAN]).is_none());
+        let p = summarize(&[10.0, 12.0, 20.0]).unwrap();
+        assert_eq!(ratio(&s, &p), Some(2.5));
+        let zero = summarize(&[0.0]).unwrap();
+        assert_eq!(ratio(&s, &zero), None);
+    }
+
+    #[test]
+    fn the_best_peer_depends_on_the_unit() {
+        let a = summarize(&[100.0]).unwrap();
+        let b = summarize(&[200.0]).unwrap();
+        let peers = [(1, a), (2, b)];
+        assert_eq!(best_peer(&peers, true).unwrap().0, 2);
+        assert_eq!(best_peer(&peers, false).unwrap().0, 1);
+        assert!(best_peer(&[], true).is_none());
+        assert!(Unit::Iops.higher_is_better() && !Unit::Ms.higher_is_better());
+    }
+
+    #[test]
+    fn sides_alternate_which_goes_first() {
+        assert_eq!(round_order(0, 2), [0, 1]);
+        assert_eq!(round_order(1, 2), [1, 0]);
+        assert_eq!(round_order(2, 2), [0, 1]);
+        // Three sides: each goes first once in three rounds, and every round runs all.
+        let firsts: Vec<usize> = (0..3).map(|r| round_order(r, 3)[0]).collect();
+        assert_eq!(firsts, [0, 1, 2]);
+        for r in 0..5 {
+            let mut o = round_order(r, 3);
+            o.sort_unstable();
+            assert_eq!(o, [0, 1, 2]);
+        }
+        assert_eq!(round_order(3, 1), [0]);
+        assert!(round_order(0, 0).is_empty());
+    }
+
+    #[test]
+    fn cpu_lists_and_masks() {
+        assert_eq!(parse_cpu_list("1").unwrap(), [1]);
+        assert_eq!(parse_cpu_list("0-3,6").unwrap(), [0, 1, 2, 3, 6]);
+        assert!(parse_cpu_list("a").is_err());
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("").is_err());
+        assert_eq!(cpu_mask(&[1]), "0x2");
+        assert_eq!(cpu_mask(&[0, 1, 2, 3, 6]), "0x4f");
+        assert_eq!(cpu_mask(&[8]), "0x100");
+        assert!(parse_cpu_list(&default_cpu()).is_ok());
+    }
+
+    #[test]
     fn fio_json_is_parsed_even_after_warnings() {
         let out = r#"note: both iodepth >= 1 and synchronous I/O engine are selected
 {"fio version": "fio-3.33", "jobs": [{"jobname": "x", "error": 0,
  "read": {"iops": 1234.5, "total_ios": 2469}, "write": {"iops": 0.0, "total_ios": 0}}]}"#;
-        let m = parse_fio(out).unwrap();
-        assert_eq!(m.iops, 1234.5);
-        assert_eq!(m.ios, 2469);
+        assert_eq!(parse_fio(out).unwrap(), (1234.5, 2469));
         assert!(parse_fio("garbage").is_err());
         assert!(parse_fio(r#"{"jobs": []}"#).is_err());
         assert!(parse_fio(r#"{"jobs": [{"error": 5, "read": {"iops": 1.0}}]}"#).is_err());
+        assert!(
+            parse_fio(r#"{"jobs": [{"error": 0, "read": {"iops": 0.0, "total_ios": 0}}]}"#)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn proc_stat_cpu_ticks_are_parsed() {
+        // Fields 14 and 15 (utime 7, stime 5); the name has a space and a parenthesis.
+        let line = "1234 (tgt (x) y) S 1 1234 1234 0 -1 4194304 100 0 0 0 7 5 0 0 20 0 9 0 5 0";
+        assert_eq!(parse_stat_cpu_ticks(line).unwrap(), 12);
+        assert!(parse_stat_cpu_ticks("1234 (tgt) S 1").is_err());
+        assert!(parse_stat_cpu_ticks("garbage").is_err());
+        let me = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(parse_stat_cpu_ticks(&me).is_ok());
     }
 
     #[test]
     fn qemu_img_bench_output_is_parsed() {
         let out = "Sending 1000 read requests, 4096 bytes each, 32 in parallel \
                    (starting at offset 0, step size 65536)\nRun completed in 0.500 seconds.\n";
-        let m = parse_qemu_img_bench(out, 1000).unwrap();
-        assert_eq!(m.iops, 2000.0);
+        assert_eq!(parse_qemu_img_bench(out, 1000).unwrap(), 2000.0);
         assert!(parse_qemu_img_bench("nothing", 1000).is_err());
+        assert!(parse_qemu_img_bench("Run completed in 0.000 seconds.", 1000).is_err());
+    }
+
+    /// Laid out with the printf formats of SPDK's examples/bdev/bdevperf/bdevperf.c (job line
+    /// `\t %-20s: %10.2f %10.2f %10.2f %10.2f %8.2f %10.2f %10.2f %10.2f`, Total line
+    /// `\r %-28s: %10s %10.2f ...`); the figures are made up for the test.
+    const BDEVPERF_SAMPLE: &str = "\
+Running I/O for 10 seconds...
+\r                                                                                                Latency(us)
+\r Device Information          : runtime(s)       IOPS      MiB/s     Fail/s     TO/s    Average        min        max
+Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
+\t aio0                :      10.00  118123.45     461.42       0.00     0.00     270.72      31.19    1234.00
+\r ===================================================================================================================
+\r Total                       :            118123.45     461.42       0.00     0.00     270.72      31.19    1234.00
+";
+
+    #[test]
+    fn bdevperf_total_line_is_parsed() {
+        assert_eq!(parse_bdevperf(BDEVPERF_SAMPLE).unwrap(), 118_123.45);
+        assert!(parse_bdevperf("Running I/O for 10 seconds...\n").is_err());
+        let failing = BDEVPERF_SAMPLE.replace("461.42       0.00", "461.42      12.00");
+        assert!(parse_bdevperf(&failing).is_err(), "failed I/O is an error");
+        assert!(parse_bdevperf("\r Total : x").is_err());
+    }
+
+    /// The SPDK side end to end with a stand-in for bdevperf: the command line it gets, the
+    /// config file it is handed, its report parsed.
+    #[test]
+    fn spdk_peer_runs_bdevperf_with_a_generated_config() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("xtask-spdk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("sample.txt"), BDEVPERF_SAMPLE).unwrap();
+        let script = dir.join("bdevperf");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$@\" > {d}/args\nwhile [ $# -gt 0 ]; do \
+                 if [ \"$1\" = -c ]; then cp \"$2\" {d}/config.json; fi; shift; done\n\
+                 cat {d}/sample.txt\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut ctx = test_ctx();
+        ctx.data_dir = dir.clone();
+        ctx.cpus = default_cpu();
+        ctx.spdk = Some(script);
+        let b = benches()
+            .into_iter()
+            .find(|b| b.name == "aio_randread_4k_qd32_direct")
+            .unwrap();
+        assert_eq!(sides(&ctx, &b).last(), Some(&Side::Spdk));
+        let run = run_side(&ctx, &b, Side::Spdk).unwrap();
+        assert_eq!(run.value, 118_123.45);
+        assert!(run.commands[0].starts_with(&format!("taskset -c {} ", ctx.cpus)));
+        let args = std::fs::read_to_string(dir.join("args")).unwrap();
+        let mask = cpu_mask(&parse_cpu_list(&ctx.cpus).unwrap());
+        assert!(
+            args.contains(&format!(
+                "-q 32 -o 4096 -w randread -t 10 -m {mask} -T aio0"
+            )),
+            "{args}"
+        );
+        let cfg: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let create = &cfg["subsystems"][0]["config"][0];
+        assert_eq!(create["method"], json!("bdev_aio_create"));
+        assert_eq!(
+            create["params"]["filename"],
+            json!(ctx.file(DataFile::Pattern))
+        );
+        assert!(
+            !dir.join("tmp-spdk").exists(),
+            "the run's scratch directory is removed"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn units_and_counts_fit_each_setup() {
-        for b in benches() {
-            match b.ours {
-                Ours::BsLoad { .. } => assert_eq!(b.ours.unit(), "ms", "{}", b.name),
-                Ours::SnapClone { .. } => {
-                    assert_eq!(b.ours.unit(), "ops/s");
-                    assert!(b.count.is_some(), "{}", b.name);
-                }
-                Ours::NbdTgtEsnap | Ours::NbdClientEsnap => {
-                    assert_eq!(b.ours.unit(), "IOPS");
-                    assert!(b.count.is_some(), "{} is count-based", b.name);
-                }
-                _ => assert_eq!(b.ours.unit(), "IOPS"),
+    fn spdk_config_names_the_same_files() {
+        let ctx = test_ctx();
+        let b = benches()
+            .into_iter()
+            .find(|b| b.name == "esnap_fresh_clone_randwrite_4k_qd32_direct_1m_clusters_2s_base512")
+            .unwrap();
+        let store = PathBuf::from("/tmp/s.img");
+        let (cfg, bdev) = spdk_config(&ctx, &b, b.spdk.unwrap(), &store);
+        assert_eq!(bdev, "lvs/clone");
+        let calls = cfg["subsystems"][0]["config"].as_array().unwrap();
+        assert_eq!(
+            calls[0]["params"]["filename"],
+            json!(ctx.file(DataFile::Pattern))
+        );
+        assert_eq!(calls[0]["params"]["block_size"], json!(512));
+        assert_eq!(calls[2]["params"]["cluster_sz"], json!(1 << 20));
+        assert_eq!(calls[3]["method"], json!("bdev_lvol_clone_bdev"));
+    }
+
+    fn test_ctx() -> Ctx {
+        Ctx {
+            data_dir: PathBuf::from("/data"),
+            bench_bin: PathBuf::from("/bin/bench"),
+            tgt_bin: PathBuf::from("/bin/tgt"),
+            out_dir: PathBuf::from("/out"),
+            file_size: 1 << 30,
+            secs_cap: f64::MAX,
+            quick: false,
+            rounds: 5,
+            cpus: "1".into(),
+            spdk: None,
+        }
+    }
+
+    fn fake_run(v: f64) -> Run {
+        Run {
+            value: v,
+            commands: vec!["taskset -c 1 x".into()],
+            detail: Value::Null,
+        }
+    }
+
+    #[test]
+    fn record_keeps_every_round_and_the_ratio_of_medians() {
+        let ctx = test_ctx();
+        let b = benches()
+            .into_iter()
+            .find(|b| b.name == "nbd_esnap_randread_4k_qd32_direct_1m_clusters")
+            .unwrap();
+        let sd = sides(&ctx, &b);
+        assert_eq!(sd.len(), 3);
+        let runs = vec![
+            [10.0, 30.0, 20.0, 50.0, 40.0].map(fake_run).to_vec(),
+            [5.0, 6.0, 7.0, 8.0, 9.0].map(fake_run).to_vec(),
+            [10.0, 11.0, 12.0, 13.0, 14.0].map(fake_run).to_vec(),
+        ];
+        let orders = (0..5)
+            .map(|r| {
+                round_order(r, 3)
+                    .iter()
+                    .map(|&i| side_id(&b, sd[i]))
+                    .collect()
+            })
+            .collect();
+        let rec = build_record(
+            &ctx,
+            &b,
+            &sd,
+            &runs,
+            &[None, None, None],
+            orders,
+            "0.1".into(),
+            Value::Null,
+        );
+        assert_eq!(
+            rec["sides"][0]["runs"],
+            json!([10.0, 30.0, 20.0, 50.0, 40.0])
+        );
+        assert_eq!(rec["sides"][2]["runs"].as_array().unwrap().len(), 5);
+        assert_eq!(
+            rec["ours"],
+            json!({"median": 30.0, "min": 10.0, "max": 50.0})
+        );
+        assert_eq!(
+            rec["best_peer"],
+            json!("qemu-nbd --cache=none --aio=io_uring")
+        );
+        assert_eq!(rec["peer_value"]["median"], json!(12.0));
+        assert_eq!(rec["ratio"], json!(2.5));
+        assert_eq!(rec["params"]["io"], json!("direct"));
+        assert_eq!(rec["params"]["order"], json!("random"));
+        assert_eq!(rec["params"]["bs"], json!(4096));
+        assert_eq!(rec["params"]["qd"], json!(32));
+        assert_eq!(rec["params"]["cluster_size"], json!(1 << 20));
+        assert_eq!(rec["params"]["base_block_size"], json!(4096));
+        assert_eq!(rec["method"]["rounds"], json!(5));
+        assert_eq!(rec["method"]["cpus"], json!("1"));
+        assert_eq!(
+            rec["method"]["order_per_round"][1][0],
+            json!("qemu-nbd --cache=none --aio=default")
+        );
+        assert_eq!(rec["sides"][1]["commands"][0], json!("taskset -c 1 x"));
+        assert!(rec["spdk"].is_null(), "no SPDK job for NBD entries");
+        assert!(rec["mode_mismatch"].is_null());
+        let mut odd = runs.clone();
+        odd[0][2].detail = json!({"mode_mismatch": "page cache"});
+        let rec = build_record(
+            &ctx,
+            &b,
+            &sd,
+            &odd,
+            &[None, None, None],
+            vec![],
+            String::new(),
+            Value::Null,
+        );
+        assert_eq!(rec["mode_mismatch"], json!("page cache"));
+        assert!(markdown_table(&[rec]).contains("2.5 (mode mismatch, see JSON)"));
+        // An entry with an SPDK job says why there is no SPDK figure.
+        let a = benches()
+            .into_iter()
+            .find(|b| b.name == "aio_randread_4k_qd32_direct")
+            .unwrap();
+        let s = sides(&ctx, &a);
+        assert_eq!(s.len(), 2, "no SPDK side without {SPDK_ENV}");
+        let r = build_record(
+            &ctx,
+            &a,
+            &s,
+            &[vec![fake_run(2.0)], vec![fake_run(1.0)]],
+            &[None, None],
+            vec![],
+            String::new(),
+            Value::Null,
+        );
+        assert_eq!(r["spdk"], json!("not available (SPDK_BDEVPERF unset)"));
+        assert_eq!(r["ratio"], json!(2.0));
+        // With a bdevperf binary the SPDK side joins and gets its own ratio.
+        let mut with = test_ctx();
+        with.spdk = Some(PathBuf::from("/opt/spdk/bdevperf"));
+        let s = sides(&with, &a);
+        assert_eq!(s, [Side::Ours, Side::Peer(0), Side::Spdk]);
+        let r = build_record(
+            &with,
+            &a,
+            &s,
+            &[
+                vec![fake_run(3.0)],
+                vec![fake_run(1.0)],
+                vec![fake_run(6.0)],
+            ],
+            &[None, None, None],
+            vec![],
+            String::new(),
+            Value::Null,
+        );
+        assert_eq!(r["spdk"]["ratio"], json!(0.5));
+        assert_eq!(
+            r["ratio"],
+            json!(3.0),
+            "SPDK does not count as the best peer"
+        );
+    }
+
+    #[test]
+    fn names_say_what_runs() {
+        let all = benches();
+        let mut names: Vec<&str> = all.iter().map(|b| b.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len(), "unique names");
+        for b in &all {
+            let n = b.name;
+            assert!(
+                n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{n}"
+            );
+            if !b.is_io() {
+                continue;
             }
-            // The CoW entry writes each cluster exactly once.
-            if let Peer::QemuQcow2Cow { cluster } = b.peer {
-                assert_eq!(b.step, Some(u64::from(cluster)));
-                assert_eq!(b.count, Some(FILE_SIZE / u64::from(cluster)));
+            let order = match b.work.order {
+                Order::Rand => "rand",
+                Order::Seq => "seq",
+                Order::Stride(_) => "",
+            };
+            assert!(n.contains(order), "{n}: order");
+            if let Order::Stride(s) = b.work.order {
+                // A stride is named: strided, scattered, or one write per cluster.
+                let per_cluster = n.contains("first_write") && Some(s) == b.cluster();
+                assert!(
+                    n.contains("strided") || n.contains("scattered") || per_cluster,
+                    "{n}: a strided pattern is named"
+                );
+            }
+            assert!(
+                n.contains(&format!("_{}k_", b.work.bs / 1024)),
+                "{n}: block size"
+            );
+            assert!(n.contains(&format!("qd{}", b.work.qd)), "{n}: depth");
+            assert!(n.contains(b.io().name()), "{n}: direct or buffered");
+            if let Some(c) = b.cluster().filter(|_| !matches!(b.ours, Ours::Aio { .. })) {
+                let c = if c >= 1 << 20 {
+                    format!("{}m_clusters", c >> 20)
+                } else {
+                    format!("{}k_clusters", c >> 10)
+                };
+                assert!(n.contains(&c), "{n}: cluster size");
+            }
+            if let (Some(bb), Ours::Esnap { .. } | Ours::MallocEsnap { .. }) =
+                (b.base_block(), b.ours)
+            {
+                assert!(n.ends_with(&format!("base{bb}")), "{n}: base block size");
+            }
+            assert!(
+                n.contains(if b.work.write { "write" } else { "read" }),
+                "{n}: direction"
+            );
+        }
+    }
+
+    #[test]
+    fn esnap_entries_cover_both_base_block_sizes_and_nbd_covers_the_matrix() {
+        let all = benches();
+        let esnap: Vec<&Bench> = all
+            .iter()
+            .filter(|b| matches!(b.ours, Ours::Esnap { .. }))
+            .collect();
+        for b in &esnap {
+            let other = if b.name.ends_with("base512") {
+                b.name.replace("base512", "base4096")
+            } else {
+                b.name.replace("base4096", "base512")
+            };
+            assert!(
+                all.iter().any(|x| x.name == other),
+                "{} has no twin",
+                b.name
+            );
+        }
+        let nbd: Vec<&Bench> = all.iter().filter(|b| b.ours == Ours::NbdTgtEsnap).collect();
+        assert_eq!(nbd.len(), 8);
+        for io in [Io::Direct, Io::Buffered] {
+            for write in [false, true] {
+                for order in [Order::Rand, Order::Seq] {
+                    let hit = nbd
+                        .iter()
+                        .filter(|b| b.io() == io && b.work.write == write && b.work.order == order)
+                        .count();
+                    assert_eq!(hit, 1, "{io:?} write={write} {order:?}");
+                }
+            }
+        }
+        for b in &nbd {
+            assert_eq!(b.peers.len(), 2);
+            assert!(b.peers.iter().any(|p| matches!(
+                p,
+                Peer::QemuNbd {
+                    aio: Some("io_uring"),
+                    ..
+                }
+            )));
+            assert!(b
+                .peers
+                .iter()
+                .any(|p| matches!(p, Peer::QemuNbd { aio: None, .. })));
+        }
+    }
+
+    /// qemu-img bench's offsets: from 0, `+ step`, wrapped modulo (size - bs).
+    fn qemu_img_offsets(size: u64, bs: u64, step: u64, n: u64) -> Vec<u64> {
+        let mut off = 0;
+        (0..n)
+            .map(|_| {
+                let o = off;
+                off = (off + step) % (size - bs);
+                o
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cow_entries_write_each_cluster_once_at_both_file_sizes() {
+        for size in [FULL_FILE_SIZE, QUICK_FILE_SIZE] {
+            let mut ctx = test_ctx();
+            ctx.file_size = size;
+            ctx.quick = size == QUICK_FILE_SIZE;
+            for b in benches()
+                .iter()
+                .filter(|b| b.name.contains("cow_first_write"))
+            {
+                let cluster = b.cluster().unwrap();
+                let n = ctx.count(b.work.len).unwrap();
+                assert!(n >= 256, "{}: {n}", b.name);
+                let offs = qemu_img_offsets(size, b.work.bs, b.work.step().unwrap(), n);
+                let mut clusters: Vec<u64> = offs.iter().map(|o| o / cluster).collect();
+                assert!(
+                    offs.iter().all(|o| (o % cluster) + b.work.bs <= cluster),
+                    "{}: a write crosses a cluster",
+                    b.name
+                );
+                clusters.sort_unstable();
+                clusters.dedup();
+                assert_eq!(
+                    clusters.len() as u64,
+                    n,
+                    "{} at {size}: a cluster written twice",
+                    b.name
+                );
+                assert!(
+                    matches!(b.peers[..], [Peer::QemuImgCow { cluster: c }] if c == cluster),
+                    "{}",
+                    b.name
+                );
             }
         }
     }
 
     #[test]
-    fn median_takes_the_middle_run() {
-        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(vec![5.0]), Some(5.0));
-        assert_eq!(median(vec![4.0, 1.0]), Some(4.0));
-        assert_eq!(median(vec![]), None);
+    fn write_entries_never_write_the_pattern_file() {
+        for b in benches() {
+            let writes_file =
+                b.work.write && matches!(b.ours, Ours::Aio { .. } | Ours::Lvol { .. } | Ours::Blob);
+            if writes_file {
+                assert!(
+                    matches!(b.file, DataFile::Scratch | DataFile::Thin),
+                    "{}",
+                    b.name
+                );
+            }
+            if b.file == DataFile::Pattern {
+                // Every side opens the pattern read-only or only as a qcow2/esnap base.
+                for p in &b.peers {
+                    assert!(
+                        !matches!(p, Peer::Fio | Peer::QemuImgRaw) || !b.work.write,
+                        "{}",
+                        b.name
+                    );
+                    if let Peer::Ours(o) = p {
+                        assert!(
+                            !b.work.write || !matches!(o, Ours::Aio { .. }),
+                            "{}",
+                            b.name
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
-    fn bench_names_are_unique_and_file_safe() {
-        let all = benches();
-        let mut names: Vec<&str> = all.iter().map(|b| b.name).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), all.len());
-        assert!(names
-            .iter()
-            .all(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')));
-        assert!(all.iter().all(|b| [
-            "read",
-            "write",
-            "randread",
-            "randwrite",
-            "randrw",
-            "load",
-            "create"
-        ]
-        .contains(&b.workload)));
-    }
-
-    #[test]
-    fn data_file_is_fully_written_and_reused() {
+    fn data_file_is_fully_written_checked_and_reused() {
         let dir = std::env::temp_dir().join(format!("xtask-bench-{}", std::process::id()));
         let p = dir.join("d.raw");
-        prepare_data_file(&p, 3 << 20).unwrap();
+        let size = (3 << 20) + 8192;
+        prepare_data_file(&p, size).unwrap();
         let m = std::fs::metadata(&p).unwrap();
-        assert_eq!(m.len(), 3 << 20);
-        assert!(m.blocks() * 512 >= 3 << 20, "no holes");
+        assert_eq!(m.len(), size);
+        assert!(m.blocks() * 512 >= size, "no holes");
         let data = std::fs::read(&p).unwrap();
         assert!(data.iter().all(|&b| b != 0));
+        assert!(pattern_intact(&p, size).unwrap());
         let mtime = m.modified().unwrap();
-        prepare_data_file(&p, 3 << 20).unwrap();
+        prepare_data_file(&p, size).unwrap();
         assert_eq!(std::fs::metadata(&p).unwrap().modified().unwrap(), mtime);
+        // Zeroes written where the check looks (MiB 1 at 7 * 4 KiB) are found.
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0u8; 512], (1 << 20) + 7 * 4096).unwrap();
+        assert!(!pattern_intact(&p, size).unwrap());
+        assert!(!pattern_intact(&dir.join("missing"), size).unwrap());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn markdown_quotes_median_with_range() {
+        let rec = json!({"name": "x", "unit": "IOPS", "ours": {"median": 1500.0, "min": 1000.0, "max": 2000.0},
+                         "best_peer": "fio", "peer_value": {"median": 50.0, "min": 40.0, "max": 60.0},
+                         "ratio": 30.0, "spdk": "not available (SPDK_BDEVPERF unset)"});
+        let md = markdown_table(&[rec]);
+        assert!(md.contains("| x | IOPS | 1500 (1000–2000) | fio | 50.0 (40.0–60.0) | 30.0 | not available (SPDK_BDEVPERF unset) |"), "{md}");
     }
 }
