@@ -94,7 +94,7 @@ impl InProc {
             registry.wait_for_examine().await;
         });
         let sock = dir.join(format!("{tag}-rpc.sock"));
-        let listener = rt.block_on(async { server::bind(&sock) }).unwrap();
+        let (listener, _bound) = rt.block_on(async { server::bind(&sock) }).unwrap();
         rt.spawn(server::run(target.clone(), listener));
         let p = InProc {
             rt,
