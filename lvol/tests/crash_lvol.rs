@@ -656,3 +656,13 @@ fn bs_dev_flush_reaches_only_devices_with_a_volatile_cache() {
         assert_eq!((c2.flushes(), c2.unflushed_writes()), (1, 0));
     });
 }
+
+#[test]
+fn long_logs_are_sampled_with_both_ends_and_short_ones_walked_whole() {
+    assert_eq!(cuts(5, 1), vec![0, 1, 2, 3, 4, 5]);
+    let c = cuts(1000, 7);
+    assert!(c.len() <= MAX_CUTS && c.len() > MAX_CUTS / 2, "{c:?}");
+    assert_eq!((c[0], *c.last().unwrap()), (0, 1000));
+    assert!(c.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(c, cuts(1000, 7), "fixed seed, same sample");
+}
