@@ -145,7 +145,8 @@ impl<'a> Input<'a> {
 /// (header + payload) until an export is chosen, then request headers and write payloads.
 /// Mirrors the server's loop in `tgt::nbd::server` with the pure functions of
 /// `tgt::nbd::proto`; a write payload is only "allocated" after the length checks the server
-/// applies, so no input makes it allocate more than `MAX_PAYLOAD`.
+/// applies, so no input makes it allocate more than `MAX_PAYLOAD`; an oversized write is
+/// skipped with an `EOVERFLOW` reply, as the server does.
 pub fn nbd_session(data: &[u8]) -> NbdOutcome {
     let mut out = NbdOutcome::default();
     let mut inp = Input(data);
@@ -190,11 +191,16 @@ pub fn nbd_session(data: &[u8]) -> NbdOutcome {
             return out;
         }
         if proto::has_payload(&req) {
-            if req.len > proto::MAX_PAYLOAD {
-                return out;
-            }
+            // The payload is consumed (an oversized one streamed and discarded, never
+            // allocated) before the request is judged.
             if inp.take(req.len as usize).is_none() {
                 return out;
+            }
+            if req.len > proto::MAX_PAYLOAD {
+                // The server answers EOVERFLOW and goes on with the next request.
+                let r = proto::simple_reply(proto::EOVERFLOW, req.cookie);
+                assert_eq!(&r[8..], &req.cookie.to_be_bytes());
+                continue;
             }
         }
         match proto::check_request(&req, info.size, ro) {
