@@ -460,10 +460,12 @@ impl StoreInner {
         if !self.shadowed {
             return Ok(None);
         }
+        let kind = Barrier::Shadow;
         #[cfg(feature = "testing")]
-        if crate::testing::barrier_skipped(Barrier::Shadow) {
+        if crate::testing::barrier_skipped(kind) {
             return Ok(None);
         }
+        let _ = kind;
         let p = self.alloc_md_page()?;
         if let Err(e) = self.write_md_page(p, bytes).await {
             self.free_md_page(p);
