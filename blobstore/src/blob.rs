@@ -56,7 +56,7 @@ pub(crate) struct BlobState {
     pub pending_clusters: Vec<u32>,
     /// The cluster map as on disk before the first unsynced resize; a failed md write
     /// restores it.
-    pub saved_clusters: Option<Vec<u32>>,
+    pub saved_clusters: Option<crate::md::ClusterMap>,
 }
 
 impl BlobState {
@@ -211,7 +211,7 @@ impl BlobInner {
     }
 
     fn cluster_at(&self, idx: usize) -> u32 {
-        self.lock().md.clusters.get(idx).copied().unwrap_or(0)
+        self.lock().md.clusters.at(idx)
     }
 
     // ---------------------------------------------------------------- read
@@ -240,7 +240,7 @@ impl BlobInner {
         if s.open_ref == 0 || (write && s.data_ro) {
             return None;
         }
-        let c = *s.md.clusters.get((offset / g.lba_per_cluster) as usize)?;
+        let c = s.md.clusters.get((offset / g.lba_per_cluster) as usize)?;
         if c != 0 {
             return Some(Fast::Dev(u64::from(c) * g.lba_per_cluster + off));
         }
@@ -575,10 +575,10 @@ impl BlobInner {
                 self.bs.unclaim_clusters(&[new_c]);
                 return Err(einval("blob shrank during allocation"));
             }
-            s.md.clusters[idx] = new_c;
+            s.md.clusters.set(idx, new_c);
         }
         if let Err(e) = self.persist_cluster_locked(idx).await {
-            self.lock().md.clusters[idx] = 0;
+            self.lock().md.clusters.set(idx, 0);
             self.bs.unclaim_clusters(&[new_c]);
             return Err(e);
         }
@@ -591,7 +591,7 @@ impl BlobInner {
         let (page, entries) = {
             let s = self.lock();
             let k = idx / EXTENTS_PER_EP;
-            let p = s.md.eps.get(k).copied().unwrap_or(0);
+            let p = s.md.eps.get(k);
             if s.dirty || !s.md.use_et() || p == 0 || !s.ep_dirty.is_empty() {
                 (None, Vec::new())
             } else {
@@ -632,19 +632,19 @@ impl BlobInner {
             let Some(saved) = s.saved_clusters.take() else {
                 return;
             };
-            let keep: HashSet<u32> = saved.iter().copied().filter(|&c| c != 0).collect();
+            let keep: HashSet<u32> = saved.allocated().map(|(_, c)| c).collect();
             let added =
                 s.md.clusters
-                    .iter()
-                    .copied()
-                    .filter(|&c| c != 0 && !keep.contains(&c))
+                    .allocated()
+                    .map(|(_, c)| c)
+                    .filter(|c| !keep.contains(c))
                     .collect();
             s.pending_clusters.retain(|c| !keep.contains(c));
             s.md.clusters = saved;
             if s.md.use_et() {
                 let n = s.md.num_chunks();
                 if s.md.eps.len() > n {
-                    s.md.eps.truncate(n);
+                    s.md.eps.resize(n);
                 }
             }
             added
@@ -716,9 +716,9 @@ impl BlobInner {
                 if self.cluster_at(s.cluster) != c {
                     continue;
                 }
-                self.lock().md.clusters[s.cluster] = 0;
+                self.lock().md.clusters.set(s.cluster, 0);
                 if let Err(e) = self.persist_cluster_locked(s.cluster).await {
-                    self.lock().md.clusters[s.cluster] = c;
+                    self.lock().md.clusters.set(s.cluster, c);
                     return Err(e);
                 }
                 // The map without the cluster is durable before the cluster can be reused.
@@ -745,7 +745,11 @@ impl BlobInner {
         let lpc = self.bs.geo.lba_per_cluster;
         let s = self.lock();
         let first = (offset / lpc) as usize;
-        let idx = (first..s.md.clusters.len()).find(|&i| (s.md.clusters[i] != 0) == allocated)?;
+        let idx = if allocated {
+            s.md.clusters.next_allocated(first)?
+        } else {
+            s.md.clusters.next_unallocated(first)?
+        };
         Some(if idx == first {
             offset
         } else {

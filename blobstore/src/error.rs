@@ -53,6 +53,9 @@ pub enum BsError {
     /// Write or metadata change on a read-only blob.
     #[error("read-only: {0}")]
     ReadOnly(String),
+    /// A size larger than the store can describe (a blob of more than 2^28 clusters).
+    #[error("too large: {0}")]
+    TooLarge(String),
 }
 
 impl BsError {
@@ -73,6 +76,7 @@ impl BsError {
             BsError::NotFound(_) => libc::ENOENT,
             BsError::NotSupported(_) => libc::ENOTSUP,
             BsError::ReadOnly(_) => libc::EPERM,
+            BsError::TooLarge(_) => libc::EFBIG,
         }
     }
 }

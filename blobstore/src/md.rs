@@ -1,6 +1,8 @@
 //! A blob's metadata in memory (flags, xattrs, cluster map, extent pages) and its
 //! conversion to and from md-page chains.
 
+use std::collections::BTreeMap;
+
 use crate::error::corrupt;
 use crate::format::*;
 use crate::inspect::{Descriptor, MdPageInfo};
@@ -15,14 +17,267 @@ pub(crate) struct BlobMd {
     pub xattrs: Vec<(String, Vec<u8>)>,
     pub internal: Vec<(String, Vec<u8>)>,
     /// Physical cluster per blob cluster; 0 = unallocated.
-    pub clusters: Vec<u32>,
+    pub clusters: ClusterMap,
     /// Extent-page md index per 512-cluster chunk (extent-table blobs); 0 = none.
-    pub eps: Vec<u32>,
+    pub eps: EpMap,
+}
+
+const CH: usize = EXTENTS_PER_EP;
+static ZEROS: [u32; CH] = [0; CH];
+
+/// A blob's cluster map: the physical cluster of every blob cluster (0 = unallocated), kept
+/// in chunks of 512 entries (one extent page each) that exist only where a cluster is
+/// allocated. A thin blob costs memory for what it owns, not for its size (a 1 PiB thin
+/// blob that was never written is a length). Invariant: no stored chunk is all zero and
+/// nothing is stored at or beyond `len`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ClusterMap {
+    len: usize,
+    chunks: BTreeMap<usize, Box<[u32; CH]>>,
+}
+
+impl ClusterMap {
+    /// `len` unallocated clusters.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        ClusterMap {
+            len,
+            chunks: BTreeMap::new(),
+        }
+    }
+    /// A map holding `v` (tests, thick blobs).
+    pub(crate) fn from_slice(v: &[u32]) -> Self {
+        let mut m = Self::default();
+        m.push_slice(v);
+        m
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The entry at `i`, or None beyond the end.
+    pub(crate) fn get(&self, i: usize) -> Option<u32> {
+        (i < self.len).then(|| self.chunks.get(&(i / CH)).map_or(0, |c| c[i % CH]))
+    }
+    /// The entry at `i` (0 beyond the end).
+    pub(crate) fn at(&self, i: usize) -> u32 {
+        self.get(i).unwrap_or(0)
+    }
+    /// Sets entry `i` (< len; ignored beyond the end).
+    pub(crate) fn set(&mut self, i: usize, c: u32) {
+        if i >= self.len {
+            return;
+        }
+        let k = i / CH;
+        if c == 0 {
+            if let Some(ch) = self.chunks.get_mut(&k) {
+                ch[i % CH] = 0;
+                if ch.iter().all(|&x| x == 0) {
+                    self.chunks.remove(&k);
+                }
+            }
+        } else {
+            self.chunks.entry(k).or_insert_with(|| Box::new([0; CH]))[i % CH] = c;
+        }
+    }
+    /// The entries of chunk `k` (512, fewer for the last chunk).
+    pub(crate) fn chunk(&self, k: usize) -> &[u32] {
+        let s = k.saturating_mul(CH);
+        if s >= self.len {
+            return &[];
+        }
+        let n = (self.len - s).min(CH);
+        match self.chunks.get(&k) {
+            Some(c) => &c[..n],
+            None => &ZEROS[..n],
+        }
+    }
+    /// Whether chunk `k` holds an allocated cluster.
+    pub(crate) fn chunk_allocated(&self, k: usize) -> bool {
+        self.chunks.contains_key(&k)
+    }
+    /// Chunks holding an allocated cluster, in order.
+    pub(crate) fn allocated_chunks(&self) -> impl Iterator<Item = usize> + '_ {
+        self.chunks.keys().copied()
+    }
+    /// Drops the entries at and beyond `n`.
+    pub(crate) fn truncate(&mut self, n: usize) {
+        if n >= self.len {
+            return;
+        }
+        self.len = n;
+        let first_gone = n.div_ceil(CH);
+        self.chunks.split_off(&first_gone);
+        if !n.is_multiple_of(CH) {
+            let k = n / CH;
+            if let Some(ch) = self.chunks.get_mut(&k) {
+                ch[n % CH..].fill(0);
+                if ch.iter().all(|&x| x == 0) {
+                    self.chunks.remove(&k);
+                }
+            }
+        }
+    }
+    /// Appends `n` unallocated entries.
+    pub(crate) fn push_zeros(&mut self, n: usize) {
+        self.len += n;
+    }
+    /// Appends `v`.
+    pub(crate) fn push_slice(&mut self, v: &[u32]) {
+        for &c in v {
+            self.len += 1;
+            if c != 0 {
+                self.set(self.len - 1, c);
+            }
+        }
+    }
+    /// Allocated entries `(index, cluster)`, in order.
+    pub(crate) fn allocated(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        self.chunks.iter().flat_map(|(&k, c)| {
+            c.iter()
+                .enumerate()
+                .filter(|(_, &x)| x != 0)
+                .map(move |(j, &x)| (k * CH + j, x))
+        })
+    }
+    /// Number of allocated entries.
+    pub(crate) fn count_allocated(&self) -> u64 {
+        self.chunks
+            .values()
+            .map(|c| c.iter().filter(|&&x| x != 0).count() as u64)
+            .sum()
+    }
+    /// First allocated index at or after `from`.
+    pub(crate) fn next_allocated(&self, from: usize) -> Option<usize> {
+        for (&k, c) in self.chunks.range(from / CH..) {
+            let start = if k == from / CH { from % CH } else { 0 };
+            if let Some(j) = (start..CH).find(|&j| c[j] != 0) {
+                return Some(k * CH + j);
+            }
+        }
+        None
+    }
+    /// First unallocated index at or after `from`.
+    pub(crate) fn next_unallocated(&self, from: usize) -> Option<usize> {
+        let mut i = from;
+        while i < self.len {
+            match self.chunks.get(&(i / CH)) {
+                None => return Some(i),
+                Some(c) if c[i % CH] == 0 => return Some(i),
+                Some(_) => i += 1,
+            }
+        }
+        None
+    }
+    /// Runs `(first cluster, length)` as the extent RLE descriptor stores them (0 = an
+    /// unallocated run; an allocated run is physically contiguous).
+    pub(crate) fn runs(&self) -> Vec<(u32, u32)> {
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        let push = |runs: &mut Vec<(u32, u32)>, c: u32, n: u32| match runs.last_mut() {
+            Some((s, l)) if (*s == 0 && c == 0) || (*s != 0 && c != 0 && c == *s + *l) => *l += n,
+            _ => runs.push((c, n)),
+        };
+        let mut pos = 0usize;
+        for (&k, ch) in &self.chunks {
+            let s = k * CH;
+            if s > pos {
+                push(&mut runs, 0, (s - pos) as u32);
+            }
+            for &c in &ch[..(self.len - s).min(CH)] {
+                push(&mut runs, c, 1);
+            }
+            pos = s + (self.len - s).min(CH);
+        }
+        if self.len > pos {
+            push(&mut runs, 0, (self.len - pos) as u32);
+        }
+        runs
+    }
+}
+
+/// The extent page of every chunk of an extent-table blob (0 = none), stored sparsely.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct EpMap {
+    len: usize,
+    pages: BTreeMap<usize, u32>,
+}
+
+impl EpMap {
+    /// `len` chunks without extent pages.
+    pub(crate) fn zeroed(len: usize) -> Self {
+        EpMap {
+            len,
+            pages: BTreeMap::new(),
+        }
+    }
+    /// A map holding `v` (tests).
+    #[cfg(test)]
+    pub(crate) fn from_slice(v: &[u32]) -> Self {
+        let mut m = Self::default();
+        for &p in v {
+            m.push(p);
+        }
+        m
+    }
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+    /// The page of chunk `k` (0: none, or beyond the end).
+    pub(crate) fn get(&self, k: usize) -> u32 {
+        self.pages.get(&k).copied().unwrap_or(0)
+    }
+    /// Sets the page of chunk `k` (< len).
+    pub(crate) fn set(&mut self, k: usize, p: u32) {
+        if k >= self.len {
+            return;
+        }
+        if p == 0 {
+            self.pages.remove(&k);
+        } else {
+            self.pages.insert(k, p);
+        }
+    }
+    pub(crate) fn push(&mut self, p: u32) {
+        self.len += 1;
+        self.set(self.len - 1, p);
+    }
+    pub(crate) fn push_zeros(&mut self, n: usize) {
+        self.len += n;
+    }
+    /// Grows (with no pages) or shrinks to `n` chunks.
+    pub(crate) fn resize(&mut self, n: usize) {
+        if n < self.len {
+            self.pages.split_off(&n);
+        }
+        self.len = n;
+    }
+    pub(crate) fn clear(&mut self) {
+        *self = Self::default();
+    }
+    /// `(chunk, page)` of every chunk that has a page, in order.
+    pub(crate) fn pages(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        self.pages.iter().map(|(&k, &p)| (k, p))
+    }
+    /// Pages of the chunks at and beyond `n`.
+    pub(crate) fn pages_from(&self, n: usize) -> impl Iterator<Item = u32> + '_ {
+        self.pages.range(n..).map(|(_, &p)| p)
+    }
 }
 
 /// Largest blob we accept from disk, in clusters (256 TiB with 1 MiB clusters). Keeps a
 /// hostile md page from making us allocate gigabytes for a cluster map.
 pub(crate) const MAX_BLOB_CLUSTERS: u64 = 1 << 28;
+
+/// Refuses a blob size the store cannot describe (EFBIG), before anything is allocated.
+pub(crate) fn check_blob_clusters(n: u64) -> Result<()> {
+    if n > MAX_BLOB_CLUSTERS {
+        return Err(crate::BsError::TooLarge(format!(
+            "{n} clusters is more than a blob can have ({MAX_BLOB_CLUSTERS})"
+        )));
+    }
+    Ok(())
+}
 
 /// What a chain says before its extent pages are read.
 #[derive(Debug, Default)]
@@ -87,21 +342,14 @@ impl BlobMd {
         self.clusters.len().div_ceil(EXTENTS_PER_EP)
     }
     pub(crate) fn allocated(&self) -> u64 {
-        self.clusters.iter().filter(|&&c| c != 0).count() as u64
+        self.clusters.count_allocated()
     }
     /// Whether chunk `k` needs an extent page.
     pub(crate) fn chunk_needs_page(&self, k: usize) -> bool {
-        if self.eps.get(k).copied().unwrap_or(0) != 0 {
-            return true;
-        }
-        let s = k * EXTENTS_PER_EP;
-        let e = (s + EXTENTS_PER_EP).min(self.clusters.len());
-        self.clusters[s..e].iter().any(|&c| c != 0)
+        self.eps.get(k) != 0 || self.clusters.chunk_allocated(k)
     }
     pub(crate) fn chunk_entries(&self, k: usize) -> &[u32] {
-        let s = k * EXTENTS_PER_EP;
-        let e = (s + EXTENTS_PER_EP).min(self.clusters.len());
-        &self.clusters[s..e]
+        self.clusters.chunk(k)
     }
 
     /// Serialises the chain (FLAGS, xattrs, internal xattrs, extents); `next` and CRCs are
@@ -127,34 +375,27 @@ impl BlobMd {
             }
         }
         if self.use_et() {
-            let mut items = Vec::new();
-            let mut i = 0;
-            while i < self.eps.len() {
-                let p = self.eps[i];
-                let mut n = 1u32;
-                if p == 0 {
-                    while i + 1 < self.eps.len() && self.eps[i + 1] == 0 {
-                        i += 1;
-                        n += 1;
-                    }
-                }
+            let item = |p: u32, n: u32| {
                 let mut it = p.to_le_bytes().to_vec();
                 it.extend_from_slice(&n.to_le_bytes());
-                items.push(it);
-                i += 1;
+                it
+            };
+            let mut items = Vec::new();
+            let mut pos = 0usize;
+            for (k, p) in self.eps.pages() {
+                if k > pos {
+                    items.push(item(0, (k - pos) as u32));
+                }
+                items.push(item(p, 1));
+                pos = k + 1;
+            }
+            if self.eps.len() > pos {
+                items.push(item(0, (self.eps.len() - pos) as u32));
             }
             let header = (self.clusters.len() as u64).to_le_bytes();
             pb.push_split(DESC_EXTENT_TABLE, &header, &items, 8);
         } else if !self.clusters.is_empty() {
-            let mut runs: Vec<(u32, u32)> = Vec::new();
-            for &c in &self.clusters {
-                match runs.last_mut() {
-                    Some((s, l)) if (*s == 0 && c == 0) || (*s != 0 && c != 0 && c == *s + *l) => {
-                        *l += 1
-                    }
-                    _ => runs.push((c, 1)),
-                }
-            }
+            let runs = self.clusters.runs();
             let items: Vec<Vec<u8>> = runs
                 .iter()
                 .map(|(s, l)| {
@@ -242,7 +483,7 @@ pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo], max_cluster: u64) -> Re
                             if ci.md.clusters.len() as u64 + u64::from(l) > MAX_BLOB_CLUSTERS {
                                 return Err(corrupt(format!("blob {id:#x}: too many clusters")));
                             }
-                            ci.md.clusters.extend(std::iter::repeat_n(0, l as usize));
+                            ci.md.clusters.push_zeros(l as usize);
                         } else {
                             let end = c.checked_add(l).ok_or_else(|| {
                                 corrupt(format!("blob {id:#x}: extent run overflows"))
@@ -252,7 +493,11 @@ pub(crate) fn parse_chain(id: u64, pages: &[MdPageInfo], max_cluster: u64) -> Re
                                     "blob {id:#x}: extent run {c}+{l} is beyond the store ({max_cluster} clusters)"
                                 )));
                             }
-                            ci.md.clusters.extend(c..end);
+                            if ci.md.clusters.len() as u64 + u64::from(l) > MAX_BLOB_CLUSTERS {
+                                return Err(corrupt(format!("blob {id:#x}: too many clusters")));
+                            }
+                            let run: Vec<u32> = (c..end).collect();
+                            ci.md.clusters.push_slice(&run);
                         }
                     }
                     if ci.md.clusters.is_empty() {
@@ -350,7 +595,7 @@ mod tests {
         let md = BlobMd {
             invalid: INV_THIN,
             xattrs: vec![("name".into(), b"x\0".to_vec())],
-            clusters: vec![5, 6, 7, 0, 0, 9, 20, 21, 0],
+            clusters: ClusterMap::from_slice(&[5, 6, 7, 0, 0, 9, 20, 21, 0]),
             ..Default::default()
         };
         let ci = roundtrip(&md);
@@ -363,8 +608,8 @@ mod tests {
     fn extent_table_roundtrip_with_spill() {
         let mut md = BlobMd {
             invalid: INV_THIN | INV_EXTENT_TABLE | INV_INTERNAL_XATTR,
-            clusters: vec![0; 3000],
-            eps: vec![3, 0, 0, 4, 0, 9],
+            clusters: ClusterMap::zeroed(3000),
+            eps: EpMap::from_slice(&[3, 0, 0, 4, 0, 9]),
             ..Default::default()
         };
         for i in 0..5 {

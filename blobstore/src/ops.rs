@@ -13,7 +13,7 @@ use iobuf::IoBuf;
 use crate::blob::{Back, BlobInner, BlobState};
 use crate::error::{busy, einval, enospc, eperm};
 use crate::format::*;
-use crate::md::{check_xattr_size, BlobMd};
+use crate::md::{check_xattr_size, BlobMd, ClusterMap, EpMap};
 use crate::store::{io_err, StoreInner};
 use crate::{BlobId, BlobOpts, BsDev, BsError, Parent, Result, BLOBID_INVALID};
 
@@ -54,11 +54,12 @@ impl StoreInner {
         mut md: BlobMd,
         n: u64,
     ) -> Result<(BlobId, Vec<u32>)> {
+        crate::md::check_blob_clusters(n)?;
         let page = self.alloc_md_page()?;
         let id = page_to_blobid(page);
         self.state().used_blobids.set(u64::from(page));
         let claimed = if md.thin() {
-            md.clusters = vec![0; n as usize];
+            md.clusters = ClusterMap::zeroed(n as usize);
             Vec::new()
         } else {
             match self.claim_clusters(n) {
@@ -67,7 +68,7 @@ impl StoreInner {
                         self.undo_create(page, &c);
                         return Err(e);
                     }
-                    md.clusters = c.clone();
+                    md.clusters = ClusterMap::from_slice(&c);
                     c
                 }
                 Err(e) => {
@@ -77,9 +78,9 @@ impl StoreInner {
             }
         };
         md.eps = if md.use_et() {
-            vec![0; md.num_chunks()]
+            EpMap::zeroed(md.num_chunks())
         } else {
-            Vec::new()
+            EpMap::default()
         };
         match self.persist_md(id, &md, &[], &BTreeSet::new(), &[]).await {
             Ok((chain, _)) => Ok((id, chain)),
@@ -225,8 +226,8 @@ impl StoreInner {
                     m.set_internal(XATTR_SNAP, &v);
                 }
             }
-            os.md.clusters = vec![0; n as usize];
-            os.md.eps = vec![0; os.md.num_chunks()];
+            os.md.clusters = ClusterMap::zeroed(n as usize);
+            os.md.eps = EpMap::zeroed(os.md.num_chunks());
             BlobState::new(m, smd_chain, false, false, Back::None)
         };
         let restore = |orig: &Arc<BlobInner>, sst: &mut BlobState| {
@@ -455,9 +456,9 @@ impl StoreInner {
             };
             let mut c = cb.lock();
             let n = c.md.clusters.len().min(smd.clusters.len());
-            for i in 0..n {
-                if c.md.clusters[i] == 0 && smd.clusters[i] != 0 {
-                    c.md.clusters[i] = smd.clusters[i];
+            for (i, sc) in smd.clusters.allocated() {
+                if i < n && c.md.clusters.at(i) == 0 {
+                    c.md.clusters.set(i, sc);
                     moved.push(i);
                     c.ep_dirty.insert(i / EXTENTS_PER_EP);
                 }
@@ -499,7 +500,7 @@ impl StoreInner {
             (s.md.clone(), s.chain.clone())
         };
         for i in moved {
-            smd.clusters[i] = 0;
+            smd.clusters.set(i, 0);
         }
         self.state().open.remove(&sid);
         self.state().used_blobids.clear(u64::from(sid as u32));
@@ -527,9 +528,7 @@ impl StoreInner {
                 return Ok(());
             }
         }
-        if n > u64::from(u32::MAX) {
-            return Err(einval(format!("{n} clusters is too many")));
-        }
+        crate::md::check_blob_clusters(n)?;
         let _busy = self.busy_guard(&[b.id])?;
         yield_now().await;
         let _f = b.freeze.write().await;
@@ -542,25 +541,24 @@ impl StoreInner {
             (s.md.clusters.len() as u64, s.md.thin())
         };
         if n > old {
-            let add = if thin {
-                vec![0; (n - old) as usize]
+            if thin {
+                b.lock().md.clusters.push_zeros((n - old) as usize);
             } else {
                 let c = self.claim_clusters(n - old)?;
                 if let Err(e) = self.scrub_clusters(&c).await {
                     self.unclaim_clusters(&c);
                     return Err(e);
                 }
-                c
-            };
-            let mut s = b.lock();
-            s.md.clusters.extend(add);
+                b.lock().md.clusters.push_slice(&c);
+            }
         } else {
             let mut s = b.lock();
-            let tail: Vec<u32> = s.md.clusters[n as usize..]
-                .iter()
-                .copied()
-                .filter(|&c| c != 0)
-                .collect();
+            let tail: Vec<u32> =
+                s.md.clusters
+                    .allocated()
+                    .filter(|&(i, _)| i >= n as usize)
+                    .map(|(_, c)| c)
+                    .collect();
             s.pending_clusters.extend(tail);
             s.md.clusters.truncate(n as usize);
         }
@@ -569,12 +567,20 @@ impl StoreInner {
             if s.md.use_et() {
                 let chunks = s.md.num_chunks();
                 if s.md.eps.len() < chunks {
-                    s.md.eps.resize(chunks, 0);
+                    s.md.eps.resize(chunks);
                 }
+                // The extent pages whose entries change: from the old last chunk on. A thin
+                // blob only has pages where it owns clusters (a huge grow costs nothing).
                 let first = (old.min(n) as usize) / EXTENTS_PER_EP;
-                for k in first..s.md.eps.len() {
-                    s.ep_dirty.insert(k);
-                }
+                let dirty: Vec<usize> = if thin {
+                    let mut v: Vec<usize> = s.md.eps.pages().map(|(k, _)| k).collect();
+                    v.extend(s.md.clusters.allocated_chunks());
+                    v.retain(|&k| k >= first);
+                    v
+                } else {
+                    (first..s.md.eps.len()).collect()
+                };
+                s.ep_dirty.extend(dirty);
             }
             s.touch();
         }
@@ -614,24 +620,52 @@ impl StoreInner {
         if b.lock().data_ro {
             // Snapshots can be decoupled (SPDK allows md updates of snapshots here).
         }
-        let todo: Vec<usize> = {
+        // Counted before anything is allocated: inflating a huge thin blob is refused with
+        // ENOSPC, not by building a list as long as the blob.
+        let need = {
             let s = b.lock();
-            (0..s.md.clusters.len())
-                .filter(|&i| {
-                    s.md.clusters[i] == 0
-                        && (allocate_all
-                            || parent.as_ref().is_some_and(|p| p.cluster_at_pub(i) != 0))
-                })
-                .collect()
+            if allocate_all {
+                s.md.clusters.len() as u64 - s.md.clusters.count_allocated()
+            } else {
+                let pc = parent
+                    .as_ref()
+                    .map(|p| p.lock().md.clusters.clone())
+                    .unwrap_or_default();
+                pc.allocated()
+                    .filter(|&(i, _)| s.md.clusters.get(i) == Some(0))
+                    .count() as u64
+            }
         };
-        if todo.len() as u64 > self.free_clusters() {
+        if need > self.free_clusters() {
             return Err(enospc(format!(
-                "inflating blob {:#x} needs {} clusters, {} free",
+                "inflating blob {:#x} needs {need} clusters, {} free",
                 b.id,
-                todo.len(),
                 self.free_clusters()
             )));
         }
+        let todo: Vec<usize> = {
+            let s = b.lock();
+            let mut v = Vec::new();
+            v.try_reserve(need as usize)
+                .map_err(|_| BsError::NoMemory(format!("{need} clusters to inflate")))?;
+            if allocate_all {
+                let mut i = 0;
+                while let Some(j) = s.md.clusters.next_unallocated(i) {
+                    v.push(j);
+                    i = j + 1;
+                }
+            } else if let Some(p) = parent.as_ref() {
+                let ps = p.lock();
+                v.extend(
+                    ps.md
+                        .clusters
+                        .allocated()
+                        .map(|(i, _)| i)
+                        .filter(|&i| s.md.clusters.get(i) == Some(0)),
+                );
+            }
+            v
+        };
         {
             let _f = b.freeze.read().await;
             let lpc = self.geo.lba_per_cluster;
@@ -868,10 +902,7 @@ impl StoreInner {
             }
             let _busy = self.busy_guard(&[id])?;
             let mut copied = 0;
-            for (i, &c) in clusters.iter().enumerate() {
-                if c == 0 {
-                    continue;
-                }
+            for (i, c) in clusters.allocated() {
                 let buf = IoBuf::new(cs as usize, self.align.max(dst.buf_align()));
                 let buf = self
                     .dev
@@ -940,7 +971,7 @@ impl StoreInner {
 
 impl BlobInner {
     pub(crate) fn cluster_at_pub(&self, idx: usize) -> u32 {
-        self.lock().md.clusters.get(idx).copied().unwrap_or(0)
+        self.lock().md.clusters.at(idx)
     }
 
     pub(crate) fn parent(&self) -> Parent {

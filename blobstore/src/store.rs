@@ -17,7 +17,7 @@ use crate::blob::{Back, BlobInner, BlobState};
 use crate::error::{corrupt, einval, enoent, enospc};
 use crate::format::*;
 use crate::inspect::{MdPageInfo, SuperBlockInfo};
-use crate::md::{parse_chain, BlobMd};
+use crate::md::{parse_chain, BlobMd, ClusterMap, EpMap};
 use crate::{BlobId, BsDev, BsError, BsOpts, ClearMethod, EsnapDevFactory, Result, BLOBID_INVALID};
 
 /// Longest snapshot chain we open (guards recursion against hostile metadata).
@@ -460,10 +460,12 @@ impl StoreInner {
         if !self.shadowed {
             return Ok(None);
         }
+        let kind = Barrier::Shadow;
         #[cfg(feature = "testing")]
-        if crate::testing::barrier_skipped(Barrier::Shadow) {
+        if crate::testing::barrier_skipped(kind) {
             return Ok(None);
         }
+        let _ = kind;
         let p = self.alloc_md_page()?;
         if let Err(e) = self.write_md_page(p, bytes).await {
             self.free_md_page(p);
@@ -625,7 +627,9 @@ impl StoreInner {
         if n > free {
             return Err(enospc(format!("{n} clusters needed, {free} free")));
         }
-        let mut out = Vec::with_capacity(n as usize);
+        let mut out = Vec::new();
+        out.try_reserve(n as usize)
+            .map_err(|_| BsError::NoMemory(format!("{n} clusters to claim")))?;
         let mut from = self.geo.md_clusters;
         for _ in 0..n {
             let c = st
@@ -746,7 +750,7 @@ impl StoreInner {
         old_chain: &[u32],
         ep_dirty: &BTreeSet<usize>,
         pending_clusters: &[u32],
-    ) -> Result<(Vec<u32>, Vec<u32>)> {
+    ) -> Result<(Vec<u32>, EpMap)> {
         let root = blobid_to_page(id).ok_or_else(|| einval(format!("bad blob id {id:#x}")))?;
         self.mark_dirty().await?;
         let mut md = md.clone();
@@ -756,15 +760,29 @@ impl StoreInner {
             if md.use_et() {
                 let n = md.num_chunks();
                 if md.eps.len() > n {
-                    old_eps.extend(md.eps[n..].iter().copied().filter(|&p| p != 0));
+                    old_eps.extend(md.eps.pages_from(n));
                 }
-                md.eps.resize(n, 0);
-                for k in 0..n {
+                md.eps.resize(n);
+                // A thick blob has a page per chunk; a thin one only where it has a page or
+                // owns a cluster (so a huge thin blob costs what it owns).
+                let chunks: Vec<usize> = if md.thin() {
+                    let set: BTreeSet<usize> = md
+                        .eps
+                        .pages()
+                        .map(|(k, _)| k)
+                        .chain(md.clusters.allocated_chunks())
+                        .filter(|&k| k < n)
+                        .collect();
+                    set.into_iter().collect()
+                } else {
+                    (0..n).collect()
+                };
+                for k in chunks {
                     let needs = !md.thin() || md.chunk_needs_page(k);
                     if !needs {
                         continue;
                     }
-                    let cur = md.eps[k];
+                    let cur = md.eps.get(k);
                     if cur != 0 && !ep_dirty.contains(&k) {
                         continue;
                     }
@@ -776,10 +794,10 @@ impl StoreInner {
                     if cur != 0 {
                         old_eps.push(cur);
                     }
-                    md.eps[k] = p;
+                    md.eps.set(k, p);
                 }
             } else {
-                old_eps.extend(md.eps.iter().copied().filter(|&p| p != 0));
+                old_eps.extend(md.eps.pages().map(|(_, p)| p));
                 md.eps.clear();
             }
             let mut pages = md.serialize(id)?;
@@ -878,10 +896,10 @@ impl StoreInner {
         r?;
         self.barrier(Barrier::PostCommit).await?;
         let mut pages: Vec<u32> = chain.iter().skip(1).copied().collect();
-        pages.extend(md.eps.iter().copied().filter(|&p| p != 0));
+        pages.extend(md.eps.pages().map(|(_, p)| p));
         self.release_md_pages(&pages).await;
         self.free_md_page(root);
-        let cs: Vec<u32> = md.clusters.iter().copied().filter(|&c| c != 0).collect();
+        let cs: Vec<u32> = md.clusters.allocated().map(|(_, c)| c).collect();
         self.release_clusters(&cs, md.clear_method()).await;
         Ok(())
     }
@@ -930,7 +948,7 @@ impl StoreInner {
         let ci = parse_chain(id, &pages, total)?;
         let mut md = ci.md;
         if let Some((num, entries)) = ci.table {
-            md.clusters.clear();
+            md.clusters = ClusterMap::default();
             md.eps.clear();
             let mut remaining = num;
             for (pidx, npages) in entries {
@@ -940,15 +958,12 @@ impl StoreInner {
                             "blob {id:#x}: unallocated extent pages in a thick blob"
                         )));
                     }
-                    for _ in 0..npages {
-                        let n = remaining.min(EXTENTS_PER_EP as u64);
-                        if n == 0 {
-                            break;
-                        }
-                        md.clusters.extend(std::iter::repeat_n(0, n as usize));
-                        md.eps.push(0);
-                        remaining -= n;
-                    }
+                    // A run of chunks without pages: no memory for them.
+                    let n = remaining.min(u64::from(npages) * EXTENTS_PER_EP as u64);
+                    md.clusters.push_zeros(n as usize);
+                    md.eps
+                        .push_zeros(n.div_ceil(EXTENTS_PER_EP as u64) as usize);
+                    remaining -= n;
                     continue;
                 }
                 let raw = self.read_md_page(pidx).await?;
@@ -980,20 +995,20 @@ impl StoreInner {
                         entries.len()
                     )));
                 }
-                md.clusters.extend_from_slice(entries);
+                md.clusters.push_slice(entries);
                 md.eps.push(pidx);
                 remaining -= entries.len() as u64;
             }
         }
         let st = self.state();
-        for (i, &c) in md.clusters.iter().enumerate() {
-            if c == 0 {
-                if !md.thin() {
-                    return Err(corrupt(format!(
-                        "blob {id:#x}: cluster {i} unallocated in a thick blob"
-                    )));
-                }
-            } else if u64::from(c) >= st.total_clusters
+        if !md.thin() && md.clusters.count_allocated() != md.clusters.len() as u64 {
+            let i = md.clusters.next_unallocated(0).unwrap_or(0);
+            return Err(corrupt(format!(
+                "blob {id:#x}: cluster {i} unallocated in a thick blob"
+            )));
+        }
+        for (i, c) in md.clusters.allocated() {
+            if u64::from(c) >= st.total_clusters
                 || u64::from(c) < self.geo.md_clusters
                 || !st.used_clusters.get(u64::from(c))
             {
@@ -1002,6 +1017,7 @@ impl StoreInner {
                 )));
             }
         }
+        drop(st);
         Ok((md, chain))
     }
 
@@ -1755,20 +1771,28 @@ impl StoreInner {
         let (tclusters, teps): (HashSet<u32>, HashSet<u32>) = match self.load_blob_md(target).await
         {
             Ok((tmd, _)) => (
-                tmd.clusters.iter().copied().filter(|&c| c != 0).collect(),
-                tmd.eps.iter().copied().filter(|&p| p != 0).collect(),
+                tmd.clusters.allocated().map(|(_, c)| c).collect(),
+                tmd.eps.pages().map(|(_, p)| p).collect(),
             ),
             Err(_) => (HashSet::new(), HashSet::new()),
         };
-        for c in md.clusters.iter_mut() {
-            if tclusters.contains(c) {
-                *c = 0;
-            }
+        let shared: Vec<usize> = md
+            .clusters
+            .allocated()
+            .filter(|(_, c)| tclusters.contains(c))
+            .map(|(i, _)| i)
+            .collect();
+        for i in shared {
+            md.clusters.set(i, 0);
         }
-        for p in md.eps.iter_mut() {
-            if teps.contains(p) {
-                *p = 0;
-            }
+        let shared: Vec<usize> = md
+            .eps
+            .pages()
+            .filter(|(_, p)| teps.contains(p))
+            .map(|(k, _)| k)
+            .collect();
+        for k in shared {
+            md.eps.set(k, 0);
         }
         self.state().used_blobids.clear(u64::from(snap as u32));
         self.persist_delete(snap, &md, &chain).await?;

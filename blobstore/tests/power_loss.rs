@@ -296,6 +296,9 @@ fn mismatch(now: &Snap, cands: &[&Snap]) -> Option<String> {
                 why.push(format!("#{ci}: blob {id:#x}: {} bytes", data.len()));
                 continue 'cand;
             }
+            if data == cd {
+                continue;
+            }
             // Block by block: this candidate's bytes, or the other's (a write in flight).
             let unit = blk() as usize;
             for (i, blk) in data.chunks(unit).enumerate() {
@@ -527,7 +530,7 @@ fn setup_reparent(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + 
         fill(bs, u, 3, 0x77).await;
         let v = bs
             .create_blob(BlobOpts {
-                num_clusters: 600,
+                num_clusters: 4,
                 thin: true,
                 ..Default::default()
             })
@@ -681,7 +684,7 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
                 };
                 c.ok("resize", b.resize(1).await);
                 c.ck().await;
-                c.ok("resize", b.resize(700).await);
+                c.ok("resize", b.resize(8).await);
                 c.ck().await;
                 c.ok("close", b.close().await);
             }),
@@ -778,8 +781,8 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
             op!(|c| {
                 // Partial write of an unallocated cluster of a clone: copy-on-write.
                 c.write_flush(c.ids[0], 2, 1, 0x81).await;
-                // A new extent page (cluster 590 of a 600-cluster thin blob).
-                c.write_flush(c.ids[4], 590 * lpc() + 2, 1, 0x82).await;
+                // The first write of a thin blob: a new extent page.
+                c.write_flush(c.ids[4], 2 * lpc() + 2, 1, 0x82).await;
                 // A whole cluster, no copy.
                 c.write_flush(c.ids[3], 0, lpc() as usize, 0x83).await;
                 // Overwrite of allocated blocks across a cluster boundary (torn allowed).
