@@ -627,6 +627,10 @@ async fn bsload_run(reg: &Registry, args: &Args, path: &Path) -> Result<serde_js
             let _ = std::fs::remove_file(&store_path);
             return Err(e);
         }
+        // The aio bdev holds the file exclusively: let go of it before opening it again.
+        reg.unregister("bench_bsbuild")
+            .await
+            .map_err(|e| format!("unregister: {e}"))?;
         bs_dev(reg, args, "bench_bsload", &store_path).await?
     };
     let t0 = Instant::now();
