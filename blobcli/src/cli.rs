@@ -984,7 +984,8 @@ impl Session {
         Ok(())
     }
 
-    /// `--check`: exit 0 clean, 1 damaged, 2 unreadable. Never writes.
+    /// `--check`: exit 0 clean, 1 damaged, 2 unreadable, 3 needs recovery (findings that a
+    /// load repairs). Never writes.
     async fn check(&mut self) -> CmdResult {
         let desc = match self.registry.open(&self.ctx.bdev_name, false) {
             Ok(d) => d,
@@ -1040,10 +1041,21 @@ impl Session {
             }
             Ok(rep) => {
                 let clean = rep.problems.is_empty();
+                // Findings on a store left dirty may be what any load repairs (an unfinished
+                // snapshot, pages of a cut metadata write): replay that load in memory.
+                let needs_recovery = !clean && recovery_repairs(base.clone()).await;
+                let result = if clean {
+                    "clean"
+                } else if needs_recovery {
+                    "needs recovery"
+                } else {
+                    "damaged"
+                };
                 if self.ctx.json {
                     let v = json!({
                         "bdev_name": self.ctx.bdev_name,
                         "clean": clean,
+                        "result": result,
                         "blobs": rep.blobs,
                         "used_md_pages": rep.used_md_pages,
                         "used_clusters": rep.used_clusters,
@@ -1060,6 +1072,14 @@ impl Session {
                     }
                     if clean {
                         s.push_str("Result: clean\n");
+                    } else if needs_recovery {
+                        s.push_str(&format!(
+                            "Result: needs recovery ({} finding{} that loading the store repairs: \
+                             the store was not unloaded cleanly; `blobcli -R` or the target's \
+                             load recovers it with its data)\n",
+                            rep.problems.len(),
+                            if rep.problems.len() == 1 { "" } else { "s" }
+                        ));
                     } else {
                         s.push_str(&format!(
                             "Result: damaged ({} problem{})\n",
@@ -1072,6 +1092,9 @@ impl Session {
                 if clean {
                     self.exit_code = Some(0);
                     Ok(())
+                } else if needs_recovery {
+                    self.exit_code = Some(3);
+                    Ok(())
                 } else {
                     self.exit_code = Some(1);
                     Err(Fail::Cmd(-libc::EILSEQ))
@@ -1079,6 +1102,28 @@ impl Session {
             }
         }
     }
+}
+
+/// Whether loading the store (its crash recovery), replayed in memory over `base`, leaves
+/// metadata that checks clean. Only a store whose super block says it was not unloaded
+/// cleanly qualifies: a load does not repair a clean store. Nothing reaches `base`.
+async fn recovery_repairs(base: Arc<dyn BsDev>) -> bool {
+    let Ok(sb) = read_bytes(&*base, 0, 4096).await else {
+        return false;
+    };
+    if inspect::parse_super(&sb).map_or(true, |s| s.clean != 0) {
+        return false;
+    }
+    let overlay: Arc<dyn BsDev> = Arc::new(OverlayDev::new(base));
+    let Ok(bs) = Blobstore::load(overlay.clone(), BsOpts::default()).await else {
+        return false;
+    };
+    if bs.unload().await.is_err() {
+        return false;
+    }
+    inspect::check(overlay)
+        .await
+        .is_ok_and(|rep| rep.problems.is_empty())
 }
 
 fn hex_string(v: &[u8]) -> String {

@@ -133,7 +133,8 @@ async fn read_mask(
     (m.mask_type == mask_type).then_some(m)
 }
 
-/// SPDK `spdk_bs_dump`: the super block, then every md page whose header id is not 0.
+/// SPDK `spdk_bs_dump`: the super block, then every md page whose header id is not 0 (except
+/// our crash-safety copies in free pages, which are not metadata).
 /// Returns a negative errno when the dump stopped early (nothing more is printed then, as
 /// SPDK does).
 pub async fn dump_metadata(out: &mut dyn Write, dev: &dyn BsDev) -> Result<(), i32> {
@@ -241,6 +242,10 @@ pub async fn dump_metadata(out: &mut dyn Write, dev: &dyn BsDev) -> Result<(), i
         .map_err(io)?;
         let id = le64(&page, 0);
         if id == 0 {
+            continue;
+        }
+        // Our crash-safety copies in free pages are not metadata (SPDK never writes them).
+        if !in_mask(&used_md, idx) && inspect::is_crash_copy(&page) {
             continue;
         }
         let seq = le32(&page, 8);

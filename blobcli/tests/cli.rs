@@ -417,3 +417,103 @@ fn missing_blobs_and_script_tokens() {
     );
     assert_eq!(o.status.code(), Some(1));
 }
+
+/// A store cut by a power loss in the middle of a snapshot (an unfinished `SNAPTMP`, pages of
+/// a cut metadata write) is reported as needing recovery (exit 3), not as damaged, at every
+/// cut point; a load then recovers it. A real corruption of that store is still damaged.
+#[test]
+fn check_tells_needs_recovery_from_damaged() {
+    use blobstore::testing::{Fault, MemBsDev};
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // A store with a written blob, unloaded cleanly: the starting image.
+    let base = MemBsDev::new(4096, 4096);
+    let (base_img, id) = block_on(async {
+        let bs = Blobstore::init(base.clone(), BsOpts::default())
+            .await
+            .unwrap();
+        let id = bs
+            .create_blob(BlobOpts {
+                num_clusters: 4,
+                thin: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let b = bs.open_blob(id).await.unwrap();
+        let buf = blobstore::IoBuf::from_slice(&[0x5a; 4096], 4096);
+        b.write(0, buf).await.unwrap();
+        b.close().await.unwrap();
+        bs.unload().await.unwrap();
+        (base.snapshot(), id)
+    });
+    // How many writes a whole snapshot makes.
+    let probe = MemBsDev::from_bytes(4096, base_img.clone());
+    let total = block_on(async {
+        let bs = Blobstore::load(probe.clone(), BsOpts::default())
+            .await
+            .unwrap();
+        probe.set_fault(Fault::None);
+        bs.create_snapshot(id, Vec::new()).await.unwrap();
+        let n = probe.writes();
+        std::mem::forget(bs);
+        n
+    });
+    assert!(total >= 2, "a snapshot writes metadata ({total} writes)");
+    let img = d.join("cut.img");
+    let mut codes = Vec::new();
+    for k in 0..total {
+        let dev = MemBsDev::from_bytes(4096, base_img.clone());
+        block_on(async {
+            let bs = Blobstore::load(dev.clone(), BsOpts::default())
+                .await
+                .unwrap();
+            dev.set_fault(Fault::DropAfter(k));
+            let _ = bs.create_snapshot(id, Vec::new()).await;
+            std::mem::forget(bs);
+        });
+        std::fs::write(&img, dev.snapshot()).unwrap();
+        let before = std::fs::read(&img).unwrap();
+        let o = blobcli(d, &["--image", "cut.img", "--check"], None);
+        let code = o.status.code();
+        assert!(
+            matches!(code, Some(0) | Some(3)),
+            "cut after write {k}/{total}: exit {code:?}\n{}",
+            stdout(&o)
+        );
+        if code == Some(3) {
+            assert!(
+                stdout(&o).contains("Result: needs recovery"),
+                "{}",
+                stdout(&o)
+            );
+        }
+        assert_eq!(std::fs::read(&img).unwrap(), before, "--check wrote");
+        codes.push(code);
+        // What --check promised: a load recovers it, and it then checks clean.
+        let o = blobcli(d, &["--image", "cut.img", "-R", "--check"], None);
+        assert_eq!(o.status.code(), Some(0), "k={k}: {}", stdout(&o));
+    }
+    assert!(
+        codes.contains(&Some(3)),
+        "no cut point needed recovery: {codes:?}"
+    );
+    // A damaged store stays damaged: break the blob's root page CRC on a dirty store.
+    let dev = MemBsDev::from_bytes(4096, base_img.clone());
+    block_on(async {
+        let bs = Blobstore::load(dev.clone(), BsOpts::default())
+            .await
+            .unwrap();
+        dev.set_fault(Fault::DropAfter(1));
+        let _ = bs.create_snapshot(id, Vec::new()).await;
+        std::mem::forget(bs);
+    });
+    let mut bytes = dev.snapshot();
+    let sb = blobstore::inspect::parse_super(&bytes[..4096]).unwrap();
+    let root = (sb.md_start as usize + (id as u32) as usize) * 4096;
+    bytes[root + 100] ^= 0xff;
+    std::fs::write(&img, &bytes).unwrap();
+    let o = blobcli(d, &["--image", "cut.img", "--check"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("Result: damaged"), "{}", stdout(&o));
+}

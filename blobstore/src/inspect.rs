@@ -148,6 +148,17 @@ pub fn parse_md_page(bytes: &[u8]) -> Result<MdPageInfo> {
     crate::format::parse_md_page(bytes)
 }
 
+/// Whether an md-region page is one of our crash-safety copies (see "Metadata ordering" in
+/// `docs/architecture.md`): the shadow of an md page about to be rewritten in place, or a
+/// copy of the super block, kept in a free md page on devices whose io unit is under 4 KiB
+/// until the in-place write is durable. SPDK ignores them (they sit in free pages).
+pub fn is_crash_copy(page: &[u8]) -> bool {
+    crate::format::is_shadow(page)
+        || (page.len() >= 4096
+            && &page[..8] == b"SPDKBLOB"
+            && parse_super(page).is_ok_and(|s| s.crc_ok))
+}
+
 /// Parses a mask region (all its pages concatenated).
 pub fn parse_mask(bytes: &[u8]) -> Result<MaskInfo> {
     crate::format::parse_mask(bytes)
