@@ -610,7 +610,7 @@ impl LvolRpc {
                 let total = l.blob().num_clusters();
                 let inval =
                     |msg: &str| RpcError::new(-libc::EINVAL, format!("Invalid argument: {msg}"));
-                if p.offset % cluster != 0 || p.size % cluster != 0 {
+                if !p.offset.is_multiple_of(cluster) || !p.size.is_multiple_of(cluster) {
                     return Err(inval(
                         "offset and size must be multiples of the cluster size",
                     ));
