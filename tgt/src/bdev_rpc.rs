@@ -308,6 +308,12 @@ pub struct BdevRpc {
     error_bdevs: Mutex<HashMap<String, Weak<ErrorBdev>>>,
     /// The null bdevs, for `bdev_null_resize` (weak: the registry owns them).
     null_bdevs: Mutex<HashMap<String, Weak<NullBdev>>>,
+    /// The aio bdevs, for `bdev_aio_rescan`.
+    aio_bdevs: Mutex<HashMap<String, Weak<AioBdev>>>,
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BdevRpc {
@@ -318,6 +324,7 @@ impl BdevRpc {
             malloc_counter: Mutex::new(0),
             error_bdevs: Mutex::new(HashMap::new()),
             null_bdevs: Mutex::new(HashMap::new()),
+            aio_bdevs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -438,9 +445,10 @@ impl BdevRpc {
             e => errno_err(e),
         })?;
         self.registry
-            .register(dev)
+            .register(dev.clone())
             .await
             .map_err(|e| errno_err(&e))?;
+        lock_map(&self.aio_bdevs).insert(p.name.clone(), Arc::downgrade(&dev));
         self.registry.wait_for_examine().await;
         Ok(Value::String(p.name))
     }
@@ -506,6 +514,38 @@ impl BdevRpc {
         Ok(Value::Bool(true))
     }
 
+    /// `bdev_aio_rescan`: re-reads the file size; a change goes to every opener as a resize
+    /// event. A smaller file is `-16`, as SPDK (which refuses to shrink an open bdev, and its
+    /// rescan holds one descriptor itself).
+    fn aio_rescan(&self, name: &str) -> Result<Value, RpcError> {
+        let dev = self.registry.get(name).ok_or_else(enodev)?;
+        let aio = {
+            let mut map = lock_map(&self.aio_bdevs);
+            map.retain(|n, _| self.registry.get(n).is_some());
+            map.get(dev.name()).and_then(Weak::upgrade)
+        };
+        let Some(aio) = aio else {
+            return Err(enodev());
+        };
+        let path = aio.driver_specific()["aio"]["filename"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(enodev)?;
+        let size = std::fs::File::open(&path)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+            .map_err(|e| RpcError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let old = aio.num_blocks();
+        if size / u64::from(aio.block_len()) < old {
+            return Err(RpcError::from_errno(libc::EBUSY));
+        }
+        let new = aio.rescan().map_err(|e| errno_err(&e))?;
+        if new != old {
+            tracing::info!(target: "bdev", "aio bdev {name} resized: {old} -> {new} blocks");
+            self.registry.notify_resize(aio.name());
+        }
+        Ok(Value::Bool(true))
+    }
+
     async fn error_create(&self, p: ErrorCreate) -> Result<Value, RpcError> {
         if p.uuid.is_some() {
             // Our error bdev derives nothing from a given UUID; accept only a valid one.
@@ -555,6 +595,7 @@ impl RpcModule for BdevRpc {
             "bdev_malloc_delete",
             "bdev_aio_create",
             "bdev_aio_delete",
+            "bdev_aio_rescan",
             "bdev_error_create",
             "bdev_error_delete",
             "bdev_null_create",
@@ -594,6 +635,10 @@ impl RpcModule for BdevRpc {
             "bdev_aio_delete" => {
                 let p: NameOnly = decode(params)?;
                 self.delete_of_module(&p.name, "aio").await
+            }
+            "bdev_aio_rescan" => {
+                let p: NameOnly = decode(params)?;
+                self.aio_rescan(&p.name)
             }
             "bdev_error_create" => self.error_create(decode(params)?).await,
             "bdev_null_create" => self.null_create(decode(params)?).await,

@@ -407,3 +407,55 @@ fn lvol_fragmap_and_set_parent_bdev_codes() {
     let e = t.err(&["bdev_lvol_set_parent_bdev", "lvs/nope", "aio0"]);
     assert_eq!(e.code, -19);
 }
+
+#[test]
+fn aio_rescan_grows_the_bdev_and_lets_the_store_grow() {
+    let Some((tools, dir)) = setup() else { return };
+    let t = start(&tools, dir.path());
+    let f = dir.path().join("a.img");
+    sparse_file(&f, 32 << 20);
+    t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
+    t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "aio0", "lvs"]);
+    let before = t.ok(&["bdev_lvol_get_lvstores", "-l", "lvs"])[0]["total_data_clusters"]
+        .as_u64()
+        .unwrap();
+    // Nothing changed: still true, same size.
+    assert_eq!(t.ok(&["bdev_aio_rescan", "aio0"]), json!(true));
+    assert_eq!(
+        t.ok(&["bdev_get_bdevs", "-b", "aio0"])[0]["num_blocks"],
+        json!(8192)
+    );
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    assert_eq!(t.ok(&["bdev_aio_rescan", "aio0"]), json!(true));
+    assert_eq!(
+        t.ok(&["bdev_get_bdevs", "-b", "aio0"])[0]["num_blocks"],
+        json!(16384)
+    );
+    t.ok(&["bdev_lvol_grow_lvstore", "-l", "lvs"]);
+    let after = t.ok(&["bdev_lvol_get_lvstores", "-l", "lvs"])[0]["total_data_clusters"]
+        .as_u64()
+        .unwrap();
+    assert!(after >= before + 32, "{before} -> {after}");
+
+    // A smaller file is refused and the size stays; other bdevs are not aio bdevs.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f)
+        .unwrap()
+        .set_len(48 << 20)
+        .unwrap();
+    assert_eq!(t.err(&["bdev_aio_rescan", "aio0"]).code, -16);
+    assert_eq!(
+        t.ok(&["bdev_get_bdevs", "-b", "aio0"])[0]["num_blocks"],
+        json!(16384)
+    );
+    t.ok(&["bdev_malloc_create", "-b", "M0", "4", "512"]);
+    assert_eq!(t.err(&["bdev_aio_rescan", "M0"]).code, -19);
+    assert_eq!(t.err(&["bdev_aio_rescan", "nope"]).code, -19);
+}
