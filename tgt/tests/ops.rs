@@ -164,6 +164,16 @@ fn log_methods_before_init_and_rust_log() {
     let d2 = tempfile::tempdir().unwrap();
     let (t, _log) = start_logged(&tools, d2.path(), &[("RUST_LOG", "debug,hyper=off")]);
     assert_eq!(t.ok(&["log_get_print_level"]), json!("DEBUG"));
+    drop(t);
+    // `-L FLAG` as spdk_tgt's; an unknown flag is reported, not fatal.
+    let d3 = tempfile::tempdir().unwrap();
+    let sock = d3.path().join("rpc.sock");
+    let t = Tgt::start(&tools, d3.path(), &sock, &["-L", "lvol", "-L", "nope"]);
+    let flags = t.ok(&["log_get_flags"]);
+    assert_eq!(
+        (flags["lvol"].clone(), flags["blob"].clone()),
+        (json!(true), json!(false))
+    );
 }
 
 fn save_bdev_config(t: &Tgt) -> Vec<Value> {
