@@ -97,8 +97,9 @@ impl Args {
 fn install_logging(logflags: &[String]) -> Arc<tgt::log::LogControl> {
     use tracing_subscriber::prelude::*;
     let env = std::env::var("RUST_LOG").ok();
-    let initial = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Replaced below by the control's filter (RUST_LOG's level and targets plus -L flags),
+    // so that what log_get_print_level reports is what is installed.
+    let initial = tracing_subscriber::EnvFilter::new("warn");
     let (layer, handle) = tracing_subscriber::reload::Layer::new(initial);
     tracing_subscriber::registry()
         .with(layer)
@@ -109,18 +110,13 @@ fn install_logging(logflags: &[String]) -> Arc<tgt::log::LogControl> {
         Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
     );
     // `-L flag` as SPDK's: unknown flags are reported, not fatal.
-    let mut changed = false;
     for f in logflags {
-        if ctl.set_flag(f, true) {
-            changed = true;
-        } else {
+        if !ctl.set_flag(f, true) {
             eprintln!("tgt: unknown log flag {f}");
         }
     }
-    if changed {
-        if let Err(e) = ctl.reapply() {
-            eprintln!("tgt: log flags: {e}");
-        }
+    if let Err(e) = ctl.reapply() {
+        eprintln!("tgt: log filter: {e}");
     }
     ctl
 }
