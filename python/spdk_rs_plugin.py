@@ -118,6 +118,19 @@ def spdk_rpc_plugin_initialize(subparsers):
     p.set_defaults(func=bdev_lvol_get_esnap_retry)
 
     # NBD client bdev: a bdev backed by an export of any NBD server.
+    # Longhorn's fragmap: which clusters of a range an lvol owns.
+    def bdev_lvol_get_fragmap(args):
+        _print(args.client.bdev_lvol_get_fragmap(name=args.name, offset=args.offset,
+                                                 size=args.size))
+
+    p = subparsers.add_parser('bdev_lvol_get_fragmap',
+                              help='Bitmap of the clusters an lvol owns (base64, LSB first)')
+    p.add_argument('name', help='lvol bdev name, alias or UUID')
+    p.add_argument('--offset', type=int, help='start in bytes (a cluster multiple; default 0)')
+    p.add_argument('--size', type=int,
+                   help='length in bytes (a cluster multiple; default: to the end)')
+    p.set_defaults(func=bdev_lvol_get_fragmap)
+
     def bdev_nbd_client_create(args):
         _print(args.client.bdev_nbd_client_create(
             name=args.name, address=args.address, export=args.export, uuid=args.uuid,

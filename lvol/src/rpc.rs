@@ -15,6 +15,11 @@
 //! "No space left on device").
 //! * `bdev_lvol_get_esnap_retry {}`: `{"retries": N, "delay_ms": M}`.
 //!
+//! * `bdev_lvol_get_fragmap {"name", "offset"?, "size"?}` (Longhorn's engine's method):
+//!   `{cluster_size, num_clusters, num_allocated_clusters, fragmap}`, the fragmap a base64
+//!   bitmap with one bit per cluster of the range (set: allocated in this lvol), LSB first.
+//!   `offset`/`size` in bytes, multiples of the cluster size, else `-22`; size 0 = to the end.
+//!
 //! `bdev_lvol_get_lvols` entries carry `is_degraded` and `num_allocated_clusters`;
 //! `bdev_lvol_get_lvstores` entries carry `max_growable_size` (SPDK HEAD keys).
 
@@ -95,7 +100,53 @@ pub const METHODS: &[&str] = &[
     "bdev_lvol_check_shallow_copy",
     "bdev_lvol_set_esnap_retry",
     "bdev_lvol_get_esnap_retry",
+    "bdev_lvol_get_fragmap",
 ];
+
+/// `bdev_lvol_get_fragmap` (Longhorn's engine; not in upstream SPDK): `offset` and `size` in
+/// bytes, both multiples of the cluster size; `size` 0 or absent means "to the end".
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetFragmap {
+    name: String,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    size: u64,
+}
+
+/// Standard base64 (RFC 4648, with padding).
+fn base64(data: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The fragmap of clusters `first..first + count` of `lvol`: one bit per cluster, set when the
+/// lvol itself owns it, least significant bit first in each byte; and the count of set bits.
+fn fragmap(lvol: &Lvol, first: u64, count: u64) -> (Vec<u8>, u64) {
+    let mut map = vec![0u8; count.div_ceil(8) as usize];
+    let mut allocated = 0;
+    for i in 0..count {
+        if lvol.blob().is_cluster_allocated(first + i) {
+            map[(i / 8) as usize] |= 1 << (i % 8);
+            allocated += 1;
+        }
+    }
+    (map, allocated)
+}
 
 fn enodev() -> RpcError {
     RpcError::from_errno(libc::ENODEV)
@@ -503,7 +554,8 @@ impl LvolRpc {
                 let p: SetParent = decode(params)?;
                 let l = self.lvol(&p.lvol_name)?;
                 if m.registry().get(&p.parent_name).is_none() {
-                    return Err(enodev());
+                    // SPDK looks the parent up in the async part: -32602 "No such device".
+                    return Err(RpcError::invalid_params_errno(libc::ENODEV));
                 }
                 m.set_parent_bdev(&l, &p.parent_name)
                     .await
@@ -551,6 +603,38 @@ impl LvolRpc {
                 m.set_esnap_retry(retries, delay);
                 Ok(json!(true))
             }
+            "bdev_lvol_get_fragmap" => {
+                let p: GetFragmap = decode(params)?;
+                let l = self.lvol(&p.name)?;
+                let cluster = u64::from(l.store().ok_or_else(enodev)?.cluster_size());
+                let total = l.blob().num_clusters();
+                let inval =
+                    |msg: &str| RpcError::new(-libc::EINVAL, format!("Invalid argument: {msg}"));
+                if !p.offset.is_multiple_of(cluster) || !p.size.is_multiple_of(cluster) {
+                    return Err(inval(
+                        "offset and size must be multiples of the cluster size",
+                    ));
+                }
+                let first = p.offset / cluster;
+                if first > total {
+                    return Err(inval("offset is beyond the end of the lvol"));
+                }
+                let count = if p.size == 0 {
+                    total - first
+                } else {
+                    p.size / cluster
+                };
+                if count > total - first {
+                    return Err(inval("offset + size is beyond the end of the lvol"));
+                }
+                let (map, allocated) = fragmap(&l, first, count);
+                Ok(json!({
+                    "cluster_size": cluster,
+                    "num_clusters": count,
+                    "num_allocated_clusters": allocated,
+                    "fragmap": base64(&map),
+                }))
+            }
             "bdev_lvol_get_esnap_retry" => {
                 let _: NoParams = decode(params)?;
                 let (r, d) = m.esnap_retry();
@@ -574,6 +658,22 @@ impl RpcModule for LvolRpc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (i, o) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(i.as_bytes()), o);
+        }
+        assert_eq!(base64(&[0xff, 0x01]), "/wE=");
+    }
 
     #[test]
     fn sizes_that_overflow_are_refused() {

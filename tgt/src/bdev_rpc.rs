@@ -1,5 +1,5 @@
 //! The bdev-level RPC methods: `bdev_get_bdevs`, `bdev_wait_for_examine`, `bdev_set_options`
-//! and the create/delete methods of the backends bdev-core ships (malloc, aio, error).
+//! and the create/delete methods of the backends bdev-core ships (malloc, aio, error, null).
 //!
 //! They live in `tgt` rather than in bdev-core because they are glue over bdev-core's public
 //! API (the registry plus the backends' constructors) and keep per-process state bdev-core
@@ -15,6 +15,7 @@ use async_trait::async_trait;
 use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
 use bdev_core::backend::malloc::MallocBdev;
+use bdev_core::backend::null::NullBdev;
 use bdev_core::rpc::{decode, RpcError, RpcModule};
 use bdev_core::{BdevError, BlockDevice, ClaimType, IoType, Registry};
 use serde::Deserialize;
@@ -164,6 +165,44 @@ struct MallocCreate {
     numa_id: Option<i32>,
 }
 
+/// `bdev_null_create` as the current client sends it (it leaves out what was not given).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullCreate {
+    name: String,
+    num_blocks: u64,
+    block_size: u32,
+    uuid: Option<String>,
+    #[serde(default)]
+    physical_block_size: u32,
+    #[serde(default)]
+    md_size: u32,
+    #[serde(default)]
+    dif_type: i32,
+    #[serde(default)]
+    dif_is_head_of_md: bool,
+    #[serde(default)]
+    dif_pi_format: u32,
+    #[serde(default)]
+    preferred_write_alignment: u32,
+    #[serde(default)]
+    preferred_write_granularity: u32,
+    #[serde(default)]
+    optimal_write_size: u32,
+    #[serde(default)]
+    preferred_unmap_alignment: u32,
+    #[serde(default)]
+    preferred_unmap_granularity: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NullResize {
+    name: String,
+    /// MiB.
+    new_size: u64,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NameOnly {
@@ -267,6 +306,14 @@ pub struct BdevRpc {
     /// Weak: a strong reference would keep the base descriptor open after the error bdev
     /// was unregistered, and the base could then never be removed.
     error_bdevs: Mutex<HashMap<String, Weak<ErrorBdev>>>,
+    /// The null bdevs, for `bdev_null_resize` (weak: the registry owns them).
+    null_bdevs: Mutex<HashMap<String, Weak<NullBdev>>>,
+    /// The aio bdevs, for `bdev_aio_rescan`.
+    aio_bdevs: Mutex<HashMap<String, Weak<AioBdev>>>,
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl BdevRpc {
@@ -276,6 +323,8 @@ impl BdevRpc {
             registry,
             malloc_counter: Mutex::new(0),
             error_bdevs: Mutex::new(HashMap::new()),
+            null_bdevs: Mutex::new(HashMap::new()),
+            aio_bdevs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -396,11 +445,105 @@ impl BdevRpc {
             e => errno_err(e),
         })?;
         self.registry
-            .register(dev)
+            .register(dev.clone())
             .await
             .map_err(|e| errno_err(&e))?;
+        lock_map(&self.aio_bdevs).insert(p.name.clone(), Arc::downgrade(&dev));
         self.registry.wait_for_examine().await;
         Ok(Value::String(p.name))
+    }
+
+    async fn null_create(&self, p: NullCreate) -> Result<Value, RpcError> {
+        let uuid = parse_uuid(&p.uuid)?;
+        if p.physical_block_size % 512 != 0 {
+            return Err(RpcError::from_errno(libc::EINVAL));
+        }
+        if p.md_size != 0 || p.dif_type != 0 || p.dif_is_head_of_md || p.dif_pi_format != 0 {
+            return Err(RpcError::new(
+                -libc::EOPNOTSUPP,
+                "Operation not supported: separate metadata and DIF are not implemented",
+            ));
+        }
+        if p.preferred_write_alignment != 0
+            || p.preferred_write_granularity != 0
+            || p.optimal_write_size != 0
+            || p.preferred_unmap_alignment != 0
+            || p.preferred_unmap_granularity != 0
+        {
+            return Err(RpcError::new(
+                -libc::EOPNOTSUPP,
+                "Operation not supported: write and unmap alignment hints are not implemented",
+            ));
+        }
+        if self.registry.get(&p.name).is_some() {
+            return Err(RpcError::from_errno(libc::EEXIST));
+        }
+        let dev = NullBdev::create(&p.name, p.num_blocks, p.block_size, uuid)
+            .map_err(|e| errno_err(&e))?;
+        self.registry
+            .register(dev.clone())
+            .await
+            .map_err(|e| errno_err(&e))?;
+        self.lock_nulls()
+            .insert(p.name.clone(), Arc::downgrade(&dev));
+        Ok(Value::String(p.name))
+    }
+
+    fn lock_nulls(&self) -> std::sync::MutexGuard<'_, HashMap<String, Weak<NullBdev>>> {
+        self.null_bdevs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `bdev_null_resize`: the new size is in MiB; shrinking is `-22` as in SPDK.
+    fn null_resize(&self, p: NullResize) -> Result<Value, RpcError> {
+        let dev = self.registry.get(&p.name).ok_or_else(enodev)?;
+        let null = {
+            let mut map = self.lock_nulls();
+            map.retain(|n, _| self.registry.get(n).is_some());
+            map.get(dev.name()).and_then(Weak::upgrade)
+        };
+        let Some(null) = null else {
+            return Err(RpcError::from_errno(libc::EINVAL));
+        };
+        let bytes = p
+            .new_size
+            .checked_mul(1 << 20)
+            .ok_or_else(|| RpcError::from_errno(libc::EINVAL))?;
+        null.resize(bytes / null.block_len() as u64)
+            .map_err(|e| errno_err(&e))?;
+        self.registry.notify_resize(null.name());
+        Ok(Value::Bool(true))
+    }
+
+    /// `bdev_aio_rescan`: re-reads the file size; a change goes to every opener as a resize
+    /// event. A smaller file is `-16`, as SPDK (which refuses to shrink an open bdev, and its
+    /// rescan holds one descriptor itself).
+    fn aio_rescan(&self, name: &str) -> Result<Value, RpcError> {
+        let dev = self.registry.get(name).ok_or_else(enodev)?;
+        let aio = {
+            let mut map = lock_map(&self.aio_bdevs);
+            map.retain(|n, _| self.registry.get(n).is_some());
+            map.get(dev.name()).and_then(Weak::upgrade)
+        };
+        let Some(aio) = aio else {
+            return Err(enodev());
+        };
+        let path = aio.driver_specific()["aio"]["filename"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(enodev)?;
+        let size = std::fs::File::open(&path)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+            .map_err(|e| RpcError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let old = aio.num_blocks();
+        if size / u64::from(aio.block_len()) < old {
+            return Err(RpcError::from_errno(libc::EBUSY));
+        }
+        let new = aio.rescan().map_err(|e| errno_err(&e))?;
+        if new != old {
+            tracing::info!(target: "bdev", "aio bdev {name} resized: {old} -> {new} blocks");
+            self.registry.notify_resize(aio.name());
+        }
+        Ok(Value::Bool(true))
     }
 
     async fn error_create(&self, p: ErrorCreate) -> Result<Value, RpcError> {
@@ -452,8 +595,12 @@ impl RpcModule for BdevRpc {
             "bdev_malloc_delete",
             "bdev_aio_create",
             "bdev_aio_delete",
+            "bdev_aio_rescan",
             "bdev_error_create",
             "bdev_error_delete",
+            "bdev_null_create",
+            "bdev_null_delete",
+            "bdev_null_resize",
             "bdev_error_inject_error",
         ]
     }
@@ -489,7 +636,19 @@ impl RpcModule for BdevRpc {
                 let p: NameOnly = decode(params)?;
                 self.delete_of_module(&p.name, "aio").await
             }
+            "bdev_aio_rescan" => {
+                let p: NameOnly = decode(params)?;
+                self.aio_rescan(&p.name)
+            }
             "bdev_error_create" => self.error_create(decode(params)?).await,
+            "bdev_null_create" => self.null_create(decode(params)?).await,
+            "bdev_null_delete" => {
+                let p: NameOnly = decode(params)?;
+                let r = self.delete_of_module(&p.name, "null").await;
+                self.lock_nulls().remove(&p.name);
+                r
+            }
+            "bdev_null_resize" => self.null_resize(decode(params)?),
             "bdev_error_delete" => {
                 let p: NameOnly = decode(params)?;
                 let r = self.delete_of_module(&p.name, "error").await;

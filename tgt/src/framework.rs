@@ -38,6 +38,7 @@ pub fn allowed_states(method: &str) -> (bool, bool) {
         | "framework_get_config"
         | "framework_wait_init"
         | "bdev_set_options" => (true, true),
+        m if crate::log::METHODS.contains(&m) => (true, true),
         _ => (false, true),
     }
 }

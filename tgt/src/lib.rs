@@ -11,6 +11,7 @@ pub mod config;
 pub mod framework;
 pub mod jsonrpc;
 pub mod limits;
+pub mod log;
 pub mod modules;
 pub mod nbd;
 pub mod server;

@@ -47,7 +47,7 @@ struct Args {
     /// SPDK's shared memory id (accepted, unused).
     #[arg(short = 'i', long = "shm-id")]
     shm_id: Option<String>,
-    /// SPDK's log flags (accepted; use RUST_LOG, e.g. RUST_LOG=lvol=debug).
+    /// SPDK's log flags (`-L lvol`: that module's targets at DEBUG; see `log_get_flags`).
     #[arg(short = 'L', long = "logflag")]
     logflag: Vec<String>,
     /// MiB all NBD connections together may hold in payloads and unsent replies.
@@ -93,16 +93,38 @@ impl Args {
     }
 }
 
-fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
+/// Installs the stderr subscriber behind a reloadable filter (the `log_*` methods change it).
+fn install_logging(logflags: &[String]) -> Arc<tgt::log::LogControl> {
+    use tracing_subscriber::prelude::*;
+    let env = std::env::var("RUST_LOG").ok();
+    // Replaced below by the control's filter (RUST_LOG's level and targets plus -L flags),
+    // so that what log_get_print_level reports is what is installed.
+    let initial = tracing_subscriber::EnvFilter::new("warn");
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(initial);
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
+    let ctl = tgt::log::LogControl::new(
+        env.as_deref(),
+        Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+    );
+    // `-L flag` as SPDK's: unknown flags are reported, not fatal.
+    for f in logflags {
+        if !ctl.set_flag(f, true) {
+            eprintln!("tgt: unknown log flag {f}");
+        }
+    }
+    if let Err(e) = ctl.reapply() {
+        eprintln!("tgt: log filter: {e}");
+    }
+    ctl
+}
+
+fn main() {
     let default_mode = std::env::args_os().len() == 1;
     let args = Args::parse();
+    let log = install_logging(&args.logflag);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tgt")
@@ -114,13 +136,13 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(run(args, default_mode));
+    let code = rt.block_on(run(args, default_mode, log));
     // Connection tasks still parked on sockets are not waited for.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
 }
 
-async fn run(args: Args, default_mode: bool) -> i32 {
+async fn run(args: Args, default_mode: bool, log: Arc<tgt::log::LogControl>) -> i32 {
     let limits = match args.limits() {
         Ok(l) => l,
         Err(e) => {
@@ -134,7 +156,8 @@ async fn run(args: Args, default_mode: bool) -> i32 {
         handle.spawn(f);
     }));
     let nbd = NbdServer::with_limits(registry.clone(), limits);
-    let wiring = modules::wiring(&registry, &nbd);
+    let mut wiring = modules::wiring(&registry, &nbd);
+    wiring.modules.push(tgt::log::LogRpc::new(log));
     let start_in_startup = args.wait_for_rpc || args.json.is_some();
     let target = Target::new(registry, nbd, wiring, start_in_startup);
 

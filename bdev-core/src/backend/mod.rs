@@ -6,4 +6,5 @@ pub mod aio;
 pub mod cached;
 pub mod error;
 pub mod malloc;
+pub mod null;
 pub(crate) mod uring;

@@ -1,13 +1,15 @@
-//! The NBD JSON-RPC methods (ours; SPDK's kernel-NBD methods `nbd_start_disk` etc. are not
-//! served): `nbd_server_start`, `nbd_server_stop`, `nbd_export_add`, `nbd_export_remove`,
-//! `nbd_get_exports`.
+//! The NBD JSON-RPC methods: ours (`nbd_server_start`, `nbd_server_stop`, `nbd_export_add`,
+//! `nbd_export_remove`, `nbd_get_exports`) and SPDK's kernel-NBD methods mapped onto the
+//! userspace exports (`nbd_start_disk`, `nbd_stop_disk`, `nbd_get_disks`): the "device" is
+//! the export's URL (`nbd+unix:///NAME?socket=PATH` or `nbd://HOST:PORT/NAME`); a kernel
+//! device path is refused with `-95`, since we serve userspace NBD only.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bdev_core::rpc::{decode, RpcError, RpcModule};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::server::NbdServer;
 
@@ -42,6 +44,42 @@ struct Remove {
 #[serde(deny_unknown_fields)]
 struct Empty {}
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartDisk {
+    bdev_name: String,
+    nbd_device: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopDisk {
+    nbd_device: Option<String>,
+}
+
+/// The URL prefix and suffix around an export name for a listener address.
+fn url_parts(listen: &str) -> (String, String) {
+    match listen.strip_prefix("unix:") {
+        Some(path) => ("nbd+unix:///".into(), format!("?socket={path}")),
+        None => (format!("nbd://{listen}/"), String::new()),
+    }
+}
+
+/// The URL of export `name` on the server listening on `listen`.
+pub fn export_url(listen: &str, name: &str) -> String {
+    let (pre, suf) = url_parts(listen);
+    format!("{pre}{name}{suf}")
+}
+
+fn kernel_device_refused(dev: &str) -> RpcError {
+    RpcError::new(
+        -libc::EOPNOTSUPP,
+        format!(
+            "Operation not supported: {dev} is a kernel NBD device; this target serves userspace NBD only (omit nbd_device, or give an export URL such as nbd+unix:///NAME?socket=PATH)"
+        ),
+    )
+}
+
 /// The NBD RPC module.
 pub struct NbdRpc {
     server: Arc<NbdServer>,
@@ -63,6 +101,9 @@ impl RpcModule for NbdRpc {
             "nbd_export_add",
             "nbd_export_remove",
             "nbd_get_exports",
+            "nbd_start_disk",
+            "nbd_stop_disk",
+            "nbd_get_disks",
         ]
     }
 
@@ -94,7 +135,106 @@ impl RpcModule for NbdRpc {
                 let _: Empty = decode(params)?;
                 Ok(self.server.list())
             }
+            "nbd_start_disk" => self.start_disk(decode(params)?),
+            "nbd_stop_disk" => {
+                let p: StopDisk = decode(params)?;
+                let Some(dev) = p.nbd_device else {
+                    return Err(RpcError::new(-libc::ENODEV, "invalid nbd device"));
+                };
+                let name = self.export_of_url(&dev)?;
+                self.server.remove_export(&name)?;
+                Ok(Value::Bool(true))
+            }
+            "nbd_get_disks" => {
+                let p: StopDisk = decode(params)?;
+                let listen = self.server.listen_address();
+                let disks: Vec<Value> = match &listen {
+                    None => Vec::new(),
+                    Some(l) => self
+                        .server
+                        .export_names()
+                        .into_iter()
+                        .map(|(name, bdev)| json!({"nbd_device": export_url(l, &name), "bdev_name": bdev}))
+                        .collect(),
+                };
+                match p.nbd_device {
+                    None => Ok(Value::Array(disks)),
+                    Some(dev) => {
+                        let one: Vec<Value> = disks
+                            .into_iter()
+                            .filter(|d| d["nbd_device"] == dev)
+                            .collect();
+                        if one.is_empty() {
+                            return Err(RpcError::from_errno(libc::ENODEV));
+                        }
+                        Ok(Value::Array(one))
+                    }
+                }
+            }
             _ => Err(RpcError::method_not_found()),
         }
+    }
+}
+
+impl NbdRpc {
+    fn listen(&self) -> Result<String, RpcError> {
+        self.server.listen_address().ok_or_else(|| {
+            RpcError::new(
+                -libc::ENODEV,
+                "nbd device not found: no NBD server is listening (call nbd_server_start first)",
+            )
+        })
+    }
+
+    /// The export named by `url` (one of ours); a kernel device path is `-95`.
+    fn export_of_url(&self, url: &str) -> Result<String, RpcError> {
+        if url.starts_with('/') {
+            return Err(kernel_device_refused(url));
+        }
+        let listen = self.listen()?;
+        let (pre, suf) = url_parts(&listen);
+        let name = url
+            .strip_prefix(pre.as_str())
+            .and_then(|r| r.strip_suffix(suf.as_str()))
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| RpcError::new(-libc::ENODEV, format!("illegal nbd device {url}")))?;
+        if !self.server.export_names().iter().any(|(n, _)| n == name) {
+            return Err(RpcError::from_errno(libc::ENODEV));
+        }
+        Ok(name.to_string())
+    }
+
+    /// `nbd_start_disk`: a writable export named after the bdev, or after the export name in
+    /// the URL given as `nbd_device`; answers the export's URL.
+    fn start_disk(&self, p: StartDisk) -> Result<Value, RpcError> {
+        let listen = self.listen()?;
+        let name = match &p.nbd_device {
+            None => p.bdev_name.clone(),
+            Some(dev) if dev.starts_with('/') => return Err(kernel_device_refused(dev)),
+            Some(dev) => {
+                let (pre, suf) = url_parts(&listen);
+                dev.strip_prefix(pre.as_str())
+                    .and_then(|r| r.strip_suffix(suf.as_str()))
+                    .filter(|n| !n.is_empty())
+                    .ok_or_else(|| {
+                        RpcError::new(
+                            -libc::ENODEV,
+                            format!("illegal nbd device {dev}: not a URL of this target's NBD server ({})", export_url(&listen, "NAME")),
+                        )
+                    })?
+                    .to_string()
+            }
+        };
+        let name = self
+            .server
+            .add_export(&p.bdev_name, Some(&name), true)
+            .map_err(|e| {
+                if e.code == -libc::EEXIST {
+                    RpcError::from_errno(libc::EBUSY)
+                } else {
+                    e
+                }
+            })?;
+        Ok(Value::String(export_url(&listen, &name)))
     }
 }

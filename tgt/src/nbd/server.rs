@@ -346,6 +346,19 @@ impl NbdServer {
         Ok(())
     }
 
+    /// The `listen` address of the running listener (`unix:PATH` or `HOST:PORT`).
+    pub fn listen_address(&self) -> Option<String> {
+        lock(&self.listener).as_ref().map(|l| l.listen.clone())
+    }
+
+    /// (export name, bdev name) of every export.
+    pub fn export_names(&self) -> Vec<(String, String)> {
+        lock(&self.exports)
+            .values()
+            .map(|e| (e.name.clone(), e.bdev_name.clone()))
+            .collect()
+    }
+
     /// `nbd_get_exports`.
     pub fn list(&self) -> Value {
         let map = lock(&self.exports);
