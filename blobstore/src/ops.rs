@@ -55,7 +55,7 @@ impl StoreInner {
         n: u64,
     ) -> Result<(BlobId, Vec<u32>)> {
         crate::md::check_blob_clusters(n)?;
-        let page = self.alloc_md_page()?;
+        let page = self.alloc_root_page().await?;
         let id = page_to_blobid(page);
         self.state().used_blobids.set(u64::from(page));
         let claimed = if md.thin() {

@@ -69,6 +69,11 @@ pub(crate) struct StoreState {
     /// Shadow pages whose in-place write was issued (page, zero it when retired): retired
     /// once a flush started after that write completed.
     pub shadows: Vec<(u32, bool)>,
+    /// Md pages freed right after a zeroing that no flush has covered yet. On a shadowed
+    /// device such a page must not become a root before that zeroing is durable: a torn
+    /// zeroing leaves a bad CRC at the root's place, which recovery would "restore" from the
+    /// new root's shadow although nothing it points at was flushed.
+    pub zeroing: BTreeSet<u32>,
 }
 
 pub(crate) struct StoreInner {
@@ -440,13 +445,14 @@ impl StoreInner {
             return Ok(());
         }
         let _ = kind;
-        let retire = std::mem::take(&mut self.state().shadows);
+        let (retire, zeroed) = self.take_unflushed();
         self.unflushed.store(false, Ordering::SeqCst);
         if let Err(e) = self.dev.flush().await {
             self.unflushed.store(true, Ordering::SeqCst);
             let mut st = self.state();
             st.tainted = true;
             st.shadows.extend(retire);
+            st.zeroing.extend(zeroed);
             return Err(io_err(e));
         }
         self.retire_shadows(retire).await;
@@ -474,6 +480,29 @@ impl StoreInner {
         Ok(Some(p))
     }
 
+    /// What a flush about to start settles: the shadows to retire after it and the zeroed
+    /// pages that it makes durable.
+    fn take_unflushed(&self) -> (Vec<(u32, bool)>, BTreeSet<u32>) {
+        let mut st = self.state();
+        (
+            std::mem::take(&mut st.shadows),
+            std::mem::take(&mut st.zeroing),
+        )
+    }
+
+    /// Claims the root page of a new blob. On a shadowed device, a page whose zeroing is not
+    /// durable yet is first made so (see [`StoreState::zeroing`]).
+    pub(crate) async fn alloc_root_page(&self) -> Result<u32> {
+        let p = self.alloc_md_page()?;
+        if self.shadowed && self.state().zeroing.contains(&p) {
+            if let Err(e) = self.barrier(Barrier::PreCommit).await {
+                self.free_md_page(p);
+                return Err(e);
+            }
+        }
+        Ok(p)
+    }
+
     /// The in-place write a shadow covers was issued: retire the shadow after the next flush.
     pub(crate) fn issued_shadow(&self, p: Option<u32>, zero: bool) {
         if let Some(p) = p {
@@ -491,16 +520,21 @@ impl StoreInner {
                 continue;
             }
             self.free_md_page(p);
+            if zero {
+                self.state().zeroing.insert(p);
+            }
         }
     }
 
     /// A client flush: everything written so far is durable.
     pub(crate) async fn flush_all(&self) -> Result<()> {
-        let retire = std::mem::take(&mut self.state().shadows);
+        let (retire, zeroed) = self.take_unflushed();
         self.unflushed.store(false, Ordering::SeqCst);
         if let Err(e) = self.dev.flush().await {
             self.unflushed.store(true, Ordering::SeqCst);
-            self.state().shadows.extend(retire);
+            let mut st = self.state();
+            st.shadows.extend(retire);
+            st.zeroing.extend(zeroed);
             return Err(io_err(e));
         }
         self.retire_shadows(retire).await;
@@ -737,6 +771,7 @@ impl StoreInner {
                 continue;
             }
             self.free_md_page(p);
+            self.state().zeroing.insert(p);
         }
     }
 
@@ -1276,6 +1311,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             doomed: Vec::new(),
             tainted: false,
             shadows: Vec::new(),
+            zeroing: BTreeSet::new(),
         }),
         factory: opts.esnap_factory.clone(),
         unflushed: AtomicBool::new(false),
@@ -1379,7 +1415,11 @@ async fn repair_torn(
             continue;
         }
         let info = parse_md_page(pg)?;
-        if !info.crc_ok {
+        // An all-zero page is not torn: nothing reached it (a create's root write wholly
+        // lost, maybe before its PreCommit flush) or a zeroing completed. Either way it is a
+        // whole state; a shadow of a new root must not resurrect it, since the pages that
+        // root points at may not be durable.
+        if !info.crc_ok && pg.iter().any(|&b| b != 0) {
             bad.insert(p);
         } else if info.sequence_num == 0 && info.id == page_to_blobid(p) {
             roots.push(p);
@@ -1654,6 +1694,7 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             doomed: Vec::new(),
             tainted: false,
             shadows: Vec::new(),
+            zeroing: BTreeSet::new(),
         }),
         factory: opts.esnap_factory.clone(),
         unflushed: AtomicBool::new(false),
