@@ -634,7 +634,7 @@ impl StoreInner {
         let p = st
             .used_pages
             .first_clear(min)
-            .ok_or_else(|| BsError::NoMemory("no free metadata page".into()))?;
+            .ok_or_else(|| enospc("no free metadata page (the store is out of metadata space)"))?;
         st.used_pages.set(p);
         Ok(p as u32)
     }
