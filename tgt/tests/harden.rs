@@ -761,3 +761,50 @@ fn racing_requests_answer_one_code_for_a_vanished_object() {
     assert!(seen.keys().any(|(_, c, _)| *c == -19));
     assert!(t.ok(&["spdk_get_version"])["version"].is_string());
 }
+
+/// Finding 1, driven as it was found: a store on an aio bdev created without `--fallocate`,
+/// default clear methods; a thick lvol is filled with 0xcc through an NBD export by qemu-io,
+/// then freed (deleted, or shrunk), and a new thick lvol over the freed clusters must read
+/// back zeroes and no byte of 0xcc, with no restart in between.
+#[test]
+fn a_new_thick_lvol_never_shows_a_freed_lvols_bytes() {
+    let (tools, dir) = setup();
+    for shrink in [false, true] {
+        let sub = dir.path().join(if shrink { "shrink" } else { "delete" });
+        std::fs::create_dir(&sub).unwrap();
+        let mut t = Tgt::start(&tools, &sub, &sub.join("rpc.sock"), &[]);
+        let f = sub.join("leak.img");
+        sparse_file(&f, 128 * MIB);
+        t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aioL", "4096"]);
+        t.ok(&["bdev_lvol_create_lvstore", "aioL", "lvsL"]);
+        let a = t.ok(&["bdev_lvol_create", "-l", "lvsL", "A", "64"]);
+        let a = a.as_str().unwrap().to_string();
+        let nbd = sub.join("nbd.sock");
+        t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+        t.ok(&["nbd_export_add", &a, "-n", "a"]);
+        qemu_io_ok(&tools, &nbd_uri("a", &nbd), &["write -P 0xcc 0 64M", "flush"]);
+        t.ok(&["nbd_export_remove", "a"]);
+        if shrink {
+            t.ok(&["bdev_lvol_resize", "lvsL/A", "16"]);
+        } else {
+            t.ok(&["bdev_lvol_delete", "lvsL/A"]);
+        }
+        let b_size = if shrink { "48" } else { "64" };
+        let b = t.ok(&["bdev_lvol_create", "-l", "lvsL", "B", b_size]);
+        t.ok(&["nbd_export_add", b.as_str().unwrap(), "-n", "b"]);
+        let uri = nbd_uri("b", &nbd);
+        let len = format!("{b_size}M");
+        let (leak, text) = qemu_io(&tools, &uri, true, &[&format!("read -P 0xcc 0 {len}")]);
+        assert!(!leak, "shrink={shrink}: B reads A's bytes: {text}");
+        let (zero, text) = qemu_io(&tools, &uri, true, &[&format!("read -P 0 0 {len}")]);
+        assert!(zero, "shrink={shrink}: B is not zeroes: {text}");
+        if shrink {
+            // What A kept is still A's.
+            t.ok(&["nbd_export_add", &a, "-n", "a2"]);
+            let (kept, text) =
+                qemu_io(&tools, &nbd_uri("a2", &nbd), true, &["read -P 0xcc 0 16M"]);
+            assert!(kept, "A lost its first 16 MiB: {text}");
+        }
+        assert_eq!(t.stop(), 0);
+    }
+}
