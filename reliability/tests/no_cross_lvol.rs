@@ -1,14 +1,17 @@
 //! No volume's bytes in another, at the lvol level, without a restart between the steps
 //! (issue 14 finding 1): for every backend (aio with and without `fallocate`, malloc), store
 //! clear method and lvol clear method, a thick lvol is filled with a secret, then freed by a
-//! path (delete, shrink, inflate of a clone then delete of it and its snapshot), and a new
-//! thick lvol over every free cluster must read back no byte of the secret.
+//! path (delete, shrink, inflate of a clone then delete of it and its snapshot, a thick
+//! create that fails half-way after the delete), and a new thick lvol over every free
+//! cluster must read back no byte of the secret.
 
 mod common;
 
 use std::sync::Arc;
 
 use bdev_core::backend::aio::{AioBdev, AioOpts};
+use bdev_core::backend::error::{ErrorBdev, Injection};
+use bdev_core::IoType;
 use blobstore::ClearMethod;
 use common::*;
 use futures::executor::block_on;
@@ -16,6 +19,9 @@ use lvol::{LvolModule, LvsClearMethod, LvsOpts};
 
 const STORE: u64 = 8 * MIB;
 const SECRET: u8 = 0xcc;
+
+/// Creates made to fail half-way in their zeroing (the path must not be vacuous).
+static SCRUB_FAILURES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -28,6 +34,11 @@ enum Path {
     Delete,
     Shrink,
     InflateThenDelete,
+    /// Delete, then a thick create over the freed clusters fails: its metadata write (or,
+    /// with `scrub`, its first zeroing write) gets EIO after its clusters were claimed.
+    DeleteThenFailedCreate {
+        scrub: bool,
+    },
 }
 
 async fn open_bdev(reg: &bdev_core::Registry, lvol: &lvol::Lvol) -> Arc<bdev_core::Descriptor> {
@@ -62,10 +73,16 @@ fn case(backend: Backend, store_cm: LvsClearMethod, lvol_cm: ClearMethod, path: 
             }
             Backend::Malloc => malloc(&reg, "base", STORE, 4096, None).await,
         }
+        // Every store sits on an error bdev, so a path can make an I/O fail.
+        let ee = ErrorBdev::create("", reg.open("base", true).unwrap()).unwrap();
+        reg.register(ee.clone()).await.unwrap();
         let mut o = LvsOpts::new("lvs");
         o.cluster_size = MIB as u32;
         o.clear_method = store_cm;
-        let store = m.create_lvstore("base", o).await.expect("create lvstore");
+        let store = m
+            .create_lvstore("EE_base", o)
+            .await
+            .expect("create lvstore");
         let free = store.free_clusters();
         assert!(free >= 4, "{label}: {free} free clusters");
         // A thick volume over half the free space, filled with the secret and flushed.
@@ -90,6 +107,35 @@ fn case(backend: Backend, store_cm: LvsClearMethod, lvol_cm: ClearMethod, path: 
                 m.delete_lvol(&clone).await.expect("delete clone");
                 m.delete_lvol(&a).await.expect("delete a");
                 m.delete_lvol(&snap).await.expect("delete snapshot");
+            }
+            Path::DeleteThenFailedCreate { scrub } => {
+                m.delete_lvol(&a).await.expect("delete a");
+                let free = store.free_clusters();
+                let mut inj = Injection::fail(Some(if scrub {
+                    IoType::WriteZeroes
+                } else {
+                    IoType::Write
+                }));
+                inj.after = 0;
+                inj.count = 1;
+                ee.inject(inj);
+                let r = m
+                    .create_lvol(&store, "b0", free * MIB, false, lvol_cm)
+                    .await;
+                ee.clear();
+                if r.is_ok() {
+                    // With clear method none nothing may zero, and unmap-cleared clusters
+                    // need no zeroing: then the create has no write to fail but the md one.
+                    assert!(scrub, "{label}: a create whose md write failed succeeded");
+                    m.delete_lvol(&r.unwrap()).await.expect("delete b0");
+                } else if scrub {
+                    SCRUB_FAILURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                assert_eq!(store.free_clusters(), free, "{label}: clusters leaked");
+                assert!(
+                    store.lvol_by_name("b0").is_none(),
+                    "{label}: a failed create left its lvol"
+                );
             }
         }
         // Every free cluster goes to a new thick volume, which must read as zeroes.
@@ -130,13 +176,25 @@ fn no_thick_volume_shows_freed_bytes_on_any_backend_or_clear_method() {
                     ClearMethod::WriteZeroes,
                     ClearMethod::None,
                 ] {
-                    for path in [Path::Delete, Path::Shrink, Path::InflateThenDelete] {
+                    for path in [
+                        Path::Delete,
+                        Path::Shrink,
+                        Path::InflateThenDelete,
+                        Path::DeleteThenFailedCreate { scrub: false },
+                        Path::DeleteThenFailedCreate { scrub: true },
+                    ] {
                         case(backend, store_cm, lvol_cm, path);
                         n += 1;
                     }
                 }
             }
         }
-        assert_eq!(n, 3 * 3 * 4 * 3);
+        assert_eq!(n, 3 * 3 * 4 * 5);
+        let scrub_failed = SCRUB_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("creates failed while zeroing: {scrub_failed} of 36");
+        assert!(
+            scrub_failed >= 9,
+            "{scrub_failed}: the zeroing failure path barely ran"
+        );
     });
 }
