@@ -22,7 +22,7 @@ fn engines() -> Vec<AioEngine> {
     if uring_available() {
         vec![AioEngine::Uring, AioEngine::ThreadPool]
     } else {
-        println!("SKIP io_uring variants: io_uring is not available");
+        test_support::skip("aio io_uring variants", "io_uring is not available");
         vec![AioEngine::ThreadPool]
     }
 }
@@ -289,7 +289,10 @@ fn large_and_many_vectored_io(#[values(0, 1)] which: usize) {
 #[test]
 fn a_future_polled_once_and_kept_does_not_strand_other_io() {
     if !uring_available() {
-        println!("SKIP: io_uring is not available");
+        test_support::skip(
+            "a_future_polled_once_and_kept_does_not_strand_other_io",
+            "io_uring is not available",
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

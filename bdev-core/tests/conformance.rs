@@ -67,11 +67,14 @@ fn setup(backend: Backend, block_len: u32) -> Option<Setup> {
                 _ => (AioEngine::ThreadPool, true),
             };
             if engine == AioEngine::Uring && !uring_available() {
-                println!("SKIP {backend:?}: io_uring is not available");
+                test_support::skip(&format!("{backend:?}"), "io_uring is not available");
                 return None;
             }
             if direct && !direct_io_works(&dir) {
-                println!("SKIP {backend:?}: O_DIRECT is not supported in the temp dir");
+                test_support::skip(
+                    &format!("{backend:?}"),
+                    "O_DIRECT is not supported in the temp dir",
+                );
                 return None;
             }
             let path = dir.path().join("disk.img");

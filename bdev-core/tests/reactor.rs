@@ -12,7 +12,7 @@ use futures::{FutureExt, StreamExt};
 
 fn aio_registry(dir: &tempfile::TempDir, engine: AioEngine) -> Option<Registry> {
     if !uring_available() {
-        println!("SKIP: io_uring is not available");
+        test_support::skip("reactor aio_registry", "io_uring is not available");
         return None;
     }
     let p = dir.path().join("d.img");
