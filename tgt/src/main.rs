@@ -68,7 +68,7 @@ struct Args {
 impl Args {
     /// The limits from the options; `Err` names the bad one.
     fn limits(&self) -> Result<limits::Limits, String> {
-        let max_payload = tgt::nbd::proto::MAX_PAYLOAD as usize >> 20;
+        let max_payload = nbd_proto::MAX_PAYLOAD as usize >> 20;
         if self.nbd_conn_mem_mib < max_payload {
             return Err(format!(
                 "--nbd-conn-mem-mib must be at least {max_payload} (one maximum-size request)"

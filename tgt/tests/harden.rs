@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use nbd_proto as proto;
 use serde_json::{json, Value};
-use tgt::nbd::proto;
 
 const MIB: u64 = 1 << 20;
 

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::*;
+use nbd_proto as proto;
 use serde_json::{json, Value};
-use tgt::nbd::proto;
 
 fn setup() -> Option<(Tools, tempfile::TempDir)> {
     let tools = tools()?;
