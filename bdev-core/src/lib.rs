@@ -38,6 +38,7 @@ mod error;
 pub mod reactor;
 mod registry;
 pub mod rpc;
+pub mod stats;
 
 pub use device::{BdevEvent, BlockDevice, ClaimType, IoType};
 pub use error::{BdevError, Result};

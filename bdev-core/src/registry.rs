@@ -21,6 +21,7 @@ use iobuf::IoBuf;
 use slab::Slab;
 use uuid::Uuid;
 
+use crate::stats::{self, IoKind, IoStats};
 use crate::{BdevError, BdevEvent, BlockDevice, ClaimType, IoType, Result};
 
 /// A module callback that sees every newly registered device (SPDK `examine_disk`).
@@ -68,6 +69,8 @@ struct DevState {
     inflight: AtomicU64,
     /// `destruct` has been called: every I/O fails with ENODEV.
     gone: AtomicBool,
+    /// I/O statistics (`bdev_get_iostat`).
+    stats: Arc<IoStats>,
 }
 
 /// A registered device and its aliases (in insertion order).
@@ -203,6 +206,7 @@ impl Registry {
                 ctl: Mutex::new(DevCtl::default()),
                 inflight: AtomicU64::new(0),
                 gone: AtomicBool::new(false),
+                stats: Arc::new(IoStats::new()),
             });
             inner.by_uuid.insert(uuid, name.clone());
             inner.by_name.insert(
@@ -362,6 +366,23 @@ impl Registry {
         self.state_of(name)
             .map(|s| s.inflight.load(Ordering::Acquire))
             .unwrap_or(0)
+    }
+
+    /// The I/O statistics of a device (by name, alias or UUID).
+    pub fn stats(&self, name_or_alias_or_uuid: &str) -> Option<Arc<IoStats>> {
+        self.state_of(name_or_alias_or_uuid)
+            .map(|s| s.stats.clone())
+    }
+
+    /// Every registered device with its statistics, in registration order.
+    pub fn list_with_stats(&self) -> Vec<(Arc<dyn BlockDevice>, Arc<IoStats>)> {
+        let inner = lock(&self.shared.inner);
+        inner
+            .order
+            .iter()
+            .filter_map(|n| inner.by_name.get(n))
+            .map(|e| (e.state.dev.clone(), e.state.stats.clone()))
+            .collect()
     }
 
     /// Opens a device by name, alias or UUID. A write open of a device claimed
@@ -653,6 +674,14 @@ impl Descriptor {
             || (io_type == IoType::WriteZeroes && self.dev.io_type_supported(IoType::Write))
     }
 
+    /// The statistics hook: counts one I/O of `blocks` blocks that started at tick `t0`.
+    #[inline]
+    fn counted<T>(&self, kind: IoKind, blocks: u64, t0: u64, r: Result<T>) -> Result<T> {
+        let bytes = blocks.saturating_mul(u64::from(self.dev.block_len()));
+        self.state.stats.record(kind, bytes, t0, r.is_ok());
+        r
+    }
+
     fn check_alive(&self) -> Result<()> {
         if self.state.gone.load(Ordering::Acquire) {
             return Err(BdevError::NoDevice(self.dev.name().to_string()));
@@ -723,7 +752,9 @@ impl Descriptor {
             return Ok(buf);
         }
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.read(offset_blocks, buf).await
+        let t0 = stats::now();
+        let r = self.dev.read(offset_blocks, buf).await;
+        self.counted(IoKind::Read, n, t0, r)
     }
 
     /// Writes `buf` at `offset_blocks`.
@@ -737,7 +768,9 @@ impl Descriptor {
             return Ok(buf);
         }
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.write(offset_blocks, buf).await
+        let t0 = stats::now();
+        let r = self.dev.write(offset_blocks, buf).await;
+        self.counted(IoKind::Write, n, t0, r)
     }
 
     /// Vectored read. Each buffer's length must be a multiple of the block length.
@@ -749,7 +782,9 @@ impl Descriptor {
             return Ok(bufs);
         }
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.readv(offset_blocks, bufs).await
+        let t0 = stats::now();
+        let r = self.dev.readv(offset_blocks, bufs).await;
+        self.counted(IoKind::Read, n, t0, r)
     }
 
     /// Vectored write. Each buffer's length must be a multiple of the block length.
@@ -762,7 +797,9 @@ impl Descriptor {
             return Ok(bufs);
         }
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.writev(offset_blocks, bufs).await
+        let t0 = stats::now();
+        let r = self.dev.writev(offset_blocks, bufs).await;
+        self.counted(IoKind::Write, n, t0, r)
     }
 
     /// Flush.
@@ -770,7 +807,9 @@ impl Descriptor {
         self.check_alive()?;
         self.check_supported(IoType::Flush)?;
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.flush().await
+        let t0 = stats::now();
+        let r = self.dev.flush().await;
+        self.counted(IoKind::Flush, 0, t0, r)
     }
 
     /// Unmap a range (EINVAL for zero blocks, as SPDK).
@@ -783,7 +822,9 @@ impl Descriptor {
         }
         self.check_range(offset_blocks, num_blocks)?;
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.unmap(offset_blocks, num_blocks).await
+        let t0 = stats::now();
+        let r = self.dev.unmap(offset_blocks, num_blocks).await;
+        self.counted(IoKind::Unmap, num_blocks, t0, r)
     }
 
     /// Write zeroes over a range. When the device lacks write_zeroes but can write, it is
@@ -800,6 +841,19 @@ impl Descriptor {
             return Ok(());
         }
         let _g = Inflight::new(&self.state.inflight);
+        let t0 = stats::now();
+        let r = self
+            .write_zeroes_inner(native, offset_blocks, num_blocks)
+            .await;
+        self.counted(IoKind::WriteZeroes, 0, t0, r)
+    }
+
+    async fn write_zeroes_inner(
+        &self,
+        native: bool,
+        offset_blocks: u64,
+        num_blocks: u64,
+    ) -> Result<()> {
         if native {
             return self.dev.write_zeroes(offset_blocks, num_blocks).await;
         }
@@ -826,6 +880,8 @@ impl Descriptor {
         self.check_alive()?;
         self.check_supported(IoType::Reset)?;
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.reset().await
+        let t0 = stats::now();
+        let r = self.dev.reset().await;
+        self.counted(IoKind::Reset, 0, t0, r)
     }
 }

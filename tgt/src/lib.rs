@@ -9,6 +9,7 @@
 pub mod bdev_rpc;
 pub mod config;
 pub mod framework;
+pub mod iostat;
 pub mod jsonrpc;
 pub mod limits;
 pub mod log;

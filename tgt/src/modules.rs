@@ -42,6 +42,7 @@ pub fn wiring(registry: &Registry, nbd: &Arc<NbdServer>) -> Wiring {
             NbdRpc::new(nbd.clone()),
             Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
             Arc::new(bdev_nbd::NbdRpc::with_clients(nbd_clients)),
+            crate::iostat::IostatRpc::new(registry.clone()),
         ],
         // NBD client bdevs waiting for their server are not in the registry but must be saved.
         config_writers: vec![Arc::new(move || c1.unregistered_config())],
