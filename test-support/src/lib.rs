@@ -1,7 +1,30 @@
 //! Test support: finds the SPDK-written fixtures in the repository (`tests/fixtures/spdk`),
 //! decompresses them into temp dirs (never writing in the repository), reads manifests and
-//! hashes data.
+//! hashes data; records skips; runs tests under timeouts. With the features `bdev` and `lvol`
+//! it is also the shared harness of the integration tests (`tests/it/` of each crate):
+//! registry, malloc/aio/error bdevs, lvol module and stores, byte-offset I/O, the one data
+//! pattern, and `rpc!`/`rpc_err!` for in-process JSON-RPC calls. `use
+//! test_support::prelude::*` brings all of it.
 //! Used only by tests, benches and xtask; no production crate depends on it.
+
+#[cfg(feature = "bdev")]
+pub mod bdev;
+#[cfg(feature = "lvol")]
+pub mod lvol;
+#[cfg(feature = "bdev")]
+pub mod rpc;
+pub mod timeout;
+
+/// Everything a test usually needs, for `use test_support::prelude::*`.
+pub mod prelude {
+    #[cfg(feature = "bdev")]
+    pub use crate::bdev::*;
+    #[cfg(feature = "lvol")]
+    pub use crate::lvol::*;
+    pub use crate::timeout::{wait_until, with_timeout, within};
+    #[cfg(feature = "bdev")]
+    pub use crate::{rpc, rpc_err};
+}
 
 use std::fs::File;
 use std::io::{self, Read, Write};

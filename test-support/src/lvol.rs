@@ -1,0 +1,77 @@
+//! The lvol module for tests (feature `lvol`): a registry with the module, stores and lvols
+//! in one line, and the checks a reload is judged by.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bdev_core::Registry;
+use blobstore::ClearMethod;
+use lvol::{Lvol, LvolModule, LvolStore, LvsOpts};
+
+/// A registry with the lvol module. Degraded esnap reads retry twice, 5 ms apart (short, so
+/// tests of degraded mode stay fast, but long enough to measure that they waited).
+pub fn setup() -> (Registry, LvolModule) {
+    setup_with_esnap_retry(2, Duration::from_millis(5))
+}
+
+/// [`setup`] with another esnap retry policy.
+pub fn setup_with_esnap_retry(retries: u32, delay: Duration) -> (Registry, LvolModule) {
+    let reg = Registry::new();
+    let m = LvolModule::new(reg.clone());
+    m.set_esnap_retry(retries, delay);
+    (reg, m)
+}
+
+/// Creates lvol store `name` on bdev `bdev` with clusters of `cluster` bytes.
+pub async fn lvs(m: &LvolModule, bdev: &str, name: &str, cluster: u32) -> Arc<LvolStore> {
+    let mut o = LvsOpts::new(name);
+    o.cluster_size = cluster;
+    m.create_lvstore(bdev, o).await.expect("create lvstore")
+}
+
+/// Creates thin lvol `name` of `size` bytes (default clear method).
+pub async fn thin_lvol(m: &LvolModule, s: &Arc<LvolStore>, name: &str, size: u64) -> Arc<Lvol> {
+    new_lvol(m, s, name, size, true).await
+}
+
+/// Creates thick lvol `name` of `size` bytes (default clear method).
+pub async fn thick_lvol(m: &LvolModule, s: &Arc<LvolStore>, name: &str, size: u64) -> Arc<Lvol> {
+    new_lvol(m, s, name, size, false).await
+}
+
+async fn new_lvol(
+    m: &LvolModule,
+    s: &Arc<LvolStore>,
+    name: &str,
+    size: u64,
+    thin: bool,
+) -> Arc<Lvol> {
+    m.create_lvol(s, name, size, thin, ClearMethod::Default)
+        .await
+        .unwrap_or_else(|e| panic!("create lvol {name} (thin {thin}, {size} bytes): {e}"))
+}
+
+/// The names of the store's lvols, sorted.
+pub fn lvol_names(s: &LvolStore) -> Vec<String> {
+    let mut v: Vec<String> = s.lvols().iter().map(|l| l.name()).collect();
+    v.sort();
+    v
+}
+
+/// Fails the test when the blobstore check of the store's device finds a problem (a cluster
+/// owned twice, a broken chain, a leak).
+pub async fn assert_consistent(s: &LvolStore) {
+    let rep = blobstore::inspect::check(s.blobstore().device())
+        .await
+        .expect("blobstore check runs");
+    assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+}
+
+/// The super block's clean flag in the store image at `path`.
+pub fn super_clean_flag(path: &Path) -> u32 {
+    let bytes = std::fs::read(path).expect("read image");
+    blobstore::inspect::parse_super(&bytes[..4096])
+        .expect("parse super")
+        .clean
+}
