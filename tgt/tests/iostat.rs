@@ -6,7 +6,7 @@ mod common;
 use base64::Engine;
 use common::*;
 use serde_json::{json, Value};
-use tgt::nbd::proto;
+use nbd_proto as proto;
 
 const READS: u64 = 37;
 const WRITES: u64 = 23;
