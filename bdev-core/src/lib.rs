@@ -31,6 +31,7 @@
 //! backend (including ones in other crates) can run.
 
 pub mod backend;
+pub mod config;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 mod device;

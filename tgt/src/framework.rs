@@ -89,12 +89,15 @@ struct GetConfig {
     with_batches: bool,
 }
 
-/// The subsystems we have, in dependency order (`framework_get_subsystems`).
+/// The subsystems we have, in dependency order: (name, depends on).
+pub const SUBSYSTEMS: [(&str, &[&str]); 2] = [("bdev", &[]), ("nbd", &["bdev"])];
+
+/// `framework_get_subsystems`.
 pub fn subsystems() -> Value {
-    json!([
-        {"subsystem": "bdev", "depends_on": []},
-        {"subsystem": "nbd", "depends_on": ["bdev"]},
-    ])
+    SUBSYSTEMS
+        .iter()
+        .map(|(name, deps)| json!({"subsystem": name, "depends_on": deps}))
+        .collect()
 }
 
 fn signal_by_name(name: &str) -> Option<i32> {

@@ -35,15 +35,18 @@ pub fn wiring(registry: &Registry, nbd: &Arc<NbdServer>) -> Wiring {
     let lvol = lvol::LvolModule::new(registry.clone());
     let nbd_clients = Arc::new(bdev_nbd::NbdClients::new(registry.clone()));
     let (c1, c2) = (nbd_clients.clone(), nbd_clients.clone());
+    // bdev-core's own modules first: the bdev layer and the malloc, aio, error, null backends.
+    let mut modules = bdev_core::config::core_modules(registry);
+    modules.extend([
+        BdevRpc::new(registry.clone()) as Arc<dyn RpcModule>,
+        Arc::new(lvol::rpc::LvolRpc::new(lvol)),
+        NbdRpc::new(nbd.clone()),
+        Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
+        Arc::new(bdev_nbd::NbdRpc::with_clients(nbd_clients)),
+        crate::iostat::IostatRpc::new(registry.clone()),
+    ]);
     Wiring {
-        modules: vec![
-            BdevRpc::new(registry.clone()),
-            Arc::new(lvol::rpc::LvolRpc::new(lvol)),
-            NbdRpc::new(nbd.clone()),
-            Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
-            Arc::new(bdev_nbd::NbdRpc::with_clients(nbd_clients)),
-            crate::iostat::IostatRpc::new(registry.clone()),
-        ],
+        modules,
         // NBD client bdevs waiting for their server are not in the registry but must be saved.
         config_writers: vec![Arc::new(move || c1.unregistered_config())],
         // Their supervisor threads stop.

@@ -502,10 +502,13 @@ fn error_quality() {
     // spdk-rpc takes the total size in MiB: 1024 MiB is at least one block of each size.
     for bs in ["1073741824", "131072", "520", "256", "1536"] {
         let e = t.err(&["bdev_malloc_create", "-b", "Mx", "1024", bs]);
-        assert_eq!(
-            (e.code, e.message.as_str()),
-            (-22, "Invalid argument"),
-            "{bs}"
+        assert_eq!(e.code, -22, "{bs}");
+        // SPDK's strerror text, then which parameter is wrong.
+        assert!(
+            e.message
+                .starts_with(&format!("Invalid argument: block_size {bs} ")),
+            "{bs}: {}",
+            e.message
         );
     }
     assert_eq!(
