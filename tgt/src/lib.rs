@@ -13,6 +13,7 @@ pub mod iostat;
 pub mod jsonrpc;
 pub mod limits;
 pub mod log;
+pub mod metrics;
 pub mod modules;
 pub mod nbd;
 pub mod server;

@@ -32,10 +32,16 @@ pub struct Wiring {
 /// The target's modules. Creating the lvol module installs its examine hook (tasting), so
 /// this runs before any device is registered.
 pub fn wiring(registry: &Registry, nbd: &Arc<NbdServer>) -> Wiring {
+    wiring_with_lvol(registry, nbd).0
+}
+
+/// [`wiring`], and a handle on the lvol module it created (for the metrics endpoint).
+pub fn wiring_with_lvol(registry: &Registry, nbd: &Arc<NbdServer>) -> (Wiring, lvol::LvolModule) {
     let lvol = lvol::LvolModule::new(registry.clone());
+    let lvol_handle = lvol.clone();
     let nbd_clients = Arc::new(bdev_nbd::NbdClients::new(registry.clone()));
     let (c1, c2) = (nbd_clients.clone(), nbd_clients.clone());
-    Wiring {
+    let w = Wiring {
         modules: vec![
             BdevRpc::new(registry.clone()),
             Arc::new(lvol::rpc::LvolRpc::new(lvol)),
@@ -51,5 +57,6 @@ pub fn wiring(registry: &Registry, nbd: &Arc<NbdServer>) -> Wiring {
             let c = c2.clone();
             Box::pin(async move { c.delete_all().await })
         })],
-    }
+    };
+    (w, lvol_handle)
 }
