@@ -16,6 +16,7 @@ pub mod log;
 pub mod metrics;
 pub mod modules;
 pub mod nbd;
+pub mod persist;
 pub mod server;
 pub mod sockpath;
 pub mod target;

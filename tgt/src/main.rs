@@ -266,7 +266,16 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
         f.set_len(DEFAULT_STORE_SIZE)
             .map_err(|e| format!("{}: {e}", store.display()))?;
     }
-    {
+    // What was configured at run time before (saved after each change) comes back first.
+    let persist = tgt::persist::Persist::new(&dir);
+    if persist.replay(target).await? {
+        println!("tgt: replayed {}", persist.path().display());
+    }
+    let have_store = target
+        .call("bdev_get_bdevs", Some(json!({"name": "store0"})))
+        .await
+        .is_ok();
+    if !have_store {
         target
             .call(
                 "bdev_aio_create",
@@ -304,6 +313,8 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
             .await
             .map_err(|e| rpc_err("nbd_server_start", e))?;
     }
+    persist.save(target).await?;
+    persist.install(target);
     println!("tgt: RPC socket {}", socket.display());
     println!("tgt: NBD socket {}", nbd_sock.display());
     println!(
