@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod modules;
 pub mod nbd;
 pub mod persist;
+pub mod saveconf;
 pub mod server;
 pub mod sockpath;
 pub mod target;
