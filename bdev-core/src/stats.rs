@@ -212,6 +212,8 @@ pub struct Histogram {
     min_range: u32,
     max_range: u32,
     buckets: Vec<u64>,
+    /// Sum of the tallied values (not part of SPDK's encoding; the metrics endpoint's `_sum`).
+    sum: u64,
 }
 
 /// A histogram setting that cannot be used.
@@ -242,6 +244,7 @@ impl Histogram {
             min_range,
             max_range,
             buckets: vec![0; n],
+            sum: 0,
         })
     }
 
@@ -261,6 +264,10 @@ impl Histogram {
     pub fn buckets(&self) -> &[u64] {
         &self.buckets
     }
+    /// Sum of the tallied values.
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
     /// Sum of every bucket.
     pub fn total(&self) -> u64 {
         self.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b))
@@ -269,6 +276,7 @@ impl Histogram {
     /// SPDK's `spdk_histogram_data_tally`.
     #[inline]
     pub fn tally(&mut self, datapoint: u64) {
+        self.sum = self.sum.wrapping_add(datapoint);
         let g = self.granularity;
         let mut range = range_of(g, datapoint);
         let index;
@@ -296,6 +304,7 @@ impl Histogram {
             for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
                 *a = a.wrapping_add(*b);
             }
+            self.sum = self.sum.wrapping_add(o.sum);
         }
     }
 
@@ -626,6 +635,10 @@ mod tests {
             h.tally(v);
         }
         assert_eq!(h.total(), 6);
+        assert_eq!(
+            h.sum(),
+            (1u64 + 999 + 1000 + 5000 + (1 << 40)).wrapping_add(u64::MAX)
+        );
         // Below the first range lands in the first bucket (999 is in range 3 like 1000),
         // above the last range in the last bucket.
         assert_eq!(h.buckets()[0], 1);

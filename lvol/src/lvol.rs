@@ -302,9 +302,11 @@ impl LvolBdev {
                 return Err(to_bdev_err(err));
             }
             if attempt >= self.retry.retries() {
+                self.retry.note_eio();
                 return Err(eio());
             }
             attempt += 1;
+            self.retry.note_retry();
             self.pause().await;
             match self
                 .lvol
@@ -327,9 +329,11 @@ impl LvolBdev {
                 Ok(_) => return Ok(buf),
                 Err(e) if self.retryable(&e) => {
                     if attempt >= self.retry.retries() {
+                        self.retry.note_eio();
                         return Err(eio());
                     }
                     attempt += 1;
+                    self.retry.note_retry();
                     self.pause().await;
                 }
                 Err(e) => return Err(to_bdev_err(e)),
@@ -349,9 +353,11 @@ impl LvolBdev {
                 Ok(()) => return Ok(()),
                 Err(e) if self.retryable(&e) => {
                     if attempt >= self.retry.retries() {
+                        self.retry.note_eio();
                         return Err(eio());
                     }
                     attempt += 1;
+                    self.retry.note_retry();
                     self.pause().await;
                 }
                 Err(e) => return Err(to_bdev_err(e)),

@@ -154,9 +154,12 @@ pub async fn call(t: &Arc<Target>, method: &str, params: Option<Value>) -> Resul
         }
         "framework_get_config" => {
             let p: GetConfig = decode_or(params, "Invalid arguments")?;
-            let _ = p.with_batches;
             match p.name.as_str() {
-                "bdev" => Ok(Value::Array(t.bdev_config())),
+                "bdev" => Ok(Value::Array(crate::saveconf::bdev(
+                    t.registry(),
+                    t.bdev_config(),
+                    p.with_batches,
+                ))),
                 "nbd" => Ok(Value::Array(t.nbd().config())),
                 other => Err(invalid(&format!("Subsystem '{other}' not found"))),
             }
