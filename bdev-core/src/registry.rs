@@ -22,7 +22,7 @@ use slab::Slab;
 use uuid::Uuid;
 
 use crate::stats::{self, IoKind, IoStats};
-use crate::{BdevError, BdevEvent, BlockDevice, ClaimType, IoType, Result};
+use crate::{BdevError, BdevEvent, BlockDevice, ClaimType, IoFuture, IoType, Result};
 
 /// A module callback that sees every newly registered device (SPDK `examine_disk`).
 #[async_trait]
@@ -505,7 +505,7 @@ impl Drop for Inflight<'_> {
 const ZERO_CHUNK: usize = 1 << 20;
 
 /// An open handle on a device. I/O goes through it: it checks bounds (EINVAL), buffer length
-/// and alignment (EINVAL), write permission (EBADF) and removal (ENODEV), and counts in-flight
+/// (EINVAL), write permission (EBADF) and removal (ENODEV), and counts in-flight
 /// requests. Dropping it closes it (and releases its claim).
 pub struct Descriptor {
     dev: Arc<dyn BlockDevice>,
@@ -715,19 +715,15 @@ impl Descriptor {
         }
     }
 
-    /// Checks one buffer's length and alignment; returns its length in blocks.
+    /// Checks one buffer's length; returns its length in blocks. (Its alignment is the
+    /// device's business: `buf_align` is what it prefers, and a device that needs aligned
+    /// memory copies through a bounce buffer.)
     fn check_buf(&self, buf: &IoBuf) -> Result<u64> {
         let bl = self.dev.block_len() as usize;
         if !buf.len().is_multiple_of(bl) {
             return Err(BdevError::InvalidArgument(format!(
                 "buffer length {} is not a multiple of the block length {bl}",
                 buf.len()
-            )));
-        }
-        let align = self.dev.buf_align().max(1);
-        if !(buf.as_ptr() as usize).is_multiple_of(align) {
-            return Err(BdevError::InvalidArgument(format!(
-                "buffer is not aligned to {align} bytes"
             )));
         }
         Ok((buf.len() / bl) as u64)
@@ -744,33 +740,61 @@ impl Descriptor {
 
     /// Reads into `buf` at `offset_blocks`.
     pub async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.check_alive()?;
-        self.check_supported(IoType::Read)?;
-        let n = self.check_buf(&buf)?;
-        self.check_range(offset_blocks, n)?;
-        if n == 0 {
-            return Ok(buf);
-        }
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = self.dev.read(offset_blocks, buf).await;
-        self.counted(IoKind::Read, n, t0, r)
+        self.read_io(offset_blocks, buf).await
     }
 
     /// Writes `buf` at `offset_blocks`.
     pub async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.check_alive()?;
-        self.check_write()?;
-        self.check_supported(IoType::Write)?;
-        let n = self.check_buf(&buf)?;
-        self.check_range(offset_blocks, n)?;
+        self.write_io(offset_blocks, buf).await
+    }
+
+    /// [`Descriptor::read`] as an [`IoFuture`]: the checks run now, the device's request
+    /// future is returned as is (no allocation when the device serves it inline). A stacked
+    /// device returns this as its own request's future.
+    pub fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        let n = match self.check_io(offset_blocks, &buf, IoType::Read) {
+            Ok(n) => n,
+            Err(e) => return IoFuture::ready(Err(e)),
+        };
         if n == 0 {
-            return Ok(buf);
+            return IoFuture::ready(Ok(buf));
         }
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = self.dev.write(offset_blocks, buf).await;
-        self.counted(IoKind::Write, n, t0, r)
+        self.state.inflight.fetch_add(1, Ordering::AcqRel);
+        let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
+        self.dev
+            .read_io(offset_blocks, buf)
+            .counted(&self.state.inflight)
+            .recorded(&self.state.stats, IoKind::Read, bytes)
+    }
+
+    /// [`Descriptor::write`] as an [`IoFuture`] (see [`Descriptor::read_io`]).
+    pub fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        let n = match self.check_io(offset_blocks, &buf, IoType::Write) {
+            Ok(n) => n,
+            Err(e) => return IoFuture::ready(Err(e)),
+        };
+        if n == 0 {
+            return IoFuture::ready(Ok(buf));
+        }
+        self.state.inflight.fetch_add(1, Ordering::AcqRel);
+        let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
+        self.dev
+            .write_io(offset_blocks, buf)
+            .counted(&self.state.inflight)
+            .recorded(&self.state.stats, IoKind::Write, bytes)
+    }
+
+    /// The checks of one read or write, each done once: alive, writable (writes),
+    /// supported, buffer length, range. Returns the length in blocks.
+    fn check_io(&self, offset_blocks: u64, buf: &IoBuf, io_type: IoType) -> Result<u64> {
+        self.check_alive()?;
+        if io_type == IoType::Write {
+            self.check_write()?;
+        }
+        self.check_supported(io_type)?;
+        let n = self.check_buf(buf)?;
+        self.check_range(offset_blocks, n)?;
+        Ok(n)
     }
 
     /// Vectored read. Each buffer's length must be a multiple of the block length.
