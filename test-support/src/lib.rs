@@ -22,8 +22,21 @@ pub mod prelude {
     #[cfg(feature = "lvol")]
     pub use crate::lvol::*;
     pub use crate::timeout::{wait_until, with_timeout, within};
+    pub use crate::assert_errno;
     #[cfg(feature = "bdev")]
     pub use crate::{rpc, rpc_err};
+}
+
+/// `assert_errno!(result, errno)`: `result` is an `Err` whose `errno()` is `errno` (for any
+/// error type with an `errno()` method, as the bdev, blobstore and lvol errors have).
+#[macro_export]
+macro_rules! assert_errno {
+    ($result:expr, $errno:expr $(,)?) => {
+        match $result {
+            Ok(_) => panic!("`{}`: succeeded, expected errno {}", stringify!($result), $errno),
+            Err(e) => assert_eq!(e.errno(), $errno, "`{}`: {}", stringify!($result), e),
+        }
+    };
 }
 
 use std::fs::File;
@@ -208,6 +221,25 @@ mod tests {
         super::record_skip("t3", "needs w", false, Some(&log)).unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text, "t2\tneeds y and z\nt3\tneeds w\n");
+    }
+
+    struct E(i32);
+    impl E {
+        fn errno(&self) -> i32 {
+            self.0
+        }
+    }
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    #[test]
+    fn assert_errno_checks_the_errno_and_fails_on_ok() {
+        assert_errno!(Err::<(), _>(E(5)), 5);
+        assert!(std::panic::catch_unwind(|| assert_errno!(Err::<(), _>(E(5)), 6)).is_err());
+        assert!(std::panic::catch_unwind(|| assert_errno!(Ok::<(), E>(()), 5)).is_err());
     }
 
     #[test]

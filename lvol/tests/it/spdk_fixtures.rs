@@ -1,15 +1,13 @@
 //! SPDK-made lvol store images (basic, dirty, esnap) tasted with names, UUIDs, sizes,
 //! relations and content as in their manifests; the esnap one also without its base.
 
-mod common;
-
 use std::path::PathBuf;
 
 use bdev_core::Registry;
-use common::*;
 use futures::executor::block_on;
 use lvol::LvolModule;
 use serde_json::Value;
+use test_support::prelude::*;
 use uuid::Uuid;
 
 const ESNAP_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-000000000001";

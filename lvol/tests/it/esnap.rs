@@ -1,14 +1,12 @@
 //! External snapshots: esnap clones of bdevs, the shared read-only claim, degraded mode at
 //! load, surprise removal with I/O in flight, surprise add (healing), chains.
 
-mod common;
-
 use std::time::Duration;
 
 use bdev_core::ClaimType;
 use blobstore::ClearMethod;
-use common::*;
 use futures::executor::block_on;
+use test_support::prelude::*;
 use uuid::Uuid;
 
 const ESNAP_UUID: &str = "2abddd12-c08d-40ad-bccf-ab131586ee4c";

@@ -1,14 +1,12 @@
 //! lvol operations with data checks: create, naming, lookups, snapshot, clone, rename, resize,
 //! read-only, inflate, decouple, set_parent, delete, ENOSPC, shallow copy.
 
-mod common;
-
 use std::sync::Arc;
 
 use bdev_core::IoType;
 use blobstore::ClearMethod;
-use common::*;
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 #[test]
 fn create_thick_and_thin_with_data_and_bdev_shape() {

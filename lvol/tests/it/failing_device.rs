@@ -1,15 +1,13 @@
 //! Failed creates, deletes and loads on a failing store device (error bdev): what the process
 //! lists is what a reload finds, and I/O errors are reported as EIO.
 
-mod common;
-
 use std::sync::Arc;
 
 use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
 use bdev_core::{IoType, Registry};
 use blobstore::ClearMethod;
-use common::*;
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const CLUSTER: u32 = 64 * 1024;
 

@@ -1,12 +1,10 @@
 //! lvol store lifecycle: create, naming rules, listing, rename, unload and tasting, destroy,
 //! grow, hot-remove and re-add of the base bdev.
 
-mod common;
-
 use bdev_core::ClaimType;
-use common::*;
 use futures::executor::block_on;
 use lvol::{LvsOpts, NAME_MAX};
+use test_support::prelude::*;
 
 #[test]
 fn create_lvstore_lists_like_spdk_and_writes_super_xattrs() {

@@ -1,14 +1,12 @@
 //! The RPC module: result shapes against what SPDK printed for the fixtures, and SPDK's error
 //! codes and messages.
 
-mod common;
-
 use bdev_core::rpc::RpcModule;
 use bdev_core::IoType;
-use common::*;
 use futures::executor::block_on;
 use lvol::rpc::LvolRpc;
 use serde_json::{json, Value};
+use test_support::prelude::*;
 
 fn fixture_json(dir: &str, file: &str) -> Value {
     let p = test_support::spdk_fixture(dir).join("rpc").join(file);
