@@ -32,10 +32,6 @@ fn assert_subset(got: &Value, want: &Value, ctx: &str) {
     }
 }
 
-async fn call(r: &LvolRpc, method: &str, params: Value) -> Result<Value, bdev_core::rpc::RpcError> {
-    r.call(method, Some(params)).await
-}
-
 #[test]
 fn result_shapes_match_spdk_for_the_fixtures() {
     block_on(async {
@@ -57,7 +53,7 @@ fn result_shapes_match_spdk_for_the_fixtures() {
             let (_d, img) = test_support::fixture_copy(&format!("{dir}/store.img.gz"));
             aio(&reg, base, &img, 4096, None, false).await;
 
-            let got = call(&r, "bdev_lvol_get_lvstores", json!({})).await.unwrap();
+            let got = rpc!(r, "bdev_lvol_get_lvstores", {});
             let want = fixture_json(dir, "bdev_lvol_get_lvstores.json");
             assert_eq!(got.as_array().unwrap().len(), 1);
             assert_subset(&got, &want, "get_lvstores");
@@ -75,16 +71,10 @@ fn result_shapes_match_spdk_for_the_fixtures() {
                     "max_growable_size"
                 ]
             );
-            let by_name = call(
-                &r,
-                "bdev_lvol_get_lvstores",
-                json!({"lvs_name": want[0]["name"]}),
-            )
-            .await
-            .unwrap();
+            let by_name = rpc!(r, "bdev_lvol_get_lvstores", {"lvs_name": want[0]["name"]});
             assert_eq!(by_name, got);
 
-            let got = call(&r, "bdev_lvol_get_lvols", json!({})).await.unwrap();
+            let got = rpc!(r, "bdev_lvol_get_lvols", {});
             let want = fixture_json(dir, "bdev_lvol_get_lvols.json");
             assert_subset(&got, &want, "get_lvols");
             assert_eq!(
@@ -136,283 +126,131 @@ fn error_codes_follow_spdk() {
         malloc(&reg, "M", 128 * MIB, 512).await;
         malloc(&reg, "M2", 64 * MIB, 512).await;
         // Decode failures.
-        let e = call(&r, "bdev_lvol_create_lvstore", json!({"bdev_name": "M"}))
-            .await
-            .unwrap_err();
         assert_eq!(
-            (e.code, e.message.as_str()),
+            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M"}),
             (-32603, "spdk_json_decode_object failed")
         );
-        let e = call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M", "lvs_name": "a", "bogus": 1}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -32603);
-        let e = call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "nonexistent", "lvs_name": "a"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
-        let u = call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M", "lvs_name": "lvs_test"}),
-        )
-        .await
-        .unwrap();
-        let u = u.as_str().unwrap().to_string();
-        let e = call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M2", "lvs_name": "lvs_test"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-17, "File exists"));
-        let e = call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M", "lvs_name": "x"}),
-        )
-        .await
-        .unwrap_err();
         assert_eq!(
-            (e.code, e.message.as_str()),
+            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "a", "bogus": 1}).code,
+            -32603
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "nonexistent", "lvs_name": "a"}),
+            (-19, "No such device")
+        );
+        let u = rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "lvs_test"});
+        let u = u.as_str().unwrap().to_string();
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M2", "lvs_name": "lvs_test"}),
+            (-17, "File exists")
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "x"}),
             (-1, "Operation not permitted")
         );
-        let e = call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M2", "lvs_name": "x", "clear_method": "bad"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -22);
-        let got = call(&r, "bdev_lvol_get_lvstores", json!({"uuid": u}))
-            .await
-            .unwrap();
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M2", "lvs_name": "x", "clear_method": "bad"}).code,
+            -22
+        );
+        let got = rpc!(r, "bdev_lvol_get_lvstores", {"uuid": u});
         assert_eq!(got[0]["total_data_clusters"], 31);
         assert_eq!(got[0]["cluster_size"], 4194304);
-        let e = call(
-            &r,
-            "bdev_lvol_get_lvstores",
-            json!({"uuid": u, "lvs_name": "lvs_test"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -22);
-        let e = call(
-            &r,
-            "bdev_lvol_delete_lvstore",
-            json!({"uuid": "00000000-0000-0000-0000-000000000000"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -19);
-        let e = call(
-            &r,
-            "bdev_lvol_rename_lvstore",
-            json!({"old_name": "nope", "new_name": "x"}),
-        )
-        .await
-        .unwrap_err();
         assert_eq!(
-            (e.code, e.message.as_str()),
+            rpc_err!(r, "bdev_lvol_get_lvstores", {"uuid": u, "lvs_name": "lvs_test"}).code,
+            -22
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_delete_lvstore", {"uuid": "00000000-0000-0000-0000-000000000000"}).code,
+            -19
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_rename_lvstore", {"old_name": "nope", "new_name": "x"}),
             (-2, "Lvol store nope not found")
         );
 
         // lvols.
-        let id = call(&r, "bdev_lvol_create", json!({"lvol_name": "lvol_test", "size_in_mib": 28, "thin_provision": false, "uuid": u})).await.unwrap();
+        let id = rpc!(r, "bdev_lvol_create", {"lvol_name": "lvol_test", "size_in_mib": 28, "thin_provision": false, "uuid": u});
         let id = id.as_str().unwrap().to_string();
         assert!(reg.get(&id).is_some());
-        let e = call(
-            &r,
-            "bdev_lvol_create",
-            json!({"lvol_name": "lvol_test", "size_in_mib": 4, "lvs_name": "lvs_test"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-17, "File exists"));
-        let e = call(
-            &r,
-            "bdev_lvol_create",
-            json!({"lvol_name": "", "size_in_mib": 4, "lvs_name": "lvs_test"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -22);
-        let e = call(
-            &r,
-            "bdev_lvol_create",
-            json!({"lvol_name": "big", "size_in_mib": 200, "lvs_name": "lvs_test"}),
-        )
-        .await
-        .unwrap_err();
         assert_eq!(
-            (e.code, e.message.as_str()),
+            rpc_err!(r, "bdev_lvol_create", {"lvol_name": "lvol_test", "size_in_mib": 4, "lvs_name": "lvs_test"}),
+            (-17, "File exists")
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_create", {"lvol_name": "", "size_in_mib": 4, "lvs_name": "lvs_test"}).code,
+            -22
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_create", {"lvol_name": "big", "size_in_mib": 200, "lvs_name": "lvs_test"}),
             (-32602, "No space left on device")
         );
-        let e = call(
-            &r,
-            "bdev_lvol_create",
-            json!({"lvol_name": "x", "size_in_mib": 4}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -22);
-        let e = call(
-            &r,
-            "bdev_lvol_resize",
-            json!({"name": "NOTEXIST", "size_in_mib": 4}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
         assert_eq!(
-            call(
-                &r,
-                "bdev_lvol_resize",
-                json!({"name": "lvs_test/lvol_test", "size_in_mib": 56})
-            )
-            .await
-            .unwrap(),
-            json!(true)
+            rpc_err!(r, "bdev_lvol_create", {"lvol_name": "x", "size_in_mib": 4}).code,
+            -22
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_resize", {"name": "NOTEXIST", "size_in_mib": 4}),
+            (-19, "No such device")
+        );
+        assert_eq!(
+            rpc!(r, "bdev_lvol_resize", {"name": "lvs_test/lvol_test", "size_in_mib": 56}),
+            true
         );
         assert_eq!(reg.get(&id).unwrap().num_blocks(), 56 * 2048);
-        let sn = call(
-            &r,
-            "bdev_lvol_snapshot",
-            json!({"lvol_name": id, "snapshot_name": "snap"}),
-        )
-        .await
-        .unwrap();
-        let e = call(
-            &r,
-            "bdev_lvol_snapshot",
-            json!({"lvol_name": id, "snapshot_name": "snap"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "File exists"));
-        let e = call(
-            &r,
-            "bdev_lvol_snapshot",
-            json!({"lvol_name": sn, "snapshot_name": "s2"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "Invalid argument"));
-        let e = call(
-            &r,
-            "bdev_lvol_clone",
-            json!({"snapshot_name": id, "clone_name": "c0"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "Invalid argument"));
-        call(
-            &r,
-            "bdev_lvol_clone",
-            json!({"snapshot_name": "lvs_test/snap", "clone_name": "c1"}),
-        )
-        .await
-        .unwrap();
-        let e = call(&r, "bdev_lvol_delete", json!({"name": "lvs_test/snap"}))
-            .await
-            .unwrap_err();
+        let sn = rpc!(r, "bdev_lvol_snapshot", {"lvol_name": id, "snapshot_name": "snap"});
         assert_eq!(
-            (e.code, e.message.as_str()),
+            rpc_err!(r, "bdev_lvol_snapshot", {"lvol_name": id, "snapshot_name": "snap"}),
+            (-32602, "File exists")
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_snapshot", {"lvol_name": sn, "snapshot_name": "s2"}),
+            (-32602, "Invalid argument")
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_clone", {"snapshot_name": id, "clone_name": "c0"}),
+            (-32602, "Invalid argument")
+        );
+        rpc!(r, "bdev_lvol_clone", {"snapshot_name": "lvs_test/snap", "clone_name": "c1"});
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_delete", {"name": "lvs_test/snap"}),
             (-32603, "Operation not permitted")
         );
-        let e = call(
-            &r,
-            "bdev_lvol_rename",
-            json!({"old_name": "lvs_test/c1", "new_name": "lvol_test"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "File exists"));
         assert_eq!(
-            call(
-                &r,
-                "bdev_lvol_rename",
-                json!({"old_name": "lvs_test/c1", "new_name": "c1b"})
-            )
-            .await
-            .unwrap(),
-            json!(true)
+            rpc_err!(r, "bdev_lvol_rename", {"old_name": "lvs_test/c1", "new_name": "lvol_test"}),
+            (-32602, "File exists")
         );
-        let e = call(
-            &r,
-            "bdev_lvol_decouple_parent",
-            json!({"name": "lvs_test/snap"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "Invalid argument"));
         assert_eq!(
-            call(
-                &r,
-                "bdev_lvol_set_read_only",
-                json!({"name": "lvs_test/c1b"})
-            )
-            .await
-            .unwrap(),
-            json!(true)
+            rpc!(r, "bdev_lvol_rename", {"old_name": "lvs_test/c1", "new_name": "c1b"}),
+            true
         );
-        let e = call(
-            &r,
-            "bdev_lvol_resize",
-            json!({"name": "lvs_test/c1b", "size_in_mib": 4}),
-        )
-        .await
-        .unwrap_err();
         assert_eq!(
-            (e.code, e.message.as_str()),
+            rpc_err!(r, "bdev_lvol_decouple_parent", {"name": "lvs_test/snap"}),
+            (-32602, "Invalid argument")
+        );
+        assert_eq!(
+            rpc!(r, "bdev_lvol_set_read_only", {"name": "lvs_test/c1b"}),
+            true
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_resize", {"name": "lvs_test/c1b", "size_in_mib": 4}),
             (-32602, "Operation not permitted")
         );
-        let e = call(
-            &r,
-            "bdev_lvol_set_parent",
-            json!({"lvol_name": "lvs_test/c1b", "parent_name": "M"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -19);
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_set_parent", {"lvol_name": "lvs_test/c1b", "parent_name": "M"})
+                .code,
+            -19
+        );
 
         // clone_bdev messages.
-        let e = call(
-            &r,
-            "bdev_lvol_clone_bdev",
-            json!({"bdev": "M2", "lvs_name": "nope", "clone_name": "e"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "lvs does not exist"));
-        let e = call(
-            &r,
-            "bdev_lvol_clone_bdev",
-            json!({"bdev": "nope", "lvs_name": "lvs_test", "clone_name": "e"}),
-        )
-        .await
-        .unwrap_err();
         assert_eq!(
-            (e.code, e.message.as_str()),
+            rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": "M2", "lvs_name": "nope", "clone_name": "e"}),
+            (-32602, "lvs does not exist")
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": "nope", "lvs_name": "lvs_test", "clone_name": "e"}),
             (-32602, "bdev does not exist")
         );
-        let e = call(
-            &r,
-            "bdev_lvol_clone_bdev",
-            json!({"bdev": id, "lvs_name": "lvs_test", "clone_name": "e"}),
-        )
-        .await
-        .unwrap_err();
+        let e = rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": id, "lvs_name": "lvs_test", "clone_name": "e"});
         assert_eq!(
             (e.code, e.message.as_str()),
             (
@@ -421,24 +259,12 @@ fn error_codes_follow_spdk() {
             )
         );
         malloc(&reg, "odd", 3 * MIB, 512).await;
-        let e = call(
-            &r,
-            "bdev_lvol_clone_bdev",
-            json!({"bdev": "odd", "lvs_name": "lvs_test", "clone_name": "e"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "Invalid argument"));
-        let ec = call(
-            &r,
-            "bdev_lvol_clone_bdev",
-            json!({"bdev": "M2", "lvs_name": "lvs_test", "clone_name": "e"}),
-        )
-        .await
-        .unwrap();
-        let lv = call(&r, "bdev_lvol_get_lvols", json!({"lvs_name": "lvs_test"}))
-            .await
-            .unwrap();
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": "odd", "lvs_name": "lvs_test", "clone_name": "e"}),
+            (-32602, "Invalid argument")
+        );
+        let ec = rpc!(r, "bdev_lvol_clone_bdev", {"bdev": "M2", "lvs_name": "lvs_test", "clone_name": "e"});
+        let lv = rpc!(r, "bdev_lvol_get_lvols", {"lvs_name": "lvs_test"});
         let e_entry = lv
             .as_array()
             .unwrap()
@@ -451,96 +277,50 @@ fn error_codes_follow_spdk() {
         assert_eq!(e_entry["lvs"]["name"], "lvs_test");
 
         // Shallow copy.
-        let e = call(
-            &r,
-            "bdev_lvol_check_shallow_copy",
-            json!({"operation_id": 77}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -19);
-        let e = call(
-            &r,
-            "bdev_lvol_start_shallow_copy",
-            json!({"src_lvol_name": "lvs_test/snap", "dst_bdev_name": "nope"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-32602, "No such device"));
-        let e = call(
-            &r,
-            "bdev_lvol_start_shallow_copy",
-            json!({"src_lvol_name": "nope", "dst_bdev_name": "odd"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -19);
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_check_shallow_copy", {"operation_id": 77}).code,
+            -19
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "lvs_test/snap", "dst_bdev_name": "nope"}),
+            (-32602, "No such device")
+        );
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "nope", "dst_bdev_name": "odd"}).code,
+            -19
+        );
 
         // Our retry knob.
         assert_eq!(
-            call(
-                &r,
-                "bdev_lvol_set_esnap_retry",
-                json!({"retries": 7, "delay_ms": 25})
-            )
-            .await
-            .unwrap(),
-            json!(true)
+            rpc!(r, "bdev_lvol_set_esnap_retry", {"retries": 7, "delay_ms": 25}),
+            true
         );
         assert_eq!(
-            call(&r, "bdev_lvol_get_esnap_retry", json!({}))
-                .await
-                .unwrap(),
+            rpc!(r, "bdev_lvol_get_esnap_retry", {}),
             json!({"retries": 7, "delay_ms": 25})
         );
         assert_eq!(m.esnap_retry().0, 7);
 
         // Delete everything through RPC.
+        assert_eq!(rpc!(r, "bdev_lvol_delete", {"name": "lvs_test/c1b"}), true);
+        assert_eq!(rpc!(r, "bdev_lvol_delete", {"name": "lvs_test/snap"}), true);
         assert_eq!(
-            call(&r, "bdev_lvol_delete", json!({"name": "lvs_test/c1b"}))
-                .await
-                .unwrap(),
-            json!(true)
+            rpc_err!(r, "bdev_lvol_delete", {"name": "lvs_test/snap"}).code,
+            -19
         );
         assert_eq!(
-            call(&r, "bdev_lvol_delete", json!({"name": "lvs_test/snap"}))
-                .await
-                .unwrap(),
-            json!(true)
+            rpc!(r, "bdev_lvol_delete_lvstore", {"lvs_name": "lvs_test"}),
+            true
         );
-        let e = call(&r, "bdev_lvol_delete", json!({"name": "lvs_test/snap"}))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -19);
-        assert_eq!(
-            call(
-                &r,
-                "bdev_lvol_delete_lvstore",
-                json!({"lvs_name": "lvs_test"})
-            )
-            .await
-            .unwrap(),
-            json!(true)
-        );
-        assert_eq!(
-            call(&r, "bdev_lvol_get_lvstores", json!({})).await.unwrap(),
-            json!([])
-        );
+        assert_eq!(rpc!(r, "bdev_lvol_get_lvstores", {}), json!([]));
         assert!(reg.get(&id).is_none());
-        let e = call(
-            &r,
-            "bdev_lvol_delete_lvstore",
-            json!({"lvs_name": "lvs_test"}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -19);
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_delete_lvstore", {"lvs_name": "lvs_test"}).code,
+            -19
+        );
         let methods = r.methods();
         assert!(methods.contains(&"bdev_lvol_start_shallow_copy"));
-        assert_eq!(
-            r.call("bdev_lvol_nope", None).await.unwrap_err().code,
-            -32601
-        );
+        assert_eq!(rpc_err!(r, "bdev_lvol_nope").code, -32601);
     });
 }
 
@@ -551,43 +331,17 @@ fn shallow_copy_over_rpc_reports_progress_then_forgets() {
         let r = LvolRpc::new(m.clone());
         malloc(&reg, "M", 64 * MIB, 512).await;
         malloc(&reg, "D", 4 * MIB, 512).await;
-        call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M", "lvs_name": "lvs", "cluster_sz": 1048576}),
-        )
-        .await
-        .unwrap();
-        call(
-            &r,
-            "bdev_lvol_create",
-            json!({"lvol_name": "v", "size_in_mib": 4, "thin_provision": true, "lvs_name": "lvs"}),
-        )
-        .await
-        .unwrap();
+        rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "lvs", "cluster_sz": 1048576});
+        rpc!(r, "bdev_lvol_create", {"lvol_name": "v", "size_in_mib": 4, "thin_provision": true, "lvs_name": "lvs"});
         let d = open(&reg, "lvs/v", true);
         write_at(&d, 0, &fill(0x61, 4096)).await.unwrap();
         drop(d);
-        call(&r, "bdev_lvol_set_read_only", json!({"name": "lvs/v"}))
-            .await
-            .unwrap();
-        let op = call(
-            &r,
-            "bdev_lvol_start_shallow_copy",
-            json!({"src_lvol_name": "lvs/v", "dst_bdev_name": "D"}),
-        )
-        .await
-        .unwrap();
+        rpc!(r, "bdev_lvol_set_read_only", {"name": "lvs/v"});
+        let op = rpc!(r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "lvs/v", "dst_bdev_name": "D"});
         let id = op["operation_id"].as_u64().unwrap();
         assert!(id >= 1);
         let st = loop {
-            let st = call(
-                &r,
-                "bdev_lvol_check_shallow_copy",
-                json!({"operation_id": id}),
-            )
-            .await
-            .unwrap();
+            let st = rpc!(r, "bdev_lvol_check_shallow_copy", {"operation_id": id});
             if st["state"] != "in progress" {
                 break st;
             }
@@ -597,17 +351,19 @@ fn shallow_copy_over_rpc_reports_progress_then_forgets() {
             st,
             json!({"copied_clusters": 1, "total_clusters": 1, "state": "complete"})
         );
-        let e = call(
-            &r,
-            "bdev_lvol_check_shallow_copy",
-            json!({"operation_id": id}),
-        )
-        .await
-        .unwrap_err();
-        assert_eq!(e.code, -19);
+        assert_eq!(
+            rpc_err!(r, "bdev_lvol_check_shallow_copy", {"operation_id": id}).code,
+            -19
+        );
         let dd = open(&reg, "D", false);
         assert_eq!(read_at(&dd, 0, 4096).await.unwrap(), fill(0x61, 4096));
     });
+}
+
+/// The `name` members of a listing, in order.
+fn names(listing: &Value) -> Vec<&str> {
+    let items = listing.as_array().expect("a listing is an array");
+    items.iter().map(|s| s["name"].as_str().unwrap()).collect()
 }
 
 #[test]
@@ -617,56 +373,16 @@ fn listings_follow_creation_order() {
         let r = LvolRpc::new(m.clone());
         malloc(&reg, "M1", 32 * MIB, 512).await;
         malloc(&reg, "M2", 32 * MIB, 512).await;
-        call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M1", "lvs_name": "zz", "cluster_sz": 1048576}),
-        )
-        .await
-        .unwrap();
-        call(
-            &r,
-            "bdev_lvol_create_lvstore",
-            json!({"bdev_name": "M2", "lvs_name": "aa", "cluster_sz": 1048576}),
-        )
-        .await
-        .unwrap();
+        rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M1", "lvs_name": "zz", "cluster_sz": 1048576});
+        rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M2", "lvs_name": "aa", "cluster_sz": 1048576});
         for n in ["a", "b", "c"] {
-            call(
-                &r,
-                "bdev_lvol_create",
-                json!({"lvol_name": n, "size_in_mib": 1, "lvs_name": "zz"}),
-            )
-            .await
-            .unwrap();
+            rpc!(r, "bdev_lvol_create", {"lvol_name": n, "size_in_mib": 1, "lvs_name": "zz"});
         }
-        call(&r, "bdev_lvol_delete", json!({"name": "zz/a"}))
-            .await
-            .unwrap();
-        call(
-            &r,
-            "bdev_lvol_create",
-            json!({"lvol_name": "d", "size_in_mib": 1, "lvs_name": "zz"}),
-        )
-        .await
-        .unwrap();
-        let stores = call(&r, "bdev_lvol_get_lvstores", json!({})).await.unwrap();
-        let names: Vec<&str> = stores
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, ["zz", "aa"]);
-        let lvols = call(&r, "bdev_lvol_get_lvols", json!({"lvs_name": "zz"}))
-            .await
-            .unwrap();
-        let names: Vec<&str> = lvols
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["name"].as_str().unwrap())
-            .collect();
-        assert_eq!(names, ["b", "c", "d"]);
+        rpc!(r, "bdev_lvol_delete", {"name": "zz/a"});
+        rpc!(r, "bdev_lvol_create", {"lvol_name": "d", "size_in_mib": 1, "lvs_name": "zz"});
+        let stores = rpc!(r, "bdev_lvol_get_lvstores", {});
+        assert_eq!(names(&stores), ["zz", "aa"]);
+        let lvols = rpc!(r, "bdev_lvol_get_lvols", {"lvs_name": "zz"});
+        assert_eq!(names(&lvols), ["b", "c", "d"]);
     });
 }
