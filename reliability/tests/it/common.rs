@@ -1,6 +1,5 @@
 //! Shared helpers: a registry with the lvol module, malloc and error bdevs, byte-level I/O
 //! through descriptors, and a timeout guard so no test can hang.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,9 +2,7 @@
 //! write that needed a new cluster with ENOSPC (through the lvol bdev, not a generic EIO),
 //! keeps serving everything else, and recovers when space is freed.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::executor::block_on;
 
 #[test]

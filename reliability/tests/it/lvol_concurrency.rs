@@ -3,12 +3,10 @@
 //! flight, delete racing a clone, two decouples racing. Each call succeeds or fails with a
 //! clear errno; nothing hangs (timeouts) and acknowledged data is there afterwards.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use futures::executor::block_on;
 use uuid::Uuid;
 

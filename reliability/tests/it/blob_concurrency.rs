@@ -3,13 +3,11 @@
 //! on a thread pool. Each operation succeeds or fails with a clear errno; nothing panics or
 //! hangs (every test runs under a timeout) and no data is lost.
 
-mod common;
-
 use std::sync::Arc;
 
+use crate::common::with_timeout;
 use blobstore::testing::MemBsDev;
 use blobstore::{inspect, BlobId, BlobOpts, Blobstore, BsDev, BsOpts, IoBuf};
-use common::with_timeout;
 use futures::executor::block_on;
 use futures::task::SpawnExt;
 

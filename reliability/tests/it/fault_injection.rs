@@ -5,16 +5,14 @@
 //! reload, so nothing in memory can be written down after the fact); the reloaded store is
 //! consistent.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::common::*;
 use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
 use bdev_core::{IoType, Registry};
-use common::*;
 use futures::executor::block_on;
 use lvol::{Lvol, LvolModule, LvolStore};
 
