@@ -2,13 +2,15 @@
 //! decompresses them into temp dirs (never writing in the repository), reads manifests and
 //! hashes data; records skips; runs tests under timeouts. With the features `bdev` and `lvol`
 //! it is also the shared harness of the integration tests (`tests/it/` of each crate):
-//! registry, malloc/aio/error bdevs, lvol module and stores, byte-offset I/O, the one data
+//! registry, malloc/aio/error bdevs, blobs, lvol module and stores, byte-offset I/O, the one data
 //! pattern, and `rpc!`/`rpc_err!` for in-process JSON-RPC calls. `use
 //! test_support::prelude::*` brings all of it.
 //! Used only by tests, benches and xtask; no production crate depends on it.
 
 #[cfg(feature = "bdev")]
 pub mod bdev;
+#[cfg(feature = "blob")]
+pub mod blob;
 #[cfg(feature = "lvol")]
 pub mod lvol;
 #[cfg(feature = "bdev")]
@@ -17,12 +19,14 @@ pub mod timeout;
 
 /// Everything a test usually needs, for `use test_support::prelude::*`.
 pub mod prelude {
+    pub use crate::assert_errno;
     #[cfg(feature = "bdev")]
     pub use crate::bdev::*;
+    #[cfg(feature = "blob")]
+    pub use crate::blob::*;
     #[cfg(feature = "lvol")]
     pub use crate::lvol::*;
     pub use crate::timeout::{wait_until, with_timeout, within};
-    pub use crate::assert_errno;
     #[cfg(feature = "bdev")]
     pub use crate::{rpc, rpc_err};
 }
@@ -33,7 +37,11 @@ pub mod prelude {
 macro_rules! assert_errno {
     ($result:expr, $errno:expr $(,)?) => {
         match $result {
-            Ok(_) => panic!("`{}`: succeeded, expected errno {}", stringify!($result), $errno),
+            Ok(_) => panic!(
+                "`{}`: succeeded, expected errno {}",
+                stringify!($result),
+                $errno
+            ),
             Err(e) => assert_eq!(e.errno(), $errno, "`{}`: {}", stringify!($result), e),
         }
     };

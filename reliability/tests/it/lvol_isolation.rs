@@ -69,7 +69,7 @@ fn case(backend: Backend, store_cm: LvsClearMethod, lvol_cm: ClearMethod, path: 
                 .unwrap();
                 reg.register(dev).await.unwrap();
             }
-            Backend::Malloc => malloc(&reg, "base", STORE, 4096, None).await,
+            Backend::Malloc => malloc(&reg, "base", STORE, 4096).await,
         }
         // Every store sits on an error bdev, so a path can make an I/O fail.
         let ee = ErrorBdev::create("", reg.open("base", true).unwrap()).unwrap();
