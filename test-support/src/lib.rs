@@ -2,13 +2,15 @@
 //! decompresses them into temp dirs (never writing in the repository), reads manifests and
 //! hashes data; records skips; runs tests under timeouts. With the features `bdev` and `lvol`
 //! it is also the shared harness of the integration tests (`tests/it/` of each crate):
-//! registry, malloc/aio/error bdevs, lvol module and stores, byte-offset I/O, the one data
+//! registry, malloc/aio/error bdevs, blobs, lvol module and stores, byte-offset I/O, the one data
 //! pattern, and `rpc!`/`rpc_err!` for in-process JSON-RPC calls. `use
 //! test_support::prelude::*` brings all of it.
 //! Used only by tests, benches and xtask; no production crate depends on it.
 
 #[cfg(feature = "bdev")]
 pub mod bdev;
+#[cfg(feature = "blob")]
+pub mod blob;
 #[cfg(feature = "lvol")]
 pub mod lvol;
 #[cfg(feature = "bdev")]
@@ -17,13 +19,32 @@ pub mod timeout;
 
 /// Everything a test usually needs, for `use test_support::prelude::*`.
 pub mod prelude {
+    pub use crate::assert_errno;
     #[cfg(feature = "bdev")]
     pub use crate::bdev::*;
+    #[cfg(feature = "blob")]
+    pub use crate::blob::*;
     #[cfg(feature = "lvol")]
     pub use crate::lvol::*;
     pub use crate::timeout::{wait_until, with_timeout, within};
     #[cfg(feature = "bdev")]
     pub use crate::{rpc, rpc_err};
+}
+
+/// `assert_errno!(result, errno)`: `result` is an `Err` whose `errno()` is `errno` (for any
+/// error type with an `errno()` method, as the bdev, blobstore and lvol errors have).
+#[macro_export]
+macro_rules! assert_errno {
+    ($result:expr, $errno:expr $(,)?) => {
+        match $result {
+            Ok(_) => panic!(
+                "`{}`: succeeded, expected errno {}",
+                stringify!($result),
+                $errno
+            ),
+            Err(e) => assert_eq!(e.errno(), $errno, "`{}`: {}", stringify!($result), e),
+        }
+    };
 }
 
 use std::fs::File;
@@ -208,6 +229,25 @@ mod tests {
         super::record_skip("t3", "needs w", false, Some(&log)).unwrap();
         let text = std::fs::read_to_string(&log).unwrap();
         assert_eq!(text, "t2\tneeds y and z\nt3\tneeds w\n");
+    }
+
+    struct E(i32);
+    impl E {
+        fn errno(&self) -> i32 {
+            self.0
+        }
+    }
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "error {}", self.0)
+        }
+    }
+
+    #[test]
+    fn assert_errno_checks_the_errno_and_fails_on_ok() {
+        assert_errno!(Err::<(), _>(E(5)), 5);
+        assert!(std::panic::catch_unwind(|| assert_errno!(Err::<(), _>(E(5)), 6)).is_err());
+        assert!(std::panic::catch_unwind(|| assert_errno!(Ok::<(), E>(()), 5)).is_err());
     }
 
     #[test]

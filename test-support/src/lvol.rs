@@ -1,13 +1,15 @@
 //! The lvol module for tests (feature `lvol`): a registry with the module, stores and lvols
 //! in one line, and the checks a reload is judged by.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bdev_core::Registry;
 use blobstore::ClearMethod;
 use lvol::{Lvol, LvolModule, LvolStore, LvsOpts};
+
+use crate::bdev::{aio, malloc, sparse_file};
 
 /// A registry with the lvol module. Degraded esnap reads retry twice, 5 ms apart (short, so
 /// tests of degraded mode stay fast, but long enough to measure that they waited).
@@ -28,6 +30,35 @@ pub async fn lvs(m: &LvolModule, bdev: &str, name: &str, cluster: u32) -> Arc<Lv
     let mut o = LvsOpts::new(name);
     o.cluster_size = cluster;
     m.create_lvstore(bdev, o).await.expect("create lvstore")
+}
+
+/// A registry with the lvol module ([`setup`]) and store `name` (clusters of `cluster` bytes)
+/// on malloc bdev `M` of `size` bytes in 512-byte blocks.
+pub async fn malloc_store(
+    size: u64,
+    name: &str,
+    cluster: u32,
+) -> (Registry, LvolModule, Arc<LvolStore>) {
+    let (reg, m) = setup();
+    malloc(&reg, "M", size, 512).await;
+    let s = lvs(&m, "M", name, cluster).await;
+    (reg, m, s)
+}
+
+/// A registry with the lvol module ([`setup`]) and store `name` (clusters of `cluster` bytes)
+/// on aio bdev `aio0` (512-byte blocks) over a new sparse file `dir/store.img` of `size`
+/// bytes; returns the file too, to reload or inspect the store.
+pub async fn aio_store(
+    dir: &Path,
+    size: u64,
+    name: &str,
+    cluster: u32,
+) -> (Registry, LvolModule, Arc<LvolStore>, PathBuf) {
+    let (reg, m) = setup();
+    let f = sparse_file(dir, "store.img", size);
+    aio(&reg, "aio0", &f, 512, None, false).await;
+    let s = lvs(&m, "aio0", name, cluster).await;
+    (reg, m, s, f)
 }
 
 /// Creates thin lvol `name` of `size` bytes (default clear method).

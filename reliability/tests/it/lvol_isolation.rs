@@ -5,15 +5,13 @@
 //! create that fails half-way after the delete), and a new thick lvol over every free
 //! cluster must read back no byte of the secret.
 
-mod common;
-
 use std::sync::Arc;
 
+use crate::common::*;
 use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::backend::error::{ErrorBdev, Injection};
 use bdev_core::IoType;
 use blobstore::ClearMethod;
-use common::*;
 use futures::executor::block_on;
 use lvol::{LvolModule, LvsClearMethod, LvsOpts};
 
@@ -71,7 +69,7 @@ fn case(backend: Backend, store_cm: LvsClearMethod, lvol_cm: ClearMethod, path: 
                 .unwrap();
                 reg.register(dev).await.unwrap();
             }
-            Backend::Malloc => malloc(&reg, "base", STORE, 4096, None).await,
+            Backend::Malloc => malloc(&reg, "base", STORE, 4096).await,
         }
         // Every store sits on an error bdev, so a path can make an I/O fail.
         let ee = ErrorBdev::create("", reg.open("base", true).unwrap()).unwrap();

@@ -2,15 +2,13 @@
 //! removal of the ro bdev's base with reads in flight (degraded, not hung), and healing when
 //! the base and the read-only bdev come back.
 
-mod common;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
+use crate::common::within;
 use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::{ClaimType, Descriptor, IoBuf, Registry};
-use common::within;
 use futures::executor::block_on;
 use lvol::{LvolModule, LvsOpts};
 use uuid::Uuid;

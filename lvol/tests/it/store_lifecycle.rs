@@ -1,12 +1,10 @@
 //! lvol store lifecycle: create, naming rules, listing, rename, unload and tasting, destroy,
 //! grow, hot-remove and re-add of the base bdev.
 
-mod common;
-
 use bdev_core::ClaimType;
-use common::*;
 use futures::executor::block_on;
 use lvol::{LvsOpts, NAME_MAX};
+use test_support::prelude::*;
 
 #[test]
 fn create_lvstore_lists_like_spdk_and_writes_super_xattrs() {
@@ -52,33 +50,24 @@ fn lvstore_name_and_cluster_rules() {
         let (reg, m) = setup();
         malloc(&reg, "M", 64 * MIB, 512).await;
         malloc(&reg, "M2", 64 * MIB, 4096).await;
-        let e = m.create_lvstore("M", LvsOpts::new("")).await.unwrap_err();
-        assert_eq!(e.errno(), libc::EINVAL);
+        assert_errno!(m.create_lvstore("M", LvsOpts::new("")).await, libc::EINVAL);
         let long = "x".repeat(NAME_MAX + 1);
-        let e = m
-            .create_lvstore("M", LvsOpts::new(&long))
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::EINVAL);
+        assert_errno!(
+            m.create_lvstore("M", LvsOpts::new(&long)).await,
+            libc::EINVAL
+        );
         // Cluster smaller than the block or not a multiple of it.
         let mut o = LvsOpts::new("a");
         o.cluster_size = 2048;
-        assert_eq!(
-            m.create_lvstore("M2", o).await.unwrap_err().errno(),
-            libc::EINVAL
-        );
+        assert_errno!(m.create_lvstore("M2", o).await, libc::EINVAL);
         let mut o = LvsOpts::new("a");
         o.cluster_size = 4096 * 3 + 512;
-        assert_eq!(
-            m.create_lvstore("M2", o).await.unwrap_err().errno(),
-            libc::EINVAL
-        );
+        assert_errno!(m.create_lvstore("M2", o).await, libc::EINVAL);
         // Missing bdev.
-        let e = m
-            .create_lvstore("nonexistent", LvsOpts::new("a"))
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::ENODEV);
+        assert_errno!(
+            m.create_lvstore("nonexistent", LvsOpts::new("a")).await,
+            libc::ENODEV
+        );
         // A failed create leaves no claim behind.
         assert_eq!(reg.claim_of("M2"), None);
 
@@ -87,17 +76,16 @@ fn lvstore_name_and_cluster_rules() {
             .await
             .unwrap();
         // Same name again, even on another bdev.
-        let e = m
-            .create_lvstore("M2", LvsOpts::new(&"y".repeat(NAME_MAX)))
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::EEXIST);
+        assert_errno!(
+            m.create_lvstore("M2", LvsOpts::new(&"y".repeat(NAME_MAX)))
+                .await,
+            libc::EEXIST
+        );
         // Second store on the same (claimed) bdev.
-        let e = m
-            .create_lvstore("M", LvsOpts::new("other"))
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::EPERM);
+        assert_errno!(
+            m.create_lvstore("M", LvsOpts::new("other")).await,
+            libc::EPERM
+        );
         assert_eq!(m.lvstores().len(), 1);
     });
 }
@@ -105,15 +93,9 @@ fn lvstore_name_and_cluster_rules() {
 #[test]
 fn destroy_frees_name_and_base_and_is_not_tasted_again() {
     block_on(async {
-        let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "d.img", 64 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "lvs", 1 << 20).await;
-        let l = m
-            .create_lvol(&s, "v", 4 * MIB, false, Default::default())
-            .await
-            .unwrap();
+        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs", 1 << 20).await;
+        let l = thick_lvol(&m, &s, "v", 4 * MIB).await;
         let uid = l.unique_id().to_string();
         assert!(reg.get(&uid).is_some());
         m.destroy_lvstore(&s).await.unwrap();
@@ -135,20 +117,11 @@ fn destroy_frees_name_and_base_and_is_not_tasted_again() {
 #[test]
 fn unload_and_tasting_bring_back_everything() {
     block_on(async {
-        let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "t.img", 64 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "lvs_t", 1 << 20).await;
+        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs_t", 1 << 20).await;
         let uuid = s.uuid();
-        let a = m
-            .create_lvol(&s, "a", 3 * MIB, false, Default::default())
-            .await
-            .unwrap();
-        let b = m
-            .create_lvol(&s, "b", 5 * MIB, true, Default::default())
-            .await
-            .unwrap();
+        let a = thick_lvol(&m, &s, "a", 3 * MIB).await;
+        let b = thin_lvol(&m, &s, "b", 5 * MIB).await;
         let (au, bu) = (a.unique_id().to_string(), b.unique_id().to_string());
         {
             let d = open(&reg, &au, true);
@@ -201,16 +174,10 @@ fn rename_lvstore_swaps_aliases_and_persists() {
         malloc(&reg, "M2", 32 * MIB, 512).await;
         let s = lvs(&m, "aio0", "lvs_test", 1 << 20).await;
         let _other = lvs(&m, "M2", "lvs_other", 1 << 20).await;
-        let l = m
-            .create_lvol(&s, "lvol_test0", 2 * MIB, false, Default::default())
-            .await
-            .unwrap();
+        let l = thick_lvol(&m, &s, "lvol_test0", 2 * MIB).await;
         let uid = l.unique_id().to_string();
         // Taken name.
-        assert_eq!(
-            m.rename_lvstore(&s, "lvs_other").await.unwrap_err().errno(),
-            libc::EEXIST
-        );
+        assert_errno!(m.rename_lvstore(&s, "lvs_other").await, libc::EEXIST);
         assert_eq!(s.name(), "lvs_test");
         // Same name is fine.
         m.rename_lvstore(&s, "lvs_test").await.unwrap();
@@ -239,11 +206,8 @@ fn rename_lvstore_swaps_aliases_and_persists() {
 #[test]
 fn store_name_clash_at_tasting_is_skipped() {
     block_on(async {
-        let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "c.img", 32 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "same", 1 << 20).await;
+        let (reg, m, s, f) = aio_store(dir.path(), 32 * MIB, "same", 1 << 20).await;
         m.unload_lvstore(&s).await.unwrap();
         reg.unregister("aio0").await.unwrap();
         malloc(&reg, "M", 32 * MIB, 512).await;
@@ -261,15 +225,9 @@ fn store_name_clash_at_tasting_is_skipped() {
 #[test]
 fn hot_remove_of_base_unloads_cleanly_and_readd_restores() {
     block_on(async {
-        let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "h.img", 64 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "lvs_h", 1 << 20).await;
-        let v = m
-            .create_lvol(&s, "v", 4 * MIB, true, Default::default())
-            .await
-            .unwrap();
+        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs_h", 1 << 20).await;
+        let v = thin_lvol(&m, &s, "v", 4 * MIB).await;
         let snap = m.create_snapshot(&v, "snap").await.unwrap();
         let c = m.create_clone(&snap, "c").await.unwrap();
         let ids: Vec<String> = [&v, &snap, &c]
@@ -304,11 +262,8 @@ fn hot_remove_of_base_unloads_cleanly_and_readd_restores() {
 #[test]
 fn grow_lvstore_after_base_grows() {
     block_on(async {
-        let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "g.img", 32 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "lvs_g", 1 << 20).await;
+        let (reg, m, s, f) = aio_store(dir.path(), 32 * MIB, "lvs_g", 1 << 20).await;
         let before = s.total_data_clusters();
         assert!(s.blobstore().max_growable_size() >= 32 * MIB);
         m.unload_lvstore(&s).await.unwrap();
@@ -331,15 +286,9 @@ fn grow_lvstore_after_base_grows() {
 #[test]
 fn hot_remove_waits_for_lvol_users_who_get_a_remove_event() {
     block_on(async {
-        let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "u.img", 32 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "lvs_u", 1 << 20).await;
-        let v = m
-            .create_lvol(&s, "v", 2 * MIB, false, Default::default())
-            .await
-            .unwrap();
+        let (reg, m, s, f) = aio_store(dir.path(), 32 * MIB, "lvs_u", 1 << 20).await;
+        let v = thick_lvol(&m, &s, "v", 2 * MIB).await;
         let uid = v.unique_id().to_string();
         drop((v, s));
         let mut d = open(&reg, "lvs_u/v", true);
@@ -390,11 +339,8 @@ fn corrupt_or_foreign_bdevs_are_skipped_quietly() {
 fn flags_and_relations_survive_reload() {
     block_on(async {
         use blobstore::ClearMethod;
-        let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "p.img", 64 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "lvs_p", 1 << 20).await;
+        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs_p", 1 << 20).await;
         let a = m
             .create_lvol(&s, "a", 2 * MIB, true, ClearMethod::WriteZeroes)
             .await

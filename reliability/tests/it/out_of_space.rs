@@ -2,9 +2,7 @@
 //! write that needed a new cluster with ENOSPC (through the lvol bdev, not a generic EIO),
 //! keeps serving everything else, and recovers when space is freed.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use futures::executor::block_on;
 
 #[test]
@@ -12,31 +10,25 @@ fn thin_store_runs_out_serves_the_rest_and_recovers() {
     with_timeout(60, || {
         block_on(async {
             let (reg, m) = setup();
-            malloc(&reg, "m0", 4 * MIB, 512, None).await;
-            let s = lvs(&m, "m0", "lvs").await;
+            malloc(&reg, "m0", 4 * MIB, 512).await;
+            let s = lvs(&m, "m0", "lvs", CLUSTER).await;
             let cs = u64::from(CLUSTER);
             let free = s.free_clusters();
             assert!(free > 8, "{free}");
             // Two thin volumes, each as large as the whole store: overcommitted.
-            let a = m
-                .create_lvol(&s, "a", free * cs, true, Default::default())
-                .await
-                .unwrap();
-            let b = m
-                .create_lvol(&s, "b", free * cs, true, Default::default())
-                .await
-                .unwrap();
+            let a = thin_lvol(&m, &s, "a", free * cs).await;
+            let b = thin_lvol(&m, &s, "b", free * cs).await;
             let da = reg.open(a.unique_id(), true).unwrap();
             let db = reg.open(b.unique_id(), true).unwrap();
             // Fill: a takes half, b the rest (one 4 KiB write per cluster).
             let half = free / 2;
             for c in 0..half {
-                write_at(&da, c * cs + 4096, &pattern(c as u8, 4096))
+                write_at(&da, c * cs + 4096, &pattern(c as u8, 0, 4096))
                     .await
                     .unwrap();
             }
             for c in 0..free - half {
-                write_at(&db, c * cs, &pattern(0x80 ^ c as u8, 4096))
+                write_at(&db, c * cs, &pattern(0x80 ^ c as u8, 0, 4096))
                     .await
                     .unwrap();
             }
@@ -55,7 +47,7 @@ fn thin_store_runs_out_serves_the_rest_and_recovers() {
             for c in 0..half {
                 assert_eq!(
                     read_at(&da, c * cs + 4096, 4096).await.unwrap(),
-                    pattern(c as u8, 4096)
+                    pattern(c as u8, 0, 4096)
                 );
             }
             assert_eq!(read_at(&da, half * cs, 4096).await.unwrap(), vec![0; 4096]);
@@ -63,7 +55,7 @@ fn thin_store_runs_out_serves_the_rest_and_recovers() {
             let snap = m.create_snapshot(&b, "bsnap").await.unwrap();
             let clone = m.create_clone(&snap, "bclone").await.unwrap();
             let dc = reg.open(clone.unique_id(), false).unwrap();
-            assert_eq!(read_at(&dc, 0, 4096).await.unwrap(), pattern(0x80, 4096));
+            assert_eq!(read_at(&dc, 0, 4096).await.unwrap(), pattern(0x80, 0, 4096));
             drop(dc);
             // Thick create fails cleanly.
             let e = m
@@ -93,11 +85,8 @@ fn thin_store_runs_out_serves_the_rest_and_recovers() {
                 read_at(&db, (free - 1) * cs, 4096).await.unwrap(),
                 vec![1; 4096]
             );
-            assert_eq!(read_at(&db, 0, 4096).await.unwrap(), pattern(0x80, 4096));
-            let rep = blobstore::inspect::check(s.blobstore().device())
-                .await
-                .unwrap();
-            assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+            assert_eq!(read_at(&db, 0, 4096).await.unwrap(), pattern(0x80, 0, 4096));
+            assert_consistent(&s).await;
         })
     });
 }

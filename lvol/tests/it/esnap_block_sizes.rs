@@ -1,9 +1,7 @@
 //! Esnap clones whose base has a different block size from the store (512 vs 4096).
 
-mod common;
-
-use common::*;
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 fn run(store_bl: u32, base_bl: u32) {
     block_on(async {

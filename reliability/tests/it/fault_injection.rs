@@ -5,16 +5,14 @@
 //! reload, so nothing in memory can be written down after the fact); the reloaded store is
 //! consistent.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
+use crate::common::*;
+use bdev_core::backend::error::{ErrorBdev, Injection};
 use bdev_core::{IoType, Registry};
-use common::*;
 use futures::executor::block_on;
 use lvol::{Lvol, LvolModule, LvolStore};
 
@@ -53,24 +51,12 @@ struct Env {
 async fn env() -> Env {
     let (reg, m) = setup();
     let ee = error_over_malloc(&reg, "m0", 8 * MIB).await;
-    let s = lvs(&m, "EE_m0", "lvs").await;
-    let a = m
-        .create_lvol(
-            &s,
-            "thick",
-            2 * u64::from(CLUSTER),
-            false,
-            Default::default(),
-        )
-        .await
-        .unwrap();
-    let b = m
-        .create_lvol(&s, "thin", 3 * u64::from(CLUSTER), true, Default::default())
-        .await
-        .unwrap();
+    let s = lvs(&m, "EE_m0", "lvs", CLUSTER).await;
+    let a = thick_lvol(&m, &s, "thick", 2 * u64::from(CLUSTER)).await;
+    let b = thin_lvol(&m, &s, "thin", 3 * u64::from(CLUSTER)).await;
     for (l, seed) in [(&a, 1u8), (&b, 2)] {
         let d = reg.open(l.unique_id(), true).unwrap();
-        write_at(&d, 4096, &pattern(seed, 8192)).await.unwrap();
+        write_at(&d, 4096, &pattern(seed, 0, 8192)).await.unwrap();
     }
     let snap = m.create_snapshot(&b, "snap").await.unwrap();
     m.create_clone(&snap, "clone").await.unwrap();
@@ -83,71 +69,51 @@ fn by_name(s: &Arc<LvolStore>, n: &str) -> Arc<Lvol> {
 
 type Op = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = Result<(), i32>> + 'a>>;
 
+/// An operation's outcome as an errno.
+fn errno_of<T>(r: lvol::Result<T>) -> Result<(), i32> {
+    r.map(|_| ()).map_err(|e| e.errno())
+}
+
 fn ops() -> Vec<(&'static str, Op)> {
     vec![
         ("create", |e| {
+            let size = 2 * u64::from(CLUSTER);
             Box::pin(async move {
-                e.m.create_lvol(
-                    &e.s,
-                    "new",
-                    2 * u64::from(CLUSTER),
-                    false,
-                    Default::default(),
+                errno_of(
+                    e.m.create_lvol(&e.s, "new", size, false, Default::default())
+                        .await,
                 )
-                .await
-                .map(|_| ())
-                .map_err(|e| e.errno())
             })
         }),
         ("snapshot", |e| {
             Box::pin(async move {
-                e.m.create_snapshot(&by_name(&e.s, "thick"), "snap2")
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.errno())
+                errno_of(e.m.create_snapshot(&by_name(&e.s, "thick"), "snap2").await)
             })
         }),
         ("clone", |e| {
-            Box::pin(async move {
-                e.m.create_clone(&by_name(&e.s, "snap"), "clone2")
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.errno())
-            })
+            Box::pin(
+                async move { errno_of(e.m.create_clone(&by_name(&e.s, "snap"), "clone2").await) },
+            )
         }),
         ("resize", |e| {
-            Box::pin(async move {
-                e.m.resize_lvol(&by_name(&e.s, "thick"), 4 * u64::from(CLUSTER))
-                    .await
-                    .map_err(|e| e.errno())
-            })
+            let size = 4 * u64::from(CLUSTER);
+            Box::pin(async move { errno_of(e.m.resize_lvol(&by_name(&e.s, "thick"), size).await) })
         }),
         ("delete", |e| {
-            Box::pin(async move {
-                e.m.delete_lvol(&by_name(&e.s, "clone"))
-                    .await
-                    .map_err(|e| e.errno())
-            })
+            Box::pin(async move { errno_of(e.m.delete_lvol(&by_name(&e.s, "clone")).await) })
         }),
         ("inflate", |e| {
-            Box::pin(async move {
-                e.m.inflate_lvol(&by_name(&e.s, "clone"))
-                    .await
-                    .map_err(|e| e.errno())
-            })
+            Box::pin(async move { errno_of(e.m.inflate_lvol(&by_name(&e.s, "clone")).await) })
         }),
         ("decouple", |e| {
-            Box::pin(async move {
-                e.m.decouple_parent(&by_name(&e.s, "thin"))
-                    .await
-                    .map_err(|e| e.errno())
-            })
+            Box::pin(async move { errno_of(e.m.decouple_parent(&by_name(&e.s, "thin")).await) })
         }),
         ("rename", |e| {
             Box::pin(async move {
-                e.m.rename_lvol(&by_name(&e.s, "thin"), "thin-renamed")
-                    .await
-                    .map_err(|e| e.errno())
+                errno_of(
+                    e.m.rename_lvol(&by_name(&e.s, "thin"), "thin-renamed")
+                        .await,
+                )
             })
         }),
     ]
@@ -208,13 +174,7 @@ fn sweep_io(only: &'static str, io_type: IoType) {
                 let step = (writes / 12).max(1);
                 for k in (0..writes).step_by(step as usize) {
                     let e = env().await;
-                    e.ee.inject(Injection {
-                        io_type: Some(io_type),
-                        kind: ErrorKind::Failure,
-                        range: None,
-                        after: k,
-                        count: u64::MAX,
-                    });
+                    e.ee.inject(fail_from(io_type, k));
                     total_faults += 1;
                     let r = op(&e).await;
                     // Success is only acceptable when the failed write was not needed: the
@@ -254,10 +214,7 @@ fn sweep_io(only: &'static str, io_type: IoType) {
                         }
                     }
                     // The store still works: a new lvol can be made and written.
-                    let l =
-                        e.m.create_lvol(&s, "after", u64::from(CLUSTER), true, Default::default())
-                            .await
-                            .unwrap();
+                    let l = thin_lvol(&e.m, &s, "after", u64::from(CLUSTER)).await;
                     let d = e.reg.open(l.unique_id(), true).unwrap();
                     write_at(&d, 0, &[7; 4096]).await.unwrap();
                     assert_eq!(read_at(&d, 0, 4096).await.unwrap(), vec![7; 4096]);
@@ -274,85 +231,39 @@ fn sweep_io(only: &'static str, io_type: IoType) {
     });
 }
 
-#[test]
-fn write_errors_in_create() {
-    sweep("create");
+/// One `#[test]` per `test_name: "operation"` pair, each running `$sweep("operation")`.
+macro_rules! test_per_op {
+    ($sweep:expr, { $($test:ident: $op:literal),* $(,)? }) => {
+        $(
+            #[test]
+            fn $test() {
+                ($sweep)($op)
+            }
+        )*
+    };
 }
 
-#[test]
-fn write_errors_in_snapshot() {
-    sweep("snapshot");
-}
+test_per_op!(sweep, {
+    write_errors_in_create: "create",
+    write_errors_in_snapshot: "snapshot",
+    write_errors_in_clone: "clone",
+    write_errors_in_resize: "resize",
+    write_errors_in_delete: "delete",
+    write_errors_in_inflate: "inflate",
+    write_errors_in_decouple: "decouple",
+    write_errors_in_rename: "rename",
+});
 
-#[test]
-fn write_errors_in_clone() {
-    sweep("clone");
-}
-
-#[test]
-fn write_errors_in_resize() {
-    sweep("resize");
-}
-
-#[test]
-fn write_errors_in_delete() {
-    sweep("delete");
-}
-
-#[test]
-fn write_errors_in_inflate() {
-    sweep("inflate");
-}
-
-#[test]
-fn write_errors_in_decouple() {
-    sweep("decouple");
-}
-
-#[test]
-fn write_errors_in_rename() {
-    sweep("rename");
-}
-
-#[test]
-fn read_errors_in_create() {
-    sweep_io("create", IoType::Read);
-}
-
-#[test]
-fn read_errors_in_snapshot() {
-    sweep_io("snapshot", IoType::Read);
-}
-
-#[test]
-fn read_errors_in_clone() {
-    sweep_io("clone", IoType::Read);
-}
-
-#[test]
-fn read_errors_in_resize() {
-    sweep_io("resize", IoType::Read);
-}
-
-#[test]
-fn read_errors_in_delete() {
-    sweep_io("delete", IoType::Read);
-}
-
-#[test]
-fn read_errors_in_inflate() {
-    sweep_io("inflate", IoType::Read);
-}
-
-#[test]
-fn read_errors_in_decouple() {
-    sweep_io("decouple", IoType::Read);
-}
-
-#[test]
-fn read_errors_in_rename() {
-    sweep_io("rename", IoType::Read);
-}
+test_per_op!(|op| sweep_io(op, IoType::Read), {
+    read_errors_in_create: "create",
+    read_errors_in_snapshot: "snapshot",
+    read_errors_in_clone: "clone",
+    read_errors_in_resize: "resize",
+    read_errors_in_delete: "delete",
+    read_errors_in_inflate: "inflate",
+    read_errors_in_decouple: "decouple",
+    read_errors_in_rename: "rename",
+});
 
 #[test]
 fn read_errors_while_loading_never_write_and_leave_the_store_loadable() {
@@ -362,13 +273,7 @@ fn read_errors_while_loading_never_write_and_leave_the_store_loadable() {
             let want = listing(&e.reg, &e.s).await;
             e.m.unload_lvstore(&e.s).await.unwrap();
             for k in 0..40 {
-                e.ee.inject(Injection {
-                    io_type: Some(IoType::Read),
-                    kind: ErrorKind::Failure,
-                    range: None,
-                    after: k,
-                    count: u64::MAX,
-                });
+                e.ee.inject(fail_from(IoType::Read, k));
                 let w0 = e.ee.writes_seen();
                 match e.m.load_lvstore("EE_m0").await {
                     Err(x) => {
@@ -402,28 +307,22 @@ fn read_errors_on_the_esnap_base_fail_with_eio_and_allocate_nothing() {
     with_timeout(60, || {
         block_on(async {
             let (reg, m) = setup();
-            malloc(&reg, "store", 8 * MIB, 512, None).await;
+            malloc(&reg, "store", 8 * MIB, 512).await;
             let base = error_over_malloc(&reg, "gold", 4 * u64::from(CLUSTER)).await;
-            let golden = pattern(9, 4 * CLUSTER as usize);
+            let golden = pattern(9, 0, 4 * CLUSTER as usize);
             {
                 let d = reg.open("EE_gold", true).unwrap();
                 write_at(&d, 0, &golden).await.unwrap();
             }
-            let s = lvs(&m, "store", "lvs").await;
+            let s = lvs(&m, "store", "lvs", CLUSTER).await;
             let c = m.create_esnap_clone("EE_gold", &s, "ec").await.unwrap();
             let d = reg.open(c.unique_id(), true).unwrap();
             assert_eq!(read_at(&d, 0, 8192).await.unwrap(), golden[..8192]);
             base.inject(Injection::fail(Some(IoType::Read)));
             let free = s.free_clusters();
-            assert_eq!(
-                read_at(&d, 4096, 4096).await.unwrap_err().errno(),
-                libc::EIO
-            );
+            assert_errno!(read_at(&d, 4096, 4096).await, libc::EIO);
             // A partial-cluster write needs the copy-on-write read of the base.
-            assert_eq!(
-                write_at(&d, 512, &[1; 512]).await.unwrap_err().errno(),
-                libc::EIO
-            );
+            assert_errno!(write_at(&d, 512, &[1; 512]).await, libc::EIO);
             assert_eq!(
                 s.free_clusters(),
                 free,
@@ -457,14 +356,14 @@ fn read_errors_on_the_esnap_base_during_inflate_and_decouple() {
                 ("decouple", 2),
             ] {
                 let (reg, m) = setup();
-                malloc(&reg, "store", 8 * MIB, 512, None).await;
+                malloc(&reg, "store", 8 * MIB, 512).await;
                 let base = error_over_malloc(&reg, "gold", 4 * u64::from(CLUSTER)).await;
-                let golden = pattern(0x33, 4 * cs);
+                let golden = pattern(0x33, 0, 4 * cs);
                 {
                     let d = reg.open("EE_gold", true).unwrap();
                     write_at(&d, 0, &golden).await.unwrap();
                 }
-                let s = lvs(&m, "store", "lvs").await;
+                let s = lvs(&m, "store", "lvs", CLUSTER).await;
                 let c = m.create_esnap_clone("EE_gold", &s, "ec").await.unwrap();
                 let mut want = golden.clone();
                 {
@@ -475,13 +374,7 @@ fn read_errors_on_the_esnap_base_during_inflate_and_decouple() {
                     want[cs + 512..cs + 1024].fill(0xee);
                 }
                 let free = s.free_clusters();
-                base.inject(Injection {
-                    io_type: Some(IoType::Read),
-                    kind: ErrorKind::Failure,
-                    range: None,
-                    after: k,
-                    count: u64::MAX,
-                });
+                base.inject(fail_from(IoType::Read, k));
                 let r = if op == "inflate" {
                     m.inflate_lvol(&c).await
                 } else {
@@ -504,10 +397,7 @@ fn read_errors_on_the_esnap_base_during_inflate_and_decouple() {
                 // Reload: same state, consistent store; then the operation succeeds.
                 m.unload_lvstore(&s).await.unwrap();
                 let s = m.load_lvstore("store").await.unwrap();
-                let rep = blobstore::inspect::check(s.blobstore().device())
-                    .await
-                    .unwrap();
-                assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+                assert_consistent(&s).await;
                 let c = s.lvol_by_name("ec").unwrap();
                 assert!(c.is_esnap_clone());
                 let r = if op == "inflate" {
@@ -605,42 +495,13 @@ fn power_loss_sweep(only: &'static str) {
     });
 }
 
-#[test]
-fn power_loss_in_create() {
-    power_loss_sweep("create");
-}
-
-#[test]
-fn power_loss_in_snapshot() {
-    power_loss_sweep("snapshot");
-}
-
-#[test]
-fn power_loss_in_clone() {
-    power_loss_sweep("clone");
-}
-
-#[test]
-fn power_loss_in_resize() {
-    power_loss_sweep("resize");
-}
-
-#[test]
-fn power_loss_in_delete() {
-    power_loss_sweep("delete");
-}
-
-#[test]
-fn power_loss_in_inflate() {
-    power_loss_sweep("inflate");
-}
-
-#[test]
-fn power_loss_in_decouple() {
-    power_loss_sweep("decouple");
-}
-
-#[test]
-fn power_loss_in_rename() {
-    power_loss_sweep("rename");
-}
+test_per_op!(power_loss_sweep, {
+    power_loss_in_create: "create",
+    power_loss_in_snapshot: "snapshot",
+    power_loss_in_clone: "clone",
+    power_loss_in_resize: "resize",
+    power_loss_in_delete: "delete",
+    power_loss_in_inflate: "inflate",
+    power_loss_in_decouple: "decouple",
+    power_loss_in_rename: "rename",
+});

@@ -1,26 +1,19 @@
 //! lvol operations with data checks: create, naming, lookups, snapshot, clone, rename, resize,
 //! read-only, inflate, decouple, set_parent, delete, ENOSPC, shallow copy.
 
-mod common;
-
 use std::sync::Arc;
 
 use bdev_core::IoType;
 use blobstore::ClearMethod;
-use common::*;
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 #[test]
 fn create_thick_and_thin_with_data_and_bdev_shape() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs_test", 4 << 20).await;
+        let (reg, m, s) = malloc_store(128 * MIB, "lvs_test", 4 << 20).await;
         // 5 MiB rounds up to two 4 MiB clusters.
-        let l = m
-            .create_lvol(&s, "lvol_test", 5 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let l = thick_lvol(&m, &s, "lvol_test", 5 * MIB).await;
         assert_eq!(l.size_bytes(), 8 * MIB);
         assert_eq!(s.free_clusters(), 29);
         let dev = reg.get(l.unique_id()).expect("bdev");
@@ -87,10 +80,7 @@ fn create_thick_and_thin_with_data_and_bdev_shape() {
         // Out of range.
         assert!(write_at(&d, 8 * MIB, &fill(1, 512)).await.is_err());
 
-        let t = m
-            .create_lvol(&s, "thin", 124 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let t = thin_lvol(&m, &s, "thin", 124 * MIB).await;
         assert_eq!(t.num_allocated_clusters(), 0);
         assert_eq!(s.free_clusters(), 29);
         let d = open(&reg, "lvs_test/thin", true);
@@ -114,33 +104,23 @@ fn lvol_naming_rules_and_lookups() {
         malloc(&reg, "M2", 64 * MIB, 512).await;
         let s = lvs(&m, "M", "lvs", 1 << 20).await;
         let s2 = lvs(&m, "M2", "lvs2", 1 << 20).await;
-        let l1 = m
-            .create_lvol(&s, "lvol", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
-        let _l2 = m
-            .create_lvol(&s, "lvol2", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
-        let l3 = m
-            .create_lvol(&s2, "lvol", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
-        let e = m
-            .create_lvol(&s, "lvol", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::EEXIST);
-        let e = m
-            .create_lvol(&s, "", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::EINVAL);
-        let e = m
-            .create_lvol(&s, &"n".repeat(64), MIB, true, ClearMethod::Default)
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::EINVAL);
+        let l1 = thin_lvol(&m, &s, "lvol", MIB).await;
+        let _l2 = thin_lvol(&m, &s, "lvol2", MIB).await;
+        let l3 = thin_lvol(&m, &s2, "lvol", MIB).await;
+        assert_errno!(
+            m.create_lvol(&s, "lvol", MIB, true, ClearMethod::Default)
+                .await,
+            libc::EEXIST
+        );
+        assert_errno!(
+            m.create_lvol(&s, "", MIB, true, ClearMethod::Default).await,
+            libc::EINVAL
+        );
+        assert_errno!(
+            m.create_lvol(&s, &"n".repeat(64), MIB, true, ClearMethod::Default)
+                .await,
+            libc::EINVAL
+        );
         assert!(m
             .create_lvol(&s, &"n".repeat(63), MIB, true, ClearMethod::Default)
             .await
@@ -170,13 +150,8 @@ fn lvol_naming_rules_and_lookups() {
 #[test]
 fn snapshot_and_clone_relations_and_data() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs_test", 4 << 20).await;
-        let l = m
-            .create_lvol(&s, "lvol", 8 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(128 * MIB, "lvs_test", 4 << 20).await;
+        let l = thick_lvol(&m, &s, "lvol", 8 * MIB).await;
         let d = open(&reg, "lvs_test/lvol", true);
         write_at(&d, 0, &fill(0xcc, (8 * MIB) as usize))
             .await
@@ -186,23 +161,11 @@ fn snapshot_and_clone_relations_and_data() {
         assert!(l.is_clone());
         assert_eq!(l.parent_lvol().unwrap().name(), "snap");
         // Snapshot of a snapshot, bad names.
-        assert_eq!(
-            m.create_snapshot(&snap, "s2").await.unwrap_err().errno(),
-            libc::EINVAL
-        );
-        assert_eq!(
-            m.create_snapshot(&l, "").await.unwrap_err().errno(),
-            libc::EINVAL
-        );
-        assert_eq!(
-            m.create_snapshot(&l, "snap").await.unwrap_err().errno(),
-            libc::EEXIST
-        );
+        assert_errno!(m.create_snapshot(&snap, "s2").await, libc::EINVAL);
+        assert_errno!(m.create_snapshot(&l, "").await, libc::EINVAL);
+        assert_errno!(m.create_snapshot(&l, "snap").await, libc::EEXIST);
         // Clone of a writable lvol.
-        assert_eq!(
-            m.create_clone(&l, "bad").await.unwrap_err().errno(),
-            libc::EINVAL
-        );
+        assert_errno!(m.create_clone(&l, "bad").await, libc::EINVAL);
         let c1 = m.create_clone(&snap, "c1").await.unwrap();
         let c2 = m.create_clone(&snap, "c2").await.unwrap();
         let dc1 = open(&reg, "lvs_test/c1", true);
@@ -239,13 +202,13 @@ fn snapshot_and_clone_relations_and_data() {
         );
         // A snapshot with three clones cannot be deleted.
         drop((d, dc1, dc2, dsn));
-        assert_eq!(m.delete_lvol(&snap).await.unwrap_err().errno(), libc::EPERM);
+        assert_errno!(m.delete_lvol(&snap).await, libc::EPERM);
         m.delete_lvol(&c1).await.unwrap();
         assert!(reg.get(c1.unique_id()).is_none());
         let mut clones: Vec<String> = snap.clones().iter().map(|c| c.name()).collect();
         clones.sort();
         assert_eq!(clones, vec!["c2", "lvol"]);
-        assert_eq!(m.delete_lvol(&snap).await.unwrap_err().errno(), libc::EPERM);
+        assert_errno!(m.delete_lvol(&snap).await, libc::EPERM);
         m.delete_lvol(&c2).await.unwrap();
         // One clone left: deleting the snapshot merges it into the clone.
         m.delete_lvol(&snap).await.unwrap();
@@ -258,32 +221,12 @@ fn snapshot_and_clone_relations_and_data() {
 #[test]
 fn rename_lvol_rules() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let a = m
-            .create_lvol(&s, "a", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
-        let _b = m
-            .create_lvol(&s, "b", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
-        assert_eq!(
-            m.rename_lvol(&a, "b").await.unwrap_err().errno(),
-            libc::EEXIST
-        );
-        assert_eq!(
-            m.rename_lvol(&a, "").await.unwrap_err().errno(),
-            libc::EINVAL
-        );
-        assert_eq!(
-            m.rename_lvol(&a, &"z".repeat(64))
-                .await
-                .unwrap_err()
-                .errno(),
-            libc::EINVAL
-        );
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
+        let a = thin_lvol(&m, &s, "a", MIB).await;
+        let _b = thin_lvol(&m, &s, "b", MIB).await;
+        assert_errno!(m.rename_lvol(&a, "b").await, libc::EEXIST);
+        assert_errno!(m.rename_lvol(&a, "").await, libc::EINVAL);
+        assert_errno!(m.rename_lvol(&a, &"z".repeat(64)).await, libc::EINVAL);
         assert_eq!(reg.aliases(a.unique_id()), vec!["lvs/a".to_string()]);
         m.rename_lvol(&a, "a").await.unwrap();
         m.rename_lvol(&a, "new").await.unwrap();
@@ -292,22 +235,15 @@ fn rename_lvol_rules() {
         assert!(s.lvol_by_name("a").is_none());
         assert!(m.find_lvol("lvs/new").is_some());
         // The old name is free again.
-        m.create_lvol(&s, "a", MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        thin_lvol(&m, &s, "a", MIB).await;
     });
 }
 
 #[test]
 fn resize_follows_and_bounds_io() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 4 << 20).await;
-        let l = m
-            .create_lvol(&s, "v", 28 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(128 * MIB, "lvs", 4 << 20).await;
+        let l = thick_lvol(&m, &s, "v", 28 * MIB).await;
         let dev = reg.get(l.unique_id()).unwrap();
         m.resize_lvol(&l, 56 * MIB).await.unwrap();
         assert_eq!(dev.num_blocks(), 56 * 2048);
@@ -315,8 +251,7 @@ fn resize_follows_and_bounds_io() {
         write_at(&d, 50 * MIB, &fill(9, 4096)).await.unwrap();
         assert_eq!(read_at(&d, 50 * MIB, 4096).await.unwrap(), fill(9, 4096));
         // Larger than the store.
-        let e = m.resize_lvol(&l, 200 * MIB).await.unwrap_err();
-        assert_eq!(e.errno(), libc::ENOSPC);
+        assert_errno!(m.resize_lvol(&l, 200 * MIB).await, libc::ENOSPC);
         assert_eq!(dev.num_blocks(), 56 * 2048);
         m.resize_lvol(&l, 4 * MIB).await.unwrap();
         assert_eq!(dev.num_blocks(), 4 * 2048);
@@ -330,13 +265,8 @@ fn resize_follows_and_bounds_io() {
 #[test]
 fn read_only_lvol_io_types_and_refused_writes() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let l = m
-            .create_lvol(&s, "v", 2 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
+        let l = thick_lvol(&m, &s, "v", 2 * MIB).await;
         let d = open(&reg, "lvs/v", true);
         write_at(&d, 0, &fill(5, 4096)).await.unwrap();
         m.set_read_only(&l).await.unwrap();
@@ -359,27 +289,16 @@ fn read_only_lvol_io_types_and_refused_writes() {
         }
         assert!(write_at(&d, 0, &fill(6, 4096)).await.is_err());
         assert_eq!(read_at(&d, 0, 4096).await.unwrap(), fill(5, 4096));
-        assert_eq!(
-            m.resize_lvol(&l, 4 * MIB).await.unwrap_err().errno(),
-            libc::EPERM
-        );
+        assert_errno!(m.resize_lvol(&l, 4 * MIB).await, libc::EPERM);
     });
 }
 
 #[test]
 fn thin_store_runs_out_with_enospc_and_stays_usable() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs_test", 4 << 20).await;
-        let a = m
-            .create_lvol(&s, "a", 124 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
-        let _b = m
-            .create_lvol(&s, "b", 124 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(128 * MIB, "lvs_test", 4 << 20).await;
+        let a = thin_lvol(&m, &s, "a", 124 * MIB).await;
+        let _b = thin_lvol(&m, &s, "b", 124 * MIB).await;
         assert_eq!(s.free_clusters(), 31);
         let da = open(&reg, "lvs_test/a", true);
         let half = (62 * MIB) as usize;
@@ -409,11 +328,11 @@ fn thin_store_runs_out_with_enospc_and_stays_usable() {
             assert_eq!(read_at(&da, o, 4096).await.unwrap(), fill(0xcc, 4096));
         }
         // Creating a thick lvol fails too.
-        let e = m
-            .create_lvol(&s, "c", 4 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::ENOSPC);
+        assert_errno!(
+            m.create_lvol(&s, "c", 4 * MIB, false, ClearMethod::Default)
+                .await,
+            libc::ENOSPC
+        );
         assert!(s.lvol_by_name("c").is_none());
         drop(a);
     });
@@ -422,13 +341,8 @@ fn thin_store_runs_out_with_enospc_and_stays_usable() {
 #[test]
 fn inflate_and_decouple() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let base = m
-            .create_lvol(&s, "base", 4 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
+        let base = thin_lvol(&m, &s, "base", 4 * MIB).await;
         let d = open(&reg, "lvs/base", true);
         write_at(&d, 0, &fill(1, 4096)).await.unwrap();
         write_at(&d, 2 * MIB, &fill(2, 4096)).await.unwrap();
@@ -452,10 +366,7 @@ fn inflate_and_decouple() {
         assert_eq!(c.num_allocated_clusters(), 4);
         assert_eq!(read_all(&dc).await, want);
         // Decouple without a parent.
-        assert_eq!(
-            m.decouple_parent(&c).await.unwrap_err().errno(),
-            libc::EINVAL
-        );
+        assert_errno!(m.decouple_parent(&c).await, libc::EINVAL);
         drop(s1);
     });
 }
@@ -468,20 +379,14 @@ fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
         malloc(&reg, "M2", 64 * MIB, 512).await;
         let s = lvs(&m, "M", "lvs", 4 << 20).await;
         let other = lvs(&m, "M2", "other", 4 << 20).await;
-        let lvol1 = m
-            .create_lvol(&s, "lvol1", 20 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let lvol1 = thin_lvol(&m, &s, "lvol1", 20 * MIB).await;
         let snap1 = m.create_snapshot(&lvol1, "snap1").await.unwrap();
         let lvol2 = m.create_clone(&snap1, "lvol2").await.unwrap();
         let d2 = open(&reg, "lvs/lvol2", true);
         write_at(&d2, 0, &fill(0xcc, (12 * MIB) as usize))
             .await
             .unwrap();
-        let tmp = m
-            .create_lvol(&s, "lvol2_temp", 20 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let tmp = thin_lvol(&m, &s, "lvol2_temp", 20 * MIB).await;
         let dt = open(&reg, "lvs/lvol2_temp", true);
         write_at(&dt, 0, &fill(0xbb, (20 * MIB) as usize))
             .await
@@ -492,35 +397,17 @@ fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
         let data = read_all(&d2).await;
         assert!(data[..(12 * MIB) as usize].iter().all(|&b| b == 0xcc));
         assert!(data[(12 * MIB) as usize..].iter().all(|&b| b == 0xbb));
-        assert_eq!(
-            m.set_parent(&lvol2, &snap2).await.unwrap_err().errno(),
-            libc::EEXIST
-        );
+        assert_errno!(m.set_parent(&lvol2, &snap2).await, libc::EEXIST);
         drop((dt, d2));
         m.delete_lvol(&tmp).await.unwrap();
         assert_eq!(snap2.clones().len(), 1);
         // Thick lvol, parent in another store.
-        let thick = m
-            .create_lvol(&s, "thick", 20 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
-        assert_eq!(
-            m.set_parent(&thick, &snap2).await.unwrap_err().errno(),
-            libc::EINVAL
-        );
-        let o = m
-            .create_lvol(&other, "o", 20 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
-        assert_eq!(
-            m.set_parent(&o, &snap2).await.unwrap_err().errno(),
-            libc::EINVAL
-        );
+        let thick = thick_lvol(&m, &s, "thick", 20 * MIB).await;
+        assert_errno!(m.set_parent(&thick, &snap2).await, libc::EINVAL);
+        let o = thin_lvol(&m, &other, "o", 20 * MIB).await;
+        assert_errno!(m.set_parent(&o, &snap2).await, libc::EINVAL);
         // A standalone thin lvol.
-        let t = m
-            .create_lvol(&s, "t", 20 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let t = thin_lvol(&m, &s, "t", 20 * MIB).await;
         m.set_parent(&t, &snap2).await.unwrap();
         let dt = open(&reg, "lvs/t", false);
         assert!(read_all(&dt).await.iter().all(|&b| b == 0xbb));
@@ -530,24 +417,28 @@ fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
 #[test]
 fn delete_lvol_frees_clusters_and_names() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
         let free = s.free_clusters();
-        let l = m
-            .create_lvol(&s, "v", 8 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let l = thick_lvol(&m, &s, "v", 8 * MIB).await;
         assert_eq!(s.free_clusters(), free - 8);
         let uid = l.unique_id().to_string();
         m.delete_lvol(&l).await.unwrap();
         assert_eq!(s.free_clusters(), free);
         assert!(reg.get(&uid).is_none());
         assert!(m.find_lvol(&uid).is_none());
-        m.create_lvol(&s, "v", 8 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        thick_lvol(&m, &s, "v", 8 * MIB).await;
     });
+}
+
+/// Polls shallow copy `op` until it is no longer in progress.
+async fn shallow_copy_result(m: &lvol::LvolModule, op: u32) -> lvol::ShallowCopyStatus {
+    loop {
+        let st = m.check_shallow_copy(op).expect("operation known");
+        if st.state != lvol::ShallowCopyState::InProgress {
+            return st;
+        }
+        futures_timer::Delay::new(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 #[test]
@@ -557,10 +448,7 @@ fn shallow_copy_copies_allocated_clusters() {
         malloc(&reg, "M", 64 * MIB, 512).await;
         malloc(&reg, "D", 8 * MIB, 512).await;
         let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let l = m
-            .create_lvol(&s, "v", 8 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let l = thin_lvol(&m, &s, "v", 8 * MIB).await;
         let d = open(&reg, "lvs/v", true);
         write_at(&d, MIB, &fill(0x11, MIB as usize)).await.unwrap();
         write_at(&d, 5 * MIB, &fill(0x55, 4096)).await.unwrap();
@@ -568,13 +456,7 @@ fn shallow_copy_copies_allocated_clusters() {
         // Not read-only: the copy starts and reports EPERM.
         let op = m.start_shallow_copy(&l, "D").unwrap();
         assert!(op >= 1);
-        let st = loop {
-            let st = m.check_shallow_copy(op).unwrap();
-            if st.state != lvol::ShallowCopyState::InProgress {
-                break st;
-            }
-            futures_timer::Delay::new(std::time::Duration::from_millis(5)).await;
-        };
+        let st = shallow_copy_result(&m, op).await;
         assert_eq!(st.state, lvol::ShallowCopyState::Error);
         assert_eq!(st.error, Some(libc::EPERM));
         assert!(m.check_shallow_copy(op).is_none());
@@ -582,13 +464,7 @@ fn shallow_copy_copies_allocated_clusters() {
         m.set_read_only(&l).await.unwrap();
         let op2 = m.start_shallow_copy(&l, "D").unwrap();
         assert_eq!(op2, op + 1);
-        let st = loop {
-            let st = m.check_shallow_copy(op2).unwrap();
-            if st.state != lvol::ShallowCopyState::InProgress {
-                break st;
-            }
-            futures_timer::Delay::new(std::time::Duration::from_millis(5)).await;
-        };
+        let st = shallow_copy_result(&m, op2).await;
         assert_eq!(st.state, lvol::ShallowCopyState::Complete);
         assert_eq!(st.total_clusters, 2);
         assert_eq!(st.copied_clusters, 2);
@@ -600,23 +476,15 @@ fn shallow_copy_copies_allocated_clusters() {
         assert_eq!(read_at(&dd, 5 * MIB, 4096).await.unwrap(), fill(0x55, 4096));
         assert_eq!(reg.claim_of("D"), None);
         // Missing destination.
-        assert_eq!(
-            m.start_shallow_copy(&l, "nope").unwrap_err().errno(),
-            libc::ENODEV
-        );
+        assert_errno!(m.start_shallow_copy(&l, "nope"), libc::ENODEV);
     });
 }
 
 #[test]
 fn snapshot_under_concurrent_writes_keeps_every_acknowledged_write() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let l = m
-            .create_lvol(&s, "v", 8 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
+        let l = thin_lvol(&m, &s, "v", 8 * MIB).await;
         let d = open(&reg, "lvs/v", true);
         let blocks = 8 * MIB / 4096;
         let writer = async {
@@ -686,13 +554,8 @@ fn many_concurrent_creates_and_deletes() {
 #[test]
 fn zero_sized_lvol_can_be_created_and_grown() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 32 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let l = m
-            .create_lvol(&s, "z", 0, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(32 * MIB, "lvs", 1 << 20).await;
+        let l = thick_lvol(&m, &s, "z", 0).await;
         assert_eq!(reg.get(l.unique_id()).unwrap().num_blocks(), 0);
         m.resize_lvol(&l, 1).await.unwrap();
         assert_eq!(l.size_bytes(), MIB);

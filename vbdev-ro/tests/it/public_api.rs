@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-mod common;
-
+use crate::common::{
+    base_removal_with_reads_in_flight, close, stamp_base, wait_until, within, MemDev,
+};
 use bdev_core::{BdevEvent, BlockDevice, ClaimType, IoBuf, IoType, Registry};
-use common::{base_removal_with_reads_in_flight, close, stamp_base, wait_until, within, MemDev};
 use futures::executor::block_on;
 use futures::stream::StreamExt;
 use uuid::Uuid;

@@ -1,15 +1,13 @@
 //! SPDK-made lvol store images (basic, dirty, esnap) tasted with names, UUIDs, sizes,
 //! relations and content as in their manifests; the esnap one also without its base.
 
-mod common;
-
 use std::path::PathBuf;
 
 use bdev_core::Registry;
-use common::*;
 use futures::executor::block_on;
 use lvol::LvolModule;
 use serde_json::Value;
+use test_support::prelude::*;
 use uuid::Uuid;
 
 const ESNAP_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-000000000001";
@@ -200,12 +198,9 @@ fn esnap_fixture_degraded_without_base_then_heals() {
         let b = read_at(&d1, 2048 * 4096, 4096).await.unwrap();
         assert_eq!(b, test_support::pattern_block("EC1A", 2048));
         // Needs the base: EIO.
-        assert_eq!(
-            read_at(&d1, 5 * MIB, 4096).await.unwrap_err().errno(),
-            libc::EIO
-        );
+        assert_errno!(read_at(&d1, 5 * MIB, 4096).await, libc::EIO);
         let d2 = open(&reg, "lvs_esnap/eclone2", false);
-        assert_eq!(read_at(&d2, 0, 4096).await.unwrap_err().errno(), libc::EIO);
+        assert_errno!(read_at(&d2, 0, 4096).await, libc::EIO);
         // get_lvols says so.
         let rpc = lvol::rpc::LvolRpc::new(m.clone());
         let v = bdev_core::rpc::RpcModule::call(&rpc, "bdev_lvol_get_lvols", None)

@@ -1,14 +1,11 @@
 //! External snapshots: esnap clones of bdevs, the shared read-only claim, degraded mode at
 //! load, surprise removal with I/O in flight, surprise add (healing), chains.
 
-mod common;
-
 use std::time::Duration;
 
 use bdev_core::ClaimType;
-use blobstore::ClearMethod;
-use common::*;
 use futures::executor::block_on;
+use test_support::prelude::*;
 use uuid::Uuid;
 
 const ESNAP_UUID: &str = "2abddd12-c08d-40ad-bccf-ab131586ee4c";
@@ -31,6 +28,16 @@ async fn esnap_base(
     data
 }
 
+/// [`esnap_base`] `base` with a new UUID; returns the UUID and the content.
+async fn new_esnap_base(
+    reg: &bdev_core::Registry,
+    dir: &std::path::Path,
+    size: u64,
+) -> (Uuid, Vec<u8>) {
+    let u = Uuid::new_v4();
+    (u, esnap_base(reg, dir, "base", u, size).await)
+}
+
 #[test]
 fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
     block_on(async {
@@ -41,13 +48,7 @@ fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
         let u = Uuid::parse_str(ESNAP_UUID).unwrap();
         let base = esnap_base(&reg, bdir.path(), "esnap1", u, MIB).await;
         let unknown = Uuid::new_v4().hyphenated().to_string();
-        assert_eq!(
-            m.create_esnap_clone(&unknown, &s, "c0")
-                .await
-                .unwrap_err()
-                .errno(),
-            libc::ENODEV
-        );
+        assert_errno!(m.create_esnap_clone(&unknown, &s, "c0").await, libc::ENODEV);
         let v1 = m.create_esnap_clone(ESNAP_UUID, &s, "vol1").await.unwrap();
         let v2 = m.create_esnap_clone("esnap1", &s, "vol2").await.unwrap();
         for v in [&v1, &v2] {
@@ -83,13 +84,7 @@ fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
         assert_eq!(got, want);
         // Size not a cluster multiple.
         malloc(&reg, "odd", 16384 * 3 + 4096, 512).await;
-        assert_eq!(
-            m.create_esnap_clone("odd", &s, "c3")
-                .await
-                .unwrap_err()
-                .errno(),
-            libc::EINVAL
-        );
+        assert_errno!(m.create_esnap_clone("odd", &s, "c3").await, libc::EINVAL);
         // Deleting every clone releases the claim.
         drop(d);
         m.delete_lvol(&v1).await.unwrap();
@@ -158,8 +153,7 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
             .unwrap();
         // Base-needing reads fail with EIO after the retries.
         let t0 = std::time::Instant::now();
-        let e = read_at(&d, 3 * MIB, 4096).await.unwrap_err();
-        assert_eq!(e.errno(), libc::EIO);
+        assert_errno!(read_at(&d, 3 * MIB, 4096).await, libc::EIO);
         assert!(
             t0.elapsed() >= Duration::from_millis(10),
             "retried with delays"
@@ -168,18 +162,12 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
         let free = s.free_clusters();
         let c2l = m.find_lvol(&c2_id).unwrap();
         let alloc = c2l.num_allocated_clusters();
-        let e = write_at(&d, MIB + 4096, &fill(0x99, 4096))
-            .await
-            .unwrap_err();
-        assert_eq!(e.errno(), libc::EIO);
+        assert_errno!(write_at(&d, MIB + 4096, &fill(0x99, 4096)).await, libc::EIO);
         assert_eq!(s.free_clusters(), free);
         assert_eq!(c2l.num_allocated_clusters(), alloc);
         let de = open(&reg, &ec_id, false);
         assert_eq!(read_at(&de, 0, 4096).await.unwrap(), fill(0xe1, 4096));
-        assert_eq!(
-            read_at(&de, MIB, 4096).await.unwrap_err().errno(),
-            libc::EIO
-        );
+        assert_errno!(read_at(&de, MIB, 4096).await, libc::EIO);
 
         // Surprise add: heal in place, same descriptors.
         esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
@@ -208,17 +196,11 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
 #[test]
 fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", MIB as u32).await;
-        let u = Uuid::new_v4();
-        let base = esnap_base(&reg, bdir.path(), "base", u, 8 * MIB).await;
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
+        let (u, base) = new_esnap_base(&reg, bdir.path(), 8 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
-        let plain = m
-            .create_lvol(&s, "plain", 4 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let plain = thick_lvol(&m, &s, "plain", 4 * MIB).await;
         let dp = open(&reg, "lvs/plain", true);
         write_at(&dp, 0, &fill(0x42, 4096)).await.unwrap();
         let d = open(&reg, "lvs/ec", true);
@@ -265,10 +247,7 @@ fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
         assert!(!plain.is_degraded());
         assert_eq!(read_at(&dp, 0, 4096).await.unwrap(), fill(0x42, 4096));
         assert_eq!(read_at(&d, 0, 4096).await.unwrap(), fill(0x10, 4096));
-        assert_eq!(
-            read_at(&d, 2 * MIB, 4096).await.unwrap_err().errno(),
-            libc::EIO
-        );
+        assert_errno!(read_at(&d, 2 * MIB, 4096).await, libc::EIO);
         assert_eq!(ec.info_json()["is_degraded"], true);
         // The base returns.
         esnap_base(&reg, bdir.path(), "base", u, 8 * MIB).await;
@@ -284,12 +263,9 @@ fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
 #[test]
 fn inflate_and_decouple_of_esnap_clone_make_it_standalone() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", MIB as u32).await;
-        let u = Uuid::new_v4();
-        let base = esnap_base(&reg, bdir.path(), "base", u, 2 * MIB).await;
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
+        let (_, base) = new_esnap_base(&reg, bdir.path(), 2 * MIB).await;
         let a = m.create_esnap_clone("base", &s, "a").await.unwrap();
         let b = m.create_esnap_clone("base", &s, "b").await.unwrap();
         m.inflate_lvol(&a).await.unwrap();
@@ -310,46 +286,25 @@ fn inflate_and_decouple_of_esnap_clone_make_it_standalone() {
 #[test]
 fn set_parent_bdev_makes_an_esnap_clone() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", MIB as u32).await;
-        let u = Uuid::new_v4();
-        let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
-        let t = m
-            .create_lvol(&s, "t", 4 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
+        let (u, base) = new_esnap_base(&reg, bdir.path(), 4 * MIB).await;
+        let t = thin_lvol(&m, &s, "t", 4 * MIB).await;
         let d = open(&reg, "lvs/t", true);
         write_at(&d, 0, &fill(0x33, 4096)).await.unwrap();
-        let thick = m
-            .create_lvol(&s, "k", 4 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
-        assert_eq!(
-            m.set_parent_bdev(&thick, "base").await.unwrap_err().errno(),
-            libc::EINVAL
-        );
-        assert_eq!(
-            m.set_parent_bdev(&t, "nope").await.unwrap_err().errno(),
-            libc::ENODEV
-        );
+        let thick = thick_lvol(&m, &s, "k", 4 * MIB).await;
+        assert_errno!(m.set_parent_bdev(&thick, "base").await, libc::EINVAL);
+        assert_errno!(m.set_parent_bdev(&t, "nope").await, libc::ENODEV);
         m.set_parent_bdev(&t, &u.to_string()).await.unwrap();
         assert!(t.is_esnap_clone());
         assert_eq!(t.external_snapshot_name(), Some(u.hyphenated().to_string()));
-        assert_eq!(
-            m.set_parent_bdev(&t, "base").await.unwrap_err().errno(),
-            libc::EEXIST
-        );
+        assert_errno!(m.set_parent_bdev(&t, "base").await, libc::EEXIST);
         let got = read_all(&d).await;
         assert_eq!(&got[..4096], &fill(0x33, 4096)[..]);
         assert_eq!(&got[MIB as usize..], &base[MIB as usize..]);
         assert_eq!(reg.claim_of("base"), Some(ClaimType::ReadManyWriteNone));
         // Then back to a snapshot parent: the esnap claim goes away.
-        let x = m
-            .create_lvol(&s, "x", 4 * MIB, true, ClearMethod::Default)
-            .await
-            .unwrap();
+        let x = thin_lvol(&m, &s, "x", 4 * MIB).await;
         let sx = m.create_snapshot(&x, "sx").await.unwrap();
         m.set_parent(&t, &sx).await.unwrap();
         assert!(!t.is_esnap_clone());
@@ -389,22 +344,13 @@ fn failing_heal_does_not_stop_others_and_is_retried() {
             read_at(&db, MIB, 4096).await.unwrap(),
             base[MIB as usize..MIB as usize + 4096].to_vec()
         );
-        assert_eq!(
-            read_at(&da, MIB, 4096).await.unwrap_err().errno(),
-            libc::EIO
-        );
+        assert_errno!(read_at(&da, MIB, 4096).await, libc::EIO);
         // Another registration retries (and fails again) without disturbing the healed one.
         malloc(&reg, "other", MIB, 512).await;
         assert!(ea.is_degraded());
         assert!(!eb.is_degraded());
         // A new esnap clone on an incompatible base is refused.
-        assert_eq!(
-            m.create_esnap_clone("base", &sa, "ea2")
-                .await
-                .unwrap_err()
-                .errno(),
-            libc::EINVAL
-        );
+        assert_errno!(m.create_esnap_clone("base", &sa, "ea2").await, libc::EINVAL);
         // Removed and back with 512-byte blocks: both heal.
         reg.unregister("base").await.unwrap();
         assert!(eb.is_degraded());
@@ -419,12 +365,9 @@ fn failing_heal_does_not_stop_others_and_is_retried() {
 #[test]
 fn esnap_link_moves_with_snapshot_and_back_on_its_delete() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", MIB as u32).await;
-        let u = Uuid::new_v4();
-        let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
+        let (u, base) = new_esnap_base(&reg, bdir.path(), 4 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         let d = open(&reg, "lvs/ec", true);
         write_at(&d, 0, &fill(0x44, 4096)).await.unwrap();
@@ -472,10 +415,7 @@ fn esnap_base_that_is_an_lvol_of_another_store() {
         malloc(&reg, "MB", 32 * MIB, 512).await;
         let sa = lvs(&m, "aioA", "lvsA", MIB as u32).await;
         let sb = lvs(&m, "MB", "lvsB", MIB as u32).await;
-        let golden = m
-            .create_lvol(&sa, "golden", 4 * MIB, false, ClearMethod::Default)
-            .await
-            .unwrap();
+        let golden = thick_lvol(&m, &sa, "golden", 4 * MIB).await;
         let gid = golden.unique_id().to_string();
         let data = pattern(0x17, 0, (4 * MIB) as usize);
         {
@@ -489,7 +429,7 @@ fn esnap_base_that_is_an_lvol_of_another_store() {
         drop((golden, sa));
         reg.unregister("aioA").await.unwrap();
         assert!(c.is_degraded());
-        assert_eq!(read_at(&d, 0, 4096).await.unwrap_err().errno(), libc::EIO);
+        assert_errno!(read_at(&d, 0, 4096).await, libc::EIO);
         aio(&reg, "aioA", &f, 512, None, false).await;
         assert!(!c.is_degraded());
         assert_eq!(read_all(&d).await, data);
@@ -502,12 +442,9 @@ fn esnap_base_that_is_an_lvol_of_another_store() {
 #[test]
 fn retrying_read_completes_when_the_base_returns() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        malloc(&reg, "M", 32 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", MIB as u32).await;
-        let u = Uuid::new_v4();
-        let base = esnap_base(&reg, bdir.path(), "base", u, 2 * MIB).await;
+        let (reg, m, s) = malloc_store(32 * MIB, "lvs", MIB as u32).await;
+        let (u, base) = new_esnap_base(&reg, bdir.path(), 2 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         let d = open(&reg, "lvs/ec", false);
         reg.unregister("base").await.unwrap();
@@ -528,7 +465,7 @@ fn retrying_read_completes_when_the_base_returns() {
         reg.unregister("base").await.unwrap();
         m.set_esnap_retry(0, Duration::from_secs(10));
         let t0 = std::time::Instant::now();
-        assert_eq!(read_at(&d, MIB, 4096).await.unwrap_err().errno(), libc::EIO);
+        assert_errno!(read_at(&d, MIB, 4096).await, libc::EIO);
         assert!(t0.elapsed() < Duration::from_secs(5));
     });
 }
@@ -538,12 +475,9 @@ fn retrying_read_completes_when_the_base_returns() {
 #[test]
 fn repeated_surprise_removal_and_return_under_io() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        malloc(&reg, "M", 32 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", MIB as u32).await;
-        let u = Uuid::new_v4();
-        let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
+        let (reg, m, s) = malloc_store(32 * MIB, "lvs", MIB as u32).await;
+        let (u, base) = new_esnap_base(&reg, bdir.path(), 4 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         let d = open(&reg, "lvs/ec", false);
         m.set_esnap_retry(0, Duration::from_millis(1));

@@ -1,12 +1,10 @@
 //! `BdevBsDev`: a bdev descriptor as a blobstore device.
 
-mod common;
-
 use blobstore::BsDev;
-use common::*;
 use futures::executor::block_on;
 use iobuf::IoBuf;
 use lvol::BdevBsDev;
+use test_support::prelude::*;
 
 #[test]
 fn bdev_bs_dev_forwards_io_and_refuses_after_close() {

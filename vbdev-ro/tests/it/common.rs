@@ -1,6 +1,5 @@
 //! Shared test helpers: a small in-memory device with an optional per-read delay (so reads
 //! really are in flight) and a resize knob, timeouts, and the base-removal-under-load scenario.
-#![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};

@@ -2,8 +2,6 @@
 //! once with valid and invalid requests, half-closed connections, and clients sending 10 MiB
 //! of garbage. Every valid request is answered correctly and the target stays up.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -69,7 +67,7 @@ fn call(sock: &PathBuf, req: &Value) -> Value {
 #[test]
 fn hundred_clients_garbage_and_half_closed_connections() {
     let bin = tgt_binary();
-    common::with_timeout(110, move || {
+    crate::common::with_timeout(110, move || {
         let dir = tempfile::tempdir().unwrap();
         let (mut tgt, sock) = start(&bin, dir.path());
         let t0 = Instant::now();
@@ -238,7 +236,7 @@ fn nbd_io(
 fn nbd_server_survives_hostile_clients() {
     use nbd_proto as proto;
     let bin = tgt_binary();
-    common::with_timeout(110, move || {
+    crate::common::with_timeout(110, move || {
         let dir = tempfile::tempdir().unwrap();
         let (mut tgt, sock) = start(&bin, dir.path());
         let nbd = dir.path().join("nbd.sock");
@@ -317,7 +315,7 @@ fn nbd_server_survives_hostile_clients() {
 #[test]
 fn every_method_with_hostile_params() {
     let bin = tgt_binary();
-    common::with_timeout(110, move || {
+    crate::common::with_timeout(110, move || {
         let dir = tempfile::tempdir().unwrap();
         let (mut tgt, sock) = start(&bin, dir.path());
         let r = call(

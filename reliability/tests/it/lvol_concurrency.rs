@@ -3,18 +3,12 @@
 //! flight, delete racing a clone, two decouples racing. Each call succeeds or fails with a
 //! clear errno; nothing hangs (timeouts) and acknowledged data is there afterwards.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use futures::executor::block_on;
 use uuid::Uuid;
-
-fn errno_in(e: &impl std::fmt::Display, errno: i32, ok: &[i32]) {
-    assert!(ok.contains(&errno), "unexpected error {e} (errno {errno})");
-}
 
 #[test]
 fn copy_on_write_while_the_esnap_base_is_hot_removed() {
@@ -23,14 +17,14 @@ fn copy_on_write_while_the_esnap_base_is_hot_removed() {
         let cs = CLUSTER as usize;
         let u = Uuid::new_v4();
         const N: u64 = 128;
-        let golden = pattern(0x5a, N as usize * cs);
+        let golden = pattern(0x5a, 0, N as usize * cs);
         block_on(async {
-            malloc(&reg, "store", 2 * N * u64::from(CLUSTER), 512, None).await;
-            malloc(&reg, "gold", N * u64::from(CLUSTER), 512, Some(u)).await;
+            malloc(&reg, "store", 2 * N * u64::from(CLUSTER), 512).await;
+            malloc_uuid(&reg, "gold", N * u64::from(CLUSTER), 512, u).await;
             let d = reg.open("gold", true).unwrap();
             write_at(&d, 0, &golden).await.unwrap();
         });
-        let s = block_on(lvs(&m, "store", "lvs"));
+        let s = block_on(lvs(&m, "store", "lvs", CLUSTER));
         let ec = block_on(m.create_esnap_clone("gold", &s, "ec")).unwrap();
         let d = Arc::new(reg.open(ec.unique_id(), true).unwrap());
         let removed = Arc::new(AtomicBool::new(false));
@@ -81,7 +75,7 @@ fn copy_on_write_while_the_esnap_base_is_hot_removed() {
                     }
                     Err(e) => {
                         errno_in(&e, *e, &[libc::EIO, libc::ENODEV]);
-                        assert_eq!(read_at(&d, off, 512).await.unwrap_err().errno(), libc::EIO);
+                        assert_errno!(read_at(&d, off, 512).await, libc::EIO);
                     }
                 }
             }
@@ -94,7 +88,7 @@ fn copy_on_write_while_the_esnap_base_is_hot_removed() {
             // The base comes back: the clone heals in place and the rest reads the base.
             // A new (zero-filled) bdev with the base's UUID: the examine hook claims it at
             // once, so its content is zeroes.
-            malloc(&reg, "gold2", N * u64::from(CLUSTER), 512, Some(u)).await;
+            malloc_uuid(&reg, "gold2", N * u64::from(CLUSTER), 512, u).await;
             reg.wait_for_examine().await;
             if ec.is_degraded() {
                 m.heal_all().await;
@@ -118,9 +112,8 @@ fn io_in_flight_during(hot: bool) {
         // The store sits on an error bdev (no injection) over a malloc: hot-removing the
         // error bdev keeps the malloc's bytes, and a new error bdev over it brings it back.
         block_on(error_over_malloc(&reg, "m0", 16 * MIB));
-        let s = block_on(lvs(&m, "EE_m0", "lvs"));
-        let v = block_on(m.create_lvol(&s, "v", 16 * u64::from(CLUSTER), true, Default::default()))
-            .unwrap();
+        let s = block_on(lvs(&m, "EE_m0", "lvs", CLUSTER));
+        let v = block_on(thin_lvol(&m, &s, "v", 16 * u64::from(CLUSTER)));
         // The writer owns the only descriptor and drops it when done: removal and unload
         // wait for users to close, as SPDK's do.
         let d = reg.open(v.unique_id(), true).unwrap();
@@ -190,8 +183,7 @@ fn io_in_flight_during(hot: bool) {
                 );
             }
         });
-        let rep = block_on(blobstore::inspect::check(s.blobstore().device())).unwrap();
-        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        block_on(assert_consistent(&s));
     });
 }
 
@@ -209,13 +201,12 @@ fn unload_with_io_in_flight_then_reload_keeps_acknowledged_writes() {
 fn delete_racing_clone_and_two_decouples_racing() {
     with_timeout(60, || {
         let (reg, m) = setup();
-        block_on(malloc(&reg, "m0", 16 * MIB, 512, None));
-        let s = block_on(lvs(&m, "m0", "lvs"));
-        let v = block_on(m.create_lvol(&s, "v", 4 * u64::from(CLUSTER), false, Default::default()))
-            .unwrap();
+        block_on(malloc(&reg, "m0", 16 * MIB, 512));
+        let s = block_on(lvs(&m, "m0", "lvs", CLUSTER));
+        let v = block_on(thick_lvol(&m, &s, "v", 4 * u64::from(CLUSTER)));
         {
             let d = reg.open(v.unique_id(), true).unwrap();
-            block_on(write_at(&d, 0, &pattern(3, 4 * CLUSTER as usize))).unwrap();
+            block_on(write_at(&d, 0, &pattern(3, 0, 4 * CLUSTER as usize))).unwrap();
         }
         let snap = block_on(m.create_snapshot(&v, "snap")).unwrap();
         let (m1, m2, s1, s2) = (m.clone(), m.clone(), snap.clone(), snap.clone());
@@ -233,7 +224,7 @@ fn delete_racing_clone_and_two_decouples_racing() {
                 &[libc::ENOENT, libc::ENODEV, libc::EBUSY, libc::EINVAL],
             );
         }
-        let want = pattern(3, 4 * CLUSTER as usize);
+        let want = pattern(3, 0, 4 * CLUSTER as usize);
         for name in ["v", "c"] {
             if let Some(l) = s.lvol_by_name(name) {
                 let d = reg.open(l.unique_id(), false).unwrap();
@@ -263,7 +254,6 @@ fn delete_racing_clone_and_two_decouples_racing() {
             let d = reg.open(l.unique_id(), false).unwrap();
             assert_eq!(block_on(read_at(&d, 0, want.len())).unwrap(), want);
         }
-        let rep = block_on(blobstore::inspect::check(s.blobstore().device())).unwrap();
-        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        block_on(assert_consistent(&s));
     });
 }

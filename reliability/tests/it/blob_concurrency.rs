@@ -3,15 +3,13 @@
 //! on a thread pool. Each operation succeeds or fails with a clear errno; nothing panics or
 //! hangs (every test runs under a timeout) and no data is lost.
 
-mod common;
-
 use std::sync::Arc;
 
 use blobstore::testing::MemBsDev;
 use blobstore::{inspect, BlobId, BlobOpts, Blobstore, BsDev, BsOpts, IoBuf};
-use common::with_timeout;
 use futures::executor::block_on;
 use futures::task::SpawnExt;
+use test_support::prelude::*;
 
 const BLK: usize = 4096;
 const CLUSTER: usize = 16384;
@@ -31,12 +29,12 @@ async fn store() -> (Arc<MemBsDev>, Blobstore) {
     (dev, bs)
 }
 
-async fn read_all(bs: &Blobstore, id: BlobId) -> Vec<u8> {
-    let b = bs.open_blob(id).await.unwrap();
-    let n = b.num_io_units() as usize * BLK;
-    let d = b.read(0, IoBuf::new(n, BLK)).await.unwrap().to_vec();
-    b.close().await.unwrap();
-    d
+/// A thick blob of `clusters` clusters filled with `byte`, and a snapshot of it.
+async fn snapshotted_blob(bs: &Blobstore, clusters: u64, byte: u8) -> (BlobId, BlobId) {
+    let id = new_blob(bs, clusters, false).await;
+    let data = vec![byte; clusters as usize * CLUSTER];
+    write_blob(bs, id, 0, &data).await.unwrap();
+    (id, bs.create_snapshot(id, vec![]).await.unwrap())
 }
 
 async fn consistent(dev: &Arc<MemBsDev>, bs: &Blobstore) {
@@ -67,14 +65,7 @@ fn io_while_the_blob_is_snapshotted() {
     with_timeout(60, || {
         block_on(async {
             let (dev, bs) = store().await;
-            let id = bs
-                .create_blob(BlobOpts {
-                    num_clusters: 4,
-                    thin: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let id = new_blob(&bs, 4, true).await;
             let b = bs.open_blob(id).await.unwrap();
             let writes = async {
                 for i in 0..16u64 {
@@ -93,7 +84,7 @@ fn io_while_the_blob_is_snapshotted() {
             let ((), snaps) = futures::join!(writes, snaps);
             b.close().await.unwrap();
             // Every acknowledged write is in the blob.
-            let d = read_all(&bs, id).await;
+            let d = read_blob(&bs, id).await;
             for i in 0..16usize {
                 assert!(
                     d[i * BLK..(i + 1) * BLK].iter().all(|&x| x == i as u8 + 1),
@@ -102,7 +93,7 @@ fn io_while_the_blob_is_snapshotted() {
             }
             // Each snapshot holds, per block, the old (zero) or the new data.
             for s in snaps {
-                let d = read_all(&bs, s).await;
+                let d = read_blob(&bs, s).await;
                 for i in 0..16usize {
                     let blk = &d[i * BLK..(i + 1) * BLK];
                     assert!(blk.iter().all(|&x| x == 0) || blk.iter().all(|&x| x == i as u8 + 1));
@@ -118,19 +109,7 @@ fn two_decouples_at_once() {
     with_timeout(60, || {
         block_on(async {
             let (dev, bs) = store().await;
-            let id = bs
-                .create_blob(BlobOpts {
-                    num_clusters: 4,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            let b = bs.open_blob(id).await.unwrap();
-            b.write(0, IoBuf::from_slice(&vec![5; 4 * CLUSTER], BLK))
-                .await
-                .unwrap();
-            b.close().await.unwrap();
-            let s = bs.create_snapshot(id, vec![]).await.unwrap();
+            let (_, s) = snapshotted_blob(&bs, 4, 5).await;
             let c = bs.create_clone(s, vec![]).await.unwrap();
             let (r1, r2) = futures::join!(bs.decouple_parent(c), bs.decouple_parent(c));
             let oks = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
@@ -140,7 +119,7 @@ fn two_decouples_at_once() {
                 }
             }
             assert!(oks >= 1, "{r1:?} {r2:?}");
-            assert_eq!(read_all(&bs, c).await, vec![5; 4 * CLUSTER]);
+            assert_eq!(read_blob(&bs, c).await, vec![5; 4 * CLUSTER]);
             assert!(bs.clones_of(s).iter().all(|&x| x != c));
             consistent(&dev, &bs).await;
         })
@@ -152,34 +131,22 @@ fn delete_while_a_clone_is_made() {
     with_timeout(60, || {
         block_on(async {
             let (dev, bs) = store().await;
-            let id = bs
-                .create_blob(BlobOpts {
-                    num_clusters: 2,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            let b = bs.open_blob(id).await.unwrap();
-            b.write(0, IoBuf::from_slice(&vec![7; 2 * CLUSTER], BLK))
-                .await
-                .unwrap();
-            b.close().await.unwrap();
-            let s = bs.create_snapshot(id, vec![]).await.unwrap();
+            let (id, s) = snapshotted_blob(&bs, 2, 7).await;
             let (clone, del) = futures::join!(bs.create_clone(s, vec![]), bs.delete_blob(s));
             match (&clone, &del) {
                 (Ok(c), Err(e)) => {
                     allowed(e, &[libc::EBUSY, libc::EPERM]);
-                    assert_eq!(read_all(&bs, *c).await, vec![7; 2 * CLUSTER]);
+                    assert_eq!(read_blob(&bs, *c).await, vec![7; 2 * CLUSTER]);
                 }
                 (Err(e), Ok(())) => allowed(e, &[libc::ENOENT, libc::EBUSY]),
                 (Ok(c), Ok(())) => {
                     // The delete merged the snapshot into its (then single) clone: both the
                     // original and the new clone still read the data.
-                    assert_eq!(read_all(&bs, *c).await, vec![7; 2 * CLUSTER]);
+                    assert_eq!(read_blob(&bs, *c).await, vec![7; 2 * CLUSTER]);
                 }
                 (Err(a), Err(b)) => panic!("both failed: {a} / {b}"),
             }
-            assert_eq!(read_all(&bs, id).await, vec![7; 2 * CLUSTER]);
+            assert_eq!(read_blob(&bs, id).await, vec![7; 2 * CLUSTER]);
             consistent(&dev, &bs).await;
         })
     });
@@ -304,14 +271,7 @@ fn unload_with_io_in_flight() {
     with_timeout(60, || {
         block_on(async {
             let (dev, bs) = store().await;
-            let id = bs
-                .create_blob(BlobOpts {
-                    num_clusters: 4,
-                    thin: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let id = new_blob(&bs, 4, true).await;
             let b = bs.open_blob(id).await.unwrap();
             let writes = async {
                 let mut ok = Vec::new();
@@ -332,7 +292,7 @@ fn unload_with_io_in_flight() {
             b.close().await.unwrap();
             bs.unload().await.unwrap();
             let bs = Blobstore::load(dev.clone(), opts()).await.unwrap();
-            let d = read_all(&bs, id).await;
+            let d = read_blob(&bs, id).await;
             for i in ok {
                 let i = i as usize;
                 assert!(d[i * BLK..(i + 1) * BLK].iter().all(|&x| x == i as u8 + 1));
@@ -352,15 +312,7 @@ fn many_writers_and_snapshots_on_a_thread_pool() {
         let ids: Vec<BlobId> = block_on(async {
             let mut v = Vec::new();
             for _ in 0..4 {
-                v.push(
-                    bs.create_blob(BlobOpts {
-                        num_clusters: 4,
-                        thin: true,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap(),
-                );
+                v.push(new_blob(&bs, 4, true).await);
             }
             v
         });
@@ -389,7 +341,7 @@ fn many_writers_and_snapshots_on_a_thread_pool() {
         block_on(futures::future::join_all(handles));
         block_on(async {
             for (n, &id) in ids.iter().enumerate() {
-                let d = read_all(&bs, id).await;
+                let d = read_blob(&bs, id).await;
                 for i in 0..16usize {
                     assert!(d[i * BLK..(i + 1) * BLK]
                         .iter()

@@ -4,8 +4,11 @@
 //! as zeroes (thin, no parent) or as the parent's data.
 
 use blobstore::testing::{Fault, MemBsDev};
+use std::sync::Arc;
+
 use blobstore::{BlobId, BlobOpts, Blobstore, BsOpts, ClearMethod, IoBuf};
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const BLK: usize = 4096;
 const CLUSTER: usize = 16384;
@@ -29,42 +32,36 @@ fn holds_secret(d: &[u8]) -> bool {
     d.windows(6).any(|w| w == b"SECRET")
 }
 
-async fn write(bs: &Blobstore, id: BlobId, off: u64, data: &[u8]) -> blobstore::Result<()> {
-    let b = bs.open_blob(id).await?;
-    let r = b.write(off, IoBuf::from_slice(data, BLK)).await.map(|_| ());
-    b.close().await?;
-    r
+/// A store on a new 1 MiB device, with the store-wide clear method `clear`.
+async fn store(clear: ClearMethod) -> (Arc<MemBsDev>, Blobstore) {
+    let dev = MemBsDev::new(BLK as u32, 256);
+    let o = BsOpts {
+        cluster_size: CLUSTER as u32,
+        clear_method: clear,
+        ..Default::default()
+    };
+    let bs = Blobstore::init(dev.clone(), o).await.unwrap();
+    (dev, bs)
 }
 
-async fn read_all(bs: &Blobstore, id: BlobId) -> Vec<u8> {
-    let b = bs.open_blob(id).await.unwrap();
-    let n = b.num_io_units() as usize * BLK;
-    let d = b.read(0, IoBuf::new(n, BLK)).await.unwrap().to_vec();
-    b.close().await.unwrap();
-    d
+/// A blob of `clusters` clusters with its own clear method.
+async fn blob_with(bs: &Blobstore, clusters: u64, thin: bool, clear: ClearMethod) -> BlobId {
+    let o = BlobOpts {
+        num_clusters: clusters,
+        thin,
+        clear_method: clear,
+        ..Default::default()
+    };
+    bs.create_blob(o).await.unwrap()
 }
 
 /// Fills the whole data region with the secret through blob A, frees A (delete or shrink),
 /// then allocates in a new thin blob B one block per cluster and checks every byte of B.
 async fn case(store_cm: ClearMethod, blob_cm: ClearMethod, thick: bool, shrink: bool) {
-    let dev = MemBsDev::new(BLK as u32, 256);
-    let o = BsOpts {
-        cluster_size: CLUSTER as u32,
-        clear_method: store_cm,
-        ..Default::default()
-    };
-    let bs = Blobstore::init(dev.clone(), o).await.unwrap();
+    let (dev, bs) = store(store_cm).await;
     let n = bs.free_clusters();
-    let a = bs
-        .create_blob(BlobOpts {
-            num_clusters: n,
-            thin: !thick,
-            clear_method: blob_cm,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    write(&bs, a, 0, &secret(n as usize * CLUSTER))
+    let a = blob_with(&bs, n, !thick, blob_cm).await;
+    write_blob(&bs, a, 0, &secret(n as usize * CLUSTER))
         .await
         .unwrap();
     assert_eq!(bs.free_clusters(), 0);
@@ -78,20 +75,13 @@ async fn case(store_cm: ClearMethod, blob_cm: ClearMethod, thick: bool, shrink: 
     }
     let free = bs.free_clusters();
     assert!(free >= n - 1, "{free} of {n} clusters freed");
-    let b = bs
-        .create_blob(BlobOpts {
-            num_clusters: free,
-            thin: true,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let b = new_blob(&bs, free, true).await;
     // One block in the middle of every cluster: the rest of each cluster is uncovered.
     for c in 0..free {
-        write(&bs, b, c * LPC + 1, &[0xab; BLK]).await.unwrap();
+        write_blob(&bs, b, c * LPC + 1, &[0xab; BLK]).await.unwrap();
     }
     assert_eq!(bs.free_clusters(), 0, "every freed cluster was reused");
-    let d = read_all(&bs, b).await;
+    let d = read_blob(&bs, b).await;
     for (i, blk) in d.chunks(BLK).enumerate() {
         let want = if i as u64 % LPC == 1 { 0xab } else { 0 };
         assert!(
@@ -103,7 +93,7 @@ async fn case(store_cm: ClearMethod, blob_cm: ClearMethod, thick: bool, shrink: 
     bs.unload().await.unwrap();
     // And the same after a reload.
     let bs = Blobstore::load(dev, BsOpts::default()).await.unwrap();
-    assert!(!holds_secret(&read_all(&bs, b).await));
+    assert!(!holds_secret(&read_blob(&bs, b).await));
 }
 
 #[test]
@@ -133,43 +123,26 @@ fn thin_allocation_never_shows_a_shrunk_volumes_bytes() {
 #[test]
 fn uncovered_part_of_a_clone_cluster_reads_the_parent() {
     block_on(async {
-        let dev = MemBsDev::new(BLK as u32, 256);
-        let o = BsOpts {
-            cluster_size: CLUSTER as u32,
-            clear_method: ClearMethod::None,
-            ..Default::default()
-        };
-        let bs = Blobstore::init(dev, o).await.unwrap();
+        let (_, bs) = store(ClearMethod::None).await;
         // Leave secrets in freed clusters first.
-        let junk = bs
-            .create_blob(BlobOpts {
-                num_clusters: 8,
-                clear_method: ClearMethod::None,
-                ..Default::default()
-            })
+        let junk = blob_with(&bs, 8, false, ClearMethod::None).await;
+        write_blob(&bs, junk, 0, &secret(8 * CLUSTER))
             .await
             .unwrap();
-        write(&bs, junk, 0, &secret(8 * CLUSTER)).await.unwrap();
         bs.delete_blob(junk).await.unwrap();
-        let v = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let v = new_blob(&bs, 2, false).await;
         let parent_data: Vec<u8> = (0..2 * CLUSTER).map(|i| (i / BLK) as u8 + 1).collect();
-        write(&bs, v, 0, &parent_data).await.unwrap();
+        write_blob(&bs, v, 0, &parent_data).await.unwrap();
         let s = bs.create_snapshot(v, vec![]).await.unwrap();
         let c = bs.create_clone(s, vec![]).await.unwrap();
-        write(&bs, c, 2, &[0xcd; BLK]).await.unwrap();
-        write(&bs, v, LPC + 3, &[0xef; BLK]).await.unwrap();
+        write_blob(&bs, c, 2, &[0xcd; BLK]).await.unwrap();
+        write_blob(&bs, v, LPC + 3, &[0xef; BLK]).await.unwrap();
         let mut want_c = parent_data.clone();
         want_c[2 * BLK..3 * BLK].fill(0xcd);
-        assert_eq!(read_all(&bs, c).await, want_c);
+        assert_eq!(read_blob(&bs, c).await, want_c);
         let mut want_v = parent_data.clone();
         want_v[(LPC as usize + 3) * BLK..(LPC as usize + 4) * BLK].fill(0xef);
-        assert_eq!(read_all(&bs, v).await, want_v);
+        assert_eq!(read_blob(&bs, v).await, want_v);
     });
 }
 
@@ -186,21 +159,8 @@ fn thick_grow_after_a_power_cut_does_not_show_lost_bytes() {
         };
         let dev2 = MemBsDev::new(BLK as u32, 256);
         let bs = Blobstore::init(dev2.clone(), o()).await.unwrap();
-        let thick2 = bs
-            .create_blob(BlobOpts {
-                num_clusters: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let thin2 = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let thick2 = new_blob(&bs, 1, false).await;
+        let thin2 = new_blob(&bs, 2, true).await;
         bs.unload().await.unwrap();
         let bs = Blobstore::load(dev2.clone(), o()).await.unwrap();
         let b = bs.open_blob(thin2).await.unwrap();
@@ -231,20 +191,14 @@ fn thick_grow_after_a_power_cut_does_not_show_lost_bytes() {
             g.resize(2).await.unwrap();
             g.sync_md().await.unwrap();
             g.close().await.unwrap();
-            let d = read_all(&bs4, thick2).await;
+            let d = read_blob(&bs4, thick2).await;
             assert!(
                 !holds_secret(&d),
                 "cut after {k} writes: a thick grow reads bytes of a write lost in the power cut"
             );
-            let c = bs4
-                .create_blob(BlobOpts {
-                    num_clusters: 4,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let c = new_blob(&bs4, 4, false).await;
             assert!(
-                !holds_secret(&read_all(&bs4, c).await),
+                !holds_secret(&read_blob(&bs4, c).await),
                 "thick create reads lost bytes"
             );
         }
@@ -261,46 +215,21 @@ fn thick_allocation_never_shows_a_deleted_volumes_bytes() {
         let mut bad = Vec::new();
         for store_cm in METHODS {
             for blob_cm in METHODS {
-                let dev = MemBsDev::new(BLK as u32, 256);
-                let o = BsOpts {
-                    cluster_size: CLUSTER as u32,
-                    clear_method: store_cm,
-                    ..Default::default()
-                };
-                let bs = Blobstore::init(dev.clone(), o).await.unwrap();
+                let (_, bs) = store(store_cm).await;
                 let n = bs.free_clusters();
-                let a = bs
-                    .create_blob(BlobOpts {
-                        num_clusters: n,
-                        clear_method: blob_cm,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
-                write(&bs, a, 0, &secret(n as usize * CLUSTER))
+                let a = blob_with(&bs, n, false, blob_cm).await;
+                write_blob(&bs, a, 0, &secret(n as usize * CLUSTER))
                     .await
                     .unwrap();
                 bs.delete_blob(a).await.unwrap();
-                let c = bs
-                    .create_blob(BlobOpts {
-                        num_clusters: n / 2,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
-                let t = bs
-                    .create_blob(BlobOpts {
-                        num_clusters: 1,
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
+                let c = new_blob(&bs, n / 2, false).await;
+                let t = new_blob(&bs, 1, false).await;
                 let b = bs.open_blob(t).await.unwrap();
                 b.resize(n - n / 2).await.unwrap();
                 b.sync_md().await.unwrap();
                 b.close().await.unwrap();
                 for (what, id) in [("thick create", c), ("thick grow", t)] {
-                    if holds_secret(&read_all(&bs, id).await) {
+                    if holds_secret(&read_blob(&bs, id).await) {
                         bad.push(format!("store {store_cm:?} blob {blob_cm:?}: {what}"));
                     }
                 }

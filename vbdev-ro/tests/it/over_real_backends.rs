@@ -1,12 +1,10 @@
 //! vbdev-ro over the real backends: malloc, aio with the thread pool, aio with io_uring (when
 //! the kernel allows it) and aio with O_DIRECT.
 
-mod common;
-
+use crate::common::{base_removal_with_reads_in_flight, stamp_base, within};
 use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{BdevEvent, BlockDevice, IoBuf, Registry};
-use common::{base_removal_with_reads_in_flight, stamp_base, within};
 use futures::executor::block_on;
 use futures::stream::StreamExt;
 use vbdev_ro::{create, RoOpts};

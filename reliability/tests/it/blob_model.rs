@@ -272,6 +272,17 @@ enum Expect {
     Maybe(Model, &'static str),
 }
 
+impl Expect {
+    /// `Ok(m)`, or `Maybe(m, why)` when the operation may run out of space (`tight`).
+    fn unless_out_of_space(m: Model, tight: bool, why: &'static str) -> Expect {
+        if tight {
+            Expect::Maybe(m, why)
+        } else {
+            Expect::Ok(m)
+        }
+    }
+}
+
 /// A resolved operation: concrete targets and what to run.
 #[derive(Clone, Debug)]
 enum Real {
@@ -388,6 +399,31 @@ impl World {
         format!("{what}{}", self.serial)
     }
 
+    /// The blocks `block..block + len` of volume `id`, wrapped and clamped to its size, and
+    /// the model once the clusters they touch are allocated (filled from the parent chain),
+    /// with the number of clusters allocated; `None` when a fill needs the missing base.
+    fn allocate(
+        &self,
+        m: &Model,
+        id: BlobId,
+        block: u8,
+        len: u8,
+    ) -> Option<(Model, usize, usize, usize)> {
+        let total = m.vols[&id].clusters.len() * LPC;
+        let off = usize::from(block) % total;
+        let len = usize::from(len).min(total - off);
+        let mut m2 = m.clone();
+        let mut allocs = 0;
+        for c in off / LPC..=(off + len - 1) / LPC {
+            if m2.vols[&id].clusters[c].is_none() {
+                let d = resolve(m, &self.base, id, c)?;
+                allocs += 1;
+                m2.vols.get_mut(&id).unwrap().clusters[c] = Some(d);
+            }
+        }
+        Some((m2, off, len, allocs))
+    }
+
     /// Turns a random op into concrete targets and the model's expectation.
     fn plan(&mut self, op: &Op) -> (Real, Expect) {
         let m = self.model.clone();
@@ -441,20 +477,10 @@ impl World {
                 let Some(id) = pick(&writable(&m), vol) else {
                     return skip;
                 };
-                let total = m.vols[&id].clusters.len() * LPC;
-                let off = usize::from(block) % total;
-                let len = usize::from(len).min(total - off);
-                let mut m2 = m.clone();
-                let mut allocs = 0;
-                for c in off / LPC..=(off + len - 1) / LPC {
-                    if m2.vols[&id].clusters[c].is_none() {
-                        let Some(d) = resolve(&m, &self.base, id, c) else {
-                            return skip; // needs the missing base: the degraded tests cover it
-                        };
-                        allocs += 1;
-                        m2.vols.get_mut(&id).unwrap().clusters[c] = Some(d);
-                    }
-                }
+                // A copy that needs the missing base is skipped: the degraded tests cover it.
+                let Some((mut m2, off, len, allocs)) = self.allocate(&m, id, block, len) else {
+                    return skip;
+                };
                 let mut data = vec![byte; len * BLK];
                 for (i, b) in data.chunks_mut(BLK).enumerate() {
                     b[..8]
@@ -467,11 +493,11 @@ impl World {
                         .unwrap();
                     cl[(blk % LPC) * BLK..(blk % LPC + 1) * BLK].copy_from_slice(b);
                 }
-                let e = if allocs > free {
-                    Expect::Maybe(m2, "thin write without free clusters")
-                } else {
-                    Expect::Ok(m2)
-                };
+                let e = Expect::unless_out_of_space(
+                    m2,
+                    allocs > free,
+                    "thin write without free clusters",
+                );
                 (
                     Real::Write {
                         id,
@@ -485,20 +511,10 @@ impl World {
                 let Some(id) = pick(&writable(&m), vol) else {
                     return skip;
                 };
-                let total = m.vols[&id].clusters.len() * LPC;
-                let off = usize::from(block) % total;
-                let len = usize::from(len).min(total - off);
-                let mut m2 = m.clone();
-                let mut allocs = 0;
-                for c in off / LPC..=(off + len - 1) / LPC {
-                    if m2.vols[&id].clusters[c].is_none() {
-                        let Some(d) = resolve(&m, &self.base, id, c) else {
-                            return skip;
-                        };
-                        allocs += 1;
-                        m2.vols.get_mut(&id).unwrap().clusters[c] = Some(d);
-                    }
-                }
+                // A copy that needs the missing base is skipped: the degraded tests cover it.
+                let Some((mut m2, off, len, allocs)) = self.allocate(&m, id, block, len) else {
+                    return skip;
+                };
                 for blk in off..off + len {
                     let cl = m2.vols.get_mut(&id).unwrap().clusters[blk / LPC]
                         .as_mut()
@@ -507,11 +523,11 @@ impl World {
                 }
                 // Whether write_zeroes allocates is the store's choice; `step` takes the
                 // allocation from the store and checks the bytes.
-                let e = if allocs > free {
-                    Expect::Maybe(m2, "write_zeroes without free clusters")
-                } else {
-                    Expect::Ok(m2)
-                };
+                let e = Expect::unless_out_of_space(
+                    m2,
+                    allocs > free,
+                    "write_zeroes without free clusters",
+                );
                 (
                     Real::WriteZeroes {
                         id,
