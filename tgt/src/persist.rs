@@ -136,7 +136,8 @@ impl Persist {
         };
         let doc: Value =
             serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", self.path.display()))?;
-        let list = crate::config::entries(&doc).map_err(|e| e.to_string())?;
+        let known: Vec<&str> = crate::framework::SUBSYSTEMS.iter().map(|s| s.0).collect();
+        let list = bdev_core::config::entries(&doc, &known).map_err(|e| e.to_string())?;
         let mut failed = 0;
         for (method, params) in list {
             if let Err(e) = target.call(&method, params).await {

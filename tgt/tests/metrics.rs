@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use tgt::nbd::proto;
+use nbd_proto as proto;
 
 const ESNAP_UUID: &str = "7d2f8f34-3a1c-4d4e-9c55-0b8f6d1e2a01";
 
