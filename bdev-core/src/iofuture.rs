@@ -192,7 +192,7 @@ impl<'a, T> IoFuture<'a, T> {
                     _life: PhantomData,
                 }),
                 inflight: None,
-            recorder: None,
+                recorder: None,
                 _pin: PhantomPinned,
             };
         }

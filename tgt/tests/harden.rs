@@ -785,7 +785,11 @@ fn a_new_thick_lvol_never_shows_a_freed_lvols_bytes() {
         let nbd = sub.join("nbd.sock");
         t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
         t.ok(&["nbd_export_add", &a, "-n", "a"]);
-        qemu_io_ok(&tools, &nbd_uri("a", &nbd), &["write -P 0xcc 0 64M", "flush"]);
+        qemu_io_ok(
+            &tools,
+            &nbd_uri("a", &nbd),
+            &["write -P 0xcc 0 64M", "flush"],
+        );
         t.ok(&["nbd_export_remove", "a"]);
         if shrink {
             t.ok(&["bdev_lvol_resize", "lvsL/A", "16"]);
@@ -804,8 +808,7 @@ fn a_new_thick_lvol_never_shows_a_freed_lvols_bytes() {
         if shrink {
             // What A kept is still A's.
             t.ok(&["nbd_export_add", &a, "-n", "a2"]);
-            let (kept, text) =
-                qemu_io(&tools, &nbd_uri("a2", &nbd), true, &["read -P 0xcc 0 16M"]);
+            let (kept, text) = qemu_io(&tools, &nbd_uri("a2", &nbd), true, &["read -P 0xcc 0 16M"]);
             assert!(kept, "A lost its first 16 MiB: {text}");
         }
         assert_eq!(t.stop(), 0);

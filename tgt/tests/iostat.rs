@@ -5,8 +5,8 @@ mod common;
 
 use base64::Engine;
 use common::*;
-use serde_json::{json, Value};
 use nbd_proto as proto;
+use serde_json::{json, Value};
 
 const READS: u64 = 37;
 const WRITES: u64 = 23;

@@ -10,8 +10,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
 use nbd_proto as proto;
+use serde_json::Value;
 
 const ESNAP_UUID: &str = "7d2f8f34-3a1c-4d4e-9c55-0b8f6d1e2a01";
 
