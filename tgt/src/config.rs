@@ -74,3 +74,85 @@ pub async fn replay_file(
     let doc = bdev_core::config::read_file(path)?;
     replay(target, &doc, ignore_errors).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev_core::backend::malloc::MallocBdev;
+    use bdev_core::backend::null::NullBdev;
+
+    /// A device that writes no config entry (as an lvol bdev: examine brings it back).
+    struct Examined(Arc<NullBdev>);
+
+    #[async_trait::async_trait]
+    impl BlockDevice for Examined {
+        fn name(&self) -> &str {
+            "examined"
+        }
+        fn product_name(&self) -> &str {
+            "Examined"
+        }
+        fn module_name(&self) -> &str {
+            "examined"
+        }
+        fn uuid(&self) -> uuid::Uuid {
+            self.0.uuid()
+        }
+        fn block_len(&self) -> u32 {
+            self.0.block_len()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.0.num_blocks()
+        }
+        fn io_type_supported(&self, t: bdev_core::IoType) -> bool {
+            self.0.io_type_supported(t)
+        }
+        async fn read(&self, o: u64, b: iobuf::IoBuf) -> bdev_core::Result<iobuf::IoBuf> {
+            self.0.read(o, b).await
+        }
+        async fn write(&self, o: u64, b: iobuf::IoBuf) -> bdev_core::Result<iobuf::IoBuf> {
+            self.0.write(o, b).await
+        }
+        async fn flush(&self) -> bdev_core::Result<()> {
+            Ok(())
+        }
+        async fn unmap(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
+            Ok(())
+        }
+        fn write_config(&self) -> Option<Value> {
+            None
+        }
+    }
+
+    #[test]
+    fn bdev_config_is_a_function_of_the_devices() {
+        let m0: Arc<dyn BlockDevice> = MallocBdev::create("M0", 8, 512, None).unwrap();
+        let ex: Arc<dyn BlockDevice> =
+            Arc::new(Examined(NullBdev::create("n", 8, 512, None).unwrap()));
+        let m1: Arc<dyn BlockDevice> = MallocBdev::create("M1", 8, 512, None).unwrap();
+        let extra = vec![json!({"method": "extra"})];
+        let cfg = bdev_config(&[m0.clone(), ex.clone(), m1.clone()], extra.clone());
+        let methods: Vec<&str> = cfg.iter().map(|e| e["method"].as_str().unwrap()).collect();
+        // A device after one that examine brings back waits for the tasting.
+        assert_eq!(
+            methods,
+            [
+                "bdev_set_options",
+                "extra",
+                "bdev_malloc_create",
+                "bdev_wait_for_examine",
+                "bdev_malloc_create",
+                "bdev_wait_for_examine"
+            ]
+        );
+        assert_eq!(cfg[2]["params"]["name"], json!("M0"));
+        assert_eq!(cfg[4]["params"]["name"], json!("M1"));
+        // The same devices give the same config.
+        assert_eq!(bdev_config(&[m0, ex, m1], extra), cfg);
+        let empty = bdev_config(&[], Vec::new());
+        assert_eq!(empty.len(), 2);
+    }
+}
