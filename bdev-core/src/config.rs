@@ -280,6 +280,12 @@ impl RpcModule for BdevLayerRpc {
         vec!["bdev_set_options", "bdev_wait_for_examine"]
     }
 
+    /// `bdev_set_options` also runs before init, so that `spdk-rpc load_config` against a
+    /// running target and a `--wait-for-rpc` start both replay it.
+    fn startup_methods(&self) -> Vec<&'static str> {
+        vec!["bdev_set_options"]
+    }
+
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         match method {
             "bdev_set_options" => {

@@ -126,6 +126,11 @@ pub struct NameOnly {
 pub trait RpcModule: Send + Sync + 'static {
     /// The method names this module serves.
     fn methods(&self) -> Vec<&'static str>;
+    /// Those of [`RpcModule::methods`] that may also run before the application is
+    /// initialised (SPDK's `SPDK_RPC_STARTUP | SPDK_RPC_RUNTIME`); the others run only after.
+    fn startup_methods(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
     /// Runs one method. `params` is the request's `params` member, if any.
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError>;
 }

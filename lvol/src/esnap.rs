@@ -4,84 +4,23 @@
 //!
 //! One base bdev is opened (read-only, claim `read_many_write_none`) at most once per store,
 //! however many blobs use it. The map is keyed by the esnap id bytes (the base's UUID string
-//! plus NUL) and remembers which blobs currently hold the base as their back device.
+//! plus NUL) and remembers which blobs currently hold the base as their back device: each
+//! holder is kept as a weak [`EsnapHolder`] (an lvol), which is all a removal or a heal
+//! needs, so this file knows neither the store nor the lvol type.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bdev_core::{BdevEvent, ClaimType, Registry};
-use blobstore::{BlobId, BsDev, BsError, EsnapDevFactory};
+use blobstore::{Blob, BlobId, BsDev, BsError, EsnapDevFactory};
 use futures::channel::oneshot;
 use futures::StreamExt;
 use iobuf::IoBuf;
 use uuid::Uuid;
 
 use crate::bs_dev::BdevBsDev;
-use crate::store::LvolStore;
-
-/// Default number of retries of an I/O that needs a missing external snapshot.
-pub const DEFAULT_ESNAP_RETRIES: u32 = 3;
-/// Default delay between two such retries, in milliseconds.
-pub const DEFAULT_ESNAP_RETRY_DELAY_MS: u64 = 100;
-
-/// How I/O that needs a missing external snapshot is retried before it fails with EIO.
-#[derive(Debug)]
-pub struct EsnapRetry {
-    retries: AtomicU32,
-    delay_ms: AtomicU64,
-    /// Retries done so far (metrics).
-    retried: AtomicU64,
-    /// Requests that failed with EIO after their retries (metrics).
-    gave_up: AtomicU64,
-}
-
-impl Default for EsnapRetry {
-    fn default() -> Self {
-        EsnapRetry {
-            retries: AtomicU32::new(DEFAULT_ESNAP_RETRIES),
-            delay_ms: AtomicU64::new(DEFAULT_ESNAP_RETRY_DELAY_MS),
-            retried: AtomicU64::new(0),
-            gave_up: AtomicU64::new(0),
-        }
-    }
-}
-
-impl EsnapRetry {
-    /// Number of retries after the first failure.
-    pub fn retries(&self) -> u32 {
-        self.retries.load(Ordering::Relaxed)
-    }
-    /// Delay between retries.
-    pub fn delay(&self) -> Duration {
-        Duration::from_millis(self.delay_ms.load(Ordering::Relaxed))
-    }
-    /// Counts one retry.
-    pub fn note_retry(&self) {
-        self.retried.fetch_add(1, Ordering::Relaxed);
-    }
-    /// Counts one request failed with EIO after its retries.
-    pub fn note_eio(&self) {
-        self.gave_up.fetch_add(1, Ordering::Relaxed);
-    }
-    /// (retries done, requests failed with EIO) since start.
-    pub fn counts(&self) -> (u64, u64) {
-        (
-            self.retried.load(Ordering::Relaxed),
-            self.gave_up.load(Ordering::Relaxed),
-        )
-    }
-    /// Sets both values.
-    pub fn set(&self, retries: u32, delay: Duration) {
-        self.retries.store(retries, Ordering::Relaxed);
-        self.delay_ms.store(
-            delay.as_millis().min(u128::from(u64::MAX)) as u64,
-            Ordering::Relaxed,
-        );
-    }
-}
 
 /// The device that stands in for a missing external snapshot: every read fails with EIO, it
 /// is never zeroes and it reports itself degraded.
@@ -144,12 +83,25 @@ pub fn esnap_id_name(id: &[u8]) -> Option<String> {
     std::str::from_utf8(&id[..nul]).ok().map(str::to_string)
 }
 
+/// What the esnap state needs of a blob whose back device is an external snapshot: the open
+/// blob (to swap its back device) and a name for logs. An lvol is one.
+pub(crate) trait EsnapHolder: Send + Sync {
+    /// The open blob.
+    fn holder_blob(&self) -> &Blob;
+    /// Name for logs.
+    fn holder_name(&self) -> String;
+}
+
+/// The holders of one external snapshot: blob id to the holder, `None` between the blob's
+/// open (the factory call) and the store's next [`EsnapCtx::refresh_holders`].
+pub(crate) type Holders = BTreeMap<BlobId, Option<Weak<dyn EsnapHolder>>>;
+
 #[derive(Default)]
 pub(crate) struct EsnapEntry {
     /// The open base, `None` while it is missing.
     pub(crate) dev: Option<Arc<BdevBsDev>>,
     /// Blobs whose back device is this external snapshot.
-    pub(crate) holders: BTreeSet<BlobId>,
+    pub(crate) holders: Holders,
     stop: Option<oneshot::Sender<()>>,
 }
 
@@ -157,7 +109,6 @@ pub(crate) struct EsnapEntry {
 pub(crate) struct EsnapCtx {
     registry: Registry,
     pub(crate) map: Mutex<BTreeMap<Vec<u8>, EsnapEntry>>,
-    pub(crate) store: Mutex<Weak<LvolStore>>,
     /// The store's io unit once known (0 before): a base whose block size does not divide it
     /// cannot serve the store and is treated as missing.
     pub(crate) io_unit: AtomicU32,
@@ -172,7 +123,6 @@ impl EsnapCtx {
         Arc::new(EsnapCtx {
             registry,
             map: Mutex::new(BTreeMap::new()),
-            store: Mutex::new(Weak::new()),
             io_unit: AtomicU32::new(0),
         })
     }
@@ -255,30 +205,47 @@ impl EsnapCtx {
             .unwrap_or(true)
     }
 
+    /// The live holders of `esnap_id`.
+    fn live_holders(&self, esnap_id: &[u8]) -> Vec<Arc<dyn EsnapHolder>> {
+        self.lock()
+            .get(esnap_id)
+            .map(|e| {
+                e.holders
+                    .values()
+                    .filter_map(|h| h.as_ref().and_then(Weak::upgrade))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Surprise removal of a base: every holder switches to the degraded device, then the
     /// descriptor is closed so the removal can complete.
     async fn base_removed(self: &Arc<Self>, esnap_id: &[u8], dev: &Arc<BdevBsDev>) {
-        let holders: Vec<BlobId> = {
+        let ours = {
             let mut map = self.lock();
             match map.get_mut(esnap_id) {
                 Some(e) if e.dev.as_ref().is_some_and(|d| Arc::ptr_eq(d, dev)) => {
                     e.dev = None;
                     e.stop = None;
-                    e.holders.iter().copied().collect()
+                    true
                 }
-                _ => Vec::new(),
+                _ => false,
             }
+        };
+        let holders = if ours {
+            self.live_holders(esnap_id)
+        } else {
+            Vec::new()
         };
         tracing::info!(target: "lvol", "external snapshot {:?} removed; {} holders degraded",
             esnap_id_name(esnap_id), holders.len());
-        let store = self.store.lock().ok().and_then(|s| s.upgrade());
-        if let Some(store) = store {
-            for id in holders {
-                if let Some(lvol) = store.lvol_by_blob(id) {
-                    if let Err(e) = lvol.blob().set_esnap_dev(Some(Arc::new(DegradedDev))).await {
-                        tracing::warn!(target: "lvol", "degrading blob {id:#x}: {e}");
-                    }
-                }
+        for h in holders {
+            if let Err(e) = h
+                .holder_blob()
+                .set_esnap_dev(Some(Arc::new(DegradedDev)))
+                .await
+            {
+                tracing::warn!(target: "lvol", "degrading {}: {e}", h.holder_name());
             }
         }
         dev.close();
@@ -287,18 +254,10 @@ impl EsnapCtx {
     /// Heals every degraded holder of `esnap_id` whose base is now available. Returns how many
     /// were healed; failures stay degraded and are retried next time.
     pub(crate) async fn heal(self: &Arc<Self>, esnap_id: &[u8]) -> usize {
-        let holders: Vec<BlobId> = match self.lock().get(esnap_id) {
-            Some(e) => e.holders.iter().copied().collect(),
-            None => return 0,
-        };
-        let store = match self.store.lock().ok().and_then(|s| s.upgrade()) {
-            Some(s) => s,
-            None => return 0,
-        };
-        let degraded: Vec<_> = holders
+        let degraded: Vec<_> = self
+            .live_holders(esnap_id)
             .into_iter()
-            .filter_map(|id| store.lvol_by_blob(id))
-            .filter(|l| l.blob().is_degraded())
+            .filter(|h| h.holder_blob().is_degraded())
             .collect();
         if degraded.is_empty() {
             return 0;
@@ -312,10 +271,10 @@ impl EsnapCtx {
             }
         };
         let mut healed = 0;
-        for lvol in degraded {
-            match lvol.blob().set_esnap_dev(Some(dev.clone())).await {
+        for h in degraded {
+            match h.holder_blob().set_esnap_dev(Some(dev.clone())).await {
                 Ok(()) => healed += 1,
-                Err(e) => tracing::warn!(target: "lvol", "healing {}: {e}", lvol.name()),
+                Err(e) => tracing::warn!(target: "lvol", "healing {}: {e}", h.holder_name()),
             }
         }
         healed
@@ -323,12 +282,16 @@ impl EsnapCtx {
 
     /// Re-computes holders from the store's blobs (after a snapshot, delete, inflate, ...), and
     /// closes bases nobody holds any more.
-    pub(crate) fn refresh_holders(&self, holders: BTreeMap<Vec<u8>, BTreeSet<BlobId>>) {
+    pub(crate) fn refresh_holders(
+        &self,
+        holders: BTreeMap<Vec<u8>, BTreeMap<BlobId, Weak<dyn EsnapHolder>>>,
+    ) {
         let mut to_close = Vec::new();
         {
             let mut map = self.lock();
             for (id, set) in &holders {
-                map.entry(id.clone()).or_default().holders = set.clone();
+                map.entry(id.clone()).or_default().holders =
+                    set.iter().map(|(b, h)| (*b, Some(h.clone()))).collect();
             }
             let gone: Vec<Vec<u8>> = map
                 .keys()
@@ -389,7 +352,8 @@ impl EsnapDevFactory for Factory {
             .entry(esnap_id.to_vec())
             .or_default()
             .holders
-            .insert(blob_id);
+            .entry(blob_id)
+            .or_insert(None);
         match self.0.get_or_open(esnap_id) {
             Ok(dev) => Ok(Some(dev as Arc<dyn BsDev>)),
             Err(e) => {
@@ -418,15 +382,5 @@ mod tests {
             Some("7e5a0000-e5a0-4e5a-8e5a-000000000001")
         );
         assert_eq!(esnap_id_name(b"abc"), None);
-    }
-
-    #[test]
-    fn retry_settings() {
-        let r = EsnapRetry::default();
-        assert_eq!(r.retries(), 3);
-        assert_eq!(r.delay(), Duration::from_millis(100));
-        r.set(5, Duration::from_millis(7));
-        assert_eq!(r.retries(), 5);
-        assert_eq!(r.delay(), Duration::from_millis(7));
     }
 }

@@ -20,7 +20,7 @@
 //! Degraded mode: an lvol that depends on a missing external snapshot keeps its bdev. Reads
 //! and writes of clusters it (or a snapshot below it) owns work; requests that need the base
 //! are retried [`DEFAULT_ESNAP_RETRIES`] times, [`DEFAULT_ESNAP_RETRY_DELAY_MS`] ms apart
-//! (see [`LvolModule::set_esnap_retry`]), then fail with EIO. When the base bdev is removed,
+//! (see [`LvolModule::set_esnap_retry`]; one loop applies it: `retry.rs`), then fail with EIO. When the base bdev is removed,
 //! its dependents switch to [`DegradedDev`] and the claim is released; when a bdev with the
 //! missing UUID is registered, they are healed in place.
 
@@ -29,15 +29,14 @@ mod error;
 mod esnap;
 mod lvol;
 mod module;
+mod retry;
 pub mod rpc;
 mod store;
 
 pub use bs_dev::BdevBsDev;
 pub use error::{LvolError, Result};
-pub use esnap::{
-    esnap_id_for, esnap_id_name, parse_esnap_id, DegradedDev, EsnapRetry, DEFAULT_ESNAP_RETRIES,
-    DEFAULT_ESNAP_RETRY_DELAY_MS,
-};
+pub use esnap::{esnap_id_for, esnap_id_name, parse_esnap_id, DegradedDev};
 pub use lvol::{Lvol, LvolBdev};
 pub use module::{LvolModule, LvsClearMethod, LvsOpts, ShallowCopyState, ShallowCopyStatus};
+pub use retry::{EsnapRetry, DEFAULT_ESNAP_RETRIES, DEFAULT_ESNAP_RETRY_DELAY_MS};
 pub use store::{LvolStore, DEFAULT_CLUSTER_SIZE, DEFAULT_MD_PAGES_RATIO, LVS_BSTYPE, NAME_MAX};

@@ -10,7 +10,8 @@ use iobuf::IoBuf;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::esnap::{esnap_id_name, EsnapRetry};
+use crate::esnap::esnap_id_name;
+use crate::retry::{self, EsnapRetry, GaveUp};
 use crate::store::LvolStore;
 
 /// A logical volume: one open blob of an lvol store, with a name and a UUID.
@@ -268,12 +269,21 @@ impl LvolBdev {
     /// Whether a failed request may be retried: it failed for want of a base and the lvol
     /// depends on an external snapshot.
     fn retryable(&self, e: &BsError) -> bool {
-        let errno = e.errno();
-        (errno == libc::EIO || errno == libc::ENODEV) && self.lvol.depends_on_esnap()
+        retry::is_missing_base(e) && self.lvol.depends_on_esnap()
     }
 
-    async fn pause(&self) {
-        futures_timer::Delay::new(self.retry.delay()).await;
+    /// Runs `op` under the degraded retry policy (`retry::retry`).
+    async fn with_retry<T, F, Fut>(&self, first: Option<BsError>, op: F) -> bdev_core::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = blobstore::Result<T>>,
+    {
+        retry::retry(&self.retry, |e| self.retryable(e), first, op)
+            .await
+            .map_err(|g| match g {
+                GaveUp::Failed(e) => to_bdev_err(e),
+                GaveUp::Exhausted => eio(),
+            })
     }
 
     fn all_allocated(&self, offset: u64, blocks: u64) -> bool {
@@ -295,50 +305,18 @@ impl LvolBdev {
         align: usize,
         first: BsError,
     ) -> bdev_core::Result<IoBuf> {
-        let mut err = first;
-        let mut attempt = 0;
-        loop {
-            if !self.retryable(&err) {
-                return Err(to_bdev_err(err));
-            }
-            if attempt >= self.retry.retries() {
-                self.retry.note_eio();
-                return Err(eio());
-            }
-            attempt += 1;
-            self.retry.note_retry();
-            self.pause().await;
-            match self
-                .lvol
-                .blob
-                .read(offset_blocks, IoBuf::new(len, align))
-                .await
-            {
-                Ok(b) => return Ok(b),
-                Err(e) => err = e,
-            }
-        }
+        self.with_retry(Some(first), || {
+            self.lvol.blob.read(offset_blocks, IoBuf::new(len, align))
+        })
+        .await
     }
 
     /// A write that may need a copy-on-write from a base that can go missing: the data is
     /// kept so the request can be retried.
     async fn write_retry(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
-        let mut attempt = 0;
-        loop {
-            match self.lvol.blob.write(offset_blocks, buf.clone()).await {
-                Ok(_) => return Ok(buf),
-                Err(e) if self.retryable(&e) => {
-                    if attempt >= self.retry.retries() {
-                        self.retry.note_eio();
-                        return Err(eio());
-                    }
-                    attempt += 1;
-                    self.retry.note_retry();
-                    self.pause().await;
-                }
-                Err(e) => return Err(to_bdev_err(e)),
-            }
-        }
+        self.with_retry(None, || self.lvol.blob.write(offset_blocks, buf.clone()))
+            .await?;
+        Ok(buf)
     }
 
     /// Runs a request without buffers with the degraded retry policy.
@@ -347,22 +325,7 @@ impl LvolBdev {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = blobstore::Result<()>>,
     {
-        let mut attempt = 0;
-        loop {
-            match f().await {
-                Ok(()) => return Ok(()),
-                Err(e) if self.retryable(&e) => {
-                    if attempt >= self.retry.retries() {
-                        self.retry.note_eio();
-                        return Err(eio());
-                    }
-                    attempt += 1;
-                    self.retry.note_retry();
-                    self.pause().await;
-                }
-                Err(e) => return Err(to_bdev_err(e)),
-            }
-        }
+        self.with_retry(None, f).await
     }
 }
 

@@ -20,8 +20,9 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use crate::bs_dev::BdevBsDev;
-use crate::esnap::{esnap_id_for, EsnapCtx, EsnapRetry, Factory};
+use crate::esnap::{esnap_id_for, EsnapCtx, Factory};
 use crate::lvol::{Lvol, LvolBdev};
+use crate::retry::EsnapRetry;
 use crate::store::{
     LvolMaps, LvolStore, DEFAULT_CLUSTER_SIZE, DEFAULT_MD_PAGES_RATIO, LVS_BSTYPE, NAME_MAX,
 };

@@ -2,7 +2,7 @@
 //! the lvols it holds, looked up by name and blob id in ordered maps.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use blobstore::{Blob, BlobId, Blobstore, Parent};
 use futures::channel::oneshot;
@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::bs_dev::BdevBsDev;
-use crate::esnap::EsnapCtx;
+use crate::esnap::{EsnapCtx, EsnapHolder};
 use crate::lvol::Lvol;
 
 /// The bstype of lvol stores.
@@ -142,14 +142,92 @@ impl LvolStore {
         })
     }
 
+    /// Stops following the base bdev's events (an unload or destroy the store asked for;
+    /// after a hot-remove the listener has ended by itself).
+    pub(crate) fn stop_listening(&self) {
+        let tx = self
+            .stop_listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(tx) = tx {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Closes every blob (lvols first, newest blob id first, then the blobs of failed
+    /// creates and deletes), the external snapshot bases, then unloads the blobstore cleanly
+    /// or, with `destroy`, erases its super block; the base is released either way. The lvol
+    /// bdevs must be unregistered before.
+    pub(crate) async fn close(&self, destroy: bool) -> crate::Result<()> {
+        for l in self.lvols_by_blob_id().iter().rev() {
+            if let Err(e) = l.blob.clone().close().await {
+                tracing::warn!(target: "lvol", "closing lvol {}: {e}", l.name());
+            }
+        }
+        let orphans = {
+            let mut maps = self.maps();
+            maps.by_name.clear();
+            maps.by_blob.clear();
+            std::mem::take(&mut maps.orphans)
+        };
+        for b in orphans {
+            if let Err(e) = b.close().await {
+                tracing::warn!(target: "lvol", "closing an uncommitted blob: {e}");
+            }
+        }
+        self.esnap.close_all();
+        let res = if destroy {
+            self.bs.destroy().await
+        } else {
+            self.bs.unload().await
+        };
+        self.base.close();
+        res.map_err(Into::into)
+    }
+
+    /// Writes a new name (`name_xattr`, the super blob's `name` xattr as SPDK stores it) and
+    /// takes it in memory once durable.
+    pub(crate) async fn rename(&self, new_name: &str, name_xattr: &[u8]) -> crate::Result<()> {
+        let sb = self.bs.open_blob(self.super_blob).await?;
+        let res = async {
+            sb.set_xattr("name", name_xattr)?;
+            sb.sync_md().await
+        }
+        .await;
+        let _ = sb.close().await;
+        res?;
+        if let Ok(mut n) = self.name.lock() {
+            *n = new_name.to_string();
+        }
+        Ok(())
+    }
+
+    /// Grows the store onto its base's current size.
+    pub(crate) async fn grow(&self) -> crate::Result<()> {
+        self.bs.grow().await.map_err(Into::into)
+    }
+
     /// Re-computes which blobs hold which external snapshot (after any relation change).
     pub(crate) fn refresh_esnap_holders(&self) {
-        let mut holders: BTreeMap<Vec<u8>, BTreeSet<BlobId>> = BTreeMap::new();
+        let mut holders: BTreeMap<Vec<u8>, BTreeMap<BlobId, Weak<dyn EsnapHolder>>> =
+            BTreeMap::new();
         for l in self.lvols_by_blob_id() {
             if let Parent::External(id) = l.blob().parent() {
-                holders.entry(id).or_default().insert(l.blob_id());
+                let weak: Weak<dyn EsnapHolder> = Arc::downgrade(&l) as Weak<dyn EsnapHolder>;
+                holders.entry(id).or_default().insert(l.blob_id(), weak);
             }
         }
         self.esnap.refresh_holders(holders);
+    }
+}
+
+/// An lvol holds its external snapshot through its blob.
+impl EsnapHolder for Lvol {
+    fn holder_blob(&self) -> &Blob {
+        self.blob()
+    }
+    fn holder_name(&self) -> String {
+        self.name()
     }
 }

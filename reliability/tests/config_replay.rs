@@ -68,7 +68,7 @@ fn via_tgt(path: &Path) -> Result<Snapshot, String> {
         let nbd = NbdServer::new(registry.clone());
         let wiring = modules::wiring(&registry, &nbd);
         let target = Target::new(registry.clone(), nbd, wiring, true);
-        let r = tgt::config::replay_file(&target, path, false).await;
+        let r = tgt::config::replay_file(target.as_ref(), path, false).await;
         let out = match r {
             Ok(()) => Ok(snapshot(&registry)),
             Err(e) => Err(e.to_string()),

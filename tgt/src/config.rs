@@ -1,15 +1,12 @@
-//! Config dump (`framework_get_config`, the server half of `spdk-rpc save_config`) and
-//! replay of a saved file at start (`tgt --json FILE`, SPDK `lib/init/json_config.c`).
+//! Config dump (`framework_get_config`, the server half of `spdk-rpc save_config`) as a pure
+//! function of the devices, and replay of a saved file at start (`tgt --json FILE`, SPDK
+//! `lib/init/json_config.c`) into anything that answers method calls ([`ConfigTarget`]).
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use bdev_core::config::ConfigTarget;
-use bdev_core::rpc::RpcError;
-use bdev_core::Registry;
+use bdev_core::BlockDevice;
 use serde_json::{json, Value};
-
-use crate::target::Target;
 
 /// The `bdev_set_options` entry (SPDK's defaults; we accept and keep none of them).
 pub fn bdev_set_options_entry() -> Value {
@@ -33,11 +30,11 @@ pub fn bdev_set_options_entry() -> Value {
 /// Devices that write nothing (lvol bdevs) come back by examine when their base is
 /// re-created. A device with an entry that was registered after such a device may stand on
 /// it, so a `bdev_wait_for_examine` goes before it to make the replay wait for the tasting.
-pub fn bdev_config(registry: &Registry, extra: Vec<Value>) -> Vec<Value> {
+pub fn bdev_config(devices: &[Arc<dyn BlockDevice>], extra: Vec<Value>) -> Vec<Value> {
     let mut out = vec![bdev_set_options_entry()];
     out.extend(extra);
     let mut after_examined = false;
-    for dev in registry.list() {
+    for dev in devices {
         match dev.write_config() {
             Some(entry) => {
                 if after_examined {
@@ -55,46 +52,107 @@ pub fn bdev_config(registry: &Registry, extra: Vec<Value>) -> Vec<Value> {
 
 pub use bdev_core::config::ConfigError;
 
-/// The target as a replay sees it: SPDK's STARTUP state and its methods.
-struct Replay<'a>(&'a Arc<Target>);
-
-#[async_trait]
-impl ConfigTarget for Replay<'_> {
-    fn has_method(&self, method: &str) -> bool {
-        self.0.has_method(method)
-    }
-    fn in_startup(&self) -> bool {
-        !self.0.is_initialized()
-    }
-    fn allowed_in_startup(&self, method: &str) -> bool {
-        self.0.allowed_now(method)
-    }
-    fn start(&self) {
-        self.0.mark_initialized();
-    }
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        self.0.call(method, params).await
-    }
-}
-
-/// Replays a saved config (`bdev_core::config::replay`): pass 1 runs the methods allowed in
-/// the STARTUP state, then the framework is initialised, then pass 2 runs the rest in file
-/// order. The first failure stops the replay, unless `ignore_errors`.
+/// Replays a saved config into `target` (`bdev_core::config::replay`): for a target in the
+/// STARTUP state, pass 1 runs the methods allowed there, then the framework is initialised,
+/// then pass 2 runs the rest in file order. The first failure stops the replay, unless
+/// `ignore_errors`. Subsystems this target does not have are skipped.
 pub async fn replay(
-    target: &Arc<Target>,
+    target: &dyn ConfigTarget,
     doc: &Value,
     ignore_errors: bool,
 ) -> Result<(), ConfigError> {
     let known: Vec<&str> = crate::framework::SUBSYSTEMS.iter().map(|s| s.0).collect();
-    bdev_core::config::replay(&Replay(target), doc, &known, ignore_errors).await
+    bdev_core::config::replay(target, doc, &known, ignore_errors).await
 }
 
 /// Reads and replays a config file.
 pub async fn replay_file(
-    target: &Arc<Target>,
+    target: &dyn ConfigTarget,
     path: &std::path::Path,
     ignore_errors: bool,
 ) -> Result<(), ConfigError> {
     let doc = bdev_core::config::read_file(path)?;
     replay(target, &doc, ignore_errors).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev_core::backend::malloc::MallocBdev;
+    use bdev_core::backend::null::NullBdev;
+
+    /// A device that writes no config entry (as an lvol bdev: examine brings it back).
+    struct Examined(Arc<NullBdev>);
+
+    #[async_trait::async_trait]
+    impl BlockDevice for Examined {
+        fn name(&self) -> &str {
+            "examined"
+        }
+        fn product_name(&self) -> &str {
+            "Examined"
+        }
+        fn module_name(&self) -> &str {
+            "examined"
+        }
+        fn uuid(&self) -> uuid::Uuid {
+            self.0.uuid()
+        }
+        fn block_len(&self) -> u32 {
+            self.0.block_len()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.0.num_blocks()
+        }
+        fn io_type_supported(&self, t: bdev_core::IoType) -> bool {
+            self.0.io_type_supported(t)
+        }
+        async fn read(&self, o: u64, b: iobuf::IoBuf) -> bdev_core::Result<iobuf::IoBuf> {
+            self.0.read(o, b).await
+        }
+        async fn write(&self, o: u64, b: iobuf::IoBuf) -> bdev_core::Result<iobuf::IoBuf> {
+            self.0.write(o, b).await
+        }
+        async fn flush(&self) -> bdev_core::Result<()> {
+            Ok(())
+        }
+        async fn unmap(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
+            Ok(())
+        }
+        async fn write_zeroes(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
+            Ok(())
+        }
+        fn write_config(&self) -> Option<Value> {
+            None
+        }
+    }
+
+    #[test]
+    fn bdev_config_is_a_function_of_the_devices() {
+        let m0: Arc<dyn BlockDevice> = MallocBdev::create("M0", 8, 512, None).unwrap();
+        let ex: Arc<dyn BlockDevice> =
+            Arc::new(Examined(NullBdev::create("n", 8, 512, None).unwrap()));
+        let m1: Arc<dyn BlockDevice> = MallocBdev::create("M1", 8, 512, None).unwrap();
+        let extra = vec![json!({"method": "extra"})];
+        let cfg = bdev_config(&[m0.clone(), ex.clone(), m1.clone()], extra.clone());
+        let methods: Vec<&str> = cfg.iter().map(|e| e["method"].as_str().unwrap()).collect();
+        // A device after one that examine brings back waits for the tasting.
+        assert_eq!(
+            methods,
+            [
+                "bdev_set_options",
+                "extra",
+                "bdev_malloc_create",
+                "bdev_wait_for_examine",
+                "bdev_malloc_create",
+                "bdev_wait_for_examine"
+            ]
+        );
+        assert_eq!(cfg[2]["params"]["name"], json!("M0"));
+        assert_eq!(cfg[4]["params"]["name"], json!("M1"));
+        // The same devices give the same config.
+        assert_eq!(bdev_config(&[m0, ex, m1], extra), cfg);
+        let empty = bdev_config(&[], Vec::new());
+        assert_eq!(empty.len(), 2);
+    }
 }

@@ -1,47 +1,116 @@
 //! The framework methods (SPDK `lib/rpc/rpc.c`, `lib/init/subsystem_rpc.c`,
 //! `lib/event/app_rpc.c`): method listing, version, kill, init state and config dump.
+//!
+//! [`METHODS`] is their one table (name, allowed states, handler). The handlers run over a
+//! [`Host`] (the target, as they see it), so this file does not know the target's type.
 
-use std::sync::Arc;
-
+use async_trait::async_trait;
 use bdev_core::rpc::{RpcError, INVALID_PARAMS};
+use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::target::Target;
+/// In which states a method may run (SPDK's `SPDK_RPC_STARTUP` / `SPDK_RPC_RUNTIME`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct States {
+    /// Before `framework_start_init`.
+    pub startup: bool,
+    /// After it.
+    pub runtime: bool,
+}
 
-/// The methods answered by the target itself.
-pub const METHODS: [&str; 7] = [
-    "rpc_get_methods",
-    "spdk_get_version",
-    "spdk_kill_instance",
-    "framework_get_subsystems",
-    "framework_get_config",
-    "framework_wait_init",
-    "framework_start_init",
+impl States {
+    /// Only after `framework_start_init` (every module method unless it says otherwise).
+    pub const RUNTIME: States = States {
+        startup: false,
+        runtime: true,
+    };
+    /// Only before it.
+    pub const STARTUP: States = States {
+        startup: true,
+        runtime: false,
+    };
+    /// Before and after it.
+    pub const ALWAYS: States = States {
+        startup: true,
+        runtime: true,
+    };
+}
+
+/// What the framework methods need from the target.
+#[async_trait]
+pub trait Host: Send + Sync {
+    /// Every method served, in table order.
+    fn method_names(&self) -> Vec<&'static str>;
+    /// Whether a method may run in the current state.
+    fn allowed_now(&self, method: &str) -> bool;
+    /// A subsystem's config array (`None`: no such subsystem).
+    fn subsystem_config(&self, name: &str, with_batches: bool) -> Option<Vec<Value>>;
+    /// Remembers a `spdk_kill_instance` signal.
+    fn set_kill(&self, sig: i32);
+    /// Waits for the RUNTIME state.
+    async fn wait_initialized(&self);
+    /// Moves to the RUNTIME state.
+    fn mark_initialized(&self);
+}
+
+/// A framework method's handler.
+pub type Handler =
+    for<'a> fn(&'a dyn Host, Option<Value>) -> BoxFuture<'a, Result<Value, RpcError>>;
+
+/// One row of the framework's table.
+pub struct Method {
+    /// Method name.
+    pub name: &'static str,
+    /// Allowed states.
+    pub states: States,
+    /// Handler.
+    pub handler: Handler,
+}
+
+/// The methods answered by the target itself, in the order `rpc_get_methods` lists them.
+pub const METHODS: [Method; 7] = [
+    Method {
+        name: "rpc_get_methods",
+        states: States::ALWAYS,
+        handler: rpc_get_methods,
+    },
+    Method {
+        name: "spdk_get_version",
+        states: States::ALWAYS,
+        handler: spdk_get_version,
+    },
+    Method {
+        name: "spdk_kill_instance",
+        states: States::ALWAYS,
+        handler: spdk_kill_instance,
+    },
+    Method {
+        name: "framework_get_subsystems",
+        states: States::ALWAYS,
+        handler: framework_get_subsystems,
+    },
+    Method {
+        name: "framework_get_config",
+        states: States::ALWAYS,
+        handler: framework_get_config,
+    },
+    Method {
+        name: "framework_wait_init",
+        states: States::ALWAYS,
+        handler: framework_wait_init,
+    },
+    Method {
+        name: "framework_start_init",
+        states: States::STARTUP,
+        handler: framework_start_init,
+    },
 ];
 
 /// The version we report (the SPDK release whose RPC surface and formats we follow).
 pub const VERSION_MAJOR: u32 = 24;
 /// Minor version.
 pub const VERSION_MINOR: u32 = 9;
-
-/// In which states a method may run: (STARTUP, RUNTIME). Every module method is RUNTIME only;
-/// `bdev_set_options` is allowed in both so that `spdk-rpc load_config` against a running
-/// target replays a saved config without skipping it.
-pub fn allowed_states(method: &str) -> (bool, bool) {
-    match method {
-        "framework_start_init" => (true, false),
-        "rpc_get_methods"
-        | "spdk_get_version"
-        | "spdk_kill_instance"
-        | "framework_get_subsystems"
-        | "framework_get_config"
-        | "framework_wait_init"
-        | "bdev_set_options" => (true, true),
-        m if crate::log::METHODS.contains(&m) => (true, true),
-        _ => (false, true),
-    }
-}
 
 fn invalid(msg: &str) -> RpcError {
     RpcError::new(INVALID_PARAMS, msg)
@@ -112,68 +181,91 @@ fn signal_by_name(name: &str) -> Option<i32> {
     })
 }
 
-/// Runs one framework method.
-pub async fn call(t: &Arc<Target>, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-    match method {
-        "rpc_get_methods" => {
-            let p: GetMethods = decode_or(params, "Invalid parameters")?;
-            // We register no deprecated aliases, so include_aliases changes nothing.
-            let _ = p.include_aliases;
-            let names: Vec<Value> = t
-                .method_names()
-                .into_iter()
-                .filter(|m| !p.current || t.allowed_now(m))
-                .map(|m| Value::String(m.to_string()))
-                .collect();
-            Ok(Value::Array(names))
-        }
-        "spdk_get_version" => {
-            no_params(&params, method)?;
-            Ok(json!({
-                "version": format!(
-                    "SPDK v{VERSION_MAJOR}.{VERSION_MINOR:02} compatible (tgt {})",
-                    env!("CARGO_PKG_VERSION")
-                ),
-                "fields": {
-                    "major": VERSION_MAJOR,
-                    "minor": VERSION_MINOR,
-                    "patch": 0,
-                    "suffix": "",
-                },
-            }))
-        }
-        "spdk_kill_instance" => {
-            let p: Kill = decode_or(params, "Invalid parameters")?;
-            let sig = signal_by_name(&p.sig_name).ok_or_else(|| invalid("Invalid parameters"))?;
-            t.set_kill(sig);
-            Ok(Value::Bool(true))
-        }
-        "framework_get_subsystems" => {
-            no_params(&params, method)?;
-            Ok(subsystems())
-        }
-        "framework_get_config" => {
-            let p: GetConfig = decode_or(params, "Invalid arguments")?;
-            match p.name.as_str() {
-                "bdev" => Ok(Value::Array(crate::saveconf::bdev(
-                    t.registry(),
-                    t.bdev_config(),
-                    p.with_batches,
-                ))),
-                "nbd" => Ok(Value::Array(t.nbd().config())),
-                other => Err(invalid(&format!("Subsystem '{other}' not found"))),
-            }
-        }
-        "framework_wait_init" => {
-            no_params(&params, method)?;
-            t.wait_initialized().await;
-            Ok(Value::Bool(true))
-        }
-        "framework_start_init" => {
-            no_params(&params, method)?;
-            t.mark_initialized();
-            Ok(Value::Bool(true))
-        }
-        _ => Err(RpcError::method_not_found()),
-    }
+fn rpc_get_methods(h: &dyn Host, params: Option<Value>) -> BoxFuture<'_, Result<Value, RpcError>> {
+    Box::pin(async move {
+        let p: GetMethods = decode_or(params, "Invalid parameters")?;
+        // We register no deprecated aliases, so include_aliases changes nothing.
+        let _ = p.include_aliases;
+        let names: Vec<Value> = h
+            .method_names()
+            .into_iter()
+            .filter(|m| !p.current || h.allowed_now(m))
+            .map(|m| Value::String(m.to_string()))
+            .collect();
+        Ok(Value::Array(names))
+    })
+}
+
+fn spdk_get_version(_: &dyn Host, params: Option<Value>) -> BoxFuture<'_, Result<Value, RpcError>> {
+    Box::pin(async move {
+        no_params(&params, "spdk_get_version")?;
+        Ok(json!({
+            "version": format!(
+                "SPDK v{VERSION_MAJOR}.{VERSION_MINOR:02} compatible (tgt {})",
+                env!("CARGO_PKG_VERSION")
+            ),
+            "fields": {
+                "major": VERSION_MAJOR,
+                "minor": VERSION_MINOR,
+                "patch": 0,
+                "suffix": "",
+            },
+        }))
+    })
+}
+
+fn spdk_kill_instance(
+    h: &dyn Host,
+    params: Option<Value>,
+) -> BoxFuture<'_, Result<Value, RpcError>> {
+    Box::pin(async move {
+        let p: Kill = decode_or(params, "Invalid parameters")?;
+        let sig = signal_by_name(&p.sig_name).ok_or_else(|| invalid("Invalid parameters"))?;
+        h.set_kill(sig);
+        Ok(Value::Bool(true))
+    })
+}
+
+fn framework_get_subsystems(
+    _: &dyn Host,
+    params: Option<Value>,
+) -> BoxFuture<'_, Result<Value, RpcError>> {
+    Box::pin(async move {
+        no_params(&params, "framework_get_subsystems")?;
+        Ok(subsystems())
+    })
+}
+
+fn framework_get_config(
+    h: &dyn Host,
+    params: Option<Value>,
+) -> BoxFuture<'_, Result<Value, RpcError>> {
+    Box::pin(async move {
+        let p: GetConfig = decode_or(params, "Invalid arguments")?;
+        h.subsystem_config(&p.name, p.with_batches)
+            .map(Value::Array)
+            .ok_or_else(|| invalid(&format!("Subsystem '{}' not found", p.name)))
+    })
+}
+
+fn framework_wait_init(
+    h: &dyn Host,
+    params: Option<Value>,
+) -> BoxFuture<'_, Result<Value, RpcError>> {
+    Box::pin(async move {
+        no_params(&params, "framework_wait_init")?;
+        h.wait_initialized().await;
+        Ok(Value::Bool(true))
+    })
+}
+
+fn framework_start_init(
+    h: &dyn Host,
+    params: Option<Value>,
+) -> BoxFuture<'_, Result<Value, RpcError>> {
+    Box::pin(async move {
+        no_params(&params, "framework_start_init")?;
+        h.mark_initialized();
+        Ok(Value::Bool(true))
+    })
 }

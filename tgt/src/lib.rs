@@ -1,14 +1,18 @@
 //! tgt: the RPC target. It owns the JSON-RPC server (SPDK's framing and error conventions,
-//! driven unchanged by SPDK's `spdk-rpc` client), the framework methods, config dump and
-//! replay, the bdev-level methods over bdev-core's backends, and a userspace NBD server.
+//! driven unchanged by SPDK's `spdk-rpc` client), the method table and the framework
+//! methods, config dump and replay, `bdev_get_bdevs`, and a userspace NBD server.
 //!
-//! It does not own any device logic: module crates (bdev-core, lvol, vbdev-ro) implement
-//! `RpcModule` and `ExamineHook`, and [`modules`] wires them in. No crate below this one knows
-//! about sockets.
+//! It does not own any device logic: module crates (bdev-core and its backends, lvol,
+//! vbdev-ro, bdev-nbd) implement `RpcModule` and `ExamineHook`, and [`modules`] wires them
+//! in. No crate below this one knows about sockets.
+//!
+//! Public: what the binary, the tests and the fuzz drivers use ([`target::Target`],
+//! [`modules::wiring`], [`server`], [`config`] replay, [`jsonrpc`] framing, [`log`],
+//! [`limits`], [`nbd::server`]). The rest is internal.
 
-pub mod bdev_rpc;
+mod bdev_rpc;
 pub mod config;
-pub mod framework;
+mod framework;
 pub mod iostat;
 pub mod jsonrpc;
 pub mod limits;
@@ -19,5 +23,5 @@ pub mod nbd;
 pub mod persist;
 pub mod saveconf;
 pub mod server;
-pub mod sockpath;
+mod sockpath;
 pub mod target;

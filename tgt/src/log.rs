@@ -194,6 +194,10 @@ impl RpcModule for LogRpc {
         METHODS.to_vec()
     }
 
+    fn startup_methods(&self) -> Vec<&'static str> {
+        METHODS.to_vec()
+    }
+
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         match method {
             "log_set_level" => {

@@ -203,7 +203,9 @@ async fn run(args: Args, default_mode: bool, log: Arc<tgt::log::LogControl>) -> 
 
     let mut code = 0;
     if let Some(path) = &args.json {
-        if let Err(e) = config::replay_file(&target, path, args.json_ignore_init_errors).await {
+        if let Err(e) =
+            config::replay_file(target.as_ref(), path, args.json_ignore_init_errors).await
+        {
             eprintln!("tgt: config {}: {e}", path.display());
             code = 1;
             target.request_shutdown();

@@ -14,7 +14,7 @@ use crate::limits::{Held, Limits, MemBudget, RPC_CONN_FREE};
 use crate::sockpath;
 use crate::target::Target;
 
-/// Binds the RPC socket (see [`crate::sockpath`]): only a stale socket is replaced; a live
+/// Binds the RPC socket (see `sockpath.rs`): only a stale socket is replaced; a live
 /// one, anything that is not a socket, or a path too long for a socket address is an error.
 pub fn bind(
     path: &Path,

@@ -1,23 +1,24 @@
-//! The target: the device registry, the dispatch table of RPC modules, the framework state
-//! (STARTUP / RUNTIME as SPDK's `spdk_rpc_set_state`) and shutdown.
+//! The target: the device registry, the method table, the framework state (STARTUP /
+//! RUNTIME as SPDK's `spdk_rpc_set_state`) and shutdown.
 //!
-//! Every module's methods are found through one table built from a `Vec<Arc<dyn RpcModule>>`
-//! ([`crate::modules::wiring`]); the framework methods (`rpc_get_methods`,
-//! `framework_*`, `spdk_*`) are answered here because they need the table itself.
+//! Every method is one row of one table (name, allowed states, handler): the framework's
+//! rows (`framework::METHODS`) first, then each wired module's
+//! ([`crate::modules::wiring`]). Listing, state checks and dispatch all read that table.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use std::panic::AssertUnwindSafe;
-
+use async_trait::async_trait;
+use bdev_core::config::ConfigTarget;
 use bdev_core::rpc::{RpcError, RpcModule, INTERNAL_ERROR};
 use bdev_core::Registry;
 use futures::FutureExt;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
 
-use crate::framework;
+use crate::framework::{self, Host, States};
 use crate::modules::{ConfigWriter, ShutdownHook, Wiring};
 use crate::nbd::server::NbdServer;
 
@@ -56,13 +57,31 @@ fn check_bounds(method: &str, params: &Option<Value>) -> Result<(), RpcError> {
     Ok(())
 }
 
+/// Who answers a method.
+enum Handler {
+    /// The target itself.
+    Framework(framework::Handler),
+    /// The module at this index of `Target::modules`.
+    Module(usize),
+}
+
+/// One row of the method table.
+struct Method {
+    name: &'static str,
+    states: States,
+    handler: Handler,
+}
+
 /// The running target. Shared as `Arc<Target>` by every connection.
 pub struct Target {
     registry: Registry,
     modules: Vec<Arc<dyn RpcModule>>,
     config_writers: Vec<ConfigWriter>,
     shutdown_hooks: Vec<ShutdownHook>,
-    table: HashMap<&'static str, usize>,
+    /// The method table, in `rpc_get_methods` order.
+    methods: Vec<Method>,
+    /// Method name to its row.
+    index: HashMap<&'static str, usize>,
     nbd: Arc<NbdServer>,
     initialized: AtomicBool,
     init_done: Notify,
@@ -74,6 +93,39 @@ pub struct Target {
 
 /// A hook run with the method name after a client's method succeeded.
 pub type SuccessHook = Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// The table: the framework's rows, then each module's methods in wiring order. A module
+/// method named like an existing row is ignored (the first wins).
+fn method_table(modules: &[Arc<dyn RpcModule>]) -> Vec<Method> {
+    let mut methods: Vec<Method> = framework::METHODS
+        .iter()
+        .map(|m| Method {
+            name: m.name,
+            states: m.states,
+            handler: Handler::Framework(m.handler),
+        })
+        .collect();
+    for (i, m) in modules.iter().enumerate() {
+        let startup = m.startup_methods();
+        for name in m.methods() {
+            if methods.iter().any(|row| row.name == name) {
+                tracing::warn!("method {name} is served twice; the second is ignored");
+                continue;
+            }
+            let states = if startup.contains(&name) {
+                States::ALWAYS
+            } else {
+                States::RUNTIME
+            };
+            methods.push(Method {
+                name,
+                states,
+                handler: Handler::Module(i),
+            });
+        }
+    }
+    methods
+}
 
 impl Target {
     /// A target over `registry` serving the wired modules (plus the framework methods). It
@@ -89,25 +141,20 @@ impl Target {
             config_writers,
             shutdown_hooks,
         } = wiring;
-        let mut table = HashMap::new();
-        for (i, m) in modules.iter().enumerate() {
-            for name in m.methods() {
-                if framework::METHODS.contains(&name) {
-                    tracing::warn!("module method {name} shadows a framework method; ignored");
-                    continue;
-                }
-                if table.insert(name, i).is_some() {
-                    tracing::warn!("method {name} is served by two modules; the last one wins");
-                }
-            }
-        }
+        let methods = method_table(&modules);
+        let index = methods
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.name, i))
+            .collect();
         let (shutdown_tx, _) = watch::channel(false);
         Arc::new(Target {
             registry,
             modules,
             config_writers,
             shutdown_hooks,
-            table,
+            methods,
+            index,
             nbd,
             initialized: AtomicBool::new(!wait_for_rpc),
             init_done: Notify::new(),
@@ -130,31 +177,29 @@ impl Target {
     /// The `bdev` subsystem config (`framework_get_config {"name": "bdev"}`).
     pub fn bdev_config(&self) -> Vec<Value> {
         let extra: Vec<Value> = self.config_writers.iter().flat_map(|w| w()).collect();
-        crate::config::bdev_config(&self.registry, extra)
+        crate::config::bdev_config(&self.registry.list(), extra)
     }
 
-    /// Every method served, framework methods first, then the modules' in table order.
+    /// Every method served, in table order (framework methods first).
     pub fn method_names(&self) -> Vec<&'static str> {
-        let mut v: Vec<&'static str> = framework::METHODS.to_vec();
-        let mut mods: Vec<(&'static str, usize)> =
-            self.table.iter().map(|(k, v)| (*k, *v)).collect();
-        mods.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)));
-        v.extend(mods.into_iter().map(|(k, _)| k));
-        v
+        self.methods.iter().map(|m| m.name).collect()
     }
 
     /// Whether a method exists.
     pub fn has_method(&self, method: &str) -> bool {
-        framework::METHODS.contains(&method) || self.table.contains_key(method)
+        self.index.contains_key(method)
     }
 
     /// Whether a method may run in the current state.
     pub fn allowed_now(&self, method: &str) -> bool {
-        let (startup, runtime) = framework::allowed_states(method);
+        let Some(&i) = self.index.get(method) else {
+            return false;
+        };
+        let s = self.methods[i].states;
         if self.is_initialized() {
-            runtime
+            s.runtime
         } else {
-            startup
+            s.startup
         }
     }
 
@@ -192,15 +237,11 @@ impl Target {
         }
     }
 
-    /// Runs one method: state check, then the framework or the module that serves it.
-    pub async fn call(
-        self: &Arc<Self>,
-        method: &str,
-        params: Option<Value>,
-    ) -> Result<Value, RpcError> {
-        if !self.has_method(method) {
+    /// Runs one method: state check, then the row's handler.
+    pub async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        let Some(&i) = self.index.get(method) else {
             return Err(RpcError::method_not_found());
-        }
+        };
         if !self.allowed_now(method) {
             let msg = if self.is_initialized() {
                 "Method may only be called before framework is initialized. Use --wait-for-rpc command line parameter and then issue this RPC before the framework_start_init RPC."
@@ -209,20 +250,18 @@ impl Target {
             };
             return Err(RpcError::new(INVALID_STATE, msg));
         }
-        if framework::METHODS.contains(&method) {
-            return framework::call(self, method, params).await;
-        }
+        let module = match self.methods[i].handler {
+            Handler::Framework(f) => return f(self, params).await,
+            Handler::Module(m) => &self.modules[m],
+        };
         // SPDK's handlers decode params with spdk_json_decode_object: an array never fits.
         if matches!(params, Some(Value::Array(_))) {
             return Err(RpcError::decode_failed());
         }
-        let Some(&i) = self.table.get(method) else {
-            return Err(RpcError::method_not_found());
-        };
         check_bounds(method, &params)?;
         // A bug in one module must not take the target down: a panicking handler becomes an
         // internal error for that request.
-        let fut = self.modules[i].call(method, params);
+        let fut = module.call(method, params);
         match AssertUnwindSafe(fut).catch_unwind().await {
             Ok(r) => r,
             Err(_) => {
@@ -302,6 +341,58 @@ impl Target {
         for hook in &self.shutdown_hooks {
             hook().await;
         }
+    }
+}
+
+#[async_trait]
+impl Host for Target {
+    fn method_names(&self) -> Vec<&'static str> {
+        Target::method_names(self)
+    }
+    fn allowed_now(&self, method: &str) -> bool {
+        Target::allowed_now(self, method)
+    }
+    fn subsystem_config(&self, name: &str, with_batches: bool) -> Option<Vec<Value>> {
+        match name {
+            "bdev" => Some(crate::saveconf::bdev(
+                &self.registry,
+                self.bdev_config(),
+                with_batches,
+            )),
+            "nbd" => Some(self.nbd.config()),
+            _ => None,
+        }
+    }
+    fn set_kill(&self, sig: i32) {
+        Target::set_kill(self, sig)
+    }
+    async fn wait_initialized(&self) {
+        Target::wait_initialized(self).await
+    }
+    fn mark_initialized(&self) {
+        Target::mark_initialized(self)
+    }
+}
+
+/// A config replays into the target as SPDK's does: STARTUP methods first, then the rest.
+#[async_trait]
+impl ConfigTarget for Target {
+    fn has_method(&self, method: &str) -> bool {
+        Target::has_method(self, method)
+    }
+    fn in_startup(&self) -> bool {
+        !self.is_initialized()
+    }
+    fn allowed_in_startup(&self, method: &str) -> bool {
+        self.index
+            .get(method)
+            .is_some_and(|&i| self.methods[i].states.startup)
+    }
+    fn start(&self) {
+        self.mark_initialized();
+    }
+    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        Target::call(self, method, params).await
     }
 }
 
@@ -433,5 +524,126 @@ mod tests {
             json!(true)
         );
         assert_eq!(t.take_kill(), Some(libc::SIGTERM));
+    }
+
+    /// The target as the binary wires it (every module, the log methods), in RUNTIME.
+    fn wired() -> Arc<Target> {
+        let registry = Registry::new();
+        let handle = tokio::runtime::Handle::current();
+        registry.set_spawner(Arc::new(move |f| {
+            handle.spawn(f);
+        }));
+        let nbd = NbdServer::new(registry.clone());
+        let mut wiring = crate::modules::wiring(&registry, &nbd);
+        let log = crate::log::LogControl::new(None, Box::new(|_| Ok(())));
+        wiring.modules.push(crate::log::LogRpc::new(log));
+        Target::new(registry, nbd, wiring, false)
+    }
+
+    /// The methods the target must serve (SPDK's names; `docs/rpc.md`). Removing one from
+    /// the wiring, or a module that stops answering one, fails `every_method_is_served`.
+    const EXPECTED: &[&str] = &[
+        "rpc_get_methods",
+        "spdk_get_version",
+        "spdk_kill_instance",
+        "framework_get_subsystems",
+        "framework_get_config",
+        "framework_wait_init",
+        "framework_start_init",
+        "bdev_set_options",
+        "bdev_wait_for_examine",
+        "bdev_malloc_create",
+        "bdev_malloc_delete",
+        "bdev_aio_create",
+        "bdev_aio_delete",
+        "bdev_aio_rescan",
+        "bdev_error_create",
+        "bdev_error_delete",
+        "bdev_error_inject_error",
+        "bdev_null_create",
+        "bdev_null_delete",
+        "bdev_null_resize",
+        "bdev_get_bdevs",
+        "bdev_lvol_create_lvstore",
+        "bdev_lvol_delete_lvstore",
+        "bdev_lvol_get_lvstores",
+        "bdev_lvol_rename_lvstore",
+        "bdev_lvol_grow_lvstore",
+        "bdev_lvol_create",
+        "bdev_lvol_delete",
+        "bdev_lvol_get_lvols",
+        "bdev_lvol_snapshot",
+        "bdev_lvol_clone",
+        "bdev_lvol_clone_bdev",
+        "bdev_lvol_rename",
+        "bdev_lvol_resize",
+        "bdev_lvol_set_read_only",
+        "bdev_lvol_inflate",
+        "bdev_lvol_decouple_parent",
+        "bdev_lvol_set_parent",
+        "bdev_lvol_set_parent_bdev",
+        "bdev_lvol_start_shallow_copy",
+        "bdev_lvol_check_shallow_copy",
+        "nbd_start_disk",
+        "nbd_stop_disk",
+        "nbd_get_disks",
+        "bdev_ro_create",
+        "bdev_ro_delete",
+        "bdev_nbd_client_create",
+        "bdev_nbd_client_delete",
+        "bdev_nbd_client_get",
+        "log_set_level",
+        "log_get_level",
+        "log_set_print_level",
+        "log_get_print_level",
+        "log_set_flag",
+        "log_clear_flag",
+        "log_get_flags",
+    ];
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rpc_get_methods_lists_exactly_the_table() {
+        let t = wired();
+        let listed = t.call("rpc_get_methods", None).await.unwrap();
+        let listed: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        let table: Vec<&str> = t.methods.iter().map(|m| m.name).collect();
+        assert_eq!(listed, table);
+        let mut unique = table.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), table.len(), "a method is listed twice");
+        // The framework rows come first, in their table's order.
+        let fw: Vec<&str> = framework::METHODS.iter().map(|m| m.name).collect();
+        assert_eq!(&table[..fw.len()], fw.as_slice());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_method_is_served() {
+        let t = wired();
+        let table = t.method_names();
+        for m in EXPECTED {
+            assert!(table.contains(m), "{m} is not served any more");
+        }
+        // Every row's handler knows its method: a probe with a parameter no method takes
+        // is refused for its params or its state, never with "Method not found".
+        for m in &table {
+            let r = t.call(m, Some(json!({"__probe__": true}))).await;
+            if let Err(e) = r {
+                assert_ne!(
+                    e.code,
+                    bdev_core::rpc::METHOD_NOT_FOUND,
+                    "{m} is in the table but its handler does not serve it"
+                );
+            }
+        }
+        assert_eq!(
+            t.call("no_such_method", None).await.unwrap_err(),
+            RpcError::method_not_found()
+        );
     }
 }

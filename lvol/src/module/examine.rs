@@ -131,9 +131,6 @@ impl LvolModule {
             stop_listener: Mutex::new(None),
             seq: next_seq(),
         });
-        if let Ok(mut w) = esnap.store.lock() {
-            *w = Arc::downgrade(&store);
-        }
         let mut pending = Vec::new();
         for id in bs.blob_ids() {
             if id == super_id {

@@ -108,9 +108,6 @@ impl LvolModule {
         store: &Arc<LvolStore>,
         events: Option<UnboundedReceiver<BdevEvent>>,
     ) {
-        if let Ok(mut w) = store.esnap.store.lock() {
-            *w = Arc::downgrade(store);
-        }
         {
             let mut maps = lock(&self.0.stores);
             maps.by_name.insert(store.name(), store.clone());
@@ -209,38 +206,12 @@ impl LvolModule {
             maps.by_uuid.remove(&store.uuid);
         }
         if !removed {
-            if let Some(tx) = lock(&store.stop_listener).take() {
-                let _ = tx.send(());
-            }
+            store.stop_listening();
         }
-        let lvols = store.lvols_by_blob_id();
-        for l in lvols.iter().rev() {
+        for l in store.lvols_by_blob_id().iter().rev() {
             self.unregister_bdev(l).await;
         }
-        for l in lvols.iter().rev() {
-            if let Err(e) = l.blob.clone().close().await {
-                tracing::warn!(target: "lvol", "closing lvol {}: {e}", l.name());
-            }
-        }
-        let orphans = {
-            let mut maps = store.maps();
-            maps.by_name.clear();
-            maps.by_blob.clear();
-            std::mem::take(&mut maps.orphans)
-        };
-        for b in orphans {
-            if let Err(e) = b.close().await {
-                tracing::warn!(target: "lvol", "closing an uncommitted blob: {e}");
-            }
-        }
-        store.esnap.close_all();
-        let res = if destroy {
-            store.bs.destroy().await
-        } else {
-            store.bs.unload().await
-        };
-        store.base.close();
-        res.map_err(Into::into)
+        store.close(destroy).await
     }
 
     /// Unregisters the store's lvol bdevs and unloads it cleanly; the base bdev is released.
@@ -261,19 +232,9 @@ impl LvolModule {
             return Ok(());
         }
         let guard = self.reserve_store_name(new_name)?;
-        let sb = store.bs.open_blob(store.super_blob).await?;
-        let res = async {
-            sb.set_xattr("name", &name_xattr(new_name))?;
-            sb.sync_md().await
-        }
-        .await;
-        let _ = sb.close().await;
-        res?;
         let lvols = store.lvols();
         let old_aliases: Vec<String> = lvols.iter().map(|l| l.alias()).collect();
-        if let Ok(mut n) = store.name.lock() {
-            *n = new_name.to_string();
-        }
+        store.rename(new_name, &name_xattr(new_name)).await?;
         {
             let mut maps = lock(&self.0.stores);
             maps.by_name.remove(&old);
@@ -293,6 +254,6 @@ impl LvolModule {
 
     /// Grows the store onto its base's current size.
     pub async fn grow_lvstore(&self, store: &Arc<LvolStore>) -> Result<()> {
-        store.bs.grow().await.map_err(Into::into)
+        store.grow().await
     }
 }

@@ -2,8 +2,8 @@
 //! read and write bdevs.
 //!
 //! The wire protocol is the `nbd_proto` crate (shared with the client bdev and the fuzz
-//! drivers); [`server`] is the tokio server (listeners, exports, connections), [`rpc`] the
+//! drivers); [`server`] is the tokio server (listeners, exports, connections), `rpc` the
 //! `nbd_*` JSON-RPC methods.
 
-pub mod rpc;
+pub(crate) mod rpc;
 pub mod server;
