@@ -165,6 +165,7 @@ thread_local! {
     static RING_TRIED: Cell<bool> = const { Cell::new(false) };
     static DEPTH: Cell<usize> = const { Cell::new(0) };
     static EXCLUSIVE: Cell<bool> = const { Cell::new(false) };
+    static ATTACHED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Declares the current thread a dedicated reactor thread: its ring (created at its first
@@ -182,12 +183,61 @@ pub fn is_single_issuer() -> bool {
     RING.with(|r| r.borrow().as_ref().is_some_and(|t| t.ring.single_issuer))
 }
 
-/// The ring of the reactor running on this thread, if any.
+/// The ring of the reactor running on this thread, if any (inside [`block_on`], or on a
+/// thread whose event loop serves the ring, see [`attach`]).
 pub(crate) fn current_ring() -> Option<Arc<Ring>> {
-    if DEPTH.with(|d| d.get()) == 0 {
+    if DEPTH.with(|d| d.get()) == 0 && !ATTACHED.with(|a| a.get()) {
         return None;
     }
     RING.with(|r| r.borrow().as_ref().map(|t| t.ring.clone()))
+}
+
+/// This thread's ring, served by a foreign event loop instead of [`block_on`] (the target's
+/// reactors run a single-threaded tokio loop): aio requests issued on the thread go to its
+/// ring, and the loop calls [`AttachedRing::pass`] when the ring's fd is readable (a
+/// completion) and when [`AttachedRing::register_submit`]'s waker fires (a request was
+/// queued). The ring is not exclusive, so its backstop thread covers a loop that is busy
+/// elsewhere for more than a tick.
+pub struct AttachedRing {
+    ring: Arc<Ring>,
+    scratch: crate::backend::uring::Scratch,
+}
+
+/// Attaches this thread's ring (created now) to the thread's event loop; `None` without
+/// io_uring. Every aio request issued on this thread from now on uses it.
+pub fn attach() -> Option<AttachedRing> {
+    let ring = RING.with(|r| {
+        if r.borrow().is_none() && !RING_TRIED.with(|t| t.replace(true)) {
+            *r.borrow_mut() = ThreadRing::new(false);
+        }
+        r.borrow().as_ref().map(|t| t.ring.clone())
+    })?;
+    ATTACHED.with(|a| a.set(true));
+    Some(AttachedRing {
+        ring,
+        scratch: (
+            Vec::with_capacity(ENTRIES as usize),
+            Vec::with_capacity(ENTRIES as usize),
+        ),
+    })
+}
+
+impl AttachedRing {
+    /// The ring's fd: readable when completions wait.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.ring.raw_fd()
+    }
+    /// Submits what is queued and completes what has arrived (waking the requests' tasks),
+    /// in at most one `io_uring_enter`.
+    pub fn pass(&mut self) {
+        let (cqes, ready) = &mut self.scratch;
+        self.ring.submit_and_reap();
+        self.ring.drain(cqes, ready);
+    }
+    /// `waker` is woken when a request is queued on the ring and no submission is due yet.
+    pub fn register_submit(&self, waker: &Waker) {
+        self.ring.register_submit(waker);
+    }
 }
 
 /// Whether the current thread is inside [`block_on`] with an io_uring ring.

@@ -1,4 +1,11 @@
-//! The `tgt` binary: `tgt [-r SOCKET] [--json CONFIG] [--wait-for-rpc]`.
+//! The `tgt` binary: `tgt [-r SOCKET] [--json CONFIG] [--wait-for-rpc] [-m MASK | --cores N]`.
+//!
+//! Threads: the control runtime (RPC server, config replay, examine and other background
+//! work of the registry, the NBD listener) and one reactor per core (`-m`, `--cores`,
+//! `TGT_CORES`, default every core of the affinity mask), each an OS thread pinned to its
+//! core running an event loop of its own with its own io_uring (the aio requests of its
+//! connections are submitted and reaped by the loop itself); NBD connections are assigned to
+//! reactors round-robin and run entirely on theirs. An idle reactor sleeps in `epoll_wait`.
 //!
 //! With no arguments at all it runs the embedded default (an aio bdev over
 //! `./tgt-data/store.img`, lvol store `lvs0` on it, an NBD server on
@@ -38,9 +45,14 @@ struct Args {
     /// Go on when a method of the `--json` config fails (SPDK's option of the same name).
     #[arg(long = "json-ignore-init-errors")]
     json_ignore_init_errors: bool,
-    /// SPDK's core mask (accepted for script compatibility; the target sizes its own pool).
+    /// SPDK's core mask: one reactor per core in it (`0x3`, `3`, or a list `[0,2-3]`).
+    /// Default: every core of the process's affinity mask.
     #[arg(short = 'm', long = "cpumask")]
     cpumask: Option<String>,
+    /// Run N reactors, on the first N cores of the affinity mask (instead of `-m`). The
+    /// environment variable `TGT_CORES` gives the default when neither is set.
+    #[arg(long = "cores")]
+    cores: Option<usize>,
     /// SPDK's hugepage memory size (accepted, unused: no hugepages here).
     #[arg(short = 's', long = "mem-size")]
     mem_size: Option<String>,
@@ -128,10 +140,219 @@ fn install_logging(logflags: &[String]) -> Arc<tgt::log::LogControl> {
     ctl
 }
 
+/// The CPUs of this process's affinity mask, in order.
+fn affinity_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills it for this thread.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the pointer and size describe `set`, valid for the call.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return vec![0];
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `i` is below CPU_SETSIZE and `set` is initialised.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+/// Parses SPDK's core mask: hex (`0x3`, `3`) or a list (`[0,2-3]`).
+fn parse_cpumask(m: &str) -> Result<Vec<usize>, String> {
+    let bad = || format!("bad core mask {m:?}");
+    let m = m.trim();
+    let mut cpus = Vec::new();
+    if let Some(list) = m.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (a, b) = match part.split_once('-') {
+                Some((a, b)) => (a.trim(), b.trim()),
+                None => (part, part),
+            };
+            let a: usize = a.parse().map_err(|_| bad())?;
+            let b: usize = b.parse().map_err(|_| bad())?;
+            if a > b || b >= libc::CPU_SETSIZE as usize {
+                return Err(bad());
+            }
+            cpus.extend(a..=b);
+        }
+    } else {
+        let hex = m
+            .strip_prefix("0x")
+            .or_else(|| m.strip_prefix("0X"))
+            .unwrap_or(m);
+        if hex.is_empty() || hex.len() > 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        for (i, c) in hex.chars().rev().enumerate() {
+            let v = c.to_digit(16).ok_or_else(bad)? as usize;
+            for bit in 0..4 {
+                if v & (1 << bit) != 0 {
+                    cpus.push(i * 4 + bit);
+                }
+            }
+        }
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    if cpus.is_empty() {
+        return Err(format!("core mask {m:?} selects no core"));
+    }
+    Ok(cpus)
+}
+
+/// The cores to run reactors on, from `-m`, `--cores`, `TGT_CORES` or the affinity mask.
+fn reactor_cores(args: &Args) -> Result<Vec<usize>, String> {
+    let allowed = affinity_cpus();
+    if let Some(m) = &args.cpumask {
+        let cpus = parse_cpumask(m)?;
+        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+            return Err(format!(
+                "core {c} of mask {m} is not in this process's affinity mask"
+            ));
+        }
+        return Ok(cpus);
+    }
+    let n = match args.cores {
+        Some(n) => Some(n),
+        None => match std::env::var("TGT_CORES") {
+            Ok(v) => Some(
+                v.trim()
+                    .parse()
+                    .map_err(|_| format!("bad TGT_CORES {v:?}"))?,
+            ),
+            Err(_) => None,
+        },
+    };
+    match n {
+        None => Ok(allowed),
+        Some(0) => Err("--cores must be at least 1".into()),
+        Some(n) if n > allowed.len() => Err(format!(
+            "--cores {n}: the affinity mask has {} cores",
+            allowed.len()
+        )),
+        Some(n) => Ok(allowed[..n].to_vec()),
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: an all-zero cpu_set_t is valid; CPU_SET writes inside it (cpu < CPU_SETSIZE).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: the pointer and size describe `set`, valid for the call.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The ring fd as tokio's `AsyncFd` wants it (the ring owns the fd).
+struct RingFd(std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+/// A reactor's ring task: submits what its connections queued (woken by the ring when a
+/// request is queued) and completes what arrived (woken when the ring's fd is readable).
+/// Without io_uring it just keeps the loop alive.
+async fn serve_ring(ring: Option<bdev_core::reactor::AttachedRing>) {
+    use std::task::Poll;
+    let Some(mut ring) = ring else {
+        return futures::future::pending().await;
+    };
+    // SAFETY: the fd is the ring of this thread, owned by the thread's reactor state, which
+    // lives until the thread ends; this task (and so the registration) never outlives it.
+    let fd = match unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            RingFd(ring.fd()),
+            tokio::io::Interest::READABLE,
+        )
+    } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("reactor: cannot poll its ring ({e}); completions via its backstop");
+            return futures::future::pending().await;
+        }
+    };
+    futures::future::poll_fn(|cx| {
+        ring.register_submit(cx.waker());
+        loop {
+            ring.pass();
+            match fd.poll_read_ready(cx) {
+                Poll::Ready(Ok(mut g)) => g.clear_ready(),
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!("reactor: ring poll failed: {e}");
+                    return Poll::Ready(());
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    futures::future::pending().await
+}
+
+/// Starts one reactor per core: an OS thread pinned to the core running a single-threaded
+/// event loop until the process exits. Returns the loops' handles.
+fn start_reactors(cores: &[usize]) -> Result<Vec<tokio::runtime::Handle>, String> {
+    let mut handles = Vec::new();
+    for &cpu in cores {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("reactor_{cpu}"))
+            .spawn(move || {
+                if let Err(e) = pin_to(cpu) {
+                    tracing::warn!("reactor {cpu}: cannot pin to the core: {e}");
+                }
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                // This thread's own io_uring serves the aio requests its connections issue,
+                // submitted and reaped by this loop (no completion thread in between).
+                let ring = bdev_core::reactor::attach();
+                let _ = tx.send(Ok(rt.handle().clone()));
+                // Runs the connections spawned onto it; sleeps in epoll_wait when idle.
+                rt.block_on(serve_ring(ring));
+            })
+            .map_err(|e| format!("reactor {cpu}: {e}"))?;
+        let h = rx
+            .recv()
+            .map_err(|_| format!("reactor {cpu} did not start"))??;
+        handles.push(h);
+    }
+    tracing::info!("{} reactor(s) on cores {cores:?}", handles.len());
+    Ok(handles)
+}
+
 fn main() {
     let default_mode = std::env::args_os().len() == 1;
     let args = Args::parse();
     let log = install_logging(&args.logflag);
+    let cores = match reactor_cores(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tgt: {e}");
+            std::process::exit(2);
+        }
+    };
+    let reactors = match start_reactors(&cores) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tgt: cannot start the reactors: {e}");
+            std::process::exit(1);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tgt")
@@ -143,13 +364,18 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(run(args, default_mode, log));
+    let code = rt.block_on(run(args, default_mode, log, reactors));
     // Connection tasks still parked on sockets are not waited for.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
 }
 
-async fn run(args: Args, default_mode: bool, log: Arc<tgt::log::LogControl>) -> i32 {
+async fn run(
+    args: Args,
+    default_mode: bool,
+    log: Arc<tgt::log::LogControl>,
+    reactors: Vec<tokio::runtime::Handle>,
+) -> i32 {
     let limits = match args.limits() {
         Ok(l) => l,
         Err(e) => {
@@ -163,6 +389,7 @@ async fn run(args: Args, default_mode: bool, log: Arc<tgt::log::LogControl>) -> 
         handle.spawn(f);
     }));
     let nbd = NbdServer::with_limits(registry.clone(), limits);
+    nbd.set_reactors(reactors);
     let (mut wiring, lvol) = modules::wiring_with_lvol(&registry, &nbd);
     let metrics = tgt::metrics::Metrics::new(registry.clone(), Some(lvol), nbd.clone());
     wiring.modules.push(tgt::log::LogRpc::new(log));
@@ -329,4 +556,49 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
         nbd_sock.display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_masks_parse_as_spdk_writes_them() {
+        assert_eq!(parse_cpumask("0x3").unwrap(), [0, 1]);
+        assert_eq!(parse_cpumask("3").unwrap(), [0, 1]);
+        assert_eq!(parse_cpumask("0x10").unwrap(), [4]);
+        assert_eq!(parse_cpumask("[0,2-3]").unwrap(), [0, 2, 3]);
+        assert_eq!(parse_cpumask("[1]").unwrap(), [1]);
+        for bad in ["", "0x", "0x0", "zz", "[3-1]", "[a]", "[]"] {
+            assert!(parse_cpumask(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn cores_come_from_the_affinity_mask() {
+        let allowed = affinity_cpus();
+        let args = Args::parse_from(["tgt", "--cores", "1"]);
+        assert_eq!(reactor_cores(&args).unwrap(), allowed[..1]);
+        let args = Args::parse_from(["tgt", "--cores", "0"]);
+        assert!(reactor_cores(&args).is_err());
+        let too_many = (allowed.len() + 1).to_string();
+        let args = Args::parse_from(["tgt", "--cores", too_many.as_str()]);
+        assert!(reactor_cores(&args).is_err());
+        let mask = format!("[{}]", allowed[0]);
+        let args = Args::parse_from(["tgt", "-m", mask.as_str()]);
+        assert_eq!(reactor_cores(&args).unwrap(), [allowed[0]]);
+    }
+
+    #[test]
+    fn a_reactor_runs_on_its_core() {
+        let cpu = affinity_cpus()[0];
+        let h = start_reactors(&[cpu]).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        h[0].spawn(async move {
+            // SAFETY: sched_getcpu takes no arguments.
+            let _ = tx.send(unsafe { libc::sched_getcpu() });
+        });
+        let ran_on = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(ran_on as usize, cpu);
+    }
 }

@@ -5,9 +5,11 @@
 //! * **io_uring** (the default when the kernel allows it, probed at runtime). One ring per
 //!   bdev with the file registered, shared by all threads: submitters push SQEs under a short
 //!   mutex that also guards a slab of pending requests keyed by `user_data`, and a completion
-//!   thread waits for CQEs and completes each request over a `oneshot` (details in the
-//!   private `uring` module). On a thread running [`crate::reactor::block_on`], requests go
-//!   to that thread's own ring instead, which the reactor submits and reaps inline. Either
+//!   thread waits for CQEs and completes each request (details in the private `uring`
+//!   module). On a thread running [`crate::reactor::block_on`] (or whose event loop serves
+//!   the thread's ring, [`crate::reactor::attach`]), requests go to that thread's own ring
+//!   instead, with the file registered there on first use, and the reactor submits and
+//!   reaps them inline. Either
 //!   way the slab entry owns the I/O buffer until its CQE arrives, so a dropped future never
 //!   frees memory the kernel is still using. Short transfers are continued, and a read past
 //!   the end of a shrunken file reads zeroes.

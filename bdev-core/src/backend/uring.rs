@@ -237,6 +237,10 @@ pub(crate) struct Ring {
     files_dropped: AtomicBool,
     /// Set up with `SINGLE_ISSUER | DEFER_TASKRUN`: only the owner thread may enter.
     pub(crate) single_issuer: bool,
+    /// An owner-driven ring served by a foreign event loop: its task, woken when a request
+    /// is queued (`submit_due` false -> true).
+    submit_task: futures::task::AtomicWaker,
+    submit_due: AtomicBool,
 }
 
 /// Whether the kernel supports what the rings need.
@@ -321,6 +325,8 @@ impl Ring {
             files,
             files_dropped: AtomicBool::new(false),
             single_issuer,
+            submit_task: futures::task::AtomicWaker::new(),
+            submit_due: AtomicBool::new(false),
         })
     }
 
@@ -358,6 +364,8 @@ impl Ring {
         if let Some(table) = &self.files {
             lock(table).dropped.push(idx);
             self.files_dropped.store(true, Ordering::Release);
+            // An event loop serving the ring clears it on its next pass.
+            self.submit_task.wake();
         }
     }
 
@@ -457,7 +465,12 @@ impl Ring {
             reap: self.mode != SubmitMode::Owner,
         };
         match self.mode {
-            SubmitMode::Owner => {}
+            SubmitMode::Owner => {
+                // A foreign event loop serving the ring submits on its next pass.
+                if !self.submit_due.swap(true, Ordering::AcqRel) {
+                    self.submit_task.wake();
+                }
+            }
             SubmitMode::Immediate => {
                 self.flush();
                 self.try_drain();
@@ -472,10 +485,21 @@ impl Ring {
         Ok(ticket)
     }
 
+    /// The ring's fd.
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// The task of a foreign event loop serving this ring (see `submit`).
+    pub(crate) fn register_submit(&self, waker: &Waker) {
+        self.submit_task.register(waker);
+    }
+
     /// One pass of an owner: submits what is queued and runs the completion work the kernel
     /// has for this thread (`GETEVENTS`, without waiting), in one `io_uring_enter`; skipped
     /// when there is nothing to submit and nothing in flight.
     pub(crate) fn submit_and_reap(&self) {
+        self.submit_due.store(false, Ordering::Release);
         // SAFETY: only the ring's owner calls this, and the submission queue's tail is read
         // under the pending mutex like every other access to it.
         let queued = unsafe {

@@ -1,5 +1,9 @@
 //! The userspace NBD server: listeners, exports and connections (tokio).
 //!
+//! The listener runs on the target's control runtime; each accepted connection is handed to
+//! one of the target's reactors (`NbdServer::set_reactors`, round-robin), a thread pinned to
+//! its core with an event loop of its own, where the whole session runs.
+//!
 //! Each export holds one open descriptor on its bdev; connections share it. A `Remove` event
 //! on that descriptor (hot-removal) removes the export and ends its connections: in-flight
 //! requests finish, their replies are sent, then the socket is closed and the descriptor
@@ -118,6 +122,11 @@ pub struct NbdServer {
     tracker: Arc<Tracker>,
     limits: Limits,
     budget: Arc<MemBudget>,
+    /// The target's reactors (see `set_reactors`); empty: connections run on the runtime
+    /// that accepted them.
+    reactors: Mutex<Vec<tokio::runtime::Handle>>,
+    /// Round-robin cursor over `reactors`.
+    next_reactor: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,7 +180,66 @@ impl NbdServer {
             tracker: Arc::new(Tracker::default()),
             limits,
             budget: MemBudget::new(limits.nbd_total_mem),
+            reactors: Mutex::new(Vec::new()),
+            next_reactor: AtomicUsize::new(0),
         })
+    }
+
+    /// Gives the server the target's reactors: each new connection is assigned to the next
+    /// one, round-robin, and its whole session (requests read, submitted, completed and
+    /// answered) runs on that reactor's thread.
+    pub fn set_reactors(&self, reactors: Vec<tokio::runtime::Handle>) {
+        *lock(&self.reactors) = reactors;
+    }
+
+    /// The reactor the next connection goes to, if the target has reactors.
+    fn pick_reactor(&self) -> Option<tokio::runtime::Handle> {
+        let r = lock(&self.reactors);
+        if r.is_empty() {
+            return None;
+        }
+        let i = self.next_reactor.fetch_add(1, Ordering::Relaxed) % r.len();
+        Some(r[i].clone())
+    }
+
+    /// A connection accepted on a Unix socket, handed to its reactor.
+    fn accept_unix(self: &Arc<Self>, s: tokio::net::UnixStream) {
+        let Some(h) = self.pick_reactor() else {
+            return self.spawn_conn(s);
+        };
+        // Re-registered with the reactor's own event loop.
+        match s.into_std() {
+            Ok(std) => {
+                let me = self.clone();
+                h.spawn(async move {
+                    match tokio::net::UnixStream::from_std(std) {
+                        Ok(s) => me.spawn_conn(s),
+                        Err(e) => tracing::warn!("nbd: connection to its reactor: {e}"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("nbd: connection to its reactor: {e}"),
+        }
+    }
+
+    /// A connection accepted on a TCP socket, handed to its reactor.
+    fn accept_tcp(self: &Arc<Self>, s: tokio::net::TcpStream) {
+        let _ = s.set_nodelay(true);
+        let Some(h) = self.pick_reactor() else {
+            return self.spawn_conn(s);
+        };
+        match s.into_std() {
+            Ok(std) => {
+                let me = self.clone();
+                h.spawn(async move {
+                    match tokio::net::TcpStream::from_std(std) {
+                        Ok(s) => me.spawn_conn(s),
+                        Err(e) => tracing::warn!("nbd: connection to its reactor: {e}"),
+                    }
+                });
+            }
+            Err(e) => tracing::warn!("nbd: connection to its reactor: {e}"),
+        }
     }
 
     /// The server-wide buffer budget (its `used()` and `peak()` show what connections hold).
@@ -195,7 +263,7 @@ impl NbdServer {
             let task = tokio::spawn(async move {
                 loop {
                     match l.accept().await {
-                        Ok((s, _)) => me.spawn_conn(s),
+                        Ok((s, _)) => me.accept_unix(s),
                         Err(e) => {
                             tracing::warn!("nbd accept: {e}");
                             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -215,10 +283,7 @@ impl NbdServer {
             let task = tokio::spawn(async move {
                 loop {
                     match l.accept().await {
-                        Ok((s, _)) => {
-                            let _ = s.set_nodelay(true);
-                            me.spawn_conn(s)
-                        }
+                        Ok((s, _)) => me.accept_tcp(s),
                         Err(e) => {
                             tracing::warn!("nbd accept: {e}");
                             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -394,6 +459,8 @@ impl NbdServer {
         out
     }
 
+    /// Runs a connection's session on the current runtime (the reactor's, when called from
+    /// `accept_unix`/`accept_tcp`).
     fn spawn_conn<S>(self: &Arc<Self>, stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -614,7 +681,7 @@ fn begin(
         return;
     }
     let len = req.len as usize;
-    let mut buf = IoBuf::new(len, export.desc.device().buf_align());
+    let mut buf = pooled_buf(len, export.desc.device().buf_align());
     let have = (rbuf.len() - *pos).min(len);
     buf[..have].copy_from_slice(&rbuf[*pos..*pos + have]);
     *pos += have;
@@ -832,10 +899,56 @@ impl Reply {
             Reply::Simple(h) => w.write_all(&h).await,
             Reply::Data(h, buf, skew, len, _charge) => {
                 w.write_all(&h).await?;
-                w.write_all(&buf[skew..skew + len]).await
+                let r = w.write_all(&buf[skew..skew + len]).await;
+                recycle(buf);
+                r
             }
         }
     }
+}
+
+/// Largest buffer the per-reactor pool keeps (larger ones are allocated per request).
+const POOL_MAX_LEN: usize = 64 << 10;
+/// Buffers the pool of one reactor keeps (at most 8 MiB, outside the connections' budgets).
+const POOL_KEEP: usize = 128;
+
+thread_local! {
+    /// This reactor's free I/O buffers: reused for write payloads and read replies, so a
+    /// connection in steady state allocates no data buffer per request.
+    static BUF_POOL: std::cell::RefCell<Vec<IoBuf>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `len` bytes aligned to `align`, from this reactor's pool when one fits. Its
+/// bytes are not cleared: every use fills it completely (a payload received in full, a
+/// device read of the whole buffer) before anything reads it.
+fn pooled_buf(len: usize, align: usize) -> IoBuf {
+    let align = align.max(1).next_power_of_two();
+    if len > 0 && len <= POOL_MAX_LEN {
+        let hit = BUF_POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p
+                .iter()
+                .rposition(|b| b.len() == len && b.align() >= align)?;
+            Some(p.swap_remove(i))
+        });
+        if let Some(b) = hit {
+            return b;
+        }
+    }
+    IoBuf::new(len, align)
+}
+
+/// Gives a buffer back to this reactor's pool.
+fn recycle(buf: IoBuf) {
+    if buf.is_empty() || buf.len() > POOL_MAX_LEN {
+        return;
+    }
+    BUF_POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < POOL_KEEP {
+            p.push(buf);
+        }
+    });
 }
 
 /// Block-aligned span covering a byte range: (first block, block count, byte skew in the
@@ -856,8 +969,8 @@ async fn read_bytes(
     let dev = desc.device();
     let bl = dev.block_len() as u64;
     let (first, count, skew) = span(offset, len, bl);
-    let buf = IoBuf::new((count * bl) as usize, dev.buf_align());
-    let buf = desc.read(first, buf).await.map_err(|e| e.errno())?;
+    let buf = pooled_buf((count * bl) as usize, dev.buf_align());
+    let buf = desc.read_io(first, buf).await.map_err(|e| e.errno())?;
     Ok((buf, skew, len as usize))
 }
 
@@ -889,7 +1002,7 @@ async fn write_bytes(
         buf[skew..skew + data.len()].copy_from_slice(&data);
         buf
     };
-    desc.write(first, buf).await.map_err(|e| e.errno())?;
+    recycle(desc.write_io(first, buf).await.map_err(|e| e.errno())?);
     Ok(())
 }
 
