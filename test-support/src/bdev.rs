@@ -121,7 +121,9 @@ pub async fn fill_pattern(reg: &Registry, name: &str, tag: u8) {
     let size = d.device().num_blocks() * u64::from(d.device().block_len());
     for off in (0..size).step_by(MIB as usize) {
         let n = MIB.min(size - off) as usize;
-        write_at(&d, off, &pattern(tag, off, n)).await.expect("fill write");
+        write_at(&d, off, &pattern(tag, off, n))
+            .await
+            .expect("fill write");
     }
 }
 
