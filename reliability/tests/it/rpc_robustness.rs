@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use test_support::prelude::with_timeout;
 
 /// Builds the `tgt` binary (same profile and target dir as this test) and returns its path.
 fn tgt_binary() -> PathBuf {
@@ -55,6 +56,17 @@ fn start(bin: &PathBuf, dir: &std::path::Path) -> (Tgt, PathBuf) {
     (tgt, sock)
 }
 
+/// Builds and starts `tgt` on a socket in a new temp dir and runs `test` (given the dir, the
+/// target and its socket) under a 110 s timeout.
+fn with_target(test: impl FnOnce(&std::path::Path, &mut Tgt, &PathBuf) + Send + 'static) {
+    let bin = tgt_binary();
+    with_timeout(110, move || {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut tgt, sock) = start(&bin, dir.path());
+        test(dir.path(), &mut tgt, &sock);
+    });
+}
+
 fn call(sock: &PathBuf, req: &Value) -> Value {
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -66,13 +78,10 @@ fn call(sock: &PathBuf, req: &Value) -> Value {
 
 #[test]
 fn hundred_clients_garbage_and_half_closed_connections() {
-    let bin = tgt_binary();
-    crate::common::with_timeout(110, move || {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut tgt, sock) = start(&bin, dir.path());
+    with_target(|_, tgt, sock| {
         let t0 = Instant::now();
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc": "2.0", "method": "bdev_malloc_create", "id": 1,
             "params": {"name": "m0", "num_blocks": 2048, "block_size": 512}}),
         );
@@ -157,7 +166,7 @@ fn hundred_clients_garbage_and_half_closed_connections() {
         // Still up and answering.
         assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
         );
         assert_eq!(r["result"][0]["name"], json!("m0"), "{r}");
@@ -235,17 +244,14 @@ fn nbd_io(
 #[test]
 fn nbd_server_survives_hostile_clients() {
     use tgt::nbd::proto;
-    let bin = tgt_binary();
-    crate::common::with_timeout(110, move || {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut tgt, sock) = start(&bin, dir.path());
-        let nbd = dir.path().join("nbd.sock");
+    with_target(|dir, tgt, sock| {
+        let nbd = dir.join("nbd.sock");
         for req in [
             json!({"jsonrpc":"2.0","method":"bdev_malloc_create","id":1,"params":{"name":"m0","num_blocks":2048,"block_size":512}}),
             json!({"jsonrpc":"2.0","method":"nbd_server_start","id":2,"params":{"listen":format!("unix:{}", nbd.display())}}),
             json!({"jsonrpc":"2.0","method":"nbd_export_add","id":3,"params":{"bdev_name":"m0","name":"m0"}}),
         ] {
-            let r = call(&sock, &req);
+            let r = call(sock, &req);
             assert!(r.get("error").is_none(), "{r}");
         }
         // Hostile clients: every NBD corpus file, 1 MiB of garbage, a header announcing a
@@ -302,7 +308,7 @@ fn nbd_server_survives_hostile_clients() {
         assert_eq!((e, back), (0, data));
         assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"nbd_get_exports","id":9}),
         );
         assert!(r.get("error").is_none(), "{r}");
@@ -314,12 +320,9 @@ fn nbd_server_survives_hostile_clients() {
 /// Methods that would stop the target or touch files and sockets are left out.
 #[test]
 fn every_method_with_hostile_params() {
-    let bin = tgt_binary();
-    crate::common::with_timeout(110, move || {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut tgt, sock) = start(&bin, dir.path());
+    with_target(|_, tgt, sock| {
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"rpc_get_methods","id":0}),
         );
         let methods: Vec<String> = r["result"]
@@ -354,7 +357,7 @@ fn every_method_with_hostile_params() {
             json!({"bdev_name": {"a": [1, {"b": null}]}, "lvs_name": [], "size_in_mib": "9"}),
             json!({"lvol_name": "\u{0}\u{ffff}", "uuid": "not-a-uuid", "cluster_sz": 3}),
         ];
-        let mut s = UnixStream::connect(&sock).unwrap();
+        let mut s = UnixStream::connect(sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut rd = BufReader::new(s.try_clone().unwrap());
         let mut calls = 0;
@@ -381,7 +384,7 @@ fn every_method_with_hostile_params() {
         }
         assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
         );
         assert!(r["result"].is_array(), "{r}");
