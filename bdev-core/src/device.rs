@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use iobuf::IoBuf;
 use uuid::Uuid;
 
-use crate::Result;
+use crate::{IoFuture, Result};
 
 /// I/O types, named as in SPDK's `supported_io_types` (the RPC layer prints them in this order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -109,7 +109,9 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn block_len(&self) -> u32;
     /// Current size in blocks (may change on resize).
     fn num_blocks(&self) -> u64;
-    /// Required buffer alignment in bytes (1 = any).
+    /// Buffer alignment in bytes the device serves without a copy (1 = any): consumers
+    /// allocate their buffers with it. A device that needs aligned memory (O_DIRECT) copies
+    /// a request with another buffer through an aligned bounce buffer; it never fails it.
     fn buf_align(&self) -> usize {
         1
     }
@@ -123,6 +125,16 @@ pub trait BlockDevice: Send + Sync + 'static {
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf>;
     /// Writes `buf` at `offset_blocks`, and returns the buffer.
     async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf>;
+    /// [`BlockDevice::read`] without a heap allocation: the data path
+    /// ([`crate::Descriptor::read_io`]) calls this. The default boxes `read`'s future;
+    /// devices on the fast path return their future inline ([`IoFuture::new`]).
+    fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        IoFuture::boxed(self.read(offset_blocks, buf))
+    }
+    /// [`BlockDevice::write`] without a heap allocation (see [`BlockDevice::read_io`]).
+    fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        IoFuture::boxed(self.write(offset_blocks, buf))
+    }
     /// Vectored read: the buffers are filled one after the other from `offset_blocks`.
     async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
         let mut out = Vec::with_capacity(bufs.len());

@@ -15,7 +15,9 @@
 //! own the memory while the kernel uses it. The library is runtime-agnostic: any executor can
 //! drive the futures. [`reactor::block_on`] is the fast path for a thread dedicated to I/O
 //! (SPDK's reactor): aio requests issued under it are submitted and reaped by that thread
-//! itself, with no hop through a completion thread. Elsewhere, each aio bdev's ring has a
+//! itself, with no hop through a completion thread. The data path ([`Descriptor::read_io`],
+//! [`BlockDevice::read_io`] and the write forms) returns [`IoFuture`]s, which keep each
+//! layer's future inline instead of boxing it: no allocation per request in steady state. Elsewhere, each aio bdev's ring has a
 //! completion thread; the thread-pool engine runs blocking `pread`/`pwrite` on a small pool.
 //!
 //! # Events and removal
@@ -31,15 +33,19 @@
 //! backend (including ones in other crates) can run.
 
 pub mod backend;
+pub mod config;
 #[cfg(feature = "test-util")]
 pub mod conformance;
 mod device;
 mod error;
+pub mod iofuture;
 pub mod reactor;
 mod registry;
 pub mod rpc;
+pub mod stats;
 
 pub use device::{BdevEvent, BlockDevice, ClaimType, IoType};
 pub use error::{BdevError, Result};
 pub use iobuf::IoBuf;
+pub use iofuture::IoFuture;
 pub use registry::{Descriptor, ExamineHook, Registry};

@@ -15,6 +15,17 @@
 //! `block_on` returns only once every request it queued has completed, so no buffer
 //! outlives its owner in the kernel.
 //!
+//! A thread that only runs reactor work (the target's reactors, the benchmark driver) calls
+//! [`set_exclusive`] first: its ring is then set up `SINGLE_ISSUER | DEFER_TASKRUN` where the
+//! kernel has them, completion work runs only when the reactor enters the kernel, and there
+//! is no backstop thread (nothing may block inside its futures). Files are registered with
+//! the ring on first use (see the aio bdev).
+//!
+//! Every poll pass ends with at most one `io_uring_enter`: it submits what the pass queued
+//! and collects completions without waiting while tasks are still runnable, or submits and
+//! sleeps until a completion (or a cross-thread wake) when none is. So a reactor with I/O in
+//! flight keeps polling, and an idle one sleeps in the kernel and uses no CPU.
+//!
 //! Without io_uring, [`block_on`] is `futures::executor::block_on`.
 
 use std::cell::{Cell, RefCell};
@@ -26,7 +37,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{opcode, types};
 
-use crate::backend::uring::{Ring, SubmitMode, EVENTFD_KEY};
+use crate::backend::uring::{Ring, EVENTFD_KEY};
 
 /// Ring size of a reactor.
 const ENTRIES: u32 = 512;
@@ -39,7 +50,13 @@ struct ThreadRing {
     efd_buf: Box<[u8; 8]>,
     stop: Arc<AtomicBool>,
     backstop: Option<std::thread::JoinHandle<()>>,
+    /// Longest sleep in the kernel while idle.
+    idle_wait: std::time::Duration,
 }
+
+/// Longest idle sleep of an exclusive reactor: a wake-up goes through the eventfd, so this
+/// only bounds the cost of a lost one.
+const EXCLUSIVE_IDLE_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// How often the backstop looks for completions the reactor did not reap.
 const BACKSTOP_TICK: std::time::Duration = std::time::Duration::from_millis(10);
@@ -66,8 +83,8 @@ fn backstop(ring: Arc<Ring>, stop: Arc<AtomicBool>) {
 }
 
 impl ThreadRing {
-    fn new() -> Option<ThreadRing> {
-        let ring = Ring::new(ENTRIES, SubmitMode::Owner)
+    fn new(exclusive: bool) -> Option<ThreadRing> {
+        let ring = Ring::owned(ENTRIES, exclusive)
             .map_err(|e| tracing::debug!(target: "uring", "no reactor ring: {e}"))
             .ok()?;
         // SAFETY: eventfd takes no pointers; the result is checked before use.
@@ -77,19 +94,32 @@ impl ThreadRing {
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
         let efd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let single = ring.single_issuer;
         let ring = Arc::new(ring);
         let stop = Arc::new(AtomicBool::new(false));
         let (r2, s2) = (ring.clone(), stop.clone());
-        let backstop = std::thread::Builder::new()
-            .name("bdev-reactor-bs".into())
-            .spawn(move || backstop(r2, s2))
-            .ok()?;
+        // A single-issuer ring cannot be entered from another thread: no backstop.
+        let backstop = if single {
+            None
+        } else {
+            Some(
+                std::thread::Builder::new()
+                    .name("bdev-reactor-bs".into())
+                    .spawn(move || backstop(r2, s2))
+                    .ok()?,
+            )
+        };
         Some(ThreadRing {
             ring,
             efd,
             efd_buf: Box::new([0; 8]),
             stop,
-            backstop: Some(backstop),
+            backstop,
+            idle_wait: if exclusive {
+                EXCLUSIVE_IDLE_WAIT
+            } else {
+                BACKSTOP_TICK
+            },
         })
     }
 
@@ -134,6 +164,22 @@ thread_local! {
     static RING: RefCell<Option<ThreadRing>> = const { RefCell::new(None) };
     static RING_TRIED: Cell<bool> = const { Cell::new(false) };
     static DEPTH: Cell<usize> = const { Cell::new(0) };
+    static EXCLUSIVE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Declares the current thread a dedicated reactor thread: its ring (created at its first
+/// [`block_on`]) is single-issuer with deferred task running where the kernel allows it, and
+/// has no backstop thread. Nothing run under its [`block_on`] may block the thread waiting
+/// for aio I/O (a nested [`block_on`] is fine). Call it before the thread's first
+/// [`block_on`]; later calls have no effect on an existing ring.
+pub fn set_exclusive() {
+    EXCLUSIVE.with(|e| e.set(true));
+}
+
+/// Whether this thread's ring was set up `SINGLE_ISSUER | DEFER_TASKRUN` (after its first
+/// [`block_on`]).
+pub fn is_single_issuer() -> bool {
+    RING.with(|r| r.borrow().as_ref().is_some_and(|t| t.ring.single_issuer))
 }
 
 /// The ring of the reactor running on this thread, if any.
@@ -174,17 +220,17 @@ impl Wake for WakeState {
 pub fn block_on<F: Future>(fut: F) -> F::Output {
     let have_ring = RING.with(|r| {
         if r.borrow().is_none() && !RING_TRIED.with(|t| t.replace(true)) {
-            *r.borrow_mut() = ThreadRing::new();
+            *r.borrow_mut() = ThreadRing::new(EXCLUSIVE.with(|e| e.get()));
         }
         r.borrow().is_some()
     });
     if !have_ring {
         return futures::executor::block_on(fut);
     }
-    let (ring, efd) = RING.with(|r| {
+    let (ring, efd, idle_wait) = RING.with(|r| {
         let b = r.borrow();
         let t = b.as_ref().expect("checked above");
-        (t.ring.clone(), t.efd.clone())
+        (t.ring.clone(), t.efd.clone(), t.idle_wait)
     });
     let state = Arc::new(WakeState {
         woken: AtomicBool::new(true),
@@ -204,8 +250,6 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
     }
     let _depth = Depth;
-    // Iterations in a row in which the future was woken again before going idle.
-    let mut busy = 0u32;
     let out = loop {
         if state.woken.swap(false, Ordering::SeqCst) {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
@@ -215,15 +259,12 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         // Take what has completed (no syscall: this reads the completion queue).
         ring.drain(&mut cqes, &mut ready);
         if state.woken.load(Ordering::SeqCst) {
-            // More work right away; submissions wait for the idle point below (one syscall
-            // per batch, as fio), but a future that keeps itself busy must not starve them.
-            busy += 1;
-            if busy.is_multiple_of(16) {
-                ring.flush();
-            }
+            // More work right away: one io_uring_enter submits what this pass queued and
+            // collects completions without waiting, then the next pass runs.
+            ring.submit_and_reap();
+            ring.drain(&mut cqes, &mut ready);
             continue;
         }
-        busy = 0;
         RING.with(|r| {
             if let Some(t) = r.borrow_mut().as_mut() {
                 t.arm();
@@ -236,7 +277,8 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
             // Submits what is queued and sleeps until a completion (or a cross-thread wake
             // through the eventfd) in one syscall. Bounded, so a lost wake-up (a race with
             // the backstop) costs a tick, not a hang.
-            ring.wait_timeout(BACKSTOP_TICK);
+            ring.wait_timeout(idle_wait);
+            ring.reap_unregistered();
         }
         state.sleeping.store(false, Ordering::SeqCst);
         ring.drain(&mut cqes, &mut ready);

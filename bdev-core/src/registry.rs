@@ -21,7 +21,8 @@ use iobuf::IoBuf;
 use slab::Slab;
 use uuid::Uuid;
 
-use crate::{BdevError, BdevEvent, BlockDevice, ClaimType, IoType, Result};
+use crate::stats::{self, IoKind, IoStats};
+use crate::{BdevError, BdevEvent, BlockDevice, ClaimType, IoFuture, IoType, Result};
 
 /// A module callback that sees every newly registered device (SPDK `examine_disk`).
 #[async_trait]
@@ -68,6 +69,8 @@ struct DevState {
     inflight: AtomicU64,
     /// `destruct` has been called: every I/O fails with ENODEV.
     gone: AtomicBool,
+    /// I/O statistics (`bdev_get_iostat`).
+    stats: Arc<IoStats>,
 }
 
 /// A registered device and its aliases (in insertion order).
@@ -203,6 +206,7 @@ impl Registry {
                 ctl: Mutex::new(DevCtl::default()),
                 inflight: AtomicU64::new(0),
                 gone: AtomicBool::new(false),
+                stats: Arc::new(IoStats::new()),
             });
             inner.by_uuid.insert(uuid, name.clone());
             inner.by_name.insert(
@@ -364,6 +368,23 @@ impl Registry {
             .unwrap_or(0)
     }
 
+    /// The I/O statistics of a device (by name, alias or UUID).
+    pub fn stats(&self, name_or_alias_or_uuid: &str) -> Option<Arc<IoStats>> {
+        self.state_of(name_or_alias_or_uuid)
+            .map(|s| s.stats.clone())
+    }
+
+    /// Every registered device with its statistics, in registration order.
+    pub fn list_with_stats(&self) -> Vec<(Arc<dyn BlockDevice>, Arc<IoStats>)> {
+        let inner = lock(&self.shared.inner);
+        inner
+            .order
+            .iter()
+            .filter_map(|n| inner.by_name.get(n))
+            .map(|e| (e.state.dev.clone(), e.state.stats.clone()))
+            .collect()
+    }
+
     /// Opens a device by name, alias or UUID. A write open of a device claimed
     /// `ReadManyWriteNone`, or claimed by another descriptor for writing, fails with EPERM.
     ///
@@ -484,7 +505,7 @@ impl Drop for Inflight<'_> {
 const ZERO_CHUNK: usize = 1 << 20;
 
 /// An open handle on a device. I/O goes through it: it checks bounds (EINVAL), buffer length
-/// and alignment (EINVAL), write permission (EBADF) and removal (ENODEV), and counts in-flight
+/// (EINVAL), write permission (EBADF) and removal (ENODEV), and counts in-flight
 /// requests. Dropping it closes it (and releases its claim).
 pub struct Descriptor {
     dev: Arc<dyn BlockDevice>,
@@ -653,6 +674,14 @@ impl Descriptor {
             || (io_type == IoType::WriteZeroes && self.dev.io_type_supported(IoType::Write))
     }
 
+    /// The statistics hook: counts one I/O of `blocks` blocks that started at tick `t0`.
+    #[inline]
+    fn counted<T>(&self, kind: IoKind, blocks: u64, t0: u64, r: Result<T>) -> Result<T> {
+        let bytes = blocks.saturating_mul(u64::from(self.dev.block_len()));
+        self.state.stats.record(kind, bytes, t0, r.is_ok());
+        r
+    }
+
     fn check_alive(&self) -> Result<()> {
         if self.state.gone.load(Ordering::Acquire) {
             return Err(BdevError::NoDevice(self.dev.name().to_string()));
@@ -686,19 +715,15 @@ impl Descriptor {
         }
     }
 
-    /// Checks one buffer's length and alignment; returns its length in blocks.
+    /// Checks one buffer's length; returns its length in blocks. (Its alignment is the
+    /// device's business: `buf_align` is what it prefers, and a device that needs aligned
+    /// memory copies through a bounce buffer.)
     fn check_buf(&self, buf: &IoBuf) -> Result<u64> {
         let bl = self.dev.block_len() as usize;
         if !buf.len().is_multiple_of(bl) {
             return Err(BdevError::InvalidArgument(format!(
                 "buffer length {} is not a multiple of the block length {bl}",
                 buf.len()
-            )));
-        }
-        let align = self.dev.buf_align().max(1);
-        if !(buf.as_ptr() as usize).is_multiple_of(align) {
-            return Err(BdevError::InvalidArgument(format!(
-                "buffer is not aligned to {align} bytes"
             )));
         }
         Ok((buf.len() / bl) as u64)
@@ -715,29 +740,61 @@ impl Descriptor {
 
     /// Reads into `buf` at `offset_blocks`.
     pub async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.check_alive()?;
-        self.check_supported(IoType::Read)?;
-        let n = self.check_buf(&buf)?;
-        self.check_range(offset_blocks, n)?;
-        if n == 0 {
-            return Ok(buf);
-        }
-        let _g = Inflight::new(&self.state.inflight);
-        self.dev.read(offset_blocks, buf).await
+        self.read_io(offset_blocks, buf).await
     }
 
     /// Writes `buf` at `offset_blocks`.
     pub async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.check_alive()?;
-        self.check_write()?;
-        self.check_supported(IoType::Write)?;
-        let n = self.check_buf(&buf)?;
-        self.check_range(offset_blocks, n)?;
+        self.write_io(offset_blocks, buf).await
+    }
+
+    /// [`Descriptor::read`] as an [`IoFuture`]: the checks run now, the device's request
+    /// future is returned as is (no allocation when the device serves it inline). A stacked
+    /// device returns this as its own request's future.
+    pub fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        let n = match self.check_io(offset_blocks, &buf, IoType::Read) {
+            Ok(n) => n,
+            Err(e) => return IoFuture::ready(Err(e)),
+        };
         if n == 0 {
-            return Ok(buf);
+            return IoFuture::ready(Ok(buf));
         }
-        let _g = Inflight::new(&self.state.inflight);
-        self.dev.write(offset_blocks, buf).await
+        self.state.inflight.fetch_add(1, Ordering::AcqRel);
+        let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
+        self.dev
+            .read_io(offset_blocks, buf)
+            .counted(&self.state.inflight)
+            .recorded(&self.state.stats, IoKind::Read, bytes)
+    }
+
+    /// [`Descriptor::write`] as an [`IoFuture`] (see [`Descriptor::read_io`]).
+    pub fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        let n = match self.check_io(offset_blocks, &buf, IoType::Write) {
+            Ok(n) => n,
+            Err(e) => return IoFuture::ready(Err(e)),
+        };
+        if n == 0 {
+            return IoFuture::ready(Ok(buf));
+        }
+        self.state.inflight.fetch_add(1, Ordering::AcqRel);
+        let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
+        self.dev
+            .write_io(offset_blocks, buf)
+            .counted(&self.state.inflight)
+            .recorded(&self.state.stats, IoKind::Write, bytes)
+    }
+
+    /// The checks of one read or write, each done once: alive, writable (writes),
+    /// supported, buffer length, range. Returns the length in blocks.
+    fn check_io(&self, offset_blocks: u64, buf: &IoBuf, io_type: IoType) -> Result<u64> {
+        self.check_alive()?;
+        if io_type == IoType::Write {
+            self.check_write()?;
+        }
+        self.check_supported(io_type)?;
+        let n = self.check_buf(buf)?;
+        self.check_range(offset_blocks, n)?;
+        Ok(n)
     }
 
     /// Vectored read. Each buffer's length must be a multiple of the block length.
@@ -749,7 +806,9 @@ impl Descriptor {
             return Ok(bufs);
         }
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.readv(offset_blocks, bufs).await
+        let t0 = stats::now();
+        let r = self.dev.readv(offset_blocks, bufs).await;
+        self.counted(IoKind::Read, n, t0, r)
     }
 
     /// Vectored write. Each buffer's length must be a multiple of the block length.
@@ -762,7 +821,9 @@ impl Descriptor {
             return Ok(bufs);
         }
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.writev(offset_blocks, bufs).await
+        let t0 = stats::now();
+        let r = self.dev.writev(offset_blocks, bufs).await;
+        self.counted(IoKind::Write, n, t0, r)
     }
 
     /// Flush.
@@ -770,7 +831,9 @@ impl Descriptor {
         self.check_alive()?;
         self.check_supported(IoType::Flush)?;
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.flush().await
+        let t0 = stats::now();
+        let r = self.dev.flush().await;
+        self.counted(IoKind::Flush, 0, t0, r)
     }
 
     /// Unmap a range (EINVAL for zero blocks, as SPDK).
@@ -783,7 +846,9 @@ impl Descriptor {
         }
         self.check_range(offset_blocks, num_blocks)?;
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.unmap(offset_blocks, num_blocks).await
+        let t0 = stats::now();
+        let r = self.dev.unmap(offset_blocks, num_blocks).await;
+        self.counted(IoKind::Unmap, num_blocks, t0, r)
     }
 
     /// Write zeroes over a range. When the device lacks write_zeroes but can write, it is
@@ -800,6 +865,19 @@ impl Descriptor {
             return Ok(());
         }
         let _g = Inflight::new(&self.state.inflight);
+        let t0 = stats::now();
+        let r = self
+            .write_zeroes_inner(native, offset_blocks, num_blocks)
+            .await;
+        self.counted(IoKind::WriteZeroes, 0, t0, r)
+    }
+
+    async fn write_zeroes_inner(
+        &self,
+        native: bool,
+        offset_blocks: u64,
+        num_blocks: u64,
+    ) -> Result<()> {
         if native {
             return self.dev.write_zeroes(offset_blocks, num_blocks).await;
         }
@@ -826,6 +904,8 @@ impl Descriptor {
         self.check_alive()?;
         self.check_supported(IoType::Reset)?;
         let _g = Inflight::new(&self.state.inflight);
-        self.dev.reset().await
+        let t0 = stats::now();
+        let r = self.dev.reset().await;
+        self.counted(IoKind::Reset, 0, t0, r)
     }
 }

@@ -82,6 +82,45 @@ pub fn decode<T: serde::de::DeserializeOwned>(params: Option<Value>) -> Result<T
     serde_json::from_value(v).map_err(|_| RpcError::decode_failed())
 }
 
+/// Parses an optional UUID parameter; a malformed one is a decode failure, as SPDK's
+/// `decode_uuid`.
+pub fn parse_uuid(s: &Option<String>) -> Result<Option<uuid::Uuid>, RpcError> {
+    match s {
+        None => Ok(None),
+        Some(s) => uuid::Uuid::parse_str(s)
+            .map(Some)
+            .map_err(|_| RpcError::decode_failed()),
+    }
+}
+
+/// `-errno` and `strerror` of a device error.
+pub fn errno_err(e: &crate::BdevError) -> RpcError {
+    RpcError::from_errno(e.errno())
+}
+
+/// The `bdev_*_delete` of a backend: unregisters `name` if it is a device of `module`,
+/// `-19` (ENODEV) otherwise.
+pub async fn delete_of_module(
+    registry: &crate::Registry,
+    name: &str,
+    module: &str,
+) -> Result<Value, RpcError> {
+    match registry.get(name) {
+        Some(d) if d.module_name() == module => {}
+        _ => return Err(RpcError::from_errno(libc::ENODEV)),
+    }
+    registry.unregister(name).await.map_err(|e| errno_err(&e))?;
+    Ok(Value::Bool(true))
+}
+
+/// Params of the `bdev_*_delete` methods.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameOnly {
+    /// The bdev.
+    pub name: String,
+}
+
 /// A module's set of JSON-RPC methods.
 #[async_trait]
 pub trait RpcModule: Send + Sync + 'static {

@@ -70,7 +70,8 @@ fn config_and_driver_specific_follow_spdk() {
     assert_eq!(
         a.driver_specific(),
         serde_json::json!({"aio": {"filename": fname, "block_size_override": false,
-            "readonly": false, "fallocate": false, "nowait": false}})
+            "readonly": false, "fallocate": false, "nowait": false,
+            "direct_io": a.is_direct()}})
     );
     drop(a);
     let b = AioBdev::create(AioOpts {
@@ -319,4 +320,77 @@ fn a_future_polled_once_and_kept_does_not_strand_other_io() {
     block_on(parked).unwrap();
     let back = block_on(d.read(0, IoBuf::new(512, 1))).unwrap();
     assert_eq!(back, pattern(&d, 0, 1, 1));
+}
+
+/// The flags the process opened `path` with (from `/proc/self/fdinfo`), for every open fd.
+fn open_flags(path: &std::path::Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(path) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/self/fdinfo/{}",
+            e.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if let Some(l) = info.lines().find(|l| l.starts_with("flags:")) {
+            out.push(u32::from_str_radix(l[6..].trim(), 8).unwrap());
+        }
+    }
+    out
+}
+
+#[test]
+fn default_open_is_o_direct_and_buffered_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = file(dir.path(), 1 << 20);
+    let p = p.canonicalize().unwrap();
+    // Whether this file system takes O_DIRECT at all (else the default falls back).
+    let fs_direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p)
+            .is_ok()
+    };
+    let a = AioBdev::create(AioOpts {
+        name: "d".into(),
+        filename: p.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(a.is_direct(), fs_direct);
+    assert_eq!(a.driver_specific()["aio"]["direct_io"], fs_direct);
+    let flags = open_flags(&p);
+    assert!(!flags.is_empty());
+    assert!(
+        flags
+            .iter()
+            .all(|f| (f & libc::O_DIRECT as u32 != 0) == fs_direct),
+        "{flags:?}"
+    );
+    // Data goes through: a write read back.
+    let mut w = IoBuf::new(4096, a.buf_align());
+    w.fill(0x5a);
+    futures::executor::block_on(a.write(8, w)).unwrap();
+    let r = futures::executor::block_on(a.read(8, IoBuf::new(4096, a.buf_align()))).unwrap();
+    assert!(r.iter().all(|&b| b == 0x5a));
+    drop(a);
+    let b = AioBdev::create(AioOpts {
+        name: "b".into(),
+        filename: p.clone(),
+        direct: false,
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(!b.is_direct());
+    assert_eq!(b.driver_specific()["aio"]["direct_io"], false);
+    assert_eq!(b.buf_align(), 1);
+    let flags = open_flags(&p);
+    assert!(
+        flags.iter().all(|f| f & libc::O_DIRECT as u32 == 0),
+        "{flags:?}"
+    );
 }

@@ -8,8 +8,8 @@ use iobuf::IoBuf;
 use uuid::Uuid;
 
 use crate::client::Client;
-use crate::proto::{self, Cmd};
 use crate::NbdError;
+use nbd_proto::{self as proto, Cmd};
 
 /// Product name, as `bdev_get_bdevs` prints it.
 pub const PRODUCT_NAME: &str = "NBD client";

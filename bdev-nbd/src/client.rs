@@ -29,8 +29,8 @@ use uuid::Uuid;
 
 use crate::addr::Address;
 use crate::conn::{Conn, Outcome};
-use crate::proto::{self, Cmd, ExportInfo};
 use crate::{NbdError, Result};
+use nbd_proto::{self as proto, Cmd, ExportInfo};
 
 /// The settings of one client, validated.
 #[derive(Clone, Debug)]

@@ -23,8 +23,9 @@ use iobuf::IoBuf;
 use slab::Slab;
 
 use crate::addr::{Address, Stream};
-use crate::proto::{self, Cmd, ExportInfo, REPLY_LEN};
+use crate::handshake;
 use crate::{NbdError, Result};
+use nbd_proto::{self as proto, Cmd, ExportInfo, Request, REPLY_LEN};
 
 /// How a submitted request ended.
 pub(crate) enum Outcome {
@@ -108,7 +109,7 @@ impl Conn {
             source,
         })?;
         s.set_timeouts(Some(timeout)).map_err(NbdError::Socket)?;
-        let info = proto::handshake(&mut s, export)?;
+        let info = handshake::handshake(&mut s, export)?;
         // From now on the watchdog bounds requests; an idle connection must not time out,
         // but one whose peer vanished must be noticed.
         s.set_timeouts(None).map_err(NbdError::Socket)?;
@@ -197,7 +198,7 @@ impl Conn {
         let job = Job::Send {
             key,
             cookie,
-            header: proto::request(cmd, cookie, offset, len),
+            header: proto::encode_request(&Request::new(cmd, cookie, offset, len)),
             data: sent,
             off: buf_off,
             len: len as usize,
@@ -327,7 +328,7 @@ impl Conn {
                     }
                 }
                 Job::Disconnect => {
-                    let disc = proto::request(Cmd::Disc, 0, 0, 0);
+                    let disc = proto::encode_request(&Request::new(Cmd::Disc, 0, 0, 0));
                     if !failed {
                         let _ = w.write_all(&disc);
                         let _ = w.flush();
@@ -377,7 +378,7 @@ impl Conn {
                 Ok(rep) => rep,
                 Err(e) => break e.to_string(),
             };
-            if reply.error == proto::NBD_ESHUTDOWN {
+            if reply.error == proto::ESHUTDOWN {
                 // The server is going away; the request is resubmitted after reconnecting.
                 break "server is shutting down".to_string();
             }
@@ -393,7 +394,7 @@ impl Conn {
             let result = if reply.error == 0 {
                 Ok(())
             } else {
-                Err(proto::errno_of(reply.error))
+                Err(proto::nbd_to_errno(reply.error))
             };
             let Some(p) = t.slab.get_mut(key) else {
                 break "pending request vanished".to_string();

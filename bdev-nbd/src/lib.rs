@@ -25,7 +25,7 @@ mod bdev;
 mod client;
 mod conn;
 mod error;
-mod proto;
+mod handshake;
 mod rpc;
 
 use std::collections::BTreeMap;

@@ -892,6 +892,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // This thread is the benchmark's reactor and never blocks on aio I/O inside it:
+    // single-issuer ring, deferred task running, files registered.
+    bdev_core::reactor::set_exclusive();
     match run(args) {
         Ok(v) => {
             println!("{v}");

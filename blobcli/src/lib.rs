@@ -2,7 +2,7 @@
 //! script and shell modes and output lines, plus offline inspection of lvol stores and
 //! esnap clones (`--image`, `-l lvols`, `-d lvs/lvol`, `--output json`, `--check`).
 //!
-//! Owns: argument parsing, the SPDK JSON config reader (malloc, aio and read-only bdevs), the
+//! Owns: argument parsing, the SPDK JSON config replay (through `bdev_core::config`), the
 //! read-only overlay under inspection sessions, the esnap factory that finds external
 //! snapshots among the configured bdevs, and every output format.
 //! Does not own: the on-disk format or any blobstore logic (`blobstore`, including the

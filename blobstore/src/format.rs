@@ -55,26 +55,30 @@ pub(crate) const MASK_PAGES: u8 = 0;
 pub(crate) const MASK_CLUSTERS: u8 = 1;
 pub(crate) const MASK_BLOBIDS: u8 = 2;
 
-pub(crate) fn rd_u16(b: &[u8], off: usize) -> u16 {
-    let mut a = [0u8; 2];
-    if let Some(s) = b.get(off..off + 2) {
-        a.copy_from_slice(s);
-    }
-    u16::from_le_bytes(a)
+/// Reads `N` bytes at `off`, or a corrupt-metadata error naming the short read: a field that
+/// lies past the end of what was read is never taken as 0.
+fn rd_bytes<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N]> {
+    off.checked_add(N)
+        .and_then(|end| b.get(off..end))
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| {
+            BsError::Corrupt(format!(
+                "short read: a {N}-byte field at offset {off} lies past the end of {} bytes",
+                b.len()
+            ))
+        })
 }
-pub(crate) fn rd_u32(b: &[u8], off: usize) -> u32 {
-    let mut a = [0u8; 4];
-    if let Some(s) = b.get(off..off + 4) {
-        a.copy_from_slice(s);
-    }
-    u32::from_le_bytes(a)
+/// Little-endian u16 at `off`; a short read is an error.
+pub(crate) fn rd_u16(b: &[u8], off: usize) -> Result<u16> {
+    rd_bytes(b, off).map(u16::from_le_bytes)
 }
-pub(crate) fn rd_u64(b: &[u8], off: usize) -> u64 {
-    let mut a = [0u8; 8];
-    if let Some(s) = b.get(off..off + 8) {
-        a.copy_from_slice(s);
-    }
-    u64::from_le_bytes(a)
+/// Little-endian u32 at `off`; a short read is an error.
+pub(crate) fn rd_u32(b: &[u8], off: usize) -> Result<u32> {
+    rd_bytes(b, off).map(u32::from_le_bytes)
+}
+/// Little-endian u64 at `off`; a short read is an error.
+pub(crate) fn rd_u64(b: &[u8], off: usize) -> Result<u64> {
+    rd_bytes(b, off).map(u64::from_le_bytes)
 }
 pub(crate) fn wr_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
@@ -133,8 +137,8 @@ pub(crate) fn tombstone(id: u64) -> Vec<u8> {
 /// Whether `page` is a shadow of an md page with a valid CRC.
 pub(crate) fn is_shadow(page: &[u8]) -> bool {
     page.len() >= PAGE
-        && rd_u32(page, RESERVED_OFF) == SHADOW_TAG
-        && page_crc(page) == rd_u32(page, CRC_OFF)
+        && rd_u32(page, RESERVED_OFF).is_ok_and(|t| t == SHADOW_TAG)
+        && rd_u32(page, CRC_OFF).is_ok_and(|c| c == page_crc(page))
 }
 
 /// Blob id of md page `idx`.
@@ -186,26 +190,26 @@ pub(crate) fn parse_super(b: &[u8]) -> Result<SuperBlockInfo> {
     signature.copy_from_slice(&b[0..8]);
     let mut bstype = [0u8; 16];
     bstype.copy_from_slice(&b[sb::BSTYPE..sb::BSTYPE + 16]);
-    let crc = rd_u32(b, CRC_OFF);
+    let crc = rd_u32(b, CRC_OFF)?;
     Ok(SuperBlockInfo {
         signature,
-        version: rd_u32(b, sb::VERSION),
-        length: rd_u32(b, sb::LENGTH),
-        clean: rd_u32(b, sb::CLEAN),
-        super_blob: rd_u64(b, sb::SUPER_BLOB),
-        cluster_size: rd_u32(b, sb::CLUSTER_SIZE),
-        used_page_mask_start: rd_u32(b, sb::PAGE_MASK_START),
-        used_page_mask_len: rd_u32(b, sb::PAGE_MASK_LEN),
-        used_cluster_mask_start: rd_u32(b, sb::CLUSTER_MASK_START),
-        used_cluster_mask_len: rd_u32(b, sb::CLUSTER_MASK_LEN),
-        md_start: rd_u32(b, sb::MD_START),
-        md_len: rd_u32(b, sb::MD_LEN),
+        version: rd_u32(b, sb::VERSION)?,
+        length: rd_u32(b, sb::LENGTH)?,
+        clean: rd_u32(b, sb::CLEAN)?,
+        super_blob: rd_u64(b, sb::SUPER_BLOB)?,
+        cluster_size: rd_u32(b, sb::CLUSTER_SIZE)?,
+        used_page_mask_start: rd_u32(b, sb::PAGE_MASK_START)?,
+        used_page_mask_len: rd_u32(b, sb::PAGE_MASK_LEN)?,
+        used_cluster_mask_start: rd_u32(b, sb::CLUSTER_MASK_START)?,
+        used_cluster_mask_len: rd_u32(b, sb::CLUSTER_MASK_LEN)?,
+        md_start: rd_u32(b, sb::MD_START)?,
+        md_len: rd_u32(b, sb::MD_LEN)?,
         bstype,
-        used_blobid_mask_start: rd_u32(b, sb::BLOBID_MASK_START),
-        used_blobid_mask_len: rd_u32(b, sb::BLOBID_MASK_LEN),
-        size: rd_u64(b, sb::SIZE),
-        io_unit_size: rd_u32(b, sb::IO_UNIT_SIZE),
-        md_page_size: rd_u32(b, sb::MD_PAGE_SIZE),
+        used_blobid_mask_start: rd_u32(b, sb::BLOBID_MASK_START)?,
+        used_blobid_mask_len: rd_u32(b, sb::BLOBID_MASK_LEN)?,
+        size: rd_u64(b, sb::SIZE)?,
+        io_unit_size: rd_u32(b, sb::IO_UNIT_SIZE)?,
+        md_page_size: rd_u32(b, sb::MD_PAGE_SIZE)?,
         crc,
         crc_ok: page_crc(b) == crc,
     })
@@ -326,7 +330,7 @@ impl Bitmap {
         if b.len() < 5 || b[0] != mask_type {
             return None;
         }
-        let stored = u64::from(rd_u32(b, 1));
+        let stored = u64::from(rd_u32(b, 1).ok()?);
         if stored < len || 5 + (len as usize).div_ceil(8) > b.len() {
             return None;
         }
@@ -348,7 +352,7 @@ pub(crate) fn parse_mask(b: &[u8]) -> Result<MaskInfo> {
             b.len()
         )));
     }
-    let length = rd_u32(b, 1);
+    let length = rd_u32(b, 1)?;
     let avail = ((b.len() - 5) * 8) as u64;
     let n = u64::from(length).min(avail);
     let mut set_bits = Vec::new();
@@ -376,13 +380,24 @@ pub(crate) fn parse_md_page(b: &[u8]) -> Result<MdPageInfo> {
             b.len()
         )));
     }
-    let crc = rd_u32(b, CRC_OFF);
+    let crc = rd_u32(b, CRC_OFF)?;
     let mut descriptors = Vec::new();
     let area = &b[DESC_OFF..DESC_OFF + DESC_AREA];
     let mut off = 0usize;
-    while off + 5 <= area.len() {
+    while off < area.len() {
         let t = area[off];
-        let len = rd_u32(area, off + 1);
+        if off + 5 > area.len() {
+            // A header cut off by the end of the area: zero padding ends the walk, anything
+            // else is a truncated descriptor (never read as zeroes).
+            if area[off..].iter().any(|&x| x != 0) {
+                descriptors.push(Descriptor::Unknown {
+                    desc_type: t,
+                    length: 0,
+                });
+            }
+            break;
+        }
+        let len = rd_u32(area, off + 1)?;
         if t == DESC_PADDING && len == 0 {
             break;
         }
@@ -410,9 +425,9 @@ pub(crate) fn parse_md_page(b: &[u8]) -> Result<MdPageInfo> {
         off = start + len as usize;
     }
     Ok(MdPageInfo {
-        id: rd_u64(b, 0),
-        sequence_num: rd_u32(b, 8),
-        next: rd_u32(b, NEXT_OFF),
+        id: rd_u64(b, 0)?,
+        sequence_num: rd_u32(b, 8)?,
+        next: rd_u32(b, NEXT_OFF)?,
         crc,
         crc_ok: page_crc(b) == crc,
         descriptors,
@@ -424,25 +439,33 @@ fn parse_descriptor(t: u8, len: u32, body: &[u8]) -> Descriptor {
         desc_type: t,
         length: len,
     };
-    match t {
+    // A field read past the body's end (a short read) makes the descriptor malformed.
+    parse_descriptor_body(t, len, body)
+        .ok()
+        .flatten()
+        .unwrap_or(bad)
+}
+
+/// The descriptor of type `t`, `Ok(None)` when its length does not fit the type, an error
+/// when a field lies past the end of `body`.
+fn parse_descriptor_body(t: u8, len: u32, body: &[u8]) -> Result<Option<Descriptor>> {
+    let pairs = |b: &[u8]| -> Result<Vec<(u32, u32)>> {
+        b.chunks_exact(8)
+            .map(|c| Ok((rd_u32(c, 0)?, rd_u32(c, 4)?)))
+            .collect()
+    };
+    Ok(Some(match t {
         DESC_EXTENT_RLE => {
             if len == 0 || !len.is_multiple_of(8) {
-                return bad;
+                return Ok(None);
             }
-            let runs = body
-                .chunks_exact(8)
-                .map(|c| (rd_u32(c, 0), rd_u32(c, 4)))
-                .collect();
-            Descriptor::ExtentRle(runs)
+            Descriptor::ExtentRle(pairs(body)?)
         }
         DESC_XATTR | DESC_XATTR_INTERNAL => {
-            if body.len() < 4 {
-                return bad;
-            }
-            let nl = rd_u16(body, 0) as usize;
-            let vl = rd_u16(body, 2) as usize;
+            let nl = rd_u16(body, 0)? as usize;
+            let vl = rd_u16(body, 2)? as usize;
             if 4 + nl + vl != body.len() {
-                return bad;
+                return Ok(None);
             }
             Descriptor::Xattr {
                 internal: t == DESC_XATTR_INTERNAL,
@@ -452,37 +475,37 @@ fn parse_descriptor(t: u8, len: u32, body: &[u8]) -> Descriptor {
         }
         DESC_FLAGS => {
             if body.len() != 24 {
-                return bad;
+                return Ok(None);
             }
             Descriptor::Flags {
-                invalid: rd_u64(body, 0),
-                data_ro: rd_u64(body, 8),
-                md_ro: rd_u64(body, 16),
+                invalid: rd_u64(body, 0)?,
+                data_ro: rd_u64(body, 8)?,
+                md_ro: rd_u64(body, 16)?,
             }
         }
         DESC_EXTENT_TABLE => {
             if body.len() < 8 || !(body.len() - 8).is_multiple_of(8) {
-                return bad;
+                return Ok(None);
             }
             Descriptor::ExtentTable {
-                num_clusters: rd_u64(body, 0),
-                entries: body[8..]
-                    .chunks_exact(8)
-                    .map(|c| (rd_u32(c, 0), rd_u32(c, 4)))
-                    .collect(),
+                num_clusters: rd_u64(body, 0)?,
+                entries: pairs(&body[8..])?,
             }
         }
         DESC_EXTENT_PAGE => {
             if body.len() <= 4 || !(body.len() - 4).is_multiple_of(4) {
-                return bad;
+                return Ok(None);
             }
             Descriptor::ExtentPage {
-                start_cluster: rd_u32(body, 0),
-                clusters: body[4..].chunks_exact(4).map(|c| rd_u32(c, 0)).collect(),
+                start_cluster: rd_u32(body, 0)?,
+                clusters: body[4..]
+                    .chunks_exact(4)
+                    .map(|c| rd_u32(c, 0))
+                    .collect::<Result<_>>()?,
             }
         }
-        _ => bad,
-    }
+        _ => return Ok(None),
+    }))
 }
 
 /// Builds md pages from a descriptor stream: each page gets `id`, its sequence number and
@@ -595,6 +618,33 @@ mod tests {
     }
 
     #[test]
+    fn short_reads_are_errors() {
+        let b = [1u8, 2, 3, 4, 5, 6, 7];
+        assert_eq!(rd_u16(&b, 5).unwrap(), 0x0706);
+        assert_eq!(rd_u32(&b, 3).unwrap(), 0x0706_0504);
+        for e in [
+            rd_u16(&b, 6).err(),
+            rd_u32(&b, 4).err(),
+            rd_u64(&b, 0).err(),
+            rd_u64(&b, usize::MAX - 2).err(),
+        ] {
+            match e {
+                Some(BsError::Corrupt(m)) => assert!(m.contains("short read"), "{m}"),
+                other => panic!("expected a short-read error, got {other:?}"),
+            }
+        }
+        // A cut descriptor body is malformed, not a descriptor of zero fields.
+        assert_eq!(
+            parse_descriptor(DESC_XATTR, 3, &[5, 0, 1]),
+            Descriptor::Unknown {
+                desc_type: DESC_XATTR,
+                length: 3
+            }
+        );
+        assert!(Bitmap::from_mask(&[MASK_PAGES, 9, 0, 0], MASK_PAGES, 9).is_none());
+    }
+
+    #[test]
     fn bitmap_roundtrip() {
         let mut m = Bitmap::new(70);
         m.set(0);
@@ -602,7 +652,7 @@ mod tests {
         m.set(69);
         let b = m.to_mask(MASK_CLUSTERS, 1);
         assert_eq!(b[0], 1);
-        assert_eq!(rd_u32(&b, 1), 70);
+        assert_eq!(rd_u32(&b, 1).unwrap(), 70);
         assert_eq!(b[5], 0b1001);
         let back = Bitmap::from_mask(&b, MASK_CLUSTERS, 70).unwrap();
         assert_eq!(back, m);

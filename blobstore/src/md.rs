@@ -330,7 +330,7 @@ impl BlobMd {
         }
         match self.get_internal(XATTR_SNAP) {
             None => Ok(None),
-            Some(v) if v.len() == 8 => Ok(Some(rd_u64(v, 0))),
+            Some(v) if v.len() == 8 => rd_u64(v, 0).map(Some),
             Some(v) => Err(corrupt(format!(
                 "internal xattr SNAP has {} bytes, expected 8",
                 v.len()

@@ -1756,7 +1756,7 @@ impl StoreInner {
                     ci.md
                         .get_internal(n)
                         .filter(|v| v.len() == 8)
-                        .map(|v| rd_u64(v, 0))
+                        .and_then(|v| rd_u64(v, 0).ok())
                 };
                 summaries.insert(
                     id,

@@ -249,6 +249,76 @@ fn check_reports_leaks_and_double_ownership() {
     });
 }
 
+/// A descriptor cut short (a header cut by the end of the descriptor area, an xattr body too
+/// short for its length fields) is reported as malformed and refused at open, never read as
+/// zero-valued fields.
+#[test]
+fn truncated_descriptors_are_rejected() {
+    let (mut img, a, _) = store();
+    let sb = inspect::parse_super(&img[..4096]).unwrap();
+    let ms = sb.md_start as usize;
+    let root = (a & 0xffff_ffff) as usize;
+    // Short buffers are errors, not pages of zeroes.
+    for n in [0usize, 4, 4095] {
+        let e = inspect::parse_md_page(&img[(ms + root) * 4096..][..n]).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL, "{e}");
+        assert!(inspect::parse_super(&img[..n]).is_err());
+    }
+    assert!(inspect::parse_mask(&[0u8; 4]).is_err());
+
+    // Root page: padding up to 3 bytes before the end of the area, then a FLAGS type byte
+    // whose length field is cut off.
+    let orig = md_page(&mut img, ms, root).to_vec();
+    {
+        let pg = md_page(&mut img, ms, root);
+        let area = &mut pg[16..16 + 4072];
+        area.fill(0);
+        area[0] = 0; // padding descriptor
+        area[1..5].copy_from_slice(&(4072u32 - 5 - 3).to_le_bytes());
+        area[4069] = 3;
+        area[4070] = 24;
+        reseal(pg);
+    }
+    let info = inspect::parse_md_page(md_page(&mut img, ms, root)).unwrap();
+    assert!(info.crc_ok);
+    assert_eq!(
+        info.descriptors.last(),
+        Some(&inspect::Descriptor::Unknown {
+            desc_type: 3,
+            length: 0
+        }),
+        "{:?}",
+        info.descriptors
+    );
+    let e = block_on(async {
+        let d = MemBsDev::from_bytes(4096, img.clone());
+        let bs = Blobstore::load(d, BsOpts::default()).await.unwrap();
+        bs.open_blob(a).await.err().expect("open must fail")
+    });
+    assert_eq!(e.errno(), libc::EINVAL);
+    assert!(e.to_string().contains("malformed descriptor"), "{e}");
+
+    // An xattr descriptor whose body (3 bytes) cannot hold its two length fields.
+    {
+        let pg = md_page(&mut img, ms, root);
+        pg.copy_from_slice(&orig);
+        let area = &mut pg[16..16 + 4072];
+        area.fill(0);
+        area[0] = 2;
+        area[1..5].copy_from_slice(&3u32.to_le_bytes());
+        area[5..8].copy_from_slice(&[9, 0, 1]);
+        reseal(pg);
+    }
+    let info = inspect::parse_md_page(md_page(&mut img, ms, root)).unwrap();
+    assert_eq!(
+        info.descriptors,
+        vec![inspect::Descriptor::Unknown {
+            desc_type: 2,
+            length: 3
+        }]
+    );
+}
+
 #[test]
 fn failed_load_writes_nothing() {
     let (mut img, ..) = store();

@@ -1,5 +1,5 @@
 //! Fuzzes the NBD handshake (client flags, option headers and payloads) and the transmission
-//! request parser and checks of the target (`tgt::nbd::proto`). Driver:
+//! request parser and checks of the server (`nbd_proto`). Driver:
 //! `reliability::fuzz::nbd_session`.
 #![no_main]
 

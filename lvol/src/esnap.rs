@@ -32,6 +32,10 @@ pub const DEFAULT_ESNAP_RETRY_DELAY_MS: u64 = 100;
 pub struct EsnapRetry {
     retries: AtomicU32,
     delay_ms: AtomicU64,
+    /// Retries done so far (metrics).
+    retried: AtomicU64,
+    /// Requests that failed with EIO after their retries (metrics).
+    gave_up: AtomicU64,
 }
 
 impl Default for EsnapRetry {
@@ -39,6 +43,8 @@ impl Default for EsnapRetry {
         EsnapRetry {
             retries: AtomicU32::new(DEFAULT_ESNAP_RETRIES),
             delay_ms: AtomicU64::new(DEFAULT_ESNAP_RETRY_DELAY_MS),
+            retried: AtomicU64::new(0),
+            gave_up: AtomicU64::new(0),
         }
     }
 }
@@ -51,6 +57,21 @@ impl EsnapRetry {
     /// Delay between retries.
     pub fn delay(&self) -> Duration {
         Duration::from_millis(self.delay_ms.load(Ordering::Relaxed))
+    }
+    /// Counts one retry.
+    pub fn note_retry(&self) {
+        self.retried.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Counts one request failed with EIO after its retries.
+    pub fn note_eio(&self) {
+        self.gave_up.fetch_add(1, Ordering::Relaxed);
+    }
+    /// (retries done, requests failed with EIO) since start.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.retried.load(Ordering::Relaxed),
+            self.gave_up.load(Ordering::Relaxed),
+        )
     }
     /// Sets both values.
     pub fn set(&self, retries: u32, delay: Duration) {

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use bdev_core::{BdevError, BlockDevice, IoType};
+use bdev_core::{BdevError, BlockDevice, IoFuture, IoType};
 use blobstore::{Blob, BlobId, BsError, Parent};
 use iobuf::IoBuf;
 use serde_json::{json, Value};
@@ -302,9 +302,11 @@ impl LvolBdev {
                 return Err(to_bdev_err(err));
             }
             if attempt >= self.retry.retries() {
+                self.retry.note_eio();
                 return Err(eio());
             }
             attempt += 1;
+            self.retry.note_retry();
             self.pause().await;
             match self
                 .lvol
@@ -327,9 +329,11 @@ impl LvolBdev {
                 Ok(_) => return Ok(buf),
                 Err(e) if self.retryable(&e) => {
                     if attempt >= self.retry.retries() {
+                        self.retry.note_eio();
                         return Err(eio());
                     }
                     attempt += 1;
+                    self.retry.note_retry();
                     self.pause().await;
                 }
                 Err(e) => return Err(to_bdev_err(e)),
@@ -349,9 +353,11 @@ impl LvolBdev {
                 Ok(()) => return Ok(()),
                 Err(e) if self.retryable(&e) => {
                     if attempt >= self.retry.retries() {
+                        self.retry.note_eio();
                         return Err(eio());
                     }
                     attempt += 1;
+                    self.retry.note_retry();
                     self.pause().await;
                 }
                 Err(e) => return Err(to_bdev_err(e)),
@@ -398,25 +404,36 @@ impl BlockDevice for LvolBdev {
         }
     }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
-        // Fast path: one blob read. The retry loop (with its timer) lives in a separately
-        // boxed future, so this future stays small and is cheap to build and poll.
-        let (len, align) = (buf.len(), buf.align());
-        match self.lvol.blob.read(offset_blocks, buf).await {
-            Ok(b) => Ok(b),
-            Err(e) => Box::pin(self.read_retry(offset_blocks, len, align, e)).await,
-        }
+        self.read_io(offset_blocks, buf).await
     }
     async fn write(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
-        let blocks = (buf.len() / self.block_len.max(1) as usize) as u64;
-        if self.all_allocated(offset_blocks, blocks) || !self.lvol.depends_on_esnap() {
-            return self
-                .lvol
-                .blob
-                .write(offset_blocks, buf)
-                .await
-                .map_err(to_bdev_err);
-        }
-        Box::pin(self.write_retry(offset_blocks, buf)).await
+        self.write_io(offset_blocks, buf).await
+    }
+    fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
+        // Fast path: one blob read, its future in the request's pooled block (no allocation
+        // of ours). The retry loop (with its timer) lives in a separately boxed future, so
+        // this future stays small and is cheap to build and poll.
+        IoFuture::new(async move {
+            let (len, align) = (buf.len(), buf.align());
+            match self.lvol.blob.read(offset_blocks, buf).await {
+                Ok(b) => Ok(b),
+                Err(e) => Box::pin(self.read_retry(offset_blocks, len, align, e)).await,
+            }
+        })
+    }
+    fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
+        IoFuture::new(async move {
+            let blocks = (buf.len() / self.block_len.max(1) as usize) as u64;
+            if self.all_allocated(offset_blocks, blocks) || !self.lvol.depends_on_esnap() {
+                return self
+                    .lvol
+                    .blob
+                    .write(offset_blocks, buf)
+                    .await
+                    .map_err(to_bdev_err);
+            }
+            Box::pin(self.write_retry(offset_blocks, buf)).await
+        })
     }
     async fn flush(&self) -> bdev_core::Result<()> {
         // The blob's flush reaches the store's device (`BdevBsDev::flush`), which writes back

@@ -233,6 +233,11 @@ impl LvolModule {
         (self.0.retry.retries(), self.0.retry.delay())
     }
 
+    /// (retries done, requests failed with EIO) of I/O needing a missing external snapshot.
+    pub fn esnap_counts(&self) -> (u64, u64) {
+        self.0.retry.counts()
+    }
+
     /// Sets the retry policy (`bdev_lvol_set_esnap_retry`).
     pub fn set_esnap_retry(&self, retries: u32, delay: Duration) {
         self.0.retry.set(retries, delay);

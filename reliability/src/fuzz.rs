@@ -1,10 +1,10 @@
-//! Fuzz drivers: each takes arbitrary bytes and pushes them through a parser of the target
-//! exactly as the server does, checking the properties that must hold for any input (no
-//! panic, progress on every frame, bounded buffering).
+//! Fuzz drivers: each takes arbitrary bytes and pushes them through a parser exactly as the
+//! server (or, for [`nbd_client_session`], the NBD client) does, checking the properties that
+//! must hold for any input (no panic, progress on every frame, bounded buffering).
 
+use nbd_proto::{self as proto, ExportInfo, ExportLookup, Next};
 use serde_json::Value;
 use tgt::jsonrpc::{self, Frame, StreamParser};
-use tgt::nbd::proto::{self, ExportInfo, ExportLookup, Next};
 
 /// Size limit used by the JSON-RPC driver, small so the fuzzer reaches the too-large path.
 pub const FUZZ_RPC_LIMIT: usize = 64 * 1024;
@@ -115,11 +115,7 @@ impl ExportLookup for Exports {
         };
         Some((
             real.to_string(),
-            ExportInfo {
-                size: 1 << 20,
-                flags: proto::transmission_flags(ro, true),
-                block_size: 512,
-            },
+            ExportInfo::new(1 << 20, proto::transmission_flags(ro, true), 512),
         ))
     }
     fn names(&self) -> Vec<String> {
@@ -144,21 +140,21 @@ impl<'a> Input<'a> {
 /// Plays `data` as everything a client sends to the NBD server: client flags, options
 /// (header + payload) until an export is chosen, then request headers and write payloads.
 /// Mirrors the server's loop in `tgt::nbd::server` with the pure functions of
-/// `tgt::nbd::proto`; a write payload is only "allocated" after the length checks the server
+/// `nbd_proto`; a write payload is only "allocated" after the length checks the server
 /// applies, so no input makes it allocate more than `MAX_PAYLOAD`; an oversized write is
 /// skipped with an `EOVERFLOW` reply, as the server does.
 pub fn nbd_session(data: &[u8]) -> NbdOutcome {
     let mut out = NbdOutcome::default();
     let mut inp = Input(data);
     let Some(f) = inp.take(4) else { return out };
-    let Ok(no_zeroes) = proto::parse_client_flags([f[0], f[1], f[2], f[3]]) else {
+    let Ok(no_zeroes) = proto::parse_client_flags(f) else {
         return out;
     };
     let export = loop {
-        let Some(h) = inp.take(16) else { return out };
-        let mut hdr = [0u8; 16];
-        hdr.copy_from_slice(h);
-        let Ok(h) = proto::parse_option_header(&hdr) else {
+        let Some(h) = inp.take(proto::OPTION_HEADER_LEN) else {
+            return out;
+        };
+        let Ok(h) = proto::parse_option_header(h) else {
             return out;
         };
         assert!(h.len <= proto::MAX_OPTION_LEN);
@@ -180,9 +176,7 @@ pub fn nbd_session(data: &[u8]) -> NbdOutcome {
         let Some(h) = inp.take(proto::REQUEST_LEN) else {
             return out;
         };
-        let mut hdr = [0u8; proto::REQUEST_LEN];
-        hdr.copy_from_slice(h);
-        let Ok(req) = proto::parse_request(&hdr) else {
+        let Ok(req) = proto::parse_request(h) else {
             return out;
         };
         out.requests += 1;
@@ -217,4 +211,94 @@ pub fn nbd_session(data: &[u8]) -> NbdOutcome {
             }
         }
     }
+}
+
+/// What one NBD client run saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NbdClientOutcome {
+    /// Option replies decoded in the handshake.
+    pub option_replies: usize,
+    /// The handshake reached `NBD_REP_ACK` with a valid export.
+    pub transmitting: bool,
+    /// Simple replies decoded in transmission.
+    pub replies: usize,
+}
+
+/// Plays `data` as everything a server sends to the NBD client (`bdev-nbd`): the greeting,
+/// option replies to `NBD_OPT_GO` until `NBD_REP_ACK`, then simple replies, each decoded with
+/// the `nbd_proto` functions the client uses. No reply length makes it allocate more than
+/// `MAX_OPTION_LEN` (the header decoder refuses longer ones first).
+pub fn nbd_client_session(data: &[u8]) -> NbdClientOutcome {
+    let mut out = NbdClientOutcome::default();
+    let mut inp = Input(data);
+    let Some(g) = inp.take(proto::GREETING_LEN) else {
+        return out;
+    };
+    let Ok(hflags) = proto::parse_greeting(g) else {
+        return out;
+    };
+    if proto::client_flags(hflags) & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
+        return out;
+    }
+    let mut export = None;
+    let mut sizes = None;
+    loop {
+        let Some(h) = inp.take(proto::OPTION_REPLY_HEADER_LEN) else {
+            return out;
+        };
+        let Ok(h) = proto::parse_option_reply_header(h) else {
+            return out;
+        };
+        assert!(h.len <= proto::MAX_OPTION_LEN);
+        let Some(payload) = inp.take(h.len as usize) else {
+            return out;
+        };
+        out.option_replies += 1;
+        match h.reply {
+            proto::REP_INFO => match proto::parse_info(payload) {
+                Ok(proto::Info::Export { size, flags }) => export = Some((size, flags)),
+                Ok(proto::Info::BlockSize {
+                    min,
+                    preferred,
+                    max,
+                }) => sizes = Some((min, preferred, max)),
+                Ok(proto::Info::Other(_)) => {}
+                Err(_) => return out,
+            },
+            proto::REP_ACK => {
+                let Some((size, flags)) = export else {
+                    return out;
+                };
+                let mut info = ExportInfo::with_default_sizes(size, flags);
+                if let Some((min, pref, max)) = sizes {
+                    (info.min_block, info.pref_block, info.max_payload) = (min, pref, max);
+                }
+                if info.check_block_sizes().is_err() {
+                    return out;
+                }
+                // What the check accepts is usable: powers of two, a payload of a block.
+                assert!(info.min_block.is_power_of_two() && info.max_payload >= info.min_block);
+                break;
+            }
+            r => {
+                // An error reply maps to an errno; anything else ends the handshake.
+                if r & proto::REP_FLAG_ERROR != 0 {
+                    assert!(proto::option_error(r).0 > 0);
+                }
+                return out;
+            }
+        }
+    }
+    out.transmitting = true;
+    while let Some(h) = inp.take(proto::REPLY_LEN) {
+        let Ok(r) = proto::parse_reply(h) else {
+            return out;
+        };
+        out.replies += 1;
+        assert_eq!(proto::simple_reply(r.error, r.cookie), h);
+        if r.error != 0 {
+            assert!(proto::nbd_to_errno(r.error) > 0);
+        }
+    }
+    out
 }

@@ -89,12 +89,15 @@ struct GetConfig {
     with_batches: bool,
 }
 
-/// The subsystems we have, in dependency order (`framework_get_subsystems`).
+/// The subsystems we have, in dependency order: (name, depends on).
+pub const SUBSYSTEMS: [(&str, &[&str]); 2] = [("bdev", &[]), ("nbd", &["bdev"])];
+
+/// `framework_get_subsystems`.
 pub fn subsystems() -> Value {
-    json!([
-        {"subsystem": "bdev", "depends_on": []},
-        {"subsystem": "nbd", "depends_on": ["bdev"]},
-    ])
+    SUBSYSTEMS
+        .iter()
+        .map(|(name, deps)| json!({"subsystem": name, "depends_on": deps}))
+        .collect()
 }
 
 fn signal_by_name(name: &str) -> Option<i32> {
@@ -151,9 +154,12 @@ pub async fn call(t: &Arc<Target>, method: &str, params: Option<Value>) -> Resul
         }
         "framework_get_config" => {
             let p: GetConfig = decode_or(params, "Invalid arguments")?;
-            let _ = p.with_batches;
             match p.name.as_str() {
-                "bdev" => Ok(Value::Array(t.bdev_config())),
+                "bdev" => Ok(Value::Array(crate::saveconf::bdev(
+                    t.registry(),
+                    t.bdev_config(),
+                    p.with_batches,
+                ))),
                 "nbd" => Ok(Value::Array(t.nbd().config())),
                 other => Err(invalid(&format!("Subsystem '{other}' not found"))),
             }

@@ -9,11 +9,15 @@
 pub mod bdev_rpc;
 pub mod config;
 pub mod framework;
+pub mod iostat;
 pub mod jsonrpc;
 pub mod limits;
 pub mod log;
+pub mod metrics;
 pub mod modules;
 pub mod nbd;
+pub mod persist;
+pub mod saveconf;
 pub mod server;
 pub mod sockpath;
 pub mod target;

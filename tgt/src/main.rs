@@ -59,6 +59,13 @@ struct Args {
     /// MiB all RPC connections together may hold in partial requests (beyond 64 KiB each).
     #[arg(long = "rpc-mem-mib", default_value_t = limits::RPC_TOTAL_MEM >> 20)]
     rpc_mem_mib: usize,
+    /// Serve Prometheus metrics over HTTP on ADDR:PORT (default 127.0.0.1:9464).
+    #[arg(long = "metrics", value_name = "ADDR:PORT", num_args = 0..=1,
+          default_missing_value = tgt::metrics::DEFAULT_ADDR)]
+    metrics: Option<String>,
+    /// Let `--metrics` listen on a non-loopback address (the endpoint has no authentication).
+    #[arg(long = "metrics-allow-remote")]
+    metrics_allow_remote: bool,
     /// Milliseconds a client may leave its replies unread (NBD), an announced payload unsent
     /// (NBD) or a partial request waiting for memory (RPC) before it is disconnected.
     #[arg(long = "stall-timeout-ms", default_value_t = limits::STALL_TIMEOUT.as_millis() as u64)]
@@ -68,7 +75,7 @@ struct Args {
 impl Args {
     /// The limits from the options; `Err` names the bad one.
     fn limits(&self) -> Result<limits::Limits, String> {
-        let max_payload = tgt::nbd::proto::MAX_PAYLOAD as usize >> 20;
+        let max_payload = nbd_proto::MAX_PAYLOAD as usize >> 20;
         if self.nbd_conn_mem_mib < max_payload {
             return Err(format!(
                 "--nbd-conn-mem-mib must be at least {max_payload} (one maximum-size request)"
@@ -156,7 +163,8 @@ async fn run(args: Args, default_mode: bool, log: Arc<tgt::log::LogControl>) -> 
         handle.spawn(f);
     }));
     let nbd = NbdServer::with_limits(registry.clone(), limits);
-    let mut wiring = modules::wiring(&registry, &nbd);
+    let (mut wiring, lvol) = modules::wiring_with_lvol(&registry, &nbd);
+    let metrics = tgt::metrics::Metrics::new(registry.clone(), Some(lvol), nbd.clone());
     wiring.modules.push(tgt::log::LogRpc::new(log));
     let start_in_startup = args.wait_for_rpc || args.json.is_some();
     let target = Target::new(registry, nbd, wiring, start_in_startup);
@@ -171,6 +179,24 @@ async fn run(args: Args, default_mode: bool, log: Arc<tgt::log::LogControl>) -> 
             eprintln!("tgt: cannot listen on {}: {e}", socket.display());
             return 1;
         }
+    };
+    let metrics_task = match &args.metrics {
+        None => None,
+        Some(addr) => match tgt::metrics::bind(addr, args.metrics_allow_remote).await {
+            Ok(l) => {
+                if let Ok(a) = l.local_addr() {
+                    println!("tgt: metrics on http://{a}/metrics");
+                }
+                Some(tokio::spawn(metrics.serve(l)))
+            }
+            Err(e) => {
+                eprintln!("tgt: {e}");
+                if let Some(b) = &bound {
+                    b.remove();
+                }
+                return 1;
+            }
+        },
     };
     let mut shutdown = target.shutdown_watch();
     let rpc_task = tokio::spawn(server::run_with(target.clone(), listener, limits));
@@ -215,6 +241,9 @@ async fn run(args: Args, default_mode: bool, log: Arc<tgt::log::LogControl>) -> 
     }
     tracing::info!("shutting down");
     rpc_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     if let Some(b) = &bound {
         b.remove();
     }
@@ -237,15 +266,26 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
         f.set_len(DEFAULT_STORE_SIZE)
             .map_err(|e| format!("{}: {e}", store.display()))?;
     }
-    target
-        .call(
-            "bdev_aio_create",
-            Some(
-                json!({"name": "store0", "filename": store.to_string_lossy(), "block_size": 4096}),
-            ),
-        )
+    // What was configured at run time before (saved after each change) comes back first.
+    let persist = tgt::persist::Persist::new(&dir);
+    if persist.replay(target).await? {
+        println!("tgt: replayed {}", persist.path().display());
+    }
+    let have_store = target
+        .call("bdev_get_bdevs", Some(json!({"name": "store0"})))
         .await
-        .map_err(|e| rpc_err("bdev_aio_create", e))?;
+        .is_ok();
+    if !have_store {
+        target
+            .call(
+                "bdev_aio_create",
+                Some(
+                    json!({"name": "store0", "filename": store.to_string_lossy(), "block_size": 4096}),
+                ),
+            )
+            .await
+            .map_err(|e| rpc_err("bdev_aio_create", e))?;
+    }
     if target.has_method("bdev_lvol_get_lvstores") {
         let found = target
             .call("bdev_lvol_get_lvstores", Some(json!({"lvs_name": "lvs0"})))
@@ -264,13 +304,17 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
         eprintln!("tgt: lvol module not built in; no lvol store on store0");
     }
     let nbd_sock = dir.join("nbd.sock");
-    target
-        .call(
-            "nbd_server_start",
-            Some(json!({"listen": format!("unix:{}", nbd_sock.display())})),
-        )
-        .await
-        .map_err(|e| rpc_err("nbd_server_start", e))?;
+    if target.nbd().listen_address().is_none() {
+        target
+            .call(
+                "nbd_server_start",
+                Some(json!({"listen": format!("unix:{}", nbd_sock.display())})),
+            )
+            .await
+            .map_err(|e| rpc_err("nbd_server_start", e))?;
+    }
+    persist.save(target).await?;
+    persist.install(target);
     println!("tgt: RPC socket {}", socket.display());
     println!("tgt: NBD socket {}", nbd_sock.display());
     println!(

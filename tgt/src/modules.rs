@@ -32,17 +32,27 @@ pub struct Wiring {
 /// The target's modules. Creating the lvol module installs its examine hook (tasting), so
 /// this runs before any device is registered.
 pub fn wiring(registry: &Registry, nbd: &Arc<NbdServer>) -> Wiring {
+    wiring_with_lvol(registry, nbd).0
+}
+
+/// [`wiring`], and a handle on the lvol module it created (for the metrics endpoint).
+pub fn wiring_with_lvol(registry: &Registry, nbd: &Arc<NbdServer>) -> (Wiring, lvol::LvolModule) {
     let lvol = lvol::LvolModule::new(registry.clone());
+    let lvol_handle = lvol.clone();
     let nbd_clients = Arc::new(bdev_nbd::NbdClients::new(registry.clone()));
     let (c1, c2) = (nbd_clients.clone(), nbd_clients.clone());
-    Wiring {
-        modules: vec![
-            BdevRpc::new(registry.clone()),
-            Arc::new(lvol::rpc::LvolRpc::new(lvol)),
-            NbdRpc::new(nbd.clone()),
-            Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
-            Arc::new(bdev_nbd::NbdRpc::with_clients(nbd_clients)),
-        ],
+    // bdev-core's own modules first: the bdev layer and the malloc, aio, error, null backends.
+    let mut modules = bdev_core::config::core_modules(registry);
+    modules.extend([
+        BdevRpc::new(registry.clone()) as Arc<dyn RpcModule>,
+        Arc::new(lvol::rpc::LvolRpc::new(lvol)),
+        NbdRpc::new(nbd.clone()),
+        Arc::new(vbdev_ro::RoRpc::new(registry.clone())),
+        Arc::new(bdev_nbd::NbdRpc::with_clients(nbd_clients)),
+        crate::iostat::IostatRpc::new(registry.clone()),
+    ]);
+    let w = Wiring {
+        modules,
         // NBD client bdevs waiting for their server are not in the registry but must be saved.
         config_writers: vec![Arc::new(move || c1.unregistered_config())],
         // Their supervisor threads stop.
@@ -50,5 +60,6 @@ pub fn wiring(registry: &Registry, nbd: &Arc<NbdServer>) -> Wiring {
             let c = c2.clone();
             Box::pin(async move { c.delete_all().await })
         })],
-    }
+    };
+    (w, lvol_handle)
 }

@@ -213,6 +213,9 @@ async fn handle_single(target: &Arc<Target>, v: Value) -> Option<Value> {
         Err((id, e)) => return Some(jsonrpc::response_err(id, &e)),
     };
     let result = target.call(&req.method, req.params).await;
+    if result.is_ok() {
+        target.client_call_succeeded(&req.method).await;
+    }
     let id = req.id?;
     Some(match result {
         Ok(v) => jsonrpc::response_ok(id, v),

@@ -68,7 +68,12 @@ pub struct Target {
     init_done: Notify,
     shutdown_tx: watch::Sender<bool>,
     kill_signal: Mutex<Option<i32>>,
+    /// Run after a client's method succeeded (the persisted config, `crate::persist`).
+    on_success: std::sync::OnceLock<SuccessHook>,
 }
+
+/// A hook run with the method name after a client's method succeeded.
+pub type SuccessHook = Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 impl Target {
     /// A target over `registry` serving the wired modules (plus the framework methods). It
@@ -108,6 +113,7 @@ impl Target {
             init_done: Notify::new(),
             shutdown_tx,
             kill_signal: Mutex::new(None),
+            on_success: std::sync::OnceLock::new(),
         })
     }
 
@@ -171,6 +177,18 @@ impl Target {
                 return;
             }
             n.await;
+        }
+    }
+
+    /// Installs the hook run after each client method that succeeded (once).
+    pub fn set_on_success(&self, hook: SuccessHook) {
+        let _ = self.on_success.set(hook);
+    }
+
+    /// Runs the success hook, if one is installed (the RPC server calls it before answering).
+    pub async fn client_call_succeeded(&self, method: &str) {
+        if let Some(h) = self.on_success.get() {
+            h(method.to_string()).await;
         }
     }
 

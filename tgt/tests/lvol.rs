@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 
 use common::*;
+use nbd_proto as proto;
 use serde_json::{json, Value};
-use tgt::nbd::proto;
 
 const ESNAP_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-000000000001";
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use bdev_core::{
-    BdevError, BdevEvent, BlockDevice, ClaimType, Descriptor, IoBuf, IoType, Registry,
+    BdevError, BdevEvent, BlockDevice, ClaimType, Descriptor, IoBuf, IoFuture, IoType, Registry,
 };
 use futures::channel::oneshot;
 use futures::stream::{BoxStream, StreamExt};
@@ -150,10 +150,16 @@ impl BlockDevice for RoBdev {
         }
     }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
-        let base = self.base()?;
-        base.read(offset_blocks, buf)
-            .await
-            .map_err(|e| self.map_base_err(e))
+        self.read_io(offset_blocks, buf).await
+    }
+    fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
+        // The base's request future sits inside ours, in a pooled block: no allocation.
+        IoFuture::new(async move {
+            let base = self.base()?;
+            base.read_io(offset_blocks, buf)
+                .await
+                .map_err(|e| self.map_base_err(e))
+        })
     }
     async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> bdev_core::Result<Vec<IoBuf>> {
         let base = self.base()?;

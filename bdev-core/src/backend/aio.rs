@@ -32,7 +32,14 @@
 //! second open fails with EBUSY naming the holder: the other bdev in this process, or "another
 //! process". So a store can be loaded by one target at a time.
 //!
-//! With `O_DIRECT`, buffers must be 4096-byte aligned ([`BlockDevice::buf_align`] says so).
+//! O_DIRECT by default, as SPDK's aio bdev: the file is opened with `O_DIRECT` unless the
+//! options ask for the page cache. Where the file system refuses `O_DIRECT` (open fails with
+//! EINVAL), or reports (`statx` `STATX_DIOALIGN`) a direct-I/O offset unit larger than the
+//! block size, the bdev falls back to buffered I/O with an info log line, and
+//! `driver_specific.aio.direct_io` (ours; SPDK has no buffered mode) says which mode is in
+//! use. With `O_DIRECT`, the kernel takes only 4096-byte aligned buffers (or the file
+//! system's larger memory alignment): [`BlockDevice::buf_align`] says so, consumers allocate
+//! with it, and a request with any other buffer goes through an aligned bounce buffer.
 //! The block size is the given one, or the logical block size of a block device
 //! (`BLKSSZGET`), or 512 for a regular file.
 //!
@@ -52,10 +59,10 @@ use futures::channel::oneshot;
 use io_uring::IoUring;
 use iobuf::IoBuf;
 
-use super::uring::{FileRef, Ring, UringEngine, MAX_IOVS};
+use super::uring::{FileRef, FixedFiles, Ring, UringEngine, MAX_IOVS};
 use uuid::Uuid;
 
-use crate::{BdevError, BlockDevice, IoType, Result};
+use crate::{BdevError, BlockDevice, IoFuture, IoType, Result};
 
 /// Which engine serves the I/O.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -69,8 +76,9 @@ pub enum AioEngine {
     ThreadPool,
 }
 
-/// Options of an aio bdev (the `bdev_aio_create` parameters plus ours).
-#[derive(Clone, Debug, Default)]
+/// Options of an aio bdev (the `bdev_aio_create` parameters plus ours). The default opens
+/// the file with O_DIRECT, as SPDK's aio bdev does.
+#[derive(Clone, Debug)]
 pub struct AioOpts {
     /// Bdev name.
     pub name: String,
@@ -86,10 +94,29 @@ pub struct AioOpts {
     pub nowait: bool,
     /// Fixed UUID (else random).
     pub uuid: Option<Uuid>,
-    /// Open with O_DIRECT.
+    /// Open with O_DIRECT (the default). Where the file system refuses O_DIRECT, or needs
+    /// a larger direct-I/O alignment than the block size, the file is opened buffered
+    /// instead, with a log line; [`AioBdev::is_direct`] and `driver_specific` say which.
+    /// `false` asks for the page cache.
     pub direct: bool,
     /// Engine choice.
     pub engine: AioEngine,
+}
+
+impl Default for AioOpts {
+    fn default() -> Self {
+        AioOpts {
+            name: String::new(),
+            filename: PathBuf::new(),
+            block_len: None,
+            readonly: false,
+            fallocate: false,
+            nowait: false,
+            uuid: None,
+            direct: true,
+            engine: AioEngine::Auto,
+        }
+    }
 }
 
 /// Alignment of buffers (and of the file offsets) with O_DIRECT.
@@ -318,6 +345,28 @@ fn write_zeroes_slow(file: &File, offset: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// The file's direct-I/O alignment (memory, file offset) from `statx(STATX_DIOALIGN)`,
+/// where the kernel and the file system report it.
+fn dio_align(file: &File) -> Option<(u32, u32)> {
+    // SAFETY: an all-zero statx is a valid value for the kernel to fill.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the path is an empty C string and AT_EMPTY_PATH makes statx use the fd; `st`
+    // is valid for writes for the call.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    if r != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || st.stx_dio_offset_align == 0 {
+        return None;
+    }
+    Some((st.stx_dio_mem_align, st.stx_dio_offset_align))
+}
+
 /// Size in bytes and logical block size (for block devices) of an open file.
 fn probe_size(file: &File) -> io::Result<(u64, Option<u32>)> {
     let md = file.metadata()?;
@@ -354,12 +403,16 @@ enum Engine {
 }
 
 impl Engine {
-    /// The ring serving a request from this thread: the reactor's when one runs here, else
-    /// the bdev's own ring; with the file reference valid on that ring.
-    fn ring(&self, file: &Arc<File>) -> Option<(Arc<Ring>, FileRef)> {
+    /// The ring serving a request from this thread: the reactor's when one runs here (the
+    /// file registered with it on first use), else the bdev's own ring; with the file
+    /// reference valid on that ring.
+    fn ring(&self, file: &Arc<File>, fixed: &FixedFiles) -> Option<(Arc<Ring>, FileRef)> {
         match self {
             Engine::Uring(u) => Some(match crate::reactor::current_ring() {
-                Some(r) => (r, FileRef::Fd(file.clone())),
+                Some(r) => {
+                    let f = fixed.file_ref(&r, file);
+                    (r, f)
+                }
                 None => (u.ring.clone(), u.file.clone()),
             }),
             Engine::Pool => None,
@@ -377,10 +430,15 @@ pub struct AioBdev {
     readonly: bool,
     fallocate: bool,
     nowait: bool,
+    /// The file is open with O_DIRECT.
     direct: bool,
+    /// Buffer alignment under O_DIRECT.
+    mem_align: usize,
     num_blocks: AtomicU64,
     file: Arc<File>,
     engine: Engine,
+    /// The file's registrations with reactor rings.
+    fixed: FixedFiles,
     /// The file system punches holes in the file (a regular, writable file).
     punch: bool,
     /// `ZERO_RANGE` has not been refused yet.
@@ -426,10 +484,26 @@ impl AioBdev {
         }
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.readonly);
-        if opts.direct {
-            oo.custom_flags(libc::O_DIRECT);
-        }
-        let file = Arc::new(oo.open(&opts.filename)?);
+        let mut direct = opts.direct;
+        let file = if direct {
+            let mut od = oo.clone();
+            od.custom_flags(libc::O_DIRECT);
+            match od.open(&opts.filename) {
+                Ok(f) => f,
+                // EINVAL is how open(2) says the file system does not do O_DIRECT.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(target: "bdev", name = %opts.name,
+                        "{}: the file system refuses O_DIRECT; using buffered I/O",
+                        opts.filename.display());
+                    direct = false;
+                    oo.open(&opts.filename)?
+                }
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            oo.open(&opts.filename)?
+        };
+        let mut file = Arc::new(file);
         let lock = FileLock::take(&opts.name, &opts.filename, &file, !opts.readonly)?;
         let (size, lbs) = probe_size(&file)?;
         let block_len = match (opts.block_len, lbs) {
@@ -448,6 +522,24 @@ impl AioBdev {
                 "{} is smaller than one block",
                 opts.filename.display()
             )));
+        }
+        let mut mem_align = DIRECT_ALIGN;
+        if direct {
+            // A block smaller than the file system's direct-I/O unit would fail every
+            // unaligned request: serve such a file through the page cache instead.
+            let (mem, off) = dio_align(&file).unwrap_or((0, 0));
+            if off > block_len {
+                tracing::info!(target: "bdev", name = %opts.name,
+                    "{}: direct I/O needs {off}-byte units, the block size is {block_len}; \
+                     using buffered I/O", opts.filename.display());
+                direct = false;
+                file = Arc::new(oo.open(&opts.filename)?);
+            } else {
+                mem_align = mem_align.max(mem as usize);
+            }
+        }
+        if direct {
+            tracing::debug!(target: "bdev", name = %opts.name, "O_DIRECT");
         }
         let engine = match opts.engine {
             AioEngine::ThreadPool => Engine::Pool,
@@ -472,10 +564,12 @@ impl AioBdev {
             readonly: opts.readonly,
             fallocate: opts.fallocate,
             nowait: opts.nowait,
-            direct: opts.direct,
+            direct,
+            mem_align,
             num_blocks: AtomicU64::new(num_blocks),
             file,
             engine,
+            fixed: FixedFiles::new(),
             punch,
             zero_range: std::sync::atomic::AtomicBool::new(true),
             lock: std::sync::Mutex::new(Some(lock)),
@@ -508,6 +602,67 @@ impl AioBdev {
         offset_blocks
             .checked_mul(self.block_len as u64)
             .ok_or_else(|| BdevError::InvalidArgument("offset overflows".into()))
+    }
+
+    /// One read or write of a whole buffer (bounced when O_DIRECT cannot take it).
+    async fn request(&self, write: bool, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
+        let off = self.byte_off(offset_blocks)?;
+        if self.misaligned(&buf) {
+            return Box::pin(self.bounce(write, off, buf)).await;
+        }
+        self.rw(write, off, buf).await
+    }
+
+    /// Whether `buf` cannot go to the kernel as is: under O_DIRECT its start must be aligned.
+    fn misaligned(&self, buf: &IoBuf) -> bool {
+        self.direct && !(buf.as_ptr() as usize).is_multiple_of(self.mem_align)
+    }
+
+    /// One read or write on the engine in use (`buf` suitable for the file's mode).
+    async fn rw(&self, write: bool, off: u64, buf: IoBuf) -> Result<IoBuf> {
+        match (self.engine.ring(&self.file, &self.fixed), write) {
+            (Some((r, f)), _) => r.rw(&f, write, off, buf, 0).await,
+            (None, false) => self.pool_read(off, buf).await,
+            (None, true) => self.pool_write(off, buf).await,
+        }
+    }
+
+    /// A request whose buffer O_DIRECT cannot take, through an aligned bounce buffer (the
+    /// caller ignored `buf_align`; correct, not fast).
+    async fn bounce(&self, write: bool, off: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        let b = if write {
+            IoBuf::from_slice(&buf, self.mem_align)
+        } else {
+            IoBuf::new(buf.len(), self.mem_align)
+        };
+        let b = self.rw(write, off, b).await?;
+        if !write {
+            buf.copy_from_slice(&b);
+        }
+        Ok(buf)
+    }
+
+    /// [`AioBdev::bounce`] for vectored requests: one contiguous aligned buffer.
+    async fn bounce_v(&self, write: bool, off: u64, mut bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let mut b = IoBuf::new(total, self.mem_align);
+        if write {
+            let mut at = 0;
+            for x in &bufs {
+                b[at..at + x.len()].copy_from_slice(x);
+                at += x.len();
+            }
+        }
+        let b = self.rw(write, off, b).await?;
+        if !write {
+            let mut at = 0;
+            for x in bufs.iter_mut() {
+                let n = x.len();
+                x.copy_from_slice(&b[at..at + n]);
+                at += n;
+            }
+        }
+        Ok(bufs)
     }
 
     async fn pool_read(&self, off: u64, mut buf: IoBuf) -> Result<IoBuf> {
@@ -547,7 +702,7 @@ impl BlockDevice for AioBdev {
     }
     fn buf_align(&self) -> usize {
         if self.direct {
-            DIRECT_ALIGN
+            self.mem_align
         } else {
             1
         }
@@ -560,22 +715,23 @@ impl BlockDevice for AioBdev {
         }
     }
     async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(&self.file) {
-            Some((r, f)) => r.rw(&f, false, off, buf, 0).await,
-            None => self.pool_read(off, buf).await,
-        }
+        self.request(false, offset_blocks, buf).await
     }
     async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(&self.file) {
-            Some((r, f)) => r.rw(&f, true, off, buf, 0).await,
-            None => self.pool_write(off, buf).await,
-        }
+        self.request(true, offset_blocks, buf).await
+    }
+    fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        IoFuture::new(self.request(false, offset_blocks, buf))
+    }
+    fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+        IoFuture::new(self.request(true, offset_blocks, buf))
     }
     async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
         let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(&self.file) {
+        if bufs.iter().any(|b| self.misaligned(b)) {
+            return self.bounce_v(false, off, bufs).await;
+        }
+        match self.engine.ring(&self.file, &self.fixed) {
             Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(&f, false, off, bufs).await,
             _ => {
                 let file = self.file.clone();
@@ -595,7 +751,10 @@ impl BlockDevice for AioBdev {
     }
     async fn writev(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
         let off = self.byte_off(offset_blocks)?;
-        match self.engine.ring(&self.file) {
+        if bufs.iter().any(|b| self.misaligned(b)) {
+            return self.bounce_v(true, off, bufs).await;
+        }
+        match self.engine.ring(&self.file, &self.fixed) {
             Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(&f, true, off, bufs).await,
             _ => {
                 let file = self.file.clone();
@@ -613,7 +772,7 @@ impl BlockDevice for AioBdev {
         }
     }
     async fn flush(&self) -> Result<()> {
-        if let Some((r, f)) = self.engine.ring(&self.file) {
+        if let Some((r, f)) = self.engine.ring(&self.file, &self.fixed) {
             return r.fdatasync(&f).await;
         }
         let file = self.file.clone();
@@ -691,6 +850,8 @@ impl BlockDevice for AioBdev {
                 "readonly": self.readonly,
                 "fallocate": self.fallocate,
                 "nowait": self.nowait,
+                // Ours: whether the file is open with O_DIRECT (SPDK's always is).
+                "direct_io": self.direct,
             }
         })
     }

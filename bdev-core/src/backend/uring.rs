@@ -2,8 +2,10 @@
 //!
 //! A [`Ring`] is an io_uring plus a slab of pending requests keyed by the SQE's `user_data`.
 //! Submitters push SQEs under a short mutex (which also guards the slab). The slab entry owns
-//! the request's buffers until its CQE arrives, then hands them back over a `oneshot`, so a
-//! dropped future never frees memory the kernel is still using.
+//! the request's buffers until its CQE arrives; the drain stores the result in the entry and
+//! wakes the request's future, which takes the buffers back out of the slab (no channel, no
+//! allocation per request in steady state). A future dropped before its completion marks its
+//! entry abandoned, and the drain frees the buffers once the kernel is done with them.
 //!
 //! Who calls `io_uring_enter` depends on the ring's [`SubmitMode`]:
 //! * a per-bdev ring ([`UringEngine`]) is shared by every thread and works under any
@@ -15,17 +17,22 @@
 //!   future, and a submitter right after its syscall, also try to reap (without blocking):
 //!   completions of a thread's requests are posted when that thread enters the kernel, so it
 //!   can often take them itself instead of waiting for the completion thread to wake it;
-//! * a reactor ring ([`crate::reactor`]) is driven by the reactor thread itself, which
-//!   submits everything queued and waits for completions in one `io_uring_enter` when its
-//!   future is idle, so a completion wakes exactly the thread that waits for it.
+//! * a reactor ring ([`crate::reactor`]) is driven by the reactor thread itself: one
+//!   `io_uring_enter` per poll pass submits everything the pass queued and runs the pending
+//!   completion work, and when its tasks are idle one `io_uring_enter` submits and sleeps
+//!   until a completion, so a completion wakes exactly the thread that waits for it. An
+//!   exclusive reactor's ring is set up `SINGLE_ISSUER | DEFER_TASKRUN` where the kernel has
+//!   them (completion work runs only when the reactor asks for it, never as an interrupt),
+//!   and files are registered with it on first use (`IOSQE_FIXED_FILE`: no file lookup and
+//!   no reference count per request).
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Waker;
 use std::thread::JoinHandle;
 
-use futures::channel::oneshot;
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use iobuf::IoBuf;
 use slab::Slab;
@@ -92,10 +99,16 @@ pub(crate) struct IoVecs(#[allow(dead_code)] Box<[libc::iovec]>);
 // nothing dereferences them except the kernel while the request is in flight.
 unsafe impl Send for IoVecs {}
 
+/// A request between its submission and the moment its future takes the result.
 pub(crate) struct Pending {
     hold: Hold,
-    tx: oneshot::Sender<(i32, Hold)>,
     _file: Option<Arc<std::fs::File>>,
+    /// The CQE's result, once it arrived.
+    result: Option<i32>,
+    /// The future waiting for it.
+    waker: Option<Waker>,
+    /// The future is gone: the drain frees the entry.
+    abandoned: bool,
 }
 
 /// Who submits queued SQEs.
@@ -110,8 +123,84 @@ pub(crate) enum SubmitMode {
     Owner,
 }
 
-/// Reusable buffers of a drain: raw CQEs, then the requests they complete.
-type Scratch = (Vec<(u64, i32)>, Vec<(i32, Pending)>);
+/// Reusable buffers of a drain: raw CQEs, then the wakers of the requests they complete.
+pub(crate) type Scratch = (Vec<(u64, i32)>, Vec<Waker>);
+
+/// Files registered with a ring (sparse table), and registrations to drop.
+struct FileTable {
+    /// Free indexes of the sparse table.
+    free: Vec<u32>,
+    /// Indexes whose file is gone; the owner clears them (see `Ring::reap_unregistered`).
+    dropped: Vec<u32>,
+}
+
+/// Size of a reactor ring's sparse file table.
+const FIXED_FILES: u32 = 256;
+
+/// Source of ring generations (never reused, so a stale registration is never mistaken).
+static RING_GEN: AtomicU32 = AtomicU32::new(1);
+
+/// Number of owner-driven rings that can hold registered files at once (the `slot` of a
+/// reactor ring; a file keeps one registration per slot, see [`FixedFiles`]).
+pub(crate) const RING_SLOTS: usize = 64;
+
+/// Free reactor-ring slots.
+fn ring_slots() -> &'static Mutex<Vec<u32>> {
+    static FREE: std::sync::OnceLock<Mutex<Vec<u32>>> = std::sync::OnceLock::new();
+    FREE.get_or_init(|| Mutex::new((0..RING_SLOTS as u32).rev().collect()))
+}
+
+/// A file's registrations with reactor rings: for each ring slot, the ring's generation
+/// and the index of the file in that ring's table. Looked up without a lock on every
+/// request from a reactor.
+pub(crate) struct FixedFiles {
+    slots: Box<[AtomicU64]>,
+    /// Rings the file is registered with (to clear the registrations when it goes away).
+    regs: Mutex<Vec<(std::sync::Weak<Ring>, u32)>>,
+}
+
+impl FixedFiles {
+    pub(crate) fn new() -> Self {
+        FixedFiles {
+            slots: (0..RING_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            regs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How a request on `ring` (the calling thread's reactor ring) names `file`:
+    /// registered on first use, by descriptor when the ring cannot register it.
+    pub(crate) fn file_ref(&self, ring: &Arc<Ring>, file: &Arc<std::fs::File>) -> FileRef {
+        let Some(slot) = ring.slot else {
+            return FileRef::Fd(file.clone());
+        };
+        let cell = &self.slots[slot as usize];
+        let v = cell.load(Ordering::Acquire);
+        if (v >> 32) as u32 == ring.gen {
+            return FileRef::Fixed(v as u32);
+        }
+        match ring.register_sparse(file) {
+            Some(idx) => {
+                lock(&self.regs).push((Arc::downgrade(ring), idx));
+                cell.store(
+                    (u64::from(ring.gen) << 32) | u64::from(idx),
+                    Ordering::Release,
+                );
+                FileRef::Fixed(idx)
+            }
+            None => FileRef::Fd(file.clone()),
+        }
+    }
+}
+
+impl Drop for FixedFiles {
+    fn drop(&mut self) {
+        for (ring, idx) in lock(&self.regs).drain(..) {
+            if let Some(r) = ring.upgrade() {
+                r.unregister_later(idx);
+            }
+        }
+    }
+}
 
 /// What one drain of the completion queue saw besides requests.
 #[derive(Default, Debug)]
@@ -136,6 +225,18 @@ pub(crate) struct Ring {
     /// The completion thread's exit NOP has completed (whoever reaped it).
     exit_seen: AtomicBool,
     mode: SubmitMode,
+    /// Requests handed to the ring whose CQE has not been reaped.
+    inflight: AtomicUsize,
+    /// Generation of this ring (unique in the process).
+    pub(crate) gen: u32,
+    /// Reactor-ring slot (owner-driven rings with a file table), see [`FixedFiles`].
+    pub(crate) slot: Option<u32>,
+    /// The sparse file table of an owner-driven ring (`None`: files are named by fd).
+    files: Option<Mutex<FileTable>>,
+    /// Some registration waits in `files.dropped`.
+    files_dropped: AtomicBool,
+    /// Set up with `SINGLE_ISSUER | DEFER_TASKRUN`: only the owner thread may enter.
+    pub(crate) single_issuer: bool,
 }
 
 /// Whether the kernel supports what the rings need.
@@ -161,11 +262,50 @@ impl Ring {
     /// Sets up a ring with `entries` SQEs. COOP_TASKRUN (kernel >= 5.19) lets a busy
     /// submitter run completion work at its next syscall instead of being interrupted.
     pub(crate) fn new(entries: u32, mode: SubmitMode) -> io::Result<Ring> {
-        let ring = IoUring::builder()
-            .setup_coop_taskrun()
-            .build(entries)
+        Self::with_flags(entries, mode, false)
+    }
+
+    /// A reactor's ring: [`SubmitMode::Owner`], a sparse file table, and with `exclusive`
+    /// `SINGLE_ISSUER | DEFER_TASKRUN` (kernel >= 6.1; older kernels get COOP_TASKRUN), so
+    /// only the creating thread may submit or reap.
+    pub(crate) fn owned(entries: u32, exclusive: bool) -> io::Result<Ring> {
+        Self::with_flags(entries, SubmitMode::Owner, exclusive)
+    }
+
+    fn with_flags(entries: u32, mode: SubmitMode, exclusive: bool) -> io::Result<Ring> {
+        let mut single_issuer = false;
+        let ring = if exclusive {
+            match IoUring::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag()
+                .build(entries)
+            {
+                Ok(r) => {
+                    single_issuer = true;
+                    Ok(r)
+                }
+                Err(e) => {
+                    tracing::debug!(target: "uring", "no SINGLE_ISSUER|DEFER_TASKRUN ({e})");
+                    Err(e)
+                }
+            }
+        } else {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        };
+        let ring = ring
+            .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
             .or_else(|_| IoUring::new(entries))?;
         probe(&ring)?;
+        let files = (mode == SubmitMode::Owner
+            && ring.submitter().register_files_sparse(FIXED_FILES).is_ok())
+        .then(|| {
+            Mutex::new(FileTable {
+                free: (0..FIXED_FILES).rev().collect(),
+                dropped: Vec::new(),
+            })
+        });
+        let slot = files.as_ref().and_then(|_| lock(ring_slots()).pop());
         Ok(Ring {
             ring,
             flush_armed: AtomicBool::new(false),
@@ -175,15 +315,67 @@ impl Ring {
             efd_armed: AtomicBool::new(false),
             exit_seen: AtomicBool::new(false),
             mode,
+            inflight: AtomicUsize::new(0),
+            gen: RING_GEN.fetch_add(1, Ordering::Relaxed),
+            slot,
+            files,
+            files_dropped: AtomicBool::new(false),
+            single_issuer,
         })
     }
 
-    /// Registers one file; returns how requests should name it.
+    /// Registers one file in slot 0 of a per-bdev ring; returns how requests should name it.
     pub(crate) fn register_file(&self, file: &Arc<std::fs::File>) -> FileRef {
         use std::os::fd::AsRawFd;
         match self.ring.submitter().register_files(&[file.as_raw_fd()]) {
             Ok(()) => FileRef::Fixed(0),
             Err(_) => FileRef::Fd(file.clone()),
+        }
+    }
+
+    /// Registers `file` in a free slot of an owner-driven ring's sparse table (called on the
+    /// owner thread). `None` when the table is full or the kernel refuses.
+    pub(crate) fn register_sparse(&self, file: &std::fs::File) -> Option<u32> {
+        let table = self.files.as_ref()?;
+        let idx = lock(table).free.pop()?;
+        match self
+            .ring
+            .submitter()
+            .register_files_update(idx, &[file.as_raw_fd()])
+        {
+            Ok(_) => Some(idx),
+            Err(e) => {
+                tracing::debug!(target: "uring", "file registration refused: {e}");
+                lock(table).free.push(idx);
+                None
+            }
+        }
+    }
+
+    /// Asks the owner to clear slot `idx` (its file is going away). Requests already queued
+    /// with it are submitted first, and the kernel keeps the file for those in flight.
+    pub(crate) fn unregister_later(&self, idx: u32) {
+        if let Some(table) = &self.files {
+            lock(table).dropped.push(idx);
+            self.files_dropped.store(true, Ordering::Release);
+        }
+    }
+
+    /// On the owner thread, after a submit: clears the slots of files that went away.
+    pub(crate) fn reap_unregistered(&self) {
+        if !self.files_dropped.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(table) = &self.files else {
+            return;
+        };
+        self.files_dropped.store(false, Ordering::Release);
+        let dropped = std::mem::take(&mut lock(table).dropped);
+        for idx in dropped {
+            match self.ring.submitter().register_files_update(idx, &[-1]) {
+                Ok(_) => lock(table).free.push(idx),
+                Err(e) => tracing::debug!(target: "uring", "file slot {idx} kept: {e}"),
+            }
         }
     }
 
@@ -202,7 +394,7 @@ impl Ring {
 
     /// Number of requests whose completion has not been reaped.
     pub(crate) fn pending(&self) -> usize {
-        lock(&self.pending).len()
+        self.inflight.load(Ordering::Acquire)
     }
 
     /// Queues one SQE; the caller holds the pending lock.
@@ -238,27 +430,32 @@ impl Ring {
         self.push_locked(sqe)
     }
 
-    /// Queues a request and arranges for its submission (see [`SubmitMode`]).
-    async fn submit(
-        &self,
-        sqe: squeue::Entry,
-        hold: Hold,
-        file: &FileRef,
-    ) -> Result<oneshot::Receiver<(i32, Hold)>> {
-        let (tx, rx) = oneshot::channel();
-        {
+    /// Queues a request and arranges for its submission (see [`SubmitMode`]); the ticket
+    /// is its completion.
+    async fn submit(&self, sqe: squeue::Entry, hold: Hold, file: &FileRef) -> Result<Ticket<'_>> {
+        let key = {
             let mut st = lock(&self.pending);
             let key = st.insert(Pending {
                 hold,
-                tx,
                 _file: file.keep(),
+                result: None,
+                waker: None,
+                abandoned: false,
             });
             let sqe = sqe.user_data(key as u64);
             if let Err(e) = self.push_locked(&sqe) {
                 st.remove(key);
                 return Err(BdevError::Io(e));
             }
-        }
+            self.inflight.fetch_add(1, Ordering::AcqRel);
+            key
+        };
+        let ticket = Ticket {
+            ring: self,
+            key,
+            done: false,
+            reap: self.mode != SubmitMode::Owner,
+        };
         match self.mode {
             SubmitMode::Owner => {}
             SubmitMode::Immediate => {
@@ -272,7 +469,35 @@ impl Ring {
                 }
             }
         }
-        Ok(rx)
+        Ok(ticket)
+    }
+
+    /// One pass of an owner: submits what is queued and runs the completion work the kernel
+    /// has for this thread (`GETEVENTS`, without waiting), in one `io_uring_enter`; skipped
+    /// when there is nothing to submit and nothing in flight.
+    pub(crate) fn submit_and_reap(&self) {
+        // SAFETY: only the ring's owner calls this, and the submission queue's tail is read
+        // under the pending mutex like every other access to it.
+        let queued = unsafe {
+            let _g = lock(&self.pending);
+            self.ring.submission_shared().len()
+        };
+        if queued == 0 && self.pending() == 0 {
+            return;
+        }
+        // SAFETY: plain io_uring_enter with no argument pointer.
+        let r = unsafe {
+            self.ring.submitter().enter::<libc::sigset_t>(
+                queued as u32,
+                0,
+                io_uring::EnterFlags::GETEVENTS.bits(),
+                None,
+            )
+        };
+        if let Err(e) = r {
+            tracing::trace!(target: "uring", "submit deferred: {e}");
+        }
+        self.reap_unregistered();
     }
 
     /// Submits every queued SQE without waiting.
@@ -318,11 +543,7 @@ impl Ring {
     }
 
     /// Reaps every available CQE and completes its request.
-    pub(crate) fn drain(
-        &self,
-        cqes: &mut Vec<(u64, i32)>,
-        ready: &mut Vec<(i32, Pending)>,
-    ) -> Drained {
+    pub(crate) fn drain(&self, cqes: &mut Vec<(u64, i32)>, ready: &mut Vec<Waker>) -> Drained {
         let cq = lock(&self.cq_lock);
         self.drain_locked(cq, cqes, ready)
     }
@@ -351,7 +572,7 @@ impl Ring {
         &self,
         cq: MutexGuard<'_, ()>,
         cqes: &mut Vec<(u64, i32)>,
-        ready: &mut Vec<(i32, Pending)>,
+        ready: &mut Vec<Waker>,
     ) -> Drained {
         self.drains.fetch_add(1, Ordering::Relaxed);
         // SAFETY: every consumer of the completion queue holds `cq_lock` (`cq` here).
@@ -378,31 +599,30 @@ impl Ring {
                         d.eventfd = true
                     }
                     _ => {
-                        if let Some(p) = st.try_remove(ud as usize) {
-                            ready.push((res, p));
+                        let key = ud as usize;
+                        let Some(p) = st.get_mut(key) else { continue };
+                        if p.result.is_some() {
+                            continue;
+                        }
+                        self.inflight.fetch_sub(1, Ordering::AcqRel);
+                        d.completed += 1;
+                        if p.abandoned {
+                            // The future is gone; the kernel is done with the buffers now.
+                            st.remove(key);
+                            continue;
+                        }
+                        p.result = Some(res);
+                        if let Some(w) = p.waker.take() {
+                            ready.push(w);
                         }
                     }
                 }
             }
         }
-        d.completed = ready.len();
-        for (res, p) in ready.drain(..) {
-            // The receiver may be gone (future dropped); the buffer is freed here, after the
-            // kernel is done with it.
-            let _ = p.tx.send((res, p.hold));
+        for w in ready.drain(..) {
+            w.wake();
         }
         d
-    }
-
-    /// Waits for a request's completion; on per-bdev rings a waiting future also reaps.
-    async fn completion(&self, rx: oneshot::Receiver<(i32, Hold)>) -> Result<(i32, Hold)> {
-        Completion {
-            ring: self,
-            rx,
-            reap: self.mode != SubmitMode::Owner,
-        }
-        .await
-        .map_err(|_| os_err(libc::EIO))
     }
 
     /// Read or write of `buf[done..]` at byte offset `off + done`, continuing short
@@ -426,8 +646,7 @@ impl Ring {
             } else {
                 on_file!(Read, file, ptr, n).offset(at).build()
             };
-            let rx = self.submit(sqe, Hold::Buf(buf), file).await?;
-            let (res, hold) = self.completion(rx).await?;
+            let (res, hold) = self.submit(sqe, Hold::Buf(buf), file).await?.await;
             buf = match hold {
                 Hold::Buf(b) => b,
                 _ => return Err(os_err(libc::EIO)),
@@ -457,8 +676,7 @@ impl Ring {
             let sqe = on_file!(Fsync, file,)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build();
-            let rx = self.submit(sqe, Hold::Nothing, file).await?;
-            let (res, _) = self.completion(rx).await?;
+            let (res, _) = self.submit(sqe, Hold::Nothing, file).await?.await;
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 continue;
             }
@@ -491,10 +709,10 @@ impl Ring {
         } else {
             on_file!(Readv, file, p, n).offset(off).build()
         };
-        let rx = self
+        let (res, hold) = self
             .submit(sqe, Hold::Bufs(bufs, IoVecs(iov)), file)
-            .await?;
-        let (res, hold) = self.completion(rx).await?;
+            .await?
+            .await;
         bufs = match hold {
             Hold::Bufs(b, _) => b,
             _ => return Err(os_err(libc::EIO)),
@@ -521,6 +739,14 @@ impl Ring {
             pos += l as u64;
         }
         Ok(out)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        if let Some(s) = self.slot {
+            lock(ring_slots()).push(s);
+        }
     }
 }
 
@@ -556,27 +782,69 @@ impl std::future::Future for YieldOnce {
     }
 }
 
-/// A request's completion; polling it also tries to reap the ring (see `try_drain`).
-struct Completion<'a> {
+/// A request's completion: ready once the drain stored its CQE's result; on per-bdev rings
+/// polling it also tries to reap (see `try_drain`). Dropped early, it leaves the buffers to
+/// the drain.
+struct Ticket<'a> {
     ring: &'a Ring,
-    rx: oneshot::Receiver<(i32, Hold)>,
+    key: usize,
+    done: bool,
     reap: bool,
 }
 
-impl std::future::Future for Completion<'_> {
-    type Output = std::result::Result<(i32, Hold), oneshot::Canceled>;
+impl Ticket<'_> {
+    fn take(&mut self, cx: &std::task::Context<'_>) -> Option<(i32, Hold)> {
+        let mut st = lock(&self.ring.pending);
+        let p = st.get_mut(self.key)?;
+        if p.result.is_none() {
+            if !p.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                p.waker = Some(cx.waker().clone());
+            }
+            return None;
+        }
+        let p = st.remove(self.key);
+        self.done = true;
+        Some((p.result.unwrap_or(-libc::EIO), p.hold))
+    }
+}
+
+impl std::future::Future for Ticket<'_> {
+    type Output = (i32, Hold);
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Self::Output> {
         use std::task::Poll;
-        if let Poll::Ready(r) = std::pin::Pin::new(&mut self.rx).poll(cx) {
+        if self.done {
+            return Poll::Ready((-libc::EIO, Hold::Nothing));
+        }
+        if let Some(r) = self.take(cx) {
             return Poll::Ready(r);
         }
         if self.reap && self.ring.try_drain() > 0 {
-            return std::pin::Pin::new(&mut self.rx).poll(cx);
+            if let Some(r) = self.take(cx) {
+                return Poll::Ready(r);
+            }
         }
         Poll::Pending
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut st = lock(&self.ring.pending);
+        if let Some(p) = st.get_mut(self.key) {
+            if p.result.is_some() {
+                // Completed but never taken: the kernel is done, free it now.
+                st.remove(self.key);
+            } else {
+                p.abandoned = true;
+                p.waker = None;
+            }
+        }
     }
 }
 

@@ -176,7 +176,7 @@ fn hundred_clients_garbage_and_half_closed_connections() {
 
 /// A minimal NBD client: fixed newstyle handshake with NBD_OPT_GO.
 fn nbd_connect(path: &std::path::Path, export: &str) -> UnixStream {
-    use tgt::nbd::proto;
+    use nbd_proto as proto;
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut g = [0u8; 18];
@@ -219,7 +219,7 @@ fn nbd_io(
     payload: &[u8],
     len: u32,
 ) -> (u32, Vec<u8>) {
-    use tgt::nbd::proto;
+    use nbd_proto as proto;
     let r = proto::Request {
         flags: 0,
         cmd,
@@ -243,7 +243,7 @@ fn nbd_io(
 
 #[test]
 fn nbd_server_survives_hostile_clients() {
-    use tgt::nbd::proto;
+    use nbd_proto as proto;
     with_target(|dir, tgt, sock| {
         let nbd = dir.join("nbd.sock");
         for req in [

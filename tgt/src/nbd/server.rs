@@ -23,9 +23,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{watch, Notify, RwLock};
 use tokio::task::JoinHandle;
 
-use super::proto::{self, ExportInfo, ExportLookup, Next, Request};
 use crate::limits::{Held, Limits, MemBudget, StallGuard};
 use crate::sockpath::{self, BoundPath};
+use nbd_proto::{self as proto, ExportInfo, ExportLookup, Next, Request};
 
 /// Receive buffer of a connection.
 const RBUF_LEN: usize = 256 << 10;
@@ -51,11 +51,11 @@ impl Export {
     fn info(&self) -> ExportInfo {
         let dev = self.desc.device();
         let bl = dev.block_len();
-        ExportInfo {
-            size: dev.num_blocks() * bl as u64,
-            flags: proto::transmission_flags(!self.writable, dev.io_type_supported(IoType::Unmap)),
-            block_size: bl,
-        }
+        ExportInfo::new(
+            dev.num_blocks() * bl as u64,
+            proto::transmission_flags(!self.writable, dev.io_type_supported(IoType::Unmap)),
+            bl,
+        )
     }
 }
 
@@ -445,7 +445,7 @@ where
     wr.write_all(&proto::greeting()).await?;
     let mut flags = [0u8; 4];
     rd.read_exact(&mut flags).await?;
-    let no_zeroes = proto::parse_client_flags(flags).map_err(proto_err)?;
+    let no_zeroes = proto::parse_client_flags(&flags).map_err(proto_err)?;
     loop {
         let mut hdr = [0u8; 16];
         rd.read_exact(&mut hdr).await?;
@@ -591,7 +591,9 @@ fn start_request(
             Ok(Some((buf, skew, len))) => {
                 Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len, charge)
             }
-            Err(errno) => Reply::Simple(proto::simple_reply(proto::nbd_errno(errno), req.cookie)),
+            Err(errno) => {
+                Reply::Simple(proto::simple_reply(proto::errno_to_nbd(errno), req.cookie))
+            }
         }
     })
 }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nbd_proto as proto;
 use serde_json::Value;
-use tgt::nbd::proto;
 
 /// Finds a program: the env variable first, then PATH, then the helpers' venv.
 fn find_tool(env: &str, name: &str, extra: &[&str]) -> Option<PathBuf> {

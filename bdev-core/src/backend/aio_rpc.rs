@@ -1,0 +1,166 @@
+//! The aio backend's JSON-RPC methods: `bdev_aio_create`, `bdev_aio_delete`,
+//! `bdev_aio_rescan`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::aio::{AioBdev, AioOpts};
+use crate::rpc::{decode, delete_of_module, errno_err, parse_uuid, NameOnly, RpcError, RpcModule};
+use crate::{BdevError, BlockDevice, Registry};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AioCreate {
+    name: String,
+    filename: String,
+    #[serde(default)]
+    block_size: u32,
+    #[serde(default)]
+    readonly: bool,
+    #[serde(default)]
+    fallocate: bool,
+    uuid: Option<String>,
+    #[serde(default)]
+    nowait: bool,
+}
+
+/// The aio RPC module. Keeps the aio bdevs for `bdev_aio_rescan` (weak: the registry owns
+/// them).
+pub struct AioRpc {
+    registry: Registry,
+    bdevs: Mutex<HashMap<String, Weak<AioBdev>>>,
+}
+
+impl AioRpc {
+    /// A module over `registry`.
+    pub fn new(registry: Registry) -> Arc<Self> {
+        Arc::new(AioRpc {
+            registry,
+            bdevs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Weak<AioBdev>>> {
+        self.bdevs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn create(&self, p: AioCreate) -> Result<Value, RpcError> {
+        let uuid = parse_uuid(&p.uuid)?;
+        if p.block_size != 0 && (p.block_size & 511 != 0 || !p.block_size.is_power_of_two()) {
+            return Err(RpcError::new(
+                -libc::EINVAL,
+                format!(
+                    "Invalid argument: block_size {} is not a power of two of at least 512",
+                    p.block_size
+                ),
+            ));
+        }
+        if self.registry.get(&p.name).is_some() {
+            return Err(RpcError::from_errno(libc::EEXIST));
+        }
+        let opts = AioOpts {
+            name: p.name.clone(),
+            filename: PathBuf::from(&p.filename),
+            block_len: (p.block_size != 0).then_some(p.block_size),
+            readonly: p.readonly,
+            fallocate: p.fallocate,
+            nowait: p.nowait,
+            uuid,
+            ..Default::default()
+        };
+        let dev = AioBdev::create(opts).map_err(|e| match &e {
+            // The file is held (by another bdev or process): say by whom, after SPDK's text.
+            BdevError::Busy(who) => RpcError::new(
+                -libc::EBUSY,
+                format!("{}: {who}", crate::rpc::strerror(libc::EBUSY)),
+            ),
+            e => errno_err(e),
+        })?;
+        self.registry
+            .register(dev.clone())
+            .await
+            .map_err(|e| errno_err(&e))?;
+        self.lock().insert(p.name.clone(), Arc::downgrade(&dev));
+        self.registry.wait_for_examine().await;
+        Ok(Value::String(p.name))
+    }
+
+    /// `bdev_aio_rescan`: re-reads the file size; a change goes to every opener as a resize
+    /// event. A smaller file is `-16`, as SPDK (which refuses to shrink an open bdev, and its
+    /// rescan holds one descriptor itself).
+    fn rescan(&self, name: &str) -> Result<Value, RpcError> {
+        let enodev = || RpcError::from_errno(libc::ENODEV);
+        let dev = self.registry.get(name).ok_or_else(enodev)?;
+        let aio = {
+            let mut map = self.lock();
+            map.retain(|n, _| self.registry.get(n).is_some());
+            map.get(dev.name()).and_then(Weak::upgrade)
+        };
+        let Some(aio) = aio else {
+            return Err(enodev());
+        };
+        let path = aio.driver_specific()["aio"]["filename"]
+            .as_str()
+            .map(PathBuf::from)
+            .ok_or_else(enodev)?;
+        let size = std::fs::File::open(&path)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+            .map_err(|e| RpcError::from_errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let old = aio.num_blocks();
+        if size / u64::from(aio.block_len()) < old {
+            return Err(RpcError::from_errno(libc::EBUSY));
+        }
+        let new = aio.rescan().map_err(|e| errno_err(&e))?;
+        if new != old {
+            tracing::info!(target: "bdev", "aio bdev {name} resized: {old} -> {new} blocks");
+            self.registry.notify_resize(aio.name());
+        }
+        Ok(Value::Bool(true))
+    }
+}
+
+#[async_trait]
+impl RpcModule for AioRpc {
+    fn methods(&self) -> Vec<&'static str> {
+        vec!["bdev_aio_create", "bdev_aio_delete", "bdev_aio_rescan"]
+    }
+
+    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
+        match method {
+            "bdev_aio_create" => self.create(decode(params)?).await,
+            "bdev_aio_delete" => {
+                let p: NameOnly = decode(params)?;
+                delete_of_module(&self.registry, &p.name, "aio").await
+            }
+            "bdev_aio_rescan" => {
+                let p: NameOnly = decode(params)?;
+                self.rescan(&p.name)
+            }
+            _ => Err(RpcError::method_not_found()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn params_as_the_client_sends_them() {
+        let p: AioCreate = decode(Some(json!({"block_size": 4096, "fallocate": false,
+            "filename": "/path/f", "name": "aio0", "nowait": false, "readonly": false,
+            "uuid": "7e5a0000-e5a0-4e5a-8e5a-000000000001"})))
+        .unwrap();
+        assert_eq!(
+            parse_uuid(&p.uuid).unwrap().unwrap().to_string(),
+            "7e5a0000-e5a0-4e5a-8e5a-000000000001"
+        );
+        assert!(parse_uuid(&Some("nope".into())).is_err());
+    }
+}

@@ -1,0 +1,694 @@
+//! Per-device I/O statistics and latency histograms, as SPDK's `bdev_get_iostat` and
+//! `bdev_get_histogram` report them.
+//!
+//! Every I/O that goes through a [`crate::Descriptor`] is timed and counted here. The counters
+//! are striped: a thread always updates the same stripe (picked once per thread, round-robin),
+//! each stripe sits on its own cache lines behind its own mutex, so two threads never touch
+//! the same line unless there are more threads than stripes, and a lock taken by one thread
+//! only is an uncontended pair of atomic operations. Reading sums the stripes, as SPDK sums
+//! its per-channel counters. Recording allocates nothing.
+//!
+//! Latencies are in ticks of [`TICK_RATE`] per second (nanoseconds of the monotonic clock).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
+
+/// Ticks per second of [`now`] (`tick_rate` of `bdev_get_iostat`).
+pub const TICK_RATE: u64 = 1_000_000_000;
+
+/// SPDK's default histogram granularity (`SPDK_HISTOGRAM_GRANULARITY_DEFAULT`).
+pub const DEFAULT_GRANULARITY: u32 = 7;
+/// Largest accepted granularity: 2^15 buckets per range keeps a histogram under a few MiB.
+pub const MAX_GRANULARITY: u32 = 15;
+
+fn base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
+/// The current tick (nanoseconds since the first call in this process).
+#[inline]
+pub fn now() -> u64 {
+    base().elapsed().as_nanos() as u64
+}
+
+/// What an I/O counts as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoKind {
+    /// Read (counted in bytes, ops and latency).
+    Read,
+    /// Write.
+    Write,
+    /// Unmap.
+    Unmap,
+    /// Flush (histogram only, as SPDK).
+    Flush,
+    /// Reset (histogram only).
+    Reset,
+    /// Write zeroes (histogram only).
+    WriteZeroes,
+}
+
+impl IoKind {
+    /// SPDK's I/O type name (the `opc` of `bdev_enable_histogram`).
+    pub fn spdk_name(self) -> &'static str {
+        match self {
+            IoKind::Read => "read",
+            IoKind::Write => "write",
+            IoKind::Unmap => "unmap",
+            IoKind::Flush => "flush",
+            IoKind::Reset => "reset",
+            IoKind::WriteZeroes => "write_zeroes",
+        }
+    }
+
+    /// The kind named `name` (SPDK's names).
+    pub fn from_spdk_name(name: &str) -> Option<IoKind> {
+        [
+            IoKind::Read,
+            IoKind::Write,
+            IoKind::Unmap,
+            IoKind::Flush,
+            IoKind::Reset,
+            IoKind::WriteZeroes,
+        ]
+        .into_iter()
+        .find(|k| k.spdk_name() == name)
+    }
+
+    fn code(self) -> u8 {
+        self as u8 + 1
+    }
+}
+
+/// Byte, op and latency counters of one I/O type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpCounters {
+    /// Bytes moved by successful I/O.
+    pub bytes: u64,
+    /// Successful I/O count.
+    pub ops: u64,
+    /// Sum of their latencies in ticks.
+    pub latency_ticks: u64,
+    /// Largest latency (0 when none).
+    pub max_latency_ticks: u64,
+    /// Smallest latency (`u64::MAX` when none; reported as 0).
+    pub min_latency_ticks: u64,
+}
+
+impl Default for OpCounters {
+    fn default() -> Self {
+        OpCounters {
+            bytes: 0,
+            ops: 0,
+            latency_ticks: 0,
+            max_latency_ticks: 0,
+            min_latency_ticks: u64::MAX,
+        }
+    }
+}
+
+impl OpCounters {
+    #[inline]
+    fn add(&mut self, bytes: u64, ticks: u64) {
+        self.bytes = self.bytes.wrapping_add(bytes);
+        self.ops = self.ops.wrapping_add(1);
+        self.latency_ticks = self.latency_ticks.wrapping_add(ticks);
+        self.max_latency_ticks = self.max_latency_ticks.max(ticks);
+        self.min_latency_ticks = self.min_latency_ticks.min(ticks);
+    }
+
+    fn merge(&mut self, o: &OpCounters) {
+        self.bytes = self.bytes.wrapping_add(o.bytes);
+        self.ops = self.ops.wrapping_add(o.ops);
+        self.latency_ticks = self.latency_ticks.wrapping_add(o.latency_ticks);
+        self.max_latency_ticks = self.max_latency_ticks.max(o.max_latency_ticks);
+        self.min_latency_ticks = self.min_latency_ticks.min(o.min_latency_ticks);
+    }
+
+    fn reset_maxmin(&mut self) {
+        self.max_latency_ticks = 0;
+        self.min_latency_ticks = u64::MAX;
+    }
+
+    /// The smallest latency as SPDK prints it (0 when there was none).
+    pub fn min_reported(&self) -> u64 {
+        if self.min_latency_ticks == u64::MAX {
+            0
+        } else {
+            self.min_latency_ticks
+        }
+    }
+}
+
+/// A device's counters (SPDK's `struct spdk_bdev_io_stat`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoStat {
+    /// Reads.
+    pub read: OpCounters,
+    /// Writes.
+    pub write: OpCounters,
+    /// Unmaps.
+    pub unmap: OpCounters,
+    /// Failed I/O of any type (SPDK's `io_error` `"failed"` status).
+    pub failed: u64,
+}
+
+impl IoStat {
+    fn merge(&mut self, o: &IoStat) {
+        self.read.merge(&o.read);
+        self.write.merge(&o.write);
+        self.unmap.merge(&o.unmap);
+        self.failed = self.failed.wrapping_add(o.failed);
+    }
+
+    fn reset(&mut self, mode: ResetMode) {
+        match mode {
+            ResetMode::All => *self = IoStat::default(),
+            ResetMode::MaxMin => {
+                self.read.reset_maxmin();
+                self.write.reset_maxmin();
+                self.unmap.reset_maxmin();
+            }
+            ResetMode::Error => self.failed = 0,
+            ResetMode::None => {}
+        }
+    }
+}
+
+/// What a reset clears (SPDK's `spdk_bdev_reset_stat_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetMode {
+    /// Everything.
+    All,
+    /// Only the max and min latencies.
+    MaxMin,
+    /// Only the error counts.
+    Error,
+    /// Nothing.
+    None,
+}
+
+impl ResetMode {
+    /// Parses SPDK's name (`all`, `maxmin`, `error`, `none`).
+    pub fn from_spdk_name(s: &str) -> Option<ResetMode> {
+        Some(match s {
+            "all" => ResetMode::All,
+            "maxmin" => ResetMode::MaxMin,
+            "error" => ResetMode::Error,
+            "none" => ResetMode::None,
+            _ => return None,
+        })
+    }
+}
+
+/// A latency histogram in SPDK's layout (`struct spdk_histogram_data`): `2^granularity`
+/// buckets for each power-of-two range from `min_range` to `max_range`, counts in ticks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Histogram {
+    granularity: u32,
+    min_range: u32,
+    max_range: u32,
+    buckets: Vec<u64>,
+    /// Sum of the tallied values (not part of SPDK's encoding; the metrics endpoint's `_sum`).
+    sum: u64,
+}
+
+/// A histogram setting that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HistogramError {
+    /// Granularity above [`MAX_GRANULARITY`].
+    #[error("granularity {0} is above {MAX_GRANULARITY}")]
+    Granularity(u32),
+    /// `min >= max`.
+    #[error("min_nsec must be below max_nsec")]
+    Range,
+}
+
+impl Histogram {
+    /// SPDK's `spdk_histogram_data_alloc_sized_ext(granularity, min_val, max_val)`.
+    pub fn new(granularity: u32, min_val: u64, max_val: u64) -> Result<Self, HistogramError> {
+        if granularity > MAX_GRANULARITY {
+            return Err(HistogramError::Granularity(granularity));
+        }
+        if min_val >= max_val {
+            return Err(HistogramError::Range);
+        }
+        let min_range = range_of(granularity, min_val);
+        let max_range = range_of(granularity, max_val - 1);
+        let n = ((max_range - min_range + 1) as usize) << granularity;
+        Ok(Histogram {
+            granularity,
+            min_range,
+            max_range,
+            buckets: vec![0; n],
+            sum: 0,
+        })
+    }
+
+    /// Granularity (log2 of the buckets per range).
+    pub fn granularity(&self) -> u32 {
+        self.granularity
+    }
+    /// First range.
+    pub fn min_range(&self) -> u32 {
+        self.min_range
+    }
+    /// Last range.
+    pub fn max_range(&self) -> u32 {
+        self.max_range
+    }
+    /// The bucket counts, range by range.
+    pub fn buckets(&self) -> &[u64] {
+        &self.buckets
+    }
+    /// Sum of the tallied values.
+    pub fn sum(&self) -> u64 {
+        self.sum
+    }
+    /// Sum of every bucket.
+    pub fn total(&self) -> u64 {
+        self.buckets.iter().fold(0u64, |a, &b| a.wrapping_add(b))
+    }
+
+    /// SPDK's `spdk_histogram_data_tally`.
+    #[inline]
+    pub fn tally(&mut self, datapoint: u64) {
+        self.sum = self.sum.wrapping_add(datapoint);
+        let g = self.granularity;
+        let mut range = range_of(g, datapoint);
+        let index;
+        if range < self.min_range {
+            range = self.min_range;
+            index = 0;
+        } else if range > self.max_range {
+            range = self.max_range;
+            index = (1u64 << g) - 1;
+        } else {
+            let shift = range.saturating_sub(1);
+            index = (datapoint >> shift) & ((1u64 << g) - 1);
+        }
+        let i = (((range - self.min_range) as usize) << g) + index as usize;
+        if let Some(b) = self.buckets.get_mut(i) {
+            *b = b.wrapping_add(1);
+        }
+    }
+
+    fn merge(&mut self, o: &Histogram) {
+        if self.granularity == o.granularity
+            && self.min_range == o.min_range
+            && self.max_range == o.max_range
+        {
+            for (a, b) in self.buckets.iter_mut().zip(&o.buckets) {
+                *a = a.wrapping_add(*b);
+            }
+            self.sum = self.sum.wrapping_add(o.sum);
+        }
+    }
+
+    /// The buckets as SPDK sends them: the `uint64_t` array's bytes (little-endian).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.buckets.len() * 8);
+        for b in &self.buckets {
+            out.extend_from_slice(&b.to_le_bytes());
+        }
+        out
+    }
+
+    /// The first value of the bucket after `(range, index)` (SPDK's
+    /// `__spdk_histogram_data_get_bucket_start`): the bucket holds values below it.
+    pub fn bucket_end(&self, range: u32, index: u32) -> u64 {
+        let index = index as u64 + 1;
+        if range > 0 {
+            (1u64 << (range + self.granularity - 1)).wrapping_add(index << (range - 1))
+        } else {
+            index
+        }
+    }
+
+    /// Calls `f(start, end, count)` for every bucket in order (SPDK's
+    /// `spdk_histogram_data_iterate`).
+    pub fn iterate(&self, mut f: impl FnMut(u64, u64, u64)) {
+        let per = 1u32 << self.granularity;
+        let mut start = 0;
+        for r in self.min_range..=self.max_range {
+            for i in 0..per {
+                let end = self.bucket_end(r, i);
+                let c = self.buckets
+                    [(((r - self.min_range) as usize) << self.granularity) + i as usize];
+                f(start, end, c);
+                start = end;
+            }
+        }
+    }
+
+    /// SPDK's `spdk_histogram_get_borders_count`: for each border (in ticks, ascending), the
+    /// number of values in the buckets up to it, plus a last entry with the total.
+    pub fn borders_count(&self, borders: &[u64]) -> Vec<u64> {
+        let n = borders.len() + 1;
+        let mut out = vec![0u64; n];
+        let mut idx = 0usize;
+        let mut so_far = 0u64;
+        self.iterate(|start, _end, count| {
+            so_far = so_far.wrapping_add(count);
+            while idx < n - 1 && start > borders[idx] {
+                let old = out[idx];
+                idx += 1;
+                out[idx] = old;
+            }
+            out[idx] = so_far;
+        });
+        out
+    }
+}
+
+/// SPDK's `__spdk_histogram_data_get_bucket_range`.
+#[inline]
+fn range_of(granularity: u32, v: u64) -> u32 {
+    let clz = v.leading_zeros();
+    let lsb = 64 - granularity;
+    lsb.saturating_sub(clz)
+}
+
+/// The histogram settings of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistogramConfig {
+    /// Granularity.
+    pub granularity: u32,
+    /// Smallest tracked value in ns.
+    pub min_nsec: u64,
+    /// Largest tracked value in ns.
+    pub max_nsec: u64,
+    /// Only this I/O type, or every type.
+    pub io_kind: Option<IoKind>,
+}
+
+impl HistogramConfig {
+    fn empty(&self) -> Result<Histogram, HistogramError> {
+        // Ticks are nanoseconds, so the bounds need no conversion.
+        Histogram::new(self.granularity, self.min_nsec, self.max_nsec)
+    }
+}
+
+#[derive(Default)]
+struct Stripe {
+    stat: IoStat,
+    hist: Option<Histogram>,
+}
+
+/// Keeps a stripe on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(Mutex<Stripe>);
+
+fn lock(m: &Mutex<Stripe>) -> MutexGuard<'_, Stripe> {
+    // Nothing in a critical section can panic, so a poisoned lock holds consistent data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn stripe_count() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+        (cpus * 2).next_power_of_two().clamp(4, 64)
+    })
+}
+
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+#[inline]
+fn my_stripe() -> usize {
+    STRIPE.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            return v;
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let v = NEXT.fetch_add(1, Ordering::Relaxed);
+        s.set(v);
+        v
+    })
+}
+
+/// The statistics of one device.
+pub struct IoStats {
+    stripes: Box<[Padded]>,
+    hist_on: AtomicBool,
+    /// 0: every type, else `IoKind::code`.
+    hist_kind: AtomicU8,
+    hist_cfg: Mutex<Option<HistogramConfig>>,
+}
+
+impl Default for IoStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for IoStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoStats")
+            .field("stat", &self.get())
+            .finish()
+    }
+}
+
+impl IoStats {
+    /// Zeroed statistics, histogram off.
+    pub fn new() -> Self {
+        IoStats {
+            stripes: (0..stripe_count()).map(|_| Padded::default()).collect(),
+            hist_on: AtomicBool::new(false),
+            hist_kind: AtomicU8::new(0),
+            hist_cfg: Mutex::new(None),
+        }
+    }
+
+    /// Records one completed I/O of `bytes` that started at tick `start` (from [`now`]).
+    /// Failed I/O counts as an error; only successful reads, writes and unmaps count as ops.
+    #[inline]
+    pub fn record(&self, kind: IoKind, bytes: u64, start: u64, ok: bool) {
+        let ticks = now().saturating_sub(start);
+        let hist = self.hist_on.load(Ordering::Relaxed) && {
+            let k = self.hist_kind.load(Ordering::Relaxed);
+            k == 0 || k == kind.code()
+        };
+        let s = &self.stripes[my_stripe() & (self.stripes.len() - 1)];
+        let mut g = lock(&s.0);
+        if ok {
+            match kind {
+                IoKind::Read => g.stat.read.add(bytes, ticks),
+                IoKind::Write => g.stat.write.add(bytes, ticks),
+                IoKind::Unmap => g.stat.unmap.add(bytes, ticks),
+                IoKind::Flush | IoKind::Reset | IoKind::WriteZeroes => {}
+            }
+        } else {
+            g.stat.failed = g.stat.failed.wrapping_add(1);
+        }
+        if hist {
+            if let Some(h) = g.hist.as_mut() {
+                h.tally(ticks);
+            }
+        }
+    }
+
+    /// The counters summed over every stripe.
+    pub fn get(&self) -> IoStat {
+        let mut out = IoStat::default();
+        for s in self.stripes.iter() {
+            out.merge(&lock(&s.0).stat);
+        }
+        out
+    }
+
+    /// The counters of each stripe (SPDK's per-channel view).
+    pub fn per_stripe(&self) -> Vec<IoStat> {
+        self.stripes.iter().map(|s| lock(&s.0).stat).collect()
+    }
+
+    /// Clears counters as `mode` says.
+    pub fn reset(&self, mode: ResetMode) {
+        for s in self.stripes.iter() {
+            lock(&s.0).stat.reset(mode);
+        }
+    }
+
+    /// Reads the counters, then clears them as `mode` says, stripe by stripe (no I/O is lost
+    /// between the two).
+    pub fn get_and_reset(&self, mode: ResetMode) -> IoStat {
+        let mut out = IoStat::default();
+        for s in self.stripes.iter() {
+            let mut g = lock(&s.0);
+            out.merge(&g.stat);
+            g.stat.reset(mode);
+        }
+        out
+    }
+
+    /// Turns the histogram on with `cfg` (new, zeroed buckets unless it was on with the same
+    /// settings) or off (`None`, dropping the buckets).
+    pub fn set_histogram(&self, cfg: Option<HistogramConfig>) -> Result<(), HistogramError> {
+        let mut cur = self.hist_cfg.lock().unwrap_or_else(|e| e.into_inner());
+        match cfg {
+            None => {
+                self.hist_on.store(false, Ordering::Relaxed);
+                for s in self.stripes.iter() {
+                    lock(&s.0).hist = None;
+                }
+                *cur = None;
+            }
+            Some(c) => {
+                let empty = c.empty()?;
+                let same = cur.is_some_and(|o| {
+                    o.granularity == c.granularity
+                        && o.min_nsec == c.min_nsec
+                        && o.max_nsec == c.max_nsec
+                });
+                self.hist_kind
+                    .store(c.io_kind.map_or(0, IoKind::code), Ordering::Relaxed);
+                if !same {
+                    for s in self.stripes.iter() {
+                        lock(&s.0).hist = Some(empty.clone());
+                    }
+                }
+                *cur = Some(c);
+                self.hist_on.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The histogram settings, when it is on.
+    pub fn histogram_config(&self) -> Option<HistogramConfig> {
+        *self.hist_cfg.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The histogram merged over every stripe, when it is on.
+    pub fn histogram(&self) -> Option<Histogram> {
+        let cfg = self.histogram_config()?;
+        let mut out = cfg.empty().ok()?;
+        for s in self.stripes.iter() {
+            if let Some(h) = lock(&s.0).hist.as_ref() {
+                out.merge(h);
+            }
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_sum_over_threads_and_reset_modes_clear_what_they_name() {
+        let s = std::sync::Arc::new(IoStats::new());
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        s.record(IoKind::Read, 4096, now(), true);
+                        s.record(IoKind::Write, 512, now(), true);
+                    }
+                    s.record(IoKind::Unmap, 1 << 20, now(), true);
+                    s.record(IoKind::Read, 4096, now(), false);
+                    s.record(IoKind::Flush, 0, now(), true);
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        let st = s.get();
+        assert_eq!((st.read.ops, st.read.bytes), (800, 800 * 4096));
+        assert_eq!((st.write.ops, st.write.bytes), (800, 800 * 512));
+        assert_eq!((st.unmap.ops, st.unmap.bytes), (8, 8 << 20));
+        assert_eq!(st.failed, 8);
+        assert!(st.read.max_latency_ticks >= st.read.min_reported());
+        s.reset(ResetMode::Error);
+        assert_eq!(s.get().failed, 0);
+        assert_eq!(s.get().read.ops, 800);
+        s.reset(ResetMode::MaxMin);
+        assert_eq!(s.get().read.max_latency_ticks, 0);
+        assert_eq!(s.get().read.min_reported(), 0);
+        assert_eq!(s.get_and_reset(ResetMode::All).write.ops, 800);
+        assert_eq!(s.get(), IoStat::default());
+    }
+
+    #[test]
+    fn histogram_matches_spdk_layout() {
+        // g = 7, [1000, 120e9) ns: SPDK's default bounds at 1 GHz.
+        let mut h = Histogram::new(7, 1000, 120_000_000_000).unwrap();
+        assert_eq!(h.min_range(), range_of(7, 1000));
+        assert_eq!(h.min_range(), 3); // 1000 has 54 leading zeros: 57 - 54.
+        assert_eq!(h.max_range(), 64 - 7 - (119_999_999_999u64).leading_zeros());
+        assert_eq!(
+            h.buckets().len(),
+            ((h.max_range() - h.min_range() + 1) as usize) << 7
+        );
+        for v in [1u64, 999, 1000, 5000, 1 << 40, u64::MAX] {
+            h.tally(v);
+        }
+        assert_eq!(h.total(), 6);
+        assert_eq!(
+            h.sum(),
+            (1u64 + 999 + 1000 + 5000 + (1 << 40)).wrapping_add(u64::MAX)
+        );
+        // Below the first range lands in the first bucket (999 is in range 3 like 1000),
+        // above the last range in the last bucket.
+        assert_eq!(h.buckets()[0], 1);
+        assert_eq!(*h.buckets().last().unwrap(), 2);
+        // 5000: range 57 - 51 = 6, index (5000 >> 5) & 127 = 28.
+        assert_eq!(h.buckets()[((6 - 3) << 7) + 28], 1);
+        // Bucket bounds contain their values.
+        let mut seen = 0;
+        h.iterate(|start, end, c| {
+            if c > 0 && start <= 5000 && 5000 < end {
+                seen += 1;
+            }
+        });
+        assert_eq!(seen, 1);
+        // 1, 999 and 1000 are below 2000; 5000 below 10000; the rest above.
+        assert_eq!(h.borders_count(&[2000, 10_000]), vec![3, 4, 6]);
+        assert_eq!(h.to_bytes().len(), h.buckets().len() * 8);
+        assert!(Histogram::new(16, 0, 10).is_err());
+        assert!(Histogram::new(7, 10, 10).is_err());
+    }
+
+    #[test]
+    fn histogram_filters_by_type_and_merges_stripes() {
+        let s = IoStats::new();
+        assert!(s.histogram().is_none());
+        let cfg = HistogramConfig {
+            granularity: 7,
+            min_nsec: 0,
+            max_nsec: u64::MAX,
+            io_kind: Some(IoKind::Write),
+        };
+        s.set_histogram(Some(cfg)).unwrap();
+        s.record(IoKind::Write, 4096, now(), true);
+        s.record(IoKind::Read, 4096, now(), true);
+        std::thread::scope(|sc| {
+            sc.spawn(|| s.record(IoKind::Write, 4096, now(), false));
+        });
+        assert_eq!(s.histogram().unwrap().total(), 2);
+        s.set_histogram(Some(HistogramConfig {
+            io_kind: None,
+            ..cfg
+        }))
+        .unwrap();
+        s.record(IoKind::Read, 4096, now(), true);
+        assert_eq!(
+            s.histogram().unwrap().total(),
+            3,
+            "same bounds keep the counts"
+        );
+        s.set_histogram(None).unwrap();
+        assert!(s.histogram().is_none());
+    }
+}
