@@ -3,15 +3,13 @@
 //! 10.200.x.2, only inside the namespaces it creates). Needs root and `ip`; otherwise the
 //! test prints why and does nothing. Everything is removed afterwards.
 
-mod common;
-
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 
+use crate::common::*;
 use bdev_core::{BlockDevice, IoBuf, Registry};
 use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
 
 const MIB: u64 = 1 << 20;
 

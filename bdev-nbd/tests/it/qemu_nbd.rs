@@ -1,15 +1,13 @@
 //! The NBD client bdev against real qemu-nbd servers started by the tests.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use bdev_core::rpc::RpcModule;
 use bdev_core::{BlockDevice, IoBuf, IoType, Registry};
 use bdev_nbd::{NbdClientOpts, NbdClients, NbdRpc};
-use common::*;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;

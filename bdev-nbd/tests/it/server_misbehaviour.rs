@@ -2,8 +2,6 @@
 //! demand: replies in reverse order, a server that stops answering, error replies,
 //! `NBD_ESHUTDOWN`, and a 4096-byte minimum block size.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -11,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bdev_core::{BlockDevice, IoBuf, Registry};
 use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {

@@ -7,17 +7,15 @@
 //! Uses the `tgt` binary built next to this test (`cargo test --workspace` builds it); when it
 //! is missing the test says so and does nothing.
 
-mod common;
-
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use bdev_core::{BlockDevice, Registry};
 use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;

@@ -1,8 +1,6 @@
 //! Test helpers: qemu-nbd servers started and killed by the tests, pattern files, and
 //! timeouts so that no test can hang.
 
-#![allow(dead_code)]
-
 use std::future::Future;
 use std::io::Write;
 use std::os::unix::net::UnixStream;

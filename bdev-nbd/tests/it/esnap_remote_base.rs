@@ -3,14 +3,12 @@
 //! goes degraded when the server stays away past the reconnect budget, and heals by itself
 //! when the server is back.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{BlockDevice, IoBuf, Registry};
 use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
 use lvol::{LvolModule, LvsOpts};
 
 const MIB: u64 = 1 << 20;
