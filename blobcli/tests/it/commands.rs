@@ -2,16 +2,14 @@
 //! validation, fill/list/show/delete, import and dump edge cases, recovery, shell mode and
 //! the clean flag; plus `--image` staying read-only.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::common::*;
 use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::Registry;
 use blobcli::bsdev::BdevBsDev;
 use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts};
-use common::*;
 use futures::executor::block_on;
 
 fn file_dev(path: &Path) -> Arc<dyn BsDev> {

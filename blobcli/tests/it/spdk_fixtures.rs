@@ -2,13 +2,11 @@
 //! copies: listed, shown, dumped (`-D`), checked clean, and every lvol or blob dumped to a
 //! file whose sha256 matches the manifest. None of this may change the image.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const ESNAP_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-000000000001";
