@@ -238,6 +238,23 @@ pub fn blobcli(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("wait blobcli")
 }
 
+/// The stdout of a run that must have exited 0; otherwise fails the test with both outputs.
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "blobcli exited {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout(&o)
+}
+
+/// [`blobcli`] without input, which must exit 0; its stdout.
+pub fn blobcli_ok(dir: &Path, args: &[&str]) -> String {
+    ok(blobcli(dir, args, None))
+}
+
 /// Stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
