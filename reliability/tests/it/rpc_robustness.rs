@@ -5,64 +5,20 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use test_support::prelude::with_timeout;
+use test_support::tgt::{tgt_binary, Tgt};
 
-/// Builds the `tgt` binary (same profile and target dir as this test) and returns its path.
-fn tgt_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf(); // target/<profile>
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "tgt", "--bin", "tgt"]);
-    if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let st = cmd.status().expect("run cargo build -p tgt");
-    assert!(st.success(), "cargo build -p tgt failed");
-    let p = dir.join("tgt");
-    assert!(p.is_file(), "{} missing", p.display());
-    p
-}
-
-struct Tgt(Child);
-
-impl Drop for Tgt {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `tgt` on a socket in `dir` and waits until it accepts connections.
-fn start(bin: &PathBuf, dir: &std::path::Path) -> (Tgt, PathBuf) {
-    let sock = dir.join("rpc.sock");
-    let child = Command::new(bin)
-        .arg("-r")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let tgt = Tgt(child);
-    let t0 = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "tgt did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (tgt, sock)
-}
-
-/// Builds and starts `tgt` on a socket in a new temp dir and runs `test` (given the dir, the
-/// target and its socket) under a 110 s timeout.
+/// Starts `tgt` (built first, outside the timeout) on a socket in a new temp dir and runs
+/// `test` (given the dir, the target and its socket) under a 110 s timeout.
 fn with_target(test: impl FnOnce(&std::path::Path, &mut Tgt, &PathBuf) + Send + 'static) {
-    let bin = tgt_binary();
+    tgt_binary();
     with_timeout(110, move || {
         let dir = tempfile::tempdir().unwrap();
-        let (mut tgt, sock) = start(&bin, dir.path());
+        let mut tgt = Tgt::start(dir.path(), "robust");
+        let sock = tgt.sock().to_path_buf();
         test(dir.path(), &mut tgt, &sock);
     });
 }
@@ -164,7 +120,7 @@ fn hundred_clients_garbage_and_half_closed_connections() {
         assert_eq!(clients, 80);
         assert_eq!(answered, 800);
         // Still up and answering.
-        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        assert!(!tgt.exited(), "tgt exited");
         let r = call(
             sock,
             &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
@@ -306,7 +262,7 @@ fn nbd_server_survives_hostile_clients() {
         let mut c2 = nbd_connect(&nbd, "m0");
         let (e, back) = nbd_io(&mut c2, proto::CMD_READ, 5, 4096, &[], data.len() as u32);
         assert_eq!((e, back), (0, data));
-        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        assert!(!tgt.exited(), "tgt exited");
         let r = call(
             sock,
             &json!({"jsonrpc":"2.0","method":"nbd_get_exports","id":9}),
@@ -382,7 +338,7 @@ fn every_method_with_hostile_params() {
                 calls += 1;
             }
         }
-        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        assert!(!tgt.exited(), "tgt exited");
         let r = call(
             sock,
             &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
