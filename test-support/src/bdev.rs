@@ -114,6 +114,19 @@ pub async fn read_all(d: &Descriptor) -> Vec<u8> {
     out
 }
 
+/// Writes pattern `tag` over the whole of bdev `name` (through a descriptor of its own,
+/// closed again), so that every byte reads back as `pattern(tag, offset, _)`.
+pub async fn fill_pattern(reg: &Registry, name: &str, tag: u8) {
+    let d = open(reg, name, true);
+    let size = d.device().num_blocks() * u64::from(d.device().block_len());
+    for off in (0..size).step_by(MIB as usize) {
+        let n = MIB.min(size - off) as usize;
+        write_at(&d, off, &pattern(tag, off, n))
+            .await
+            .expect("fill write");
+    }
+}
+
 /// `len` bytes of `byte`.
 pub fn fill(byte: u8, len: usize) -> Vec<u8> {
     vec![byte; len]
@@ -138,6 +151,17 @@ mod tests {
         assert_eq!(&whole[4096..], &pattern(7, 4096, 4096)[..]);
         assert_ne!(&whole[..4096], &whole[4096..]);
         assert_ne!(pattern(7, 0, 512), pattern(8, 0, 512));
+    }
+
+    #[test]
+    fn fill_pattern_covers_the_device() {
+        futures::executor::block_on(async {
+            let reg = Registry::new();
+            malloc(&reg, "M", MIB + 4096, 4096).await;
+            fill_pattern(&reg, "M", 9).await;
+            let d = open(&reg, "M", false);
+            assert_eq!(read_all(&d).await, pattern(9, 0, (MIB + 4096) as usize));
+        });
     }
 
     #[test]

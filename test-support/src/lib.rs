@@ -3,7 +3,8 @@
 //! hashes data; records skips; runs tests under timeouts. With the features `bdev` and `lvol`
 //! it is also the shared harness of the integration tests (`tests/it/` of each crate):
 //! registry, malloc/aio/error bdevs, blobs, lvol module and stores, byte-offset I/O, the one data
-//! pattern, and `rpc!`/`rpc_err!` for in-process JSON-RPC calls. `use
+//! pattern, and `rpc!`/`rpc_err!` for in-process JSON-RPC calls; `tgt` starts the target
+//! binary as a JSON-RPC peer. `use
 //! test_support::prelude::*` brings all of it.
 //! Used only by tests, benches and xtask; no production crate depends on it.
 
@@ -15,6 +16,7 @@ pub mod blob;
 pub mod lvol;
 #[cfg(feature = "bdev")]
 pub mod rpc;
+pub mod tgt;
 pub mod timeout;
 
 /// Everything a test usually needs, for `use test_support::prelude::*`.
@@ -26,7 +28,7 @@ pub mod prelude {
     pub use crate::blob::*;
     #[cfg(feature = "lvol")]
     pub use crate::lvol::*;
-    pub use crate::timeout::{wait_until, with_timeout, within};
+    pub use crate::timeout::{block_within, wait_until, with_timeout, within};
     #[cfg(feature = "bdev")]
     pub use crate::{rpc, rpc_err};
 }

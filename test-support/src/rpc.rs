@@ -56,11 +56,8 @@ pub async fn call_err(m: &dyn RpcModule, method: &str, params: Option<Value>) ->
 /// `bdev_core::rpc::RpcModule`.
 #[macro_export]
 macro_rules! rpc {
-    ($m:expr, $method:expr) => {
-        $crate::rpc::call_ok(&$m, $method, None).await
-    };
-    ($m:expr, $method:expr, $($params:tt)+) => {
-        $crate::rpc::call_ok(&$m, $method, Some($crate::rpc::__json!($($params)+))).await
+    ($($call:tt)+) => {
+        $crate::__rpc_call!(call_ok, $($call)+)
     };
 }
 
@@ -68,11 +65,19 @@ macro_rules! rpc {
 /// [`Failure`](crate::rpc::Failure) of a call that must fail.
 #[macro_export]
 macro_rules! rpc_err {
-    ($m:expr, $method:expr) => {
-        $crate::rpc::call_err(&$m, $method, None).await
+    ($($call:tt)+) => {
+        $crate::__rpc_call!(call_err, $($call)+)
     };
-    ($m:expr, $method:expr, $($params:tt)+) => {
-        $crate::rpc::call_err(&$m, $method, Some($crate::rpc::__json!($($params)+))).await
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __rpc_call {
+    ($f:ident, $m:expr, $method:expr) => {
+        $crate::rpc::$f(&$m, $method, None).await
+    };
+    ($f:ident, $m:expr, $method:expr, $($params:tt)+) => {
+        $crate::rpc::$f(&$m, $method, Some($crate::rpc::__json!($($params)+))).await
     };
 }
 

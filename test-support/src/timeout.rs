@@ -1,4 +1,7 @@
-//! Guards so that no test can hang: run a closure under a deadline, poll for a condition.
+//! Guards so that no test can hang: run a closure or a future under a deadline, poll for a
+//! condition.
+
+use std::future::Future;
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -44,6 +47,19 @@ pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Runs `f` to completion on this thread (so it may borrow locals), failing the test if it
+/// takes longer than `secs`.
+pub fn block_within<F: Future>(secs: u64, f: F) -> F::Output {
+    futures::executor::block_on(async {
+        let f = std::pin::pin!(f);
+        let t = futures_timer::Delay::new(Duration::from_secs(secs));
+        match futures::future::select(f, t).await {
+            futures::future::Either::Left((v, _)) => v,
+            futures::future::Either::Right(_) => panic!("timed out after {secs} s"),
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -54,6 +70,16 @@ mod tests {
         let p = std::panic::catch_unwind(|| within(5, "x", || panic!("inner boom")));
         let msg = p.unwrap_err();
         assert_eq!(msg.downcast_ref::<&str>(), Some(&"inner boom"));
+    }
+
+    #[test]
+    fn block_within_returns_the_output_and_fails_a_future_that_never_ends() {
+        let local = 5;
+        assert_eq!(block_within(5, async { local + 1 }), 6);
+        let p = std::panic::catch_unwind(|| block_within(1, futures::future::pending::<()>()));
+        let msg = p.unwrap_err();
+        let msg = msg.downcast_ref::<String>().unwrap();
+        assert!(msg.contains("timed out after 1 s"), "{msg}");
     }
 
     #[test]

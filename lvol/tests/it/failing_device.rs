@@ -7,24 +7,24 @@ use bdev_core::backend::error::ErrorBdev;
 use bdev_core::{IoType, Registry};
 use blobstore::ClearMethod;
 use futures::executor::block_on;
+use lvol::{LvolModule, LvolStore};
 use test_support::prelude::*;
 
 const CLUSTER: u32 = 64 * 1024;
 
-/// A store `lvs` on the error bdev `EE_m0` over an 8 MiB malloc.
-async fn error_store(
-    reg: &Registry,
-    m: &lvol::LvolModule,
-) -> (Arc<ErrorBdev>, Arc<lvol::LvolStore>) {
-    let e = error_over_malloc(reg, "m0", 8 * MIB).await;
-    (e, lvs(m, "EE_m0", "lvs", CLUSTER).await)
+/// A registry with the lvol module ([`setup`]) and store `lvs` on the error bdev `EE_m0` over
+/// an 8 MiB malloc.
+async fn error_store() -> (Registry, LvolModule, Arc<ErrorBdev>, Arc<LvolStore>) {
+    let (reg, m) = setup();
+    let e = error_over_malloc(&reg, "m0", 8 * MIB).await;
+    let s = lvs(&m, "EE_m0", "lvs", CLUSTER).await;
+    (reg, m, e, s)
 }
 
 #[test]
 fn a_create_failing_on_reads_leaves_no_lvol_after_reload() {
     block_on(async {
-        let (reg, m) = setup();
-        let (ee, s) = error_store(&reg, &m).await;
+        let (reg, m, ee, s) = error_store().await;
         let snap_src = thin_lvol(&m, &s, "a", u64::from(CLUSTER)).await;
         let snap = m.create_snapshot(&snap_src, "snap").await.unwrap();
         let free = s.free_clusters();
@@ -64,8 +64,7 @@ fn a_create_failing_on_reads_leaves_no_lvol_after_reload() {
 #[test]
 fn a_delete_failing_on_its_first_write_keeps_the_lvol_and_its_bdev() {
     block_on(async {
-        let (reg, m) = setup();
-        let (ee, s) = error_store(&reg, &m).await;
+        let (reg, m, ee, s) = error_store().await;
         let l = thick_lvol(&m, &s, "keep", u64::from(CLUSTER)).await;
         {
             let d = reg.open(l.unique_id(), true).unwrap();
@@ -89,8 +88,7 @@ fn a_delete_failing_on_its_first_write_keeps_the_lvol_and_its_bdev() {
 #[test]
 fn a_delete_failing_on_reads_is_finished_by_the_next_load() {
     block_on(async {
-        let (reg, m) = setup();
-        let (ee, s) = error_store(&reg, &m).await;
+        let (_reg, m, ee, s) = error_store().await;
         let free = s.free_clusters();
         let l = thick_lvol(&m, &s, "gone", u64::from(CLUSTER)).await;
         ee.inject(fail_from(IoType::Read, 0));
@@ -109,8 +107,7 @@ fn a_delete_failing_on_reads_is_finished_by_the_next_load() {
 #[test]
 fn read_errors_while_loading_are_eio() {
     block_on(async {
-        let (reg, m) = setup();
-        let (ee, s) = error_store(&reg, &m).await;
+        let (_reg, m, ee, s) = error_store().await;
         thin_lvol(&m, &s, "x", u64::from(CLUSTER)).await;
         m.unload_lvstore(&s).await.unwrap();
         let mut failed = 0;

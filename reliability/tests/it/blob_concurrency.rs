@@ -52,6 +52,21 @@ async fn consistent(dev: &Arc<MemBsDev>, bs: &Blobstore) {
     assert!(rep.problems.is_empty(), "{:?}", rep.problems);
 }
 
+/// Runs `test` on a new store under a 60 s timeout, then checks that the store is consistent.
+fn on_store<F, Fut>(test: F)
+where
+    F: FnOnce(Blobstore) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    with_timeout(60, move || {
+        block_on(async {
+            let (dev, bs) = store().await;
+            test(bs.clone()).await;
+            consistent(&dev, &bs).await;
+        })
+    });
+}
+
 fn allowed(e: &blobstore::BsError, ok: &[i32]) {
     assert!(
         ok.contains(&e.errno()),
@@ -62,93 +77,81 @@ fn allowed(e: &blobstore::BsError, ok: &[i32]) {
 
 #[test]
 fn io_while_the_blob_is_snapshotted() {
-    with_timeout(60, || {
-        block_on(async {
-            let (dev, bs) = store().await;
-            let id = new_blob(&bs, 4, true).await;
-            let b = bs.open_blob(id).await.unwrap();
-            let writes = async {
-                for i in 0..16u64 {
-                    b.write(i, IoBuf::from_slice(&[i as u8 + 1; BLK], BLK))
-                        .await
-                        .unwrap();
-                }
-            };
-            let snaps = async {
-                let mut v = Vec::new();
-                for _ in 0..3 {
-                    v.push(bs.create_snapshot(id, vec![]).await.unwrap());
-                }
-                v
-            };
-            let ((), snaps) = futures::join!(writes, snaps);
-            b.close().await.unwrap();
-            // Every acknowledged write is in the blob.
-            let d = read_blob(&bs, id).await;
+    on_store(|bs| async move {
+        let id = new_blob(&bs, 4, true).await;
+        let b = bs.open_blob(id).await.unwrap();
+        let writes = async {
+            for i in 0..16u64 {
+                b.write(i, IoBuf::from_slice(&[i as u8 + 1; BLK], BLK))
+                    .await
+                    .unwrap();
+            }
+        };
+        let snaps = async {
+            let mut v = Vec::new();
+            for _ in 0..3 {
+                v.push(bs.create_snapshot(id, vec![]).await.unwrap());
+            }
+            v
+        };
+        let ((), snaps) = futures::join!(writes, snaps);
+        b.close().await.unwrap();
+        // Every acknowledged write is in the blob.
+        let d = read_blob(&bs, id).await;
+        for i in 0..16usize {
+            assert!(
+                d[i * BLK..(i + 1) * BLK].iter().all(|&x| x == i as u8 + 1),
+                "block {i}"
+            );
+        }
+        // Each snapshot holds, per block, the old (zero) or the new data.
+        for s in snaps {
+            let d = read_blob(&bs, s).await;
             for i in 0..16usize {
-                assert!(
-                    d[i * BLK..(i + 1) * BLK].iter().all(|&x| x == i as u8 + 1),
-                    "block {i}"
-                );
+                let blk = &d[i * BLK..(i + 1) * BLK];
+                assert!(blk.iter().all(|&x| x == 0) || blk.iter().all(|&x| x == i as u8 + 1));
             }
-            // Each snapshot holds, per block, the old (zero) or the new data.
-            for s in snaps {
-                let d = read_blob(&bs, s).await;
-                for i in 0..16usize {
-                    let blk = &d[i * BLK..(i + 1) * BLK];
-                    assert!(blk.iter().all(|&x| x == 0) || blk.iter().all(|&x| x == i as u8 + 1));
-                }
-            }
-            consistent(&dev, &bs).await;
-        })
+        }
     });
 }
 
 #[test]
 fn two_decouples_at_once() {
-    with_timeout(60, || {
-        block_on(async {
-            let (dev, bs) = store().await;
-            let (_, s) = snapshotted_blob(&bs, 4, 5).await;
-            let c = bs.create_clone(s, vec![]).await.unwrap();
-            let (r1, r2) = futures::join!(bs.decouple_parent(c), bs.decouple_parent(c));
-            let oks = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
-            for r in [&r1, &r2] {
-                if let Err(e) = r {
-                    allowed(e, &[libc::EBUSY, libc::EINVAL, libc::EAGAIN]);
-                }
+    on_store(|bs| async move {
+        let (_, s) = snapshotted_blob(&bs, 4, 5).await;
+        let c = bs.create_clone(s, vec![]).await.unwrap();
+        let (r1, r2) = futures::join!(bs.decouple_parent(c), bs.decouple_parent(c));
+        let oks = [&r1, &r2].iter().filter(|r| r.is_ok()).count();
+        for r in [&r1, &r2] {
+            if let Err(e) = r {
+                allowed(e, &[libc::EBUSY, libc::EINVAL, libc::EAGAIN]);
             }
-            assert!(oks >= 1, "{r1:?} {r2:?}");
-            assert_eq!(read_blob(&bs, c).await, vec![5; 4 * CLUSTER]);
-            assert!(bs.clones_of(s).iter().all(|&x| x != c));
-            consistent(&dev, &bs).await;
-        })
+        }
+        assert!(oks >= 1, "{r1:?} {r2:?}");
+        assert_eq!(read_blob(&bs, c).await, vec![5; 4 * CLUSTER]);
+        assert!(bs.clones_of(s).iter().all(|&x| x != c));
     });
 }
 
 #[test]
 fn delete_while_a_clone_is_made() {
-    with_timeout(60, || {
-        block_on(async {
-            let (dev, bs) = store().await;
-            let (id, s) = snapshotted_blob(&bs, 2, 7).await;
-            let (clone, del) = futures::join!(bs.create_clone(s, vec![]), bs.delete_blob(s));
-            match (&clone, &del) {
-                (Ok(c), Err(e)) => {
-                    allowed(e, &[libc::EBUSY, libc::EPERM]);
-                    assert_eq!(read_blob(&bs, *c).await, vec![7; 2 * CLUSTER]);
-                }
-                (Err(e), Ok(())) => allowed(e, &[libc::ENOENT, libc::EBUSY]),
-                (Ok(c), Ok(())) => {
-                    // The delete merged the snapshot into its (then single) clone: both the
-                    // original and the new clone still read the data.
-                    assert_eq!(read_blob(&bs, *c).await, vec![7; 2 * CLUSTER]);
-                }
-                (Err(a), Err(b)) => panic!("both failed: {a} / {b}"),
+    on_store(|bs| async move {
+        let (id, s) = snapshotted_blob(&bs, 2, 7).await;
+        let (clone, del) = futures::join!(bs.create_clone(s, vec![]), bs.delete_blob(s));
+        match (&clone, &del) {
+            (Ok(c), Err(e)) => {
+                allowed(e, &[libc::EBUSY, libc::EPERM]);
+                assert_eq!(read_blob(&bs, *c).await, vec![7; 2 * CLUSTER]);
             }
-            assert_eq!(read_blob(&bs, id).await, vec![7; 2 * CLUSTER]);
-            consistent(&dev, &bs).await;
-        })
+            (Err(e), Ok(())) => allowed(e, &[libc::ENOENT, libc::EBUSY]),
+            (Ok(c), Ok(())) => {
+                // The delete merged the snapshot into its (then single) clone: both the
+                // original and the new clone still read the data.
+                assert_eq!(read_blob(&bs, *c).await, vec![7; 2 * CLUSTER]);
+            }
+            (Err(a), Err(b)) => panic!("both failed: {a} / {b}"),
+        }
+        assert_eq!(read_blob(&bs, id).await, vec![7; 2 * CLUSTER]);
     });
 }
 

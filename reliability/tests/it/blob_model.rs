@@ -424,6 +424,11 @@ impl World {
         Some((m2, off, len, allocs))
     }
 
+    /// Writable volume number `vol` (see [`pick`]), unless reading it needs the missing base.
+    fn writable_readable(&self, m: &Model, vol: u8) -> Option<BlobId> {
+        pick(&writable(m), vol).filter(|&id| !needs_base(m, &self.base, id))
+    }
+
     /// Turns a random op into concrete targets and the model's expectation.
     fn plan(&mut self, op: &Op) -> (Real, Expect) {
         let m = self.model.clone();
@@ -591,12 +596,9 @@ impl World {
                 (Real::EsnapClone { name }, Expect::Ok(m2))
             }
             Op::Inflate { vol } => {
-                let Some(id) = pick(&writable(&m), vol) else {
+                let Some(id) = self.writable_readable(&m, vol) else {
                     return skip;
                 };
-                if needs_base(&m, &self.base, id) {
-                    return skip;
-                }
                 let mut m2 = m.clone();
                 let n = m.vols[&id].clusters.len();
                 let mut need = 0;
@@ -609,20 +611,14 @@ impl World {
                 let v = m2.vols.get_mut(&id).unwrap();
                 v.parent = MParent::None;
                 v.thin = false;
-                let e = if need > free {
-                    Expect::Maybe(m2, "inflate without free clusters")
-                } else {
-                    Expect::Ok(m2)
-                };
+                let e =
+                    Expect::unless_out_of_space(m2, need > free, "inflate without free clusters");
                 (Real::Inflate { id }, e)
             }
             Op::Decouple { vol } => {
-                let Some(id) = pick(&writable(&m), vol) else {
+                let Some(id) = self.writable_readable(&m, vol) else {
                     return skip;
                 };
-                if needs_base(&m, &self.base, id) {
-                    return skip;
-                }
                 let mut m2 = m.clone();
                 let n = m.vols[&id].clusters.len();
                 match m.vols[&id].parent.clone() {
@@ -643,11 +639,11 @@ impl World {
                         let v = m2.vols.get_mut(&id).unwrap();
                         v.parent = MParent::None;
                         v.thin = false;
-                        let e = if need > free {
-                            Expect::Maybe(m2, "decouple without free clusters")
-                        } else {
-                            Expect::Ok(m2)
-                        };
+                        let e = Expect::unless_out_of_space(
+                            m2,
+                            need > free,
+                            "decouple without free clusters",
+                        );
                         (Real::Decouple { id }, e)
                     }
                     MParent::Snap(p) => {

@@ -34,16 +34,28 @@ fn inputs(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
+/// Replays every input of fuzz target `target` (at least `min_files` of them) through `run`
+/// and sums what `count` takes from each outcome.
+fn replay<O: std::fmt::Debug>(
+    target: &str,
+    min_files: usize,
+    run: impl Fn(&[u8]) -> O,
+    count: impl Fn(&O) -> usize,
+) -> usize {
+    let files = inputs(target);
+    assert!(files.len() >= min_files, "corpus missing: {}", files.len());
+    let mut total = 0;
+    for (p, data) in &files {
+        let o = run(data);
+        eprintln!("{}: {o:?}", p.display());
+        total += count(&o);
+    }
+    total
+}
+
 #[test]
 fn jsonrpc_corpus_replays() {
-    let files = inputs("jsonrpc_request");
-    assert!(files.len() >= 10, "corpus missing: {}", files.len());
-    let mut requests = 0;
-    for (p, data) in &files {
-        let o = jsonrpc_stream(data);
-        eprintln!("{}: {o:?}", p.display());
-        requests += o.requests;
-    }
+    let requests = replay("jsonrpc_request", 10, jsonrpc_stream, |o| o.requests);
     // The seeds hold valid requests; a parser that rejects everything would fail here.
     assert!(
         requests >= 7,
@@ -53,14 +65,7 @@ fn jsonrpc_corpus_replays() {
 
 #[test]
 fn nbd_corpus_replays() {
-    let files = inputs("nbd_request");
-    assert!(files.len() >= 8, "corpus missing: {}", files.len());
-    let mut accepted = 0;
-    for (p, data) in &files {
-        let o = nbd_session(data);
-        eprintln!("{}: {o:?}", p.display());
-        accepted += o.accepted;
-    }
+    let accepted = replay("nbd_request", 8, nbd_session, |o| o.accepted);
     assert!(
         accepted >= 6,
         "only {accepted} accepted requests in the corpus"

@@ -7,6 +7,7 @@ mod common;
 mod blob_concurrency;
 mod blob_isolation;
 mod blob_model;
+mod config_replay;
 mod fault_injection;
 mod fuzz_replay;
 mod lvol_concurrency;

@@ -5,54 +5,22 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use test_support::prelude::with_timeout;
+use test_support::tgt::{tgt_binary, Tgt};
 
-/// Builds the `tgt` binary (same profile and target dir as this test) and returns its path.
-fn tgt_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(|d| d.parent()).unwrap().to_path_buf(); // target/<profile>
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "tgt", "--bin", "tgt"]);
-    if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let st = cmd.status().expect("run cargo build -p tgt");
-    assert!(st.success(), "cargo build -p tgt failed");
-    let p = dir.join("tgt");
-    assert!(p.is_file(), "{} missing", p.display());
-    p
-}
-
-struct Tgt(Child);
-
-impl Drop for Tgt {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `tgt` on a socket in `dir` and waits until it accepts connections.
-fn start(bin: &PathBuf, dir: &std::path::Path) -> (Tgt, PathBuf) {
-    let sock = dir.join("rpc.sock");
-    let child = Command::new(bin)
-        .arg("-r")
-        .arg(&sock)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let tgt = Tgt(child);
-    let t0 = Instant::now();
-    while UnixStream::connect(&sock).is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "tgt did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (tgt, sock)
+/// Starts `tgt` (built first, outside the timeout) on a socket in a new temp dir and runs
+/// `test` (given the dir, the target and its socket) under a 110 s timeout.
+fn with_target(test: impl FnOnce(&std::path::Path, &mut Tgt, &PathBuf) + Send + 'static) {
+    tgt_binary();
+    with_timeout(110, move || {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tgt = Tgt::start(dir.path(), "robust");
+        let sock = tgt.sock().to_path_buf();
+        test(dir.path(), &mut tgt, &sock);
+    });
 }
 
 fn call(sock: &PathBuf, req: &Value) -> Value {
@@ -66,13 +34,10 @@ fn call(sock: &PathBuf, req: &Value) -> Value {
 
 #[test]
 fn hundred_clients_garbage_and_half_closed_connections() {
-    let bin = tgt_binary();
-    crate::common::with_timeout(110, move || {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut tgt, sock) = start(&bin, dir.path());
+    with_target(|_, tgt, sock| {
         let t0 = Instant::now();
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc": "2.0", "method": "bdev_malloc_create", "id": 1,
             "params": {"name": "m0", "num_blocks": 2048, "block_size": 512}}),
         );
@@ -155,9 +120,9 @@ fn hundred_clients_garbage_and_half_closed_connections() {
         assert_eq!(clients, 80);
         assert_eq!(answered, 800);
         // Still up and answering.
-        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        assert!(!tgt.exited(), "tgt exited");
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
         );
         assert_eq!(r["result"][0]["name"], json!("m0"), "{r}");
@@ -235,17 +200,14 @@ fn nbd_io(
 #[test]
 fn nbd_server_survives_hostile_clients() {
     use nbd_proto as proto;
-    let bin = tgt_binary();
-    crate::common::with_timeout(110, move || {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut tgt, sock) = start(&bin, dir.path());
-        let nbd = dir.path().join("nbd.sock");
+    with_target(|dir, tgt, sock| {
+        let nbd = dir.join("nbd.sock");
         for req in [
             json!({"jsonrpc":"2.0","method":"bdev_malloc_create","id":1,"params":{"name":"m0","num_blocks":2048,"block_size":512}}),
             json!({"jsonrpc":"2.0","method":"nbd_server_start","id":2,"params":{"listen":format!("unix:{}", nbd.display())}}),
             json!({"jsonrpc":"2.0","method":"nbd_export_add","id":3,"params":{"bdev_name":"m0","name":"m0"}}),
         ] {
-            let r = call(&sock, &req);
+            let r = call(sock, &req);
             assert!(r.get("error").is_none(), "{r}");
         }
         // Hostile clients: every NBD corpus file, 1 MiB of garbage, a header announcing a
@@ -300,9 +262,9 @@ fn nbd_server_survives_hostile_clients() {
         let mut c2 = nbd_connect(&nbd, "m0");
         let (e, back) = nbd_io(&mut c2, proto::CMD_READ, 5, 4096, &[], data.len() as u32);
         assert_eq!((e, back), (0, data));
-        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        assert!(!tgt.exited(), "tgt exited");
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"nbd_get_exports","id":9}),
         );
         assert!(r.get("error").is_none(), "{r}");
@@ -314,12 +276,9 @@ fn nbd_server_survives_hostile_clients() {
 /// Methods that would stop the target or touch files and sockets are left out.
 #[test]
 fn every_method_with_hostile_params() {
-    let bin = tgt_binary();
-    crate::common::with_timeout(110, move || {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut tgt, sock) = start(&bin, dir.path());
+    with_target(|_, tgt, sock| {
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"rpc_get_methods","id":0}),
         );
         let methods: Vec<String> = r["result"]
@@ -354,7 +313,7 @@ fn every_method_with_hostile_params() {
             json!({"bdev_name": {"a": [1, {"b": null}]}, "lvs_name": [], "size_in_mib": "9"}),
             json!({"lvol_name": "\u{0}\u{ffff}", "uuid": "not-a-uuid", "cluster_sz": 3}),
         ];
-        let mut s = UnixStream::connect(&sock).unwrap();
+        let mut s = UnixStream::connect(sock).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut rd = BufReader::new(s.try_clone().unwrap());
         let mut calls = 0;
@@ -379,9 +338,9 @@ fn every_method_with_hostile_params() {
                 calls += 1;
             }
         }
-        assert!(tgt.0.try_wait().unwrap().is_none(), "tgt exited");
+        assert!(!tgt.exited(), "tgt exited");
         let r = call(
-            &sock,
+            sock,
             &json!({"jsonrpc":"2.0","method":"bdev_get_bdevs","id":"last"}),
         );
         assert!(r["result"].is_array(), "{r}");

@@ -2,48 +2,21 @@
 //! removal of the ro bdev's base with reads in flight (degraded, not hung), and healing when
 //! the base and the read-only bdev come back.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::common::within;
-use bdev_core::backend::aio::{AioBdev, AioOpts};
-use bdev_core::{ClaimType, Descriptor, IoBuf, Registry};
+use bdev_core::{ClaimType, Registry};
 use futures::executor::block_on;
-use lvol::{LvolModule, LvsOpts};
+use lvol::LvolModule;
+use test_support::prelude::*;
 use uuid::Uuid;
 use vbdev_ro::{create, RoOpts};
 
-const MIB: u64 = 1 << 20;
 const BASE_SIZE: u64 = 8 * MIB;
 
+/// What the base bdev `B` holds.
 fn base_pattern() -> Vec<u8> {
-    (0..BASE_SIZE)
-        .map(|i| ((i / 512) as u8).wrapping_mul(13) ^ (i as u8) ^ 0x3c)
-        .collect()
-}
-
-async fn aio(reg: &Registry, name: &str, path: &Path, uuid: Option<Uuid>) {
-    let dev = AioBdev::create(AioOpts {
-        name: name.to_string(),
-        filename: path.to_path_buf(),
-        block_len: Some(512),
-        uuid,
-        ..Default::default()
-    })
-    .unwrap();
-    reg.register(dev).await.unwrap();
-    reg.wait_for_examine().await;
-}
-
-async fn read_at(d: &Descriptor, off: u64, len: usize) -> bdev_core::Result<Vec<u8>> {
-    let buf = IoBuf::new(len, d.device().buf_align().max(1));
-    d.read(off / 512, buf).await.map(|b| b.to_vec())
-}
-
-async fn write_at(d: &Descriptor, off: u64, data: &[u8]) -> bdev_core::Result<()> {
-    let buf = IoBuf::from_slice(data, d.device().buf_align().max(1));
-    d.write(off / 512, buf).await.map(|_| ())
+    pattern(0x3c, 0, BASE_SIZE as usize)
 }
 
 /// A registry with the lvol module, a store `lvs` on an aio file, a base bdev `B` (aio, with
@@ -64,7 +37,8 @@ impl Setup {
         self.dir.path().join("base.img")
     }
     async fn add_base_and_ro(&self) {
-        aio(&self.reg, "B", &self.base_path(), Some(self.base_uuid)).await;
+        let uuid = Some(self.base_uuid);
+        aio(&self.reg, "B", &self.base_path(), 512, uuid, false).await;
         create(
             &self.reg,
             RoOpts {
@@ -80,10 +54,9 @@ impl Setup {
 }
 
 async fn setup() -> Setup {
-    let reg = Registry::new();
-    let m = LvolModule::new(reg.clone());
-    m.set_esnap_retry(1, Duration::from_millis(1));
     let dir = tempfile::tempdir().unwrap();
+    let (reg, m, _, _) = aio_store(dir.path(), 64 * MIB, "lvs", MIB as u32).await;
+    m.set_esnap_retry(1, Duration::from_millis(1));
     let s = Setup {
         reg,
         m,
@@ -91,15 +64,7 @@ async fn setup() -> Setup {
         base_uuid: Uuid::new_v4(),
         ro_uuid: Uuid::new_v4(),
     };
-    std::fs::File::create(s.store_path())
-        .unwrap()
-        .set_len(64 * MIB)
-        .unwrap();
     std::fs::write(s.base_path(), base_pattern()).unwrap();
-    aio(&s.reg, "aio0", &s.store_path(), None).await;
-    let mut o = LvsOpts::new("lvs");
-    o.cluster_size = MIB as u32;
-    s.m.create_lvstore("aio0", o).await.unwrap();
     s.add_base_and_ro().await;
     s
 }
@@ -139,7 +104,7 @@ async fn reload_scenario() {
         // Reload: the store goes away and comes back by examine; the clone finds B_ro again.
         s.reg.unregister("aio0").await.unwrap();
         assert!(s.reg.get("lvs/ec").is_none());
-        aio(&s.reg, "aio0", &s.store_path(), None).await;
+        aio(&s.reg, "aio0", &s.store_path(), 512, None, false).await;
         let store = s.m.lvstore_by_name("lvs").expect("store tasted again");
         assert!(store.missing_esnaps().is_empty());
         let ec = store.lvol_by_name("ec").unwrap();
@@ -216,10 +181,7 @@ fn removal_and_heal() {
     assert!(ec.is_degraded());
     block_on(async {
         assert_eq!(read_at(&d, 0, 4096).await.unwrap(), vec![0x11; 4096]);
-        assert_eq!(
-            read_at(&d, 3 * MIB, 4096).await.unwrap_err().errno(),
-            libc::EIO
-        );
+        assert_errno!(read_at(&d, 3 * MIB, 4096).await, libc::EIO);
         // Base and ro bdev come back (same UUIDs): the clone heals in place.
         s.add_base_and_ro().await;
     });

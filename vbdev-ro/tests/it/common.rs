@@ -1,14 +1,17 @@
-//! Shared test helpers: a small in-memory device with an optional per-read delay (so reads
-//! really are in flight) and a resize knob, timeouts, and the base-removal-under-load scenario.
+//! What the vbdev-ro tests add to the shared harness (`test_support`): a small in-memory
+//! device with an optional per-read delay (so reads really are in flight) and a resize knob,
+//! a base stamped per block, and the base-removal-under-load scenario.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant};
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bdev_core::{BdevEvent, BlockDevice, IoBuf, IoType, Registry, Result};
 use futures::executor::block_on;
 use futures::stream::{FuturesUnordered, StreamExt};
+use test_support::prelude::{assert_errno, within};
 use uuid::Uuid;
 use vbdev_ro::{create, delete, RoOpts};
 
@@ -100,31 +103,6 @@ impl BlockDevice for MemDev {
 /// Closes a descriptor (releasing its claim and letting a pending unregister finish).
 pub fn close(_d: bdev_core::Descriptor) {}
 
-/// Runs `f` on its own thread and fails the test if it takes longer than `secs`.
-pub fn within<T: Send + 'static>(
-    secs: u64,
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(v) => v,
-        Err(e) => panic!("{what}: did not finish within {secs} s ({e})"),
-    }
-}
-
-/// Polls `cond` until it holds or `secs` pass.
-pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let end = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Hot-removes the base while a reader keeps `qd` reads in flight on the ro bdev. The reader
 /// closes its descriptor when it sees `Remove`, as a well-behaved consumer does.
 pub fn base_removal_with_reads_in_flight(reg: Registry, base: &str, qd: usize) {
@@ -212,10 +190,7 @@ pub fn base_removal_with_reads_in_flight(reg: Registry, base: &str, qd: usize) {
     assert!(reg.get(base).is_none());
     let names: Vec<String> = reg.list().iter().map(|d| d.name().to_string()).collect();
     assert!(names.is_empty(), "{names:?}");
-    assert_eq!(
-        block_on(delete(&reg, "ro0")).unwrap_err().errno(),
-        libc::ENODEV
-    );
+    assert_errno!(block_on(delete(&reg, "ro0")), libc::ENODEV);
 }
 
 /// A base whose every 512-byte block starts with `lba * 31 ^ 0x33` (enough to check reads).

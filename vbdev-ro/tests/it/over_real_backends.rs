@@ -1,12 +1,13 @@
 //! vbdev-ro over the real backends: malloc, aio with the thread pool, aio with io_uring (when
 //! the kernel allows it) and aio with O_DIRECT.
 
-use crate::common::{base_removal_with_reads_in_flight, stamp_base, within};
+use crate::common::{base_removal_with_reads_in_flight, stamp_base};
 use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{BdevEvent, BlockDevice, IoBuf, Registry};
 use futures::executor::block_on;
 use futures::stream::StreamExt;
+use test_support::prelude::*;
 use vbdev_ro::{create, RoOpts};
 
 fn ro_opts(base: &str) -> RoOpts {

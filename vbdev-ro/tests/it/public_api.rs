@@ -3,50 +3,36 @@
 
 use std::time::Duration;
 
-use crate::common::{
-    base_removal_with_reads_in_flight, close, stamp_base, wait_until, within, MemDev,
-};
+use crate::common::{base_removal_with_reads_in_flight, close, stamp_base, MemDev};
 use bdev_core::{BdevEvent, BlockDevice, ClaimType, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::stream::StreamExt;
+use test_support::prelude::*;
 use uuid::Uuid;
 use vbdev_ro::{create, delete, RoError, RoOpts};
 
 const BLOCK: u32 = 512;
 const BLOCKS: u64 = 16384; // 8 MiB
 
-/// The byte at block `lba`, offset `i` of the test pattern of bdev `tag`.
-fn pat(tag: u8, lba: u64, i: usize) -> u8 {
-    (lba as u8).wrapping_mul(31) ^ (i as u8).wrapping_mul(7) ^ tag
-}
-
-fn pattern(tag: u8, first: u64, blocks: u64, block_len: u32) -> Vec<u8> {
-    let mut out = Vec::with_capacity((blocks * block_len as u64) as usize);
-    for lba in first..first + blocks {
-        out.extend((0..block_len as usize).map(|i| pat(tag, lba, i)));
-    }
-    out
-}
-
-/// Writes the pattern over the whole device through a writable descriptor, then closes it.
-async fn fill(reg: &Registry, name: &str, tag: u8) {
-    let d = reg.open(name, true).expect("open base for writing");
-    let dev = d.device().clone();
-    let bl = dev.block_len();
-    let chunk = 1024u64;
-    let mut lba = 0;
-    while lba < dev.num_blocks() {
-        let n = chunk.min(dev.num_blocks() - lba);
-        let buf = IoBuf::from_slice(&pattern(tag, lba, n, bl), dev.buf_align());
-        d.write(lba, buf).await.expect("fill write");
-        lba += n;
-    }
+/// Blocks `first..first + blocks` (of `BLOCK` bytes) of a bdev filled with pattern `tag`.
+fn pattern_blocks(tag: u8, first: u64, blocks: u64) -> Vec<u8> {
+    let bl = u64::from(BLOCK);
+    pattern(tag, first * bl, (blocks * bl) as usize)
 }
 
 async fn malloc_base(reg: &Registry, name: &str, tag: u8) {
     let m = MemDev::new(name, BLOCKS, BLOCK, None);
     reg.register(m).await.expect("register base");
-    fill(reg, name, tag).await;
+    fill_pattern(reg, name, tag).await;
+}
+
+/// A registry with base `B` (pattern `tag`) and a read-only bdev over it (named `name`, or
+/// the default `B_ro`).
+async fn base_and_ro(tag: u8, name: Option<&str>) -> Registry {
+    let reg = Registry::new();
+    malloc_base(&reg, "B", tag).await;
+    create(&reg, opts("B", name)).await.unwrap();
+    reg
 }
 
 fn opts(base: &str, name: Option<&str>) -> RoOpts {
@@ -77,23 +63,21 @@ fn reads_pass_through_and_listing_matches_base() {
             .await
             .unwrap();
         assert!(
-            all[..] == pattern(0x5a, 0, BLOCKS, BLOCK)[..],
+            all[..] == pattern_blocks(0x5a, 0, BLOCKS)[..],
             "full read differs"
         );
 
         let bufs = vec![IoBuf::new(512, 1), IoBuf::new(4096, 1), IoBuf::new(1024, 1)];
         let got = d.readv(100, bufs).await.unwrap();
         let flat: Vec<u8> = got.iter().flat_map(|b| b.iter().copied()).collect();
-        assert_eq!(flat, pattern(0x5a, 100, 11, BLOCK));
+        assert_eq!(flat, pattern_blocks(0x5a, 100, 11));
     });
 }
 
 #[test]
 fn io_types_report_read_only() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 1).await;
-        create(&reg, opts("B", None)).await.unwrap();
+        let reg = base_and_ro(1, None).await;
         let dev = reg.get("B_ro").expect("default name is <base>_ro");
         let supported: Vec<IoType> = IoType::ALL
             .into_iter()
@@ -106,24 +90,18 @@ fn io_types_report_read_only() {
 #[test]
 fn write_class_io_fails_and_base_is_unchanged() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 2).await;
-        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        let reg = base_and_ro(2, Some("ro0")).await;
         let dev = reg.get("ro0").unwrap();
 
         // Straight to the device (as a module stacked on it without a descriptor check would).
         let e = dev.write(0, IoBuf::new(512, 1)).await.unwrap_err();
         assert_eq!(e.errno(), libc::ENOTSUP, "{e}");
-        let e = dev.writev(0, vec![IoBuf::new(512, 1)]).await.unwrap_err();
-        assert_eq!(e.errno(), libc::ENOTSUP);
-        assert_eq!(dev.unmap(0, 8).await.unwrap_err().errno(), libc::ENOTSUP);
-        assert_eq!(
-            dev.write_zeroes(0, 8).await.unwrap_err().errno(),
-            libc::ENOTSUP
-        );
+        assert_errno!(dev.writev(0, vec![IoBuf::new(512, 1)]).await, libc::ENOTSUP);
+        assert_errno!(dev.unmap(0, 8).await, libc::ENOTSUP);
+        assert_errno!(dev.write_zeroes(0, 8).await, libc::ENOTSUP);
         // Flush passes to the base (which has none here: nothing to write back).
         dev.flush().await.unwrap();
-        assert_eq!(dev.reset().await.unwrap_err().errno(), libc::ENOTSUP);
+        assert_errno!(dev.reset().await, libc::ENOTSUP);
         assert!(dev
             .write(0, IoBuf::new(512, 1))
             .await
@@ -138,27 +116,22 @@ fn write_class_io_fails_and_base_is_unchanged() {
             .await
             .unwrap_err();
         assert_eq!(e.errno(), libc::EBADF, "{e}");
-        assert_eq!(d.unmap(0, 8).await.unwrap_err().errno(), libc::EBADF);
-        assert_eq!(d.write_zeroes(0, 8).await.unwrap_err().errno(), libc::EBADF);
+        assert_errno!(d.unmap(0, 8).await, libc::EBADF);
+        assert_errno!(d.write_zeroes(0, 8).await, libc::EBADF);
         assert!(!d.io_type_supported(IoType::Write));
         assert!(!d.io_type_supported(IoType::WriteZeroes));
 
         let b = reg.open("B", false).unwrap();
         let got = b.read(0, IoBuf::new(4096, 1)).await.unwrap();
-        assert_eq!(got[..], pattern(2, 0, 8, BLOCK)[..]);
+        assert_eq!(got[..], pattern_blocks(2, 0, 8)[..]);
     });
 }
 
 #[test]
 fn write_open_of_ro_bdev_is_refused() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 3).await;
-        create(&reg, opts("B", Some("ro0"))).await.unwrap();
-        let Err(e) = reg.open("ro0", true) else {
-            panic!("write open of a read-only bdev must fail");
-        };
-        assert_eq!(e.errno(), libc::EPERM, "{e}");
+        let reg = base_and_ro(3, Some("ro0")).await;
+        assert_errno!(reg.open("ro0", true), libc::EPERM);
         // Readers, and readers that share a read-only claim (an esnap clone), are fine.
         let r = reg.open("ro0", false).unwrap();
         r.claim(ClaimType::ReadManyWriteNone).unwrap();
@@ -173,27 +146,22 @@ fn base_is_claimed_read_many_write_none_and_still_readable() {
         assert_eq!(reg.claim_of("B"), None);
         create(&reg, opts("B", Some("ro0"))).await.unwrap();
         assert_eq!(reg.claim_of("B"), Some(ClaimType::ReadManyWriteNone));
-        let Err(e) = reg.open("B", true) else {
-            panic!("a writer of a claimed base must be refused");
-        };
-        assert_eq!(e.errno(), libc::EPERM);
+        assert_errno!(reg.open("B", true), libc::EPERM);
         let r = reg.open("B", false).unwrap();
         let got = r.read(7, IoBuf::new(512, 1)).await.unwrap();
-        assert_eq!(got[..], pattern(4, 7, 1, BLOCK)[..]);
+        assert_eq!(got[..], pattern_blocks(4, 7, 1)[..]);
     });
 }
 
 #[test]
 fn two_ro_bdevs_share_the_claim_until_the_last_is_gone() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 5).await;
-        create(&reg, opts("B", Some("ro1"))).await.unwrap();
+        let reg = base_and_ro(5, Some("ro1")).await;
         create(&reg, opts("B", Some("ro2"))).await.unwrap();
         for n in ["ro1", "ro2"] {
             let d = reg.open(n, false).unwrap();
             let got = d.read(3, IoBuf::new(512, 1)).await.unwrap();
-            assert_eq!(got[..], pattern(5, 3, 1, BLOCK)[..]);
+            assert_eq!(got[..], pattern_blocks(5, 3, 1)[..]);
         }
         delete(&reg, "ro1").await.unwrap();
         assert!(reg.get("ro1").is_none());
@@ -280,18 +248,15 @@ fn delete_refuses_unknown_and_foreign_bdevs() {
     block_on(async {
         let reg = Registry::new();
         malloc_base(&reg, "B", 8).await;
-        assert_eq!(
-            delete(&reg, "nope").await.unwrap_err().errno(),
-            libc::ENODEV
-        );
-        assert_eq!(delete(&reg, "B").await.unwrap_err().errno(), libc::ENODEV);
+        assert_errno!(delete(&reg, "nope").await, libc::ENODEV);
+        assert_errno!(delete(&reg, "B").await, libc::ENODEV);
         assert!(
             reg.get("B").is_some(),
             "a malloc bdev must not be deleted as ro"
         );
         create(&reg, opts("B", Some("ro0"))).await.unwrap();
         delete(&reg, "ro0").await.unwrap();
-        assert_eq!(delete(&reg, "ro0").await.unwrap_err().errno(), libc::ENODEV);
+        assert_errno!(delete(&reg, "ro0").await, libc::ENODEV);
     });
 }
 
@@ -396,7 +361,7 @@ fn base_removal_unregisters_every_ro_bdev_and_notifies_openers() {
         res
     });
     match r {
-        Ok(buf) => assert_eq!(buf[..], pattern(11, 0, 1, BLOCK)[..]),
+        Ok(buf) => assert_eq!(buf[..], pattern_blocks(11, 0, 1)[..]),
         Err(e) => assert!([libc::EIO, libc::ENODEV].contains(&e.errno()), "{e}"),
     }
     close(d2);
@@ -413,12 +378,7 @@ fn base_resize_propagates_to_ro_openers() {
     let mut d = reg.open("G_ro", false).unwrap();
     let mut ev = d.take_events().unwrap();
     assert_eq!(d.device().num_blocks(), 2048);
-    assert_eq!(
-        block_on(d.read(2048, IoBuf::new(512, 1)))
-            .unwrap_err()
-            .errno(),
-        libc::EINVAL
-    );
+    assert_errno!(block_on(d.read(2048, IoBuf::new(512, 1))), libc::EINVAL);
 
     base.resize(8192);
     reg.notify_resize("G");
@@ -433,12 +393,7 @@ fn base_resize_propagates_to_ro_openers() {
     base.resize(1024);
     reg.notify_resize("G");
     wait_until(10, "ro shrink", || dev.num_blocks() == 1024);
-    assert_eq!(
-        block_on(d.read(1024, IoBuf::new(512, 1)))
-            .unwrap_err()
-            .errno(),
-        libc::EINVAL
-    );
+    assert_errno!(block_on(d.read(1024, IoBuf::new(512, 1))), libc::EINVAL);
 }
 
 #[test]
@@ -451,43 +406,29 @@ fn rpc_create_delete_and_errors() {
         let m = vbdev_ro::RoRpc::new(reg.clone());
         assert_eq!(m.methods(), vec!["bdev_ro_create", "bdev_ro_delete"]);
 
-        let r = m
-            .call(
-                "bdev_ro_create",
-                Some(json!({"base_bdev_name": "B", "name": "ro0"})),
-            )
-            .await
-            .unwrap();
-        assert_eq!(r, json!("ro0"));
-        let r = m
-            .call("bdev_ro_create", Some(json!({"base_bdev_name": "B"})))
-            .await
-            .unwrap();
-        assert_eq!(r, json!("B_ro"));
+        assert_eq!(
+            rpc!(m, "bdev_ro_create", {"base_bdev_name": "B", "name": "ro0"}),
+            json!("ro0")
+        );
+        assert_eq!(
+            rpc!(m, "bdev_ro_create", {"base_bdev_name": "B"}),
+            json!("B_ro")
+        );
         let u = Uuid::new_v4();
-        let r = m
-            .call(
-                "bdev_ro_create",
-                Some(json!({"base_bdev_name": "B", "name": "ro_u", "uuid": u.to_string()})),
-            )
-            .await
-            .unwrap();
-        assert_eq!(r, json!("ro_u"));
+        assert_eq!(
+            rpc!(m, "bdev_ro_create", {"base_bdev_name": "B", "name": "ro_u", "uuid": u.to_string()}),
+            json!("ro_u")
+        );
         assert_eq!(reg.get("ro_u").unwrap().uuid(), u);
 
-        let e = m
-            .call("bdev_ro_create", Some(json!({"base_bdev_name": "missing"})))
-            .await
-            .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
-        let e = m
-            .call(
-                "bdev_ro_create",
-                Some(json!({"base_bdev_name": "B", "name": "ro0"})),
-            )
-            .await
-            .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-17, "File exists"));
+        assert_eq!(
+            rpc_err!(m, "bdev_ro_create", {"base_bdev_name": "missing"}),
+            (-19, "No such device")
+        );
+        assert_eq!(
+            rpc_err!(m, "bdev_ro_create", {"base_bdev_name": "B", "name": "ro0"}),
+            (-17, "File exists")
+        );
         for bad in [
             None,
             Some(json!({})),
@@ -504,41 +445,27 @@ fn rpc_create_delete_and_errors() {
             );
         }
 
-        assert_eq!(
-            m.call("bdev_ro_delete", Some(json!({"name": "ro0"})))
-                .await
-                .unwrap(),
-            json!(true)
-        );
+        assert_eq!(rpc!(m, "bdev_ro_delete", {"name": "ro0"}), true);
         assert!(reg.get("ro0").is_none());
-        let e = m
-            .call("bdev_ro_delete", Some(json!({"name": "ro0"})))
-            .await
-            .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
-        let e = m
-            .call("bdev_ro_delete", Some(json!({"name": "B"})))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -19);
-        let e = m.call("bdev_ro_delete", None).await.unwrap_err();
-        assert_eq!(e.code, -32603);
-        let e = m.call("bdev_ro_frobnicate", None).await.unwrap_err();
-        assert_eq!(e.code, -32601);
+        assert_eq!(
+            rpc_err!(m, "bdev_ro_delete", {"name": "ro0"}),
+            (-19, "No such device")
+        );
+        assert_eq!(rpc_err!(m, "bdev_ro_delete", {"name": "B"}).code, -19);
+        assert_eq!(rpc_err!(m, "bdev_ro_delete").code, -32603);
+        assert_eq!(rpc_err!(m, "bdev_ro_frobnicate").code, -32601);
     });
 }
 
 #[test]
 fn ro_bdev_over_ro_bdev_stacks() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 13).await;
-        create(&reg, opts("B", Some("ro0"))).await.unwrap();
+        let reg = base_and_ro(13, Some("ro0")).await;
         let top = create(&reg, opts("ro0", None)).await.unwrap();
         assert_eq!(top.name(), "ro0_ro");
         let d = reg.open("ro0_ro", false).unwrap();
         let got = d.read(42, IoBuf::new(1024, 1)).await.unwrap();
-        assert_eq!(got[..], pattern(13, 42, 2, BLOCK)[..]);
+        assert_eq!(got[..], pattern_blocks(13, 42, 2)[..]);
     });
 }
 

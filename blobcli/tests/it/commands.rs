@@ -2,39 +2,23 @@
 //! validation, fill/list/show/delete, import and dump edge cases, recovery, shell mode and
 //! the clean flag; plus `--image` staying read-only.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 
-use bdev_core::backend::aio::{AioBdev, AioOpts};
+use crate::common::*;
 use bdev_core::Registry;
 use blobcli::bsdev::BdevBsDev;
-use blobstore::{BlobOpts, Blobstore, BsDev, BsOpts};
-use common::*;
+use blobstore::{Blobstore, BsDev, BsOpts};
 use futures::executor::block_on;
+use test_support::prelude::*;
 
+/// The store on the image file `path` as the library sees it (an aio bdev of 4096-byte blocks).
 fn file_dev(path: &Path) -> Arc<dyn BsDev> {
     block_on(async {
         let reg = Registry::new();
-        let dev = AioBdev::create(AioOpts {
-            name: "lib0".into(),
-            filename: path.to_path_buf(),
-            block_len: Some(4096),
-            ..Default::default()
-        })
-        .unwrap();
-        reg.register(dev).await.unwrap();
-        let desc = reg.open("lib0", true).unwrap();
-        Arc::new(BdevBsDev::new(desc)) as Arc<dyn BsDev>
+        aio(&reg, "lib0", path, 4096, None, false).await;
+        Arc::new(BdevBsDev::new(open(&reg, "lib0", true))) as Arc<dyn BsDev>
     })
-}
-
-fn sparse_file(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    p
 }
 
 fn script(dir: &Path, lines: &str) -> std::process::Output {
@@ -132,12 +116,10 @@ fn a46_fill_list_show_delete() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     malloc_config(d, 262144, 512);
-    let o = script(
+    let t = ok(script(
         d,
         "-i\n-s bs\n-n 2\n-f $B0 0x5a\n-d $B0 out.bin\n-l blobs\n-w $B0\n-l blobs\n",
-    );
-    let t = stdout(&o);
-    assert!(o.status.success(), "{t}");
+    ));
     assert!(t.contains("\tsuper blob ID: none assigned\n"), "{t}");
     let id_line = t.lines().find(|l| l.starts_with("New blob id 0x")).unwrap();
     let id = id_line.trim_start_matches("New blob id ").to_string();
@@ -160,12 +142,10 @@ fn a47_import_shorter_and_longer_and_empty_dump() {
     std::fs::write(d.join("small.bin"), &small).unwrap();
     std::fs::write(d.join("big.bin"), &big).unwrap();
     malloc_config(d, 262144, 512);
-    let o = script(
+    let t = ok(script(
         d,
         "-i\n-n 1\n-m $B0 small.bin\n-d $B0 a.bin\n-m $B0 big.bin\n-d $B0 b.bin\n",
-    );
-    let t = stdout(&o);
-    assert!(o.status.success(), "{t}");
+    ));
     assert!(t.contains("\nBlob import complete (from small.bin).\n"));
     let a = std::fs::read(d.join("a.bin")).unwrap();
     assert_eq!(a.len(), 1 << 20);
@@ -177,22 +157,18 @@ fn a47_import_shorter_and_longer_and_empty_dump() {
     // A blob of 0 clusters (made with the library) dumps to an empty file, without the
     // completion line.
     let img = sparse_file(d, "z.img", 16 << 20);
-    let o = blobcli(d, &["--image", "z.img", "-i"], Some("y\n"));
-    assert!(o.status.success(), "{}", stdout(&o));
+    ok(blobcli(d, &["--image", "z.img", "-i"], Some("y\n")));
     let dev = file_dev(&img);
     let id = block_on(async {
         let bs = Blobstore::load(dev, BsOpts::default()).await.unwrap();
-        let id = bs.create_blob(BlobOpts::default()).await.unwrap();
+        let id = new_blob(&bs, 0, false).await;
         bs.unload().await.unwrap();
         id
     });
-    let o = blobcli(
+    let t = blobcli_ok(
         d,
         &["--image", "z.img", "-d", &format!("0x{id:x}"), "e.bin"],
-        None,
     );
-    let t = stdout(&o);
-    assert!(o.status.success(), "{t}");
     assert!(!t.contains("File write complete"), "{t}");
     assert_eq!(std::fs::metadata(d.join("e.bin")).unwrap().len(), 0);
     // -m of a missing file.
@@ -214,9 +190,7 @@ fn a48_recover_after_kill() {
     let d = dir.path();
     let img = sparse_file(d, "r.img", 64 << 20);
     std::fs::write(d.join("s.bs"), "-i\n-n 40\n-n 2\n").unwrap();
-    let o = blobcli(d, &["--image", "r.img", "-T", "s.bs"], None);
-    assert!(o.status.success(), "{}", stdout(&o));
-    let t = stdout(&o);
+    let t = blobcli_ok(d, &["--image", "r.img", "-T", "s.bs"]);
     let ids: Vec<&str> = t
         .lines()
         .filter_map(|l| l.strip_prefix("New blob id "))
@@ -233,9 +207,8 @@ fn a48_recover_after_kill() {
     let _ = child.kill();
     let _ = child.wait();
 
-    let o = blobcli(d, &["--image", "r.img", "-R"], None);
-    assert!(o.status.success(), "{}", stdout(&o));
-    assert_eq!(stdout(&o), "");
+    let o = blobcli_ok(d, &["--image", "r.img", "-R"]);
+    assert_eq!(o, "");
     let o = blobcli(d, &["--image", "r.img", "-l", "blobs"], None);
     let t = stdout(&o);
     for id in &ids {
@@ -259,13 +232,11 @@ fn a49_shell_mode() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     malloc_config(d, 262144, 512);
-    let o = blobcli(
+    let t = ok(blobcli(
         d,
         &["-j", "conf.json", "-b", "Malloc0", "-S"],
         Some("-i\ny\n-s bs\n-n 1\n-l blobs\n-j other.json\n-X\n"),
-    );
-    let t = stdout(&o);
-    assert!(o.status.success(), "{t}");
+    ));
     assert!(t.starts_with("blob> Your entire blobstore will be destroyed. Are you sure? (y/n) Init blobstore using bdev Name: Malloc0\n"), "{t}");
     assert!(t.contains("blob> Blobstore Public Info:\n"), "{t}");
     assert!(t.contains("blob> New blob id 0x100000000\nblob now has USED clusters of 1\n"));
@@ -276,14 +247,13 @@ fn a49_shell_mode() {
     );
     assert!(t.ends_with("blob> "), "{t}");
     // End of input without -X also exits 0.
-    let o = blobcli(
+    let o = ok(blobcli(
         d,
         &["-j", "conf.json", "-b", "Malloc0", "-S"],
         Some("-l bdevs\n"),
-    );
-    assert!(o.status.success());
+    ));
     assert_eq!(
-        stdout(&o),
+        o,
         "blob> \nList bdevs:\n\tbdev Name: Malloc0\n\tbdev Product Name: Malloc disk\n\nblob> "
     );
 }
@@ -294,8 +264,7 @@ fn a50_clean_flag_follows_load_and_unload() {
     let d = dir.path();
     let img = sparse_file(d, "c.img", 32 << 20);
     std::fs::write(d.join("s.bs"), "-i\n-n 1\n").unwrap();
-    let o = blobcli(d, &["--image", "c.img", "-T", "s.bs"], None);
-    assert!(o.status.success(), "{}", stdout(&o));
+    blobcli_ok(d, &["--image", "c.img", "-T", "s.bs"]);
     let clean = |p: &Path| {
         let b = std::fs::read(p).unwrap();
         u32::from_le_bytes(b[16..20].try_into().unwrap())
@@ -325,20 +294,13 @@ fn a50_clean_flag_follows_load_and_unload() {
     let dev: Arc<dyn BsDev> = mem.clone();
     let id = block_on(async {
         let bs = Blobstore::load(dev, BsOpts::default()).await.unwrap();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 3,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let id = new_blob(&bs, 3, false).await;
         std::mem::forget(bs);
         id
     });
     std::fs::write(&img, mem.snapshot()).unwrap();
     assert_eq!(clean(&img), 0);
-    let o = blobcli(d, &["--image", "c.img", "-R"], None);
-    assert!(o.status.success(), "{}", stdout(&o));
+    blobcli_ok(d, &["--image", "c.img", "-R"]);
     assert_eq!(clean(&img), 1);
     let o = blobcli(d, &["--image", "c.img", "-s", &format!("0x{id:x}")], None);
     assert!(stdout(&o).contains("# of clusters: 3\n"), "{}", stdout(&o));
@@ -350,8 +312,7 @@ fn image_is_never_written_by_looking() {
     let d = dir.path();
     let img = sparse_file(d, "v.img", 16 << 20);
     std::fs::write(d.join("s.bs"), "-i\n-n 2\n-x $B0 name alpha\n").unwrap();
-    let o = blobcli(d, &["--image", "v.img", "-T", "s.bs"], None);
-    assert!(o.status.success(), "{}", stdout(&o));
+    blobcli_ok(d, &["--image", "v.img", "-T", "s.bs"]);
     let before = sha256_file(&img);
     for args in [
         vec!["-s", "bs"],
@@ -364,8 +325,7 @@ fn image_is_never_written_by_looking() {
     ] {
         let mut a = vec!["--image", "v.img"];
         a.extend(args.iter());
-        let o = blobcli(d, &a, None);
-        assert!(o.status.success(), "{args:?}: {}", stdout(&o));
+        blobcli_ok(d, &a);
     }
     // Not an lvol store: said so, non-zero exit, nothing written.
     let o = blobcli(d, &["--image", "v.img", "-l", "lvols"], None);
@@ -432,18 +392,8 @@ fn check_tells_needs_recovery_from_damaged() {
         let bs = Blobstore::init(base.clone(), BsOpts::default())
             .await
             .unwrap();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let b = bs.open_blob(id).await.unwrap();
-        let buf = blobstore::IoBuf::from_slice(&[0x5a; 4096], 4096);
-        b.write(0, buf).await.unwrap();
-        b.close().await.unwrap();
+        let id = new_blob(&bs, 4, true).await;
+        write_blob(&bs, id, 0, &[0x5a; 4096]).await.unwrap();
         bs.unload().await.unwrap();
         (base.snapshot(), id)
     });

@@ -1,19 +1,18 @@
 //! Two hosts made of network namespaces: a qemu-nbd server in one, the NBD client bdev in
 //! the other, joined by a veth pair with addresses of the test's own (10.200.x.1 and
 //! 10.200.x.2, only inside the namespaces it creates). Needs root and `ip`; otherwise the
-//! test prints why and does nothing. Everything is removed afterwards.
-
-mod common;
+//! skip is recorded (`test_support::skip`, a failure under CI). Everything is removed
+//! afterwards.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
-use bdev_core::{BlockDevice, IoBuf, Registry};
-use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
-
-const MIB: u64 = 1 << 20;
+use crate::common::*;
+use bdev_core::{BlockDevice, IoBuf};
+use bdev_nbd::{NbdClientBdev, NbdClientOpts, NbdClients};
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
@@ -86,6 +85,53 @@ fn make_hosts(tag: u32) -> Result<Hosts, String> {
     })
 }
 
+impl Hosts {
+    /// The server host as code running in the client's namespace sees it.
+    fn server(&self) -> Server {
+        Server {
+            ns: self.server.0.clone(),
+            ip: self.server_ip.clone(),
+            ifname: self.server_if.clone(),
+        }
+    }
+}
+
+/// The server host: its namespace, address and the server end of the wire.
+#[derive(Clone)]
+struct Server {
+    ns: String,
+    ip: String,
+    ifname: String,
+}
+
+impl Server {
+    /// qemu-nbd on the server host serving `file` read-only as export `golden` (port 10809,
+    /// up to 4 clients).
+    fn serve(&self, file: &Path) -> QemuNbd {
+        let listen = Listen::Tcp {
+            ip: self.ip.clone(),
+            port: 10809,
+            netns: Some(self.ns.clone()),
+        };
+        QemuNbd::start(listen, file, "raw", "golden", &["-r", "-e", "4"])
+    }
+
+    /// Mends (`up`) or cuts the wire at the server's end.
+    fn link(&self, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.ns, "link", "set", &self.ifname, state]).unwrap();
+    }
+}
+
+/// Client bdev `name` of `srv` over TCP: `attempts` reconnects 200 ms apart, I/O timeout 1 s.
+fn connect(clients: &NbdClients, srv: &QemuNbd, name: &str, attempts: u32) -> Arc<NbdClientBdev> {
+    let mut o = NbdClientOpts::new(name, &srv.address(), "golden");
+    o.reconnect_attempts = attempts;
+    o.reconnect_delay_ms = 200;
+    o.io_timeout_ms = 1000;
+    block_within(10, clients.create(o)).unwrap()
+}
+
 /// Why the test cannot run here, if it cannot.
 fn unsupported() -> Option<String> {
     // SAFETY: geteuid has no preconditions and cannot fail.
@@ -122,43 +168,38 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     }
 }
 
+/// Two hosts for test `name`, or `None` when they cannot be made here (not root, no `ip`, no
+/// qemu, namespaces refused): the skip is then recorded (and fails under CI).
+fn hosts_or_skip(name: &str, tag: u32) -> Option<Hosts> {
+    if let Some(why) = unsupported() {
+        test_support::skip(name, &why);
+        return None;
+    }
+    if !have_qemu(name) {
+        return None;
+    }
+    match make_hosts(tag) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            test_support::skip(name, &format!("cannot create network namespaces: {e}"));
+            None
+        }
+    }
+}
+
 #[test]
 fn remote_base_survives_a_network_partition_between_hosts() {
     let name = "remote_base_survives_a_network_partition_between_hosts";
-    if let Some(why) = unsupported() {
-        test_support::skip(name, &why);
+    let Some(hosts) = hosts_or_skip(name, 1) else {
         return;
-    }
-    if !have_qemu(name) {
-        return;
-    }
-    let hosts = match make_hosts(1) {
-        Ok(h) => h,
-        Err(e) => {
-            test_support::skip(name, &format!("cannot create network namespaces: {e}"));
-            return;
-        }
     };
     let dir = tempfile::tempdir().unwrap();
     let raw = pattern_file(dir.path(), "golden.raw", 2 * MIB);
-    let server_ns = hosts.server.0.clone();
-    let server_ip = hosts.server_ip.clone();
-    let server_if = hosts.server_if.clone();
-    let raw2 = raw.clone();
+    let server = hosts.server();
     in_netns(&hosts.client.0.clone(), move || {
-        let listen = Listen::Tcp {
-            ip: server_ip.clone(),
-            port: 10809,
-            netns: Some(server_ns.clone()),
-        };
-        let srv = QemuNbd::start(listen, &raw2, "raw", "golden", &["-r", "-e", "4"]);
-        let reg = Registry::new();
-        let clients = NbdClients::new(reg.clone());
-        let mut o = NbdClientOpts::new("remote0", &srv.address(), "golden");
-        o.reconnect_attempts = 2;
-        o.reconnect_delay_ms = 200;
-        o.io_timeout_ms = 1000;
-        let dev = run(10, clients.create(o)).unwrap();
+        let srv = server.serve(&raw);
+        let (reg, clients) = nbd_clients();
+        let dev = connect(&clients, &srv, "remote0", 2);
         let uuid = dev.uuid();
         assert_eq!(
             dev.driver_specific()["nbd_client"]["address"],
@@ -167,13 +208,13 @@ fn remote_base_survives_a_network_partition_between_hosts() {
         drop(dev);
         let mut desc = reg.open("remote0", false).unwrap();
         let mut events = desc.take_events().unwrap();
-        run(10, check_pattern(&desc, 0, 4096)).unwrap();
+        block_within(10, check_pattern(&desc, 0, 4096)).unwrap();
 
         // Cut the wire: nothing comes back, and nothing says so. The watchdog drops the
         // connection, the reconnects time out, the read fails, the bdev is hot-removed.
-        ip(&["-n", &server_ns, "link", "set", &server_if, "down"]).unwrap();
+        server.link(false);
         let t0 = std::time::Instant::now();
-        let err = run(15, desc.read(100, IoBuf::new(4096, 1))).unwrap_err();
+        let err = block_within(15, desc.read(100, IoBuf::new(4096, 1))).unwrap_err();
         assert_eq!(err.errno(), libc::EIO);
         eprintln!("{name}: read failed after {:?}", t0.elapsed());
         wait_until(5, "Remove event", || removed(&mut events));
@@ -181,13 +222,13 @@ fn remote_base_survives_a_network_partition_between_hosts() {
         wait_until(5, "hot-removal", || reg.get("remote0").is_none());
 
         // Mend it: the client finds the server again and registers the same bdev.
-        ip(&["-n", &server_ns, "link", "set", &server_if, "up"]).unwrap();
+        server.link(true);
         wait_until(15, "re-registration", || reg.get_by_uuid(&uuid).is_some());
         assert_eq!(reg.get_by_uuid(&uuid).unwrap().name(), "remote0");
         let desc = reg.open("remote0", false).unwrap();
-        run(10, check_pattern(&desc, 0, 4096)).unwrap();
+        block_within(10, check_pattern(&desc, 0, 4096)).unwrap();
         drop(desc);
-        run(10, clients.delete("remote0")).unwrap();
+        block_within(10, clients.delete("remote0")).unwrap();
         drop(srv);
     });
     drop(hosts);
@@ -196,58 +237,35 @@ fn remote_base_survives_a_network_partition_between_hosts() {
 #[test]
 fn an_idle_connection_to_a_vanished_host_is_noticed() {
     let name = "an_idle_connection_to_a_vanished_host_is_noticed";
-    if let Some(why) = unsupported() {
-        test_support::skip(name, &why);
+    let Some(hosts) = hosts_or_skip(name, 2) else {
         return;
-    }
-    if !have_qemu(name) {
-        return;
-    }
-    let hosts = match make_hosts(2) {
-        Ok(h) => h,
-        Err(e) => {
-            test_support::skip(name, &format!("cannot create network namespaces: {e}"));
-            return;
-        }
     };
     let dir = tempfile::tempdir().unwrap();
     let raw = pattern_file(dir.path(), "golden.raw", MIB);
-    let server_ns = hosts.server.0.clone();
-    let server_ip = hosts.server_ip.clone();
-    let server_if = hosts.server_if.clone();
+    let server = hosts.server();
     in_netns(&hosts.client.0.clone(), move || {
-        let listen = Listen::Tcp {
-            ip: server_ip.clone(),
-            port: 10809,
-            netns: Some(server_ns.clone()),
-        };
-        let srv = QemuNbd::start(listen, &raw, "raw", "golden", &["-r", "-e", "4"]);
-        let reg = Registry::new();
-        let clients = NbdClients::new(reg.clone());
-        let mut o = NbdClientOpts::new("idle0", &srv.address(), "golden");
-        o.reconnect_attempts = 1;
-        o.reconnect_delay_ms = 200;
-        o.io_timeout_ms = 1000;
-        let dev = run(10, clients.create(o)).unwrap();
+        let srv = server.serve(&raw);
+        let (reg, clients) = nbd_clients();
+        let dev = connect(&clients, &srv, "idle0", 1);
         let uuid = dev.uuid();
         drop(dev);
         {
             let desc = reg.open("idle0", false).unwrap();
-            run(10, check_pattern(&desc, 0, 8)).unwrap();
+            block_within(10, check_pattern(&desc, 0, 8)).unwrap();
         }
         // No I/O at all while the wire is cut: TCP keepalive finds the peer gone.
-        ip(&["-n", &server_ns, "link", "set", &server_if, "down"]).unwrap();
+        server.link(false);
         let t0 = std::time::Instant::now();
         wait_until(20, "hot-removal of an idle bdev", || {
             reg.get("idle0").is_none()
         });
         eprintln!("{name}: noticed after {:?}", t0.elapsed());
-        ip(&["-n", &server_ns, "link", "set", &server_if, "up"]).unwrap();
+        server.link(true);
         wait_until(15, "re-registration", || reg.get_by_uuid(&uuid).is_some());
         let desc = reg.open("idle0", false).unwrap();
-        run(10, check_pattern(&desc, 0, 2048)).unwrap();
+        block_within(10, check_pattern(&desc, 0, 2048)).unwrap();
         drop(desc);
-        run(10, clients.delete("idle0")).unwrap();
+        block_within(10, clients.delete("idle0")).unwrap();
         drop(srv);
     });
     drop(hosts);

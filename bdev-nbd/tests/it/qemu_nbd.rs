@@ -1,18 +1,14 @@
 //! The NBD client bdev against real qemu-nbd servers started by the tests.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::*;
 use bdev_core::rpc::RpcModule;
 use bdev_core::{BlockDevice, IoBuf, IoType, Registry};
-use bdev_nbd::{NbdClientOpts, NbdClients, NbdRpc};
-use common::*;
+use bdev_nbd::{NbdClientOpts, NbdRpc};
 use serde_json::json;
-
-const MIB: u64 = 1 << 20;
 
 fn opts(name: &str, srv: &QemuNbd, export: &str) -> NbdClientOpts {
     let mut o = NbdClientOpts::new(name, &srv.address(), export);
@@ -24,15 +20,13 @@ fn opts(name: &str, srv: &QemuNbd, export: &str) -> NbdClientOpts {
 
 #[test]
 fn raw_export_reads_the_pattern() {
-    if !have_qemu("raw_export_reads_the_pattern") {
+    let Some((_dir, srv)) =
+        serve_pattern("raw_export_reads_the_pattern", 4 * MIB, "golden", &["-r"])
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "base.raw", 4 * MIB);
-    let srv = QemuNbd::unix(dir.path(), &raw, "raw", "golden", &["-r"]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    };
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let dev = clients.create(opts("nbd0", &srv, "golden")).await.unwrap();
         assert_eq!(dev.block_len(), 512);
         assert_eq!(dev.num_blocks(), 4 * MIB / 512);
@@ -79,9 +73,8 @@ fn qcow2_over_raw_backing_reads_base_and_keeps_writes_in_the_overlay() {
     let before = std::fs::read(&raw).unwrap();
     let q = qcow2_over(dir.path(), &raw, "top.qcow2");
     let srv = QemuNbd::unix(dir.path(), &q, "qcow2", "top", &[]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let dev = clients.create(opts("q0", &srv, "top")).await.unwrap();
         assert_eq!(dev.num_blocks() * 512, 2 * MIB);
         assert!(!dev.is_read_only());
@@ -106,15 +99,12 @@ fn qcow2_over_raw_backing_reads_base_and_keeps_writes_in_the_overlay() {
 
 #[test]
 fn writes_round_trip_to_the_file() {
-    if !have_qemu("writes_round_trip_to_the_file") {
+    let Some((_dir, srv)) = serve_pattern("writes_round_trip_to_the_file", MIB, "disk", &[]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "disk.raw", MIB);
-    let srv = QemuNbd::unix(dir.path(), &raw, "raw", "disk", &[]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    };
+    let (reg, clients) = nbd_clients();
+    let raw = srv.file().to_path_buf();
+    block_within(20, async {
         let dev = clients.create(opts("w0", &srv, "disk")).await.unwrap();
         assert!(dev.io_type_supported(IoType::Write));
         assert!(dev.io_type_supported(IoType::Flush));
@@ -149,20 +139,16 @@ fn writes_round_trip_to_the_file() {
     assert!(f[9 * 512..9 * 512 + 4096].iter().all(|&b| b == 0x22));
     assert!(f[100 * 512..100 * 512 + 65536].iter().all(|&b| b == 0x33));
     assert!(f[300 * 512..316 * 512].iter().all(|&b| b == 0));
-    assert!(f[316 * 512..400 * 512] == pattern(316 * 512, 84 * 512)[..]);
+    assert!(f[316 * 512..400 * 512] == pattern(TAG, 316 * 512, 84 * 512)[..]);
 }
 
 #[test]
 fn many_requests_in_flight() {
-    if !have_qemu("many_requests_in_flight") {
+    let Some((_dir, srv)) = serve_pattern("many_requests_in_flight", 4 * MIB, "disk", &[]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "disk.raw", 4 * MIB);
-    let srv = QemuNbd::unix(dir.path(), &raw, "raw", "disk", &[]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(30, async {
+    };
+    let (reg, clients) = nbd_clients();
+    block_within(30, async {
         clients.create(opts("m0", &srv, "disk")).await.unwrap();
         let desc = reg.open("m0", true).unwrap();
         // 512 reads of 4 KiB, all submitted before any is awaited.
@@ -171,7 +157,7 @@ fn many_requests_in_flight() {
             let d = &desc;
             async move {
                 let b = d.read(lba, IoBuf::new(4096, 1)).await.unwrap();
-                assert!(b[..] == pattern(lba * 512, 4096)[..], "lba {lba}");
+                assert!(b[..] == pattern(TAG, lba * 512, 4096)[..], "lba {lba}");
             }
         });
         futures::future::join_all(reads).await;
@@ -192,9 +178,9 @@ fn many_requests_in_flight() {
         // A vectored read goes out as concurrent requests and fills each piece.
         let bufs = vec![IoBuf::new(512, 1), IoBuf::new(8192, 1), IoBuf::new(1024, 1)];
         let bufs = desc.readv(6000, bufs).await.unwrap();
-        assert!(bufs[0][..] == pattern(6000 * 512, 512)[..]);
-        assert!(bufs[1][..] == pattern(6001 * 512, 8192)[..]);
-        assert!(bufs[2][..] == pattern(6017 * 512, 1024)[..]);
+        assert!(bufs[0][..] == pattern(TAG, 6000 * 512, 512)[..]);
+        assert!(bufs[1][..] == pattern(TAG, 6001 * 512, 8192)[..]);
+        assert!(bufs[2][..] == pattern(TAG, 6017 * 512, 1024)[..]);
         drop(desc);
         clients.delete("m0").await.unwrap();
     });
@@ -202,16 +188,14 @@ fn many_requests_in_flight() {
 
 #[test]
 fn several_connections_when_the_server_allows_them() {
-    if !have_qemu("several_connections") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "base.raw", 2 * MIB);
     // A qemu-nbd shared by several clients advertises NBD_FLAG_CAN_MULTI_CONN.
-    let srv = QemuNbd::unix(dir.path(), &raw, "raw", "base", &["-r", "-e", "8"]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let Some((dir, srv)) =
+        serve_pattern("several_connections", 2 * MIB, "base", &["-r", "-e", "8"])
+    else {
+        return;
+    };
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let mut o = opts("mc0", &srv, "base");
         o.num_connections = 4;
         let dev = clients.create(o).await.unwrap();
@@ -227,7 +211,7 @@ fn several_connections_when_the_server_allows_them() {
     // An export for one client only does not allow more: one connection, whatever was asked.
     let raw2 = pattern_file(dir.path(), "rw.raw", MIB);
     let srv2 = QemuNbd::unix(dir.path(), &raw2, "raw", "rw", &[]);
-    run(20, async {
+    block_within(20, async {
         let mut o = opts("mc1", &srv2, "rw");
         o.num_connections = 4;
         let dev = clients.create(o).await.unwrap();
@@ -246,9 +230,8 @@ fn read_only_is_refused_locally_and_by_the_server() {
     let before = std::fs::read(&raw).unwrap();
     let ro_srv = QemuNbd::unix(dir.path(), &raw, "raw", "ro", &["-r", "-e", "4"]);
     let rw_srv = QemuNbd::unix(dir.path(), &raw, "raw", "rw", &["-e", "4"]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         // The server says read-only.
         let a = clients.create(opts("ro_a", &ro_srv, "ro")).await.unwrap();
         // The export is writable, but read-only was asked for.
@@ -281,19 +264,17 @@ fn read_only_is_refused_locally_and_by_the_server() {
 
 #[test]
 fn server_killed_and_restarted_during_reads() {
-    if !have_qemu("server_killed_and_restarted") {
+    let Some((_dir, mut srv)) =
+        serve_pattern("server_killed_and_restarted", 2 * MIB, "base", &["-r"])
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "base.raw", 2 * MIB);
-    let mut srv = QemuNbd::unix(dir.path(), &raw, "raw", "base", &["-r"]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
+    };
+    let (reg, clients) = nbd_clients();
     let mut o = opts("rs0", &srv, "base");
     o.reconnect_attempts = 30;
     o.reconnect_delay_ms = 100;
     o.io_timeout_ms = 2000;
-    let dev = run(10, clients.create(o)).unwrap();
+    let dev = block_within(10, clients.create(o)).unwrap();
     let uuid = dev.uuid();
     drop(dev);
 
@@ -314,7 +295,7 @@ fn server_killed_and_restarted_during_reads() {
                 }
                 let lba = (i * 13) % 4096;
                 i += 1;
-                match run(10, check_pattern(&desc, lba, 1)) {
+                match block_within(10, check_pattern(&desc, lba, 1)) {
                     Ok(()) => ok.fetch_add(1, Ordering::AcqRel),
                     Err(e) => {
                         assert_eq!(e.errno(), libc::EIO, "{e}");
@@ -359,7 +340,7 @@ fn server_killed_and_restarted_during_reads() {
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0]["params"]["uuid"], uuid.to_string());
     // Direct I/O on the removed bdev fails at once instead of waiting.
-    let err = run(5, handle.read(0, IoBuf::new(512, 1))).unwrap_err();
+    let err = block_within(5, handle.read(0, IoBuf::new(512, 1))).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
 
     // 3. The server comes back: the same bdev (same name, same UUID) is registered again.
@@ -371,40 +352,36 @@ fn server_killed_and_restarted_during_reads() {
         clients.unregistered_config().is_empty()
     });
     let desc = reg.open("rs0", false).unwrap();
-    run(10, check_pattern(&desc, 0, 4096)).unwrap();
+    block_within(10, check_pattern(&desc, 0, 4096)).unwrap();
     drop(desc);
     stop.store(true, Ordering::Release);
-    run(10, clients.delete("rs0")).unwrap();
+    block_within(10, clients.delete("rs0")).unwrap();
     assert!(reg.get("rs0").is_none());
     assert!(clients.get("rs0").is_none());
 }
 
 #[test]
 fn zero_attempts_remove_at_once_and_delete_works_while_removed() {
-    if !have_qemu("zero_attempts") {
+    let Some((_dir, mut srv)) = serve_pattern("zero_attempts", MIB, "base", &["-r"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "base.raw", MIB);
-    let mut srv = QemuNbd::unix(dir.path(), &raw, "raw", "base", &["-r"]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
+    };
+    let (reg, clients) = nbd_clients();
     let mut o = opts("z0", &srv, "base");
     o.reconnect_attempts = 0;
     o.reconnect_delay_ms = 50;
-    run(10, clients.create(o)).unwrap();
+    block_within(10, clients.create(o)).unwrap();
     let desc = reg.open("z0", false).unwrap();
     srv.kill();
     // The reader sees the connection close; with no attempts the bdev goes at once (once
     // this descriptor is closed).
-    let err = run(10, desc.read(0, IoBuf::new(512, 1))).unwrap_err();
+    let err = block_within(10, desc.read(0, IoBuf::new(512, 1))).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
     drop(desc);
     wait_until(10, "hot-removal", || reg.get("z0").is_none());
     // The name stays taken while the client waits for its server.
-    let err = run(10, clients.create(opts("z0", &srv, "base"))).unwrap_err();
+    let err = block_within(10, clients.create(opts("z0", &srv, "base"))).unwrap_err();
     assert_eq!(err.errno(), libc::EEXIST);
-    run(10, clients.delete("z0")).unwrap();
+    block_within(10, clients.delete("z0")).unwrap();
     assert!(clients.names().is_empty());
     // After the delete nothing comes back, even with the server up again.
     srv.restart();
@@ -414,12 +391,9 @@ fn zero_attempts_remove_at_once_and_delete_works_while_removed() {
 
 #[test]
 fn rpc_methods_follow_spdk_conventions() {
-    if !have_qemu("rpc_methods") {
+    let Some((dir, srv)) = serve_pattern("rpc_methods", MIB, "base", &["-r", "-e", "4"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "base.raw", MIB);
-    let srv = QemuNbd::unix(dir.path(), &raw, "raw", "base", &["-r", "-e", "4"]);
+    };
     let reg = Registry::new();
     let rpc = NbdRpc::new(reg.clone());
     assert_eq!(
@@ -431,133 +405,82 @@ fn rpc_methods_follow_spdk_conventions() {
         ]
     );
     let uuid = "0b0c0d0e-1111-4222-8333-444455556666";
-    run(20, async {
+    block_within(20, async {
         let p = json!({"name": "r0", "address": srv.address(), "export": "base",
             "uuid": uuid, "read_only": true, "reconnect_attempts": 2, "reconnect_delay_ms": 50});
-        let v = rpc
-            .call("bdev_nbd_client_create", Some(p.clone()))
-            .await
-            .unwrap();
-        assert_eq!(v, json!("r0"));
+        assert_eq!(rpc!(rpc, "bdev_nbd_client_create", p.clone()), json!("r0"));
         assert_eq!(reg.get(uuid).unwrap().name(), "r0");
         // Same name again.
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-17, "File exists"));
+        assert_eq!(
+            rpc_err!(rpc, "bdev_nbd_client_create", p),
+            (-17, "File exists")
+        );
         // Same UUID, other name.
         let p = json!({"name": "r1", "address": srv.address(), "export": "base", "uuid": uuid});
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -17);
+        assert_eq!(rpc_err!(rpc, "bdev_nbd_client_create", p).code, -17);
         // Decode failures: missing field, unknown field, wrong type.
         for bad in [
             json!({"name": "r2", "address": srv.address()}),
             json!({"name": "r2", "address": srv.address(), "export": "base", "bogus": 1}),
             json!({"name": "r2", "address": srv.address(), "export": 5}),
         ] {
-            let e = rpc
-                .call("bdev_nbd_client_create", Some(bad))
-                .await
-                .unwrap_err();
             assert_eq!(
-                (e.code, e.message.as_str()),
+                rpc_err!(rpc, "bdev_nbd_client_create", bad),
                 (-32603, "spdk_json_decode_object failed")
             );
         }
-        // Connection failures carry the errno.
+        // Connection failures carry the errno, as do a bad name and a bad address.
         let missing = format!("unix:{}", dir.path().join("nobody.sock").display());
-        let p = json!({"name": "r3", "address": missing, "export": "base"});
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -libc::ENOENT);
         let _plain = std::fs::File::create(dir.path().join("plain.sock")).unwrap();
-        let p = json!({"name": "r3", "address": format!("unix:{}",
-            dir.path().join("plain.sock").display()), "export": "base"});
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -libc::ECONNREFUSED);
-        let p = json!({"name": "r3", "address": "127.0.0.1:1", "export": "base"});
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -libc::ECONNREFUSED);
-        let p = json!({"name": "r3", "address": srv.address(), "export": "nope"});
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -libc::ENOENT);
-        let p = json!({"name": "r\u{0}", "address": srv.address(), "export": "base"});
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -libc::EINVAL);
-        let p = json!({"name": "r3", "address": "no-port-here", "export": "base"});
-        let e = rpc
-            .call("bdev_nbd_client_create", Some(p))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -libc::EINVAL);
+        let plain = format!("unix:{}", dir.path().join("plain.sock").display());
+        let served = srv.address();
+        for (name, address, export, errno) in [
+            ("r3", missing.as_str(), "base", libc::ENOENT),
+            ("r3", plain.as_str(), "base", libc::ECONNREFUSED),
+            ("r3", "127.0.0.1:1", "base", libc::ECONNREFUSED),
+            ("r3", served.as_str(), "nope", libc::ENOENT),
+            ("r\u{0}", served.as_str(), "base", libc::EINVAL),
+            ("r3", "no-port-here", "base", libc::EINVAL),
+        ] {
+            let p = json!({"name": name, "address": address, "export": export});
+            let e = rpc_err!(rpc, "bdev_nbd_client_create", p);
+            assert_eq!(e.code, -errno, "{p}");
+        }
         assert!(reg.get("r3").is_none());
         // Get: every client, or one.
-        let all = rpc.call("bdev_nbd_client_get", None).await.unwrap();
+        let all = rpc!(rpc, "bdev_nbd_client_get");
         assert_eq!(all.as_array().unwrap().len(), 1);
-        let one = rpc
-            .call("bdev_nbd_client_get", Some(json!({"name": "r0"})))
-            .await
-            .unwrap();
+        let one = rpc!(rpc, "bdev_nbd_client_get", {"name": "r0"});
         assert_eq!(
             one,
             json!([{"name": "r0", "uuid": uuid, "address": srv.address(), "export": "base",
                 "read_only": true, "state": "connected", "registered": true, "connections": 1,
                 "block_size": 512, "num_blocks": 2048}])
         );
-        let e = rpc
-            .call("bdev_nbd_client_get", Some(json!({"name": "zz"})))
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, -19);
+        assert_eq!(
+            rpc_err!(rpc, "bdev_nbd_client_get", {"name": "zz"}).code,
+            -19
+        );
         // Delete.
-        let e = rpc
-            .call("bdev_nbd_client_delete", Some(json!({"name": "nope"})))
-            .await
-            .unwrap_err();
-        assert_eq!((e.code, e.message.as_str()), (-19, "No such device"));
-        let e = rpc.call("bdev_nbd_client_delete", None).await.unwrap_err();
-        assert_eq!(e.code, -32603);
-        let v = rpc
-            .call("bdev_nbd_client_delete", Some(json!({"name": "r0"})))
-            .await
-            .unwrap();
-        assert_eq!(v, json!(true));
+        assert_eq!(
+            rpc_err!(rpc, "bdev_nbd_client_delete", {"name": "nope"}),
+            (-19, "No such device")
+        );
+        assert_eq!(rpc_err!(rpc, "bdev_nbd_client_delete").code, -32603);
+        assert_eq!(
+            rpc!(rpc, "bdev_nbd_client_delete", {"name": "r0"}),
+            json!(true)
+        );
         assert!(reg.get("r0").is_none());
-        let e = rpc.call("bdev_nbd_client_other", None).await.unwrap_err();
-        assert_eq!(e.code, -32601);
+        assert_eq!(rpc_err!(rpc, "bdev_nbd_client_other").code, -32601);
         // The name is free again.
-        let p = json!({"name": "r0", "address": srv.address(), "export": "base"});
-        rpc.call("bdev_nbd_client_create", Some(p)).await.unwrap();
+        rpc!(rpc, "bdev_nbd_client_create", {"name": "r0", "address": served, "export": "base"});
         // The saved config entry re-creates the same bdev.
         let saved = reg.get("r0").unwrap().write_config().unwrap();
         let uuid0 = reg.get("r0").unwrap().uuid();
-        rpc.call("bdev_nbd_client_delete", Some(json!({"name": "r0"})))
-            .await
-            .unwrap();
+        rpc!(rpc, "bdev_nbd_client_delete", {"name": "r0"});
         let method = saved["method"].as_str().unwrap();
-        let v = rpc
-            .call(method, Some(saved["params"].clone()))
-            .await
-            .unwrap();
-        assert_eq!(v, json!("r0"));
+        assert_eq!(rpc!(rpc, method, saved["params"]), json!("r0"));
         assert_eq!(reg.get("r0").unwrap().uuid(), uuid0);
         assert_eq!(reg.get("r0").unwrap().write_config().unwrap(), saved);
         rpc.clients().delete_all().await;
@@ -567,15 +490,12 @@ fn rpc_methods_follow_spdk_conventions() {
 
 #[test]
 fn registry_delete_from_outside_stops_the_client() {
-    if !have_qemu("registry_delete_from_outside") {
+    let Some((_dir, srv)) = serve_pattern("registry_delete_from_outside", MIB, "base", &["-r"])
+    else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "base.raw", MIB);
-    let srv = QemuNbd::unix(dir.path(), &raw, "raw", "base", &["-r"]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    };
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let dev = clients.create(opts("x0", &srv, "base")).await.unwrap();
         reg.unregister("x0").await.unwrap();
         assert!(dev.is_deleted());
@@ -589,22 +509,18 @@ fn registry_delete_from_outside_stops_the_client() {
 
 #[test]
 fn background_connect_waits_for_a_server_that_is_not_there_yet() {
-    if !have_qemu("background_connect") {
+    let Some((_dir, mut srv)) = serve_pattern("background_connect", MIB, "base", &["-r"]) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "base.raw", MIB);
-    let mut srv = QemuNbd::unix(dir.path(), &raw, "raw", "base", &["-r"]);
+    };
+    let (reg, clients) = nbd_clients();
     srv.kill();
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
     // Without background_connect the create fails.
-    let err = run(10, clients.create(opts("bg0", &srv, "base"))).unwrap_err();
+    let err = block_within(10, clients.create(opts("bg0", &srv, "base"))).unwrap_err();
     assert_eq!(err.errno(), libc::ECONNREFUSED);
     let mut o = opts("bg0", &srv, "base");
     o.background_connect = true;
     o.reconnect_delay_ms = 50;
-    let dev = run(10, clients.create(o)).unwrap();
+    let dev = block_within(10, clients.create(o)).unwrap();
     assert!(reg.get("bg0").is_none());
     assert_eq!(
         clients.info(Some("bg0")).unwrap()[0]["state"],
@@ -613,7 +529,7 @@ fn background_connect_waits_for_a_server_that_is_not_there_yet() {
     let cfg = dev.write_config().unwrap();
     assert_eq!(cfg["params"]["background_connect"], true);
     // Direct I/O before the server exists fails at once.
-    let err = run(5, dev.read(0, IoBuf::new(512, 1))).unwrap_err();
+    let err = block_within(5, dev.read(0, IoBuf::new(512, 1))).unwrap_err();
     assert_eq!(err.errno(), libc::EIO);
     srv.restart();
     wait_until(10, "registration", || {
@@ -622,30 +538,32 @@ fn background_connect_waits_for_a_server_that_is_not_there_yet() {
     assert_eq!(dev.num_blocks(), MIB / 512);
     assert!(dev.is_read_only());
     let desc = reg.open("bg0", false).unwrap();
-    run(10, check_pattern(&desc, 0, 2048)).unwrap();
+    block_within(10, check_pattern(&desc, 0, 2048)).unwrap();
     drop(desc);
     wait_until(5, "registered flag", || {
         clients.info(None).unwrap()[0]["registered"] == true
     });
     assert_eq!(clients.info(None).unwrap()[0]["state"], "connected");
-    run(10, clients.delete("bg0")).unwrap();
+    block_within(10, clients.delete("bg0")).unwrap();
     assert!(reg.get("bg0").is_none());
 }
 
 #[test]
 fn writes_in_flight_survive_a_server_restart() {
-    if !have_qemu("writes_in_flight_survive_a_server_restart") {
+    let Some((_dir, mut srv)) = serve_pattern(
+        "writes_in_flight_survive_a_server_restart",
+        4 * MIB,
+        "disk",
+        &[],
+    ) else {
         return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "disk.raw", 4 * MIB);
-    let mut srv = QemuNbd::unix(dir.path(), &raw, "raw", "disk", &[]);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
+    };
+    let (reg, clients) = nbd_clients();
+    let raw = srv.file().to_path_buf();
     let mut o = opts("wr0", &srv, "disk");
     o.reconnect_attempts = 50;
     o.reconnect_delay_ms = 50;
-    run(10, clients.create(o)).unwrap();
+    block_within(10, clients.create(o)).unwrap();
     let written = Arc::new(AtomicU64::new(0));
     let writers = {
         let (reg, written) = (reg.clone(), written.clone());
@@ -662,7 +580,7 @@ fn writes_in_flight_survive_a_server_restart() {
                     }
                 }
             });
-            run(25, futures::future::join_all(tasks));
+            block_within(25, futures::future::join_all(tasks));
         })
     };
     wait_until(10, "some writes", || written.load(Ordering::Acquire) > 100);
@@ -674,7 +592,7 @@ fn writes_in_flight_survive_a_server_restart() {
     assert!(at_kill < 32 * 40, "every write finished before the kill");
     assert_eq!(written.load(Ordering::Acquire), 32 * 40);
     let desc = reg.open("wr0", false).unwrap();
-    run(10, async {
+    block_within(10, async {
         for w in 0..32u64 {
             let b = desc.read(w * 16, IoBuf::new(8192, 1)).await.unwrap();
             let want = 40u8.wrapping_add(w as u8);
@@ -682,7 +600,7 @@ fn writes_in_flight_survive_a_server_restart() {
         }
     });
     drop(desc);
-    run(10, clients.delete("wr0")).unwrap();
+    block_within(10, clients.delete("wr0")).unwrap();
     let f = std::fs::read(&raw).unwrap();
     for w in 0..32usize {
         let want = 40u8.wrapping_add(w as u8);

@@ -1,16 +1,15 @@
-//! Test helpers: qemu-nbd servers started and killed by the tests, pattern files, and
-//! timeouts so that no test can hang.
+//! What only the NBD client's tests need: qemu-nbd servers started and killed by the tests,
+//! pattern files served by them, and a registry with NBD clients to reach them.
 
-#![allow(dead_code)]
-
-use std::future::Future;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use bdev_core::{BdevEvent, Descriptor, IoBuf};
+use bdev_core::{BdevEvent, Descriptor, IoBuf, Registry};
+use bdev_nbd::NbdClients;
+pub use test_support::prelude::*;
 
 /// Whether qemu-nbd and qemu-img are installed; if not, the test is recorded as skipped (and
 /// fails under CI) through `test_support::require_tools`.
@@ -18,38 +17,8 @@ pub fn have_qemu(test: &str) -> bool {
     test_support::require_tools(test, &["qemu-nbd", "qemu-img"])
 }
 
-/// Runs a future to completion on this thread, panicking if it takes longer than `secs`.
-pub fn run<F: Future>(secs: u64, f: F) -> F::Output {
-    futures::executor::block_on(async {
-        let f = std::pin::pin!(f);
-        let t = futures_timer::Delay::new(Duration::from_secs(secs));
-        match futures::future::select(f, t).await {
-            futures::future::Either::Left((v, _)) => v,
-            futures::future::Either::Right(_) => panic!("timed out after {secs} s"),
-        }
-    })
-}
-
-/// Polls `cond` every 20 ms until it holds, panicking after `secs`.
-pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// The byte at `pos` of the pattern file: every 8-byte word holds its own index, mixed.
-pub fn pattern_byte(pos: u64) -> u8 {
-    let word = pos / 8;
-    let v = word.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5a5a;
-    v.to_le_bytes()[(pos % 8) as usize]
-}
-
-/// `len` bytes of the pattern starting at byte `pos`.
-pub fn pattern(pos: u64, len: usize) -> Vec<u8> {
-    (0..len as u64).map(|i| pattern_byte(pos + i)).collect()
-}
+/// The tag of the pattern these tests serve (`test_support::bdev::pattern`).
+pub const TAG: u8 = 0x4e;
 
 /// Writes a raw file of `len` bytes holding the pattern.
 pub fn pattern_file(dir: &Path, name: &str, len: u64) -> PathBuf {
@@ -59,7 +28,7 @@ pub fn pattern_file(dir: &Path, name: &str, len: u64) -> PathBuf {
     let mut pos = 0;
     while pos < len {
         let n = chunk.min(len - pos);
-        f.write_all(&pattern(pos, n as usize))
+        f.write_all(&pattern(TAG, pos, n as usize))
             .expect("write pattern");
         pos += n;
     }
@@ -77,6 +46,32 @@ pub fn qcow2_over(dir: &Path, backing: &Path, name: &str) -> PathBuf {
         .expect("run qemu-img");
     assert!(st.success(), "qemu-img create failed");
     p
+}
+
+/// A registry and the NBD clients that register their bdevs in it.
+pub fn nbd_clients() -> (Registry, NbdClients) {
+    let reg = Registry::new();
+    let clients = NbdClients::new(reg.clone());
+    (reg, clients)
+}
+
+/// Serves a new raw pattern file of `size` bytes (`<dir>/<export>.raw`) as export `export`
+/// (qemu-nbd arguments `extra`); returns the temp dir (keep it alive) and the server. `None`
+/// when qemu is not installed: the skip of `test` is then recorded (and fails under CI) by
+/// [`have_qemu`].
+pub fn serve_pattern(
+    test: &str,
+    size: u64,
+    export: &str,
+    extra: &[&str],
+) -> Option<(tempfile::TempDir, QemuNbd)> {
+    if !have_qemu(test) {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = pattern_file(dir.path(), &format!("{export}.raw"), size);
+    let srv = QemuNbd::unix(dir.path(), &file, "raw", export, extra);
+    Some((dir, srv))
 }
 
 /// Where a test server listens.
@@ -122,6 +117,11 @@ impl QemuNbd {
         };
         s.spawn();
         s
+    }
+
+    /// The file served.
+    pub fn file(&self) -> &Path {
+        &self.file
     }
 
     /// The address to give `bdev_nbd_client_create`.
@@ -216,7 +216,7 @@ pub async fn check_pattern(desc: &Descriptor, lba: u64, blocks: u64) -> bdev_cor
         .read(lba, IoBuf::new((blocks * bl) as usize, 1))
         .await?;
     assert!(
-        buf[..] == pattern(lba * bl, buf.len())[..],
+        buf[..] == pattern(TAG, lba * bl, buf.len())[..],
         "pattern mismatch at lba {lba}"
     );
     Ok(())

@@ -2,13 +2,11 @@
 //! copies: listed, shown, dumped (`-D`), checked clean, and every lvol or blob dumped to a
 //! file whose sha256 matches the manifest. None of this may change the image.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const ESNAP_UUID: &str = "7e5a0000-e5a0-4e5a-8e5a-000000000001";
@@ -145,27 +143,24 @@ fn check_fixture(name: &'static str) {
     let before = sha256_file(&f.image);
 
     // -D: SPDK's own dump, line for line.
-    let o = run(&f, &["-D"]);
-    assert!(o.status.success(), "-D failed: {}", stdout(&o));
+    let o = ok(run(&f, &["-D"]));
     assert_eq!(
-        stdout(&o),
+        o,
         dump_to_current(&rpc_text(name, "blobcli_dump_md.txt")),
         "-D of {name}"
     );
 
     // -s bs.
-    let o = run(&f, &["-s", "bs"]);
-    assert!(o.status.success());
+    let o = ok(run(&f, &["-s", "bs"]));
     assert_eq!(
-        stdout(&o),
+        o,
         to_current(&rpc_text(name, "blobcli_bs.txt")),
         "-s bs of {name}"
     );
 
     // -l blobs. SPDK's own listing of the esnap store stops at the first esnap clone (it
     // cannot open it); ours lists every blob.
-    let o = run(&f, &["-l", "blobs"]);
-    assert!(o.status.success());
+    let o = ok(run(&f, &["-l", "blobs"]));
     let mut ids: Vec<String> = f.manifest["blobs_from_md_dump"]
         .as_object()
         .unwrap()
@@ -177,18 +172,17 @@ fn check_fixture(name: &'static str) {
         .iter()
         .map(|id| format!("\nList BLOBS:\nFound blob with ID# {id}\n"))
         .collect();
-    assert_eq!(stdout(&o), want, "-l blobs of {name}");
+    assert_eq!(o, want, "-l blobs of {name}");
     if name != "esnap" {
-        assert_eq!(stdout(&o), rpc_text(name, "blobcli_list.txt"));
+        assert_eq!(o, rpc_text(name, "blobcli_list.txt"));
     }
 
     // -s <blob> for each blob, concatenated as SPDK's blobcli_blobs.txt.
     if name != "esnap" {
         let mut all = String::new();
         for id in &ids {
-            let o = run(&f, &["-s", id]);
-            assert!(o.status.success());
-            all.push_str(&stdout(&o));
+            let o = ok(run(&f, &["-s", id]));
+            all.push_str(&o);
         }
         assert_eq!(
             all,
@@ -212,8 +206,7 @@ fn check_fixture(name: &'static str) {
         for b in f.manifest["blobs"].as_array().unwrap() {
             let id = b["blob_id"].as_str().unwrap();
             let out = f.dir.join(format!("{id}.bin"));
-            let o = run(&f, &["-d", id, out.to_str().unwrap()]);
-            assert!(o.status.success(), "{}", stdout(&o));
+            ok(run(&f, &["-d", id, out.to_str().unwrap()]));
             assert_eq!(
                 sha256_file(&out),
                 b["sha256"].as_str().unwrap(),
@@ -225,9 +218,7 @@ fn check_fixture(name: &'static str) {
             .as_str()
             .unwrap()
             .to_string();
-        let o = run(&f, &["-l", "lvols"]);
-        assert!(o.status.success());
-        let listing = stdout(&o);
+        let listing = ok(run(&f, &["-l", "lvols"]));
         assert!(
             listing.starts_with(&format!("Lvol store: {lvs} uuid ")),
             "{listing}"
@@ -260,9 +251,8 @@ fn check_fixture(name: &'static str) {
             }
 
             let out = f.dir.join(format!("{}.bin", l["name"].as_str().unwrap()));
-            let o = run(&f, &["-d", alias, out.to_str().unwrap()]);
-            assert!(o.status.success(), "{}", stdout(&o));
-            assert!(stdout(&o).contains(&format!("File write complete (to {}).", out.display())));
+            let o = ok(run(&f, &["-d", alias, out.to_str().unwrap()]));
+            assert!(o.contains(&format!("File write complete (to {}).", out.display())));
             assert_eq!(
                 sha256_file(&out),
                 l["sha256"].as_str().unwrap(),
@@ -330,9 +320,7 @@ fn blobcli_fixture_lists_checks_and_dumps() {
 fn esnap_base_missing_is_reported() {
     let f = fixture("esnap");
     let img = f.image.display().to_string();
-    let o = blobcli(&f.dir, &["--image", &img, "-l", "lvols"], None);
-    assert!(o.status.success());
-    let text = stdout(&o);
+    let text = blobcli_ok(&f.dir, &["--image", &img, "-l", "lvols"]);
     let line = text
         .lines()
         .find(|l| l.starts_with("lvs_esnap/eclone2 "))
@@ -474,7 +462,7 @@ fn esnap_base_through_read_only_bdev() {
         .unwrap()
         .clone();
     let out = f.dir.join("eclone2.bin");
-    let o = blobcli(
+    blobcli_ok(
         &f.dir,
         &[
             "--image",
@@ -485,9 +473,7 @@ fn esnap_base_through_read_only_bdev() {
             "lvs_esnap/eclone2",
             out.to_str().unwrap(),
         ],
-        None,
     );
-    assert!(o.status.success(), "{}", stdout(&o));
     assert_eq!(sha256_file(&out), lvol["sha256"].as_str().unwrap());
 }
 
@@ -538,8 +524,7 @@ fn recover_then_check_repairs_dirty_store() {
     for l in f.manifest["lvols"].as_array().unwrap() {
         let alias = l["alias"].as_str().unwrap();
         let out = f.dir.join("x.bin");
-        let o = run(&f, &["-d", alias, out.to_str().unwrap()]);
-        assert!(o.status.success(), "{}", stdout(&o));
+        ok(run(&f, &["-d", alias, out.to_str().unwrap()]));
         assert_eq!(sha256_file(&out), l["sha256"].as_str().unwrap(), "{alias}");
     }
 }

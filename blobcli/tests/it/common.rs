@@ -1,6 +1,5 @@
 //! Shared test helpers: SPDK's `test/app/match` rules in Rust, running the binary, fixture
 //! copies and hashes.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -239,6 +238,23 @@ pub fn blobcli(dir: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("wait blobcli")
 }
 
+/// The stdout of a run that must have exited 0; otherwise fails the test with both outputs.
+pub fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "blobcli exited {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        stdout(&o),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout(&o)
+}
+
+/// [`blobcli`] without input, which must exit 0; its stdout.
+pub fn blobcli_ok(dir: &Path, args: &[&str]) -> String {
+    ok(blobcli(dir, args, None))
+}
+
 /// Stdout as text.
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -265,17 +281,6 @@ pub fn malloc_config(dir: &Path, num_blocks: u64, block_size: u32) -> PathBuf {
     let p = dir.join("conf.json");
     let text = format!(
         r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_malloc_create","params":{{"name":"Malloc0","num_blocks":{num_blocks},"block_size":{block_size}}}}}]}}]}}"#
-    );
-    std::fs::write(&p, text).expect("write config");
-    p
-}
-
-/// An aio config: `name` over `file` with 4096-byte blocks, plus extra raw entries.
-pub fn aio_config(dir: &Path, name: &str, file: &Path, extra: &str) -> PathBuf {
-    let p = dir.join("aio.json");
-    let text = format!(
-        r#"{{"subsystems":[{{"subsystem":"bdev","config":[{{"method":"bdev_aio_create","params":{{"name":"{name}","filename":"{}","block_size":4096}}}}{extra}]}}]}}"#,
-        file.display()
     );
     std::fs::write(&p, text).expect("write config");
     p

@@ -3,17 +3,12 @@
 //! goes degraded when the server stays away past the reconnect budget, and heals by itself
 //! when the server is back.
 
-mod common;
-
 use std::time::Duration;
 
-use bdev_core::backend::malloc::MallocBdev;
-use bdev_core::{BlockDevice, IoBuf, Registry};
-use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
+use crate::common::*;
+use bdev_core::{BlockDevice, IoBuf};
+use bdev_nbd::NbdClientOpts;
 use lvol::{LvolModule, LvsOpts};
-
-const MIB: u64 = 1 << 20;
 
 fn clone_over_remote_base(format: &str) {
     let dir = tempfile::tempdir().unwrap();
@@ -23,13 +18,11 @@ fn clone_over_remote_base(format: &str) {
         _ => qcow2_over(dir.path(), &raw, "golden.qcow2"),
     };
     let mut srv = QemuNbd::unix(dir.path(), &image, format, "golden", &["-r"]);
-    let reg = Registry::new();
+    let (reg, clients) = nbd_clients();
     let lvm = LvolModule::new(reg.clone());
     lvm.set_esnap_retry(2, Duration::from_millis(10));
-    let clients = NbdClients::new(reg.clone());
-    run(25, async {
-        let store_dev = MallocBdev::create("store0", 64 * MIB / 512, 512, None).unwrap();
-        reg.register(store_dev).await.unwrap();
+    block_within(25, async {
+        malloc(&reg, "store0", 64 * MIB, 512).await;
         let mut lo = LvsOpts::new("lvs");
         lo.cluster_size = MIB as u32;
         let store = lvm.create_lvstore("store0", lo).await.unwrap();

@@ -4,102 +4,16 @@
 //! target to an esnap clone in the second, which is exported again and read back here;
 //! killing and restarting the first target degrades and heals the clone.
 //!
-//! Uses the `tgt` binary built next to this test (`cargo test --workspace` builds it); when it
-//! is missing the test says so and does nothing.
+//! The `tgt` binary is built by the harness (`test_support::tgt`) when the test starts.
 
-mod common;
+use std::path::Path;
+use std::time::Instant;
 
-use std::io::Write;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use bdev_core::{BlockDevice, Registry};
-use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
-use serde_json::{json, Value};
-
-const MIB: u64 = 1 << 20;
-
-fn tgt_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("tgt");
-    p.is_file().then_some(p)
-}
-
-/// A `tgt` process with its RPC socket, killed on drop.
-struct Tgt {
-    bin: PathBuf,
-    sock: PathBuf,
-    child: Option<Child>,
-}
-
-impl Tgt {
-    fn start(bin: &Path, dir: &Path, name: &str) -> Tgt {
-        let mut t = Tgt {
-            bin: bin.to_path_buf(),
-            sock: dir.join(format!("{name}.rpc.sock")),
-            child: None,
-        };
-        t.spawn();
-        t
-    }
-
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let child = Command::new(&self.bin)
-            .arg("-r")
-            .arg(&self.sock)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tgt");
-        self.child = Some(child);
-        wait_until(20, "tgt rpc socket", || {
-            UnixStream::connect(&self.sock).is_ok()
-        });
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// One JSON-RPC call; `Err((code, message))` for an error answer.
-    fn call(&self, method: &str, params: Value) -> Result<Value, (i64, String)> {
-        let mut s = UnixStream::connect(&self.sock).expect("connect to tgt");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let req = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-        s.write_all(req.to_string().as_bytes()).unwrap();
-        let mut it = serde_json::Deserializer::from_reader(&mut s).into_iter::<Value>();
-        let resp = it
-            .next()
-            .expect("an answer")
-            .unwrap_or_else(|e| panic!("{method}: bad answer: {e}"));
-        if let Some(e) = resp.get("error") {
-            return Err((
-                e["code"].as_i64().unwrap_or(0),
-                e["message"].as_str().unwrap_or("").to_string(),
-            ));
-        }
-        Ok(resp["result"].clone())
-    }
-
-    fn ok(&self, method: &str, params: Value) -> Value {
-        self.call(method, params)
-            .unwrap_or_else(|e| panic!("{method} failed: {e:?}"))
-    }
-}
-
-impl Drop for Tgt {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
+use crate::common::*;
+use bdev_core::BlockDevice;
+use bdev_nbd::NbdClientOpts;
+use serde_json::json;
+use test_support::tgt::Tgt;
 
 /// Sets up the golden target: a read-only bdev over the pattern file, exported read-only.
 fn serve_golden(t: &Tgt, file: &Path, nbd_sock: &Path) {
@@ -144,20 +58,15 @@ fn degraded(t: &Tgt, lvol: &str) -> bool {
 #[test]
 fn tgt_exports_a_golden_image_to_clients_and_to_a_second_tgt() {
     let name = "tgt_exports_a_golden_image";
-    let Some(bin) = tgt_binary() else {
-        test_support::skip(name, "the tgt binary is not built (cargo build -p tgt)");
-        return;
-    };
     let dir = tempfile::tempdir().unwrap();
     let file = pattern_file(dir.path(), "golden.raw", 4 * MIB);
     let golden_sock = dir.path().join("golden.nbd.sock");
-    let mut a = Tgt::start(&bin, dir.path(), "a");
+    let mut a = Tgt::start(dir.path(), "a");
     serve_golden(&a, &file, &golden_sock);
 
     // 1. This process reads the golden image from the first target.
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let addr = format!("unix:{}", golden_sock.display());
         let mut o = NbdClientOpts::new("g", &addr, "golden");
         o.num_connections = 2;
@@ -173,7 +82,7 @@ fn tgt_exports_a_golden_image_to_clients_and_to_a_second_tgt() {
     });
 
     // 2. A second target attaches it and clones it.
-    let b = Tgt::start(&bin, dir.path(), "b");
+    let b = Tgt::start(dir.path(), "b");
     let uuid = "5e1f0000-aaaa-4bbb-8ccc-0000000000e5";
     let created = b.call(
         "bdev_nbd_client_create",
@@ -217,10 +126,9 @@ fn tgt_exports_a_golden_image_to_clients_and_to_a_second_tgt() {
         "nbd_export_add",
         json!({"bdev_name": "lvs/vm1", "name": "vm1"}),
     );
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
+    let (reg, clients) = nbd_clients();
     let clone_addr = format!("unix:{}", clone_sock.display());
-    run(20, async {
+    block_within(20, async {
         clients
             .create(NbdClientOpts::new("vm1", &clone_addr, "vm1"))
             .await
@@ -243,7 +151,7 @@ fn tgt_exports_a_golden_image_to_clients_and_to_a_second_tgt() {
     a.spawn();
     serve_golden(&a, &file, &golden_sock);
     wait_until(15, "clone healed in tgt b", || !degraded(&b, "lvs/vm1"));
-    run(20, async {
+    block_within(20, async {
         let desc = reg.open("vm1", false).unwrap();
         check_pattern(&desc, 0, 8192).await.unwrap();
         drop(desc);

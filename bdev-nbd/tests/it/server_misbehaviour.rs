@@ -2,8 +2,6 @@
 //! demand: replies in reverse order, a server that stops answering, error replies,
 //! `NBD_ESHUTDOWN`, and a 4096-byte minimum block size.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -11,9 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bdev_core::{BlockDevice, IoBuf, Registry};
-use bdev_nbd::{NbdClientOpts, NbdClients};
-use common::*;
+use crate::common::*;
+use bdev_core::{BlockDevice, IoBuf};
+use bdev_nbd::NbdClientOpts;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -219,7 +217,7 @@ fn start_with(mode: Mode, size: usize, min_block: u32, flags: u16) -> (Fake, Arc
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fake.sock");
     let listener = UnixListener::bind(&path).unwrap();
-    let data = Arc::new(Mutex::new(pattern(0, size)));
+    let data = Arc::new(Mutex::new(pattern(TAG, 0, size)));
     let fake = Fake {
         path,
         stop: Arc::new(AtomicBool::new(false)),
@@ -261,9 +259,8 @@ fn opts(name: &str, fake: &Fake) -> NbdClientOpts {
 #[test]
 fn replies_out_of_order_are_matched_by_cookie() {
     let (fake, _data) = start(Mode::Reverse(16), 1 << 20, 4096);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let dev = clients.create(opts("ooo", &fake)).await.unwrap();
         // The server's minimum block size is the bdev's block size.
         assert_eq!(dev.block_len(), 4096);
@@ -274,7 +271,7 @@ fn replies_out_of_order_are_matched_by_cookie() {
             async move {
                 let lba = (i * 7) % 256;
                 let b = d.read(lba, IoBuf::new(4096, 1)).await.unwrap();
-                assert!(b[..] == pattern(lba * 4096, 4096)[..], "lba {lba}");
+                assert!(b[..] == pattern(TAG, lba * 4096, 4096)[..], "lba {lba}");
             }
         });
         futures::future::join_all(reads).await;
@@ -301,9 +298,8 @@ fn replies_out_of_order_are_matched_by_cookie() {
 #[test]
 fn a_server_that_stops_answering_cannot_hang_io() {
     let (fake, _data) = start(Mode::Hang, 1 << 20, 512);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         clients.create(opts("hang", &fake)).await.unwrap();
         let desc = reg.open("hang", false).unwrap();
         let t0 = Instant::now();
@@ -320,9 +316,8 @@ fn a_server_that_stops_answering_cannot_hang_io() {
 #[test]
 fn error_replies_map_to_errno_and_keep_the_connection() {
     let (fake, data) = start(Mode::WriteError(28), 1 << 20, 512);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let dev = clients.create(opts("err", &fake)).await.unwrap();
         let desc = reg.open("err", true).unwrap();
         let e = desc.write(0, IoBuf::new(512, 1)).await.unwrap_err();
@@ -334,15 +329,14 @@ fn error_replies_map_to_errno_and_keep_the_connection() {
         drop(desc);
         clients.delete("err").await.unwrap();
     });
-    assert!(data.lock().unwrap()[..512] == pattern(0, 512)[..]);
+    assert!(data.lock().unwrap()[..512] == pattern(TAG, 0, 512)[..]);
 }
 
 #[test]
 fn eshutdown_reconnects_and_resubmits() {
     let (fake, _data) = start(Mode::ShutdownFirst, 1 << 20, 512);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         clients.create(opts("shut", &fake)).await.unwrap();
         let desc = reg.open("shut", false).unwrap();
         check_pattern(&desc, 5, 3).await.unwrap();
@@ -358,9 +352,8 @@ fn flush_is_sent_when_offered_and_not_advertised_otherwise() {
     // Offered: the bdev advertises flush and a volatile cache, and each flush is one
     // NBD_CMD_FLUSH on the wire.
     let (fake, _data) = start(Mode::Reverse(1), 1 << 20, 512);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let dev = clients.create(opts("fl", &fake)).await.unwrap();
         assert!(dev.io_type_supported(bdev_core::IoType::Flush));
         assert!(dev.has_volatile_cache());
@@ -377,9 +370,8 @@ fn flush_is_sent_when_offered_and_not_advertised_otherwise() {
 
     // Not offered: no flush support, no volatile cache, and nothing goes on the wire.
     let (fake, _data) = start_with(Mode::Reverse(1), 1 << 20, 512, 1 | 32);
-    let reg = Registry::new();
-    let clients = NbdClients::new(reg.clone());
-    run(20, async {
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
         let dev = clients.create(opts("nf", &fake)).await.unwrap();
         assert!(!dev.io_type_supported(bdev_core::IoType::Flush));
         assert!(!dev.has_volatile_cache());

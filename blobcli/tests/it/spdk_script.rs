@@ -1,9 +1,7 @@
 //! SPDK's blobcli script test (test/blobstore: test.bs, btest.out.match, btest.out.ignore),
 //! run unchanged against our binary with a 128 MiB malloc bdev of 512-byte blocks.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn spdk_blobcli_script_test_passes() {
