@@ -347,6 +347,22 @@ impl Registry {
             .collect()
     }
 
+    /// Calls `f(device, aliases, claim)` for every device in registration order, under the
+    /// registry's lock: listings read each device's facts in one pass, without looking each
+    /// one up or cloning its aliases. `f` must not call the registry.
+    pub fn for_each_listed(
+        &self,
+        mut f: impl FnMut(&Arc<dyn BlockDevice>, &[String], Option<ClaimType>),
+    ) {
+        let inner = lock(&self.shared.inner);
+        for n in &inner.order {
+            if let Some(e) = inner.by_name.get(n) {
+                let claim = lock(&e.state.ctl).claim;
+                f(&e.state.dev, &e.aliases, claim);
+            }
+        }
+    }
+
     /// The claim held on a device, if any.
     pub fn claim_of(&self, name: &str) -> Option<ClaimType> {
         let state = self.state_of(name)?;

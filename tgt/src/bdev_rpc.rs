@@ -605,6 +605,25 @@ impl RpcModule for BdevRpc {
         ]
     }
 
+    async fn call_raw(
+        &self,
+        method: &str,
+        params: &Option<Value>,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), RpcError>> {
+        // The whole list only; a name (with its wait) goes the Value way.
+        let whole = match params {
+            None | Some(Value::Null) => true,
+            Some(Value::Object(o)) => o.is_empty(),
+            _ => false,
+        };
+        if method != "bdev_get_bdevs" || !whole {
+            return None;
+        }
+        crate::listing::write_bdevs(&self.registry, out);
+        Some(Ok(()))
+    }
+
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         match method {
             "bdev_set_options" => {
