@@ -183,6 +183,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn driver_specific(&self) -> serde_json::Value {
         serde_json::json!({})
     }
+    /// Writes [`BlockDevice::driver_specific`] as JSON text into `out` (listings write it
+    /// straight into the response). A device may write it without building a `Value`.
+    fn write_driver_specific(&self, out: &mut Vec<u8>) {
+        if serde_json::to_writer(&mut *out, &self.driver_specific()).is_err() {
+            out.extend_from_slice(b"{}");
+        }
+    }
     /// The `save_config` entry that re-creates this device (`{"method": ..., "params": ...}`),
     /// or `None` when the device comes back by itself (lvol bdevs).
     fn write_config(&self) -> Option<serde_json::Value> {

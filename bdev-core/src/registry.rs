@@ -1,7 +1,7 @@
 //! The device registry and descriptors.
 //!
 //! The [`Registry`] is a cheap-clone handle over shared state: ordered maps from name, alias
-//! and UUID to a device, the registration order, the examine hooks and the background spawner.
+//! and UUID to a device, the registration order (a sequence number per device), the examine hooks and the background spawner.
 //! Each registered device has a `DevState` shared with its [`Descriptor`]s: the open
 //! descriptors (with their write flag, claim and event sender), the claim held on the device,
 //! the removal state and the in-flight I/O count.
@@ -77,6 +77,8 @@ struct DevState {
 struct Entry {
     state: Arc<DevState>,
     aliases: Vec<String>,
+    /// Registration sequence number (listings sort by it).
+    seq: u64,
 }
 
 #[derive(Default)]
@@ -86,12 +88,20 @@ struct RegInner {
     by_alias: BTreeMap<String, String>,
     /// uuid -> device name.
     by_uuid: BTreeMap<Uuid, String>,
-    /// Names in registration order.
-    order: Vec<String>,
+    /// The next registration sequence number.
+    next_seq: u64,
     hooks: Vec<Arc<dyn ExamineHook>>,
 }
 
 impl RegInner {
+    /// Every entry in registration order: one pass over the map and a sort by sequence
+    /// number, no lookup per entry.
+    fn ordered(&self) -> Vec<&Entry> {
+        let mut v: Vec<&Entry> = self.by_name.values().collect();
+        v.sort_unstable_by_key(|e| e.seq);
+        v
+    }
+
     fn resolve(&self, key: &str) -> Option<&Entry> {
         if let Some(e) = self.by_name.get(key) {
             return Some(e);
@@ -209,14 +219,16 @@ impl Registry {
                 stats: Arc::new(IoStats::new()),
             });
             inner.by_uuid.insert(uuid, name.clone());
+            let seq = inner.next_seq;
+            inner.next_seq += 1;
             inner.by_name.insert(
                 name.clone(),
                 Entry {
                     state,
                     aliases: Vec::new(),
+                    seq,
                 },
             );
-            inner.order.push(name.clone());
             lock(&self.shared.examine).running += 1;
             inner.hooks.clone()
         };
@@ -272,7 +284,6 @@ impl Registry {
         if inner.by_uuid.get(&uuid) == Some(&name) {
             inner.by_uuid.remove(&uuid);
         }
-        inner.order.retain(|n| n != &name);
         tracing::debug!(target: "bdev", name = %name, "unregistered");
         Ok(())
     }
@@ -341,10 +352,24 @@ impl Registry {
     pub fn list(&self) -> Vec<Arc<dyn BlockDevice>> {
         let inner = lock(&self.shared.inner);
         inner
-            .order
-            .iter()
-            .filter_map(|n| inner.by_name.get(n).map(|e| e.state.dev.clone()))
+            .ordered()
+            .into_iter()
+            .map(|e| e.state.dev.clone())
             .collect()
+    }
+
+    /// Calls `f(device, aliases, claim)` for every device in registration order, under the
+    /// registry's lock: listings read each device's facts in one pass, without looking each
+    /// one up or cloning its aliases. `f` must not call the registry.
+    pub fn for_each_listed(
+        &self,
+        mut f: impl FnMut(&Arc<dyn BlockDevice>, &[String], Option<ClaimType>),
+    ) {
+        let inner = lock(&self.shared.inner);
+        for e in inner.ordered() {
+            let claim = lock(&e.state.ctl).claim;
+            f(&e.state.dev, &e.aliases, claim);
+        }
     }
 
     /// The claim held on a device, if any.
@@ -378,9 +403,8 @@ impl Registry {
     pub fn list_with_stats(&self) -> Vec<(Arc<dyn BlockDevice>, Arc<IoStats>)> {
         let inner = lock(&self.shared.inner);
         inner
-            .order
-            .iter()
-            .filter_map(|n| inner.by_name.get(n))
+            .ordered()
+            .into_iter()
             .map(|e| (e.state.dev.clone(), e.state.stats.clone()))
             .collect()
     }

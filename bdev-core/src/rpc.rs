@@ -133,6 +133,18 @@ pub trait RpcModule: Send + Sync + 'static {
     }
     /// Runs one method. `params` is the request's `params` member, if any.
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError>;
+    /// Runs a method whose result the module writes as JSON text straight into `out`, with
+    /// no `Value` tree in between (listings of thousands of entries). `None`: the module
+    /// answers `method` through [`RpcModule::call`] only (the default). On `Some(Ok)`, `out`
+    /// holds exactly one JSON value, the same [`RpcModule::call`] would give.
+    async fn call_raw(
+        &self,
+        _method: &str,
+        _params: &Option<Value>,
+        _out: &mut Vec<u8>,
+    ) -> Option<Result<(), RpcError>> {
+        None
+    }
 }
 
 #[cfg(test)]

@@ -620,6 +620,34 @@ mod tests {
         assert_eq!(s.get(), IoStat::default());
     }
 
+    /// What one I/O pays: two clock reads and a record into the thread's stripe (with the
+    /// histogram on, the worst case). The bound only catches a gross regression (a system
+    /// call or a contended lock per I/O); the figure is printed (`--nocapture`).
+    #[test]
+    fn recording_costs_well_under_a_microsecond() {
+        let s = IoStats::new();
+        s.set_histogram(Some(HistogramConfig {
+            granularity: 7,
+            min_nsec: 1000,
+            max_nsec: 120_000_000_000,
+            io_kind: None,
+        }))
+        .unwrap();
+        let n = 200_000u32;
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            for i in 0..n {
+                let t0 = now();
+                s.record(IoKind::Read, u64::from(i & 7) << 12, t0, true);
+            }
+            best = best.min(t.elapsed().as_nanos() as f64 / f64::from(n));
+        }
+        println!("stats: {best:.1} ns per recorded I/O (clock reads included)");
+        assert_eq!(s.get().read.ops, 5 * u64::from(n));
+        assert!(best < 2000.0, "{best} ns per I/O");
+    }
+
     #[test]
     fn histogram_matches_spdk_layout() {
         // g = 7, [1000, 120e9) ns: SPDK's default bounds at 1 GHz.

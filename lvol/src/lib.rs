@@ -27,6 +27,7 @@
 mod bs_dev;
 mod error;
 mod esnap;
+mod listing;
 mod lvol;
 mod module;
 mod retry;

@@ -421,6 +421,9 @@ impl BlockDevice for LvolBdev {
     fn driver_specific(&self) -> Value {
         self.lvol.driver_specific()
     }
+    fn write_driver_specific(&self, out: &mut Vec<u8>) {
+        crate::listing::write_driver_specific(&self.lvol, out);
+    }
     fn write_config(&self) -> Option<Value> {
         None
     }

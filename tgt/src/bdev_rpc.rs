@@ -152,6 +152,25 @@ impl RpcModule for BdevRpc {
         vec!["bdev_get_bdevs"]
     }
 
+    async fn call_raw(
+        &self,
+        method: &str,
+        params: &Option<Value>,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), RpcError>> {
+        // The whole list only; a name (with its wait) goes the Value way.
+        let whole = match params {
+            None | Some(Value::Null) => true,
+            Some(Value::Object(o)) => o.is_empty(),
+            _ => false,
+        };
+        if method != "bdev_get_bdevs" || !whole {
+            return None;
+        }
+        crate::listing::write_bdevs(&self.registry, out);
+        Some(Ok(()))
+    }
+
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         match method {
             "bdev_get_bdevs" => self.get_bdevs(decode(params)?).await,

@@ -16,6 +16,7 @@ mod framework;
 pub mod iostat;
 pub mod jsonrpc;
 pub mod limits;
+pub mod listing;
 pub mod log;
 pub mod metrics;
 pub mod modules;

@@ -149,6 +149,13 @@ async fn connection(
             match parser.next_frame() {
                 Frame::Value(v) => {
                     let raw_ids = parser.take_raw_ids();
+                    // Large listings are written straight as text (no Value tree).
+                    if raw_ids.is_empty() {
+                        if let Some(bytes) = crate::listing::raw_response(&target, &v).await {
+                            stream.write_all(&bytes).await?;
+                            continue;
+                        }
+                    }
                     let resp = if cancel_safe(&v) {
                         tokio::select! {
                             r = handle_value(&target, v) => r,

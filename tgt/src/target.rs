@@ -271,6 +271,31 @@ impl Target {
         }
     }
 
+    /// [`Target::call`] for a module that writes the result as JSON text into `out`
+    /// (`crate::listing`); `None` when the method is not one the module writes that way.
+    pub async fn call_raw(
+        self: &Arc<Self>,
+        method: &str,
+        params: &Option<Value>,
+        out: &mut Vec<u8>,
+    ) -> Option<Result<(), RpcError>> {
+        if framework::METHODS.contains(&method) || !self.allowed_now(method) {
+            return None;
+        }
+        if matches!(params, Some(Value::Array(_))) {
+            return None;
+        }
+        let i = *self.table.get(method)?;
+        let fut = self.modules[i].call_raw(method, params, out);
+        match AssertUnwindSafe(fut).catch_unwind().await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::error!("method {method} panicked");
+                Some(Err(RpcError::new(INTERNAL_ERROR, "Internal error")))
+            }
+        }
+    }
+
     /// Asks the target to stop (SIGINT/SIGTERM, `spdk_kill_instance`).
     pub fn request_shutdown(&self) {
         let _ = self.shutdown_tx.send(true);

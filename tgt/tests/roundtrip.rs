@@ -161,6 +161,18 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
     ]);
     let n_bdevs = t.ok(&["bdev_get_bdevs"]).as_array().unwrap().len();
 
+    // The whole listings are written straight as text (tgt/src/listing.rs); each element is
+    // what the Value path gives for that one bdev or store, keys in the same order.
+    let all = t.ok(&["bdev_get_bdevs"]);
+    for e in all.as_array().unwrap() {
+        let one = t.ok(&["bdev_get_bdevs", "-b", e["name"].as_str().unwrap()]);
+        assert_eq!(e.to_string(), one[0].to_string());
+    }
+    assert_eq!(
+        t.ok(&["bdev_lvol_get_lvols"]).to_string(),
+        t.ok(&["bdev_lvol_get_lvols", "-l", "lvs"]).to_string()
+    );
+
     let first = save(&t, false);
     let first_b = save(&t, true);
     std::fs::write(
