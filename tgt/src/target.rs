@@ -279,14 +279,14 @@ impl Target {
         params: &Option<Value>,
         out: &mut Vec<u8>,
     ) -> Option<Result<(), RpcError>> {
-        if framework::METHODS.contains(&method) || !self.allowed_now(method) {
+        let &i = self.index.get(method)?;
+        let Handler::Module(m) = self.methods[i].handler else {
+            return None;
+        };
+        if !self.allowed_now(method) || matches!(params, Some(Value::Array(_))) {
             return None;
         }
-        if matches!(params, Some(Value::Array(_))) {
-            return None;
-        }
-        let i = *self.table.get(method)?;
-        let fut = self.modules[i].call_raw(method, params, out);
+        let fut = self.modules[m].call_raw(method, params, out);
         match AssertUnwindSafe(fut).catch_unwind().await {
             Ok(r) => r,
             Err(_) => {
