@@ -426,7 +426,16 @@ async fn run(
         },
     };
     let mut shutdown = target.shutdown_watch();
-    let rpc_task = tokio::spawn(server::run_with(target.clone(), listener, limits));
+    // In the embedded default the socket is bound (claimed) now but served only once the
+    // default setup is done, so the first client sees the store, its lvols and exports (as
+    // SPDK answers only after its subsystems are up). `--json` mode serves at once, in the
+    // startup state, as SPDK does with a config.
+    let mut pending_listener = Some((listener, limits));
+    let mut rpc_task = None;
+    if !default_mode {
+        let (l, lim) = pending_listener.take().expect("listener");
+        rpc_task = Some(tokio::spawn(server::run_with(target.clone(), l, lim)));
+    }
 
     let mut code = 0;
     if let Some(path) = &args.json {
@@ -450,6 +459,9 @@ async fn run(
             }
         }
     }
+    if let Some((l, lim)) = pending_listener.take() {
+        rpc_task = Some(tokio::spawn(server::run_with(target.clone(), l, lim)));
+    }
 
     let sig = async {
         use tokio::signal::unix::{signal, SignalKind};
@@ -469,7 +481,9 @@ async fn run(
         _ = async { while !*shutdown.borrow_and_update() { if shutdown.changed().await.is_err() { break; } } } => {},
     }
     tracing::info!("shutting down");
-    rpc_task.abort();
+    if let Some(t) = rpc_task {
+        t.abort();
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }

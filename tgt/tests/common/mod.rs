@@ -163,11 +163,14 @@ impl Tgt {
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn tgt");
         wait_for_socket(&sock, &mut child);
-        Tgt {
+        let t = Tgt {
             child: Some(child),
             sock,
             tools: tools.clone(),
-        }
+        };
+        // The socket is bound before the default setup runs and answers once it is done.
+        t.ok(&["framework_wait_init"]);
+        t
     }
 
     /// Runs `spdk-rpc -s SOCK --plugin spdk_rs_plugin ARGS`.
