@@ -564,25 +564,10 @@ impl BlobInner {
         Ok(buf)
     }
 
-    /// Puts a written cluster into the map and persists it; on failure the cluster is
-    /// released again.
-    async fn commit_cluster(&self, idx: usize, new_c: u32) -> Result<()> {
-        let _m = self.bs.md_lock.lock().await;
-        {
-            let mut s = self.lock();
-            if idx >= s.md.clusters.len() {
-                drop(s);
-                self.bs.unclaim_clusters(&[new_c]);
-                return Err(einval("blob shrank during allocation"));
-            }
-            s.md.clusters.set(idx, new_c);
-        }
-        if let Err(e) = self.persist_cluster_locked(idx).await {
-            self.lock().md.clusters.set(idx, 0);
-            self.bs.unclaim_clusters(&[new_c]);
-            return Err(e);
-        }
-        Ok(())
+    /// Puts a written cluster into the map and commits it (group commit, `commit.rs`); on
+    /// failure the cluster is released again.
+    async fn commit_cluster(self: &Arc<Self>, idx: usize, new_c: u32) -> Result<()> {
+        self.bs.commit_allocation(self, idx, new_c).await
     }
 
     /// Persists a change of one cluster-map entry (md_lock held): rewrites its extent page in

@@ -37,9 +37,11 @@
 //! zeroes), so freed data never shows through; looping or over-deep chains and oversized
 //! maps on disk are refused instead of crashing.
 
+mod alloc;
 mod barrier;
 mod blob;
 mod check;
+mod commit;
 mod dev;
 mod error;
 mod format;
@@ -237,11 +239,11 @@ impl Blobstore {
     }
     /// Total clusters (including metadata clusters).
     pub fn total_clusters(&self) -> u64 {
-        self.inner.state().total_clusters
+        self.inner.alloc.lock().total_clusters
     }
     /// Clusters available for data (`total_data_clusters` of `bdev_lvol_get_lvstores`).
     pub fn total_data_clusters(&self) -> u64 {
-        self.inner.state().total_clusters - self.inner.geo.md_clusters
+        self.inner.alloc.lock().total_clusters - self.inner.geo.md_clusters
     }
     /// Free clusters.
     pub fn free_clusters(&self) -> u64 {
@@ -266,7 +268,8 @@ impl Blobstore {
     /// Ids of every blob, in increasing order (iteration).
     pub fn blob_ids(&self) -> Vec<BlobId> {
         self.inner
-            .state()
+            .alloc
+            .lock()
             .used_blobids
             .iter_ones()
             .map(|p| (1u64 << 32) | p)

@@ -57,7 +57,7 @@ impl StoreInner {
         crate::md::check_blob_clusters(n)?;
         let page = self.alloc_root_page().await?;
         let id = page_to_blobid(page);
-        self.state().used_blobids.set(u64::from(page));
+        self.alloc.lock().used_blobids.set(u64::from(page));
         let claimed = if md.thin() {
             md.clusters = ClusterMap::zeroed(n as usize);
             Vec::new()
@@ -93,7 +93,7 @@ impl StoreInner {
 
     fn undo_create(&self, page: u32, clusters: &[u32]) {
         self.unclaim_clusters(clusters);
-        let mut st = self.state();
+        let mut st = self.alloc.lock();
         st.used_blobids.clear(u64::from(page));
         st.used_pages.clear(u64::from(page));
     }
@@ -170,7 +170,7 @@ impl StoreInner {
     /// the delete cannot be written, the blob still leaves the listing: it carries SNAPTMP,
     /// so unload retries the delete or the load-time fix-up does it.
     async fn discard_new_blob(&self, id: BlobId, chain: &[u32]) {
-        self.state().used_blobids.clear(u64::from(id as u32));
+        self.alloc.lock().used_blobids.clear(u64::from(id as u32));
         self.delete_or_doom(id, &BlobMd::default(), chain).await;
         self.forget_blob(id);
     }
@@ -403,9 +403,9 @@ impl StoreInner {
         }
         let (md, chain) = self.load_blob_md(id).await?;
         let page = blobid_to_page(id).unwrap_or(0);
-        self.state().used_blobids.clear(u64::from(page));
+        self.alloc.lock().used_blobids.clear(u64::from(page));
         if let Err(e) = self.persist_delete(id, &md, &chain).await {
-            self.state().used_blobids.set(u64::from(page));
+            self.alloc.lock().used_blobids.set(u64::from(page));
             return Err(e);
         }
         self.forget_blob(id);
@@ -503,7 +503,7 @@ impl StoreInner {
             smd.clusters.set(i, 0);
         }
         self.state().open.remove(&sid);
-        self.state().used_blobids.clear(u64::from(sid as u32));
+        self.alloc.lock().used_blobids.clear(u64::from(sid as u32));
         let g = self.state().parent_of.get(&sid).copied();
         self.remove_relation(cb.id);
         self.forget_blob(sid);
@@ -926,7 +926,7 @@ impl StoreInner {
         self.check_live()?;
         let _g = self.md_lock.lock().await;
         let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
-        let total = self.state().total_clusters;
+        let total = self.alloc.lock().total_clusters;
         let new_total = dev_bytes / u64::from(self.geo.cluster_size);
         if new_total < total {
             return Err(enospc(format!(
@@ -951,14 +951,16 @@ impl StoreInner {
         })
         .await?;
         self.barrier(crate::barrier::Barrier::Super).await?;
-        let mut st = self.state();
-        st.total_clusters = new_total;
-        st.used_clusters.resize(new_total);
-        st.stale.resize(new_total);
-        for c in total..new_total {
-            st.stale.set(c);
+        {
+            let mut a = self.alloc.lock();
+            a.total_clusters = new_total;
+            a.used_clusters.resize(new_total);
+            a.stale.resize(new_total);
+            for c in total..new_total {
+                a.stale.set(c);
+            }
         }
-        st.clean_on_disk = false;
+        self.state().clean_on_disk = false;
         Ok(())
     }
 

@@ -5,15 +5,17 @@
 //! `md_lock`, then the std mutexes (never held across an await).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use iobuf::IoBuf;
 
+use crate::alloc::Allocator;
 use crate::barrier::Barrier;
 use crate::blob::{Back, BlobInner, BlobState};
+use crate::commit::{Committer, FlushGroup};
 use crate::error::{corrupt, einval, enoent, enospc};
 use crate::format::*;
 use crate::inspect::{MdPageInfo, SuperBlockInfo};
@@ -43,13 +45,6 @@ impl Geo {
 
 pub(crate) struct StoreState {
     pub sbi: SuperBlockInfo,
-    pub total_clusters: u64,
-    pub used_pages: Bitmap,
-    pub used_clusters: Bitmap,
-    pub used_blobids: Bitmap,
-    /// Clusters that may still hold bytes of an earlier owner (released without clearing,
-    /// never cleared since init, or free after a load). A thick claim zeroes them first.
-    pub stale: Bitmap,
     pub clean_on_disk: bool,
     pub super_blob: u64,
     pub open: HashMap<BlobId, Arc<BlobInner>>,
@@ -69,11 +64,6 @@ pub(crate) struct StoreState {
     /// Shadow pages whose in-place write was issued (page, zero it when retired): retired
     /// once a flush started after that write completed.
     pub shadows: Vec<(u32, bool)>,
-    /// Md pages freed right after a zeroing that no flush has covered yet. On a shadowed
-    /// device such a page must not become a root before that zeroing is durable: a torn
-    /// zeroing leaves a bad CRC at the root's place, which recovery would "restore" from the
-    /// new root's shadow although nothing it points at was flushed.
-    pub zeroing: BTreeSet<u32>,
 }
 
 pub(crate) struct StoreInner {
@@ -81,11 +71,20 @@ pub(crate) struct StoreInner {
     pub geo: Geo,
     pub align: usize,
     pub md_lock: async_lock::Mutex<()>,
+    /// Masks, claims and stale clusters, behind their own lock.
+    pub alloc: Allocator,
     pub st: Mutex<StoreState>,
     pub factory: Option<Arc<dyn EsnapDevFactory>>,
-    /// The store wrote to the device since the last flush it started (md pages, cluster
-    /// data of an allocation, clearing): a commit write must be preceded by a flush.
-    pub unflushed: AtomicBool,
+    /// Writes the store completed (md pages, cluster data of an allocation, clearing),
+    /// counted; `durable_seq` is the count a completed flush covers. A commit write is
+    /// preceded by a flush unless every counted write is covered.
+    pub write_seq: AtomicU64,
+    /// The `write_seq` read when the latest completed flush started.
+    pub durable_seq: AtomicU64,
+    /// Concurrent barriers and client flushes share device flushes.
+    pub flushes: FlushGroup,
+    /// Group commit of cluster allocations.
+    pub committer: Committer,
     /// The device's io unit is smaller than an md page, so a 4 KiB in-place write may tear:
     /// such writes are preceded by a durable shadow copy.
     pub shadowed: bool,
@@ -433,7 +432,7 @@ impl StoreInner {
     /// Records that the store wrote to the device (after the write completed, so that a
     /// flush started later covers it).
     pub(crate) fn note_write(&self) {
-        self.unflushed.store(true, Ordering::SeqCst);
+        self.write_seq.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Makes every write completed so far durable (a flush), unless a test switched this
@@ -445,16 +444,32 @@ impl StoreInner {
             return Ok(());
         }
         let _ = kind;
+        let r = self.grouped_flush().await;
+        if r.is_err() {
+            self.state().tainted = true;
+        }
+        r
+    }
+
+    /// One device flush shared by every caller waiting for it: a caller is covered by a
+    /// flush that started after its call (so after every write that completed before it).
+    /// Shadows whose in-place write completed before the flush started are retired after it.
+    async fn grouped_flush(&self) -> Result<()> {
+        let ticket = self.flushes.ticket();
+        let _g = self.flushes.lock().await;
+        if self.flushes.covered(ticket) {
+            return Ok(());
+        }
+        let issued = self.flushes.issued();
         let (retire, zeroed) = self.take_unflushed();
-        self.unflushed.store(false, Ordering::SeqCst);
+        let seq = self.write_seq.load(Ordering::SeqCst);
         if let Err(e) = self.dev.flush().await {
-            self.unflushed.store(true, Ordering::SeqCst);
-            let mut st = self.state();
-            st.tainted = true;
-            st.shadows.extend(retire);
-            st.zeroing.extend(zeroed);
+            self.state().shadows.extend(retire);
+            self.alloc.lock().zeroing.extend(zeroed);
             return Err(io_err(e));
         }
+        self.durable_seq.fetch_max(seq, Ordering::SeqCst);
+        self.flushes.complete(issued);
         self.retire_shadows(retire).await;
         Ok(())
     }
@@ -483,24 +498,8 @@ impl StoreInner {
     /// What a flush about to start settles: the shadows to retire after it and the zeroed
     /// pages that it makes durable.
     fn take_unflushed(&self) -> (Vec<(u32, bool)>, BTreeSet<u32>) {
-        let mut st = self.state();
-        (
-            std::mem::take(&mut st.shadows),
-            std::mem::take(&mut st.zeroing),
-        )
-    }
-
-    /// Claims the root page of a new blob. On a shadowed device, a page whose zeroing is not
-    /// durable yet is first made so (see [`StoreState::zeroing`]).
-    pub(crate) async fn alloc_root_page(&self) -> Result<u32> {
-        let p = self.alloc_md_page()?;
-        if self.shadowed && self.state().zeroing.contains(&p) {
-            if let Err(e) = self.barrier(Barrier::PreCommit).await {
-                self.free_md_page(p);
-                return Err(e);
-            }
-        }
-        Ok(p)
+        let shadows = std::mem::take(&mut self.state().shadows);
+        (shadows, std::mem::take(&mut self.alloc.lock().zeroing))
     }
 
     /// The in-place write a shadow covers was issued: retire the shadow after the next flush.
@@ -521,30 +520,20 @@ impl StoreInner {
             }
             self.free_md_page(p);
             if zero {
-                self.state().zeroing.insert(p);
+                self.alloc.lock().zeroing.insert(p);
             }
         }
     }
 
     /// A client flush: everything written so far is durable.
     pub(crate) async fn flush_all(&self) -> Result<()> {
-        let (retire, zeroed) = self.take_unflushed();
-        self.unflushed.store(false, Ordering::SeqCst);
-        if let Err(e) = self.dev.flush().await {
-            self.unflushed.store(true, Ordering::SeqCst);
-            let mut st = self.state();
-            st.shadows.extend(retire);
-            st.zeroing.extend(zeroed);
-            return Err(io_err(e));
-        }
-        self.retire_shadows(retire).await;
-        Ok(())
+        self.grouped_flush().await
     }
 
-    /// The barrier before a commit write: flushes only if the store wrote since its last
-    /// flush (new md pages, new cluster data, cleared clusters).
+    /// The barrier before a commit write: flushes only if the store wrote since the start
+    /// of its last completed flush (new md pages, new cluster data, cleared clusters).
     pub(crate) async fn pre_commit(&self) -> Result<()> {
-        if self.unflushed.load(Ordering::SeqCst) {
+        if self.durable_seq.load(Ordering::SeqCst) < self.write_seq.load(Ordering::SeqCst) {
             self.barrier(Barrier::PreCommit).await?;
         }
         Ok(())
@@ -620,159 +609,6 @@ impl StoreInner {
         self.barrier(Barrier::DirtyMark).await?;
         self.state().clean_on_disk = false;
         Ok(())
-    }
-
-    pub(crate) fn alloc_md_page(&self) -> Result<u32> {
-        self.alloc_md_page_from(0)
-    }
-
-    /// Claims the lowest free md page at or after `min`. Extent pages start at 1: an extent
-    /// table entry of 0 means "no extent page", so page 0 (free once blob 0x100000000 is
-    /// deleted) must never hold one.
-    pub(crate) fn alloc_md_page_from(&self, min: u64) -> Result<u32> {
-        let mut st = self.state();
-        let p = st
-            .used_pages
-            .first_clear(min)
-            .ok_or_else(|| enospc("no free metadata page (the store is out of metadata space)"))?;
-        st.used_pages.set(p);
-        Ok(p as u32)
-    }
-
-    pub(crate) fn free_md_page(&self, p: u32) {
-        self.state().used_pages.clear(u64::from(p));
-    }
-
-    /// Claims the lowest free cluster.
-    pub(crate) fn claim_cluster(&self) -> Result<u32> {
-        let mut st = self.state();
-        let c = st
-            .used_clusters
-            .first_clear(self.geo.md_clusters)
-            .ok_or_else(|| enospc("no free cluster"))?;
-        st.used_clusters.set(c);
-        Ok(c as u32)
-    }
-
-    /// Claims `n` clusters or none.
-    pub(crate) fn claim_clusters(&self, n: u64) -> Result<Vec<u32>> {
-        let mut st = self.state();
-        let free = st.total_clusters - st.used_clusters.count_ones();
-        if n > free {
-            return Err(enospc(format!("{n} clusters needed, {free} free")));
-        }
-        let mut out = Vec::new();
-        out.try_reserve(n as usize)
-            .map_err(|_| BsError::NoMemory(format!("{n} clusters to claim")))?;
-        let mut from = self.geo.md_clusters;
-        for _ in 0..n {
-            let c = st
-                .used_clusters
-                .first_clear(from)
-                .ok_or_else(|| enospc("no free cluster"))?;
-            st.used_clusters.set(c);
-            out.push(c as u32);
-            from = c + 1;
-        }
-        Ok(out)
-    }
-
-    /// Gives back claimed clusters that may have been written (a failed operation): they
-    /// count as stale until cleared.
-    pub(crate) fn unclaim_clusters(&self, cs: &[u32]) {
-        let mut st = self.state();
-        for &c in cs {
-            if u64::from(c) >= self.geo.md_clusters {
-                st.used_clusters.clear(u64::from(c));
-                st.stale.set(u64::from(c));
-            }
-        }
-    }
-
-    /// Clears (per the clear method) and frees clusters. A cluster counts as cleared only
-    /// when the device guarantees it reads zeroes now: a completed write_zeroes, or a
-    /// completed unmap on a device whose unmap zeroes. Any other cluster stays stale and is
-    /// scrubbed before a thick claim.
-    pub(crate) async fn release_clusters(&self, cs: &[u32], method: ClearMethod) {
-        let unmap_zeroes = self.dev.unmap_zeroes();
-        for &c in cs {
-            if c == 0 {
-                continue;
-            }
-            let lba = u64::from(c) * self.geo.lba_per_cluster;
-            let n = self.geo.lba_per_cluster;
-            let r = match method {
-                ClearMethod::None => Err(None),
-                ClearMethod::WriteZeroes => self.dev.write_zeroes(lba, n).await.map_err(Some),
-                ClearMethod::Default | ClearMethod::Unmap => {
-                    self.dev.unmap(lba, n).await.map_err(Some)
-                }
-            };
-            self.note_write();
-            if let Err(Some(e)) = &r {
-                tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
-            }
-            let cleared = r.is_ok() && (method == ClearMethod::WriteZeroes || unmap_zeroes);
-            let mut st = self.state();
-            if u64::from(c) >= self.geo.md_clusters {
-                st.used_clusters.clear(u64::from(c));
-                if cleared {
-                    st.stale.clear(u64::from(c));
-                } else {
-                    st.stale.set(u64::from(c));
-                }
-            }
-        }
-    }
-
-    /// Zeroes the stale clusters among `cs` (just claimed for a thick blob), so that the part
-    /// of a new cluster the user has not written never shows an earlier owner's bytes.
-    pub(crate) async fn scrub_clusters(&self, cs: &[u32]) -> Result<()> {
-        let stale: Vec<u64> = {
-            let st = self.state();
-            cs.iter()
-                .map(|&c| u64::from(c))
-                .filter(|&c| c != 0 && st.stale.get(c))
-                .collect()
-        };
-        let lpc = self.geo.lba_per_cluster;
-        let mut i = 0;
-        while i < stale.len() {
-            let mut j = i + 1;
-            while j < stale.len() && stale[j] == stale[j - 1] + 1 {
-                j += 1;
-            }
-            let r = self
-                .dev
-                .write_zeroes(stale[i] * lpc, (j - i) as u64 * lpc)
-                .await;
-            self.note_write();
-            r.map_err(io_err)?;
-            let mut st = self.state();
-            for &c in &stale[i..j] {
-                st.stale.clear(c);
-            }
-            drop(st);
-            i = j;
-        }
-        Ok(())
-    }
-
-    /// Zeroes then frees md pages (old chain pages, released extent pages).
-    pub(crate) async fn release_md_pages(&self, pages: &[u32]) {
-        let zero = vec![0u8; PAGE];
-        for &p in pages {
-            if p == 0 || p >= self.geo.md_len {
-                continue;
-            }
-            if let Err(e) = self.write_md_page(p, &zero).await {
-                tracing::debug!(target: "blob", "zeroing md page {p} failed: {e}");
-                // Keep it claimed: an unzeroed page must not be reused while we are unsure.
-                continue;
-            }
-            self.free_md_page(p);
-            self.state().zeroing.insert(p);
-        }
     }
 
     /// Writes a blob's metadata (md_lock held): new and changed extent pages to fresh pages,
@@ -944,7 +780,7 @@ impl StoreInner {
         let root = blobid_to_page(id)
             .filter(|&p| p < self.geo.md_len)
             .ok_or_else(|| enoent(format!("blob {id:#x} does not exist")))?;
-        if !self.state().used_blobids.get(u64::from(root)) {
+        if !self.alloc.lock().used_blobids.get(u64::from(root)) {
             return Err(enoent(format!("blob {id:#x} does not exist")));
         }
         let mut pages = Vec::new();
@@ -979,7 +815,7 @@ impl StoreInner {
             }
             p = next;
         }
-        let total = self.state().total_clusters;
+        let total = self.alloc.lock().total_clusters;
         let ci = parse_chain(id, &pages, total)?;
         let mut md = ci.md;
         if let Some((num, entries)) = ci.table {
@@ -1035,7 +871,7 @@ impl StoreInner {
                 remaining -= entries.len() as u64;
             }
         }
-        let st = self.state();
+        let st = self.alloc.lock();
         if !md.thin() && md.clusters.count_allocated() != md.clusters.len() as u64 {
             let i = md.clusters.next_unallocated(0).unwrap_or(0);
             return Err(corrupt(format!(
@@ -1168,11 +1004,6 @@ impl StoreInner {
         .boxed()
     }
 
-    pub(crate) fn free_clusters(&self) -> u64 {
-        let st = self.state();
-        st.total_clusters - st.used_clusters.count_ones()
-    }
-
     pub(crate) fn add_relation(&self, snap: BlobId, clone: BlobId) {
         let mut st = self.state();
         st.parent_of.insert(clone, snap);
@@ -1294,13 +1125,15 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         geo,
         align,
         md_lock: async_lock::Mutex::new(()),
+        alloc: Allocator::new(
+            l.total_clusters,
+            Bitmap::new(u64::from(l.md_len)),
+            used_clusters,
+            Bitmap::new(u64::from(l.md_len)),
+            stale,
+        ),
         st: Mutex::new(StoreState {
             sbi,
-            total_clusters: l.total_clusters,
-            used_pages: Bitmap::new(u64::from(l.md_len)),
-            used_clusters,
-            used_blobids: Bitmap::new(u64::from(l.md_len)),
-            stale,
             clean_on_disk: false,
             super_blob: BLOBID_INVALID,
             open: HashMap::new(),
@@ -1311,10 +1144,12 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             doomed: Vec::new(),
             tainted: false,
             shadows: Vec::new(),
-            zeroing: BTreeSet::new(),
         }),
         factory: opts.esnap_factory.clone(),
-        unflushed: AtomicBool::new(false),
+        write_seq: AtomicU64::new(0),
+        durable_seq: AtomicU64::new(0),
+        flushes: FlushGroup::default(),
+        committer: Committer::default(),
         shadowed: bl < PAGE as u32,
     });
     // init returns a store that a power cut cannot take back.
@@ -1677,14 +1512,10 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         geo,
         align,
         md_lock: async_lock::Mutex::new(()),
+        alloc: Allocator::new(total, used_pages, used_clusters, used_blobids, stale),
         st: Mutex::new(StoreState {
             super_blob: sbi.super_blob,
             sbi,
-            total_clusters: total,
-            used_pages,
-            used_clusters,
-            used_blobids,
-            stale,
             clean_on_disk,
             open: HashMap::new(),
             clones: BTreeMap::new(),
@@ -1694,10 +1525,12 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             doomed: Vec::new(),
             tainted: false,
             shadows: Vec::new(),
-            zeroing: BTreeSet::new(),
         }),
         factory: opts.esnap_factory.clone(),
-        unflushed: AtomicBool::new(false),
+        write_seq: AtomicU64::new(0),
+        durable_seq: AtomicU64::new(0),
+        flushes: FlushGroup::default(),
+        committer: Committer::default(),
         shadowed: bl < PAGE as u32,
     });
     inner.build_relations().await?;
@@ -1708,7 +1541,7 @@ impl StoreInner {
     /// Reads every blob's chain to build the snapshot/clone graph, then runs the
     /// SNAPTMP / SNAPRM power-failure fix-ups.
     async fn build_relations(self: &Arc<Self>) -> Result<()> {
-        let ids: Vec<u64> = self.state().used_blobids.iter_ones().collect();
+        let ids: Vec<u64> = self.alloc.lock().used_blobids.iter_ones().collect();
         let mut summaries: BTreeMap<BlobId, BlobSummary> = BTreeMap::new();
         {
             let mut cache = PageCache::new(self.dev.as_ref(), &self.geo, self.align);
@@ -1744,7 +1577,7 @@ impl StoreInner {
                     tracing::warn!(target: "blob", "blob {id:#x}: unreadable md chain, skipped");
                     continue;
                 }
-                let total = self.state().total_clusters;
+                let total = self.alloc.lock().total_clusters;
                 let ci = match parse_chain(id, &pages, total) {
                     Ok(ci) => ci,
                     Err(e) => {
@@ -1835,7 +1668,7 @@ impl StoreInner {
         for k in shared {
             md.eps.set(k, 0);
         }
-        self.state().used_blobids.clear(u64::from(snap as u32));
+        self.alloc.lock().used_blobids.clear(u64::from(snap as u32));
         self.persist_delete(snap, &md, &chain).await?;
         self.forget_blob(snap);
         let orphans: Vec<BlobId> = self.state().clones.remove(&snap).unwrap_or_default();
@@ -1889,7 +1722,7 @@ impl StoreInner {
         self.flush_all().await?;
         let s = self.read_super().await?;
         let (pm, cm, bm, total) = {
-            let st = self.state();
+            let st = self.alloc.lock();
             (
                 st.used_pages.to_mask(MASK_PAGES, s.used_page_mask_len),
                 st.used_clusters
