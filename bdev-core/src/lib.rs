@@ -39,6 +39,7 @@ pub mod reactor;
 mod registry;
 pub mod rpc;
 
+pub use backend::copy::CopySource;
 pub use device::{BdevEvent, BlockDevice, ClaimType, IoType};
 pub use error::{BdevError, Result};
 pub use iobuf::IoBuf;

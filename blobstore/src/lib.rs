@@ -40,6 +40,7 @@
 mod alloc;
 mod barrier;
 mod blob;
+mod bufpool;
 mod check;
 mod commit;
 mod dev;
@@ -53,7 +54,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use dev::{BsDev, ZeroesDev};
+pub use dev::{BsDev, CopySrc, ZeroesDev};
 pub use error::{BsError, Result};
 pub use iobuf::IoBuf;
 

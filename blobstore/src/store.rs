@@ -15,6 +15,7 @@ use iobuf::IoBuf;
 use crate::alloc::Allocator;
 use crate::barrier::Barrier;
 use crate::blob::{Back, BlobInner, BlobState};
+use crate::bufpool::BufPool;
 use crate::commit::{Committer, FlushGroup};
 use crate::error::{corrupt, einval, enoent, enospc};
 use crate::format::*;
@@ -85,6 +86,8 @@ pub(crate) struct StoreInner {
     pub flushes: FlushGroup,
     /// Group commit of cluster allocations.
     pub committer: Committer,
+    /// Cluster-sized buffers for copy-on-write through memory.
+    pub bufs: BufPool,
     /// The device's io unit is smaller than an md page, so a 4 KiB in-place write may tear:
     /// such writes are preceded by a durable shadow copy.
     pub shadowed: bool,
@@ -1120,6 +1123,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             stale.set(c);
         }
     }
+    let bufs = BufPool::new(geo.cluster_size as usize, align);
     let inner = Arc::new(StoreInner {
         dev,
         geo,
@@ -1150,6 +1154,7 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         durable_seq: AtomicU64::new(0),
         flushes: FlushGroup::default(),
         committer: Committer::default(),
+        bufs,
         shadowed: bl < PAGE as u32,
     });
     // init returns a store that a power cut cannot take back.
@@ -1507,6 +1512,7 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             stale.set(c);
         }
     }
+    let bufs = BufPool::new(geo.cluster_size as usize, align);
     let inner = Arc::new(StoreInner {
         dev,
         geo,
@@ -1531,6 +1537,7 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
         durable_seq: AtomicU64::new(0),
         flushes: FlushGroup::default(),
         committer: Committer::default(),
+        bufs,
         shadowed: bl < PAGE as u32,
     });
     inner.build_relations().await?;

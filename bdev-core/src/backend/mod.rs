@@ -4,6 +4,7 @@
 
 pub mod aio;
 pub mod cached;
+pub mod copy;
 pub mod error;
 pub mod malloc;
 pub mod null;
