@@ -526,7 +526,8 @@ impl BlobInner {
                 return Ok(());
             }
             let zero_back = self.back_is_zeroes(&back, idx);
-            if !zero_back && self.copy_in_kernel(&back, idx, new_c).await {
+            // A whole cluster of zeroes (write_zeroes) needs nothing from the back device.
+            if !zero_back && !full && self.copy_in_kernel(&back, idx, new_c).await {
                 // The new cluster holds the back data: put the caller's bytes on top.
                 let lba = u64::from(new_c) * lpc + off;
                 let r = match data {
@@ -545,7 +546,7 @@ impl BlobInner {
             // Through memory: a pooled buffer, read whole from the back device or zeroed
             // only where the caller's bytes do not go.
             let mut b = self.bs.bufs.take();
-            if zero_back {
+            if zero_back || full {
                 b[..s].fill(0);
                 b[e..].fill(0);
             } else {
