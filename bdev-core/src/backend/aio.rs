@@ -699,7 +699,7 @@ impl BlockDevice for AioBdev {
         if self.readonly {
             return Err(os_err(libc::EPERM));
         }
-        super::copy::copy_into(&self.file, src, src_off, dst_off, len).await
+        super::copy::copy_into(&self.file, self.direct, src, src_off, dst_off, len).await
     }
     async fn destruct(&self) {
         // Unregistered and closed: the file may be opened again.

@@ -2,12 +2,17 @@
 //! [`crate::BlockDevice::copy_source`] / [`crate::BlockDevice::copy_from`]).
 //!
 //! A copy first asks for a reflink (`FICLONERANGE`: the destination shares the source's
-//! blocks, nothing is copied) when the range is aligned to the file system block, then
-//! falls back to `copy_file_range` (the kernel copies, or on file systems that can, shares
-//! blocks itself). Either way the bytes never pass through user memory. Files on different
-//! file systems, block devices and anything the kernel refuses answer `ENOTSUP` so the
-//! caller copies through memory instead. The result is as durable as a write: a later
-//! `fdatasync` of the destination covers it.
+//! blocks, nothing is copied) when the range is aligned to the file system block, then, for
+//! a destination opened without O_DIRECT, falls back to `copy_file_range` (the kernel
+//! copies through the page cache, or on file systems that can, shares blocks itself).
+//! Either way the bytes never pass through user memory. A destination opened with O_DIRECT
+//! takes only the reflink: on a file system without reflinks `copy_file_range` copies
+//! through the page cache, and the dirty pages it leaves cost a write-back at the next
+//! flush; measured on ext4 (1 MiB clusters, QD32) that halved copy-on-write throughput
+//! against a direct read and write through memory. Files on different file systems, block
+//! devices and anything the kernel refuses answer `ENOTSUP` so the caller copies through
+//! memory instead. The result is as durable as a write: a later `fdatasync` of the
+//! destination covers it.
 
 use std::fs::File;
 use std::io;
@@ -100,12 +105,22 @@ fn copy_range(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> i
     Ok(())
 }
 
-/// A reflink when aligned and possible, else `copy_file_range`.
-fn copy_blocking(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64) -> io::Result<()> {
+/// A reflink when aligned and possible, else (unless `direct`) `copy_file_range`.
+fn copy_blocking(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+    direct: bool,
+) -> io::Result<()> {
     let fs_block = dst.metadata().map(|m| m.blksize()).unwrap_or(4096).max(1);
     let aligned = [src_off, dst_off, len].iter().all(|v| v % fs_block == 0);
     if aligned && reflink(src, src_off, dst, dst_off, len) {
         return Ok(());
+    }
+    if direct {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
     }
     copy_range(src, src_off, dst, dst_off, len)
 }
@@ -124,10 +139,12 @@ fn pool() -> Option<&'static futures::executor::ThreadPool> {
 }
 
 /// Copies `len` bytes from byte `src_off` of `src` to byte `dst_off` of `dst` in the
-/// kernel. `ENOTSUP` when the files are not on one file system or the kernel refuses the
-/// copy (the caller then copies through memory).
+/// kernel (`direct`: `dst` was opened with O_DIRECT, so only a reflink). `ENOTSUP` when the
+/// files are not on one file system or the kernel refuses the copy (the caller then copies
+/// through memory).
 pub(crate) async fn copy_into(
     dst: &Arc<File>,
+    direct: bool,
     src: &CopySource,
     src_off: u64,
     dst_off: u64,
@@ -139,7 +156,7 @@ pub(crate) async fn copy_into(
     let (dst, srcf) = (dst.clone(), src.file.clone());
     let (tx, rx) = oneshot::channel();
     let job = move || {
-        let _ = tx.send(copy_blocking(&srcf, src_off, &dst, dst_off, len));
+        let _ = tx.send(copy_blocking(&srcf, src_off, &dst, dst_off, len, direct));
     };
     match pool() {
         Some(p) => p.spawn_ok(async move { job() }),
@@ -203,6 +220,23 @@ mod tests {
                 before.iter().all(|&b| b == 0),
                 "bytes before the range changed"
             );
+            // With O_DIRECT only a reflink is taken: the bytes, or ENOTSUP where the file
+            // system has no reflinks (ext4, tmpfs).
+            let ddst = AioBdev::create(AioOpts {
+                name: "ddst".into(),
+                filename: file_with(dir.path(), "ddst", &vec![0u8; 1 << 20]),
+                direct: true,
+                ..Default::default()
+            })
+            .unwrap();
+            match ddst.copy_from(&cs, 0, 0, 256).await {
+                Ok(()) => {
+                    let got = ddst.read(0, IoBuf::new(128 << 10, 4096)).await.unwrap();
+                    assert_eq!(&got[..], &pattern[..128 << 10]);
+                }
+                Err(BdevError::Io(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOTSUP)),
+                Err(e) => panic!("{e}"),
+            }
             // A read-only device refuses to be a copy target.
             assert!(!src.can_copy_from(&dst.copy_source().unwrap()));
             // A RAM device is no copy source, and cannot copy from a file.
