@@ -175,6 +175,30 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// Writes zeroes over a range.
     async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()>;
+    /// The file behind this device when another device can copy from it inside the kernel
+    /// ([`BlockDevice::copy_from`]); `None` (the default) when there is none (RAM, remote).
+    fn copy_source(&self) -> Option<crate::backend::copy::CopySource> {
+        None
+    }
+    /// Whether [`BlockDevice::copy_from`] can copy from `src` (default: no).
+    fn can_copy_from(&self, _src: &crate::backend::copy::CopySource) -> bool {
+        false
+    }
+    /// Copies `num_blocks` blocks (of this device) starting at byte `src_offset` of `src`
+    /// to `offset_blocks`, inside the kernel, without passing through user memory
+    /// (`copy_file_range`, or a reflink). The default answers `ENOTSUP`: the caller then
+    /// copies through memory.
+    async fn copy_from(
+        &self,
+        _src: &crate::backend::copy::CopySource,
+        _src_offset: u64,
+        _offset_blocks: u64,
+        _num_blocks: u64,
+    ) -> Result<()> {
+        Err(crate::BdevError::Io(std::io::Error::from_raw_os_error(
+            libc::ENOTSUP,
+        )))
+    }
     /// Resets the device.
     async fn reset(&self) -> Result<()> {
         Ok(())

@@ -44,6 +44,7 @@ mod registry;
 pub mod rpc;
 pub mod stats;
 
+pub use backend::copy::CopySource;
 pub use device::{BdevEvent, BlockDevice, ClaimType, IoType};
 pub use error::{BdevError, Result};
 pub use iobuf::IoBuf;

@@ -427,21 +427,27 @@ impl BlobInner {
                 .await?;
             return Ok(buf);
         }
-        for s in &segs {
+        // Every cluster of the request at once: base reads, copies and writes of different
+        // clusters overlap, and their allocations share commits.
+        let rs = futures::future::join_all(segs.iter().map(|s| {
             let data = &buf[s.buf_off..s.buf_off + s.len as usize * iu];
-            let c = self.cluster_at(s.cluster);
-            if c != 0 {
-                let sub = IoBuf::from_slice(data, self.bs.align);
-                self.bs
-                    .dev
-                    .write(u64::from(c) * lpc + s.off, sub)
-                    .await
-                    .map_err(io_err)?;
-            } else {
-                self.alloc_write(s.cluster, s.off, s.len, Some(data))
-                    .await?;
+            async move {
+                let c = self.cluster_at(s.cluster);
+                if c != 0 {
+                    let sub = IoBuf::from_slice(data, self.bs.align);
+                    self.bs
+                        .dev
+                        .write(u64::from(c) * lpc + s.off, sub)
+                        .await
+                        .map(|_| ())
+                        .map_err(io_err)
+                } else {
+                    self.alloc_write(s.cluster, s.off, s.len, Some(data)).await
+                }
             }
-        }
+        }))
+        .await;
+        rs.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(buf)
     }
 
@@ -461,18 +467,21 @@ impl BlobInner {
         }
         let _f = self.freeze.read().await;
         let lpc = self.bs.geo.lba_per_cluster;
-        for s in self.segments(offset, units) {
+        let segs = self.segments(offset, units);
+        let rs = futures::future::join_all(segs.iter().map(|s| async move {
             let c = self.cluster_at(s.cluster);
             if c != 0 {
                 self.bs
                     .dev
                     .write_zeroes(u64::from(c) * lpc + s.off, s.len)
                     .await
-                    .map_err(io_err)?;
+                    .map_err(io_err)
             } else {
-                self.alloc_write(s.cluster, s.off, s.len, None).await?;
+                self.alloc_write(s.cluster, s.off, s.len, None).await
             }
-        }
+        }))
+        .await;
+        rs.into_iter().collect::<Result<Vec<()>>>()?;
         Ok(())
     }
 
@@ -504,28 +513,52 @@ impl BlobInner {
             };
         }
         let back = self.lock().back.clone_ref();
-        let cs = self.bs.geo.cluster_size as usize;
         let full = off == 0 && len == lpc;
         let new_c = self.bs.claim_cluster()?;
         let res = async {
-            let buf = if full && data.is_some() {
-                IoBuf::from_slice(data.unwrap_or_default(), self.bs.align)
+            let s = off as usize * iu;
+            let e = s + len as usize * iu;
+            if let (true, Some(d)) = (full, data) {
+                let buf = IoBuf::from_slice(d, self.bs.align);
+                let r = self.bs.dev.write(u64::from(new_c) * lpc, buf).await;
+                self.bs.note_write();
+                r.map_err(io_err)?;
+                return Ok(());
+            }
+            let zero_back = self.back_is_zeroes(&back, idx);
+            // A whole cluster of zeroes (write_zeroes) needs nothing from the back device.
+            if !zero_back && !full && self.copy_in_kernel(&back, idx, new_c).await {
+                // The new cluster holds the back data: put the caller's bytes on top.
+                let lba = u64::from(new_c) * lpc + off;
+                let r = match data {
+                    Some(d) => self
+                        .bs
+                        .dev
+                        .write(lba, IoBuf::from_slice(d, self.bs.align))
+                        .await
+                        .map(|_| ()),
+                    None => self.bs.dev.write_zeroes(lba, len).await,
+                };
+                self.bs.note_write();
+                r.map_err(io_err)?;
+                return Ok(());
+            }
+            // Through memory: a pooled buffer, read whole from the back device or zeroed
+            // only where the caller's bytes do not go.
+            let mut b = self.bs.bufs.take();
+            if zero_back || full {
+                b[..s].fill(0);
+                b[e..].fill(0);
             } else {
-                let mut b = IoBuf::new(cs, self.bs.align);
-                if !self.back_is_zeroes(&back, idx) {
-                    b = self.read_back(&back, idx as u64 * lpc, b).await?;
-                }
-                let s = off as usize * iu;
-                let e = s + len as usize * iu;
-                match data {
-                    Some(d) => b[s..e].copy_from_slice(d),
-                    None => b[s..e].fill(0),
-                }
-                b
-            };
-            let r = self.bs.dev.write(u64::from(new_c) * lpc, buf).await;
+                b = self.read_back(&back, idx as u64 * lpc, b).await?;
+            }
+            match data {
+                Some(d) => b[s..e].copy_from_slice(d),
+                None => b[s..e].fill(0),
+            }
+            let r = self.bs.dev.write(u64::from(new_c) * lpc, b).await;
             self.bs.note_write();
-            r.map_err(io_err)?;
+            self.bs.bufs.give(r.map_err(io_err)?);
             Ok::<_, BsError>(())
         }
         .await;
@@ -534,6 +567,49 @@ impl BlobInner {
             return Err(e);
         }
         self.commit_cluster(idx, new_c).await
+    }
+
+    /// Copies the back data of cluster `idx` into the new cluster `new_c` inside the kernel
+    /// when the store's device can copy from where that data lives (an esnap base, or the
+    /// store's own device for a cluster of the parent snapshot); false when it cannot, and
+    /// the caller copies through memory.
+    async fn copy_in_kernel(&self, back: &BackRef, idx: usize, new_c: u32) -> bool {
+        let g = &self.bs.geo;
+        let cs = u64::from(g.cluster_size);
+        let (src, byte) = match back {
+            BackRef::Esnap(Some(d)) if !d.is_degraded() => {
+                let byte = idx as u64 * cs;
+                if byte + cs > u64::from(d.block_len()) * d.block_count() {
+                    return false;
+                }
+                match d.copy_source() {
+                    Some(src) => (src, byte),
+                    None => return false,
+                }
+            }
+            BackRef::Snapshot(p) => {
+                let pc = p.cluster_at(idx);
+                match (pc, self.bs.dev.copy_source()) {
+                    (1.., Some(src)) => (src, u64::from(pc) * cs),
+                    _ => return false,
+                }
+            }
+            _ => return false,
+        };
+        if !self.bs.dev.can_copy_from(&src) {
+            return false;
+        }
+        let lba = u64::from(new_c) * g.lba_per_cluster;
+        let r = self
+            .bs
+            .dev
+            .copy_from(&src, byte, lba, g.lba_per_cluster)
+            .await;
+        self.bs.note_write();
+        if let Err(e) = &r {
+            tracing::debug!(target: "blob", "in-kernel copy of cluster {idx} failed ({e}); copying through memory");
+        }
+        r.is_ok()
     }
 
     /// A write of exactly one whole unallocated cluster: no copy, the caller's buffer goes
@@ -564,25 +640,10 @@ impl BlobInner {
         Ok(buf)
     }
 
-    /// Puts a written cluster into the map and persists it; on failure the cluster is
-    /// released again.
-    async fn commit_cluster(&self, idx: usize, new_c: u32) -> Result<()> {
-        let _m = self.bs.md_lock.lock().await;
-        {
-            let mut s = self.lock();
-            if idx >= s.md.clusters.len() {
-                drop(s);
-                self.bs.unclaim_clusters(&[new_c]);
-                return Err(einval("blob shrank during allocation"));
-            }
-            s.md.clusters.set(idx, new_c);
-        }
-        if let Err(e) = self.persist_cluster_locked(idx).await {
-            self.lock().md.clusters.set(idx, 0);
-            self.bs.unclaim_clusters(&[new_c]);
-            return Err(e);
-        }
-        Ok(())
+    /// Puts a written cluster into the map and commits it (group commit, `commit.rs`); on
+    /// failure the cluster is released again.
+    async fn commit_cluster(self: &Arc<Self>, idx: usize, new_c: u32) -> Result<()> {
+        self.bs.commit_allocation(self, idx, new_c).await
     }
 
     /// Persists a change of one cluster-map entry (md_lock held): rewrites its extent page in

@@ -5,10 +5,25 @@ use std::sync::Arc;
 
 use iobuf::IoBuf;
 
+/// Findings of [`crate::inspect::check`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// One line per problem found (bad CRC at page N, cluster C owned twice, leaked cluster,
+    /// mask differs from scan, broken chain, ...). Empty when the store is consistent.
+    pub problems: Vec<String>,
+    /// Blobs found.
+    pub blobs: u64,
+    /// md pages in use according to the scan.
+    pub used_md_pages: u64,
+    /// Clusters in use according to the scan (including metadata clusters).
+    pub used_clusters: u64,
+}
+
 use crate::format::*;
-use crate::inspect::{CheckReport, Descriptor};
+use crate::layout::Descriptor;
+use crate::load::{geo_from_super, validate_super};
 use crate::md::parse_chain;
-use crate::store::{geo_from_super, io_err, validate_super, PageCache};
+use crate::store::{io_err, PageCache};
 use crate::{BsDev, Result};
 
 pub(crate) async fn check(dev: Arc<dyn BsDev>) -> Result<CheckReport> {

@@ -1,7 +1,15 @@
 //! The narrow device trait the blobstore runs on (SPDK `struct spdk_bs_dev`).
 
+use std::any::Any;
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use iobuf::IoBuf;
+
+/// An opaque handle a device hands out so that another device can copy from it inside the
+/// kernel ([`BsDev::copy_source`], [`BsDev::copy_from`]); only the two device
+/// implementations know what it holds (for `lvol`, the bdev's file).
+pub type CopySrc = Arc<dyn Any + Send + Sync>;
 
 /// A device under (or behind) a blobstore. Offsets and lengths are in blocks of `block_len`.
 /// Errors are `std::io::Error` carrying an errno (`raw_os_error`).
@@ -32,6 +40,27 @@ pub trait BsDev: Send + Sync + 'static {
     /// cache writes it back). Required: a device with nothing to write back says so by
     /// returning `Ok(())`, so that no implementation forgets flushes by inheriting a default.
     async fn flush(&self) -> std::io::Result<()>;
+    /// What another device needs to copy from this one without user memory, or `None` (the
+    /// default: copy-on-write then reads through memory).
+    fn copy_source(&self) -> Option<CopySrc> {
+        None
+    }
+    /// Whether [`BsDev::copy_from`] can copy from `src` (default: no).
+    fn can_copy_from(&self, _src: &CopySrc) -> bool {
+        false
+    }
+    /// Copies `lba_count` blocks (of this device) from byte `src_offset` of `src` to `lba`
+    /// without passing through user memory (`copy_file_range`, a reflink). The default
+    /// answers `ENOTSUP`; on any error the blobstore copies through memory instead.
+    async fn copy_from(
+        &self,
+        _src: &CopySrc,
+        _src_offset: u64,
+        _lba: u64,
+        _lba_count: u64,
+    ) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::ENOTSUP))
+    }
     /// True if the range is known to read as zeroes (lets copy-on-write skip the copy).
     fn is_zeroes(&self, _lba: u64, _lba_count: u64) -> bool {
         false

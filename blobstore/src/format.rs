@@ -3,7 +3,7 @@
 //! Everything here is pure byte manipulation: no device access, no store state. Parsers never
 //! panic and never trust a length read from disk beyond the buffer they were given.
 
-use crate::inspect::{Descriptor, MaskInfo, MdPageInfo, SuperBlockInfo};
+use crate::layout::{Descriptor, MaskInfo, MdPageInfo, SuperBlockInfo};
 use crate::{BsError, Result};
 
 /// Size of a metadata page and of the super block struct.

@@ -14,17 +14,25 @@
 //! only needs a [`BsDev`].
 //!
 //! ```text
-//!   Blobstore ──► StoreInner: geometry, masks, open blobs, snapshot→clones graph,
-//!                 md_lock (serialises every metadata write)
-//!   Blob ───────► BlobInner: metadata (flags, xattrs, cluster map, extent pages),
+//!   Blobstore ──► StoreInner (store.rs): geometry, super block state, md_lock (serialises
+//!                 metadata commits), and its parts, each with its own lock and file:
+//!                   alloc.rs   Allocator: masks, claims, stale clusters, scrubbing
+//!                   graph.rs   Graph: open blobs, snapshot→clones, clone→parent, busy marks
+//!                   commit.rs  Committer: group commit of allocations; FlushGroup
+//!                   load.rs    init, load and recovery, unload (fills the parts above)
+//!   Blob ───────► BlobInner (blob.rs): metadata (flags, xattrs, cluster map, extent pages),
 //!                 freeze (I/O takes it shared; snapshot/resize/set_parent/merge exclusive),
-//!                 alloc lock (one allocating write per blob at a time),
+//!                 per-cluster allocation locks,
 //!                 back device: none | zeroes | parent BlobInner | esnap BsDev
+//!   on disk ────► layout.rs (the structures as stored, re-exported by `inspect`),
+//!                 format.rs (their encoding), md.rs (a blob's md chain)
 //! ```
 //!
-//! Locks are always taken in this order: a blob's freeze, its allocation lock, the store's
-//! md_lock, then short std mutexes that are never held across an await. A read or write of
-//! an allocated cluster takes only the freeze (shared) and one std mutex.
+//! Locks are always taken in this order: a blob's freeze, a cluster's allocation lock, the
+//! store's md_lock (held by metadata operations and by the leader of a commit batch, never
+//! by the data I/O of an allocation), then short std mutexes (a blob's state, the
+//! allocator, the graph, the commit queue) that are never held across an await. A read or
+//! write of an allocated cluster takes only the freeze (shared) and one std mutex.
 //!
 //! Crash safety follows SPDK's write order, with barriers: new extent and continuation pages
 //! (and the data of new clusters) are written to fresh places and flushed, then the root page
@@ -37,21 +45,27 @@
 //! zeroes), so freed data never shows through; looping or over-deep chains and oversized
 //! maps on disk are refused instead of crashing.
 
+mod alloc;
 mod barrier;
 mod blob;
+mod bufpool;
 mod check;
+mod commit;
 mod dev;
 mod error;
 mod format;
 mod freeze;
+mod graph;
 pub mod inspect;
+mod layout;
+mod load;
 mod md;
 mod ops;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use dev::{BsDev, ZeroesDev};
+pub use dev::{BsDev, CopySrc, ZeroesDev};
 pub use error::{BsError, Result};
 pub use iobuf::IoBuf;
 
@@ -167,14 +181,14 @@ impl Blobstore {
     /// Initialises a new store on `dev` (SPDK `spdk_bs_init`).
     pub async fn init(dev: Arc<dyn BsDev>, opts: BsOpts) -> Result<Blobstore> {
         Ok(Blobstore {
-            inner: store::init(dev, &opts).await?,
+            inner: load::init(dev, &opts).await?,
         })
     }
     /// Loads a store; a dirty store (or `force_recover`) is recovered by scanning md pages.
     /// A failed load never writes to the device.
     pub async fn load(dev: Arc<dyn BsDev>, opts: BsOpts) -> Result<Blobstore> {
         Ok(Blobstore {
-            inner: store::load(dev, &opts).await?,
+            inner: load::load(dev, &opts).await?,
         })
     }
     /// Writes the masks and marks the store clean. EBUSY if any blob is open.
@@ -185,12 +199,9 @@ impl Blobstore {
     pub async fn destroy(&self) -> Result<()> {
         let _g = self.inner.md_lock.lock().await;
         {
-            let st = self.inner.state();
-            if !st.open.is_empty() {
-                return Err(BsError::Busy(format!(
-                    "{} blob(s) still open",
-                    st.open.len()
-                )));
+            let open = self.inner.graph.lock().open.len();
+            if open != 0 {
+                return Err(BsError::Busy(format!("{open} blob(s) still open")));
             }
         }
         self.inner
@@ -237,11 +248,11 @@ impl Blobstore {
     }
     /// Total clusters (including metadata clusters).
     pub fn total_clusters(&self) -> u64 {
-        self.inner.state().total_clusters
+        self.inner.alloc.lock().total_clusters
     }
     /// Clusters available for data (`total_data_clusters` of `bdev_lvol_get_lvstores`).
     pub fn total_data_clusters(&self) -> u64 {
-        self.inner.state().total_clusters - self.inner.geo.md_clusters
+        self.inner.alloc.lock().total_clusters - self.inner.geo.md_clusters
     }
     /// Free clusters.
     pub fn free_clusters(&self) -> u64 {
@@ -266,7 +277,8 @@ impl Blobstore {
     /// Ids of every blob, in increasing order (iteration).
     pub fn blob_ids(&self) -> Vec<BlobId> {
         self.inner
-            .state()
+            .alloc
+            .lock()
             .used_blobids
             .iter_ones()
             .map(|p| (1u64 << 32) | p)
@@ -335,12 +347,13 @@ impl Blobstore {
     }
     /// Number of blobs open right now (including snapshots held open by their clones).
     pub fn open_blobs_count(&self) -> usize {
-        self.inner.state().open.len()
+        self.inner.graph.lock().open.len()
     }
     /// Ids of the clones of a snapshot.
     pub fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
         self.inner
-            .state()
+            .graph
+            .lock()
             .clones
             .get(&id)
             .cloned()
@@ -377,7 +390,12 @@ impl Blob {
     /// Has (or had, since load) clones: SPDK `spdk_blob_is_snapshot`, which is true while the
     /// blob is in the store's snapshot list.
     pub fn is_snapshot(&self) -> bool {
-        self.inner.bs.state().clones.contains_key(&self.inner.id)
+        self.inner
+            .bs
+            .graph
+            .lock()
+            .clones
+            .contains_key(&self.inner.id)
     }
     /// Is a clone of a snapshot blob.
     pub fn is_clone(&self) -> bool {

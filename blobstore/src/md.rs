@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use crate::error::corrupt;
 use crate::format::*;
-use crate::inspect::{Descriptor, MdPageInfo};
+use crate::layout::{Descriptor, MdPageInfo};
 use crate::{ClearMethod, Result};
 
 /// One blob's persistent metadata.

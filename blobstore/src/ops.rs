@@ -57,7 +57,7 @@ impl StoreInner {
         crate::md::check_blob_clusters(n)?;
         let page = self.alloc_root_page().await?;
         let id = page_to_blobid(page);
-        self.state().used_blobids.set(u64::from(page));
+        self.alloc.lock().used_blobids.set(u64::from(page));
         let claimed = if md.thin() {
             md.clusters = ClusterMap::zeroed(n as usize);
             Vec::new()
@@ -93,7 +93,7 @@ impl StoreInner {
 
     fn undo_create(&self, page: u32, clusters: &[u32]) {
         self.unclaim_clusters(clusters);
-        let mut st = self.state();
+        let mut st = self.alloc.lock();
         st.used_blobids.clear(u64::from(page));
         st.used_pages.clear(u64::from(page));
     }
@@ -170,7 +170,7 @@ impl StoreInner {
     /// the delete cannot be written, the blob still leaves the listing: it carries SNAPTMP,
     /// so unload retries the delete or the load-time fix-up does it.
     async fn discard_new_blob(&self, id: BlobId, chain: &[u32]) {
-        self.state().used_blobids.clear(u64::from(id as u32));
+        self.alloc.lock().used_blobids.clear(u64::from(id as u32));
         self.delete_or_doom(id, &BlobMd::default(), chain).await;
         self.forget_blob(id);
     }
@@ -250,7 +250,7 @@ impl StoreInner {
             }
         }
         // 3. The original becomes a clone of the snapshot.
-        let old_parent = self.state().parent_of.get(&orig.id).copied();
+        let old_parent = self.graph.lock().parent_of.get(&orig.id).copied();
         let (saved_md, saved_dirty) = {
             let os = orig.lock();
             let mut m = os.md.clone();
@@ -271,7 +271,7 @@ impl StoreInner {
         sst.back = old_back;
         sst.open_ref = 1;
         let snap = Arc::new(BlobInner::new(sid, self.clone(), sst));
-        self.state().open.insert(sid, snap.clone());
+        self.graph.lock().open.insert(sid, snap.clone());
         orig.lock().back = Back::Snapshot(snap.clone());
         if let Err(e) = orig.persist_locked().await {
             // Not committed: the original keeps its map, flags and parent; the snapshot goes.
@@ -280,7 +280,7 @@ impl StoreInner {
                 ss.open_ref = 0;
                 std::mem::replace(&mut ss.back, Back::None)
             };
-            self.state().open.remove(&sid);
+            self.graph.lock().open.remove(&sid);
             {
                 let mut os = orig.lock();
                 os.md = saved_md;
@@ -370,7 +370,13 @@ impl StoreInner {
         self.check_live()?;
         let _busy = self.busy_guard(&[id])?;
         loop {
-            let clones = self.state().clones.get(&id).cloned().unwrap_or_default();
+            let clones = self
+                .graph
+                .lock()
+                .clones
+                .get(&id)
+                .cloned()
+                .unwrap_or_default();
             if clones.len() > 1 {
                 return Err(busy(format!(
                     "blob {id:#x} has {} clones and cannot be deleted",
@@ -379,14 +385,22 @@ impl StoreInner {
             }
             let clone_open = clones
                 .first()
-                .and_then(|c| self.state().open.get(c).cloned());
+                .and_then(|c| self.graph.lock().open.get(c).cloned());
             let _f = match &clone_open {
                 Some(c) => Some(c.freeze.write().await),
                 None => None,
             };
             let _g = self.md_lock.lock().await;
-            let now = self.state().clones.get(&id).cloned().unwrap_or_default();
-            let now_open = now.first().and_then(|c| self.state().open.get(c).cloned());
+            let now = self
+                .graph
+                .lock()
+                .clones
+                .get(&id)
+                .cloned()
+                .unwrap_or_default();
+            let now_open = now
+                .first()
+                .and_then(|c| self.graph.lock().open.get(c).cloned());
             if now != clones || now_open.is_some() != clone_open.is_some() {
                 continue;
             }
@@ -398,14 +412,14 @@ impl StoreInner {
     }
 
     async fn delete_plain_locked(self: &Arc<Self>, id: BlobId) -> Result<()> {
-        if self.state().open.contains_key(&id) {
+        if self.graph.lock().open.contains_key(&id) {
             return Err(busy(format!("blob {id:#x} is open")));
         }
         let (md, chain) = self.load_blob_md(id).await?;
         let page = blobid_to_page(id).unwrap_or(0);
-        self.state().used_blobids.clear(u64::from(page));
+        self.alloc.lock().used_blobids.clear(u64::from(page));
         if let Err(e) = self.persist_delete(id, &md, &chain).await {
-            self.state().used_blobids.set(u64::from(page));
+            self.alloc.lock().used_blobids.set(u64::from(page));
             return Err(e);
         }
         self.forget_blob(id);
@@ -414,12 +428,13 @@ impl StoreInner {
 
     async fn delete_merge_locked(self: &Arc<Self>, sid: BlobId, cid: BlobId) -> Result<()> {
         let pre_ref = self
-            .state()
+            .graph
+            .lock()
             .open
             .get(&sid)
             .map(|b| b.lock().open_ref)
             .unwrap_or(0);
-        let clone_was_open = self.state().open.contains_key(&cid);
+        let clone_was_open = self.graph.lock().open.contains_key(&cid);
         if pre_ref > u32::from(clone_was_open) {
             return Err(busy(format!("blob {sid:#x} is open")));
         }
@@ -431,7 +446,8 @@ impl StoreInner {
 
     async fn merge_inner(self: &Arc<Self>, sid: BlobId, cb: &Arc<BlobInner>) -> Result<()> {
         let snap = self
-            .state()
+            .graph
+            .lock()
             .open
             .get(&sid)
             .cloned()
@@ -502,9 +518,9 @@ impl StoreInner {
         for i in moved {
             smd.clusters.set(i, 0);
         }
-        self.state().open.remove(&sid);
-        self.state().used_blobids.clear(u64::from(sid as u32));
-        let g = self.state().parent_of.get(&sid).copied();
+        self.graph.lock().open.remove(&sid);
+        self.alloc.lock().used_blobids.clear(u64::from(sid as u32));
+        let g = self.graph.lock().parent_of.get(&sid).copied();
         self.remove_relation(cb.id);
         self.forget_blob(sid);
         if let Some(g) = g {
@@ -677,7 +693,7 @@ impl StoreInner {
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
         let saved_md = b.lock().md.clone();
-        let saved_parent = self.state().parent_of.get(&b.id).copied();
+        let saved_parent = self.graph.lock().parent_of.get(&b.id).copied();
         let old_back = {
             let mut s = b.lock();
             let old = std::mem::replace(&mut s.back, Back::None);
@@ -754,7 +770,7 @@ impl StoreInner {
         if snap == id {
             return Err(einval("a blob cannot be its own parent"));
         }
-        if self.state().parent_of.get(&id) == Some(&snap) {
+        if self.graph.lock().parent_of.get(&id) == Some(&snap) {
             return Err(BsError::Exists(format!(
                 "blob {snap:#x} is already the parent of {id:#x}"
             )));
@@ -765,7 +781,7 @@ impl StoreInner {
             if !b.lock().md.thin() {
                 return Err(einval(format!("blob {id:#x} is not thin")));
             }
-            if !self.state().clones.contains_key(&snap) {
+            if !self.graph.lock().clones.contains_key(&snap) {
                 return Err(einval(format!("blob {snap:#x} is not a snapshot")));
             }
             let _f = b.freeze.write().await;
@@ -926,7 +942,7 @@ impl StoreInner {
         self.check_live()?;
         let _g = self.md_lock.lock().await;
         let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
-        let total = self.state().total_clusters;
+        let total = self.alloc.lock().total_clusters;
         let new_total = dev_bytes / u64::from(self.geo.cluster_size);
         if new_total < total {
             return Err(enospc(format!(
@@ -951,14 +967,16 @@ impl StoreInner {
         })
         .await?;
         self.barrier(crate::barrier::Barrier::Super).await?;
-        let mut st = self.state();
-        st.total_clusters = new_total;
-        st.used_clusters.resize(new_total);
-        st.stale.resize(new_total);
-        for c in total..new_total {
-            st.stale.set(c);
+        {
+            let mut a = self.alloc.lock();
+            a.total_clusters = new_total;
+            a.used_clusters.resize(new_total);
+            a.stale.resize(new_total);
+            for c in total..new_total {
+                a.stale.set(c);
+            }
         }
-        st.clean_on_disk = false;
+        self.state().clean_on_disk = false;
         Ok(())
     }
 

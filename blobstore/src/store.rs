@@ -1,24 +1,32 @@
-//! Store state and store-level operations: geometry, masks, super block writes, init, load
-//! (clean and recovery), unload, md persistence and blob open/close bookkeeping.
+//! The store: geometry, super block state and writes, barriers (grouped flushes, shadows),
+//! md persistence (the commit protocol of `persist_md` / `persist_delete`) and blob
+//! open/close. Its parts live in their own files with their own locks: the allocator
+//! (`alloc.rs`), the blob graph (`graph.rs`), the committer (`commit.rs`); init, load,
+//! recovery and unload are in `load.rs`.
 //!
-//! Lock order, always: a blob's freeze lock, then its allocation lock, then the store's
-//! `md_lock`, then the std mutexes (never held across an await).
+//! Lock order, always: a blob's freeze lock, then a cluster's allocation lock, then the
+//! store's `md_lock`, then the std mutexes (never held across an await).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use iobuf::IoBuf;
 
+use crate::alloc::Allocator;
 use crate::barrier::Barrier;
 use crate::blob::{Back, BlobInner, BlobState};
-use crate::error::{corrupt, einval, enoent, enospc};
+use crate::bufpool::BufPool;
+use crate::commit::{Committer, FlushGroup};
+use crate::error::{corrupt, einval, enoent};
 use crate::format::*;
-use crate::inspect::{MdPageInfo, SuperBlockInfo};
+use crate::graph::Graph;
+use crate::layout::SuperBlockInfo;
+use crate::load::validate_super;
 use crate::md::{parse_chain, BlobMd, ClusterMap, EpMap};
-use crate::{BlobId, BsDev, BsError, BsOpts, ClearMethod, EsnapDevFactory, Result, BLOBID_INVALID};
+use crate::{BlobId, BsDev, BsError, EsnapDevFactory, Result};
 
 /// Longest snapshot chain we open (guards recursion against hostile metadata).
 pub(crate) const MAX_CHAIN_DEPTH: usize = 1024;
@@ -43,21 +51,8 @@ impl Geo {
 
 pub(crate) struct StoreState {
     pub sbi: SuperBlockInfo,
-    pub total_clusters: u64,
-    pub used_pages: Bitmap,
-    pub used_clusters: Bitmap,
-    pub used_blobids: Bitmap,
-    /// Clusters that may still hold bytes of an earlier owner (released without clearing,
-    /// never cleared since init, or free after a load). A thick claim zeroes them first.
-    pub stale: Bitmap,
     pub clean_on_disk: bool,
     pub super_blob: u64,
-    pub open: HashMap<BlobId, Arc<BlobInner>>,
-    /// Snapshot -> its clones, in creation / load order.
-    pub clones: BTreeMap<BlobId, Vec<BlobId>>,
-    /// Clone -> its snapshot parent.
-    pub parent_of: HashMap<BlobId, BlobId>,
-    pub busy: HashSet<BlobId>,
     pub unloaded: bool,
     /// Blobs already gone from the listing whose on-disk delete could not be written (each
     /// carries SNAPTMP / SNAPRM, so a recovery load deletes it); retried at unload.
@@ -69,11 +64,6 @@ pub(crate) struct StoreState {
     /// Shadow pages whose in-place write was issued (page, zero it when retired): retired
     /// once a flush started after that write completed.
     pub shadows: Vec<(u32, bool)>,
-    /// Md pages freed right after a zeroing that no flush has covered yet. On a shadowed
-    /// device such a page must not become a root before that zeroing is durable: a torn
-    /// zeroing leaves a bad CRC at the root's place, which recovery would "restore" from the
-    /// new root's shadow although nothing it points at was flushed.
-    pub zeroing: BTreeSet<u32>,
 }
 
 pub(crate) struct StoreInner {
@@ -81,11 +71,24 @@ pub(crate) struct StoreInner {
     pub geo: Geo,
     pub align: usize,
     pub md_lock: async_lock::Mutex<()>,
+    /// Masks, claims and stale clusters, behind their own lock.
+    pub alloc: Allocator,
+    /// Open blobs and the snapshot/clone relations, behind their own lock.
+    pub graph: Graph,
     pub st: Mutex<StoreState>,
     pub factory: Option<Arc<dyn EsnapDevFactory>>,
-    /// The store wrote to the device since the last flush it started (md pages, cluster
-    /// data of an allocation, clearing): a commit write must be preceded by a flush.
-    pub unflushed: AtomicBool,
+    /// Writes the store completed (md pages, cluster data of an allocation, clearing),
+    /// counted; `durable_seq` is the count a completed flush covers. A commit write is
+    /// preceded by a flush unless every counted write is covered.
+    pub write_seq: AtomicU64,
+    /// The `write_seq` read when the latest completed flush started.
+    pub durable_seq: AtomicU64,
+    /// Concurrent barriers and client flushes share device flushes.
+    pub flushes: FlushGroup,
+    /// Group commit of cluster allocations.
+    pub committer: Committer,
+    /// Cluster-sized buffers for copy-on-write through memory.
+    pub bufs: BufPool,
     /// The device's io unit is smaller than an md page, so a 4 KiB in-place write may tear:
     /// such writes are preceded by a durable shadow copy.
     pub shadowed: bool,
@@ -93,225 +96,6 @@ pub(crate) struct StoreInner {
 
 pub(crate) fn io_err(e: std::io::Error) -> BsError {
     BsError::Io(e)
-}
-
-/// Releases the busy marks of an operation when dropped.
-pub(crate) struct BusyGuard {
-    bs: Arc<StoreInner>,
-    ids: Vec<BlobId>,
-}
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        let mut st = self.bs.state();
-        for id in &self.ids {
-            st.busy.remove(id);
-        }
-    }
-}
-
-/// Computed layout for init.
-struct Layout {
-    total_clusters: u64,
-    page_mask_len: u32,
-    cluster_mask_start: u32,
-    cluster_mask_len: u32,
-    blobid_mask_start: u32,
-    blobid_mask_len: u32,
-    md_start: u32,
-    md_len: u32,
-    md_clusters: u64,
-}
-
-fn mask_pages(bits: u64) -> u32 {
-    (5 + bits.div_ceil(8)).div_ceil(PAGE as u64) as u32
-}
-
-fn compute_layout(dev_bytes: u64, cluster_size: u32, num_md_pages: Option<u32>) -> Result<Layout> {
-    if cluster_size < PAGE as u32 || !cluster_size.is_multiple_of(PAGE as u32) {
-        return Err(einval(format!(
-            "cluster size {cluster_size} is not a multiple of {PAGE}"
-        )));
-    }
-    if dev_bytes < u64::from(cluster_size) {
-        return Err(enospc(format!(
-            "device of {dev_bytes} bytes is smaller than one cluster ({cluster_size})"
-        )));
-    }
-    let total_clusters = dev_bytes / u64::from(cluster_size);
-    let md_len64 = match num_md_pages {
-        Some(n) if n != u32::MAX => u64::from(n),
-        _ => total_clusters,
-    };
-    let md_len = u32::try_from(md_len64)
-        .map_err(|_| BsError::NoMemory(format!("{md_len64} md pages is too many")))?;
-    let page_mask_len = mask_pages(md_len64);
-    let cluster_mask_len = mask_pages(total_clusters);
-    let reserved = cluster_mask_len.max(mask_pages(md_len64));
-    let cluster_mask_start = 1 + page_mask_len;
-    let blobid_mask_start = cluster_mask_start + reserved;
-    let blobid_mask_len = mask_pages(md_len64);
-    let md_start = blobid_mask_start + blobid_mask_len;
-    let ppc = u64::from(cluster_size) / PAGE as u64;
-    let md_clusters = (u64::from(md_start) + md_len64).div_ceil(ppc);
-    if md_clusters > total_clusters {
-        return Err(BsError::NoMemory(format!(
-            "metadata needs {md_clusters} clusters but the device has {total_clusters}"
-        )));
-    }
-    Ok(Layout {
-        total_clusters,
-        page_mask_len,
-        cluster_mask_start,
-        cluster_mask_len,
-        blobid_mask_start,
-        blobid_mask_len,
-        md_start,
-        md_len,
-        md_clusters,
-    })
-}
-
-fn bstype_str(b: &[u8; 16]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(16);
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
-/// Validates a super block as `bs_super_validate` does, plus geometry sanity checks so a
-/// hostile super block can never make us index outside the device.
-pub(crate) fn validate_super(
-    s: &SuperBlockInfo,
-    dev: &dyn BsDev,
-    bstype: Option<&[u8; 16]>,
-) -> Result<()> {
-    if !(1..=VERSION).contains(&s.version) {
-        return Err(BsError::BadSuperBlock(format!(
-            "unsupported version {}",
-            s.version
-        )));
-    }
-    if &s.signature != SIGNATURE {
-        return Err(BsError::BadSuperBlock(format!(
-            "signature {:02x?} is not SPDKBLOB",
-            s.signature
-        )));
-    }
-    if !s.crc_ok {
-        return Err(BsError::BadSuperBlock(format!(
-            "crc mismatch (stored {:#010x})",
-            s.crc
-        )));
-    }
-    if let Some(want) = bstype {
-        if want.iter().any(|&b| b != 0) && want != &s.bstype {
-            return Err(BsError::BstypeMismatch {
-                found: bstype_str(&s.bstype),
-                wanted: bstype_str(want),
-            });
-        }
-    }
-    let dev_bytes = u64::from(dev.block_len()).saturating_mul(dev.block_count());
-    if s.size > dev_bytes {
-        return Err(BsError::BadSuperBlock(format!(
-            "store size {} is larger than the device ({dev_bytes} bytes)",
-            s.size
-        )));
-    }
-    if s.md_page_size != 0 && s.md_page_size != PAGE as u32 {
-        return Err(einval(format!(
-            "md page size {} is not supported (only 4096)",
-            s.md_page_size
-        )));
-    }
-    let io_unit = if s.io_unit_size == 0 {
-        4096
-    } else {
-        s.io_unit_size
-    };
-    if io_unit != dev.block_len() {
-        return Err(einval(format!(
-            "store io_unit_size {io_unit} differs from the device block size {}",
-            dev.block_len()
-        )));
-    }
-    if s.cluster_size < PAGE as u32 || !s.cluster_size.is_multiple_of(PAGE as u32) {
-        return Err(BsError::BadSuperBlock(format!(
-            "cluster size {} is not a multiple of 4096",
-            s.cluster_size
-        )));
-    }
-    let size = if s.size == 0 { dev_bytes } else { s.size };
-    let total_pages = size / PAGE as u64;
-    let md_end = u64::from(s.md_start) + u64::from(s.md_len);
-    let regions = [
-        (
-            s.used_page_mask_start,
-            s.used_page_mask_len,
-            "used page mask",
-        ),
-        (
-            s.used_cluster_mask_start,
-            s.used_cluster_mask_len,
-            "used cluster mask",
-        ),
-        (
-            s.used_blobid_mask_start,
-            s.used_blobid_mask_len,
-            "used blobid mask",
-        ),
-    ];
-    for (start, len, what) in regions {
-        if u64::from(start) + u64::from(len) > total_pages {
-            return Err(BsError::BadSuperBlock(format!(
-                "{what} (pages {start}+{len}) lies outside the store"
-            )));
-        }
-    }
-    if md_end > total_pages || s.md_start == 0 {
-        return Err(BsError::BadSuperBlock(format!(
-            "md region (pages {}+{}) lies outside the store",
-            s.md_start, s.md_len
-        )));
-    }
-    let clusters = size / u64::from(s.cluster_size);
-    let fits = |len: u32, bits: u64| u64::from(len) * PAGE as u64 >= 5 + bits.div_ceil(8);
-    if !fits(s.used_page_mask_len, u64::from(s.md_len)) {
-        return Err(BsError::BadSuperBlock(format!(
-            "used page mask ({} pages) cannot hold {} bits",
-            s.used_page_mask_len, s.md_len
-        )));
-    }
-    if !fits(s.used_cluster_mask_len, clusters) {
-        return Err(BsError::BadSuperBlock(format!(
-            "used cluster mask ({} pages) cannot hold {clusters} bits",
-            s.used_cluster_mask_len
-        )));
-    }
-    if s.used_blobid_mask_len != 0 && !fits(s.used_blobid_mask_len, u64::from(s.md_len)) {
-        return Err(BsError::BadSuperBlock(format!(
-            "used blobid mask ({} pages) cannot hold {} bits",
-            s.used_blobid_mask_len, s.md_len
-        )));
-    }
-    let max_mask = mask_pages(clusters.max(u64::from(s.md_len))) + 1;
-    for (len, what) in [
-        (s.used_page_mask_len, "used page mask"),
-        (s.used_cluster_mask_len, "used cluster mask"),
-        (s.used_blobid_mask_len, "used blobid mask"),
-    ] {
-        if len > max_mask {
-            return Err(BsError::BadSuperBlock(format!(
-                "{what} is {len} pages long, more than the store can need"
-            )));
-        }
-    }
-    if size / u64::from(s.cluster_size) == 0 {
-        return Err(BsError::BadSuperBlock("store holds no cluster".into()));
-    }
-    if (size / u64::from(s.cluster_size)) > u64::from(u32::MAX) {
-        return Err(BsError::BadSuperBlock("too many clusters".into()));
-    }
-    Ok(())
 }
 
 /// Reads md pages in chunks, for scans.
@@ -367,33 +151,9 @@ impl<'a> PageCache<'a> {
     }
 }
 
-/// What the load-time scan learns about one blob without opening it.
-#[derive(Default)]
-struct BlobSummary {
-    parent: Option<BlobId>,
-    snaptmp: Option<BlobId>,
-    snaprm: Option<BlobId>,
-}
-
 impl StoreInner {
     pub(crate) fn state(&self) -> MutexGuard<'_, StoreState> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn busy_guard(self: &Arc<Self>, ids: &[BlobId]) -> Result<BusyGuard> {
-        let mut st = self.state();
-        if let Some(id) = ids.iter().find(|id| st.busy.contains(id)) {
-            return Err(crate::error::busy(format!(
-                "another operation is in progress on blob {id:#x}"
-            )));
-        }
-        for id in ids {
-            st.busy.insert(*id);
-        }
-        Ok(BusyGuard {
-            bs: self.clone(),
-            ids: ids.to_vec(),
-        })
     }
 
     pub(crate) fn check_live(&self) -> Result<()> {
@@ -433,7 +193,7 @@ impl StoreInner {
     /// Records that the store wrote to the device (after the write completed, so that a
     /// flush started later covers it).
     pub(crate) fn note_write(&self) {
-        self.unflushed.store(true, Ordering::SeqCst);
+        self.write_seq.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Makes every write completed so far durable (a flush), unless a test switched this
@@ -445,16 +205,32 @@ impl StoreInner {
             return Ok(());
         }
         let _ = kind;
+        let r = self.grouped_flush().await;
+        if r.is_err() {
+            self.state().tainted = true;
+        }
+        r
+    }
+
+    /// One device flush shared by every caller waiting for it: a caller is covered by a
+    /// flush that started after its call (so after every write that completed before it).
+    /// Shadows whose in-place write completed before the flush started are retired after it.
+    async fn grouped_flush(&self) -> Result<()> {
+        let ticket = self.flushes.ticket();
+        let _g = self.flushes.lock().await;
+        if self.flushes.covered(ticket) {
+            return Ok(());
+        }
+        let issued = self.flushes.issued();
         let (retire, zeroed) = self.take_unflushed();
-        self.unflushed.store(false, Ordering::SeqCst);
+        let seq = self.write_seq.load(Ordering::SeqCst);
         if let Err(e) = self.dev.flush().await {
-            self.unflushed.store(true, Ordering::SeqCst);
-            let mut st = self.state();
-            st.tainted = true;
-            st.shadows.extend(retire);
-            st.zeroing.extend(zeroed);
+            self.state().shadows.extend(retire);
+            self.alloc.lock().zeroing.extend(zeroed);
             return Err(io_err(e));
         }
+        self.durable_seq.fetch_max(seq, Ordering::SeqCst);
+        self.flushes.complete(issued);
         self.retire_shadows(retire).await;
         Ok(())
     }
@@ -483,24 +259,8 @@ impl StoreInner {
     /// What a flush about to start settles: the shadows to retire after it and the zeroed
     /// pages that it makes durable.
     fn take_unflushed(&self) -> (Vec<(u32, bool)>, BTreeSet<u32>) {
-        let mut st = self.state();
-        (
-            std::mem::take(&mut st.shadows),
-            std::mem::take(&mut st.zeroing),
-        )
-    }
-
-    /// Claims the root page of a new blob. On a shadowed device, a page whose zeroing is not
-    /// durable yet is first made so (see [`StoreState::zeroing`]).
-    pub(crate) async fn alloc_root_page(&self) -> Result<u32> {
-        let p = self.alloc_md_page()?;
-        if self.shadowed && self.state().zeroing.contains(&p) {
-            if let Err(e) = self.barrier(Barrier::PreCommit).await {
-                self.free_md_page(p);
-                return Err(e);
-            }
-        }
-        Ok(p)
+        let shadows = std::mem::take(&mut self.state().shadows);
+        (shadows, std::mem::take(&mut self.alloc.lock().zeroing))
     }
 
     /// The in-place write a shadow covers was issued: retire the shadow after the next flush.
@@ -521,30 +281,20 @@ impl StoreInner {
             }
             self.free_md_page(p);
             if zero {
-                self.state().zeroing.insert(p);
+                self.alloc.lock().zeroing.insert(p);
             }
         }
     }
 
     /// A client flush: everything written so far is durable.
     pub(crate) async fn flush_all(&self) -> Result<()> {
-        let (retire, zeroed) = self.take_unflushed();
-        self.unflushed.store(false, Ordering::SeqCst);
-        if let Err(e) = self.dev.flush().await {
-            self.unflushed.store(true, Ordering::SeqCst);
-            let mut st = self.state();
-            st.shadows.extend(retire);
-            st.zeroing.extend(zeroed);
-            return Err(io_err(e));
-        }
-        self.retire_shadows(retire).await;
-        Ok(())
+        self.grouped_flush().await
     }
 
-    /// The barrier before a commit write: flushes only if the store wrote since its last
-    /// flush (new md pages, new cluster data, cleared clusters).
+    /// The barrier before a commit write: flushes only if the store wrote since the start
+    /// of its last completed flush (new md pages, new cluster data, cleared clusters).
     pub(crate) async fn pre_commit(&self) -> Result<()> {
-        if self.unflushed.load(Ordering::SeqCst) {
+        if self.durable_seq.load(Ordering::SeqCst) < self.write_seq.load(Ordering::SeqCst) {
             self.barrier(Barrier::PreCommit).await?;
         }
         Ok(())
@@ -620,159 +370,6 @@ impl StoreInner {
         self.barrier(Barrier::DirtyMark).await?;
         self.state().clean_on_disk = false;
         Ok(())
-    }
-
-    pub(crate) fn alloc_md_page(&self) -> Result<u32> {
-        self.alloc_md_page_from(0)
-    }
-
-    /// Claims the lowest free md page at or after `min`. Extent pages start at 1: an extent
-    /// table entry of 0 means "no extent page", so page 0 (free once blob 0x100000000 is
-    /// deleted) must never hold one.
-    pub(crate) fn alloc_md_page_from(&self, min: u64) -> Result<u32> {
-        let mut st = self.state();
-        let p = st
-            .used_pages
-            .first_clear(min)
-            .ok_or_else(|| enospc("no free metadata page (the store is out of metadata space)"))?;
-        st.used_pages.set(p);
-        Ok(p as u32)
-    }
-
-    pub(crate) fn free_md_page(&self, p: u32) {
-        self.state().used_pages.clear(u64::from(p));
-    }
-
-    /// Claims the lowest free cluster.
-    pub(crate) fn claim_cluster(&self) -> Result<u32> {
-        let mut st = self.state();
-        let c = st
-            .used_clusters
-            .first_clear(self.geo.md_clusters)
-            .ok_or_else(|| enospc("no free cluster"))?;
-        st.used_clusters.set(c);
-        Ok(c as u32)
-    }
-
-    /// Claims `n` clusters or none.
-    pub(crate) fn claim_clusters(&self, n: u64) -> Result<Vec<u32>> {
-        let mut st = self.state();
-        let free = st.total_clusters - st.used_clusters.count_ones();
-        if n > free {
-            return Err(enospc(format!("{n} clusters needed, {free} free")));
-        }
-        let mut out = Vec::new();
-        out.try_reserve(n as usize)
-            .map_err(|_| BsError::NoMemory(format!("{n} clusters to claim")))?;
-        let mut from = self.geo.md_clusters;
-        for _ in 0..n {
-            let c = st
-                .used_clusters
-                .first_clear(from)
-                .ok_or_else(|| enospc("no free cluster"))?;
-            st.used_clusters.set(c);
-            out.push(c as u32);
-            from = c + 1;
-        }
-        Ok(out)
-    }
-
-    /// Gives back claimed clusters that may have been written (a failed operation): they
-    /// count as stale until cleared.
-    pub(crate) fn unclaim_clusters(&self, cs: &[u32]) {
-        let mut st = self.state();
-        for &c in cs {
-            if u64::from(c) >= self.geo.md_clusters {
-                st.used_clusters.clear(u64::from(c));
-                st.stale.set(u64::from(c));
-            }
-        }
-    }
-
-    /// Clears (per the clear method) and frees clusters. A cluster counts as cleared only
-    /// when the device guarantees it reads zeroes now: a completed write_zeroes, or a
-    /// completed unmap on a device whose unmap zeroes. Any other cluster stays stale and is
-    /// scrubbed before a thick claim.
-    pub(crate) async fn release_clusters(&self, cs: &[u32], method: ClearMethod) {
-        let unmap_zeroes = self.dev.unmap_zeroes();
-        for &c in cs {
-            if c == 0 {
-                continue;
-            }
-            let lba = u64::from(c) * self.geo.lba_per_cluster;
-            let n = self.geo.lba_per_cluster;
-            let r = match method {
-                ClearMethod::None => Err(None),
-                ClearMethod::WriteZeroes => self.dev.write_zeroes(lba, n).await.map_err(Some),
-                ClearMethod::Default | ClearMethod::Unmap => {
-                    self.dev.unmap(lba, n).await.map_err(Some)
-                }
-            };
-            self.note_write();
-            if let Err(Some(e)) = &r {
-                tracing::debug!(target: "blob", "clearing cluster {c} failed: {e}");
-            }
-            let cleared = r.is_ok() && (method == ClearMethod::WriteZeroes || unmap_zeroes);
-            let mut st = self.state();
-            if u64::from(c) >= self.geo.md_clusters {
-                st.used_clusters.clear(u64::from(c));
-                if cleared {
-                    st.stale.clear(u64::from(c));
-                } else {
-                    st.stale.set(u64::from(c));
-                }
-            }
-        }
-    }
-
-    /// Zeroes the stale clusters among `cs` (just claimed for a thick blob), so that the part
-    /// of a new cluster the user has not written never shows an earlier owner's bytes.
-    pub(crate) async fn scrub_clusters(&self, cs: &[u32]) -> Result<()> {
-        let stale: Vec<u64> = {
-            let st = self.state();
-            cs.iter()
-                .map(|&c| u64::from(c))
-                .filter(|&c| c != 0 && st.stale.get(c))
-                .collect()
-        };
-        let lpc = self.geo.lba_per_cluster;
-        let mut i = 0;
-        while i < stale.len() {
-            let mut j = i + 1;
-            while j < stale.len() && stale[j] == stale[j - 1] + 1 {
-                j += 1;
-            }
-            let r = self
-                .dev
-                .write_zeroes(stale[i] * lpc, (j - i) as u64 * lpc)
-                .await;
-            self.note_write();
-            r.map_err(io_err)?;
-            let mut st = self.state();
-            for &c in &stale[i..j] {
-                st.stale.clear(c);
-            }
-            drop(st);
-            i = j;
-        }
-        Ok(())
-    }
-
-    /// Zeroes then frees md pages (old chain pages, released extent pages).
-    pub(crate) async fn release_md_pages(&self, pages: &[u32]) {
-        let zero = vec![0u8; PAGE];
-        for &p in pages {
-            if p == 0 || p >= self.geo.md_len {
-                continue;
-            }
-            if let Err(e) = self.write_md_page(p, &zero).await {
-                tracing::debug!(target: "blob", "zeroing md page {p} failed: {e}");
-                // Keep it claimed: an unzeroed page must not be reused while we are unsure.
-                continue;
-            }
-            self.free_md_page(p);
-            self.state().zeroing.insert(p);
-        }
     }
 
     /// Writes a blob's metadata (md_lock held): new and changed extent pages to fresh pages,
@@ -944,7 +541,7 @@ impl StoreInner {
         let root = blobid_to_page(id)
             .filter(|&p| p < self.geo.md_len)
             .ok_or_else(|| enoent(format!("blob {id:#x} does not exist")))?;
-        if !self.state().used_blobids.get(u64::from(root)) {
+        if !self.alloc.lock().used_blobids.get(u64::from(root)) {
             return Err(enoent(format!("blob {id:#x} does not exist")));
         }
         let mut pages = Vec::new();
@@ -979,7 +576,7 @@ impl StoreInner {
             }
             p = next;
         }
-        let total = self.state().total_clusters;
+        let total = self.alloc.lock().total_clusters;
         let ci = parse_chain(id, &pages, total)?;
         let mut md = ci.md;
         if let Some((num, entries)) = ci.table {
@@ -1035,7 +632,7 @@ impl StoreInner {
                 remaining -= entries.len() as u64;
             }
         }
-        let st = self.state();
+        let st = self.alloc.lock();
         if !md.thin() && md.clusters.count_allocated() != md.clusters.len() as u64 {
             let i = md.clusters.next_unallocated(0).unwrap_or(0);
             return Err(corrupt(format!(
@@ -1081,7 +678,7 @@ impl StoreInner {
                     "blob {id:#x}: snapshot chain deeper than {MAX_CHAIN_DEPTH}"
                 )));
             }
-            if let Some(b) = self.state().open.get(&id).cloned() {
+            if let Some(b) = self.graph.lock().open.get(&id).cloned() {
                 b.lock().open_ref += 1;
                 return Ok(b);
             }
@@ -1116,7 +713,7 @@ impl StoreInner {
                 self.clone(),
                 BlobState::new(md, chain, data_ro, md_ro, back),
             ));
-            self.state().open.insert(id, inner.clone());
+            self.graph.lock().open.insert(id, inner.clone());
             Ok(inner)
         }
         .boxed()
@@ -1157,7 +754,7 @@ impl StoreInner {
                 }
                 std::mem::replace(&mut s.back, Back::None)
             };
-            self.state().open.remove(&b.id);
+            self.graph.lock().open.remove(&b.id);
             if let Back::Snapshot(p) = back {
                 let rp = self.close_locked(p).await;
                 r.and(rp)
@@ -1166,766 +763,5 @@ impl StoreInner {
             }
         }
         .boxed()
-    }
-
-    pub(crate) fn free_clusters(&self) -> u64 {
-        let st = self.state();
-        st.total_clusters - st.used_clusters.count_ones()
-    }
-
-    pub(crate) fn add_relation(&self, snap: BlobId, clone: BlobId) {
-        let mut st = self.state();
-        st.parent_of.insert(clone, snap);
-        let v = st.clones.entry(snap).or_default();
-        if !v.contains(&clone) {
-            v.push(clone);
-        }
-    }
-
-    /// Drops every relation of a deleted blob.
-    pub(crate) fn forget_blob(&self, id: BlobId) {
-        self.remove_relation(id);
-        self.state().clones.remove(&id);
-    }
-
-    pub(crate) fn remove_relation(&self, clone: BlobId) {
-        let mut st = self.state();
-        if let Some(p) = st.parent_of.remove(&clone) {
-            // Like SPDK, a snapshot keeps its (maybe empty) entry until it is deleted, so it
-            // still counts as a snapshot for set_parent.
-            if let Some(v) = st.clones.get_mut(&p) {
-                v.retain(|&c| c != clone);
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// init / load / unload
-
-pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<StoreInner>> {
-    let bl = dev.block_len();
-    if !bl.is_power_of_two() || !(512..=PAGE as u32).contains(&bl) {
-        return Err(einval(format!(
-            "device block size {bl} is not a power of two between 512 and 4096"
-        )));
-    }
-    let cluster_size = if opts.cluster_size == 0 {
-        1 << 20
-    } else {
-        opts.cluster_size
-    };
-    let dev_bytes = u64::from(bl).saturating_mul(dev.block_count());
-    let l = compute_layout(dev_bytes, cluster_size, opts.num_md_pages)?;
-    let lba_per_page = PAGE as u64 / u64::from(bl);
-    let md_end_lba = (u64::from(l.md_start) + u64::from(l.md_len)) * lba_per_page;
-    dev.write_zeroes(0, md_end_lba).await.map_err(io_err)?;
-    let data_start = md_end_lba;
-    let data_end = l.total_clusters * (u64::from(cluster_size) / u64::from(bl));
-    // The data region reads zeroes only after a write_zeroes, or an unmap that zeroes.
-    let mut data_clean = match opts.clear_method {
-        ClearMethod::None => false,
-        ClearMethod::WriteZeroes => true,
-        ClearMethod::Default | ClearMethod::Unmap => dev.unmap_zeroes(),
-    };
-    if data_end > data_start {
-        let r = match opts.clear_method {
-            ClearMethod::None => Ok(()),
-            ClearMethod::WriteZeroes => dev.write_zeroes(data_start, data_end - data_start).await,
-            ClearMethod::Default | ClearMethod::Unmap => {
-                dev.unmap(data_start, data_end - data_start).await
-            }
-        };
-        if let Err(e) = r {
-            if opts.clear_method == ClearMethod::WriteZeroes {
-                return Err(io_err(e));
-            }
-            tracing::debug!(target: "blob", "unmap at init failed: {e}");
-            data_clean = false;
-        }
-    }
-    let sbi = SuperBlockInfo {
-        signature: *SIGNATURE,
-        version: VERSION,
-        length: PAGE as u32,
-        clean: 0,
-        super_blob: BLOBID_INVALID,
-        cluster_size,
-        used_page_mask_start: 1,
-        used_page_mask_len: l.page_mask_len,
-        used_cluster_mask_start: l.cluster_mask_start,
-        used_cluster_mask_len: l.cluster_mask_len,
-        md_start: l.md_start,
-        md_len: l.md_len,
-        bstype: opts.bstype,
-        used_blobid_mask_start: l.blobid_mask_start,
-        used_blobid_mask_len: l.blobid_mask_len,
-        size: dev_bytes,
-        io_unit_size: bl,
-        md_page_size: 0,
-        crc: 0,
-        crc_ok: true,
-    };
-    let align = dev.buf_align();
-    dev.write(0, IoBuf::from_slice(&write_super(&sbi), align))
-        .await
-        .map_err(io_err)?;
-    let geo = Geo {
-        io_unit: bl,
-        cluster_size,
-        md_start: l.md_start,
-        md_len: l.md_len,
-        lba_per_cluster: u64::from(cluster_size) / u64::from(bl),
-        lba_per_page,
-        md_clusters: l.md_clusters,
-    };
-    let mut used_clusters = Bitmap::new(l.total_clusters);
-    for c in 0..l.md_clusters {
-        used_clusters.set(c);
-    }
-    let mut stale = Bitmap::new(l.total_clusters);
-    if !data_clean {
-        for c in l.md_clusters..l.total_clusters {
-            stale.set(c);
-        }
-    }
-    let inner = Arc::new(StoreInner {
-        dev,
-        geo,
-        align,
-        md_lock: async_lock::Mutex::new(()),
-        st: Mutex::new(StoreState {
-            sbi,
-            total_clusters: l.total_clusters,
-            used_pages: Bitmap::new(u64::from(l.md_len)),
-            used_clusters,
-            used_blobids: Bitmap::new(u64::from(l.md_len)),
-            stale,
-            clean_on_disk: false,
-            super_blob: BLOBID_INVALID,
-            open: HashMap::new(),
-            clones: BTreeMap::new(),
-            parent_of: HashMap::new(),
-            busy: HashSet::new(),
-            unloaded: false,
-            doomed: Vec::new(),
-            tainted: false,
-            shadows: Vec::new(),
-            zeroing: BTreeSet::new(),
-        }),
-        factory: opts.esnap_factory.clone(),
-        unflushed: AtomicBool::new(false),
-        shadowed: bl < PAGE as u32,
-    });
-    // init returns a store that a power cut cannot take back.
-    inner.barrier(Barrier::Super).await?;
-    Ok(inner)
-}
-
-/// Validated geometry from a super block.
-pub(crate) fn geo_from_super(s: &SuperBlockInfo, dev: &dyn BsDev) -> (Geo, u64) {
-    let dev_bytes = u64::from(dev.block_len()) * dev.block_count();
-    let size = if s.size == 0 { dev_bytes } else { s.size };
-    let io_unit = dev.block_len();
-    let ppc = u64::from(s.cluster_size) / PAGE as u64;
-    let geo = Geo {
-        io_unit,
-        cluster_size: s.cluster_size,
-        md_start: s.md_start,
-        md_len: s.md_len,
-        lba_per_cluster: u64::from(s.cluster_size) / u64::from(io_unit),
-        lba_per_page: PAGE as u64 / u64::from(io_unit),
-        md_clusters: (u64::from(s.md_start) + u64::from(s.md_len)).div_ceil(ppc),
-    };
-    (geo, size / u64::from(s.cluster_size))
-}
-
-/// Masks read from disk for a clean store, or `None` when they do not hold up.
-async fn read_masks(
-    dev: &dyn BsDev,
-    s: &SuperBlockInfo,
-    geo: &Geo,
-    total: u64,
-    align: usize,
-) -> Result<Option<(Bitmap, Bitmap, Bitmap)>> {
-    let read = |start: u32, len: u32| async move {
-        let buf = IoBuf::new(len as usize * PAGE, align);
-        dev.read(u64::from(start) * geo.lba_per_page, buf)
-            .await
-            .map_err(io_err)
-    };
-    let md_len = u64::from(geo.md_len);
-    let pb = read(s.used_page_mask_start, s.used_page_mask_len).await?;
-    let cb = read(s.used_cluster_mask_start, s.used_cluster_mask_len).await?;
-    let bb = read(s.used_blobid_mask_start, s.used_blobid_mask_len).await?;
-    let (Some(p), Some(c), Some(b)) = (
-        Bitmap::from_mask(&pb, MASK_PAGES, md_len),
-        Bitmap::from_mask(&cb, MASK_CLUSTERS, total),
-        Bitmap::from_mask(&bb, MASK_BLOBIDS, md_len),
-    ) else {
-        return Ok(None);
-    };
-    Ok(Some((p, c, b)))
-}
-
-/// Finds the copy of a torn super block: a valid super block in the md region whose first io
-/// unit equals the torn one's (so its fields are the ones the torn page holds).
-async fn find_super_shadow(
-    dev: &dyn BsDev,
-    torn: &[u8],
-    sbi: &SuperBlockInfo,
-    align: usize,
-) -> Result<Option<Vec<u8>>> {
-    let mut probe = sbi.clone();
-    probe.crc_ok = true;
-    if validate_super(&probe, dev, None).is_err() {
-        return Ok(None);
-    }
-    let (geo, _) = geo_from_super(&probe, dev);
-    let unit = dev.block_len() as usize;
-    let mut cache = PageCache::new(dev, &geo, align);
-    for p in 0..geo.md_len {
-        let pg = cache.get(p).await?;
-        if &pg[..8] == SIGNATURE && pg[..unit] == torn[..unit] && parse_super(pg)?.crc_ok {
-            return Ok(Some(pg.to_vec()));
-        }
-    }
-    Ok(None)
-}
-
-/// Before a recovery load on a device whose io unit is smaller than an md page: puts back
-/// the md pages (roots, extent pages) that a power cut tore during their in-place write,
-/// from the shadow copies made durable before it, writes a restored super block, then
-/// zeroes every shadow (a stale one must never stand for a later write). Writes nothing
-/// when there is no shadow.
-async fn repair_torn(
-    dev: &dyn BsDev,
-    geo: &Geo,
-    align: usize,
-    super_fix: Option<Vec<u8>>,
-) -> Result<()> {
-    let mut cache = PageCache::new(dev, geo, align);
-    let mut shadows: Vec<(u32, MdPageInfo, Vec<u8>)> = Vec::new();
-    let mut bad: BTreeSet<u32> = BTreeSet::new();
-    let mut roots: Vec<u32> = Vec::new();
-    for p in 0..geo.md_len {
-        let pg = cache.get(p).await?;
-        if is_shadow(pg) {
-            shadows.push((p, parse_md_page(pg)?, pg.to_vec()));
-            continue;
-        }
-        let info = parse_md_page(pg)?;
-        // An all-zero page is not torn: nothing reached it (a create's root write wholly
-        // lost, maybe before its PreCommit flush) or a zeroing completed. Either way it is a
-        // whole state; a shadow of a new root must not resurrect it, since the pages that
-        // root points at may not be durable.
-        if !info.crc_ok && pg.iter().any(|&b| b != 0) {
-            bad.insert(p);
-        } else if info.sequence_num == 0 && info.id == page_to_blobid(p) {
-            roots.push(p);
-        }
-    }
-    if shadows.is_empty() && super_fix.is_none() {
-        return Ok(());
-    }
-    let ep_of = |i: &MdPageInfo| extent_page_contents(i).map(|(s, _)| s);
-    let mut fixes: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
-    for &p in &bad {
-        let id = page_to_blobid(p);
-        let Some((_, info, sh)) = shadows.iter().find(|(_, i, _)| {
-            i.id == id
-                && (i.sequence_num == TOMBSTONE_SEQ || (i.sequence_num == 0 && ep_of(i).is_none()))
-        }) else {
-            continue;
-        };
-        if info.sequence_num == TOMBSTONE_SEQ {
-            // A delete whose root zeroing tore: finish it.
-            fixes.insert(p, vec![0u8; PAGE]);
-        } else {
-            fixes.insert(p, unshadow(sh));
-            roots.push(p);
-        }
-    }
-    if shadows.iter().any(|(_, i, _)| ep_of(i).is_some()) {
-        for &r in &roots {
-            let id = page_to_blobid(r);
-            // The extent table of the (maybe restored) chain.
-            let mut entries: Vec<(u32, u32)> = Vec::new();
-            let mut cur = match fixes.get(&r) {
-                Some(b) => parse_md_page(b)?,
-                None => parse_md_page(cache.get(r).await?)?,
-            };
-            let mut seen = HashSet::from([r]);
-            loop {
-                for d in &cur.descriptors {
-                    if let crate::inspect::Descriptor::ExtentTable { entries: e, .. } = d {
-                        entries.extend_from_slice(e);
-                    }
-                }
-                let next = cur.next;
-                if next == INVALID_PAGE || next >= geo.md_len || !seen.insert(next) {
-                    break;
-                }
-                cur = parse_md_page(cache.get(next).await?)?;
-                if !cur.crc_ok {
-                    break;
-                }
-            }
-            let mut idx = 0u64;
-            for (pidx, n) in entries {
-                if pidx == 0 {
-                    idx += u64::from(n);
-                    continue;
-                }
-                let start = idx * EXTENTS_PER_EP as u64;
-                idx += 1;
-                if pidx >= geo.md_len || fixes.contains_key(&pidx) {
-                    continue;
-                }
-                let info = parse_md_page(cache.get(pidx).await?)?;
-                if info.crc_ok {
-                    continue;
-                }
-                if let Some((_, _, sh)) = shadows
-                    .iter()
-                    .find(|(_, i, _)| i.id == id && ep_of(i).map(u64::from) == Some(start))
-                {
-                    fixes.insert(pidx, unshadow(sh));
-                }
-            }
-        }
-    }
-    for (p, b) in &fixes {
-        tracing::warn!(target: "blob", "md page {p} torn by a power cut: restored from its shadow");
-        dev.write(geo.page_lba(*p), IoBuf::from_slice(b, align))
-            .await
-            .map_err(io_err)?;
-    }
-    if let Some(b) = &super_fix {
-        dev.write(0, IoBuf::from_slice(b, align))
-            .await
-            .map_err(io_err)?;
-    }
-    dev.flush().await.map_err(io_err)?;
-    for (p, _, _) in &shadows {
-        dev.write_zeroes(geo.page_lba(*p), geo.lba_per_page)
-            .await
-            .map_err(io_err)?;
-    }
-    dev.flush().await.map_err(io_err)?;
-    Ok(())
-}
-
-/// Rebuilds the three masks by walking md pages (format §8).
-pub(crate) async fn recover_masks(
-    dev: &dyn BsDev,
-    geo: &Geo,
-    total: u64,
-    align: usize,
-) -> Result<(Bitmap, Bitmap, Bitmap)> {
-    let md_len = geo.md_len;
-    let mut pages = Bitmap::new(u64::from(md_len));
-    let mut clusters = Bitmap::new(total);
-    let mut blobids = Bitmap::new(u64::from(md_len));
-    let mut cache = PageCache::new(dev, geo, align);
-    let mark = |clusters: &mut Bitmap, c: u32, what: u64| {
-        if u64::from(c) < total {
-            clusters.set(u64::from(c));
-        } else {
-            tracing::warn!(target: "blob", "recovery: blob {what:#x} maps cluster {c} beyond the store");
-        }
-    };
-    for p in 0..md_len {
-        if pages.get(u64::from(p)) {
-            continue;
-        }
-        let info = parse_md_page(cache.get(p).await?)?;
-        if !info.crc_ok || info.sequence_num != 0 || info.id != page_to_blobid(p) {
-            continue;
-        }
-        let id = info.id;
-        pages.set(u64::from(p));
-        blobids.set(u64::from(p));
-        let mut ep_list: Vec<u32> = Vec::new();
-        let mut cur = info;
-        let mut seen = HashSet::from([p]);
-        loop {
-            for d in &cur.descriptors {
-                match d {
-                    crate::inspect::Descriptor::ExtentRle(runs) => {
-                        for &(c, l) in runs {
-                            if c != 0 {
-                                let end = (u64::from(c) + u64::from(l)).min(total);
-                                if u64::from(c) + u64::from(l) > total {
-                                    mark(&mut clusters, u32::MAX, id);
-                                }
-                                for k in u64::from(c)..end {
-                                    clusters.set(k);
-                                }
-                            }
-                        }
-                    }
-                    crate::inspect::Descriptor::ExtentTable { entries, .. } => {
-                        ep_list.extend(entries.iter().filter(|e| e.0 != 0).map(|e| e.0));
-                    }
-                    _ => {}
-                }
-            }
-            let next = cur.next;
-            if next == INVALID_PAGE || next >= md_len || !seen.insert(next) {
-                break;
-            }
-            let ni = parse_md_page(cache.get(next).await?)?;
-            if !ni.crc_ok {
-                break;
-            }
-            pages.set(u64::from(next));
-            cur = ni;
-        }
-        for ep in ep_list {
-            if ep >= md_len {
-                continue;
-            }
-            let info = parse_md_page(cache.get(ep).await?)?;
-            let Some((_, entries)) = extent_page_contents(&info) else {
-                tracing::warn!(target: "blob", "recovery: extent page {ep} of blob {id:#x} is invalid");
-                continue;
-            };
-            pages.set(u64::from(ep));
-            for &c in entries {
-                if c != 0 {
-                    mark(&mut clusters, c, id);
-                }
-            }
-        }
-    }
-    for c in 0..geo.md_clusters.min(total) {
-        clusters.set(c);
-    }
-    Ok((pages, clusters, blobids))
-}
-
-pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<StoreInner>> {
-    let align = dev.buf_align();
-    let bl = dev.block_len();
-    if !bl.is_power_of_two() || !(512..=PAGE as u32).contains(&bl) {
-        return Err(einval(format!(
-            "device block size {bl} is not a power of two between 512 and 4096"
-        )));
-    }
-    if dev.block_count().saturating_mul(u64::from(bl)) < PAGE as u64 {
-        return Err(BsError::BadSuperBlock(
-            "device is smaller than a super block".into(),
-        ));
-    }
-    let buf = dev.read(0, IoBuf::new(PAGE, align)).await.map_err(io_err)?;
-    let mut sbi = parse_super(&buf)?;
-    // A super block write torn by a power cut (io unit < 4 KiB) keeps one version's fields
-    // in its first io unit: take the durable copy written before it that matches.
-    let mut super_fix = None;
-    if !sbi.crc_ok && bl < PAGE as u32 && &sbi.signature == SIGNATURE {
-        if let Some(fixed) = find_super_shadow(dev.as_ref(), &buf, &sbi, align).await? {
-            sbi = parse_super(&fixed)?;
-            tracing::warn!(target: "blob", "super block torn by a power cut: restored from its copy");
-            super_fix = Some(fixed);
-        }
-    }
-    validate_super(&sbi, dev.as_ref(), Some(&opts.bstype))?;
-    let (geo, total) = geo_from_super(&sbi, dev.as_ref());
-    if geo.md_clusters > total {
-        return Err(BsError::BadSuperBlock(format!(
-            "metadata ({} clusters) does not fit in the store ({total} clusters)",
-            geo.md_clusters
-        )));
-    }
-    let need_recovery = sbi.used_blobid_mask_len == 0
-        || sbi.clean == 0
-        || opts.force_recover
-        || super_fix.is_some();
-    if need_recovery && bl < PAGE as u32 {
-        repair_torn(dev.as_ref(), &geo, align, super_fix).await?;
-    }
-    let masks = if need_recovery {
-        None
-    } else {
-        read_masks(dev.as_ref(), &sbi, &geo, total, align).await?
-    };
-    let (used_pages, mut used_clusters, used_blobids) = match masks {
-        Some(m) => m,
-        None => {
-            if !need_recovery {
-                tracing::warn!(target: "blob", "masks of a clean store are invalid; recovering");
-            }
-            recover_masks(dev.as_ref(), &geo, total, align).await?
-        }
-    };
-    for c in 0..geo.md_clusters {
-        used_clusters.set(c);
-    }
-    let clean_on_disk = sbi.clean == 1 && !need_recovery;
-    // What was released without clearing before this load is not recorded on disk: every
-    // free cluster may hold old bytes (also those of a write whose allocation a power cut
-    // lost). A thick claim zeroes them; thin allocations write whole clusters anyway.
-    let mut stale = Bitmap::new(total);
-    for c in geo.md_clusters..total {
-        if !used_clusters.get(c) {
-            stale.set(c);
-        }
-    }
-    let inner = Arc::new(StoreInner {
-        dev,
-        geo,
-        align,
-        md_lock: async_lock::Mutex::new(()),
-        st: Mutex::new(StoreState {
-            super_blob: sbi.super_blob,
-            sbi,
-            total_clusters: total,
-            used_pages,
-            used_clusters,
-            used_blobids,
-            stale,
-            clean_on_disk,
-            open: HashMap::new(),
-            clones: BTreeMap::new(),
-            parent_of: HashMap::new(),
-            busy: HashSet::new(),
-            unloaded: false,
-            doomed: Vec::new(),
-            tainted: false,
-            shadows: Vec::new(),
-            zeroing: BTreeSet::new(),
-        }),
-        factory: opts.esnap_factory.clone(),
-        unflushed: AtomicBool::new(false),
-        shadowed: bl < PAGE as u32,
-    });
-    inner.build_relations().await?;
-    Ok(inner)
-}
-
-impl StoreInner {
-    /// Reads every blob's chain to build the snapshot/clone graph, then runs the
-    /// SNAPTMP / SNAPRM power-failure fix-ups.
-    async fn build_relations(self: &Arc<Self>) -> Result<()> {
-        let ids: Vec<u64> = self.state().used_blobids.iter_ones().collect();
-        let mut summaries: BTreeMap<BlobId, BlobSummary> = BTreeMap::new();
-        {
-            let mut cache = PageCache::new(self.dev.as_ref(), &self.geo, self.align);
-            for p in ids {
-                let p = p as u32;
-                let id = page_to_blobid(p);
-                let mut pages = Vec::new();
-                let mut cur = p;
-                let mut ok = true;
-                let mut seen = HashSet::new();
-                loop {
-                    if !seen.insert(cur) {
-                        ok = false;
-                        break;
-                    }
-                    let info = parse_md_page(cache.get(cur).await?)?;
-                    if !info.crc_ok || (pages.is_empty() && info.id != id) {
-                        ok = false;
-                        break;
-                    }
-                    let next = info.next;
-                    pages.push(info);
-                    if next == INVALID_PAGE {
-                        break;
-                    }
-                    if next >= self.geo.md_len || pages.len() > self.geo.md_len as usize {
-                        ok = false;
-                        break;
-                    }
-                    cur = next;
-                }
-                if !ok {
-                    tracing::warn!(target: "blob", "blob {id:#x}: unreadable md chain, skipped");
-                    continue;
-                }
-                let total = self.state().total_clusters;
-                let ci = match parse_chain(id, &pages, total) {
-                    Ok(ci) => ci,
-                    Err(e) => {
-                        tracing::warn!(target: "blob", "blob {id:#x}: {e}, skipped");
-                        continue;
-                    }
-                };
-                let get = |n: &str| {
-                    ci.md
-                        .get_internal(n)
-                        .filter(|v| v.len() == 8)
-                        .and_then(|v| rd_u64(v, 0).ok())
-                };
-                summaries.insert(
-                    id,
-                    BlobSummary {
-                        parent: ci.md.snap_parent().ok().flatten(),
-                        snaptmp: get(XATTR_SNAPTMP),
-                        snaprm: get(XATTR_SNAPRM),
-                    },
-                );
-            }
-        }
-        for (id, s) in &summaries {
-            if let Some(p) = s.parent {
-                self.add_relation(p, *id);
-            }
-        }
-        for (id, s) in &summaries {
-            let target = s.snaptmp.or(s.snaprm);
-            if let Some(t) = target {
-                self.fixup_pending_snapshot(*id, t, s.snaptmp.is_some())
-                    .await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A snapshot left with SNAPTMP (creation) or SNAPRM (deletion) by a power failure:
-    /// keep it if `target` already points at it, else delete it without freeing anything
-    /// `target` also owns.
-    async fn fixup_pending_snapshot(
-        self: &Arc<Self>,
-        snap: BlobId,
-        target: BlobId,
-        creating: bool,
-    ) -> Result<()> {
-        let _g = self.md_lock.lock().await;
-        let (mut md, chain) = self.load_blob_md(snap).await?;
-        let points_here = self.state().parent_of.get(&target) == Some(&snap);
-        if points_here {
-            md.remove_internal(if creating {
-                XATTR_SNAPTMP
-            } else {
-                XATTR_SNAPRM
-            });
-            if creating {
-                md.data_ro |= DATA_RO_READ_ONLY;
-            }
-            self.persist_md(snap, &md, &chain, &BTreeSet::new(), &[])
-                .await?;
-            tracing::info!(target: "blob", "recovery: kept snapshot {snap:#x}");
-            return Ok(());
-        }
-        let (tclusters, teps): (HashSet<u32>, HashSet<u32>) = match self.load_blob_md(target).await
-        {
-            Ok((tmd, _)) => (
-                tmd.clusters.allocated().map(|(_, c)| c).collect(),
-                tmd.eps.pages().map(|(_, p)| p).collect(),
-            ),
-            Err(_) => (HashSet::new(), HashSet::new()),
-        };
-        let shared: Vec<usize> = md
-            .clusters
-            .allocated()
-            .filter(|(_, c)| tclusters.contains(c))
-            .map(|(i, _)| i)
-            .collect();
-        for i in shared {
-            md.clusters.set(i, 0);
-        }
-        let shared: Vec<usize> = md
-            .eps
-            .pages()
-            .filter(|(_, p)| teps.contains(p))
-            .map(|(k, _)| k)
-            .collect();
-        for k in shared {
-            md.eps.set(k, 0);
-        }
-        self.state().used_blobids.clear(u64::from(snap as u32));
-        self.persist_delete(snap, &md, &chain).await?;
-        self.forget_blob(snap);
-        let orphans: Vec<BlobId> = self.state().clones.remove(&snap).unwrap_or_default();
-        for o in orphans {
-            self.state().parent_of.remove(&o);
-        }
-        tracing::info!(target: "blob", "recovery: deleted unfinished snapshot {snap:#x}");
-        Ok(())
-    }
-
-    pub(crate) async fn unload(&self) -> Result<()> {
-        let _g = self.md_lock.lock().await;
-        {
-            let st = self.state();
-            if st.unloaded {
-                return Err(BsError::BadHandle(
-                    "the blobstore was already unloaded".into(),
-                ));
-            }
-            if !st.open.is_empty() {
-                return Err(crate::error::busy(format!(
-                    "{} blob(s) still open",
-                    st.open.len()
-                )));
-            }
-        }
-        let r = self.write_clean().await;
-        // Like SPDK, a failed unload (a device gone away) still ends this store.
-        self.state().unloaded = true;
-        r
-    }
-
-    /// Writes the three masks, then the super block with clean = 1.
-    async fn write_clean(&self) -> Result<()> {
-        if self.state().tainted {
-            tracing::warn!(target: "blob", "an md write failed earlier: the store is left dirty for recovery at the next load");
-            return Ok(());
-        }
-        // A blob left out of the masks must be gone from the disk too, else a clean load
-        // would never see (and never finish deleting) it. If it still cannot be deleted, the
-        // store stays dirty and the next load's recovery deletes it.
-        let doomed = std::mem::take(&mut self.state().doomed);
-        for (i, (id, md, chain)) in doomed.iter().enumerate() {
-            if let Err(e) = self.persist_delete(*id, md, chain).await {
-                self.state().doomed.extend(doomed[i..].iter().cloned());
-                return Err(e);
-            }
-        }
-        // Retire the shadows of earlier in-place writes (their zeroing is made durable by the
-        // masks' barrier below), so that the masks do not count them.
-        self.flush_all().await?;
-        let s = self.read_super().await?;
-        let (pm, cm, bm, total) = {
-            let st = self.state();
-            (
-                st.used_pages.to_mask(MASK_PAGES, s.used_page_mask_len),
-                st.used_clusters
-                    .to_mask(MASK_CLUSTERS, s.used_cluster_mask_len),
-                st.used_blobids
-                    .to_mask(MASK_BLOBIDS, s.used_blobid_mask_len),
-                st.total_clusters,
-            )
-        };
-        let lpp = self.geo.lba_per_page;
-        let w = |start: u32, data: Vec<u8>| async move {
-            self.dev
-                .write(u64::from(start) * lpp, IoBuf::from_slice(&data, self.align))
-                .await
-                .map_err(io_err)
-        };
-        w(s.used_page_mask_start, pm).await?;
-        if s.used_blobid_mask_len != 0 {
-            w(s.used_blobid_mask_start, bm).await?;
-        }
-        w(s.used_cluster_mask_start, cm).await?;
-        // The masks are durable before the store says they are valid.
-        self.barrier(Barrier::UnloadMasks).await?;
-        let dev_bytes = u64::from(self.dev.block_len()) * self.dev.block_count();
-        let super_blob = self.state().super_blob;
-        self.update_super(|s| {
-            s.clean = 1;
-            s.super_blob = super_blob;
-            if s.size == 0 {
-                s.size = dev_bytes;
-            }
-            let _ = total;
-        })
-        .await?;
-        self.barrier(Barrier::UnloadClean).await?;
-        self.state().clean_on_disk = true;
-        Ok(())
     }
 }

@@ -70,7 +70,14 @@ pub struct MemBsDev {
     degraded: AtomicBool,
     read_only: bool,
     yield_io: AtomicBool,
+    /// In-kernel copies between MemBsDevs (off by default), and how many were made.
+    copy: AtomicBool,
+    copies: AtomicU64,
+    me: std::sync::Weak<MemBsDev>,
 }
+
+/// The copy source a [`MemBsDev`] hands out.
+struct MemCopySrc(Arc<MemBsDev>);
 
 impl MemBsDev {
     /// A zeroed device of `blocks` blocks of `block_len` bytes (write-through).
@@ -94,7 +101,10 @@ impl MemBsDev {
     fn build(block_len: u32, mut bytes: Vec<u8>, read_only: bool) -> Arc<MemBsDev> {
         let blocks = bytes.len() as u64 / u64::from(block_len);
         bytes.truncate((blocks * u64::from(block_len)) as usize);
-        Arc::new(MemBsDev {
+        Arc::new_cyclic(|me| MemBsDev {
+            me: me.clone(),
+            copy: AtomicBool::new(false),
+            copies: AtomicU64::new(0),
             block_len,
             blocks: AtomicU64::new(blocks),
             disk: Mutex::new(CacheDisk::new(bytes, block_len as usize)),
@@ -167,6 +177,15 @@ impl MemBsDev {
     /// Marks the device degraded (reads fail with EIO).
     pub fn set_degraded(&self, d: bool) {
         self.degraded.store(d, Ordering::SeqCst);
+    }
+    /// Whether this device offers the copy capability ([`BsDev::copy_source`] and
+    /// [`BsDev::copy_from`] between MemBsDevs), as an aio file does; off by default.
+    pub fn set_copy(&self, on: bool) {
+        self.copy.store(on, Ordering::SeqCst);
+    }
+    /// Copies made with [`BsDev::copy_from`] into this device.
+    pub fn copies(&self) -> u64 {
+        self.copies.load(Ordering::SeqCst)
     }
     /// Makes every I/O yield once to the executor before completing.
     pub fn set_yield(&self, y: bool) {
@@ -300,5 +319,46 @@ impl BsDev for MemBsDev {
     }
     fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::SeqCst)
+    }
+    fn copy_source(&self) -> Option<crate::CopySrc> {
+        if !self.copy.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(Arc::new(MemCopySrc(self.me.upgrade()?)))
+    }
+    fn can_copy_from(&self, src: &crate::CopySrc) -> bool {
+        self.copy.load(Ordering::SeqCst)
+            && !self.read_only
+            && src.downcast_ref::<MemCopySrc>().is_some()
+    }
+    async fn copy_from(
+        &self,
+        src: &crate::CopySrc,
+        src_offset: u64,
+        lba: u64,
+        lba_count: u64,
+    ) -> std::io::Result<()> {
+        let err = std::io::Error::from_raw_os_error;
+        let Some(MemCopySrc(from)) = src.downcast_ref::<MemCopySrc>() else {
+            return Err(err(libc::ENOTSUP));
+        };
+        if !self.can_copy_from(src) {
+            return Err(err(libc::ENOTSUP));
+        }
+        self.maybe_yield().await;
+        let (s, e) = self.range(lba, lba_count)?;
+        let so = src_offset as usize;
+        // Read the source first: it may be this very device (locked once at a time).
+        let bytes = from
+            .disk()
+            .visible()
+            .get(so..so + (e - s))
+            .ok_or_else(|| err(libc::EINVAL))?
+            .to_vec();
+        if self.admit_write()? {
+            self.apply(s, Some(&bytes), e - s);
+        }
+        self.copies.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 }

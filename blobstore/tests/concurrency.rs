@@ -1,7 +1,7 @@
 //! Parallel I/O: allocations of the same cluster never double-allocate, writes racing a
 //! snapshot or a resize land whole, threads share one store.
 
-use blobstore::testing::MemBsDev;
+use blobstore::testing::{CrashPlan, MemBsDev};
 use blobstore::{BlobOpts, Blobstore, BsOpts, IoBuf};
 use futures::executor::block_on;
 use futures::future::join_all;
@@ -136,5 +136,79 @@ fn threads_share_one_store() {
         bs.unload().await.unwrap();
         let rep = blobstore::inspect::check(d).await.unwrap();
         assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+    });
+}
+
+/// Group commit: N concurrent first writes, to clusters of one blob and of two blobs, share
+/// commits. Each allocation alone costs a data write, a `PreCommit` flush and an extent-page
+/// write; together they need far fewer flushes and metadata writes than N, and every byte
+/// reads back after a client flush and a reload.
+#[test]
+fn concurrent_allocations_share_commits() {
+    block_on(async {
+        const N: u64 = 16;
+        let d = MemBsDev::write_back(4096, 16384); // 64 MiB, 1 MiB clusters
+        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
+        let mut blobs = Vec::new();
+        for _ in 0..2 {
+            let id = bs
+                .create_blob(BlobOpts {
+                    num_clusters: 2 * N,
+                    thin: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let b = bs.open_blob(id).await.unwrap();
+            // The first allocation creates the extent page; the ones measured rewrite it.
+            b.write(0, blk(0)).await.unwrap();
+            b.flush().await.unwrap();
+            blobs.push(b);
+        }
+        let lpc = 256; // 4 KiB blocks per 1 MiB cluster
+                       // (blob, block): clusters 1..=N of blob 0, then N/2 of each blob.
+        let rounds: [Vec<(usize, u64)>; 2] = [
+            (1..=N).map(|c| (0, c * lpc + c)).collect(),
+            (0..N)
+                .map(|i| ((i % 2) as usize, (N + 1 + i / 2) * lpc + 3))
+                .collect(),
+        ];
+        d.set_yield(true);
+        for round in &rounds {
+            let (w0, f0) = (d.writes(), d.flushes());
+            let futs = round.iter().map(|&(bi, off)| {
+                let b = blobs[bi].clone();
+                async move { b.write(off, blk(off)).await.map(|_| ()) }
+            });
+            for r in join_all(futs).await {
+                r.unwrap();
+            }
+            let md_writes = d.writes() - w0 - N; // minus one data write per cluster
+            let flushes = d.flushes() - f0;
+            eprintln!("{N} concurrent allocations: {flushes} flushes, {md_writes} md writes");
+            assert!(
+                flushes < N / 2 && md_writes < N / 2,
+                "{N} concurrent allocations took {flushes} flushes and {md_writes} md writes"
+            );
+            blobs[0].flush().await.unwrap();
+        }
+        d.set_yield(false);
+        // What a power cut after the client flush leaves (every unflushed write lost).
+        let image = d.crash_image(CrashPlan::LoseAll);
+        let ids: Vec<_> = blobs.iter().map(|b| b.id()).collect();
+        for (b, n) in blobs.into_iter().zip([1 + N + N / 2, 1 + N / 2]) {
+            assert_eq!(b.num_allocated_clusters(), n);
+            b.close().await.unwrap();
+        }
+        let copy = MemBsDev::from_bytes(4096, image);
+        let bs2 = Blobstore::load(copy, BsOpts::default()).await.unwrap();
+        for round in &rounds {
+            for &(bi, off) in round {
+                let b = bs2.open_blob(ids[bi]).await.unwrap();
+                let got = b.read(off, IoBuf::new(4096, 4096)).await.unwrap();
+                assert_eq!(&got[..], &blk(off)[..], "blob {bi} block {off}");
+                b.close().await.unwrap();
+            }
+        }
     });
 }

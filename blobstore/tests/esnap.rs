@@ -331,3 +331,66 @@ fn chain_esnap_clone_snapshot_clone() {
         hc.close().await.unwrap();
     });
 }
+
+/// Copy-on-write through a device's in-kernel copy capability and through memory leave the
+/// same bytes: of an esnap base (partial writes, a write_zeroes, a write spanning clusters)
+/// and of a parent snapshot's clusters (a copy inside the store's device). The capability
+/// is used only where both devices offer it.
+#[test]
+fn copy_on_write_in_kernel_and_through_memory_agree() {
+    let mut results = Vec::new();
+    for copy in [false, true] {
+        results.push(block_on(async {
+            let fx = Fx::new();
+            fx.dev.set_copy(copy);
+            fx.f.dev.set_copy(copy);
+            assert_eq!(fx.dev.copy_source().is_some(), copy);
+            let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
+            let e = bs
+                .create_blob(BlobOpts {
+                    num_clusters: 4,
+                    esnap_id: Some(ID.to_vec()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let h = bs.open_blob(e).await.unwrap();
+            let mut expect = fx.base.clone();
+            let put = |expect: &mut Vec<u8>, blk: usize, n: usize, byte: u8| {
+                expect[blk * 4096..(blk + n) * 4096].fill(byte);
+                IoBuf::from_slice(&vec![byte; n * 4096], 4096)
+            };
+            // Cluster 0: one block; clusters 0-1: a write across their boundary.
+            h.write(5, put(&mut expect, 5, 1, 0xA1)).await.unwrap();
+            h.write(250, put(&mut expect, 250, 12, 0xA2)).await.unwrap();
+            // Cluster 3: write_zeroes of two blocks.
+            h.write_zeroes(3 * 256 + 7, 2).await.unwrap();
+            expect[(3 * 256 + 7) * 4096..(3 * 256 + 9) * 4096].fill(0);
+            h.close().await.unwrap();
+            // A snapshot takes those clusters; the clone's next partial write of cluster 0
+            // copies it from the snapshot (inside the store's device); cluster 2, which the
+            // snapshot does not own, is read through the chain (memory).
+            let s = bs.create_snapshot(e, vec![]).await.unwrap();
+            let snap_bytes = expect.clone();
+            let h = bs.open_blob(e).await.unwrap();
+            h.write(9, put(&mut expect, 9, 1, 0xB1)).await.unwrap();
+            h.write(2 * 256 + 100, put(&mut expect, 2 * 256 + 100, 1, 0xB2))
+                .await
+                .unwrap();
+            h.flush().await.unwrap();
+            h.close().await.unwrap();
+            let bs = fx.reload(bs).await;
+            assert_eq!(read_all(&bs, e).await, expect, "clone (copy={copy})");
+            assert_eq!(read_all(&bs, s).await, snap_bytes, "snapshot (copy={copy})");
+            if copy {
+                // Clusters 0, 1 and 3 from the base, cluster 0 again from the snapshot.
+                assert_eq!(fx.dev.copies(), 4);
+            } else {
+                assert_eq!(fx.dev.copies(), 0);
+            }
+            bs.unload().await.unwrap();
+            expect
+        }));
+    }
+    assert_eq!(results[0], results[1]);
+}

@@ -790,6 +790,63 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
             }),
         ),
         (
+            "concurrent first writes to one blob and to two blobs, then flush",
+            setup_reparent,
+            op!(|c| {
+                // Every I/O yields once, so the allocations below wait for their commit
+                // together and are committed in shared batches (group commit).
+                c.dev.set_yield(true);
+                let (Some(t), Some(u), Some(v)) = (
+                    c.open(c.ids[0]).await,
+                    c.open(c.ids[3]).await,
+                    c.open(c.ids[4]).await,
+                ) else {
+                    return;
+                };
+                let w = |b: &Blob, off: u64, byte: u8| {
+                    let b = b.clone();
+                    async move {
+                        let mut buf = IoBuf::new(blk() as usize, 4096);
+                        buf.fill(byte);
+                        b.write(off, buf).await.map(|_| ())
+                    }
+                };
+                // Copy-on-write of two clusters of the clone T, three first writes of U
+                // (an extent page rewritten in place) and two of V (no extent page yet: a
+                // whole-md commit), all at once.
+                let rs = futures::future::join_all([
+                    Box::pin(w(&t, 1, 0xa1)) as Pin<Box<dyn Future<Output = _>>>,
+                    Box::pin(w(&u, 2, 0xa2)),
+                    Box::pin(w(&t, 2 * lpc() - 1, 0xa3)),
+                    Box::pin(w(&v, 1, 0xa4)),
+                    Box::pin(w(&u, lpc(), 0xa5)),
+                    Box::pin(w(&v, lpc() + 1, 0xa6)),
+                    Box::pin(w(&u, 3 * lpc() - 1, 0xa7)),
+                ])
+                .await;
+                for r in rs {
+                    c.ok("write", r);
+                }
+                c.ok("flush", t.flush().await);
+                c.ck().await;
+                // Again, V's remaining clusters with an overwrite of T in between.
+                let rs = futures::future::join_all([
+                    Box::pin(w(&v, 2 * lpc(), 0xb1)) as Pin<Box<dyn Future<Output = _>>>,
+                    Box::pin(w(&t, 2, 0xb2)),
+                    Box::pin(w(&v, 4 * lpc() - 1, 0xb3)),
+                ])
+                .await;
+                for r in rs {
+                    c.ok("write", r);
+                }
+                c.ok("flush", v.flush().await);
+                c.ck().await;
+                for b in [t, u, v] {
+                    c.ok("close", b.close().await);
+                }
+            }),
+        ),
+        (
             "write_zeroes that allocates, then flush",
             setup_chain,
             op!(|c| {

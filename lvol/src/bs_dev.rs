@@ -114,6 +114,38 @@ impl BsDev for BdevBsDev {
     fn unmap_zeroes(&self) -> bool {
         self.dev.io_type_supported(bdev_core::IoType::Unmap) && self.dev.unmap_zeroes()
     }
+    fn copy_source(&self) -> Option<blobstore::CopySrc> {
+        let src = self.dev.copy_source()?;
+        Some(Arc::new(src))
+    }
+    fn can_copy_from(&self, src: &blobstore::CopySrc) -> bool {
+        let src = src.downcast_ref::<bdev_core::CopySource>();
+        let writable = self.descriptor().is_some_and(|d| d.is_writable());
+        writable && src.is_some_and(|s| self.dev.can_copy_from(s))
+    }
+    async fn copy_from(
+        &self,
+        src: &blobstore::CopySrc,
+        src_offset: u64,
+        lba: u64,
+        lba_count: u64,
+    ) -> std::io::Result<()> {
+        let d = self.desc_or_enodev()?;
+        let err = std::io::Error::from_raw_os_error;
+        let src = src
+            .downcast_ref::<bdev_core::CopySource>()
+            .ok_or_else(|| err(libc::ENOTSUP))?;
+        if !d.is_writable() {
+            return Err(err(libc::EPERM));
+        }
+        if lba
+            .checked_add(lba_count)
+            .is_none_or(|e| e > self.dev.num_blocks())
+        {
+            return Err(err(libc::EINVAL));
+        }
+        Ok(self.dev.copy_from(src, src_offset, lba, lba_count).await?)
+    }
     async fn flush(&self) -> std::io::Result<()> {
         let d = self.desc_or_enodev()?;
         // A device that keeps nothing volatile (RAM), or that has no flush at all, has
@@ -122,5 +154,62 @@ impl BsDev for BdevBsDev {
             return Ok(());
         }
         Ok(d.flush().await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bdev_core::backend::aio::{AioBdev, AioOpts};
+    use bdev_core::backend::malloc::MallocBdev;
+    use bdev_core::Registry;
+
+    /// The copy capability passes through the adapter: an aio file copies from another aio
+    /// file of the same file system (bytes read back), a RAM bdev offers no copy source, and
+    /// a read-only descriptor cannot be copied into.
+    #[test]
+    fn copy_capability_passes_through() {
+        futures::executor::block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i / 512 * 3 + 1) as u8).collect();
+            std::fs::write(dir.path().join("base"), &pattern).unwrap();
+            std::fs::write(dir.path().join("store"), vec![0u8; 1 << 20]).unwrap();
+            let reg = Registry::new();
+            for (name, ro) in [("base", true), ("store", false)] {
+                let d = AioBdev::create(AioOpts {
+                    name: name.into(),
+                    filename: dir.path().join(name),
+                    readonly: ro,
+                    ..Default::default()
+                })
+                .unwrap();
+                reg.register(d).await.unwrap();
+            }
+            let m = MallocBdev::create("m0", 2048, 512, None).unwrap();
+            reg.register(m).await.unwrap();
+            let base = BdevBsDev::new(reg.open("base", false).unwrap());
+            let store = BdevBsDev::new(reg.open("store", true).unwrap());
+            let ram = BdevBsDev::new(reg.open("m0", true).unwrap());
+            let src = base.copy_source().expect("an aio file is a copy source");
+            assert!(store.can_copy_from(&src));
+            assert!(ram.copy_source().is_none());
+            assert!(!ram.can_copy_from(&src));
+            store.copy_from(&src, 4096, 16, 64).await.unwrap();
+            let got = store.read(16, IoBuf::new(64 * 512, 4096)).await.unwrap();
+            assert_eq!(&got[..], &pattern[4096..4096 + 64 * 512]);
+            // Past the end of the store: refused before reaching the file.
+            let e = store.copy_from(&src, 0, 2040, 16).await.unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+            // Read-only: no copy into it.
+            let ro = BdevBsDev::new(reg.open("store", false).unwrap());
+            assert!(!ro.can_copy_from(&src));
+            assert_eq!(
+                ro.copy_from(&src, 0, 0, 8)
+                    .await
+                    .unwrap_err()
+                    .raw_os_error(),
+                Some(libc::EPERM)
+            );
+        });
     }
 }

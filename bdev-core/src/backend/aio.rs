@@ -840,6 +840,28 @@ impl BlockDevice for AioBdev {
         }
         Ok(())
     }
+    fn copy_source(&self) -> Option<super::copy::CopySource> {
+        Some(super::copy::CopySource::new(
+            self.file.clone(),
+            self.block_len,
+        ))
+    }
+    fn can_copy_from(&self, src: &super::copy::CopySource) -> bool {
+        !self.readonly && super::copy::can_copy(&self.file, src)
+    }
+    async fn copy_from(
+        &self,
+        src: &super::copy::CopySource,
+        src_off: u64,
+        off: u64,
+        n: u64,
+    ) -> Result<()> {
+        let (dst_off, len) = (self.byte_off(off)?, self.byte_off(n)?);
+        if self.readonly {
+            return Err(os_err(libc::EPERM));
+        }
+        super::copy::copy_into(&self.file, self.direct, src, src_off, dst_off, len).await
+    }
     async fn destruct(&self) {
         // Unregistered and closed: the file may be opened again.
         self.lock.lock().unwrap_or_else(|e| e.into_inner()).take();

@@ -8,6 +8,7 @@
 pub mod aio;
 pub mod aio_rpc;
 pub mod cached;
+pub mod copy;
 pub mod error;
 pub mod error_rpc;
 pub mod malloc;
