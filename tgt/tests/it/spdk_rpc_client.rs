@@ -1,12 +1,10 @@
 //! The target driven by SPDK's own client `spdk-rpc`, data moved with qemu-io / qemu-img over
 //! NBD. Each test starts its own `tgt` on a socket in a temp dir.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
 

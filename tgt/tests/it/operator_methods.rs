@@ -1,13 +1,11 @@
 //! The operator-facing methods (issue 16) driven by SPDK's own `spdk-rpc`: logs, null
 //! bdevs, SPDK's NBD disk methods, the lvol fragmap, set_parent_bdev error codes.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 fn setup() -> Option<(Tools, tempfile::TempDir)> {

@@ -1,15 +1,13 @@
 //! The Prometheus endpoint (`tgt --metrics`), scraped over HTTP and parsed with the
 //! reference parser (`prometheus_client.parser` in the spdk-rpc venv).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::Value;
 

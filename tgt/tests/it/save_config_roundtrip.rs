@@ -2,12 +2,10 @@
 //! again gives the same document, for every kind of bdev (issue 16), flattened and with
 //! batches as SPDK's `framework_get_config` writes them.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const ESNAP_UUID: &str = "3c1d5e2a-77f0-4b8e-9a61-5e2f9d0c4b11";

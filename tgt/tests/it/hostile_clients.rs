@@ -2,15 +2,13 @@
 //! each finding driven the way it was found: `spdk-rpc`, raw NBD and JSON-RPC over the
 //! socket, qemu-io, a second process. Limits are in `docs/reliability.md` ("Limits").
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
 

@@ -1,10 +1,8 @@
 //! I/O statistics and latency histograms (issue 16) read with SPDK's own `spdk-rpc`: the
 //! counts and bytes match the I/O the test did through an NBD export of a lvol.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
 

@@ -1,12 +1,10 @@
 //! The embedded default keeps what was configured at run time across a restart, a kill -9
 //! included (`tgt-data/config.json`, saved atomically after each change).
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// Serialises the tests that use SPDK's default socket (the same lock file as the other

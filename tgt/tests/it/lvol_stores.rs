@@ -1,11 +1,9 @@
 //! Lvol stores and volumes through the target: created and inspected with `spdk-rpc`, data
 //! moved with qemu-io over NBD.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
 
