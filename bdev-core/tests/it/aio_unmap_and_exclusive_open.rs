@@ -186,7 +186,7 @@ fn child_open(path: &Path) -> String {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "a_second_process_cannot_open_a_file_in_use",
+            "aio_unmap_and_exclusive_open::a_second_process_cannot_open_a_file_in_use",
             "--nocapture",
             "--test-threads=1",
         ])
