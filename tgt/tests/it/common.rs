@@ -479,3 +479,57 @@ pub fn fd_count(pid: u32) -> usize {
         .expect("read fd dir")
         .count()
 }
+
+/// The tools and a fresh temp dir, or `None` after recording the test as skipped.
+pub fn setup() -> Option<(Tools, tempfile::TempDir)> {
+    let tools = tools()?;
+    Some((tools, tempfile::tempdir().unwrap()))
+}
+
+/// Starts `tgt` in `dir` on `dir/rpc.sock` with no arguments.
+pub fn start(tools: &Tools, dir: &Path) -> Tgt {
+    Tgt::start(tools, dir, &dir.join("rpc.sock"), &[])
+}
+
+/// Creates (or truncates) `path` as a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+/// The `config` array of the `bdev` subsystem in a `save_config` document.
+pub fn bdev_config(doc: &Value) -> Vec<Value> {
+    doc["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subsystem"] == "bdev")
+        .unwrap()["config"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Serialises the tests that use SPDK's default socket, across processes (other test
+/// binaries or worktrees may run at the same time) and within this one (`flock` locks an
+/// open file description, so two opens in one process exclude each other too).
+pub struct DefaultSocketLock {
+    /// Held for the lock; closing it releases the flock.
+    _file: std::fs::File,
+}
+
+impl DefaultSocketLock {
+    /// Blocks until the lock is ours.
+    pub fn take() -> DefaultSocketLock {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/var/tmp/spdk.sock.tgt-test.lock")
+            .unwrap();
+        // SAFETY: flock on an open descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0);
+        DefaultSocketLock { _file: f }
+    }
+}

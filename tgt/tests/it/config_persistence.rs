@@ -7,28 +7,6 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use serde_json::Value;
 
-/// Serialises the tests that use SPDK's default socket (the same lock file as the other
-/// test binaries use).
-struct DefaultSocketLock {
-    _file: std::fs::File,
-}
-
-impl DefaultSocketLock {
-    fn take() -> DefaultSocketLock {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open("/var/tmp/spdk.sock.tgt-test.lock")
-            .unwrap();
-        // SAFETY: flock on an open descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0);
-        DefaultSocketLock { _file: f }
-    }
-}
-
 fn kill9(t: &mut Tgt) {
     let mut c = t.child.take().unwrap();
     c.kill().unwrap();

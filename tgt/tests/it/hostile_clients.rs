@@ -14,14 +14,9 @@ use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
+/// The common setup, failing (not skipping) when a tool is missing.
 fn setup() -> (Tools, tempfile::TempDir) {
-    let tools = tools().expect("spdk-rpc, qemu-io and qemu-img are needed");
-    (tools, tempfile::tempdir().unwrap())
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
+    crate::common::setup().expect("spdk-rpc, qemu-io and qemu-img are needed")
 }
 
 /// Runs `tgt ARGS` to its end (it must fail at start); returns (exit code, stderr).
@@ -201,7 +196,7 @@ fn an_nbd_client_that_never_reads_is_bounded_then_dropped() {
 #[test]
 fn an_oversized_nbd_write_gets_eoverflow() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M", "64", "4096"]);
     let nbd = dir.path().join("nbd.sock");
     t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
@@ -232,7 +227,7 @@ fn an_oversized_nbd_write_gets_eoverflow() {
 #[test]
 fn nbd_fua_and_flush_reach_the_device() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M", "16", "4096"]);
     t.ok(&["bdev_error_create", "M"]);
     let nbd = dir.path().join("nbd.sock");
@@ -347,7 +342,7 @@ fn hung_up_rpc_clients_leave_nothing_behind() {
 #[test]
 fn retry_and_timeout_parameters_are_bounded() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     for args in [
         &["-d", "9223372036854775808"][..],
         &["-d", "60001"],
@@ -466,7 +461,7 @@ fn rpc_partial_requests_share_a_bounded_budget() {
 #[test]
 fn error_quality() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     for id in [
         "18446744073709551616",
         "-18446744073709551617",

@@ -30,7 +30,7 @@ fn decode_buckets(h: &Value) -> Vec<u64> {
 fn iostat_and_histogram_count_exactly_the_io_done_on_a_lvol() {
     let Some(tools) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "64", "4096"]);
     t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "M0", "lvs"]);
     t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "v", "16"]);

@@ -49,10 +49,6 @@ impl Env {
     }
 }
 
-fn sparse_file(path: &Path, size: u64) {
-    std::fs::File::create(path).unwrap().set_len(size).unwrap();
-}
-
 fn lvol_of<'a>(lvols: &'a Value, name: &str) -> &'a Value {
     lvols
         .as_array()
@@ -473,29 +469,6 @@ fn read_only_volumes_and_restart_with_saved_config() {
     assert!(ok, "{text}");
     let out = t.rpc_raw(&["save_config"]);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), cfg);
-}
-
-/// Serialises tests that use SPDK's default socket, across processes (other test binaries
-/// or worktrees may run at the same time).
-struct DefaultSocketLock {
-    /// Held for the lock; closing it releases the flock.
-    _file: std::fs::File,
-}
-
-impl DefaultSocketLock {
-    fn take() -> DefaultSocketLock {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open("/var/tmp/spdk.sock.tgt-test.lock")
-            .unwrap();
-        // SAFETY: flock on an open descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0);
-        DefaultSocketLock { _file: f }
-    }
 }
 
 #[test]

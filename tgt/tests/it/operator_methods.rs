@@ -6,16 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use serde_json::{json, Value};
-
-fn setup() -> Option<(Tools, tempfile::TempDir)> {
-    let tools = tools()?;
-    Some((tools, tempfile::tempdir().unwrap()))
-}
-
-fn start(tools: &Tools, dir: &Path) -> Tgt {
-    Tgt::start(tools, dir, &dir.join("rpc.sock"), &[])
-}
+use serde_json::json;
 
 /// Starts the target with its stderr going to `dir/stderr.log` (returned) and `env` set.
 fn start_logged(tools: &Tools, dir: &Path, env: &[(&str, &str)]) -> (Tgt, PathBuf) {
@@ -48,11 +39,6 @@ fn start_logged(tools: &Tools, dir: &Path, env: &[(&str, &str)]) -> (Tgt, PathBu
         tools: tools.clone(),
     };
     (t, log)
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
 }
 
 fn read_log(p: &Path) -> String {
@@ -174,19 +160,6 @@ fn log_methods_before_init_and_rust_log() {
     );
 }
 
-fn save_bdev_config(t: &Tgt) -> Vec<Value> {
-    let cfg = t.ok(&["save_config"]);
-    cfg["subsystems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["subsystem"] == "bdev")
-        .unwrap()["config"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 #[test]
 fn null_bdev_create_resize_delete() {
     let Some((tools, dir)) = setup() else { return };
@@ -240,7 +213,7 @@ fn null_bdev_create_resize_delete() {
         .all(|b| b["name"] != "N1"));
 
     // save_config has the grown size.
-    let cfg = save_bdev_config(&t);
+    let cfg = bdev_config(&t.ok(&["save_config"]));
     let e = cfg
         .iter()
         .find(|e| e["method"] == "bdev_null_create")

@@ -1,21 +1,11 @@
 //! The target driven by SPDK's own client `spdk-rpc`, data moved with qemu-io / qemu-img over
 //! NBD. Each test starts its own `tgt` on a socket in a temp dir.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
-
-fn setup() -> Option<(Tools, tempfile::TempDir)> {
-    let tools = tools()?;
-    Some((tools, tempfile::tempdir().unwrap()))
-}
-
-fn start(tools: &Tools, dir: &Path) -> Tgt {
-    Tgt::start(tools, dir, &dir.join("rpc.sock"), &[])
-}
 
 fn names(v: &Value) -> Vec<String> {
     v.as_array()
@@ -23,11 +13,6 @@ fn names(v: &Value) -> Vec<String> {
         .iter()
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
 }
 
 #[test]
