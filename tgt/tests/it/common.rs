@@ -110,11 +110,8 @@ fn wait_for_socket(sock: &Path, child: &mut Child) {
 }
 
 impl Tgt {
-    /// Starts `tgt -r SOCK extra...` in `dir`.
-    pub fn start(tools: &Tools, dir: &Path, sock: &Path, extra: &[&str]) -> Tgt {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
-        cmd.arg("-r").arg(sock).args(extra).current_dir(dir);
-        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+    /// Spawns `cmd` (a `tgt` command line) and waits until it listens on `sock`.
+    fn spawn(mut cmd: Command, sock: &Path, tools: &Tools) -> Tgt {
         let mut child = cmd.spawn().expect("spawn tgt");
         wait_for_socket(sock, &mut child);
         Tgt {
@@ -122,6 +119,21 @@ impl Tgt {
             sock: sock.to_path_buf(),
             tools: tools.clone(),
         }
+    }
+
+    /// Starts the NBD server on `dir/nbd.sock`; returns that path.
+    pub fn nbd_server_start(&self, dir: &Path) -> PathBuf {
+        let nbd = dir.join("nbd.sock");
+        self.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+        nbd
+    }
+
+    /// Starts `tgt -r SOCK extra...` in `dir`.
+    pub fn start(tools: &Tools, dir: &Path, sock: &Path, extra: &[&str]) -> Tgt {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
+        cmd.arg("-r").arg(sock).args(extra).current_dir(dir);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        Tgt::spawn(cmd, sock, tools)
     }
 
     /// Starts `tgt -r SOCK` in `dir` with its address space limited to `bytes`
@@ -145,13 +157,7 @@ impl Tgt {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().expect("spawn tgt");
-        wait_for_socket(sock, &mut child);
-        Tgt {
-            child: Some(child),
-            sock: sock.to_path_buf(),
-            tools: tools.clone(),
-        }
+        Tgt::spawn(cmd, sock, tools)
     }
 
     /// Starts `tgt` with no arguments at all (the embedded default) in `dir`; it listens on
@@ -161,13 +167,7 @@ impl Tgt {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
         cmd.current_dir(dir);
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn tgt");
-        wait_for_socket(&sock, &mut child);
-        Tgt {
-            child: Some(child),
-            sock,
-            tools: tools.clone(),
-        }
+        Tgt::spawn(cmd, &sock, tools)
     }
 
     /// Runs `spdk-rpc -s SOCK --plugin spdk_rs_plugin ARGS`.

@@ -46,6 +46,16 @@ fn methods(doc: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
+/// Waits until the replay after a restart has registered `ro1` and both exports.
+fn wait_replayed(t: &Tgt) {
+    t.ok(&["bdev_get_bdevs", "-b", "ro1", "-t", "20000"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.ok(&["nbd_get_exports"]).as_array().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "exports not replayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn embedded_default_config_survives_kill_9() {
     let Some(tools) = tools() else { return };
@@ -123,12 +133,7 @@ fn embedded_default_config_survives_kill_9() {
     let start = Instant::now();
     let mut t = Tgt::start_default(&tools, d);
     // The replay runs after the socket opened: wait for its last entries.
-    t.ok(&["bdev_get_bdevs", "-b", "ro1", "-t", "20000"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while t.ok(&["nbd_get_exports"]).as_array().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "exports not replayed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_replayed(&t);
     let names: Vec<String> = t
         .ok(&["bdev_get_bdevs"])
         .as_array()
@@ -161,12 +166,7 @@ fn embedded_default_config_survives_kill_9() {
     let before = std::fs::read(d.join("tgt-data/config.json")).unwrap();
     assert_eq!(t.stop(), 0);
     let mut t = Tgt::start_default(&tools, d);
-    t.ok(&["bdev_get_bdevs", "-b", "ro1", "-t", "20000"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while t.ok(&["nbd_get_exports"]).as_array().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "exports not replayed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_replayed(&t);
     assert_eq!(
         std::fs::read(d.join("tgt-data/config.json")).unwrap(),
         before

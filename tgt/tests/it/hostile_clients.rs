@@ -142,8 +142,7 @@ fn an_nbd_client_that_never_reads_is_bounded_then_dropped() {
     let f = dir.path().join("disk.img");
     sparse_file(&f, 256 * MIB);
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "aio0", "-n", "d"]);
     let uri = nbd_uri("d", &nbd);
     qemu_io_ok(&tools, &uri, &["write -P 0x5a 0 1M"]);
@@ -198,8 +197,7 @@ fn an_oversized_nbd_write_gets_eoverflow() {
     let (tools, dir) = setup();
     let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M", "64", "4096"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "M"]);
     let mut c = NbdClient::connect(&nbd, "M").unwrap();
     let big = proto::MAX_PAYLOAD + 4096;
@@ -230,8 +228,7 @@ fn nbd_fua_and_flush_reach_the_device() {
     let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M", "16", "4096"]);
     t.ok(&["bdev_error_create", "M"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "EE_M", "-n", "e"]);
     let mut c = NbdClient::connect(&nbd, "e").unwrap();
     assert_ne!(c.flags & proto::TFLAG_SEND_FUA, 0);
@@ -247,26 +244,22 @@ fn nbd_fua_and_flush_reach_the_device() {
     // No flush: the pending flush failure is not consumed.
     let (e, _) = c.request(proto::CMD_WRITE, 0, 4096, &[1u8; 4096]).unwrap();
     assert_eq!(e, 0);
-    let (e, _) = c
-        .request_flags(
+    // One FUA write of 4 KiB at 4 KiB; returns the reply's error.
+    let fua_write = |c: &mut NbdClient| {
+        c.request_flags(
             proto::CMD_WRITE,
             proto::CMD_FLAG_FUA,
             4096,
             4096,
             &[2u8; 4096],
         )
-        .unwrap();
+        .unwrap()
+        .0
+    };
+    let e = fua_write(&mut c);
     assert_eq!(e, proto::EIO, "a FUA write must flush the device");
     // The failure was used up by that flush: the same FUA write now succeeds.
-    let (e, _) = c
-        .request_flags(
-            proto::CMD_WRITE,
-            proto::CMD_FLAG_FUA,
-            4096,
-            4096,
-            &[2u8; 4096],
-        )
-        .unwrap();
+    let e = fua_write(&mut c);
     assert_eq!(e, 0);
     t.ok(&[
         "bdev_error_inject_error",
@@ -775,8 +768,7 @@ fn a_new_thick_lvol_never_shows_a_freed_lvols_bytes() {
         t.ok(&["bdev_lvol_create_lvstore", "aioL", "lvsL"]);
         let a = t.ok(&["bdev_lvol_create", "-l", "lvsL", "A", "64"]);
         let a = a.as_str().unwrap().to_string();
-        let nbd = sub.join("nbd.sock");
-        t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+        let nbd = t.nbd_server_start(&sub);
         t.ok(&["nbd_export_add", &a, "-n", "a"]);
         qemu_io_ok(
             &tools,

@@ -34,8 +34,7 @@ fn iostat_and_histogram_count_exactly_the_io_done_on_a_lvol() {
     t.ok(&["bdev_malloc_create", "-b", "M0", "64", "4096"]);
     t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "M0", "lvs"]);
     t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "v", "16"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "lvs/v", "-n", "v"]);
     let name = t.ok(&["bdev_get_bdevs", "-b", "lvs/v"])[0]["name"]
         .as_str()

@@ -292,6 +292,19 @@ fn esnap_file(path: &Path) {
     std::fs::write(path, data).unwrap();
 }
 
+/// Registers `file` read-only as the aio bdev `esnap` with the external snapshot's uuid.
+fn add_esnap(t: &Tgt, file: &str) {
+    t.ok(&[
+        "bdev_aio_create",
+        "-r",
+        "-u",
+        ESNAP_UUID,
+        file,
+        "esnap",
+        "4096",
+    ]);
+}
+
 #[test]
 fn esnap_clone_degraded_and_healed() {
     let Some(env) = Env::new() else { return };
@@ -300,15 +313,7 @@ fn esnap_clone_degraded_and_healed() {
     let ef = env.path("esnap.img");
     esnap_file(&ef);
     let efs = ef.to_str().unwrap();
-    t.ok(&[
-        "bdev_aio_create",
-        "-r",
-        "-u",
-        ESNAP_UUID,
-        efs,
-        "esnap",
-        "4096",
-    ]);
+    add_esnap(&t, efs);
     let ec = t.ok(&["bdev_lvol_clone_bdev", ESNAP_UUID, "lvs", "ec"]);
     assert_eq!(
         t.err(&["bdev_lvol_clone_bdev", "nope", "lvs", "x"]).code,
@@ -371,15 +376,7 @@ fn esnap_clone_degraded_and_healed() {
     );
 
     // The external snapshot comes back: healed, same data.
-    t.ok(&[
-        "bdev_aio_create",
-        "-r",
-        "-u",
-        ESNAP_UUID,
-        efs,
-        "esnap",
-        "4096",
-    ]);
+    add_esnap(&t, efs);
     t.ok(&["bdev_wait_for_examine"]);
     let lvols = t.ok(&["bdev_lvol_get_lvols"]);
     assert_eq!(lvol_of(&lvols, "ec")["is_degraded"], json!(false));

@@ -164,8 +164,7 @@ fn log_methods_before_init_and_rust_log() {
 fn null_bdev_create_resize_delete() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    t.nbd_server_start(dir.path());
     let uuid = "7e5a0000-e5a0-4e5a-8e5a-0000000000aa";
     assert_eq!(
         t.ok(&["bdev_null_create", "-u", uuid, "N0", "4", "512"]),
@@ -240,8 +239,7 @@ fn nbd_disk_methods_map_onto_exports() {
     let e = t.err(&["nbd_start_disk", "M0"]);
     assert_eq!(e.code, -19, "{e:?}");
     assert!(e.message.contains("nbd_server_start"), "{e:?}");
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
 
     let url = t.ok(&["nbd_start_disk", "M0"]);
     assert_eq!(url, json!(nbd_uri("M0", &nbd)));
@@ -315,8 +313,7 @@ fn lvol_fragmap_and_set_parent_bdev_codes() {
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
     t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "aio0", "lvs"]);
     t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "v", "8"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    t.nbd_server_start(dir.path());
     let url = t.ok(&["nbd_start_disk", "lvs/v"]);
     let url = url.as_str().unwrap();
 
