@@ -233,14 +233,18 @@ fn nbd_fua_and_flush_reach_the_device() {
     let mut c = NbdClient::connect(&nbd, "e").unwrap();
     assert_ne!(c.flags & proto::TFLAG_SEND_FUA, 0);
     assert_ne!(c.flags & proto::TFLAG_SEND_FLUSH, 0);
-    t.ok(&[
-        "bdev_error_inject_error",
-        "EE_M",
-        "flush",
-        "failure",
-        "-n",
-        "1",
-    ]);
+    // Arms one flush failure on the error bdev.
+    let fail_next_flush = || {
+        t.ok(&[
+            "bdev_error_inject_error",
+            "EE_M",
+            "flush",
+            "failure",
+            "-n",
+            "1",
+        ])
+    };
+    fail_next_flush();
     // No flush: the pending flush failure is not consumed.
     let (e, _) = c.request(proto::CMD_WRITE, 0, 4096, &[1u8; 4096]).unwrap();
     assert_eq!(e, 0);
@@ -261,14 +265,7 @@ fn nbd_fua_and_flush_reach_the_device() {
     // The failure was used up by that flush: the same FUA write now succeeds.
     let e = fua_write(&mut c);
     assert_eq!(e, 0);
-    t.ok(&[
-        "bdev_error_inject_error",
-        "EE_M",
-        "flush",
-        "failure",
-        "-n",
-        "1",
-    ]);
+    fail_next_flush();
     assert_eq!(
         c.request(proto::CMD_FLUSH, 0, 0, &[]).unwrap().0,
         proto::EIO
