@@ -1,23 +1,12 @@
 //! The operator-facing methods (issue 16) driven by SPDK's own `spdk-rpc`: logs, null
 //! bdevs, SPDK's NBD disk methods, the lvol fragmap, set_parent_bdev error codes.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-use serde_json::{json, Value};
-
-fn setup() -> Option<(Tools, tempfile::TempDir)> {
-    let tools = tools()?;
-    Some((tools, tempfile::tempdir().unwrap()))
-}
-
-fn start(tools: &Tools, dir: &Path) -> Tgt {
-    Tgt::start(tools, dir, &dir.join("rpc.sock"), &[])
-}
+use crate::common::*;
+use serde_json::json;
 
 /// Starts the target with its stderr going to `dir/stderr.log` (returned) and `env` set.
 fn start_logged(tools: &Tools, dir: &Path, env: &[(&str, &str)]) -> (Tgt, PathBuf) {
@@ -50,11 +39,6 @@ fn start_logged(tools: &Tools, dir: &Path, env: &[(&str, &str)]) -> (Tgt, PathBu
         tools: tools.clone(),
     };
     (t, log)
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
 }
 
 fn read_log(p: &Path) -> String {
@@ -176,25 +160,11 @@ fn log_methods_before_init_and_rust_log() {
     );
 }
 
-fn save_bdev_config(t: &Tgt) -> Vec<Value> {
-    let cfg = t.ok(&["save_config"]);
-    cfg["subsystems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["subsystem"] == "bdev")
-        .unwrap()["config"]
-        .as_array()
-        .unwrap()
-        .clone()
-}
-
 #[test]
 fn null_bdev_create_resize_delete() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    t.nbd_server_start(dir.path());
     let uuid = "7e5a0000-e5a0-4e5a-8e5a-0000000000aa";
     assert_eq!(
         t.ok(&["bdev_null_create", "-u", uuid, "N0", "4", "512"]),
@@ -242,7 +212,7 @@ fn null_bdev_create_resize_delete() {
         .all(|b| b["name"] != "N1"));
 
     // save_config has the grown size.
-    let cfg = save_bdev_config(&t);
+    let cfg = bdev_config(&t.ok(&["save_config"]));
     let e = cfg
         .iter()
         .find(|e| e["method"] == "bdev_null_create")
@@ -269,8 +239,7 @@ fn nbd_disk_methods_map_onto_exports() {
     let e = t.err(&["nbd_start_disk", "M0"]);
     assert_eq!(e.code, -19, "{e:?}");
     assert!(e.message.contains("nbd_server_start"), "{e:?}");
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
 
     let url = t.ok(&["nbd_start_disk", "M0"]);
     assert_eq!(url, json!(nbd_uri("M0", &nbd)));
@@ -344,8 +313,7 @@ fn lvol_fragmap_and_set_parent_bdev_codes() {
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
     t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "aio0", "lvs"]);
     t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "v", "8"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    t.nbd_server_start(dir.path());
     let url = t.ok(&["nbd_start_disk", "lvs/v"]);
     let url = url.as_str().unwrap();
 

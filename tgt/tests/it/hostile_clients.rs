@@ -2,28 +2,21 @@
 //! each finding driven the way it was found: `spdk-rpc`, raw NBD and JSON-RPC over the
 //! socket, qemu-io, a second process. Limits are in `docs/reliability.md` ("Limits").
 
-mod common;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
+/// The common setup, failing (not skipping) when a tool is missing.
 fn setup() -> (Tools, tempfile::TempDir) {
-    let tools = tools().expect("spdk-rpc, qemu-io and qemu-img are needed");
-    (tools, tempfile::tempdir().unwrap())
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
+    crate::common::setup().expect("spdk-rpc, qemu-io and qemu-img are needed")
 }
 
 /// Runs `tgt ARGS` to its end (it must fail at start); returns (exit code, stderr).
@@ -149,8 +142,7 @@ fn an_nbd_client_that_never_reads_is_bounded_then_dropped() {
     let f = dir.path().join("disk.img");
     sparse_file(&f, 256 * MIB);
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "aio0", "-n", "d"]);
     let uri = nbd_uri("d", &nbd);
     qemu_io_ok(&tools, &uri, &["write -P 0x5a 0 1M"]);
@@ -203,10 +195,9 @@ fn an_nbd_client_that_never_reads_is_bounded_then_dropped() {
 #[test]
 fn an_oversized_nbd_write_gets_eoverflow() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M", "64", "4096"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "M"]);
     let mut c = NbdClient::connect(&nbd, "M").unwrap();
     let big = proto::MAX_PAYLOAD + 4096;
@@ -234,55 +225,47 @@ fn an_oversized_nbd_write_gets_eoverflow() {
 #[test]
 fn nbd_fua_and_flush_reach_the_device() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M", "16", "4096"]);
     t.ok(&["bdev_error_create", "M"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "EE_M", "-n", "e"]);
     let mut c = NbdClient::connect(&nbd, "e").unwrap();
     assert_ne!(c.flags & proto::TFLAG_SEND_FUA, 0);
     assert_ne!(c.flags & proto::TFLAG_SEND_FLUSH, 0);
-    t.ok(&[
-        "bdev_error_inject_error",
-        "EE_M",
-        "flush",
-        "failure",
-        "-n",
-        "1",
-    ]);
+    // Arms one flush failure on the error bdev.
+    let fail_next_flush = || {
+        t.ok(&[
+            "bdev_error_inject_error",
+            "EE_M",
+            "flush",
+            "failure",
+            "-n",
+            "1",
+        ])
+    };
+    fail_next_flush();
     // No flush: the pending flush failure is not consumed.
     let (e, _) = c.request(proto::CMD_WRITE, 0, 4096, &[1u8; 4096]).unwrap();
     assert_eq!(e, 0);
-    let (e, _) = c
-        .request_flags(
+    // One FUA write of 4 KiB at 4 KiB; returns the reply's error.
+    let fua_write = |c: &mut NbdClient| {
+        c.request_flags(
             proto::CMD_WRITE,
             proto::CMD_FLAG_FUA,
             4096,
             4096,
             &[2u8; 4096],
         )
-        .unwrap();
+        .unwrap()
+        .0
+    };
+    let e = fua_write(&mut c);
     assert_eq!(e, proto::EIO, "a FUA write must flush the device");
     // The failure was used up by that flush: the same FUA write now succeeds.
-    let (e, _) = c
-        .request_flags(
-            proto::CMD_WRITE,
-            proto::CMD_FLAG_FUA,
-            4096,
-            4096,
-            &[2u8; 4096],
-        )
-        .unwrap();
+    let e = fua_write(&mut c);
     assert_eq!(e, 0);
-    t.ok(&[
-        "bdev_error_inject_error",
-        "EE_M",
-        "flush",
-        "failure",
-        "-n",
-        "1",
-    ]);
+    fail_next_flush();
     assert_eq!(
         c.request(proto::CMD_FLUSH, 0, 0, &[]).unwrap().0,
         proto::EIO
@@ -349,7 +332,7 @@ fn hung_up_rpc_clients_leave_nothing_behind() {
 #[test]
 fn retry_and_timeout_parameters_are_bounded() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     for args in [
         &["-d", "9223372036854775808"][..],
         &["-d", "60001"],
@@ -468,7 +451,7 @@ fn rpc_partial_requests_share_a_bounded_budget() {
 #[test]
 fn error_quality() {
     let (tools, dir) = setup();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     for id in [
         "18446744073709551616",
         "-18446744073709551617",
@@ -782,8 +765,7 @@ fn a_new_thick_lvol_never_shows_a_freed_lvols_bytes() {
         t.ok(&["bdev_lvol_create_lvstore", "aioL", "lvsL"]);
         let a = t.ok(&["bdev_lvol_create", "-l", "lvsL", "A", "64"]);
         let a = a.as_str().unwrap().to_string();
-        let nbd = sub.join("nbd.sock");
-        t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+        let nbd = t.nbd_server_start(&sub);
         t.ok(&["nbd_export_add", &a, "-n", "a"]);
         qemu_io_ok(
             &tools,

@@ -1,35 +1,11 @@
 //! The embedded default keeps what was configured at run time across a restart, a kill -9
 //! included (`tgt-data/config.json`, saved atomically after each change).
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
-
-/// Serialises the tests that use SPDK's default socket (the same lock file as the other
-/// test binaries use).
-struct DefaultSocketLock {
-    _file: std::fs::File,
-}
-
-impl DefaultSocketLock {
-    fn take() -> DefaultSocketLock {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open("/var/tmp/spdk.sock.tgt-test.lock")
-            .unwrap();
-        // SAFETY: flock on an open descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0);
-        DefaultSocketLock { _file: f }
-    }
-}
 
 fn kill9(t: &mut Tgt) {
     let mut c = t.child.take().unwrap();
@@ -68,6 +44,16 @@ fn methods(doc: &Value) -> Vec<(String, Value)> {
             )
         })
         .collect()
+}
+
+/// Waits until the replay after a restart has registered `ro1` and both exports.
+fn wait_replayed(t: &Tgt) {
+    t.ok(&["bdev_get_bdevs", "-b", "ro1", "-t", "20000"]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while t.ok(&["nbd_get_exports"]).as_array().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "exports not replayed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -147,12 +133,7 @@ fn embedded_default_config_survives_kill_9() {
     let start = Instant::now();
     let mut t = Tgt::start_default(&tools, d);
     // The replay runs after the socket opened: wait for its last entries.
-    t.ok(&["bdev_get_bdevs", "-b", "ro1", "-t", "20000"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while t.ok(&["nbd_get_exports"]).as_array().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "exports not replayed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_replayed(&t);
     let names: Vec<String> = t
         .ok(&["bdev_get_bdevs"])
         .as_array()
@@ -185,12 +166,7 @@ fn embedded_default_config_survives_kill_9() {
     let before = std::fs::read(d.join("tgt-data/config.json")).unwrap();
     assert_eq!(t.stop(), 0);
     let mut t = Tgt::start_default(&tools, d);
-    t.ok(&["bdev_get_bdevs", "-b", "ro1", "-t", "20000"]);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while t.ok(&["nbd_get_exports"]).as_array().unwrap().len() < 2 {
-        assert!(Instant::now() < deadline, "exports not replayed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_replayed(&t);
     assert_eq!(
         std::fs::read(d.join("tgt-data/config.json")).unwrap(),
         before

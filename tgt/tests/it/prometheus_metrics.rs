@@ -1,15 +1,13 @@
 //! The Prometheus endpoint (`tgt --metrics`), scraped over HTTP and parsed with the
 //! reference parser (`prometheus_client.parser` in the spdk-rpc venv).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::Value;
 
@@ -156,8 +154,7 @@ fn metrics_endpoint_parses_and_counts_what_happened() {
         .to_string();
     t.ok(&["bdev_enable_histogram", "--histogram", "lvs/v"]);
 
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "lvs/v", "-n", "v"]);
     t.ok(&["nbd_export_add", "lvs/ec", "-n", "ec"]);
     let mut c = NbdClient::connect(&nbd, "v").unwrap();

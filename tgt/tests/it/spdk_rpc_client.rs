@@ -1,23 +1,11 @@
 //! The target driven by SPDK's own client `spdk-rpc`, data moved with qemu-io / qemu-img over
 //! NBD. Each test starts its own `tgt` on a socket in a temp dir.
 
-mod common;
-
-use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
-
-fn setup() -> Option<(Tools, tempfile::TempDir)> {
-    let tools = tools()?;
-    Some((tools, tempfile::tempdir().unwrap()))
-}
-
-fn start(tools: &Tools, dir: &Path) -> Tgt {
-    Tgt::start(tools, dir, &dir.join("rpc.sock"), &[])
-}
 
 fn names(v: &Value) -> Vec<String> {
     v.as_array()
@@ -25,11 +13,6 @@ fn names(v: &Value) -> Vec<String> {
         .iter()
         .map(|b| b["name"].as_str().unwrap().to_string())
         .collect()
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    let f = std::fs::File::create(path).unwrap();
-    f.set_len(size).unwrap();
 }
 
 #[test]
@@ -446,8 +429,7 @@ fn nbd_round_trip_with_qemu() {
 fn read_only_exports_refuse_writes() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
     t.ok(&["nbd_export_add", "M0", "-n", "rw"]);
     qemu_io_ok(&tools, &nbd_uri("rw", &nbd), &["write -P 0x5a 0 64k"]);
@@ -500,8 +482,7 @@ fn read_only_exports_refuse_writes() {
 fn hot_removal_ends_nbd_connections() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
     t.ok(&["nbd_export_add", "M0"]);
     let mut c = NbdClient::connect(&nbd, "M0").unwrap();
@@ -642,8 +623,7 @@ fn kill_instance_and_bad_config() {
     assert!(t.alive());
     // Clients that stall in the NBD handshake, or sit idle on an export, do not hold up the
     // shutdown.
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
     t.ok(&["nbd_export_add", "M0"]);
     let _stalled = std::os::unix::net::UnixStream::connect(&nbd).unwrap();

@@ -110,11 +110,8 @@ fn wait_for_socket(sock: &Path, child: &mut Child) {
 }
 
 impl Tgt {
-    /// Starts `tgt -r SOCK extra...` in `dir`.
-    pub fn start(tools: &Tools, dir: &Path, sock: &Path, extra: &[&str]) -> Tgt {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
-        cmd.arg("-r").arg(sock).args(extra).current_dir(dir);
-        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+    /// Spawns `cmd` (a `tgt` command line) and waits until it listens on `sock`.
+    fn spawn(mut cmd: Command, sock: &Path, tools: &Tools) -> Tgt {
         let mut child = cmd.spawn().expect("spawn tgt");
         wait_for_socket(sock, &mut child);
         Tgt {
@@ -122,6 +119,21 @@ impl Tgt {
             sock: sock.to_path_buf(),
             tools: tools.clone(),
         }
+    }
+
+    /// Starts the NBD server on `dir/nbd.sock`; returns that path.
+    pub fn nbd_server_start(&self, dir: &Path) -> PathBuf {
+        let nbd = dir.join("nbd.sock");
+        self.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+        nbd
+    }
+
+    /// Starts `tgt -r SOCK extra...` in `dir`.
+    pub fn start(tools: &Tools, dir: &Path, sock: &Path, extra: &[&str]) -> Tgt {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
+        cmd.arg("-r").arg(sock).args(extra).current_dir(dir);
+        cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
+        Tgt::spawn(cmd, sock, tools)
     }
 
     /// Starts `tgt -r SOCK` in `dir` with its address space limited to `bytes`
@@ -145,13 +157,7 @@ impl Tgt {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().expect("spawn tgt");
-        wait_for_socket(sock, &mut child);
-        Tgt {
-            child: Some(child),
-            sock: sock.to_path_buf(),
-            tools: tools.clone(),
-        }
+        Tgt::spawn(cmd, sock, tools)
     }
 
     /// Starts `tgt` with no arguments at all (the embedded default) in `dir`; it listens on
@@ -161,13 +167,7 @@ impl Tgt {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
         cmd.current_dir(dir);
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
-        let mut child = cmd.spawn().expect("spawn tgt");
-        wait_for_socket(&sock, &mut child);
-        let t = Tgt {
-            child: Some(child),
-            sock,
-            tools: tools.clone(),
-        };
+        let t = Tgt::spawn(cmd, &sock, tools);
         // The socket is bound before the default setup runs and answers once it is done.
         t.ok(&["framework_wait_init"]);
         t
@@ -481,4 +481,58 @@ pub fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("read fd dir")
         .count()
+}
+
+/// The tools and a fresh temp dir, or `None` after recording the test as skipped.
+pub fn setup() -> Option<(Tools, tempfile::TempDir)> {
+    let tools = tools()?;
+    Some((tools, tempfile::tempdir().unwrap()))
+}
+
+/// Starts `tgt` in `dir` on `dir/rpc.sock` with no arguments.
+pub fn start(tools: &Tools, dir: &Path) -> Tgt {
+    Tgt::start(tools, dir, &dir.join("rpc.sock"), &[])
+}
+
+/// Creates (or truncates) `path` as a sparse file of `size` bytes.
+pub fn sparse_file(path: &Path, size: u64) {
+    std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+/// The `config` array of the `bdev` subsystem in a `save_config` document.
+pub fn bdev_config(doc: &Value) -> Vec<Value> {
+    doc["subsystems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["subsystem"] == "bdev")
+        .unwrap()["config"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+/// Serialises the tests that use SPDK's default socket, across processes (other test
+/// binaries or worktrees may run at the same time) and within this one (`flock` locks an
+/// open file description, so two opens in one process exclude each other too).
+pub struct DefaultSocketLock {
+    /// Held for the lock; closing it releases the flock.
+    _file: std::fs::File,
+}
+
+impl DefaultSocketLock {
+    /// Blocks until the lock is ours.
+    pub fn take() -> DefaultSocketLock {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open("/var/tmp/spdk.sock.tgt-test.lock")
+            .unwrap();
+        // SAFETY: flock on an open descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0);
+        DefaultSocketLock { _file: f }
+    }
 }

@@ -2,20 +2,13 @@
 //! again gives the same document, for every kind of bdev (issue 16), flattened and with
 //! batches as SPDK's `framework_get_config` writes them.
 
-mod common;
-
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 const ESNAP_UUID: &str = "3c1d5e2a-77f0-4b8e-9a61-5e2f9d0c4b11";
 const GONE_UUID: &str = "3c1d5e2a-77f0-4b8e-9a61-5e2f9d0c4b22";
-
-fn sparse(p: &Path, size: u64) {
-    std::fs::File::create(p).unwrap().set_len(size).unwrap();
-}
 
 fn save(t: &Tgt, batches: bool) -> Value {
     let mut args = vec!["save_config"];
@@ -29,18 +22,6 @@ fn save(t: &Tgt, batches: bool) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn bdev_entries(doc: &Value) -> Vec<Value> {
-    doc["subsystems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["subsystem"] == "bdev")
-        .unwrap()["config"]
-        .as_array()
-        .unwrap()
-        .clone()
 }
 
 /// Waits until `bdev_get_bdevs` lists `n` bdevs (a `--json` start replays before it serves,
@@ -65,9 +46,9 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
     let sock = d.join("rpc.sock");
     let mut t = Tgt::start(&tools, d, &sock, &[]);
     let f = |n: &str| d.join(n).to_str().unwrap().to_string();
-    sparse(&d.join("store.img"), 64 << 20);
-    sparse(&d.join("late.img"), 8 << 20);
-    sparse(&d.join("gone.img"), 8 << 20);
+    sparse_file(&d.join("store.img"), 64 << 20);
+    sparse_file(&d.join("late.img"), 8 << 20);
+    sparse_file(&d.join("gone.img"), 8 << 20);
 
     t.ok(&[
         "bdev_malloc_create",
@@ -183,7 +164,7 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
     assert_eq!(t.stop(), 0);
 
     // Every kind is in the file.
-    let methods: Vec<String> = bdev_entries(&first)
+    let methods: Vec<String> = bdev_config(&first)
         .iter()
         .map(|e| e["method"].as_str().unwrap().to_string())
         .collect();
@@ -230,7 +211,7 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
 
     // With batches: the malloc and null bdevs are each one batch (an array), as SPDK's
     // modules write them; flattened, the same entries in the same order.
-    let b = bdev_entries(&first_b);
+    let b = bdev_config(&first_b);
     let arrays: Vec<&Value> = b.iter().filter(|e| e.is_array()).collect();
     assert_eq!(arrays.len(), 2, "{b:?}");
     assert!(arrays[0]
@@ -251,5 +232,5 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
             e => vec![e.clone()],
         })
         .collect();
-    assert_eq!(flat, bdev_entries(&first));
+    assert_eq!(flat, bdev_config(&first));
 }

@@ -1,10 +1,8 @@
 //! I/O statistics and latency histograms (issue 16) read with SPDK's own `spdk-rpc`: the
 //! counts and bytes match the I/O the test did through an NBD export of a lvol.
 
-mod common;
-
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
 
@@ -32,12 +30,11 @@ fn decode_buckets(h: &Value) -> Vec<u64> {
 fn iostat_and_histogram_count_exactly_the_io_done_on_a_lvol() {
     let Some(tools) = tools() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let t = Tgt::start(&tools, dir.path(), &dir.path().join("rpc.sock"), &[]);
+    let t = start(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "64", "4096"]);
     t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "M0", "lvs"]);
     t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "v", "16"]);
-    let nbd = dir.path().join("nbd.sock");
-    t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
+    let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "lvs/v", "-n", "v"]);
     let name = t.ok(&["bdev_get_bdevs", "-b", "lvs/v"])[0]["name"]
         .as_str()

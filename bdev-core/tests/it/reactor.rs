@@ -10,14 +10,14 @@ use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::conformance::pattern;
 use bdev_core::{reactor, BdevEvent, IoBuf, Registry};
 use futures::{FutureExt, StreamExt};
+use test_support::bdev::sparse_file;
 
 fn aio_registry(dir: &tempfile::TempDir, engine: AioEngine) -> Option<Registry> {
     if !uring_available() {
         test_support::skip("reactor aio_registry", "io_uring is not available");
         return None;
     }
-    let p = dir.path().join("d.img");
-    std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
+    let p = sparse_file(dir.path(), "d.img", 8 << 20);
     let a = AioBdev::create(AioOpts {
         name: "a".into(),
         filename: p,
@@ -41,13 +41,21 @@ fn guarded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
         .expect("reactor test hung")
 }
 
-#[test]
-fn concurrent_io_round_trips_inline() {
+/// Runs `f` under [`guarded`] with a registry holding `a`, an 8 MiB aio bdev on io_uring;
+/// when io_uring is unavailable the test is recorded as skipped instead.
+fn with_aio(f: impl FnOnce(&Registry) + Send + 'static) {
     guarded(|| {
         let dir = tempfile::tempdir().unwrap();
         let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
             return;
         };
+        f(&reg);
+    })
+}
+
+#[test]
+fn concurrent_io_round_trips_inline() {
+    with_aio(|reg| {
         let d = reg.open("a", true).unwrap();
         reactor::block_on(async {
             assert!(reactor::in_reactor());
@@ -102,11 +110,7 @@ fn cross_thread_wake_and_timers() {
 
 #[test]
 fn dropped_futures_complete_before_block_on_returns_and_nesting_works() {
-    guarded(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
-            return;
-        };
+    with_aio(|reg| {
         let d = reg.open("a", true).unwrap();
         reactor::block_on(async {
             for i in 0..100u64 {
@@ -129,11 +133,7 @@ fn dropped_futures_complete_before_block_on_returns_and_nesting_works() {
 
 #[test]
 fn hot_remove_with_inflight_io_under_the_reactor() {
-    guarded(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
-            return;
-        };
+    with_aio(|reg| {
         let mut d = reg.open("a", true).unwrap();
         let mut events = d.take_events().unwrap();
         let d = Arc::new(d);
@@ -173,11 +173,7 @@ fn hot_remove_with_inflight_io_under_the_reactor() {
 
 #[test]
 fn foreign_block_on_inside_the_reactor_does_not_hang() {
-    guarded(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
-            return;
-        };
+    with_aio(|reg| {
         let d = reg.open("a", true).unwrap();
         reactor::block_on(async {
             // Misuse (blocking the reactor), rescued by the backstop thread.
@@ -193,11 +189,7 @@ fn foreign_block_on_inside_the_reactor_does_not_hang() {
 /// completes them once the ring's fd is readable; the data round-trips.
 #[test]
 fn an_attached_ring_serves_requests_from_a_foreign_loop() {
-    guarded(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
-            return;
-        };
+    with_aio(|reg| {
         let mut ring = reactor::attach().expect("a ring");
         let d = reg.open("a", true).unwrap();
         struct Flag(std::sync::atomic::AtomicBool);

@@ -4,20 +4,15 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
 use bdev_core::{BlockDevice, IoBuf, IoType, Registry};
 use futures::executor::block_on;
+use test_support::bdev::sparse_file;
 
 const MIB: u64 = 1 << 20;
-
-fn file(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-    p
-}
 
 fn opts(name: &str, path: &Path) -> AioOpts {
     AioOpts {
@@ -65,7 +60,7 @@ fn unmap_punches_holes_that_read_zeroes_without_the_fallocate_option() {
     let punches = fs_punches(dir.path());
     println!("file system punches holes: {punches}");
     for engine in engines() {
-        let p = file(dir.path(), "f.img", 4 * MIB);
+        let p = sparse_file(dir.path(), "f.img", 4 * MIB);
         let reg = Registry::new();
         let a = AioBdev::create(AioOpts {
             engine,
@@ -116,7 +111,7 @@ fn unmap_punches_holes_that_read_zeroes_without_the_fallocate_option() {
 #[test]
 fn read_only_files_have_no_unmap_and_no_zeroing_promise() {
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), "f.img", MIB);
+    let p = sparse_file(dir.path(), "f.img", MIB);
     let a = AioBdev::create(AioOpts {
         readonly: true,
         ..opts("r", &p)
@@ -131,7 +126,7 @@ fn read_only_files_have_no_unmap_and_no_zeroing_promise() {
 #[test]
 fn a_file_is_opened_by_one_bdev_per_process() {
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), "f.img", MIB);
+    let p = sparse_file(dir.path(), "f.img", MIB);
     let reg = Registry::new();
     let a = AioBdev::create(opts("first", &p)).unwrap();
     block_on(reg.register(a)).unwrap();
@@ -154,7 +149,7 @@ fn a_file_is_opened_by_one_bdev_per_process() {
         assert!(msg.contains(&path.display().to_string()), "{msg}");
     }
     // Another file is fine.
-    let other = file(dir.path(), "g.img", MIB);
+    let other = sparse_file(dir.path(), "g.img", MIB);
     drop(AioBdev::create(opts("other", &other)).unwrap());
     // Once the first bdev is gone, the file can be opened again.
     block_on(reg.unregister("first")).unwrap();
@@ -186,7 +181,7 @@ fn child_open(path: &Path) -> String {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "a_second_process_cannot_open_a_file_in_use",
+            "aio_unmap_and_exclusive_open::a_second_process_cannot_open_a_file_in_use",
             "--nocapture",
             "--test-threads=1",
         ])
@@ -213,7 +208,7 @@ fn a_second_process_cannot_open_a_file_in_use() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), "f.img", MIB);
+    let p = sparse_file(dir.path(), "f.img", MIB);
     let a = AioBdev::create(opts("parent", &p)).unwrap();
     let out = child_open(&p);
     assert!(

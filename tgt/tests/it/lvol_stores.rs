@@ -1,11 +1,9 @@
 //! Lvol stores and volumes through the target: created and inspected with `spdk-rpc`, data
 //! moved with qemu-io over NBD.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use nbd_proto as proto;
 use serde_json::{json, Value};
 
@@ -49,10 +47,6 @@ impl Env {
         let (ok, text) = self.io(t, bdev, cmds);
         assert!(ok, "qemu-io {cmds:?} on {bdev}: {text}");
     }
-}
-
-fn sparse_file(path: &Path, size: u64) {
-    std::fs::File::create(path).unwrap().set_len(size).unwrap();
 }
 
 fn lvol_of<'a>(lvols: &'a Value, name: &str) -> &'a Value {
@@ -298,6 +292,19 @@ fn esnap_file(path: &Path) {
     std::fs::write(path, data).unwrap();
 }
 
+/// Registers `file` read-only as the aio bdev `esnap` with the external snapshot's uuid.
+fn add_esnap(t: &Tgt, file: &str) {
+    t.ok(&[
+        "bdev_aio_create",
+        "-r",
+        "-u",
+        ESNAP_UUID,
+        file,
+        "esnap",
+        "4096",
+    ]);
+}
+
 #[test]
 fn esnap_clone_degraded_and_healed() {
     let Some(env) = Env::new() else { return };
@@ -306,15 +313,7 @@ fn esnap_clone_degraded_and_healed() {
     let ef = env.path("esnap.img");
     esnap_file(&ef);
     let efs = ef.to_str().unwrap();
-    t.ok(&[
-        "bdev_aio_create",
-        "-r",
-        "-u",
-        ESNAP_UUID,
-        efs,
-        "esnap",
-        "4096",
-    ]);
+    add_esnap(&t, efs);
     let ec = t.ok(&["bdev_lvol_clone_bdev", ESNAP_UUID, "lvs", "ec"]);
     assert_eq!(
         t.err(&["bdev_lvol_clone_bdev", "nope", "lvs", "x"]).code,
@@ -377,15 +376,7 @@ fn esnap_clone_degraded_and_healed() {
     );
 
     // The external snapshot comes back: healed, same data.
-    t.ok(&[
-        "bdev_aio_create",
-        "-r",
-        "-u",
-        ESNAP_UUID,
-        efs,
-        "esnap",
-        "4096",
-    ]);
+    add_esnap(&t, efs);
     t.ok(&["bdev_wait_for_examine"]);
     let lvols = t.ok(&["bdev_lvol_get_lvols"]);
     assert_eq!(lvol_of(&lvols, "ec")["is_degraded"], json!(false));
@@ -475,29 +466,6 @@ fn read_only_volumes_and_restart_with_saved_config() {
     assert!(ok, "{text}");
     let out = t.rpc_raw(&["save_config"]);
     assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), cfg);
-}
-
-/// Serialises tests that use SPDK's default socket, across processes (other test binaries
-/// or worktrees may run at the same time).
-struct DefaultSocketLock {
-    /// Held for the lock; closing it releases the flock.
-    _file: std::fs::File,
-}
-
-impl DefaultSocketLock {
-    fn take() -> DefaultSocketLock {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open("/var/tmp/spdk.sock.tgt-test.lock")
-            .unwrap();
-        // SAFETY: flock on an open descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0);
-        DefaultSocketLock { _file: f }
-    }
 }
 
 #[test]

@@ -1,7 +1,6 @@
 //! aio-specific behaviour: configuration output, fallocate, read-only files, block size
 //! detection, engine choice and dropped futures.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
@@ -10,13 +9,8 @@ use bdev_core::{BlockDevice, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::FutureExt;
 use rstest::rstest;
+use test_support::bdev::sparse_file;
 use uuid::Uuid;
-
-fn file(dir: &Path, size: u64) -> std::path::PathBuf {
-    let p = dir.join("f.img");
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-    p
-}
 
 fn engines() -> Vec<AioEngine> {
     if uring_available() {
@@ -30,7 +24,7 @@ fn engines() -> Vec<AioEngine> {
 #[test]
 fn config_and_driver_specific_follow_spdk() {
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), 1 << 20);
+    let p = sparse_file(dir.path(), "f.img", 1 << 20);
     let u = Uuid::parse_str("7e5a0000-e5a0-4e5a-8e5a-000000000001").unwrap();
     let a = AioBdev::create(AioOpts {
         name: "aio0".into(),
@@ -107,7 +101,7 @@ fn config_and_driver_specific_follow_spdk() {
 #[test]
 fn bad_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), 100);
+    let p = sparse_file(dir.path(), "f.img", 100);
     let e = AioBdev::create(AioOpts {
         name: "a".into(),
         filename: p.clone(),
@@ -115,7 +109,7 @@ fn bad_options_are_refused() {
     })
     .unwrap_err();
     assert_eq!(e.errno(), libc::EINVAL, "file smaller than a block");
-    let p = file(dir.path(), 1 << 20);
+    let p = sparse_file(dir.path(), "f.img", 1 << 20);
     for bl in [0, 100, 513] {
         let e = AioBdev::create(AioOpts {
             name: "a".into(),
@@ -140,7 +134,7 @@ fn auto_engine_prefers_uring() {
     let dir = tempfile::tempdir().unwrap();
     let a = AioBdev::create(AioOpts {
         name: "a".into(),
-        filename: file(dir.path(), 1 << 20),
+        filename: sparse_file(dir.path(), "f.img", 1 << 20),
         ..Default::default()
     })
     .unwrap();
@@ -158,7 +152,7 @@ fn fallocate_unmap_and_write_zeroes(#[values(0, 1)] which: usize) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), 4 << 20);
+    let p = sparse_file(dir.path(), "f.img", 4 << 20);
     let reg = Registry::new();
     let a = AioBdev::create(AioOpts {
         name: "a".into(),
@@ -203,7 +197,7 @@ fn readonly_file_refuses_writes(#[values(0, 1)] which: usize) {
     let reg = Registry::new();
     let a = AioBdev::create(AioOpts {
         name: "ro".into(),
-        filename: file(dir.path(), 1 << 20),
+        filename: sparse_file(dir.path(), "f.img", 1 << 20),
         readonly: true,
         engine,
         ..Default::default()
@@ -223,7 +217,7 @@ fn dropped_futures_do_not_free_buffers_in_flight(#[values(0, 1)] which: usize) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), 8 << 20);
+    let p = sparse_file(dir.path(), "f.img", 8 << 20);
     let a = AioBdev::create(AioOpts {
         name: "a".into(),
         filename: p.clone(),
@@ -264,7 +258,7 @@ fn large_and_many_vectored_io(#[values(0, 1)] which: usize) {
     let dir = tempfile::tempdir().unwrap();
     let a: Arc<dyn BlockDevice> = AioBdev::create(AioOpts {
         name: "a".into(),
-        filename: file(dir.path(), 16 << 20),
+        filename: sparse_file(dir.path(), "f.img", 16 << 20),
         block_len: Some(512),
         engine,
         ..Default::default()
@@ -299,7 +293,7 @@ fn a_future_polled_once_and_kept_does_not_strand_other_io() {
     let dir = tempfile::tempdir().unwrap();
     let a = AioBdev::create(AioOpts {
         name: "a".into(),
-        filename: file(dir.path(), 1 << 20),
+        filename: sparse_file(dir.path(), "f.img", 1 << 20),
         engine: AioEngine::Uring,
         ..Default::default()
     })
@@ -344,7 +338,7 @@ fn open_flags(path: &std::path::Path) -> Vec<u32> {
 #[test]
 fn default_open_is_o_direct_and_buffered_on_request() {
     let dir = tempfile::tempdir().unwrap();
-    let p = file(dir.path(), 1 << 20);
+    let p = sparse_file(dir.path(), "f.img", 1 << 20);
     let p = p.canonicalize().unwrap();
     // Whether this file system takes O_DIRECT at all (else the default falls back).
     let fs_direct = {
