@@ -776,24 +776,26 @@ impl Descriptor {
     /// future is returned as is (no allocation when the device serves it inline). A stacked
     /// device returns this as its own request's future.
     pub fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
-        let n = match self.check_io(offset_blocks, &buf, IoType::Read) {
-            Ok(n) => n,
-            Err(e) => return IoFuture::ready(Err(e)),
-        };
-        if n == 0 {
-            return IoFuture::ready(Ok(buf));
-        }
-        self.state.inflight.fetch_add(1, Ordering::AcqRel);
-        let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
-        self.dev
-            .read_io(offset_blocks, buf)
-            .counted(&self.state.inflight)
-            .recorded(&self.state.stats, IoKind::Read, bytes)
+        self.start_io(offset_blocks, buf, IoType::Read, |d, o, b| d.read_io(o, b))
     }
 
     /// [`Descriptor::write`] as an [`IoFuture`] (see [`Descriptor::read_io`]).
     pub fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
-        let n = match self.check_io(offset_blocks, &buf, IoType::Write) {
+        self.start_io(offset_blocks, buf, IoType::Write, |d, o, b| {
+            d.write_io(o, b)
+        })
+    }
+
+    /// One read or write: the checks, then the device's request, counted in flight and in
+    /// the statistics until it ends.
+    fn start_io<'a>(
+        &'a self,
+        offset_blocks: u64,
+        buf: IoBuf,
+        io_type: IoType,
+        submit: impl FnOnce(&'a dyn BlockDevice, u64, IoBuf) -> IoFuture<'a, Result<IoBuf>>,
+    ) -> IoFuture<'a, Result<IoBuf>> {
+        let n = match self.check_io(offset_blocks, &buf, io_type) {
             Ok(n) => n,
             Err(e) => return IoFuture::ready(Err(e)),
         };
@@ -802,10 +804,14 @@ impl Descriptor {
         }
         self.state.inflight.fetch_add(1, Ordering::AcqRel);
         let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
-        self.dev
-            .write_io(offset_blocks, buf)
+        let kind = if io_type == IoType::Write {
+            IoKind::Write
+        } else {
+            IoKind::Read
+        };
+        submit(self.dev.as_ref(), offset_blocks, buf)
             .counted(&self.state.inflight)
-            .recorded(&self.state.stats, IoKind::Write, bytes)
+            .recorded(&self.state.stats, kind, bytes)
     }
 
     /// The checks of one read or write, each done once: alive, writable (writes),

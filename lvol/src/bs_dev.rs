@@ -180,6 +180,8 @@ mod tests {
                     name: name.into(),
                     filename: dir.path().join(name),
                     readonly: ro,
+                    // Buffered: with O_DIRECT (the default) only a reflink is taken.
+                    direct: false,
                     ..Default::default()
                 })
                 .unwrap();

@@ -203,6 +203,8 @@ mod tests {
                     name: name.into(),
                     filename: path.into(),
                     readonly,
+                    // Buffered: with O_DIRECT (the default) only a reflink is taken.
+                    direct: false,
                     ..Default::default()
                 })
                 .unwrap()

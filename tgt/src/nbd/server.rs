@@ -204,27 +204,18 @@ impl NbdServer {
 
     /// A connection accepted on a Unix socket, handed to its reactor.
     fn accept_unix(self: &Arc<Self>, s: tokio::net::UnixStream) {
-        let Some(h) = self.pick_reactor() else {
-            return self.spawn_conn(s);
-        };
-        // Re-registered with the reactor's own event loop.
-        match s.into_std() {
-            Ok(std) => {
-                let me = self.clone();
-                h.spawn(async move {
-                    match tokio::net::UnixStream::from_std(std) {
-                        Ok(s) => me.spawn_conn(s),
-                        Err(e) => tracing::warn!("nbd: connection to its reactor: {e}"),
-                    }
-                });
-            }
-            Err(e) => tracing::warn!("nbd: connection to its reactor: {e}"),
-        }
+        self.to_reactor(s);
     }
 
     /// A connection accepted on a TCP socket, handed to its reactor.
     fn accept_tcp(self: &Arc<Self>, s: tokio::net::TcpStream) {
         let _ = s.set_nodelay(true);
+        self.to_reactor(s);
+    }
+
+    /// Serves `s` on the next reactor (re-registered with that reactor's own event loop), or
+    /// here when the server has no reactors.
+    fn to_reactor<S: ReactorStream>(self: &Arc<Self>, s: S) {
         let Some(h) = self.pick_reactor() else {
             return self.spawn_conn(s);
         };
@@ -232,7 +223,7 @@ impl NbdServer {
             Ok(std) => {
                 let me = self.clone();
                 h.spawn(async move {
-                    match tokio::net::TcpStream::from_std(std) {
+                    match S::from_std(std) {
                         Ok(s) => me.spawn_conn(s),
                         Err(e) => tracing::warn!("nbd: connection to its reactor: {e}"),
                     }
@@ -1105,6 +1096,35 @@ async fn execute(
             Ok(None)
         }
         _ => Err(libc::EINVAL),
+    }
+}
+
+/// A tokio stream that can leave its event loop and join another's (a connection moving to
+/// its reactor).
+trait ReactorStream: AsyncRead + AsyncWrite + Unpin + Send + Sized + 'static {
+    /// The std stream, detached from this event loop.
+    type Std: Send + 'static;
+    fn into_std(self) -> std::io::Result<Self::Std>;
+    fn from_std(s: Self::Std) -> std::io::Result<Self>;
+}
+
+impl ReactorStream for tokio::net::UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::UnixStream::from_std(s)
+    }
+}
+
+impl ReactorStream for tokio::net::TcpStream {
+    type Std = std::net::TcpStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(s)
     }
 }
 
