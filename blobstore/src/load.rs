@@ -236,6 +236,47 @@ struct BlobSummary {
 // ---------------------------------------------------------------------------------------
 // init / load / unload
 
+/// The store's in-memory state as init and load build it: the super block `sbi` (whose
+/// super blob it takes), the allocator, and fresh locks, counters and pools.
+#[allow(clippy::too_many_arguments)]
+fn assemble(
+    dev: Arc<dyn BsDev>,
+    geo: Geo,
+    align: usize,
+    io_unit: u32,
+    alloc: Allocator,
+    sbi: SuperBlockInfo,
+    clean_on_disk: bool,
+    opts: &BsOpts,
+) -> Arc<StoreInner> {
+    let bufs = BufPool::new(geo.cluster_size as usize, align);
+    Arc::new(StoreInner {
+        dev,
+        geo,
+        align,
+        md_lock: async_lock::Mutex::new(()),
+        graph: Graph::default(),
+        alloc,
+        st: Mutex::new(StoreState {
+            super_blob: sbi.super_blob,
+            sbi,
+            clean_on_disk,
+            unloaded: false,
+            doomed: Vec::new(),
+            tainted: false,
+            shadows: Vec::new(),
+        }),
+        factory: opts.esnap_factory.clone(),
+        write_seq: AtomicU64::new(0),
+        durable_seq: AtomicU64::new(0),
+        flushes: FlushGroup::default(),
+        committer: Committer::default(),
+        bufs,
+        // The io unit is smaller than an md page: in-place md writes may tear (shadows).
+        shadowed: io_unit < PAGE as u32,
+    })
+}
+
 pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<StoreInner>> {
     let bl = dev.block_len();
     if !bl.is_power_of_two() || !(512..=PAGE as u32).contains(&bl) {
@@ -322,37 +363,14 @@ pub(crate) async fn init(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             stale.set(c);
         }
     }
-    let bufs = BufPool::new(geo.cluster_size as usize, align);
-    let inner = Arc::new(StoreInner {
-        dev,
-        geo,
-        align,
-        md_lock: async_lock::Mutex::new(()),
-        graph: Graph::default(),
-        alloc: Allocator::new(
-            l.total_clusters,
-            Bitmap::new(u64::from(l.md_len)),
-            used_clusters,
-            Bitmap::new(u64::from(l.md_len)),
-            stale,
-        ),
-        st: Mutex::new(StoreState {
-            sbi,
-            clean_on_disk: false,
-            super_blob: BLOBID_INVALID,
-            unloaded: false,
-            doomed: Vec::new(),
-            tainted: false,
-            shadows: Vec::new(),
-        }),
-        factory: opts.esnap_factory.clone(),
-        write_seq: AtomicU64::new(0),
-        durable_seq: AtomicU64::new(0),
-        flushes: FlushGroup::default(),
-        committer: Committer::default(),
-        bufs,
-        shadowed: bl < PAGE as u32,
-    });
+    let alloc = Allocator::new(
+        l.total_clusters,
+        Bitmap::new(u64::from(l.md_len)),
+        used_clusters,
+        Bitmap::new(u64::from(l.md_len)),
+        stale,
+    );
+    let inner = assemble(dev, geo, align, bl, alloc, sbi, false, opts);
     // init returns a store that a power cut cannot take back.
     inner.barrier(Barrier::Super).await?;
     Ok(inner)
@@ -708,31 +726,8 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
             stale.set(c);
         }
     }
-    let bufs = BufPool::new(geo.cluster_size as usize, align);
-    let inner = Arc::new(StoreInner {
-        dev,
-        geo,
-        align,
-        md_lock: async_lock::Mutex::new(()),
-        graph: Graph::default(),
-        alloc: Allocator::new(total, used_pages, used_clusters, used_blobids, stale),
-        st: Mutex::new(StoreState {
-            super_blob: sbi.super_blob,
-            sbi,
-            clean_on_disk,
-            unloaded: false,
-            doomed: Vec::new(),
-            tainted: false,
-            shadows: Vec::new(),
-        }),
-        factory: opts.esnap_factory.clone(),
-        write_seq: AtomicU64::new(0),
-        durable_seq: AtomicU64::new(0),
-        flushes: FlushGroup::default(),
-        committer: Committer::default(),
-        bufs,
-        shadowed: bl < PAGE as u32,
-    });
+    let alloc = Allocator::new(total, used_pages, used_clusters, used_blobids, stale);
+    let inner = assemble(dev, geo, align, bl, alloc, sbi, clean_on_disk, opts);
     inner.build_relations().await?;
     Ok(inner)
 }

@@ -73,7 +73,7 @@ impl AioRpc {
             uuid,
             ..Default::default()
         };
-        let dev = AioBdev::create(opts).map_err(|e| match &e {
+        let dev = create_off_thread(opts).await.map_err(|e| match &e {
             // The file is held (by another bdev or process): say by whom, after SPDK's text.
             BdevError::Busy(who) => RpcError::new(
                 -libc::EBUSY,
@@ -163,4 +163,20 @@ mod tests {
         );
         assert!(parse_uuid(&Some("nope".into())).is_err());
     }
+}
+
+/// [`AioBdev::create`] on a thread of its own: opening may block (the exclusive lock is
+/// retried for about a second, `fallocate` writes the whole file), and the caller is an
+/// async RPC handler whose executor must not stall. Runtime-agnostic: a plain thread and a
+/// oneshot channel.
+async fn create_off_thread(opts: AioOpts) -> crate::Result<Arc<AioBdev>> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("aio-open".into())
+        .spawn(move || {
+            let _ = tx.send(AioBdev::create(opts));
+        })
+        .map_err(BdevError::Io)?;
+    rx.await
+        .map_err(|_| BdevError::Io(std::io::Error::other("aio open thread panicked")))?
 }
