@@ -146,6 +146,22 @@ impl RpcModule for AioRpc {
     }
 }
 
+/// [`AioBdev::create`] on a thread of its own: opening may block (the exclusive lock is
+/// retried for about a second, `fallocate` writes the whole file), and the caller is an
+/// async RPC handler whose executor must not stall. Runtime-agnostic: a plain thread and a
+/// oneshot channel.
+async fn create_off_thread(opts: AioOpts) -> crate::Result<Arc<AioBdev>> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("aio-open".into())
+        .spawn(move || {
+            let _ = tx.send(AioBdev::create(opts));
+        })
+        .map_err(BdevError::Io)?;
+    rx.await
+        .map_err(|_| BdevError::Io(std::io::Error::other("aio open thread panicked")))?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,20 +179,4 @@ mod tests {
         );
         assert!(parse_uuid(&Some("nope".into())).is_err());
     }
-}
-
-/// [`AioBdev::create`] on a thread of its own: opening may block (the exclusive lock is
-/// retried for about a second, `fallocate` writes the whole file), and the caller is an
-/// async RPC handler whose executor must not stall. Runtime-agnostic: a plain thread and a
-/// oneshot channel.
-async fn create_off_thread(opts: AioOpts) -> crate::Result<Arc<AioBdev>> {
-    let (tx, rx) = futures::channel::oneshot::channel();
-    std::thread::Builder::new()
-        .name("aio-open".into())
-        .spawn(move || {
-            let _ = tx.send(AioBdev::create(opts));
-        })
-        .map_err(BdevError::Io)?;
-    rx.await
-        .map_err(|_| BdevError::Io(std::io::Error::other("aio open thread panicked")))?
 }
