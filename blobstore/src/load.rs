@@ -233,6 +233,38 @@ struct BlobSummary {
     snaprm: Option<BlobId>,
 }
 
+/// The summary of blob `id` from its whole md chain; `None` (with a warning) when the chain
+/// does not parse.
+fn summarize(id: BlobId, pages: &[MdPageInfo], total_clusters: u64) -> Option<BlobSummary> {
+    let ci = match parse_chain(id, pages, total_clusters) {
+        Ok(ci) => ci,
+        Err(e) => {
+            tracing::warn!(target: "blob", "blob {id:#x}: {e}, skipped");
+            return None;
+        }
+    };
+    let get = |n: &str| {
+        ci.md
+            .get_internal(n)
+            .filter(|v| v.len() == 8)
+            .and_then(|v| rd_u64(v, 0).ok())
+    };
+    Some(BlobSummary {
+        parent: ci.md.snap_parent().ok().flatten(),
+        snaptmp: get(XATTR_SNAPTMP),
+        snaprm: get(XATTR_SNAPRM),
+    })
+}
+
+/// What a recovery scan found: the three masks and, per blob whose chain it read whole, its
+/// summary (`None` for a chain that is unreadable), so the load need not read them again.
+type Recovered = (
+    Bitmap,
+    Bitmap,
+    Bitmap,
+    BTreeMap<BlobId, Option<BlobSummary>>,
+);
+
 // ---------------------------------------------------------------------------------------
 // init / load / unload
 
@@ -571,16 +603,12 @@ async fn repair_torn(
 }
 
 /// Rebuilds the three masks by walking md pages (format §8).
-pub(crate) async fn recover_masks(
-    dev: &dyn BsDev,
-    geo: &Geo,
-    total: u64,
-    align: usize,
-) -> Result<(Bitmap, Bitmap, Bitmap)> {
+async fn recover_masks(dev: &dyn BsDev, geo: &Geo, total: u64, align: usize) -> Result<Recovered> {
     let md_len = geo.md_len;
     let mut pages = Bitmap::new(u64::from(md_len));
     let mut clusters = Bitmap::new(total);
     let mut blobids = Bitmap::new(u64::from(md_len));
+    let mut summaries = BTreeMap::new();
     let mut cache = PageCache::new(dev, geo, align);
     let mark = |clusters: &mut Bitmap, c: u32, what: u64| {
         if u64::from(c) < total {
@@ -593,7 +621,13 @@ pub(crate) async fn recover_masks(
         if pages.get(u64::from(p)) {
             continue;
         }
-        let info = parse_md_page(cache.get(p).await?)?;
+        let pg = cache.get(p).await?;
+        // Only a root page can start a chain: check its id and sequence number before
+        // paying for the CRC and the descriptor walk (most pages of a scan are not roots).
+        if rd_u64(pg, 0)? != page_to_blobid(p) || rd_u32(pg, 8)? != 0 {
+            continue;
+        }
+        let info = parse_md_page(pg)?;
         if !info.crc_ok || info.sequence_num != 0 || info.id != page_to_blobid(p) {
             continue;
         }
@@ -601,9 +635,10 @@ pub(crate) async fn recover_masks(
         pages.set(u64::from(p));
         blobids.set(u64::from(p));
         let mut ep_list: Vec<u32> = Vec::new();
-        let mut cur = info;
+        let mut chain = vec![info];
         let mut seen = HashSet::from([p]);
-        loop {
+        let whole = loop {
+            let Some(cur) = chain.last() else { break false };
             for d in &cur.descriptors {
                 match d {
                     Descriptor::ExtentRle(runs) => {
@@ -626,16 +661,26 @@ pub(crate) async fn recover_masks(
                 }
             }
             let next = cur.next;
-            if next == INVALID_PAGE || next >= md_len || !seen.insert(next) {
-                break;
+            if next == INVALID_PAGE {
+                break true;
+            }
+            if next >= md_len || !seen.insert(next) {
+                break false;
             }
             let ni = parse_md_page(cache.get(next).await?)?;
             if !ni.crc_ok {
-                break;
+                break false;
             }
             pages.set(u64::from(next));
-            cur = ni;
-        }
+            chain.push(ni);
+        };
+        let summary = if whole {
+            summarize(id, &chain, total)
+        } else {
+            tracing::warn!(target: "blob", "blob {id:#x}: unreadable md chain, skipped");
+            None
+        };
+        summaries.insert(id, summary);
         for ep in ep_list {
             if ep >= md_len {
                 continue;
@@ -656,7 +701,7 @@ pub(crate) async fn recover_masks(
     for c in 0..geo.md_clusters.min(total) {
         clusters.set(c);
     }
-    Ok((pages, clusters, blobids))
+    Ok((pages, clusters, blobids, summaries))
 }
 
 pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<StoreInner>> {
@@ -704,13 +749,14 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     } else {
         read_masks(dev.as_ref(), &sbi, &geo, total, align).await?
     };
-    let (used_pages, mut used_clusters, used_blobids) = match masks {
-        Some(m) => m,
+    let (used_pages, mut used_clusters, used_blobids, scanned) = match masks {
+        Some((p, c, b)) => (p, c, b, None),
         None => {
             if !need_recovery {
                 tracing::warn!(target: "blob", "masks of a clean store are invalid; recovering");
             }
-            recover_masks(dev.as_ref(), &geo, total, align).await?
+            let (p, c, b, sums) = recover_masks(dev.as_ref(), &geo, total, align).await?;
+            (p, c, b, Some(sums))
         }
     };
     for c in 0..geo.md_clusters {
@@ -728,74 +774,66 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     }
     let alloc = Allocator::new(total, used_pages, used_clusters, used_blobids, stale);
     let inner = assemble(dev, geo, align, bl, alloc, sbi, clean_on_disk, opts);
-    inner.build_relations().await?;
+    inner.build_relations(scanned).await?;
     Ok(inner)
 }
 
 impl StoreInner {
-    /// Reads every blob's chain to build the snapshot/clone graph, then runs the
-    /// SNAPTMP / SNAPRM power-failure fix-ups.
-    async fn build_relations(self: &Arc<Self>) -> Result<()> {
+    /// Reads the md chain of every blob in the blob-id mask and summarises it.
+    async fn read_summaries(&self) -> Result<BTreeMap<BlobId, BlobSummary>> {
         let ids: Vec<u64> = self.alloc.lock().used_blobids.iter_ones().collect();
-        let mut summaries: BTreeMap<BlobId, BlobSummary> = BTreeMap::new();
-        {
-            let mut cache = PageCache::new(self.dev.as_ref(), &self.geo, self.align);
-            for p in ids {
-                let p = p as u32;
-                let id = page_to_blobid(p);
-                let mut pages = Vec::new();
-                let mut cur = p;
-                let mut ok = true;
-                let mut seen = HashSet::new();
-                loop {
-                    if !seen.insert(cur) {
-                        ok = false;
-                        break;
-                    }
-                    let info = parse_md_page(cache.get(cur).await?)?;
-                    if !info.crc_ok || (pages.is_empty() && info.id != id) {
-                        ok = false;
-                        break;
-                    }
-                    let next = info.next;
-                    pages.push(info);
-                    if next == INVALID_PAGE {
-                        break;
-                    }
-                    if next >= self.geo.md_len || pages.len() > self.geo.md_len as usize {
-                        ok = false;
-                        break;
-                    }
-                    cur = next;
+        let total = self.alloc.lock().total_clusters;
+        let mut summaries = BTreeMap::new();
+        let mut cache = PageCache::new(self.dev.as_ref(), &self.geo, self.align);
+        for p in ids {
+            let p = p as u32;
+            let id = page_to_blobid(p);
+            let mut pages = Vec::new();
+            let mut cur = p;
+            let mut seen = HashSet::new();
+            let ok = loop {
+                if !seen.insert(cur) {
+                    break false;
                 }
-                if !ok {
-                    tracing::warn!(target: "blob", "blob {id:#x}: unreadable md chain, skipped");
-                    continue;
+                let info = parse_md_page(cache.get(cur).await?)?;
+                if !info.crc_ok || (pages.is_empty() && info.id != id) {
+                    break false;
                 }
-                let total = self.alloc.lock().total_clusters;
-                let ci = match parse_chain(id, &pages, total) {
-                    Ok(ci) => ci,
-                    Err(e) => {
-                        tracing::warn!(target: "blob", "blob {id:#x}: {e}, skipped");
-                        continue;
-                    }
-                };
-                let get = |n: &str| {
-                    ci.md
-                        .get_internal(n)
-                        .filter(|v| v.len() == 8)
-                        .and_then(|v| rd_u64(v, 0).ok())
-                };
-                summaries.insert(
-                    id,
-                    BlobSummary {
-                        parent: ci.md.snap_parent().ok().flatten(),
-                        snaptmp: get(XATTR_SNAPTMP),
-                        snaprm: get(XATTR_SNAPRM),
-                    },
-                );
+                let next = info.next;
+                pages.push(info);
+                if next == INVALID_PAGE {
+                    break true;
+                }
+                if next >= self.geo.md_len || pages.len() > self.geo.md_len as usize {
+                    break false;
+                }
+                cur = next;
+            };
+            if !ok {
+                tracing::warn!(target: "blob", "blob {id:#x}: unreadable md chain, skipped");
+                continue;
+            }
+            if let Some(sum) = summarize(id, &pages, total) {
+                summaries.insert(id, sum);
             }
         }
+        Ok(summaries)
+    }
+
+    /// Reads every blob's chain to build the snapshot/clone graph, then runs the
+    /// SNAPTMP / SNAPRM power-failure fix-ups.
+    async fn build_relations(
+        self: &Arc<Self>,
+        scanned: Option<BTreeMap<BlobId, Option<BlobSummary>>>,
+    ) -> Result<()> {
+        let summaries: BTreeMap<BlobId, BlobSummary> = match scanned {
+            // A recovery scan read every chain already.
+            Some(sums) => sums
+                .into_iter()
+                .filter_map(|(id, s)| s.map(|s| (id, s)))
+                .collect(),
+            None => self.read_summaries().await?,
+        };
         for (id, s) in &summaries {
             if let Some(p) = s.parent {
                 self.add_relation(p, *id);

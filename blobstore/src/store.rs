@@ -98,14 +98,23 @@ pub(crate) fn io_err(e: std::io::Error) -> BsError {
     BsError::Io(e)
 }
 
-/// Reads md pages in chunks, for scans.
+/// Pages per read of a [`PageCache`] (256 KiB).
+const CACHE_CHUNK: u32 = 64;
+/// Reads issued together when a [`PageCache`] misses: a window of 1 MiB read at depth 4,
+/// which a virtual disk serves about twice as fast as the same bytes one read at a time.
+const CACHE_DEPTH: u32 = 4;
+/// Windows a [`PageCache`] keeps (4 MiB), so that a chain or extent page near the page a
+/// scan is at, behind or ahead of it, is usually a hit.
+const CACHE_WINDOWS: usize = 4;
+
+/// Reads md pages for scans: a miss reads the 1 MiB window around the page as
+/// [`CACHE_DEPTH`] concurrent reads, and the last [`CACHE_WINDOWS`] windows stay cached.
 pub(crate) struct PageCache<'a> {
     dev: &'a dyn BsDev,
     geo: &'a Geo,
     align: usize,
-    chunk: u32,
-    base: u32,
-    data: Option<IoBuf>,
+    /// (first page, pages) per window, most recently used last.
+    windows: Vec<(u32, Vec<IoBuf>)>,
 }
 
 impl<'a> PageCache<'a> {
@@ -114,11 +123,25 @@ impl<'a> PageCache<'a> {
             dev,
             geo,
             align,
-            chunk: 64,
-            base: u32::MAX,
-            data: None,
+            windows: Vec::with_capacity(CACHE_WINDOWS),
         }
     }
+
+    /// Reads the window starting at page `base` (up to the end of the md region).
+    async fn read_window(&self, base: u32) -> Result<Vec<IoBuf>> {
+        let end = (base + CACHE_CHUNK * CACHE_DEPTH).min(self.geo.md_len);
+        let reads = (base..end).step_by(CACHE_CHUNK as usize).map(|b| {
+            let n = CACHE_CHUNK.min(end - b);
+            let buf = IoBuf::new(n as usize * PAGE, self.align);
+            self.dev.read(self.geo.page_lba(b), buf)
+        });
+        futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .map(|r| r.map_err(io_err))
+            .collect()
+    }
+
     pub(crate) async fn get(&mut self, p: u32) -> Result<&[u8]> {
         if p >= self.geo.md_len {
             return Err(corrupt(format!(
@@ -126,28 +149,29 @@ impl<'a> PageCache<'a> {
                 self.geo.md_len
             )));
         }
-        if self.base == u32::MAX || p < self.base || p >= self.base + self.chunk {
-            let base = p - p % self.chunk;
-            let n = self.chunk.min(self.geo.md_len - base);
-            let len = n as usize * PAGE;
-            let buf = match self.data.take() {
-                Some(b) if b.len() == len => b,
-                _ => IoBuf::new(len, self.align),
-            };
-            self.base = u32::MAX;
-            let buf = self
-                .dev
-                .read(self.geo.page_lba(base), buf)
-                .await
-                .map_err(io_err)?;
-            self.data = Some(buf);
-            self.base = base;
+        let span = CACHE_CHUNK * CACHE_DEPTH;
+        let base = p - p % span;
+        match self.windows.iter().position(|(b, _)| *b == base) {
+            Some(i) => {
+                let w = self.windows.remove(i);
+                self.windows.push(w);
+            }
+            None => {
+                let bufs = self.read_window(base).await?;
+                if self.windows.len() == CACHE_WINDOWS {
+                    self.windows.remove(0);
+                }
+                self.windows.push((base, bufs));
+            }
         }
-        let o = (p - self.base) as usize * PAGE;
-        match &self.data {
-            Some(d) => Ok(&d[o..o + PAGE]),
-            None => Err(corrupt("md page cache is empty")),
-        }
+        let Some((_, bufs)) = self.windows.last() else {
+            return Err(corrupt("md page cache is empty"));
+        };
+        let off = p - base;
+        let buf = &bufs[(off / CACHE_CHUNK) as usize];
+        let o = (off % CACHE_CHUNK) as usize * PAGE;
+        buf.get(o..o + PAGE)
+            .ok_or_else(|| corrupt("md page cache: short window"))
     }
 }
 
