@@ -865,6 +865,14 @@ fn default_cpu() -> String {
         .to_string()
 }
 
+/// The type of the file system holding `dir` (`stat -f -c %T`: ext2/ext3, xfs, btrfs, ...).
+fn fs_type(dir: &Path) -> String {
+    command_line_output("stat", &["-f", "-c", "%T", &dir.display().to_string()])
+        .map(|s| s.trim().replace('/', "_"))
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -923,15 +931,17 @@ impl Ctx {
     }
 }
 
-const USAGE: &str =
-    "cargo xtask bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST]";
+const USAGE: &str = "cargo xtask bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST] [--data-dir DIR]";
 
-/// Entry point: `bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST]`.
+/// Entry point: `bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST]
+/// [--data-dir DIR]`. `--data-dir` puts the data files (and so every store and clone) on
+/// another file system, e.g. one with reflinks; the results then go to
+/// `target/bench/on-<fs type>/`.
 pub fn run(args: &[String]) -> Result<()> {
     crate::check_args(
         args,
         &["--quick", "--list"],
-        &["--filter", "--rounds", "--cpus"],
+        &["--filter", "--rounds", "--cpus", "--data-dir"],
     )?;
     let quick = args.iter().any(|a| a == "--quick");
     let rounds: u32 = crate::flag_value(args, "--rounds")?.unwrap_or(if quick { 1 } else { 5 });
@@ -963,11 +973,23 @@ pub fn run(args: &[String]) -> Result<()> {
     let spdk = std::env::var_os(SPDK_ENV)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
+    let data_dir: Option<PathBuf> = crate::flag_value(args, "--data-dir")?;
+    let (data_dir, out_dir) = match data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(&d)?;
+            let fs = fs_type(&d);
+            (d, target.join("bench").join(format!("on-{fs}")).join(sub))
+        }
+        None => (
+            target.join("bench-data").join(sub),
+            target.join("bench").join(sub),
+        ),
+    };
     let ctx = Ctx {
-        data_dir: target.join("bench-data").join(sub),
+        data_dir,
         bench_bin: target.join("release").join("bench"),
         tgt_bin: target.join("release").join("tgt"),
-        out_dir: target.join("bench").join(sub),
+        out_dir,
         file_size: if quick {
             QUICK_FILE_SIZE
         } else {
@@ -1010,6 +1032,8 @@ pub fn run(args: &[String]) -> Result<()> {
         "command": format!("cargo xtask bench {}", args.join(" ")),
         "date_utc": command_line_output("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         "machine": machine_info(),
+        "data_dir": ctx.data_dir.display().to_string(),
+        "data_fs": fs_type(&ctx.data_dir),
         "cpus": ctx.cpus,
         "rounds": ctx.rounds,
         "quick": ctx.quick,
@@ -1346,6 +1370,8 @@ fn build_record(
             "loadavg_before": load_before,
             "loadavg_after": loadavg(),
             "data": data_note,
+            "data_dir": ctx.data_dir.display().to_string(),
+            "data_fs": fs_type(&ctx.data_dir),
         },
         "sides": side_json,
         "ours": ours.as_ref().map(summary_json),
