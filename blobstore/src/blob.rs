@@ -459,10 +459,16 @@ impl BlobInner {
         Ok(())
     }
 
-    pub(crate) async fn write_zeroes(self: &Arc<Self>, offset: u64, units: u64) -> Result<()> {
+    /// Checks a write_zeroes or unmap of `units` io units at `offset`: false when there is
+    /// nothing to do.
+    fn check_change(&self, offset: u64, units: u64) -> Result<bool> {
         self.check_writable()?;
         self.check_units(offset, units)?;
-        if units == 0 {
+        Ok(units != 0)
+    }
+
+    pub(crate) async fn write_zeroes(self: &Arc<Self>, offset: u64, units: u64) -> Result<()> {
+        if !self.check_change(offset, units)? {
             return Ok(());
         }
         let _f = self.freeze.read().await;
@@ -755,9 +761,7 @@ impl BlobInner {
     // ---------------------------------------------------------------- unmap
 
     pub(crate) async fn unmap(self: &Arc<Self>, offset: u64, units: u64) -> Result<()> {
-        self.check_writable()?;
-        self.check_units(offset, units)?;
-        if units == 0 {
+        if !self.check_change(offset, units)? {
             return Ok(());
         }
         let _f = self.freeze.read().await;

@@ -100,12 +100,7 @@ impl StoreInner {
 
     pub(crate) async fn create_blob(self: &Arc<Self>, opts: &BlobOpts) -> Result<BlobId> {
         self.check_live()?;
-        for (n, v) in opts.xattrs.iter().chain(opts.internal_xattrs.iter()) {
-            if n.is_empty() || v.is_empty() {
-                return Err(einval(format!("xattr {n:?} has an empty name or value")));
-            }
-            check_xattr_size(n, v)?;
-        }
+        check_new_xattrs(opts.xattrs.iter().chain(opts.internal_xattrs.iter()))?;
         let mut md = BlobMd::default();
         if opts.use_extent_table {
             md.invalid |= INV_EXTENT_TABLE;
@@ -149,12 +144,7 @@ impl StoreInner {
         xattrs: Vec<(String, Vec<u8>)>,
     ) -> Result<BlobId> {
         self.check_live()?;
-        for (n, v) in &xattrs {
-            if n.is_empty() || v.is_empty() {
-                return Err(einval(format!("xattr {n:?} has an empty name or value")));
-            }
-            check_xattr_size(n, v)?;
-        }
+        check_new_xattrs(xattrs.iter())?;
         let _busy = self.busy_guard(&[orig_id])?;
         yield_now().await;
         let orig = self.open_internal(orig_id).await?;
@@ -324,12 +314,7 @@ impl StoreInner {
         xattrs: Vec<(String, Vec<u8>)>,
     ) -> Result<BlobId> {
         self.check_live()?;
-        for (n, v) in &xattrs {
-            if n.is_empty() || v.is_empty() {
-                return Err(einval(format!("xattr {n:?} has an empty name or value")));
-            }
-            check_xattr_size(n, v)?;
-        }
+        check_new_xattrs(xattrs.iter())?;
         let _busy = self.busy_guard(&[snap_id])?;
         yield_now().await;
         let _g = self.md_lock.lock().await;
@@ -1023,4 +1008,16 @@ impl BlobInner {
         s.back = Back::Esnap(dev);
         Ok(())
     }
+}
+
+/// The xattrs a new blob is created with: each needs a name and a value, and must fit a
+/// descriptor.
+fn check_new_xattrs<'a>(xattrs: impl Iterator<Item = &'a (String, Vec<u8>)>) -> Result<()> {
+    for (n, v) in xattrs {
+        if n.is_empty() || v.is_empty() {
+            return Err(einval(format!("xattr {n:?} has an empty name or value")));
+        }
+        check_xattr_size(n, v)?;
+    }
+    Ok(())
 }
