@@ -27,6 +27,7 @@ use blobstore::{
     inspect, Blob, BlobId, BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod, IoBuf, Parent,
 };
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const CLUSTER: u32 = 16384;
 /// 1 MiB: 64 clusters of 16 KiB.
@@ -427,38 +428,17 @@ fn sweep(name: &str, setup: Setup, op: Op) -> Stats {
 fn setup_thin(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
     Box::pin(async move {
         let all = bs.free_clusters();
-        let junk = bs
-            .create_blob(BlobOpts {
-                num_clusters: all,
-                clear_method: ClearMethod::None,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let junk = create(bs, clusters(all).clear(ClearMethod::None)).await;
         let b = bs.open_blob(junk).await.unwrap();
         let mut buf = IoBuf::new(all as usize * CLUSTER as usize, 4096);
         buf.fill(0xee);
         b.write(0, buf).await.unwrap();
         b.close().await.unwrap();
         bs.delete_blob(junk).await.unwrap();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                xattrs: vec![("name".into(), b"t\0".to_vec())],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let id = create(bs, clusters(4).thin().xattr("name", b"t\0")).await;
         fill(bs, id, 0, 0x11).await;
         fill(bs, id, 2, 0x22).await;
-        let thick = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let thick = create(bs, clusters(2)).await;
         fill(bs, thick, 1, 0x33).await;
         vec![id, thick]
     })
@@ -489,14 +469,7 @@ fn setup_chain2(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_
 /// An esnap clone E with one copied cluster. ids: [E].
 fn setup_esnap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
     Box::pin(async move {
-        let e = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                esnap_id: Some(b"base".to_vec()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let e = create(bs, clusters(4).esnap(b"base")).await;
         fill(bs, e, 1, 0x31).await;
         vec![e]
     })
@@ -519,23 +492,9 @@ fn setup_esnap_snap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> 
 fn setup_reparent(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
     Box::pin(async move {
         let mut ids = setup_chain(bs).await;
-        let u = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let u = create(bs, clusters(4).thin()).await;
         fill(bs, u, 3, 0x77).await;
-        let v = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let v = create(bs, clusters(4).thin()).await;
         ids.push(u);
         ids.push(v);
         ids
