@@ -43,6 +43,14 @@ pub async fn aio(reg: &Registry, name: &str, path: &Path, bl: u32, uuid: Option<
     reg.wait_for_examine().await;
 }
 
+/// A sparse file `dir/<name>.img` of `size` bytes registered as aio bdev `name` (512-byte
+/// blocks); returns the file, to reload or inspect what was written.
+pub async fn aio_sparse(reg: &Registry, dir: &Path, name: &str, size: u64) -> PathBuf {
+    let f = sparse_file(dir, &format!("{name}.img"), size);
+    aio(reg, name, &f, 512, None, false).await;
+    f
+}
+
 /// A sparse file `dir/name` of `size` bytes.
 pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);

@@ -99,11 +99,8 @@ fn create_thick_and_thin_with_data_and_bdev_shape() {
 #[test]
 fn lvol_naming_rules_and_lookups() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        malloc(&reg, "M2", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let s2 = lvs(&m, "M2", "lvs2", 1 << 20).await;
+        let specs = [("lvs", 64 * MIB, 1 << 20), ("lvs2", 64 * MIB, 1 << 20)];
+        let (reg, m, [s, s2]) = malloc_stores(specs).await;
         let l1 = thin_lvol(&m, &s, "lvol", MIB).await;
         let _l2 = thin_lvol(&m, &s, "lvol2", MIB).await;
         let l3 = thin_lvol(&m, &s2, "lvol", MIB).await;
@@ -247,8 +244,7 @@ fn resize_follows_and_bounds_io() {
         let dev = reg.get(l.unique_id()).unwrap();
         m.resize_lvol(&l, 56 * MIB).await.unwrap();
         assert_eq!(dev.num_blocks(), 56 * 2048);
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, 50 * MIB, &fill(9, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/v", 50 * MIB, 4096, 9).await;
         assert_eq!(read_at(&d, 50 * MIB, 4096).await.unwrap(), fill(9, 4096));
         // Larger than the store.
         assert_errno!(m.resize_lvol(&l, 200 * MIB).await, libc::ENOSPC);
@@ -267,8 +263,7 @@ fn read_only_lvol_io_types_and_refused_writes() {
     block_on(async {
         let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
         let l = thick_lvol(&m, &s, "v", 2 * MIB).await;
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, 0, &fill(5, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/v", 0, 4096, 5).await;
         m.set_read_only(&l).await.unwrap();
         let dev = reg.get(l.unique_id()).unwrap();
         for t in [
@@ -343,8 +338,7 @@ fn inflate_and_decouple() {
     block_on(async {
         let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
         let base = thin_lvol(&m, &s, "base", 4 * MIB).await;
-        let d = open(&reg, "lvs/base", true);
-        write_at(&d, 0, &fill(1, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/base", 0, 4096, 1).await;
         write_at(&d, 2 * MIB, &fill(2, 4096)).await.unwrap();
         let s1 = m.create_snapshot(&base, "s1").await.unwrap();
         write_at(&d, MIB, &fill(3, 4096)).await.unwrap();
@@ -374,11 +368,8 @@ fn inflate_and_decouple() {
 #[test]
 fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        malloc(&reg, "M2", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 4 << 20).await;
-        let other = lvs(&m, "M2", "other", 4 << 20).await;
+        let specs = [("lvs", 128 * MIB, 4 << 20), ("other", 64 * MIB, 4 << 20)];
+        let (reg, m, [s, other]) = malloc_stores(specs).await;
         let lvol1 = thin_lvol(&m, &s, "lvol1", 20 * MIB).await;
         let snap1 = m.create_snapshot(&lvol1, "snap1").await.unwrap();
         let lvol2 = m.create_clone(&snap1, "lvol2").await.unwrap();
@@ -444,13 +435,10 @@ async fn shallow_copy_result(m: &lvol::LvolModule, op: u32) -> lvol::ShallowCopy
 #[test]
 fn shallow_copy_copies_allocated_clusters() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
         malloc(&reg, "D", 8 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
         let l = thin_lvol(&m, &s, "v", 8 * MIB).await;
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, MIB, &fill(0x11, MIB as usize)).await.unwrap();
+        let d = open_fill(&reg, "lvs/v", MIB, MIB, 0x11).await;
         write_at(&d, 5 * MIB, &fill(0x55, 4096)).await.unwrap();
         drop(d);
         // Not read-only: the copy starts and reports EPERM.
@@ -559,8 +547,7 @@ fn zero_sized_lvol_can_be_created_and_grown() {
         assert_eq!(reg.get(l.unique_id()).unwrap().num_blocks(), 0);
         m.resize_lvol(&l, 1).await.unwrap();
         assert_eq!(l.size_bytes(), MIB);
-        let d = open(&reg, "lvs/z", true);
-        write_at(&d, 0, &fill(4, 512)).await.unwrap();
+        let d = open_fill(&reg, "lvs/z", 0, 512, 4).await;
         assert_eq!(read_at(&d, 0, 512).await.unwrap(), fill(4, 512));
     });
 }

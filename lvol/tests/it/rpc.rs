@@ -333,8 +333,7 @@ fn shallow_copy_over_rpc_reports_progress_then_forgets() {
         malloc(&reg, "D", 4 * MIB, 512).await;
         rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "lvs", "cluster_sz": 1048576});
         rpc!(r, "bdev_lvol_create", {"lvol_name": "v", "size_in_mib": 4, "thin_provision": true, "lvs_name": "lvs"});
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, 0, &fill(0x61, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/v", 0, 4096, 0x61).await;
         drop(d);
         rpc!(r, "bdev_lvol_set_read_only", {"name": "lvs/v"});
         let op = rpc!(r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "lvs/v", "dst_bdev_name": "D"});

@@ -120,8 +120,7 @@ fn basic_fixture_is_tasted_as_in_its_manifest() {
         let man = test_support::manifest("basic");
         check_manifest(&reg, &m, &man, true).await;
         // Writes work and survive an unload and re-taste.
-        let d = open(&reg, "lvs_basic/clone1", true);
-        write_at(&d, 0, &fill(0x3c, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs_basic/clone1", 0, 4096, 0x3c).await;
         drop(d);
         let s = m.lvstore_by_name("lvs_basic").unwrap();
         m.unload_lvstore(&s).await.unwrap();
