@@ -51,6 +51,16 @@ pub async fn aio_sparse(reg: &Registry, dir: &Path, name: &str, size: u64) -> Pa
     f
 }
 
+/// Grows or shrinks the file at `path` to `size` bytes (a base whose size changes under a
+/// bdev; the test then rescans and notifies the registry).
+pub fn set_file_len(path: &Path, size: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("resize {} to {size}: {e}", path.display()));
+}
+
 /// A sparse file `dir/name` of `size` bytes.
 pub fn sparse_file(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);

@@ -20,11 +20,7 @@ fn ro_opts(base: &str) -> RoOpts {
 
 fn aio_base(engine: AioEngine, direct: bool) -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("base.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    let path = sparse_file(dir.path(), "base.img", 32 << 20);
     let reg = Registry::new();
     let a = AioBdev::create(AioOpts {
         name: "AB".into(),
@@ -49,21 +45,12 @@ fn base_removal_with_64_reads_in_flight_malloc() {
     base_removal_with_reads_in_flight(reg, "MB", 64);
 }
 
-#[test]
-fn base_removal_with_64_reads_in_flight_aio_thread_pool() {
-    let (_dir, reg) = aio_base(AioEngine::ThreadPool, false);
-    base_removal_with_reads_in_flight(reg, "AB", 64);
-}
-
-#[test]
-fn base_removal_with_64_reads_in_flight_aio_auto() {
-    let (_dir, reg) = aio_base(AioEngine::Auto, false);
-    base_removal_with_reads_in_flight(reg, "AB", 64);
-}
-
-#[test]
-fn base_removal_with_64_reads_in_flight_aio_direct() {
-    let (_dir, reg) = aio_base(AioEngine::Auto, true);
+#[rstest::rstest]
+#[case::thread_pool(AioEngine::ThreadPool, false)]
+#[case::auto(AioEngine::Auto, false)]
+#[case::direct(AioEngine::Auto, true)]
+fn base_removal_with_64_reads_in_flight_aio(#[case] engine: AioEngine, #[case] direct: bool) {
+    let (_dir, reg) = aio_base(engine, direct);
     base_removal_with_reads_in_flight(reg, "AB", 64);
 }
 
@@ -82,11 +69,7 @@ fn ro_over_aio_reports_the_base_alignment_and_reads_it() {
 #[test]
 fn aio_base_resize_propagates_to_ro_openers() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("grow.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let path = sparse_file(dir.path(), "grow.img", 1 << 20);
     let reg = Registry::new();
     let a = AioBdev::create(AioOpts {
         name: "G".into(),
@@ -102,12 +85,7 @@ fn aio_base_resize_propagates_to_ro_openers() {
     let mut ev = d.take_events().unwrap();
     assert_eq!(d.device().num_blocks(), 2048);
 
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    set_file_len(&path, 4 << 20);
     assert_eq!(a.rescan().unwrap(), 8192);
     reg.notify_resize("G");
     let got = within(10, "resize event", move || block_on(ev.next()));

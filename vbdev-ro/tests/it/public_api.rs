@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use crate::common::{base_removal_with_reads_in_flight, close, stamp_base, MemDev};
+use crate::common::{base_removal_with_reads_in_flight, close, stamp_base, SlowDev};
+use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::{BdevEvent, BlockDevice, ClaimType, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::stream::StreamExt;
@@ -21,8 +22,7 @@ fn pattern_blocks(tag: u8, first: u64, blocks: u64) -> Vec<u8> {
 }
 
 async fn malloc_base(reg: &Registry, name: &str, tag: u8) {
-    let m = MemDev::new(name, BLOCKS, BLOCK, None);
-    reg.register(m).await.expect("register base");
+    malloc(reg, name, BLOCKS * u64::from(BLOCK), BLOCK).await;
     fill_pattern(reg, name, tag).await;
 }
 
@@ -317,7 +317,7 @@ fn driver_specific_and_config_entry() {
 #[test]
 fn base_removal_with_64_reads_in_flight() {
     let reg = Registry::new();
-    block_on(reg.register(MemDev::new("MB", 65536, 512, None))).unwrap();
+    block_on(malloc(&reg, "MB", 65536 * 512, 512));
     stamp_base(&reg, "MB");
     base_removal_with_reads_in_flight(reg, "MB", 64);
 }
@@ -325,7 +325,7 @@ fn base_removal_with_64_reads_in_flight() {
 #[test]
 fn base_removal_with_64_slow_reads_in_flight() {
     let reg = Registry::new();
-    let slow = MemDev::new("SB", 65536, 512, Some(Duration::from_millis(2)));
+    let slow = SlowDev::new("SB", 65536, 512, Duration::from_millis(2));
     block_on(reg.register(slow)).unwrap();
     stamp_base(&reg, "SB");
     base_removal_with_reads_in_flight(reg, "SB", 64);
@@ -372,16 +372,28 @@ fn base_removal_unregisters_every_ro_bdev_and_notifies_openers() {
 #[test]
 fn base_resize_propagates_to_ro_openers() {
     let reg = Registry::new();
-    let base = MemDev::new("G", 2048, 512, None);
+    let dir = tempfile::tempdir().unwrap();
+    let path = sparse_file(dir.path(), "g.img", 2048 * 512);
+    let base = AioBdev::create(AioOpts {
+        name: "G".into(),
+        filename: path.clone(),
+        block_len: Some(512),
+        ..Default::default()
+    })
+    .unwrap();
     block_on(reg.register(base.clone())).unwrap();
+    let resize = |blocks: u64| {
+        set_file_len(&path, blocks * 512);
+        assert_eq!(base.rescan().unwrap(), blocks);
+        reg.notify_resize("G");
+    };
     block_on(create(&reg, opts("G", None))).unwrap();
     let mut d = reg.open("G_ro", false).unwrap();
     let mut ev = d.take_events().unwrap();
     assert_eq!(d.device().num_blocks(), 2048);
     assert_errno!(block_on(d.read(2048, IoBuf::new(512, 1))), libc::EINVAL);
 
-    base.resize(8192);
-    reg.notify_resize("G");
+    resize(8192);
     let got = within(10, "resize event", move || block_on(ev.next()));
     assert_eq!(got, Some(BdevEvent::Resize { num_blocks: 8192 }));
     let dev = reg.get("G_ro").unwrap();
@@ -390,8 +402,7 @@ fn base_resize_propagates_to_ro_openers() {
     let tail = block_on(d.read(8191, IoBuf::new(512, 1))).unwrap();
     assert_eq!(tail[..], [0u8; 512][..]);
 
-    base.resize(1024);
-    reg.notify_resize("G");
+    resize(1024);
     wait_until(10, "ro shrink", || dev.num_blocks() == 1024);
     assert_errno!(block_on(d.read(1024, IoBuf::new(512, 1))), libc::EINVAL);
 }
