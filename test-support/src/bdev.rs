@@ -30,17 +30,29 @@ async fn register_malloc(reg: &Registry, name: &str, size: u64, bl: u32, uuid: O
 
 /// Registers an aio bdev over `path` (read-only when `ro`) and waits for the examine hooks.
 pub async fn aio(reg: &Registry, name: &str, path: &Path, bl: u32, uuid: Option<Uuid>, ro: bool) {
-    let dev = AioBdev::create(AioOpts {
-        name: name.to_string(),
-        filename: path.to_path_buf(),
-        block_len: Some(bl),
-        readonly: ro,
-        uuid,
-        ..AioOpts::default()
-    })
-    .expect("aio create");
+    let dev = aio_dev(name, path, |o| {
+        (o.block_len, o.readonly, o.uuid) = (Some(bl), ro, uuid);
+    });
     reg.register(dev).await.expect("register aio");
     reg.wait_for_examine().await;
+}
+
+/// [`AioOpts`] of aio bdev `name` over `path`, default but for what `tweak` sets:
+/// `aio_opts("a", &p, |o| o.readonly = true)`.
+pub fn aio_opts(name: &str, path: &Path, tweak: impl FnOnce(&mut AioOpts)) -> AioOpts {
+    let mut o = AioOpts {
+        name: name.to_string(),
+        filename: path.to_path_buf(),
+        ..AioOpts::default()
+    };
+    tweak(&mut o);
+    o
+}
+
+/// An aio bdev (not registered) with [`aio_opts`]; panics when creation fails.
+pub fn aio_dev(name: &str, path: &Path, tweak: impl FnOnce(&mut AioOpts)) -> Arc<AioBdev> {
+    AioBdev::create(aio_opts(name, path, tweak))
+        .unwrap_or_else(|e| panic!("aio bdev {name} over {}: {e}", path.display()))
 }
 
 /// A sparse file `dir/<name>.img` of `size` bytes registered as aio bdev `name` (512-byte

@@ -22,15 +22,11 @@ fn aio_base(engine: AioEngine, direct: bool) -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "base.img", 32 << 20);
     let reg = Registry::new();
-    let a = AioBdev::create(AioOpts {
-        name: "AB".into(),
-        filename: path,
-        block_len: Some(if direct { 4096 } else { 512 }),
-        engine,
-        direct,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("AB", &path, |o| {
+        o.block_len = Some(if direct { 4096 } else { 512 });
+        o.engine = engine;
+        o.direct = direct;
+    });
     block_on(reg.register(a)).unwrap();
     stamp_base(&reg, "AB");
     (dir, reg)
@@ -71,14 +67,10 @@ fn aio_base_resize_propagates_to_ro_openers() {
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "grow.img", 1 << 20);
     let reg = Registry::new();
-    let a = AioBdev::create(AioOpts {
-        name: "G".into(),
-        filename: path.clone(),
-        block_len: Some(512),
-        engine: AioEngine::ThreadPool,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("G", &path, |o| {
+        o.block_len = Some(512);
+        o.engine = AioEngine::ThreadPool;
+    });
     block_on(reg.register(a.clone())).unwrap();
     block_on(create(&reg, ro_opts("G"))).unwrap();
     let mut d = reg.open("G_ro", false).unwrap();

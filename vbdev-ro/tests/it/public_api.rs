@@ -374,13 +374,7 @@ fn base_resize_propagates_to_ro_openers() {
     let reg = Registry::new();
     let dir = tempfile::tempdir().unwrap();
     let path = sparse_file(dir.path(), "g.img", 2048 * 512);
-    let base = AioBdev::create(AioOpts {
-        name: "G".into(),
-        filename: path.clone(),
-        block_len: Some(512),
-        ..Default::default()
-    })
-    .unwrap();
+    let base = aio_dev("G", &path, |o| o.block_len = Some(512));
     block_on(reg.register(base.clone())).unwrap();
     let resize = |blocks: u64| {
         set_file_len(&path, blocks * 512);
