@@ -2,7 +2,7 @@
 //! the kernel allows it) and aio with O_DIRECT.
 
 use crate::common::{base_removal_with_reads_in_flight, stamp_base};
-use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::aio::AioEngine;
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{BdevEvent, BlockDevice, IoBuf, Registry};
 use futures::executor::block_on;

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use crate::common::{base_removal_with_reads_in_flight, close, stamp_base, SlowDev};
-use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::{BdevEvent, BlockDevice, ClaimType, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::stream::StreamExt;
