@@ -1,6 +1,7 @@
 //! aio-specific behaviour: configuration output, fallocate, read-only files, block size
 //! detection, engine choice and dropped futures.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine};
@@ -115,13 +116,20 @@ fn auto_engine_prefers_uring() {
     assert_eq!(a.engine(), want);
 }
 
+/// Engine `which` of [`engines`] and a sparse file `f.img` of `size` bytes in a new temp dir
+/// (returned to keep it alive); None when this machine has no such engine.
+fn engine_and_file(which: usize, size: u64) -> Option<(AioEngine, tempfile::TempDir, PathBuf)> {
+    let &engine = engines().get(which)?;
+    let dir = tempfile::tempdir().unwrap();
+    let p = sparse_file(dir.path(), "f.img", size);
+    Some((engine, dir, p))
+}
+
 #[rstest]
 fn fallocate_unmap_and_write_zeroes(#[values(0, 1)] which: usize) {
-    let Some(&engine) = engines().get(which) else {
+    let Some((engine, _dir, p)) = engine_and_file(which, 4 << 20) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let p = sparse_file(dir.path(), "f.img", 4 << 20);
     let reg = Registry::new();
     let a = aio_dev("a", &p, |o| {
         o.block_len = Some(4096);
@@ -174,11 +182,9 @@ fn readonly_file_refuses_writes(#[values(0, 1)] which: usize) {
 
 #[rstest]
 fn dropped_futures_do_not_free_buffers_in_flight(#[values(0, 1)] which: usize) {
-    let Some(&engine) = engines().get(which) else {
+    let Some((engine, _dir, p)) = engine_and_file(which, 8 << 20) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let p = sparse_file(dir.path(), "f.img", 8 << 20);
     let a = aio_dev("a", &p, |o| {
         o.block_len = Some(4096);
         o.engine = engine;

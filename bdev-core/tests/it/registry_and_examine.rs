@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
+use bdev_core::backend::error::{ErrorBdev, Injection};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::conformance::{pattern, with_timeout};
-use bdev_core::{BdevEvent, BlockDevice, ExamineHook, IoBuf, IoType, Registry};
+use bdev_core::{BdevEvent, BlockDevice, Descriptor, ExamineHook, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::{FutureExt, StreamExt};
 
@@ -219,16 +219,20 @@ fn error_bdev_claims_base_and_writes_config() {
     );
 }
 
-#[test]
-fn error_bdev_fails_after_n() {
+/// [`error_setup`] with `EE_base` open for writing.
+fn error_setup_open() -> (Registry, Arc<ErrorBdev>, Descriptor) {
     let (reg, e) = error_setup();
     let d = reg.open("EE_base", true).unwrap();
+    (reg, e, d)
+}
+
+#[test]
+fn error_bdev_fails_after_n() {
+    let (_reg, e, d) = error_setup_open();
     e.inject(Injection {
-        io_type: Some(IoType::Write),
-        kind: ErrorKind::Failure,
-        range: None,
         after: 2,
         count: 2,
+        ..Injection::fail(Some(IoType::Write))
     });
     let mut errs = Vec::new();
     for i in 0..6u64 {
@@ -246,14 +250,10 @@ fn error_bdev_fails_after_n() {
 
 #[test]
 fn error_bdev_range_rule_and_clear() {
-    let (reg, e) = error_setup();
-    let d = reg.open("EE_base", true).unwrap();
+    let (_reg, e, d) = error_setup_open();
     e.inject(Injection {
-        io_type: Some(IoType::Read),
-        kind: ErrorKind::Failure,
         range: Some((10, 5)),
-        after: 0,
-        count: u64::MAX,
+        ..Injection::fail(Some(IoType::Read))
     });
     assert!(block_on(d.read(9, IoBuf::new(512, 1))).is_ok());
     assert_eq!(
@@ -276,8 +276,7 @@ fn error_bdev_range_rule_and_clear() {
 
 #[test]
 fn error_bdev_drop_writes_simulates_power_loss() {
-    let (reg, e) = error_setup();
-    let d = reg.open("EE_base", true).unwrap();
+    let (reg, e, d) = error_setup_open();
     e.inject(Injection::drop_writes_after(3));
     for i in 0..6u64 {
         block_on(d.write(i, pattern(&d, i, 1, 0xa5))).expect("acknowledged");
@@ -300,8 +299,7 @@ fn error_bdev_drop_writes_simulates_power_loss() {
 
 #[test]
 fn error_bdev_spdk_injection() {
-    let (reg, e) = error_setup();
-    let d = reg.open("EE_base", true).unwrap();
+    let (_reg, e, d) = error_setup_open();
     e.inject_spdk("read", "nomem", 1).unwrap();
     e.inject_spdk("all", "failure", 2).unwrap();
     assert_eq!(
