@@ -10,6 +10,15 @@ use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{Descriptor, IoBuf, IoType, Registry};
 use uuid::Uuid;
 
+/// `assert_rpc_err!((code, "message"), module, "method", {json})`: the call fails with that
+/// JSON-RPC error (the arguments after the first are those of [`rpc_err!`](crate::rpc_err)).
+#[macro_export]
+macro_rules! assert_rpc_err {
+    ($want:expr, $($call:tt)+) => {
+        assert_eq!($crate::rpc_err!($($call)+), $want)
+    };
+}
+
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
 
@@ -154,6 +163,16 @@ pub async fn fill_pattern(reg: &Registry, name: &str, tag: u8) {
         write_at(&d, off, &pattern(tag, off, n))
             .await
             .expect("fill write");
+    }
+}
+
+/// Fails the test unless every byte of bdev `name` (read through a descriptor of its own)
+/// is `byte`.
+pub async fn assert_filled(reg: &Registry, name: &str, byte: u8) {
+    let d = open(reg, name, false);
+    let data = read_all(&d).await;
+    if let Some(i) = data.iter().position(|&b| b != byte) {
+        panic!("{name}: byte {i} is {:#x}, not {byte:#x}", data[i]);
     }
 }
 

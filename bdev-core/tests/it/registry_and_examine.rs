@@ -142,10 +142,7 @@ fn unregister_by_alias_and_uuid_and_missing_is_enodev() {
     block_on(reg.unregister("lvs/x")).unwrap();
     assert!(reg.list().is_empty());
     assert!(reg.get("lvs/x").is_none());
-    assert_eq!(
-        block_on(reg.unregister("m1")).unwrap_err().errno(),
-        libc::ENODEV
-    );
+    test_support::assert_errno!(block_on(reg.unregister("m1")), libc::ENODEV);
     // The names are free again.
     block_on(reg.register(malloc("m1", 16))).unwrap();
     reg.add_alias("m1", "lvs/x").unwrap();
@@ -263,12 +260,7 @@ fn error_bdev_range_rule_and_clear() {
         libc::EIO,
         "touches block 10"
     );
-    assert_eq!(
-        block_on(d.read(14, IoBuf::new(512, 1)))
-            .unwrap_err()
-            .errno(),
-        libc::EIO
-    );
+    test_support::assert_errno!(block_on(d.read(14, IoBuf::new(512, 1))), libc::EIO);
     assert!(block_on(d.read(15, IoBuf::new(512, 1))).is_ok());
     e.clear();
     assert!(block_on(d.read(12, IoBuf::new(512, 1))).is_ok());
@@ -302,17 +294,9 @@ fn error_bdev_spdk_injection() {
     let (_reg, e, d) = error_setup_open();
     e.inject_spdk("read", "nomem", 1).unwrap();
     e.inject_spdk("all", "failure", 2).unwrap();
-    assert_eq!(
-        block_on(d.read(0, IoBuf::new(512, 1))).unwrap_err().errno(),
-        libc::ENOMEM
-    );
-    assert_eq!(block_on(d.flush()).unwrap_err().errno(), libc::EIO);
-    assert_eq!(
-        block_on(d.write(0, IoBuf::new(512, 1)))
-            .unwrap_err()
-            .errno(),
-        libc::EIO
-    );
+    test_support::assert_errno!(block_on(d.read(0, IoBuf::new(512, 1))), libc::ENOMEM);
+    test_support::assert_errno!(block_on(d.flush()), libc::EIO);
+    test_support::assert_errno!(block_on(d.write(0, IoBuf::new(512, 1))), libc::EIO);
     assert!(block_on(d.write(0, IoBuf::new(512, 1))).is_ok());
     assert_eq!(
         e.inject_spdk("bogus", "failure", 1).unwrap_err().errno(),

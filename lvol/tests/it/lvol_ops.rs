@@ -8,6 +8,26 @@ use blobstore::ClearMethod;
 use futures::executor::block_on;
 use test_support::prelude::*;
 
+/// Lvol `name` of `size` bytes (thin or thick) in store `s`, open for writing, with its first
+/// 4 KiB written with `byte`.
+async fn lvol_with_block(
+    reg: &bdev_core::Registry,
+    m: &lvol::LvolModule,
+    s: &std::sync::Arc<lvol::LvolStore>,
+    name: &str,
+    size: u64,
+    thin: bool,
+    byte: u8,
+) -> (std::sync::Arc<lvol::Lvol>, bdev_core::Descriptor) {
+    let l = if thin {
+        thin_lvol(m, s, name, size).await
+    } else {
+        thick_lvol(m, s, name, size).await
+    };
+    let d = open_fill(reg, &format!("{}/{name}", s.name()), 0, 4096, byte).await;
+    (l, d)
+}
+
 #[test]
 fn create_thick_and_thin_with_data_and_bdev_shape() {
     block_on(async {
@@ -149,10 +169,7 @@ fn snapshot_and_clone_relations_and_data() {
     block_on(async {
         let (reg, m, s) = malloc_store(128 * MIB, "lvs_test", 4 << 20).await;
         let l = thick_lvol(&m, &s, "lvol", 8 * MIB).await;
-        let d = open(&reg, "lvs_test/lvol", true);
-        write_at(&d, 0, &fill(0xcc, (8 * MIB) as usize))
-            .await
-            .unwrap();
+        let d = open_fill(&reg, "lvs_test/lvol", 0, 8 * MIB, 0xcc).await;
         let snap = m.create_snapshot(&l, "snap").await.unwrap();
         assert!(snap.is_read_only());
         assert!(l.is_clone());
@@ -165,10 +182,7 @@ fn snapshot_and_clone_relations_and_data() {
         assert_errno!(m.create_clone(&l, "bad").await, libc::EINVAL);
         let c1 = m.create_clone(&snap, "c1").await.unwrap();
         let c2 = m.create_clone(&snap, "c2").await.unwrap();
-        let dc1 = open(&reg, "lvs_test/c1", true);
-        write_at(&dc1, 0, &fill(0xaa, (4 * MIB) as usize))
-            .await
-            .unwrap();
+        let dc1 = open_fill(&reg, "lvs_test/c1", 0, 4 * MIB, 0xaa).await;
         let ds = reg.get(snap.unique_id()).unwrap().driver_specific();
         assert_eq!(ds["lvol"]["snapshot"], true);
         let mut clones: Vec<String> = ds["lvol"]["clones"]
@@ -210,8 +224,7 @@ fn snapshot_and_clone_relations_and_data() {
         // One clone left: deleting the snapshot merges it into the clone.
         m.delete_lvol(&snap).await.unwrap();
         assert!(!l.is_clone());
-        let d = open(&reg, "lvs_test/lvol", false);
-        assert!(read_all(&d).await.iter().all(|&b| b == 0xcc));
+        assert_filled(&reg, "lvs_test/lvol", 0xcc).await;
     });
 }
 
@@ -262,8 +275,7 @@ fn resize_follows_and_bounds_io() {
 fn read_only_lvol_io_types_and_refused_writes() {
     block_on(async {
         let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
-        let l = thick_lvol(&m, &s, "v", 2 * MIB).await;
-        let d = open_fill(&reg, "lvs/v", 0, 4096, 5).await;
+        let (l, d) = lvol_with_block(&reg, &m, &s, "v", 2 * MIB, false, 5).await;
         m.set_read_only(&l).await.unwrap();
         let dev = reg.get(l.unique_id()).unwrap();
         for t in [
@@ -337,8 +349,7 @@ fn thin_store_runs_out_with_enospc_and_stays_usable() {
 fn inflate_and_decouple() {
     block_on(async {
         let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
-        let base = thin_lvol(&m, &s, "base", 4 * MIB).await;
-        let d = open_fill(&reg, "lvs/base", 0, 4096, 1).await;
+        let (base, d) = lvol_with_block(&reg, &m, &s, "base", 4 * MIB, true, 1).await;
         write_at(&d, 2 * MIB, &fill(2, 4096)).await.unwrap();
         let s1 = m.create_snapshot(&base, "s1").await.unwrap();
         write_at(&d, MIB, &fill(3, 4096)).await.unwrap();
@@ -373,15 +384,9 @@ fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
         let lvol1 = thin_lvol(&m, &s, "lvol1", 20 * MIB).await;
         let snap1 = m.create_snapshot(&lvol1, "snap1").await.unwrap();
         let lvol2 = m.create_clone(&snap1, "lvol2").await.unwrap();
-        let d2 = open(&reg, "lvs/lvol2", true);
-        write_at(&d2, 0, &fill(0xcc, (12 * MIB) as usize))
-            .await
-            .unwrap();
+        let d2 = open_fill(&reg, "lvs/lvol2", 0, 12 * MIB, 0xcc).await;
         let tmp = thin_lvol(&m, &s, "lvol2_temp", 20 * MIB).await;
-        let dt = open(&reg, "lvs/lvol2_temp", true);
-        write_at(&dt, 0, &fill(0xbb, (20 * MIB) as usize))
-            .await
-            .unwrap();
+        let dt = open_fill(&reg, "lvs/lvol2_temp", 0, 20 * MIB, 0xbb).await;
         let snap2 = m.create_snapshot(&tmp, "snap2").await.unwrap();
         m.set_parent(&lvol2, &snap2).await.unwrap();
         assert_eq!(lvol2.parent_lvol().unwrap().name(), "snap2");
@@ -400,8 +405,7 @@ fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
         // A standalone thin lvol.
         let t = thin_lvol(&m, &s, "t", 20 * MIB).await;
         m.set_parent(&t, &snap2).await.unwrap();
-        let dt = open(&reg, "lvs/t", false);
-        assert!(read_all(&dt).await.iter().all(|&b| b == 0xbb));
+        assert_filled(&reg, "lvs/t", 0xbb).await;
     });
 }
 

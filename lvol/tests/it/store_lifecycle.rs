@@ -278,9 +278,11 @@ fn grow_lvstore_after_base_grows() {
 fn hot_remove_waits_for_lvol_users_who_get_a_remove_event() {
     block_on(async {
         let (_dir, reg, m, s, f) = aio_store_tmp(32 * MIB, "lvs_u", 1 << 20).await;
-        let v = thick_lvol(&m, &s, "v", 2 * MIB).await;
-        let uid = v.unique_id().to_string();
-        drop((v, s));
+        let uid = thick_lvol(&m, &s, "v", 2 * MIB)
+            .await
+            .unique_id()
+            .to_string();
+        drop(s);
         let mut d = open(&reg, "lvs_u/v", true);
         let mut events = d.take_events().unwrap();
         write_at(&d, 0, &fill(0x21, 4096)).await.unwrap();
