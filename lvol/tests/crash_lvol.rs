@@ -307,6 +307,29 @@ const CS: u64 = CLUSTER as u64;
 
 fn no_data(_: &Registry, _: &LvolModule) {}
 
+/// An operation without client writes after it.
+fn step(name: &'static str, f: OpFn) -> (&'static str, OpFn, DataFn) {
+    (name, f, no_data)
+}
+
+/// Creates lvol `name` of `size` bytes (thin or thick) in the store.
+fn new_lvol(name: &'static str, size: u64, thin: bool) -> OpFn {
+    op(move |_, m, _| {
+        let s = m.lvstores().pop().unwrap();
+        block_on(m.create_lvol(&s, name, size, thin, ClearMethod::Default))
+            .map(|_| ())
+            .map_err(e2s)
+    })
+}
+
+/// `f` on lvol `name` of the store.
+fn on(
+    name: &'static str,
+    f: impl Fn(&LvolModule, &Arc<Lvol>) -> Result<(), lvol::LvolError> + 'static,
+) -> OpFn {
+    op(move |_, m, _| f(m, &lvol_named(m, name)).map_err(e2s))
+}
+
 /// Every lvol-level metadata operation, in order, with the client writes that follow it.
 fn ops() -> Vec<(&'static str, OpFn, DataFn)> {
     vec![
@@ -323,12 +346,7 @@ fn ops() -> Vec<(&'static str, OpFn, DataFn)> {
         ),
         (
             "lvol create thick",
-            op(|_, m, _| {
-                let s = m.lvstores().pop().unwrap();
-                block_on(m.create_lvol(&s, "a", 2 * CS, false, ClearMethod::Default))
-                    .map(|_| ())
-                    .map_err(e2s)
-            }),
+            new_lvol("a", 2 * CS, false),
             |reg, m| {
                 block_on(client_write(reg, m, "a", 0, &pattern(0xa1, 0, 64 * 1024)));
                 block_on(client_write(
@@ -340,53 +358,30 @@ fn ops() -> Vec<(&'static str, OpFn, DataFn)> {
                 ));
             },
         ),
-        (
-            "lvol create thin",
-            op(|_, m, _| {
-                let s = m.lvstores().pop().unwrap();
-                block_on(m.create_lvol(&s, "b", 4 * CS, true, ClearMethod::Default))
-                    .map(|_| ())
-                    .map_err(e2s)
-            }),
-            |reg, m| {
-                block_on(client_write(reg, m, "b", CS, &pattern(0xb1, 0, 8192)));
-                block_on(client_write(reg, m, "b", 3 * CS, &pattern(0xb3, 0, 4096)));
-            },
-        ),
+        ("lvol create thin", new_lvol("b", 4 * CS, true), |reg, m| {
+            block_on(client_write(reg, m, "b", CS, &pattern(0xb1, 0, 8192)));
+            block_on(client_write(reg, m, "b", 3 * CS, &pattern(0xb3, 0, 4096)));
+        }),
         (
             "snapshot",
-            op(|_, m, _| {
-                let a = lvol_named(m, "a");
-                block_on(m.create_snapshot(&a, "sa"))
-                    .map(|_| ())
-                    .map_err(e2s)
-            }),
+            on("a", |m, a| block_on(m.create_snapshot(a, "sa")).map(|_| ())),
             // A copy-on-write write to the new clone.
             |reg, m| block_on(client_write(reg, m, "a", 8192, &pattern(0xa3, 0, 4096))),
         ),
         (
             "clone",
-            op(|_, m, _| {
-                let sa = lvol_named(m, "sa");
-                block_on(m.create_clone(&sa, "c")).map(|_| ()).map_err(e2s)
-            }),
+            on("sa", |m, sa| block_on(m.create_clone(sa, "c")).map(|_| ())),
             |reg, m| block_on(client_write(reg, m, "c", CS, &pattern(0xc1, 0, 4096))),
         ),
-        (
+        step(
             "resize up",
-            op(|_, m, _| block_on(m.resize_lvol(&lvol_named(m, "b"), 6 * CS)).map_err(e2s)),
-            no_data,
+            on("b", |m, b| block_on(m.resize_lvol(b, 6 * CS))),
         ),
-        (
+        step(
             "resize down",
-            op(|_, m, _| block_on(m.resize_lvol(&lvol_named(m, "b"), 2 * CS)).map_err(e2s)),
-            no_data,
+            on("b", |m, b| block_on(m.resize_lvol(b, 2 * CS))),
         ),
-        (
-            "rename",
-            op(|_, m, _| block_on(m.rename_lvol(&lvol_named(m, "c"), "c2")).map_err(e2s)),
-            no_data,
-        ),
+        step("rename", on("c", |m, c| block_on(m.rename_lvol(c, "c2")))),
         (
             "esnap clone create",
             op(|_, m, _| {
@@ -399,42 +394,20 @@ fn ops() -> Vec<(&'static str, OpFn, DataFn)> {
         ),
         (
             "lvol create thin (set_parent target)",
-            op(|_, m, _| {
-                let s = m.lvstores().pop().unwrap();
-                block_on(m.create_lvol(&s, "t", 2 * CS, true, ClearMethod::Default))
-                    .map(|_| ())
-                    .map_err(e2s)
-            }),
+            new_lvol("t", 2 * CS, true),
             no_data,
         ),
-        (
+        step(
             "set_parent",
-            op(|_, m, _| {
-                let (t, sa) = (lvol_named(m, "t"), lvol_named(m, "sa"));
-                block_on(m.set_parent(&t, &sa)).map_err(e2s)
-            }),
-            no_data,
+            on("t", |m, t| block_on(m.set_parent(t, &lvol_named(m, "sa")))),
         ),
-        (
-            "inflate",
-            op(|_, m, _| block_on(m.inflate_lvol(&lvol_named(m, "c2"))).map_err(e2s)),
-            no_data,
-        ),
-        (
-            "decouple",
-            op(|_, m, _| block_on(m.decouple_parent(&lvol_named(m, "a"))).map_err(e2s)),
-            no_data,
-        ),
-        (
+        step("inflate", on("c2", |m, c2| block_on(m.inflate_lvol(c2)))),
+        step("decouple", on("a", |m, a| block_on(m.decouple_parent(a)))),
+        step(
             "set read-only",
-            op(|_, m, _| block_on(m.set_read_only(&lvol_named(m, "b"))).map_err(e2s)),
-            no_data,
+            on("b", |m, b| block_on(m.set_read_only(b))),
         ),
-        (
-            "delete",
-            op(|_, m, _| block_on(m.delete_lvol(&lvol_named(m, "c2"))).map_err(e2s)),
-            no_data,
-        ),
+        step("delete", on("c2", |m, c2| block_on(m.delete_lvol(c2)))),
         (
             "grow",
             op(|reg, m, dev| {
@@ -504,25 +477,19 @@ fn run_sweep(write_through: bool) -> (Vec<&'static str>, String) {
     (failed_ops, report)
 }
 
-#[test]
-fn every_lvol_metadata_operation_survives_a_power_cut_at_every_write() {
-    let (failed_ops, report) = run_sweep(false);
-    assert!(
-        failed_ops.is_empty(),
-        "operations not crash-safe: {failed_ops:?}\n{report}"
-    );
-}
-
-/// The control: on a device that keeps nothing volatile, a crash state is an in-order prefix
-/// of the writes, so the same sweep passes. What fails above but passes here is a missing
-/// flush, not a checker that asks too much.
-#[test]
-fn the_sweep_passes_on_a_write_through_device() {
-    let (failed_ops, report) = run_sweep(true);
-    assert!(
-        failed_ops.is_empty(),
-        "in-order crash states fail: {failed_ops:?}\n{report}"
-    );
+/// Every lvol metadata operation survives a power cut at every write (`volatile_cache`), and
+/// the control: on a device that keeps nothing volatile (`write_through`), a crash state is
+/// an in-order prefix of the writes, so the same sweep passes. What fails on the first but
+/// passes on the second is a missing flush, not a checker that asks too much.
+#[rstest::rstest]
+#[case::volatile_cache(false, "operations not crash-safe")]
+#[case::write_through(true, "in-order crash states fail")]
+fn every_lvol_metadata_operation_survives_a_power_cut(
+    #[case] write_through: bool,
+    #[case] what: &str,
+) {
+    let (failed_ops, report) = run_sweep(write_through);
+    assert!(failed_ops.is_empty(), "{what}: {failed_ops:?}\n{report}");
 }
 
 #[test]
@@ -532,26 +499,8 @@ fn flushed_client_writes_survive_losing_every_unflushed_write() {
     block_on(async {
         reg.register(dev.clone()).await.unwrap();
         let s = lvs(&m, "dev", "lvs", CLUSTER).await;
-        let thin = m
-            .create_lvol(
-                &s,
-                "thin",
-                8 * u64::from(CLUSTER),
-                true,
-                ClearMethod::Default,
-            )
-            .await
-            .unwrap();
-        let thick = m
-            .create_lvol(
-                &s,
-                "thick",
-                2 * u64::from(CLUSTER),
-                false,
-                ClearMethod::Default,
-            )
-            .await
-            .unwrap();
+        let thin = thin_lvol(&m, &s, "thin", 8 * u64::from(CLUSTER)).await;
+        let thick = thick_lvol(&m, &s, "thick", 2 * u64::from(CLUSTER)).await;
         let dt = reg.open(thin.unique_id(), true).unwrap();
         let dk = reg.open(thick.unique_id(), true).unwrap();
         // The lvols say what their store's device says about a volatile cache.

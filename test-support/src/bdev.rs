@@ -10,6 +10,15 @@ use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{Descriptor, IoBuf, IoType, Registry};
 use uuid::Uuid;
 
+/// `assert_rpc_err!((code, "message"), module, "method", {json})`: the call fails with that
+/// JSON-RPC error (the arguments after the first are those of [`rpc_err!`](crate::rpc_err)).
+#[macro_export]
+macro_rules! assert_rpc_err {
+    ($want:expr, $($call:tt)+) => {
+        assert_eq!($crate::rpc_err!($($call)+), $want)
+    };
+}
+
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
 
@@ -30,17 +39,47 @@ async fn register_malloc(reg: &Registry, name: &str, size: u64, bl: u32, uuid: O
 
 /// Registers an aio bdev over `path` (read-only when `ro`) and waits for the examine hooks.
 pub async fn aio(reg: &Registry, name: &str, path: &Path, bl: u32, uuid: Option<Uuid>, ro: bool) {
-    let dev = AioBdev::create(AioOpts {
-        name: name.to_string(),
-        filename: path.to_path_buf(),
-        block_len: Some(bl),
-        readonly: ro,
-        uuid,
-        ..AioOpts::default()
-    })
-    .expect("aio create");
+    let dev = aio_dev(name, path, |o| {
+        (o.block_len, o.readonly, o.uuid) = (Some(bl), ro, uuid);
+    });
     reg.register(dev).await.expect("register aio");
     reg.wait_for_examine().await;
+}
+
+/// [`AioOpts`] of aio bdev `name` over `path`, default but for what `tweak` sets:
+/// `aio_opts("a", &p, |o| o.readonly = true)`.
+pub fn aio_opts(name: &str, path: &Path, tweak: impl FnOnce(&mut AioOpts)) -> AioOpts {
+    let mut o = AioOpts {
+        name: name.to_string(),
+        filename: path.to_path_buf(),
+        ..AioOpts::default()
+    };
+    tweak(&mut o);
+    o
+}
+
+/// An aio bdev (not registered) with [`aio_opts`]; panics when creation fails.
+pub fn aio_dev(name: &str, path: &Path, tweak: impl FnOnce(&mut AioOpts)) -> Arc<AioBdev> {
+    AioBdev::create(aio_opts(name, path, tweak))
+        .unwrap_or_else(|e| panic!("aio bdev {name} over {}: {e}", path.display()))
+}
+
+/// A sparse file `dir/<name>.img` of `size` bytes registered as aio bdev `name` (512-byte
+/// blocks); returns the file, to reload or inspect what was written.
+pub async fn aio_sparse(reg: &Registry, dir: &Path, name: &str, size: u64) -> PathBuf {
+    let f = sparse_file(dir, &format!("{name}.img"), size);
+    aio(reg, name, &f, 512, None, false).await;
+    f
+}
+
+/// Grows or shrinks the file at `path` to `size` bytes (a base whose size changes under a
+/// bdev; the test then rescans and notifies the registry).
+pub fn set_file_len(path: &Path, size: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(size))
+        .unwrap_or_else(|e| panic!("resize {} to {size}: {e}", path.display()));
 }
 
 /// A sparse file `dir/name` of `size` bytes.
@@ -124,6 +163,16 @@ pub async fn fill_pattern(reg: &Registry, name: &str, tag: u8) {
         write_at(&d, off, &pattern(tag, off, n))
             .await
             .expect("fill write");
+    }
+}
+
+/// Fails the test unless every byte of bdev `name` (read through a descriptor of its own)
+/// is `byte`.
+pub async fn assert_filled(reg: &Registry, name: &str, byte: u8) {
+    let d = open(reg, name, false);
+    let data = read_all(&d).await;
+    if let Some(i) = data.iter().position(|&b| b != byte) {
+        panic!("{name}: byte {i} is {:#x}, not {byte:#x}", data[i]);
     }
 }
 

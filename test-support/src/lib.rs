@@ -23,6 +23,8 @@ pub mod timeout;
 pub mod prelude {
     pub use crate::assert_errno;
     #[cfg(feature = "bdev")]
+    pub use crate::assert_rpc_err;
+    #[cfg(feature = "bdev")]
     pub use crate::bdev::*;
     #[cfg(feature = "blob")]
     pub use crate::blob::*;

@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bdev_core::Registry;
+use bdev_core::{Descriptor, Registry};
 use blobstore::ClearMethod;
 use lvol::{Lvol, LvolModule, LvolStore, LvsOpts};
 
-use crate::bdev::{aio, malloc, sparse_file};
+use crate::bdev::{aio, fill, malloc, open, sparse_file, write_at};
 
 /// A registry with the lvol module. Degraded esnap reads retry twice, 5 ms apart (short, so
 /// tests of degraded mode stay fast, but long enough to measure that they waited).
@@ -59,6 +59,55 @@ pub async fn aio_store(
     aio(&reg, "aio0", &f, 512, None, false).await;
     let s = lvs(&m, "aio0", name, cluster).await;
     (reg, m, s, f)
+}
+
+/// A registry with the lvol module and one store per `(store name, bytes, cluster bytes)`,
+/// on malloc bdevs `M`, `M2`, `M3`, ... (512-byte blocks), in that order.
+pub async fn malloc_stores<const N: usize>(
+    specs: [(&str, u64, u32); N],
+) -> (Registry, LvolModule, [Arc<LvolStore>; N]) {
+    let (reg, m) = setup();
+    let mut stores = Vec::with_capacity(N);
+    for (i, (name, size, cluster)) in specs.into_iter().enumerate() {
+        let bdev = if i == 0 {
+            "M".to_string()
+        } else {
+            format!("M{}", i + 1)
+        };
+        malloc(&reg, &bdev, size, 512).await;
+        stores.push(lvs(&m, &bdev, name, cluster).await);
+    }
+    let Ok(stores) = stores.try_into() else {
+        unreachable!("one store per spec")
+    };
+    (reg, m, stores)
+}
+
+/// [`aio_store`] over a file in a new temp dir, returned first (keep it alive).
+pub async fn aio_store_tmp(
+    size: u64,
+    name: &str,
+    cluster: u32,
+) -> (
+    tempfile::TempDir,
+    Registry,
+    LvolModule,
+    Arc<LvolStore>,
+    PathBuf,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (reg, m, s, f) = aio_store(dir.path(), size, name, cluster).await;
+    (dir, reg, m, s, f)
+}
+
+/// Opens bdev `name` for writing and writes `len` bytes of `byte` at byte offset `off`;
+/// returns the descriptor.
+pub async fn open_fill(reg: &Registry, name: &str, off: u64, len: u64, byte: u8) -> Descriptor {
+    let d = open(reg, name, true);
+    write_at(&d, off, &fill(byte, len as usize))
+        .await
+        .unwrap_or_else(|e| panic!("write {len} bytes at {off} of {name}: {e}"));
+    d
 }
 
 /// Creates thin lvol `name` of `size` bytes (default clear method).

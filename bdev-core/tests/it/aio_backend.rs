@@ -1,15 +1,16 @@
 //! aio-specific behaviour: configuration output, fallocate, read-only files, block size
 //! detection, engine choice and dropped futures.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine};
 use bdev_core::conformance::{self as c, pattern};
 use bdev_core::{BlockDevice, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::FutureExt;
 use rstest::rstest;
-use test_support::bdev::sparse_file;
+use test_support::bdev::{aio_dev, aio_opts, sparse_file};
 use uuid::Uuid;
 
 fn engines() -> Vec<AioEngine> {
@@ -26,13 +27,7 @@ fn config_and_driver_specific_follow_spdk() {
     let dir = tempfile::tempdir().unwrap();
     let p = sparse_file(dir.path(), "f.img", 1 << 20);
     let u = Uuid::parse_str("7e5a0000-e5a0-4e5a-8e5a-000000000001").unwrap();
-    let a = AioBdev::create(AioOpts {
-        name: "aio0".into(),
-        filename: p.clone(),
-        uuid: Some(u),
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("aio0", &p, |o| o.uuid = Some(u));
     assert_eq!(a.block_len(), 512, "auto block size of a regular file");
     assert_eq!(a.num_blocks(), 2048);
     assert_eq!(a.product_name(), "AIO disk");
@@ -68,15 +63,11 @@ fn config_and_driver_specific_follow_spdk() {
             "direct_io": a.is_direct()}})
     );
     drop(a);
-    let b = AioBdev::create(AioOpts {
-        name: "aio1".into(),
-        filename: p,
-        block_len: Some(4096),
-        fallocate: true,
-        nowait: true,
-        ..Default::default()
-    })
-    .unwrap();
+    let b = aio_dev("aio1", &p, |o| {
+        o.block_len = Some(4096);
+        o.fallocate = true;
+        o.nowait = true;
+    });
     let cfg = b.write_config().unwrap();
     let keys: Vec<String> = cfg["params"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(
@@ -102,42 +93,21 @@ fn config_and_driver_specific_follow_spdk() {
 fn bad_options_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let p = sparse_file(dir.path(), "f.img", 100);
-    let e = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: p.clone(),
-        ..Default::default()
-    })
-    .unwrap_err();
+    let e = AioBdev::create(aio_opts("a", &p, |_| {})).unwrap_err();
     assert_eq!(e.errno(), libc::EINVAL, "file smaller than a block");
     let p = sparse_file(dir.path(), "f.img", 1 << 20);
     for bl in [0, 100, 513] {
-        let e = AioBdev::create(AioOpts {
-            name: "a".into(),
-            filename: p.clone(),
-            block_len: Some(bl),
-            ..Default::default()
-        })
-        .unwrap_err();
+        let e = AioBdev::create(aio_opts("a", &p, |o| o.block_len = Some(bl))).unwrap_err();
         assert_eq!(e.errno(), libc::EINVAL, "block size {bl}");
     }
-    let e = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: dir.path().join("missing"),
-        ..Default::default()
-    })
-    .unwrap_err();
+    let e = AioBdev::create(aio_opts("a", &dir.path().join("missing"), |_| {})).unwrap_err();
     assert_eq!(e.errno(), libc::ENOENT);
 }
 
 #[test]
 fn auto_engine_prefers_uring() {
     let dir = tempfile::tempdir().unwrap();
-    let a = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: sparse_file(dir.path(), "f.img", 1 << 20),
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("a", &sparse_file(dir.path(), "f.img", 1 << 20), |_| {});
     let want = if uring_available() {
         AioEngine::Uring
     } else {
@@ -146,23 +116,26 @@ fn auto_engine_prefers_uring() {
     assert_eq!(a.engine(), want);
 }
 
+/// Engine `which` of [`engines`] and a sparse file `f.img` of `size` bytes in a new temp dir
+/// (returned to keep it alive); None when this machine has no such engine.
+fn engine_and_file(which: usize, size: u64) -> Option<(AioEngine, tempfile::TempDir, PathBuf)> {
+    let &engine = engines().get(which)?;
+    let dir = tempfile::tempdir().unwrap();
+    let p = sparse_file(dir.path(), "f.img", size);
+    Some((engine, dir, p))
+}
+
 #[rstest]
 fn fallocate_unmap_and_write_zeroes(#[values(0, 1)] which: usize) {
-    let Some(&engine) = engines().get(which) else {
+    let Some((engine, _dir, p)) = engine_and_file(which, 4 << 20) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let p = sparse_file(dir.path(), "f.img", 4 << 20);
     let reg = Registry::new();
-    let a = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: p.clone(),
-        block_len: Some(4096),
-        fallocate: true,
-        engine,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("a", &p, |o| {
+        o.block_len = Some(4096);
+        o.fallocate = true;
+        o.engine = engine;
+    });
     block_on(reg.register(a)).unwrap();
     c::check_io_types(&reg, "a");
     let d = reg.open("a", true).unwrap();
@@ -195,14 +168,10 @@ fn readonly_file_refuses_writes(#[values(0, 1)] which: usize) {
     };
     let dir = tempfile::tempdir().unwrap();
     let reg = Registry::new();
-    let a = AioBdev::create(AioOpts {
-        name: "ro".into(),
-        filename: sparse_file(dir.path(), "f.img", 1 << 20),
-        readonly: true,
-        engine,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("ro", &sparse_file(dir.path(), "f.img", 1 << 20), |o| {
+        o.readonly = true;
+        o.engine = engine;
+    });
     assert_eq!(a.driver_specific()["aio"]["readonly"], true);
     block_on(reg.register(a)).unwrap();
     let d = reg.open("ro", true).unwrap();
@@ -213,19 +182,13 @@ fn readonly_file_refuses_writes(#[values(0, 1)] which: usize) {
 
 #[rstest]
 fn dropped_futures_do_not_free_buffers_in_flight(#[values(0, 1)] which: usize) {
-    let Some(&engine) = engines().get(which) else {
+    let Some((engine, _dir, p)) = engine_and_file(which, 8 << 20) else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let p = sparse_file(dir.path(), "f.img", 8 << 20);
-    let a = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: p.clone(),
-        block_len: Some(4096),
-        engine,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("a", &p, |o| {
+        o.block_len = Some(4096);
+        o.engine = engine;
+    });
     let reg = Registry::new();
     block_on(reg.register(a.clone())).unwrap();
     let d = reg.open("a", true).unwrap();
@@ -238,14 +201,10 @@ fn dropped_futures_do_not_free_buffers_in_flight(#[values(0, 1)] which: usize) {
     block_on(reg.unregister("a")).unwrap();
     drop(a); // Waits for the kernel to finish with every buffer.
              // A fresh bdev over the same file works.
-    let b = AioBdev::create(AioOpts {
-        name: "b".into(),
-        filename: p,
-        block_len: Some(4096),
-        engine,
-        ..Default::default()
-    })
-    .unwrap();
+    let b = aio_dev("b", &p, |o| {
+        o.block_len = Some(4096);
+        o.engine = engine;
+    });
     let r = block_on(b.read(0, IoBuf::new(4096, 1))).unwrap();
     assert_eq!(r.len(), 4096);
 }
@@ -256,14 +215,10 @@ fn large_and_many_vectored_io(#[values(0, 1)] which: usize) {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let a: Arc<dyn BlockDevice> = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: sparse_file(dir.path(), "f.img", 16 << 20),
-        block_len: Some(512),
-        engine,
-        ..Default::default()
-    })
-    .unwrap();
+    let a: Arc<dyn BlockDevice> = aio_dev("a", &sparse_file(dir.path(), "f.img", 16 << 20), |o| {
+        o.block_len = Some(512);
+        o.engine = engine;
+    });
     let reg = Registry::new();
     block_on(reg.register(a)).unwrap();
     let d = reg.open("a", true).unwrap();
@@ -291,13 +246,9 @@ fn a_future_polled_once_and_kept_does_not_strand_other_io() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let a = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: sparse_file(dir.path(), "f.img", 1 << 20),
-        engine: AioEngine::Uring,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("a", &sparse_file(dir.path(), "f.img", 1 << 20), |o| {
+        o.engine = AioEngine::Uring
+    });
     let reg = Registry::new();
     block_on(reg.register(a)).unwrap();
     let d = reg.open("a", true).unwrap();
@@ -349,12 +300,7 @@ fn default_open_is_o_direct_and_buffered_on_request() {
             .open(&p)
             .is_ok()
     };
-    let a = AioBdev::create(AioOpts {
-        name: "d".into(),
-        filename: p.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("d", &p, |_| {});
     assert_eq!(a.is_direct(), fs_direct);
     assert_eq!(a.driver_specific()["aio"]["direct_io"], fs_direct);
     let flags = open_flags(&p);
@@ -372,13 +318,7 @@ fn default_open_is_o_direct_and_buffered_on_request() {
     let r = futures::executor::block_on(a.read(8, IoBuf::new(4096, a.buf_align()))).unwrap();
     assert!(r.iter().all(|&b| b == 0x5a));
     drop(a);
-    let b = AioBdev::create(AioOpts {
-        name: "b".into(),
-        filename: p.clone(),
-        direct: false,
-        ..Default::default()
-    })
-    .unwrap();
+    let b = aio_dev("b", &p, |o| o.direct = false);
     assert!(!b.is_direct());
     assert_eq!(b.driver_specific()["aio"]["direct_io"], false);
     assert_eq!(b.buf_align(), 1);

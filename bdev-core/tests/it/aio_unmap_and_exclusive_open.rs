@@ -10,17 +10,12 @@ use std::process::Command;
 use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
 use bdev_core::{BlockDevice, IoBuf, IoType, Registry};
 use futures::executor::block_on;
-use test_support::bdev::sparse_file;
+use test_support::bdev::{aio_dev, aio_opts, sparse_file};
 
 const MIB: u64 = 1 << 20;
 
 fn opts(name: &str, path: &Path) -> AioOpts {
-    AioOpts {
-        name: name.into(),
-        filename: path.to_path_buf(),
-        block_len: Some(4096),
-        ..Default::default()
-    }
+    aio_opts(name, path, |o| o.block_len = Some(4096))
 }
 
 /// Whether the file system of `dir` punches holes, found independently of the bdev: punch a
@@ -62,11 +57,7 @@ fn unmap_punches_holes_that_read_zeroes_without_the_fallocate_option() {
     for engine in engines() {
         let p = sparse_file(dir.path(), "f.img", 4 * MIB);
         let reg = Registry::new();
-        let a = AioBdev::create(AioOpts {
-            engine,
-            ..opts("a", &p)
-        })
-        .unwrap();
+        let a = aio_dev("a", &p, |o| (o.block_len, o.engine) = (Some(4096), engine));
         assert_eq!(a.io_type_supported(IoType::Unmap), punches, "{engine:?}");
         assert_eq!(a.io_type_supported(IoType::WriteZeroes), punches);
         assert_eq!(a.unmap_zeroes(), punches);
@@ -112,11 +103,7 @@ fn unmap_punches_holes_that_read_zeroes_without_the_fallocate_option() {
 fn read_only_files_have_no_unmap_and_no_zeroing_promise() {
     let dir = tempfile::tempdir().unwrap();
     let p = sparse_file(dir.path(), "f.img", MIB);
-    let a = AioBdev::create(AioOpts {
-        readonly: true,
-        ..opts("r", &p)
-    })
-    .unwrap();
+    let a = aio_dev("r", &p, |o| (o.block_len, o.readonly) = (Some(4096), true));
     assert!(!a.io_type_supported(IoType::Unmap));
     assert!(!a.io_type_supported(IoType::WriteZeroes));
     assert!(!a.unmap_zeroes());
@@ -138,10 +125,9 @@ fn a_file_is_opened_by_one_bdev_per_process() {
         ("third", &link, false),
         ("ro", &p, true),
     ] {
-        let e = AioBdev::create(AioOpts {
-            readonly: ro,
-            ..opts(name, path)
-        })
+        let e = AioBdev::create(aio_opts(name, path, |o| {
+            (o.block_len, o.readonly) = (Some(4096), ro)
+        }))
         .unwrap_err();
         assert_eq!(e.errno(), libc::EBUSY, "{name}: {e}");
         let msg = e.to_string();
@@ -156,16 +142,8 @@ fn a_file_is_opened_by_one_bdev_per_process() {
     let again = AioBdev::create(opts("again", &p)).unwrap();
     drop(again);
     // Read-only opens share the file, and keep writers out while any of them is open.
-    let r1 = AioBdev::create(AioOpts {
-        readonly: true,
-        ..opts("r1", &p)
-    })
-    .unwrap();
-    let r2 = AioBdev::create(AioOpts {
-        readonly: true,
-        ..opts("r2", &p)
-    })
-    .unwrap();
+    let r1 = aio_dev("r1", &p, |o| (o.block_len, o.readonly) = (Some(4096), true));
+    let r2 = aio_dev("r2", &p, |o| (o.block_len, o.readonly) = (Some(4096), true));
     drop(r1);
     let e = AioBdev::create(opts("w", &p)).unwrap_err();
     assert_eq!(e.errno(), libc::EBUSY, "{e}");

@@ -4,13 +4,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine};
 use bdev_core::backend::cached::CachedBdev;
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::conformance as c;
 use bdev_core::{BlockDevice, Registry};
 use rstest::rstest;
 use tempfile::TempDir;
+use test_support::bdev::aio_dev;
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -80,15 +81,11 @@ fn setup(backend: Backend, block_len: u32) -> Option<Setup> {
             let path = dir.path().join("disk.img");
             let f = std::fs::File::create(&path).unwrap();
             f.set_len(SIZE).unwrap();
-            let a = AioBdev::create(AioOpts {
-                name: "dev".into(),
-                filename: path.clone(),
-                block_len: Some(block_len),
-                direct,
-                engine,
-                ..Default::default()
-            })
-            .unwrap();
+            let a = aio_dev("dev", &path, |o| {
+                o.block_len = Some(block_len);
+                o.direct = direct;
+                o.engine = engine;
+            });
             assert_eq!(a.engine(), engine);
             (a.clone(), Some(a), Some(path))
         }

@@ -5,12 +5,12 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bdev_core::backend::aio::{uring_available, AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::aio::{uring_available, AioEngine};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::conformance::pattern;
 use bdev_core::{reactor, BdevEvent, IoBuf, Registry};
 use futures::{FutureExt, StreamExt};
-use test_support::bdev::sparse_file;
+use test_support::bdev::{aio_dev, sparse_file};
 
 fn aio_registry(dir: &tempfile::TempDir, engine: AioEngine) -> Option<Registry> {
     if !uring_available() {
@@ -18,14 +18,10 @@ fn aio_registry(dir: &tempfile::TempDir, engine: AioEngine) -> Option<Registry> 
         return None;
     }
     let p = sparse_file(dir.path(), "d.img", 8 << 20);
-    let a = AioBdev::create(AioOpts {
-        name: "a".into(),
-        filename: p,
-        block_len: Some(4096),
-        engine,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("a", &p, |o| {
+        o.block_len = Some(4096);
+        o.engine = engine;
+    });
     let reg = Registry::new();
     reactor::block_on(reg.register(a)).unwrap();
     Some(reg)

@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
+use bdev_core::backend::error::{ErrorBdev, Injection};
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::conformance::{pattern, with_timeout};
-use bdev_core::{BdevEvent, BlockDevice, ExamineHook, IoBuf, IoType, Registry};
+use bdev_core::{BdevEvent, BlockDevice, Descriptor, ExamineHook, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::{FutureExt, StreamExt};
 
@@ -142,10 +142,7 @@ fn unregister_by_alias_and_uuid_and_missing_is_enodev() {
     block_on(reg.unregister("lvs/x")).unwrap();
     assert!(reg.list().is_empty());
     assert!(reg.get("lvs/x").is_none());
-    assert_eq!(
-        block_on(reg.unregister("m1")).unwrap_err().errno(),
-        libc::ENODEV
-    );
+    test_support::assert_errno!(block_on(reg.unregister("m1")), libc::ENODEV);
     // The names are free again.
     block_on(reg.register(malloc("m1", 16))).unwrap();
     reg.add_alias("m1", "lvs/x").unwrap();
@@ -219,16 +216,20 @@ fn error_bdev_claims_base_and_writes_config() {
     );
 }
 
-#[test]
-fn error_bdev_fails_after_n() {
+/// [`error_setup`] with `EE_base` open for writing.
+fn error_setup_open() -> (Registry, Arc<ErrorBdev>, Descriptor) {
     let (reg, e) = error_setup();
     let d = reg.open("EE_base", true).unwrap();
+    (reg, e, d)
+}
+
+#[test]
+fn error_bdev_fails_after_n() {
+    let (_reg, e, d) = error_setup_open();
     e.inject(Injection {
-        io_type: Some(IoType::Write),
-        kind: ErrorKind::Failure,
-        range: None,
         after: 2,
         count: 2,
+        ..Injection::fail(Some(IoType::Write))
     });
     let mut errs = Vec::new();
     for i in 0..6u64 {
@@ -246,14 +247,10 @@ fn error_bdev_fails_after_n() {
 
 #[test]
 fn error_bdev_range_rule_and_clear() {
-    let (reg, e) = error_setup();
-    let d = reg.open("EE_base", true).unwrap();
+    let (_reg, e, d) = error_setup_open();
     e.inject(Injection {
-        io_type: Some(IoType::Read),
-        kind: ErrorKind::Failure,
         range: Some((10, 5)),
-        after: 0,
-        count: u64::MAX,
+        ..Injection::fail(Some(IoType::Read))
     });
     assert!(block_on(d.read(9, IoBuf::new(512, 1))).is_ok());
     assert_eq!(
@@ -263,12 +260,7 @@ fn error_bdev_range_rule_and_clear() {
         libc::EIO,
         "touches block 10"
     );
-    assert_eq!(
-        block_on(d.read(14, IoBuf::new(512, 1)))
-            .unwrap_err()
-            .errno(),
-        libc::EIO
-    );
+    test_support::assert_errno!(block_on(d.read(14, IoBuf::new(512, 1))), libc::EIO);
     assert!(block_on(d.read(15, IoBuf::new(512, 1))).is_ok());
     e.clear();
     assert!(block_on(d.read(12, IoBuf::new(512, 1))).is_ok());
@@ -276,8 +268,7 @@ fn error_bdev_range_rule_and_clear() {
 
 #[test]
 fn error_bdev_drop_writes_simulates_power_loss() {
-    let (reg, e) = error_setup();
-    let d = reg.open("EE_base", true).unwrap();
+    let (reg, e, d) = error_setup_open();
     e.inject(Injection::drop_writes_after(3));
     for i in 0..6u64 {
         block_on(d.write(i, pattern(&d, i, 1, 0xa5))).expect("acknowledged");
@@ -300,21 +291,12 @@ fn error_bdev_drop_writes_simulates_power_loss() {
 
 #[test]
 fn error_bdev_spdk_injection() {
-    let (reg, e) = error_setup();
-    let d = reg.open("EE_base", true).unwrap();
+    let (_reg, e, d) = error_setup_open();
     e.inject_spdk("read", "nomem", 1).unwrap();
     e.inject_spdk("all", "failure", 2).unwrap();
-    assert_eq!(
-        block_on(d.read(0, IoBuf::new(512, 1))).unwrap_err().errno(),
-        libc::ENOMEM
-    );
-    assert_eq!(block_on(d.flush()).unwrap_err().errno(), libc::EIO);
-    assert_eq!(
-        block_on(d.write(0, IoBuf::new(512, 1)))
-            .unwrap_err()
-            .errno(),
-        libc::EIO
-    );
+    test_support::assert_errno!(block_on(d.read(0, IoBuf::new(512, 1))), libc::ENOMEM);
+    test_support::assert_errno!(block_on(d.flush()), libc::EIO);
+    test_support::assert_errno!(block_on(d.write(0, IoBuf::new(512, 1))), libc::EIO);
     assert!(block_on(d.write(0, IoBuf::new(512, 1))).is_ok());
     assert_eq!(
         e.inject_spdk("bogus", "failure", 1).unwrap_err().errno(),

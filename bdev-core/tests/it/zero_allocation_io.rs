@@ -9,9 +9,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bdev_core::backend::aio::{uring_available, AioBdev, AioOpts};
+use bdev_core::backend::aio::uring_available;
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{reactor, BlockDevice, Descriptor, IoBuf, IoFuture, Registry};
+use test_support::bdev::aio_dev;
 
 struct Counting;
 
@@ -121,12 +122,7 @@ fn aio_on_an_exclusive_reactor_allocates_nothing_per_request() {
             .unwrap()
             .set_len(16 << 20)
             .unwrap();
-        let a = AioBdev::create(AioOpts {
-            name: "a".into(),
-            filename: p,
-            ..Default::default()
-        })
-        .unwrap();
+        let a = aio_dev("a", &p, |_| {});
         let reg = Registry::new();
         reactor::block_on(reg.register(a.clone())).unwrap();
         let d = reg.open("a", true).unwrap();

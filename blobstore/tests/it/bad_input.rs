@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use blobstore::inspect::{self, check};
 use blobstore::testing::{Fault, MemBsDev};
-use blobstore::{BlobOpts, Blobstore, BsOpts, IoBuf};
+use blobstore::{Blobstore, BsOpts, IoBuf};
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -18,24 +19,10 @@ fn reseal(page: &mut [u8]) {
 /// A clean 16 MiB store with one multi-page blob (id 0x1_0000_0000) and one thick blob.
 fn store() -> (Vec<u8>, u64, u64) {
     block_on(async {
-        let d = MemBsDev::new(4096, 16 * MIB / 4096);
-        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
-        let a = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                thin: true,
-                xattrs: vec![("x1".into(), vec![1; 3000]), ("x2".into(), vec![2; 3000])],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let b = bs
-            .create_blob(BlobOpts {
-                num_clusters: 3,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (d, bs) = mem_store(4096, 16 * MIB / 4096, BsOpts::default()).await;
+        let o = clusters(2).thin().xattr("x1", &[1; 3000]);
+        let a = create(&bs, o.xattr("x2", &[2; 3000])).await;
+        let b = create(&bs, clusters(3)).await;
         let h = bs.open_blob(a).await.unwrap();
         h.write(0, IoBuf::from_slice(&[7u8; 4096], 4096))
             .await

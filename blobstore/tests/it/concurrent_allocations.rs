@@ -1,10 +1,13 @@
 //! Parallel I/O: allocations of the same cluster never double-allocate, writes racing a
 //! snapshot or a resize land whole, threads share one store.
 
+use std::sync::Arc;
+
 use blobstore::testing::{CrashPlan, MemBsDev};
-use blobstore::{BlobOpts, Blobstore, BsOpts, IoBuf};
+use blobstore::{Blob, Blobstore, BsOpts, IoBuf};
 use futures::executor::block_on;
 use futures::future::join_all;
+use test_support::prelude::*;
 
 fn blk(i: u64) -> IoBuf {
     let mut b = IoBuf::new(4096, 4096);
@@ -13,22 +16,20 @@ fn blk(i: u64) -> IoBuf {
     b
 }
 
+/// A 64 MiB store with one thin blob of 4 clusters, open; the device yields on every I/O.
+async fn yielding_thin_blob() -> (Arc<MemBsDev>, Blobstore, Blob) {
+    let (d, bs) = mem_store(4096, 16384, BsOpts::default()).await;
+    let id = create(&bs, clusters(4).thin()).await;
+    let b = bs.open_blob(id).await.unwrap();
+    d.set_yield(true);
+    (d, bs, b)
+}
+
 #[test]
 fn same_cluster_allocated_once() {
     block_on(async {
-        let d = MemBsDev::new(4096, 16384);
-        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let b = bs.open_blob(id).await.unwrap();
+        let (d, bs, b) = yielding_thin_blob().await;
         let free = bs.free_clusters();
-        d.set_yield(true);
         let blocks: Vec<u64> = (0..32).map(|i| i * 7 % 256).chain(300..310).collect();
         let futs = blocks.iter().map(|&i| {
             let b = b.clone();
@@ -44,27 +45,15 @@ fn same_cluster_allocated_once() {
             assert_eq!(&r[..], &blk(i)[..], "block {i}");
         }
         b.close().await.unwrap();
-        bs.unload().await.unwrap();
-        let rep = blobstore::inspect::check(d).await.unwrap();
-        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        unload_and_check(&d, bs).await;
     });
 }
 
 #[test]
 fn writes_racing_a_snapshot_land_whole() {
     block_on(async {
-        let d = MemBsDev::new(4096, 16384);
-        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let b = bs.open_blob(id).await.unwrap();
-        d.set_yield(true);
+        let (d, bs, b) = yielding_thin_blob().await;
+        let id = b.id();
         let writes = join_all((0..40u64).map(|i| {
             let b = b.clone();
             async move { b.write(i * 20, blk(i)).await.map(|_| ()) }
@@ -84,25 +73,15 @@ fn writes_racing_a_snapshot_land_whole() {
         }
         hs.close().await.unwrap();
         b.close().await.unwrap();
-        bs.unload().await.unwrap();
-        let rep = blobstore::inspect::check(d).await.unwrap();
-        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        unload_and_check(&d, bs).await;
     });
 }
 
 #[test]
 fn threads_share_one_store() {
-    let d = MemBsDev::new(4096, 16384);
-    let bs = block_on(Blobstore::init(d.clone(), BsOpts::default())).unwrap();
+    let (d, bs) = block_on(mem_store(4096, 16384, BsOpts::default()));
     let ids: Vec<_> = (0..4)
-        .map(|_| {
-            block_on(bs.create_blob(BlobOpts {
-                num_clusters: 8,
-                thin: true,
-                ..Default::default()
-            }))
-            .unwrap()
-        })
+        .map(|_| block_on(create(&bs, clusters(8).thin())))
         .collect();
     let hs: Vec<_> = ids
         .iter()
@@ -133,9 +112,7 @@ fn threads_share_one_store() {
             assert_eq!(b.get_xattr("done").unwrap(), b"1");
             b.close().await.unwrap();
         }
-        bs.unload().await.unwrap();
-        let rep = blobstore::inspect::check(d).await.unwrap();
-        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        unload_and_check(&d, bs).await;
     });
 }
 
@@ -148,17 +125,10 @@ fn concurrent_allocations_share_commits() {
     block_on(async {
         const N: u64 = 16;
         let d = MemBsDev::write_back(4096, 16384); // 64 MiB, 1 MiB clusters
-        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
+        let bs = init_store(&d, BsOpts::default()).await;
         let mut blobs = Vec::new();
         for _ in 0..2 {
-            let id = bs
-                .create_blob(BlobOpts {
-                    num_clusters: 2 * N,
-                    thin: true,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let id = create(&bs, clusters(2 * N).thin()).await;
             let b = bs.open_blob(id).await.unwrap();
             // The first allocation creates the extent page; the ones measured rewrite it.
             b.write(0, blk(0)).await.unwrap();

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use blobstore::inspect::{parse_md_page, Descriptor};
 use blobstore::testing::MemBsDev;
-use blobstore::{
-    BlobId, BlobOpts, Blobstore, BsDev, BsOpts, EsnapDevFactory, IoBuf, Parent, Result,
-};
+use blobstore::{BlobId, Blobstore, BsDev, BsOpts, EsnapDevFactory, IoBuf, Parent, Result};
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const MIB: usize = 1 << 20;
 const ID: &[u8] = b"7e5a0000-e5a0-4e5a-8e5a-000000000001\0";
@@ -64,10 +63,20 @@ impl Fx {
         }
     }
     async fn reload(&self, bs: Blobstore) -> Blobstore {
-        bs.unload().await.unwrap();
-        Blobstore::load(self.dev.clone(), self.opts())
-            .await
-            .unwrap()
+        reload(&self.dev, bs, self.opts()).await
+    }
+    /// A new store on the fixture's device.
+    async fn store(&self) -> Blobstore {
+        init_store(&self.dev, self.opts()).await
+    }
+    /// A fixture, its store and an esnap clone made by [`eclone`], with the bytes the clone
+    /// must read.
+    async fn with_eclone() -> (Fx, Blobstore, BlobId, Vec<u8>) {
+        let fx = Fx::new();
+        let bs = fx.store().await;
+        let mut want = fx.base.clone();
+        let e = eclone(&bs, &mut want).await;
+        (fx, bs, e, want)
     }
     /// Invalid flags of a blob as stored on disk (store must be unloaded or synced).
     fn disk_flags(&self, id: BlobId) -> u64 {
@@ -84,24 +93,9 @@ impl Fx {
     }
 }
 
-async fn read_all(bs: &Blobstore, id: BlobId) -> Vec<u8> {
-    let b = bs.open_blob(id).await.unwrap();
-    let n = b.num_io_units() as usize * 4096;
-    let r = b.read(0, IoBuf::new(n, 4096)).await.unwrap().to_vec();
-    b.close().await.unwrap();
-    r
-}
-
 /// An esnap clone of 4 clusters with two blocks written (one copy-on-write each).
 async fn eclone(bs: &Blobstore, expect: &mut [u8]) -> BlobId {
-    let e = bs
-        .create_blob(BlobOpts {
-            num_clusters: 4,
-            esnap_id: Some(ID.to_vec()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let e = create(bs, clusters(4).esnap(ID)).await;
     let h = bs.open_blob(e).await.unwrap();
     for blk in [3usize, 600] {
         let mut p = vec![0xC1u8; 4096];
@@ -118,11 +112,8 @@ async fn eclone(bs: &Blobstore, expect: &mut [u8]) -> BlobId {
 #[test]
 fn esnap_clone_reads_base_and_copies_on_write() {
     block_on(async {
-        let fx = Fx::new();
-        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
-        let mut want = fx.base.clone();
-        let e = eclone(&bs, &mut want).await;
-        assert!(read_all(&bs, e).await == want);
+        let (fx, bs, e, want) = Fx::with_eclone().await;
+        assert!(read_blob(&bs, e).await == want);
         let h = bs.open_blob(e).await.unwrap();
         assert_eq!(h.num_allocated_clusters(), 2);
         assert_eq!(h.esnap_id().unwrap(), ID);
@@ -131,7 +122,7 @@ fn esnap_clone_reads_base_and_copies_on_write() {
         h.close().await.unwrap();
         let bs = fx.reload(bs).await;
         assert_eq!(fx.disk_flags(e) & 0xF, 0xF);
-        assert!(read_all(&bs, e).await == want);
+        assert!(read_blob(&bs, e).await == want);
         assert!(fx.f.calls.load(Ordering::SeqCst) >= 2);
     });
 }
@@ -139,10 +130,7 @@ fn esnap_clone_reads_base_and_copies_on_write() {
 #[test]
 fn snapshot_of_esnap_clone_takes_the_link_and_delete_moves_it_back() {
     block_on(async {
-        let fx = Fx::new();
-        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
-        let mut want = fx.base.clone();
-        let e = eclone(&bs, &mut want).await;
+        let (fx, bs, e, mut want) = Fx::with_eclone().await;
         let s = bs.create_snapshot(e, vec![]).await.unwrap();
         let bs = fx.reload(bs).await;
         assert_eq!(
@@ -166,31 +154,26 @@ fn snapshot_of_esnap_clone_takes_the_link_and_delete_moves_it_back() {
         he.close().await.unwrap();
         let snap_data = want.clone();
         want[1000 * 4096..1001 * 4096].copy_from_slice(&p);
-        assert!(read_all(&bs, s).await == snap_data);
-        assert!(read_all(&bs, e).await == want);
+        assert!(read_blob(&bs, s).await == snap_data);
+        assert!(read_blob(&bs, e).await == want);
         // Delete the snapshot: the link moves back.
         bs.delete_blob(s).await.unwrap();
         let he = bs.open_blob(e).await.unwrap();
         assert!(he.is_esnap_clone() && !he.is_clone());
         assert_eq!(he.esnap_id().unwrap(), ID);
         he.close().await.unwrap();
-        assert!(read_all(&bs, e).await == want);
+        assert!(read_blob(&bs, e).await == want);
         let bs = fx.reload(bs).await;
         assert_eq!(fx.disk_flags(e) & 0x8, 0x8);
-        assert!(read_all(&bs, e).await == want);
-        bs.unload().await.unwrap();
-        let r = blobstore::inspect::check(fx.dev.clone()).await.unwrap();
-        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert!(read_blob(&bs, e).await == want);
+        unload_and_check(&fx.dev, bs).await;
     });
 }
 
 #[test]
 fn deleting_the_clone_leaves_the_link_on_the_snapshot_and_clones_are_plain() {
     block_on(async {
-        let fx = Fx::new();
-        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
-        let mut want = fx.base.clone();
-        let e = eclone(&bs, &mut want).await;
+        let (fx, bs, e, want) = Fx::with_eclone().await;
         let s = bs.create_snapshot(e, vec![]).await.unwrap();
         bs.delete_blob(e).await.unwrap();
         assert!(bs.clones_of(s).is_empty());
@@ -202,11 +185,11 @@ fn deleting_the_clone_leaves_the_link_on_the_snapshot_and_clones_are_plain() {
         assert!(hc.is_clone() && !hc.is_esnap_clone());
         assert!(hc.get_internal_xattr("EXTSNAP").is_err());
         hc.close().await.unwrap();
-        assert!(read_all(&bs, c).await == want);
+        assert!(read_blob(&bs, c).await == want);
         let bs = fx.reload(bs).await;
         assert_eq!(fx.disk_flags(c) & 0x8, 0);
         assert_eq!(fx.disk_flags(s) & 0x8, 0x8);
-        assert!(read_all(&bs, c).await == want);
+        assert!(read_blob(&bs, c).await == want);
     });
 }
 
@@ -214,10 +197,7 @@ fn deleting_the_clone_leaves_the_link_on_the_snapshot_and_clones_are_plain() {
 fn inflate_and_decouple_of_esnap_clone_cut_the_link() {
     block_on(async {
         for decouple in [false, true] {
-            let fx = Fx::new();
-            let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
-            let mut want = fx.base.clone();
-            let e = eclone(&bs, &mut want).await;
+            let (fx, bs, e, want) = Fx::with_eclone().await;
             if decouple {
                 bs.decouple_parent(e).await.unwrap();
             } else {
@@ -230,13 +210,13 @@ fn inflate_and_decouple_of_esnap_clone_cut_the_link() {
             h.close().await.unwrap();
             let bs = fx.reload(bs).await;
             assert_eq!(fx.disk_flags(e) & 0x9, 0);
-            assert!(read_all(&bs, e).await == want);
+            assert!(read_blob(&bs, e).await == want);
             // Works without any factory now.
             bs.unload().await.unwrap();
             let bs = Blobstore::load(fx.dev.clone(), BsOpts::default())
                 .await
                 .unwrap();
-            assert!(read_all(&bs, e).await == want);
+            assert!(read_blob(&bs, e).await == want);
         }
     });
 }
@@ -245,56 +225,25 @@ fn inflate_and_decouple_of_esnap_clone_cut_the_link() {
 fn set_external_parent_and_esnap_dev_swap() {
     block_on(async {
         let fx = Fx::new();
-        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
-        let t = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let thick = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let bs = fx.store().await;
+        let t = create(&bs, clusters(4).thin()).await;
+        let thick = create(&bs, clusters(4)).await;
         let dev: Arc<dyn BsDev> = fx.f.dev.clone();
-        assert_eq!(
-            bs.set_external_parent(thick, dev.clone(), ID)
-                .await
-                .unwrap_err()
-                .errno(),
+        assert_errno!(
+            bs.set_external_parent(thick, dev.clone(), ID).await,
             libc::EINVAL
         );
         let odd: Arc<dyn BsDev> = MemBsDev::read_only(4096, vec![0; 4096 * 3]);
-        assert_eq!(
-            bs.set_external_parent(t, odd, ID)
-                .await
-                .unwrap_err()
-                .errno(),
-            libc::EINVAL
-        );
+        assert_errno!(bs.set_external_parent(t, odd, ID).await, libc::EINVAL);
         bs.set_external_parent(t, dev.clone(), ID).await.unwrap();
-        assert_eq!(
-            bs.set_external_parent(t, dev, ID)
-                .await
-                .unwrap_err()
-                .errno(),
-            libc::EEXIST
-        );
-        assert!(read_all(&bs, t).await == fx.base);
+        assert_errno!(bs.set_external_parent(t, dev, ID).await, libc::EEXIST);
+        assert!(read_blob(&bs, t).await == fx.base);
         let h = bs.open_blob(t).await.unwrap();
         assert!(h.is_esnap_clone());
         // Degrade then heal in place.
         h.set_esnap_dev(None).await.unwrap();
         assert!(h.is_degraded());
-        assert_eq!(
-            h.read(0, IoBuf::new(4096, 4096)).await.unwrap_err().errno(),
-            libc::EIO
-        );
+        assert_errno!(h.read(0, IoBuf::new(4096, 4096)).await, libc::EIO);
         h.set_esnap_dev(Some(fx.f.dev.clone())).await.unwrap();
         assert!(!h.is_degraded());
         assert_eq!(
@@ -303,7 +252,7 @@ fn set_external_parent_and_esnap_dev_swap() {
         );
         h.close().await.unwrap();
         let bs = fx.reload(bs).await;
-        assert!(read_all(&bs, t).await == fx.base);
+        assert!(read_blob(&bs, t).await == fx.base);
     });
 }
 
@@ -311,10 +260,7 @@ fn set_external_parent_and_esnap_dev_swap() {
 fn chain_esnap_clone_snapshot_clone() {
     block_on(async {
         // esnap <- S <- E and S <- C: both read through S to the base.
-        let fx = Fx::new();
-        let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
-        let mut want = fx.base.clone();
-        let e = eclone(&bs, &mut want).await;
+        let (fx, bs, e, want) = Fx::with_eclone().await;
         let s = bs.create_snapshot(e, vec![]).await.unwrap();
         let c = bs.create_clone(s, vec![]).await.unwrap();
         let hc = bs.open_blob(c).await.unwrap();
@@ -324,8 +270,8 @@ fn chain_esnap_clone_snapshot_clone() {
         let mut wc = want.clone();
         wc[900 * 4096..901 * 4096].copy_from_slice(&p);
         let bs = fx.reload(bs).await;
-        assert!(read_all(&bs, c).await == wc);
-        assert!(read_all(&bs, e).await == want);
+        assert!(read_blob(&bs, c).await == wc);
+        assert!(read_blob(&bs, e).await == want);
         let hc = bs.open_blob(c).await.unwrap();
         assert!(!hc.is_degraded());
         hc.close().await.unwrap();
@@ -345,15 +291,8 @@ fn copy_on_write_in_kernel_and_through_memory_agree() {
             fx.dev.set_copy(copy);
             fx.f.dev.set_copy(copy);
             assert_eq!(fx.dev.copy_source().is_some(), copy);
-            let bs = Blobstore::init(fx.dev.clone(), fx.opts()).await.unwrap();
-            let e = bs
-                .create_blob(BlobOpts {
-                    num_clusters: 4,
-                    esnap_id: Some(ID.to_vec()),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let bs = fx.store().await;
+            let e = create(&bs, clusters(4).esnap(ID)).await;
             let h = bs.open_blob(e).await.unwrap();
             let mut expect = fx.base.clone();
             let put = |expect: &mut Vec<u8>, blk: usize, n: usize, byte: u8| {
@@ -380,8 +319,12 @@ fn copy_on_write_in_kernel_and_through_memory_agree() {
             h.flush().await.unwrap();
             h.close().await.unwrap();
             let bs = fx.reload(bs).await;
-            assert_eq!(read_all(&bs, e).await, expect, "clone (copy={copy})");
-            assert_eq!(read_all(&bs, s).await, snap_bytes, "snapshot (copy={copy})");
+            assert_eq!(read_blob(&bs, e).await, expect, "clone (copy={copy})");
+            assert_eq!(
+                read_blob(&bs, s).await,
+                snap_bytes,
+                "snapshot (copy={copy})"
+            );
             if copy {
                 // Clusters 0, 1 and 3 from the base, cluster 0 again from the snapshot.
                 assert_eq!(fx.dev.copies(), 4);

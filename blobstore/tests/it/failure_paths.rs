@@ -4,18 +4,13 @@
 use std::collections::BTreeMap;
 
 use blobstore::testing::{Fault, MemBsDev};
-use blobstore::{BlobId, BlobOpts, Blobstore, BsOpts, ClearMethod, IoBuf, Parent};
+use blobstore::{BlobId, Blobstore, BsOpts, ClearMethod, IoBuf, Parent};
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const BLK: u32 = 4096;
 const CLUSTER: u32 = 16384;
 const LPC: u64 = (CLUSTER / BLK) as u64;
-const METHODS: [ClearMethod; 4] = [
-    ClearMethod::Default,
-    ClearMethod::None,
-    ClearMethod::Unmap,
-    ClearMethod::WriteZeroes,
-];
 
 fn opts(cm: ClearMethod) -> BsOpts {
     BsOpts {
@@ -42,13 +37,12 @@ async fn read_all(bs: &Blobstore, id: BlobId) -> Vec<u8> {
 }
 
 async fn thick(bs: &Blobstore, n: u64, cm: ClearMethod) -> BlobId {
-    bs.create_blob(BlobOpts {
-        num_clusters: n,
-        clear_method: cm,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    create(bs, clusters(n).clear(cm)).await
+}
+
+/// A store with clear method Unmap on a new device of `blocks` blocks.
+async fn unmap_store(blocks: u64) -> (std::sync::Arc<MemBsDev>, Blobstore) {
+    mem_store(BLK, blocks, opts(ClearMethod::Unmap)).await
 }
 
 async fn write_secret(bs: &Blobstore, id: BlobId) {
@@ -78,9 +72,8 @@ async fn thick_claims_read_zeroes(bs: &Blobstore, n: u64, what: &str) {
 #[test]
 fn thick_claims_after_an_uncleared_delete_read_zeroes() {
     block_on(async {
-        for store_cm in METHODS {
-            let dev = MemBsDev::new(BLK, 256);
-            let bs = Blobstore::init(dev.clone(), opts(store_cm)).await.unwrap();
+        for store_cm in CLEAR_METHODS {
+            let (_dev, bs) = mem_store(BLK, 256, opts(store_cm)).await;
             let n = bs.free_clusters();
             let a = thick(&bs, n, ClearMethod::None).await;
             write_secret(&bs, a).await;
@@ -93,18 +86,12 @@ fn thick_claims_after_an_uncleared_delete_read_zeroes() {
 #[test]
 fn thick_claims_after_a_clean_reload_read_zeroes() {
     block_on(async {
-        let dev = MemBsDev::new(BLK, 256);
-        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
-            .await
-            .unwrap();
+        let (dev, bs) = unmap_store(256).await;
         let n = bs.free_clusters();
         let a = thick(&bs, n, ClearMethod::None).await;
         write_secret(&bs, a).await;
         bs.delete_blob(a).await.unwrap();
-        bs.unload().await.unwrap();
-        let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap))
-            .await
-            .unwrap();
+        let bs = reload(&dev, bs, opts(ClearMethod::Unmap)).await;
         thick_claims_read_zeroes(&bs, n, "after reload").await;
     });
 }
@@ -113,9 +100,7 @@ fn thick_claims_after_a_clean_reload_read_zeroes() {
 fn thick_create_on_a_store_initialised_without_clearing_reads_zeroes() {
     block_on(async {
         let dev = MemBsDev::from_bytes(BLK, vec![0xEE; 256 * BLK as usize]);
-        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::None))
-            .await
-            .unwrap();
+        let bs = init_store(&dev, opts(ClearMethod::None)).await;
         let n = bs.free_clusters();
         thick_claims_read_zeroes(&bs, n, "init clear none").await;
     });
@@ -124,10 +109,7 @@ fn thick_create_on_a_store_initialised_without_clearing_reads_zeroes() {
 #[test]
 fn thick_create_fast_path_writes_no_data_on_a_cleared_store() {
     block_on(async {
-        let dev = MemBsDev::new(BLK, 256);
-        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
-            .await
-            .unwrap();
+        let (dev, bs) = unmap_store(256).await;
         let n = bs.free_clusters();
         let w0 = dev.writes();
         let id = thick(&bs, n, ClearMethod::Default).await;
@@ -140,18 +122,8 @@ fn thick_create_fast_path_writes_no_data_on_a_cleared_store() {
 #[test]
 fn a_thin_write_whose_metadata_failed_does_not_leak_into_a_thick_claim() {
     block_on(async {
-        let dev = MemBsDev::new(BLK, 64);
-        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
-            .await
-            .unwrap();
-        let thin = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (dev, bs) = unmap_store(64).await;
+        let thin = create(&bs, clusters(2).thin()).await;
         let b = bs.open_blob(thin).await.unwrap();
         // The data write lands, the metadata write after it fails.
         dev.set_fault(Fault::FailAfter(1));
@@ -194,10 +166,7 @@ fn sweep<F>(
     block_on(async {
         let mut completed = false;
         for k in 0..limit {
-            let dev = MemBsDev::new(BLK, 128);
-            let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
-                .await
-                .unwrap();
+            let (dev, bs) = unmap_store(128).await;
             let ids = setup(&bs).await;
             dev.set_fault(Fault::FailAfter(k));
             let r = op(&bs, &ids).await;
@@ -234,13 +203,8 @@ fn sweep<F>(
                     (d.0, &d.1, d.2)
                 );
             }
-            bs.unload().await.unwrap();
-            let rep = blobstore::inspect::check(dev.clone()).await.unwrap();
-            assert!(
-                rep.problems.is_empty(),
-                "{what} fail after {k}: check after reload and unload: {:?}",
-                rep.problems
-            );
+            // Checked after reload and unload.
+            unload_and_check(&dev, bs).await;
         }
         assert!(completed, "{what}: no fault point let the operation finish");
     });
@@ -256,14 +220,7 @@ fn one_blob(bs: &Blobstore) -> futures::future::BoxFuture<'_, Vec<BlobId>> {
 
 fn clone_of_snapshot(bs: &Blobstore) -> futures::future::BoxFuture<'_, Vec<BlobId>> {
     Box::pin(async move {
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 3,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let id = create(bs, clusters(3).thin()).await;
         let b = bs.open_blob(id).await.unwrap();
         b.write(LPC, secret(CLUSTER as usize)).await.unwrap();
         b.close().await.unwrap();
@@ -280,10 +237,7 @@ fn clone_of_snapshot(bs: &Blobstore) -> futures::future::BoxFuture<'_, Vec<BlobI
 fn failed_snapshot_releases_its_opens_and_rolls_back() {
     // The brief's repro first: 2 clusters, FailAfter(2), EIO, then unload must work.
     block_on(async {
-        let dev = MemBsDev::new(BLK, 128);
-        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
-            .await
-            .unwrap();
+        let (dev, bs) = unmap_store(128).await;
         let id = one_blob(&bs).await[0];
         let before = bs.blob_ids();
         dev.set_fault(Fault::FailAfter(2));
@@ -340,10 +294,7 @@ fn failed_resize_sync_restores_the_old_size() {
     }
     // Direct check of the in-memory size and free count.
     block_on(async {
-        let dev = MemBsDev::new(BLK, 128);
-        let bs = Blobstore::init(dev.clone(), opts(ClearMethod::Unmap))
-            .await
-            .unwrap();
+        let (dev, bs) = unmap_store(128).await;
         let id = one_blob(&bs).await[0];
         let free = bs.free_clusters();
         let b = bs.open_blob(id).await.unwrap();
@@ -364,10 +315,7 @@ fn failed_resize_sync_restores_the_old_size() {
             .unwrap();
         assert_eq!(&d[..], &secret(2 * CLUSTER as usize)[..]);
         b.close().await.unwrap();
-        bs.unload().await.unwrap();
-        let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap))
-            .await
-            .unwrap();
+        let bs = reload(&dev, bs, opts(ClearMethod::Unmap)).await;
         assert_eq!(bs.free_clusters(), free);
         bs.unload().await.unwrap();
     });

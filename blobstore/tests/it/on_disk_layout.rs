@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use blobstore::inspect::{self, Descriptor};
 use blobstore::testing::MemBsDev;
-use blobstore::{BlobId, BlobOpts, Blobstore, BsOpts, IoBuf};
+use blobstore::{BlobId, Blobstore, BsOpts, IoBuf};
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const C16K: u32 = 16384;
 
@@ -17,11 +18,21 @@ fn opts16k() -> BsOpts {
     }
 }
 
+/// Unloads `bs`, checks the store and loads it again.
 async fn reload(d: &Arc<MemBsDev>, bs: Blobstore, o: BsOpts) -> Blobstore {
-    bs.unload().await.unwrap();
-    let r = inspect::check(d.clone()).await.unwrap();
-    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    unload_and_check(d, bs).await;
     Blobstore::load(d.clone(), o).await.unwrap()
+}
+
+/// The RLE extents of blob `id` in image `img`.
+fn rle_extents(img: &[u8], id: BlobId) -> Vec<(u32, u32)> {
+    descriptors(img, id)
+        .into_iter()
+        .find_map(|d| match d {
+            Descriptor::ExtentRle(r) => Some(r),
+            _ => None,
+        })
+        .unwrap()
 }
 
 fn pat(i: u64, bl: usize) -> Vec<u8> {
@@ -74,46 +85,18 @@ fn descriptors(img: &[u8], id: BlobId) -> Vec<Descriptor> {
 #[test]
 fn rle_blobs_thick_and_thin() {
     block_on(async {
-        let d = MemBsDev::new(4096, 1024);
-        let bs = Blobstore::init(d.clone(), opts16k()).await.unwrap();
-        let thick = bs
-            .create_blob(BlobOpts {
-                num_clusters: 10,
-                use_extent_table: false,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let thin = bs
-            .create_blob(BlobOpts {
-                num_clusters: 10,
-                thin: true,
-                use_extent_table: false,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (d, bs) = mem_store(4096, 1024, opts16k()).await;
+        let thick = create(&bs, clusters(10).rle()).await;
+        let thin = create(&bs, clusters(10).thin().rle()).await;
         write_blocks(&bs, thick, &[0, 17, 39]).await;
         write_blocks(&bs, thin, &[5, 21, 38]).await;
         let snap = bs.create_snapshot(thin, vec![]).await.unwrap();
         write_blocks(&bs, thin, &[22]).await;
         let bs = reload(&d, bs, opts16k()).await;
         let img = d.snapshot();
-        let rle = descriptors(&img, thin)
-            .into_iter()
-            .find_map(|d| match d {
-                Descriptor::ExtentRle(r) => Some(r),
-                _ => None,
-            })
-            .unwrap();
+        let rle = rle_extents(&img, thin);
         assert_eq!(rle.iter().map(|r| r.1).sum::<u32>(), 10);
-        let thick_rle = descriptors(&img, thick)
-            .into_iter()
-            .find_map(|d| match d {
-                Descriptor::ExtentRle(r) => Some(r),
-                _ => None,
-            })
-            .unwrap();
+        let thick_rle = rle_extents(&img, thick);
         assert_eq!(thick_rle.len(), 1, "contiguous clusters merge into one run");
         check_blocks(&bs, thick, &[0, 17, 39], &[1, 16]).await;
         check_blocks(&bs, thin, &[5, 21, 22, 38], &[0, 23, 39]).await;
@@ -132,23 +115,9 @@ fn rle_blobs_thick_and_thin() {
 fn many_extent_pages_and_shrink() {
     block_on(async {
         // 64 MiB of 16 KiB clusters: 4096 clusters, so blobs can span several extent pages.
-        let d = MemBsDev::new(4096, 16384);
-        let bs = Blobstore::init(d.clone(), opts16k()).await.unwrap();
-        let big = bs
-            .create_blob(BlobOpts {
-                num_clusters: 1300,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let thin = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2000,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (d, bs) = mem_store(4096, 16384, opts16k()).await;
+        let big = create(&bs, clusters(1300)).await;
+        let thin = create(&bs, clusters(2000).thin()).await;
         let blocks: Vec<u64> = vec![0, 4 * 511 + 3, 4 * 512, 4 * 1100, 4 * 1299 + 3];
         write_blocks(&bs, big, &blocks).await;
         let tb: Vec<u64> = vec![4 * 1600, 4 * 3];
@@ -208,19 +177,12 @@ fn many_extent_pages_and_shrink() {
 #[test]
 fn long_md_chains() {
     block_on(async {
-        let d = MemBsDev::new(4096, 4096);
-        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
+        let (d, bs) = mem_store(4096, 4096, BsOpts::default()).await;
         let x: Vec<(String, Vec<u8>)> = (0..12)
             .map(|i| (format!("attr{i}"), vec![i as u8; 1500]))
             .collect();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                xattrs: x.clone(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let o = x.iter().fold(clusters(2), |o, (k, v)| o.xattr(k, v));
+        let id = create(&bs, o).await;
         let bs = reload(&d, bs, BsOpts::default()).await;
         let h = bs.open_blob(id).await.unwrap();
         for (k, v) in &x {
@@ -242,28 +204,15 @@ fn long_md_chains() {
 #[test]
 fn grow_store() {
     block_on(async {
-        let d = MemBsDev::new(4096, 16 * 256);
-        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (d, bs) = mem_store(4096, 16 * 256, BsOpts::default()).await;
+        let id = create(&bs, clusters(2)).await;
         let total = bs.total_clusters();
         assert_eq!(total, 16);
         assert!(bs.max_growable_size() >= 32 << 20);
         d.resize(32 * 256);
         bs.grow().await.unwrap();
         assert_eq!(bs.total_clusters(), 32);
-        let big = bs
-            .create_blob(BlobOpts {
-                num_clusters: 20,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let big = create(&bs, clusters(20)).await;
         let bs = reload(&d, bs, BsOpts::default()).await;
         assert_eq!(bs.total_clusters(), 32);
         let h = bs.open_blob(big).await.unwrap();
@@ -280,17 +229,9 @@ fn grow_store() {
 #[test]
 fn io_unit_512() {
     block_on(async {
-        let d = MemBsDev::new(512, 8 * 2048);
-        let bs = Blobstore::init(d.clone(), opts16k()).await.unwrap();
+        let (d, bs) = mem_store(512, 8 * 2048, opts16k()).await;
         assert_eq!(bs.io_unit_size(), 512);
-        let t = bs
-            .create_blob(BlobOpts {
-                num_clusters: 8,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let t = create(&bs, clusters(8).thin()).await;
         write_blocks(&bs, t, &[0, 1, 31, 32, 100]).await;
         let s = bs.create_snapshot(t, vec![]).await.unwrap();
         let c = bs.create_clone(s, vec![]).await.unwrap();
@@ -312,15 +253,8 @@ fn io_unit_512() {
 #[test]
 fn version_2_store_without_blobid_mask() {
     block_on(async {
-        let d = MemBsDev::new(4096, 4096);
-        let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
-        let a = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (d, bs) = mem_store(4096, 4096, BsOpts::default()).await;
+        let a = create(&bs, clusters(2)).await;
         write_blocks(&bs, a, &[3]).await;
         bs.unload().await.unwrap();
         let mut img = d.snapshot();

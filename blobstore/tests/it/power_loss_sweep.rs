@@ -27,6 +27,7 @@ use blobstore::{
     inspect, Blob, BlobId, BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod, IoBuf, Parent,
 };
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const CLUSTER: u32 = 16384;
 /// 1 MiB: 64 clusters of 16 KiB.
@@ -214,6 +215,14 @@ impl Ctx {
     async fn open(&self, id: BlobId) -> Option<Blob> {
         self.ok("open", self.bs().open_blob(id).await)
     }
+    /// Every write's result, then a client flush of `b`: a durable step.
+    async fn writes_then_flush(&self, rs: Vec<blobstore::Result<()>>, b: &Blob) {
+        for r in rs {
+            self.ok("write", r);
+        }
+        self.ok("flush", b.flush().await);
+        self.ck().await;
+    }
     /// Writes `n` blocks of `byte` at block `off` of blob `id`, then a client flush.
     async fn write_flush(&self, id: BlobId, off: u64, n: usize, byte: u8) {
         let Some(b) = self.open(id).await else { return };
@@ -222,6 +231,107 @@ impl Ctx {
         self.ok("write", b.write(off, buf).await);
         self.ok("flush", b.flush().await);
         self.ok("close", b.close().await);
+        self.ck().await;
+    }
+}
+
+/// One durable metadata step of an operation; the `usize` fields index the setup's ids.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Create a blob with these options (its id is remembered).
+    Create(fn() -> BlobOpts),
+    /// Snapshot, with a `name` xattr when given.
+    Snapshot(usize, Option<&'static [u8]>),
+    /// Clone of a snapshot, with this `name` xattr.
+    Clone(usize, &'static [u8]),
+    Delete(usize),
+    /// Open, resize to each size in turn (each durable), close.
+    Resize(usize, &'static [u64]),
+    /// (blob, new parent snapshot).
+    SetParent(usize, usize),
+    /// The shared read-only base as the blob's external parent.
+    SetExternalParent(usize),
+    Inflate(usize),
+    Decouple(usize),
+    SetSuperBlob(usize),
+    /// The device grows by a quarter, then the store.
+    Grow,
+    /// Open, write_zeroes of (offset, io units), client flush (durable), close.
+    WriteZeroes(usize, u64, u64),
+    /// Open, unmap of the first cluster (durable), close.
+    UnmapFirstCluster(usize),
+}
+
+/// What an operation does: a list of steps, or code of its own.
+#[derive(Clone, Copy)]
+enum Plan {
+    Steps(&'static [Step]),
+    Custom(Op),
+}
+
+impl Ctx {
+    /// Runs one step, then records the checkpoint it reached.
+    async fn apply(&self, step: Step) {
+        let bs = self.bs();
+        let id = |i: usize| self.ids[i];
+        match step {
+            Step::Create(o) => {
+                let id = self.ok("create", bs.create_blob(o()).await);
+                self.push(id);
+            }
+            Step::Snapshot(i, name) => {
+                let x = name.map(|n| vec![("name".into(), n.to_vec())]);
+                let r = bs.create_snapshot(id(i), x.unwrap_or_default()).await;
+                self.ok("snapshot", r);
+            }
+            Step::Clone(i, name) => {
+                let x = vec![("name".into(), name.to_vec())];
+                self.ok("clone", bs.create_clone(id(i), x).await);
+            }
+            Step::Delete(i) => _ = self.ok("delete", bs.delete_blob(id(i)).await),
+            // These record their checkpoints before the close.
+            Step::Resize(..) | Step::WriteZeroes(..) | Step::UnmapFirstCluster(..) => {
+                let i = match step {
+                    Step::Resize(i, _) | Step::WriteZeroes(i, ..) | Step::UnmapFirstCluster(i) => i,
+                    _ => unreachable!(),
+                };
+                let Some(b) = self.open(id(i)).await else {
+                    return;
+                };
+                match step {
+                    Step::Resize(_, sizes) => {
+                        for &n in sizes {
+                            self.ok("resize", b.resize(n).await);
+                            self.ck().await;
+                        }
+                    }
+                    Step::WriteZeroes(_, off, n) => {
+                        self.ok("write_zeroes", b.write_zeroes(off, n).await);
+                        self.ok("flush", b.flush().await);
+                        self.ck().await;
+                    }
+                    _ => {
+                        self.ok("unmap", b.unmap(0, lpc()).await);
+                        self.ck().await;
+                    }
+                }
+                self.ok("close", b.close().await);
+                return;
+            }
+            Step::SetParent(i, p) => _ = self.ok("set_parent", bs.set_parent(id(i), id(p)).await),
+            Step::SetExternalParent(i) => {
+                let d = base_dev() as Arc<dyn BsDev>;
+                let r = bs.set_external_parent(id(i), d, b"base").await;
+                self.ok("set_external_parent", r);
+            }
+            Step::Inflate(i) => _ = self.ok("inflate", bs.inflate_blob(id(i)).await),
+            Step::Decouple(i) => _ = self.ok("decouple", bs.decouple_parent(id(i)).await),
+            Step::SetSuperBlob(i) => _ = self.ok("set_super_blob", bs.set_super_blob(id(i)).await),
+            Step::Grow => {
+                self.dev.resize(dev_blocks() + dev_blocks() / 4);
+                self.ok("grow", bs.grow().await);
+            }
+        }
         self.ck().await;
     }
 }
@@ -249,7 +359,7 @@ fn prepare(setup: Setup) -> (Vec<u8>, Vec<BlobId>) {
 }
 
 /// Runs `op` on a write-back copy of `image`, cut after event `cut` (None: no cut).
-async fn run(image: &[u8], ids: &[BlobId], op: Op, cut: Option<u64>, record: bool) -> Ctx {
+async fn run(image: &[u8], ids: &[BlobId], plan: Plan, cut: Option<u64>, record: bool) -> Ctx {
     let dev = MemBsDev::from_bytes(blk(), image.to_vec());
     dev.set_write_back(true);
     let bs = Blobstore::load(dev.clone(), opts()).await.unwrap();
@@ -263,7 +373,14 @@ async fn run(image: &[u8], ids: &[BlobId], op: Op, cut: Option<u64>, record: boo
         made: Mutex::new(Vec::new()),
     };
     ctx.ck().await;
-    op(&ctx).await;
+    match plan {
+        Plan::Steps(steps) => {
+            for &s in steps {
+                ctx.apply(s).await;
+            }
+        }
+        Plan::Custom(op) => op(&ctx).await,
+    }
     ctx
 }
 
@@ -323,6 +440,14 @@ fn mismatch(now: &Snap, cands: &[&Snap]) -> Option<String> {
     Some(why.join("; "))
 }
 
+/// Unloads `bs`, then fails (saying `what`) when the check of the store on `dev` finds a
+/// problem.
+async fn unload_checked(bs: Blobstore, dev: Arc<MemBsDev>, what: &str) {
+    bs.unload().await.unwrap();
+    let rep = inspect::check(dev).await.unwrap();
+    assert!(rep.problems.is_empty(), "{what}: {:?}", rep.problems);
+}
+
 /// What a sweep explored.
 #[derive(Default)]
 struct Stats {
@@ -352,7 +477,7 @@ fn torn_pages(img: &[u8]) -> Vec<usize> {
 }
 
 /// Sweeps `op`.
-fn sweep(name: &str, setup: Setup, op: Op) -> Stats {
+fn sweep(name: &str, setup: Setup, op: Plan) -> Stats {
     let t0 = Instant::now();
     let (image, ids) = prepare(setup);
     let reference = block_on(run(&image, &ids, op, None, true));
@@ -401,13 +526,7 @@ fn sweep(name: &str, setup: Setup, op: Op) -> Stats {
                 if let Some(why) = mismatch(&now, &cands) {
                     panic!("{name}: k={k}/{total} {plan:?}: neither state: {why}");
                 }
-                bs.unload().await.unwrap();
-                let rep = inspect::check(dev).await.unwrap();
-                assert!(
-                    rep.problems.is_empty(),
-                    "{name}: k={k}/{total} {plan:?}: {:?}",
-                    rep.problems
-                );
+                unload_checked(bs, dev, &format!("{name}: k={k}/{total} {plan:?}")).await;
             });
         }
     }
@@ -427,38 +546,17 @@ fn sweep(name: &str, setup: Setup, op: Op) -> Stats {
 fn setup_thin(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
     Box::pin(async move {
         let all = bs.free_clusters();
-        let junk = bs
-            .create_blob(BlobOpts {
-                num_clusters: all,
-                clear_method: ClearMethod::None,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let junk = create(bs, clusters(all).clear(ClearMethod::None)).await;
         let b = bs.open_blob(junk).await.unwrap();
         let mut buf = IoBuf::new(all as usize * CLUSTER as usize, 4096);
         buf.fill(0xee);
         b.write(0, buf).await.unwrap();
         b.close().await.unwrap();
         bs.delete_blob(junk).await.unwrap();
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                xattrs: vec![("name".into(), b"t\0".to_vec())],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let id = create(bs, clusters(4).thin().xattr("name", b"t\0")).await;
         fill(bs, id, 0, 0x11).await;
         fill(bs, id, 2, 0x22).await;
-        let thick = bs
-            .create_blob(BlobOpts {
-                num_clusters: 2,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let thick = create(bs, clusters(2)).await;
         fill(bs, thick, 1, 0x33).await;
         vec![id, thick]
     })
@@ -489,14 +587,7 @@ fn setup_chain2(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_
 /// An esnap clone E with one copied cluster. ids: [E].
 fn setup_esnap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
     Box::pin(async move {
-        let e = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                esnap_id: Some(b"base".to_vec()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let e = create(bs, clusters(4).esnap(b"base")).await;
         fill(bs, e, 1, 0x31).await;
         vec![e]
     })
@@ -519,23 +610,9 @@ fn setup_esnap_snap(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> 
 fn setup_reparent(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
     Box::pin(async move {
         let mut ids = setup_chain(bs).await;
-        let u = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let u = create(bs, clusters(4).thin()).await;
         fill(bs, u, 3, 0x77).await;
-        let v = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                thin: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let v = create(bs, clusters(4).thin()).await;
         ids.push(u);
         ids.push(v);
         ids
@@ -562,137 +639,70 @@ fn thin_opts(n: u64) -> BlobOpts {
     }
 }
 
-/// Every operation swept: (name, setup, op).
-fn operations() -> Vec<(&'static str, Setup, Op)> {
+fn thin3() -> BlobOpts {
+    thin_opts(3)
+}
+fn rle2() -> BlobOpts {
+    thin_opts(2).rle()
+}
+fn thick3_zeroed() -> BlobOpts {
+    clusters(3).clear(ClearMethod::WriteZeroes)
+}
+fn thick10() -> BlobOpts {
+    clusters(10)
+}
+fn esnap4() -> BlobOpts {
+    thin_opts(4).esnap(b"base")
+}
+
+/// Every operation swept: (name, setup, plan).
+fn operations() -> Vec<(&'static str, Setup, Plan)> {
+    use Step::*;
+    let steps = Plan::Steps;
     vec![
         (
             "create thin, thin with RLE, thick",
             setup_thin,
-            op!(|c| {
-                let id = c.ok("create", c.bs().create_blob(thin_opts(3)).await);
-                c.push(id);
-                c.ck().await;
-                let rle = BlobOpts {
-                    use_extent_table: false,
-                    ..thin_opts(2)
-                };
-                c.ok("create rle", c.bs().create_blob(rle).await);
-                c.ck().await;
-                let thick = BlobOpts {
-                    num_clusters: 3,
-                    clear_method: ClearMethod::WriteZeroes,
-                    ..Default::default()
-                };
-                c.ok("create thick", c.bs().create_blob(thick).await);
-                c.ck().await;
-            }),
+            steps(&[Create(thin3), Create(rle2), Create(thick3_zeroed)]),
         ),
-        (
-            "esnap clone create",
-            setup_thin,
-            op!(|c| {
-                let o = BlobOpts {
-                    esnap_id: Some(b"base".to_vec()),
-                    ..thin_opts(4)
-                };
-                c.ok("create esnap", c.bs().create_blob(o).await);
-                c.ck().await;
-            }),
-        ),
+        ("esnap clone create", setup_thin, steps(&[Create(esnap4)])),
         (
             "snapshot of thin and of thick",
             setup_thin,
-            op!(|c| {
-                let x = vec![("name".into(), b"s\0".to_vec())];
-                c.ok("snapshot", c.bs().create_snapshot(c.ids[0], x).await);
-                c.ck().await;
-                c.ok("snapshot", c.bs().create_snapshot(c.ids[1], vec![]).await);
-                c.ck().await;
-            }),
+            steps(&[Snapshot(0, Some(b"s\0")), Snapshot(1, None)]),
         ),
         (
             "esnap snapshot create",
             setup_esnap,
-            op!(|c| {
-                c.ok("snapshot", c.bs().create_snapshot(c.ids[0], vec![]).await);
-                c.ck().await;
-            }),
+            steps(&[Snapshot(0, None)]),
         ),
-        (
-            "clone",
-            setup_chain,
-            op!(|c| {
-                let x = vec![("name".into(), b"c\0".to_vec())];
-                c.ok("clone", c.bs().create_clone(c.ids[1], x).await);
-                c.ck().await;
-            }),
-        ),
+        ("clone", setup_chain, steps(&[Clone(1, b"c\0")])),
         (
             "delete thin and thick",
             setup_thin,
-            op!(|c| {
-                c.ok("delete", c.bs().delete_blob(c.ids[0]).await);
-                c.ck().await;
-                c.ok("delete", c.bs().delete_blob(c.ids[1]).await);
-                c.ck().await;
-            }),
+            steps(&[Delete(0), Delete(1)]),
         ),
-        (
-            "snapshot delete (merge)",
-            setup_chain,
-            op!(|c| {
-                c.ok("delete", c.bs().delete_blob(c.ids[1]).await);
-                c.ck().await;
-            }),
-        ),
-        (
-            "middle snapshot delete",
-            setup_chain2,
-            op!(|c| {
-                c.ok("delete", c.bs().delete_blob(c.ids[2]).await);
-                c.ck().await;
-            }),
-        ),
+        ("snapshot delete (merge)", setup_chain, steps(&[Delete(1)])),
+        ("middle snapshot delete", setup_chain2, steps(&[Delete(2)])),
         (
             "esnap snapshot delete",
             setup_esnap_snap,
-            op!(|c| {
-                c.ok("delete", c.bs().delete_blob(c.ids[1]).await);
-                c.ck().await;
-            }),
+            steps(&[Delete(1)]),
         ),
         (
             "resize thick up and down",
             setup_thin,
-            op!(|c| {
-                let Some(b) = c.open(c.ids[1]).await else {
-                    return;
-                };
-                c.ok("resize", b.resize(5).await);
-                c.ck().await;
-                c.ok("resize", b.resize(1).await);
-                c.ck().await;
-                c.ok("close", b.close().await);
-            }),
+            steps(&[Resize(1, &[5, 1])]),
         ),
         (
             "resize thin down and up",
             setup_thin,
-            op!(|c| {
-                let Some(b) = c.open(c.ids[0]).await else {
-                    return;
-                };
-                c.ok("resize", b.resize(1).await);
-                c.ck().await;
-                c.ok("resize", b.resize(8).await);
-                c.ck().await;
-                c.ok("close", b.close().await);
-            }),
+            steps(&[Resize(0, &[1, 8])]),
         ),
         (
             "xattr set, remove, read-only, close with dirty md",
             setup_thin,
-            op!(|c| {
+            Plan::Custom(op!(|c| {
                 let Some(b) = c.open(c.ids[0]).await else {
                     return;
                 };
@@ -714,71 +724,23 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
                 c.ok("sync", k.sync_md().await);
                 c.ok("close", k.close().await);
                 c.ck().await;
-            }),
+            })),
         ),
-        (
-            "set_parent",
-            setup_reparent,
-            op!(|c| {
-                c.ok("set_parent", c.bs().set_parent(c.ids[3], c.ids[1]).await);
-                c.ck().await;
-            }),
-        ),
+        ("set_parent", setup_reparent, steps(&[SetParent(3, 1)])),
         (
             "set_external_parent",
             setup_reparent,
-            op!(|c| {
-                let d = base_dev() as Arc<dyn BsDev>;
-                let r = c.bs().set_external_parent(c.ids[3], d, b"base").await;
-                c.ok("set_external_parent", r);
-                c.ck().await;
-            }),
+            steps(&[SetExternalParent(3)]),
         ),
-        (
-            "inflate",
-            setup_chain,
-            op!(|c| {
-                c.ok("inflate", c.bs().inflate_blob(c.ids[0]).await);
-                c.ck().await;
-            }),
-        ),
-        (
-            "decouple",
-            setup_chain2,
-            op!(|c| {
-                c.ok("decouple", c.bs().decouple_parent(c.ids[0]).await);
-                c.ck().await;
-            }),
-        ),
-        (
-            "esnap inflate",
-            setup_esnap,
-            op!(|c| {
-                c.ok("inflate", c.bs().inflate_blob(c.ids[0]).await);
-                c.ck().await;
-            }),
-        ),
-        (
-            "grow",
-            setup_thin,
-            op!(|c| {
-                c.dev.resize(dev_blocks() + dev_blocks() / 4);
-                c.ok("grow", c.bs().grow().await);
-                c.ck().await;
-            }),
-        ),
-        (
-            "set_super_blob",
-            setup_thin,
-            op!(|c| {
-                c.ok("set_super_blob", c.bs().set_super_blob(c.ids[1]).await);
-                c.ck().await;
-            }),
-        ),
+        ("inflate", setup_chain, steps(&[Inflate(0)])),
+        ("decouple", setup_chain2, steps(&[Decouple(0)])),
+        ("esnap inflate", setup_esnap, steps(&[Inflate(0)])),
+        ("grow", setup_thin, steps(&[Grow])),
+        ("set_super_blob", setup_thin, steps(&[SetSuperBlob(1)])),
         (
             "writes that allocate, then flush",
             setup_reparent,
-            op!(|c| {
+            Plan::Custom(op!(|c| {
                 // Partial write of an unallocated cluster of a clone: copy-on-write.
                 c.write_flush(c.ids[0], 2, 1, 0x81).await;
                 // The first write of a thin blob: a new extent page.
@@ -787,12 +749,12 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
                 c.write_flush(c.ids[3], 0, lpc() as usize, 0x83).await;
                 // Overwrite of allocated blocks across a cluster boundary (torn allowed).
                 c.write_flush(c.ids[3], lpc() - 1, 2, 0x84).await;
-            }),
+            })),
         ),
         (
             "concurrent first writes to one blob and to two blobs, then flush",
             setup_reparent,
-            op!(|c| {
+            Plan::Custom(op!(|c| {
                 // Every I/O yields once, so the allocations below wait for their commit
                 // together and are committed in shared batches (group commit).
                 c.dev.set_yield(true);
@@ -824,11 +786,7 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
                     Box::pin(w(&u, 3 * lpc() - 1, 0xa7)),
                 ])
                 .await;
-                for r in rs {
-                    c.ok("write", r);
-                }
-                c.ok("flush", t.flush().await);
-                c.ck().await;
+                c.writes_then_flush(rs, &t).await;
                 // Again, V's remaining clusters with an overwrite of T in between.
                 let rs = futures::future::join_all([
                     Box::pin(w(&v, 2 * lpc(), 0xb1)) as Pin<Box<dyn Future<Output = _>>>,
@@ -836,52 +794,27 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
                     Box::pin(w(&v, 4 * lpc() - 1, 0xb3)),
                 ])
                 .await;
-                for r in rs {
-                    c.ok("write", r);
-                }
-                c.ok("flush", v.flush().await);
-                c.ck().await;
+                c.writes_then_flush(rs, &v).await;
                 for b in [t, u, v] {
                     c.ok("close", b.close().await);
                 }
-            }),
+            })),
         ),
         (
             "write_zeroes that allocates, then flush",
             setup_chain,
-            op!(|c| {
-                let Some(b) = c.open(c.ids[0]).await else {
-                    return;
-                };
-                c.ok("write_zeroes", b.write_zeroes(1, 2).await);
-                c.ok("flush", b.flush().await);
-                c.ck().await;
-                c.ok("close", b.close().await);
-            }),
+            steps(&[WriteZeroes(0, 1, 2)]),
         ),
+        // The released cluster is claimed again by a thick blob.
         (
             "unmap release",
             setup_thin,
-            op!(|c| {
-                let Some(b) = c.open(c.ids[0]).await else {
-                    return;
-                };
-                c.ok("unmap", b.unmap(0, lpc()).await);
-                c.ck().await;
-                c.ok("close", b.close().await);
-                // The released cluster is claimed again by a thick blob.
-                let thick = BlobOpts {
-                    num_clusters: 10,
-                    ..Default::default()
-                };
-                c.ok("create", c.bs().create_blob(thick).await);
-                c.ck().await;
-            }),
+            steps(&[UnmapFirstCluster(0), Create(thick10)]),
         ),
         (
             "create then unload",
             setup_chain,
-            op!(|c| {
+            Plan::Custom(op!(|c| {
                 let id = c.ok("create", c.bs().create_blob(thin_opts(2)).await);
                 c.push(id);
                 c.ck().await;
@@ -895,7 +828,7 @@ fn operations() -> Vec<(&'static str, Setup, Op)> {
                     c.ok("unload", bs.unload().await);
                 }
                 c.ck().await;
-            }),
+            })),
         ),
     ]
 }
@@ -957,13 +890,7 @@ fn crash_sweep_init() {
                 match Blobstore::load(img.clone(), opts()).await {
                     Ok(bs) => {
                         assert!(bs.blob_ids().is_empty(), "k={k} {plan:?}");
-                        bs.unload().await.unwrap();
-                        let rep = inspect::check(img).await.unwrap();
-                        assert!(
-                            rep.problems.is_empty(),
-                            "k={k} {plan:?}: {:?}",
-                            rep.problems
-                        );
+                        unload_checked(bs, img, &format!("k={k} {plan:?}")).await;
                     }
                     Err(e) => assert!(k < total, "k={k} {plan:?}: init returned, load: {e}"),
                 }

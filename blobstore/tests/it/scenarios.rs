@@ -9,6 +9,7 @@ use blobstore::{
     Result, BLOBID_INVALID,
 };
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -52,22 +53,11 @@ fn filled(len: usize, b: u8) -> IoBuf {
 }
 
 async fn thick(bs: &Blobstore, n: u64) -> BlobId {
-    bs.create_blob(BlobOpts {
-        num_clusters: n,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    new_blob(bs, n, false).await
 }
 
 async fn thin(bs: &Blobstore, n: u64) -> BlobId {
-    bs.create_blob(BlobOpts {
-        num_clusters: n,
-        thin: true,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
+    new_blob(bs, n, true).await
 }
 
 /// Writes `byte` over io units [off, off+len) of blob `id`.
@@ -912,14 +902,7 @@ fn a26_set_parent() {
         let b1 = thin(&bs, 0).await;
         let s1 = bs.create_snapshot(b1, vec![]).await.unwrap();
         let s2 = bs.create_snapshot(b1, vec![]).await.unwrap();
-        let e = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                esnap_id: Some(b"ESNAP".to_vec()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let e = create(&bs, clusters(4).esnap(b"ESNAP")).await;
         let b3 = thin(&bs, 4).await;
         let s3 = bs.create_snapshot(b3, vec![]).await.unwrap();
         let b4 = thick(&bs, 1).await;
@@ -988,14 +971,7 @@ fn a27_degraded_predicate() {
         };
         let bs = Blobstore::init(d.clone(), o).await.unwrap();
         let plain = thick(&bs, 1).await;
-        let e = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                esnap_id: Some(b"E".to_vec()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let e = create(&bs, clusters(4).esnap(b"E")).await;
         let hp = bs.open_blob(plain).await.unwrap();
         assert!(!hp.is_degraded());
         let he = bs.open_blob(e).await.unwrap();
@@ -1041,21 +1017,8 @@ fn a28_esnap_clone_creation_and_growth() {
         };
         let bs = Blobstore::init(d.clone(), o.clone()).await.unwrap();
         let n = thin(&bs, 1).await;
-        let e = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                esnap_id: Some(b"E".to_vec()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let e0 = bs
-            .create_blob(BlobOpts {
-                esnap_id: Some(b"E".to_vec()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let e = create(&bs, clusters(4).esnap(b"E")).await;
+        let e0 = create(&bs, clusters(0).esnap(b"E")).await;
         let h = bs.open_blob(n).await.unwrap();
         assert!(!h.is_esnap_clone());
         h.close().await.unwrap();
@@ -1106,14 +1069,7 @@ fn a29_esnap_read_through_block_sizes() {
                 ..Default::default()
             };
             let bs = Blobstore::init(d, o).await.unwrap();
-            let e = bs
-                .create_blob(BlobOpts {
-                    num_clusters: 4,
-                    esnap_id: Some(b"E".to_vec()),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+            let e = create(&bs, clusters(4).esnap(b"E")).await;
             let h = bs.open_blob(e).await.unwrap();
             let all_data = h.read(0, IoBuf::new(esz, 4096)).await.unwrap();
             assert!(all_data[..] == content[..], "({bs_bl},{es_bl}) whole read");
@@ -1152,14 +1108,7 @@ fn a29_esnap_read_through_block_sizes() {
             ..Default::default()
         };
         let bs = Blobstore::init(d, o).await.unwrap();
-        let e = bs
-            .create_blob(BlobOpts {
-                num_clusters: 4,
-                esnap_id: Some(b"E".to_vec()),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let e = create(&bs, clusters(4).esnap(b"E")).await;
         assert_eq!(errno(bs.open_blob(e).await), libc::EINVAL);
     });
 }
@@ -1168,14 +1117,7 @@ fn a29_esnap_read_through_block_sizes() {
 fn clear_method_is_stored() {
     block_on(async {
         let (d, bs) = fx().await;
-        let id = bs
-            .create_blob(BlobOpts {
-                num_clusters: 1,
-                clear_method: ClearMethod::WriteZeroes,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let id = create(&bs, clusters(1).clear(ClearMethod::WriteZeroes)).await;
         let bs = reload(&d, bs).await;
         let h = bs.open_blob(id).await.unwrap();
         assert_eq!(h.clear_method(), ClearMethod::WriteZeroes);

@@ -11,11 +11,33 @@ use blobstore::{
 };
 use futures::executor::block_on;
 use serde_json::Value;
+use test_support::prelude::*;
 use test_support::{fixture_copy, manifest, pattern_block, sha256_hex};
 
 fn load_img(rel: &str) -> Arc<MemBsDev> {
     let (_d, p) = fixture_copy(rel);
     MemBsDev::from_bytes(4096, std::fs::read(p).unwrap())
+}
+
+/// Manifest, device and store (loaded with default options) of fixture `dir/img`.
+async fn load_fixture(dir: &str, img: &str) -> (Value, Arc<MemBsDev>, Blobstore) {
+    let dev = load_img(&format!("{dir}/{img}"));
+    let bs = Blobstore::load(dev.clone(), BsOpts::default())
+        .await
+        .unwrap();
+    (manifest(dir), dev, bs)
+}
+
+/// A new store of type `LVOLSTORE` with clusters of `cluster_size` bytes on a 64 MiB device.
+async fn lvolstore_like(cluster_size: u32) -> (Arc<MemBsDev>, Blobstore) {
+    let mut bstype = [0u8; 16];
+    bstype[..9].copy_from_slice(b"LVOLSTORE");
+    let o = BsOpts {
+        cluster_size,
+        bstype,
+        ..Default::default()
+    };
+    mem_store(4096, 64 * 256, o).await
 }
 
 fn hexid(s: &str) -> BlobId {
@@ -79,32 +101,16 @@ async fn check_lvols(bs: &Blobstore, m: &Value) {
         let id = hexid(l["blob_id"].as_str().unwrap());
         let name = l["name"].as_str().unwrap();
         let b = bs.open_blob(id).await.unwrap();
-        assert_eq!(
-            b.num_clusters() * bs.cluster_size() as u64,
-            l["size_bytes"].as_u64().unwrap(),
-            "{name}"
-        );
-        assert_eq!(b.is_thin(), l["thin"].as_bool().unwrap(), "{name} thin");
-        assert_eq!(
-            b.is_clone(),
-            l["is_clone"].as_bool().unwrap(),
-            "{name} clone"
-        );
-        assert_eq!(
-            b.is_snapshot(),
-            l["is_snapshot"].as_bool().unwrap(),
-            "{name} snapshot"
-        );
-        assert_eq!(
-            b.is_esnap_clone(),
-            l["is_esnap_clone"].as_bool().unwrap(),
-            "{name} esnap"
-        );
-        assert_eq!(
-            b.num_allocated_clusters(),
-            l["num_allocated_clusters"].as_u64().unwrap(),
-            "{name} allocated"
-        );
+        let size = b.num_clusters() * u64::from(bs.cluster_size());
+        let got = [
+            ("size_bytes", size.into()),
+            ("thin", b.is_thin().into()),
+            ("is_clone", b.is_clone().into()),
+            ("is_snapshot", b.is_snapshot().into()),
+            ("is_esnap_clone", b.is_esnap_clone().into()),
+            ("num_allocated_clusters", b.num_allocated_clusters().into()),
+        ];
+        assert_manifest(name, l, &got);
         match l["base_snapshot"].as_str() {
             Some(s) => assert_eq!(b.parent(), Parent::Snapshot(names[s])),
             None if l["is_esnap_clone"].as_bool().unwrap() => {
@@ -202,17 +208,11 @@ async fn write_snapshot_reload(dev: Arc<MemBsDev>, opts: BsOpts, m: &Value) {
 #[test]
 fn basic_fixture_matches_manifest() {
     block_on(async {
-        let m = manifest("basic");
-        let dev = load_img("basic/store.img.gz");
-        let bs = Blobstore::load(dev.clone(), BsOpts::default())
-            .await
-            .unwrap();
+        let (m, dev, bs) = load_fixture("basic", "store.img.gz").await;
         assert_eq!(&bs.bstype()[..10], b"LVOLSTORE\0");
         assert_eq!((bs.md_start(), bs.md_len()), (4, 64));
         check_lvols(&bs, &m).await;
-        bs.unload().await.unwrap();
-        let rep = inspect::check(dev.clone()).await.unwrap();
-        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        unload_and_check(&dev, bs).await;
         write_snapshot_reload(dev, BsOpts::default(), &m).await;
     });
 }
@@ -242,9 +242,7 @@ fn dirty_fixture_recovers() {
         // Loading wrote nothing.
         assert!(dev.snapshot() == before);
         check_lvols(&bs, &m).await;
-        bs.unload().await.unwrap();
-        let rep = inspect::check(dev.clone()).await.unwrap();
-        assert!(rep.problems.is_empty(), "{:?}", rep.problems);
+        unload_and_check(&dev, bs).await;
         let sb = inspect::parse_super(&dev.snapshot()[..4096]).unwrap();
         assert_eq!(sb.clean, 1);
         write_snapshot_reload(dev, BsOpts::default(), &m).await;
@@ -311,19 +309,15 @@ fn esnap_fixture_without_base_is_degraded() {
         assert_eq!(&b[..], &pattern_block("EC1B", 1)[..]);
         // Cluster 12 is unallocated in the clone and its snapshot: needs the base.
         assert!(!clone.is_cluster_allocated(12) && !snap.is_cluster_allocated(12));
-        let e = clone
-            .read(12 * 256, IoBuf::new(4096, 4096))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(e.errno(), libc::EIO);
+        assert_errno!(
+            clone.read(12 * 256, IoBuf::new(4096, 4096)).await,
+            libc::EIO
+        );
         let free = bs.free_clusters();
-        let e = clone
-            .write(13 * 256, IoBuf::new(4096, 4096))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(e.errno(), libc::EIO);
+        assert_errno!(
+            clone.write(13 * 256, IoBuf::new(4096, 4096)).await,
+            libc::EIO
+        );
         assert_eq!(bs.free_clusters(), free);
         clone.close().await.unwrap();
         snap.close().await.unwrap();
@@ -334,11 +328,7 @@ fn esnap_fixture_without_base_is_degraded() {
 #[test]
 fn blobcli_fixture_matches_manifest() {
     block_on(async {
-        let m = manifest("blobcli");
-        let dev = load_img("blobcli/bs.img.gz");
-        let bs = Blobstore::load(dev.clone(), BsOpts::default())
-            .await
-            .unwrap();
+        let (m, dev, bs) = load_fixture("blobcli", "bs.img.gz").await;
         assert_eq!(bs.bstype(), [0u8; 16]);
         assert_eq!(bs.super_blob(), Some(0x1_0000_0004));
         let mut ids: Vec<BlobId> = m["blobs"]
@@ -395,19 +385,7 @@ fn new_store_super_block_matches_spdk() {
     block_on(async {
         let dev = load_img("basic/store.img.gz");
         let theirs = inspect::parse_super(&dev.snapshot()[..4096]).unwrap();
-        let ours_dev = MemBsDev::new(4096, 64 * 256);
-        let mut bstype = [0u8; 16];
-        bstype[..9].copy_from_slice(b"LVOLSTORE");
-        let bs = Blobstore::init(
-            ours_dev.clone(),
-            BsOpts {
-                cluster_size: 1 << 20,
-                bstype,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let (ours_dev, bs) = lvolstore_like(1 << 20).await;
         let raw = ours_dev.snapshot();
         let ours = inspect::parse_super(&raw[..4096]).unwrap();
         assert_eq!(ours.clean, 0);
@@ -477,18 +455,8 @@ fn our_md_pages_are_byte_identical_to_spdk() {
                 })
                 .collect()
         };
-        let dev = MemBsDev::new(4096, 64 * 256);
-        let mut bstype = [0u8; 16];
-        bstype[..9].copy_from_slice(b"LVOLSTORE");
-        let bs = Blobstore::init(
-            dev.clone(),
-            BsOpts {
-                bstype,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        // Cluster size 0: the store's default.
+        let (dev, bs) = lvolstore_like(0).await;
         let sb = bs
             .create_blob(blobstore::BlobOpts {
                 xattrs: xattrs_of(&md(&theirs, 0)),

@@ -5,8 +5,9 @@
 //! with no restart between the steps.
 
 use blobstore::testing::MemBsDev;
-use blobstore::{BlobId, BlobOpts, Blobstore, BsOpts, ClearMethod, IoBuf};
+use blobstore::{BlobId, Blobstore, BsOpts, ClearMethod};
 use futures::executor::block_on;
+use test_support::prelude::*;
 
 const BLK: u32 = 4096;
 const CLUSTER: u32 = 16384;
@@ -30,22 +31,8 @@ async fn store(clear: ClearMethod) -> (std::sync::Arc<MemBsDev>, Blobstore) {
     (dev, bs)
 }
 
-async fn create(bs: &Blobstore, n: u64, thin: bool) -> BlobId {
-    bs.create_blob(BlobOpts {
-        num_clusters: n,
-        thin,
-        ..Default::default()
-    })
-    .await
-    .unwrap()
-}
-
 async fn write_secret(bs: &Blobstore, id: BlobId, cluster: u64, n: u64) {
-    let b = bs.open_blob(id).await.unwrap();
-    let mut buf = IoBuf::new((n * u64::from(CLUSTER)) as usize, 4096);
-    buf.fill(SECRET);
-    b.write(cluster * LPC, buf).await.unwrap();
-    b.close().await.unwrap();
+    write_units(bs, id, cluster * LPC, n * LPC, SECRET).await;
 }
 
 /// A thick blob of every free cluster reads zeroes only.
@@ -56,13 +43,8 @@ async fn thick_claim_reads_zeroes(bs: &Blobstore, dev: &MemBsDev, what: &str) {
     );
     let n = bs.free_clusters();
     assert!(n > 0, "{what}: no free cluster");
-    let id = create(bs, n, false).await;
-    let b = bs.open_blob(id).await.unwrap();
-    let d = b
-        .read(0, IoBuf::new((n * u64::from(CLUSTER)) as usize, 4096))
-        .await
-        .unwrap();
-    b.close().await.unwrap();
+    let id = new_blob(bs, n, false).await;
+    let d = read_units(bs, id, 0, n * LPC).await;
     let leaked = d.iter().filter(|&&x| x == SECRET).count();
     assert_eq!(
         leaked, 0,
@@ -70,63 +52,77 @@ async fn thick_claim_reads_zeroes(bs: &Blobstore, dev: &MemBsDev, what: &str) {
     );
 }
 
+/// How a test releases the clusters that hold the secret.
+#[derive(Clone, Copy, Debug)]
+enum Release {
+    /// Delete a thick blob.
+    Delete,
+    /// Shrink a thick blob.
+    Shrink,
+    /// Snapshot merge: the clone overwrote cluster 0, so deleting the snapshot releases the
+    /// snapshot's cluster 0.
+    Merge,
+    /// Unmap of whole clusters of a thin blob.
+    Unmap,
+    /// Inflate, then the snapshot it no longer needs is deleted.
+    InflateThenDelete,
+}
+
+/// Writes the secret into a new blob and releases its clusters `how`.
+async fn release(bs: &Blobstore, how: Release) {
+    let (n, thin) = match how {
+        Release::Delete | Release::Shrink => (8, false),
+        Release::Unmap => (4, true),
+        Release::Merge | Release::InflateThenDelete => (4, false),
+    };
+    let a = new_blob(bs, n, thin).await;
+    match how {
+        Release::Unmap => write_secret(bs, a, 1, 2).await,
+        _ => write_secret(bs, a, 0, n).await,
+    }
+    match how {
+        Release::Delete => bs.delete_blob(a).await.unwrap(),
+        Release::Shrink => {
+            let b = bs.open_blob(a).await.unwrap();
+            b.resize(2).await.unwrap();
+            b.close().await.unwrap();
+        }
+        Release::Unmap => {
+            let b = bs.open_blob(a).await.unwrap();
+            b.unmap(LPC, 2 * LPC).await.unwrap();
+            assert_eq!(b.num_allocated_clusters(), 0, "unmap released nothing");
+            b.close().await.unwrap();
+        }
+        Release::Merge | Release::InflateThenDelete => {
+            let s = bs.create_snapshot(a, vec![]).await.unwrap();
+            let (units, byte) = match how {
+                Release::Merge => (LPC, 0x11),
+                _ => {
+                    bs.inflate_blob(a).await.unwrap();
+                    (4 * LPC, 0x22)
+                }
+            };
+            write_units(bs, a, 0, units, byte).await;
+            bs.delete_blob(s).await.unwrap();
+        }
+    }
+}
+
 #[test]
 fn released_clusters_stay_stale_when_unmap_does_not_zero() {
     block_on(async {
         for clear in [ClearMethod::Default, ClearMethod::Unmap] {
-            // Delete.
-            let (dev, bs) = store(clear).await;
-            let a = create(&bs, 8, false).await;
-            write_secret(&bs, a, 0, 8).await;
-            bs.delete_blob(a).await.unwrap();
-            thick_claim_reads_zeroes(&bs, &dev, "delete").await;
-
-            // Shrink of a thick blob.
-            let (dev, bs) = store(clear).await;
-            let a = create(&bs, 8, false).await;
-            write_secret(&bs, a, 0, 8).await;
-            let b = bs.open_blob(a).await.unwrap();
-            b.resize(2).await.unwrap();
-            b.close().await.unwrap();
-            thick_claim_reads_zeroes(&bs, &dev, "shrink").await;
-
-            // Snapshot merge: the clone overwrote cluster 0, so deleting the snapshot
-            // releases the snapshot's cluster 0.
-            let (dev, bs) = store(clear).await;
-            let a = create(&bs, 4, false).await;
-            write_secret(&bs, a, 0, 4).await;
-            let s = bs.create_snapshot(a, vec![]).await.unwrap();
-            let b = bs.open_blob(a).await.unwrap();
-            let mut buf = IoBuf::new(CLUSTER as usize, 4096);
-            buf.fill(0x11);
-            b.write(0, buf).await.unwrap();
-            b.close().await.unwrap();
-            bs.delete_blob(s).await.unwrap();
-            thick_claim_reads_zeroes(&bs, &dev, "merge").await;
-
-            // Unmap of a whole cluster of a thin blob.
-            let (dev, bs) = store(clear).await;
-            let t = create(&bs, 4, true).await;
-            write_secret(&bs, t, 1, 2).await;
-            let b = bs.open_blob(t).await.unwrap();
-            b.unmap(LPC, 2 * LPC).await.unwrap();
-            assert_eq!(b.num_allocated_clusters(), 0, "unmap released nothing");
-            b.close().await.unwrap();
-            thick_claim_reads_zeroes(&bs, &dev, "unmap").await;
-
-            // Inflate, then the snapshot it no longer needs is deleted.
-            let (dev, bs) = store(clear).await;
-            let a = create(&bs, 4, false).await;
-            write_secret(&bs, a, 0, 4).await;
-            let s = bs.create_snapshot(a, vec![]).await.unwrap();
-            bs.inflate_blob(a).await.unwrap();
-            let b = bs.open_blob(a).await.unwrap();
-            let mut buf = IoBuf::new(4 * CLUSTER as usize, 4096);
-            buf.fill(0x22);
-            b.write(0, buf).await.unwrap();
-            b.close().await.unwrap();
-            bs.delete_blob(s).await.unwrap();
-            thick_claim_reads_zeroes(&bs, &dev, "inflate then delete").await;
+            for how in [
+                Release::Delete,
+                Release::Shrink,
+                Release::Merge,
+                Release::Unmap,
+                Release::InflateThenDelete,
+            ] {
+                let (dev, bs) = store(clear).await;
+                release(&bs, how).await;
+                thick_claim_reads_zeroes(&bs, &dev, &format!("{how:?}, store {clear:?}")).await;
+            }
         }
     });
 }
@@ -136,21 +132,16 @@ fn released_clusters_stay_stale_when_unmap_does_not_zero() {
 #[test]
 fn cleared_clusters_are_not_scrubbed_again() {
     block_on(async {
-        let dev = MemBsDev::new(BLK, 256);
-        let bs = Blobstore::init(
-            dev.clone(),
-            BsOpts {
-                cluster_size: CLUSTER,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        let a = create(&bs, 8, false).await;
+        let o = BsOpts {
+            cluster_size: CLUSTER,
+            ..Default::default()
+        };
+        let (dev, bs) = mem_store(BLK, 256, o).await;
+        let a = new_blob(&bs, 8, false).await;
         write_secret(&bs, a, 0, 8).await;
         bs.delete_blob(a).await.unwrap();
         dev.set_fault(blobstore::testing::Fault::None);
-        let id = create(&bs, 8, false).await;
+        let id = new_blob(&bs, 8, false).await;
         // The store is dirty already: the create writes its extent page and its root page,
         // and no write_zeroes over the claimed clusters.
         assert_eq!(
@@ -158,12 +149,7 @@ fn cleared_clusters_are_not_scrubbed_again() {
             2,
             "a thick claim of zeroed clusters scrubbed them"
         );
-        let b = bs.open_blob(id).await.unwrap();
-        let d = b
-            .read(0, IoBuf::new(8 * CLUSTER as usize, 4096))
-            .await
-            .unwrap();
-        b.close().await.unwrap();
+        let d = read_units(&bs, id, 0, 8 * LPC).await;
         assert!(d.iter().all(|&x| x == 0));
     });
 }

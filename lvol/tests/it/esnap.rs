@@ -28,6 +28,25 @@ async fn esnap_base(
     data
 }
 
+/// Store `lvs` (1 MiB clusters) on malloc `M` of `store` bytes, and [`esnap_base`] `base`
+/// of `base` bytes with a new UUID in a temp dir (returned first: keep it alive).
+async fn esnap_world(
+    store: u64,
+    base: u64,
+) -> (
+    tempfile::TempDir,
+    bdev_core::Registry,
+    lvol::LvolModule,
+    std::sync::Arc<lvol::LvolStore>,
+    Uuid,
+    Vec<u8>,
+) {
+    let bdir = tempfile::tempdir().unwrap();
+    let (reg, m, s) = malloc_store(store, "lvs", MIB as u32).await;
+    let (u, data) = new_esnap_base(&reg, bdir.path(), base).await;
+    (bdir, reg, m, s, u, data)
+}
+
 /// [`esnap_base`] `base` with a new UUID; returns the UUID and the content.
 async fn new_esnap_base(
     reg: &bdev_core::Registry,
@@ -41,10 +60,8 @@ async fn new_esnap_base(
 #[test]
 fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs_test", 16384).await;
+        let (reg, m, s) = malloc_store(128 * MIB, "lvs_test", 16384).await;
         let u = Uuid::parse_str(ESNAP_UUID).unwrap();
         let base = esnap_base(&reg, bdir.path(), "esnap1", u, MIB).await;
         let unknown = Uuid::new_v4().hyphenated().to_string();
@@ -75,8 +92,7 @@ fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
         assert_eq!(reg.claim_of("esnap1"), Some(ClaimType::ReadManyWriteNone));
         assert!(reg.open("esnap1", true).is_err());
         // Copy-on-write on a partial write.
-        let d = open(&reg, "lvs_test/vol1", true);
-        write_at(&d, 4096, &fill(0xee, 512)).await.unwrap();
+        let d = open_fill(&reg, "lvs_test/vol1", 4096, 512, 0xee).await;
         assert_eq!(v1.num_allocated_clusters(), 1);
         let got = read_at(&d, 0, 16384).await.unwrap();
         let mut want = base[..16384].to_vec();
@@ -99,18 +115,13 @@ fn clone_bdev_by_uuid_and_name_reads_through_and_claims() {
 #[test]
 fn chain_degrades_without_base_and_heals_when_it_returns() {
     block_on(async {
-        let (reg, m) = setup();
         let bdir = tempfile::tempdir().unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "s.img", 64 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
-        let s = lvs(&m, "aio0", "lvs", MIB as u32).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(64 * MIB, "lvs", MIB as u32).await;
         let u = Uuid::new_v4();
         let base = esnap_base(&reg, bdir.path(), "base", u, 4 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         {
-            let d = open(&reg, "lvs/ec", true);
-            write_at(&d, 0, &fill(0xe1, 4096)).await.unwrap(); // CoW of cluster 0
+            let _d = open_fill(&reg, "lvs/ec", 0, 4096, 0xe1).await; // CoW of cluster 0
         }
         let snap = m.create_snapshot(&ec, "snap").await.unwrap();
         // The esnap link moved to the snapshot.
@@ -119,8 +130,7 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
         assert!(ec.is_clone());
         let c2 = m.create_clone(&snap, "c2").await.unwrap();
         {
-            let d = open(&reg, "lvs/c2", true);
-            write_at(&d, 2 * MIB, &fill(0xc2, 4096)).await.unwrap(); // CoW of cluster 2 from base
+            let _d = open_fill(&reg, "lvs/c2", 2 * MIB, 4096, 0xc2).await; // CoW of cluster 2 from base
         }
         let mut want_c2 = base.clone();
         want_c2[..4096].copy_from_slice(&fill(0xe1, 4096));
@@ -196,15 +206,11 @@ fn chain_degrades_without_base_and_heals_when_it_returns() {
 #[test]
 fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
     block_on(async {
-        let bdir = tempfile::tempdir().unwrap();
-        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
-        let (u, base) = new_esnap_base(&reg, bdir.path(), 8 * MIB).await;
+        let (bdir, reg, m, s, u, base) = esnap_world(64 * MIB, 8 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         let plain = thick_lvol(&m, &s, "plain", 4 * MIB).await;
-        let dp = open(&reg, "lvs/plain", true);
-        write_at(&dp, 0, &fill(0x42, 4096)).await.unwrap();
-        let d = open(&reg, "lvs/ec", true);
-        write_at(&d, 0, &fill(0x10, 4096)).await.unwrap();
+        let dp = open_fill(&reg, "lvs/plain", 0, 4096, 0x42).await;
+        let d = open_fill(&reg, "lvs/ec", 0, 4096, 0x10).await;
         m.set_esnap_retry(1, Duration::from_millis(1));
 
         // Readers in flight while the base goes away; they keep going until after the
@@ -263,9 +269,7 @@ fn surprise_removal_with_io_in_flight_degrades_dependents_only() {
 #[test]
 fn inflate_and_decouple_of_esnap_clone_make_it_standalone() {
     block_on(async {
-        let bdir = tempfile::tempdir().unwrap();
-        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
-        let (_, base) = new_esnap_base(&reg, bdir.path(), 2 * MIB).await;
+        let (_bdir, reg, m, s, _, base) = esnap_world(64 * MIB, 2 * MIB).await;
         let a = m.create_esnap_clone("base", &s, "a").await.unwrap();
         let b = m.create_esnap_clone("base", &s, "b").await.unwrap();
         m.inflate_lvol(&a).await.unwrap();
@@ -286,12 +290,9 @@ fn inflate_and_decouple_of_esnap_clone_make_it_standalone() {
 #[test]
 fn set_parent_bdev_makes_an_esnap_clone() {
     block_on(async {
-        let bdir = tempfile::tempdir().unwrap();
-        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
-        let (u, base) = new_esnap_base(&reg, bdir.path(), 4 * MIB).await;
+        let (_bdir, reg, m, s, u, base) = esnap_world(64 * MIB, 4 * MIB).await;
         let t = thin_lvol(&m, &s, "t", 4 * MIB).await;
-        let d = open(&reg, "lvs/t", true);
-        write_at(&d, 0, &fill(0x33, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/t", 0, 4096, 0x33).await;
         let thick = thick_lvol(&m, &s, "k", 4 * MIB).await;
         assert_errno!(m.set_parent_bdev(&thick, "base").await, libc::EINVAL);
         assert_errno!(m.set_parent_bdev(&t, "nope").await, libc::ENODEV);
@@ -365,12 +366,9 @@ fn failing_heal_does_not_stop_others_and_is_retried() {
 #[test]
 fn esnap_link_moves_with_snapshot_and_back_on_its_delete() {
     block_on(async {
-        let bdir = tempfile::tempdir().unwrap();
-        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
-        let (u, base) = new_esnap_base(&reg, bdir.path(), 4 * MIB).await;
+        let (_bdir, reg, m, s, u, base) = esnap_world(64 * MIB, 4 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
-        let d = open(&reg, "lvs/ec", true);
-        write_at(&d, 0, &fill(0x44, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/ec", 0, 4096, 0x44).await;
         let snap = m.create_snapshot(&ec, "snap").await.unwrap();
         assert!(snap.is_esnap_clone());
         assert_eq!(
@@ -410,8 +408,7 @@ fn esnap_base_that_is_an_lvol_of_another_store() {
     block_on(async {
         let (reg, m) = setup();
         let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "a.img", 32 * MIB);
-        aio(&reg, "aioA", &f, 512, None, false).await;
+        let f = aio_sparse(&reg, dir.path(), "aioA", 32 * MIB).await;
         malloc(&reg, "MB", 32 * MIB, 512).await;
         let sa = lvs(&m, "aioA", "lvsA", MIB as u32).await;
         let sb = lvs(&m, "MB", "lvsB", MIB as u32).await;
@@ -442,9 +439,7 @@ fn esnap_base_that_is_an_lvol_of_another_store() {
 #[test]
 fn retrying_read_completes_when_the_base_returns() {
     block_on(async {
-        let bdir = tempfile::tempdir().unwrap();
-        let (reg, m, s) = malloc_store(32 * MIB, "lvs", MIB as u32).await;
-        let (u, base) = new_esnap_base(&reg, bdir.path(), 2 * MIB).await;
+        let (bdir, reg, m, s, u, base) = esnap_world(32 * MIB, 2 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
         let d = open(&reg, "lvs/ec", false);
         reg.unregister("base").await.unwrap();
@@ -475,12 +470,10 @@ fn retrying_read_completes_when_the_base_returns() {
 #[test]
 fn repeated_surprise_removal_and_return_under_io() {
     block_on(async {
-        let bdir = tempfile::tempdir().unwrap();
-        let (reg, m, s) = malloc_store(32 * MIB, "lvs", MIB as u32).await;
-        let (u, base) = new_esnap_base(&reg, bdir.path(), 4 * MIB).await;
+        let (bdir, reg, m, s, u, base) = esnap_world(32 * MIB, 4 * MIB).await;
         let ec = m.create_esnap_clone("base", &s, "ec").await.unwrap();
-        let d = open(&reg, "lvs/ec", false);
         m.set_esnap_retry(0, Duration::from_millis(1));
+        let d = open(&reg, "lvs/ec", false);
         let stop = std::sync::atomic::AtomicBool::new(false);
         let reader = async {
             let mut n = 0u64;

@@ -8,6 +8,26 @@ use blobstore::ClearMethod;
 use futures::executor::block_on;
 use test_support::prelude::*;
 
+/// Lvol `name` of `size` bytes (thin or thick) in store `s`, open for writing, with its first
+/// 4 KiB written with `byte`.
+async fn lvol_with_block(
+    reg: &bdev_core::Registry,
+    m: &lvol::LvolModule,
+    s: &std::sync::Arc<lvol::LvolStore>,
+    name: &str,
+    size: u64,
+    thin: bool,
+    byte: u8,
+) -> (std::sync::Arc<lvol::Lvol>, bdev_core::Descriptor) {
+    let l = if thin {
+        thin_lvol(m, s, name, size).await
+    } else {
+        thick_lvol(m, s, name, size).await
+    };
+    let d = open_fill(reg, &format!("{}/{name}", s.name()), 0, 4096, byte).await;
+    (l, d)
+}
+
 #[test]
 fn create_thick_and_thin_with_data_and_bdev_shape() {
     block_on(async {
@@ -99,11 +119,8 @@ fn create_thick_and_thin_with_data_and_bdev_shape() {
 #[test]
 fn lvol_naming_rules_and_lookups() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        malloc(&reg, "M2", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
-        let s2 = lvs(&m, "M2", "lvs2", 1 << 20).await;
+        let specs = [("lvs", 64 * MIB, 1 << 20), ("lvs2", 64 * MIB, 1 << 20)];
+        let (reg, m, [s, s2]) = malloc_stores(specs).await;
         let l1 = thin_lvol(&m, &s, "lvol", MIB).await;
         let _l2 = thin_lvol(&m, &s, "lvol2", MIB).await;
         let l3 = thin_lvol(&m, &s2, "lvol", MIB).await;
@@ -152,10 +169,7 @@ fn snapshot_and_clone_relations_and_data() {
     block_on(async {
         let (reg, m, s) = malloc_store(128 * MIB, "lvs_test", 4 << 20).await;
         let l = thick_lvol(&m, &s, "lvol", 8 * MIB).await;
-        let d = open(&reg, "lvs_test/lvol", true);
-        write_at(&d, 0, &fill(0xcc, (8 * MIB) as usize))
-            .await
-            .unwrap();
+        let d = open_fill(&reg, "lvs_test/lvol", 0, 8 * MIB, 0xcc).await;
         let snap = m.create_snapshot(&l, "snap").await.unwrap();
         assert!(snap.is_read_only());
         assert!(l.is_clone());
@@ -168,10 +182,7 @@ fn snapshot_and_clone_relations_and_data() {
         assert_errno!(m.create_clone(&l, "bad").await, libc::EINVAL);
         let c1 = m.create_clone(&snap, "c1").await.unwrap();
         let c2 = m.create_clone(&snap, "c2").await.unwrap();
-        let dc1 = open(&reg, "lvs_test/c1", true);
-        write_at(&dc1, 0, &fill(0xaa, (4 * MIB) as usize))
-            .await
-            .unwrap();
+        let dc1 = open_fill(&reg, "lvs_test/c1", 0, 4 * MIB, 0xaa).await;
         let ds = reg.get(snap.unique_id()).unwrap().driver_specific();
         assert_eq!(ds["lvol"]["snapshot"], true);
         let mut clones: Vec<String> = ds["lvol"]["clones"]
@@ -213,8 +224,7 @@ fn snapshot_and_clone_relations_and_data() {
         // One clone left: deleting the snapshot merges it into the clone.
         m.delete_lvol(&snap).await.unwrap();
         assert!(!l.is_clone());
-        let d = open(&reg, "lvs_test/lvol", false);
-        assert!(read_all(&d).await.iter().all(|&b| b == 0xcc));
+        assert_filled(&reg, "lvs_test/lvol", 0xcc).await;
     });
 }
 
@@ -247,8 +257,7 @@ fn resize_follows_and_bounds_io() {
         let dev = reg.get(l.unique_id()).unwrap();
         m.resize_lvol(&l, 56 * MIB).await.unwrap();
         assert_eq!(dev.num_blocks(), 56 * 2048);
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, 50 * MIB, &fill(9, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/v", 50 * MIB, 4096, 9).await;
         assert_eq!(read_at(&d, 50 * MIB, 4096).await.unwrap(), fill(9, 4096));
         // Larger than the store.
         assert_errno!(m.resize_lvol(&l, 200 * MIB).await, libc::ENOSPC);
@@ -266,9 +275,7 @@ fn resize_follows_and_bounds_io() {
 fn read_only_lvol_io_types_and_refused_writes() {
     block_on(async {
         let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
-        let l = thick_lvol(&m, &s, "v", 2 * MIB).await;
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, 0, &fill(5, 4096)).await.unwrap();
+        let (l, d) = lvol_with_block(&reg, &m, &s, "v", 2 * MIB, false, 5).await;
         m.set_read_only(&l).await.unwrap();
         let dev = reg.get(l.unique_id()).unwrap();
         for t in [
@@ -342,9 +349,7 @@ fn thin_store_runs_out_with_enospc_and_stays_usable() {
 fn inflate_and_decouple() {
     block_on(async {
         let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
-        let base = thin_lvol(&m, &s, "base", 4 * MIB).await;
-        let d = open(&reg, "lvs/base", true);
-        write_at(&d, 0, &fill(1, 4096)).await.unwrap();
+        let (base, d) = lvol_with_block(&reg, &m, &s, "base", 4 * MIB, true, 1).await;
         write_at(&d, 2 * MIB, &fill(2, 4096)).await.unwrap();
         let s1 = m.create_snapshot(&base, "s1").await.unwrap();
         write_at(&d, MIB, &fill(3, 4096)).await.unwrap();
@@ -374,23 +379,14 @@ fn inflate_and_decouple() {
 #[test]
 fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        malloc(&reg, "M2", 64 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 4 << 20).await;
-        let other = lvs(&m, "M2", "other", 4 << 20).await;
+        let specs = [("lvs", 128 * MIB, 4 << 20), ("other", 64 * MIB, 4 << 20)];
+        let (reg, m, [s, other]) = malloc_stores(specs).await;
         let lvol1 = thin_lvol(&m, &s, "lvol1", 20 * MIB).await;
         let snap1 = m.create_snapshot(&lvol1, "snap1").await.unwrap();
         let lvol2 = m.create_clone(&snap1, "lvol2").await.unwrap();
-        let d2 = open(&reg, "lvs/lvol2", true);
-        write_at(&d2, 0, &fill(0xcc, (12 * MIB) as usize))
-            .await
-            .unwrap();
+        let d2 = open_fill(&reg, "lvs/lvol2", 0, 12 * MIB, 0xcc).await;
         let tmp = thin_lvol(&m, &s, "lvol2_temp", 20 * MIB).await;
-        let dt = open(&reg, "lvs/lvol2_temp", true);
-        write_at(&dt, 0, &fill(0xbb, (20 * MIB) as usize))
-            .await
-            .unwrap();
+        let dt = open_fill(&reg, "lvs/lvol2_temp", 0, 20 * MIB, 0xbb).await;
         let snap2 = m.create_snapshot(&tmp, "snap2").await.unwrap();
         m.set_parent(&lvol2, &snap2).await.unwrap();
         assert_eq!(lvol2.parent_lvol().unwrap().name(), "snap2");
@@ -409,8 +405,7 @@ fn set_parent_moves_a_thin_lvol_under_a_snapshot() {
         // A standalone thin lvol.
         let t = thin_lvol(&m, &s, "t", 20 * MIB).await;
         m.set_parent(&t, &snap2).await.unwrap();
-        let dt = open(&reg, "lvs/t", false);
-        assert!(read_all(&dt).await.iter().all(|&b| b == 0xbb));
+        assert_filled(&reg, "lvs/t", 0xbb).await;
     });
 }
 
@@ -444,13 +439,10 @@ async fn shallow_copy_result(m: &lvol::LvolModule, op: u32) -> lvol::ShallowCopy
 #[test]
 fn shallow_copy_copies_allocated_clusters() {
     block_on(async {
-        let (reg, m) = setup();
-        malloc(&reg, "M", 64 * MIB, 512).await;
+        let (reg, m, s) = malloc_store(64 * MIB, "lvs", 1 << 20).await;
         malloc(&reg, "D", 8 * MIB, 512).await;
-        let s = lvs(&m, "M", "lvs", 1 << 20).await;
         let l = thin_lvol(&m, &s, "v", 8 * MIB).await;
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, MIB, &fill(0x11, MIB as usize)).await.unwrap();
+        let d = open_fill(&reg, "lvs/v", MIB, MIB, 0x11).await;
         write_at(&d, 5 * MIB, &fill(0x55, 4096)).await.unwrap();
         drop(d);
         // Not read-only: the copy starts and reports EPERM.
@@ -559,8 +551,7 @@ fn zero_sized_lvol_can_be_created_and_grown() {
         assert_eq!(reg.get(l.unique_id()).unwrap().num_blocks(), 0);
         m.resize_lvol(&l, 1).await.unwrap();
         assert_eq!(l.size_bytes(), MIB);
-        let d = open(&reg, "lvs/z", true);
-        write_at(&d, 0, &fill(4, 512)).await.unwrap();
+        let d = open_fill(&reg, "lvs/z", 0, 512, 4).await;
         assert_eq!(read_at(&d, 0, 512).await.unwrap(), fill(4, 512));
     });
 }

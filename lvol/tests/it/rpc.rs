@@ -8,6 +8,17 @@ use lvol::rpc::LvolRpc;
 use serde_json::{json, Value};
 use test_support::prelude::*;
 
+/// A registry with the lvol module, its RPC module and malloc bdevs `(name, bytes)` of
+/// 512-byte blocks.
+async fn rpc_setup(bdevs: &[(&str, u64)]) -> (bdev_core::Registry, lvol::LvolModule, LvolRpc) {
+    let (reg, m) = setup();
+    let r = LvolRpc::new(m.clone());
+    for &(name, size) in bdevs {
+        malloc(&reg, name, size, 512).await;
+    }
+    (reg, m, r)
+}
+
 fn fixture_json(dir: &str, file: &str) -> Value {
     let p = test_support::spdk_fixture(dir).join("rpc").join(file);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
@@ -121,33 +132,18 @@ fn result_shapes_match_spdk_for_the_fixtures() {
 #[test]
 fn error_codes_follow_spdk() {
     block_on(async {
-        let (reg, m) = setup();
-        let r = LvolRpc::new(m.clone());
-        malloc(&reg, "M", 128 * MIB, 512).await;
-        malloc(&reg, "M2", 64 * MIB, 512).await;
+        let (reg, m, r) = rpc_setup(&[("M", 128 * MIB), ("M2", 64 * MIB)]).await;
         // Decode failures.
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M"}),
-            (-32603, "spdk_json_decode_object failed")
-        );
+        assert_rpc_err!((-32603, "spdk_json_decode_object failed"), r, "bdev_lvol_create_lvstore", {"bdev_name": "M"});
         assert_eq!(
             rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "a", "bogus": 1}).code,
             -32603
         );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "nonexistent", "lvs_name": "a"}),
-            (-19, "No such device")
-        );
+        assert_rpc_err!((-19, "No such device"), r, "bdev_lvol_create_lvstore", {"bdev_name": "nonexistent", "lvs_name": "a"});
         let u = rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "lvs_test"});
         let u = u.as_str().unwrap().to_string();
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M2", "lvs_name": "lvs_test"}),
-            (-17, "File exists")
-        );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "x"}),
-            (-1, "Operation not permitted")
-        );
+        assert_rpc_err!((-17, "File exists"), r, "bdev_lvol_create_lvstore", {"bdev_name": "M2", "lvs_name": "lvs_test"});
+        assert_rpc_err!((-1, "Operation not permitted"), r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "x"});
         assert_eq!(
             rpc_err!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M2", "lvs_name": "x", "clear_method": "bad"}).code,
             -22
@@ -163,78 +159,45 @@ fn error_codes_follow_spdk() {
             rpc_err!(r, "bdev_lvol_delete_lvstore", {"uuid": "00000000-0000-0000-0000-000000000000"}).code,
             -19
         );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_rename_lvstore", {"old_name": "nope", "new_name": "x"}),
-            (-2, "Lvol store nope not found")
-        );
+        assert_rpc_err!((-2, "Lvol store nope not found"), r, "bdev_lvol_rename_lvstore", {"old_name": "nope", "new_name": "x"});
 
         // lvols.
         let id = rpc!(r, "bdev_lvol_create", {"lvol_name": "lvol_test", "size_in_mib": 28, "thin_provision": false, "uuid": u});
         let id = id.as_str().unwrap().to_string();
         assert!(reg.get(&id).is_some());
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_create", {"lvol_name": "lvol_test", "size_in_mib": 4, "lvs_name": "lvs_test"}),
-            (-17, "File exists")
-        );
+        assert_rpc_err!((-17, "File exists"), r, "bdev_lvol_create", {"lvol_name": "lvol_test", "size_in_mib": 4, "lvs_name": "lvs_test"});
         assert_eq!(
             rpc_err!(r, "bdev_lvol_create", {"lvol_name": "", "size_in_mib": 4, "lvs_name": "lvs_test"}).code,
             -22
         );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_create", {"lvol_name": "big", "size_in_mib": 200, "lvs_name": "lvs_test"}),
-            (-32602, "No space left on device")
-        );
+        assert_rpc_err!((-32602, "No space left on device"), r, "bdev_lvol_create", {"lvol_name": "big", "size_in_mib": 200, "lvs_name": "lvs_test"});
         assert_eq!(
             rpc_err!(r, "bdev_lvol_create", {"lvol_name": "x", "size_in_mib": 4}).code,
             -22
         );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_resize", {"name": "NOTEXIST", "size_in_mib": 4}),
-            (-19, "No such device")
-        );
+        assert_rpc_err!((-19, "No such device"), r, "bdev_lvol_resize", {"name": "NOTEXIST", "size_in_mib": 4});
         assert_eq!(
             rpc!(r, "bdev_lvol_resize", {"name": "lvs_test/lvol_test", "size_in_mib": 56}),
             true
         );
         assert_eq!(reg.get(&id).unwrap().num_blocks(), 56 * 2048);
         let sn = rpc!(r, "bdev_lvol_snapshot", {"lvol_name": id, "snapshot_name": "snap"});
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_snapshot", {"lvol_name": id, "snapshot_name": "snap"}),
-            (-32602, "File exists")
-        );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_snapshot", {"lvol_name": sn, "snapshot_name": "s2"}),
-            (-32602, "Invalid argument")
-        );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_clone", {"snapshot_name": id, "clone_name": "c0"}),
-            (-32602, "Invalid argument")
-        );
+        assert_rpc_err!((-32602, "File exists"), r, "bdev_lvol_snapshot", {"lvol_name": id, "snapshot_name": "snap"});
+        assert_rpc_err!((-32602, "Invalid argument"), r, "bdev_lvol_snapshot", {"lvol_name": sn, "snapshot_name": "s2"});
+        assert_rpc_err!((-32602, "Invalid argument"), r, "bdev_lvol_clone", {"snapshot_name": id, "clone_name": "c0"});
         rpc!(r, "bdev_lvol_clone", {"snapshot_name": "lvs_test/snap", "clone_name": "c1"});
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_delete", {"name": "lvs_test/snap"}),
-            (-32603, "Operation not permitted")
-        );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_rename", {"old_name": "lvs_test/c1", "new_name": "lvol_test"}),
-            (-32602, "File exists")
-        );
+        assert_rpc_err!((-32603, "Operation not permitted"), r, "bdev_lvol_delete", {"name": "lvs_test/snap"});
+        assert_rpc_err!((-32602, "File exists"), r, "bdev_lvol_rename", {"old_name": "lvs_test/c1", "new_name": "lvol_test"});
         assert_eq!(
             rpc!(r, "bdev_lvol_rename", {"old_name": "lvs_test/c1", "new_name": "c1b"}),
             true
         );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_decouple_parent", {"name": "lvs_test/snap"}),
-            (-32602, "Invalid argument")
-        );
+        assert_rpc_err!((-32602, "Invalid argument"), r, "bdev_lvol_decouple_parent", {"name": "lvs_test/snap"});
         assert_eq!(
             rpc!(r, "bdev_lvol_set_read_only", {"name": "lvs_test/c1b"}),
             true
         );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_resize", {"name": "lvs_test/c1b", "size_in_mib": 4}),
-            (-32602, "Operation not permitted")
-        );
+        assert_rpc_err!((-32602, "Operation not permitted"), r, "bdev_lvol_resize", {"name": "lvs_test/c1b", "size_in_mib": 4});
         assert_eq!(
             rpc_err!(r, "bdev_lvol_set_parent", {"lvol_name": "lvs_test/c1b", "parent_name": "M"})
                 .code,
@@ -242,14 +205,8 @@ fn error_codes_follow_spdk() {
         );
 
         // clone_bdev messages.
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": "M2", "lvs_name": "nope", "clone_name": "e"}),
-            (-32602, "lvs does not exist")
-        );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": "nope", "lvs_name": "lvs_test", "clone_name": "e"}),
-            (-32602, "bdev does not exist")
-        );
+        assert_rpc_err!((-32602, "lvs does not exist"), r, "bdev_lvol_clone_bdev", {"bdev": "M2", "lvs_name": "nope", "clone_name": "e"});
+        assert_rpc_err!((-32602, "bdev does not exist"), r, "bdev_lvol_clone_bdev", {"bdev": "nope", "lvs_name": "lvs_test", "clone_name": "e"});
         let e = rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": id, "lvs_name": "lvs_test", "clone_name": "e"});
         assert_eq!(
             (e.code, e.message.as_str()),
@@ -259,10 +216,7 @@ fn error_codes_follow_spdk() {
             )
         );
         malloc(&reg, "odd", 3 * MIB, 512).await;
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_clone_bdev", {"bdev": "odd", "lvs_name": "lvs_test", "clone_name": "e"}),
-            (-32602, "Invalid argument")
-        );
+        assert_rpc_err!((-32602, "Invalid argument"), r, "bdev_lvol_clone_bdev", {"bdev": "odd", "lvs_name": "lvs_test", "clone_name": "e"});
         let ec = rpc!(r, "bdev_lvol_clone_bdev", {"bdev": "M2", "lvs_name": "lvs_test", "clone_name": "e"});
         let lv = rpc!(r, "bdev_lvol_get_lvols", {"lvs_name": "lvs_test"});
         let e_entry = lv
@@ -281,10 +235,7 @@ fn error_codes_follow_spdk() {
             rpc_err!(r, "bdev_lvol_check_shallow_copy", {"operation_id": 77}).code,
             -19
         );
-        assert_eq!(
-            rpc_err!(r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "lvs_test/snap", "dst_bdev_name": "nope"}),
-            (-32602, "No such device")
-        );
+        assert_rpc_err!((-32602, "No such device"), r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "lvs_test/snap", "dst_bdev_name": "nope"});
         assert_eq!(
             rpc_err!(r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "nope", "dst_bdev_name": "odd"}).code,
             -19
@@ -327,14 +278,10 @@ fn error_codes_follow_spdk() {
 #[test]
 fn shallow_copy_over_rpc_reports_progress_then_forgets() {
     block_on(async {
-        let (reg, m) = setup();
-        let r = LvolRpc::new(m.clone());
-        malloc(&reg, "M", 64 * MIB, 512).await;
-        malloc(&reg, "D", 4 * MIB, 512).await;
+        let (reg, _m, r) = rpc_setup(&[("M", 64 * MIB), ("D", 4 * MIB)]).await;
         rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M", "lvs_name": "lvs", "cluster_sz": 1048576});
         rpc!(r, "bdev_lvol_create", {"lvol_name": "v", "size_in_mib": 4, "thin_provision": true, "lvs_name": "lvs"});
-        let d = open(&reg, "lvs/v", true);
-        write_at(&d, 0, &fill(0x61, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs/v", 0, 4096, 0x61).await;
         drop(d);
         rpc!(r, "bdev_lvol_set_read_only", {"name": "lvs/v"});
         let op = rpc!(r, "bdev_lvol_start_shallow_copy", {"src_lvol_name": "lvs/v", "dst_bdev_name": "D"});
@@ -369,10 +316,7 @@ fn names(listing: &Value) -> Vec<&str> {
 #[test]
 fn listings_follow_creation_order() {
     block_on(async {
-        let (reg, m) = setup();
-        let r = LvolRpc::new(m.clone());
-        malloc(&reg, "M1", 32 * MIB, 512).await;
-        malloc(&reg, "M2", 32 * MIB, 512).await;
+        let (_reg, _m, r) = rpc_setup(&[("M1", 32 * MIB), ("M2", 32 * MIB)]).await;
         rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M1", "lvs_name": "zz", "cluster_sz": 1048576});
         rpc!(r, "bdev_lvol_create_lvstore", {"bdev_name": "M2", "lvs_name": "aa", "cluster_sz": 1048576});
         for n in ["a", "b", "c"] {

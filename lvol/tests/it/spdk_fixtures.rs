@@ -111,17 +111,40 @@ fn copy(rel: &str) -> (tempfile::TempDir, PathBuf) {
     test_support::fixture_copy(rel)
 }
 
+/// A registry with the lvol module and a copy of fixture `dir/store.img` registered as aio
+/// bdev `aio_<dir>` (and tasted); the copy (keep its dir alive) and the manifest.
+async fn tasted(dir: &str) -> (Registry, LvolModule, (tempfile::TempDir, PathBuf), Value) {
+    let (reg, m) = setup();
+    let img = copy(&format!("{dir}/store.img.gz"));
+    aio(&reg, &format!("aio_{dir}"), &img.1, 4096, None, false).await;
+    (reg, m, img, test_support::manifest(dir))
+}
+
+/// The esnap fixture: its base (`esnap`, registered first when `with_base`) and its store,
+/// tasted; returns the base's file copy too, to register it later.
+async fn esnap_fixture(
+    with_base: bool,
+) -> (Registry, LvolModule, [tempfile::TempDir; 2], PathBuf, Value) {
+    let (reg, m) = setup();
+    let (d1, esnap) = copy("esnap/esnap.img.gz");
+    if with_base {
+        let u = Uuid::parse_str(ESNAP_UUID).unwrap();
+        aio(&reg, "esnap", &esnap, 4096, Some(u), true).await;
+    }
+    let (d2, img) = copy("esnap/store.img.gz");
+    aio(&reg, "aio_esnap", &img, 4096, None, false).await;
+    let man = test_support::manifest("esnap");
+    check_manifest(&reg, &m, &man, with_base).await;
+    (reg, m, [d1, d2], esnap, man)
+}
+
 #[test]
 fn basic_fixture_is_tasted_as_in_its_manifest() {
     block_on(async {
-        let (reg, m) = setup();
-        let (_dir, img) = copy("basic/store.img.gz");
-        aio(&reg, "aio_basic", &img, 4096, None, false).await;
-        let man = test_support::manifest("basic");
+        let (reg, m, (_dir, img), man) = tasted("basic").await;
         check_manifest(&reg, &m, &man, true).await;
         // Writes work and survive an unload and re-taste.
-        let d = open(&reg, "lvs_basic/clone1", true);
-        write_at(&d, 0, &fill(0x3c, 4096)).await.unwrap();
+        let d = open_fill(&reg, "lvs_basic/clone1", 0, 4096, 0x3c).await;
         drop(d);
         let s = m.lvstore_by_name("lvs_basic").unwrap();
         m.unload_lvstore(&s).await.unwrap();
@@ -141,10 +164,7 @@ fn basic_fixture_is_tasted_as_in_its_manifest() {
 #[test]
 fn dirty_fixture_is_recovered_and_tasted() {
     block_on(async {
-        let (reg, m) = setup();
-        let (_dir, img) = copy("dirty/store.img.gz");
-        aio(&reg, "aio_dirty", &img, 4096, None, false).await;
-        let man = test_support::manifest("dirty");
+        let (reg, m, _img, man) = tasted("dirty").await;
         check_manifest(&reg, &m, &man, true).await;
     });
 }
@@ -152,14 +172,7 @@ fn dirty_fixture_is_recovered_and_tasted() {
 #[test]
 fn esnap_fixture_with_its_base() {
     block_on(async {
-        let (reg, m) = setup();
-        let (_d1, esnap) = copy("esnap/esnap.img.gz");
-        let (_d2, img) = copy("esnap/store.img.gz");
-        let u = Uuid::parse_str(ESNAP_UUID).unwrap();
-        aio(&reg, "esnap", &esnap, 4096, Some(u), true).await;
-        aio(&reg, "aio_esnap", &img, 4096, None, false).await;
-        let man = test_support::manifest("esnap");
-        check_manifest(&reg, &m, &man, true).await;
+        let (reg, m, _dirs, _esnap, _man) = esnap_fixture(true).await;
         assert_eq!(
             reg.claim_of("esnap"),
             Some(bdev_core::ClaimType::ReadManyWriteNone)
@@ -172,12 +185,7 @@ fn esnap_fixture_with_its_base() {
 #[test]
 fn esnap_fixture_degraded_without_base_then_heals() {
     block_on(async {
-        let (reg, m) = setup();
-        let (_d1, esnap) = copy("esnap/esnap.img.gz");
-        let (_d2, img) = copy("esnap/store.img.gz");
-        aio(&reg, "aio_esnap", &img, 4096, None, false).await;
-        let man = test_support::manifest("esnap");
-        check_manifest(&reg, &m, &man, false).await;
+        let (reg, m, _dirs, esnap, man) = esnap_fixture(false).await;
         let s = m.lvstore_by_name("lvs_esnap").unwrap();
         let u = Uuid::parse_str(ESNAP_UUID).unwrap();
         assert_eq!(s.missing_esnaps(), vec![lvol::esnap_id_for(&u)]);

@@ -93,8 +93,7 @@ fn lvstore_name_and_cluster_rules() {
 #[test]
 fn destroy_frees_name_and_base_and_is_not_tasted_again() {
     block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs", 1 << 20).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(64 * MIB, "lvs", 1 << 20).await;
         let l = thick_lvol(&m, &s, "v", 4 * MIB).await;
         let uid = l.unique_id().to_string();
         assert!(reg.get(&uid).is_some());
@@ -117,8 +116,7 @@ fn destroy_frees_name_and_base_and_is_not_tasted_again() {
 #[test]
 fn unload_and_tasting_bring_back_everything() {
     block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs_t", 1 << 20).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(64 * MIB, "lvs_t", 1 << 20).await;
         let uuid = s.uuid();
         let a = thick_lvol(&m, &s, "a", 3 * MIB).await;
         let b = thin_lvol(&m, &s, "b", 5 * MIB).await;
@@ -167,12 +165,8 @@ fn unload_and_tasting_bring_back_everything() {
 #[test]
 fn rename_lvstore_swaps_aliases_and_persists() {
     block_on(async {
-        let (reg, m) = setup();
-        let dir = tempfile::tempdir().unwrap();
-        let f = sparse_file(dir.path(), "r.img", 64 * MIB);
-        aio(&reg, "aio0", &f, 512, None, false).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(64 * MIB, "lvs_test", 1 << 20).await;
         malloc(&reg, "M2", 32 * MIB, 512).await;
-        let s = lvs(&m, "aio0", "lvs_test", 1 << 20).await;
         let _other = lvs(&m, "M2", "lvs_other", 1 << 20).await;
         let l = thick_lvol(&m, &s, "lvol_test0", 2 * MIB).await;
         let uid = l.unique_id().to_string();
@@ -206,8 +200,7 @@ fn rename_lvstore_swaps_aliases_and_persists() {
 #[test]
 fn store_name_clash_at_tasting_is_skipped() {
     block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (reg, m, s, f) = aio_store(dir.path(), 32 * MIB, "same", 1 << 20).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(32 * MIB, "same", 1 << 20).await;
         m.unload_lvstore(&s).await.unwrap();
         reg.unregister("aio0").await.unwrap();
         malloc(&reg, "M", 32 * MIB, 512).await;
@@ -225,8 +218,7 @@ fn store_name_clash_at_tasting_is_skipped() {
 #[test]
 fn hot_remove_of_base_unloads_cleanly_and_readd_restores() {
     block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs_h", 1 << 20).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(64 * MIB, "lvs_h", 1 << 20).await;
         let v = thin_lvol(&m, &s, "v", 4 * MIB).await;
         let snap = m.create_snapshot(&v, "snap").await.unwrap();
         let c = m.create_clone(&snap, "c").await.unwrap();
@@ -262,8 +254,7 @@ fn hot_remove_of_base_unloads_cleanly_and_readd_restores() {
 #[test]
 fn grow_lvstore_after_base_grows() {
     block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (reg, m, s, f) = aio_store(dir.path(), 32 * MIB, "lvs_g", 1 << 20).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(32 * MIB, "lvs_g", 1 << 20).await;
         let before = s.total_data_clusters();
         assert!(s.blobstore().max_growable_size() >= 32 * MIB);
         m.unload_lvstore(&s).await.unwrap();
@@ -286,11 +277,12 @@ fn grow_lvstore_after_base_grows() {
 #[test]
 fn hot_remove_waits_for_lvol_users_who_get_a_remove_event() {
     block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let (reg, m, s, f) = aio_store(dir.path(), 32 * MIB, "lvs_u", 1 << 20).await;
-        let v = thick_lvol(&m, &s, "v", 2 * MIB).await;
-        let uid = v.unique_id().to_string();
-        drop((v, s));
+        let (_dir, reg, m, s, f) = aio_store_tmp(32 * MIB, "lvs_u", 1 << 20).await;
+        let uid = thick_lvol(&m, &s, "v", 2 * MIB)
+            .await
+            .unique_id()
+            .to_string();
+        drop(s);
         let mut d = open(&reg, "lvs_u/v", true);
         let mut events = d.take_events().unwrap();
         write_at(&d, 0, &fill(0x21, 4096)).await.unwrap();
@@ -339,8 +331,7 @@ fn corrupt_or_foreign_bdevs_are_skipped_quietly() {
 fn flags_and_relations_survive_reload() {
     block_on(async {
         use blobstore::ClearMethod;
-        let dir = tempfile::tempdir().unwrap();
-        let (reg, m, s, f) = aio_store(dir.path(), 64 * MIB, "lvs_p", 1 << 20).await;
+        let (_dir, reg, m, s, f) = aio_store_tmp(64 * MIB, "lvs_p", 1 << 20).await;
         let a = m
             .create_lvol(&s, "a", 2 * MIB, true, ClearMethod::WriteZeroes)
             .await

@@ -1,13 +1,13 @@
-//! What the vbdev-ro tests add to the shared harness (`test_support`): a small in-memory
-//! device with an optional per-read delay (so reads really are in flight) and a resize knob,
-//! a base stamped per block, and the base-removal-under-load scenario.
+//! What the vbdev-ro tests add to the shared harness (`test_support`): a malloc bdev with a
+//! per-read delay (so reads really are in flight), a base stamped per block, and the
+//! base-removal-under-load scenario.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{BdevEvent, BlockDevice, IoBuf, IoType, Registry, Result};
 use futures::executor::block_on;
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -15,88 +15,59 @@ use test_support::prelude::{assert_errno, within};
 use uuid::Uuid;
 use vbdev_ro::{create, delete, RoOpts};
 
-/// An in-memory device.
-pub struct MemDev {
-    name: String,
-    uuid: Uuid,
-    block_len: u32,
-    num_blocks: AtomicU64,
-    data: Mutex<Vec<u8>>,
-    delay: Option<Duration>,
+/// A malloc bdev whose reads first wait `delay`, so that reads really are in flight. Only
+/// the timing is the test's own; every byte goes through the real malloc backend.
+pub struct SlowDev {
+    inner: Arc<MallocBdev>,
+    delay: Duration,
 }
 
-impl MemDev {
-    /// A zeroed device of `num_blocks` blocks.
-    pub fn new(name: &str, num_blocks: u64, block_len: u32, delay: Option<Duration>) -> Arc<Self> {
-        Arc::new(MemDev {
-            name: name.to_string(),
-            uuid: Uuid::new_v4(),
-            block_len,
-            num_blocks: AtomicU64::new(num_blocks),
-            data: Mutex::new(vec![0; (num_blocks * block_len as u64) as usize]),
-            delay,
-        })
-    }
-
-    /// Changes the size (zero-filling growth); the caller then notifies the registry.
-    pub fn resize(&self, num_blocks: u64) {
-        let mut d = self.data.lock().unwrap();
-        d.resize((num_blocks * self.block_len as u64) as usize, 0);
-        self.num_blocks.store(num_blocks, Ordering::Release);
-    }
-
-    fn range(&self, offset_blocks: u64, len: usize) -> std::ops::Range<usize> {
-        let start = (offset_blocks * self.block_len as u64) as usize;
-        start..start + len
+impl SlowDev {
+    /// A zeroed malloc bdev `name` of `num_blocks` blocks whose reads wait `delay`.
+    pub fn new(name: &str, num_blocks: u64, block_len: u32, delay: Duration) -> Arc<Self> {
+        let inner = MallocBdev::create(name, num_blocks, block_len, None).expect("malloc");
+        Arc::new(SlowDev { inner, delay })
     }
 }
 
 #[async_trait]
-impl BlockDevice for MemDev {
+impl BlockDevice for SlowDev {
     fn name(&self) -> &str {
-        &self.name
+        MallocBdev::name(&self.inner)
     }
     fn product_name(&self) -> &str {
-        "Test memory disk"
+        "Slow malloc disk"
     }
     fn module_name(&self) -> &str {
-        "test_mem"
+        "test_slow"
     }
     fn uuid(&self) -> Uuid {
-        self.uuid
+        MallocBdev::uuid(&self.inner)
     }
     fn block_len(&self) -> u32 {
-        self.block_len
+        MallocBdev::block_len(&self.inner)
     }
     fn num_blocks(&self) -> u64 {
-        self.num_blocks.load(Ordering::Acquire)
+        MallocBdev::num_blocks(&self.inner)
     }
     fn io_type_supported(&self, io_type: IoType) -> bool {
-        matches!(io_type, IoType::Read | IoType::Write | IoType::WriteZeroes)
+        MallocBdev::io_type_supported(&self.inner, io_type)
     }
-    async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
-        if let Some(d) = self.delay {
-            futures_timer::Delay::new(d).await;
-        }
-        let r = self.range(offset_blocks, buf.len());
-        buf.copy_from_slice(&self.data.lock().unwrap()[r]);
-        Ok(buf)
+    async fn read(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
+        futures_timer::Delay::new(self.delay).await;
+        MallocBdev::read(&self.inner, offset_blocks, buf).await
     }
     async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        let r = self.range(offset_blocks, buf.len());
-        self.data.lock().unwrap()[r].copy_from_slice(&buf);
-        Ok(buf)
+        MallocBdev::write(&self.inner, offset_blocks, buf).await
     }
     async fn flush(&self) -> Result<()> {
-        Ok(())
+        MallocBdev::flush(&self.inner).await
     }
-    async fn unmap(&self, _offset_blocks: u64, _num_blocks: u64) -> Result<()> {
-        Ok(())
+    async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
+        MallocBdev::unmap(&self.inner, offset_blocks, num_blocks).await
     }
     async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
-        let r = self.range(offset_blocks, (num_blocks * self.block_len as u64) as usize);
-        self.data.lock().unwrap()[r].fill(0);
-        Ok(())
+        MallocBdev::write_zeroes(&self.inner, offset_blocks, num_blocks).await
     }
 }
 

@@ -2,7 +2,7 @@
 //! the kernel allows it) and aio with O_DIRECT.
 
 use crate::common::{base_removal_with_reads_in_flight, stamp_base};
-use bdev_core::backend::aio::{AioBdev, AioEngine, AioOpts};
+use bdev_core::backend::aio::AioEngine;
 use bdev_core::backend::malloc::MallocBdev;
 use bdev_core::{BdevEvent, BlockDevice, IoBuf, Registry};
 use futures::executor::block_on;
@@ -20,21 +20,13 @@ fn ro_opts(base: &str) -> RoOpts {
 
 fn aio_base(engine: AioEngine, direct: bool) -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("base.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    let path = sparse_file(dir.path(), "base.img", 32 << 20);
     let reg = Registry::new();
-    let a = AioBdev::create(AioOpts {
-        name: "AB".into(),
-        filename: path,
-        block_len: Some(if direct { 4096 } else { 512 }),
-        engine,
-        direct,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("AB", &path, |o| {
+        o.block_len = Some(if direct { 4096 } else { 512 });
+        o.engine = engine;
+        o.direct = direct;
+    });
     block_on(reg.register(a)).unwrap();
     stamp_base(&reg, "AB");
     (dir, reg)
@@ -49,21 +41,12 @@ fn base_removal_with_64_reads_in_flight_malloc() {
     base_removal_with_reads_in_flight(reg, "MB", 64);
 }
 
-#[test]
-fn base_removal_with_64_reads_in_flight_aio_thread_pool() {
-    let (_dir, reg) = aio_base(AioEngine::ThreadPool, false);
-    base_removal_with_reads_in_flight(reg, "AB", 64);
-}
-
-#[test]
-fn base_removal_with_64_reads_in_flight_aio_auto() {
-    let (_dir, reg) = aio_base(AioEngine::Auto, false);
-    base_removal_with_reads_in_flight(reg, "AB", 64);
-}
-
-#[test]
-fn base_removal_with_64_reads_in_flight_aio_direct() {
-    let (_dir, reg) = aio_base(AioEngine::Auto, true);
+#[rstest::rstest]
+#[case::thread_pool(AioEngine::ThreadPool, false)]
+#[case::auto(AioEngine::Auto, false)]
+#[case::direct(AioEngine::Auto, true)]
+fn base_removal_with_64_reads_in_flight_aio(#[case] engine: AioEngine, #[case] direct: bool) {
+    let (_dir, reg) = aio_base(engine, direct);
     base_removal_with_reads_in_flight(reg, "AB", 64);
 }
 
@@ -82,32 +65,19 @@ fn ro_over_aio_reports_the_base_alignment_and_reads_it() {
 #[test]
 fn aio_base_resize_propagates_to_ro_openers() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("grow.img");
-    std::fs::File::create(&path)
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let path = sparse_file(dir.path(), "grow.img", 1 << 20);
     let reg = Registry::new();
-    let a = AioBdev::create(AioOpts {
-        name: "G".into(),
-        filename: path.clone(),
-        block_len: Some(512),
-        engine: AioEngine::ThreadPool,
-        ..Default::default()
-    })
-    .unwrap();
+    let a = aio_dev("G", &path, |o| {
+        o.block_len = Some(512);
+        o.engine = AioEngine::ThreadPool;
+    });
     block_on(reg.register(a.clone())).unwrap();
     block_on(create(&reg, ro_opts("G"))).unwrap();
     let mut d = reg.open("G_ro", false).unwrap();
     let mut ev = d.take_events().unwrap();
     assert_eq!(d.device().num_blocks(), 2048);
 
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(4 << 20)
-        .unwrap();
+    set_file_len(&path, 4 << 20);
     assert_eq!(a.rescan().unwrap(), 8192);
     reg.notify_resize("G");
     let got = within(10, "resize event", move || block_on(ev.next()));

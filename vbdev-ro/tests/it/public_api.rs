@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::common::{base_removal_with_reads_in_flight, close, stamp_base, MemDev};
+use crate::common::{base_removal_with_reads_in_flight, close, stamp_base, SlowDev};
 use bdev_core::{BdevEvent, BlockDevice, ClaimType, IoBuf, IoType, Registry};
 use futures::executor::block_on;
 use futures::stream::StreamExt;
@@ -21,16 +21,31 @@ fn pattern_blocks(tag: u8, first: u64, blocks: u64) -> Vec<u8> {
 }
 
 async fn malloc_base(reg: &Registry, name: &str, tag: u8) {
-    let m = MemDev::new(name, BLOCKS, BLOCK, None);
-    reg.register(m).await.expect("register base");
+    malloc(reg, name, BLOCKS * u64::from(BLOCK), BLOCK).await;
     fill_pattern(reg, name, tag).await;
+}
+
+/// A registry with base `B` (pattern `tag`).
+async fn base(tag: u8) -> Registry {
+    let reg = Registry::new();
+    malloc_base(&reg, "B", tag).await;
+    reg
+}
+
+/// Blocks `lba..lba + blocks` of bdev `name` (opened for reading) hold pattern `tag`.
+async fn assert_reads(reg: &Registry, name: &str, lba: u64, blocks: u64, tag: u8) {
+    let d = reg.open(name, false).unwrap();
+    let got = d
+        .read(lba, IoBuf::new((blocks * u64::from(BLOCK)) as usize, 1))
+        .await
+        .unwrap();
+    assert_eq!(got[..], pattern_blocks(tag, lba, blocks)[..], "{name}");
 }
 
 /// A registry with base `B` (pattern `tag`) and a read-only bdev over it (named `name`, or
 /// the default `B_ro`).
 async fn base_and_ro(tag: u8, name: Option<&str>) -> Registry {
-    let reg = Registry::new();
-    malloc_base(&reg, "B", tag).await;
+    let reg = base(tag).await;
     create(&reg, opts("B", name)).await.unwrap();
     reg
 }
@@ -41,6 +56,26 @@ fn opts(base: &str, name: Option<&str>) -> RoOpts {
         name: name.map(str::to_string),
         uuid: None,
     }
+}
+
+/// [`opts`] with a fixed UUID.
+fn opts_uuid(base: &str, name: Option<&str>, uuid: Uuid) -> RoOpts {
+    RoOpts {
+        uuid: Some(uuid),
+        ..opts(base, name)
+    }
+}
+
+/// A registry with base `B` (pattern `tag`) and ro bdevs `(base, name)` made in order.
+fn stack(tag: u8, ros: &[(&str, &str)]) -> Registry {
+    let reg = Registry::new();
+    block_on(async {
+        malloc_base(&reg, "B", tag).await;
+        for &(base, name) in ros {
+            create(&reg, opts(base, Some(name))).await.unwrap();
+        }
+    });
+    reg
 }
 
 #[test]
@@ -121,9 +156,7 @@ fn write_class_io_fails_and_base_is_unchanged() {
         assert!(!d.io_type_supported(IoType::Write));
         assert!(!d.io_type_supported(IoType::WriteZeroes));
 
-        let b = reg.open("B", false).unwrap();
-        let got = b.read(0, IoBuf::new(4096, 1)).await.unwrap();
-        assert_eq!(got[..], pattern_blocks(2, 0, 8)[..]);
+        assert_reads(&reg, "B", 0, 8, 2).await;
     });
 }
 
@@ -141,15 +174,12 @@ fn write_open_of_ro_bdev_is_refused() {
 #[test]
 fn base_is_claimed_read_many_write_none_and_still_readable() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 4).await;
+        let reg = base(4).await;
         assert_eq!(reg.claim_of("B"), None);
         create(&reg, opts("B", Some("ro0"))).await.unwrap();
         assert_eq!(reg.claim_of("B"), Some(ClaimType::ReadManyWriteNone));
         assert_errno!(reg.open("B", true), libc::EPERM);
-        let r = reg.open("B", false).unwrap();
-        let got = r.read(7, IoBuf::new(512, 1)).await.unwrap();
-        assert_eq!(got[..], pattern_blocks(4, 7, 1)[..]);
+        assert_reads(&reg, "B", 7, 1, 4).await;
     });
 }
 
@@ -182,8 +212,7 @@ fn two_ro_bdevs_share_the_claim_until_the_last_is_gone() {
 #[test]
 fn create_refuses_a_base_open_for_writing() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 6).await;
+        let reg = base(6).await;
         let _w = reg.open("B", true).unwrap();
         let e = create(&reg, opts("B", None)).await.err().unwrap();
         assert_eq!(e.errno(), libc::EPERM, "{e}");
@@ -194,20 +223,12 @@ fn create_refuses_a_base_open_for_writing() {
 #[test]
 fn names_uuids_and_lookup_by_base_uuid() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 7).await;
+        let reg = base(7).await;
         let base_uuid = reg.get("B").unwrap().uuid();
         let want = Uuid::new_v4();
-        let ro = create(
-            &reg,
-            RoOpts {
-                base_bdev_name: base_uuid.to_string(),
-                name: None,
-                uuid: Some(want),
-            },
-        )
-        .await
-        .unwrap();
+        let ro = create(&reg, opts_uuid(&base_uuid.to_string(), None, want))
+            .await
+            .unwrap();
         // The default name comes from the base's real name, not the UUID it was found by.
         assert_eq!(ro.name(), "B_ro");
         assert_eq!(reg.get(&want.to_string()).unwrap().name(), "B_ro");
@@ -216,17 +237,10 @@ fn names_uuids_and_lookup_by_base_uuid() {
 
         let dup = create(&reg, opts("B", Some("B_ro"))).await.err().unwrap();
         assert_eq!(dup.errno(), libc::EEXIST);
-        let dup_uuid = create(
-            &reg,
-            RoOpts {
-                base_bdev_name: "B".into(),
-                name: Some("other".into()),
-                uuid: Some(want),
-            },
-        )
-        .await
-        .err()
-        .unwrap();
+        let dup_uuid = create(&reg, opts_uuid("B", Some("other"), want))
+            .await
+            .err()
+            .unwrap();
         assert_eq!(dup_uuid.errno(), libc::EEXIST);
         let clash_with_base = create(&reg, opts("B", Some("B"))).await.err().unwrap();
         assert_eq!(clash_with_base.errno(), libc::EEXIST);
@@ -246,8 +260,7 @@ fn names_uuids_and_lookup_by_base_uuid() {
 #[test]
 fn delete_refuses_unknown_and_foreign_bdevs() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 8).await;
+        let reg = base(8).await;
         assert_errno!(delete(&reg, "nope").await, libc::ENODEV);
         assert_errno!(delete(&reg, "B").await, libc::ENODEV);
         assert!(
@@ -262,11 +275,7 @@ fn delete_refuses_unknown_and_foreign_bdevs() {
 
 #[test]
 fn delete_sends_remove_to_openers_and_waits_for_them() {
-    let reg = Registry::new();
-    block_on(async {
-        malloc_base(&reg, "B", 9).await;
-        create(&reg, opts("B", Some("ro0"))).await.unwrap();
-    });
+    let reg = stack(9, &[("B", "ro0")]);
     let mut d = reg.open("ro0", false).unwrap();
     let mut ev = d.take_events().unwrap();
     let r2 = reg.clone();
@@ -282,20 +291,10 @@ fn delete_sends_remove_to_openers_and_waits_for_them() {
 #[test]
 fn driver_specific_and_config_entry() {
     block_on(async {
-        let reg = Registry::new();
-        malloc_base(&reg, "B", 10).await;
+        let reg = base(10).await;
         let base_uuid = reg.get("B").unwrap().uuid();
         let u = Uuid::new_v4();
-        create(
-            &reg,
-            RoOpts {
-                base_bdev_name: "B".into(),
-                name: Some("ro0".into()),
-                uuid: Some(u),
-            },
-        )
-        .await
-        .unwrap();
+        create(&reg, opts_uuid("B", Some("ro0"), u)).await.unwrap();
         let dev = reg.get("ro0").unwrap();
         assert_eq!(
             dev.driver_specific(),
@@ -317,7 +316,7 @@ fn driver_specific_and_config_entry() {
 #[test]
 fn base_removal_with_64_reads_in_flight() {
     let reg = Registry::new();
-    block_on(reg.register(MemDev::new("MB", 65536, 512, None))).unwrap();
+    block_on(malloc(&reg, "MB", 65536 * 512, 512));
     stamp_base(&reg, "MB");
     base_removal_with_reads_in_flight(reg, "MB", 64);
 }
@@ -325,7 +324,7 @@ fn base_removal_with_64_reads_in_flight() {
 #[test]
 fn base_removal_with_64_slow_reads_in_flight() {
     let reg = Registry::new();
-    let slow = MemDev::new("SB", 65536, 512, Some(Duration::from_millis(2)));
+    let slow = SlowDev::new("SB", 65536, 512, Duration::from_millis(2));
     block_on(reg.register(slow)).unwrap();
     stamp_base(&reg, "SB");
     base_removal_with_reads_in_flight(reg, "SB", 64);
@@ -333,12 +332,7 @@ fn base_removal_with_64_slow_reads_in_flight() {
 
 #[test]
 fn base_removal_unregisters_every_ro_bdev_and_notifies_openers() {
-    let reg = Registry::new();
-    block_on(async {
-        malloc_base(&reg, "B", 11).await;
-        create(&reg, opts("B", Some("ro1"))).await.unwrap();
-        create(&reg, opts("B", Some("ro2"))).await.unwrap();
-    });
+    let reg = stack(11, &[("B", "ro1"), ("B", "ro2")]);
     let mut d1 = reg.open("ro1", false).unwrap();
     let mut d2 = reg.open("ro2", false).unwrap();
     let mut e1 = d1.take_events().unwrap();
@@ -372,16 +366,22 @@ fn base_removal_unregisters_every_ro_bdev_and_notifies_openers() {
 #[test]
 fn base_resize_propagates_to_ro_openers() {
     let reg = Registry::new();
-    let base = MemDev::new("G", 2048, 512, None);
+    let dir = tempfile::tempdir().unwrap();
+    let path = sparse_file(dir.path(), "g.img", 2048 * 512);
+    let base = aio_dev("G", &path, |o| o.block_len = Some(512));
     block_on(reg.register(base.clone())).unwrap();
+    let resize = |blocks: u64| {
+        set_file_len(&path, blocks * 512);
+        assert_eq!(base.rescan().unwrap(), blocks);
+        reg.notify_resize("G");
+    };
     block_on(create(&reg, opts("G", None))).unwrap();
     let mut d = reg.open("G_ro", false).unwrap();
     let mut ev = d.take_events().unwrap();
     assert_eq!(d.device().num_blocks(), 2048);
     assert_errno!(block_on(d.read(2048, IoBuf::new(512, 1))), libc::EINVAL);
 
-    base.resize(8192);
-    reg.notify_resize("G");
+    resize(8192);
     let got = within(10, "resize event", move || block_on(ev.next()));
     assert_eq!(got, Some(BdevEvent::Resize { num_blocks: 8192 }));
     let dev = reg.get("G_ro").unwrap();
@@ -390,8 +390,7 @@ fn base_resize_propagates_to_ro_openers() {
     let tail = block_on(d.read(8191, IoBuf::new(512, 1))).unwrap();
     assert_eq!(tail[..], [0u8; 512][..]);
 
-    base.resize(1024);
-    reg.notify_resize("G");
+    resize(1024);
     wait_until(10, "ro shrink", || dev.num_blocks() == 1024);
     assert_errno!(block_on(d.read(1024, IoBuf::new(512, 1))), libc::EINVAL);
 }
@@ -421,14 +420,8 @@ fn rpc_create_delete_and_errors() {
         );
         assert_eq!(reg.get("ro_u").unwrap().uuid(), u);
 
-        assert_eq!(
-            rpc_err!(m, "bdev_ro_create", {"base_bdev_name": "missing"}),
-            (-19, "No such device")
-        );
-        assert_eq!(
-            rpc_err!(m, "bdev_ro_create", {"base_bdev_name": "B", "name": "ro0"}),
-            (-17, "File exists")
-        );
+        assert_rpc_err!((-19, "No such device"), m, "bdev_ro_create", {"base_bdev_name": "missing"});
+        assert_rpc_err!((-17, "File exists"), m, "bdev_ro_create", {"base_bdev_name": "B", "name": "ro0"});
         for bad in [
             None,
             Some(json!({})),
@@ -447,10 +440,7 @@ fn rpc_create_delete_and_errors() {
 
         assert_eq!(rpc!(m, "bdev_ro_delete", {"name": "ro0"}), true);
         assert!(reg.get("ro0").is_none());
-        assert_eq!(
-            rpc_err!(m, "bdev_ro_delete", {"name": "ro0"}),
-            (-19, "No such device")
-        );
+        assert_rpc_err!((-19, "No such device"), m, "bdev_ro_delete", {"name": "ro0"});
         assert_eq!(rpc_err!(m, "bdev_ro_delete", {"name": "B"}).code, -19);
         assert_eq!(rpc_err!(m, "bdev_ro_delete").code, -32603);
         assert_eq!(rpc_err!(m, "bdev_ro_frobnicate").code, -32601);
@@ -463,20 +453,13 @@ fn ro_bdev_over_ro_bdev_stacks() {
         let reg = base_and_ro(13, Some("ro0")).await;
         let top = create(&reg, opts("ro0", None)).await.unwrap();
         assert_eq!(top.name(), "ro0_ro");
-        let d = reg.open("ro0_ro", false).unwrap();
-        let got = d.read(42, IoBuf::new(1024, 1)).await.unwrap();
-        assert_eq!(got[..], pattern_blocks(13, 42, 2)[..]);
+        assert_reads(&reg, "ro0_ro", 42, 2, 13).await;
     });
 }
 
 #[test]
 fn removing_the_bottom_of_a_stack_removes_all_of_it() {
-    let reg = Registry::new();
-    block_on(async {
-        malloc_base(&reg, "B", 14).await;
-        create(&reg, opts("B", Some("ro0"))).await.unwrap();
-        create(&reg, opts("ro0", Some("ro1"))).await.unwrap();
-    });
+    let reg = stack(14, &[("B", "ro0"), ("ro0", "ro1")]);
     let r2 = reg.clone();
     within(10, "stack removal", move || block_on(r2.unregister("B"))).unwrap();
     wait_until(10, "stack gone", || reg.list().is_empty());
