@@ -28,6 +28,12 @@ pub enum IoType {
 }
 
 impl IoType {
+    /// Whether a device that serves every block operation (a RAM disk) supports the type:
+    /// all but the seeks.
+    pub fn is_block_op(self) -> bool {
+        !matches!(self, IoType::SeekHole | IoType::SeekData)
+    }
+
     /// Every I/O type, in SPDK's order.
     pub const ALL: [IoType; 8] = [
         IoType::Read,
@@ -89,6 +95,52 @@ pub enum BdevEvent {
     },
 }
 
+/// Writes the identity methods of [`BlockDevice`] (`name`, `product_name`, `module_name`,
+/// `uuid`, `block_len`, `num_blocks`) inside an `impl BlockDevice` block, so that the devices
+/// that keep these facts in the usual fields say them one way.
+///
+/// - `device_facts!(product: "Malloc disk", module: "malloc")`: from the fields
+///   `name: String`, `uuid: Uuid`, `block_len: u32` and `num_blocks: AtomicU64` (read with
+///   `Acquire`: a resize stores it with `Release`).
+/// - `device_facts!(product: "Error disk", module: "error", base: base)`: `name` and `uuid`
+///   from the fields, the geometry from the field `base` (anything with `block_len()` and
+///   `num_blocks()`, e.g. a [`crate::Descriptor`]), so that a base's resize shows at once.
+#[macro_export]
+macro_rules! device_facts {
+    (product: $product:expr, module: $module:expr) => {
+        $crate::device_facts!(@identity $product, $module);
+        fn block_len(&self) -> u32 {
+            self.block_len
+        }
+        fn num_blocks(&self) -> u64 {
+            self.num_blocks.load(::std::sync::atomic::Ordering::Acquire)
+        }
+    };
+    (product: $product:expr, module: $module:expr, base: $base:tt) => {
+        $crate::device_facts!(@identity $product, $module);
+        fn block_len(&self) -> u32 {
+            self.$base.block_len()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.$base.num_blocks()
+        }
+    };
+    (@identity $product:expr, $module:expr) => {
+        fn name(&self) -> &str {
+            &self.name
+        }
+        fn product_name(&self) -> &str {
+            $product
+        }
+        fn module_name(&self) -> &str {
+            $module
+        }
+        fn uuid(&self) -> ::uuid::Uuid {
+            self.uuid
+        }
+    };
+}
+
 /// A block device. Implementations must be cheap to share (`Arc<dyn BlockDevice>`) and safe to
 /// call from any thread. Offsets and lengths are in blocks of [`BlockDevice::block_len`] bytes;
 /// a buffer's length must be a multiple of the block length.
@@ -137,25 +189,17 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// Vectored read: the buffers are filled one after the other from `offset_blocks`.
     async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
-        let mut out = Vec::with_capacity(bufs.len());
-        let mut off = offset_blocks;
-        for b in bufs {
-            let blocks = (b.len() / self.block_len() as usize) as u64;
-            out.push(self.read(off, b).await?);
-            off += blocks;
-        }
-        Ok(out)
+        one_by_one(self.block_len(), offset_blocks, bufs, |off, b| {
+            self.read(off, b)
+        })
+        .await
     }
     /// Vectored write.
     async fn writev(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
-        let mut out = Vec::with_capacity(bufs.len());
-        let mut off = offset_blocks;
-        for b in bufs {
-            let blocks = (b.len() / self.block_len() as usize) as u64;
-            out.push(self.write(off, b).await?);
-            off += blocks;
-        }
-        Ok(out)
+        one_by_one(self.block_len(), offset_blocks, bufs, |off, b| {
+            self.write(off, b)
+        })
+        .await
     }
     /// Flushes volatile caches: every write completed before the call is durable when it
     /// returns.
@@ -221,4 +265,26 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
     /// Called once after the device was unregistered and its last descriptor closed.
     async fn destruct(&self) {}
+}
+
+/// The default vectored I/O: `op` on each buffer in turn, each at the block after the
+/// previous one's end.
+async fn one_by_one<F, Fut>(
+    block_len: u32,
+    offset_blocks: u64,
+    bufs: Vec<IoBuf>,
+    mut op: F,
+) -> Result<Vec<IoBuf>>
+where
+    F: FnMut(u64, IoBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<IoBuf>>,
+{
+    let mut out = Vec::with_capacity(bufs.len());
+    let mut off = offset_blocks;
+    for b in bufs {
+        let blocks = (b.len() / block_len as usize) as u64;
+        out.push(op(off, b).await?);
+        off += blocks;
+    }
+    Ok(out)
 }

@@ -829,31 +829,44 @@ impl Descriptor {
 
     /// Vectored read. Each buffer's length must be a multiple of the block length.
     pub async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
-        self.check_alive()?;
-        self.check_supported(IoType::Read)?;
-        let n = self.check_bufs(offset_blocks, &bufs)?;
-        if n == 0 {
-            return Ok(bufs);
-        }
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = self.dev.readv(offset_blocks, bufs).await;
-        self.counted(IoKind::Read, n, t0, r)
+        self.vectored(false, offset_blocks, bufs).await
     }
 
     /// Vectored write. Each buffer's length must be a multiple of the block length.
     pub async fn writev(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> Result<Vec<IoBuf>> {
+        self.vectored(true, offset_blocks, bufs).await
+    }
+
+    /// [`Descriptor::readv`] or [`Descriptor::writev`]: the checks (alive, writable for a
+    /// write, supported, buffers, range), then the device's call, in flight and counted.
+    async fn vectored(
+        &self,
+        write: bool,
+        offset_blocks: u64,
+        bufs: Vec<IoBuf>,
+    ) -> Result<Vec<IoBuf>> {
         self.check_alive()?;
-        self.check_write()?;
-        self.check_supported(IoType::Write)?;
+        if write {
+            self.check_write()?;
+        }
+        let (io_type, kind) = if write {
+            (IoType::Write, IoKind::Write)
+        } else {
+            (IoType::Read, IoKind::Read)
+        };
+        self.check_supported(io_type)?;
         let n = self.check_bufs(offset_blocks, &bufs)?;
         if n == 0 {
             return Ok(bufs);
         }
         let _g = Inflight::new(&self.state.inflight);
         let t0 = stats::now();
-        let r = self.dev.writev(offset_blocks, bufs).await;
-        self.counted(IoKind::Write, n, t0, r)
+        let r = if write {
+            self.dev.writev(offset_blocks, bufs).await
+        } else {
+            self.dev.readv(offset_blocks, bufs).await
+        };
+        self.counted(kind, n, t0, r)
     }
 
     /// Flush.

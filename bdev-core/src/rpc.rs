@@ -121,6 +121,17 @@ pub struct NameOnly {
     pub name: String,
 }
 
+/// True when a request's `params` ask for nothing in particular (absent, `null` or `{}`):
+/// a listing method then writes its whole list as text ([`RpcModule::call_raw`]), while a
+/// filter goes the `Value` way.
+pub fn no_params(params: &Option<Value>) -> bool {
+    match params {
+        None | Some(Value::Null) => true,
+        Some(Value::Object(o)) => o.is_empty(),
+        _ => false,
+    }
+}
+
 /// A module's set of JSON-RPC methods.
 #[async_trait]
 pub trait RpcModule: Send + Sync + 'static {

@@ -180,29 +180,14 @@ impl BlockDevice for NbdClientBdev {
     }
 
     async fn readv(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> bdev_core::Result<Vec<IoBuf>> {
-        // The pieces go out together: many requests in flight on the connection.
-        let bl = u64::from(self.client.block_len());
-        let mut off = offset_blocks;
-        let mut futs = Vec::with_capacity(bufs.len());
-        for b in bufs {
-            let blocks = b.len() as u64 / bl;
-            futs.push(self.read(off, b));
-            off += blocks;
-        }
-        futures::future::try_join_all(futs).await
+        let bl = self.client.block_len();
+        all_at_once(bl, offset_blocks, bufs, |off, b| self.read(off, b)).await
     }
 
     async fn writev(&self, offset_blocks: u64, bufs: Vec<IoBuf>) -> bdev_core::Result<Vec<IoBuf>> {
         self.writable()?;
-        let bl = u64::from(self.client.block_len());
-        let mut off = offset_blocks;
-        let mut futs = Vec::with_capacity(bufs.len());
-        for b in bufs {
-            let blocks = b.len() as u64 / bl;
-            futs.push(self.write(off, b));
-            off += blocks;
-        }
-        futures::future::try_join_all(futs).await
+        let bl = self.client.block_len();
+        all_at_once(bl, offset_blocks, bufs, |off, b| self.write(off, b)).await
     }
 
     async fn flush(&self) -> bdev_core::Result<()> {
@@ -273,4 +258,26 @@ impl BlockDevice for NbdClientBdev {
     async fn destruct(&self) {
         self.client.destructed();
     }
+}
+
+/// Vectored I/O as one request a buffer, all sent together (many requests in flight on
+/// the connection), each at the block after the previous one's end.
+async fn all_at_once<F, Fut>(
+    block_len: u32,
+    offset_blocks: u64,
+    bufs: Vec<IoBuf>,
+    mut op: F,
+) -> bdev_core::Result<Vec<IoBuf>>
+where
+    F: FnMut(u64, IoBuf) -> Fut,
+    Fut: std::future::Future<Output = bdev_core::Result<IoBuf>>,
+{
+    let mut off = offset_blocks;
+    let mut futs = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        let blocks = b.len() as u64 / u64::from(block_len);
+        futs.push(op(off, b));
+        off += blocks;
+    }
+    futures::future::try_join_all(futs).await
 }

@@ -61,6 +61,27 @@ struct Table {
     seq: u32,
 }
 
+impl Table {
+    /// Marks the connection dead and takes the pending requests it can fail now (`None` when
+    /// it already was). A request the writer still owns is only marked lost: the writer
+    /// gives it back when it is done with its buffer.
+    fn mark_dead(&mut self) -> Option<Vec<Pending>> {
+        if self.dead {
+            return None;
+        }
+        self.dead = true;
+        let mut keys = Vec::new();
+        for (k, p) in self.slab.iter_mut() {
+            if p.writer_owned {
+                p.lost = true;
+            } else {
+                keys.push(k);
+            }
+        }
+        Some(keys.into_iter().map(|k| self.slab.remove(k)).collect())
+    }
+}
+
 /// Work for the writer thread.
 enum Job {
     /// Send a request header, and the payload range of a write.
@@ -222,19 +243,9 @@ impl Conn {
     pub(crate) fn kill(&self, why: &str) {
         let lost = {
             let mut t = lock(&self.table);
-            if t.dead {
+            let Some(lost) = t.mark_dead() else {
                 return;
-            }
-            t.dead = true;
-            let mut keys = Vec::new();
-            for (k, p) in t.slab.iter_mut() {
-                if p.writer_owned {
-                    p.lost = true;
-                } else {
-                    keys.push(k);
-                }
-            }
-            let lost: Vec<Pending> = keys.into_iter().map(|k| t.slab.remove(k)).collect();
+            };
             let _ = self.jobs.send(Job::Stop);
             lost
         };
@@ -251,19 +262,9 @@ impl Conn {
     pub(crate) fn close(&self) {
         let lost = {
             let mut t = lock(&self.table);
-            if t.dead {
+            let Some(lost) = t.mark_dead() else {
                 return;
-            }
-            t.dead = true;
-            let mut keys = Vec::new();
-            for (k, p) in t.slab.iter_mut() {
-                if p.writer_owned {
-                    p.lost = true;
-                } else {
-                    keys.push(k);
-                }
-            }
-            let lost: Vec<Pending> = keys.into_iter().map(|k| t.slab.remove(k)).collect();
+            };
             // Never let a stuck peer hold the writer: the disconnect is best effort.
             let _ = self.stream.set_timeouts(Some(Duration::from_secs(1)));
             let _ = self.jobs.send(Job::Disconnect);

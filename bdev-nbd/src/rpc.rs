@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bdev_core::rpc::{decode, RpcError, RpcModule};
+use bdev_core::rpc::{decode, NameOnly, RpcError, RpcModule};
 use bdev_core::{BlockDevice, Registry};
 use serde::Deserialize;
 use serde_json::Value;
@@ -80,12 +80,6 @@ struct CreateParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeleteParams {
-    name: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct GetParams {
     #[serde(default)]
     name: Option<String>,
@@ -125,7 +119,7 @@ impl RpcModule for NbdRpc {
                 Ok(Value::String(dev.name().to_string()))
             }
             "bdev_nbd_client_delete" => {
-                let p: DeleteParams = decode(params)?;
+                let p: NameOnly = decode(params)?;
                 self.clients
                     .delete(&p.name)
                     .await

@@ -98,16 +98,12 @@ pub fn run(args: Vec<String>) -> i32 {
     };
     if let Some(c) = &config {
         if !c.exists() {
-            let _ = writeln!(out, "Error: No config file found.");
-            let _ = writeln!(
-                out,
-                "To create a config file named 'blobcli.json' for your NVMe device:"
+            let _ = out.write_all(
+                b"Error: No config file found.\n\
+                  To create a config file named 'blobcli.json' for your NVMe device:\n   \
+                  <path to spdk>/scripts/gen_nvme.sh --json-with-subsystems > blobcli.json\n\
+                  and then re-run the cli tool.\n",
             );
-            let _ = writeln!(
-                out,
-                "   <path to spdk>/scripts/gen_nvme.sh --json-with-subsystems > blobcli.json"
-            );
-            let _ = writeln!(out, "and then re-run the cli tool.");
             return unreadable;
         }
     }
@@ -791,6 +787,32 @@ impl Session {
         self.close_blob(b, r).await
     }
 
+    /// Writes one chunk of a fill or import; a failure ends the display and fails the
+    /// command with SPDK's message.
+    async fn write_chunk(
+        &mut self,
+        prog: &Progress,
+        b: &Blob,
+        off: u64,
+        buf: IoBuf,
+    ) -> Result<IoBuf, Fail> {
+        match b.write(off, buf).await {
+            Ok(buf) => Ok(buf),
+            Err(e) => {
+                prog.finish();
+                Err(self.fail("Error in write completion", e.errno()))
+            }
+        }
+    }
+
+    /// Ends a display with SPDK's completion line (after the dots' newline in plain mode).
+    fn complete(&mut self, prog: &Progress, line: &str) -> CmdResult {
+        let bar = prog.is_bar();
+        prog.finish();
+        self.p(&format!("{}{line}\n", if bar { "" } else { "\n" }));
+        Ok(())
+    }
+
     fn chunk_units(bs: &Blobstore) -> u64 {
         let io = bs.io_unit_size().max(1) as u64;
         (MAX_IO_BYTES / io).max(1)
@@ -816,23 +838,11 @@ impl Session {
                     b
                 }
             };
-            match b.write(off, buf).await {
-                Ok(buf) => spare = Some(buf),
-                Err(e) => {
-                    prog.finish();
-                    return Err(self.fail("Error in write completion", e.errno()));
-                }
-            }
+            spare = Some(self.write_chunk(&prog, b, off, buf).await?);
             prog.advance(&mut self.out, n * io, n);
             off += n;
         }
-        let bar = prog.is_bar();
-        prog.finish();
-        self.p(&format!(
-            "{}Blob fill complete (with 0x{value:x}).\n",
-            if bar { "" } else { "\n" }
-        ));
-        Ok(())
+        self.complete(&prog, &format!("Blob fill complete (with 0x{value:x})."))
     }
 
     async fn import(&mut self, bs: &Blobstore, b: &Blob) -> CmdResult {
@@ -880,25 +890,13 @@ impl Session {
             }
             // Past the end of the file the rest of the blob is zeroed.
             buf[got..].fill(0);
-            match b.write(off, buf).await {
-                Ok(buf) => spare = Some(buf),
-                Err(e) => {
-                    prog.finish();
-                    return Err(self.fail("Error in write completion", e.errno()));
-                }
-            }
+            spare = Some(self.write_chunk(&prog, b, off, buf).await?);
             // SPDK prints a dot before every write but the first.
             let dots = if off == 0 { n - 1 } else { n };
             prog.advance(&mut self.out, n * io, dots);
             off += n;
         }
-        let bar = prog.is_bar();
-        prog.finish();
-        self.p(&format!(
-            "{}Blob import complete (from {file}).\n",
-            if bar { "" } else { "\n" }
-        ));
-        Ok(())
+        self.complete(&prog, &format!("Blob import complete (from {file})."))
     }
 
     async fn dump_blob(&mut self, bs: &Blobstore, b: &Blob) -> CmdResult {
@@ -975,13 +973,7 @@ impl Session {
             prog.finish();
             return Err(self.fail("Error with fwrite", e.raw_os_error().unwrap_or(libc::EIO)));
         }
-        let bar = prog.is_bar();
-        prog.finish();
-        self.p(&format!(
-            "{}File write complete (to {file}).\n",
-            if bar { "" } else { "\n" }
-        ));
-        Ok(())
+        self.complete(&prog, &format!("File write complete (to {file})."))
     }
 
     /// `--check`: exit 0 clean, 1 damaged, 2 unreadable, 3 needs recovery (findings that a

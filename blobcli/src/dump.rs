@@ -77,10 +77,13 @@ fn xattr_text(bstype: &[u8; 16], name: &[u8], value: &[u8]) -> String {
     }
 }
 
+/// The known values of a flags field: (mask, value, SPDK's name).
+type FlagTable = [(u64, u64, &'static str)];
+
 fn print_flag_bits(
     out: &mut dyn Write,
     flags: u64,
-    table: &[(u64, u64, &str)],
+    table: &FlagTable,
 ) -> std::io::Result<()> {
     let mut covered = 0u64;
     for &(mask, val, name) in table {
@@ -402,29 +405,32 @@ fn print_xattr(out: &mut dyn Write, sb: &SuperBlockInfo, internal: bool, body: &
 
 fn print_flags(out: &mut dyn Write, invalid: u64, data_ro: u64, md_ro: u64) {
     let _ = writeln!(out, "Flags:");
-    let _ = writeln!(out, "\tinvalid: 0x{invalid:016x}");
-    let _ = print_flag_bits(
-        out,
-        invalid,
-        &[
-            (1, 1, "SPDK_BLOB_THIN_PROV"),
-            (2, 2, "SPDK_BLOB_INTERNAL_XATTR"),
-            (4, 4, "SPDK_BLOB_EXTENT_TABLE"),
-        ],
-    );
-    let _ = writeln!(out, "\tdata_ro: 0x{data_ro:016x}");
-    let _ = print_flag_bits(out, data_ro, &[(1, 1, "SPDK_BLOB_READ_ONLY")]);
-    let _ = writeln!(out, "\t  md_ro: 0x{md_ro:016x}");
-    let _ = print_flag_bits(
-        out,
-        md_ro,
-        &[
-            (3, 0, "BLOB_CLEAR_WITH_DEFAULT"),
-            (3, 1, "BLOB_CLEAR_WITH_NONE"),
-            (3, 2, "BLOB_CLEAR_WITH_UNMAP"),
-            (3, 3, "BLOB_CLEAR_WITH_WRITE_ZEROES"),
-        ],
-    );
+    let groups: [(&str, u64, &FlagTable); 3] = [
+        (
+            "invalid",
+            invalid,
+            &[
+                (1, 1, "SPDK_BLOB_THIN_PROV"),
+                (2, 2, "SPDK_BLOB_INTERNAL_XATTR"),
+                (4, 4, "SPDK_BLOB_EXTENT_TABLE"),
+            ],
+        ),
+        ("data_ro", data_ro, &[(1, 1, "SPDK_BLOB_READ_ONLY")]),
+        (
+            "  md_ro",
+            md_ro,
+            &[
+                (3, 0, "BLOB_CLEAR_WITH_DEFAULT"),
+                (3, 1, "BLOB_CLEAR_WITH_NONE"),
+                (3, 2, "BLOB_CLEAR_WITH_UNMAP"),
+                (3, 3, "BLOB_CLEAR_WITH_WRITE_ZEROES"),
+            ],
+        ),
+    ];
+    for (label, value, bits) in groups {
+        let _ = writeln!(out, "\t{label}: 0x{value:016x}");
+        let _ = print_flag_bits(out, value, bits);
+    }
 }
 
 #[cfg(test)]

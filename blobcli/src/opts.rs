@@ -196,16 +196,12 @@ pub fn usage(out: &mut dyn Write, mode: Option<Mode>, msg: &str) {
     let _ = write!(out, "{msg}");
     if mode.is_none() || mode == Some(Mode::Cmd) {
         let _ = writeln!(out, "Version {VERSION}");
-        let _ = writeln!(out, "Usage: blobcli [-j SPDK josn_config_file] Command");
-        let _ = writeln!(
-            out,
-            "\nblobcli is a command line tool for interacting with blobstore"
+        let _ = out.write_all(
+            b"Usage: blobcli [-j SPDK josn_config_file] Command\n\
+              \nblobcli is a command line tool for interacting with blobstore\n\
+              on the underlying device specified in the conf file passed\n\
+              in as a command line option.\n",
         );
-        let _ = writeln!(
-            out,
-            "on the underlying device specified in the conf file passed"
-        );
-        let _ = writeln!(out, "in as a command line option.");
     }
     if mode != Some(Mode::Script) {
         print_cmds(out);

@@ -71,8 +71,8 @@ impl Progress {
 
     /// Removes the bar. In plain mode nothing is printed (the caller prints the newline and
     /// the completion line, as SPDK does).
-    pub fn finish(self) {
-        if let Some(b) = self.bar {
+    pub fn finish(&self) {
+        if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
     }

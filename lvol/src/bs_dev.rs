@@ -157,6 +157,26 @@ impl BsDev for BdevBsDev {
     }
 }
 
+/// Follows a base bdev's events until it is removed (true) or until `stop` fires or the
+/// event stream ends (false); resizes are not this listener's business.
+pub(crate) async fn until_removed(
+    mut events: futures::channel::mpsc::UnboundedReceiver<bdev_core::BdevEvent>,
+    mut stop: futures::channel::oneshot::Receiver<()>,
+) -> bool {
+    use futures::StreamExt;
+    loop {
+        let ev = futures::select! {
+            ev = events.next() => ev,
+            _ = &mut stop => None,
+        };
+        match ev {
+            Some(bdev_core::BdevEvent::Remove) => return true,
+            Some(bdev_core::BdevEvent::Resize { .. }) => continue,
+            None => return false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,10 +13,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use bdev_core::{BdevEvent, ClaimType, Registry};
+use bdev_core::{ClaimType, Registry};
 use blobstore::{Blob, BlobId, BsDev, BsError, EsnapDevFactory};
 use futures::channel::oneshot;
-use futures::StreamExt;
 use iobuf::IoBuf;
 use uuid::Uuid;
 
@@ -150,23 +149,11 @@ impl EsnapCtx {
             let id = esnap_id.to_vec();
             let dev_weak = Arc::downgrade(&dev);
             self.registry.spawn(Box::pin(async move {
-                let mut events = events;
-                let mut rx = rx;
-                loop {
-                    let ev = futures::select! {
-                        ev = events.next() => ev,
-                        _ = &mut rx => None,
-                    };
-                    match ev {
-                        Some(BdevEvent::Remove) => {
-                            if let (Some(ctx), Some(dev)) = (weak.upgrade(), dev_weak.upgrade()) {
-                                ctx.base_removed(&id, &dev).await;
-                            }
-                            break;
-                        }
-                        Some(BdevEvent::Resize { .. }) => continue,
-                        None => break,
-                    }
+                if !crate::bs_dev::until_removed(events, rx).await {
+                    return;
+                }
+                if let (Some(ctx), Some(dev)) = (weak.upgrade(), dev_weak.upgrade()) {
+                    ctx.base_removed(&id, &dev).await;
                 }
             }));
         }

@@ -57,6 +57,12 @@ impl Lvol {
     pub fn store(&self) -> Option<Arc<LvolStore>> {
         self.store.upgrade()
     }
+    /// The store, or [`LvolError::NoDevice`] when it was unloaded (what every operation on
+    /// the lvol needs first).
+    pub fn require_store(&self) -> crate::Result<Arc<LvolStore>> {
+        self.store()
+            .ok_or_else(|| crate::LvolError::NoDevice("lvol store".into()))
+    }
     /// The store's name (empty if it is gone).
     pub fn store_name(&self) -> String {
         self.store().map(|s| s.name()).unwrap_or_default()

@@ -16,7 +16,6 @@ use async_trait::async_trait;
 use bdev_core::{BdevEvent, BlockDevice, ClaimType, ExamineHook, Registry};
 use blobstore::{Blob, BlobId, BlobOpts, Blobstore, BsOpts, ClearMethod, Parent};
 use futures::channel::{mpsc::UnboundedReceiver, oneshot};
-use futures::StreamExt;
 use uuid::Uuid;
 
 use crate::bs_dev::BdevBsDev;
@@ -108,6 +107,49 @@ pub struct LvolModule(Arc<Inner>);
 fn next_seq() -> u64 {
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+/// An lvol on an open blob of `store`, with its size read from the blob.
+fn new_lvol(
+    store: &Arc<LvolStore>,
+    blob: Blob,
+    blob_id: BlobId,
+    uuid: Uuid,
+    unique_id: String,
+    name: String,
+) -> Arc<Lvol> {
+    let lvol = Arc::new(Lvol {
+        store: Arc::downgrade(store),
+        blob,
+        blob_id,
+        uuid,
+        unique_id,
+        name: Mutex::new(name),
+        registered: Default::default(),
+        seq: next_seq(),
+        io_units: Default::default(),
+    });
+    lvol.refresh_size();
+    lvol
+}
+
+/// The blobstore a store opened (init or load) on `base`, its io unit told to the esnap
+/// context; on failure `base` is closed (nothing else holds it yet) and the error returned.
+fn opened_on(
+    base: &BdevBsDev,
+    esnap: &EsnapCtx,
+    res: std::result::Result<Blobstore, blobstore::BsError>,
+) -> Result<Blobstore> {
+    match res {
+        Ok(bs) => {
+            esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
+            Ok(bs)
+        }
+        Err(e) => {
+            base.close();
+            Err(e.into())
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

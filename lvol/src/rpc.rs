@@ -486,10 +486,16 @@ impl LvolRpc {
                 m.resize_lvol(&l, size).await.map_err(async_err)?;
                 Ok(json!(true))
             }
-            "bdev_lvol_set_read_only" => {
+            // The operations on one lvol, by name, that answer `true`.
+            "bdev_lvol_set_read_only" | "bdev_lvol_inflate" | "bdev_lvol_decouple_parent" => {
                 let p: Name = decode(params)?;
                 let l = self.lvol(&p.name)?;
-                m.set_read_only(&l).await.map_err(async_err)?;
+                match method {
+                    "bdev_lvol_set_read_only" => m.set_read_only(&l).await,
+                    "bdev_lvol_inflate" => m.inflate_lvol(&l).await,
+                    _ => m.decouple_parent(&l).await,
+                }
+                .map_err(async_err)?;
                 Ok(json!(true))
             }
             "bdev_lvol_delete" => {
@@ -503,18 +509,6 @@ impl LvolRpc {
                         RpcError::new(INTERNAL_ERROR, strerror(e.errno()))
                     }
                 })?;
-                Ok(json!(true))
-            }
-            "bdev_lvol_inflate" => {
-                let p: Name = decode(params)?;
-                let l = self.lvol(&p.name)?;
-                m.inflate_lvol(&l).await.map_err(async_err)?;
-                Ok(json!(true))
-            }
-            "bdev_lvol_decouple_parent" => {
-                let p: Name = decode(params)?;
-                let l = self.lvol(&p.name)?;
-                m.decouple_parent(&l).await.map_err(async_err)?;
                 Ok(json!(true))
             }
             "bdev_lvol_get_lvols" => {
@@ -644,12 +638,7 @@ impl RpcModule for LvolRpc {
         out: &mut Vec<u8>,
     ) -> Option<Result<(), RpcError>> {
         // The whole list is written as text; a store filter goes the Value way.
-        let whole = match params {
-            None | Some(Value::Null) => true,
-            Some(Value::Object(o)) => o.is_empty(),
-            _ => false,
-        };
-        if method != "bdev_lvol_get_lvols" || !whole {
+        if method != "bdev_lvol_get_lvols" || !bdev_core::rpc::no_params(params) {
             return None;
         }
         crate::listing::write_lvols(&self.module.lvstores(), out);

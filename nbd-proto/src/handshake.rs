@@ -85,18 +85,31 @@ pub fn encode_option(option: u32, data: &[u8]) -> Result<Vec<u8>, ProtoError> {
     Ok(b)
 }
 
-/// Decodes a 16-byte option header; a payload over [`MAX_OPTION_LEN`] is refused before
-/// anything is allocated for it.
-pub fn parse_option_header(b: &[u8]) -> Result<OptionHeader, ProtoError> {
-    let b = exact("option header", b, OPTION_HEADER_LEN)?;
-    let magic = be_u64(b, 0);
-    if magic != IHAVEOPT {
-        return Err(ProtoError::BadMagic(magic));
+/// Checks an option (reply) header: exactly `n` bytes, `magic` first, and a payload length
+/// (at byte `len_at`) of at most [`MAX_OPTION_LEN`]. Returns the header and that length.
+fn checked_header<'a>(
+    what: &'static str,
+    b: &'a [u8],
+    n: usize,
+    magic: u64,
+    len_at: usize,
+) -> Result<(&'a [u8], u32), ProtoError> {
+    let b = exact(what, b, n)?;
+    let got = be_u64(b, 0);
+    if got != magic {
+        return Err(ProtoError::BadMagic(got));
     }
-    let len = be_u32(b, 12);
+    let len = be_u32(b, len_at);
     if len > MAX_OPTION_LEN {
         return Err(ProtoError::OptionTooLong(len));
     }
+    Ok((b, len))
+}
+
+/// Decodes a 16-byte option header; a payload over [`MAX_OPTION_LEN`] is refused before
+/// anything is allocated for it.
+pub fn parse_option_header(b: &[u8]) -> Result<OptionHeader, ProtoError> {
+    let (b, len) = checked_header("option header", b, OPTION_HEADER_LEN, IHAVEOPT, 12)?;
     Ok(OptionHeader {
         option: be_u32(b, 8),
         len,
@@ -129,15 +142,13 @@ pub struct OptionReplyHeader {
 /// Decodes a 20-byte option reply header (client side); a payload over [`MAX_OPTION_LEN`] is
 /// refused.
 pub fn parse_option_reply_header(b: &[u8]) -> Result<OptionReplyHeader, ProtoError> {
-    let b = exact("option reply header", b, OPTION_REPLY_HEADER_LEN)?;
-    let magic = be_u64(b, 0);
-    if magic != OPT_REPLY_MAGIC {
-        return Err(ProtoError::BadMagic(magic));
-    }
-    let len = be_u32(b, 16);
-    if len > MAX_OPTION_LEN {
-        return Err(ProtoError::OptionTooLong(len));
-    }
+    let (b, len) = checked_header(
+        "option reply header",
+        b,
+        OPTION_REPLY_HEADER_LEN,
+        OPT_REPLY_MAGIC,
+        16,
+    )?;
     Ok(OptionReplyHeader {
         option: be_u32(b, 8),
         reply: be_u32(b, 12),

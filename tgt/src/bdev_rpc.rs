@@ -159,12 +159,7 @@ impl RpcModule for BdevRpc {
         out: &mut Vec<u8>,
     ) -> Option<Result<(), RpcError>> {
         // The whole list only; a name (with its wait) goes the Value way.
-        let whole = match params {
-            None | Some(Value::Null) => true,
-            Some(Value::Object(o)) => o.is_empty(),
-            _ => false,
-        };
-        if method != "bdev_get_bdevs" || !whole {
+        if method != "bdev_get_bdevs" || !bdev_core::rpc::no_params(params) {
             return None;
         }
         crate::listing::write_bdevs(&self.registry, out);
@@ -183,35 +178,34 @@ impl RpcModule for BdevRpc {
 pub(crate) mod tests {
     use super::*;
     use iobuf::IoBuf;
+    use std::sync::atomic::AtomicU64;
     use uuid::Uuid;
 
-    /// A device with fixed properties for output-shape tests.
+    /// A device with fixed properties (512-byte blocks, 16 of them) for output-shape tests.
+    /// It writes no config entry, as an lvol bdev (examine brings it back).
     pub(crate) struct FakeDev {
-        pub name: String,
-        pub uuid: Uuid,
-        pub writable: bool,
+        name: String,
+        uuid: Uuid,
+        block_len: u32,
+        num_blocks: AtomicU64,
+        writable: bool,
+    }
+
+    impl FakeDev {
+        pub(crate) fn new(name: &str, uuid: Uuid, writable: bool) -> Self {
+            Self {
+                name: name.to_string(),
+                uuid,
+                block_len: 512,
+                num_blocks: AtomicU64::new(16),
+                writable,
+            }
+        }
     }
 
     #[async_trait]
     impl BlockDevice for FakeDev {
-        fn name(&self) -> &str {
-            &self.name
-        }
-        fn product_name(&self) -> &str {
-            "Fake disk"
-        }
-        fn module_name(&self) -> &str {
-            "fake"
-        }
-        fn uuid(&self) -> Uuid {
-            self.uuid
-        }
-        fn block_len(&self) -> u32 {
-            512
-        }
-        fn num_blocks(&self) -> u64 {
-            16
-        }
+        bdev_core::device_facts!(product: "Fake disk", module: "fake");
         fn io_type_supported(&self, t: IoType) -> bool {
             match t {
                 IoType::Read | IoType::Flush | IoType::Reset => true,
@@ -242,11 +236,7 @@ pub(crate) mod tests {
     #[test]
     fn bdev_info_has_spdk_keys_in_order() {
         let u = Uuid::parse_str("7e5a0000-e5a0-4e5a-8e5a-000000000001").unwrap();
-        let d = FakeDev {
-            name: "F0".into(),
-            uuid: u,
-            writable: false,
-        };
+        let d = FakeDev::new("F0", u, false);
         let v = bdev_info(
             &d,
             &["other".to_string()],
@@ -285,11 +275,7 @@ pub(crate) mod tests {
         assert_eq!(v["driver_specific"], json!({"fake": {"x": 1}}));
 
         // An lvol-like device whose name is its UUID gets no UUID alias and no claim_type.
-        let d = FakeDev {
-            name: u.to_string(),
-            uuid: u,
-            writable: true,
-        };
+        let d = FakeDev::new(&u.to_string(), u, true);
         let v = bdev_info(&d, &["lvs/v".to_string()], None);
         assert_eq!(v["aliases"], json!(["lvs/v"]));
         assert!(v.get("claim_type").is_none());

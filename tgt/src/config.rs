@@ -78,60 +78,14 @@ pub async fn replay_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bdev_rpc::tests::FakeDev;
     use bdev_core::backend::malloc::MallocBdev;
-    use bdev_core::backend::null::NullBdev;
-
-    /// A device that writes no config entry (as an lvol bdev: examine brings it back).
-    struct Examined(Arc<NullBdev>);
-
-    #[async_trait::async_trait]
-    impl BlockDevice for Examined {
-        fn name(&self) -> &str {
-            "examined"
-        }
-        fn product_name(&self) -> &str {
-            "Examined"
-        }
-        fn module_name(&self) -> &str {
-            "examined"
-        }
-        fn uuid(&self) -> uuid::Uuid {
-            self.0.uuid()
-        }
-        fn block_len(&self) -> u32 {
-            self.0.block_len()
-        }
-        fn num_blocks(&self) -> u64 {
-            self.0.num_blocks()
-        }
-        fn io_type_supported(&self, t: bdev_core::IoType) -> bool {
-            self.0.io_type_supported(t)
-        }
-        async fn read(&self, o: u64, b: iobuf::IoBuf) -> bdev_core::Result<iobuf::IoBuf> {
-            self.0.read(o, b).await
-        }
-        async fn write(&self, o: u64, b: iobuf::IoBuf) -> bdev_core::Result<iobuf::IoBuf> {
-            self.0.write(o, b).await
-        }
-        async fn flush(&self) -> bdev_core::Result<()> {
-            Ok(())
-        }
-        async fn unmap(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
-            Ok(())
-        }
-        async fn write_zeroes(&self, _o: u64, _n: u64) -> bdev_core::Result<()> {
-            Ok(())
-        }
-        fn write_config(&self) -> Option<Value> {
-            None
-        }
-    }
 
     #[test]
     fn bdev_config_is_a_function_of_the_devices() {
         let m0: Arc<dyn BlockDevice> = MallocBdev::create("M0", 8, 512, None).unwrap();
-        let ex: Arc<dyn BlockDevice> =
-            Arc::new(Examined(NullBdev::create("n", 8, 512, None).unwrap()));
+        // A device that writes no config entry (as an lvol bdev: examine brings it back).
+        let ex: Arc<dyn BlockDevice> = Arc::new(FakeDev::new("examined", uuid::Uuid::nil(), true));
         let m1: Arc<dyn BlockDevice> = MallocBdev::create("M1", 8, 512, None).unwrap();
         let extra = vec![json!({"method": "extra"})];
         let cfg = bdev_config(&[m0.clone(), ex.clone(), m1.clone()], extra.clone());

@@ -1,7 +1,7 @@
 //! The JSON-RPC methods of the module: `bdev_ro_create` and `bdev_ro_delete`.
 
 use async_trait::async_trait;
-use bdev_core::rpc::{decode, RpcError, RpcModule};
+use bdev_core::rpc::{decode, NameOnly, RpcError, RpcModule};
 use bdev_core::Registry;
 use serde::Deserialize;
 use serde_json::Value;
@@ -31,12 +31,6 @@ struct CreateParams {
     uuid: Option<Uuid>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeleteParams {
-    name: String,
-}
-
 #[async_trait]
 impl RpcModule for RoRpc {
     fn methods(&self) -> Vec<&'static str> {
@@ -60,7 +54,7 @@ impl RpcModule for RoRpc {
                 ))
             }
             "bdev_ro_delete" => {
-                let p: DeleteParams = decode(params)?;
+                let p: NameOnly = decode(params)?;
                 delete(&self.registry, &p.name)
                     .await
                     .map_err(|e| RpcError::from_errno(e.errno()))?;

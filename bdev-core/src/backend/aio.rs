@@ -684,24 +684,7 @@ impl AioBdev {
 
 #[async_trait]
 impl BlockDevice for AioBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "AIO disk"
-    }
-    fn module_name(&self) -> &str {
-        "aio"
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
-    }
-    fn block_len(&self) -> u32 {
-        self.block_len
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks.load(Ordering::Acquire)
-    }
+    crate::device_facts!(product: "AIO disk", module: "aio");
     fn buf_align(&self) -> usize {
         if self.direct {
             self.mem_align

@@ -1,16 +1,16 @@
 //! The aio backend's JSON-RPC methods: `bdev_aio_create`, `bdev_aio_delete`,
 //! `bdev_aio_rescan`.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::aio::{AioBdev, AioOpts};
-use crate::rpc::{decode, delete_of_module, errno_err, parse_uuid, NameOnly, RpcError, RpcModule};
+use super::RpcDevs;
+use crate::rpc::{decode, errno_err, parse_uuid, NameOnly, RpcError, RpcModule};
 use crate::{BdevError, BlockDevice, Registry};
 
 #[derive(Deserialize)]
@@ -31,22 +31,12 @@ struct AioCreate {
 
 /// The aio RPC module. Keeps the aio bdevs for `bdev_aio_rescan` (weak: the registry owns
 /// them).
-pub struct AioRpc {
-    registry: Registry,
-    bdevs: Mutex<HashMap<String, Weak<AioBdev>>>,
-}
+pub struct AioRpc(RpcDevs<AioBdev>);
 
 impl AioRpc {
     /// A module over `registry`.
     pub fn new(registry: Registry) -> Arc<Self> {
-        Arc::new(AioRpc {
-            registry,
-            bdevs: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Weak<AioBdev>>> {
-        self.bdevs.lock().unwrap_or_else(|e| e.into_inner())
+        Arc::new(AioRpc(RpcDevs::new(registry)))
     }
 
     async fn create(&self, p: AioCreate) -> Result<Value, RpcError> {
@@ -60,7 +50,7 @@ impl AioRpc {
                 ),
             ));
         }
-        if self.registry.get(&p.name).is_some() {
+        if self.0.registry.get(&p.name).is_some() {
             return Err(RpcError::from_errno(libc::EEXIST));
         }
         let opts = AioOpts {
@@ -81,12 +71,8 @@ impl AioRpc {
             ),
             e => errno_err(e),
         })?;
-        self.registry
-            .register(dev.clone())
-            .await
-            .map_err(|e| errno_err(&e))?;
-        self.lock().insert(p.name.clone(), Arc::downgrade(&dev));
-        self.registry.wait_for_examine().await;
+        self.0.register(dev).await?;
+        self.0.registry.wait_for_examine().await;
         Ok(Value::String(p.name))
     }
 
@@ -95,15 +81,7 @@ impl AioRpc {
     /// rescan holds one descriptor itself).
     fn rescan(&self, name: &str) -> Result<Value, RpcError> {
         let enodev = || RpcError::from_errno(libc::ENODEV);
-        let dev = self.registry.get(name).ok_or_else(enodev)?;
-        let aio = {
-            let mut map = self.lock();
-            map.retain(|n, _| self.registry.get(n).is_some());
-            map.get(dev.name()).and_then(Weak::upgrade)
-        };
-        let Some(aio) = aio else {
-            return Err(enodev());
-        };
+        let aio = self.0.find(name)?.ok_or_else(enodev)?;
         let path = aio.driver_specific()["aio"]["filename"]
             .as_str()
             .map(PathBuf::from)
@@ -118,7 +96,7 @@ impl AioRpc {
         let new = aio.rescan().map_err(|e| errno_err(&e))?;
         if new != old {
             tracing::info!(target: "bdev", "aio bdev {name} resized: {old} -> {new} blocks");
-            self.registry.notify_resize(aio.name());
+            self.0.registry.notify_resize(aio.name());
         }
         Ok(Value::Bool(true))
     }
@@ -133,10 +111,7 @@ impl RpcModule for AioRpc {
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         match method {
             "bdev_aio_create" => self.create(decode(params)?).await,
-            "bdev_aio_delete" => {
-                let p: NameOnly = decode(params)?;
-                delete_of_module(&self.registry, &p.name, "aio").await
-            }
+            "bdev_aio_delete" => self.0.delete(params, "aio").await,
             "bdev_aio_rescan" => {
                 let p: NameOnly = decode(params)?;
                 self.rescan(&p.name)

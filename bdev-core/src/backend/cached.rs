@@ -273,34 +273,9 @@ fn apply(disk: &mut CacheDisk, e: &CacheEvent) {
 
 #[async_trait]
 impl BlockDevice for CachedBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Cached RAM disk"
-    }
-    fn module_name(&self) -> &str {
-        "cached"
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
-    }
-    fn block_len(&self) -> u32 {
-        self.block_len
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks.load(Ordering::Acquire)
-    }
+    crate::device_facts!(product: "Cached RAM disk", module: "cached");
     fn io_type_supported(&self, io_type: IoType) -> bool {
-        match io_type {
-            IoType::Read
-            | IoType::Write
-            | IoType::Unmap
-            | IoType::Flush
-            | IoType::Reset
-            | IoType::WriteZeroes => true,
-            IoType::SeekHole | IoType::SeekData => false,
-        }
+        io_type.is_block_op()
     }
     async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
         let (off, _) = self.byte_range(offset_blocks, 0);

@@ -235,24 +235,7 @@ fn fail(errno: i32) -> BdevError {
 
 #[async_trait]
 impl BlockDevice for ErrorBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Error disk"
-    }
-    fn module_name(&self) -> &str {
-        "error"
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
-    }
-    fn block_len(&self) -> u32 {
-        self.base.block_len()
-    }
-    fn num_blocks(&self) -> u64 {
-        self.base.num_blocks()
-    }
+    crate::device_facts!(product: "Error disk", module: "error", base: base);
     fn buf_align(&self) -> usize {
         self.base.device().buf_align()
     }

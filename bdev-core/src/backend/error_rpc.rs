@@ -1,15 +1,15 @@
 //! The error-injection backend's JSON-RPC methods: `bdev_error_create`, `bdev_error_delete`,
 //! `bdev_error_inject_error`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{ErrorBdev, ErrorKind, Injection};
-use crate::rpc::{decode, delete_of_module, errno_err, parse_uuid, NameOnly, RpcError, RpcModule};
+use super::RpcDevs;
+use crate::rpc::{decode, errno_err, parse_uuid, RpcError, RpcModule};
 use crate::{IoType, Registry};
 
 #[derive(Deserialize)]
@@ -87,24 +87,12 @@ fn injection_from(p: &InjectError) -> Result<Option<Injection>, RpcError> {
 }
 
 /// The error-bdev RPC module. Keeps the error bdevs' injection handles.
-pub struct ErrorRpc {
-    registry: Registry,
-    /// Weak: a strong reference would keep the base descriptor open after the error bdev
-    /// was unregistered, and the base could then never be removed.
-    bdevs: Mutex<HashMap<String, Weak<ErrorBdev>>>,
-}
+pub struct ErrorRpc(RpcDevs<ErrorBdev>);
 
 impl ErrorRpc {
     /// A module over `registry`.
     pub fn new(registry: Registry) -> Arc<Self> {
-        Arc::new(ErrorRpc {
-            registry,
-            bdevs: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Weak<ErrorBdev>>> {
-        self.bdevs.lock().unwrap_or_else(|e| e.into_inner())
+        Arc::new(ErrorRpc(RpcDevs::new(registry)))
     }
 
     async fn create(&self, p: ErrorCreate) -> Result<Value, RpcError> {
@@ -113,31 +101,24 @@ impl ErrorRpc {
             parse_uuid(&p.uuid)?;
         }
         let name = format!("EE_{}", p.base_name);
-        if self.registry.get(&name).is_some() {
+        if self.0.registry.get(&name).is_some() {
             return Err(RpcError::from_errno(libc::EEXIST));
         }
         let base = self
+            .0
             .registry
             .open(&p.base_name, true)
             .map_err(|e| errno_err(&e))?;
         let dev = ErrorBdev::create(&name, base).map_err(|e| errno_err(&e))?;
-        self.registry
-            .register(dev.clone())
-            .await
-            .map_err(|e| errno_err(&e))?;
-        self.lock().insert(name.clone(), Arc::downgrade(&dev));
+        self.0.register(dev).await?;
         Ok(Value::String(name))
     }
 
     fn bdev(&self, name: &str) -> Result<Arc<ErrorBdev>, RpcError> {
-        let enodev = || RpcError::from_errno(libc::ENODEV);
-        let mut map = self.lock();
-        // Forget error bdevs that went away with their base.
-        map.retain(|n, _| self.registry.get(n).is_some());
-        let dev = self.registry.get(name).ok_or_else(enodev)?;
-        map.get(dev.name())
-            .and_then(Weak::upgrade)
-            .ok_or_else(enodev)
+        // Error bdevs that went away with their base are forgotten.
+        self.0
+            .find(name)?
+            .ok_or_else(|| RpcError::from_errno(libc::ENODEV))
     }
 
     fn inject(&self, p: InjectError) -> Result<Value, RpcError> {
@@ -175,12 +156,7 @@ impl RpcModule for ErrorRpc {
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         match method {
             "bdev_error_create" => self.create(decode(params)?).await,
-            "bdev_error_delete" => {
-                let p: NameOnly = decode(params)?;
-                let r = delete_of_module(&self.registry, &p.name, "error").await;
-                self.lock().remove(&p.name);
-                r
-            }
+            "bdev_error_delete" => self.0.delete(params, "error").await,
             "bdev_error_inject_error" => self.inject(decode(params)?),
             _ => Err(RpcError::method_not_found()),
         }

@@ -8,6 +8,7 @@
 //! Product name `"Malloc disk"`, module `"malloc"`, `driver_specific` `{}`, and
 //! `write_config` gives SPDK's `bdev_malloc_create` entry.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use async_trait::async_trait;
@@ -34,7 +35,7 @@ pub struct MallocBdev {
     name: String,
     uuid: Uuid,
     block_len: u32,
-    num_blocks: u64,
+    num_blocks: AtomicU64,
     chunks: Box<[Chunk]>,
 }
 
@@ -43,7 +44,7 @@ impl std::fmt::Debug for MallocBdev {
         f.debug_struct("MallocBdev")
             .field("name", &self.name)
             .field("block_len", &self.block_len)
-            .field("num_blocks", &self.num_blocks)
+            .field("num_blocks", &self.num_blocks())
             .finish()
     }
 }
@@ -82,7 +83,7 @@ impl MallocBdev {
             name: name.to_string(),
             uuid: uuid.unwrap_or_else(Uuid::new_v4),
             block_len,
-            num_blocks,
+            num_blocks: AtomicU64::new(num_blocks),
             chunks: chunks.into_boxed_slice(),
         }))
     }
@@ -97,7 +98,7 @@ impl MallocBdev {
     }
 
     fn chunk_len(&self, idx: usize) -> usize {
-        let total = self.num_blocks * self.block_len as u64;
+        let total = self.num_blocks() * self.block_len as u64;
         (total - idx as u64 * CHUNK).min(CHUNK) as usize
     }
 
@@ -154,34 +155,9 @@ impl MallocBdev {
 
 #[async_trait]
 impl BlockDevice for MallocBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Malloc disk"
-    }
-    fn module_name(&self) -> &str {
-        "malloc"
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
-    }
-    fn block_len(&self) -> u32 {
-        self.block_len
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks
-    }
+    crate::device_facts!(product: "Malloc disk", module: "malloc");
     fn io_type_supported(&self, io_type: IoType) -> bool {
-        match io_type {
-            IoType::Read
-            | IoType::Write
-            | IoType::Unmap
-            | IoType::Flush
-            | IoType::Reset
-            | IoType::WriteZeroes => true,
-            IoType::SeekHole | IoType::SeekData => false,
-        }
+        io_type.is_block_op()
     }
     async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
         self.copy_out(offset_blocks, &mut buf);

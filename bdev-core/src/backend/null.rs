@@ -77,34 +77,9 @@ impl NullBdev {
 
 #[async_trait]
 impl BlockDevice for NullBdev {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn product_name(&self) -> &str {
-        "Null disk"
-    }
-    fn module_name(&self) -> &str {
-        "null"
-    }
-    fn uuid(&self) -> Uuid {
-        self.uuid
-    }
-    fn block_len(&self) -> u32 {
-        self.block_len
-    }
-    fn num_blocks(&self) -> u64 {
-        self.num_blocks.load(Ordering::SeqCst)
-    }
+    crate::device_facts!(product: "Null disk", module: "null");
     fn io_type_supported(&self, io_type: IoType) -> bool {
-        match io_type {
-            IoType::Read
-            | IoType::Write
-            | IoType::Unmap
-            | IoType::Flush
-            | IoType::Reset
-            | IoType::WriteZeroes => true,
-            IoType::SeekHole | IoType::SeekData => false,
-        }
+        io_type.is_block_op()
     }
     async fn read(&self, _offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
         buf.fill(0);

@@ -1,15 +1,15 @@
 //! The null backend's JSON-RPC methods: `bdev_null_create`, `bdev_null_delete`,
 //! `bdev_null_resize`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::null::NullBdev;
-use crate::rpc::{decode, delete_of_module, errno_err, parse_uuid, NameOnly, RpcError, RpcModule};
+use super::RpcDevs;
+use crate::rpc::{decode, errno_err, parse_uuid, RpcError, RpcModule};
 use crate::{BlockDevice, Registry};
 
 /// `bdev_null_create` as the current client sends it (it leaves out what was not given).
@@ -52,22 +52,12 @@ struct NullResize {
 
 /// The null RPC module. Keeps the null bdevs for `bdev_null_resize` (weak: the registry
 /// owns them).
-pub struct NullRpc {
-    registry: Registry,
-    bdevs: Mutex<HashMap<String, Weak<NullBdev>>>,
-}
+pub struct NullRpc(RpcDevs<NullBdev>);
 
 impl NullRpc {
     /// A module over `registry`.
     pub fn new(registry: Registry) -> Arc<Self> {
-        Arc::new(NullRpc {
-            registry,
-            bdevs: Mutex::new(HashMap::new()),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Weak<NullBdev>>> {
-        self.bdevs.lock().unwrap_or_else(|e| e.into_inner())
+        Arc::new(NullRpc(RpcDevs::new(registry)))
     }
 
     async fn create(&self, p: NullCreate) -> Result<Value, RpcError> {
@@ -92,40 +82,28 @@ impl NullRpc {
                 "Operation not supported: write and unmap alignment hints are not implemented",
             ));
         }
-        if self.registry.get(&p.name).is_some() {
+        if self.0.registry.get(&p.name).is_some() {
             return Err(RpcError::from_errno(libc::EEXIST));
         }
         let dev = NullBdev::create(&p.name, p.num_blocks, p.block_size, uuid)
             .map_err(|e| errno_err(&e))?;
-        self.registry
-            .register(dev.clone())
-            .await
-            .map_err(|e| errno_err(&e))?;
-        self.lock().insert(p.name.clone(), Arc::downgrade(&dev));
+        self.0.register(dev).await?;
         Ok(Value::String(p.name))
     }
 
     /// `bdev_null_resize`: the new size is in MiB; shrinking is `-22` as in SPDK.
     fn resize(&self, p: NullResize) -> Result<Value, RpcError> {
-        let dev = self
-            .registry
-            .get(&p.name)
-            .ok_or_else(|| RpcError::from_errno(libc::ENODEV))?;
-        let null = {
-            let mut map = self.lock();
-            map.retain(|n, _| self.registry.get(n).is_some());
-            map.get(dev.name()).and_then(Weak::upgrade)
-        };
-        let Some(null) = null else {
-            return Err(RpcError::from_errno(libc::EINVAL));
-        };
+        let null = self
+            .0
+            .find(&p.name)?
+            .ok_or_else(|| RpcError::from_errno(libc::EINVAL))?;
         let bytes = p
             .new_size
             .checked_mul(1 << 20)
             .ok_or_else(|| RpcError::from_errno(libc::EINVAL))?;
         null.resize(bytes / null.block_len() as u64)
             .map_err(|e| errno_err(&e))?;
-        self.registry.notify_resize(null.name());
+        self.0.registry.notify_resize(null.name());
         Ok(Value::Bool(true))
     }
 }
@@ -139,12 +117,7 @@ impl RpcModule for NullRpc {
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
         match method {
             "bdev_null_create" => self.create(decode(params)?).await,
-            "bdev_null_delete" => {
-                let p: NameOnly = decode(params)?;
-                let r = delete_of_module(&self.registry, &p.name, "null").await;
-                self.lock().remove(&p.name);
-                r
-            }
+            "bdev_null_delete" => self.0.delete(params, "null").await,
             "bdev_null_resize" => self.resize(decode(params)?),
             _ => Err(RpcError::method_not_found()),
         }

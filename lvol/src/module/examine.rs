@@ -44,14 +44,7 @@ impl LvolModule {
             esnap_factory: Some(Arc::new(Factory(esnap.clone()))),
             ..BsOpts::default()
         };
-        let bs = match Blobstore::load(base.clone(), bs_opts).await {
-            Ok(bs) => bs,
-            Err(e) => {
-                base.close();
-                return Err(e.into());
-            }
-        };
-        esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
+        let bs = opened_on(&base, &esnap, Blobstore::load(base.clone(), bs_opts).await)?;
         let mut opened: Vec<Blob> = Vec::new();
         let res = self
             .load_inner(&bs, &base, dev.as_ref(), &esnap, &mut opened)
@@ -156,18 +149,7 @@ impl LvolModule {
                 Some(u) => (u, u.hyphenated().to_string()),
                 None => (Uuid::nil(), format!("{}_{}", uuid.hyphenated(), id)),
             };
-            let lvol = Arc::new(Lvol {
-                store: Arc::downgrade(&store),
-                blob,
-                blob_id: id,
-                uuid: luuid,
-                unique_id,
-                name: Mutex::new(lname.clone()),
-                registered: Default::default(),
-                seq: next_seq(),
-                io_units: Default::default(),
-            });
-            lvol.refresh_size();
+            let lvol = new_lvol(&store, blob, id, luuid, unique_id, lname.clone());
             let mut maps = store.maps();
             if maps.by_name.contains_key(&lname) {
                 return Err(LvolError::AlreadyExists(format!("lvol {lname}")));

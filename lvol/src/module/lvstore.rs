@@ -53,14 +53,7 @@ impl LvolModule {
             force_recover: false,
             esnap_factory: Some(Arc::new(Factory(esnap.clone()))),
         };
-        let bs = match Blobstore::init(base.clone(), bs_opts).await {
-            Ok(bs) => bs,
-            Err(e) => {
-                base.close();
-                return Err(e.into());
-            }
-        };
-        esnap.io_unit.store(bs.io_unit_size(), Ordering::Relaxed);
+        let bs = opened_on(&base, &esnap, Blobstore::init(base.clone(), bs_opts).await)?;
         let uuid = Uuid::new_v4();
         let super_opts = BlobOpts {
             // SPDK's order on the super blob: uuid, then name.
@@ -119,25 +112,13 @@ impl LvolModule {
             let weak_m = Arc::downgrade(&self.0);
             let weak_s = Arc::downgrade(store);
             self.0.registry.spawn(Box::pin(async move {
-                let mut events = events;
-                let mut rx = rx;
-                loop {
-                    let ev = futures::select! {
-                        ev = events.next() => ev,
-                        _ = &mut rx => None,
-                    };
-                    match ev {
-                        Some(BdevEvent::Remove) => {
-                            if let (Some(m), Some(s)) = (weak_m.upgrade(), weak_s.upgrade()) {
-                                tracing::info!(target: "lvol", "base of lvol store {} removed", s.name());
-                                if let Err(e) = LvolModule(m).close_store(&s, false, true).await {
-                                    tracing::warn!(target: "lvol", "unloading {}: {e}", s.name());
-                                }
-                            }
-                            break;
-                        }
-                        Some(BdevEvent::Resize { .. }) => continue,
-                        None => break,
+                if !crate::bs_dev::until_removed(events, rx).await {
+                    return;
+                }
+                if let (Some(m), Some(s)) = (weak_m.upgrade(), weak_s.upgrade()) {
+                    tracing::info!(target: "lvol", "base of lvol store {} removed", s.name());
+                    if let Err(e) = LvolModule(m).close_store(&s, false, true).await {
+                        tracing::warn!(target: "lvol", "unloading {}: {e}", s.name());
                     }
                 }
             }));

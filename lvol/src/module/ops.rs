@@ -25,18 +25,14 @@ impl LvolModule {
         uuid: Uuid,
         name: &str,
     ) -> Result<Arc<Lvol>> {
-        let lvol = Arc::new(Lvol {
-            store: Arc::downgrade(store),
+        let lvol = new_lvol(
+            store,
             blob,
-            blob_id: id,
+            id,
             uuid,
-            unique_id: uuid.hyphenated().to_string(),
-            name: Mutex::new(name.to_string()),
-            registered: Default::default(),
-            seq: next_seq(),
-            io_units: Default::default(),
-        });
-        lvol.refresh_size();
+            uuid.hyphenated().to_string(),
+            name.to_string(),
+        );
         {
             let mut maps = store.maps();
             maps.by_name.insert(name.to_string(), lvol.clone());
@@ -169,9 +165,7 @@ impl LvolModule {
 
     /// Snapshots an lvol; the lvol becomes a clone of the new snapshot.
     pub async fn create_snapshot(&self, lvol: &Arc<Lvol>, name: &str) -> Result<Arc<Lvol>> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         let _guard = reserve_lvol_name(&store, name)?;
         if lvol.is_read_only() {
             return Err(LvolError::InvalidArgument(
@@ -190,9 +184,7 @@ impl LvolModule {
 
     /// Clones a read-only lvol (a snapshot).
     pub async fn create_clone(&self, snap: &Arc<Lvol>, name: &str) -> Result<Arc<Lvol>> {
-        let store = snap
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = snap.require_store()?;
         let _guard = reserve_lvol_name(&store, name)?;
         if !snap.is_read_only() {
             return Err(LvolError::InvalidArgument(
@@ -247,9 +239,7 @@ impl LvolModule {
         if old == new_name {
             return Ok(());
         }
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         let _guard = reserve_lvol_name(&store, new_name)?;
         let old_alias = lvol.alias();
         let new_alias = format!("{}/{}", store.name(), new_name);
@@ -282,9 +272,7 @@ impl LvolModule {
 
     /// Resizes an lvol to `size_bytes` rounded up to whole clusters.
     pub async fn resize_lvol(&self, lvol: &Arc<Lvol>, size_bytes: u64) -> Result<()> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         if lvol.is_read_only() {
             return Err(LvolError::NotPermitted("lvol is read-only".into()));
         }
@@ -311,9 +299,7 @@ impl LvolModule {
 
     /// Allocates every cluster of an lvol and cuts it from its parent.
     pub async fn inflate_lvol(&self, lvol: &Arc<Lvol>) -> Result<()> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         let res = store.bs.inflate_blob(lvol.blob_id).await;
         store.refresh_esnap_holders();
         res.map_err(Into::into)
@@ -321,9 +307,7 @@ impl LvolModule {
 
     /// Copies the parent's clusters into an lvol and re-points it to the grandparent.
     pub async fn decouple_parent(&self, lvol: &Arc<Lvol>) -> Result<()> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         if matches!(lvol.blob.parent(), Parent::None | Parent::Zeroes) {
             return Err(LvolError::InvalidArgument("lvol has no parent".into()));
         }
@@ -334,9 +318,7 @@ impl LvolModule {
 
     /// Re-parents a thin lvol onto a snapshot of the same store.
     pub async fn set_parent(&self, lvol: &Arc<Lvol>, snap: &Arc<Lvol>) -> Result<()> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         let same = snap.store().is_some_and(|s| Arc::ptr_eq(&s, &store));
         if !same {
             return Err(LvolError::InvalidArgument(
@@ -350,9 +332,7 @@ impl LvolModule {
 
     /// Makes a thin lvol an esnap clone of a bdev (by name or UUID).
     pub async fn set_parent_bdev(&self, lvol: &Arc<Lvol>, bdev: &str) -> Result<()> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         let dev = self
             .0
             .registry
@@ -386,9 +366,7 @@ impl LvolModule {
 
     /// Deletes an lvol. A snapshot with two or more clones is refused with EPERM.
     pub async fn delete_lvol(&self, lvol: &Arc<Lvol>) -> Result<()> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         if store.bs.clones_of(lvol.blob_id).len() > 1 {
             return Err(LvolError::NotPermitted(
                 "snapshot has more than one clone".into(),

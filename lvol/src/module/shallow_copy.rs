@@ -42,9 +42,7 @@ impl LvolModule {
     /// Starts copying the allocated clusters of a read-only lvol onto a bdev; returns the
     /// operation id (from 1).
     pub fn start_shallow_copy(&self, lvol: &Arc<Lvol>, dst_bdev: &str) -> Result<u32> {
-        let store = lvol
-            .store()
-            .ok_or_else(|| LvolError::NoDevice("lvol store".into()))?;
+        let store = lvol.require_store()?;
         let desc = self.0.registry.open(dst_bdev, true)?;
         desc.claim(ClaimType::ReadManyWriteOne)?;
         let dst = Arc::new(BdevBsDev::new(desc));
