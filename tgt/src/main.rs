@@ -298,18 +298,28 @@ async fn serve_ring(ring: Option<bdev_core::reactor::AttachedRing>) {
 
 /// Starts one reactor per core: an OS thread pinned to the core running a single-threaded
 /// event loop until the process exits. Returns the loops' handles.
-fn start_reactors(cores: &[usize]) -> Result<Vec<tokio::runtime::Handle>, String> {
+fn start_reactors(
+    cores: &[usize],
+    stats: &Arc<tgt::reactor_stats::Reactors>,
+) -> Result<Vec<tokio::runtime::Handle>, String> {
     let mut handles = Vec::new();
     for &cpu in cores {
         let (tx, rx) = std::sync::mpsc::channel();
+        let stats = stats.clone();
         std::thread::Builder::new()
             .name(format!("reactor_{cpu}"))
             .spawn(move || {
                 if let Err(e) = pin_to(cpu) {
                     tracing::warn!("reactor {cpu}: cannot pin to the core: {e}");
                 }
+                // Busy/idle counters of this reactor (framework_get_reactors): bumped by the
+                // loop when it goes to sleep in epoll_wait and when it wakes.
+                let ticks = Arc::new(tgt::reactor_stats::LoopTicks::new());
+                let (park, unpark) = (ticks.clone(), ticks.clone());
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .on_thread_park(move || park.park())
+                    .on_thread_unpark(move || unpark.unpark())
                     .build()
                 {
                     Ok(rt) => rt,
@@ -321,6 +331,7 @@ fn start_reactors(cores: &[usize]) -> Result<Vec<tokio::runtime::Handle>, String
                 // This thread's own io_uring serves the aio requests its connections issue,
                 // submitted and reaped by this loop (no completion thread in between).
                 let ring = bdev_core::reactor::attach();
+                stats.add_current(cpu, ticks, rt.handle().clone());
                 let _ = tx.send(Ok(rt.handle().clone()));
                 // Runs the connections spawned onto it; sleeps in epoll_wait when idle.
                 rt.block_on(serve_ring(ring));
@@ -346,16 +357,20 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let reactors = match start_reactors(&cores) {
+    let reactor_stats = tgt::reactor_stats::Reactors::new();
+    let reactors = match start_reactors(&cores, &reactor_stats) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tgt: cannot start the reactors: {e}");
             std::process::exit(1);
         }
     };
+    let (park, unpark) = (reactor_stats.clone(), reactor_stats.clone());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tgt")
+        .on_thread_park(move || park.control_park())
+        .on_thread_unpark(move || unpark.control_unpark())
         .build()
     {
         Ok(rt) => rt,
@@ -364,7 +379,8 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(run(args, default_mode, log, reactors));
+    reactor_stats.set_control_handle(rt.handle().clone());
+    let code = rt.block_on(run(args, default_mode, log, reactors, reactor_stats));
     // Connection tasks still parked on sockets are not waited for.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
@@ -375,6 +391,7 @@ async fn run(
     default_mode: bool,
     log: Arc<tgt::log::LogControl>,
     reactors: Vec<tokio::runtime::Handle>,
+    reactor_stats: Arc<tgt::reactor_stats::Reactors>,
 ) -> i32 {
     let limits = match args.limits() {
         Ok(l) => l,
@@ -393,6 +410,9 @@ async fn run(
     let (mut wiring, lvol) = modules::wiring_with_lvol(&registry, &nbd);
     let metrics = tgt::metrics::Metrics::new(registry.clone(), Some(lvol), nbd.clone());
     wiring.modules.push(tgt::log::LogRpc::new(log));
+    wiring
+        .modules
+        .push(tgt::reactor_stats::ReactorRpc::new(reactor_stats));
     let start_in_startup = args.wait_for_rpc || args.json.is_some();
     let target = Target::new(registry, nbd, wiring, start_in_startup);
 
@@ -606,7 +626,7 @@ mod tests {
     #[test]
     fn a_reactor_runs_on_its_core() {
         let cpu = affinity_cpus()[0];
-        let h = start_reactors(&[cpu]).unwrap();
+        let h = start_reactors(&[cpu], &tgt::reactor_stats::Reactors::new()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         h[0].spawn(async move {
             // SAFETY: sched_getcpu takes no arguments.
