@@ -7,15 +7,17 @@
 //! connections are submitted and reaped by the loop itself); NBD connections are assigned to
 //! reactors round-robin and run entirely on theirs. An idle reactor sleeps in `epoll_wait`.
 //!
-//! With no arguments at all it runs the embedded default (an aio bdev over
+//! With no arguments, or only arguments that add observability (`--metrics`,
+//! `--metrics-allow-remote`, `-L`), it runs the embedded default (an aio bdev over
 //! `./tgt-data/store.img`, lvol store `lvs0` on it, an NBD server on
-//! `./tgt-data/nbd.sock`); with any argument it starts empty like `spdk_tgt`.
+//! `./tgt-data/nbd.sock`); with any other argument it starts empty like `spdk_tgt`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bdev_core::Registry;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use serde_json::json;
 use tgt::nbd::server::NbdServer;
 use tgt::target::Target;
@@ -30,7 +32,13 @@ const DEFAULT_STORE_SIZE: u64 = 8 << 30;
 #[command(
     name = "tgt",
     version,
-    about = "SPDK-compatible RPC target with an NBD export"
+    about = "SPDK-compatible RPC target with an NBD export",
+    after_help = "With no arguments, or only --metrics, --metrics-allow-remote and -L (which \
+                  add observability and nothing else), tgt runs its embedded default: aio \
+                  bdev store0 over ./tgt-data/store.img, lvol store lvs0 on it, an NBD \
+                  server on ./tgt-data/nbd.sock, RPC on /var/tmp/spdk.sock, and what is \
+                  configured at run time is saved and comes back at the next start. Any \
+                  other argument starts it empty, like spdk_tgt."
 )]
 struct Args {
     /// RPC listen socket.
@@ -82,6 +90,20 @@ struct Args {
     /// (NBD) or a partial request waiting for memory (RPC) before it is disconnected.
     #[arg(long = "stall-timeout-ms", default_value_t = limits::STALL_TIMEOUT.as_millis() as u64)]
     stall_timeout_ms: u64,
+}
+
+/// Arguments that only add observability: with nothing else on the command line the
+/// target still runs its embedded default.
+const OBSERVABILITY_ARGS: [&str; 3] = ["metrics", "metrics_allow_remote", "logflag"];
+
+/// Whether the command line selects the embedded default: every argument given is one of
+/// [`OBSERVABILITY_ARGS`] (none at all included).
+fn selects_default(m: &clap::ArgMatches) -> bool {
+    // The arguments, not `m.ids()`: that also holds the derive's group of all of them.
+    Args::command().get_arguments().all(|a| {
+        let id = a.get_id().as_str();
+        OBSERVABILITY_ARGS.contains(&id) || m.value_source(id) != Some(ValueSource::CommandLine)
+    })
 }
 
 impl Args {
@@ -347,8 +369,9 @@ fn start_reactors(
 }
 
 fn main() {
-    let default_mode = std::env::args_os().len() == 1;
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let default_mode = selects_default(&matches);
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let log = install_logging(&args.logflag);
     let cores = match reactor_cores(&args) {
         Ok(c) => c,
@@ -595,6 +618,35 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_observability_arguments_keep_the_embedded_default() {
+        let default = |argv: &[&str]| {
+            let m = Args::command().try_get_matches_from(argv).unwrap();
+            selects_default(&m)
+        };
+        assert!(default(&["tgt"]));
+        assert!(default(&["tgt", "--metrics"]));
+        assert!(default(&["tgt", "--metrics", "127.0.0.1:9999"]));
+        assert!(default(&[
+            "tgt",
+            "--metrics=[::1]:9",
+            "--metrics-allow-remote"
+        ]));
+        assert!(default(&["tgt", "-L", "lvol", "--logflag", "nbd"]));
+        for other in [
+            &["tgt", "-r", "/tmp/x.sock"][..],
+            &["tgt", "--metrics", "--wait-for-rpc"],
+            &["tgt", "--cores", "1"],
+            &["tgt", "-m", "0x1"],
+            &["tgt", "--json", "c.json"],
+            &["tgt", "-s", "1024"],
+            &["tgt", "--nbd-mem-mib", "512"],
+            &["tgt", "--stall-timeout-ms", "30000", "--metrics"],
+        ] {
+            assert!(!default(other), "{other:?}");
+        }
+    }
 
     #[test]
     fn core_masks_parse_as_spdk_writes_them() {
