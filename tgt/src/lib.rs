@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod modules;
 pub mod nbd;
 pub mod persist;
+pub mod reactor_stats;
 pub mod saveconf;
 pub mod server;
 mod sockpath;

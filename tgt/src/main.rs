@@ -7,15 +7,17 @@
 //! connections are submitted and reaped by the loop itself); NBD connections are assigned to
 //! reactors round-robin and run entirely on theirs. An idle reactor sleeps in `epoll_wait`.
 //!
-//! With no arguments at all it runs the embedded default (an aio bdev over
+//! With no arguments, or only arguments that add observability (`--metrics`,
+//! `--metrics-allow-remote`, `-L`), it runs the embedded default (an aio bdev over
 //! `./tgt-data/store.img`, lvol store `lvs0` on it, an NBD server on
-//! `./tgt-data/nbd.sock`); with any argument it starts empty like `spdk_tgt`.
+//! `./tgt-data/nbd.sock`); with any other argument it starts empty like `spdk_tgt`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bdev_core::Registry;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use serde_json::json;
 use tgt::nbd::server::NbdServer;
 use tgt::target::Target;
@@ -30,7 +32,13 @@ const DEFAULT_STORE_SIZE: u64 = 8 << 30;
 #[command(
     name = "tgt",
     version,
-    about = "SPDK-compatible RPC target with an NBD export"
+    about = "SPDK-compatible RPC target with an NBD export",
+    after_help = "With no arguments, or only --metrics, --metrics-allow-remote and -L (which \
+                  add observability and nothing else), tgt runs its embedded default: aio \
+                  bdev store0 over ./tgt-data/store.img, lvol store lvs0 on it, an NBD \
+                  server on ./tgt-data/nbd.sock, RPC on /var/tmp/spdk.sock, and what is \
+                  configured at run time is saved and comes back at the next start. Any \
+                  other argument starts it empty, like spdk_tgt."
 )]
 struct Args {
     /// RPC listen socket.
@@ -82,6 +90,20 @@ struct Args {
     /// (NBD) or a partial request waiting for memory (RPC) before it is disconnected.
     #[arg(long = "stall-timeout-ms", default_value_t = limits::STALL_TIMEOUT.as_millis() as u64)]
     stall_timeout_ms: u64,
+}
+
+/// Arguments that only add observability: with nothing else on the command line the
+/// target still runs its embedded default.
+const OBSERVABILITY_ARGS: [&str; 3] = ["metrics", "metrics_allow_remote", "logflag"];
+
+/// Whether the command line selects the embedded default: every argument given is one of
+/// [`OBSERVABILITY_ARGS`] (none at all included).
+fn selects_default(m: &clap::ArgMatches) -> bool {
+    // The arguments, not `m.ids()`: that also holds the derive's group of all of them.
+    Args::command().get_arguments().all(|a| {
+        let id = a.get_id().as_str();
+        OBSERVABILITY_ARGS.contains(&id) || m.value_source(id) != Some(ValueSource::CommandLine)
+    })
 }
 
 impl Args {
@@ -298,18 +320,28 @@ async fn serve_ring(ring: Option<bdev_core::reactor::AttachedRing>) {
 
 /// Starts one reactor per core: an OS thread pinned to the core running a single-threaded
 /// event loop until the process exits. Returns the loops' handles.
-fn start_reactors(cores: &[usize]) -> Result<Vec<tokio::runtime::Handle>, String> {
+fn start_reactors(
+    cores: &[usize],
+    stats: &Arc<tgt::reactor_stats::Reactors>,
+) -> Result<Vec<tokio::runtime::Handle>, String> {
     let mut handles = Vec::new();
     for &cpu in cores {
         let (tx, rx) = std::sync::mpsc::channel();
+        let stats = stats.clone();
         std::thread::Builder::new()
             .name(format!("reactor_{cpu}"))
             .spawn(move || {
                 if let Err(e) = pin_to(cpu) {
                     tracing::warn!("reactor {cpu}: cannot pin to the core: {e}");
                 }
+                // Busy/idle counters of this reactor (framework_get_reactors): bumped by the
+                // loop when it goes to sleep in epoll_wait and when it wakes.
+                let ticks = Arc::new(tgt::reactor_stats::LoopTicks::new());
+                let (park, unpark) = (ticks.clone(), ticks.clone());
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
+                    .on_thread_park(move || park.park())
+                    .on_thread_unpark(move || unpark.unpark())
                     .build()
                 {
                     Ok(rt) => rt,
@@ -321,6 +353,7 @@ fn start_reactors(cores: &[usize]) -> Result<Vec<tokio::runtime::Handle>, String
                 // This thread's own io_uring serves the aio requests its connections issue,
                 // submitted and reaped by this loop (no completion thread in between).
                 let ring = bdev_core::reactor::attach();
+                stats.add_current(cpu, ticks, rt.handle().clone());
                 let _ = tx.send(Ok(rt.handle().clone()));
                 // Runs the connections spawned onto it; sleeps in epoll_wait when idle.
                 rt.block_on(serve_ring(ring));
@@ -336,8 +369,9 @@ fn start_reactors(cores: &[usize]) -> Result<Vec<tokio::runtime::Handle>, String
 }
 
 fn main() {
-    let default_mode = std::env::args_os().len() == 1;
-    let args = Args::parse();
+    let matches = Args::command().get_matches();
+    let default_mode = selects_default(&matches);
+    let args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let log = install_logging(&args.logflag);
     let cores = match reactor_cores(&args) {
         Ok(c) => c,
@@ -346,16 +380,20 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let reactors = match start_reactors(&cores) {
+    let reactor_stats = tgt::reactor_stats::Reactors::new();
+    let reactors = match start_reactors(&cores, &reactor_stats) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tgt: cannot start the reactors: {e}");
             std::process::exit(1);
         }
     };
+    let (park, unpark) = (reactor_stats.clone(), reactor_stats.clone());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tgt")
+        .on_thread_park(move || park.control_park())
+        .on_thread_unpark(move || unpark.control_unpark())
         .build()
     {
         Ok(rt) => rt,
@@ -364,7 +402,8 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let code = rt.block_on(run(args, default_mode, log, reactors));
+    reactor_stats.set_control_handle(rt.handle().clone());
+    let code = rt.block_on(run(args, default_mode, log, reactors, reactor_stats));
     // Connection tasks still parked on sockets are not waited for.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     std::process::exit(code);
@@ -375,6 +414,7 @@ async fn run(
     default_mode: bool,
     log: Arc<tgt::log::LogControl>,
     reactors: Vec<tokio::runtime::Handle>,
+    reactor_stats: Arc<tgt::reactor_stats::Reactors>,
 ) -> i32 {
     let limits = match args.limits() {
         Ok(l) => l,
@@ -393,6 +433,9 @@ async fn run(
     let (mut wiring, lvol) = modules::wiring_with_lvol(&registry, &nbd);
     let metrics = tgt::metrics::Metrics::new(registry.clone(), Some(lvol), nbd.clone());
     wiring.modules.push(tgt::log::LogRpc::new(log));
+    wiring
+        .modules
+        .push(tgt::reactor_stats::ReactorRpc::new(reactor_stats));
     let start_in_startup = args.wait_for_rpc || args.json.is_some();
     let target = Target::new(registry, nbd, wiring, start_in_startup);
 
@@ -577,6 +620,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_observability_arguments_keep_the_embedded_default() {
+        let default = |argv: &[&str]| {
+            let m = Args::command().try_get_matches_from(argv).unwrap();
+            selects_default(&m)
+        };
+        assert!(default(&["tgt"]));
+        assert!(default(&["tgt", "--metrics"]));
+        assert!(default(&["tgt", "--metrics", "127.0.0.1:9999"]));
+        assert!(default(&[
+            "tgt",
+            "--metrics=[::1]:9",
+            "--metrics-allow-remote"
+        ]));
+        assert!(default(&["tgt", "-L", "lvol", "--logflag", "nbd"]));
+        for other in [
+            &["tgt", "-r", "/tmp/x.sock"][..],
+            &["tgt", "--metrics", "--wait-for-rpc"],
+            &["tgt", "--cores", "1"],
+            &["tgt", "-m", "0x1"],
+            &["tgt", "--json", "c.json"],
+            &["tgt", "-s", "1024"],
+            &["tgt", "--nbd-mem-mib", "512"],
+            &["tgt", "--stall-timeout-ms", "30000", "--metrics"],
+        ] {
+            assert!(!default(other), "{other:?}");
+        }
+    }
+
+    #[test]
     fn core_masks_parse_as_spdk_writes_them() {
         assert_eq!(parse_cpumask("0x3").unwrap(), [0, 1]);
         assert_eq!(parse_cpumask("3").unwrap(), [0, 1]);
@@ -606,7 +678,7 @@ mod tests {
     #[test]
     fn a_reactor_runs_on_its_core() {
         let cpu = affinity_cpus()[0];
-        let h = start_reactors(&[cpu]).unwrap();
+        let h = start_reactors(&[cpu], &tgt::reactor_stats::Reactors::new()).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         h[0].spawn(async move {
             // SAFETY: sched_getcpu takes no arguments.

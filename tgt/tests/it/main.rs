@@ -9,5 +9,6 @@ mod io_statistics;
 mod lvol_stores;
 mod operator_methods;
 mod prometheus_metrics;
+mod reactor_statistics;
 mod save_config_roundtrip;
 mod spdk_rpc_client;

@@ -298,3 +298,52 @@ fn metrics_refuse_a_non_loopback_address_unless_allowed() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `--metrics` (and `--metrics-allow-remote`) only add observability: the target still runs
+/// its embedded default (store, lvol store `lvs0`, NBD server) and serves metrics about it.
+#[test]
+fn metrics_alone_keep_the_embedded_default() {
+    let Some(tools) = tools() else { return };
+    let Some(py) = parser_python(&tools) else {
+        return;
+    };
+    let _lock = DefaultSocketLock::take();
+    for extra in [&[][..], &["--metrics-allow-remote"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let sock = PathBuf::from("/var/tmp/spdk.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tgt"))
+            .args(["--metrics", &addr])
+            .args(extra)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "no RPC socket");
+            assert!(matches!(child.try_wait(), Ok(None)), "tgt exited early");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut t = Tgt {
+            child: Some(child),
+            sock,
+            tools: tools.clone(),
+        };
+        t.ok(&["framework_wait_init"]);
+        let lvs = t.ok(&["bdev_lvol_get_lvstores"]);
+        assert_eq!(lvs[0]["name"], "lvs0", "{lvs}");
+        assert_eq!(lvs[0]["base_bdev"], "store0", "{lvs}");
+        assert!(dir.path().join("tgt-data/store.img").exists());
+        assert!(t.ok(&["nbd_get_exports"]).is_array());
+        let (status, body) = http_get(port, "/metrics");
+        assert!(status.contains("200"), "{status}");
+        let fams = parse(&py, &body);
+        let clusters = sample(&fams, "tgt_lvol_store_clusters", &[("lvs", "lvs0")])
+            .expect("lvs0 in the metrics");
+        assert!(clusters > 0.0);
+        assert_eq!(t.stop(), 0);
+    }
+}
