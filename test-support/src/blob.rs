@@ -158,8 +158,18 @@ pub async fn assert_store_consistent<D: BsDev + 'static>(dev: &Arc<D>) {
 
 /// Unloads `bs` clean, then [`assert_store_consistent`].
 pub async fn unload_and_check<D: BsDev + 'static>(dev: &Arc<D>, bs: Blobstore) {
-    bs.unload().await.expect("unload");
-    assert_store_consistent(dev).await;
+    unload_and_check_for(dev, bs, "store").await;
+}
+
+/// [`unload_and_check`] whose failure message starts with `what` (the case being checked).
+pub async fn unload_and_check_for<D: BsDev + 'static>(dev: &Arc<D>, bs: Blobstore, what: &str) {
+    bs.unload()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: unload: {e}"));
+    let rep = blobstore::inspect::check(dev.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: check: {e}"));
+    assert!(rep.problems.is_empty(), "{what}: {:?}", rep.problems);
 }
 
 /// Creates a blob of `clusters` clusters (thin or thick, other options default).

@@ -8,6 +8,7 @@
 //! test_support::prelude::*` brings all of it.
 //! Used only by tests, benches and xtask; no production crate depends on it.
 
+pub mod alloc;
 #[cfg(feature = "bdev")]
 pub mod bdev;
 #[cfg(feature = "blob")]

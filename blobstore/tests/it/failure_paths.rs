@@ -203,8 +203,8 @@ fn sweep<F>(
                     (d.0, &d.1, d.2)
                 );
             }
-            // Checked after reload and unload.
-            unload_and_check(&dev, bs).await;
+            let what = format!("{what} fail after {k}: check after reload and unload");
+            unload_and_check_for(&dev, bs, &what).await;
         }
         assert!(completed, "{what}: no fault point let the operation finish");
     });

@@ -440,14 +440,6 @@ fn mismatch(now: &Snap, cands: &[&Snap]) -> Option<String> {
     Some(why.join("; "))
 }
 
-/// Unloads `bs`, then fails (saying `what`) when the check of the store on `dev` finds a
-/// problem.
-async fn unload_checked(bs: Blobstore, dev: Arc<MemBsDev>, what: &str) {
-    bs.unload().await.unwrap();
-    let rep = inspect::check(dev).await.unwrap();
-    assert!(rep.problems.is_empty(), "{what}: {:?}", rep.problems);
-}
-
 /// What a sweep explored.
 #[derive(Default)]
 struct Stats {
@@ -526,7 +518,7 @@ fn sweep(name: &str, setup: Setup, op: Plan) -> Stats {
                 if let Some(why) = mismatch(&now, &cands) {
                     panic!("{name}: k={k}/{total} {plan:?}: neither state: {why}");
                 }
-                unload_checked(bs, dev, &format!("{name}: k={k}/{total} {plan:?}")).await;
+                unload_and_check_for(&dev, bs, &format!("{name}: k={k}/{total} {plan:?}")).await;
             });
         }
     }
@@ -890,7 +882,7 @@ fn crash_sweep_init() {
                 match Blobstore::load(img.clone(), opts()).await {
                     Ok(bs) => {
                         assert!(bs.blob_ids().is_empty(), "k={k} {plan:?}");
-                        unload_checked(bs, img, &format!("k={k} {plan:?}")).await;
+                        unload_and_check_for(&img, bs, &format!("k={k} {plan:?}")).await;
                     }
                     Err(e) => assert!(k < total, "k={k} {plan:?}: init returned, load: {e}"),
                 }

@@ -1,11 +1,12 @@
 //! Acceptance scenarios A-01 .. A-29 (library level), on an in-memory device.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use blobstore::testing::MemBsDev;
 use blobstore::{
-    BlobId, BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod, EsnapDevFactory, IoBuf, Parent,
+    Blob, BlobId, BlobOpts, Blobstore, BsDev, BsOpts, ClearMethod, EsnapDevFactory, IoBuf, Parent,
     Result, BLOBID_INVALID,
 };
 use futures::executor::block_on;
@@ -27,6 +28,48 @@ async fn fx() -> (Arc<MemBsDev>, Blobstore) {
     let d = dev64(4096);
     let bs = Blobstore::init(d.clone(), BsOpts::default()).await.unwrap();
     (d, bs)
+}
+
+/// [`fx`] with one blob of `n` clusters (thin or thick).
+async fn fx_blob(thin: bool, n: u64) -> (Arc<MemBsDev>, Blobstore, BlobId) {
+    let (d, bs) = fx().await;
+    let id = new_blob(&bs, n, thin).await;
+    (d, bs, id)
+}
+
+/// [`fx`], its free cluster count, and a blob made empty (thin or thick), opened and
+/// resized to `n` clusters.
+async fn fx_resized(thin: bool, n: u64) -> (Blobstore, Blob, u64) {
+    let (_d, bs) = fx().await;
+    let free = bs.free_clusters();
+    let id = new_blob(&bs, 0, thin).await;
+    let b = bs.open_blob(id).await.unwrap();
+    b.resize(n).await.unwrap();
+    (bs, b, free)
+}
+
+/// Runs `test` on [`fx_blob`]`(thin, n)`.
+fn with_blob<F: Future<Output = ()>>(
+    thin: bool,
+    n: u64,
+    test: impl FnOnce(Arc<MemBsDev>, Blobstore, BlobId) -> F,
+) {
+    block_on(async {
+        let (d, bs, id) = fx_blob(thin, n).await;
+        test(d, bs, id).await
+    })
+}
+
+/// Runs `test` on [`fx_resized`]`(thin, n)`.
+fn with_resized<F: Future<Output = ()>>(
+    thin: bool,
+    n: u64,
+    test: impl FnOnce(Blobstore, Blob, u64) -> F,
+) {
+    block_on(async {
+        let (bs, b, free) = fx_resized(thin, n).await;
+        test(bs, b, free).await
+    })
 }
 
 async fn reload(d: &Arc<MemBsDev>, bs: Blobstore) -> Blobstore {
@@ -67,6 +110,12 @@ async fn wr(bs: &Blobstore, id: BlobId, off: u64, len: u64, byte: u8) {
         .await
         .unwrap();
     b.close().await.unwrap();
+}
+
+/// [`wr`], then a snapshot of the blob.
+async fn wr_snap(bs: &Blobstore, id: BlobId, off: u64, len: u64, byte: u8) -> BlobId {
+    wr(bs, id, off, len, byte).await;
+    bs.create_snapshot(id, vec![]).await.unwrap()
 }
 
 async fn rd(bs: &Blobstore, id: BlobId, off: u64, len: u64) -> Vec<u8> {
@@ -148,9 +197,7 @@ fn a02_super_blob() {
 
 #[test]
 fn a03_unload_busy_while_open() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let id = thin(&bs, 1).await;
+    with_blob(true, 1, |_d, bs, id| async move {
         let b = bs.open_blob(id).await.unwrap();
         assert_eq!(errno(bs.unload().await), libc::EBUSY);
         assert_eq!(errno(bs.destroy().await), libc::EBUSY);
@@ -198,9 +245,7 @@ fn a04_cluster_size_validation() {
 
 #[test]
 fn a05_smaller_device_rejected_larger_accepted() {
-    block_on(async {
-        let (d, bs) = fx().await;
-        let id = thick(&bs, 3).await;
+    with_blob(false, 3, |d, bs, id| async move {
         wr(&bs, id, 5, 1, 0xAB).await;
         bs.unload().await.unwrap();
         let img = d.snapshot();
@@ -254,9 +299,7 @@ fn a06_create_sizes_enospc_open_delete_iterate() {
 
 #[test]
 fn a07_io_range_checks() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let id = thick(&bs, 0).await;
+    with_blob(false, 0, |_d, bs, id| async move {
         let b = bs.open_blob(id).await.unwrap();
         assert_eq!(errno(b.write(0, filled(4096, 1)).await), libc::EINVAL);
         assert_eq!(errno(b.read(0, IoBuf::new(4096, 4096)).await), libc::EINVAL);
@@ -283,9 +326,7 @@ fn a07_io_range_checks() {
 
 #[test]
 fn a08_read_only_blob() {
-    block_on(async {
-        let (d, bs) = fx().await;
-        let id = thick(&bs, 2).await;
+    with_blob(false, 2, |d, bs, id| async move {
         let b = bs.open_blob(id).await.unwrap();
         b.set_read_only().unwrap();
         assert!(!b.is_read_only());
@@ -410,12 +451,7 @@ fn a10_internal_xattrs() {
 
 #[test]
 fn a11_thick_resize() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let free = bs.free_clusters();
-        let id = thick(&bs, 0).await;
-        let b = bs.open_blob(id).await.unwrap();
-        b.resize(5).await.unwrap();
+    with_resized(false, 5, |bs, b, free| async move {
         assert_eq!(bs.free_clusters(), free - 5);
         assert_eq!(b.num_allocated_clusters(), 5);
         // A resize is durable when it returns (unlike SPDK, where it waits for a sync), so
@@ -435,12 +471,7 @@ fn a11_thick_resize() {
 
 #[test]
 fn a12_thin_provisioning() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let free = bs.free_clusters();
-        let id = thin(&bs, 0).await;
-        let b = bs.open_blob(id).await.unwrap();
-        b.resize(5).await.unwrap();
+    with_resized(true, 5, |bs, b, free| async move {
         assert!(all(&b.read(0, IoBuf::new(40960, 4096)).await.unwrap(), 0));
         assert_eq!(b.num_allocated_clusters(), 0);
         b.write(0, filled(40960, 0xE5)).await.unwrap();
@@ -467,12 +498,7 @@ fn a12_thin_provisioning() {
 
 #[test]
 fn a13_thin_shrink_releases_at_resize() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let free = bs.free_clusters();
-        let id = thin(&bs, 0).await;
-        let b = bs.open_blob(id).await.unwrap();
-        b.resize(6).await.unwrap();
+    with_resized(true, 6, |bs, b, free| async move {
         assert_eq!(bs.free_clusters(), free);
         for c in [0u64, 2, 4, 5] {
             b.write(c * 256, filled(256 * 4096, c as u8 + 1))
@@ -515,9 +541,7 @@ fn a14_thin_across_dirty_shutdown() {
 
 #[test]
 fn a15_snapshot_basics() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let b = thick(&bs, 10).await;
+    with_blob(false, 10, |_d, bs, b| async move {
         let s1 = bs.create_snapshot(b, vec![]).await.unwrap();
         let x: Vec<(String, Vec<u8>)> = (0..3)
             .map(|i| (format!("k{i}"), vec![i as u8 + 1; 3]))
@@ -553,11 +577,8 @@ fn a15_snapshot_basics() {
 
 #[test]
 fn a16_snapshot_isolation() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let b = thin(&bs, 5).await;
-        wr(&bs, b, 0, 10, 0xE5).await;
-        let s = bs.create_snapshot(b, vec![]).await.unwrap();
+    with_blob(true, 5, |_d, bs, b| async move {
+        let s = wr_snap(&bs, b, 0, 10, 0xE5).await;
         wr(&bs, b, 0, 10, 0xAA).await;
         assert!(all(&rd(&bs, b, 0, 10).await, 0xAA));
         assert!(all(&rd(&bs, s, 0, 10).await, 0xE5));
@@ -574,9 +595,7 @@ fn a16_snapshot_isolation() {
 
 #[test]
 fn a17_clone_rules() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let b = thick(&bs, 4).await;
+    with_blob(false, 4, |_d, bs, b| async move {
         assert_eq!(errno(bs.create_clone(b, vec![]).await), libc::EINVAL);
         let s = bs.create_snapshot(b, vec![]).await.unwrap();
         let c = bs
@@ -610,11 +629,8 @@ fn a17_clone_rules() {
 
 #[test]
 fn a18_snapshot_delete_rules() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let b = thick(&bs, 10).await;
-        wr(&bs, b, 0, 2560, 0x11).await;
-        let s = bs.create_snapshot(b, vec![]).await.unwrap();
+    with_blob(false, 10, |_d, bs, b| async move {
+        let s = wr_snap(&bs, b, 0, 2560, 0x11).await;
         let c2 = bs.create_clone(s, vec![]).await.unwrap();
         assert_eq!(errno(bs.delete_blob(s).await), libc::EBUSY);
         bs.delete_blob(c2).await.unwrap();
@@ -637,10 +653,8 @@ fn a18_snapshot_delete_rules() {
         assert!(all(&d[257 * 4096..], 0x11));
         // Middle of a chain S1 <- S2 <- L: L and S1 unchanged.
         let l = thin(&bs, 3).await;
-        wr(&bs, l, 0, 1, 0xA1).await;
-        let s1 = bs.create_snapshot(l, vec![]).await.unwrap();
-        wr(&bs, l, 256, 1, 0xA2).await;
-        let s2 = bs.create_snapshot(l, vec![]).await.unwrap();
+        let s1 = wr_snap(&bs, l, 0, 1, 0xA1).await;
+        let s2 = wr_snap(&bs, l, 256, 1, 0xA2).await;
         wr(&bs, l, 512, 1, 0xA3).await;
         bs.delete_blob(s2).await.unwrap();
         assert_eq!(bs.clones_of(s1), vec![l]);
@@ -654,9 +668,7 @@ fn a18_snapshot_delete_rules() {
 
 #[test]
 fn a19_relations_survive_reload() {
-    block_on(async {
-        let (d, bs) = fx().await;
-        let b = thick(&bs, 2).await;
+    with_blob(false, 2, |d, bs, b| async move {
         let snap = bs.create_snapshot(b, vec![]).await.unwrap();
         let snap2 = bs.create_snapshot(b, vec![]).await.unwrap();
         let clone = bs.create_clone(snap2, vec![]).await.unwrap();
@@ -733,9 +745,7 @@ fn a20_inflate() {
 
 #[test]
 fn a21_decouple_parent() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let lone = thin(&bs, 2).await;
+    with_blob(true, 2, |_d, bs, lone| async move {
         assert_ne!(errno(bs.decouple_parent(lone).await), 0);
         let (b, s, s2) = inflate_pre(&bs).await;
         let free = bs.free_clusters();
@@ -764,15 +774,10 @@ fn a21_decouple_parent() {
 
 #[test]
 fn a22_decouple_inside_chain() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let b = thin(&bs, 3).await;
-        wr(&bs, b, 0, 1, 1).await;
-        let s0 = bs.create_snapshot(b, vec![]).await.unwrap();
-        wr(&bs, b, 256, 1, 2).await;
-        let s1 = bs.create_snapshot(b, vec![]).await.unwrap();
-        wr(&bs, b, 512, 1, 3).await;
-        let s2 = bs.create_snapshot(b, vec![]).await.unwrap();
+    with_blob(true, 3, |_d, bs, b| async move {
+        let s0 = wr_snap(&bs, b, 0, 1, 1).await;
+        let s1 = wr_snap(&bs, b, 256, 1, 2).await;
+        let s2 = wr_snap(&bs, b, 512, 1, 3).await;
         bs.decouple_parent(b).await.unwrap();
         bs.decouple_parent(s2).await.unwrap();
         let h = bs.open_blob(s2).await.unwrap();
@@ -815,9 +820,7 @@ fn a23_concurrent_delete_refused() {
 
 #[test]
 fn a24_resized_clone() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let b = thick(&bs, 10).await;
+    with_blob(false, 10, |_d, bs, b| async move {
         let s1 = bs.create_snapshot(b, vec![]).await.unwrap();
         let c = bs.create_clone(s1, vec![]).await.unwrap();
         let h = bs.open_blob(c).await.unwrap();
@@ -843,12 +846,9 @@ fn a24_resized_clone() {
 
 #[test]
 fn a25_shallow_copy() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let b = thin(&bs, 4).await;
+    with_blob(true, 4, |_d, bs, b| async move {
         wr(&bs, b, 256, 256, 1).await;
-        wr(&bs, b, 768, 256, 3).await;
-        let _s = bs.create_snapshot(b, vec![]).await.unwrap();
+        let _s = wr_snap(&bs, b, 768, 256, 3).await;
         wr(&bs, b, 0, 256, 10).await;
         wr(&bs, b, 512, 256, 12).await;
         let ok = MemBsDev::new(4096, 1024);
@@ -882,6 +882,29 @@ fn a25_shallow_copy() {
 
 struct Esnaps(Arc<MemBsDev>);
 
+/// Runs `test` on [`esnap_fx`].
+fn with_esnap<F: Future<Output = ()>>(
+    test: impl FnOnce(Arc<MemBsDev>, Arc<MemBsDev>, BsOpts, Blobstore) -> F,
+) {
+    block_on(async {
+        let (esnap, d, o, bs) = esnap_fx().await;
+        test(esnap, d, o, bs).await
+    })
+}
+
+/// A 64 MiB store whose esnap clones read a 4 MiB base of 7s: the base, the store's device,
+/// the options (to load it again) and the store.
+async fn esnap_fx() -> (Arc<MemBsDev>, Arc<MemBsDev>, BsOpts, Blobstore) {
+    let esnap = MemBsDev::read_only(4096, vec![7u8; 4 * MIB as usize]);
+    let d = dev64(4096);
+    let o = BsOpts {
+        esnap_factory: Some(Arc::new(Esnaps(esnap.clone()))),
+        ..Default::default()
+    };
+    let bs = Blobstore::init(d.clone(), o.clone()).await.unwrap();
+    (esnap, d, o, bs)
+}
+
 #[async_trait]
 impl EsnapDevFactory for Esnaps {
     async fn create(&self, _b: BlobId, _id: &[u8]) -> Result<Option<Arc<dyn BsDev>>> {
@@ -891,14 +914,7 @@ impl EsnapDevFactory for Esnaps {
 
 #[test]
 fn a26_set_parent() {
-    block_on(async {
-        let esnap = MemBsDev::read_only(4096, vec![7u8; 4 * MIB as usize]);
-        let d = dev64(4096);
-        let o = BsOpts {
-            esnap_factory: Some(Arc::new(Esnaps(esnap.clone()))),
-            ..Default::default()
-        };
-        let bs = Blobstore::init(d.clone(), o).await.unwrap();
+    with_esnap(|_esnap, _d, _o, bs| async move {
         let b1 = thin(&bs, 0).await;
         let s1 = bs.create_snapshot(b1, vec![]).await.unwrap();
         let s2 = bs.create_snapshot(b1, vec![]).await.unwrap();
@@ -929,47 +945,9 @@ fn a26_set_parent() {
     });
 }
 
-struct DegradedDev;
-
-#[async_trait]
-impl BsDev for DegradedDev {
-    fn block_len(&self) -> u32 {
-        4096
-    }
-    fn block_count(&self) -> u64 {
-        1024
-    }
-    async fn read(&self, _l: u64, _b: IoBuf) -> std::io::Result<IoBuf> {
-        Err(std::io::Error::from_raw_os_error(libc::EIO))
-    }
-    async fn write(&self, _l: u64, _b: IoBuf) -> std::io::Result<IoBuf> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn write_zeroes(&self, _l: u64, _n: u64) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn unmap(&self, _l: u64, _n: u64) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn flush(&self) -> std::io::Result<()> {
-        // Never written: nothing to make durable.
-        Ok(())
-    }
-    fn is_degraded(&self) -> bool {
-        true
-    }
-}
-
 #[test]
 fn a27_degraded_predicate() {
-    block_on(async {
-        let esnap = MemBsDev::read_only(4096, vec![7u8; 4 * MIB as usize]);
-        let d = dev64(4096);
-        let o = BsOpts {
-            esnap_factory: Some(Arc::new(Esnaps(esnap.clone()))),
-            ..Default::default()
-        };
-        let bs = Blobstore::init(d.clone(), o).await.unwrap();
+    with_esnap(|esnap, d, _o, bs| async move {
         let plain = thick(&bs, 1).await;
         let e = create(&bs, clusters(4).esnap(b"E")).await;
         let hp = bs.open_blob(plain).await.unwrap();
@@ -977,7 +955,10 @@ fn a27_degraded_predicate() {
         let he = bs.open_blob(e).await.unwrap();
         assert!(!he.is_degraded());
         he.write(0, filled(4096, 9)).await.unwrap();
-        he.set_esnap_dev(Some(Arc::new(DegradedDev))).await.unwrap();
+        // A base that is gone: every read fails with EIO and the device says it is degraded.
+        let gone = MemBsDev::read_only(4096, vec![0; 4 * MIB as usize]);
+        gone.set_degraded(true);
+        he.set_esnap_dev(Some(gone)).await.unwrap();
         assert!(he.is_degraded());
         he.close().await.unwrap();
         // A clone of a degraded chain is degraded too.
@@ -1008,14 +989,7 @@ fn a27_degraded_predicate() {
 
 #[test]
 fn a28_esnap_clone_creation_and_growth() {
-    block_on(async {
-        let esnap = MemBsDev::read_only(4096, vec![7u8; 4 * MIB as usize]);
-        let d = dev64(4096);
-        let o = BsOpts {
-            esnap_factory: Some(Arc::new(Esnaps(esnap.clone()))),
-            ..Default::default()
-        };
-        let bs = Blobstore::init(d.clone(), o.clone()).await.unwrap();
+    with_esnap(|_esnap, d, o, bs| async move {
         let n = thin(&bs, 1).await;
         let e = create(&bs, clusters(4).esnap(b"E")).await;
         let e0 = create(&bs, clusters(0).esnap(b"E")).await;
@@ -1128,9 +1102,7 @@ fn clear_method_is_stored() {
 
 #[test]
 fn vectored_io_and_unmap_on_clone() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let id = thin(&bs, 3).await;
+    with_blob(true, 3, |_d, bs, id| async move {
         let b = bs.open_blob(id).await.unwrap();
         // Three buffers straddling the cluster 0/1 boundary.
         let bufs = vec![filled(4096, 1), filled(8192, 2), filled(4096, 3)];
@@ -1160,9 +1132,7 @@ fn vectored_io_and_unmap_on_clone() {
 
 #[test]
 fn seek_allocated_and_unallocated() {
-    block_on(async {
-        let (_d, bs) = fx().await;
-        let id = thin(&bs, 6).await;
+    with_blob(true, 6, |_d, bs, id| async move {
         wr(&bs, id, 256 + 3, 1, 1).await;
         wr(&bs, id, 4 * 256, 1, 1).await;
         let b = bs.open_blob(id).await.unwrap();

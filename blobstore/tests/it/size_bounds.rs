@@ -3,58 +3,13 @@
 //! thin blob's cluster map costs memory for what it owns, not for its size. A counting
 //! allocator measures the heap the calling thread holds at its peak.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
-
 use blobstore::testing::MemBsDev;
 use blobstore::{BlobOpts, Blobstore, BsOpts, IoBuf};
 use futures::executor::block_on;
-
-struct Counting;
-
-thread_local! {
-    static NOW: Cell<isize> = const { Cell::new(0) };
-    static PEAK: Cell<isize> = const { Cell::new(0) };
-}
-
-fn track(d: isize) {
-    // try_with: the thread-locals may be gone while a thread exits.
-    let _ = NOW.try_with(|n| {
-        let v = n.get() + d;
-        n.set(v);
-        let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
-    });
-}
-
-// SAFETY: forwards to the system allocator; only counts.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        track(l.size() as isize);
-        // SAFETY: same layout contract as the caller's.
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        track(-(l.size() as isize));
-        // SAFETY: `p` came from `alloc` with layout `l`.
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-        track(n as isize - l.size() as isize);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(p, l, n) }
-    }
-}
+use test_support::alloc::{peak_during, CountingAlloc};
 
 #[global_allocator]
-static A: Counting = Counting;
-
-/// Runs `f` and returns the peak heap growth of this thread during it, in bytes.
-fn peak_during(f: impl FnOnce()) -> isize {
-    let base = NOW.with(|n| n.get());
-    PEAK.with(|p| p.set(base));
-    f();
-    PEAK.with(|p| p.get()) - base
-}
+static A: CountingAlloc = CountingAlloc;
 
 const BLK: u32 = 4096;
 const CLUSTER: u32 = 16384;

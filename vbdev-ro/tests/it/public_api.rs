@@ -32,6 +32,13 @@ async fn base(tag: u8) -> Registry {
     reg
 }
 
+/// [`base`] and the base's UUID.
+async fn base_with_uuid(tag: u8) -> (Registry, Uuid) {
+    let reg = base(tag).await;
+    let u = reg.get("B").unwrap().uuid();
+    (reg, u)
+}
+
 /// Blocks `lba..lba + blocks` of bdev `name` (opened for reading) hold pattern `tag`.
 async fn assert_reads(reg: &Registry, name: &str, lba: u64, blocks: u64, tag: u8) {
     let d = reg.open(name, false).unwrap();
@@ -223,8 +230,7 @@ fn create_refuses_a_base_open_for_writing() {
 #[test]
 fn names_uuids_and_lookup_by_base_uuid() {
     block_on(async {
-        let reg = base(7).await;
-        let base_uuid = reg.get("B").unwrap().uuid();
+        let (reg, base_uuid) = base_with_uuid(7).await;
         let want = Uuid::new_v4();
         let ro = create(&reg, opts_uuid(&base_uuid.to_string(), None, want))
             .await
@@ -291,8 +297,7 @@ fn delete_sends_remove_to_openers_and_waits_for_them() {
 #[test]
 fn driver_specific_and_config_entry() {
     block_on(async {
-        let reg = base(10).await;
-        let base_uuid = reg.get("B").unwrap().uuid();
+        let (reg, base_uuid) = base_with_uuid(10).await;
         let u = Uuid::new_v4();
         create(&reg, opts_uuid("B", Some("ro0"), u)).await.unwrap();
         let dev = reg.get("ro0").unwrap();
