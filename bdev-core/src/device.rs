@@ -288,3 +288,16 @@ where
     }
     Ok(out)
 }
+
+/// `Debug` of a device by its facts: type, name and geometry (what a log line needs).
+pub(crate) fn debug_device(
+    f: &mut std::fmt::Formatter<'_>,
+    type_name: &str,
+    dev: &dyn BlockDevice,
+) -> std::fmt::Result {
+    f.debug_struct(type_name)
+        .field("name", &dev.name())
+        .field("block_len", &dev.block_len())
+        .field("num_blocks", &dev.num_blocks())
+        .finish()
+}

@@ -80,11 +80,7 @@ fn xattr_text(bstype: &[u8; 16], name: &[u8], value: &[u8]) -> String {
 /// The known values of a flags field: (mask, value, SPDK's name).
 type FlagTable = [(u64, u64, &'static str)];
 
-fn print_flag_bits(
-    out: &mut dyn Write,
-    flags: u64,
-    table: &FlagTable,
-) -> std::io::Result<()> {
+fn print_flag_bits(out: &mut dyn Write, flags: u64, table: &FlagTable) -> std::io::Result<()> {
     let mut covered = 0u64;
     for &(mask, val, name) in table {
         if mask & flags != val {

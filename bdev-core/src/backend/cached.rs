@@ -67,11 +67,7 @@ pub struct CachedBdev {
 
 impl std::fmt::Debug for CachedBdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CachedBdev")
-            .field("name", &self.name)
-            .field("block_len", &self.block_len)
-            .field("num_blocks", &self.num_blocks())
-            .finish()
+        crate::device::debug_device(f, "CachedBdev", self)
     }
 }
 

@@ -41,11 +41,7 @@ pub struct MallocBdev {
 
 impl std::fmt::Debug for MallocBdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MallocBdev")
-            .field("name", &self.name)
-            .field("block_len", &self.block_len)
-            .field("num_blocks", &self.num_blocks())
-            .finish()
+        crate::device::debug_device(f, "MallocBdev", self)
     }
 }
 
