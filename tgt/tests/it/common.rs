@@ -225,6 +225,21 @@ pub fn qemu_io(tools: &Tools, uri: &str, read_only: bool, cmds: &[&str]) -> (boo
     test_support::tgt::qemu_io(&tools.qemu_io, uri, read_only, cmds)
 }
 
+/// `qemu-img convert -f raw -O raw [extra...] FROM TO`, which must succeed.
+pub fn qemu_img_convert(tools: &Tools, extra: &[&str], from: &str, to: &str) {
+    let out = Command::new(&tools.qemu_img)
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .args(extra)
+        .args([from, to])
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img convert {from} {to}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// qemu-io on a read-only open (`-r`) that must succeed.
 pub fn qemu_io_ro_ok(tools: &Tools, uri: &str, cmds: &[&str]) -> String {
     let (ok, text) = qemu_io(tools, uri, true, cmds);
@@ -280,6 +295,21 @@ pub fn start_restartable(tools: &Tools, dir: &Path) -> (Tgt, PathBuf, PathBuf) {
     let sock = dir.join("rpc.sock");
     let t = Tgt::start(tools, dir, &sock, &[]);
     (t, sock, dir.join("nbd.sock"))
+}
+
+/// The NBD socket path `dir/nbd.sock` and the address `nbd_server_start` takes for it.
+pub fn nbd_listen(dir: &Path) -> (PathBuf, String) {
+    let nbd = dir.join("nbd.sock");
+    let listen = format!("unix:{}", nbd.display());
+    (nbd, listen)
+}
+
+/// Starts `tgt` in `dir` on `dir/rpc.sock` with its NBD server on `dir/nbd.sock`; returns
+/// the target and that NBD socket.
+pub fn start_with_nbd(tools: &Tools, dir: &Path) -> (Tgt, PathBuf) {
+    let t = start(tools, dir);
+    let nbd = t.nbd_server_start(dir);
+    (t, nbd)
 }
 
 /// Creates (or truncates) `path` as a sparse file of `size` bytes.

@@ -96,8 +96,7 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
     ]);
     t.ok(&["bdev_enable_histogram", "--histogram", "M0"]);
     // NBD: a server, exports, a client bdev over an export and one waiting for its server.
-    let nbd = d.join("nbd.sock");
-    let listen = format!("unix:{}", nbd.display());
+    let (_, listen) = nbd_listen(d);
     t.ok(&["nbd_server_start", &listen]);
     t.ok(&["nbd_export_add", "lvs/c0", "-n", "c0"]);
     t.ok(&["nbd_export_add", "R0", "-n", "r0"]);

@@ -304,8 +304,7 @@ fn many_clients_and_garbage() {
 fn nbd_round_trip_with_qemu() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    let listen = format!("unix:{}", nbd.display());
+    let (nbd, listen) = nbd_listen(dir.path());
     let f = sparse_in(dir.path(), "disk.img", 64 << 20);
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
     t.ok(&["bdev_malloc_create", "-b", "M0", "16", "512"]);
@@ -365,38 +364,14 @@ fn nbd_round_trip_with_qemu() {
     // qemu-img reads the whole export (many requests in flight) and writes an image into
     // another export.
     let copy = dir.path().join("copy.img");
-    let out = std::process::Command::new(&tools.qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &uri])
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img_convert(&tools, &[], &uri, copy.to_str().unwrap());
     assert_eq!(std::fs::read(&copy).unwrap(), data);
     let src = dir.path().join("src.img");
     let pattern: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&src, &pattern).unwrap();
-    let out = std::process::Command::new(&tools.qemu_img)
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(nbd_uri("M0", &nbd))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img_convert(&tools, &["-n"], src.to_str().unwrap(), &nbd_uri("M0", &nbd));
     let back = dir.path().join("back.img");
-    let out = std::process::Command::new(&tools.qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &nbd_uri("M0", &nbd)])
-        .arg(&back)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    qemu_img_convert(&tools, &[], &nbd_uri("M0", &nbd), back.to_str().unwrap());
     assert_eq!(std::fs::read(&back).unwrap(), pattern);
 
     assert_eq!(t.ok(&["nbd_export_remove", "disk"]), json!(true));
@@ -426,8 +401,7 @@ fn nbd_round_trip_with_qemu() {
 #[test]
 fn read_only_exports_refuse_writes() {
     let Some((tools, dir)) = setup() else { return };
-    let t = start(&tools, dir.path());
-    let nbd = t.nbd_server_start(dir.path());
+    let (t, nbd) = start_with_nbd(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
     t.ok(&["nbd_export_add", "M0", "-n", "rw"]);
     qemu_io_ok(&tools, &nbd_uri("rw", &nbd), &["write -P 0x5a 0 64k"]);
@@ -478,8 +452,7 @@ fn read_only_exports_refuse_writes() {
 #[test]
 fn hot_removal_ends_nbd_connections() {
     let Some((tools, dir)) = setup() else { return };
-    let t = start(&tools, dir.path());
-    let nbd = t.nbd_server_start(dir.path());
+    let (t, nbd) = start_with_nbd(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
     t.ok(&["nbd_export_add", "M0"]);
     let mut c = NbdClient::connect(&nbd, "M0").unwrap();
@@ -712,8 +685,7 @@ fn read_only_bdev_over_nbd_and_config() {
 fn nbd_client_bdev_over_our_own_export() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    let listen = format!("unix:{}", nbd.display());
+    let (nbd, listen) = nbd_listen(dir.path());
     t.ok(&["nbd_server_start", &listen]);
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "4096"]);
     t.ok(&["nbd_export_add", "M0"]);
