@@ -102,6 +102,8 @@ pub enum BdevEvent {
 /// - `device_facts!(product: "Malloc disk", module: "malloc")`: from the fields
 ///   `name: String`, `uuid: Uuid`, `block_len: u32` and `num_blocks: AtomicU64` (read with
 ///   `Acquire`: a resize stores it with `Release`).
+/// - `device_facts!(product: "Null disk", module: "null", every_block_op)`: the same, and
+///   `io_type_supported` answers [`IoType::is_block_op`] (a RAM disk).
 /// - `device_facts!(product: "Error disk", module: "error", base: base)`: `name` and `uuid`
 ///   from the fields, the geometry from the field `base` (anything with `block_len()` and
 ///   `num_blocks()`, e.g. a [`crate::Descriptor`]), so that a base's resize shows at once.
@@ -114,6 +116,12 @@ macro_rules! device_facts {
         }
         fn num_blocks(&self) -> u64 {
             self.num_blocks.load(::std::sync::atomic::Ordering::Acquire)
+        }
+    };
+    (product: $product:expr, module: $module:expr, every_block_op) => {
+        $crate::device_facts!(product: $product, module: $module);
+        fn io_type_supported(&self, io_type: $crate::IoType) -> bool {
+            io_type.is_block_op()
         }
     };
     (product: $product:expr, module: $module:expr, base: $base:tt) => {
@@ -287,4 +295,17 @@ where
         off += blocks;
     }
     Ok(out)
+}
+
+/// `Debug` of a device by its facts: type, name and geometry (what a log line needs).
+pub(crate) fn debug_device(
+    f: &mut std::fmt::Formatter<'_>,
+    type_name: &str,
+    dev: &dyn BlockDevice,
+) -> std::fmt::Result {
+    f.debug_struct(type_name)
+        .field("name", &dev.name())
+        .field("block_len", &dev.block_len())
+        .field("num_blocks", &dev.num_blocks())
+        .finish()
 }

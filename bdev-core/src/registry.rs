@@ -700,7 +700,17 @@ impl Descriptor {
 
     /// The statistics hook: counts one I/O of `blocks` blocks that started at tick `t0`.
     #[inline]
-    fn counted<T>(&self, kind: IoKind, blocks: u64, t0: u64, r: Result<T>) -> Result<T> {
+    /// Runs `op` in flight (counted for removal) and records it in the statistics as `kind`
+    /// of `blocks` blocks, with its latency and outcome.
+    async fn tracked<T>(
+        &self,
+        kind: IoKind,
+        blocks: u64,
+        op: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let _g = Inflight::new(&self.state.inflight);
+        let t0 = stats::now();
+        let r = op.await;
         let bytes = blocks.saturating_mul(u64::from(self.dev.block_len()));
         self.state.stats.record(kind, bytes, t0, r.is_ok());
         r
@@ -859,24 +869,20 @@ impl Descriptor {
         if n == 0 {
             return Ok(bufs);
         }
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = if write {
-            self.dev.writev(offset_blocks, bufs).await
+        if write {
+            self.tracked(kind, n, self.dev.writev(offset_blocks, bufs))
+                .await
         } else {
-            self.dev.readv(offset_blocks, bufs).await
-        };
-        self.counted(kind, n, t0, r)
+            self.tracked(kind, n, self.dev.readv(offset_blocks, bufs))
+                .await
+        }
     }
 
     /// Flush.
     pub async fn flush(&self) -> Result<()> {
         self.check_alive()?;
         self.check_supported(IoType::Flush)?;
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = self.dev.flush().await;
-        self.counted(IoKind::Flush, 0, t0, r)
+        self.tracked(IoKind::Flush, 0, self.dev.flush()).await
     }
 
     /// Unmap a range (EINVAL for zero blocks, as SPDK).
@@ -888,10 +894,12 @@ impl Descriptor {
             return Err(BdevError::InvalidArgument("cannot unmap 0 blocks".into()));
         }
         self.check_range(offset_blocks, num_blocks)?;
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = self.dev.unmap(offset_blocks, num_blocks).await;
-        self.counted(IoKind::Unmap, num_blocks, t0, r)
+        self.tracked(
+            IoKind::Unmap,
+            num_blocks,
+            self.dev.unmap(offset_blocks, num_blocks),
+        )
+        .await
     }
 
     /// Write zeroes over a range. When the device lacks write_zeroes but can write, it is
@@ -907,12 +915,12 @@ impl Descriptor {
         if num_blocks == 0 {
             return Ok(());
         }
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = self
-            .write_zeroes_inner(native, offset_blocks, num_blocks)
-            .await;
-        self.counted(IoKind::WriteZeroes, 0, t0, r)
+        self.tracked(
+            IoKind::WriteZeroes,
+            0,
+            self.write_zeroes_inner(native, offset_blocks, num_blocks),
+        )
+        .await
     }
 
     async fn write_zeroes_inner(
@@ -946,9 +954,6 @@ impl Descriptor {
     pub async fn reset(&self) -> Result<()> {
         self.check_alive()?;
         self.check_supported(IoType::Reset)?;
-        let _g = Inflight::new(&self.state.inflight);
-        let t0 = stats::now();
-        let r = self.dev.reset().await;
-        self.counted(IoKind::Reset, 0, t0, r)
+        self.tracked(IoKind::Reset, 0, self.dev.reset()).await
     }
 }

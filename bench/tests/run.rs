@@ -3,28 +3,37 @@
 use std::time::Duration;
 
 use bdev_core::backend::malloc::MallocBdev;
-use bdev_core::{IoBuf, Registry};
+use bdev_core::{Descriptor, IoBuf, Registry};
 use bench::{run, Pattern, Workload};
 use futures::executor::block_on;
 
-fn malloc(reg: &Registry, mib: u64) {
+/// A malloc bdev `m0` of `mib` MiB in a new registry, opened (writable when `write`).
+fn malloc(mib: u64, write: bool) -> (Registry, Descriptor) {
+    let reg = Registry::new();
     let m = MallocBdev::create("m0", (mib << 20) / 512, 512, None).unwrap();
     block_on(reg.register(m)).unwrap();
+    let d = reg.open("m0", write).unwrap();
+    (reg, d)
+}
+
+/// A workload of `count` requests of `bs` bytes, `qd` at a time.
+fn counted(pattern: Pattern, bs: u64, qd: usize, count: u64) -> Workload {
+    Workload {
+        pattern,
+        bs,
+        qd,
+        duration: None,
+        count: Some(count),
+        ..Default::default()
+    }
 }
 
 #[test]
 fn count_bound_mixed_run_completes_every_request() {
-    let reg = Registry::new();
-    malloc(&reg, 16);
-    let d = reg.open("m0", true).unwrap();
+    let (_reg, d) = malloc(16, true);
     let w = Workload {
-        pattern: Pattern::RandRw,
         read_pct: 50,
-        bs: 4096,
-        qd: 16,
-        duration: None,
-        count: Some(5000),
-        ..Default::default()
+        ..counted(Pattern::RandRw, 4096, 16, 5000)
     };
     let s = block_on(run(&d, &w)).unwrap();
     assert_eq!(s.errors, 0, "{:?}", s.first_error);
@@ -35,18 +44,11 @@ fn count_bound_mixed_run_completes_every_request() {
 
 #[test]
 fn sequential_writes_land_where_the_pattern_says() {
-    let reg = Registry::new();
-    malloc(&reg, 1);
-    let d = reg.open("m0", true).unwrap();
+    let (_reg, d) = malloc(1, true);
     // 4 KiB every 8 KiB from offset 0, 64 requests: the even 4 KiB pieces of the first 512 KiB.
     let w = Workload {
-        pattern: Pattern::Write,
-        bs: 4096,
         step: Some(8192),
-        qd: 4,
-        duration: None,
-        count: Some(64),
-        ..Default::default()
+        ..counted(Pattern::Write, 4096, 4, 64)
     };
     let s = block_on(run(&d, &w)).unwrap();
     assert_eq!((s.writes, s.errors), (64, 0));
@@ -60,9 +62,7 @@ fn sequential_writes_land_where_the_pattern_says() {
 
 #[test]
 fn time_bound_read_run_stops_and_a_read_only_descriptor_refuses_writes() {
-    let reg = Registry::new();
-    malloc(&reg, 8);
-    let d = reg.open("m0", false).unwrap();
+    let (_reg, d) = malloc(8, false);
     let w = Workload {
         pattern: Pattern::RandRead,
         qd: 8,

@@ -813,15 +813,20 @@ impl Session {
         Ok(())
     }
 
+    /// How a whole-blob transfer goes: the io unit size, the blob's size in io units and the
+    /// io units per request.
+    fn chunking(bs: &Blobstore, b: &Blob) -> (u64, u64, u64) {
+        let io = bs.io_unit_size().max(1) as u64;
+        (io, b.num_io_units(), Self::chunk_units(bs))
+    }
+
     fn chunk_units(bs: &Blobstore) -> u64 {
         let io = bs.io_unit_size().max(1) as u64;
         (MAX_IO_BYTES / io).max(1)
     }
 
     async fn fill(&mut self, bs: &Blobstore, b: &Blob) -> CmdResult {
-        let io = bs.io_unit_size().max(1) as u64;
-        let total = b.num_io_units();
-        let per = Self::chunk_units(bs);
+        let (io, total, per) = Self::chunking(bs, b);
         let value = self.ctx.fill_value;
         let prog = Progress::start(&mut self.out, total * io, "fill");
         let mut off = 0;
@@ -830,14 +835,11 @@ impl Session {
             let n = per.min(total - off);
             let len = (n * io) as usize;
             // The written buffer comes back; it already holds the pattern.
-            let buf = match spare.take() {
-                Some(b) if b.len() == len => b,
-                _ => {
-                    let mut b = IoBuf::new(len, BUF_ALIGN);
-                    b.fill(value);
-                    b
-                }
-            };
+            let buf = spare.take().filter(|b| b.len() == len).unwrap_or_else(|| {
+                let mut b = IoBuf::new(len, BUF_ALIGN);
+                b.fill(value);
+                b
+            });
             spare = Some(self.write_chunk(&prog, b, off, buf).await?);
             prog.advance(&mut self.out, n * io, n);
             off += n;
@@ -846,9 +848,7 @@ impl Session {
     }
 
     async fn import(&mut self, bs: &Blobstore, b: &Blob) -> CmdResult {
-        let io = bs.io_unit_size().max(1) as u64;
-        let total = b.num_io_units();
-        let per = Self::chunk_units(bs);
+        let (io, total, per) = Self::chunking(bs, b);
         let file = self.ctx.file.clone();
         let prog = Progress::start(&mut self.out, total * io, "import");
         let mut f = match std::fs::File::open(&file) {
@@ -868,10 +868,10 @@ impl Session {
         while off < total {
             let n = per.min(total - off);
             let len = (n * io) as usize;
-            let mut buf = match spare.take() {
-                Some(b) if b.len() == len => b,
-                _ => IoBuf::new(len, BUF_ALIGN),
-            };
+            let mut buf = spare
+                .take()
+                .filter(|b| b.len() == len)
+                .unwrap_or_else(|| IoBuf::new(len, BUF_ALIGN));
             let mut got = 0usize;
             while !eof && got < buf.len() {
                 match f.read(&mut buf[got..]) {
@@ -900,9 +900,7 @@ impl Session {
     }
 
     async fn dump_blob(&mut self, bs: &Blobstore, b: &Blob) -> CmdResult {
-        let io = bs.io_unit_size().max(1) as u64;
-        let total = b.num_io_units();
-        let per = Self::chunk_units(bs);
+        let (io, total, per) = Self::chunking(bs, b);
         let file = self.ctx.file.clone();
         let prog = Progress::start(&mut self.out, total * io, "dump");
         let mut f = match std::fs::File::create(&file) {

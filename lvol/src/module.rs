@@ -238,6 +238,23 @@ impl Drop for LvolNameGuard {
     }
 }
 
+/// What a new child blob of `parent` (its snapshot, or a clone of it) named `name` needs
+/// first: the store, the name reserved, and `parent` read-only exactly when `read_only`
+/// (else `InvalidArgument(why)`).
+fn child_of(
+    parent: &Lvol,
+    name: &str,
+    read_only: bool,
+    why: &str,
+) -> Result<(Arc<LvolStore>, LvolNameGuard)> {
+    let store = parent.require_store()?;
+    let guard = reserve_lvol_name(&store, name)?;
+    if parent.is_read_only() != read_only {
+        return Err(LvolError::InvalidArgument(why.into()));
+    }
+    Ok((store, guard))
+}
+
 fn reserve_lvol_name(store: &Arc<LvolStore>, name: &str) -> Result<LvolNameGuard> {
     check_name(name)?;
     let mut maps = store.maps();

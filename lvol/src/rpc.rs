@@ -341,6 +341,19 @@ impl LvolRpc {
         }
     }
 
+    /// Every store when neither a UUID nor a name is given, else the one [`Self::lvs_xor`]
+    /// selects.
+    fn lvs_or_all(
+        &self,
+        uuid: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<Vec<Arc<LvolStore>>, RpcError> {
+        if uuid.is_none() && name.is_none() {
+            return Ok(self.module.lvstores());
+        }
+        Ok(vec![self.lvs_xor(uuid, name)?])
+    }
+
     fn lvol(&self, name: &str) -> Result<Arc<Lvol>, RpcError> {
         self.module
             .find_lvol(name)
@@ -371,10 +384,16 @@ impl LvolRpc {
                     .map_err(create_err)?;
                 Ok(json!(s.uuid().hyphenated().to_string()))
             }
-            "bdev_lvol_delete_lvstore" => {
+            // The operations on one store, by UUID or name, that answer `true`.
+            "bdev_lvol_delete_lvstore" | "bdev_lvol_grow_lvstore" => {
                 let p: LvsSel = decode(params)?;
                 let s = self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
-                m.destroy_lvstore(&s).await.map_err(async_err)?;
+                if method == "bdev_lvol_grow_lvstore" {
+                    m.grow_lvstore(&s).await
+                } else {
+                    m.destroy_lvstore(&s).await
+                }
+                .map_err(async_err)?;
                 Ok(json!(true))
             }
             "bdev_lvol_rename_lvstore" => {
@@ -390,18 +409,8 @@ impl LvolRpc {
             }
             "bdev_lvol_get_lvstores" => {
                 let p: LvsSel = decode(params)?;
-                let stores = if p.uuid.is_none() && p.lvs_name.is_none() {
-                    m.lvstores()
-                } else {
-                    vec![self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?]
-                };
+                let stores = self.lvs_or_all(p.uuid.as_deref(), p.lvs_name.as_deref())?;
                 Ok(Value::Array(stores.iter().map(|s| s.info_json()).collect()))
-            }
-            "bdev_lvol_grow_lvstore" => {
-                let p: LvsSel = decode(params)?;
-                let s = self.lvs_xor(p.uuid.as_deref(), p.lvs_name.as_deref())?;
-                m.grow_lvstore(&s).await.map_err(async_err)?;
-                Ok(json!(true))
             }
             "bdev_lvol_create" => {
                 let p: CreateLvol = decode(params)?;
@@ -513,11 +522,7 @@ impl LvolRpc {
             }
             "bdev_lvol_get_lvols" => {
                 let p: GetLvols = decode(params)?;
-                let stores = if p.lvs_uuid.is_none() && p.lvs_name.is_none() {
-                    m.lvstores()
-                } else {
-                    vec![self.lvs_xor(p.lvs_uuid.as_deref(), p.lvs_name.as_deref())?]
-                };
+                let stores = self.lvs_or_all(p.lvs_uuid.as_deref(), p.lvs_name.as_deref())?;
                 let mut out = Vec::new();
                 for s in stores {
                     out.extend(s.lvols_in_order().iter().map(|l| l.info_json()));

@@ -54,9 +54,11 @@ pub trait Host: Send + Sync {
     fn mark_initialized(&self);
 }
 
+/// What a handler answers, later.
+pub type Reply<'a> = BoxFuture<'a, Result<Value, RpcError>>;
+
 /// A framework method's handler.
-pub type Handler =
-    for<'a> fn(&'a dyn Host, Option<Value>) -> BoxFuture<'a, Result<Value, RpcError>>;
+pub type Handler = for<'a> fn(&'a dyn Host, Option<Value>) -> Reply<'a>;
 
 /// One row of the framework's table.
 pub struct Method {
@@ -181,7 +183,7 @@ fn signal_by_name(name: &str) -> Option<i32> {
     })
 }
 
-fn rpc_get_methods(h: &dyn Host, params: Option<Value>) -> BoxFuture<'_, Result<Value, RpcError>> {
+fn rpc_get_methods(h: &dyn Host, params: Option<Value>) -> Reply<'_> {
     Box::pin(async move {
         let p: GetMethods = decode_or(params, "Invalid parameters")?;
         // We register no deprecated aliases, so include_aliases changes nothing.
@@ -196,7 +198,7 @@ fn rpc_get_methods(h: &dyn Host, params: Option<Value>) -> BoxFuture<'_, Result<
     })
 }
 
-fn spdk_get_version(_: &dyn Host, params: Option<Value>) -> BoxFuture<'_, Result<Value, RpcError>> {
+fn spdk_get_version(_: &dyn Host, params: Option<Value>) -> Reply<'_> {
     Box::pin(async move {
         no_params(&params, "spdk_get_version")?;
         Ok(json!({
@@ -214,10 +216,7 @@ fn spdk_get_version(_: &dyn Host, params: Option<Value>) -> BoxFuture<'_, Result
     })
 }
 
-fn spdk_kill_instance(
-    h: &dyn Host,
-    params: Option<Value>,
-) -> BoxFuture<'_, Result<Value, RpcError>> {
+fn spdk_kill_instance(h: &dyn Host, params: Option<Value>) -> Reply<'_> {
     Box::pin(async move {
         let p: Kill = decode_or(params, "Invalid parameters")?;
         let sig = signal_by_name(&p.sig_name).ok_or_else(|| invalid("Invalid parameters"))?;
@@ -226,20 +225,14 @@ fn spdk_kill_instance(
     })
 }
 
-fn framework_get_subsystems(
-    _: &dyn Host,
-    params: Option<Value>,
-) -> BoxFuture<'_, Result<Value, RpcError>> {
+fn framework_get_subsystems(_: &dyn Host, params: Option<Value>) -> Reply<'_> {
     Box::pin(async move {
         no_params(&params, "framework_get_subsystems")?;
         Ok(subsystems())
     })
 }
 
-fn framework_get_config(
-    h: &dyn Host,
-    params: Option<Value>,
-) -> BoxFuture<'_, Result<Value, RpcError>> {
+fn framework_get_config(h: &dyn Host, params: Option<Value>) -> Reply<'_> {
     Box::pin(async move {
         let p: GetConfig = decode_or(params, "Invalid arguments")?;
         h.subsystem_config(&p.name, p.with_batches)
@@ -248,10 +241,7 @@ fn framework_get_config(
     })
 }
 
-fn framework_wait_init(
-    h: &dyn Host,
-    params: Option<Value>,
-) -> BoxFuture<'_, Result<Value, RpcError>> {
+fn framework_wait_init(h: &dyn Host, params: Option<Value>) -> Reply<'_> {
     Box::pin(async move {
         no_params(&params, "framework_wait_init")?;
         h.wait_initialized().await;
@@ -259,10 +249,7 @@ fn framework_wait_init(
     })
 }
 
-fn framework_start_init(
-    h: &dyn Host,
-    params: Option<Value>,
-) -> BoxFuture<'_, Result<Value, RpcError>> {
+fn framework_start_init(h: &dyn Host, params: Option<Value>) -> Reply<'_> {
     Box::pin(async move {
         no_params(&params, "framework_start_init")?;
         h.mark_initialized();

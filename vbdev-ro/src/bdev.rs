@@ -401,32 +401,33 @@ mod tests {
     use iobuf::IoBuf;
     use std::sync::atomic::AtomicUsize;
 
-    /// A base that counts flushes and says whether it has a volatile cache.
+    /// A base (`C`, 8 blocks of 512 bytes) that counts flushes and says whether it has a
+    /// volatile cache.
     struct Counting {
+        name: String,
+        uuid: Uuid,
+        block_len: u32,
+        num_blocks: AtomicU64,
         flushes: AtomicUsize,
         volatile: bool,
     }
 
+    impl Counting {
+        fn new(volatile: bool) -> Self {
+            Counting {
+                name: "C".into(),
+                uuid: Uuid::from_u128(7),
+                block_len: 512,
+                num_blocks: AtomicU64::new(8),
+                flushes: AtomicUsize::new(0),
+                volatile,
+            }
+        }
+    }
+
     #[async_trait]
     impl BlockDevice for Counting {
-        fn name(&self) -> &str {
-            "C"
-        }
-        fn product_name(&self) -> &str {
-            "counting"
-        }
-        fn module_name(&self) -> &str {
-            "test"
-        }
-        fn uuid(&self) -> Uuid {
-            Uuid::from_u128(7)
-        }
-        fn block_len(&self) -> u32 {
-            512
-        }
-        fn num_blocks(&self) -> u64 {
-            8
-        }
+        bdev_core::device_facts!(product: "counting", module: "test");
         fn io_type_supported(&self, t: IoType) -> bool {
             matches!(t, IoType::Read | IoType::Write | IoType::Flush)
         }
@@ -455,10 +456,7 @@ mod tests {
     fn flush_reaches_the_base_and_the_cache_capability_follows_it() {
         for volatile in [true, false] {
             let reg = Registry::new();
-            let base = Arc::new(Counting {
-                flushes: AtomicUsize::new(0),
-                volatile,
-            });
+            let base = Arc::new(Counting::new(volatile));
             block_on(reg.register(base.clone())).unwrap();
             let opts = crate::RoOpts {
                 base_bdev_name: "C".into(),

@@ -23,7 +23,7 @@ pub use crashsim::{CacheDisk, CrashPlan};
 use iobuf::IoBuf;
 use uuid::Uuid;
 
-use crate::{BdevError, BlockDevice, IoType, Result};
+use crate::{BdevError, BlockDevice, Result};
 
 /// One logged device event.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,11 +67,7 @@ pub struct CachedBdev {
 
 impl std::fmt::Debug for CachedBdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CachedBdev")
-            .field("name", &self.name)
-            .field("block_len", &self.block_len)
-            .field("num_blocks", &self.num_blocks())
-            .finish()
+        crate::device::debug_device(f, "CachedBdev", self)
     }
 }
 
@@ -273,10 +269,7 @@ fn apply(disk: &mut CacheDisk, e: &CacheEvent) {
 
 #[async_trait]
 impl BlockDevice for CachedBdev {
-    crate::device_facts!(product: "Cached RAM disk", module: "cached");
-    fn io_type_supported(&self, io_type: IoType) -> bool {
-        io_type.is_block_op()
-    }
+    crate::device_facts!(product: "Cached RAM disk", module: "cached", every_block_op);
     async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
         let (off, _) = self.byte_range(offset_blocks, 0);
         let len = buf.len();

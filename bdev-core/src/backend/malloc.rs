@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use iobuf::IoBuf;
 use uuid::Uuid;
 
-use crate::{BdevError, BlockDevice, IoFuture, IoType, Result};
+use crate::{BdevError, BlockDevice, IoFuture, Result};
 
 /// Size of one lazily allocated chunk.
 const CHUNK: u64 = 1 << 20;
@@ -41,11 +41,7 @@ pub struct MallocBdev {
 
 impl std::fmt::Debug for MallocBdev {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MallocBdev")
-            .field("name", &self.name)
-            .field("block_len", &self.block_len)
-            .field("num_blocks", &self.num_blocks())
-            .finish()
+        crate::device::debug_device(f, "MallocBdev", self)
     }
 }
 
@@ -155,10 +151,7 @@ impl MallocBdev {
 
 #[async_trait]
 impl BlockDevice for MallocBdev {
-    crate::device_facts!(product: "Malloc disk", module: "malloc");
-    fn io_type_supported(&self, io_type: IoType) -> bool {
-        io_type.is_block_op()
-    }
+    crate::device_facts!(product: "Malloc disk", module: "malloc", every_block_op);
     async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
         self.copy_out(offset_blocks, &mut buf);
         Ok(buf)

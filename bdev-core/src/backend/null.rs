@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use iobuf::IoBuf;
 use uuid::Uuid;
 
-use crate::{BdevError, BlockDevice, IoFuture, IoType, Result};
+use crate::{BdevError, BlockDevice, IoFuture, Result};
 
 /// A device that stores nothing.
 #[derive(Debug)]
@@ -77,10 +77,7 @@ impl NullBdev {
 
 #[async_trait]
 impl BlockDevice for NullBdev {
-    crate::device_facts!(product: "Null disk", module: "null");
-    fn io_type_supported(&self, io_type: IoType) -> bool {
-        io_type.is_block_op()
-    }
+    crate::device_facts!(product: "Null disk", module: "null", every_block_op);
     async fn read(&self, _offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
         buf.fill(0);
         Ok(buf)

@@ -222,6 +222,30 @@ pub async fn check_pattern(desc: &Descriptor, lba: u64, blocks: u64) -> bdev_cor
     Ok(())
 }
 
+/// Reads 4 KiB at each of `lbas`, all submitted before any is awaited (many requests in
+/// flight on the connection); each must hold the pattern.
+pub async fn read_all_at_once(desc: &Descriptor, lbas: impl IntoIterator<Item = u64>) {
+    let bl = desc.block_len() as u64;
+    let reads = lbas.into_iter().map(|lba| async move {
+        let b = desc.read(lba, IoBuf::new(4096, 1)).await.unwrap();
+        assert!(b[..] == pattern(TAG, lba * bl, 4096)[..], "lba {lba}");
+    });
+    futures::future::join_all(reads).await;
+}
+
+/// Writes 4 KiB filled with `byte` at each `(lba, byte)`, all at once, then reads each back.
+pub async fn write_all_at_once(desc: &Descriptor, writes: &[(u64, u8)]) {
+    let ws = writes.iter().map(|&(lba, byte)| async move {
+        let buf = IoBuf::from_slice(&[byte; 4096], 1);
+        desc.write(lba, buf).await.unwrap();
+    });
+    futures::future::join_all(ws).await;
+    for &(lba, byte) in writes {
+        let b = desc.read(lba, IoBuf::new(4096, 1)).await.unwrap();
+        assert!(b.iter().all(|&x| x == byte), "lba {lba}");
+    }
+}
+
 /// Whether a `Remove` event arrived on the descriptor's event receiver.
 pub fn removed(events: &mut futures::channel::mpsc::UnboundedReceiver<BdevEvent>) -> bool {
     while let Ok(ev) = events.try_recv() {

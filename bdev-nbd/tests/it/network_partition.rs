@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use crate::common::*;
-use bdev_core::{BlockDevice, IoBuf};
+use bdev_core::{BlockDevice, IoBuf, Registry};
 use bdev_nbd::{NbdClientBdev, NbdClientOpts, NbdClients};
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -168,6 +168,34 @@ fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static)
     }
 }
 
+/// Runs `body` for test `name` in the client's namespace of two new hosts (`tag`): the server
+/// host serves a pattern file of `size` bytes, and the registry holds client bdev `bdev` of
+/// it (`attempts` reconnects). `body` gets the server host, its qemu-nbd, the registry, the
+/// clients and the bdev. Where the hosts cannot be made the skip is recorded.
+fn across_hosts(
+    name: &str,
+    tag: u32,
+    size: u64,
+    bdev: &'static str,
+    attempts: u32,
+    body: impl FnOnce(&Server, &QemuNbd, &Registry, &NbdClients, Arc<NbdClientBdev>) + Send + 'static,
+) {
+    let Some(hosts) = hosts_or_skip(name, tag) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let raw = pattern_file(dir.path(), "golden.raw", size);
+    let server = hosts.server();
+    in_netns(&hosts.client.0.clone(), move || {
+        let srv = server.serve(&raw);
+        let (reg, clients) = nbd_clients();
+        let dev = connect(&clients, &srv, bdev, attempts);
+        body(&server, &srv, &reg, &clients, dev);
+        drop(srv);
+    });
+    drop(hosts);
+}
+
 /// Two hosts for test `name`, or `None` when they cannot be made here (not root, no `ip`, no
 /// qemu, namespaces refused): the skip is then recorded (and fails under CI).
 fn hosts_or_skip(name: &str, tag: u32) -> Option<Hosts> {
@@ -190,83 +218,75 @@ fn hosts_or_skip(name: &str, tag: u32) -> Option<Hosts> {
 #[test]
 fn remote_base_survives_a_network_partition_between_hosts() {
     let name = "remote_base_survives_a_network_partition_between_hosts";
-    let Some(hosts) = hosts_or_skip(name, 1) else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "golden.raw", 2 * MIB);
-    let server = hosts.server();
-    in_netns(&hosts.client.0.clone(), move || {
-        let srv = server.serve(&raw);
-        let (reg, clients) = nbd_clients();
-        let dev = connect(&clients, &srv, "remote0", 2);
-        let uuid = dev.uuid();
-        assert_eq!(
-            dev.driver_specific()["nbd_client"]["address"],
-            srv.address()
-        );
-        drop(dev);
-        let mut desc = reg.open("remote0", false).unwrap();
-        let mut events = desc.take_events().unwrap();
-        block_within(10, check_pattern(&desc, 0, 4096)).unwrap();
+    across_hosts(
+        name,
+        1,
+        2 * MIB,
+        "remote0",
+        2,
+        move |server, srv, reg, clients, dev| {
+            let uuid = dev.uuid();
+            assert_eq!(
+                dev.driver_specific()["nbd_client"]["address"],
+                srv.address()
+            );
+            drop(dev);
+            let mut desc = reg.open("remote0", false).unwrap();
+            let mut events = desc.take_events().unwrap();
+            block_within(10, check_pattern(&desc, 0, 4096)).unwrap();
 
-        // Cut the wire: nothing comes back, and nothing says so. The watchdog drops the
-        // connection, the reconnects time out, the read fails, the bdev is hot-removed.
-        server.link(false);
-        let t0 = std::time::Instant::now();
-        let err = block_within(15, desc.read(100, IoBuf::new(4096, 1))).unwrap_err();
-        assert_eq!(err.errno(), libc::EIO);
-        eprintln!("{name}: read failed after {:?}", t0.elapsed());
-        wait_until(5, "Remove event", || removed(&mut events));
-        drop(desc);
-        wait_until(5, "hot-removal", || reg.get("remote0").is_none());
+            // Cut the wire: nothing comes back, and nothing says so. The watchdog drops the
+            // connection, the reconnects time out, the read fails, the bdev is hot-removed.
+            server.link(false);
+            let t0 = std::time::Instant::now();
+            let err = block_within(15, desc.read(100, IoBuf::new(4096, 1))).unwrap_err();
+            assert_eq!(err.errno(), libc::EIO);
+            eprintln!("{name}: read failed after {:?}", t0.elapsed());
+            wait_until(5, "Remove event", || removed(&mut events));
+            drop(desc);
+            wait_until(5, "hot-removal", || reg.get("remote0").is_none());
 
-        // Mend it: the client finds the server again and registers the same bdev.
-        server.link(true);
-        wait_until(15, "re-registration", || reg.get_by_uuid(&uuid).is_some());
-        assert_eq!(reg.get_by_uuid(&uuid).unwrap().name(), "remote0");
-        let desc = reg.open("remote0", false).unwrap();
-        block_within(10, check_pattern(&desc, 0, 4096)).unwrap();
-        drop(desc);
-        block_within(10, clients.delete("remote0")).unwrap();
-        drop(srv);
-    });
-    drop(hosts);
+            // Mend it: the client finds the server again and registers the same bdev.
+            server.link(true);
+            wait_until(15, "re-registration", || reg.get_by_uuid(&uuid).is_some());
+            assert_eq!(reg.get_by_uuid(&uuid).unwrap().name(), "remote0");
+            let desc = reg.open("remote0", false).unwrap();
+            block_within(10, check_pattern(&desc, 0, 4096)).unwrap();
+            drop(desc);
+            block_within(10, clients.delete("remote0")).unwrap();
+        },
+    );
 }
 
 #[test]
 fn an_idle_connection_to_a_vanished_host_is_noticed() {
     let name = "an_idle_connection_to_a_vanished_host_is_noticed";
-    let Some(hosts) = hosts_or_skip(name, 2) else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let raw = pattern_file(dir.path(), "golden.raw", MIB);
-    let server = hosts.server();
-    in_netns(&hosts.client.0.clone(), move || {
-        let srv = server.serve(&raw);
-        let (reg, clients) = nbd_clients();
-        let dev = connect(&clients, &srv, "idle0", 1);
-        let uuid = dev.uuid();
-        drop(dev);
-        {
+    across_hosts(
+        name,
+        2,
+        MIB,
+        "idle0",
+        1,
+        move |server, _, reg, clients, dev| {
+            let uuid = dev.uuid();
+            drop(dev);
+            {
+                let desc = reg.open("idle0", false).unwrap();
+                block_within(10, check_pattern(&desc, 0, 8)).unwrap();
+            }
+            // No I/O at all while the wire is cut: TCP keepalive finds the peer gone.
+            server.link(false);
+            let t0 = std::time::Instant::now();
+            wait_until(20, "hot-removal of an idle bdev", || {
+                reg.get("idle0").is_none()
+            });
+            eprintln!("{name}: noticed after {:?}", t0.elapsed());
+            server.link(true);
+            wait_until(15, "re-registration", || reg.get_by_uuid(&uuid).is_some());
             let desc = reg.open("idle0", false).unwrap();
-            block_within(10, check_pattern(&desc, 0, 8)).unwrap();
-        }
-        // No I/O at all while the wire is cut: TCP keepalive finds the peer gone.
-        server.link(false);
-        let t0 = std::time::Instant::now();
-        wait_until(20, "hot-removal of an idle bdev", || {
-            reg.get("idle0").is_none()
-        });
-        eprintln!("{name}: noticed after {:?}", t0.elapsed());
-        server.link(true);
-        wait_until(15, "re-registration", || reg.get_by_uuid(&uuid).is_some());
-        let desc = reg.open("idle0", false).unwrap();
-        block_within(10, check_pattern(&desc, 0, 2048)).unwrap();
-        drop(desc);
-        block_within(10, clients.delete("idle0")).unwrap();
-        drop(srv);
-    });
-    drop(hosts);
+            block_within(10, check_pattern(&desc, 0, 2048)).unwrap();
+            drop(desc);
+            block_within(10, clients.delete("idle0")).unwrap();
+        },
+    );
 }

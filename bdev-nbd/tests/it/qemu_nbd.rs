@@ -152,27 +152,12 @@ fn many_requests_in_flight() {
         clients.create(opts("m0", &srv, "disk")).await.unwrap();
         let desc = reg.open("m0", true).unwrap();
         // 512 reads of 4 KiB, all submitted before any is awaited.
-        let reads = (0..512u64).map(|i| {
-            let lba = (i * 37 % 1024) * 8;
-            let d = &desc;
-            async move {
-                let b = d.read(lba, IoBuf::new(4096, 1)).await.unwrap();
-                assert!(b[..] == pattern(TAG, lba * 512, 4096)[..], "lba {lba}");
-            }
-        });
-        futures::future::join_all(reads).await;
-        // 256 writes to distinct places at once, then read back.
-        let writes = (0..256u64).map(|i| {
-            let d = &desc;
-            async move {
-                let buf = IoBuf::from_slice(&[(i % 251) as u8 + 1; 4096], 1);
-                d.write(i * 16, buf).await.unwrap();
-            }
-        });
-        futures::future::join_all(writes).await;
+        read_all_at_once(&desc, (0..512u64).map(|i| (i * 37 % 1024) * 8)).await;
+        // 256 writes to distinct places at once, then read back; the blocks between them
+        // keep the pattern.
+        let writes: Vec<(u64, u8)> = (0..256u64).map(|i| (i * 16, (i % 251) as u8 + 1)).collect();
+        write_all_at_once(&desc, &writes).await;
         for i in 0..256u64 {
-            let b = desc.read(i * 16, IoBuf::new(4096, 1)).await.unwrap();
-            assert!(b.iter().all(|&x| x == (i % 251) as u8 + 1), "block {i}");
             check_pattern(&desc, i * 16 + 8, 8).await.unwrap();
         }
         // A vectored read goes out as concurrent requests and fills each piece.

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use bdev_core::{BlockDevice, IoBuf};
-use bdev_nbd::NbdClientOpts;
+use bdev_core::{BlockDevice, Descriptor, IoBuf, Registry};
+use bdev_nbd::{NbdClientBdev, NbdClientOpts};
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -256,40 +256,32 @@ fn opts(name: &str, fake: &Fake) -> NbdClientOpts {
     o
 }
 
+/// Runs `body` within 20 s on a client bdev `name` over `fake`, a descriptor of it (writable
+/// when `write`) and the registry; then closes the descriptor and deletes the bdev.
+fn on_client<F, Fut>(fake: &Fake, name: &str, write: bool, body: F)
+where
+    F: FnOnce(Arc<NbdClientBdev>, Descriptor, Registry) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (reg, clients) = nbd_clients();
+    block_within(20, async {
+        let dev = clients.create(opts(name, fake)).await.unwrap();
+        let desc = reg.open(name, write).unwrap();
+        body(dev, desc, reg.clone()).await;
+        clients.delete(name).await.unwrap();
+    });
+}
+
 #[test]
 fn replies_out_of_order_are_matched_by_cookie() {
     let (fake, _data) = start(Mode::Reverse(16), 1 << 20, 4096);
-    let (reg, clients) = nbd_clients();
-    block_within(20, async {
-        let dev = clients.create(opts("ooo", &fake)).await.unwrap();
+    on_client(&fake, "ooo", true, |dev, desc, _| async move {
         // The server's minimum block size is the bdev's block size.
         assert_eq!(dev.block_len(), 4096);
         assert_eq!(dev.num_blocks(), 256);
-        let desc = reg.open("ooo", true).unwrap();
-        let reads = (0..64u64).map(|i| {
-            let d = &desc;
-            async move {
-                let lba = (i * 7) % 256;
-                let b = d.read(lba, IoBuf::new(4096, 1)).await.unwrap();
-                assert!(b[..] == pattern(TAG, lba * 4096, 4096)[..], "lba {lba}");
-            }
-        });
-        futures::future::join_all(reads).await;
-        let writes = (0..32u64).map(|i| {
-            let d = &desc;
-            async move {
-                d.write(i, IoBuf::from_slice(&[i as u8 + 1; 4096], 1))
-                    .await
-                    .unwrap();
-            }
-        });
-        futures::future::join_all(writes).await;
-        for i in 0..32u64 {
-            let b = desc.read(i, IoBuf::new(4096, 1)).await.unwrap();
-            assert!(b.iter().all(|&x| x == i as u8 + 1), "block {i}");
-        }
-        drop(desc);
-        clients.delete("ooo").await.unwrap();
+        read_all_at_once(&desc, (0..64u64).map(|i| (i * 7) % 256)).await;
+        let writes: Vec<(u64, u8)> = (0..32u64).map(|i| (i, i as u8 + 1)).collect();
+        write_all_at_once(&desc, &writes).await;
     });
     // The server held 16 requests before answering any: they were all in flight together.
     assert_eq!(fake.max_batch.load(Ordering::Acquire), 16);
@@ -298,36 +290,28 @@ fn replies_out_of_order_are_matched_by_cookie() {
 #[test]
 fn a_server_that_stops_answering_cannot_hang_io() {
     let (fake, _data) = start(Mode::Hang, 1 << 20, 512);
-    let (reg, clients) = nbd_clients();
-    block_within(20, async {
-        clients.create(opts("hang", &fake)).await.unwrap();
-        let desc = reg.open("hang", false).unwrap();
+    let conns = &fake.conns;
+    on_client(&fake, "hang", false, |_, desc, _| async move {
         let t0 = Instant::now();
         let e = desc.read(0, IoBuf::new(512, 1)).await.unwrap_err();
         assert_eq!(e.errno(), libc::EIO);
         // Timeout, reconnect, resubmit, a few times over; bounded well below the test limit.
         assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
-        assert!(fake.conns.load(Ordering::Acquire) >= 2, "no reconnect");
-        drop(desc);
-        clients.delete("hang").await.unwrap();
+        assert!(conns.load(Ordering::Acquire) >= 2, "no reconnect");
     });
 }
 
 #[test]
 fn error_replies_map_to_errno_and_keep_the_connection() {
     let (fake, data) = start(Mode::WriteError(28), 1 << 20, 512);
-    let (reg, clients) = nbd_clients();
-    block_within(20, async {
-        let dev = clients.create(opts("err", &fake)).await.unwrap();
-        let desc = reg.open("err", true).unwrap();
+    let conns = &fake.conns;
+    on_client(&fake, "err", true, |dev, desc, _| async move {
         let e = desc.write(0, IoBuf::new(512, 1)).await.unwrap_err();
         assert_eq!(e.errno(), libc::ENOSPC);
         check_pattern(&desc, 0, 8).await.unwrap();
         desc.flush().await.unwrap();
         assert!(dev.is_connected());
-        assert_eq!(fake.conns.load(Ordering::Acquire), 1);
-        drop(desc);
-        clients.delete("err").await.unwrap();
+        assert_eq!(conns.load(Ordering::Acquire), 1);
     });
     assert!(data.lock().unwrap()[..512] == pattern(TAG, 0, 512)[..]);
 }
@@ -335,15 +319,11 @@ fn error_replies_map_to_errno_and_keep_the_connection() {
 #[test]
 fn eshutdown_reconnects_and_resubmits() {
     let (fake, _data) = start(Mode::ShutdownFirst, 1 << 20, 512);
-    let (reg, clients) = nbd_clients();
-    block_within(20, async {
-        clients.create(opts("shut", &fake)).await.unwrap();
-        let desc = reg.open("shut", false).unwrap();
+    let conns = &fake.conns;
+    on_client(&fake, "shut", false, |_, desc, reg| async move {
         check_pattern(&desc, 5, 3).await.unwrap();
-        assert_eq!(fake.conns.load(Ordering::Acquire), 2);
+        assert_eq!(conns.load(Ordering::Acquire), 2);
         assert!(reg.get("shut").is_some());
-        drop(desc);
-        clients.delete("shut").await.unwrap();
     });
 }
 
@@ -352,36 +332,26 @@ fn flush_is_sent_when_offered_and_not_advertised_otherwise() {
     // Offered: the bdev advertises flush and a volatile cache, and each flush is one
     // NBD_CMD_FLUSH on the wire.
     let (fake, _data) = start(Mode::Reverse(1), 1 << 20, 512);
-    let (reg, clients) = nbd_clients();
-    block_within(20, async {
-        let dev = clients.create(opts("fl", &fake)).await.unwrap();
+    on_client(&fake, "fl", true, |dev, desc, _| async move {
         assert!(dev.io_type_supported(bdev_core::IoType::Flush));
         assert!(dev.has_volatile_cache());
-        let desc = reg.open("fl", true).unwrap();
         desc.write(0, IoBuf::from_slice(&[7; 512], 1))
             .await
             .unwrap();
         desc.flush().await.unwrap();
         desc.flush().await.unwrap();
-        drop(desc);
-        clients.delete("fl").await.unwrap();
     });
     assert_eq!(fake.flushes.load(Ordering::Acquire), 2);
 
     // Not offered: no flush support, no volatile cache, and nothing goes on the wire.
     let (fake, _data) = start_with(Mode::Reverse(1), 1 << 20, 512, 1 | 32);
-    let (reg, clients) = nbd_clients();
-    block_within(20, async {
-        let dev = clients.create(opts("nf", &fake)).await.unwrap();
+    on_client(&fake, "nf", true, |dev, desc, _| async move {
         assert!(!dev.io_type_supported(bdev_core::IoType::Flush));
         assert!(!dev.has_volatile_cache());
-        let desc = reg.open("nf", true).unwrap();
         desc.write(0, IoBuf::from_slice(&[7; 512], 1))
             .await
             .unwrap();
         assert_eq!(desc.flush().await.unwrap_err().errno(), libc::ENOTSUP);
-        drop(desc);
-        clients.delete("nf").await.unwrap();
     });
     assert_eq!(fake.flushes.load(Ordering::Acquire), 0);
 }

@@ -77,31 +77,30 @@ fn a45_command_line_validation() {
     // (h) a bad script line, aborting and skipping.
     malloc_config(d, 262144, 512);
     std::fs::write(d.join("bad.bs"), "-l bdevs\n-z\n-l bdevs\n").unwrap();
-    let o = blobcli(
-        d,
-        &["-j", "conf.json", "-b", "Malloc0", "-T", "bad.bs"],
-        None,
-    );
-    let t = stdout(&o);
-    assert!(
-        t.contains("ERROR: Invalid script line starting with: -z\n\n** Aborting **\n"),
-        "{t}"
-    );
-    assert_eq!(t.matches("List bdevs:").count(), 1, "{t}");
-    assert!(!t.contains("SCRIPT NOW PROCESSING: -X"));
-    let o = blobcli(
-        d,
-        &["-j", "conf.json", "-b", "Malloc0", "-T", "bad.bs", "ignore"],
-        None,
-    );
-    let t = stdout(&o);
-    assert!(
-        t.contains("ERROR: Invalid script line starting with: -z\n\n** Skipping **\n"),
-        "{t}"
-    );
-    assert_eq!(t.matches("List bdevs:").count(), 2, "{t}");
-    assert!(t.ends_with("SCRIPT NOW PROCESSING: -X\n"), "{t}");
-    assert!(o.status.success());
+    for ignore in [false, true] {
+        let mut args = vec!["-j", "conf.json", "-b", "Malloc0", "-T", "bad.bs"];
+        if ignore {
+            args.push("ignore");
+        }
+        let o = blobcli(d, &args, None);
+        let t = stdout(&o);
+        let what = if ignore { "Skipping" } else { "Aborting" };
+        assert!(
+            t.contains(&format!(
+                "ERROR: Invalid script line starting with: -z\n\n** {what} **\n"
+            )),
+            "{t}"
+        );
+        // Aborting stops before the second listing and the final -X; skipping runs both.
+        let lists = if ignore { 2 } else { 1 };
+        assert_eq!(t.matches("List bdevs:").count(), lists, "{t}");
+        if ignore {
+            assert!(t.ends_with("SCRIPT NOW PROCESSING: -X\n"), "{t}");
+            assert!(o.status.success());
+        } else {
+            assert!(!t.contains("SCRIPT NOW PROCESSING: -X"));
+        }
+    }
     // A missing bdev stops the tool.
     let o = blobcli(d, &["-j", "conf.json", "-b", "Nope", "-s", "bs"], None);
     assert!(stdout(&o).contains("Could not create blob bdev, No such device!!\n"));
@@ -113,9 +112,8 @@ fn a45_command_line_validation() {
 
 #[test]
 fn a46_fill_list_show_delete() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = malloc_dir();
     let d = dir.path();
-    malloc_config(d, 262144, 512);
     let t = ok(script(
         d,
         "-i\n-s bs\n-n 2\n-f $B0 0x5a\n-d $B0 out.bin\n-l blobs\n-w $B0\n-l blobs\n",
@@ -177,20 +175,14 @@ fn a47_import_shorter_and_longer_and_empty_dump() {
         &["--image", "z.img", "-m", &format!("{id}"), "nope.bin"],
         None,
     );
-    assert!(
-        stdout(&o).contains("Error in opening file: errno 2\n"),
-        "{}",
-        stdout(&o)
-    );
+    assert_stdout_has(&o, "Error in opening file: errno 2\n");
 }
 
 #[test]
 fn a48_recover_after_kill() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = sparse_file(d, "r.img", 64 << 20);
-    std::fs::write(d.join("s.bs"), "-i\n-n 40\n-n 2\n").unwrap();
-    let t = blobcli_ok(d, &["--image", "r.img", "-T", "s.bs"]);
+    let (img, t) = scripted_image(d, "r.img", 64 << 20, "-i\n-n 40\n-n 2\n");
     let ids: Vec<&str> = t
         .lines()
         .filter_map(|l| l.strip_prefix("New blob id "))
@@ -215,11 +207,7 @@ fn a48_recover_after_kill() {
         assert!(t.contains(&format!("Found blob with ID# {id}\n")), "{t}");
     }
     let o = blobcli(d, &["--image", "r.img", "-s", "bs"], None);
-    assert!(
-        stdout(&o).contains("\t# free clusters: 21\n"),
-        "{}",
-        stdout(&o)
-    );
+    assert_stdout_has(&o, "\t# free clusters: 21\n");
     let o = blobcli(d, &["--image", "r.img", "-D"], None);
     assert!(stdout(&o).contains("\nClean: 1\n"), "{}", stdout(&o));
     let o = blobcli(d, &["--image", "r.img", "--check"], None);
@@ -229,9 +217,8 @@ fn a48_recover_after_kill() {
 
 #[test]
 fn a49_shell_mode() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = malloc_dir();
     let d = dir.path();
-    malloc_config(d, 262144, 512);
     let t = ok(blobcli(
         d,
         &["-j", "conf.json", "-b", "Malloc0", "-S"],
@@ -262,9 +249,7 @@ fn a49_shell_mode() {
 fn a50_clean_flag_follows_load_and_unload() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = sparse_file(d, "c.img", 32 << 20);
-    std::fs::write(d.join("s.bs"), "-i\n-n 1\n").unwrap();
-    blobcli_ok(d, &["--image", "c.img", "-T", "s.bs"]);
+    let (img, _) = scripted_image(d, "c.img", 32 << 20, "-i\n-n 1\n");
     let clean = |p: &Path| {
         let b = std::fs::read(p).unwrap();
         u32::from_le_bytes(b[16..20].try_into().unwrap())
@@ -310,9 +295,7 @@ fn a50_clean_flag_follows_load_and_unload() {
 fn image_is_never_written_by_looking() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = sparse_file(d, "v.img", 16 << 20);
-    std::fs::write(d.join("s.bs"), "-i\n-n 2\n-x $B0 name alpha\n").unwrap();
-    blobcli_ok(d, &["--image", "v.img", "-T", "s.bs"]);
+    let (img, _) = scripted_image(d, "v.img", 16 << 20, "-i\n-n 2\n-x $B0 name alpha\n");
     let before = sha256_file(&img);
     for args in [
         vec!["-s", "bs"],
@@ -352,9 +335,8 @@ fn image_is_never_written_by_looking() {
 
 #[test]
 fn missing_blobs_and_script_tokens() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = malloc_dir();
     let d = dir.path();
-    malloc_config(d, 262144, 512);
     let o = script(
         d,
         "-i\n-s 0x100000005\n-d $B3 x.bin\n# a comment\n-l blobs\n",
@@ -432,11 +414,7 @@ fn check_tells_needs_recovery_from_damaged() {
             stdout(&o)
         );
         if code == Some(3) {
-            assert!(
-                stdout(&o).contains("Result: needs recovery"),
-                "{}",
-                stdout(&o)
-            );
+            assert_stdout_has(&o, "Result: needs recovery");
         }
         assert_eq!(std::fs::read(&img).unwrap(), before, "--check wrote");
         codes.push(code);

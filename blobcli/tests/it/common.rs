@@ -260,6 +260,30 @@ pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// A new temp dir holding `conf.json` for a malloc bdev `Malloc0` of 262144 blocks of 512
+/// bytes (see [`malloc_config`]).
+pub fn malloc_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    malloc_config(dir.path(), 262144, 512);
+    dir
+}
+
+/// A new sparse image `dir/<name>` of `size` bytes on which blobcli ran `script`
+/// (`--image NAME -T s.bs`, which must succeed): the image and blobcli's output.
+pub fn scripted_image(dir: &Path, name: &str, size: u64, script: &str) -> (PathBuf, String) {
+    let img = test_support::bdev::sparse_file(dir, name, size);
+    std::fs::write(dir.join("s.bs"), script).unwrap();
+    let out = blobcli_ok(dir, &["--image", name, "-T", "s.bs"]);
+    (img, out)
+}
+
+/// Fails the test, showing the output, unless stdout holds `text`.
+#[track_caller]
+pub fn assert_stdout_has(o: &Output, text: &str) {
+    let out = stdout(o);
+    assert!(out.contains(text), "{text:?} not in: {out}");
+}
+
 /// Hex sha256 of a file (coreutils' `sha256sum` when present: the debug-build sha2 is slow
 /// on 64 MiB images).
 pub fn sha256_file(p: &Path) -> String {

@@ -443,11 +443,7 @@ fn esnap_base_through_read_only_bdev() {
     let img = f.image.display().to_string();
     let c = cfg.display().to_string();
     let o = blobcli(&f.dir, &["--image", &img, "-j", &c, "-l", "bdevs"], None);
-    assert!(
-        stdout(&o).contains("\tbdev Name: golden\n"),
-        "{}",
-        stdout(&o)
-    );
+    assert_stdout_has(&o, "\tbdev Name: golden\n");
     let o = blobcli(&f.dir, &["--image", &img, "-j", &c, "-l", "lvols"], None);
     let text = stdout(&o);
     assert!(
@@ -494,11 +490,7 @@ fn dump_of_esnap_clone_without_base_fails() {
         None,
     );
     assert!(!o.status.success());
-    assert!(
-        stdout(&o).contains("Error in read completion (err "),
-        "{}",
-        stdout(&o)
-    );
+    assert_stdout_has(&o, "Error in read completion (err ");
 }
 
 #[test]
@@ -507,11 +499,7 @@ fn recover_then_check_repairs_dirty_store() {
     let before = sha256_file(&f.image);
     // Looking recovers in memory only.
     let o = run(&f, &["-s", "bs"]);
-    assert!(
-        stdout(&o).contains("\t# free clusters: 23\n"),
-        "{}",
-        stdout(&o)
-    );
+    assert_stdout_has(&o, "\t# free clusters: 23\n");
     assert_eq!(sha256_file(&f.image), before);
     // -R writes the recovered state; the store is then clean and still checks clean.
     let o = run(&f, &["-R", "--check"]);

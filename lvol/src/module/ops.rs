@@ -165,13 +165,7 @@ impl LvolModule {
 
     /// Snapshots an lvol; the lvol becomes a clone of the new snapshot.
     pub async fn create_snapshot(&self, lvol: &Arc<Lvol>, name: &str) -> Result<Arc<Lvol>> {
-        let store = lvol.require_store()?;
-        let _guard = reserve_lvol_name(&store, name)?;
-        if lvol.is_read_only() {
-            return Err(LvolError::InvalidArgument(
-                "cannot snapshot a read-only lvol".into(),
-            ));
-        }
+        let (store, _guard) = child_of(lvol, name, false, "cannot snapshot a read-only lvol")?;
         let uuid = Uuid::new_v4();
         let id = store
             .bs
@@ -184,13 +178,7 @@ impl LvolModule {
 
     /// Clones a read-only lvol (a snapshot).
     pub async fn create_clone(&self, snap: &Arc<Lvol>, name: &str) -> Result<Arc<Lvol>> {
-        let store = snap.require_store()?;
-        let _guard = reserve_lvol_name(&store, name)?;
-        if !snap.is_read_only() {
-            return Err(LvolError::InvalidArgument(
-                "clone source is not read-only".into(),
-            ));
-        }
+        let (store, _guard) = child_of(snap, name, true, "clone source is not read-only")?;
         let uuid = Uuid::new_v4();
         let id = store
             .bs

@@ -92,12 +92,17 @@ fn via_blobcli(path: &Path) -> Result<Snapshot, String> {
     out
 }
 
+/// The config with `block_size` for the malloc bdev, replayed by tgt and by blobcli.
+fn replay_both(block_size: u32) -> (Result<Snapshot, String>, Result<Snapshot, String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = config(dir.path(), block_size);
+    (via_tgt(&p), via_blobcli(&p))
+}
+
 #[test]
 fn one_config_replays_identically_in_tgt_and_blobcli() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = config(dir.path(), 512);
-    let a = via_tgt(&p).unwrap();
-    let b = via_blobcli(&p).unwrap();
+    let (a, b) = replay_both(512);
+    let (a, b) = (a.unwrap(), b.unwrap());
     let names: Vec<&str> = a.iter().map(|s| s.0.as_str()).collect();
     assert_eq!(names, ["Malloc0", "aio0", "null0", "ro0"]);
     let facts = |s: &Snapshot| -> Vec<String> {
@@ -120,10 +125,8 @@ fn one_config_replays_identically_in_tgt_and_blobcli() {
 
 #[test]
 fn a_bad_parameter_fails_the_same_way_in_both() {
-    let dir = tempfile::tempdir().unwrap();
-    let p = config(dir.path(), 1000);
-    let a = via_tgt(&p).unwrap_err();
-    let b = via_blobcli(&p).unwrap_err();
+    let (a, b) = replay_both(1000);
+    let (a, b) = (a.unwrap_err(), b.unwrap_err());
     assert_eq!(a, b);
     assert!(
         a.starts_with("bdev_malloc_create failed: Invalid argument: block_size 1000"),

@@ -304,42 +304,39 @@ fn read_errors_while_loading_never_write_and_leave_the_store_loadable() {
 
 #[test]
 fn read_errors_on_the_esnap_base_fail_with_eio_and_allocate_nothing() {
-    with_timeout(60, || {
-        block_on(async {
-            let (reg, m) = setup();
-            malloc(&reg, "store", 8 * MIB, 512).await;
-            let base = error_over_malloc(&reg, "gold", 4 * u64::from(CLUSTER)).await;
-            let golden = pattern(9, 0, 4 * CLUSTER as usize);
-            {
-                let d = reg.open("EE_gold", true).unwrap();
-                write_at(&d, 0, &golden).await.unwrap();
-            }
-            let s = lvs(&m, "store", "lvs", CLUSTER).await;
-            let c = m.create_esnap_clone("EE_gold", &s, "ec").await.unwrap();
-            let d = reg.open(c.unique_id(), true).unwrap();
-            assert_eq!(read_at(&d, 0, 8192).await.unwrap(), golden[..8192]);
-            base.inject(Injection::fail(Some(IoType::Read)));
-            let free = s.free_clusters();
-            assert_errno!(read_at(&d, 4096, 4096).await, libc::EIO);
-            // A partial-cluster write needs the copy-on-write read of the base.
-            assert_errno!(write_at(&d, 512, &[1; 512]).await, libc::EIO);
-            assert_eq!(
-                s.free_clusters(),
-                free,
-                "a failed copy-on-write leaked a cluster"
-            );
-            assert_eq!(c.num_allocated_clusters(), 0);
-            // A full-cluster write needs no base read and works.
-            write_at(&d, u64::from(CLUSTER), &vec![3; CLUSTER as usize])
-                .await
-                .unwrap();
-            base.clear();
-            write_at(&d, 512, &[1; 512]).await.unwrap();
-            let mut want = golden.clone();
-            want[512..1024].fill(1);
-            want[CLUSTER as usize..2 * CLUSTER as usize].fill(3);
-            assert_eq!(read_at(&d, 0, want.len()).await.unwrap(), want);
-        })
+    lvol_test(|reg, m| async move {
+        malloc(&reg, "store", 8 * MIB, 512).await;
+        let base = error_over_malloc(&reg, "gold", 4 * u64::from(CLUSTER)).await;
+        let golden = pattern(9, 0, 4 * CLUSTER as usize);
+        {
+            let d = reg.open("EE_gold", true).unwrap();
+            write_at(&d, 0, &golden).await.unwrap();
+        }
+        let s = lvs(&m, "store", "lvs", CLUSTER).await;
+        let c = m.create_esnap_clone("EE_gold", &s, "ec").await.unwrap();
+        let d = reg.open(c.unique_id(), true).unwrap();
+        assert_eq!(read_at(&d, 0, 8192).await.unwrap(), golden[..8192]);
+        base.inject(Injection::fail(Some(IoType::Read)));
+        let free = s.free_clusters();
+        assert_errno!(read_at(&d, 4096, 4096).await, libc::EIO);
+        // A partial-cluster write needs the copy-on-write read of the base.
+        assert_errno!(write_at(&d, 512, &[1; 512]).await, libc::EIO);
+        assert_eq!(
+            s.free_clusters(),
+            free,
+            "a failed copy-on-write leaked a cluster"
+        );
+        assert_eq!(c.num_allocated_clusters(), 0);
+        // A full-cluster write needs no base read and works.
+        write_at(&d, u64::from(CLUSTER), &vec![3; CLUSTER as usize])
+            .await
+            .unwrap();
+        base.clear();
+        write_at(&d, 512, &[1; 512]).await.unwrap();
+        let mut want = golden.clone();
+        want[512..1024].fill(1);
+        want[CLUSTER as usize..2 * CLUSTER as usize].fill(3);
+        assert_eq!(read_at(&d, 0, want.len()).await.unwrap(), want);
     });
 }
 

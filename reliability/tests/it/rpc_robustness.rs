@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use test_support::prelude::with_timeout;
-use test_support::tgt::{tgt_binary, Tgt};
+use test_support::tgt::{tgt_binary, NbdClient, Tgt};
 
 /// Starts `tgt` (built first, outside the timeout) on a socket in a new temp dir and runs
 /// `test` (given the dir, the target and its socket) under a 110 s timeout.
@@ -130,73 +130,6 @@ fn hundred_clients_garbage_and_half_closed_connections() {
     });
 }
 
-/// A minimal NBD client: fixed newstyle handshake with NBD_OPT_GO.
-fn nbd_connect(path: &std::path::Path, export: &str) -> UnixStream {
-    use nbd_proto as proto;
-    let mut s = UnixStream::connect(path).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut g = [0u8; 18];
-    s.read_exact(&mut g).unwrap();
-    assert_eq!(g, proto::greeting());
-    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())
-        .unwrap();
-    let mut data = (export.len() as u32).to_be_bytes().to_vec();
-    data.extend_from_slice(export.as_bytes());
-    data.extend_from_slice(&0u16.to_be_bytes());
-    let mut opt = proto::IHAVEOPT.to_be_bytes().to_vec();
-    opt.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-    opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    opt.extend_from_slice(&data);
-    s.write_all(&opt).unwrap();
-    loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).unwrap();
-        let typ = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-        let mut d = vec![0u8; len];
-        s.read_exact(&mut d).unwrap();
-        assert_eq!(
-            typ & proto::REP_FLAG_ERROR,
-            0,
-            "NBD_OPT_GO refused: {typ:#x}"
-        );
-        if typ == proto::REP_ACK {
-            return s;
-        }
-    }
-}
-
-/// Sends one request and returns the reply's error and data.
-fn nbd_io(
-    s: &mut UnixStream,
-    cmd: u16,
-    cookie: u64,
-    offset: u64,
-    payload: &[u8],
-    len: u32,
-) -> (u32, Vec<u8>) {
-    use nbd_proto as proto;
-    let r = proto::Request {
-        flags: 0,
-        cmd,
-        cookie,
-        offset,
-        len,
-    };
-    s.write_all(&proto::encode_request(&r)).unwrap();
-    s.write_all(payload).unwrap();
-    let mut h = [0u8; 16];
-    s.read_exact(&mut h).unwrap();
-    assert_eq!(&h[8..], &cookie.to_be_bytes());
-    let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-    let mut d = Vec::new();
-    if cmd == proto::CMD_READ && err == 0 {
-        d = vec![0u8; len as usize];
-        s.read_exact(&mut d).unwrap();
-    }
-    (err, d)
-}
-
 #[test]
 fn nbd_server_survives_hostile_clients() {
     use nbd_proto as proto;
@@ -240,27 +173,25 @@ fn nbd_server_survives_hostile_clients() {
             }));
         }
         // Meanwhile a well-behaved client writes and reads back.
-        let mut c = nbd_connect(&nbd, "m0");
+        let mut c = NbdClient::connect(&nbd, "m0").unwrap();
         let data: Vec<u8> = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect();
-        assert_eq!(
-            nbd_io(&mut c, proto::CMD_WRITE, 1, 4096, &data, data.len() as u32).0,
-            0
-        );
-        let (e, back) = nbd_io(&mut c, proto::CMD_READ, 2, 4096, &[], data.len() as u32);
+        let len = data.len() as u32;
+        assert_eq!(c.request(proto::CMD_WRITE, 4096, len, &data).unwrap().0, 0);
+        let (e, back) = c.request(proto::CMD_READ, 4096, len, &[]).unwrap();
         assert_eq!(e, 0);
         assert_eq!(back, data);
         // Out-of-range and oversized requests get errors, not a dropped connection.
-        assert_ne!(nbd_io(&mut c, proto::CMD_READ, 3, 1 << 40, &[], 512).0, 0);
+        assert_ne!(c.request(proto::CMD_READ, 1 << 40, 512, &[]).unwrap().0, 0);
         assert_eq!(
-            nbd_io(&mut c, proto::CMD_READ, 4, 0, &[], u32::MAX).0,
+            c.request(proto::CMD_READ, 0, u32::MAX, &[]).unwrap().0,
             proto::EOVERFLOW
         );
         for t in threads {
             t.join().expect("hostile client thread");
         }
         // Still serving both sockets.
-        let mut c2 = nbd_connect(&nbd, "m0");
-        let (e, back) = nbd_io(&mut c2, proto::CMD_READ, 5, 4096, &[], data.len() as u32);
+        let mut c2 = NbdClient::connect(&nbd, "m0").unwrap();
+        let (e, back) = c2.request(proto::CMD_READ, 4096, len, &[]).unwrap();
         assert_eq!((e, back), (0, data));
         assert!(!tgt.exited(), "tgt exited");
         let r = call(

@@ -13,12 +13,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 
 use bdev_core::backend::cached::{CachedBdev, CrashPlan};
 use bdev_core::{BlockDevice, IoBuf, Registry};
 use serde_json::{json, Value};
+use test_support::tgt::{find_tool, plugin_dir, qemu_io, spdk_rpc_raw, spdk_rpc_result};
 use tgt::nbd::server::NbdServer;
 use tgt::target::Target;
 use tgt::{modules, server};
@@ -30,17 +31,6 @@ const CLUSTER: u64 = 128 * 1024;
 const SEEDS: u64 = 2;
 /// Cut points visited while a step runs, besides the one where it returned.
 const MID_CUTS: usize = 4;
-
-fn find_tool(env: &str, name: &str, extra: &[&str]) -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os(env) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|d| d.join(name))
-        .chain(extra.iter().map(PathBuf::from))
-        .find(|p| p.is_file())
-}
 
 struct Tools {
     rpc: PathBuf,
@@ -58,10 +48,6 @@ fn tools() -> Tools {
              and qemu-io (set QEMU_IO or install qemu-utils): {qemu_io:?}"
         ),
     }
-}
-
-fn plugin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../python")
 }
 
 /// A target running in this process on its own runtime, serving `registry`.
@@ -107,31 +93,10 @@ impl InProc {
         p
     }
 
-    fn rpc_raw(&self, tools: &Tools, args: &[&str]) -> Output {
-        Command::new(&tools.rpc)
-            .arg("-s")
-            .arg(&self.sock)
-            .arg("--plugin")
-            .arg("spdk_rs_plugin")
-            .args(args)
-            .env("PYTHONPATH", plugin_dir())
-            .output()
-            .expect("run spdk-rpc")
-    }
-
     /// Runs spdk-rpc; must succeed; its output parsed as JSON (null when empty).
     fn ok(&self, tools: &Tools, args: &[&str]) -> Value {
-        let out = self.rpc_raw(tools, args);
-        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            out.status.success(),
-            "spdk-rpc {args:?}: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if stdout.is_empty() {
-            return Value::Null;
-        }
-        serde_json::from_str(&stdout).unwrap_or(Value::String(stdout))
+        spdk_rpc_result(&spdk_rpc_raw(&tools.rpc, &self.sock, args), args)
+            .unwrap_or_else(|e| panic!("spdk-rpc {args:?}: {e:?}"))
     }
 
     /// Runs several argument-less spdk-rpc commands in one client process (commands on
@@ -171,25 +136,9 @@ impl InProc {
         let name = bdev.replace('/', "_");
         self.ok(tools, &["nbd_export_add", bdev, "-n", &name]);
         let uri = format!("nbd+unix:///{name}?socket={}", self.nbd_sock.display());
-        let mut c = Command::new(&tools.qemu_io);
-        c.arg("-f").arg("raw").arg(&uri);
-        for cmd in cmds {
-            c.arg("-c").arg(cmd);
-        }
-        let out = c.output().expect("run qemu-io");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, text) = qemu_io(&tools.qemu_io, &uri, false, cmds);
         self.ok(tools, &["nbd_export_remove", &name]);
-        assert!(
-            out.status.success()
-                && !text.contains("Pattern verification failed")
-                && !text.contains("failed:")
-                && !text.contains("can't open"),
-            "qemu-io {cmds:?} on {bdev}: {text}"
-        );
+        assert!(ok, "qemu-io {cmds:?} on {bdev}: {text}");
         text
     }
 

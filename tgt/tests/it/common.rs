@@ -1,31 +1,15 @@
-//! Shared helpers of the integration tests: start the `tgt` binary on a temp socket, drive
-//! it with SPDK's own `spdk-rpc`, move data with `qemu-io` / `qemu-img`, and a minimal raw
-//! NBD client for what qemu refuses to send (writes to a read-only export).
+//! Shared helpers of the integration tests: start the `tgt` binary (this crate's own build) on
+//! a temp socket and drive it with SPDK's own `spdk-rpc`; the tools, `qemu-io`, raw JSON-RPC
+//! exchanges and the minimal NBD client come from `test_support::tgt`.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nbd_proto as proto;
 use serde_json::Value;
-
-/// Finds a program: the env variable first, then PATH, then the helpers' venv.
-fn find_tool(env: &str, name: &str, extra: &[&str]) -> Option<PathBuf> {
-    if let Ok(p) = std::env::var(env) {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let c = dir.join(name);
-        if c.is_file() {
-            return Some(c);
-        }
-    }
-    extra.iter().map(PathBuf::from).find(|p| p.is_file())
-}
+use test_support::tgt::{find_tool, spdk_rpc_raw, spdk_rpc_result, wait_for_socket};
+pub use test_support::tgt::{raw_exchange, NbdClient, RpcErr};
 
 /// The tools the tests need, or `None` after recording the test as skipped (a failure under
 /// CI) through `test_support::skip`.
@@ -71,11 +55,6 @@ pub struct Tools {
     pub qemu_img: PathBuf,
 }
 
-/// The repository's python directory (the spdk-rpc plugin).
-pub fn plugin_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../python")
-}
-
 /// A running target.
 pub struct Tgt {
     /// The process.
@@ -84,29 +63,6 @@ pub struct Tgt {
     pub sock: PathBuf,
     /// Tools.
     pub tools: Tools,
-}
-
-/// An RPC error as spdk-rpc printed it.
-#[derive(Debug, PartialEq)]
-pub struct RpcErr {
-    /// Code.
-    pub code: i64,
-    /// Message.
-    pub message: String,
-}
-
-fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if UnixStream::connect(sock).is_ok() {
-            return;
-        }
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("tgt exited early: {st}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("tgt did not open {}", sock.display());
 }
 
 impl Tgt {
@@ -175,42 +131,33 @@ impl Tgt {
 
     /// Runs `spdk-rpc -s SOCK --plugin spdk_rs_plugin ARGS`.
     pub fn rpc_raw(&self, args: &[&str]) -> Output {
-        Command::new(&self.tools.rpc)
-            .arg("-s")
-            .arg(&self.sock)
-            .arg("--plugin")
-            .arg("spdk_rs_plugin")
-            .args(args)
-            .env("PYTHONPATH", plugin_dir())
-            .output()
-            .expect("run spdk-rpc")
+        spdk_rpc_raw(&self.tools.rpc, &self.sock, args)
     }
 
     /// Runs a command; on success the output parsed as JSON (a bare word becomes a string,
     /// empty output null), on failure the JSON-RPC error printed by the client.
     pub fn rpc(&self, args: &[&str]) -> Result<Value, RpcErr> {
-        let out = self.rpc_raw(args);
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-        if out.status.success() {
-            let t = stdout.trim();
-            if t.is_empty() {
-                return Ok(Value::Null);
-            }
-            return Ok(serde_json::from_str(t).unwrap_or(Value::String(t.to_string())));
+        spdk_rpc_result(&self.rpc_raw(args), args)
+    }
+
+    /// `save_config` (with `--with-batches` when `batches`), which must succeed: the document.
+    pub fn save_config(&self, batches: bool) -> Value {
+        let mut args = vec!["save_config"];
+        if batches {
+            args.push("--with-batches");
         }
-        let all = format!("{stdout}{stderr}");
-        if let Some(i) = all.find("response:") {
-            let rest = &all[i + "response:".len()..];
-            let mut it = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
-            if let Some(Ok(v)) = it.next() {
-                return Err(RpcErr {
-                    code: v["code"].as_i64().unwrap_or(0),
-                    message: v["message"].as_str().unwrap_or("").to_string(),
-                });
-            }
-        }
-        panic!("spdk-rpc {args:?} failed without a JSON-RPC error: {all}");
+        let out = self.rpc_raw(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("save_config prints JSON")
+    }
+
+    /// Starts `tgt -r SOCK --json CONFIG` in `dir`.
+    pub fn start_json(tools: &Tools, dir: &Path, sock: &Path, config: &Path) -> Tgt {
+        Tgt::start(tools, dir, sock, &["--json", config.to_str().unwrap()])
     }
 
     /// `rpc` that must succeed.
@@ -275,27 +222,29 @@ pub fn nbd_uri(export: &str, sock: &Path) -> String {
 
 /// Runs qemu-io on an NBD export with the given `-c` commands; returns (success, output).
 pub fn qemu_io(tools: &Tools, uri: &str, read_only: bool, cmds: &[&str]) -> (bool, String) {
-    let mut c = Command::new(&tools.qemu_io);
-    c.arg("-f").arg("raw");
-    if read_only {
-        c.arg("-r");
-    }
-    c.arg(uri);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    let out = c.output().expect("run qemu-io");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
+    test_support::tgt::qemu_io(&tools.qemu_io, uri, read_only, cmds)
+}
+
+/// `qemu-img convert -f raw -O raw [extra...] FROM TO`, which must succeed.
+pub fn qemu_img_convert(tools: &Tools, extra: &[&str], from: &str, to: &str) {
+    let out = Command::new(&tools.qemu_img)
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .args(extra)
+        .args([from, to])
+        .output()
+        .expect("run qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img convert {from} {to}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // qemu-io exits 0 even when a pattern check fails; it prints "Pattern verification failed".
-    let ok = out.status.success()
-        && !text.contains("Pattern verification failed")
-        && !text.contains("failed:")
-        && !text.contains("can't open");
-    (ok, text)
+}
+
+/// qemu-io on a read-only open (`-r`) that must succeed.
+pub fn qemu_io_ro_ok(tools: &Tools, uri: &str, cmds: &[&str]) -> String {
+    let (ok, text) = qemu_io(tools, uri, true, cmds);
+    assert!(ok, "qemu-io -r {cmds:?} on {uri}: {text}");
+    text
 }
 
 /// qemu-io that must succeed.
@@ -303,160 +252,6 @@ pub fn qemu_io_ok(tools: &Tools, uri: &str, cmds: &[&str]) -> String {
     let (ok, text) = qemu_io(tools, uri, false, cmds);
     assert!(ok, "qemu-io {cmds:?} on {uri}: {text}");
     text
-}
-
-/// JSON-RPC over a raw socket: sends bytes, reads until `n` newline-terminated responses
-/// arrived or the peer closed; returns the responses and whether the peer closed.
-pub fn raw_exchange(sock: &Path, data: &[u8], n: usize) -> (Vec<Value>, bool) {
-    let mut s = UnixStream::connect(sock).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    // Writing may fail once the server closed on a parse error; that is expected.
-    let _ = s.write_all(data);
-    let mut buf = Vec::new();
-    let mut closed = false;
-    let mut chunk = [0u8; 65536];
-    while buf.iter().filter(|&&b| b == b'\n').count() < n {
-        match s.read(&mut chunk) {
-            Ok(0) => {
-                closed = true;
-                break;
-            }
-            Ok(k) => buf.extend_from_slice(&chunk[..k]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                closed = true;
-                break;
-            }
-            Err(e) => panic!("read: {e}"),
-        }
-    }
-    if !closed {
-        s.set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        closed = matches!(s.read(&mut chunk), Ok(0));
-    }
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let values = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).expect("response is one JSON line"))
-        .collect();
-    (values, closed)
-}
-
-/// A minimal NBD client (fixed newstyle, NBD_OPT_GO).
-pub struct NbdClient {
-    s: UnixStream,
-    /// Export size in bytes.
-    pub size: u64,
-    /// Transmission flags.
-    pub flags: u16,
-    cookie: u64,
-}
-
-impl NbdClient {
-    /// Connects and selects `export`.
-    pub fn connect(sock: &Path, export: &str) -> std::io::Result<NbdClient> {
-        let mut s = UnixStream::connect(sock)?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
-        let mut g = [0u8; 18];
-        s.read_exact(&mut g)?;
-        assert_eq!(&g[..16], b"NBDMAGICIHAVEOPT");
-        s.write_all(&3u32.to_be_bytes())?;
-        let mut data = (export.len() as u32).to_be_bytes().to_vec();
-        data.extend_from_slice(export.as_bytes());
-        data.extend_from_slice(&0u16.to_be_bytes());
-        let mut opt = proto::IHAVEOPT.to_be_bytes().to_vec();
-        opt.extend_from_slice(&proto::OPT_GO.to_be_bytes());
-        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        opt.extend_from_slice(&data);
-        s.write_all(&opt)?;
-        let (mut size, mut flags) = (0, 0);
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h)?;
-            let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
-            let mut d = vec![0u8; len];
-            s.read_exact(&mut d)?;
-            if ty & proto::REP_FLAG_ERROR != 0 {
-                return Err(std::io::Error::other(format!("option error {ty:#x}")));
-            }
-            if ty == proto::REP_INFO && u16::from_be_bytes([d[0], d[1]]) == proto::INFO_EXPORT {
-                size = u64::from_be_bytes(d[2..10].try_into().unwrap());
-                flags = u16::from_be_bytes([d[10], d[11]]);
-            }
-            if ty == proto::REP_ACK {
-                break;
-            }
-        }
-        Ok(NbdClient {
-            s,
-            size,
-            flags,
-            cookie: 1,
-        })
-    }
-
-    /// Sends one request (with payload for writes) and reads the reply: (error, data).
-    pub fn request(
-        &mut self,
-        cmd: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> std::io::Result<(u32, Vec<u8>)> {
-        self.request_flags(cmd, 0, offset, len, payload)
-    }
-
-    /// [`NbdClient::request`] with command flags (e.g. `CMD_FLAG_FUA`).
-    pub fn request_flags(
-        &mut self,
-        cmd: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> std::io::Result<(u32, Vec<u8>)> {
-        self.cookie += 1;
-        let r = proto::Request {
-            flags,
-            cmd,
-            cookie: self.cookie,
-            offset,
-            len,
-        };
-        let mut msg = proto::encode_request(&r).to_vec();
-        msg.extend_from_slice(payload);
-        self.s.write_all(&msg)?;
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h)?;
-        assert_eq!(
-            u32::from_be_bytes(h[..4].try_into().unwrap()),
-            proto::SIMPLE_REPLY_MAGIC
-        );
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        assert_eq!(
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-            self.cookie
-        );
-        let mut data = Vec::new();
-        if cmd == proto::CMD_READ && err == 0 {
-            data = vec![0u8; len as usize];
-            self.s.read_exact(&mut data)?;
-        }
-        Ok((err, data))
-    }
-
-    /// The socket, for raw use.
-    pub fn stream(&mut self) -> &mut UnixStream {
-        &mut self.s
-    }
-
-    /// Reads until EOF (the server closed); true if it closed within the timeout.
-    pub fn wait_closed(&mut self) -> bool {
-        let mut b = [0u8; 64];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
-    }
 }
 
 /// A `kB` field of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
@@ -494,9 +289,63 @@ pub fn start(tools: &Tools, dir: &Path) -> Tgt {
     Tgt::start(tools, dir, &dir.join("rpc.sock"), &[])
 }
 
+/// Starts `tgt` in `dir` on `dir/rpc.sock`; returns it, that socket (for a restart on the
+/// same one) and the path its NBD server is meant to listen on, `dir/nbd.sock`.
+pub fn start_restartable(tools: &Tools, dir: &Path) -> (Tgt, PathBuf, PathBuf) {
+    let sock = dir.join("rpc.sock");
+    let t = Tgt::start(tools, dir, &sock, &[]);
+    (t, sock, dir.join("nbd.sock"))
+}
+
+/// The NBD socket path `dir/nbd.sock` and the address `nbd_server_start` takes for it.
+pub fn nbd_listen(dir: &Path) -> (PathBuf, String) {
+    let nbd = dir.join("nbd.sock");
+    let listen = format!("unix:{}", nbd.display());
+    (nbd, listen)
+}
+
+/// Starts `tgt` in `dir` on `dir/rpc.sock` with its NBD server on `dir/nbd.sock`; returns
+/// the target and that NBD socket.
+pub fn start_with_nbd(tools: &Tools, dir: &Path) -> (Tgt, PathBuf) {
+    let t = start(tools, dir);
+    let nbd = t.nbd_server_start(dir);
+    (t, nbd)
+}
+
 /// Creates (or truncates) `path` as a sparse file of `size` bytes.
 pub fn sparse_file(path: &Path, size: u64) {
     std::fs::File::create(path).unwrap().set_len(size).unwrap();
+}
+
+/// Creates a sparse file `dir/<name>` of `size` bytes; returns its path.
+pub fn sparse_in(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    sparse_file(&p, size);
+    p
+}
+
+/// An lvol store `lvs` (1 MiB clusters) on aio bdev `aio0` (4 KiB blocks) over a new sparse
+/// file `dir/a.img` of `size` bytes; returns the file.
+pub fn aio_lvs(t: &Tgt, dir: &Path, size: u64) -> PathBuf {
+    let f = sparse_in(dir, "a.img", size);
+    t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
+    t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "aio0", "lvs"]);
+    f
+}
+
+/// `bdev_nbd_client_create C1` towards a server that is not there (`dir/away.sock`), in the
+/// background and with a long reconnect delay: a client that waits, outside the registry.
+pub fn waiting_client(t: &Tgt, dir: &Path) -> Value {
+    let away = format!("unix:{}", dir.join("away.sock").display());
+    t.ok(&[
+        "bdev_nbd_client_create",
+        "C1",
+        &away,
+        "x",
+        "-b",
+        "--reconnect-delay-ms",
+        "100000",
+    ])
 }
 
 /// The `config` array of the `bdev` subsystem in a `save_config` document.
@@ -509,6 +358,26 @@ pub fn bdev_config(doc: &Value) -> Vec<Value> {
         .unwrap()["config"]
         .as_array()
         .unwrap()
+        .clone()
+}
+
+/// The `method` of each entry of a config array (`save_config`'s `subsystems[i].config`).
+pub fn methods(config: &Value) -> Vec<String> {
+    config
+        .as_array()
+        .expect("a config array")
+        .iter()
+        .map(|e| e["method"].as_str().expect("a method").to_string())
+        .collect()
+}
+
+/// The element of a listing (`bdev_lvol_get_lvols`, ...) whose `name` is `name`.
+pub fn named(list: &Value, name: &str) -> Value {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
         .clone()
 }
 

@@ -139,8 +139,7 @@ fn an_nbd_client_that_never_reads_is_bounded_then_dropped() {
     let (tools, dir) = setup();
     let sock = dir.path().join("rpc.sock");
     let t = Tgt::start(&tools, dir.path(), &sock, &["--stall-timeout-ms", "3000"]);
-    let f = dir.path().join("disk.img");
-    sparse_file(&f, 256 * MIB);
+    let f = sparse_in(dir.path(), "disk.img", 256 * MIB);
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
     let nbd = t.nbd_server_start(dir.path());
     t.ok(&["nbd_export_add", "aio0", "-n", "d"]);
@@ -528,8 +527,7 @@ fn huge_lvol_sizes_do_not_kill_the_target() {
     let (tools, dir) = setup();
     let sock = dir.path().join("rpc.sock");
     let mut t = Tgt::start_limited(&tools, dir.path(), &sock, 4 << 30);
-    let f = dir.path().join("store.img");
-    sparse_file(&f, 128 * MIB);
+    let f = sparse_in(dir.path(), "store.img", 128 * MIB);
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aioL", "4096"]);
     t.ok(&["bdev_lvol_create_lvstore", "aioL", "lvsL"]);
     for size in ["17592186044416", "18446744073709551615"] {

@@ -49,15 +49,6 @@ impl Env {
     }
 }
 
-fn lvol_of<'a>(lvols: &'a Value, name: &str) -> &'a Value {
-    lvols
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == json!(name))
-        .unwrap_or_else(|| panic!("no lvol {name} in {lvols}"))
-}
-
 /// A store on a 64 MiB file with 1 MiB clusters.
 fn store(env: &Env, t: &Tgt) -> String {
     let f = env.path("store.img");
@@ -122,9 +113,9 @@ fn store_and_volume_lifecycle() {
     assert_eq!(ds["thin_provision"], json!(true));
     assert_eq!(ds["num_allocated_clusters"], json!(0));
     let lvols = t.ok(&["bdev_lvol_get_lvols"]);
-    assert_eq!(lvol_of(&lvols, "thick")["uuid"], thick);
-    assert_eq!(lvol_of(&lvols, "thick")["num_allocated_clusters"], json!(8));
-    assert_eq!(lvol_of(&lvols, "thin")["is_thin_provisioned"], json!(true));
+    assert_eq!(named(&lvols, "thick")["uuid"], thick);
+    assert_eq!(named(&lvols, "thick")["num_allocated_clusters"], json!(8));
+    assert_eq!(named(&lvols, "thin")["is_thin_provisioned"], json!(true));
 
     // Data through NBD, allocation on write.
     env.io_ok(
@@ -142,7 +133,7 @@ fn store_and_volume_lifecycle() {
         &["read -P 0x61 0 1M", "read -P 0x62 5M 4k", "read -P 0 1M 4M"],
     );
     let lvols = t.ok(&["bdev_lvol_get_lvols"]);
-    assert_eq!(lvol_of(&lvols, "thin")["num_allocated_clusters"], json!(2));
+    assert_eq!(named(&lvols, "thin")["num_allocated_clusters"], json!(2));
 
     // Rename and resize.
     assert_eq!(
@@ -250,32 +241,38 @@ fn snapshot_clone_inflate_decouple_data() {
         (-32603, "Operation not permitted")
     );
 
-    // Inflate c: every cluster allocated, no parent, same data.
-    assert_eq!(t.ok(&["bdev_lvol_inflate", "lvs/c"]), Value::Null);
-    let lvols = t.ok(&["bdev_lvol_get_lvols"]);
-    assert_eq!(lvol_of(&lvols, "c")["is_clone"], json!(false));
-    assert_eq!(lvol_of(&lvols, "c")["num_allocated_clusters"], json!(8));
-    env.io_ok(
-        &t,
-        "lvs/c",
-        &["read -P 0xaa 0 3M", "read -P 0xcc 3M 1M", "read -P 0 4M 4M"],
-    );
-
-    // Decouple v: only its own clusters plus the parent's, no parent any more, same data.
-    assert_eq!(t.ok(&["bdev_lvol_decouple_parent", "lvs/v"]), Value::Null);
-    let lvols = t.ok(&["bdev_lvol_get_lvols"]);
-    assert_eq!(lvol_of(&lvols, "v")["is_clone"], json!(false));
-    assert_eq!(lvol_of(&lvols, "v")["num_allocated_clusters"], json!(4));
-    env.io_ok(
-        &t,
-        "lvs/v",
-        &[
-            "read -P 0xaa 0 1M",
-            "read -P 0xbb 1M 1M",
-            "read -P 0xaa 2M 2M",
-            "read -P 0 4M 4M",
-        ],
-    );
+    // Inflate c: every cluster allocated, no parent, same data. Decouple v: only its own
+    // clusters plus the parent's, no parent any more, same data.
+    let steps: [(&str, &str, u64, &[&str]); 2] = [
+        (
+            "bdev_lvol_inflate",
+            "c",
+            8,
+            &["read -P 0xaa 0 3M", "read -P 0xcc 3M 1M", "read -P 0 4M 4M"],
+        ),
+        (
+            "bdev_lvol_decouple_parent",
+            "v",
+            4,
+            &[
+                "read -P 0xaa 0 1M",
+                "read -P 0xbb 1M 1M",
+                "read -P 0xaa 2M 2M",
+                "read -P 0 4M 4M",
+            ],
+        ),
+    ];
+    for (method, name, clusters, reads) in steps {
+        let bdev = format!("lvs/{name}");
+        assert_eq!(t.ok(&[method, &bdev]), Value::Null);
+        let lvols = t.ok(&["bdev_lvol_get_lvols"]);
+        assert_eq!(named(&lvols, name)["is_clone"], json!(false));
+        assert_eq!(
+            named(&lvols, name)["num_allocated_clusters"],
+            json!(clusters)
+        );
+        env.io_ok(&t, &bdev, reads);
+    }
     let e = t.err(&["bdev_lvol_decouple_parent", "lvs/v"]);
     assert_eq!(e.code, -32602);
     // Now the snapshot has no clones and can go.
@@ -366,8 +363,8 @@ fn esnap_clone_degraded_and_healed() {
     let sf = env.path("store.img");
     t.ok(&["bdev_aio_create", sf.to_str().unwrap(), "aio0", "4096"]);
     let lvols = t.ok(&["bdev_lvol_get_lvols"]);
-    assert_eq!(lvol_of(&lvols, "ec")["is_degraded"], json!(true));
-    assert_eq!(lvol_of(&lvols, "ec")["is_esnap_clone"], json!(true));
+    assert_eq!(named(&lvols, "ec")["is_degraded"], json!(true));
+    assert_eq!(named(&lvols, "ec")["is_esnap_clone"], json!(true));
     env.io_ok(&t, "lvs/ec", &["read -P 1 0 4k", "read -P 0xee 8k 8k"]);
     let (ok, _) = env.io(&t, "lvs/ec", &["read -P 57 1M 4k"]);
     assert!(
@@ -379,7 +376,7 @@ fn esnap_clone_degraded_and_healed() {
     add_esnap(&t, efs);
     t.ok(&["bdev_wait_for_examine"]);
     let lvols = t.ok(&["bdev_lvol_get_lvols"]);
-    assert_eq!(lvol_of(&lvols, "ec")["is_degraded"], json!(false));
+    assert_eq!(named(&lvols, "ec")["is_degraded"], json!(false));
     env.io_ok(
         &t,
         "lvs/ec",
@@ -425,10 +422,8 @@ fn read_only_volumes_and_restart_with_saved_config() {
     t.ok(&["nbd_export_add", "ro_w"]);
 
     let cfg_path = env.path("config.json");
-    let out = t.rpc_raw(&["save_config"]);
-    assert!(out.status.success());
-    std::fs::write(&cfg_path, &out.stdout).unwrap();
-    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg = t.save_config(false);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let text = serde_json::to_string(&cfg).unwrap();
     assert!(
         !text.contains("bdev_lvol_"),
@@ -450,22 +445,13 @@ fn read_only_volumes_and_restart_with_saved_config() {
     );
     let exports = t.ok(&["nbd_get_exports"]);
     assert_eq!(exports.as_array().unwrap().len(), 2);
-    let (ok, text) = qemu_io(
-        &env.tools,
-        &nbd_uri("v", &env.nbd),
-        true,
-        &["read -P 0x77 0 2M"],
-    );
-    assert!(ok, "{text}");
-    let (ok, text) = qemu_io(
+    qemu_io_ro_ok(&env.tools, &nbd_uri("v", &env.nbd), &["read -P 0x77 0 2M"]);
+    qemu_io_ro_ok(
         &env.tools,
         &nbd_uri("ro_w", &env.nbd),
-        true,
         &["read -P 0x78 0 1M"],
     );
-    assert!(ok, "{text}");
-    let out = t.rpc_raw(&["save_config"]);
-    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), cfg);
+    assert_eq!(t.save_config(false), cfg);
 }
 
 #[test]
@@ -506,13 +492,11 @@ fn embedded_default_with_no_arguments() {
         t.ok(&["nbd_export_add", "lvs0/vol0", "--writable"]),
         json!("lvs0/vol0")
     );
-    let (ok, text) = qemu_io(
+    qemu_io_ro_ok(
         &env.tools,
         &nbd_uri("lvs0/vol0", &nbd),
-        true,
         &["read -P 0xab 0 1M"],
     );
-    assert!(ok, "{text}");
     assert_eq!(t.stop(), 0);
 }
 
@@ -530,8 +514,7 @@ fn clean_shutdown_and_crash_recovery() {
     t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "a", "8"]);
     env.io_ok(&t, "lvs/a", &["write -P 0x1a 0 2M"]);
     let cfg_path = env.path("config.json");
-    let out = t.rpc_raw(&["save_config"]);
-    std::fs::write(&cfg_path, &out.stdout).unwrap();
+    std::fs::write(&cfg_path, t.save_config(false).to_string()).unwrap();
     // A clean shutdown unloads the store: clean = 1.
     assert_eq!(t.stop(), 0);
     let sf = env.path("store.img");

@@ -65,47 +65,54 @@ fn log_levels_and_flags_drive_the_tracing_filter() {
     assert_eq!(t.ok(&["log_get_level"]), json!("ERROR"));
     assert_eq!(t.ok(&["log_get_print_level"]), json!("WARNING"));
 
+    // A new lvol store on a file of its own: the lines the log gained that say it was
+    // created, and the log.
+    let new_store = |i: u32| {
+        let f = dir.path().join(format!("{i}.img"));
+        sparse_file(&f, 64 << 20);
+        let (aio, lvs) = (format!("aio{i}"), format!("lvs{i}"));
+        let mark = read_log(&log).len();
+        t.ok(&["bdev_aio_create", f.to_str().unwrap(), &aio, "4096"]);
+        t.ok(&["bdev_lvol_create_lvstore", &aio, &lvs]);
+        let text = read_log(&log);
+        (
+            lines_with(&text, mark, &format!("lvol store {lvs} created")),
+            text,
+        )
+    };
+    // A new malloc bdev: the registry's lines the log gained, and what it gained.
+    let new_malloc = |name: &str| {
+        let mark = read_log(&log).len();
+        t.ok(&["bdev_malloc_create", "-b", name, "1", "512"]);
+        let text = read_log(&log);
+        (
+            lines_with(&text, mark, "registered"),
+            text[mark..].to_string(),
+        )
+    };
+
     // At WARNING nothing of the lvol module's info or debug messages is printed.
-    sparse_file(&dir.path().join("a.img"), 64 << 20);
-    let f = dir.path().join("a.img");
-    t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
-    t.ok(&["bdev_lvol_create_lvstore", "aio0", "lvs0"]);
-    let text = read_log(&log);
-    assert_eq!(lines_with(&text, 0, "lvol store lvs0 created"), 0, "{text}");
+    let (n, text) = new_store(0);
+    assert_eq!(n, 0, "{text}");
 
     // INFO prints them.
     t.ok(&["log_set_print_level", "INFO"]);
     assert_eq!(t.ok(&["log_get_print_level"]), json!("INFO"));
-    let f1 = dir.path().join("b.img");
-    sparse_file(&f1, 64 << 20);
-    let mark = read_log(&log).len();
-    t.ok(&["bdev_aio_create", f1.to_str().unwrap(), "aio1", "4096"]);
-    t.ok(&["bdev_lvol_create_lvstore", "aio1", "lvs1"]);
-    let text = read_log(&log);
-    assert_eq!(
-        lines_with(&text, mark, "lvol store lvs1 created"),
-        1,
-        "{text}"
-    );
+    let (n, text) = new_store(1);
+    assert_eq!(n, 1, "{text}");
 
     // The bdev flag turns the registry's debug messages on, and off again.
-    let mark = text.len();
-    t.ok(&["bdev_malloc_create", "-b", "M0", "1", "512"]);
-    let text = read_log(&log);
-    assert_eq!(lines_with(&text, mark, "registered"), 0, "{text}");
+    let (n, text) = new_malloc("M0");
+    assert_eq!(n, 0, "{text}");
     t.ok(&["log_set_flag", "bdev"]);
     assert_eq!(t.ok(&["log_get_flags"])["bdev"], json!(true));
-    let mark = text.len();
-    t.ok(&["bdev_malloc_create", "-b", "M1", "1", "512"]);
-    let text = read_log(&log);
-    assert!(lines_with(&text, mark, "registered") >= 1, "{text}");
-    assert!(text[mark..].contains("DEBUG"), "{text}");
+    let (n, text) = new_malloc("M1");
+    assert!(n >= 1, "{text}");
+    assert!(text.contains("DEBUG"), "{text}");
     t.ok(&["log_clear_flag", "bdev"]);
     assert_eq!(t.ok(&["log_get_flags"])["bdev"], json!(false));
-    let mark = text.len();
-    t.ok(&["bdev_malloc_create", "-b", "M2", "1", "512"]);
-    let text = read_log(&log);
-    assert_eq!(lines_with(&text, mark, "registered"), 0, "{text}");
+    let (n, text) = new_malloc("M2");
+    assert_eq!(n, 0, "{text}");
 
     // "all" and unknown flags as SPDK.
     t.ok(&["log_set_flag", "all"]);
@@ -122,17 +129,8 @@ fn log_levels_and_flags_drive_the_tracing_filter() {
     assert_eq!(e.code, -32602);
     // ERROR silences the lvol module's info messages again.
     t.ok(&["log_set_print_level", "ERROR"]);
-    let f2 = dir.path().join("c.img");
-    sparse_file(&f2, 64 << 20);
-    let mark = read_log(&log).len();
-    t.ok(&["bdev_aio_create", f2.to_str().unwrap(), "aio2", "4096"]);
-    t.ok(&["bdev_lvol_create_lvstore", "aio2", "lvs2"]);
-    let text = read_log(&log);
-    assert_eq!(
-        lines_with(&text, mark, "lvol store lvs2 created"),
-        0,
-        "{text}"
-    );
+    let (n, text) = new_store(2);
+    assert_eq!(n, 0, "{text}");
 }
 
 #[test]
@@ -308,10 +306,7 @@ fn nbd_disk_methods_map_onto_exports() {
 fn lvol_fragmap_and_set_parent_bdev_codes() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let f = dir.path().join("a.img");
-    sparse_file(&f, 64 << 20);
-    t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
-    t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "aio0", "lvs"]);
+    aio_lvs(&t, dir.path(), 64 << 20);
     t.ok(&["bdev_lvol_create", "-l", "lvs", "-t", "v", "8"]);
     t.nbd_server_start(dir.path());
     let url = t.ok(&["nbd_start_disk", "lvs/v"]);
@@ -390,31 +385,26 @@ fn lvol_fragmap_and_set_parent_bdev_codes() {
 fn aio_rescan_grows_the_bdev_and_lets_the_store_grow() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let f = dir.path().join("a.img");
-    sparse_file(&f, 32 << 20);
-    t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
-    t.ok(&["bdev_lvol_create_lvstore", "-c", "1048576", "aio0", "lvs"]);
+    let f = aio_lvs(&t, dir.path(), 32 << 20);
+    let set_len = |len: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_len(len)
+            .unwrap();
+    };
+    let aio_blocks = || t.ok(&["bdev_get_bdevs", "-b", "aio0"])[0]["num_blocks"].clone();
     let before = t.ok(&["bdev_lvol_get_lvstores", "-l", "lvs"])[0]["total_data_clusters"]
         .as_u64()
         .unwrap();
     // Nothing changed: still true, same size.
     assert_eq!(t.ok(&["bdev_aio_rescan", "aio0"]), json!(true));
-    assert_eq!(
-        t.ok(&["bdev_get_bdevs", "-b", "aio0"])[0]["num_blocks"],
-        json!(8192)
-    );
+    assert_eq!(aio_blocks(), json!(8192));
 
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
+    set_len(64 << 20);
     assert_eq!(t.ok(&["bdev_aio_rescan", "aio0"]), json!(true));
-    assert_eq!(
-        t.ok(&["bdev_get_bdevs", "-b", "aio0"])[0]["num_blocks"],
-        json!(16384)
-    );
+    assert_eq!(aio_blocks(), json!(16384));
     t.ok(&["bdev_lvol_grow_lvstore", "-l", "lvs"]);
     let after = t.ok(&["bdev_lvol_get_lvstores", "-l", "lvs"])[0]["total_data_clusters"]
         .as_u64()
@@ -422,17 +412,9 @@ fn aio_rescan_grows_the_bdev_and_lets_the_store_grow() {
     assert!(after >= before + 32, "{before} -> {after}");
 
     // A smaller file is refused and the size stays; other bdevs are not aio bdevs.
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_len(48 << 20)
-        .unwrap();
+    set_len(48 << 20);
     assert_eq!(t.err(&["bdev_aio_rescan", "aio0"]).code, -16);
-    assert_eq!(
-        t.ok(&["bdev_get_bdevs", "-b", "aio0"])[0]["num_blocks"],
-        json!(16384)
-    );
+    assert_eq!(aio_blocks(), json!(16384));
     t.ok(&["bdev_malloc_create", "-b", "M0", "4", "512"]);
     assert_eq!(t.err(&["bdev_aio_rescan", "M0"]).code, -19);
     assert_eq!(t.err(&["bdev_aio_rescan", "nope"]).code, -19);

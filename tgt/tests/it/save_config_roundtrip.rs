@@ -10,20 +10,6 @@ use serde_json::{json, Value};
 const ESNAP_UUID: &str = "3c1d5e2a-77f0-4b8e-9a61-5e2f9d0c4b11";
 const GONE_UUID: &str = "3c1d5e2a-77f0-4b8e-9a61-5e2f9d0c4b22";
 
-fn save(t: &Tgt, batches: bool) -> Value {
-    let mut args = vec!["save_config"];
-    if batches {
-        args.push("--with-batches");
-    }
-    let out = t.rpc_raw(&args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 /// Waits until `bdev_get_bdevs` lists `n` bdevs (a `--json` start replays before it serves,
 /// but tasting and NBD clients settle in the background).
 fn wait_bdevs(t: &Tgt, n: usize) {
@@ -97,14 +83,7 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
     t.ok(&["bdev_aio_delete", "G0"]);
     t.ok(&["bdev_aio_create", &f("store.img"), "A0", "4096"]);
     t.ok(&["bdev_wait_for_examine"]);
-    let dg = t.ok(&["bdev_lvol_get_lvols", "-l", "lvs"]);
-    let dg = dg
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "dg")
-        .unwrap()
-        .clone();
+    let dg = named(&t.ok(&["bdev_lvol_get_lvols", "-l", "lvs"]), "dg");
     assert_eq!(dg["is_degraded"], json!(true), "{dg}");
     // A read-only bdev over a lvol, and a histogram on a lvol and on a malloc bdev.
     t.ok(&["bdev_ro_create", "lvs/s0", "-n", "R1"]);
@@ -117,8 +96,7 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
     ]);
     t.ok(&["bdev_enable_histogram", "--histogram", "M0"]);
     // NBD: a server, exports, a client bdev over an export and one waiting for its server.
-    let nbd = d.join("nbd.sock");
-    let listen = format!("unix:{}", nbd.display());
+    let (_, listen) = nbd_listen(d);
     t.ok(&["nbd_server_start", &listen]);
     t.ok(&["nbd_export_add", "lvs/c0", "-n", "c0"]);
     t.ok(&["nbd_export_add", "R0", "-n", "r0"]);
@@ -130,16 +108,7 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
         "-u",
         "4e1d0000-0000-4000-8000-0000000000c0",
     ]);
-    let away = format!("unix:{}", d.join("away.sock").display());
-    t.ok(&[
-        "bdev_nbd_client_create",
-        "C1",
-        &away,
-        "x",
-        "-b",
-        "--reconnect-delay-ms",
-        "100000",
-    ]);
+    waiting_client(&t, d);
     let n_bdevs = t.ok(&["bdev_get_bdevs"]).as_array().unwrap().len();
 
     // The whole listings are written straight as text (tgt/src/listing.rs); each element is
@@ -154,8 +123,8 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
         t.ok(&["bdev_lvol_get_lvols", "-l", "lvs"]).to_string()
     );
 
-    let first = save(&t, false);
-    let first_b = save(&t, true);
+    let first = t.save_config(false);
+    let first_b = t.save_config(true);
     std::fs::write(
         d.join("saved.json"),
         serde_json::to_vec_pretty(&first).unwrap(),
@@ -164,10 +133,7 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
     assert_eq!(t.stop(), 0);
 
     // Every kind is in the file.
-    let methods: Vec<String> = bdev_config(&first)
-        .iter()
-        .map(|e| e["method"].as_str().unwrap().to_string())
-        .collect();
+    let methods = methods(&Value::Array(bdev_config(&first)));
     for m in [
         "bdev_malloc_create",
         "bdev_null_create",
@@ -180,27 +146,16 @@ fn save_config_is_a_fixed_point_for_every_bdev_kind() {
         assert!(methods.iter().any(|x| x == m), "{m} missing: {methods:?}");
     }
     for round in 0..2 {
-        let mut t = Tgt::start(
-            &tools,
-            d,
-            &sock,
-            &["--json", d.join("saved.json").to_str().unwrap()],
-        );
+        let mut t = Tgt::start_json(&tools, d, &sock, &d.join("saved.json"));
         wait_bdevs(&t, n_bdevs);
-        let again = save(&t, false);
+        let again = t.save_config(false);
         assert_eq!(
             serde_json::to_string_pretty(&again).unwrap(),
             serde_json::to_string_pretty(&first).unwrap(),
             "round {round}: save_config after a restart differs"
         );
-        assert_eq!(save(&t, true), first_b, "round {round}: with batches");
-        let lv = t.ok(&["bdev_lvol_get_lvols", "-l", "lvs"]);
-        let dg = lv
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|l| l["name"] == "dg")
-            .unwrap();
+        assert_eq!(t.save_config(true), first_b, "round {round}: with batches");
+        let dg = named(&t.ok(&["bdev_lvol_get_lvols", "-l", "lvs"]), "dg");
         assert_eq!(dg["is_degraded"], json!(true));
         assert_eq!(
             t.ok(&["bdev_get_histogram", "lvs/v0"])["granularity"],

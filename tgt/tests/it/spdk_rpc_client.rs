@@ -58,8 +58,7 @@ fn bdev_lifecycle_and_errors() {
     assert_eq!(t.err(&["bdev_aio_delete", "M0"]).code, -19);
 
     // aio over a file, with the parameters the client always sends.
-    let f = dir.path().join("f.img");
-    sparse_file(&f, 16 << 20);
+    let f = sparse_in(dir.path(), "f.img", 16 << 20);
     let fs = f.to_str().unwrap();
     assert_eq!(
         t.ok(&["bdev_aio_create", fs, "aio0", "4096"]),
@@ -305,10 +304,8 @@ fn many_clients_and_garbage() {
 fn nbd_round_trip_with_qemu() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    let listen = format!("unix:{}", nbd.display());
-    let f = dir.path().join("disk.img");
-    sparse_file(&f, 64 << 20);
+    let (nbd, listen) = nbd_listen(dir.path());
+    let f = sparse_in(dir.path(), "disk.img", 64 << 20);
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "aio0", "4096"]);
     t.ok(&["bdev_malloc_create", "-b", "M0", "16", "512"]);
     assert_eq!(t.ok(&["nbd_server_start", &listen]), json!(true));
@@ -367,38 +364,14 @@ fn nbd_round_trip_with_qemu() {
     // qemu-img reads the whole export (many requests in flight) and writes an image into
     // another export.
     let copy = dir.path().join("copy.img");
-    let out = std::process::Command::new(&tools.qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &uri])
-        .arg(&copy)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img_convert(&tools, &[], &uri, copy.to_str().unwrap());
     assert_eq!(std::fs::read(&copy).unwrap(), data);
     let src = dir.path().join("src.img");
     let pattern: Vec<u8> = (0..16u32 << 20).map(|i| (i % 251) as u8).collect();
     std::fs::write(&src, &pattern).unwrap();
-    let out = std::process::Command::new(&tools.qemu_img)
-        .args(["convert", "-n", "-f", "raw", "-O", "raw"])
-        .arg(&src)
-        .arg(nbd_uri("M0", &nbd))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    qemu_img_convert(&tools, &["-n"], src.to_str().unwrap(), &nbd_uri("M0", &nbd));
     let back = dir.path().join("back.img");
-    let out = std::process::Command::new(&tools.qemu_img)
-        .args(["convert", "-f", "raw", "-O", "raw", &nbd_uri("M0", &nbd)])
-        .arg(&back)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    qemu_img_convert(&tools, &[], &nbd_uri("M0", &nbd), back.to_str().unwrap());
     assert_eq!(std::fs::read(&back).unwrap(), pattern);
 
     assert_eq!(t.ok(&["nbd_export_remove", "disk"]), json!(true));
@@ -428,8 +401,7 @@ fn nbd_round_trip_with_qemu() {
 #[test]
 fn read_only_exports_refuse_writes() {
     let Some((tools, dir)) = setup() else { return };
-    let t = start(&tools, dir.path());
-    let nbd = t.nbd_server_start(dir.path());
+    let (t, nbd) = start_with_nbd(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
     t.ok(&["nbd_export_add", "M0", "-n", "rw"]);
     qemu_io_ok(&tools, &nbd_uri("rw", &nbd), &["write -P 0x5a 0 64k"]);
@@ -439,8 +411,7 @@ fn read_only_exports_refuse_writes() {
     assert_eq!(ex[0]["writable"], json!(false));
 
     // qemu-io reads it read-only and sees the data.
-    let (ok, text) = qemu_io(&tools, &nbd_uri("ro", &nbd), true, &["read -P 0x5a 0 64k"]);
-    assert!(ok, "{text}");
+    qemu_io_ro_ok(&tools, &nbd_uri("ro", &nbd), &["read -P 0x5a 0 64k"]);
     // A client that writes anyway gets EPERM, and the data is unchanged.
     let mut c = NbdClient::connect(&nbd, "ro").unwrap();
     assert_ne!(c.flags & proto::TFLAG_READ_ONLY, 0);
@@ -481,8 +452,7 @@ fn read_only_exports_refuse_writes() {
 #[test]
 fn hot_removal_ends_nbd_connections() {
     let Some((tools, dir)) = setup() else { return };
-    let t = start(&tools, dir.path());
-    let nbd = t.nbd_server_start(dir.path());
+    let (t, nbd) = start_with_nbd(&tools, dir.path());
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "512"]);
     t.ok(&["nbd_export_add", "M0"]);
     let mut c = NbdClient::connect(&nbd, "M0").unwrap();
@@ -500,11 +470,8 @@ fn hot_removal_ends_nbd_connections() {
 #[test]
 fn save_config_and_restart() {
     let Some((tools, dir)) = setup() else { return };
-    let sock = dir.path().join("rpc.sock");
-    let mut t = Tgt::start(&tools, dir.path(), &sock, &[]);
-    let nbd = dir.path().join("nbd.sock");
-    let f = dir.path().join("disk.img");
-    sparse_file(&f, 32 << 20);
+    let (mut t, sock, nbd) = start_restartable(&tools, dir.path());
+    let f = sparse_in(dir.path(), "disk.img", 32 << 20);
     let uuid = "7e5a0000-e5a0-4e5a-8e5a-000000000001";
     t.ok(&["bdev_malloc_create", "-b", "M0", "-u", uuid, "8", "512"]);
     t.ok(&[
@@ -522,17 +489,11 @@ fn save_config_and_restart() {
     qemu_io_ok(&tools, &nbd_uri("disk", &nbd), &["write -P 0x3c 1M 1M"]);
 
     let cfg_path = dir.path().join("config.json");
-    let out = t.rpc_raw(&["save_config"]);
-    assert!(out.status.success());
-    std::fs::write(&cfg_path, &out.stdout).unwrap();
-    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let bdev_cfg = cfg["subsystems"][0]["config"].as_array().unwrap();
-    let methods: Vec<&str> = bdev_cfg
-        .iter()
-        .map(|e| e["method"].as_str().unwrap())
-        .collect();
+    let cfg = t.save_config(false);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let bdev_cfg = &cfg["subsystems"][0]["config"];
     assert_eq!(
-        methods,
+        methods(bdev_cfg),
         [
             "bdev_set_options",
             "bdev_malloc_create",
@@ -543,14 +504,8 @@ fn save_config_and_restart() {
     );
     assert_eq!(bdev_cfg[1]["params"]["uuid"], json!(uuid));
     assert_eq!(cfg["subsystems"][1]["subsystem"], json!("nbd"));
-    let nbd_methods: Vec<&str> = cfg["subsystems"][1]["config"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["method"].as_str().unwrap())
-        .collect();
     assert_eq!(
-        nbd_methods,
+        methods(&cfg["subsystems"][1]["config"]),
         ["nbd_server_start", "nbd_export_add", "nbd_export_add"]
     );
     let before = t.ok(&["bdev_get_bdevs"]);
@@ -558,12 +513,7 @@ fn save_config_and_restart() {
     assert_eq!(t.stop(), 0);
     assert!(!sock.exists(), "socket file removed at shutdown");
 
-    let t = Tgt::start(
-        &tools,
-        dir.path(),
-        &sock,
-        &["--json", cfg_path.to_str().unwrap()],
-    );
+    let t = Tgt::start_json(&tools, dir.path(), &sock, &cfg_path);
     let after = t.ok(&["bdev_get_bdevs"]);
     assert_eq!(names(&after), names(&before));
     for (a, b) in after
@@ -577,9 +527,7 @@ fn save_config_and_restart() {
             assert_eq!(a["uuid"], b["uuid"]);
         }
     }
-    let out = t.rpc_raw(&["save_config"]);
-    let cfg2: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(cfg2, cfg);
+    assert_eq!(t.save_config(false), cfg);
     assert_eq!(t.ok(&["nbd_get_exports"]).as_array().unwrap().len(), 2);
     qemu_io_ok(
         &tools,
@@ -670,11 +618,8 @@ fn kill_instance_and_bad_config() {
 #[test]
 fn read_only_bdev_over_nbd_and_config() {
     let Some((tools, dir)) = setup() else { return };
-    let sock = dir.path().join("rpc.sock");
-    let mut t = Tgt::start(&tools, dir.path(), &sock, &[]);
-    let nbd = dir.path().join("nbd.sock");
-    let f = dir.path().join("base.img");
-    sparse_file(&f, 8 << 20);
+    let (mut t, sock, nbd) = start_restartable(&tools, dir.path());
+    let f = sparse_in(dir.path(), "base.img", 8 << 20);
     t.ok(&["nbd_server_start", &format!("unix:{}", nbd.display())]);
     t.ok(&["bdev_aio_create", f.to_str().unwrap(), "B", "512"]);
     t.ok(&["nbd_export_add", "B"]);
@@ -697,28 +642,19 @@ fn read_only_bdev_over_nbd_and_config() {
 
     assert_eq!(t.ok(&["nbd_export_add", "ro0"]), json!("ro0"));
     assert_eq!(t.ok(&["nbd_get_exports"])[0]["writable"], json!(false));
-    let (ok, text) = qemu_io(
+    qemu_io_ro_ok(
         &tools,
         &nbd_uri("ro0", &nbd),
-        true,
         &["read -P 0x42 0 1M", "read -P 0 1M 7M"],
     );
-    assert!(ok, "{text}");
     let mut c = NbdClient::connect(&nbd, "ro0").unwrap();
     let (err, _) = c.request(proto::CMD_WRITE, 0, 512, &[0u8; 512]).unwrap();
     assert_eq!(err, proto::EPERM);
     drop(c);
 
-    let out = t.rpc_raw(&["save_config"]);
-    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let methods: Vec<&str> = cfg["subsystems"][0]["config"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["method"].as_str().unwrap())
-        .collect();
+    let cfg = t.save_config(false);
     assert_eq!(
-        methods,
+        methods(&cfg["subsystems"][0]["config"]),
         [
             "bdev_set_options",
             "bdev_aio_create",
@@ -730,20 +666,13 @@ fn read_only_bdev_over_nbd_and_config() {
     assert_eq!(ro_entry["name"], json!("ro0"));
     assert_eq!(ro_entry["base_bdev_name"], json!("B"));
     let cfg_path = dir.path().join("config.json");
-    std::fs::write(&cfg_path, &out.stdout).unwrap();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     assert_eq!(t.stop(), 0);
 
-    let t = Tgt::start(
-        &tools,
-        dir.path(),
-        &sock,
-        &["--json", cfg_path.to_str().unwrap()],
-    );
+    let t = Tgt::start_json(&tools, dir.path(), &sock, &cfg_path);
     assert_eq!(names(&t.ok(&["bdev_get_bdevs"])), ["B", "ro0"]);
-    let (ok, text) = qemu_io(&tools, &nbd_uri("ro0", &nbd), true, &["read -P 0x42 0 1M"]);
-    assert!(ok, "{text}");
-    let out = t.rpc_raw(&["save_config"]);
-    assert_eq!(serde_json::from_slice::<Value>(&out.stdout).unwrap(), cfg);
+    qemu_io_ro_ok(&tools, &nbd_uri("ro0", &nbd), &["read -P 0x42 0 1M"]);
+    assert_eq!(t.save_config(false), cfg);
 
     // Removing the base takes the read-only bdev and its export with it.
     assert_eq!(t.ok(&["bdev_aio_delete", "B"]), Value::Null);
@@ -756,8 +685,7 @@ fn read_only_bdev_over_nbd_and_config() {
 fn nbd_client_bdev_over_our_own_export() {
     let Some((tools, dir)) = setup() else { return };
     let t = start(&tools, dir.path());
-    let nbd = dir.path().join("nbd.sock");
-    let listen = format!("unix:{}", nbd.display());
+    let (nbd, listen) = nbd_listen(dir.path());
     t.ok(&["nbd_server_start", &listen]);
     t.ok(&["bdev_malloc_create", "-b", "M0", "8", "4096"]);
     t.ok(&["nbd_export_add", "M0"]);
@@ -778,27 +706,14 @@ fn nbd_client_bdev_over_our_own_export() {
         &["read -P 0x9c 0 1M", "write -P 0x9d 1M 1M"],
     );
     qemu_io_ok(&tools, &nbd_uri("M0", &nbd), &["read -P 0x9d 1M 1M"]);
-    let out = t.rpc_raw(&["save_config"]);
-    let cfg: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cfg = t.save_config(false);
     let text = serde_json::to_string(&cfg["subsystems"][0]).unwrap();
     assert!(text.contains("bdev_nbd_client_create"), "{text}");
     let info = t.ok(&["bdev_nbd_client_get", "-b", "C0"]);
     assert_eq!(info[0]["state"], json!("connected"));
     assert_eq!(info[0]["registered"], json!(true));
     // A client waiting for an absent server is saved too (it is not in the registry).
-    let away = format!("unix:{}", dir.path().join("away.sock").display());
-    assert_eq!(
-        t.ok(&[
-            "bdev_nbd_client_create",
-            "C1",
-            &away,
-            "x",
-            "-b",
-            "--reconnect-delay-ms",
-            "100000"
-        ]),
-        json!("C1")
-    );
+    assert_eq!(waiting_client(&t, dir.path()), json!("C1"));
     assert_eq!(t.err(&["bdev_get_bdevs", "-b", "C1"]).code, -19);
     let cfg = t.ok(&["framework_get_config", "bdev"]);
     let c1 = cfg
