@@ -195,88 +195,37 @@ fn hostile_nbd_lengths_are_bounded() {
 }
 
 /// Per-thread allocation accounting, to measure what a parser keeps for a hostile stream.
-mod alloc_meter {
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::cell::Cell;
-
-    pub struct Meter;
-
-    thread_local! {
-        static CUR: Cell<isize> = const { Cell::new(0) };
-        static PEAK: Cell<isize> = const { Cell::new(0) };
-    }
-
-    fn add(n: isize) {
-        let _ = CUR.try_with(|c| {
-            let v = c.get() + n;
-            c.set(v);
-            let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
-        });
-    }
-
-    // SAFETY: forwards to the system allocator unchanged; only counts bytes.
-    unsafe impl GlobalAlloc for Meter {
-        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-            add(l.size() as isize);
-            // SAFETY: same contract as the caller's.
-            unsafe { System.alloc(l) }
-        }
-        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-            add(-(l.size() as isize));
-            // SAFETY: same contract as the caller's.
-            unsafe { System.dealloc(p, l) }
-        }
-        unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-            add(n as isize - l.size() as isize);
-            // SAFETY: same contract as the caller's.
-            unsafe { System.realloc(p, l, n) }
-        }
-    }
-
-    /// Resets this thread's peak to its current level and returns that level.
-    pub fn reset() -> isize {
-        let cur = CUR.with(|c| c.get());
-        PEAK.with(|p| p.set(cur));
-        cur
-    }
-
-    /// This thread's peak since the last reset.
-    pub fn peak() -> isize {
-        PEAK.with(|p| p.get())
-    }
-}
-
 #[global_allocator]
-static METER: alloc_meter::Meter = alloc_meter::Meter;
+static METER: test_support::alloc::CountingAlloc = test_support::alloc::CountingAlloc;
 
 #[test]
 fn hostile_rpc_stream_memory_is_bounded_by_the_request_limit() {
     use tgt::jsonrpc::{Frame, StreamParser, MAX_REQUEST_BYTES};
     // 48 MiB of an unterminated string arriving in 64 KiB reads, as the server reads them.
-    let base = alloc_meter::reset();
-    let mut p = StreamParser::new();
-    let mut chunk = vec![b'a'; 64 * 1024];
-    chunk[..11].copy_from_slice(b"{\"method\":\"");
     let mut fed = 0usize;
     let mut end = None;
-    while fed < 48 << 20 {
-        p.push(&chunk);
-        chunk[..11].fill(b'a');
-        fed += chunk.len();
-        match p.next_frame() {
-            Frame::NeedMore => {}
-            f => {
-                end = Some(f);
-                break;
+    let used = test_support::alloc::peak_during(|| {
+        let mut p = StreamParser::new();
+        let mut chunk = vec![b'a'; 64 * 1024];
+        chunk[..11].copy_from_slice(b"{\"method\":\"");
+        while fed < 48 << 20 {
+            p.push(&chunk);
+            chunk[..11].fill(b'a');
+            fed += chunk.len();
+            match p.next_frame() {
+                Frame::NeedMore => {}
+                f => {
+                    end = Some(f);
+                    break;
+                }
             }
         }
-    }
+    });
     assert_eq!(end, Some(Frame::TooLarge), "after {fed} bytes");
     assert!(
         fed <= MAX_REQUEST_BYTES + 2 * 64 * 1024,
         "gave up only after {fed} bytes"
     );
-    let used = alloc_meter::peak() - base;
     eprintln!(
         "peak parser memory for a hostile stream: {} MiB",
         used >> 20
@@ -298,10 +247,9 @@ fn hostile_nbd_session_allocates_little() {
             nbd_proto::MAX_OPTION_LEN as usize,
         ));
     }
-    let base = alloc_meter::reset();
-    let o = nbd_session(&s);
-    assert_eq!(o.options, 100);
-    let used = alloc_meter::peak() - base;
+    let mut options = 0;
+    let used = test_support::alloc::peak_during(|| options = nbd_session(&s).options);
+    assert_eq!(options, 100);
     eprintln!("peak NBD handshake memory: {used} bytes");
     assert!(used < 1 << 20, "peak {used} bytes");
 }
