@@ -13,12 +13,13 @@ use iobuf::IoBuf;
 use crate::blob::{Back, BlobInner, BlobState};
 use crate::error::{busy, einval, enospc, eperm};
 use crate::format::*;
+use crate::graph::BusyGuard;
 use crate::md::{check_xattr_size, BlobMd, ClusterMap, EpMap};
 use crate::store::{io_err, StoreInner};
 use crate::{BlobId, BlobOpts, BsDev, BsError, Parent, Result, BLOBID_INVALID};
 
 /// Yields once to the executor, so that an operation marked busy is observable by others.
-pub(crate) async fn yield_now() {
+pub async fn yield_now() {
     let mut yielded = false;
     futures::future::poll_fn(|cx| {
         if yielded {
@@ -136,6 +137,20 @@ impl StoreInner {
         self.close_locked(b).await
     }
 
+    /// The start of a snapshot or clone of `from`: the store is live, the new blob's xattrs
+    /// are valid and `from` is marked busy (visible to others once this returns).
+    async fn start_new_blob_from(
+        self: &Arc<Self>,
+        from: BlobId,
+        xattrs: &[(String, Vec<u8>)],
+    ) -> Result<BusyGuard> {
+        self.check_live()?;
+        check_new_xattrs(xattrs.iter())?;
+        let busy = self.busy_guard(&[from])?;
+        yield_now().await;
+        Ok(busy)
+    }
+
     // ------------------------------------------------------------------ snapshot
 
     pub(crate) async fn create_snapshot(
@@ -143,10 +158,7 @@ impl StoreInner {
         orig_id: BlobId,
         xattrs: Vec<(String, Vec<u8>)>,
     ) -> Result<BlobId> {
-        self.check_live()?;
-        check_new_xattrs(xattrs.iter())?;
-        let _busy = self.busy_guard(&[orig_id])?;
-        yield_now().await;
+        let _busy = self.start_new_blob_from(orig_id, &xattrs).await?;
         let orig = self.open_internal(orig_id).await?;
         let r = self.snapshot_inner(&orig, xattrs).await;
         let c = self.close_internal(orig).await;
@@ -313,10 +325,7 @@ impl StoreInner {
         snap_id: BlobId,
         xattrs: Vec<(String, Vec<u8>)>,
     ) -> Result<BlobId> {
-        self.check_live()?;
-        check_new_xattrs(xattrs.iter())?;
-        let _busy = self.busy_guard(&[snap_id])?;
-        yield_now().await;
+        let _busy = self.start_new_blob_from(snap_id, &xattrs).await?;
         let _g = self.md_lock.lock().await;
         let snap = self.open_locked(snap_id).await?;
         let r = async {
@@ -798,16 +807,29 @@ impl StoreInner {
                 }
                 return Err(e);
             }
-            self.remove_relation(id);
-            self.add_relation(snap, id);
-            if let Back::Snapshot(p) = old {
-                self.close_locked(p).await?;
-            }
-            Ok(())
+            self.parent_switched(id, Some(snap), old).await
         }
         .await;
         self.close_internal(b).await?;
         r
+    }
+
+    /// After blob `id`'s new parent is durable: the graph names the new parent (a snapshot,
+    /// or none for an external one) and the old parent snapshot is closed.
+    async fn parent_switched(
+        self: &Arc<Self>,
+        id: BlobId,
+        snap: Option<BlobId>,
+        old: Back,
+    ) -> Result<()> {
+        self.remove_relation(id);
+        if let Some(snap) = snap {
+            self.add_relation(snap, id);
+        }
+        if let Back::Snapshot(p) = old {
+            self.close_locked(p).await?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn set_external_parent(
@@ -861,11 +883,7 @@ impl StoreInner {
                 s.back = old;
                 return Err(e);
             }
-            self.remove_relation(id);
-            if let Back::Snapshot(p) = old {
-                self.close_locked(p).await?;
-            }
-            Ok(())
+            self.parent_switched(id, None, old).await
         }
         .await;
         self.close_internal(b).await?;

@@ -37,6 +37,9 @@ pub enum Fault {
 }
 
 pub use crate::barrier::Barrier;
+/// Yields once to the executor (what the store does after marking an operation busy), so a
+/// test can interleave its own steps with the store's.
+pub use crate::ops::yield_now;
 
 thread_local! {
     static SKIPPED: Cell<Option<Barrier>> = const { Cell::new(None) };

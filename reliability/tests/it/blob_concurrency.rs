@@ -210,7 +210,7 @@ fn hot_remove_of_the_esnap_base_during_copy_on_write() {
             let remove = async {
                 for _ in 0..6 {
                     futures::future::ready(()).await;
-                    blobstore_yield().await;
+                    blobstore::testing::yield_now().await;
                 }
                 b.set_esnap_dev(None).await
             };
@@ -253,20 +253,6 @@ fn hot_remove_of_the_esnap_base_during_copy_on_write() {
             consistent(&dev, &bs).await;
         })
     });
-}
-
-async fn blobstore_yield() {
-    let mut y = false;
-    futures::future::poll_fn(|cx| {
-        if y {
-            std::task::Poll::Ready(())
-        } else {
-            y = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
-    .await
 }
 
 #[test]
