@@ -3,12 +3,14 @@
 bdev_lvol_get_lvols and framework_get_config, with a client that reads each answer to
 its final newline and parses it once.
 
-    python3 python/bench_listing.py SOCKET [N] [--setup]
+    python3 python/bench_listing.py SOCKET [N] [--setup] [--json]
 
 --setup first creates a 1 GiB malloc bdev M0, an lvol store `lvs` on it (1 MiB clusters,
 md pages for 15 x the clusters) and N (default 10000) thin 1 MiB lvols in one batch.
 With TGT_PID set, the target's CPU time per call (from /proc) is printed too, a figure
-that does not depend on what else the machine runs.
+that does not depend on what else the machine runs. --json prints one JSON object instead
+(per method: entries, bytes, parsed_s, last_byte_s, cpu_s, parse_cpu_s), which `cargo xtask
+bench` reads. Wall times depend on the machine's load; the CPU figures much less.
 """
 import json
 import os
@@ -35,7 +37,10 @@ def call(s, method, params=None):
         req["params"] = params
     s.sendall(json.dumps(req).encode())
     buf, t_recv = read_one(s)
-    return json.loads(buf), len(buf), t_recv
+    c = time.process_time()
+    v = json.loads(buf)
+    call.parse_cpu = time.process_time() - c
+    return v, len(buf), t_recv
 
 
 def cpu(pid):
@@ -62,21 +67,37 @@ def main():
         s.sendall(json.dumps(batch).encode())
         buf, _ = read_one(s)
         errs = [x for x in json.loads(buf) if "error" in x]
-        print("created %d lvols (%d errors) in %.1f s" % (n - len(errs), len(errs), time.time() - t))
+        if errs:
+            raise SystemExit("%d of %d lvol creations failed: %s" % (len(errs), n, errs[0]))
+        if "--json" not in sys.argv:
+            print("created %d lvols in %.1f s" % (n, time.time() - t))
     pid = int(os.environ.get("TGT_PID", "0"))
+    as_json = "--json" in sys.argv
+    results = {}
     for method, params in [("bdev_get_bdevs", None), ("bdev_lvol_get_lvols", None),
                            ("framework_get_config", {"name": "bdev"})]:
         best = (1e9, 0.0)
+        parse_cpu = 1e9
         c0 = cpu(pid)
         for _ in range(5):
             t = time.perf_counter()
             r, size, t_recv = call(s, method, params)
             best = min(best, (time.perf_counter() - t, t_recv - t))
-        line = "%s: %d entries, %d bytes, best of 5: %.4f s with one parse, %.4f s to the last byte" % (
-            method, len(r["result"]), size, best[0], best[1])
+            parse_cpu = min(parse_cpu, call.parse_cpu)
+        if "result" not in r:
+            raise SystemExit("%s failed: %s" % (method, r.get("error")))
+        cpu_s = (cpu(pid) - c0) / 5 if pid else None
+        results[method] = {"entries": len(r["result"]), "bytes": size, "parsed_s": best[0],
+                           "last_byte_s": best[1], "cpu_s": cpu_s, "parse_cpu_s": parse_cpu}
+        line = ("%s: %d entries, %d bytes, best of 5: %.4f s with one parse, %.4f s to the last "
+                "byte; the parse alone %.4f s of client CPU") % (
+            method, len(r["result"]), size, best[0], best[1], parse_cpu)
         if pid:
-            line += "; target CPU %.3f s per call" % ((cpu(pid) - c0) / 5)
-        print(line)
+            line += "; target CPU %.3f s per call" % cpu_s
+        if not as_json:
+            print(line)
+    if as_json:
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":

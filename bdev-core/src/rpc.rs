@@ -146,8 +146,9 @@ pub trait RpcModule: Send + Sync + 'static {
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError>;
     /// Runs a method whose result the module writes as JSON text straight into `out`, with
     /// no `Value` tree in between (listings of thousands of entries). `None`: the module
-    /// answers `method` through [`RpcModule::call`] only (the default). On `Some(Ok)`, `out`
-    /// holds exactly one JSON value, the same [`RpcModule::call`] would give.
+    /// answers `method` through [`RpcModule::call`] only (the default). On `Some(Ok)`, exactly
+    /// one JSON value was appended to `out` (the caller may have put the response's head
+    /// there first), the same [`RpcModule::call`] would give.
     async fn call_raw(
         &self,
         _method: &str,

@@ -48,7 +48,8 @@ pub(crate) fn write_driver_specific(lvol: &Lvol, out: &mut Vec<u8>) {
     write_bool(out, b",\"thin_provision\":", lvol.is_thin());
     out.extend_from_slice(b",\"num_allocated_clusters\":");
     let _ = write!(out, "{}", lvol.num_allocated_clusters());
-    write_bool(out, b",\"snapshot\":", lvol.is_snapshot());
+    let snapshot = lvol.is_snapshot();
+    write_bool(out, b",\"snapshot\":", snapshot);
     let clone = lvol.is_clone();
     write_bool(out, b",\"clone\":", clone);
     if clone {
@@ -57,7 +58,8 @@ pub(crate) fn write_driver_specific(lvol: &Lvol, out: &mut Vec<u8>) {
             locked_name(&p.name, out);
         }
     }
-    if let Some(s) = &store {
+    // Only a snapshot has clones (as SPDK asks only snapshots): no lookup for the others.
+    if let Some(s) = store.as_ref().filter(|_| snapshot) {
         let ids = s.bs.clones_of(lvol.blob_id);
         let mut first = true;
         for id in ids {

@@ -29,8 +29,21 @@ fn write_num(out: &mut Vec<u8>, n: u64) {
     let _ = write!(out, "{n}");
 }
 
-fn io_type_of(key: &str) -> Option<IoType> {
-    IoType::ALL.into_iter().find(|t| t.spdk_name() == key)
+/// bdev-core's type for each of [`SPDK_IO_TYPES`] (`None`: no such type here, always
+/// false), looked up once instead of by name for every key of every bdev.
+fn io_types() -> &'static [Option<IoType>; SPDK_IO_TYPES.len()] {
+    static MAP: std::sync::OnceLock<[Option<IoType>; SPDK_IO_TYPES.len()]> =
+        std::sync::OnceLock::new();
+    MAP.get_or_init(|| {
+        SPDK_IO_TYPES.map(|key| IoType::ALL.into_iter().find(|t| t.spdk_name() == key))
+    })
+}
+
+/// Writes a UUID's text as a JSON string (it needs no escaping).
+fn write_uuid_str(out: &mut Vec<u8>, uuid: &str) {
+    out.push(b'"');
+    out.extend_from_slice(uuid.as_bytes());
+    out.push(b'"');
 }
 
 /// One `bdev_get_bdevs` element: the same keys, order and values as
@@ -60,7 +73,7 @@ fn write_bdev_head(
     out.extend_from_slice(b",\"aliases\":[");
     let mut first = true;
     if uuid != dev.name() && !aliases.iter().any(|a| a == uuid) {
-        write_str(out, uuid);
+        write_uuid_str(out, uuid);
         first = false;
     }
     for a in aliases {
@@ -81,7 +94,7 @@ fn write_bdev_head(
 \"optimal_write_size\":0,\"preferred_unmap_alignment\":0,\"preferred_unmap_granularity\":0,\
 \"uuid\":",
     );
-    write_str(out, uuid);
+    write_uuid_str(out, uuid);
     out.extend_from_slice(
         b",\"assigned_rate_limits\":{\"rw_ios_per_sec\":0,\"rw_mbytes_per_sec\":0,\
 \"r_mbytes_per_sec\":0,\"w_mbytes_per_sec\":0},\"claimed\":",
@@ -92,14 +105,14 @@ fn write_bdev_head(
         write_str(out, c.spdk_name());
     }
     out.extend_from_slice(b",\"zoned\":false,\"supported_io_types\":{");
-    for (i, key) in SPDK_IO_TYPES.iter().enumerate() {
+    for (i, (key, ty)) in SPDK_IO_TYPES.iter().zip(io_types()).enumerate() {
         if i > 0 {
             out.push(b',');
         }
         out.push(b'"');
         out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(b"\":");
-        let on = io_type_of(key).is_some_and(|t| dev.io_type_supported(t));
+        let on = ty.is_some_and(|t| dev.io_type_supported(t));
         out.extend_from_slice(if on { b"true" } else { b"false" });
     }
     out.extend_from_slice(b"},\"driver_specific\":");
@@ -139,17 +152,15 @@ pub async fn raw_response(target: &Arc<Target>, v: &Value) -> Option<Vec<u8>> {
     }
     let req = crate::jsonrpc::parse_request(v.clone()).ok()?;
     let id = req.id?;
-    let mut body = Vec::new();
-    let r = target.call_raw(&req.method, &req.params, &mut body).await?;
+    // The result is written after the response's head in the same buffer (modules only
+    // append), so megabytes of listing are not copied once more.
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    serde_json::to_writer(&mut out, &id).ok()?;
+    out.extend_from_slice(b",\"result\":");
+    let r = target.call_raw(&req.method, &req.params, &mut out).await?;
     Some(match r {
         Ok(()) => {
-            let mut out = Vec::with_capacity(body.len() + 64);
-            out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-            if serde_json::to_writer(&mut out, &id).is_err() {
-                return None;
-            }
-            out.extend_from_slice(b",\"result\":");
-            out.extend_from_slice(&body);
             out.extend_from_slice(b"}\n");
             out
         }

@@ -30,6 +30,9 @@ use serde_json::{json, Value};
 
 use crate::util;
 
+#[path = "bench_listing.rs"]
+mod listing;
+
 /// Size of the data files of a complete run.
 const FULL_FILE_SIZE: u64 = 1 << 30;
 /// Size of the data files of a `--quick` run.
@@ -217,6 +220,8 @@ enum Ours {
     /// A fresh esnap clone (4 MiB clusters) of a malloc base (`base_block`), store on a
     /// second malloc bdev.
     MallocEsnap { base_block: u32 },
+    /// A listing RPC of `tgt` on one store of 10,000 thin lvols (`bench_listing.rs`).
+    Listing { method: &'static str },
 }
 
 /// Our peers.
@@ -503,6 +508,7 @@ fn benches() -> Vec<Bench> {
         peers: vec![Peer::QemuNbdRaw],
         spdk: None,
     });
+    v.extend(listing::benches());
     v
 }
 
@@ -716,6 +722,7 @@ impl Bench {
             },
             Ours::NbdClientEsnap => Io::Buffered,
             Ours::Malloc { .. } | Ours::MallocLvol | Ours::MallocEsnap { .. } => Io::Memory,
+            Ours::Listing { .. } => Io::Memory,
             _ => Io::Direct,
         }
     }
@@ -740,7 +747,7 @@ impl Bench {
     fn is_io(&self) -> bool {
         !matches!(
             self.ours,
-            Ours::BsLoad { .. } | Ours::SnapClone { .. } | Ours::TgtIdle
+            Ours::BsLoad { .. } | Ours::SnapClone { .. } | Ours::TgtIdle | Ours::Listing { .. }
         )
     }
 }
@@ -1185,6 +1192,7 @@ fn ours_label(o: Ours) -> String {
         Ours::MallocEsnap { base_block } => {
             format!("fresh esnap clone of a malloc base block_len={base_block}, 4 MiB clusters")
         }
+        Ours::Listing { method } => format!("tgt {method} on thin lvols, one json parse"),
     }
 }
 
@@ -1492,6 +1500,9 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
     if matches!(setup, Ours::NbdTgtEsnap | Ours::TgtIdle) {
         return run_tgt_nbd_esnap(ctx, b);
     }
+    if let Ours::Listing { method } = setup {
+        return listing::run(ctx, b, method);
+    }
     let w = &b.work;
     let mut file = ctx.file(b.file);
     let mut cmd = ctx.pinned(&ctx.bench_bin);
@@ -1561,7 +1572,9 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
             file = sock;
             ("nbdesnap", false)
         }
-        Ours::NbdTgtEsnap | Ours::TgtIdle => unreachable!("handled above"),
+        Ours::NbdTgtEsnap | Ours::TgtIdle | Ours::Listing { .. } => {
+            unreachable!("handled above")
+        }
     };
     if b.file == DataFile::Memory {
         // Malloc targets take their size in MiB instead of a file.

@@ -1,6 +1,6 @@
-//! `cargo xtask soak --time SECS [--cases N]`: the blobstore model-based test (the `model`
-//! tests of the `reliability` and `blobstore` packages), many cases, new seeds, until the time
-//! is up.
+//! `cargo xtask soak --time SECS [--cases N]`: the blobstore model-based test
+//! (`blob_model::store_matches_model` in the `reliability` package's test binary), many cases,
+//! new seeds, until the time is up.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -11,10 +11,11 @@ use serde_json::Value;
 
 use crate::util;
 
-/// The test filter that selects the model-based test(s).
-const FILTER: &str = "model";
-/// Packages that may hold model-based tests (those present in the workspace are searched).
-const PACKAGES: [&str; 2] = ["reliability", "blobstore"];
+/// The model-based test, by its full name (run with `--exact`, so no other test whose name
+/// contains "model" is swept in).
+const FILTER: &str = "blob_model::store_matches_model";
+/// The package whose test binary holds it (`reliability/tests/it/blob_model.rs`).
+const PACKAGES: [&str; 1] = ["reliability"];
 
 /// A test executable and the package directory it runs in.
 struct TestBin {
@@ -44,17 +45,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .filter(|b| lists_model_test(&b.exe).unwrap_or(false))
         .collect();
     if with_model.is_empty() {
-        eprintln!(
-            "note: no `{FILTER}` test in {PACKAGES:?} yet; running the stub command \
-             `cargo test --release -p blobstore {FILTER}` once with PROPTEST_CASES={cases}"
-        );
-        return util::run(
-            "soak (stub)",
-            util::cargo()
-                .args(["test", "--release", "-p", "blobstore", FILTER])
-                .env("PROPTEST_CASES", cases.to_string())
-                .env("SOAK", "1"),
-        );
+        bail!("no test `{FILTER}` in the test binaries of {PACKAGES:?}: nothing to soak");
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut round = 0u64;
@@ -75,7 +66,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 bin.exe.display()
             );
             let mut cmd = Command::new(&bin.exe);
-            cmd.arg(FILTER)
+            cmd.args([FILTER, "--exact"])
                 .env("PROPTEST_CASES", cases.to_string())
                 .env("PROPTEST_RNG_SEED", seed.to_string())
                 .env("SOAK", "1")
@@ -85,7 +76,7 @@ pub fn run(args: &[String]) -> Result<()> {
                 None => cut = true,
                 Some(false) => bail!(
                     "soak failed in round {round}; reproduce with PROPTEST_RNG_SEED={seed} \
-                     PROPTEST_CASES={cases} SOAK=1 {} {FILTER} (run in {})",
+                     PROPTEST_CASES={cases} SOAK=1 {} {FILTER} --exact (run in {})",
                     bin.exe.display(),
                     bin.dir.display()
                 ),
@@ -158,7 +149,7 @@ fn test_binaries(packages: &[&str]) -> Result<Vec<TestBin>> {
 
 fn lists_model_test(bin: &std::path::Path) -> Result<bool> {
     let out = Command::new(bin)
-        .args(["--list", FILTER])
+        .args(["--list", FILTER, "--exact"])
         .output()
         .context("list tests")?;
     Ok(String::from_utf8_lossy(&out.stdout)
