@@ -21,12 +21,14 @@ usage: cargo xtask <command> [options]
 
 commands:
   test [-- ARGS]               fmt check, clippy -D warnings, cargo test --workspace [ARGS],
-                               then the blobcli end-to-end scenario
-  bench [--quick] [--filter TEXT] [--rounds N] [--cpus LIST] [--list]
+                               the tgt tests again with TGT_CORES=1 (one reactor), then the
+                               blobcli end-to-end scenario
+  bench [--quick] [--filter TEXT] [--rounds N] [--cpus LIST] [--data-dir DIR] [--list]
                                run the benchmarks against their peers (fio, qemu-img, qemu-nbd,
                                SPDK bdevperf if SPDK_BDEVPERF is set), every side pinned to
                                CPUS (taskset -c, default the last core), N rounds (default 5,
-                               --quick 1) alternating the order, target/bench/<name>.json
+                               --quick 1) alternating the order, target/bench/<name>.json;
+                               --data-dir puts the data files on another file system
   fuzz --time SECS             run every cargo-fuzz target for SECS seconds (needs cargo-fuzz
                                and a nightly toolchain; else replays the corpus via the tests)
   soak --time SECS [--cases N] run the blobstore model-based test with many cases for SECS

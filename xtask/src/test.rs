@@ -17,14 +17,16 @@ struct Step {
     run: Box<dyn Fn() -> Result<Outcome>>,
 }
 
-/// Runs fmt, clippy, the workspace tests (with the arguments after `--`, if any) and the
-/// blobcli end-to-end scenario; stops at the first failing step and names it.
+/// Runs fmt, clippy, the workspace tests (with the arguments after `--`, if any), the
+/// target's tests again with one reactor, and the blobcli end-to-end scenario; stops at the
+/// first failing step and names it.
 pub fn run(args: &[String]) -> Result<()> {
     let test_args: Vec<String> = match args.split_first() {
         None => Vec::new(),
         Some((first, rest)) if first == "--" => rest.to_vec(),
         Some((first, _)) => bail!("test: unexpected argument {first:?} (use `test -- ARGS`)"),
     };
+    let one_reactor_args = test_args.clone();
     let steps = [
         Step {
             name: "fmt",
@@ -56,6 +58,25 @@ pub fn run(args: &[String]) -> Result<()> {
         Step {
             name: "test",
             run: Box::new(move || cargo_test(&test_args)),
+        },
+        Step {
+            // The target's tests ran above with one reactor per core; the data path must
+            // hold with a single reactor too (issue 15), so they run again with one.
+            name: "tgt tests with one reactor",
+            run: Box::new(move || {
+                if !one_reactor_args.is_empty() {
+                    return Ok(Outcome::Skipped(
+                        "test arguments given: only the main test step runs".into(),
+                    ));
+                }
+                util::run(
+                    "TGT_CORES=1 cargo test -p tgt --test it",
+                    util::cargo()
+                        .env("TGT_CORES", "1")
+                        .args(["test", "-p", "tgt", "--test", "it"]),
+                )
+                .map(|_| Outcome::Passed)
+            }),
         },
         Step {
             name: "blobcli end-to-end",
