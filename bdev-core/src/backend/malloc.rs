@@ -79,6 +79,20 @@ macro_rules! instant_io {
 }
 pub(crate) use instant_io;
 
+/// The first checks of a RAM-backed device (malloc, cached): a non-empty name and a block
+/// length that is a non-zero multiple of 512 (EINVAL otherwise).
+pub(super) fn check_name_and_block_len(name: &str, block_len: u32) -> Result<()> {
+    if name.is_empty() {
+        return Err(BdevError::InvalidArgument("empty bdev name".into()));
+    }
+    if block_len == 0 || !block_len.is_multiple_of(512) {
+        return Err(BdevError::InvalidArgument(format!(
+            "block size {block_len} is not a multiple of 512"
+        )));
+    }
+    Ok(())
+}
+
 /// A RAM-backed device. Product name `"Malloc disk"`.
 pub struct MallocBdev {
     name: String,
@@ -103,14 +117,7 @@ impl MallocBdev {
         block_len: u32,
         uuid: Option<Uuid>,
     ) -> Result<Arc<Self>> {
-        if name.is_empty() {
-            return Err(BdevError::InvalidArgument("empty bdev name".into()));
-        }
-        if block_len == 0 || !block_len.is_multiple_of(512) {
-            return Err(BdevError::InvalidArgument(format!(
-                "block size {block_len} is not a multiple of 512"
-            )));
-        }
+        check_name_and_block_len(name, block_len)?;
         if num_blocks == 0 {
             return Err(BdevError::InvalidArgument("num_blocks must be > 0".into()));
         }
