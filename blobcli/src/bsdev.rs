@@ -38,17 +38,24 @@ impl OverlayDev {
     }
 }
 
+/// The geometry methods of a [`BsDev`] wrapper: those of its `inner` device, unchanged.
+macro_rules! inner_geometry {
+    () => {
+        fn block_len(&self) -> u32 {
+            self.inner.block_len()
+        }
+        fn block_count(&self) -> u64 {
+            self.inner.block_count()
+        }
+        fn buf_align(&self) -> usize {
+            self.inner.buf_align()
+        }
+    };
+}
+
 #[async_trait]
 impl BsDev for OverlayDev {
-    fn block_len(&self) -> u32 {
-        self.inner.block_len()
-    }
-    fn block_count(&self) -> u64 {
-        self.inner.block_count()
-    }
-    fn buf_align(&self) -> usize {
-        self.inner.buf_align()
-    }
+    inner_geometry!();
     async fn read(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
         let mut buf = self.inner.read(lba, buf).await?;
         let bl = self.inner.block_len() as u64;
@@ -111,15 +118,7 @@ impl CountingDev {
 
 #[async_trait]
 impl BsDev for CountingDev {
-    fn block_len(&self) -> u32 {
-        self.inner.block_len()
-    }
-    fn block_count(&self) -> u64 {
-        self.inner.block_count()
-    }
-    fn buf_align(&self) -> usize {
-        self.inner.buf_align()
-    }
+    inner_geometry!();
     async fn read(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
         let buf = self.inner.read(lba, buf).await?;
         (self.on_read)(buf.len() as u64);

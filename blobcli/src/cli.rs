@@ -813,6 +813,25 @@ impl Session {
         Ok(())
     }
 
+    /// The file of an import or dump, or `None` when it could not be opened: then the
+    /// progress line ends and `msg(error)` is printed, and the command ends there without
+    /// failing, as SPDK's.
+    fn opened(
+        &mut self,
+        prog: &Progress,
+        opened: std::io::Result<std::fs::File>,
+        msg: impl FnOnce(&std::io::Error) -> String,
+    ) -> Option<std::fs::File> {
+        match opened {
+            Ok(f) => Some(f),
+            Err(e) => {
+                prog.finish();
+                self.p(&msg(&e));
+                None
+            }
+        }
+    }
+
     /// How a whole-blob transfer goes: the io unit size, the blob's size in io units and the
     /// io units per request.
     fn chunking(bs: &Blobstore, b: &Blob) -> (u64, u64, u64) {
@@ -851,16 +870,14 @@ impl Session {
         let (io, total, per) = Self::chunking(bs, b);
         let file = self.ctx.file.clone();
         let prog = Progress::start(&mut self.out, total * io, "import");
-        let mut f = match std::fs::File::open(&file) {
-            Ok(f) => f,
-            Err(e) => {
-                prog.finish();
-                self.p(&format!(
-                    "Error in opening file: errno {}\n",
-                    e.raw_os_error().unwrap_or(libc::EIO)
-                ));
-                return Ok(());
-            }
+        let opened = std::fs::File::open(&file);
+        let Some(mut f) = self.opened(&prog, opened, |e| {
+            format!(
+                "Error in opening file: errno {}\n",
+                e.raw_os_error().unwrap_or(libc::EIO)
+            )
+        }) else {
+            return Ok(());
         };
         let mut off = 0;
         let mut eof = false;
@@ -903,13 +920,9 @@ impl Session {
         let (io, total, per) = Self::chunking(bs, b);
         let file = self.ctx.file.clone();
         let prog = Progress::start(&mut self.out, total * io, "dump");
-        let mut f = match std::fs::File::create(&file) {
-            Ok(f) => f,
-            Err(_) => {
-                prog.finish();
-                self.p("Error in opening file\n");
-                return Ok(());
-            }
+        let opened = std::fs::File::create(&file);
+        let Some(mut f) = self.opened(&prog, opened, |_| "Error in opening file\n".into()) else {
+            return Ok(());
         };
         if b.num_clusters() == 0 {
             prog.finish();

@@ -135,6 +135,21 @@ impl<'a> Input<'a> {
         self.0 = b;
         Some(a)
     }
+
+    /// One option frame, sent or replied: a `header_len`-byte header that `parse` accepts,
+    /// then the payload of `len(&header)` bytes, which the parser already bounded by
+    /// `MAX_OPTION_LEN`. `None` when the input runs out or the header is malformed.
+    fn option_frame<H>(
+        &mut self,
+        header_len: usize,
+        parse: impl FnOnce(&[u8]) -> Result<H, proto::ProtoError>,
+        len: impl FnOnce(&H) -> u32,
+    ) -> Option<(H, &'a [u8])> {
+        let h = parse(self.take(header_len)?).ok()?;
+        let n = len(&h);
+        assert!(n <= proto::MAX_OPTION_LEN);
+        Some((h, self.take(n as usize)?))
+    }
 }
 
 /// Plays `data` as everything a client sends to the NBD server: client flags, options
@@ -151,14 +166,10 @@ pub fn nbd_session(data: &[u8]) -> NbdOutcome {
         return out;
     };
     let export = loop {
-        let Some(h) = inp.take(proto::OPTION_HEADER_LEN) else {
-            return out;
-        };
-        let Ok(h) = proto::parse_option_header(h) else {
-            return out;
-        };
-        assert!(h.len <= proto::MAX_OPTION_LEN);
-        let Some(payload) = inp.take(h.len as usize) else {
+        let frame = inp.option_frame(proto::OPTION_HEADER_LEN, proto::parse_option_header, |h| {
+            h.len
+        });
+        let Some((h, payload)) = frame else {
             return out;
         };
         out.options += 1;
@@ -243,14 +254,12 @@ pub fn nbd_client_session(data: &[u8]) -> NbdClientOutcome {
     let mut export = None;
     let mut sizes = None;
     loop {
-        let Some(h) = inp.take(proto::OPTION_REPLY_HEADER_LEN) else {
-            return out;
-        };
-        let Ok(h) = proto::parse_option_reply_header(h) else {
-            return out;
-        };
-        assert!(h.len <= proto::MAX_OPTION_LEN);
-        let Some(payload) = inp.take(h.len as usize) else {
+        let frame = inp.option_frame(
+            proto::OPTION_REPLY_HEADER_LEN,
+            proto::parse_option_reply_header,
+            |h| h.len,
+        );
+        let Some((h, payload)) = frame else {
             return out;
         };
         out.option_replies += 1;

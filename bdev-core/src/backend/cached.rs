@@ -106,14 +106,7 @@ impl CachedBdev {
     }
 
     fn check(name: &str, num_blocks: u64, block_len: u32) -> Result<usize> {
-        if name.is_empty() {
-            return Err(BdevError::InvalidArgument("empty bdev name".into()));
-        }
-        if block_len == 0 || !block_len.is_multiple_of(512) {
-            return Err(BdevError::InvalidArgument(format!(
-                "block size {block_len} is not a multiple of 512"
-            )));
-        }
+        super::malloc::check_name_and_block_len(name, block_len)?;
         match num_blocks.checked_mul(u64::from(block_len)) {
             Some(b) if b > 0 && b <= MAX_BYTES => Ok(b as usize),
             _ => Err(BdevError::InvalidArgument(format!(

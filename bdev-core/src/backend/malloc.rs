@@ -11,7 +11,6 @@
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use async_trait::async_trait;
 use iobuf::IoBuf;
 use uuid::Uuid;
 
@@ -28,6 +27,70 @@ fn read_lock(c: &Chunk) -> RwLockReadGuard<'_, Option<Box<[u8]>>> {
 
 fn write_lock(c: &Chunk) -> RwLockWriteGuard<'_, Option<Box<[u8]>>> {
     c.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The I/O methods of a device whose every operation completes at once in memory, with no
+/// volatile cache in front of it, and whose unmap zeroes: the type's `copy_out(offset, buf)`,
+/// `copy_in(offset, data)` and `zero(offset, blocks)` do the work (malloc, null). The braces
+/// hold the rest of the `BlockDevice` impl.
+macro_rules! instant_io {
+    ($ty:ty { $($rest:tt)* }) => {
+        #[async_trait::async_trait]
+        impl $crate::BlockDevice for $ty {
+        $($rest)*
+        async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
+            self.copy_out(offset_blocks, &mut buf);
+            Ok(buf)
+        }
+        async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
+            self.copy_in(offset_blocks, &buf);
+            Ok(buf)
+        }
+        fn read_io(&self, offset_blocks: u64, mut buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+            // A memory copy completes at once: no future to keep.
+            self.copy_out(offset_blocks, &mut buf);
+            IoFuture::ready(Ok(buf))
+        }
+        fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
+            self.copy_in(offset_blocks, &buf);
+            IoFuture::ready(Ok(buf))
+        }
+        async fn flush(&self) -> Result<()> {
+            // No cache in front of the memory: a completed write is as durable as it gets.
+            Ok(())
+        }
+        fn has_volatile_cache(&self) -> bool {
+            false
+        }
+        fn unmap_zeroes(&self) -> bool {
+            // `zero` frees or zeroes the range before the unmap completes.
+            true
+        }
+        async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
+            self.zero(offset_blocks, num_blocks);
+            Ok(())
+        }
+        async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
+            self.zero(offset_blocks, num_blocks);
+            Ok(())
+        }
+        }
+    };
+}
+pub(crate) use instant_io;
+
+/// The first checks of a RAM-backed device (malloc, cached): a non-empty name and a block
+/// length that is a non-zero multiple of 512 (EINVAL otherwise).
+pub(super) fn check_name_and_block_len(name: &str, block_len: u32) -> Result<()> {
+    if name.is_empty() {
+        return Err(BdevError::InvalidArgument("empty bdev name".into()));
+    }
+    if block_len == 0 || !block_len.is_multiple_of(512) {
+        return Err(BdevError::InvalidArgument(format!(
+            "block size {block_len} is not a multiple of 512"
+        )));
+    }
+    Ok(())
 }
 
 /// A RAM-backed device. Product name `"Malloc disk"`.
@@ -54,14 +117,7 @@ impl MallocBdev {
         block_len: u32,
         uuid: Option<Uuid>,
     ) -> Result<Arc<Self>> {
-        if name.is_empty() {
-            return Err(BdevError::InvalidArgument("empty bdev name".into()));
-        }
-        if block_len == 0 || !block_len.is_multiple_of(512) {
-            return Err(BdevError::InvalidArgument(format!(
-                "block size {block_len} is not a multiple of 512"
-            )));
-        }
+        check_name_and_block_len(name, block_len)?;
         if num_blocks == 0 {
             return Err(BdevError::InvalidArgument("num_blocks must be > 0".into()));
         }
@@ -149,45 +205,8 @@ impl MallocBdev {
     }
 }
 
-#[async_trait]
-impl BlockDevice for MallocBdev {
+instant_io!(MallocBdev {
     crate::device_facts!(product: "Malloc disk", module: "malloc", every_block_op);
-    async fn read(&self, offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
-        self.copy_out(offset_blocks, &mut buf);
-        Ok(buf)
-    }
-    async fn write(&self, offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        self.copy_in(offset_blocks, &buf);
-        Ok(buf)
-    }
-    fn read_io(&self, offset_blocks: u64, mut buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
-        // A memory copy completes at once: no future to keep.
-        self.copy_out(offset_blocks, &mut buf);
-        IoFuture::ready(Ok(buf))
-    }
-    fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
-        self.copy_in(offset_blocks, &buf);
-        IoFuture::ready(Ok(buf))
-    }
-    async fn flush(&self) -> Result<()> {
-        // RAM has no cache in front of it: a completed write is as durable as it gets.
-        Ok(())
-    }
-    fn has_volatile_cache(&self) -> bool {
-        false
-    }
-    fn unmap_zeroes(&self) -> bool {
-        // `zero` frees or zeroes the range before the unmap completes.
-        true
-    }
-    async fn unmap(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
-        self.zero(offset_blocks, num_blocks);
-        Ok(())
-    }
-    async fn write_zeroes(&self, offset_blocks: u64, num_blocks: u64) -> Result<()> {
-        self.zero(offset_blocks, num_blocks);
-        Ok(())
-    }
     fn write_config(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({
             "method": "bdev_malloc_create",
@@ -210,7 +229,7 @@ impl BlockDevice for MallocBdev {
             *write_lock(c) = None;
         }
     }
-}
+});
 
 #[cfg(test)]
 mod tests {

@@ -8,11 +8,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use iobuf::IoBuf;
 use uuid::Uuid;
 
-use crate::{BdevError, BlockDevice, IoFuture, Result};
+use crate::{BdevError, IoFuture, Result};
 
 /// A device that stores nothing.
 #[derive(Debug)]
@@ -73,41 +72,19 @@ impl NullBdev {
         self.num_blocks.store(num_blocks, Ordering::SeqCst);
         Ok(())
     }
+
+    /// Every block reads as zeroes.
+    fn copy_out(&self, _offset_blocks: u64, out: &mut [u8]) {
+        out.fill(0);
+    }
+    /// Writes are dropped.
+    fn copy_in(&self, _offset_blocks: u64, _data: &[u8]) {}
+    /// Nothing to free: every block already reads as zeroes.
+    fn zero(&self, _offset_blocks: u64, _num_blocks: u64) {}
 }
 
-#[async_trait]
-impl BlockDevice for NullBdev {
+super::malloc::instant_io!(NullBdev {
     crate::device_facts!(product: "Null disk", module: "null", every_block_op);
-    async fn read(&self, _offset_blocks: u64, mut buf: IoBuf) -> Result<IoBuf> {
-        buf.fill(0);
-        Ok(buf)
-    }
-    async fn write(&self, _offset_blocks: u64, buf: IoBuf) -> Result<IoBuf> {
-        Ok(buf)
-    }
-    fn read_io(&self, _offset_blocks: u64, mut buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
-        buf.fill(0);
-        IoFuture::ready(Ok(buf))
-    }
-    fn write_io(&self, _offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, Result<IoBuf>> {
-        IoFuture::ready(Ok(buf))
-    }
-    async fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn has_volatile_cache(&self) -> bool {
-        false
-    }
-    fn unmap_zeroes(&self) -> bool {
-        // Everything reads as zeroes.
-        true
-    }
-    async fn unmap(&self, _offset_blocks: u64, _num_blocks: u64) -> Result<()> {
-        Ok(())
-    }
-    async fn write_zeroes(&self, _offset_blocks: u64, _num_blocks: u64) -> Result<()> {
-        Ok(())
-    }
     fn write_config(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({
             "method": "bdev_null_create",
@@ -124,11 +101,12 @@ impl BlockDevice for NullBdev {
             }
         }))
     }
-}
+});
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::BlockDevice;
     use futures::executor::block_on;
 
     #[test]
