@@ -36,6 +36,7 @@ pub mod backend;
 pub mod config;
 #[cfg(feature = "test-util")]
 pub mod conformance;
+mod desc_slot;
 mod device;
 mod error;
 pub mod iofuture;
@@ -45,6 +46,7 @@ pub mod rpc;
 pub mod stats;
 
 pub use backend::copy::CopySource;
+pub use desc_slot::{DescGuard, DescSlot};
 pub use device::{BdevEvent, BlockDevice, ClaimType, IoType};
 pub use error::{BdevError, Result};
 pub use iobuf::IoBuf;

@@ -52,7 +52,15 @@ struct ThreadRing {
     backstop: Option<std::thread::JoinHandle<()>>,
     /// Longest sleep in the kernel while idle.
     idle_wait: std::time::Duration,
+    /// Poll without sleeping while requests are in flight (see [`set_busy_poll`]).
+    busy_poll: bool,
+    /// While sleeping with `n` requests in flight, wait for `n / batch` completions
+    /// (exclusive rings: 4, or `BDEV_REACTOR_BATCH`; 1 = wake at the first).
+    batch: usize,
 }
+
+/// Longest wait for a batch of completions.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Longest idle sleep of an exclusive reactor: a wake-up goes through the eventfd, so this
 /// only bounds the cost of a lost one.
@@ -120,6 +128,15 @@ impl ThreadRing {
             } else {
                 BACKSTOP_TICK
             },
+            busy_poll: exclusive && BUSY_POLL.with(|b| b.get()),
+            batch: if exclusive {
+                std::env::var("BDEV_REACTOR_BATCH")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(4)
+            } else {
+                1
+            },
         })
     }
 
@@ -166,6 +183,19 @@ thread_local! {
     static DEPTH: Cell<usize> = const { Cell::new(0) };
     static EXCLUSIVE: Cell<bool> = const { Cell::new(false) };
     static ATTACHED: Cell<bool> = const { Cell::new(false) };
+    static BUSY_POLL: Cell<bool> = Cell::new(std::env::var_os("BDEV_REACTOR_POLL").is_some());
+}
+
+/// Whether an exclusive reactor created later on this thread polls without sleeping while
+/// its requests are in flight, as SPDK's reactor does (default off; `BDEV_REACTOR_POLL` in
+/// the environment turns it on). A polling pass enters the kernel only when it has requests
+/// to submit or the kernel flags completion work (`IORING_SQ_TASKRUN`), and reads the
+/// completion queue in user space. It pays off on an otherwise idle core; on a shared core
+/// the sleeping reactor does better (the scheduler runs a woken sleeper at once, a poller
+/// waits for its time slice). Either way an idle reactor (nothing in flight) sleeps. Call it
+/// before the thread's first [`block_on`].
+pub fn set_busy_poll(on: bool) {
+    BUSY_POLL.with(|b| b.set(on));
 }
 
 /// Declares the current thread a dedicated reactor thread: its ring (created at its first
@@ -277,10 +307,16 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     if !have_ring {
         return futures::executor::block_on(fut);
     }
-    let (ring, efd, idle_wait) = RING.with(|r| {
+    let (ring, efd, idle_wait, busy_poll, batch) = RING.with(|r| {
         let b = r.borrow();
         let t = b.as_ref().expect("checked above");
-        (t.ring.clone(), t.efd.clone(), t.idle_wait)
+        (
+            t.ring.clone(),
+            t.efd.clone(),
+            t.idle_wait,
+            t.busy_poll,
+            t.batch,
+        )
     });
     let state = Arc::new(WakeState {
         woken: AtomicBool::new(true),
@@ -308,9 +344,11 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
         // Take what has completed (no syscall: this reads the completion queue).
         ring.drain(&mut cqes, &mut ready);
-        if state.woken.load(Ordering::SeqCst) {
-            // More work right away: one io_uring_enter submits what this pass queued and
-            // collects completions without waiting, then the next pass runs.
+        if state.woken.load(Ordering::SeqCst) || (busy_poll && ring.pending() > 0) {
+            // More work right away, or (busy polling) I/O in flight: one io_uring_enter
+            // submits what this pass queued and runs the completion work waiting in the
+            // kernel, without sleeping; it is skipped when there is neither (the kernel flags
+            // waiting completion work), so a polling pass with nothing new costs no syscall.
             ring.submit_and_reap();
             ring.drain(&mut cqes, &mut ready);
             continue;
@@ -327,7 +365,16 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
             // Submits what is queued and sleeps until a completion (or a cross-thread wake
             // through the eventfd) in one syscall. Bounded, so a lost wake-up (a race with
             // the backstop) costs a tick, not a hang.
-            ring.wait_timeout(idle_wait);
+            let inflight = ring.pending();
+            if batch > 1 && inflight >= 2 * batch {
+                // Many requests in flight: sleep until a batch of them completes (bounded,
+                // so the last stragglers of a burst wait a little, never long). Each wake-up
+                // then resubmits several requests in one plugged submission: one device
+                // notification for the batch instead of one per request.
+                ring.wait_for(inflight / batch, BATCH_WAIT);
+            } else {
+                ring.wait_timeout(idle_wait);
+            }
             ring.reap_unregistered();
         }
         state.sleeping.store(false, Ordering::SeqCst);

@@ -2,18 +2,19 @@
 //! `module/blob/bdev/blob_bdev.c`). Used for an lvol store's base device (read-write) and for
 //! the external snapshots of esnap clones (read-only).
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use bdev_core::{BlockDevice, Descriptor};
+use bdev_core::{BlockDevice, DescGuard, DescSlot, Descriptor};
 use blobstore::BsDev;
 use iobuf::IoBuf;
 
 /// A blobstore device over an open bdev descriptor. The descriptor can be closed early with
-/// [`BdevBsDev::close`] (hot-remove): in-flight requests keep their own reference and finish,
-/// later requests fail with ENODEV.
+/// [`BdevBsDev::close`] (hot-remove): in-flight requests keep using it and finish, later
+/// requests fail with ENODEV. A request takes the descriptor without a lock or a reference
+/// count ([`DescSlot`]).
 pub struct BdevBsDev {
-    desc: RwLock<Option<Arc<Descriptor>>>,
+    desc: DescSlot,
     dev: Arc<dyn BlockDevice>,
     block_len: u32,
 }
@@ -28,7 +29,7 @@ impl BdevBsDev {
         let dev = desc.device().clone();
         let block_len = dev.block_len();
         BdevBsDev {
-            desc: RwLock::new(Some(Arc::new(desc))),
+            desc: DescSlot::new(desc),
             dev,
             block_len,
         }
@@ -39,28 +40,23 @@ impl BdevBsDev {
         &self.dev
     }
 
-    /// The descriptor, unless closed.
-    pub fn descriptor(&self) -> Option<Arc<Descriptor>> {
-        self.desc.read().ok().and_then(|d| d.clone())
+    /// The descriptor, unless closed (held open while the guard lives).
+    pub fn descriptor(&self) -> Option<DescGuard<'_>> {
+        self.desc.get()
     }
 
-    /// Closes the descriptor (releasing its claim once in-flight requests are done).
+    /// Closes the descriptor: its claim is released at once, the descriptor itself once
+    /// in-flight requests are done.
     pub fn close(&self) {
-        let taken = match self.desc.write() {
-            Ok(mut d) => d.take(),
-            Err(_) => None,
-        };
-        if let Some(d) = taken {
-            d.release_claim();
-        }
+        self.desc.close_with(|d| d.release_claim());
     }
 
     /// Whether [`BdevBsDev::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.descriptor().is_none()
+        self.desc.is_closed()
     }
 
-    fn desc_or_enodev(&self) -> std::io::Result<Arc<Descriptor>> {
+    fn desc_or_enodev(&self) -> std::io::Result<DescGuard<'_>> {
         self.descriptor().ok_or_else(enodev)
     }
 }
@@ -78,11 +74,11 @@ impl BsDev for BdevBsDev {
     }
     async fn read(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
         let d = self.desc_or_enodev()?;
-        Ok(d.read(lba, buf).await?)
+        Ok(d.read_io(lba, buf).await?)
     }
     async fn write(&self, lba: u64, buf: IoBuf) -> std::io::Result<IoBuf> {
         let d = self.desc_or_enodev()?;
-        Ok(d.write(lba, buf).await?)
+        Ok(d.write_io(lba, buf).await?)
     }
     async fn write_zeroes(&self, lba: u64, lba_count: u64) -> std::io::Result<()> {
         let d = self.desc_or_enodev()?;

@@ -1,11 +1,12 @@
 //! The read-only bdev itself, its creation and its base-event listener.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bdev_core::{
-    BdevError, BdevEvent, BlockDevice, ClaimType, Descriptor, IoBuf, IoFuture, IoType, Registry,
+    BdevError, BdevEvent, BlockDevice, ClaimType, DescGuard, DescSlot, Descriptor, IoBuf, IoFuture,
+    IoType, Registry,
 };
 use futures::channel::oneshot;
 use futures::stream::{BoxStream, StreamExt};
@@ -35,10 +36,11 @@ pub struct RoOpts {
 struct Shared {
     /// Current size in blocks (follows the base's resize events).
     num_blocks: AtomicU64,
-    /// The read-only, `read_many_write_none`-claimed descriptor on the base. Each read clones
-    /// the `Arc`, so a read in flight keeps the descriptor open until it completes even after
-    /// the slot was emptied; the base's unregister waits for exactly that.
-    base: RwLock<Option<Arc<Descriptor>>>,
+    /// The read-only, `read_many_write_none`-claimed descriptor on the base. A read in
+    /// flight keeps the descriptor open until it completes even after the slot was closed
+    /// (without a lock or a reference count per read, see [`DescSlot`]); the base's
+    /// unregister waits for exactly that.
+    base: DescSlot,
     /// Set while the listener handles the base's removal: it then closes the base descriptor
     /// itself, after our unregister has fully finished, so that by the time the base is gone
     /// the read-only bdev is gone from the registry too.
@@ -74,16 +76,11 @@ impl RoBdev {
     /// Whether the base descriptor is still held (false once the base was removed or the
     /// read-only bdev was destructed).
     pub fn has_base(&self) -> bool {
-        self.shared
-            .base
-            .read()
-            .map(|b| b.is_some())
-            .unwrap_or(false)
+        !self.shared.base.is_closed()
     }
 
-    fn base(&self) -> bdev_core::Result<Arc<Descriptor>> {
-        let slot = self.shared.base.read().map_err(|_| self.base_gone())?;
-        slot.clone().ok_or_else(|| self.base_gone())
+    fn base(&self) -> bdev_core::Result<DescGuard<'_>> {
+        self.shared.base.get().ok_or_else(|| self.base_gone())
     }
 
     fn base_gone(&self) -> BdevError {
@@ -218,10 +215,8 @@ impl BlockDevice for RoBdev {
     }
     async fn destruct(&self) {
         if !self.shared.base_removing.load(Ordering::Acquire) {
-            if let Ok(mut slot) = self.shared.base.write() {
-                // Releases the claim on the base once the last in-flight read is done.
-                slot.take();
-            }
+            // Releases the claim on the base once the last in-flight read is done.
+            self.shared.base.close();
         }
         if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
             let _ = stop.send(());
@@ -256,7 +251,7 @@ pub async fn create(registry: &Registry, opts: RoOpts) -> Result<Arc<RoBdev>> {
     let (stop_tx, stop_rx) = oneshot::channel();
     let shared = Arc::new(Shared {
         num_blocks: AtomicU64::new(dev.num_blocks()),
-        base: RwLock::new(Some(Arc::new(base))),
+        base: DescSlot::new(base),
         base_removing: AtomicBool::new(false),
     });
     let ro = Arc::new(RoBdev {
@@ -387,9 +382,7 @@ impl Listener {
             tracing::debug!(target: "bdev", bdev = %self.name, error = %e,
                 "unregister after base removal");
         }
-        if let Ok(mut slot) = self.shared.base.write() {
-            slot.take();
-        }
+        self.shared.base.close();
     }
 }
 

@@ -237,6 +237,9 @@ pub(crate) struct Ring {
     files_dropped: AtomicBool,
     /// Set up with `SINGLE_ISSUER | DEFER_TASKRUN`: only the owner thread may enter.
     pub(crate) single_issuer: bool,
+    /// Set up with `IORING_SETUP_TASKRUN_FLAG`: the kernel raises `IORING_SQ_TASKRUN` when
+    /// completion work waits for an `io_uring_enter`, so a polling owner enters only then.
+    taskrun_flag: bool,
     /// An owner-driven ring served by a foreign event loop: its task, woken when a request
     /// is queued (`submit_due` false -> true).
     submit_task: futures::task::AtomicWaker,
@@ -297,7 +300,16 @@ impl Ring {
         } else {
             Err(io::Error::from_raw_os_error(libc::EINVAL))
         };
+        let mut taskrun_flag = single_issuer;
         let ring = ring
+            .or_else(|_| {
+                let r = IoUring::builder()
+                    .setup_coop_taskrun()
+                    .setup_taskrun_flag()
+                    .build(entries);
+                taskrun_flag = r.is_ok();
+                r
+            })
             .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
             .or_else(|_| IoUring::new(entries))?;
         probe(&ring)?;
@@ -325,6 +337,7 @@ impl Ring {
             files,
             files_dropped: AtomicBool::new(false),
             single_issuer,
+            taskrun_flag,
             submit_task: futures::task::AtomicWaker::new(),
             submit_due: AtomicBool::new(false),
         })
@@ -502,11 +515,15 @@ impl Ring {
         self.submit_due.store(false, Ordering::Release);
         // SAFETY: only the ring's owner calls this, and the submission queue's tail is read
         // under the pending mutex like every other access to it.
-        let queued = unsafe {
+        let (queued, taskrun) = unsafe {
             let _g = lock(&self.pending);
-            self.ring.submission_shared().len()
+            let sq = self.ring.submission_shared();
+            (sq.len(), sq.taskrun())
         };
-        if queued == 0 && self.pending() == 0 {
+        if queued == 0 && (self.pending() == 0 || (self.taskrun_flag && !taskrun)) {
+            // Nothing to submit, and (where the kernel tells us, IORING_SQ_TASKRUN) no
+            // completion work waiting: no syscall. Completions already posted are read from
+            // the completion queue in user space by the drain.
             return;
         }
         // SAFETY: plain io_uring_enter with no argument pointer.
@@ -549,9 +566,14 @@ impl Ring {
     /// Submits what is queued and waits for a completion, at most `timeout` (a plain wait
     /// on kernels without timed waits).
     pub(crate) fn wait_timeout(&self, timeout: std::time::Duration) {
+        self.wait_for(1, timeout)
+    }
+
+    /// Submits what is queued and waits for `want` completions, at most `timeout`.
+    pub(crate) fn wait_for(&self, want: usize, timeout: std::time::Duration) {
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
-        match self.ring.submitter().submit_with_args(1, &args) {
+        match self.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.submit_and_wait(1),
             Err(e) => {

@@ -244,3 +244,49 @@ fn an_attached_ring_serves_requests_from_a_foreign_loop() {
         assert_eq!(got, pattern(&d, 16, 2, 5));
     });
 }
+
+/// 256 requests at depth 64 on an exclusive reactor (single-issuer ring, batched completion
+/// waits), optionally busy polling: every block reads back what was written to it.
+fn exclusive_round_trip(busy_poll: bool) {
+    guarded(move || {
+        reactor::set_exclusive();
+        reactor::set_busy_poll(busy_poll);
+        let dir = tempfile::tempdir().unwrap();
+        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
+            return;
+        };
+        let d = reg.open("a", true).unwrap();
+        reactor::block_on(async {
+            let lbas: Vec<u64> = (0..256u64).map(|i| (i * 7) % 2048).collect();
+            futures::stream::iter(lbas.iter().copied())
+                .for_each_concurrent(64, |lba| {
+                    let d = &d;
+                    async move {
+                        d.write(lba, pattern(d, lba, 1, 5)).await.unwrap();
+                    }
+                })
+                .await;
+            futures::stream::iter(lbas.iter().copied())
+                .for_each_concurrent(64, |lba| {
+                    let d = &d;
+                    async move {
+                        let r = d.read(lba, IoBuf::new(4096, 4096)).await.unwrap();
+                        assert_eq!(r, pattern(d, lba, 1, 5), "lba {lba}");
+                    }
+                })
+                .await;
+        });
+        drop(d);
+        reactor::block_on(reg.unregister("a")).unwrap();
+    })
+}
+
+#[test]
+fn exclusive_reactor_with_batched_completion_waits_round_trips() {
+    exclusive_round_trip(false);
+}
+
+#[test]
+fn busy_polling_reactor_round_trips() {
+    exclusive_round_trip(true);
+}
