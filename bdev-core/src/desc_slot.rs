@@ -161,17 +161,24 @@ mod tests {
     use crate::backend::malloc::MallocBdev;
     use crate::{IoBuf, Registry};
 
+    /// A registry with the malloc bdev "m" (64 blocks of 512 bytes) and a slot holding a
+    /// writable descriptor of it.
+    async fn malloc_slot() -> (Registry, DescSlot) {
+        let reg = Registry::new();
+        reg.register(MallocBdev::create("m", 64, 512, None).unwrap())
+            .await
+            .unwrap();
+        let slot = DescSlot::new(reg.open("m", true).unwrap());
+        (reg, slot)
+    }
+
     /// A guard taken before the close keeps the descriptor open (its read succeeds and the
     /// bdev's unregister waits); later gets fail; the last guard's drop closes it, after
     /// which the unregister completes.
     #[test]
     fn close_waits_for_the_guards_taken_before_it() {
         futures::executor::block_on(async {
-            let reg = Registry::new();
-            reg.register(MallocBdev::create("m", 64, 512, None).unwrap())
-                .await
-                .unwrap();
-            let slot = DescSlot::new(reg.open("m", true).unwrap());
+            let (reg, slot) = malloc_slot().await;
             let g = slot.get().expect("open");
             let mut claimed = false;
             assert!(slot.close_with(|d| claimed = d.is_writable()));
@@ -202,11 +209,7 @@ mod tests {
     #[test]
     fn dropping_an_open_slot_closes_the_descriptor() {
         futures::executor::block_on(async {
-            let reg = Registry::new();
-            reg.register(MallocBdev::create("m", 64, 512, None).unwrap())
-                .await
-                .unwrap();
-            let slot = DescSlot::new(reg.open("m", true).unwrap());
+            let (reg, slot) = malloc_slot().await;
             assert!(slot.get().is_some_and(|d| d.is_writable()));
             drop(slot);
             reg.unregister("m").await.unwrap();

@@ -66,6 +66,12 @@ fn ticks_to_secs(t: u64) -> f64 {
     t as f64 / stats::TICK_RATE as f64
 }
 
+/// A per-store gauge family: name, help text and the sample's value.
+type StoreGauge = (&'static str, &'static str, fn(&lvol::LvolStore) -> u64);
+
+/// A per-bdev, per-I/O-type counter family: name, help text and the sample's value.
+type CounterFamily = (&'static str, &'static str, fn(&OpCounters) -> String);
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -97,49 +103,30 @@ impl Metrics {
         let by_type = |st: &bdev_core::stats::IoStat| -> [(&'static str, OpCounters); 3] {
             [("read", st.read), ("write", st.write), ("unmap", st.unmap)]
         };
-        header(
-            &mut out,
-            "tgt_bdev_ops",
-            "counter",
-            "Completed I/O by type.",
-        );
-        for (n, st, _) in &devs {
-            for (t, c) in by_type(st) {
-                let _ = writeln!(
-                    out,
-                    "tgt_bdev_ops_total{{bdev=\"{n}\",type=\"{t}\"}} {}",
-                    c.ops
-                );
-            }
-        }
-        header(
-            &mut out,
-            "tgt_bdev_bytes",
-            "counter",
-            "Bytes moved by completed I/O.",
-        );
-        for (n, st, _) in &devs {
-            for (t, c) in by_type(st) {
-                let _ = writeln!(
-                    out,
-                    "tgt_bdev_bytes_total{{bdev=\"{n}\",type=\"{t}\"}} {}",
-                    c.bytes
-                );
-            }
-        }
-        header(
-            &mut out,
-            "tgt_bdev_latency_seconds",
-            "counter",
-            "Sum of the latencies of completed I/O.",
-        );
-        for (n, st, _) in &devs {
-            for (t, c) in by_type(st) {
-                let _ = writeln!(
-                    out,
-                    "tgt_bdev_latency_seconds_total{{bdev=\"{n}\",type=\"{t}\"}} {}",
-                    ticks_to_secs(c.latency_ticks)
-                );
+        // One counter family per (name, help, value) with a sample per bdev and I/O type.
+        let families: [CounterFamily; 3] = [
+            ("tgt_bdev_ops", "Completed I/O by type.", |c| {
+                c.ops.to_string()
+            }),
+            ("tgt_bdev_bytes", "Bytes moved by completed I/O.", |c| {
+                c.bytes.to_string()
+            }),
+            (
+                "tgt_bdev_latency_seconds",
+                "Sum of the latencies of completed I/O.",
+                |c| ticks_to_secs(c.latency_ticks).to_string(),
+            ),
+        ];
+        for (name, help, value) in families {
+            header(&mut out, name, "counter", help);
+            for (n, st, _) in &devs {
+                for (t, c) in by_type(st) {
+                    let _ = writeln!(
+                        out,
+                        "{name}_total{{bdev=\"{n}\",type=\"{t}\"}} {}",
+                        value(&c)
+                    );
+                }
             }
         }
         header(&mut out, "tgt_bdev_io_errors", "counter", "Failed I/O.");
@@ -186,47 +173,29 @@ impl Metrics {
         }
         if let Some(lvol) = &self.lvol {
             let stores = lvol.lvstores();
-            header(
-                &mut out,
-                "tgt_lvol_store_clusters",
-                "gauge",
-                "Data clusters of the lvol store.",
-            );
-            for s in &stores {
-                let _ = writeln!(
-                    out,
-                    "tgt_lvol_store_clusters{{lvs=\"{}\"}} {}",
-                    esc(&s.name()),
-                    s.total_data_clusters()
-                );
-            }
-            header(
-                &mut out,
-                "tgt_lvol_store_free_clusters",
-                "gauge",
-                "Free clusters of the lvol store.",
-            );
-            for s in &stores {
-                let _ = writeln!(
-                    out,
-                    "tgt_lvol_store_free_clusters{{lvs=\"{}\"}} {}",
-                    esc(&s.name()),
-                    s.free_clusters()
-                );
-            }
-            header(
-                &mut out,
-                "tgt_lvol_store_cluster_size_bytes",
-                "gauge",
-                "Cluster size of the lvol store.",
-            );
-            for s in &stores {
-                let _ = writeln!(
-                    out,
-                    "tgt_lvol_store_cluster_size_bytes{{lvs=\"{}\"}} {}",
-                    esc(&s.name()),
-                    s.cluster_size()
-                );
+            // One gauge family per (name, help, value) with a sample per store.
+            let gauges: [StoreGauge; 3] = [
+                (
+                    "tgt_lvol_store_clusters",
+                    "Data clusters of the lvol store.",
+                    |s| s.total_data_clusters(),
+                ),
+                (
+                    "tgt_lvol_store_free_clusters",
+                    "Free clusters of the lvol store.",
+                    |s| s.free_clusters(),
+                ),
+                (
+                    "tgt_lvol_store_cluster_size_bytes",
+                    "Cluster size of the lvol store.",
+                    |s| u64::from(s.cluster_size()),
+                ),
+            ];
+            for (name, help, value) in gauges {
+                header(&mut out, name, "gauge", help);
+                for s in &stores {
+                    let _ = writeln!(out, "{name}{{lvs=\"{}\"}} {}", esc(&s.name()), value(s));
+                }
             }
             let degraded = lvol.lvols().iter().filter(|l| l.is_degraded()).count();
             header(

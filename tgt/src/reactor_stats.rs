@@ -270,23 +270,22 @@ impl Reactors {
 
     /// The `on_thread_park` hook of the control runtime's workers.
     pub fn control_park(&self) {
-        CONTROL_TICKS.with(|c| {
-            if let Some(t) = c.borrow().as_ref() {
-                t.park();
-                return;
-            }
-            self.control_ticks().park();
-        });
+        self.with_control_ticks(|t| t.park());
     }
 
     /// The `on_thread_unpark` hook of the control runtime's workers.
     pub fn control_unpark(&self) {
+        self.with_control_ticks(|t| t.unpark());
+    }
+
+    /// Runs `f` on this control worker's counters (registered on first use).
+    fn with_control_ticks(&self, f: impl FnOnce(&LoopTicks)) {
         CONTROL_TICKS.with(|c| {
             if let Some(t) = c.borrow().as_ref() {
-                t.unpark();
+                f(t);
                 return;
             }
-            self.control_ticks().unpark();
+            f(&self.control_ticks());
         });
     }
 
