@@ -49,6 +49,16 @@ impl Drop for BusyGuard {
 }
 
 impl StoreInner {
+    /// Ids of the clones of `id` (empty when it has none).
+    pub(crate) fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
+        self.graph
+            .lock()
+            .clones
+            .get(&id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
     pub(crate) fn busy_guard(self: &Arc<Self>, ids: &[BlobId]) -> Result<BusyGuard> {
         let mut st = self.graph.lock();
         if let Some(id) = ids.iter().find(|id| st.busy.contains(id)) {

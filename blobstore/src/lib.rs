@@ -351,13 +351,7 @@ impl Blobstore {
     }
     /// Ids of the clones of a snapshot.
     pub fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
-        self.inner
-            .graph
-            .lock()
-            .clones
-            .get(&id)
-            .cloned()
-            .unwrap_or_default()
+        self.inner.clones_of(id)
     }
 }
 

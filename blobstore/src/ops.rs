@@ -364,13 +364,7 @@ impl StoreInner {
         self.check_live()?;
         let _busy = self.busy_guard(&[id])?;
         loop {
-            let clones = self
-                .graph
-                .lock()
-                .clones
-                .get(&id)
-                .cloned()
-                .unwrap_or_default();
+            let clones = self.clones_of(id);
             if clones.len() > 1 {
                 return Err(busy(format!(
                     "blob {id:#x} has {} clones and cannot be deleted",
@@ -385,13 +379,7 @@ impl StoreInner {
                 None => None,
             };
             let _g = self.md_lock.lock().await;
-            let now = self
-                .graph
-                .lock()
-                .clones
-                .get(&id)
-                .cloned()
-                .unwrap_or_default();
+            let now = self.clones_of(id);
             let now_open = now
                 .first()
                 .and_then(|c| self.graph.lock().open.get(c).cloned());
