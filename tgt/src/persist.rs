@@ -168,16 +168,20 @@ impl Persist {
         if last.as_deref() == Some(bytes.as_slice()) {
             return Ok(());
         }
-        if last.is_none() && std::fs::read(&self.path).is_ok_and(|old| old == bytes) {
-            *last = Some(bytes);
-            return Ok(());
-        }
+        // The first save after start skips a write when the file already holds this
+        // document; both the read and the write run off the async thread.
+        let first = last.is_none();
         let path = self.path.clone();
         let b = bytes.clone();
-        tokio::task::spawn_blocking(move || write_atomic(&path, &b))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        tokio::task::spawn_blocking(move || {
+            if first && std::fs::read(&path).is_ok_and(|old| old == b) {
+                return Ok(());
+            }
+            write_atomic(&path, &b)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{}: {e}", self.path.display()))?;
         *last = Some(bytes);
         Ok(())
     }
