@@ -137,6 +137,28 @@ struct Args {
     workload: Workload,
 }
 
+/// `--target KIND:PATH` or `KIND:MIB`.
+fn parse_target(v: &str) -> Result<Target, String> {
+    let unknown = || format!("unknown target {v:?}");
+    let (kind, rest) = v.split_once(':').ok_or_else(unknown)?;
+    let file = || PathBuf::from(rest);
+    let mib = || parse_num(&format!("--target {kind}:"), Some(rest.to_string()));
+    Ok(match kind {
+        "aio" => Target::Aio(file()),
+        "lvol" => Target::Lvol(file()),
+        "thinlvol" => Target::ThinLvol(file()),
+        "blob" => Target::Blob(file()),
+        "nbdesnap" => Target::NbdEsnap(file()),
+        "snapclone" => Target::SnapClone(file()),
+        "bsload" => Target::BsLoad(file()),
+        "esnap" => Target::Esnap(file()),
+        "mlvol" => Target::MallocLvol { mib: mib()? },
+        "mesnap" => Target::MallocEsnap { mib: mib()? },
+        "malloc" => Target::Malloc { mib: mib()? },
+        _ => return Err(unknown()),
+    })
+}
+
 fn parse_num(flag: &str, v: Option<String>) -> Result<u64, String> {
     let v = v.ok_or_else(|| format!("{flag} needs a value"))?;
     let (digits, mult) = match v.as_bytes().last() {
@@ -171,37 +193,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         match a.as_str() {
             "--target" => {
                 let v = it.next().ok_or("--target needs a value")?;
-                target = Some(if let Some(p) = v.strip_prefix("aio:") {
-                    Target::Aio(PathBuf::from(p))
-                } else if let Some(p) = v.strip_prefix("lvol:") {
-                    Target::Lvol(PathBuf::from(p))
-                } else if let Some(p) = v.strip_prefix("thinlvol:") {
-                    Target::ThinLvol(PathBuf::from(p))
-                } else if let Some(p) = v.strip_prefix("blob:") {
-                    Target::Blob(PathBuf::from(p))
-                } else if let Some(p) = v.strip_prefix("nbdesnap:") {
-                    Target::NbdEsnap(PathBuf::from(p))
-                } else if let Some(p) = v.strip_prefix("snapclone:") {
-                    Target::SnapClone(PathBuf::from(p))
-                } else if let Some(p) = v.strip_prefix("bsload:") {
-                    Target::BsLoad(PathBuf::from(p))
-                } else if let Some(p) = v.strip_prefix("esnap:") {
-                    Target::Esnap(PathBuf::from(p))
-                } else if let Some(m) = v.strip_prefix("mlvol:") {
-                    Target::MallocLvol {
-                        mib: parse_num("--target mlvol:", Some(m.to_string()))?,
-                    }
-                } else if let Some(m) = v.strip_prefix("mesnap:") {
-                    Target::MallocEsnap {
-                        mib: parse_num("--target mesnap:", Some(m.to_string()))?,
-                    }
-                } else if let Some(m) = v.strip_prefix("malloc:") {
-                    Target::Malloc {
-                        mib: parse_num("--target malloc:", Some(m.to_string()))?,
-                    }
-                } else {
-                    return Err(format!("unknown target {v:?}"));
-                });
+                target = Some(parse_target(&v)?);
             }
             "--engine" => {
                 engine = match it.next().as_deref() {
@@ -327,20 +319,34 @@ async fn fresh_lvstore(
     wipe_super_block(path)?;
     let a = aio_bdev(args, "bench_base", path)?;
     let engine = a.engine();
-    reg.register(a)
-        .await
-        .map_err(|e| format!("register: {e}"))?;
+    register(reg, a).await?;
     reg.wait_for_examine().await;
-    let mut o = LvsOpts::new("bench_lvs");
+    let store = new_lvstore(m, "bench_base", "bench_lvs", cluster_size).await?;
+    Ok((store, engine))
+}
+
+/// A new lvol store `name` on `bdev` that clears nothing, with `cluster_size` or the default.
+async fn new_lvstore(
+    m: &LvolModule,
+    bdev: &str,
+    name: &str,
+    cluster_size: Option<u32>,
+) -> Result<Arc<lvol::LvolStore>, String> {
+    let mut o = LvsOpts::new(name);
     o.clear_method = LvsClearMethod::None;
     if let Some(cs) = cluster_size {
         o.cluster_size = cs;
     }
-    let store = m
-        .create_lvstore("bench_base", o)
+    m.create_lvstore(bdev, o)
         .await
-        .map_err(|e| format!("create lvol store: {e}"))?;
-    Ok((store, engine))
+        .map_err(|e| format!("create lvol store: {e}"))
+}
+
+/// Registers a device of the run.
+async fn register(reg: &Registry, dev: Arc<dyn BlockDevice>) -> Result<(), String> {
+    reg.register(dev)
+        .await
+        .map_err(|e| format!("register: {e}"))
 }
 
 /// A thick (or with `thin`, thin) lvol over the whole capacity of a fresh store on `path`;
@@ -384,9 +390,7 @@ async fn esnap_target(
     let base_size = std::fs::metadata(path)
         .map_err(|e| format!("{}: {e}", path.display()))?
         .len();
-    reg.register(base)
-        .await
-        .map_err(|e| format!("register: {e}"))?;
+    register(reg, base).await?;
     let mut store_path = path.as_os_str().to_owned();
     store_path.push(".esnap-lvs");
     let store_path = PathBuf::from(store_path);
@@ -396,19 +400,9 @@ async fn esnap_target(
         .and_then(|f| f.set_len(base_size + (256 << 20)))
         .map_err(|e| format!("{}: {e}", store_path.display()))?;
     let sa = aio_bdev_with(args, "bench_esnap_store", &store_path, Some(4096), false)?;
-    reg.register(sa)
-        .await
-        .map_err(|e| format!("register: {e}"))?;
+    register(reg, sa).await?;
     reg.wait_for_examine().await;
-    let mut o = LvsOpts::new("bench_esnap_lvs");
-    o.clear_method = LvsClearMethod::None;
-    if let Some(cs) = args.cluster_size {
-        o.cluster_size = cs;
-    }
-    let store = m
-        .create_lvstore("bench_esnap_store", o)
-        .await
-        .map_err(|e| format!("create lvol store: {e}"))?;
+    let store = new_lvstore(m, "bench_esnap_store", "bench_esnap_lvs", args.cluster_size).await?;
     let clone = m
         .create_esnap_clone("bench_esnap_base", &store, "clone")
         .await
@@ -437,27 +431,15 @@ async fn malloc_lvol_target(
     } else {
         ("bench_mbase", mib, bl)
     };
-    reg.register(malloc("bench_mbase", mib, bl)?)
-        .await
-        .map_err(|e| format!("register: {e}"))?;
+    register(reg, malloc("bench_mbase", mib, bl)?).await?;
     if esnap {
         // The clone reads the base; the store below only takes metadata. (A thick lvol is
         // written in full after creation instead.)
         fill_bdev(reg, "bench_mbase").await?;
-        reg.register(malloc(store_bdev, store_mib, store_bl)?)
-            .await
-            .map_err(|e| format!("register: {e}"))?;
+        register(reg, malloc(store_bdev, store_mib, store_bl)?).await?;
     }
     reg.wait_for_examine().await;
-    let mut o = LvsOpts::new("bench_mlvs");
-    o.clear_method = LvsClearMethod::None;
-    if let Some(cs) = args.cluster_size {
-        o.cluster_size = cs;
-    }
-    let store = m
-        .create_lvstore(store_bdev, o)
-        .await
-        .map_err(|e| format!("create lvol store: {e}"))?;
+    let store = new_lvstore(m, store_bdev, "bench_mlvs", args.cluster_size).await?;
     let lvol = if esnap {
         m.create_esnap_clone("bench_mbase", &store, "clone")
             .await
@@ -522,9 +504,7 @@ async fn bs_dev(
 ) -> Result<(Arc<dyn BsDev>, AioEngine), String> {
     let a = aio_bdev(args, name, path)?;
     let engine = a.engine();
-    reg.register(a)
-        .await
-        .map_err(|e| format!("register: {e}"))?;
+    register(reg, a).await?;
     let desc = reg.open(name, true).map_err(|e| format!("open: {e}"))?;
     Ok((Arc::new(BdevBsDev::new(desc)), engine))
 }
@@ -678,17 +658,9 @@ async fn snapclone_run(
         .map_err(|e| format!("{}: {e}", store_path.display()))?;
     let a = aio_bdev(args, "bench_sc", &store_path)?;
     let engine = a.engine();
-    reg.register(a)
-        .await
-        .map_err(|e| format!("register: {e}"))?;
+    register(reg, a).await?;
     let m = LvolModule::new(reg.clone());
-    let mut o = LvsOpts::new("bench_sc_lvs");
-    o.cluster_size = 1 << 20;
-    o.clear_method = LvsClearMethod::None;
-    let store = m
-        .create_lvstore("bench_sc", o)
-        .await
-        .map_err(|e| format!("create lvol store: {e}"))?;
+    let store = new_lvstore(&m, "bench_sc", "bench_sc_lvs", Some(1 << 20)).await?;
     let mut vols = Vec::new();
     for i in 0..args.lvols {
         vols.push(
@@ -744,16 +716,14 @@ async fn nbd_esnap_target(
         .map_err(|e| format!("nbd client: {e}"))?;
     let store = MallocBdev::create("bench_nbd_store", (256 << 20) / 4096, 4096, None)
         .map_err(|e| format!("malloc bdev: {e}"))?;
-    reg.register(store)
-        .await
-        .map_err(|e| format!("register: {e}"))?;
-    let mut o = LvsOpts::new("bench_nbd_lvs");
-    o.cluster_size = args.cluster_size.unwrap_or(1 << 20);
-    o.clear_method = LvsClearMethod::None;
-    let s = m
-        .create_lvstore("bench_nbd_store", o)
-        .await
-        .map_err(|e| format!("create lvol store: {e}"))?;
+    register(reg, store).await?;
+    let s = new_lvstore(
+        m,
+        "bench_nbd_store",
+        "bench_nbd_lvs",
+        Some(args.cluster_size.unwrap_or(1 << 20)),
+    )
+    .await?;
     let clone = m
         .create_esnap_clone(&dev.uuid().to_string(), &s, "clone")
         .await
