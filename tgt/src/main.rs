@@ -18,7 +18,7 @@ use std::sync::Arc;
 use bdev_core::Registry;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
-use serde_json::json;
+use serde_json::{json, Value};
 use tgt::nbd::server::NbdServer;
 use tgt::target::Target;
 use tgt::{config, limits, modules, server};
@@ -537,8 +537,25 @@ async fn run(
     code
 }
 
-fn rpc_err(method: &str, e: bdev_core::rpc::RpcError) -> String {
-    format!("{method}: {} ({})", e.message, e.code)
+/// Calls `method`; a failure is the error text `method: message (code)`.
+async fn call(target: &Arc<Target>, method: &str, params: Value) -> Result<Value, String> {
+    target
+        .call(method, Some(params))
+        .await
+        .map_err(|e| format!("{method}: {} ({})", e.message, e.code))
+}
+
+/// Calls `create` (method, params) unless the lookup `find` succeeds: what a replayed
+/// configuration brought back already is kept.
+async fn create_unless_found(
+    target: &Arc<Target>,
+    (find, find_params): (&str, Value),
+    (create, create_params): (&str, Value),
+) -> Result<(), String> {
+    if target.call(find, Some(find_params)).await.is_err() {
+        call(target, create, create_params).await?;
+    }
+    Ok(())
 }
 
 async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), String> {
@@ -557,47 +574,28 @@ async fn embedded_default(target: &Arc<Target>, socket: &Path) -> Result<(), Str
     if persist.replay(target).await? {
         println!("tgt: replayed {}", persist.path().display());
     }
-    let have_store = target
-        .call("bdev_get_bdevs", Some(json!({"name": "store0"})))
-        .await
-        .is_ok();
-    if !have_store {
-        target
-            .call(
-                "bdev_aio_create",
-                Some(
-                    json!({"name": "store0", "filename": store.to_string_lossy(), "block_size": 4096}),
-                ),
-            )
-            .await
-            .map_err(|e| rpc_err("bdev_aio_create", e))?;
-    }
+    let aio = json!({"name": "store0", "filename": store.to_string_lossy(), "block_size": 4096});
+    create_unless_found(
+        target,
+        ("bdev_get_bdevs", json!({"name": "store0"})),
+        ("bdev_aio_create", aio),
+    )
+    .await?;
     if target.has_method("bdev_lvol_get_lvstores") {
-        let found = target
-            .call("bdev_lvol_get_lvstores", Some(json!({"lvs_name": "lvs0"})))
-            .await
-            .is_ok();
-        if !found {
-            target
-                .call(
-                    "bdev_lvol_create_lvstore",
-                    Some(json!({"bdev_name": "store0", "lvs_name": "lvs0"})),
-                )
-                .await
-                .map_err(|e| rpc_err("bdev_lvol_create_lvstore", e))?;
-        }
+        let lvs0 = json!({"bdev_name": "store0", "lvs_name": "lvs0"});
+        create_unless_found(
+            target,
+            ("bdev_lvol_get_lvstores", json!({"lvs_name": "lvs0"})),
+            ("bdev_lvol_create_lvstore", lvs0),
+        )
+        .await?;
     } else {
         eprintln!("tgt: lvol module not built in; no lvol store on store0");
     }
     let nbd_sock = dir.join("nbd.sock");
     if target.nbd().listen_address().is_none() {
-        target
-            .call(
-                "nbd_server_start",
-                Some(json!({"listen": format!("unix:{}", nbd_sock.display())})),
-            )
-            .await
-            .map_err(|e| rpc_err("nbd_server_start", e))?;
+        let listen = json!({"listen": format!("unix:{}", nbd_sock.display())});
+        call(target, "nbd_server_start", listen).await?;
     }
     persist.save(target).await?;
     persist.install(target);
