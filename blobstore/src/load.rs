@@ -778,6 +778,15 @@ pub(crate) async fn load(dev: Arc<dyn BsDev>, opts: &BsOpts) -> Result<Arc<Store
     Ok(inner)
 }
 
+/// The indices of the `(index, cluster or page)` entries whose cluster or page is in `other`:
+/// what a blob shares with another one.
+fn shared_with(entries: impl Iterator<Item = (usize, u32)>, other: &HashSet<u32>) -> Vec<usize> {
+    entries
+        .filter(|(_, x)| other.contains(x))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 impl StoreInner {
     /// Reads the md chain of every blob in the blob-id mask and summarises it.
     async fn read_summaries(&self) -> Result<BTreeMap<BlobId, BlobSummary>> {
@@ -883,22 +892,10 @@ impl StoreInner {
             ),
             Err(_) => (HashSet::new(), HashSet::new()),
         };
-        let shared: Vec<usize> = md
-            .clusters
-            .allocated()
-            .filter(|(_, c)| tclusters.contains(c))
-            .map(|(i, _)| i)
-            .collect();
-        for i in shared {
+        for i in shared_with(md.clusters.allocated(), &tclusters) {
             md.clusters.set(i, 0);
         }
-        let shared: Vec<usize> = md
-            .eps
-            .pages()
-            .filter(|(_, p)| teps.contains(p))
-            .map(|(k, _)| k)
-            .collect();
-        for k in shared {
+        for k in shared_with(md.eps.pages(), &teps) {
             md.eps.set(k, 0);
         }
         self.alloc.lock().used_blobids.clear(u64::from(snap as u32));
