@@ -81,21 +81,23 @@ impl BsError {
     }
 }
 
-pub(crate) fn einval(msg: impl Into<String>) -> BsError {
-    BsError::InvalidArgument(msg.into())
+/// Short constructors of the variants that carry a message: `einval(m)` is
+/// `BsError::InvalidArgument(m.into())`, and so on.
+macro_rules! constructors {
+    ($($name:ident => $variant:ident),+ $(,)?) => {
+        $(
+            pub(crate) fn $name(msg: impl Into<String>) -> BsError {
+                BsError::$variant(msg.into())
+            }
+        )+
+    };
 }
-pub(crate) fn corrupt(msg: impl Into<String>) -> BsError {
-    BsError::Corrupt(msg.into())
-}
-pub(crate) fn busy(msg: impl Into<String>) -> BsError {
-    BsError::Busy(msg.into())
-}
-pub(crate) fn enoent(msg: impl Into<String>) -> BsError {
-    BsError::NotFound(msg.into())
-}
-pub(crate) fn eperm(msg: impl Into<String>) -> BsError {
-    BsError::ReadOnly(msg.into())
-}
-pub(crate) fn enospc(msg: impl Into<String>) -> BsError {
-    BsError::NoSpace(msg.into())
+
+constructors! {
+    einval => InvalidArgument,
+    corrupt => Corrupt,
+    busy => Busy,
+    enoent => NotFound,
+    eperm => ReadOnly,
+    enospc => NoSpace,
 }
