@@ -122,8 +122,8 @@ pub struct NameOnly {
 }
 
 /// True when a request's `params` ask for nothing in particular (absent, `null` or `{}`):
-/// a listing method then writes its whole list as text ([`RpcModule::call_raw`]), while a
-/// filter goes the `Value` way.
+/// a listing method then writes its whole list as text ([`RpcModule::write_listing`]), while
+/// a filter goes the `Value` way.
 pub fn no_params(params: &Option<Value>) -> bool {
     match params {
         None | Some(Value::Null) => true,
@@ -144,18 +144,14 @@ pub trait RpcModule: Send + Sync + 'static {
     }
     /// Runs one method. `params` is the request's `params` member, if any.
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError>;
-    /// Runs a method whose result the module writes as JSON text straight into `out`, with
-    /// no `Value` tree in between (listings of thousands of entries). `None`: the module
-    /// answers `method` through [`RpcModule::call`] only (the default). On `Some(Ok)`, exactly
-    /// one JSON value was appended to `out` (the caller may have put the response's head
-    /// there first), the same [`RpcModule::call`] would give.
-    async fn call_raw(
-        &self,
-        _method: &str,
-        _params: &Option<Value>,
-        _out: &mut Vec<u8>,
-    ) -> Option<Result<(), RpcError>> {
-        None
+    /// Answers the listing method `method`, asked for its whole list (no params, see
+    /// [`no_params`]), by writing the result as JSON text straight into `out`, with no `Value`
+    /// tree in between (listings of thousands of entries). On `true`, exactly one JSON value
+    /// was appended to `out` (the caller may have put the response's head there first), the
+    /// same [`RpcModule::call`] would give. `false` (the default): the module answers `method`
+    /// through [`RpcModule::call`] only, and `out` is untouched.
+    fn write_listing(&self, _method: &str, _out: &mut Vec<u8>) -> bool {
+        false
     }
 }
 

@@ -636,18 +636,12 @@ impl RpcModule for LvolRpc {
     fn methods(&self) -> Vec<&'static str> {
         METHODS.to_vec()
     }
-    async fn call_raw(
-        &self,
-        method: &str,
-        params: &Option<Value>,
-        out: &mut Vec<u8>,
-    ) -> Option<Result<(), RpcError>> {
-        // The whole list is written as text; a store filter goes the Value way.
-        if method != "bdev_lvol_get_lvols" || !bdev_core::rpc::no_params(params) {
-            return None;
+    fn write_listing(&self, method: &str, out: &mut Vec<u8>) -> bool {
+        if method != "bdev_lvol_get_lvols" {
+            return false;
         }
         crate::listing::write_lvols(&self.module.lvstores(), out);
-        Some(Ok(()))
+        true
     }
 
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {

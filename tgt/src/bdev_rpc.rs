@@ -152,18 +152,12 @@ impl RpcModule for BdevRpc {
         vec!["bdev_get_bdevs"]
     }
 
-    async fn call_raw(
-        &self,
-        method: &str,
-        params: &Option<Value>,
-        out: &mut Vec<u8>,
-    ) -> Option<Result<(), RpcError>> {
-        // The whole list only; a name (with its wait) goes the Value way.
-        if method != "bdev_get_bdevs" || !bdev_core::rpc::no_params(params) {
-            return None;
+    fn write_listing(&self, method: &str, out: &mut Vec<u8>) -> bool {
+        if method != "bdev_get_bdevs" {
+            return false;
         }
         crate::listing::write_bdevs(&self.registry, out);
-        Some(Ok(()))
+        true
     }
 
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {

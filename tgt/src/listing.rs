@@ -145,7 +145,7 @@ pub fn write_bdevs(registry: &Registry, out: &mut Vec<u8>) {
 
 /// The response bytes (newline included) of `v` when it is a single request of one of
 /// [`RAW_METHODS`] that a module writes as text; `None` sends it the `Value` way.
-pub async fn raw_response(target: &Arc<Target>, v: &Value) -> Option<Vec<u8>> {
+pub fn raw_response(target: &Arc<Target>, v: &Value) -> Option<Vec<u8>> {
     let method = v.get("method")?.as_str()?;
     if !RAW_METHODS.contains(&method) {
         return None;
@@ -158,7 +158,7 @@ pub async fn raw_response(target: &Arc<Target>, v: &Value) -> Option<Vec<u8>> {
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
     serde_json::to_writer(&mut out, &id).ok()?;
     out.extend_from_slice(b",\"result\":");
-    let r = target.call_raw(&req.method, &req.params, &mut out).await?;
+    let r = target.call_raw(&req.method, &req.params, &mut out)?;
     Some(match r {
         Ok(()) => {
             out.extend_from_slice(b"}\n");

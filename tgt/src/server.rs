@@ -151,7 +151,7 @@ async fn connection(
                     let raw_ids = parser.take_raw_ids();
                     // Large listings are written straight as text (no Value tree).
                     if raw_ids.is_empty() {
-                        if let Some(bytes) = crate::listing::raw_response(&target, &v).await {
+                        if let Some(bytes) = crate::listing::raw_response(&target, &v) {
                             stream.write_all(&bytes).await?;
                             continue;
                         }

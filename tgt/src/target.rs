@@ -271,9 +271,10 @@ impl Target {
         }
     }
 
-    /// [`Target::call`] for a module that writes the result as JSON text into `out`
-    /// (`crate::listing`); `None` when the method is not one the module writes that way.
-    pub async fn call_raw(
+    /// [`Target::call`] of a listing asked for its whole list (no params), for a module that
+    /// writes it as JSON text into `out` ([`RpcModule::write_listing`], `crate::listing`);
+    /// `None` when the method or the request is not one the module writes that way.
+    pub fn call_raw(
         self: &Arc<Self>,
         method: &str,
         params: &Option<Value>,
@@ -283,12 +284,14 @@ impl Target {
         let Handler::Module(m) = self.methods[i].handler else {
             return None;
         };
-        if !self.allowed_now(method) || matches!(params, Some(Value::Array(_))) {
+        // A filter (or any other params) goes the Value way.
+        if !self.allowed_now(method) || !bdev_core::rpc::no_params(params) {
             return None;
         }
-        let fut = self.modules[m].call_raw(method, params, out);
-        match AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(r) => r,
+        let module = &self.modules[m];
+        match std::panic::catch_unwind(AssertUnwindSafe(|| module.write_listing(method, out))) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
             Err(_) => {
                 tracing::error!("method {method} panicked");
                 Some(Err(RpcError::new(INTERNAL_ERROR, "Internal error")))
