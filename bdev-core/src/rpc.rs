@@ -132,6 +132,50 @@ pub fn no_params(params: &Option<Value>) -> bool {
     }
 }
 
+/// Implements [`RpcModule`] for a module whose methods need nothing but a handler each, from
+/// one table: every method is named once, for both [`RpcModule::methods`] and the dispatch of
+/// [`RpcModule::call`] (an unknown method is `-32601`). In the handlers, `self` is the module
+/// and the second name is the request's `params`.
+///
+/// ```text
+/// bdev_core::rpc_module! {
+///     NullRpc, |&self, params| {
+///         "bdev_null_create" => self.create(decode(params)?).await,
+///         "bdev_null_delete" => self.0.delete(params, "null").await,
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! rpc_module {
+    ($module:ty, |&$this:ident, $params:ident| { $($method:literal => $handler:expr),+ $(,)? }) => {
+        #[$crate::rpc::macro_support::async_trait]
+        impl $crate::rpc::RpcModule for $module {
+            fn methods(&self) -> Vec<&'static str> {
+                vec![$($method),+]
+            }
+
+            async fn call(
+                &$this,
+                method: &str,
+                $params: Option<$crate::rpc::macro_support::Value>,
+            ) -> Result<$crate::rpc::macro_support::Value, $crate::rpc::RpcError> {
+                match method {
+                    $($method => $handler,)+
+                    _ => Err($crate::rpc::RpcError::method_not_found()),
+                }
+            }
+        }
+    };
+}
+
+/// What [`rpc_module!`] expands to, reached through `$crate` so that its users need not
+/// name these crates themselves.
+#[doc(hidden)]
+pub mod macro_support {
+    pub use async_trait::async_trait;
+    pub use serde_json::Value;
+}
+
 /// A module's set of JSON-RPC methods.
 #[async_trait]
 pub trait RpcModule: Send + Sync + 'static {

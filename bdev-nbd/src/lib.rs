@@ -51,8 +51,10 @@ pub const DEFAULT_IO_TIMEOUT_MS: u64 = 30_000;
 /// Most connections one client opens to one export.
 pub const MAX_CONNECTIONS: u32 = 16;
 
-/// What `bdev_nbd_client_create` takes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What `bdev_nbd_client_create` takes: its params decode into this, the ones left out
+/// taking the defaults of [`NbdClientOpts::new`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NbdClientOpts {
     /// Name of the bdev.
     pub name: String,
@@ -62,22 +64,45 @@ pub struct NbdClientOpts {
     pub export: String,
     /// UUID of the bdev; random when `None`. Give the same UUID every time the bdev is
     /// re-created (save_config does), or esnap clones will not find their base.
+    #[serde(default)]
     pub uuid: Option<Uuid>,
     /// Refuse writes even when the server allows them.
+    #[serde(default)]
     pub read_only: bool,
     /// Reconnect attempts after a loss before the bdev is hot-removed (0: at once).
+    #[serde(default = "default_reconnect_attempts")]
     pub reconnect_attempts: u32,
     /// Delay between reconnect attempts (and between background attempts afterwards).
+    #[serde(default = "default_reconnect_delay_ms")]
     pub reconnect_delay_ms: u64,
     /// Longest time a request may wait for its reply before the connection is dropped and
     /// re-established (also bounds connect and handshake).
+    #[serde(default = "default_io_timeout_ms")]
     pub io_timeout_ms: u64,
     /// Connections to open when the server allows several (`NBD_FLAG_CAN_MULTI_CONN`).
+    #[serde(default = "one_connection")]
     pub num_connections: u32,
     /// When the first connection fails, succeed anyway and keep trying every
     /// `reconnect_delay_ms`; the bdev is registered when the server answers. The saved config
     /// sets it, so that a restart never fails because a golden server is away.
+    #[serde(default)]
     pub background_connect: bool,
+}
+
+fn default_reconnect_attempts() -> u32 {
+    DEFAULT_RECONNECT_ATTEMPTS
+}
+
+fn default_reconnect_delay_ms() -> u64 {
+    DEFAULT_RECONNECT_DELAY_MS
+}
+
+fn default_io_timeout_ms() -> u64 {
+    DEFAULT_IO_TIMEOUT_MS
+}
+
+fn one_connection() -> u32 {
+    1
 }
 
 impl NbdClientOpts {

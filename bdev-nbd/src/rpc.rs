@@ -3,17 +3,12 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use bdev_core::rpc::{decode, NameOnly, RpcError, RpcModule};
+use bdev_core::rpc::{decode, NameOnly, RpcError};
 use bdev_core::{BlockDevice, Registry};
 use serde::Deserialize;
 use serde_json::Value;
-use uuid::Uuid;
 
-use crate::{
-    NbdClientOpts, NbdClients, DEFAULT_IO_TIMEOUT_MS, DEFAULT_RECONNECT_ATTEMPTS,
-    DEFAULT_RECONNECT_DELAY_MS,
-};
+use crate::{NbdClientOpts, NbdClients, NbdError};
 
 /// `bdev_nbd_client_create`, `bdev_nbd_client_delete` and `bdev_nbd_client_get` over a
 /// table of clients.
@@ -40,44 +35,6 @@ impl NbdRpc {
     }
 }
 
-fn default_attempts() -> u32 {
-    DEFAULT_RECONNECT_ATTEMPTS
-}
-
-fn default_delay() -> u64 {
-    DEFAULT_RECONNECT_DELAY_MS
-}
-
-fn default_timeout() -> u64 {
-    DEFAULT_IO_TIMEOUT_MS
-}
-
-fn one() -> u32 {
-    1
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateParams {
-    name: String,
-    address: String,
-    export: String,
-    #[serde(default)]
-    uuid: Option<Uuid>,
-    #[serde(default)]
-    read_only: bool,
-    #[serde(default = "default_attempts")]
-    reconnect_attempts: u32,
-    #[serde(default = "default_delay")]
-    reconnect_delay_ms: u64,
-    #[serde(default = "default_timeout")]
-    io_timeout_ms: u64,
-    #[serde(default = "one")]
-    num_connections: u32,
-    #[serde(default)]
-    background_connect: bool,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GetParams {
@@ -85,56 +42,70 @@ struct GetParams {
     name: Option<String>,
 }
 
-#[async_trait]
-impl RpcModule for NbdRpc {
-    fn methods(&self) -> Vec<&'static str> {
-        vec![
-            "bdev_nbd_client_create",
-            "bdev_nbd_client_delete",
-            "bdev_nbd_client_get",
-        ]
+fn errno_err(e: NbdError) -> RpcError {
+    RpcError::from_errno(e.errno())
+}
+
+impl NbdRpc {
+    async fn create(&self, opts: NbdClientOpts) -> Result<Value, RpcError> {
+        let dev = self.clients.create(opts).await.map_err(errno_err)?;
+        Ok(Value::String(dev.name().to_string()))
     }
 
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        match method {
-            "bdev_nbd_client_create" => {
-                let p: CreateParams = decode(params)?;
-                let opts = NbdClientOpts {
-                    name: p.name,
-                    address: p.address,
-                    export: p.export,
-                    uuid: p.uuid,
-                    read_only: p.read_only,
-                    reconnect_attempts: p.reconnect_attempts,
-                    reconnect_delay_ms: p.reconnect_delay_ms,
-                    io_timeout_ms: p.io_timeout_ms,
-                    num_connections: p.num_connections,
-                    background_connect: p.background_connect,
-                };
-                let dev = self
-                    .clients
-                    .create(opts)
-                    .await
-                    .map_err(|e| RpcError::from_errno(e.errno()))?;
-                Ok(Value::String(dev.name().to_string()))
-            }
-            "bdev_nbd_client_delete" => {
-                let p: NameOnly = decode(params)?;
-                self.clients
-                    .delete(&p.name)
-                    .await
-                    .map_err(|e| RpcError::from_errno(e.errno()))?;
-                Ok(Value::Bool(true))
-            }
-            "bdev_nbd_client_get" => {
-                let p: GetParams = decode(params)?;
-                let list = self
-                    .clients
-                    .info(p.name.as_deref())
-                    .map_err(|e| RpcError::from_errno(e.errno()))?;
-                Ok(Value::Array(list))
-            }
-            _ => Err(RpcError::method_not_found()),
-        }
+    async fn delete(&self, p: NameOnly) -> Result<Value, RpcError> {
+        self.clients.delete(&p.name).await.map_err(errno_err)?;
+        Ok(Value::Bool(true))
+    }
+
+    fn get(&self, p: GetParams) -> Result<Value, RpcError> {
+        let list = self.clients.info(p.name.as_deref()).map_err(errno_err)?;
+        Ok(Value::Array(list))
+    }
+}
+
+bdev_core::rpc_module! {
+    NbdRpc, |&self, params| {
+        "bdev_nbd_client_create" => self.create(decode(params)?).await,
+        "bdev_nbd_client_delete" => self.delete(decode(params)?).await,
+        "bdev_nbd_client_get" => self.get(decode(params)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn create_params_left_out_take_the_defaults_of_new() {
+        let p = json!({"name": "n0", "address": "unix:/s", "export": ""});
+        let opts: NbdClientOpts = decode(Some(p)).unwrap();
+        assert_eq!(opts, NbdClientOpts::new("n0", "unix:/s", ""));
+        let all = json!({"name": "n0", "address": "unix:/s", "export": "e", "read_only": true,
+            "reconnect_attempts": 0, "reconnect_delay_ms": 7, "io_timeout_ms": 9,
+            "num_connections": 3, "background_connect": true,
+            "uuid": "6f9619ff-8b86-d011-b42d-00c04fc964ff"});
+        let opts: NbdClientOpts = decode(Some(all)).unwrap();
+        assert!(opts.read_only && opts.background_connect);
+        assert_eq!(
+            (
+                opts.reconnect_attempts,
+                opts.reconnect_delay_ms,
+                opts.io_timeout_ms
+            ),
+            (0, 7, 9)
+        );
+        assert_eq!(opts.num_connections, 3);
+        assert_eq!(
+            opts.uuid.unwrap().to_string(),
+            "6f9619ff-8b86-d011-b42d-00c04fc964ff"
+        );
+        let unknown = json!({"name": "n0", "address": "unix:/s", "export": "", "bogus": 1});
+        assert_eq!(
+            decode::<NbdClientOpts>(Some(unknown)).unwrap_err(),
+            RpcError::decode_failed()
+        );
+        let missing = json!({"name": "n0", "address": "unix:/s"});
+        assert!(decode::<NbdClientOpts>(Some(missing)).is_err());
     }
 }

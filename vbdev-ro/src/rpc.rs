@@ -1,7 +1,6 @@
 //! The JSON-RPC methods of the module: `bdev_ro_create` and `bdev_ro_delete`.
 
-use async_trait::async_trait;
-use bdev_core::rpc::{decode, NameOnly, RpcError, RpcModule};
+use bdev_core::rpc::{decode, NameOnly, RpcError};
 use bdev_core::Registry;
 use serde::Deserialize;
 use serde_json::Value;
@@ -31,36 +30,32 @@ struct CreateParams {
     uuid: Option<Uuid>,
 }
 
-#[async_trait]
-impl RpcModule for RoRpc {
-    fn methods(&self) -> Vec<&'static str> {
-        vec!["bdev_ro_create", "bdev_ro_delete"]
+impl RoRpc {
+    async fn create(&self, p: CreateParams) -> Result<Value, RpcError> {
+        let opts = RoOpts {
+            base_bdev_name: p.base_bdev_name,
+            name: p.name,
+            uuid: p.uuid,
+        };
+        let ro = create(&self.registry, opts)
+            .await
+            .map_err(|e| RpcError::from_errno(e.errno()))?;
+        Ok(Value::String(
+            bdev_core::BlockDevice::name(&*ro).to_string(),
+        ))
     }
 
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        match method {
-            "bdev_ro_create" => {
-                let p: CreateParams = decode(params)?;
-                let opts = RoOpts {
-                    base_bdev_name: p.base_bdev_name,
-                    name: p.name,
-                    uuid: p.uuid,
-                };
-                let ro = create(&self.registry, opts)
-                    .await
-                    .map_err(|e| RpcError::from_errno(e.errno()))?;
-                Ok(Value::String(
-                    bdev_core::BlockDevice::name(&*ro).to_string(),
-                ))
-            }
-            "bdev_ro_delete" => {
-                let p: NameOnly = decode(params)?;
-                delete(&self.registry, &p.name)
-                    .await
-                    .map_err(|e| RpcError::from_errno(e.errno()))?;
-                Ok(Value::Bool(true))
-            }
-            _ => Err(RpcError::method_not_found()),
-        }
+    async fn delete(&self, p: NameOnly) -> Result<Value, RpcError> {
+        delete(&self.registry, &p.name)
+            .await
+            .map_err(|e| RpcError::from_errno(e.errno()))?;
+        Ok(Value::Bool(true))
+    }
+}
+
+bdev_core::rpc_module! {
+    RoRpc, |&self, params| {
+        "bdev_ro_create" => self.create(decode(params)?).await,
+        "bdev_ro_delete" => self.delete(decode(params)?).await,
     }
 }

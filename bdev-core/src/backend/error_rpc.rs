@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::{ErrorBdev, ErrorKind, Injection};
 use super::RpcDevs;
-use crate::rpc::{decode, errno_err, parse_uuid, RpcError, RpcModule};
+use crate::rpc::{decode, errno_err, parse_uuid, RpcError};
 use crate::{IoType, Registry};
 
 #[derive(Deserialize)]
@@ -143,23 +142,11 @@ impl ErrorRpc {
     }
 }
 
-#[async_trait]
-impl RpcModule for ErrorRpc {
-    fn methods(&self) -> Vec<&'static str> {
-        vec![
-            "bdev_error_create",
-            "bdev_error_delete",
-            "bdev_error_inject_error",
-        ]
-    }
-
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        match method {
-            "bdev_error_create" => self.create(decode(params)?).await,
-            "bdev_error_delete" => self.0.delete(params, "error").await,
-            "bdev_error_inject_error" => self.inject(decode(params)?),
-            _ => Err(RpcError::method_not_found()),
-        }
+crate::rpc_module! {
+    ErrorRpc, |&self, params| {
+        "bdev_error_create" => self.create(decode(params)?).await,
+        "bdev_error_delete" => self.0.delete(params, "error").await,
+        "bdev_error_inject_error" => self.inject(decode(params)?),
     }
 }
 

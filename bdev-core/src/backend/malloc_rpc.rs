@@ -2,12 +2,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::malloc::MallocBdev;
-use crate::rpc::{decode, delete_of_module, errno_err, parse_uuid, NameOnly, RpcError, RpcModule};
+use crate::rpc::{decode, delete_of_module, errno_err, parse_uuid, NameOnly, RpcError};
 use crate::Registry;
 
 /// The smallest and largest malloc block size (a power of two in between).
@@ -109,27 +108,20 @@ impl MallocRpc {
     }
 }
 
-#[async_trait]
-impl RpcModule for MallocRpc {
-    fn methods(&self) -> Vec<&'static str> {
-        vec!["bdev_malloc_create", "bdev_malloc_delete"]
-    }
-
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        match method {
-            "bdev_malloc_create" => self.create(decode(params)?).await,
-            "bdev_malloc_delete" => {
-                let p: NameOnly = decode(params)?;
-                delete_of_module(&self.registry, &p.name, "malloc").await
-            }
-            _ => Err(RpcError::method_not_found()),
-        }
+crate::rpc_module! {
+    MallocRpc, |&self, params| {
+        "bdev_malloc_create" => self.create(decode(params)?).await,
+        "bdev_malloc_delete" => {
+            let p: NameOnly = decode(params)?;
+            delete_of_module(&self.registry, &p.name, "malloc").await
+        },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rpc::RpcModule;
     use serde_json::json;
 
     #[test]

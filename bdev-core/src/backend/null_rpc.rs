@@ -3,13 +3,12 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::null::NullBdev;
 use super::RpcDevs;
-use crate::rpc::{decode, errno_err, parse_uuid, RpcError, RpcModule};
+use crate::rpc::{decode, errno_err, parse_uuid, RpcError};
 use crate::{BlockDevice, Registry};
 
 /// `bdev_null_create` as the current client sends it (it leaves out what was not given).
@@ -108,18 +107,10 @@ impl NullRpc {
     }
 }
 
-#[async_trait]
-impl RpcModule for NullRpc {
-    fn methods(&self) -> Vec<&'static str> {
-        vec!["bdev_null_create", "bdev_null_delete", "bdev_null_resize"]
-    }
-
-    async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
-        match method {
-            "bdev_null_create" => self.create(decode(params)?).await,
-            "bdev_null_delete" => self.0.delete(params, "null").await,
-            "bdev_null_resize" => self.resize(decode(params)?),
-            _ => Err(RpcError::method_not_found()),
-        }
+crate::rpc_module! {
+    NullRpc, |&self, params| {
+        "bdev_null_create" => self.create(decode(params)?).await,
+        "bdev_null_delete" => self.0.delete(params, "null").await,
+        "bdev_null_resize" => self.resize(decode(params)?),
     }
 }
