@@ -550,26 +550,20 @@ impl Session {
                 self.show_blob(bs, &b);
                 self.close_blob(b, Ok(())).await
             }
-            Action::Fill => {
+            // The whole-blob transfers: open, transfer, close.
+            Action::Fill | Action::ImportBlob | Action::DumpBlob => {
                 let id = self.resolve(bs, &self.ctx.blob.clone()).await?;
-                let b = self.open_blob(bs, id, "Error in open callback").await?;
-                let r = self.fill(bs, &b).await;
-                self.close_blob(b, r).await
-            }
-            Action::ImportBlob => {
-                let id = self.resolve(bs, &self.ctx.blob.clone()).await?;
-                let b = self
-                    .open_blob(bs, id, "Error in blob open callback")
-                    .await?;
-                let r = self.import(bs, &b).await;
-                self.close_blob(b, r).await
-            }
-            Action::DumpBlob => {
-                let id = self.resolve(bs, &self.ctx.blob.clone()).await?;
-                let b = self
-                    .open_blob(bs, id, "Error in blob open callback")
-                    .await?;
-                let r = self.dump_blob(bs, &b).await;
+                let open_failed = if action == Action::Fill {
+                    "Error in open callback"
+                } else {
+                    "Error in blob open callback"
+                };
+                let b = self.open_blob(bs, id, open_failed).await?;
+                let r = match action {
+                    Action::Fill => self.fill(bs, &b).await,
+                    Action::ImportBlob => self.import(bs, &b).await,
+                    _ => self.dump_blob(bs, &b).await,
+                };
                 self.close_blob(b, r).await
             }
             _ => Ok(()),
@@ -839,6 +833,12 @@ impl Session {
         (io, b.num_io_units(), Self::chunk_units(bs))
     }
 
+    /// The requests of a whole-blob transfer of `total` io units: `(offset, length)` in io
+    /// units, at most `per` long.
+    fn chunks(total: u64, per: u64) -> impl Iterator<Item = (u64, u64)> {
+        (0..total.div_ceil(per)).map(move |i| (i * per, per.min(total - i * per)))
+    }
+
     fn chunk_units(bs: &Blobstore) -> u64 {
         let io = bs.io_unit_size().max(1) as u64;
         (MAX_IO_BYTES / io).max(1)
@@ -848,10 +848,8 @@ impl Session {
         let (io, total, per) = Self::chunking(bs, b);
         let value = self.ctx.fill_value;
         let prog = Progress::start(&mut self.out, total * io, "fill");
-        let mut off = 0;
         let mut spare: Option<IoBuf> = None;
-        while off < total {
-            let n = per.min(total - off);
+        for (off, n) in Self::chunks(total, per) {
             let len = (n * io) as usize;
             // The written buffer comes back; it already holds the pattern.
             let buf = spare.take().filter(|b| b.len() == len).unwrap_or_else(|| {
@@ -861,7 +859,6 @@ impl Session {
             });
             spare = Some(self.write_chunk(&prog, b, off, buf).await?);
             prog.advance(&mut self.out, n * io, n);
-            off += n;
         }
         self.complete(&prog, &format!("Blob fill complete (with 0x{value:x})."))
     }
@@ -879,11 +876,9 @@ impl Session {
         }) else {
             return Ok(());
         };
-        let mut off = 0;
         let mut eof = false;
         let mut spare: Option<IoBuf> = None;
-        while off < total {
-            let n = per.min(total - off);
+        for (off, n) in Self::chunks(total, per) {
             let len = (n * io) as usize;
             let mut buf = spare
                 .take()
@@ -911,7 +906,6 @@ impl Session {
             // SPDK prints a dot before every write but the first.
             let dots = if off == 0 { n - 1 } else { n };
             prog.advance(&mut self.out, n * io, dots);
-            off += n;
         }
         self.complete(&prog, &format!("Blob import complete (from {file})."))
     }
@@ -931,8 +925,7 @@ impl Session {
         // A few reads in flight, written in order; all-zero chunks become holes. Buffers are
         // recycled: fresh large allocations cost page faults on every chunk.
         let pool: std::sync::Mutex<Vec<IoBuf>> = std::sync::Mutex::new(Vec::new());
-        let chunks = (0..total.div_ceil(per)).map(|i| (i * per, per.min(total - i * per)));
-        let mut reads = futures::stream::iter(chunks)
+        let mut reads = futures::stream::iter(Self::chunks(total, per))
             .map(|(off, n)| {
                 let pool = &pool;
                 async move {
