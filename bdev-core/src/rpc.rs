@@ -135,7 +135,8 @@ pub fn no_params(params: &Option<Value>) -> bool {
 /// Implements [`RpcModule`] for a module whose methods need nothing but a handler each, from
 /// one table: every method is named once, for both [`RpcModule::methods`] and the dispatch of
 /// [`RpcModule::call`] (an unknown method is `-32601`). In the handlers, `self` is the module
-/// and the second name is the request's `params`.
+/// and the second name is the request's `params`. Keep each handler a call of a method of the
+/// module: rustfmt does not format inside the table.
 ///
 /// ```text
 /// bdev_core::rpc_module! {

@@ -106,15 +106,16 @@ impl MallocRpc {
             .map_err(|e| errno_err(&e))?;
         Ok(Value::String(name))
     }
+
+    async fn delete(&self, p: NameOnly) -> Result<Value, RpcError> {
+        delete_of_module(&self.registry, &p.name, "malloc").await
+    }
 }
 
 crate::rpc_module! {
     MallocRpc, |&self, params| {
         "bdev_malloc_create" => self.create(decode(params)?).await,
-        "bdev_malloc_delete" => {
-            let p: NameOnly = decode(params)?;
-            delete_of_module(&self.registry, &p.name, "malloc").await
-        },
+        "bdev_malloc_delete" => self.delete(decode(params)?).await,
     }
 }
 
