@@ -10,8 +10,9 @@ use bdev_core::{BdevEvent, Descriptor, IoType};
 use futures::StreamExt;
 use nbd_proto::{self as proto, ExportInfo, ExportLookup};
 use serde_json::{json, Value};
-use tokio::sync::{watch, RwLock};
+use tokio::sync::watch;
 
+use super::range_lock::RangeLock;
 use super::server::{lock, NbdServer};
 /// One export.
 pub struct Export {
@@ -19,9 +20,10 @@ pub struct Export {
     bdev_name: String,
     pub(super) writable: bool,
     pub(super) desc: Arc<Descriptor>,
-    /// Read-modify-write of partial blocks takes this exclusively, every other write shared,
-    /// so that concurrent requests touching different bytes of one block never lose data.
-    pub(super) rmw: RwLock<()>,
+    /// Block ranges being written: a read-modify-write of partial blocks takes its range
+    /// exclusively, every other write shared, so that concurrent requests touching different
+    /// bytes of one block never lose data (see `range_lock`).
+    pub(super) rmw: RangeLock,
     generation: u64,
     pub(super) connections: AtomicUsize,
     pub(super) cancel: watch::Sender<bool>,
@@ -98,7 +100,7 @@ impl NbdServer {
             bdev_name: bdev_name.to_string(),
             writable,
             desc: Arc::new(desc),
-            rmw: RwLock::new(()),
+            rmw: RangeLock::default(),
             generation,
             connections: AtomicUsize::new(0),
             cancel,

@@ -7,6 +7,7 @@
 //! byte-range I/O under it (partial blocks, buffer pool); `rpc` the `nbd_*` JSON-RPC methods.
 
 mod exports;
+mod range_lock;
 mod rmw;
 pub(crate) mod rpc;
 pub mod server;

@@ -2,10 +2,10 @@
 //! read-modify-write of partial blocks, and the per-reactor buffer pool.
 
 use bdev_core::{Descriptor, IoType};
-use futures::future::Either;
 use iobuf::IoBuf;
 use nbd_proto::{self as proto, Request};
-use tokio::sync::RwLock;
+
+use super::range_lock::RangeLock;
 /// Largest buffer the per-reactor pool keeps (larger ones are allocated per request).
 const POOL_MAX_LEN: usize = 64 << 10;
 /// Buffers the pool of one reactor keeps (at most 8 MiB, outside the connections' budgets).
@@ -77,7 +77,7 @@ async fn read_bytes(
 /// read-modify-write.
 async fn write_bytes(
     desc: &Descriptor,
-    rmw: &RwLock<()>,
+    rmw: &RangeLock,
     offset: u64,
     data: IoBuf,
 ) -> Result<(), i32> {
@@ -86,11 +86,8 @@ async fn write_bytes(
     let len = data.len() as u64;
     let (first, count, skew) = span(offset, len, bl);
     let whole = skew == 0 && len % bl == 0;
-    let _guard = if whole {
-        Either::Left(rmw.read().await)
-    } else {
-        Either::Right(rmw.write().await)
-    };
+    // Partial blocks are read, patched and written back: nothing else may write them meanwhile.
+    let _guard = rmw.lock(first, count, !whole).await;
     let buf = if whole && data.align() >= dev.buf_align() {
         data
     } else if whole {
@@ -105,7 +102,7 @@ async fn write_bytes(
     Ok(())
 }
 
-async fn zero_bytes(desc: &Descriptor, rmw: &RwLock<()>, offset: u64, len: u64) -> Result<(), i32> {
+async fn zero_bytes(desc: &Descriptor, rmw: &RangeLock, offset: u64, len: u64) -> Result<(), i32> {
     let dev = desc.device();
     let bl = dev.block_len() as u64;
     let a_start = offset.div_ceil(bl) * bl;
@@ -122,7 +119,7 @@ async fn zero_bytes(desc: &Descriptor, rmw: &RwLock<()>, offset: u64, len: u64) 
         )
         .await?;
     }
-    let guard = rmw.read().await;
+    let guard = rmw.lock(a_start / bl, (a_end - a_start) / bl, false).await;
     if dev.io_type_supported(IoType::WriteZeroes) {
         desc.write_zeroes(a_start / bl, (a_end - a_start) / bl)
             .await
@@ -153,7 +150,7 @@ async fn zero_bytes(desc: &Descriptor, rmw: &RwLock<()>, offset: u64, len: u64) 
 /// Runs one checked request; `Ok(Some(data))` for reads.
 pub(super) async fn execute(
     desc: &Descriptor,
-    rmw: &RwLock<()>,
+    rmw: &RangeLock,
     req: &Request,
     payload: Option<IoBuf>,
 ) -> Result<Option<(IoBuf, usize, usize)>, i32> {
@@ -190,7 +187,7 @@ pub(super) async fn execute(
             let a_start = req.offset.div_ceil(bl);
             let a_end = (req.offset + req.len as u64) / bl;
             if a_end > a_start && dev.io_type_supported(IoType::Unmap) {
-                let _guard = rmw.read().await;
+                let _guard = rmw.lock(a_start, a_end - a_start, false).await;
                 desc.unmap(a_start, a_end - a_start)
                     .await
                     .map_err(|e| e.errno())?;

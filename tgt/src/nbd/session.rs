@@ -182,44 +182,35 @@ struct Pending {
     charge: Charge,
 }
 
-type ReplyFuture = futures::future::BoxFuture<'static, Reply>;
+/// A checked and charged request ready to run, with its payload if it has one.
+type Ready = (Request, Option<IoBuf>, Charge);
 
-/// Starts one checked request; the future yields its reply, which keeps the charge of a
-/// read until it was written.
-fn start_request(
-    export: &Arc<Export>,
-    req: Request,
-    payload: Option<IoBuf>,
-    charge: Charge,
-) -> ReplyFuture {
-    let exp = export.clone();
-    Box::pin(async move {
-        match execute(&exp.desc, &exp.rmw, &req, payload).await {
-            Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
-            Ok(Some((buf, skew, len))) => {
-                Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len, charge)
-            }
-            Err(errno) => {
-                Reply::Simple(proto::simple_reply(proto::errno_to_nbd(errno), req.cookie))
-            }
+/// Runs one checked request; the future yields its reply, which keeps the charge of a read
+/// until it was written. It borrows the export (the connection's requests all end before the
+/// connection does), and every request's future has this one type, so the connection keeps
+/// them in place (no box, no reference count per request).
+async fn start_request(export: &Export, (req, payload, charge): Ready) -> Reply {
+    match execute(&export.desc, &export.rmw, &req, payload).await {
+        Ok(None) => Reply::Simple(proto::simple_reply(0, req.cookie)),
+        Ok(Some((buf, skew, len))) => {
+            Reply::Data(proto::simple_reply(0, req.cookie), buf, skew, len, charge)
         }
-    })
+        Err(errno) => Reply::Simple(proto::simple_reply(proto::errno_to_nbd(errno), req.cookie)),
+    }
 }
 
-/// Starts a checked and charged request: at once, or once its payload arrived (the part
-/// already received is taken from `rbuf[*pos..]`).
+/// A checked and charged request: ready at once, or once its payload arrived (`pending`;
+/// the part already received is taken from `rbuf[*pos..]`).
 fn begin(
-    export: &Arc<Export>,
+    export: &Export,
     req: Request,
     charge: Charge,
     rbuf: &[u8],
     pos: &mut usize,
     pending: &mut Option<Pending>,
-    inflight: &mut FuturesUnordered<ReplyFuture>,
-) {
+) -> Option<Ready> {
     if !proto::has_payload(&req) {
-        inflight.push(start_request(export, req, None, charge));
-        return;
+        return Some((req, None, charge));
     }
     let len = req.len as usize;
     let mut buf = pooled_buf(len, export.desc.device().buf_align());
@@ -227,15 +218,15 @@ fn begin(
     buf[..have].copy_from_slice(&rbuf[*pos..*pos + have]);
     *pos += have;
     if have == len {
-        inflight.push(start_request(export, req, Some(buf), charge));
-    } else {
-        *pending = Some(Pending {
-            req,
-            buf,
-            filled: have,
-            charge,
-        });
+        return Some((req, Some(buf), charge));
     }
+    *pending = Some(Pending {
+        req,
+        buf,
+        filled: have,
+        charge,
+    });
+    None
 }
 
 /// The transmission phase. One task reads requests, runs up to [`MAX_INFLIGHT`] of them
@@ -276,7 +267,7 @@ where
     // no buffered writer (whose buffer they would be copied into).
     let mut w = StallGuard::new(wr, mem.stall);
     let mut ready: Vec<Reply> = Vec::with_capacity(MAX_INFLIGHT);
-    let mut inflight: FuturesUnordered<ReplyFuture> = FuturesUnordered::new();
+    let mut inflight = FuturesUnordered::new();
     // Received bytes not yet parsed are rbuf[pos..].
     let mut rbuf: Vec<u8> = Vec::with_capacity(RBUF_LEN);
     let mut pos = 0usize;
@@ -329,8 +320,9 @@ where
             let n = request_bytes(&req, bl);
             match mem.try_charge(n) {
                 Some(c) => {
-                    begin(export, req, c, &rbuf, &mut pos, &mut pending, &mut inflight);
-                    if pending.is_some() {
+                    if let Some(r) = begin(export, req, c, &rbuf, &mut pos, &mut pending) {
+                        inflight.push(start_request(export, r));
+                    } else if pending.is_some() {
                         last_payload_byte = tokio::time::Instant::now();
                     }
                 }
@@ -369,19 +361,26 @@ where
             }
             c = async { match waiting.as_mut() { Some((_, f)) => f.await, None => futures::future::pending().await } }, if waiting.is_some() && !closing => {
                 if let Some((req, _)) = waiting.take() {
-                    begin(export, req, c, &rbuf, &mut pos, &mut pending, &mut inflight);
-                    last_payload_byte = tokio::time::Instant::now();
+                    if let Some(r) = begin(export, req, c, &rbuf, &mut pos, &mut pending) {
+                        inflight.push(start_request(export, r));
+                    } else if pending.is_some() {
+                        last_payload_byte = tokio::time::Instant::now();
+                    }
                 }
             }
             n = read_some(rd, &mut pending, &mut rbuf), if want_read => match n {
                 Ok(0) | Err(_) => closing = true,
                 Ok(n) => {
-                    last_payload_byte = tokio::time::Instant::now();
+                    // The stall clock runs only while a payload is due (a new one starts
+                    // its own clock in `begin`'s caller): no clock read per request.
+                    if payload_due {
+                        last_payload_byte = tokio::time::Instant::now();
+                    }
                     if let Some(p) = pending.as_mut() {
                         p.filled += n;
                         if p.filled == p.buf.len() {
                             if let Some(p) = pending.take() {
-                                inflight.push(start_request(export, p.req, Some(p.buf), p.charge));
+                                inflight.push(start_request(export, (p.req, Some(p.buf), p.charge)));
                             }
                         }
                     }
