@@ -279,6 +279,15 @@ where
     let mut last_payload_byte = tokio::time::Instant::now();
     let bl = export.desc.device().block_len() as u64;
     let mut closing = *cancel.borrow() || *stop.borrow();
+    // The export's removal or the server's stop, awaited by one future for the whole
+    // session (a fresh pair of watch waiters per pass of the loop would cost every request).
+    let close = async {
+        tokio::select! {
+            _ = wait_true(cancel) => {},
+            _ = wait_true(stop) => {},
+        }
+    };
+    tokio::pin!(close);
     loop {
         // Take every complete request out of the receive buffer.
         while !closing && pending.is_none() && waiting.is_none() && inflight.len() < MAX_INFLIGHT {
@@ -386,12 +395,13 @@ where
                     }
                 }
             },
-            _ = tokio::time::sleep_until(last_payload_byte + mem.stall), if payload_due && !closing => {
+            // An async block: the timer is made only when the branch is polled.
+            _ = async { tokio::time::sleep_until(last_payload_byte + mem.stall).await }, if payload_due && !closing => {
                 tracing::warn!("nbd export {}: client sent no payload byte for {:?}; dropped", export.name, mem.stall);
                 return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "payload stalled"));
             }
-            _ = wait_true(cancel), if !closing => closing = true,
-            _ = wait_true(stop), if !closing => closing = true,
+            // Polled only until it completes: then `closing` is set for good.
+            _ = &mut close, if !closing => closing = true,
         }
     }
     w.flush().await?;
