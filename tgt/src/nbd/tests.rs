@@ -576,3 +576,42 @@ async fn overlapping_unaligned_writes_keep_every_writes_bytes() {
         assert_eq!(a, b, "byte {i}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_right_behind_slow_writes_answers_them_first() {
+    // Every block is slow: the writes are still running when the disconnect is read.
+    let dev = Counting {
+        slow_from: 0,
+        delay: Duration::from_millis(100),
+        ..Counting::new(
+            MallocBdev::create("M", 64, 512, None).unwrap(),
+            Arc::new(AtomicUsize::new(0)),
+        )
+    };
+    let Conn { server, mut c, .. } = serve_counting(dev).await;
+    let mut m = Vec::new();
+    for i in 0..4u64 {
+        m.extend(req(proto::CMD_WRITE, 0, i, i * 512, 512));
+        m.extend([i as u8 + 1; 512]);
+    }
+    m.extend(req(proto::CMD_DISC, 0, 9, 0, 0));
+    c.write_all(&m).await.unwrap();
+    let mut cookies: Vec<u64> = Vec::new();
+    for _ in 0..4 {
+        let (err, cookie) = reply(&mut c).await;
+        assert_eq!(err, 0);
+        cookies.push(cookie);
+    }
+    cookies.sort_unstable();
+    assert_eq!(cookies, [0, 1, 2, 3]);
+    let mut b = [0u8; 1];
+    assert_eq!(c.read(&mut b).await.unwrap(), 0, "closed after the replies");
+    // The writes are on the device: a new connection reads them back.
+    let (mut c2, s) = tokio::io::duplex(1 << 20);
+    server.spawn_conn(s);
+    client_go(&mut c2, "C").await;
+    let data = read_back(&mut c2, 0, 4 * 512).await;
+    for (i, chunk) in data.chunks(512).enumerate() {
+        assert!(chunk.iter().all(|&x| x == i as u8 + 1), "block {i}");
+    }
+}
