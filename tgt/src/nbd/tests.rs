@@ -254,6 +254,20 @@ impl Counting {
         }
     }
 
+    /// Over a malloc bdev of `blocks` 512-byte blocks, reads and writes delayed as the
+    /// fields say.
+    fn slow(blocks: u64, slow_from: u64, delay: Duration, jitter: bool) -> Self {
+        Counting {
+            slow_from,
+            delay,
+            jitter,
+            ..Counting::new(
+                MallocBdev::create("M", blocks, 512, None).unwrap(),
+                Arc::new(AtomicUsize::new(0)),
+            )
+        }
+    }
+
     async fn wait(&self, block: u64) {
         let n = self.ios.fetch_add(1, Ordering::SeqCst) as u32;
         let d = if block >= self.slow_from {
@@ -479,14 +493,7 @@ async fn serve_counting(dev: Counting) -> Conn {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_in_one_packet_completes_out_of_order_with_every_byte_right() {
     // Blocks from 512 on take 200 ms; the rest are immediate.
-    let dev = Counting {
-        slow_from: 512,
-        delay: Duration::from_millis(200),
-        ..Counting::new(
-            MallocBdev::create("M", 1024, 512, None).unwrap(),
-            Arc::new(AtomicUsize::new(0)),
-        )
-    };
+    let dev = Counting::slow(1024, 512, Duration::from_millis(200), false);
     let Conn { mut c, .. } = serve_counting(dev).await;
     // One packet: a slow write, then 16 fast writes and 16 fast reads of what they wrote.
     let mut m = req(proto::CMD_WRITE, 0, 100, 512 * 512, 512);
@@ -532,14 +539,7 @@ async fn a_burst_in_one_packet_completes_out_of_order_with_every_byte_right() {
 async fn overlapping_unaligned_writes_keep_every_writes_bytes() {
     // Every read and write of the device waits a pseudo-random part of 4 ms, so the
     // read-modify-writes of one block overlap each other and the whole-block writes.
-    let dev = Counting {
-        delay: Duration::from_millis(4),
-        jitter: true,
-        ..Counting::new(
-            MallocBdev::create("M", 64, 512, None).unwrap(),
-            Arc::new(AtomicUsize::new(0)),
-        )
-    };
+    let dev = Counting::slow(64, u64::MAX, Duration::from_millis(4), true);
     let Conn { mut c, .. } = serve_counting(dev).await;
     // Blocks 0..8: each gets 8 writes of 64 bytes at unaligned offsets (every byte of the
     // block once), all in one burst, interleaved with whole-block writes of blocks 8..16
@@ -580,14 +580,7 @@ async fn overlapping_unaligned_writes_keep_every_writes_bytes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disconnect_right_behind_slow_writes_answers_them_first() {
     // Every block is slow: the writes are still running when the disconnect is read.
-    let dev = Counting {
-        slow_from: 0,
-        delay: Duration::from_millis(100),
-        ..Counting::new(
-            MallocBdev::create("M", 64, 512, None).unwrap(),
-            Arc::new(AtomicUsize::new(0)),
-        )
-    };
+    let dev = Counting::slow(64, 0, Duration::from_millis(100), false);
     let Conn { server, mut c, .. } = serve_counting(dev).await;
     let mut m = Vec::new();
     for i in 0..4u64 {
