@@ -80,6 +80,26 @@ fn kernel_device_refused(dev: &str) -> RpcError {
     )
 }
 
+/// The methods of [`NbdRpc`].
+const METHODS: [&str; 8] = [
+    "nbd_server_start",
+    "nbd_server_stop",
+    "nbd_export_add",
+    "nbd_export_remove",
+    "nbd_get_exports",
+    "nbd_start_disk",
+    "nbd_stop_disk",
+    "nbd_get_disks",
+];
+
+/// The export name in `url` if it is a URL of the server listening on `listen`.
+fn name_in_url<'a>(listen: &str, url: &'a str) -> Option<&'a str> {
+    let (pre, suf) = url_parts(listen);
+    url.strip_prefix(pre.as_str())
+        .and_then(|r| r.strip_suffix(suf.as_str()))
+        .filter(|n| !n.is_empty())
+}
+
 /// The NBD RPC module.
 pub struct NbdRpc {
     server: Arc<NbdServer>,
@@ -95,16 +115,7 @@ impl NbdRpc {
 #[async_trait]
 impl RpcModule for NbdRpc {
     fn methods(&self) -> Vec<&'static str> {
-        vec![
-            "nbd_server_start",
-            "nbd_server_stop",
-            "nbd_export_add",
-            "nbd_export_remove",
-            "nbd_get_exports",
-            "nbd_start_disk",
-            "nbd_stop_disk",
-            "nbd_get_disks",
-        ]
+        METHODS.to_vec()
     }
 
     async fn call(&self, method: &str, params: Option<Value>) -> Result<Value, RpcError> {
@@ -192,11 +203,7 @@ impl NbdRpc {
             return Err(kernel_device_refused(url));
         }
         let listen = self.listen()?;
-        let (pre, suf) = url_parts(&listen);
-        let name = url
-            .strip_prefix(pre.as_str())
-            .and_then(|r| r.strip_suffix(suf.as_str()))
-            .filter(|n| !n.is_empty())
+        let name = name_in_url(&listen, url)
             .ok_or_else(|| RpcError::new(-libc::ENODEV, format!("illegal nbd device {url}")))?;
         if !self.server.export_names().iter().any(|(n, _)| n == name) {
             return Err(RpcError::from_errno(libc::ENODEV));
@@ -211,19 +218,17 @@ impl NbdRpc {
         let name = match &p.nbd_device {
             None => p.bdev_name.clone(),
             Some(dev) if dev.starts_with('/') => return Err(kernel_device_refused(dev)),
-            Some(dev) => {
-                let (pre, suf) = url_parts(&listen);
-                dev.strip_prefix(pre.as_str())
-                    .and_then(|r| r.strip_suffix(suf.as_str()))
-                    .filter(|n| !n.is_empty())
-                    .ok_or_else(|| {
-                        RpcError::new(
-                            -libc::ENODEV,
-                            format!("illegal nbd device {dev}: not a URL of this target's NBD server ({})", export_url(&listen, "NAME")),
-                        )
-                    })?
-                    .to_string()
-            }
+            Some(dev) => name_in_url(&listen, dev)
+                .ok_or_else(|| {
+                    RpcError::new(
+                        -libc::ENODEV,
+                        format!(
+                            "illegal nbd device {dev}: not a URL of this target's NBD server ({})",
+                            export_url(&listen, "NAME")
+                        ),
+                    )
+                })?
+                .to_string(),
         };
         let name = self
             .server
