@@ -185,64 +185,89 @@ fn foreign_block_on_inside_the_reactor_does_not_hang() {
 /// completes them once the ring's fd is readable; the data round-trips.
 #[test]
 fn an_attached_ring_serves_requests_from_a_foreign_loop() {
-    with_aio(|reg| {
-        let mut ring = reactor::attach().expect("a ring");
-        let d = reg.open("a", true).unwrap();
-        struct Flag(std::sync::atomic::AtomicBool);
-        impl std::task::Wake for Flag {
-            fn wake(self: Arc<Self>) {
-                self.0.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
+    with_aio(attached_round_trip);
+}
+
+/// The same on an SQPOLL ring (where the kernel allows it): its SQ thread submits, and the
+/// ring's fd still turns readable at completions.
+#[test]
+fn an_attached_sqpoll_ring_serves_requests_from_a_foreign_loop() {
+    guarded(|| {
+        reactor::set_sqpoll(Some(reactor::SqPoll::default()));
+        let dir = tempfile::tempdir().unwrap();
+        let Some(reg) = aio_registry(&dir, AioEngine::Uring) else {
+            return;
+        };
+        if !reactor::is_sqpoll() {
+            test_support::skip(
+                "an_attached_sqpoll_ring_serves_requests_from_a_foreign_loop",
+                "the kernel refused an IORING_SETUP_SQPOLL ring",
+            );
+            return;
         }
-        let submit = Arc::new(Flag(false.into()));
-        ring.register_submit(&std::task::Waker::from(submit.clone()));
-        let task = Arc::new(Flag(false.into()));
-        let waker = std::task::Waker::from(task.clone());
-        let mut cx = std::task::Context::from_waker(&waker);
-        let mut w = Box::pin(d.write_io(16, pattern(&d, 16, 2, 5)));
-        assert!(
-            w.as_mut().poll(&mut cx).is_pending(),
-            "queued, not submitted"
-        );
-        assert!(
-            submit.0.load(std::sync::atomic::Ordering::SeqCst),
-            "the loop is told to submit"
-        );
-        // The loop: submit, wait for the ring fd, complete.
-        let done = loop {
-            ring.pass();
-            if let std::task::Poll::Ready(r) = w.as_mut().poll(&mut cx) {
-                break r;
-            }
-            let mut p = libc::pollfd {
-                fd: ring.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the call.
-            unsafe { libc::poll(&mut p, 1, 1000) };
+        attached_round_trip(&reg);
+    })
+}
+
+/// Body of the attached-ring tests: a write then a read of `a`, served by a hand-written
+/// poll loop around [`reactor::attach`].
+fn attached_round_trip(reg: &Registry) {
+    let mut ring = reactor::attach().expect("a ring");
+    let d = reg.open("a", true).unwrap();
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl std::task::Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let submit = Arc::new(Flag(false.into()));
+    ring.register_submit(&std::task::Waker::from(submit.clone()));
+    let task = Arc::new(Flag(false.into()));
+    let waker = std::task::Waker::from(task.clone());
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut w = Box::pin(d.write_io(16, pattern(&d, 16, 2, 5)));
+    assert!(
+        w.as_mut().poll(&mut cx).is_pending(),
+        "queued, not submitted"
+    );
+    assert!(
+        submit.0.load(std::sync::atomic::Ordering::SeqCst),
+        "the loop is told to submit"
+    );
+    // The loop: submit, wait for the ring fd, complete.
+    let done = loop {
+        ring.pass();
+        if let std::task::Poll::Ready(r) = w.as_mut().poll(&mut cx) {
+            break r;
+        }
+        let mut p = libc::pollfd {
+            fd: ring.fd(),
+            events: libc::POLLIN,
+            revents: 0,
         };
-        done.unwrap();
-        assert!(
-            task.0.load(std::sync::atomic::Ordering::SeqCst),
-            "the request's task was woken"
-        );
-        let mut r = Box::pin(d.read_io(16, IoBuf::new(2 * 4096, 4096)));
-        let got = loop {
-            ring.pass();
-            if let std::task::Poll::Ready(r) = r.as_mut().poll(&mut cx) {
-                break r.unwrap();
-            }
-            let mut p = libc::pollfd {
-                fd: ring.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the call.
-            unsafe { libc::poll(&mut p, 1, 1000) };
+        // SAFETY: one valid pollfd for the call.
+        unsafe { libc::poll(&mut p, 1, 1000) };
+    };
+    done.unwrap();
+    assert!(
+        task.0.load(std::sync::atomic::Ordering::SeqCst),
+        "the request's task was woken"
+    );
+    let mut r = Box::pin(d.read_io(16, IoBuf::new(2 * 4096, 4096)));
+    let got = loop {
+        ring.pass();
+        if let std::task::Poll::Ready(r) = r.as_mut().poll(&mut cx) {
+            break r.unwrap();
+        }
+        let mut p = libc::pollfd {
+            fd: ring.fd(),
+            events: libc::POLLIN,
+            revents: 0,
         };
-        assert_eq!(got, pattern(&d, 16, 2, 5));
-    });
+        // SAFETY: one valid pollfd for the call.
+        unsafe { libc::poll(&mut p, 1, 1000) };
+    };
+    assert_eq!(got, pattern(&d, 16, 2, 5));
 }
 
 /// 256 requests at depth 64 on an exclusive reactor (single-issuer ring, batched completion
