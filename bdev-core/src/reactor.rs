@@ -26,6 +26,14 @@
 //! sleeps until a completion (or a cross-thread wake) when none is. So a reactor with I/O in
 //! flight keeps polling, and an idle one sleeps in the kernel and uses no CPU.
 //!
+//! Optionally ([`set_sqpoll`], or `BDEV_REACTOR_SQPOLL=1` in the environment) the ring is
+//! set up `IORING_SETUP_SQPOLL`: a kernel thread (`iou-sqp-TID`, bound to
+//! `BDEV_REACTOR_SQPOLL_CPU` if given) takes the queued requests, so a pass submits without
+//! a syscall while that thread is awake; after its idle time without submissions it sleeps
+//! and the next submission wakes it (`IORING_ENTER_SQ_WAKEUP`). Completions are still
+//! waited for in `io_uring_enter`. An SQPOLL ring cannot have `DEFER_TASKRUN`; an exclusive
+//! one keeps `SINGLE_ISSUER`. Where the kernel refuses SQPOLL the normal ring is used.
+//!
 //! Without io_uring, [`block_on`] is `futures::executor::block_on`.
 
 use std::cell::{Cell, RefCell};
@@ -37,6 +45,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{opcode, types};
 
+pub use crate::backend::uring::SqPoll;
 use crate::backend::uring::{Ring, EVENTFD_KEY};
 
 /// Ring size of a reactor.
@@ -92,7 +101,7 @@ fn backstop(ring: Arc<Ring>, stop: Arc<AtomicBool>) {
 
 impl ThreadRing {
     fn new(exclusive: bool) -> Option<ThreadRing> {
-        let ring = Ring::owned(ENTRIES, exclusive)
+        let ring = Ring::owned(ENTRIES, exclusive, SQPOLL.with(|s| s.get()))
             .map_err(|e| tracing::debug!(target: "uring", "no reactor ring: {e}"))
             .ok()?;
         // SAFETY: eventfd takes no pointers; the result is checked before use.
@@ -184,6 +193,60 @@ thread_local! {
     static EXCLUSIVE: Cell<bool> = const { Cell::new(false) };
     static ATTACHED: Cell<bool> = const { Cell::new(false) };
     static BUSY_POLL: Cell<bool> = Cell::new(std::env::var_os("BDEV_REACTOR_POLL").is_some());
+    static SQPOLL: Cell<Option<SqPoll>> = Cell::new(sqpoll_from_env());
+}
+
+/// The SQPOLL setting in the environment: `BDEV_REACTOR_SQPOLL=1` turns it on,
+/// `BDEV_REACTOR_SQPOLL_CPU=N` binds the SQ thread to CPU `N`, and
+/// `BDEV_REACTOR_SQPOLL_IDLE_MS=M` sets its idle time (default 2 ms). Values that do not
+/// parse are ignored (with a log line).
+fn sqpoll_from_env() -> Option<SqPoll> {
+    let on = std::env::var("BDEV_REACTOR_SQPOLL").ok()?;
+    if on.is_empty() || on == "0" {
+        return None;
+    }
+    let num = |var: &str| {
+        let v = std::env::var(var).ok()?;
+        v.trim()
+            .parse::<u32>()
+            .map_err(|e| tracing::warn!(target: "uring", "{var}={v:?} ignored: {e}"))
+            .ok()
+    };
+    let idle = num("BDEV_REACTOR_SQPOLL_IDLE_MS")
+        .map(|ms| std::time::Duration::from_millis(u64::from(ms.max(1))))
+        .unwrap_or(SqPoll::default().idle);
+    Some(SqPoll {
+        cpu: num("BDEV_REACTOR_SQPOLL_CPU"),
+        idle,
+    })
+}
+
+/// Whether the reactor ring created later on this thread (by its first [`block_on`] or
+/// [`attach`]) is set up `IORING_SETUP_SQPOLL`, and how (default: off, or what
+/// `BDEV_REACTOR_SQPOLL` and `BDEV_REACTOR_SQPOLL_CPU` in the environment say). Where the
+/// kernel refuses SQPOLL the ring is set up without it (see [`is_sqpoll`]). The SQ thread's
+/// CPU time is the kernel's, not this thread's: bind it (`cpu`) to a core of its own to
+/// measure or to keep it off the reactor's core. Calls after the ring exists have no effect
+/// on it.
+pub fn set_sqpoll(cfg: Option<SqPoll>) {
+    SQPOLL.with(|s| s.set(cfg));
+}
+
+/// Whether this thread's ring was set up `IORING_SETUP_SQPOLL` (after its first
+/// [`block_on`] or [`attach`]).
+pub fn is_sqpoll() -> bool {
+    RING.with(|r| r.borrow().as_ref().is_some_and(|t| t.ring.sqpoll))
+}
+
+/// For an SQPOLL ring of this thread, whether its kernel thread is asleep
+/// (`IORING_SQ_NEED_WAKEUP`: it went idle, and the next submission wakes it); `None`
+/// without an SQPOLL ring.
+pub fn sq_thread_sleeping() -> Option<bool> {
+    RING.with(|r| {
+        r.borrow()
+            .as_ref()
+            .and_then(|t| t.ring.sq_thread_sleeping())
+    })
 }
 
 /// Whether an exclusive reactor created later on this thread polls without sleeping while
@@ -207,8 +270,8 @@ pub fn set_exclusive() {
     EXCLUSIVE.with(|e| e.set(true));
 }
 
-/// Whether this thread's ring was set up `SINGLE_ISSUER | DEFER_TASKRUN` (after its first
-/// [`block_on`]).
+/// Whether this thread's ring was set up `SINGLE_ISSUER` (after its first [`block_on`]),
+/// with `DEFER_TASKRUN` unless it is an SQPOLL ring ([`is_sqpoll`]).
 pub fn is_single_issuer() -> bool {
     RING.with(|r| r.borrow().as_ref().is_some_and(|t| t.ring.single_issuer))
 }

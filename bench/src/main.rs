@@ -24,6 +24,12 @@
 //! `--cluster-size` says otherwise), so reads of unwritten clusters go to the base and each
 //! first write to a cluster copies it.
 //!
+//! `--sqpoll` sets the reactor's ring up `IORING_SETUP_SQPOLL` (a kernel thread submits;
+//! `--sqpoll-cpu N` binds it to CPU N and implies `--sqpoll`); `BDEV_REACTOR_SQPOLL=1` and
+//! `BDEV_REACTOR_SQPOLL_CPU=N` in the environment do the same. The JSON's `sqpoll` says
+//! whether the ring really was SQPOLL (the kernel may refuse). The SQ thread's CPU time is
+//! not counted in this process's user and system time.
+//!
 //! Every malloc bdev is written once in full before the run (untimed), so runs measure mapped
 //! memory holding data rather than first-touch page faults.
 //!
@@ -106,7 +112,8 @@ const USAGE: &str =
     "usage: bench --target aio:PATH|lvol:PATH|thinlvol:PATH|mlvol:MIB|mesnap:MIB|esnap:PATH|blob:PATH|bsload:PATH|snapclone:PATH|nbdesnap:SOCKET|malloc:MIB \
 [--blobs N] [--recover] [--lvols N] [--export NAME] [--cluster-size BYTES] [--prefill] [--engine auto|uring|threadpool] \
 [--direct] [--block-len 512|4096] --rw read|write|randread|randwrite|randrw [--rwmix-read PCT] \
-[--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N]";
+[--bs BYTES] [--qd N] [--time SECS] [--count N] [--step BYTES] [--offset BYTES] [--seed N] \
+[--sqpoll] [--sqpoll-cpu N]";
 
 /// The device a run goes against.
 enum Target {
@@ -134,6 +141,9 @@ struct Args {
     export: String,
     recover: bool,
     prefill: bool,
+    /// `--sqpoll` / `--sqpoll-cpu`: the reactor's ring with SQPOLL (`None`: as the
+    /// environment says).
+    sqpoll: Option<bdev_core::reactor::SqPoll>,
     workload: Workload,
 }
 
@@ -185,6 +195,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut prefill = false;
     let mut lvols = 1000;
     let mut export = "base".to_string();
+    let mut sqpoll: Option<bdev_core::reactor::SqPoll> = None;
     let mut w = Workload {
         duration: None,
         ..Default::default()
@@ -235,6 +246,14 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--step" => w.step = Some(parse_num("--step", it.next())?),
             "--offset" => w.offset = parse_num("--offset", it.next())?,
             "--seed" => w.seed = parse_num("--seed", it.next())?,
+            "--sqpoll" => {
+                sqpoll.get_or_insert_with(Default::default);
+            }
+            "--sqpoll-cpu" => {
+                let cpu = u32::try_from(parse_num("--sqpoll-cpu", it.next())?)
+                    .map_err(|_| "--sqpoll-cpu too large")?;
+                sqpoll.get_or_insert_with(Default::default).cpu = Some(cpu);
+            }
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -254,6 +273,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         export,
         recover,
         prefill,
+        sqpoll,
         workload: w,
     })
 }
@@ -750,6 +770,8 @@ fn io_json(
         "target": target_desc,
         "engine": engine.map(engine_name),
         "direct": args.direct,
+        // Whether the reactor's ring really was SQPOLL (the kernel may refuse it).
+        "sqpoll": bdev_core::reactor::is_sqpoll(),
         "block_len": block_len,
         "size_bytes": size,
         "rw": w.pattern.name(),
@@ -865,6 +887,9 @@ fn main() -> ExitCode {
     // This thread is the benchmark's reactor and never blocks on aio I/O inside it:
     // single-issuer ring, deferred task running, files registered.
     bdev_core::reactor::set_exclusive();
+    if let Some(sq) = args.sqpoll {
+        bdev_core::reactor::set_sqpoll(Some(sq));
+    }
     match run(args) {
         Ok(v) => {
             println!("{v}");
@@ -941,6 +966,13 @@ mod tests {
         assert!(args("--target blob:/b --rw read").is_ok());
         assert!(args("--target malloc:64 --cluster-size 8G --rw read").is_err());
         assert!(args("--rw read").is_err());
+        let q = args("--target aio:/x --rw read --sqpoll").unwrap();
+        assert_eq!(q.sqpoll, Some(bdev_core::reactor::SqPoll::default()));
+        let q = args("--target aio:/x --rw read --sqpoll-cpu 3").unwrap();
+        assert_eq!(q.sqpoll.and_then(|s| s.cpu), Some(3));
+        assert!(args("--target aio:/x --rw read").unwrap().sqpoll.is_none());
+        assert!(args("--target aio:/x --rw read --sqpoll-cpu").is_err());
+        assert!(args("--target aio:/x --rw read --sqpoll-cpu x").is_err());
         assert!(args("--target nvme:0 --rw read").is_err());
         assert!(args("--target malloc:64 --rw sideways").is_err());
         assert!(args("--target malloc:64 --bs 4x").is_err());

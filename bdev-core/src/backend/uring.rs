@@ -24,7 +24,9 @@
 //!   exclusive reactor's ring is set up `SINGLE_ISSUER | DEFER_TASKRUN` where the kernel has
 //!   them (completion work runs only when the reactor asks for it, never as an interrupt),
 //!   and files are registered with it on first use (`IOSQE_FIXED_FILE`: no file lookup and
-//!   no reference count per request).
+//!   no reference count per request). With [`SqPoll`] a reactor ring is set up
+//!   `IORING_SETUP_SQPOLL` (see `Ring::owned`): a kernel thread takes the SQEs off the
+//!   queue, so a pass submits without a syscall while that thread is awake.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -121,6 +123,26 @@ pub(crate) enum SubmitMode {
     Immediate,
     /// The ring's owner (the reactor loop) submits.
     Owner,
+}
+
+/// `IORING_SETUP_SQPOLL` settings of a reactor ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SqPoll {
+    /// CPU the kernel's SQ thread is bound to (`sq_thread_cpu`); `None`: not bound.
+    pub cpu: Option<u32>,
+    /// How long the SQ thread polls an empty queue before it sleeps (`sq_thread_idle`,
+    /// in whole milliseconds, at least 1).
+    pub idle: std::time::Duration,
+}
+
+impl Default for SqPoll {
+    /// Unbound, sleeping after 2 ms without submissions.
+    fn default() -> Self {
+        SqPoll {
+            cpu: None,
+            idle: std::time::Duration::from_millis(2),
+        }
+    }
 }
 
 /// Reusable buffers of a drain: raw CQEs, then the wakers of the requests they complete.
@@ -235,8 +257,12 @@ pub(crate) struct Ring {
     files: Option<Mutex<FileTable>>,
     /// Some registration waits in `files.dropped`.
     files_dropped: AtomicBool,
-    /// Set up with `SINGLE_ISSUER | DEFER_TASKRUN`: only the owner thread may enter.
+    /// Set up with `SINGLE_ISSUER` (with `DEFER_TASKRUN` unless [`Ring::sqpoll`]): only the
+    /// owner thread may enter.
     pub(crate) single_issuer: bool,
+    /// Set up with `IORING_SETUP_SQPOLL`: a kernel thread submits the queued SQEs; entering
+    /// the kernel is needed only to wake it (`IORING_SQ_NEED_WAKEUP`) or to wait.
+    pub(crate) sqpoll: bool,
     /// Set up with `IORING_SETUP_TASKRUN_FLAG`: the kernel raises `IORING_SQ_TASKRUN` when
     /// completion work waits for an `io_uring_enter`, so a polling owner enters only then.
     taskrun_flag: bool,
@@ -275,8 +301,51 @@ impl Ring {
     /// A reactor's ring: [`SubmitMode::Owner`], a sparse file table, and with `exclusive`
     /// `SINGLE_ISSUER | DEFER_TASKRUN` (kernel >= 6.1; older kernels get COOP_TASKRUN), so
     /// only the creating thread may submit or reap.
-    pub(crate) fn owned(entries: u32, exclusive: bool) -> io::Result<Ring> {
+    ///
+    /// With `sqpoll` the ring is first tried with `IORING_SETUP_SQPOLL` (plus
+    /// `SINGLE_ISSUER` when exclusive). The kernel refuses SQPOLL together with
+    /// `DEFER_TASKRUN`, `COOP_TASKRUN` or `TASKRUN_FLAG` (completion work runs in the SQ
+    /// thread, not in the submitter), so an SQPOLL ring has none of them. If the kernel
+    /// refuses SQPOLL (old kernel, EPERM, a CPU it will not bind to), the normal ring is
+    /// set up instead and a line is logged.
+    pub(crate) fn owned(entries: u32, exclusive: bool, sqpoll: Option<SqPoll>) -> io::Result<Ring> {
+        if let Some(sq) = sqpoll {
+            match Self::sqpoll_ring(entries, exclusive, sq) {
+                Ok(r) => return Ok(r),
+                Err(e) => tracing::info!(
+                    target: "uring",
+                    "SQPOLL ring refused ({e}); using a ring without SQPOLL"
+                ),
+            }
+        }
         Self::with_flags(entries, SubmitMode::Owner, exclusive)
+    }
+
+    /// An owner-driven `IORING_SETUP_SQPOLL` ring (see [`Ring::owned`]).
+    fn sqpoll_ring(entries: u32, exclusive: bool, sq: SqPoll) -> io::Result<Ring> {
+        let idle = u32::try_from(sq.idle.as_millis())
+            .unwrap_or(u32::MAX)
+            .max(1);
+        let build = |single: bool| {
+            let mut b = IoUring::builder();
+            b.setup_sqpoll(idle);
+            if let Some(cpu) = sq.cpu {
+                b.setup_sqpoll_cpu(cpu);
+            }
+            if single {
+                b.setup_single_issuer();
+            }
+            b.build(entries)
+        };
+        let (ring, single_issuer) = match exclusive.then(|| build(true)) {
+            Some(Ok(r)) => (r, true),
+            Some(Err(e)) => {
+                tracing::debug!(target: "uring", "no SQPOLL|SINGLE_ISSUER ({e})");
+                (build(false)?, false)
+            }
+            None => (build(false)?, false),
+        };
+        Self::finish(ring, entries, SubmitMode::Owner, single_issuer, false, true)
     }
 
     fn with_flags(entries: u32, mode: SubmitMode, exclusive: bool) -> io::Result<Ring> {
@@ -312,6 +381,18 @@ impl Ring {
             })
             .or_else(|_| IoUring::builder().setup_coop_taskrun().build(entries))
             .or_else(|_| IoUring::new(entries))?;
+        Self::finish(ring, entries, mode, single_issuer, taskrun_flag, false)
+    }
+
+    /// Probes the kernel and sets up the file table around a fresh `ring`.
+    fn finish(
+        ring: IoUring,
+        entries: u32,
+        mode: SubmitMode,
+        single_issuer: bool,
+        taskrun_flag: bool,
+        sqpoll: bool,
+    ) -> io::Result<Ring> {
         probe(&ring)?;
         let files = (mode == SubmitMode::Owner
             && ring.submitter().register_files_sparse(FIXED_FILES).is_ok())
@@ -337,6 +418,7 @@ impl Ring {
             files,
             files_dropped: AtomicBool::new(false),
             single_issuer,
+            sqpoll,
             taskrun_flag,
             submit_task: futures::task::AtomicWaker::new(),
             submit_due: AtomicBool::new(false),
@@ -400,6 +482,19 @@ impl Ring {
         }
     }
 
+    /// On an SQPOLL ring, whether its kernel thread has gone to sleep after its idle time
+    /// (`IORING_SQ_NEED_WAKEUP`: the next submission enters the kernel to wake it); `None`
+    /// on other rings.
+    pub(crate) fn sq_thread_sleeping(&self) -> Option<bool> {
+        if !self.sqpoll {
+            return None;
+        }
+        let _g = lock(&self.pending);
+        // SAFETY: the submission queue is only accessed under the pending mutex (held); this
+        // only reads its flags.
+        Some(unsafe { self.ring.submission_shared().need_wakeup() })
+    }
+
     /// Number of drains so far.
     pub(crate) fn drain_count(&self) -> u64 {
         self.drains.load(Ordering::Relaxed)
@@ -428,8 +523,16 @@ impl Ring {
             if pushed {
                 return Ok(());
             }
-            // Queue full: hand what is queued to the kernel and retry.
-            match self.ring.submitter().submit() {
+            // Queue full: hand what is queued to the kernel and retry (an SQPOLL ring: wake
+            // its thread if it sleeps, then wait until it has made room).
+            let r = self.ring.submitter().submit().and_then(|n| {
+                if self.sqpoll {
+                    self.ring.submitter().squeue_wait()
+                } else {
+                    Ok(n)
+                }
+            });
+            match r {
                 Ok(_) => {}
                 Err(e)
                     if matches!(
@@ -520,6 +623,18 @@ impl Ring {
             let sq = self.ring.submission_shared();
             (sq.len(), sq.taskrun())
         };
+        if self.sqpoll {
+            // The SQ thread submits and runs the completion work; completions appear in the
+            // completion queue without a syscall. Enter only to wake a sleeping SQ thread
+            // (or flush an overflowed completion queue): `submit` checks the sq flags.
+            if queued > 0 {
+                if let Err(e) = self.ring.submitter().submit() {
+                    tracing::trace!(target: "uring", "submit deferred: {e}");
+                }
+            }
+            self.reap_unregistered();
+            return;
+        }
         if queued == 0 && (self.pending() == 0 || (self.taskrun_flag && !taskrun)) {
             // Nothing to submit, and (where the kernel tells us, IORING_SQ_TASKRUN) no
             // completion work waiting: no syscall. Completions already posted are read from
