@@ -1882,18 +1882,22 @@ fn wait_socket(p: &Path, child: &mut KillOnDrop) -> Result<()> {
     bail!("{} never accepted connections", p.display())
 }
 
-/// Starts a server (stdout discarded, stderr to `dir/server.err`) and waits until it listens on
-/// `sock`; if it exits first, the error quotes its stderr.
-fn start_server(mut cmd: Command, sock: &Path, dir: &Path) -> Result<KillOnDrop> {
-    let err_path = dir.join("server.err");
+/// Starts a server (stdout discarded, stderr to a file outside the data directory, so that
+/// [`open_files`] does not list it) and waits until it listens on `sock`; if it exits first,
+/// the error quotes its stderr.
+fn start_server(mut cmd: Command, sock: &Path) -> Result<KillOnDrop> {
+    let err_path = std::env::temp_dir().join(format!("xtask-bench-{}.err", std::process::id()));
     cmd.stdout(Stdio::null()).stderr(File::create(&err_path)?);
     let shown = util::show(&cmd);
-    let mut srv = KillOnDrop(cmd.spawn().with_context(|| format!("start {shown}"))?);
-    wait_socket(sock, &mut srv).map_err(|e| {
-        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-        anyhow!("{e:#}; its stderr: {:?}", stderr.trim())
-    })?;
-    Ok(srv)
+    let spawned = cmd.spawn().with_context(|| format!("start {shown}"));
+    let started = spawned.and_then(|child| {
+        let mut srv = KillOnDrop(child);
+        wait_socket(sock, &mut srv).map(|()| srv)
+    });
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    // The server keeps its descriptor; the name is not needed any more.
+    let _ = std::fs::remove_file(&err_path);
+    started.map_err(|e| anyhow!("{e:#}; its stderr: {:?}", stderr.trim()))
 }
 
 /// The files a process holds open under `dir_prefixes`, with whether each is O_DIRECT (from
@@ -2172,7 +2176,7 @@ fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench, cache: &str, aio: Option<&str>) -> R
     }
     cmd.arg("-k").arg(&qsock).arg(&qcow);
     let shown = util::show(&cmd);
-    let srv = start_server(cmd, &qsock, &tmp.0)?;
+    let srv = start_server(cmd, &qsock)?;
     let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///q?socket={}", qsock.display()))?;
     let files = open_files(srv.0.id(), &[&ctx.data_dir]);
     drop(srv);
@@ -2195,7 +2199,7 @@ fn start_qemu_nbd_raw(ctx: &Ctx, dir: &Path) -> Result<(KillOnDrop, PathBuf, Str
         .arg(&sock)
         .arg(ctx.file(DataFile::Pattern));
     let shown = util::show(&cmd);
-    let srv = start_server(cmd, &sock, dir)?;
+    let srv = start_server(cmd, &sock)?;
     Ok((srv, sock, shown))
 }
 
@@ -2449,6 +2453,21 @@ mod tests {
             parse_fio(r#"{"jobs": [{"error": 0, "read": {"iops": 0.0, "total_ios": 0}}]}"#)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_server_that_exits_at_start_is_reported_with_its_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo 'Failed to get shared \"write\" lock' >&2; exit 1",
+        ]);
+        let e = start_server(cmd, Path::new("/nonexistent/q.sock"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("exited (exit status: 1)"), "{e}");
+        assert!(e.contains("Failed to get shared"), "{e}");
     }
 
     #[test]
