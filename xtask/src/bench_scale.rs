@@ -4,7 +4,7 @@
 //! store (4 MiB clusters) on each with one thick lvol filling it, written once in full
 //! (untimed), each lvol exported over NBD on one Unix socket; one fio process with two jobs,
 //! each its own `nbd` engine connection to one export, 4 KiB QD32 random I/O, timed; the
-//! figure is the sum of the two jobs' IOPS.
+//! figure is the sum of the two jobs' IOPS (each job's is in the details).
 //!
 //! Every process (tgt and fio) runs under `taskset -c` with two CPUs: `--cpus` when it lists
 //! two or more, else the first two of our affinity mask; so the clients share the two CPUs
@@ -81,7 +81,7 @@ pub(super) fn ctx_for(ctx: &Ctx) -> Result<Ctx> {
 
 /// fio with one `nbd` job per URI, the entry's workload; `prefill` = one sequential pass of
 /// 1 MiB writes over each export instead (untimed).
-fn fio(ctx: &Ctx, b: &Bench, uris: &[String], prefill: bool) -> Result<(f64, String)> {
+fn fio(ctx: &Ctx, b: &Bench, uris: &[String], prefill: bool) -> Result<(Vec<f64>, String)> {
     let fio = util::which("fio").ok_or_else(|| anyhow!("fio missing (needed for NBD)"))?;
     let mut cmd = ctx.pinned(&fio);
     cmd.arg("--ioengine=nbd").arg("--output-format=json");
@@ -105,12 +105,12 @@ fn fio(ctx: &Ctx, b: &Bench, uris: &[String], prefill: bool) -> Result<(f64, Str
             .arg(format!("--uri={uri}"));
     }
     let out = util::output("fio (nbd, two clients)", &mut cmd)?;
-    Ok((sum_jobs_iops(&out, uris.len())?, util::show(&cmd)))
+    Ok((jobs_iops(&out, uris.len())?, util::show(&cmd)))
 }
 
-/// The IOPS (read + write) of fio's jobs summed, from its JSON output; every job must have
+/// The IOPS (read + write) of each of fio's jobs, from its JSON output; every job must have
 /// completed requests.
-fn sum_jobs_iops(out: &str, jobs: usize) -> Result<f64> {
+fn jobs_iops(out: &str, jobs: usize) -> Result<Vec<f64>> {
     let start = out
         .find('{')
         .ok_or_else(|| anyhow!("no JSON in fio output"))?;
@@ -121,7 +121,7 @@ fn sum_jobs_iops(out: &str, jobs: usize) -> Result<f64> {
     if list.len() != jobs {
         bail!("fio reported {} jobs, expected {jobs}", list.len());
     }
-    let mut sum = 0.0;
+    let mut each = Vec::new();
     for job in list {
         if job["error"].as_i64().unwrap_or(0) != 0 {
             bail!("fio job {} error {}", job["jobname"], job["error"]);
@@ -131,9 +131,9 @@ fn sum_jobs_iops(out: &str, jobs: usize) -> Result<f64> {
         if iops.is_nan() || iops <= 0.0 {
             bail!("fio job {} completed no request", job["jobname"]);
         }
-        sum += iops;
+        each.push(iops);
     }
-    Ok(sum)
+    Ok(each)
 }
 
 /// One run: a fresh `tgt --cores N`, the two exports, the prefill, the timed clients.
@@ -181,15 +181,15 @@ pub(super) fn run(ctx: &Ctx, b: &Bench, reactors: usize) -> Result<Run> {
     // A malloc bdev keeps zeroed chunks unbacked: write every block once, untimed.
     let (_, prefill) = fio(ctx, b, &uris, true)?;
     commands.push(format!("(untimed prefill) {prefill}"));
-    let (value, client) = fio(ctx, b, &uris, false)?;
+    let (per_client, client) = fio(ctx, b, &uris, false)?;
     commands.push(client);
     let reactors_json = rpc(&sock, "framework_get_reactors", json!({})).unwrap_or(Value::Null);
     let _ = rpc(&sock, "spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
     drop(guard);
     Ok(Run {
-        value,
+        value: per_client.iter().sum(),
         commands,
-        detail: json!({"reactors": reactors, "cpus": ctx.cpus, "clients": CLIENTS,
+        detail: json!({"reactors": reactors, "cpus": ctx.cpus, "per_client_iops": per_client,
                        "framework_get_reactors": reactors_json}),
     })
 }
@@ -208,23 +208,17 @@ mod tests {
     }
 
     #[test]
-    fn the_clients_iops_are_summed() {
+    fn each_clients_iops_is_read() {
         let out = r#"fio: warning
 {"jobs": [{"jobname": "client0", "error": 0, "read": {"iops": 1000.5}, "write": {"iops": 0}},
           {"jobname": "client1", "error": 0, "read": {"iops": 999.5}, "write": {"iops": 0}}]}"#;
-        assert_eq!(sum_jobs_iops(out, 2).unwrap(), 2000.0);
-        assert!(
-            sum_jobs_iops(out, 1).is_err(),
-            "a missing client is an error"
-        );
+        assert_eq!(jobs_iops(out, 2).unwrap(), [1000.5, 999.5]);
+        assert!(jobs_iops(out, 1).is_err(), "a missing client is an error");
         let idle = out.replace("999.5", "0");
-        assert!(
-            sum_jobs_iops(&idle, 2).is_err(),
-            "an idle client is an error"
-        );
+        assert!(jobs_iops(&idle, 2).is_err(), "an idle client is an error");
         let failed = out.replacen("\"error\": 0", "\"error\": 5", 1);
-        assert!(sum_jobs_iops(&failed, 2).is_err());
-        assert!(sum_jobs_iops("no json", 2).is_err());
+        assert!(jobs_iops(&failed, 2).is_err());
+        assert!(jobs_iops("no json", 2).is_err());
     }
 
     #[test]
