@@ -222,7 +222,10 @@ mod tests {
                 512,
             )
             .unwrap();
-            let back = a.read(1, crate::IoBuf::new(512, a.buf_align())).await.unwrap();
+            let back = a
+                .read(1, crate::IoBuf::new(512, a.buf_align()))
+                .await
+                .unwrap();
             assert!(back.iter().all(|&b| b == 0xa5));
             drop(a);
             m.call("bdev_aio_delete", Some(json!({"name": "a"})))
