@@ -32,6 +32,8 @@ use crate::util;
 
 #[path = "bench_listing.rs"]
 mod listing;
+#[path = "bench_scale.rs"]
+mod scale;
 
 /// Size of the data files of a complete run.
 const FULL_FILE_SIZE: u64 = 1 << 30;
@@ -222,6 +224,9 @@ enum Ours {
     MallocEsnap { base_block: u32 },
     /// A listing RPC of `tgt` on one store of 10,000 thin lvols (`bench_listing.rs`).
     Listing { method: &'static str },
+    /// Our `tgt` with `reactors` reactors serving two malloc-backed lvols over NBD to two
+    /// clients (`bench_scale.rs`).
+    NbdScale { reactors: usize },
 }
 
 /// Our peers.
@@ -328,12 +333,25 @@ fn benches() -> Vec<Bench> {
             peers: vec![Peer::QemuImgRaw],
             spdk: None,
         },
-        Bench {
-            name: "lvol_thick_randread_4k_qd32_direct_4m_clusters",
+    ];
+    for (name, write, file) in [
+        (
+            "lvol_thick_randread_4k_qd32_direct_4m_clusters",
+            false,
+            DataFile::Store,
+        ),
+        (
+            "lvol_thick_randwrite_4k_qd32_direct_4m_clusters",
+            true,
+            DataFile::Scratch,
+        ),
+    ] {
+        v.push(Bench {
+            name,
             what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev, written once in full before the run (untimed); peer: the raw aio bdev on the same file",
             unit: Unit::Iops,
-            work: rand(false),
-            file: DataFile::Store,
+            work: rand(write),
+            file,
             ours: Ours::Lvol {
                 thin: false,
                 prefill: true,
@@ -341,21 +359,9 @@ fn benches() -> Vec<Bench> {
             },
             peers: vec![Peer::Ours(aio)],
             spdk: None,
-        },
-        Bench {
-            name: "lvol_thick_randwrite_4k_qd32_direct_4m_clusters",
-            what: "thick lvol filling a fresh store (4 MiB clusters) on our aio bdev, written once in full before the run (untimed); peer: the raw aio bdev on the same file",
-            unit: Unit::Iops,
-            work: rand(true),
-            file: DataFile::Scratch,
-            ours: Ours::Lvol {
-                thin: false,
-                prefill: true,
-                cluster: 4 << 20,
-            },
-            peers: vec![Peer::Ours(aio)],
-            spdk: None,
-        },
+        });
+    }
+    v.extend([
         Bench {
             name: "lvol_thin_first_write_4k_qd32_direct_1m_clusters",
             what: "thin lvol (no base) on a fresh store (clear_method none, so every cluster is stale and its first write also zeroes the rest of it): one 4 KiB write at the start of each 1 MiB cluster, each allocating it (7/8 of the clusters); peer: the raw aio bdev, 4 KiB writes at the same offsets (IOPS)",
@@ -393,7 +399,7 @@ fn benches() -> Vec<Bench> {
             peers: vec![Peer::Ours(aio)],
             spdk: None,
         },
-    ];
+    ]);
     let malloc4k = Ours::Malloc { block_len: 4096 };
     for (name, write) in [
         ("lvol_thick_randread_4k_qd32_malloc_4m_clusters", false),
@@ -509,116 +515,133 @@ fn benches() -> Vec<Bench> {
         spdk: None,
     });
     v.extend(listing::benches());
+    v.extend(scale::benches());
     v
+}
+
+/// The side an esnap entry is compared with.
+#[derive(Clone, Copy)]
+enum EsnapPeer {
+    /// The base aio bdev (same block size) read directly.
+    RawBase,
+    /// qemu-img bench -w on a fresh qcow2 clone with the entry's cluster size.
+    QemuImgCow,
+    /// Only SPDK bdevperf (when set): qemu-img bench has no random order.
+    SpdkOnly,
+}
+
+/// Rows of esnap entries: `(stem, what, unit, work, cluster, peer)`; each row makes two
+/// entries, `STEM_base512` and `STEM_base4096`, over a base with 512- and 4096-byte blocks.
+macro_rules! esnap_rows {
+    ($(($stem:literal, $what:literal, $($rest:expr),+)),* $(,)?) => {
+        [$(([concat!($stem, "_base512"), concat!($stem, "_base4096")], $what, $($rest),+)),*]
+    };
 }
 
 /// Esnap entries, each over a base with 512- and with 4096-byte blocks.
 fn esnap_benches() -> Vec<Bench> {
-    macro_rules! both_bases {
-        ($stem:literal, $what:expr, $unit:expr, $work:expr, $cluster:expr, $peers:expr, $spdk:expr) => {
-            [512u32, 4096].map(|base_block| Bench {
-                name: if base_block == 512 {
-                    concat!($stem, "_base512")
-                } else {
-                    concat!($stem, "_base4096")
-                },
-                what: $what,
-                unit: $unit,
-                work: $work,
-                file: DataFile::Pattern,
-                ours: Ours::Esnap {
-                    cluster: $cluster,
-                    base_block,
-                },
-                peers: $peers(base_block),
-                spdk: $spdk(base_block),
-            })
-        };
-    }
-    let raw_base = |b: u32| {
-        vec![Peer::Ours(Ours::Aio {
-            io: Io::Direct,
-            block_len: Some(b),
-        })]
-    };
-    let cow = |c: u64| move |_| vec![Peer::QemuImgCow { cluster: c }];
-    let no_spdk = |_| None;
-    let per_cluster = |c: u64, den: u64| Len::PerCluster {
-        cluster: c,
+    let per_cluster = |cluster: u64, den: u64| Len::PerCluster {
+        cluster,
         num: 1,
         den,
     };
-    let mut v = Vec::new();
-    v.extend(both_bases!(
-        "esnap_randread_4k_qd32_direct_4m_clusters",
-        "fresh esnap clone (nothing allocated, 4 MiB clusters) of a read-only aio bdev over the pattern file: every read goes to the base; peer: the base aio bdev read directly",
-        Unit::Iops,
-        work(false, Order::Rand, Len::Secs(FULL_SECS)),
-        4 << 20,
-        raw_base,
-        no_spdk
-    ));
-    v.extend(both_bases!(
-        "esnap_cow_first_write_seq_4k_qd32_direct_1m_clusters",
-        "fresh esnap clone: one 4 KiB write at the start of each 1 MiB cluster in order, each copying the cluster from the base; peer: qemu-img bench -w on a fresh qcow2 clone (raw backing, cluster_size=1M)",
-        Unit::ClustersPerSec,
-        work(true, Order::Stride(1 << 20), per_cluster(1 << 20, 1)),
-        1 << 20,
-        cow(1 << 20),
-        no_spdk
-    ));
-    v.extend(both_bases!(
-        "esnap_cow_first_write_scattered_4k_qd32_direct_1m_clusters",
-        "as the seq entry, but in scattered order (stride of 97 clusters, wrapping as qemu-img bench does: every write still hits a distinct cluster; qemu-img bench has no random order, so both sides use this one)",
-        Unit::ClustersPerSec,
-        work(true, Order::Stride(97 << 20), per_cluster(1 << 20, 1)),
-        1 << 20,
-        cow(1 << 20),
-        no_spdk
-    ));
-    v.extend(both_bases!(
-        "esnap_cow_first_write_seq_4k_qd32_direct_64k_clusters",
-        "fresh esnap clone, 64 KiB clusters: one 4 KiB write at the start of each cluster of the first quarter of the file; peer: qemu-img bench -w on a fresh qcow2 clone (cluster_size=64K)",
-        Unit::ClustersPerSec,
-        work(true, Order::Stride(64 << 10), per_cluster(64 << 10, 4)),
-        64 << 10,
-        cow(64 << 10),
-        no_spdk
-    ));
-    v.extend(both_bases!(
-        "esnap_cow_first_write_scattered_4k_qd32_direct_64k_clusters",
-        "as the 64 KiB seq entry in scattered order (stride of 61 clusters, a quarter of the clusters, each hit once)",
-        Unit::ClustersPerSec,
-        work(true, Order::Stride(61 << 16), per_cluster(64 << 10, 4)),
-        64 << 10,
-        cow(64 << 10),
-        no_spdk
-    ));
-    v.extend(both_bases!(
-        "esnap_fresh_clone_randwrite_4k_qd32_direct_1m_clusters_2s",
-        "fresh esnap clone (1 MiB clusters): uniform random 4 KiB writes for 2 s, the first write to each cluster copying it; peer: SPDK bdevperf when SPDK_BDEVPERF is set (qemu-img bench has no random order: see the scattered_write entry for the qemu-img ratio)",
-        Unit::Iops,
-        work(true, Order::Rand, Len::Secs(2.0)),
-        1 << 20,
-        |_| vec![],
-        |b| Some(SpdkJob::Esnap {
-            cluster: 1 << 20,
-            base_block: b
-        })
-    ));
-    v.extend(both_bases!(
-        "esnap_fresh_clone_scattered_write_4k_qd32_direct_1m_clusters",
-        "fresh esnap clone (1 MiB clusters): 4 KiB writes with a stride of 97 MiB + 4 KiB (the first 1,024 writes copy a cluster each, later ones overwrite copied clusters), fixed count; peer: qemu-img bench -w, the same stride, on a fresh qcow2 clone (cluster_size=1M)",
-        Unit::Iops,
-        work(
-            true,
-            Order::Stride((97 << 20) + 4096),
-            Len::Count(20_000, 2_000)
+    // One 4 KiB write per cluster (a `1/den` share of them), `step` bytes apart.
+    let first_writes = |step: u64, cluster: u64, den: u64| {
+        work(true, Order::Stride(step), per_cluster(cluster, den))
+    };
+    let rows = esnap_rows![
+        (
+            "esnap_randread_4k_qd32_direct_4m_clusters",
+            "fresh esnap clone (nothing allocated, 4 MiB clusters) of a read-only aio bdev over the pattern file: every read goes to the base; peer: the base aio bdev read directly",
+            Unit::Iops,
+            work(false, Order::Rand, Len::Secs(FULL_SECS)),
+            4 << 20,
+            EsnapPeer::RawBase
         ),
-        1 << 20,
-        cow(1 << 20),
-        no_spdk
-    ));
+        (
+            "esnap_cow_first_write_seq_4k_qd32_direct_1m_clusters",
+            "fresh esnap clone: one 4 KiB write at the start of each 1 MiB cluster in order, each copying the cluster from the base; peer: qemu-img bench -w on a fresh qcow2 clone (raw backing, cluster_size=1M)",
+            Unit::ClustersPerSec,
+            first_writes(1 << 20, 1 << 20, 1),
+            1 << 20,
+            EsnapPeer::QemuImgCow
+        ),
+        (
+            "esnap_cow_first_write_scattered_4k_qd32_direct_1m_clusters",
+            "as the seq entry, but in scattered order (stride of 97 clusters, wrapping as qemu-img bench does: every write still hits a distinct cluster; qemu-img bench has no random order, so both sides use this one)",
+            Unit::ClustersPerSec,
+            first_writes(97 << 20, 1 << 20, 1),
+            1 << 20,
+            EsnapPeer::QemuImgCow
+        ),
+        (
+            "esnap_cow_first_write_seq_4k_qd32_direct_64k_clusters",
+            "fresh esnap clone, 64 KiB clusters: one 4 KiB write at the start of each cluster of the first quarter of the file; peer: qemu-img bench -w on a fresh qcow2 clone (cluster_size=64K)",
+            Unit::ClustersPerSec,
+            first_writes(64 << 10, 64 << 10, 4),
+            64 << 10,
+            EsnapPeer::QemuImgCow
+        ),
+        (
+            "esnap_cow_first_write_scattered_4k_qd32_direct_64k_clusters",
+            "as the 64 KiB seq entry in scattered order (stride of 61 clusters, a quarter of the clusters, each hit once)",
+            Unit::ClustersPerSec,
+            first_writes(61 << 16, 64 << 10, 4),
+            64 << 10,
+            EsnapPeer::QemuImgCow
+        ),
+        (
+            "esnap_fresh_clone_randwrite_4k_qd32_direct_1m_clusters_2s",
+            "fresh esnap clone (1 MiB clusters): uniform random 4 KiB writes for 2 s, the first write to each cluster copying it; peer: SPDK bdevperf when SPDK_BDEVPERF is set (qemu-img bench has no random order: see the scattered_write entry for the qemu-img ratio)",
+            Unit::Iops,
+            work(true, Order::Rand, Len::Secs(2.0)),
+            1 << 20,
+            EsnapPeer::SpdkOnly
+        ),
+        (
+            "esnap_fresh_clone_scattered_write_4k_qd32_direct_1m_clusters",
+            "fresh esnap clone (1 MiB clusters): 4 KiB writes with a stride of 97 MiB + 4 KiB (the first 1,024 writes copy a cluster each, later ones overwrite copied clusters), fixed count; peer: qemu-img bench -w, the same stride, on a fresh qcow2 clone (cluster_size=1M)",
+            Unit::Iops,
+            work(true, Order::Stride((97 << 20) + 4096), Len::Count(20_000, 2_000)),
+            1 << 20,
+            EsnapPeer::QemuImgCow
+        ),
+    ];
+    let mut v = Vec::new();
+    for (names, what, unit, work, cluster, peer) in rows {
+        for (name, base_block) in names.into_iter().zip([512u32, 4096]) {
+            let (peers, spdk) = match peer {
+                EsnapPeer::RawBase => (
+                    vec![Peer::Ours(Ours::Aio {
+                        io: Io::Direct,
+                        block_len: Some(base_block),
+                    })],
+                    None,
+                ),
+                EsnapPeer::QemuImgCow => (vec![Peer::QemuImgCow { cluster }], None),
+                EsnapPeer::SpdkOnly => (
+                    vec![],
+                    Some(SpdkJob::Esnap {
+                        cluster,
+                        base_block,
+                    }),
+                ),
+            };
+            v.push(Bench {
+                name,
+                what,
+                unit,
+                work,
+                file: DataFile::Pattern,
+                ours: Ours::Esnap {
+                    cluster,
+                    base_block,
+                },
+                peers,
+                spdk,
+            });
+        }
+    }
     v
 }
 
@@ -722,7 +745,7 @@ impl Bench {
             },
             Ours::NbdClientEsnap => Io::Buffered,
             Ours::Malloc { .. } | Ours::MallocLvol | Ours::MallocEsnap { .. } => Io::Memory,
-            Ours::Listing { .. } => Io::Memory,
+            Ours::Listing { .. } | Ours::NbdScale { .. } => Io::Memory,
             _ => Io::Direct,
         }
     }
@@ -730,6 +753,7 @@ impl Bench {
         match self.ours {
             Ours::Lvol { cluster, .. } | Ours::Esnap { cluster, .. } => Some(cluster),
             Ours::MallocLvol | Ours::MallocEsnap { .. } => Some(4 << 20),
+            Ours::NbdScale { .. } => Some(scale::CLUSTER),
             Ours::Blob | Ours::NbdTgtEsnap | Ours::NbdClientEsnap | Ours::SnapClone { .. } => {
                 Some(1 << 20)
             }
@@ -896,6 +920,7 @@ struct Run {
     detail: Value,
 }
 
+#[derive(Clone)]
 struct Ctx {
     data_dir: PathBuf,
     bench_bin: PathBuf,
@@ -1193,11 +1218,22 @@ fn ours_label(o: Ours) -> String {
             format!("fresh esnap clone of a malloc base block_len={base_block}, 4 MiB clusters")
         }
         Ours::Listing { method } => format!("tgt {method} on thin lvols, one json parse"),
+        Ours::NbdScale { reactors } => format!(
+            "tgt --cores {reactors}, two malloc-backed lvols over NBD, two fio nbd clients"
+        ),
     }
 }
 
 /// Runs every round of an entry and writes its JSON; returns the record.
 fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
+    // The scaling entries run on two CPUs whatever `--cpus` says.
+    let two_cpus;
+    let ctx = if let Ours::NbdScale { .. } = b.ours {
+        two_cpus = scale::ctx_for(ctx)?;
+        &two_cpus
+    } else {
+        ctx
+    };
     let mut data_note = Value::Null;
     let reads_pattern = b.file == DataFile::Pattern || b.ours == Ours::NbdClientEsnap;
     if reads_pattern {
@@ -1429,6 +1465,7 @@ fn markdown_table(records: &[Value]) -> String {
         let spdk = match &r["spdk"] {
             Value::Null => "–".to_string(),
             Value::String(t) => t.clone(),
+            v if v["ratio"].is_null() && !v["error"].is_null() => "failed (see JSON)".into(),
             v => v["ratio"].to_string(),
         };
         let _ = writeln!(
@@ -1503,6 +1540,9 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
     if let Ours::Listing { method } = setup {
         return listing::run(ctx, b, method);
     }
+    if let Ours::NbdScale { reactors } = setup {
+        return scale::run(ctx, b, reactors);
+    }
     let w = &b.work;
     let mut file = ctx.file(b.file);
     let mut cmd = ctx.pinned(&ctx.bench_bin);
@@ -1572,7 +1612,7 @@ fn run_ours(ctx: &Ctx, b: &Bench, setup: Ours) -> Result<Run> {
             file = sock;
             ("nbdesnap", false)
         }
-        Ours::NbdTgtEsnap | Ours::TgtIdle | Ours::Listing { .. } => {
+        Ours::NbdTgtEsnap | Ours::TgtIdle | Ours::Listing { .. } | Ours::NbdScale { .. } => {
             unreachable!("handled above")
         }
     };
@@ -1842,6 +1882,24 @@ fn wait_socket(p: &Path, child: &mut KillOnDrop) -> Result<()> {
     bail!("{} never accepted connections", p.display())
 }
 
+/// Starts a server (stdout discarded, stderr to a file outside the data directory, so that
+/// [`open_files`] does not list it) and waits until it listens on `sock`; if it exits first,
+/// the error quotes its stderr.
+fn start_server(mut cmd: Command, sock: &Path) -> Result<KillOnDrop> {
+    let err_path = std::env::temp_dir().join(format!("xtask-bench-{}.err", std::process::id()));
+    cmd.stdout(Stdio::null()).stderr(File::create(&err_path)?);
+    let shown = util::show(&cmd);
+    let spawned = cmd.spawn().with_context(|| format!("start {shown}"));
+    let started = spawned.and_then(|child| {
+        let mut srv = KillOnDrop(child);
+        wait_socket(sock, &mut srv).map(|()| srv)
+    });
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    // The server keeps its descriptor; the name is not needed any more.
+    let _ = std::fs::remove_file(&err_path);
+    started.map_err(|e| anyhow!("{e:#}; its stderr: {:?}", stderr.trim()))
+}
+
 /// The files a process holds open under `dir_prefixes`, with whether each is O_DIRECT (from
 /// /proc/PID/fdinfo): what a server really does, whatever its options say.
 fn open_files(pid: u32, prefixes: &[&Path]) -> Value {
@@ -1934,6 +1992,17 @@ fn rpc(sock: &Path, method: &str, params: Value) -> Result<Value> {
     }
 }
 
+/// Starts our pinned `tgt` with its RPC socket `sock` and `args`, waits until it answers;
+/// returns it and its command line.
+fn start_tgt(ctx: &Ctx, sock: &Path, args: &[&str]) -> Result<(KillOnDrop, String)> {
+    let mut cmd = ctx.pinned(&ctx.tgt_bin);
+    cmd.arg("-r").arg(sock).args(args).stdout(Stdio::null());
+    let shown = util::show(&cmd);
+    let mut guard = KillOnDrop(cmd.spawn().with_context(|| format!("start {shown}"))?);
+    wait_socket(sock, &mut guard)?;
+    Ok((guard, shown))
+}
+
 /// Ours over NBD: a pinned `tgt`, a read-only aio base bdev over the pattern file (4 KiB
 /// blocks), a fresh lvol store on a sparse file, an esnap clone exported over NBD.
 fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
@@ -1942,21 +2011,21 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
     File::create(&store)?.set_len(ctx.file_size + (256 << 20))?;
     let sock = tmp.0.join("rpc.sock");
     let nbd = tmp.0.join("nbd.sock");
-    let mut cmd = ctx.pinned(&ctx.tgt_bin);
-    cmd.arg("-r").arg(&sock).stdout(Stdio::null());
-    let shown = util::show(&cmd);
-    let mut guard = KillOnDrop(cmd.spawn().with_context(|| format!("start {shown}"))?);
-    wait_socket(&sock, &mut guard)?;
+    let (guard, shown) = start_tgt(ctx, &sock, &[])?;
     let base = ctx.file(DataFile::Pattern);
+    // Buffered entries open both files through the page cache, as qemu-nbd
+    // `--cache=writeback` does (`direct_io` is our extension of `bdev_aio_create`).
+    let direct_io = b.io() != Io::Buffered;
     let calls = [
         (
             "bdev_aio_create",
             json!({"name": "base", "filename": base, "block_size": 4096,
-                   "readonly": true, "uuid": BASE_UUID}),
+                   "readonly": true, "uuid": BASE_UUID, "direct_io": direct_io}),
         ),
         (
             "bdev_aio_create",
-            json!({"name": "store", "filename": store, "block_size": 4096}),
+            json!({"name": "store", "filename": store, "block_size": 4096,
+                   "direct_io": direct_io}),
         ),
         (
             "bdev_lvol_create_lvstore",
@@ -2004,14 +2073,22 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
     let files = open_files(guard.0.id(), &[&ctx.data_dir]);
     let _ = rpc(&sock, "spdk_kill_instance", json!({"sig_name": "SIGTERM"}));
     drop(guard);
+    // The kernel may close a dead process's ring-registered files (and so release its lock on
+    // the pattern file, which qemu-nbd's locking refuses to share) a while after its exit.
+    let lock_wait = wait_unlocked(&base, Duration::from_secs(10));
     let direct = all_direct(&files);
-    let mut detail = json!({"open_files": files, "all_o_direct": direct});
+    let mut detail = json!({"open_files": files, "all_o_direct": direct,
+                            "pattern_lock_released_after_ms": lock_wait});
     if let (Some(d), want) = (direct, b.io() == Io::Direct) {
         if d != want {
             detail["mode_mismatch"] = json!(format!(
-                "the entry asks for {} access but tgt opened its files {}; bdev_aio_create takes no cache option in this build",
+                "the entry asks for {} access but tgt opened its files {}",
                 b.io().name(),
-                if d { "with O_DIRECT" } else { "through the page cache" }
+                if d {
+                    "with O_DIRECT"
+                } else {
+                    "through the page cache"
+                }
             ));
         }
     }
@@ -2019,6 +2096,32 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
         value,
         commands,
         detail,
+    })
+}
+
+/// Waits until no process holds a lock on `path` (`/proc/locks`, matched by inode), at most
+/// `timeout`; returns the milliseconds waited, or None if a lock was still there.
+fn wait_unlocked(path: &Path, timeout: Duration) -> Option<u64> {
+    let ino = std::fs::metadata(path).ok()?.ino();
+    let t0 = Instant::now();
+    loop {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if !locks_name_inode(&locks, ino) {
+            return Some(t0.elapsed().as_millis() as u64);
+        }
+        if t0.elapsed() >= timeout {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether a `/proc/locks` text has a lock on inode `ino` (field `MAJOR:MINOR:INODE`).
+fn locks_name_inode(locks: &str, ino: u64) -> bool {
+    locks.lines().any(|l| {
+        l.split_whitespace()
+            .filter_map(|f| f.rsplit_once(':'))
+            .any(|(dev, i)| dev.contains(':') && i.parse() == Ok(ino))
     })
 }
 
@@ -2071,10 +2174,9 @@ fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench, cache: &str, aio: Option<&str>) -> R
     if let Some(a) = aio {
         cmd.args(["--aio", a]);
     }
-    cmd.arg("-k").arg(&qsock).arg(&qcow).stdout(Stdio::null());
+    cmd.arg("-k").arg(&qsock).arg(&qcow);
     let shown = util::show(&cmd);
-    let mut srv = KillOnDrop(cmd.spawn().context("start qemu-nbd")?);
-    wait_socket(&qsock, &mut srv)?;
+    let srv = start_server(cmd, &qsock)?;
     let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///q?socket={}", qsock.display()))?;
     let files = open_files(srv.0.id(), &[&ctx.data_dir]);
     drop(srv);
@@ -2095,11 +2197,9 @@ fn start_qemu_nbd_raw(ctx: &Ctx, dir: &Path) -> Result<(KillOnDrop, PathBuf, Str
     let mut cmd = ctx.pinned(qemu_nbd);
     cmd.args(["-r", "-t", "-e", "8", "-x", "base", "-f", "raw", "-k"])
         .arg(&sock)
-        .arg(ctx.file(DataFile::Pattern))
-        .stdout(Stdio::null());
+        .arg(ctx.file(DataFile::Pattern));
     let shown = util::show(&cmd);
-    let mut srv = KillOnDrop(cmd.spawn().context("start qemu-nbd")?);
-    wait_socket(&sock, &mut srv)?;
+    let srv = start_server(cmd, &sock)?;
     Ok((srv, sock, shown))
 }
 
@@ -2185,8 +2285,19 @@ fn run_spdk(ctx: &Ctx, b: &Bench, bin: &Path, job: SpdkJob) -> Result<Run> {
     Ok(Run {
         value: parse_bdevperf(&out)?,
         commands: vec![util::show(&cmd)],
-        detail: json!({"config": config}),
+        detail: json!({"config": config, "report": bdevperf_report(&out)}),
     })
+}
+
+/// bdevperf's result table (from its `Device Information` header to the `Total` line), one
+/// string per line: what the figure was read from.
+fn bdevperf_report(out: &str) -> Vec<String> {
+    out.lines()
+        .map(|l| l.trim_start_matches('\r').trim_end())
+        .skip_while(|l| !l.trim_start().starts_with("Device Information"))
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// Drops a file's clean pages from the page cache (GNU dd: `iflag=nocache count=0` advises
@@ -2345,6 +2456,32 @@ mod tests {
     }
 
     #[test]
+    fn a_server_that_exits_at_start_is_reported_with_its_stderr() {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "echo 'Failed to get shared \"write\" lock' >&2; exit 1",
+        ]);
+        let e = start_server(cmd, Path::new("/nonexistent/q.sock"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("exited (exit status: 1)"), "{e}");
+        assert!(e.contains("Failed to get shared"), "{e}");
+    }
+
+    #[test]
+    fn proc_locks_lines_are_matched_by_inode() {
+        let locks = "1: OFDLCK ADVISORY  READ -1 fe:00:5382392 100 100\n\
+                     2: POSIX  ADVISORY  WRITE 77 08:01:12 0 EOF\n";
+        assert!(locks_name_inode(locks, 5_382_392));
+        assert!(locks_name_inode(locks, 12));
+        assert!(!locks_name_inode(locks, 538_239));
+        assert!(!locks_name_inode(locks, 100), "the range is not an inode");
+        assert!(!locks_name_inode("", 12));
+    }
+
+    #[test]
     fn proc_stat_cpu_ticks_are_parsed() {
         // Fields 14 and 15 (utime 7, stime 5); the name has a space and a parenthesis.
         let line = "1234 (tgt (x) y) S 1 1234 1234 0 -1 4194304 100 0 0 0 7 5 0 0 20 0 9 0 5 0";
@@ -2364,24 +2501,28 @@ mod tests {
         assert!(parse_qemu_img_bench("Run completed in 0.000 seconds.", 1000).is_err());
     }
 
-    /// Laid out with the printf formats of SPDK's examples/bdev/bdevperf/bdevperf.c (job line
-    /// `\t %-20s: %10.2f %10.2f %10.2f %10.2f %8.2f %10.2f %10.2f %10.2f`, Total line
-    /// `\r %-28s: %10s %10.2f ...`); the figures are made up for the test.
+    /// The stdout of a live SPDK v24.09 bdevperf (`-q 32 -o 4096 -w randread -t 2 -T aio0`
+    /// on an aio bdev), byte for byte: a progress line ending in `\r`, then the table.
     const BDEVPERF_SAMPLE: &str = "\
-Running I/O for 10 seconds...
-\r                                                                                                Latency(us)
+Running I/O for 2 seconds...
+    95276.00 IOPS,   372.17 MiB/s\r
+                                                                                                Latency(us)
 \r Device Information          : runtime(s)       IOPS      MiB/s     Fail/s     TO/s    Average        min        max
-Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
-\t aio0                :      10.00  118123.45     461.42       0.00     0.00     270.72      31.19    1234.00
+Job: aio0 (Core Mask 0x1, workload: randread, depth: 32, IO size: 4096)
+\t aio0                :       2.00   86910.63     339.49       0.00     0.00     368.09      50.81   16333.59
 \r ===================================================================================================================
-\r Total                       :            118123.45     461.42       0.00     0.00     270.72      31.19    1234.00
+\r Total                       :              86910.63     339.49       0.00     0.00     368.09      50.81   16333.59
 ";
 
     #[test]
     fn bdevperf_total_line_is_parsed() {
-        assert_eq!(parse_bdevperf(BDEVPERF_SAMPLE).unwrap(), 118_123.45);
+        assert_eq!(parse_bdevperf(BDEVPERF_SAMPLE).unwrap(), 86_910.63);
+        let report = bdevperf_report(BDEVPERF_SAMPLE);
+        assert_eq!(report.len(), 5, "{report:?}");
+        assert!(report[0].contains("Device Information"));
+        assert!(report[4].contains("Total") && report[4].contains("86910.63"));
         assert!(parse_bdevperf("Running I/O for 10 seconds...\n").is_err());
-        let failing = BDEVPERF_SAMPLE.replace("461.42       0.00", "461.42      12.00");
+        let failing = BDEVPERF_SAMPLE.replace("339.49       0.00", "339.49      12.00");
         assert!(parse_bdevperf(&failing).is_err(), "failed I/O is an error");
         assert!(parse_bdevperf("\r Total : x").is_err());
     }
@@ -2411,13 +2552,11 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
         ctx.data_dir = dir.clone();
         ctx.cpus = default_cpu();
         ctx.spdk = Some(script);
-        let b = benches()
-            .into_iter()
-            .find(|b| b.name == "aio_randread_4k_qd32_direct")
-            .unwrap();
+        let b = bench_named("aio_randread_4k_qd32_direct");
         assert_eq!(sides(&ctx, &b).last(), Some(&Side::Spdk));
         let run = run_side(&ctx, &b, Side::Spdk).unwrap();
-        assert_eq!(run.value, 118_123.45);
+        assert_eq!(run.value, 86_910.63);
+        assert_eq!(run.detail["report"].as_array().unwrap().len(), 5);
         assert!(run.commands[0].starts_with(&format!("taskset -c {} ", ctx.cpus)));
         let args = std::fs::read_to_string(dir.join("args")).unwrap();
         let mask = cpu_mask(&parse_cpu_list(&ctx.cpus).unwrap());
@@ -2446,10 +2585,7 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
     #[test]
     fn spdk_config_names_the_same_files() {
         let ctx = test_ctx();
-        let b = benches()
-            .into_iter()
-            .find(|b| b.name == "esnap_fresh_clone_randwrite_4k_qd32_direct_1m_clusters_2s_base512")
-            .unwrap();
+        let b = bench_named("esnap_fresh_clone_randwrite_4k_qd32_direct_1m_clusters_2s_base512");
         let store = PathBuf::from("/tmp/s.img");
         let (cfg, bdev) = spdk_config(&ctx, &b, b.spdk.unwrap(), &store);
         assert_eq!(bdev, "lvs/clone");
@@ -2461,6 +2597,26 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
         assert_eq!(calls[0]["params"]["block_size"], json!(512));
         assert_eq!(calls[2]["params"]["cluster_sz"], json!(1 << 20));
         assert_eq!(calls[3]["method"], json!("bdev_lvol_clone_bdev"));
+    }
+
+    /// The record of runs without errors, round orders or notes.
+    fn plain_record(ctx: &Ctx, b: &Bench, sides: &[Side], runs: &[Vec<Run>]) -> Value {
+        let none = vec![None; sides.len()];
+        build_record(
+            ctx,
+            b,
+            sides,
+            runs,
+            &none,
+            vec![],
+            String::new(),
+            Value::Null,
+        )
+    }
+
+    /// The entry of that name.
+    fn bench_named(name: &str) -> Bench {
+        benches().into_iter().find(|b| b.name == name).unwrap()
     }
 
     fn test_ctx() -> Ctx {
@@ -2489,10 +2645,7 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
     #[test]
     fn record_keeps_every_round_and_the_ratio_of_medians() {
         let ctx = test_ctx();
-        let b = benches()
-            .into_iter()
-            .find(|b| b.name == "nbd_esnap_randread_4k_qd32_direct_1m_clusters")
-            .unwrap();
+        let b = bench_named("nbd_esnap_randread_4k_qd32_direct_1m_clusters");
         let sd = sides(&ctx, &b);
         assert_eq!(sd.len(), 3);
         let runs = vec![
@@ -2550,35 +2703,14 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
         assert!(rec["mode_mismatch"].is_null());
         let mut odd = runs.clone();
         odd[0][2].detail = json!({"mode_mismatch": "page cache"});
-        let rec = build_record(
-            &ctx,
-            &b,
-            &sd,
-            &odd,
-            &[None, None, None],
-            vec![],
-            String::new(),
-            Value::Null,
-        );
+        let rec = plain_record(&ctx, &b, &sd, &odd);
         assert_eq!(rec["mode_mismatch"], json!("page cache"));
         assert!(markdown_table(&[rec]).contains("2.5 (mode mismatch, see JSON)"));
         // An entry with an SPDK job says why there is no SPDK figure.
-        let a = benches()
-            .into_iter()
-            .find(|b| b.name == "aio_randread_4k_qd32_direct")
-            .unwrap();
+        let a = bench_named("aio_randread_4k_qd32_direct");
         let s = sides(&ctx, &a);
         assert_eq!(s.len(), 2, "no SPDK side without {SPDK_ENV}");
-        let r = build_record(
-            &ctx,
-            &a,
-            &s,
-            &[vec![fake_run(2.0)], vec![fake_run(1.0)]],
-            &[None, None],
-            vec![],
-            String::new(),
-            Value::Null,
-        );
+        let r = plain_record(&ctx, &a, &s, &[vec![fake_run(2.0)], vec![fake_run(1.0)]]);
         assert_eq!(r["spdk"], json!("not available (SPDK_BDEVPERF unset)"));
         assert_eq!(r["ratio"], json!(2.0));
         // With a bdevperf binary the SPDK side joins and gets its own ratio.
@@ -2586,7 +2718,7 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
         with.spdk = Some(PathBuf::from("/opt/spdk/bdevperf"));
         let s = sides(&with, &a);
         assert_eq!(s, [Side::Ours, Side::Peer(0), Side::Spdk]);
-        let r = build_record(
+        let r = plain_record(
             &with,
             &a,
             &s,
@@ -2595,10 +2727,6 @@ Job: aio0 (Core Mask 0x2, workload: randread, depth: 32, IO size: 4096)
                 vec![fake_run(1.0)],
                 vec![fake_run(6.0)],
             ],
-            &[None, None, None],
-            vec![],
-            String::new(),
-            Value::Null,
         );
         assert_eq!(r["spdk"]["ratio"], json!(0.5));
         assert_eq!(

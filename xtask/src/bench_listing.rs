@@ -7,14 +7,12 @@
 //!
 //! A child module of `bench` (its types are private there).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use anyhow::{anyhow, Context, Result};
 use serde_json::Value;
 
-use super::{
-    util, wait_socket, work, Bench, Ctx, DataFile, KillOnDrop, Len, Order, Ours, Run, TmpDir, Unit,
-};
+use super::{util, work, Bench, Ctx, DataFile, Len, Order, Ours, Run, TmpDir, Unit};
 
 /// Lvols of a complete run (a tenth with `--quick`).
 pub(super) const LVOLS: u64 = 10_000;
@@ -52,11 +50,7 @@ pub(super) fn run(ctx: &Ctx, b: &Bench, method: &str) -> Result<Run> {
     let lvols = ctx.count(b.work.len).unwrap_or(LVOLS);
     let tmp = TmpDir::new(ctx, "listing")?;
     let sock = tmp.0.join("rpc.sock");
-    let mut cmd = ctx.pinned(&ctx.tgt_bin);
-    cmd.arg("-r").arg(&sock).stdout(Stdio::null());
-    let shown = util::show(&cmd);
-    let mut guard = KillOnDrop(cmd.spawn().with_context(|| format!("start {shown}"))?);
-    wait_socket(&sock, &mut guard)?;
+    let (guard, shown) = super::start_tgt(ctx, &sock, &[])?;
     let script = util::project_root().join("python/bench_listing.py");
     let mut client = Command::new("python3");
     client

@@ -35,7 +35,9 @@
 //! process". So a store can be loaded by one target at a time.
 //!
 //! O_DIRECT by default, as SPDK's aio bdev: the file is opened with `O_DIRECT` unless the
-//! options ask for the page cache. Where the file system refuses `O_DIRECT` (open fails with
+//! options ask for the page cache (`bdev_aio_create`'s `"direct_io": false`, our extension:
+//! SPDK's RPC has no such parameter and its client never sends it; `write_config` writes it
+//! only when it is false). Where the file system refuses `O_DIRECT` (open fails with
 //! EINVAL), or reports (`statx` `STATX_DIOALIGN`) a direct-I/O offset unit larger than the
 //! block size, the bdev falls back to buffered I/O with an info log line, and
 //! `driver_specific.aio.direct_io` (ours; SPDK has no buffered mode) says which mode is in
@@ -434,6 +436,8 @@ pub struct AioBdev {
     nowait: bool,
     /// The file is open with O_DIRECT.
     direct: bool,
+    /// The options asked for the page cache (`direct_io: false`): kept for `write_config`.
+    buffered_requested: bool,
     /// Buffer alignment under O_DIRECT.
     mem_align: usize,
     num_blocks: AtomicU64,
@@ -567,6 +571,7 @@ impl AioBdev {
             fallocate: opts.fallocate,
             nowait: opts.nowait,
             direct,
+            buffered_requested: !opts.direct,
             mem_align,
             num_blocks: AtomicU64::new(num_blocks),
             file,
@@ -876,6 +881,11 @@ impl BlockDevice for AioBdev {
         params.insert("fallocate".into(), self.fallocate.into());
         params.insert("uuid".into(), self.uuid.hyphenated().to_string().into());
         params.insert("nowait".into(), self.nowait.into());
+        // Ours, only when asked for (SPDK's `bdev_aio_create` would refuse the key): a config
+        // of an O_DIRECT bdev stays loadable by SPDK.
+        if self.buffered_requested {
+            params.insert("direct_io".into(), false.into());
+        }
         Some(serde_json::json!({"method": "bdev_aio_create", "params": params}))
     }
 }

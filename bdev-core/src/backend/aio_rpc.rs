@@ -1,5 +1,6 @@
 //! The aio backend's JSON-RPC methods: `bdev_aio_create`, `bdev_aio_delete`,
-//! `bdev_aio_rescan`.
+//! `bdev_aio_rescan`. `bdev_aio_create` takes SPDK's parameters plus one of ours,
+//! `direct_io` (default `true`; `false` = the page cache).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +28,15 @@ struct AioCreate {
     uuid: Option<String>,
     #[serde(default)]
     nowait: bool,
+    /// Ours, not SPDK's (its client never sends it): `false` opens the file through the page
+    /// cache. Absent or `true`: O_DIRECT, falling back to buffered I/O where the file system
+    /// refuses it (`driver_specific.aio.direct_io` says which).
+    #[serde(default = "yes")]
+    direct_io: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The aio RPC module. Keeps the aio bdevs for `bdev_aio_rescan` (weak: the registry owns
@@ -61,6 +71,7 @@ impl AioRpc {
             fallocate: p.fallocate,
             nowait: p.nowait,
             uuid,
+            direct: p.direct_io,
             ..Default::default()
         };
         let dev = create_off_thread(opts).await.map_err(|e| match &e {
@@ -153,5 +164,92 @@ mod tests {
             "7e5a0000-e5a0-4e5a-8e5a-000000000001"
         );
         assert!(parse_uuid(&Some("nope".into())).is_err());
+    }
+
+    /// The flags `path` is open with in this process (`/proc/self/fdinfo`), one per fd.
+    fn open_flags(path: &std::path::Path) -> Vec<i32> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            if std::fs::read_link(e.path()).ok().as_deref() != Some(path) {
+                continue;
+            }
+            let fdinfo = format!("/proc/self/fdinfo/{}", e.file_name().to_string_lossy());
+            let info = std::fs::read_to_string(fdinfo).unwrap_or_default();
+            if let Some(f) = info.lines().find_map(|l| l.strip_prefix("flags:")) {
+                out.push(i32::from_str_radix(f.trim(), 8).unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn direct_io_false_opens_the_file_buffered_and_is_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.img");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        // As /proc/self/fd shows it.
+        let path = path.canonicalize().unwrap();
+        futures::executor::block_on(async {
+            let r = Registry::new();
+            let m = AioRpc::new(r.clone());
+            let create = |extra: Value| {
+                let mut p = json!({"name": "a", "filename": path});
+                p.as_object_mut()
+                    .unwrap()
+                    .extend(extra.as_object().unwrap().clone());
+                m.call("bdev_aio_create", Some(p))
+            };
+            // A bad value is refused, nothing is created.
+            for bad in [json!("none"), json!(0), json!(null)] {
+                let e = create(json!({"direct_io": bad})).await.unwrap_err();
+                assert_eq!(e, RpcError::decode_failed(), "{bad}");
+                assert!(r.get("a").is_none());
+            }
+            create(json!({"direct_io": false})).await.unwrap();
+            let a = r.get("a").unwrap();
+            assert_eq!(a.driver_specific()["aio"]["direct_io"], false);
+            assert_eq!(a.write_config().unwrap()["params"]["direct_io"], false);
+            let flags = open_flags(&path);
+            assert!(!flags.is_empty());
+            assert!(flags.iter().all(|f| f & libc::O_DIRECT == 0), "{flags:?}");
+            // Through the page cache: bytes written to the file with pwrite are read back.
+            std::os::unix::fs::FileExt::write_all_at(
+                &std::fs::OpenOptions::new().write(true).open(&path).unwrap(),
+                &[0xa5; 512],
+                512,
+            )
+            .unwrap();
+            let back = a
+                .read(1, crate::IoBuf::new(512, a.buf_align()))
+                .await
+                .unwrap();
+            assert!(back.iter().all(|&b| b == 0xa5));
+            drop(a);
+            m.call("bdev_aio_delete", Some(json!({"name": "a"})))
+                .await
+                .unwrap();
+            // The default (and `true`) ask for O_DIRECT and save no `direct_io`: the config
+            // stays SPDK's.
+            for extra in [json!({}), json!({"direct_io": true})] {
+                create(extra.clone()).await.unwrap();
+                let a = r.get("a").unwrap();
+                let params = a.write_config().unwrap()["params"].clone();
+                assert!(params.get("direct_io").is_none(), "{extra}: {params}");
+                let direct = a.driver_specific()["aio"]["direct_io"] == true;
+                assert!(
+                    open_flags(&path)
+                        .iter()
+                        .all(|f| (f & libc::O_DIRECT != 0) == direct),
+                    "{extra}"
+                );
+                drop(a);
+                m.call("bdev_aio_delete", Some(json!({"name": "a"})))
+                    .await
+                    .unwrap();
+            }
+        });
     }
 }
