@@ -1104,7 +1104,7 @@ pub fn run(args: &[String]) -> Result<()> {
         ctx.out_dir.join("_run.json"),
         serde_json::to_string_pretty(&info)? + "\n",
     )?;
-    let md = markdown_table(&records);
+    let md = markdown_table(&records) + &server_cpu_table(&records);
     std::fs::write(ctx.out_dir.join("_summary.md"), &md)?;
     println!(
         "\nresults: {} (JSON per entry, _run.json, _summary.md)",
@@ -1485,6 +1485,39 @@ fn markdown_table(records: &[Value]) -> String {
         );
     }
     s
+}
+
+/// The NBD servers' CPU time per request (`details[].server_cpu`), per side with its
+/// median (min–max) over the rounds; empty when no entry measured it.
+fn server_cpu_table(records: &[Value]) -> String {
+    let mut rows = String::new();
+    for r in records {
+        for side in r["sides"].as_array().into_iter().flatten() {
+            let per: Vec<f64> = side["details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|d| d["server_cpu"]["server_cpu_us_per_request"].as_f64())
+                .collect();
+            if let Some(sm) = summarize(&per) {
+                let _ = writeln!(
+                    rows,
+                    "| {} | {} | {:.2} ({:.2}–{:.2}) |",
+                    r["name"].as_str().unwrap_or(""),
+                    side["id"].as_str().unwrap_or(""),
+                    sm.median,
+                    sm.min,
+                    sm.max
+                );
+            }
+        }
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "\nNBD server CPU time (user + system, all threads) per request over the client's run, µs: median (min–max)\n\n| benchmark | server | µs per request |\n|---|---|---|\n{rows}"
+    )
 }
 
 /// Runs one side once.
@@ -1955,6 +1988,18 @@ fn all_direct(files: &Value) -> Option<bool> {
 /// The NBD client of an entry: fio's nbd engine for random workloads (timed), qemu-img bench
 /// for sequential ones (fixed count); both pinned.
 fn nbd_client(ctx: &Ctx, b: &Bench, uri: &str) -> Result<(f64, String)> {
+    nbd_client_counted(ctx, b, uri).map(|c| (c.value, c.command))
+}
+
+/// What one NBD client run gives: its figure, the requests it completed and its command.
+struct ClientRun {
+    value: f64,
+    requests: u64,
+    command: String,
+}
+
+/// [`nbd_client`], also counting the requests the client completed.
+fn nbd_client_counted(ctx: &Ctx, b: &Bench, uri: &str) -> Result<ClientRun> {
     if b.work.order == Order::Rand {
         let fio =
             util::which("fio").ok_or_else(|| anyhow!("fio missing (needed for random NBD)"))?;
@@ -1962,7 +2007,12 @@ fn nbd_client(ctx: &Ctx, b: &Bench, uri: &str) -> Result<(f64, String)> {
         cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
         fio_common(ctx, b, &mut cmd);
         let out = util::output("fio (nbd)", &mut cmd)?;
-        Ok((parse_fio(&out)?.0, util::show(&cmd)))
+        let (value, requests) = parse_fio(&out)?;
+        Ok(ClientRun {
+            value,
+            requests,
+            command: util::show(&cmd),
+        })
     } else {
         let count = ctx
             .count(b.work.len)
@@ -1972,8 +2022,48 @@ fn nbd_client(ctx: &Ctx, b: &Bench, uri: &str) -> Result<(f64, String)> {
         qemu_img_bench_args(b, count, &mut cmd);
         cmd.arg(uri);
         let out = util::output("qemu-img bench (nbd)", &mut cmd)?;
-        Ok((parse_qemu_img_bench(&out, count)?, util::show(&cmd)))
+        Ok(ClientRun {
+            value: parse_qemu_img_bench(&out, count)?,
+            requests: count,
+            command: util::show(&cmd),
+        })
     }
+}
+
+/// Runs the NBD client against a server process and measures the server's CPU time (user +
+/// system, all threads) over the client's run: the figure, the client's command, and
+/// `{"server_cpu_seconds", "requests", "server_cpu_us_per_request"}`. With client and server
+/// on one CPU the IOPS ratio mixes the client's cost into both sides; this is the server's
+/// own cost per request.
+fn nbd_client_with_server_cpu(
+    ctx: &Ctx,
+    b: &Bench,
+    uri: &str,
+    server_pid: u32,
+) -> Result<(f64, String, Value)> {
+    let ticks = || {
+        std::fs::read_to_string(format!("/proc/{server_pid}/stat"))
+            .map_err(anyhow::Error::from)
+            .and_then(|s| parse_stat_cpu_ticks(&s))
+    };
+    let t0 = ticks()?;
+    let c = nbd_client_counted(ctx, b, uri)?;
+    let t1 = ticks()?;
+    let secs = t1.saturating_sub(t0) as f64 / clock_ticks_per_second();
+    let per = (c.requests > 0).then(|| secs * 1e6 / c.requests as f64);
+    Ok((
+        c.value,
+        c.command,
+        json!({"server_cpu_seconds": secs, "requests": c.requests,
+               "server_cpu_us_per_request": per}),
+    ))
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`, 100 if it cannot say).
+fn clock_ticks_per_second() -> f64 {
+    command_line_output("getconf", &["CLK_TCK"])
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100.0)
 }
 
 /// One JSON-RPC call over our target's socket.
@@ -2067,7 +2157,12 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
             detail: json!({"seconds": secs}),
         });
     }
-    let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///ec?socket={}", nbd.display()))?;
+    let (value, client, cpu) = nbd_client_with_server_cpu(
+        ctx,
+        b,
+        &format!("nbd+unix:///ec?socket={}", nbd.display()),
+        guard.0.id(),
+    )?;
     commands.push(client);
     // After the client's run: by then the server has opened everything it opens.
     let files = open_files(guard.0.id(), &[&ctx.data_dir]);
@@ -2078,7 +2173,8 @@ fn run_tgt_nbd_esnap(ctx: &Ctx, b: &Bench) -> Result<Run> {
     let lock_wait = wait_unlocked(&base, Duration::from_secs(10));
     let direct = all_direct(&files);
     let mut detail = json!({"open_files": files, "all_o_direct": direct,
-                            "pattern_lock_released_after_ms": lock_wait});
+                            "pattern_lock_released_after_ms": lock_wait,
+                            "server_cpu": cpu});
     if let (Some(d), want) = (direct, b.io() == Io::Direct) {
         if d != want {
             detail["mode_mismatch"] = json!(format!(
@@ -2132,9 +2228,7 @@ fn idle_cpu_percent(pid: u32, secs: f64) -> Result<f64> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
         parse_stat_cpu_ticks(&stat)
     };
-    let hz: f64 = command_line_output("getconf", &["CLK_TCK"])
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(100.0);
+    let hz = clock_ticks_per_second();
     let t0 = ticks(pid)?;
     let start = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(secs));
@@ -2177,14 +2271,19 @@ fn run_qemu_nbd_qcow2(ctx: &Ctx, b: &Bench, cache: &str, aio: Option<&str>) -> R
     cmd.arg("-k").arg(&qsock).arg(&qcow);
     let shown = util::show(&cmd);
     let srv = start_server(cmd, &qsock)?;
-    let (value, client) = nbd_client(ctx, b, &format!("nbd+unix:///q?socket={}", qsock.display()))?;
+    let (value, client, cpu) = nbd_client_with_server_cpu(
+        ctx,
+        b,
+        &format!("nbd+unix:///q?socket={}", qsock.display()),
+        srv.0.id(),
+    )?;
     let files = open_files(srv.0.id(), &[&ctx.data_dir]);
     drop(srv);
     Ok(Run {
         value,
         commands: vec![create, shown, client],
         detail: json!({"open_files": files, "all_o_direct": all_direct(&files),
-                       "version": util::version_of(&qemu_nbd)}),
+                       "version": util::version_of(&qemu_nbd), "server_cpu": cpu}),
     })
 }
 
@@ -2706,6 +2805,17 @@ Job: aio0 (Core Mask 0x1, workload: randread, depth: 32, IO size: 4096)
         let rec = plain_record(&ctx, &b, &sd, &odd);
         assert_eq!(rec["mode_mismatch"], json!("page cache"));
         assert!(markdown_table(&[rec]).contains("2.5 (mode mismatch, see JSON)"));
+        // The NBD servers' CPU per request gets its own table, one row per side.
+        let cpu = |us: f64| json!({"server_cpu": {"server_cpu_us_per_request": us}});
+        let rec = json!({"name": "n", "sides": [
+            {"id": "ours", "details": [cpu(4.0), cpu(5.0), cpu(4.5)]},
+            {"id": "qemu", "details": [cpu(9.0)]},
+            {"id": "fio", "details": [{"ios": 3}]}]});
+        let t = server_cpu_table(&[rec]);
+        assert!(t.contains("| n | ours | 4.50 (4.00–5.00) |"), "{t}");
+        assert!(t.contains("| n | qemu | 9.00 (9.00–9.00) |"), "{t}");
+        assert!(!t.contains("| fio |"), "{t}");
+        assert_eq!(server_cpu_table(&[json!({"name": "x", "sides": []})]), "");
         // An entry with an SPDK job says why there is no SPDK figure.
         let a = bench_named("aio_randread_4k_qd32_direct");
         let s = sides(&ctx, &a);
