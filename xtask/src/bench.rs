@@ -1273,8 +1273,14 @@ fn run_entry(ctx: &Ctx, b: &Bench) -> Result<Value> {
                 drop_page_cache(&ctx.file(b.file));
             }
             drop_page_cache(&ctx.file(DataFile::Pattern));
+            let cpu0 = children_cpu_seconds();
             match run_side(ctx, b, sides[i]) {
-                Ok(r) => runs[i].push(r),
+                Ok(mut r) => {
+                    if matches!(b.ours, Ours::Aio { .. }) {
+                        note_cpu_per_io(ctx, b, &mut r, children_cpu_seconds() - cpu0);
+                    }
+                    runs[i].push(r)
+                }
                 Err(e) => {
                     if sides[i] == Side::Ours {
                         return Err(e.context("our side failed"));
@@ -1487,8 +1493,9 @@ fn markdown_table(records: &[Value]) -> String {
     s
 }
 
-/// The NBD servers' CPU time per request (`details[].server_cpu`), per side with its
-/// median (min–max) over the rounds; empty when no entry measured it.
+/// CPU time per request (the NBD servers' `details[].server_cpu`, the aio entries'
+/// `details[].cpu_us_per_io`), per side with its median (min–max) over the rounds; empty when
+/// no entry measured it.
 fn server_cpu_table(records: &[Value]) -> String {
     let mut rows = String::new();
     for r in records {
@@ -1497,7 +1504,11 @@ fn server_cpu_table(records: &[Value]) -> String {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|d| d["server_cpu"]["server_cpu_us_per_request"].as_f64())
+                .filter_map(|d| {
+                    d["server_cpu"]["server_cpu_us_per_request"]
+                        .as_f64()
+                        .or_else(|| d["cpu_us_per_io"].as_f64())
+                })
                 .collect();
             if let Some(sm) = summarize(&per) {
                 let _ = writeln!(
@@ -1516,8 +1527,36 @@ fn server_cpu_table(records: &[Value]) -> String {
         return rows;
     }
     format!(
-        "\nNBD server CPU time (user + system, all threads) per request over the client's run, µs: median (min–max)\n\n| benchmark | server | µs per request |\n|---|---|---|\n{rows}"
+        "\nCPU time (user + system, all threads) per request, µs: median (min–max). NBD entries: the server's, over the client's run; aio entries: every process of the side, over the run\n\n| benchmark | side | µs per request |\n|---|---|---|\n{rows}"
     )
+}
+
+/// CPU time (user + system) of every child process reaped so far (`RUSAGE_CHILDREN`).
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass and reads nothing else.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_CHILDREN is a valid `who`.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return f64::NAN;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// For the raw aio entries (no untimed setup on any side): the side's CPU time over the run
+/// (every process it started, reaped when the run ends) per request, in µs. On a device that
+/// bounds the IOPS at the entry's depth this is what tells the sides' efficiency apart.
+fn note_cpu_per_io(ctx: &Ctx, b: &Bench, r: &mut Run, cpu_seconds: f64) {
+    let Some(secs) = ctx.secs_of(b.work.len) else {
+        return;
+    };
+    if !r.detail.is_object() {
+        r.detail = json!({});
+    }
+    let ios = r.value * secs;
+    r.detail["cpu_seconds"] = json!(cpu_seconds);
+    r.detail["cpu_us_per_io"] =
+        json!((ios > 0.0 && cpu_seconds.is_finite()).then(|| cpu_seconds * 1e6 / ios));
 }
 
 /// Runs one side once.
@@ -2810,11 +2849,13 @@ Job: aio0 (Core Mask 0x1, workload: randread, depth: 32, IO size: 4096)
         let rec = json!({"name": "n", "sides": [
             {"id": "ours", "details": [cpu(4.0), cpu(5.0), cpu(4.5)]},
             {"id": "qemu", "details": [cpu(9.0)]},
-            {"id": "fio", "details": [{"ios": 3}]}]});
+            {"id": "fio", "details": [{"ios": 3}]},
+            {"id": "raw", "details": [{"cpu_us_per_io": 2.5}]}]});
         let t = server_cpu_table(&[rec]);
         assert!(t.contains("| n | ours | 4.50 (4.00–5.00) |"), "{t}");
         assert!(t.contains("| n | qemu | 9.00 (9.00–9.00) |"), "{t}");
         assert!(!t.contains("| fio |"), "{t}");
+        assert!(t.contains("| n | raw | 2.50 (2.50–2.50) |"), "{t}");
         assert_eq!(server_cpu_table(&[json!({"name": "x", "sides": []})]), "");
         // An entry with an SPDK job says why there is no SPDK figure.
         let a = bench_named("aio_randread_4k_qd32_direct");
