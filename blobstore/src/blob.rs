@@ -111,11 +111,24 @@ impl Drop for ClusterGuard<'_> {
     }
 }
 
-/// Target of a fast-path read.
-enum Fast {
+/// Where a single-cluster request goes when it needs nothing of the general path.
+pub enum Fast {
+    /// The store's device, at this LBA (the blob's allocated cluster).
     Dev(u64),
+    /// Reads as zeroes (an unallocated cluster with nothing behind it).
     Zero,
+    /// The esnap clone's external device, at this LBA (in the device's blocks).
     Esnap(Arc<dyn BsDev>, u64),
+}
+
+/// A request of a blob allowed to bypass the general I/O path: while it lives, the blob's
+/// freeze is held shared, as by [`BlobInner::read`] and [`BlobInner::write`], so nothing
+/// that moves the blob's clusters (snapshot, resize, set_parent, inflate, decouple, merge,
+/// esnap swap) runs until the request that took it is done (see [`crate::Blob::direct`]).
+pub struct Direct<'a> {
+    /// Where the request goes.
+    pub target: Fast,
+    _hold: crate::freeze::ReadGuard<'a>,
 }
 
 /// One piece of an I/O inside a single cluster.
@@ -255,6 +268,18 @@ impl BlobInner {
             }
             _ => None,
         }
+    }
+
+    /// The target of a request that can bypass the general path, with the freeze held
+    /// shared; `None` when the blob is frozen (an operation holds or waits for the freeze:
+    /// the general path waits for it) or the request needs the general path.
+    pub(crate) fn direct(&self, offset: u64, bytes: usize, write: bool) -> Option<Direct<'_>> {
+        let hold = self.freeze.try_hold()?;
+        let target = self.fast_target(offset, bytes, write)?;
+        Some(Direct {
+            target,
+            _hold: hold,
+        })
     }
 
     pub(crate) async fn read(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {

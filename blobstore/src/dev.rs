@@ -69,6 +69,12 @@ pub trait BsDev: Send + Sync + 'static {
     fn is_degraded(&self) -> bool {
         false
     }
+    /// The device as `Any`, for a user that knows the implementation and has a faster way
+    /// to reach it than this trait (the lvol layer issues steady-state requests on its own
+    /// adapter's descriptor); `None` (the default) keeps it opaque.
+    fn as_any(&self) -> Option<&dyn Any> {
+        None
+    }
 }
 
 /// The zeroes device (SPDK `zeroes.c`): reads zeroes, refuses writes with EPERM.

@@ -50,6 +50,12 @@ impl Freeze {
         false
     }
 
+    /// The shared hold at once, or `None` while frozen (or a writer waits).
+    #[inline]
+    pub(crate) fn try_hold(&self) -> Option<ReadGuard<'_>> {
+        self.try_read().then_some(ReadGuard(self))
+    }
+
     pub(crate) async fn read(&self) -> ReadGuard<'_> {
         loop {
             if self.try_read() {

@@ -10,3 +10,4 @@ mod lvol_ops;
 mod rpc;
 mod spdk_fixtures;
 mod store_lifecycle;
+mod zero_allocation_io;
