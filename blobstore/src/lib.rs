@@ -66,7 +66,7 @@ mod store;
 pub mod testing;
 
 pub use blob::{Direct, Fast};
-pub use dev::{BsDev, CopySrc, ZeroesDev};
+pub use dev::{BsDev, CopySrc, MissingDev, ZeroesDev};
 pub use error::{BsError, Result};
 pub use iobuf::IoBuf;
 
