@@ -3,6 +3,7 @@
 //! binary of its own.
 
 mod bs_dev;
+mod direct_io;
 mod esnap;
 mod esnap_block_sizes;
 mod failing_device;
