@@ -65,7 +65,7 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use blob::{Direct, Fast};
+pub use blob::{Direct, DirectTarget};
 pub use dev::{BsDev, CopySrc, MissingDev, ZeroesDev};
 pub use error::{BsError, Result};
 pub use iobuf::IoBuf;

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use bdev_core::{BdevError, BlockDevice, IoFuture, IoType};
-use blobstore::{Blob, BlobId, BsDev, BsError, Fast, Parent};
+use blobstore::{Blob, BlobId, BsDev, BsError, DirectTarget, Parent};
 use iobuf::IoBuf;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -343,17 +343,19 @@ impl LvolBdev {
 
     /// A read on a [`Blob::direct`] target. A closed device or a base that is not ours takes
     /// the device's `BsDev` call, which reports it as the blob's path always did.
-    async fn direct_read(&self, target: &Fast, mut buf: IoBuf) -> blobstore::Result<IoBuf> {
+    async fn direct_read(&self, target: &DirectTarget, mut buf: IoBuf) -> blobstore::Result<IoBuf> {
         let (dev, lba) = match target {
-            Fast::Dev(lba) => (&*self.base, *lba),
-            Fast::Zero => {
+            DirectTarget::Dev(lba) => (&*self.base, *lba),
+            DirectTarget::Zero => {
                 buf.fill(0);
                 return Ok(buf);
             }
-            Fast::Esnap(d, lba) => match d.as_any().and_then(|a| a.downcast_ref::<BdevBsDev>()) {
-                Some(b) => (b, *lba),
-                None => return d.read(*lba, buf).await.map_err(BsError::Io),
-            },
+            DirectTarget::Esnap(d, lba) => {
+                match d.as_any().and_then(|a| a.downcast_ref::<BdevBsDev>()) {
+                    Some(b) => (b, *lba),
+                    None => return d.read(*lba, buf).await.map_err(BsError::Io),
+                }
+            }
         };
         match dev.descriptor() {
             Some(desc) => desc.read_io(lba, buf).await.map_err(bs_dev_err),
@@ -449,7 +451,7 @@ impl BlockDevice for LvolBdev {
     fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
         IoFuture::new(async move {
             if let Some(d) = self.lvol.blob.direct(offset_blocks, buf.len(), true) {
-                if let Fast::Dev(lba) = d.target {
+                if let DirectTarget::Dev(lba) = d.target {
                     if let Some(desc) = self.base.descriptor() {
                         return desc.write_io(lba, buf).await.map_err(dev_err);
                     }
