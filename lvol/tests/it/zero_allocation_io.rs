@@ -4,77 +4,17 @@
 //! does). This module installs the counting allocator for the whole binary; it counts per
 //! thread, so the other modules' tests do not disturb the figures.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bdev_core::{reactor, Descriptor, IoBuf, IoFuture, Registry};
+use bdev_core::{reactor, Registry};
 use lvol::{LvolModule, LvolStore};
-use test_support::alloc::{allocs, CountingAlloc};
+use test_support::alloc::CountingAlloc;
 use test_support::prelude::*;
 
 #[global_allocator]
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 const MIB: u64 = 1 << 20;
-
-/// One request slot, its future rewritten in place.
-type Slot<'a> = Pin<Box<Option<IoFuture<'a, bdev_core::Result<IoBuf>>>>>;
-
-/// Runs `total` 4 KiB reads (or writes) spread over the device with `qd` in flight, each
-/// slot's future rewritten in place; returns the allocations of the last `total - warmup`
-/// requests.
-fn run(desc: &Descriptor, write: bool, qd: usize, total: u64, warmup: u64) -> u64 {
-    let bl = u64::from(desc.block_len());
-    let span = desc.num_blocks() / (4096 / bl);
-    let align = desc.device().buf_align().max(1);
-    let mut slots: Vec<Slot<'_>> = (0..qd).map(|_| Box::pin(None)).collect();
-    let mut next = 0u64;
-    let mut done = 0u64;
-    let mut counted_from = None;
-    let start = |i: u64, buf: IoBuf| {
-        let lba = (i * 7919 % span) * (4096 / bl);
-        if write {
-            desc.write_io(lba, buf)
-        } else {
-            desc.read_io(lba, buf)
-        }
-    };
-    for s in slots.iter_mut() {
-        s.as_mut().set(Some(start(next, IoBuf::new(4096, align))));
-        next += 1;
-    }
-    reactor::block_on(futures::future::poll_fn(|cx: &mut Context<'_>| loop {
-        let mut progressed = false;
-        for s in slots.iter_mut() {
-            let Some(f) = s.as_mut().as_pin_mut() else {
-                continue;
-            };
-            if let Poll::Ready(r) = f.poll(cx) {
-                let buf = r.expect("i/o");
-                done += 1;
-                progressed = true;
-                if done == warmup {
-                    counted_from = Some(allocs());
-                }
-                if next < total {
-                    s.as_mut().set(Some(start(next, buf)));
-                    next += 1;
-                } else {
-                    s.as_mut().set(None);
-                }
-            }
-        }
-        if done == total {
-            return Poll::Ready(());
-        }
-        if !progressed {
-            return Poll::Pending;
-        }
-    }));
-    allocs() - counted_from.expect("warmed up")
-}
 
 /// Runs `f` on a thread of its own (the reactor and the allocation counts are per thread).
 fn on_thread(f: impl FnOnce() + Send + 'static) {
@@ -99,8 +39,8 @@ fn thick_lvol_reads_and_writes_allocate_nothing_per_request() {
     on_thread(|| {
         let (reg, _m, _s, name) = thick_world();
         let d = open(&reg, &name, true);
-        let w = run(&d, true, 32, 6000, 1000);
-        let r = run(&d, false, 32, 6000, 1000);
+        let w = steady_state_allocs(&d, true, 32, 6000, 1000);
+        let r = steady_state_allocs(&d, false, 32, 6000, 1000);
         assert_eq!(w, 0, "allocations in 5000 steady-state lvol writes");
         assert_eq!(r, 0, "allocations in 5000 steady-state lvol reads");
         // The requests reached the right place: a pattern written through the lvol reads
@@ -124,7 +64,7 @@ fn esnap_clone_reads_from_the_base_allocate_nothing_per_request(#[case] base_blo
             m.create_esnap_clone("B", &s, "ec").await.unwrap()
         });
         let d = open(&reg, clone.unique_id(), false);
-        let r = run(&d, false, 32, 6000, 1000);
+        let r = steady_state_allocs(&d, false, 32, 6000, 1000);
         assert_eq!(r, 0, "allocations in 5000 steady-state esnap reads");
         // Every read came from the base: nothing was allocated in the clone, and its bytes
         // are the base's.
@@ -155,7 +95,7 @@ fn ro_bdev_over_an_lvol_reads_allocate_nothing_per_request() {
         ))
         .expect("ro bdev over the lvol");
         let d = open(&reg, "ro", false);
-        let r = run(&d, false, 32, 6000, 1000);
+        let r = steady_state_allocs(&d, false, 32, 6000, 1000);
         assert_eq!(
             r, 0,
             "allocations in 5000 steady-state reads of the ro bdev"
