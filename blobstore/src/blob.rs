@@ -111,11 +111,24 @@ impl Drop for ClusterGuard<'_> {
     }
 }
 
-/// Target of a fast-path read.
-enum Fast {
+/// Where a single-cluster request goes when it needs nothing of the general path.
+pub enum DirectTarget {
+    /// The store's device, at this LBA (the blob's allocated cluster).
     Dev(u64),
+    /// Reads as zeroes (an unallocated cluster with nothing behind it).
     Zero,
+    /// The esnap clone's external device, at this LBA (in the device's blocks).
     Esnap(Arc<dyn BsDev>, u64),
+}
+
+/// A request of a blob allowed to bypass the general I/O path: while it lives, the blob's
+/// freeze is held shared, as by [`BlobInner::read`] and [`BlobInner::write`], so nothing
+/// that moves the blob's clusters (snapshot, resize, set_parent, inflate, decouple, merge,
+/// esnap swap) runs until the request that took it is done (see [`crate::Blob::direct`]).
+pub struct Direct<'a> {
+    /// Where the request goes.
+    pub target: DirectTarget,
+    _hold: crate::freeze::ReadGuard<'a>,
 }
 
 /// One piece of an I/O inside a single cluster.
@@ -221,14 +234,14 @@ impl BlobInner {
     /// writes, the blob is writable).
     fn fast_lba(&self, offset: u64, bytes: usize, write: bool) -> Option<u64> {
         match self.fast_target(offset, bytes, write)? {
-            Fast::Dev(lba) => Some(lba),
-            Fast::Esnap(..) | Fast::Zero => None,
+            DirectTarget::Dev(lba) => Some(lba),
+            DirectTarget::Esnap(..) | DirectTarget::Zero => None,
         }
     }
 
     /// Where a single-cluster read can go without the general path: this blob's cluster,
     /// or (unallocated cluster of an esnap clone) straight to the external device.
-    fn fast_target(&self, offset: u64, bytes: usize, write: bool) -> Option<Fast> {
+    fn fast_target(&self, offset: u64, bytes: usize, write: bool) -> Option<DirectTarget> {
         let g = &self.bs.geo;
         let iu = u64::from(g.io_unit);
         let units = bytes as u64 / iu;
@@ -242,27 +255,41 @@ impl BlobInner {
         }
         let c = s.md.clusters.get((offset / g.lba_per_cluster) as usize)?;
         if c != 0 {
-            return Some(Fast::Dev(u64::from(c) * g.lba_per_cluster + off));
+            return Some(DirectTarget::Dev(u64::from(c) * g.lba_per_cluster + off));
         }
         match &s.back {
-            Back::Zeroes | Back::None if !write => Some(Fast::Zero),
+            Back::Zeroes | Back::None if !write => Some(DirectTarget::Zero),
             Back::Esnap(Some(d)) if !write => {
                 let bl = u64::from(d.block_len());
                 let lba = offset * iu / bl;
                 let n = bytes as u64 / bl;
                 (lba + n <= d.block_count() && !d.is_degraded())
-                    .then(|| Fast::Esnap(d.clone(), lba))
+                    .then(|| DirectTarget::Esnap(d.clone(), lba))
             }
             _ => None,
         }
     }
 
+    /// The target of a request that can bypass the general path, with the freeze held
+    /// shared; `None` when the blob is frozen (an operation holds or waits for the freeze:
+    /// the general path waits for it) or the request needs the general path.
+    pub(crate) fn direct(&self, offset: u64, bytes: usize, write: bool) -> Option<Direct<'_>> {
+        let hold = self.freeze.try_hold()?;
+        let target = self.fast_target(offset, bytes, write)?;
+        Some(Direct {
+            target,
+            _hold: hold,
+        })
+    }
+
     pub(crate) async fn read(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let _f = self.freeze.read().await;
         match self.fast_target(offset, buf.len(), false) {
-            Some(Fast::Dev(lba)) => return self.bs.dev.read(lba, buf).await.map_err(io_err),
-            Some(Fast::Esnap(d, lba)) => return d.read(lba, buf).await.map_err(io_err),
-            Some(Fast::Zero) => {
+            Some(DirectTarget::Dev(lba)) => {
+                return self.bs.dev.read(lba, buf).await.map_err(io_err)
+            }
+            Some(DirectTarget::Esnap(d, lba)) => return d.read(lba, buf).await.map_err(io_err),
+            Some(DirectTarget::Zero) => {
                 let mut buf = buf;
                 buf.fill(0);
                 return Ok(buf);

@@ -69,37 +69,68 @@ pub trait BsDev: Send + Sync + 'static {
     fn is_degraded(&self) -> bool {
         false
     }
+    /// The device as `Any`, for a user that knows the implementation and has a faster way
+    /// to reach it than this trait (the lvol layer issues steady-state requests on its own
+    /// adapter's descriptor); `None` (the default) keeps it opaque.
+    fn as_any(&self) -> Option<&dyn Any> {
+        None
+    }
+}
+
+/// The [`BsDev`] impl of a device without data of its own: it refuses writes with EPERM and
+/// has nothing to flush; `$read` is what a read of `$buf` returns, `$zeroes` whether it
+/// reads as zeroes, `$degraded` whether it stands for something missing.
+macro_rules! no_data_dev {
+    ($ty:ty, blocks: $blocks:expr, zeroes: $zeroes:expr, degraded: $degraded:expr,
+     read($buf:ident) $read:block) => {
+        #[async_trait]
+        impl BsDev for $ty {
+            fn block_len(&self) -> u32 {
+                512
+            }
+            fn block_count(&self) -> u64 {
+                $blocks
+            }
+            #[allow(unused_mut)]
+            async fn read(&self, _lba: u64, mut $buf: IoBuf) -> std::io::Result<IoBuf> {
+                $read
+            }
+            async fn write(&self, _lba: u64, _buf: IoBuf) -> std::io::Result<IoBuf> {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            }
+            async fn write_zeroes(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            }
+            async fn unmap(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
+                Err(std::io::Error::from_raw_os_error(libc::EPERM))
+            }
+            async fn flush(&self) -> std::io::Result<()> {
+                // Never written: nothing to make durable.
+                Ok(())
+            }
+            fn is_zeroes(&self, _lba: u64, _lba_count: u64) -> bool {
+                $zeroes
+            }
+            fn is_degraded(&self) -> bool {
+                $degraded
+            }
+        }
+    };
 }
 
 /// The zeroes device (SPDK `zeroes.c`): reads zeroes, refuses writes with EPERM.
 pub struct ZeroesDev;
 
-#[async_trait]
-impl BsDev for ZeroesDev {
-    fn block_len(&self) -> u32 {
-        512
-    }
-    fn block_count(&self) -> u64 {
-        u64::MAX
-    }
-    async fn read(&self, _lba: u64, mut buf: IoBuf) -> std::io::Result<IoBuf> {
-        buf.fill(0);
-        Ok(buf)
-    }
-    async fn write(&self, _lba: u64, _buf: IoBuf) -> std::io::Result<IoBuf> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn write_zeroes(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn unmap(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn flush(&self) -> std::io::Result<()> {
-        // Never written: nothing to make durable.
-        Ok(())
-    }
-    fn is_zeroes(&self, _lba: u64, _lba_count: u64) -> bool {
-        true
-    }
-}
+no_data_dev!(ZeroesDev, blocks: u64::MAX, zeroes: true, degraded: false, read(buf) {
+    buf.fill(0);
+    Ok(buf)
+});
+
+/// The device that stands in for a missing external snapshot: every read fails with EIO,
+/// it is never zeroes and it reports itself degraded; writes fail with EPERM.
+pub struct MissingDev;
+
+// Large, so that nothing is ever "past the end" (which would read as zeroes).
+no_data_dev!(MissingDev, blocks: 1 << 50, zeroes: false, degraded: true, read(_buf) {
+    Err(std::io::Error::from_raw_os_error(libc::EIO))
+});

@@ -50,6 +50,14 @@ impl Freeze {
         false
     }
 
+    /// The shared hold at once, or `None` while frozen (or a writer waits).
+    #[inline]
+    pub(crate) fn try_hold(&self) -> Option<ReadGuard<'_>> {
+        // `then`, not `then_some`: a guard built and dropped on failure would release a hold
+        // that was never taken.
+        self.try_read().then(|| ReadGuard(self))
+    }
+
     pub(crate) async fn read(&self) -> ReadGuard<'_> {
         loop {
             if self.try_read() {
@@ -117,6 +125,29 @@ mod tests {
         assert!(Box::pin(f.read()).now_or_never().is_none());
         drop(g);
         assert!(Box::pin(f.read()).now_or_never().is_some());
+    }
+
+    #[test]
+    fn try_hold_fails_while_frozen_and_takes_nothing() {
+        let f = Freeze::new();
+        let r = f.try_hold().expect("not frozen");
+        let mut w = Box::pin(f.write());
+        assert!((&mut w).now_or_never().is_none(), "writer waits for r");
+        // Refused while a writer waits, and the refusal leaves the count alone: the writer
+        // still waits for r, and gets the gate once r is gone.
+        for _ in 0..3 {
+            assert!(f.try_hold().is_none());
+        }
+        assert!(
+            (&mut w).now_or_never().is_none(),
+            "writer still waits for r"
+        );
+        drop(r);
+        let g = block_on(w);
+        assert!(f.try_hold().is_none(), "frozen");
+        drop(g);
+        assert!(f.try_hold().is_some());
+        assert_eq!(f.state.load(Ordering::SeqCst), 0, "every hold released");
     }
 
     #[test]

@@ -65,7 +65,8 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use dev::{BsDev, CopySrc, ZeroesDev};
+pub use blob::{Direct, DirectTarget};
+pub use dev::{BsDev, CopySrc, MissingDev, ZeroesDev};
 pub use error::{BsError, Result};
 pub use iobuf::IoBuf;
 
@@ -428,6 +429,18 @@ impl Blob {
     /// Reads `buf.len()` bytes at io_unit `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.inner.read(offset, buf).await
+    }
+    /// The steady-state fast path of a request of `bytes` bytes at io_unit `offset`, for a
+    /// caller that issues it on the device itself: `Some` when the request lies in one
+    /// cluster of the open blob and reads or writes that cluster where it is (a write: an
+    /// allocated cluster of a writable blob; a read: an allocated cluster, or an unallocated
+    /// one that reads zeroes or straight from a healthy external snapshot), and the blob is
+    /// not frozen. The caller keeps the returned [`Direct`] until the device request has
+    /// completed, which holds off any operation that moves the blob's clusters. `None`: the
+    /// request takes [`Blob::read`] / [`Blob::write`] (first writes, copy-on-write,
+    /// unaligned or multi-cluster requests, a frozen blob, a degraded back device).
+    pub fn direct(&self, offset: u64, bytes: usize, write: bool) -> Option<Direct<'_>> {
+        self.inner.direct(offset, bytes, write)
     }
     /// Writes `buf` at io_unit `offset` (allocating and copying clusters of thin blobs).
     pub async fn write(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {

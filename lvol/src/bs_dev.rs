@@ -107,6 +107,9 @@ impl BsDev for BdevBsDev {
         // false, so the blobstore does not count the range as cleared).
         Ok(())
     }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn unmap_zeroes(&self) -> bool {
         self.dev.io_type_supported(bdev_core::IoType::Unmap) && self.dev.unmap_zeroes()
     }

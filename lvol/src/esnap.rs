@@ -16,48 +16,13 @@ use async_trait::async_trait;
 use bdev_core::{ClaimType, Registry};
 use blobstore::{Blob, BlobId, BsDev, BsError, EsnapDevFactory};
 use futures::channel::oneshot;
-use iobuf::IoBuf;
 use uuid::Uuid;
 
 use crate::bs_dev::BdevBsDev;
 
 /// The device that stands in for a missing external snapshot: every read fails with EIO, it
-/// is never zeroes and it reports itself degraded.
-pub struct DegradedDev;
-
-fn eio() -> std::io::Error {
-    std::io::Error::from_raw_os_error(libc::EIO)
-}
-
-#[async_trait]
-impl BsDev for DegradedDev {
-    fn block_len(&self) -> u32 {
-        512
-    }
-    fn block_count(&self) -> u64 {
-        // Large, so that nothing is ever "past the end" (which would read as zeroes).
-        1 << 50
-    }
-    async fn read(&self, _lba: u64, _buf: IoBuf) -> std::io::Result<IoBuf> {
-        Err(eio())
-    }
-    async fn write(&self, _lba: u64, _buf: IoBuf) -> std::io::Result<IoBuf> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn write_zeroes(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn unmap(&self, _lba: u64, _lba_count: u64) -> std::io::Result<()> {
-        Err(std::io::Error::from_raw_os_error(libc::EPERM))
-    }
-    async fn flush(&self) -> std::io::Result<()> {
-        // Never written: nothing to make durable.
-        Ok(())
-    }
-    fn is_degraded(&self) -> bool {
-        true
-    }
-}
+/// is never zeroes and it reports itself degraded (the blobstore's [`blobstore::MissingDev`]).
+pub use blobstore::MissingDev as DegradedDev;
 
 /// The esnap id SPDK stores for a bdev: its lowercase UUID string plus NUL (37 bytes).
 pub fn esnap_id_for(uuid: &Uuid) -> Vec<u8> {

@@ -5,11 +5,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
 use bdev_core::{BdevError, BlockDevice, IoFuture, IoType};
-use blobstore::{Blob, BlobId, BsError, Parent};
+use blobstore::{Blob, BlobId, BsDev, BsError, DirectTarget, Parent};
 use iobuf::IoBuf;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::bs_dev::BdevBsDev;
 use crate::esnap::esnap_id_name;
 use crate::retry::{self, EsnapRetry, GaveUp};
 use crate::store::LvolStore;
@@ -240,6 +241,9 @@ impl Lvol {
 /// The block device of an lvol (module `"lvol"`, product `"Logical Volume"`).
 pub struct LvolBdev {
     lvol: Arc<Lvol>,
+    /// The store's device (the same one its blobstore runs on): steady-state requests go
+    /// to its descriptor directly ([`LvolBdev::read_io`]).
+    base: Arc<BdevBsDev>,
     block_len: u32,
     buf_align: usize,
     cluster_blocks: u32,
@@ -248,6 +252,17 @@ pub struct LvolBdev {
 
 fn to_bdev_err(e: BsError) -> BdevError {
     BdevError::Io(std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// A device error as the blobstore path reports it (`BdevBsDev` turns it into an
+/// `std::io::Error`, the blob into `BsError::Io`).
+fn bs_dev_err(e: BdevError) -> BsError {
+    BsError::Io(e.into())
+}
+
+/// A device error of a direct request, as the blobstore path would have returned it.
+fn dev_err(e: BdevError) -> BdevError {
+    to_bdev_err(bs_dev_err(e))
 }
 
 fn eio() -> BdevError {
@@ -260,6 +275,7 @@ impl LvolBdev {
         let cluster_blocks = store.cluster_size() / block_len.max(1);
         LvolBdev {
             lvol,
+            base: store.base.clone(),
             block_len,
             buf_align: store.base_buf_align(),
             cluster_blocks,
@@ -325,6 +341,43 @@ impl LvolBdev {
         Ok(buf)
     }
 
+    /// A read on a [`Blob::direct`] target. A closed device or a base that is not ours takes
+    /// the device's `BsDev` call, which reports it as the blob's path always did.
+    async fn direct_read(&self, target: &DirectTarget, mut buf: IoBuf) -> blobstore::Result<IoBuf> {
+        let (dev, lba) = match target {
+            DirectTarget::Dev(lba) => (&*self.base, *lba),
+            DirectTarget::Zero => {
+                buf.fill(0);
+                return Ok(buf);
+            }
+            DirectTarget::Esnap(d, lba) => {
+                match d.as_any().and_then(|a| a.downcast_ref::<BdevBsDev>()) {
+                    Some(b) => (b, *lba),
+                    None => return d.read(*lba, buf).await.map_err(BsError::Io),
+                }
+            }
+        };
+        match dev.descriptor() {
+            Some(desc) => desc.read_io(lba, buf).await.map_err(bs_dev_err),
+            None => dev.read(lba, buf).await.map_err(BsError::Io),
+        }
+    }
+
+    /// A write that needs the blob's general path (allocation, copy-on-write, several
+    /// clusters, a frozen blob), with the degraded retry policy when a base can go missing.
+    async fn write_slow(&self, offset_blocks: u64, buf: IoBuf) -> bdev_core::Result<IoBuf> {
+        let blocks = (buf.len() / self.block_len.max(1) as usize) as u64;
+        if self.all_allocated(offset_blocks, blocks) || !self.lvol.depends_on_esnap() {
+            return self
+                .lvol
+                .blob
+                .write(offset_blocks, buf)
+                .await
+                .map_err(to_bdev_err);
+        }
+        self.write_retry(offset_blocks, buf).await
+    }
+
     /// Runs a request without buffers with the degraded retry policy.
     async fn retry_plain<F, Fut>(&self, f: F) -> bdev_core::Result<()>
     where
@@ -379,12 +432,17 @@ impl BlockDevice for LvolBdev {
         self.write_io(offset_blocks, buf).await
     }
     fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
-        // Fast path: one blob read, its future in the request's pooled block (no allocation
-        // of ours). The retry loop (with its timer) lives in a separately boxed future, so
-        // this future stays small and is cheap to build and poll.
+        // Steady state (`Blob::direct`): the request goes to the descriptor of the device
+        // that holds the data, its future inside ours (a pooled block): no allocation, no
+        // boxed `BsDev` call. Anything else takes the blob's general path, and a failure
+        // the retry loop (with its timer); both are boxed apart so this future stays small.
         IoFuture::new(async move {
             let (len, align) = (buf.len(), buf.align());
-            match self.lvol.blob.read(offset_blocks, buf).await {
+            let r = match self.lvol.blob.direct(offset_blocks, len, false) {
+                Some(d) => self.direct_read(&d.target, buf).await,
+                None => Box::pin(self.lvol.blob.read(offset_blocks, buf)).await,
+            };
+            match r {
                 Ok(b) => Ok(b),
                 Err(e) => Box::pin(self.read_retry(offset_blocks, len, align, e)).await,
             }
@@ -392,16 +450,14 @@ impl BlockDevice for LvolBdev {
     }
     fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
         IoFuture::new(async move {
-            let blocks = (buf.len() / self.block_len.max(1) as usize) as u64;
-            if self.all_allocated(offset_blocks, blocks) || !self.lvol.depends_on_esnap() {
-                return self
-                    .lvol
-                    .blob
-                    .write(offset_blocks, buf)
-                    .await
-                    .map_err(to_bdev_err);
+            if let Some(d) = self.lvol.blob.direct(offset_blocks, buf.len(), true) {
+                if let DirectTarget::Dev(lba) = d.target {
+                    if let Some(desc) = self.base.descriptor() {
+                        return desc.write_io(lba, buf).await.map_err(dev_err);
+                    }
+                }
             }
-            Box::pin(self.write_retry(offset_blocks, buf)).await
+            Box::pin(self.write_slow(offset_blocks, buf)).await
         })
     }
     async fn flush(&self) -> bdev_core::Result<()> {

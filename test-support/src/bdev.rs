@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bdev_core::backend::aio::{AioBdev, AioOpts};
 use bdev_core::backend::error::{ErrorBdev, ErrorKind, Injection};
 use bdev_core::backend::malloc::MallocBdev;
-use bdev_core::{Descriptor, IoBuf, IoType, Registry};
+use bdev_core::{reactor, Descriptor, IoBuf, IoFuture, IoType, Registry};
 use uuid::Uuid;
 
 /// `assert_rpc_err!((code, "message"), module, "method", {json})`: the call fails with that
@@ -188,6 +188,73 @@ pub fn pattern(tag: u8, off: u64, len: usize) -> Vec<u8> {
     (0..len as u64)
         .map(|i| ((off + i) % 251) as u8 ^ tag)
         .collect()
+}
+
+/// One request slot of [`steady_state_allocs`], its future rewritten in place.
+type Slot<'a> = std::pin::Pin<Box<Option<IoFuture<'a, bdev_core::Result<IoBuf>>>>>;
+
+/// The allocations this thread made (counted by [`crate::alloc::CountingAlloc`] when it is
+/// the binary's global allocator) during the steady state of a run: `total` 4 KiB reads (or
+/// writes) spread over `desc`, `qd` in flight on this thread's reactor
+/// (`bdev_core::reactor::block_on`), each slot's future rewritten in place as the bench
+/// driver does; the first `warmup` requests are not counted.
+pub fn steady_state_allocs(
+    desc: &Descriptor,
+    write: bool,
+    qd: usize,
+    total: u64,
+    warmup: u64,
+) -> u64 {
+    use std::future::Future;
+    use std::task::{Context, Poll};
+    let bl = u64::from(desc.block_len());
+    let span = desc.num_blocks() / (4096 / bl);
+    let align = desc.device().buf_align().max(1);
+    let mut slots: Vec<Slot<'_>> = (0..qd).map(|_| Box::pin(None)).collect();
+    let mut next = 0u64;
+    let mut done = 0u64;
+    let mut counted_from = None;
+    let start = |i: u64, buf: IoBuf| {
+        let lba = (i * 7919 % span) * (4096 / bl);
+        if write {
+            desc.write_io(lba, buf)
+        } else {
+            desc.read_io(lba, buf)
+        }
+    };
+    for s in slots.iter_mut() {
+        s.as_mut().set(Some(start(next, IoBuf::new(4096, align))));
+        next += 1;
+    }
+    reactor::block_on(futures::future::poll_fn(|cx: &mut Context<'_>| loop {
+        let mut progressed = false;
+        for s in slots.iter_mut() {
+            let Some(f) = s.as_mut().as_pin_mut() else {
+                continue;
+            };
+            if let Poll::Ready(r) = f.poll(cx) {
+                let buf = r.expect("i/o");
+                done += 1;
+                progressed = true;
+                if done == warmup {
+                    counted_from = Some(crate::alloc::allocs());
+                }
+                if next < total {
+                    s.as_mut().set(Some(start(next, buf)));
+                    next += 1;
+                } else {
+                    s.as_mut().set(None);
+                }
+            }
+        }
+        if done == total {
+            return Poll::Ready(());
+        }
+        if !progressed {
+            return Poll::Pending;
+        }
+    }));
+    crate::alloc::allocs() - counted_from.expect("warmed up")
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! binary of its own.
 
 mod bs_dev;
+mod direct_io;
 mod esnap;
 mod esnap_block_sizes;
 mod failing_device;
@@ -10,3 +11,4 @@ mod lvol_ops;
 mod rpc;
 mod spdk_fixtures;
 mod store_lifecycle;
+mod zero_allocation_io;
