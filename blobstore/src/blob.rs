@@ -54,6 +54,12 @@ pub(crate) struct BlobState {
     pub open_ref: u32,
     pub back: Back,
     pub pending_clusters: Vec<u32>,
+    /// Map entries of allocations whose commit is under way (`commit.rs` adds and removes
+    /// them). Such a cluster counts as unallocated to every request ([`BlobInner::cluster_at`],
+    /// the fast path): a write then waits on the cluster's allocation lock, held by the
+    /// allocating writer until the commit's outcome is known, so no request lands in a
+    /// cluster that a failed commit gives back to the allocator.
+    pub committing: Vec<usize>,
     /// The cluster map as on disk before the first unsynced resize; a failed md write
     /// restores it.
     pub saved_clusters: Option<crate::md::ClusterMap>,
@@ -72,8 +78,14 @@ impl BlobState {
             open_ref: 1,
             back,
             pending_clusters: Vec::new(),
+            committing: Vec::new(),
             saved_clusters: None,
         }
+    }
+    /// Whether the allocation of map entry `idx` is being committed.
+    #[inline]
+    pub(crate) fn is_committing(&self, idx: usize) -> bool {
+        !self.committing.is_empty() && self.committing.contains(&idx)
     }
     pub(crate) fn touch(&mut self) {
         self.dirty = true;
@@ -223,8 +235,13 @@ impl BlobInner {
         Ok(())
     }
 
+    /// The device cluster of map entry `idx`, 0 when unallocated or its commit is under way.
     fn cluster_at(&self, idx: usize) -> u32 {
-        self.lock().md.clusters.at(idx)
+        let s = self.lock();
+        if s.is_committing(idx) {
+            return 0;
+        }
+        s.md.clusters.at(idx)
     }
 
     // ---------------------------------------------------------------- read
@@ -253,8 +270,12 @@ impl BlobInner {
         if s.open_ref == 0 || (write && s.data_ro) {
             return None;
         }
-        let c = s.md.clusters.get((offset / g.lba_per_cluster) as usize)?;
+        let idx = (offset / g.lba_per_cluster) as usize;
+        let c = s.md.clusters.get(idx)?;
         if c != 0 {
+            if s.is_committing(idx) {
+                return None;
+            }
             return Some(DirectTarget::Dev(u64::from(c) * g.lba_per_cluster + off));
         }
         match &s.back {
@@ -791,17 +812,32 @@ impl BlobInner {
         if !self.check_change(offset, units)? {
             return Ok(());
         }
-        let _f = self.freeze.read().await;
         let lpc = self.bs.geo.lba_per_cluster;
-        for s in self.segments(offset, units) {
+        let segs = self.segments(offset, units);
+        // Whether whole clusters may be given back: a thin blob with nothing behind it (only
+        // an exclusive freeze changes that). A request that translated to a cluster before
+        // its map entry went may still be in flight (`Blob::direct` holds only the freeze,
+        // shared), and its write must not land after the cluster has a new owner: so an
+        // unmap that can release holds the freeze exclusively, which waits for every request
+        // in flight on the blob and holds off new ones until the release is done.
+        let can_release = || {
+            let st = self.lock();
+            st.md.thin() && matches!(st.back, Back::Zeroes)
+        };
+        let wants = segs.iter().any(|s| s.len == lpc) && can_release();
+        let (_shared, _exclusive) = if wants {
+            (None, Some(self.freeze.write().await))
+        } else {
+            (Some(self.freeze.read().await), None)
+        };
+        // Checked again under the freeze (set_parent or decouple may have run meanwhile).
+        let releasing = wants && can_release();
+        for s in segs {
             let c = self.cluster_at(s.cluster);
             if c == 0 {
                 continue;
             }
-            let release = s.len == lpc && {
-                let st = self.lock();
-                st.md.thin() && matches!(st.back, Back::Zeroes)
-            };
+            let release = releasing && s.len == lpc;
             if release {
                 let _a = self.lock_cluster(s.cluster).await;
                 let _m = self.bs.md_lock.lock().await;

@@ -180,8 +180,15 @@ impl StoreInner {
         }
     }
 
-    /// Commits one batch (md_lock held); returns every request with its outcome.
+    /// Commits one batch (md_lock held); returns every request with its outcome. Once the
+    /// outcomes are known the entries count as allocated again (or are undone).
     async fn run_batch(&self, batch: Vec<Request>) -> Vec<(Request, Result<()>)> {
+        // A guard, so that a leader dropped mid-batch does not leave entries marked forever.
+        let _done = Committed(batch.iter().map(|r| (r.blob.clone(), r.idx)).collect());
+        self.run_batch_inner(batch).await
+    }
+
+    async fn run_batch_inner(&self, batch: Vec<Request>) -> Vec<(Request, Result<()>)> {
         let mut out: Vec<(Request, Result<()>)> = Vec::with_capacity(batch.len());
         // Group by blob (pointer identity) so that each blob's map changes are applied
         // together and committed by one write per extent page or one whole-md commit.
@@ -206,6 +213,7 @@ impl StoreInner {
                         out.push((r, Err(einval("blob shrank during allocation"))));
                     } else {
                         s.md.clusters.set(r.idx, r.cluster);
+                        s.committing.push(r.idx);
                         ok.push(r);
                     }
                 }
@@ -374,5 +382,20 @@ impl FlushGroup {
     /// Serialises the device flushes of the group.
     pub(crate) async fn lock(&self) -> async_lock::MutexGuard<'_, ()> {
         self.lock.lock().await
+    }
+}
+
+/// The map entries of a batch; dropping it ends their "commit under way" state
+/// ([`crate::blob::BlobState::committing`]).
+struct Committed(Vec<(Arc<BlobInner>, usize)>);
+
+impl Drop for Committed {
+    fn drop(&mut self) {
+        for (blob, idx) in self.0.drain(..) {
+            let mut s = blob.lock();
+            if let Some(i) = s.committing.iter().position(|&x| x == idx) {
+                s.committing.swap_remove(i);
+            }
+        }
     }
 }

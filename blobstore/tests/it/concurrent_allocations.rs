@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use blobstore::testing::{CrashPlan, MemBsDev};
-use blobstore::{Blob, Blobstore, BsOpts, IoBuf};
+use blobstore::{Blob, Blobstore, BsOpts, DirectTarget, IoBuf};
 use futures::executor::block_on;
 use futures::future::join_all;
 use test_support::prelude::*;
@@ -180,5 +180,44 @@ fn concurrent_allocations_share_commits() {
                 b.close().await.unwrap();
             }
         }
+    });
+}
+
+/// While the commit of a first write is under way, its cluster counts as unallocated to every
+/// other request: no request takes the direct way to it (`Blob::direct`), so none can land in
+/// a cluster that a failed commit gives back to the allocator. Once the commit is done the
+/// cluster is direct again. The device yields on every I/O, so each poll of the first write
+/// stops at its next device request and every step of its commit is looked at.
+#[test]
+fn a_cluster_being_committed_takes_no_direct_request() {
+    use futures::FutureExt;
+    block_on(async {
+        let (_d, _bs, b) = yielding_thin_blob().await;
+        let mut first = Box::pin(b.write(0, blk(0)));
+        let mut steps = 0;
+        loop {
+            if let Some(r) = (&mut first).now_or_never() {
+                r.unwrap();
+                break;
+            }
+            steps += 1;
+            assert!(steps < 10_000, "the first write does not finish");
+            // A read may still go direct as zeroes (the cluster is unallocated to it).
+            let read_dev = matches!(
+                b.direct(8, 4096, false).map(|d| d.target),
+                Some(DirectTarget::Dev(_))
+            );
+            assert!(
+                b.direct(8, 4096, true).is_none() && !read_dev,
+                "a request went direct to a cluster whose commit is under way (step {steps})"
+            );
+        }
+        assert!(
+            steps > 2,
+            "the write never yielded: the test looks at nothing"
+        );
+        assert!(b.direct(8, 4096, true).is_some(), "committed: direct again");
+        let d = b.read(0, IoBuf::new(4096, 4096)).await.unwrap();
+        assert_eq!(&d[..], &blk(0)[..]);
     });
 }

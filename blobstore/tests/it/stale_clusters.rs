@@ -153,3 +153,45 @@ fn cleared_clusters_are_not_scrubbed_again() {
         assert!(d.iter().all(|&x| x == 0));
     });
 }
+
+/// A request that went the direct way (`Blob::direct`: translated to a device LBA, the
+/// freeze held shared until the device request completes) may still be in flight when an
+/// unmap releases its cluster; the release must wait for it, or its write could land after
+/// the cluster has a new owner. So the unmap does not finish, and the cluster stays claimed,
+/// until that request is done.
+#[test]
+fn an_unmap_release_waits_for_direct_requests_in_flight() {
+    use futures::FutureExt;
+    block_on(async {
+        let (_dev, bs) = store(ClearMethod::Unmap).await;
+        let id = new_blob(&bs, 2, true).await;
+        write_secret(&bs, id, 0, 2).await;
+        let b = bs.open_blob(id).await.unwrap();
+        let free = bs.free_clusters();
+        let direct = b.direct(0, BLK as usize, true).expect("allocated: direct");
+        let mut unmap = Box::pin(b.unmap(0, LPC));
+        assert!(
+            (&mut unmap).now_or_never().is_none(),
+            "the unmap released the cluster under a request in flight"
+        );
+        assert_eq!(
+            bs.free_clusters(),
+            free,
+            "released under a request in flight"
+        );
+        drop(direct);
+        unmap.await.unwrap();
+        assert_eq!(
+            bs.free_clusters(),
+            free + 1,
+            "released once the request is done"
+        );
+        // A partial unmap releases nothing and does not wait.
+        let direct = b
+            .direct(LPC, BLK as usize, false)
+            .expect("allocated: direct");
+        assert!(Box::pin(b.unmap(LPC, 1)).now_or_never().is_some());
+        drop(direct);
+        b.close().await.unwrap();
+    });
+}
