@@ -882,16 +882,20 @@ fn cpu_mask(cpus: &[u32]) -> String {
     format!("0x{}", if hex.is_empty() { "0" } else { hex })
 }
 
-/// The last CPU of our affinity mask (`Cpus_allowed_list` in /proc/self/status).
-fn default_cpu() -> String {
+/// Our affinity mask as a CPU list (`Cpus_allowed_list` in /proc/self/status).
+pub(super) fn allowed_cpus() -> Option<String> {
     std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .and_then(|l| parse_cpu_list(l.trim()).ok())
-                .and_then(|c| c.last().copied())
-        })
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .map(|l| l.trim().to_string())
+}
+
+/// The last CPU of our affinity mask.
+fn default_cpu() -> String {
+    allowed_cpus()
+        .and_then(|l| parse_cpu_list(&l).ok())
+        .and_then(|c| c.last().copied())
         .unwrap_or(0)
         .to_string()
 }

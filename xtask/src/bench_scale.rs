@@ -65,13 +65,7 @@ pub(super) fn cpu_set(cpus: &str, allowed: &str) -> Result<String> {
 
 /// The context of a scaling entry: `ctx` with its two-CPU set.
 pub(super) fn ctx_for(ctx: &Ctx) -> Result<Ctx> {
-    let allowed = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-                .map(|l| l.trim().to_string())
-        })
+    let allowed = super::allowed_cpus()
         .ok_or_else(|| anyhow!("no Cpus_allowed_list in /proc/self/status"))?;
     Ok(Ctx {
         cpus: cpu_set(&ctx.cpus, &allowed)?,
