@@ -3,17 +3,33 @@
 //! a snapshot the clusters belong to the snapshot, and a write must copy on write instead of
 //! overwriting them; after a shrink and a grow the lvol reads its new clusters, not the old.
 
+use bdev_core::Registry;
 use futures::executor::block_on;
+use lvol::{Lvol, LvolModule, LvolStore};
 use test_support::prelude::*;
 
 const MIB: u64 = 1 << 20;
 
+/// A store of 64 MiB with 1 MiB clusters on a malloc bdev, and a thick lvol `lvs/v` of 4 MiB
+/// filled with pattern `seed`: the registry, the module, the store and the lvol.
+async fn filled_lvol(
+    seed: u8,
+) -> (
+    Registry,
+    LvolModule,
+    std::sync::Arc<LvolStore>,
+    std::sync::Arc<Lvol>,
+) {
+    let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
+    let l = thick_lvol(&m, &s, "v", 4 * MIB).await;
+    fill_pattern(&reg, "lvs/v", seed).await;
+    (reg, m, s, l)
+}
+
 #[test]
 fn writes_after_a_snapshot_copy_on_write_and_leave_the_snapshot_alone() {
     block_on(async {
-        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
-        let l = thick_lvol(&m, &s, "v", 4 * MIB).await;
-        fill_pattern(&reg, "lvs/v", 1).await;
+        let (reg, m, _, l) = filled_lvol(1).await;
         let d = open(&reg, "lvs/v", true);
         // Allocated clusters: these reads and writes take the fast path.
         let mut want = pattern(1, 0, 4 * MIB as usize);
@@ -49,9 +65,7 @@ fn writes_after_a_snapshot_copy_on_write_and_leave_the_snapshot_alone() {
 #[test]
 fn a_shrink_and_grow_reads_the_new_clusters() {
     block_on(async {
-        let (reg, m, s) = malloc_store(64 * MIB, "lvs", MIB as u32).await;
-        let l = thick_lvol(&m, &s, "v", 4 * MIB).await;
-        fill_pattern(&reg, "lvs/v", 4).await;
+        let (reg, m, s, l) = filled_lvol(4).await;
         m.resize_lvol(&l, 2 * MIB).await.unwrap();
         let d = open(&reg, "lvs/v", true);
         assert_errno!(read_at(&d, 3 * MIB, 4096).await, libc::EINVAL);
