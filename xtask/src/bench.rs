@@ -935,6 +935,9 @@ struct Ctx {
     quick: bool,
     rounds: u32,
     cpus: String,
+    /// Where the NBD entries' clients (fio's `nbd` engine, `qemu-img bench` over NBD) run:
+    /// `--client-cpus`, by default the servers' `cpus`.
+    client_cpus: String,
     spdk: Option<PathBuf>,
 }
 
@@ -947,6 +950,27 @@ impl Ctx {
         let mut c = Command::new("taskset");
         c.args(["-c", &self.cpus]).arg(program);
         c
+    }
+    /// An NBD entry's client, pinned to the client CPU set.
+    fn client_pinned(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("taskset");
+        c.args(["-c", &self.client_cpus]).arg(program);
+        c
+    }
+    /// How the entries' processes are pinned, in words (kept in every JSON).
+    fn pinning(&self) -> String {
+        if self.client_cpus == self.cpus {
+            format!(
+                "every process of every side under `taskset -c {}`",
+                self.cpus
+            )
+        } else {
+            format!(
+                "every server and bench process under `taskset -c {}`; the NBD entries' \
+                 clients (the same for every side) under `taskset -c {}`",
+                self.cpus, self.client_cpus
+            )
+        }
     }
     fn secs(&self, full: f64) -> f64 {
         full.min(self.secs_cap)
@@ -967,17 +991,25 @@ impl Ctx {
     }
 }
 
-const USAGE: &str = "cargo xtask bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST] [--data-dir DIR]";
+const USAGE: &str = "cargo xtask bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST] [--client-cpus LIST] [--data-dir DIR]";
 
 /// Entry point: `bench [--quick] [--list] [--filter TEXT] [--rounds N] [--cpus LIST]
-/// [--data-dir DIR]`. `--data-dir` puts the data files (and so every store and clone) on
-/// another file system, e.g. one with reflinks; the results then go to
-/// `target/bench/on-<fs type>/`.
+/// [--client-cpus LIST] [--data-dir DIR]`. `--data-dir` puts the data files (and so every
+/// store and clone) on another file system, e.g. one with reflinks; the results then go to
+/// `target/bench/on-<fs type>/`. `--client-cpus` runs the NBD entries' clients on other CPUs
+/// than the servers (default: the same CPUs), so the servers' cost is measured without the
+/// client's on the same core.
 pub fn run(args: &[String]) -> Result<()> {
     crate::check_args(
         args,
         &["--quick", "--list"],
-        &["--filter", "--rounds", "--cpus", "--data-dir"],
+        &[
+            "--filter",
+            "--rounds",
+            "--cpus",
+            "--client-cpus",
+            "--data-dir",
+        ],
     )?;
     let quick = args.iter().any(|a| a == "--quick");
     let rounds: u32 = crate::flag_value(args, "--rounds")?.unwrap_or(if quick { 1 } else { 5 });
@@ -986,6 +1018,9 @@ pub fn run(args: &[String]) -> Result<()> {
     }
     let cpus: String = crate::flag_value(args, "--cpus")?.unwrap_or_else(default_cpu);
     parse_cpu_list(&cpus)?;
+    let client_cpus: String =
+        crate::flag_value(args, "--client-cpus")?.unwrap_or_else(|| cpus.clone());
+    parse_cpu_list(&client_cpus)?;
     let filter: Option<String> = crate::flag_value(args, "--filter")?;
     let all = benches();
     if args.iter().any(|a| a == "--list") {
@@ -1035,6 +1070,7 @@ pub fn run(args: &[String]) -> Result<()> {
         quick,
         rounds,
         cpus,
+        client_cpus,
         spdk,
     };
     std::fs::create_dir_all(&ctx.out_dir)?;
@@ -1071,6 +1107,7 @@ pub fn run(args: &[String]) -> Result<()> {
         "data_dir": ctx.data_dir.display().to_string(),
         "data_fs": fs_type(&ctx.data_dir),
         "cpus": ctx.cpus,
+        "client_cpus": ctx.client_cpus,
         "rounds": ctx.rounds,
         "quick": ctx.quick,
         "file_size": ctx.file_size,
@@ -1416,7 +1453,8 @@ fn build_record(
         },
         "method": {
             "cpus": ctx.cpus,
-            "pinning": format!("every process of every side under `taskset -c {}`", ctx.cpus),
+            "client_cpus": ctx.client_cpus,
+            "pinning": ctx.pinning(),
             "rounds": ctx.rounds,
             "order_per_round": orders,
             "quick": ctx.quick,
@@ -2046,7 +2084,7 @@ fn nbd_client_counted(ctx: &Ctx, b: &Bench, uri: &str) -> Result<ClientRun> {
     if b.work.order == Order::Rand {
         let fio =
             util::which("fio").ok_or_else(|| anyhow!("fio missing (needed for random NBD)"))?;
-        let mut cmd = ctx.pinned(&fio);
+        let mut cmd = ctx.client_pinned(&fio);
         cmd.arg("--ioengine=nbd").arg(format!("--uri={uri}"));
         fio_common(ctx, b, &mut cmd);
         let out = util::output("fio (nbd)", &mut cmd)?;
@@ -2060,7 +2098,7 @@ fn nbd_client_counted(ctx: &Ctx, b: &Bench, uri: &str) -> Result<ClientRun> {
         let count = ctx
             .count(b.work.len)
             .ok_or_else(|| anyhow!("qemu-img bench needs a count"))?;
-        let mut cmd = ctx.pinned(qemu_img()?);
+        let mut cmd = ctx.client_pinned(qemu_img()?);
         cmd.args(["bench", "-f", "raw"]);
         qemu_img_bench_args(b, count, &mut cmd);
         cmd.arg(uri);
@@ -2349,8 +2387,14 @@ fn start_qemu_nbd_raw(ctx: &Ctx, dir: &Path) -> Result<(KillOnDrop, PathBuf, Str
 fn run_qemu_nbd_raw_peer(ctx: &Ctx, b: &Bench) -> Result<Run> {
     let tmp = TmpDir::new(ctx, "peer")?;
     let (srv, sock, shown) = start_qemu_nbd_raw(ctx, &tmp.0)?;
+    // Here the client is the side measured (against our NBD client bdev): it runs where the
+    // sides run, never on the client CPUs.
+    let own = Ctx {
+        client_cpus: ctx.cpus.clone(),
+        ..ctx.clone()
+    };
     let r = nbd_client(
-        ctx,
+        &own,
         b,
         &format!("nbd+unix:///base?socket={}", sock.display()),
     );
@@ -2570,6 +2614,31 @@ mod tests {
     }
 
     #[test]
+    fn nbd_clients_run_on_the_client_cpus_and_the_json_says_so() {
+        let same = test_ctx();
+        assert_eq!(
+            same.pinning(),
+            "every process of every side under `taskset -c 1`"
+        );
+        let ctx = Ctx {
+            client_cpus: "0".into(),
+            ..test_ctx()
+        };
+        let args = |c: &Command| -> Vec<String> {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(args(&ctx.client_pinned("fio")), ["-c", "0", "fio"]);
+        assert_eq!(args(&ctx.pinned("tgt")), ["-c", "1", "tgt"]);
+        assert!(
+            ctx.pinning().contains("`taskset -c 0`"),
+            "{}",
+            ctx.pinning()
+        );
+    }
+
+    #[test]
     fn cpu_lists_and_masks() {
         assert_eq!(parse_cpu_list("1").unwrap(), [1]);
         assert_eq!(parse_cpu_list("0-3,6").unwrap(), [0, 1, 2, 3, 6]);
@@ -2772,6 +2841,7 @@ Job: aio0 (Core Mask 0x1, workload: randread, depth: 32, IO size: 4096)
             quick: false,
             rounds: 5,
             cpus: "1".into(),
+            client_cpus: "1".into(),
             spdk: None,
         }
     }

@@ -67,8 +67,10 @@ pub(super) fn cpu_set(cpus: &str, allowed: &str) -> Result<String> {
 pub(super) fn ctx_for(ctx: &Ctx) -> Result<Ctx> {
     let allowed = super::allowed_cpus()
         .ok_or_else(|| anyhow!("no Cpus_allowed_list in /proc/self/status"))?;
+    let cpus = cpu_set(&ctx.cpus, &allowed)?;
     Ok(Ctx {
-        cpus: cpu_set(&ctx.cpus, &allowed)?,
+        client_cpus: cpus.clone(),
+        cpus,
         ..ctx.clone()
     })
 }
