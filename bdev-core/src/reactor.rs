@@ -69,6 +69,77 @@ struct ThreadRing {
     batch: usize,
 }
 
+/// How often a polling reactor looks at how long it waited for its CPU.
+const CONTENTION_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Run-queue wait, as a fraction (1/N) of a [`CONTENTION_TICK`], above which the core is
+/// taken to be shared and polling is suspended for the next tick.
+const CONTENTION_SHARE: u32 = 20;
+
+/// Whether this thread's core is shared with other runnable threads: the scheduler's
+/// run-queue wait of the thread (`/proc/thread-self/schedstat`, second field) over the last
+/// [`CONTENTION_TICK`]. Polling pays only on a core of its own: on a shared one a poller
+/// burns the time slice others (fio over NBD, another reactor) need, and waits for its own
+/// next slice where a woken sleeper runs at once.
+struct Contention {
+    /// `None`: no schedstat (never contended).
+    file: Option<std::fs::File>,
+    last_check: std::time::Instant,
+    last_delay: u64,
+    contended: bool,
+}
+
+impl Contention {
+    fn new() -> Contention {
+        let file = std::fs::File::open("/proc/thread-self/schedstat").ok();
+        let mut c = Contention {
+            file,
+            last_check: std::time::Instant::now(),
+            last_delay: 0,
+            contended: false,
+        };
+        c.last_delay = c.run_delay().unwrap_or(0);
+        c
+    }
+
+    /// Nanoseconds this thread has waited on a run queue so far.
+    fn run_delay(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let f = self.file.as_ref()?;
+        let mut buf = [0u8; 96];
+        let n = f.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Whether the core is shared (re-evaluated once per [`CONTENTION_TICK`]).
+    fn contended(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(self.last_check);
+        if dt < CONTENTION_TICK {
+            return self.contended;
+        }
+        if let Some(d) = self.run_delay() {
+            let waited = d.saturating_sub(self.last_delay);
+            self.contended = waited > (dt / CONTENTION_SHARE).as_nanos() as u64;
+            self.last_delay = d;
+            if self.contended {
+                count(|s| s.contended_ticks += 1);
+            }
+        }
+        self.last_check = now;
+        self.contended
+    }
+}
+
+/// [`Contention::contended`] of this thread (its state created on first use).
+fn core_contended() -> bool {
+    CONTENTION.with(|c| match c.try_borrow_mut() {
+        Ok(mut c) => c.get_or_insert_with(Contention::new).contended(),
+        Err(_) => false,
+    })
+}
+
 /// Longest wait for a batch of completions.
 const BATCH_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -200,7 +271,9 @@ thread_local! {
     static POLL_WINDOW: Cell<std::time::Duration> = Cell::new(poll_window_from_env());
     static ATTACHED_POLL_WINDOW: Cell<std::time::Duration> =
         Cell::new(attached_poll_window_from_env());
-    static STATS: Cell<PollStats> = const { Cell::new(PollStats { poll_passes: 0, sleeps: 0 }) };
+    static CONTENTION: RefCell<Option<Contention>> = const { RefCell::new(None) };
+    static STATS: Cell<PollStats> =
+        const { Cell::new(PollStats { poll_passes: 0, sleeps: 0, contended_ticks: 0 }) };
     static SQPOLL: Cell<Option<SqPoll>> = Cell::new(sqpoll_from_env());
 }
 
@@ -304,6 +377,12 @@ fn attached_poll_window_from_env() -> std::time::Duration {
 /// reactor does. Default [`DEFAULT_POLL_WINDOW`]; `BDEV_REACTOR_POLL` in the environment
 /// sets it (`0` sleep, `N` or `Nus` a window of N µs, `1` or any other value busy polling).
 ///
+/// A finite window polls only while the core is the reactor's own: every 10 ms of polling
+/// it reads how long the thread waited on the run queue (`/proc/thread-self/schedstat`),
+/// and when that was more than 5 % of the time (other threads runnable on its core) it
+/// sleeps at once until the next check, as with a zero window (counted in
+/// [`PollStats::contended_ticks`]). Busy polling (`Duration::MAX`) does not check.
+///
 /// A polling pass enters the kernel only when it has requests to submit or the kernel flags
 /// completion work (`IORING_SQ_TASKRUN`), and reads the completion queue in user space.
 /// Either way an idle reactor (nothing in flight) sleeps, so it uses no CPU. A non-exclusive
@@ -340,6 +419,9 @@ pub struct PollStats {
     pub poll_passes: u64,
     /// Sleeping waits: `io_uring_enter` calls that waited for a completion or a wake.
     pub sleeps: u64,
+    /// Checks (one per 10 ms of polling at most) that found the core shared, so polling was
+    /// suspended until the next check (see [`set_poll_window`]).
+    pub contended_ticks: u64,
 }
 
 /// This thread's [`PollStats`].
@@ -522,6 +604,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     let _depth = Depth;
     // Last pass that completed or submitted a request (the poll window counts from it).
     let mut last_progress = std::time::Instant::now();
+    let gated = poll_window != std::time::Duration::MAX;
     let out = loop {
         if state.woken.swap(false, Ordering::SeqCst) {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
@@ -536,7 +619,8 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         let polling = !woken
             && !poll_window.is_zero()
             && ring.pending() > 0
-            && last_progress.elapsed() < poll_window;
+            && last_progress.elapsed() < poll_window
+            && !(gated && core_contended());
         if woken || polling {
             // More work right away, or (polling) I/O in flight: one io_uring_enter submits
             // what this pass queued and runs the completion work waiting in the kernel,
@@ -641,6 +725,7 @@ mod tests {
                 stats: PollStats {
                     poll_passes: s1.poll_passes - s0.poll_passes,
                     sleeps: s1.sleeps - s0.sleeps,
+                    contended_ticks: s1.contended_ticks - s0.contended_ticks,
                 },
                 cpu: c1 - c0,
                 wall,
@@ -745,5 +830,42 @@ mod tests {
             assert_eq!(passes > 0, polls, "{window:?}: {passes} passes");
             assert!(stopped < SLOW / 2, "{window:?}: polled for {stopped:?}");
         }
+    }
+
+    /// Pins the calling thread to `cpu`.
+    fn pin(cpu: usize) {
+        // SAFETY: a zeroed cpu_set_t is a valid (empty) set; CPU_SET stays inside it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: the pointer and size describe `set`.
+        let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+        assert_eq!(r, 0, "sched_setaffinity");
+    }
+
+    /// A finite poll window on a core another thread keeps busy: the reactor notices the
+    /// run-queue wait and sleeps instead of polling for the whole wait.
+    #[test]
+    fn polling_reactor_sleeps_on_a_shared_core() {
+        // SAFETY: sched_getcpu takes no arguments.
+        let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let hog = std::thread::spawn(move || {
+            pin(cpu);
+            while !s2.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        let c = on_reactor(Some(Duration::from_secs(10)), move || async move {
+            pin(cpu);
+            slow(SLOW).await
+        });
+        stop.store(true, Ordering::Relaxed);
+        hog.join().unwrap();
+        let Some(c) = c else { return };
+        assert!(c.stats.contended_ticks > 0, "{c:?}");
+        assert!(c.stats.sleeps >= 1, "{c:?}");
+        // Polling all along would take about half the core for the whole wait.
+        assert!(c.cpu < SLOW / 6, "kept polling on a shared core: {c:?}");
     }
 }
