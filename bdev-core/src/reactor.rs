@@ -23,8 +23,15 @@
 //!
 //! Every poll pass ends with at most one `io_uring_enter`: it submits what the pass queued
 //! and collects completions without waiting while tasks are still runnable, or submits and
-//! sleeps until a completion (or a cross-thread wake) when none is. So a reactor with I/O in
-//! flight keeps polling, and an idle one sleeps in the kernel and uses no CPU.
+//! sleeps until a completion (or a cross-thread wake) when none is.
+//!
+//! Polling is adaptive ([`set_poll_window`], `BDEV_REACTOR_POLL`): while requests are in
+//! flight an exclusive reactor keeps polling the completion queue (no syscall unless it has
+//! something to submit or the kernel flags completion work) for up to a window (default
+//! 50 µs) after the last completion or submission, then sleeps; it does not poll while its
+//! core is shared with other runnable threads (checked every 10 ms from the thread's
+//! run-queue wait). An idle reactor (nothing in flight) always sleeps in the kernel and uses
+//! no CPU. [`poll_stats`] counts what it did.
 //!
 //! Optionally ([`set_sqpoll`], or `BDEV_REACTOR_SQPOLL=1` in the environment) the ring is
 //! set up `IORING_SETUP_SQPOLL`: a kernel thread (`iou-sqp-TID`, bound to
@@ -517,12 +524,15 @@ impl AttachedRing {
     }
     /// Whether the loop should come back for another [`AttachedRing::pass`] at once instead
     /// of sleeping: requests are in flight and the last completion or submission is less than
-    /// the poll window old (see [`set_attached_poll_window`]; never with a zero window). A
-    /// `true` counts as a polling pass in [`poll_stats`].
+    /// the poll window old (see [`set_attached_poll_window`]; never with a zero window), and,
+    /// unless the window is [`std::time::Duration::MAX`], the thread's core is not shared
+    /// (the run-queue check of [`set_poll_window`]). A `true` counts as a polling pass in
+    /// [`poll_stats`], a `false` as a sleep.
     pub fn keep_polling(&mut self) -> bool {
         let poll = !self.poll_window.is_zero()
             && self.ring.pending() > 0
-            && self.last_progress.elapsed() < self.poll_window;
+            && self.last_progress.elapsed() < self.poll_window
+            && !(self.poll_window != std::time::Duration::MAX && core_contended());
         if poll {
             count(|s| s.poll_passes += 1);
         } else {
