@@ -844,8 +844,9 @@ mod tests {
 
     /// Pins the calling thread to `cpu`.
     fn pin(cpu: usize) {
-        // SAFETY: a zeroed cpu_set_t is a valid (empty) set; CPU_SET stays inside it.
+        // SAFETY: a zeroed cpu_set_t is a valid (empty) set.
         let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` comes from sched_getcpu, below CPU_SETSIZE.
         unsafe { libc::CPU_SET(cpu, &mut set) };
         // SAFETY: the pointer and size describe `set`.
         let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
