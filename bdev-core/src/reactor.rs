@@ -755,14 +755,35 @@ mod tests {
 
     #[test]
     fn default_reactor_polls_briefly_then_sleeps_while_a_slow_request_is_in_flight() {
-        let Some(c) = on_reactor(None, || slow(SLOW)) else {
+        // A thread preempted for longer than the 50 µs window right after its submission
+        // (a loaded test machine) does not poll: some of a few tries must.
+        let mut polled = Vec::new();
+        for _ in 0..5 {
+            let Some(c) = on_reactor(None, || slow(SLOW)) else {
+                return;
+            };
+            assert!(c.wall >= SLOW, "{c:?}");
+            // It slept in the kernel for (almost) all of the wait.
+            assert!(c.stats.sleeps >= 1, "never slept: {c:?}");
+            assert!(c.cpu < SLOW / 4, "spun while the request was slow: {c:?}");
+            if c.stats.poll_passes > 0 {
+                return;
+            }
+            polled.push(c);
+        }
+        panic!("no polling pass right after the submission: {polled:?}");
+    }
+
+    #[test]
+    fn reactor_polls_for_its_window_then_sleeps_while_a_slow_request_is_in_flight() {
+        let window = Duration::from_millis(20);
+        let Some(c) = on_reactor(Some(window), || slow(SLOW)) else {
             return;
         };
         assert!(c.wall >= SLOW, "{c:?}");
-        // It polled right after submitting (the poll window), then slept in the kernel.
         assert!(c.stats.poll_passes > 0, "no polling pass: {c:?}");
         assert!(c.stats.sleeps >= 1, "never slept: {c:?}");
-        assert!(c.cpu < SLOW / 4, "spun while the request was slow: {c:?}");
+        assert!(c.cpu < SLOW / 4, "polled past its window: {c:?}");
     }
 
     #[test]
