@@ -23,8 +23,15 @@
 //!
 //! Every poll pass ends with at most one `io_uring_enter`: it submits what the pass queued
 //! and collects completions without waiting while tasks are still runnable, or submits and
-//! sleeps until a completion (or a cross-thread wake) when none is. So a reactor with I/O in
-//! flight keeps polling, and an idle one sleeps in the kernel and uses no CPU.
+//! sleeps until a completion (or a cross-thread wake) when none is.
+//!
+//! Polling is adaptive ([`set_poll_window`], `BDEV_REACTOR_POLL`): while requests are in
+//! flight an exclusive reactor keeps polling the completion queue (no syscall unless it has
+//! something to submit or the kernel flags completion work) for up to a window (default
+//! 50 µs) after the last completion or submission, then sleeps; it does not poll while its
+//! core is shared with other runnable threads (checked every 10 ms from the thread's
+//! run-queue wait). An idle reactor (nothing in flight) always sleeps in the kernel and uses
+//! no CPU. [`poll_stats`] counts what it did.
 //!
 //! Optionally ([`set_sqpoll`], or `BDEV_REACTOR_SQPOLL=1` in the environment) the ring is
 //! set up `IORING_SETUP_SQPOLL`: a kernel thread (`iou-sqp-TID`, bound to
@@ -61,11 +68,83 @@ struct ThreadRing {
     backstop: Option<std::thread::JoinHandle<()>>,
     /// Longest sleep in the kernel while idle.
     idle_wait: std::time::Duration,
-    /// Poll without sleeping while requests are in flight (see [`set_busy_poll`]).
-    busy_poll: bool,
+    /// How long to poll without sleeping while requests are in flight (see
+    /// [`set_poll_window`]); zero: sleep at once.
+    poll_window: std::time::Duration,
     /// While sleeping with `n` requests in flight, wait for `n / batch` completions
     /// (exclusive rings: 4, or `BDEV_REACTOR_BATCH`; 1 = wake at the first).
     batch: usize,
+}
+
+/// How often a polling reactor looks at how long it waited for its CPU.
+const CONTENTION_TICK: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Run-queue wait, as a fraction (1/N) of a [`CONTENTION_TICK`], above which the core is
+/// taken to be shared and polling is suspended for the next tick.
+const CONTENTION_SHARE: u32 = 20;
+
+/// Whether this thread's core is shared with other runnable threads: the scheduler's
+/// run-queue wait of the thread (`/proc/thread-self/schedstat`, second field) over the last
+/// [`CONTENTION_TICK`]. Polling pays only on a core of its own: on a shared one a poller
+/// burns the time slice others (fio over NBD, another reactor) need, and waits for its own
+/// next slice where a woken sleeper runs at once.
+struct Contention {
+    /// `None`: no schedstat (never contended).
+    file: Option<std::fs::File>,
+    last_check: std::time::Instant,
+    last_delay: u64,
+    contended: bool,
+}
+
+impl Contention {
+    fn new() -> Contention {
+        let file = std::fs::File::open("/proc/thread-self/schedstat").ok();
+        let mut c = Contention {
+            file,
+            last_check: std::time::Instant::now(),
+            last_delay: 0,
+            contended: false,
+        };
+        c.last_delay = c.run_delay().unwrap_or(0);
+        c
+    }
+
+    /// Nanoseconds this thread has waited on a run queue so far.
+    fn run_delay(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let f = self.file.as_ref()?;
+        let mut buf = [0u8; 96];
+        let n = f.read_at(&mut buf, 0).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        text.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Whether the core is shared (re-evaluated once per [`CONTENTION_TICK`]).
+    fn contended(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let dt = now.duration_since(self.last_check);
+        if dt < CONTENTION_TICK {
+            return self.contended;
+        }
+        if let Some(d) = self.run_delay() {
+            let waited = d.saturating_sub(self.last_delay);
+            self.contended = waited > (dt / CONTENTION_SHARE).as_nanos() as u64;
+            self.last_delay = d;
+            if self.contended {
+                count(|s| s.contended_ticks += 1);
+            }
+        }
+        self.last_check = now;
+        self.contended
+    }
+}
+
+/// [`Contention::contended`] of this thread (its state created on first use).
+fn core_contended() -> bool {
+    CONTENTION.with(|c| match c.try_borrow_mut() {
+        Ok(mut c) => c.get_or_insert_with(Contention::new).contended(),
+        Err(_) => false,
+    })
 }
 
 /// Longest wait for a batch of completions.
@@ -137,7 +216,11 @@ impl ThreadRing {
             } else {
                 BACKSTOP_TICK
             },
-            busy_poll: exclusive && BUSY_POLL.with(|b| b.get()),
+            poll_window: if exclusive {
+                POLL_WINDOW.with(|w| w.get())
+            } else {
+                std::time::Duration::ZERO
+            },
             batch: if exclusive {
                 std::env::var("BDEV_REACTOR_BATCH")
                     .ok()
@@ -192,7 +275,12 @@ thread_local! {
     static DEPTH: Cell<usize> = const { Cell::new(0) };
     static EXCLUSIVE: Cell<bool> = const { Cell::new(false) };
     static ATTACHED: Cell<bool> = const { Cell::new(false) };
-    static BUSY_POLL: Cell<bool> = Cell::new(std::env::var_os("BDEV_REACTOR_POLL").is_some());
+    static POLL_WINDOW: Cell<std::time::Duration> = Cell::new(poll_window_from_env());
+    static ATTACHED_POLL_WINDOW: Cell<std::time::Duration> =
+        Cell::new(attached_poll_window_from_env());
+    static CONTENTION: RefCell<Option<Contention>> = const { RefCell::new(None) };
+    static STATS: Cell<PollStats> =
+        const { Cell::new(PollStats { poll_passes: 0, sleeps: 0, contended_ticks: 0 }) };
     static SQPOLL: Cell<Option<SqPoll>> = Cell::new(sqpoll_from_env());
 }
 
@@ -249,16 +337,111 @@ pub fn sq_thread_sleeping() -> Option<bool> {
     })
 }
 
-/// Whether an exclusive reactor created later on this thread polls without sleeping while
-/// its requests are in flight, as SPDK's reactor does (default off; `BDEV_REACTOR_POLL` in
-/// the environment turns it on). A polling pass enters the kernel only when it has requests
-/// to submit or the kernel flags completion work (`IORING_SQ_TASKRUN`), and reads the
-/// completion queue in user space. It pays off on an otherwise idle core; on a shared core
-/// the sleeping reactor does better (the scheduler runs a woken sleeper at once, a poller
-/// waits for its time slice). Either way an idle reactor (nothing in flight) sleeps. Call it
-/// before the thread's first [`block_on`].
+/// Default [`set_poll_window`] of an exclusive reactor: poll for up to 50 µs after the last
+/// completion (or submission) while requests are in flight, then sleep.
+pub const DEFAULT_POLL_WINDOW: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Default [`set_attached_poll_window`] of a reactor served by a foreign event loop
+/// ([`attach`]): zero, it sleeps in its loop as soon as nothing is runnable.
+pub const DEFAULT_ATTACHED_POLL_WINDOW: std::time::Duration = std::time::Duration::ZERO;
+
+/// Parses a poll setting: `0`/`off`/`no`/`false` -> zero (sleep at once), `N` or `Nus` ->
+/// `N` µs, anything else (`1`, `on`, empty...) -> busy polling ([`std::time::Duration::MAX`]).
+/// `1` means busy, not 1 µs, as it always has for `BDEV_REACTOR_POLL`.
+fn parse_poll(v: &str) -> std::time::Duration {
+    let v = v.trim();
+    match v {
+        "0" | "off" | "no" | "false" => return std::time::Duration::ZERO,
+        "1" | "" | "on" | "yes" | "true" | "busy" => return std::time::Duration::MAX,
+        _ => {}
+    }
+    match v.strip_suffix("us").unwrap_or(v).trim().parse::<u64>() {
+        Ok(us) => std::time::Duration::from_micros(us),
+        Err(_) => std::time::Duration::MAX,
+    }
+}
+
+/// `BDEV_REACTOR_POLL` (see [`set_poll_window`]), or [`DEFAULT_POLL_WINDOW`].
+fn poll_window_from_env() -> std::time::Duration {
+    std::env::var("BDEV_REACTOR_POLL")
+        .map(|v| parse_poll(&v))
+        .unwrap_or(DEFAULT_POLL_WINDOW)
+}
+
+/// `BDEV_REACTOR_ATTACHED_POLL` (see [`set_attached_poll_window`]), or
+/// [`DEFAULT_ATTACHED_POLL_WINDOW`].
+fn attached_poll_window_from_env() -> std::time::Duration {
+    std::env::var("BDEV_REACTOR_ATTACHED_POLL")
+        .map(|v| parse_poll(&v))
+        .unwrap_or(DEFAULT_ATTACHED_POLL_WINDOW)
+}
+
+/// How an exclusive reactor created later on this thread waits while its requests are in
+/// flight: it polls without sleeping until `window` has passed since the last completion
+/// (or submission), then sleeps in `io_uring_enter` until completions arrive. Zero: sleep
+/// as soon as no task is runnable (batched completion waits, see the module docs);
+/// [`std::time::Duration::MAX`]: poll for as long as anything is in flight, as SPDK's
+/// reactor does. Default [`DEFAULT_POLL_WINDOW`]; `BDEV_REACTOR_POLL` in the environment
+/// sets it (`0` sleep, `N` or `Nus` a window of N µs, `1` or any other value busy polling).
+///
+/// A finite window polls only while the core is the reactor's own: every 10 ms of polling
+/// it reads how long the thread waited on the run queue (`/proc/thread-self/schedstat`),
+/// and when that was more than 5 % of the time (other threads runnable on its core) it
+/// sleeps at once until the next check, as with a zero window (counted in
+/// [`PollStats::contended_ticks`]). Busy polling (`Duration::MAX`) does not check.
+///
+/// A polling pass enters the kernel only when it has requests to submit or the kernel flags
+/// completion work (`IORING_SQ_TASKRUN`), and reads the completion queue in user space.
+/// Either way an idle reactor (nothing in flight) sleeps, so it uses no CPU. A non-exclusive
+/// `block_on` never polls. Call it before the thread's first [`block_on`].
+pub fn set_poll_window(window: std::time::Duration) {
+    POLL_WINDOW.with(|w| w.set(window));
+}
+
+/// `set_poll_window(Duration::MAX)` (`true`: poll while anything is in flight) or
+/// `set_poll_window(Duration::ZERO)` (`false`: sleep at once); see [`set_poll_window`].
 pub fn set_busy_poll(on: bool) {
-    BUSY_POLL.with(|b| b.set(on));
+    set_poll_window(if on {
+        std::time::Duration::MAX
+    } else {
+        std::time::Duration::ZERO
+    });
+}
+
+/// Like [`set_poll_window`], for the ring [`attach`] creates later on this thread: how long
+/// [`AttachedRing::keep_polling`] says to keep polling after the last completion (or
+/// submission) while requests are in flight. Default [`DEFAULT_ATTACHED_POLL_WINDOW`] (zero:
+/// the loop sleeps); `BDEV_REACTOR_ATTACHED_POLL` in the environment sets it (same values as
+/// `BDEV_REACTOR_POLL`).
+pub fn set_attached_poll_window(window: std::time::Duration) {
+    ATTACHED_POLL_WINDOW.with(|w| w.set(window));
+}
+
+/// What this thread's reactor did while waiting (for tests and diagnostics; counts since the
+/// thread started, over every [`block_on`] and [`AttachedRing`] of the thread).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PollStats {
+    /// Polling passes: checks of the completion queue made instead of sleeping while
+    /// requests were in flight.
+    pub poll_passes: u64,
+    /// Sleeping waits: `io_uring_enter` calls that waited for a completion or a wake.
+    pub sleeps: u64,
+    /// Checks (one per 10 ms of polling at most) that found the core shared, so polling was
+    /// suspended until the next check (see [`set_poll_window`]).
+    pub contended_ticks: u64,
+}
+
+/// This thread's [`PollStats`].
+pub fn poll_stats() -> PollStats {
+    STATS.with(|s| s.get())
+}
+
+fn count(f: impl FnOnce(&mut PollStats)) {
+    STATS.with(|s| {
+        let mut v = s.get();
+        f(&mut v);
+        s.set(v);
+    });
 }
 
 /// Declares the current thread a dedicated reactor thread: its ring (created at its first
@@ -294,6 +477,10 @@ pub(crate) fn current_ring() -> Option<Arc<Ring>> {
 pub struct AttachedRing {
     ring: Arc<Ring>,
     scratch: crate::backend::uring::Scratch,
+    /// See [`set_attached_poll_window`].
+    poll_window: std::time::Duration,
+    /// Last pass that completed or submitted something.
+    last_progress: std::time::Instant,
 }
 
 /// Attaches this thread's ring (created now) to the thread's event loop; `None` without
@@ -308,6 +495,8 @@ pub fn attach() -> Option<AttachedRing> {
     ATTACHED.with(|a| a.set(true));
     Some(AttachedRing {
         ring,
+        poll_window: ATTACHED_POLL_WINDOW.with(|w| w.get()),
+        last_progress: std::time::Instant::now(),
         scratch: (
             Vec::with_capacity(ENTRIES as usize),
             Vec::with_capacity(ENTRIES as usize),
@@ -321,11 +510,35 @@ impl AttachedRing {
         self.ring.raw_fd()
     }
     /// Submits what is queued and completes what has arrived (waking the requests' tasks),
-    /// in at most one `io_uring_enter`.
-    pub fn pass(&mut self) {
+    /// in at most one `io_uring_enter`. Returns how many requests it completed.
+    pub fn pass(&mut self) -> usize {
         let (cqes, ready) = &mut self.scratch;
-        self.ring.submit_and_reap();
-        self.ring.drain(cqes, ready);
+        if self.ring.submit_and_reap() > 0 {
+            self.last_progress = std::time::Instant::now();
+        }
+        let done = self.ring.drain(cqes, ready).completed;
+        if done > 0 {
+            self.last_progress = std::time::Instant::now();
+        }
+        done
+    }
+    /// Whether the loop should come back for another [`AttachedRing::pass`] at once instead
+    /// of sleeping: requests are in flight and the last completion or submission is less than
+    /// the poll window old (see [`set_attached_poll_window`]; never with a zero window), and,
+    /// unless the window is [`std::time::Duration::MAX`], the thread's core is not shared
+    /// (the run-queue check of [`set_poll_window`]). A `true` counts as a polling pass in
+    /// [`poll_stats`], a `false` as a sleep.
+    pub fn keep_polling(&mut self) -> bool {
+        let poll = !self.poll_window.is_zero()
+            && self.ring.pending() > 0
+            && self.last_progress.elapsed() < self.poll_window
+            && !(self.poll_window != std::time::Duration::MAX && core_contended());
+        if poll {
+            count(|s| s.poll_passes += 1);
+        } else {
+            count(|s| s.sleeps += 1);
+        }
+        poll
     }
     /// `waker` is woken when a request is queued on the ring and no submission is due yet.
     pub fn register_submit(&self, waker: &Waker) {
@@ -370,14 +583,14 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     if !have_ring {
         return futures::executor::block_on(fut);
     }
-    let (ring, efd, idle_wait, busy_poll, batch) = RING.with(|r| {
+    let (ring, efd, idle_wait, poll_window, batch) = RING.with(|r| {
         let b = r.borrow();
         let t = b.as_ref().expect("checked above");
         (
             t.ring.clone(),
             t.efd.clone(),
             t.idle_wait,
-            t.busy_poll,
+            t.poll_window,
             t.batch,
         )
     });
@@ -399,6 +612,9 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
     }
     let _depth = Depth;
+    // Last pass that completed or submitted a request (the poll window counts from it).
+    let mut last_progress = std::time::Instant::now();
+    let gated = poll_window != std::time::Duration::MAX;
     let out = loop {
         if state.woken.swap(false, Ordering::SeqCst) {
             if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
@@ -406,14 +622,29 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
             }
         }
         // Take what has completed (no syscall: this reads the completion queue).
-        ring.drain(&mut cqes, &mut ready);
-        if state.woken.load(Ordering::SeqCst) || (busy_poll && ring.pending() > 0) {
-            // More work right away, or (busy polling) I/O in flight: one io_uring_enter
-            // submits what this pass queued and runs the completion work waiting in the
-            // kernel, without sleeping; it is skipped when there is neither (the kernel flags
-            // waiting completion work), so a polling pass with nothing new costs no syscall.
-            ring.submit_and_reap();
-            ring.drain(&mut cqes, &mut ready);
+        if ring.drain(&mut cqes, &mut ready).completed > 0 {
+            last_progress = std::time::Instant::now();
+        }
+        let woken = state.woken.load(Ordering::SeqCst);
+        let polling = !woken
+            && !poll_window.is_zero()
+            && ring.pending() > 0
+            && last_progress.elapsed() < poll_window
+            && !(gated && core_contended());
+        if woken || polling {
+            // More work right away, or (polling) I/O in flight: one io_uring_enter submits
+            // what this pass queued and runs the completion work waiting in the kernel,
+            // without sleeping; it is skipped when there is neither (the kernel flags waiting
+            // completion work), so a polling pass with nothing new costs no syscall.
+            if polling {
+                count(|s| s.poll_passes += 1);
+            }
+            if ring.submit_and_reap() > 0 {
+                last_progress = std::time::Instant::now();
+            }
+            if ring.drain(&mut cqes, &mut ready).completed > 0 {
+                last_progress = std::time::Instant::now();
+            }
             continue;
         }
         RING.with(|r| {
@@ -429,6 +660,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
             // through the eventfd) in one syscall. Bounded, so a lost wake-up (a race with
             // the backstop) costs a tick, not a hang.
             let inflight = ring.pending();
+            count(|s| s.sleeps += 1);
             if batch > 1 && inflight >= 2 * batch {
                 // Many requests in flight: sleep until a batch of them completes (bounded,
                 // so the last stragglers of a burst wait a little, never long). Each wake-up
@@ -442,6 +674,8 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
         state.sleeping.store(false, Ordering::SeqCst);
         ring.drain(&mut cqes, &mut ready);
+        // A wake-up after a sleep starts a new poll window.
+        last_progress = std::time::Instant::now();
     };
     // Requests of futures dropped inside `fut` may still be in flight: wait for them, so
     // nothing this call queued outlives it (the eventfd read stays armed).
@@ -452,4 +686,218 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// CPU time of the calling thread.
+    fn thread_cpu() -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: fills a valid timespec.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(r, 0);
+        Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+    }
+
+    /// What one wait on an exclusive reactor cost.
+    #[derive(Debug)]
+    struct Cost {
+        stats: PollStats,
+        cpu: Duration,
+        wall: Duration,
+    }
+
+    /// On a fresh exclusive reactor thread (poll window `window`, `None`: the default), runs
+    /// `f` under `block_on` and measures it; `None` without io_uring.
+    fn on_reactor<F, Fut>(window: Option<Duration>, f: F) -> Option<Cost>
+    where
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
+        std::thread::spawn(move || {
+            // The default is what the environment says; the tests want the built-in one.
+            set_poll_window(window.unwrap_or(DEFAULT_POLL_WINDOW));
+            set_exclusive();
+            block_on(async {});
+            if !is_single_issuer() {
+                return None;
+            }
+            let (s0, c0, t0) = (poll_stats(), thread_cpu(), Instant::now());
+            block_on(f());
+            let (s1, c1, wall) = (poll_stats(), thread_cpu(), t0.elapsed());
+            Some(Cost {
+                stats: PollStats {
+                    poll_passes: s1.poll_passes - s0.poll_passes,
+                    sleeps: s1.sleeps - s0.sleeps,
+                    contended_ticks: s1.contended_ticks - s0.contended_ticks,
+                },
+                cpu: c1 - c0,
+                wall,
+            })
+        })
+        .join()
+        .expect("reactor thread")
+    }
+
+    /// One request that stays in flight for `d`.
+    async fn slow(d: Duration) {
+        let ring = current_ring().expect("inside the reactor");
+        assert_eq!(ring.slow_request(d).await, -libc::ETIME);
+    }
+
+    const SLOW: Duration = Duration::from_millis(300);
+
+    #[test]
+    fn default_reactor_polls_briefly_then_sleeps_while_a_slow_request_is_in_flight() {
+        // A thread preempted for longer than the 50 µs window right after its submission
+        // (a loaded test machine) does not poll: some of a few tries must.
+        let mut polled = Vec::new();
+        for _ in 0..5 {
+            let Some(c) = on_reactor(None, || slow(SLOW)) else {
+                return;
+            };
+            assert!(c.wall >= SLOW, "{c:?}");
+            // It slept in the kernel for (almost) all of the wait.
+            assert!(c.stats.sleeps >= 1, "never slept: {c:?}");
+            assert!(c.cpu < SLOW / 4, "spun while the request was slow: {c:?}");
+            if c.stats.poll_passes > 0 {
+                return;
+            }
+            polled.push(c);
+        }
+        panic!("no polling pass right after the submission: {polled:?}");
+    }
+
+    #[test]
+    fn reactor_polls_for_its_window_then_sleeps_while_a_slow_request_is_in_flight() {
+        let window = Duration::from_millis(20);
+        let Some(c) = on_reactor(Some(window), || slow(SLOW)) else {
+            return;
+        };
+        assert!(c.wall >= SLOW, "{c:?}");
+        assert!(c.stats.poll_passes > 0, "no polling pass: {c:?}");
+        assert!(c.stats.sleeps >= 1, "never slept: {c:?}");
+        assert!(c.cpu < SLOW / 4, "polled past its window: {c:?}");
+    }
+
+    #[test]
+    fn busy_polling_reactor_polls_for_as_long_as_a_request_is_in_flight() {
+        let Some(c) = on_reactor(Some(Duration::MAX), || slow(SLOW)) else {
+            return;
+        };
+        assert!(c.stats.poll_passes > 1000, "{c:?}");
+        assert_eq!(c.stats.sleeps, 0, "{c:?}");
+    }
+
+    #[test]
+    fn zero_window_reactor_sleeps_at_once() {
+        let Some(c) = on_reactor(Some(Duration::ZERO), || slow(SLOW)) else {
+            return;
+        };
+        assert_eq!(c.stats.poll_passes, 0, "{c:?}");
+        assert!(c.stats.sleeps >= 1, "{c:?}");
+    }
+
+    /// Nothing in flight: whatever the poll window, the reactor sleeps until a cross-thread
+    /// wake, and uses (almost) no CPU meanwhile.
+    #[test]
+    fn idle_reactor_sleeps_whatever_its_poll_window() {
+        for window in [None, Some(Duration::MAX)] {
+            let Some(c) = on_reactor(window, || async {
+                let (tx, rx) = futures::channel::oneshot::channel::<()>();
+                std::thread::spawn(move || {
+                    std::thread::sleep(SLOW);
+                    let _ = tx.send(());
+                });
+                rx.await.expect("woken");
+            }) else {
+                return;
+            };
+            assert!(c.wall >= SLOW, "{window:?}: {c:?}");
+            assert_eq!(c.stats.poll_passes, 0, "{window:?}: {c:?}");
+            assert!(
+                c.cpu < Duration::from_millis(15),
+                "{window:?}: idle reactor used CPU: {c:?}"
+            );
+        }
+    }
+
+    /// An attached ring's loop is told to keep polling while a request is in flight and
+    /// the poll window since its submission has not passed, then to sleep; with a zero
+    /// window (the default), never.
+    #[test]
+    fn attached_ring_keeps_polling_within_its_window_only() {
+        for (window, polls) in [(Duration::from_millis(2), true), (Duration::ZERO, false)] {
+            let r = std::thread::spawn(move || {
+                set_attached_poll_window(window);
+                let mut a = attach()?;
+                let ring = a.ring.clone();
+                let mut fut = Box::pin(ring.slow_request(SLOW));
+                let waker = futures::task::noop_waker();
+                let mut cx = Context::from_waker(&waker);
+                assert!(fut.as_mut().poll(&mut cx).is_pending());
+                let (s0, t0) = (poll_stats(), Instant::now());
+                loop {
+                    a.pass();
+                    if !a.keep_polling() {
+                        break;
+                    }
+                }
+                let (s1, stopped) = (poll_stats(), t0.elapsed());
+                assert!(a.ring.pending() > 0, "the request is still in flight");
+                Some((s1.poll_passes - s0.poll_passes, stopped))
+            })
+            .join()
+            .expect("attached thread");
+            let Some((passes, stopped)) = r else {
+                return;
+            };
+            assert_eq!(passes > 0, polls, "{window:?}: {passes} passes");
+            assert!(stopped < SLOW / 2, "{window:?}: polled for {stopped:?}");
+        }
+    }
+
+    /// Pins the calling thread to `cpu`.
+    fn pin(cpu: usize) {
+        // SAFETY: a zeroed cpu_set_t is a valid (empty) set.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `cpu` comes from sched_getcpu, below CPU_SETSIZE.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+        // SAFETY: the pointer and size describe `set`.
+        let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+        assert_eq!(r, 0, "sched_setaffinity");
+    }
+
+    /// A finite poll window on a core another thread keeps busy: the reactor notices the
+    /// run-queue wait and sleeps instead of polling for the whole wait.
+    #[test]
+    fn polling_reactor_sleeps_on_a_shared_core() {
+        // SAFETY: sched_getcpu takes no arguments.
+        let cpu = unsafe { libc::sched_getcpu() }.max(0) as usize;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let hog = std::thread::spawn(move || {
+            pin(cpu);
+            while !s2.load(Ordering::Relaxed) {
+                std::hint::spin_loop();
+            }
+        });
+        let c = on_reactor(Some(Duration::from_secs(10)), move || async move {
+            pin(cpu);
+            slow(SLOW).await
+        });
+        stop.store(true, Ordering::Relaxed);
+        hog.join().unwrap();
+        let Some(c) = c else { return };
+        assert!(c.stats.contended_ticks > 0, "{c:?}");
+        assert!(c.stats.sleeps >= 1, "{c:?}");
+        // Polling all along would take about half the core for the whole wait.
+        assert!(c.cpu < SLOW / 6, "kept polling on a shared core: {c:?}");
+    }
 }

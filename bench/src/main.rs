@@ -30,6 +30,13 @@
 //! whether the ring really was SQPOLL (the kernel may refuse). The SQ thread's CPU time is
 //! not counted in this process's user and system time.
 //!
+//! The reactor polls adaptively by default (see `bdev_core::reactor::set_poll_window`):
+//! while requests are in flight it polls the completion queue for up to 50 µs after the last
+//! completion, on a core it does not share, then sleeps. `BDEV_REACTOR_POLL=0` makes it
+//! sleep at once, `BDEV_REACTOR_POLL=N` sets an N µs window, `BDEV_REACTOR_POLL=1` busy
+//! polls. The JSON's `poll` counts the reactor's polling passes, sleeping waits and the
+//! 10 ms checks that found its core shared.
+//!
 //! Every malloc bdev is written once in full before the run (untimed), so runs measure mapped
 //! memory holding data rather than first-touch page faults.
 //!
@@ -762,6 +769,7 @@ fn io_json(
 ) -> serde_json::Value {
     let w = &args.workload;
     let ios = stats.reads + stats.writes;
+    let poll = bdev_core::reactor::poll_stats();
     json!({
         // Every allocation in the process (all threads) from the first submission to the
         // last completion, including the run's own setup (one buffer per queue slot).
@@ -772,6 +780,11 @@ fn io_json(
         "direct": args.direct,
         // Whether the reactor's ring really was SQPOLL (the kernel may refuse it).
         "sqpoll": bdev_core::reactor::is_sqpoll(),
+        "poll": {
+            "passes": poll.poll_passes,
+            "sleeps": poll.sleeps,
+            "contended_ticks": poll.contended_ticks,
+        },
         "block_len": block_len,
         "size_bytes": size,
         "rw": w.pattern.name(),

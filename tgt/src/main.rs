@@ -310,7 +310,15 @@ async fn serve_ring(ring: Option<bdev_core::reactor::AttachedRing>) {
                     tracing::warn!("reactor: ring poll failed: {e}");
                     return Poll::Ready(());
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Adaptive polling (off by default, `BDEV_REACTOR_ATTACHED_POLL`): while
+                    // requests are in flight and within the poll window, come back after
+                    // the loop's other ready tasks instead of waiting for the fd.
+                    if ring.keep_polling() {
+                        cx.waker().wake_by_ref();
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     })

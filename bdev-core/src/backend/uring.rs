@@ -613,8 +613,11 @@ impl Ring {
 
     /// One pass of an owner: submits what is queued and runs the completion work the kernel
     /// has for this thread (`GETEVENTS`, without waiting), in one `io_uring_enter`; skipped
-    /// when there is nothing to submit and nothing in flight.
-    pub(crate) fn submit_and_reap(&self) {
+    /// when there is nothing to submit and nothing in flight, and (with
+    /// `IORING_SETUP_TASKRUN_FLAG`) when the kernel flags no completion work either, so a
+    /// polling owner costs no syscall per pass. Returns how many SQEs were queued (handed to
+    /// the kernel, or to the SQ thread).
+    pub(crate) fn submit_and_reap(&self) -> usize {
         self.submit_due.store(false, Ordering::Release);
         // SAFETY: only the ring's owner calls this, and the submission queue's tail is read
         // under the pending mutex like every other access to it.
@@ -633,13 +636,13 @@ impl Ring {
                 }
             }
             self.reap_unregistered();
-            return;
+            return queued;
         }
         if queued == 0 && (self.pending() == 0 || (self.taskrun_flag && !taskrun)) {
             // Nothing to submit, and (where the kernel tells us, IORING_SQ_TASKRUN) no
             // completion work waiting: no syscall. Completions already posted are read from
             // the completion queue in user space by the drain.
-            return;
+            return 0;
         }
         // SAFETY: plain io_uring_enter with no argument pointer.
         let r = unsafe {
@@ -654,6 +657,7 @@ impl Ring {
             tracing::trace!(target: "uring", "submit deferred: {e}");
         }
         self.reap_unregistered();
+        queued
     }
 
     /// Submits every queued SQE without waiting.
@@ -1065,5 +1069,21 @@ impl Drop for UringEngine {
         }
         // If the NOP could not be queued the thread is left running (it owns the ring and
         // any buffers still in flight), which is safer than freeing memory under the kernel.
+    }
+}
+
+#[cfg(test)]
+impl Ring {
+    /// A request that stays in flight for `d` (`IORING_OP_TIMEOUT`, completing with
+    /// `-ETIME`): a slow device for the reactor's polling tests.
+    pub(crate) async fn slow_request(&self, d: std::time::Duration) -> i32 {
+        // The kernel reads the timespec while the request is in flight; a test leaks it.
+        let ts: &'static types::Timespec = Box::leak(Box::new(types::Timespec::from(d)));
+        let file = FileRef::Fd(Arc::new(
+            std::fs::File::open("/dev/null").expect("open /dev/null"),
+        ));
+        let sqe = opcode::Timeout::new(ts).build();
+        let ticket = self.submit(sqe, Hold::Nothing, &file).await.expect("queue");
+        ticket.await.0
     }
 }
