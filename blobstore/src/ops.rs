@@ -193,6 +193,8 @@ impl StoreInner {
         }
         let _f = orig.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        // The blob's deferred allocations are committed before its md changes.
+        self.commit_blob_locked(&orig).await?;
         // The snapshot takes the map as it is on disk: settle pending changes first.
         if orig.lock().dirty {
             orig.persist_locked().await?;
@@ -386,6 +388,10 @@ impl StoreInner {
             if now != clones || now_open.is_some() != clone_open.is_some() {
                 continue;
             }
+            // The merge rewrites the open clone's map: its deferred allocations first.
+            if let Some(c) = &now_open {
+                self.commit_blob_locked(c).await?;
+            }
             return match now.first() {
                 None => self.delete_plain_locked(id).await,
                 Some(&c) => self.delete_merge_locked(id, c).await,
@@ -531,6 +537,8 @@ impl StoreInner {
         yield_now().await;
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        // The blob's deferred allocations are committed before its md changes.
+        self.commit_blob_locked(&b).await?;
         let (old, thin) = {
             let mut s = b.lock();
             if s.saved_clusters.is_none() {
@@ -674,6 +682,8 @@ impl StoreInner {
         }
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        // The blob's deferred allocations are committed before its md changes.
+        self.commit_blob_locked(&b).await?;
         let saved_md = b.lock().md.clone();
         let saved_parent = self.graph.lock().parent_of.get(&b.id).copied();
         let old_back = {
@@ -768,6 +778,8 @@ impl StoreInner {
             }
             let _f = b.freeze.write().await;
             let _g = self.md_lock.lock().await;
+            // The blob's deferred allocations are committed before its md changes.
+            self.commit_blob_locked(&b).await?;
             let sb = self.open_locked(snap).await?;
             if sb.lock().md.clusters.len() != b.lock().md.clusters.len() {
                 self.close_locked(sb).await?;
@@ -856,6 +868,8 @@ impl StoreInner {
             }
             let _f = b.freeze.write().await;
             let _g = self.md_lock.lock().await;
+            // The blob's deferred allocations are committed before its md changes.
+            self.commit_blob_locked(&b).await?;
             let saved_md = b.lock().md.clone();
             let old = {
                 let mut s = b.lock();

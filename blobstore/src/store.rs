@@ -323,6 +323,18 @@ impl StoreInner {
         self.grouped_flush().await
     }
 
+    /// A client flush of a blob (`Blob::flush`): the store's deferred allocations are
+    /// committed (behind the `PreCommit` flush that makes their data durable), then a device
+    /// flush makes everything written so far durable, their map changes included. A failed
+    /// commit fails the flush and leaves the allocations pending (the next flush retries).
+    pub(crate) async fn flush_blob(&self) -> Result<()> {
+        if self.committer.pending() != 0 {
+            let _m = self.md_lock.lock().await;
+            self.commit_all_locked().await?;
+        }
+        self.flush_all().await
+    }
+
     /// The barrier before a commit write: flushes only if the store wrote since the start
     /// of its last completed flush (new md pages, new cluster data, cleared clusters).
     pub(crate) async fn pre_commit(&self) -> Result<()> {
@@ -773,10 +785,12 @@ impl StoreInner {
             }
             // The reference is dropped even when the persist fails: the handle is consumed
             // by every caller, so a kept reference could never be released (EBUSY at unload).
+            // The blob's deferred allocations are committed (a whole-md write for dirty md
+            // covers them too).
             let r = if b.lock().dirty {
                 b.persist_locked().await
             } else {
-                Ok(())
+                self.commit_blob_locked(&b).await
             };
             let back = {
                 let mut s = b.lock();
@@ -786,6 +800,9 @@ impl StoreInner {
                 }
                 std::mem::replace(&mut s.back, Back::None)
             };
+            // Leaving memory: what is still uncommitted (a failed commit) is given up and
+            // the store left for recovery at the next load (the clusters are free there).
+            b.abandon_uncommitted();
             self.graph.lock().open.remove(&b.id);
             if let Back::Snapshot(p) = back {
                 let rp = self.close_locked(p).await;
