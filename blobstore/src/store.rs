@@ -785,12 +785,18 @@ impl StoreInner {
             }
             // The reference is dropped even when the persist fails: the handle is consumed
             // by every caller, so a kept reference could never be released (EBUSY at unload).
-            // The blob's deferred allocations are committed (a whole-md write for dirty md
-            // covers them too).
-            let r = if b.lock().dirty {
+            // The last close commits the blob's deferred allocations (a whole-md write for
+            // dirty md covers them too); while other handles stay open, their flushes do.
+            let (dirty, last) = {
+                let s = b.lock();
+                (s.dirty, s.open_ref == 1)
+            };
+            let r = if dirty {
                 b.persist_locked().await
-            } else {
+            } else if last {
                 self.commit_blob_locked(&b).await
+            } else {
+                Ok(())
             };
             let back = {
                 let mut s = b.lock();
