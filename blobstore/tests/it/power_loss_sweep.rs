@@ -1052,8 +1052,13 @@ fn crash_sweep_init() {
 #[test]
 fn a_missing_barrier_fails_the_sweep() {
     // (barrier left out, operation swept, io unit)
-    let cases: [(Barrier, &str, u32); 5] = [
+    let cases: [(Barrier, &str, u32); 6] = [
         (Barrier::PreCommit, "writes that allocate, then flush", 4096),
+        (
+            Barrier::PreCommit,
+            "first writes to thin blobs, a clone and an esnap clone, then flush",
+            4096,
+        ),
         (
             Barrier::PostCommit,
             "create thin, thin with RLE, thick",
