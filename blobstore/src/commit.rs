@@ -18,7 +18,7 @@
 //! - the bound: when the store holds more than [`PENDING_LIMIT`] uncommitted allocations,
 //!   the allocating write that crosses it commits them all before it returns.
 //!
-//! A commit groups the blob's allocations as the old per-write group commit did: one write
+//! A commit groups the pending allocations of every blob it covers: one write
 //! per extent page touched (in place, covering every allocation in that page, behind one
 //! `PreCommit` flush for all of them), or one whole-md commit for a blob whose chunk has no
 //! extent page yet. A failed commit changes nothing in memory: the entries stay uncommitted

@@ -85,7 +85,7 @@ pub(crate) struct StoreInner {
     pub durable_seq: AtomicU64,
     /// Concurrent barriers and client flushes share device flushes.
     pub flushes: FlushGroup,
-    /// Group commit of cluster allocations.
+    /// The count of deferred (uncommitted) cluster allocations.
     pub committer: Committer,
     /// Cluster-sized buffers for copy-on-write through memory.
     pub bufs: BufPool,
