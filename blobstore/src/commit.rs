@@ -215,10 +215,9 @@ impl StoreInner {
             undo_shadows(writes);
             return Err(e);
         }
-        let results = futures::future::join_all(
-            writes.iter().map(|w| self.write_md_page(w.page, &w.bytes)),
-        )
-        .await;
+        let results =
+            futures::future::join_all(writes.iter().map(|w| self.write_md_page(w.page, &w.bytes)))
+                .await;
         let mut res = Ok(());
         for (w, r) in writes.iter_mut().zip(results) {
             self.issued_shadow(w.shadow.take(), true);

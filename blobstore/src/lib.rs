@@ -65,8 +65,8 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use commit::PENDING_LIMIT;
 pub use blob::{Direct, DirectTarget};
+pub use commit::PENDING_LIMIT;
 pub use dev::{BsDev, CopySrc, MissingDev, ZeroesDev};
 pub use error::{BsError, Result};
 pub use iobuf::IoBuf;

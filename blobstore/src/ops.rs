@@ -194,7 +194,7 @@ impl StoreInner {
         let _f = orig.freeze.write().await;
         let _g = self.md_lock.lock().await;
         // The blob's deferred allocations are committed before its md changes.
-        self.commit_blob_locked(&orig).await?;
+        self.commit_blob_locked(orig).await?;
         // The snapshot takes the map as it is on disk: settle pending changes first.
         if orig.lock().dirty {
             orig.persist_locked().await?;
@@ -538,7 +538,7 @@ impl StoreInner {
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
         // The blob's deferred allocations are committed before its md changes.
-        self.commit_blob_locked(&b).await?;
+        self.commit_blob_locked(b).await?;
         let (old, thin) = {
             let mut s = b.lock();
             if s.saved_clusters.is_none() {
@@ -683,7 +683,7 @@ impl StoreInner {
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
         // The blob's deferred allocations are committed before its md changes.
-        self.commit_blob_locked(&b).await?;
+        self.commit_blob_locked(b).await?;
         let saved_md = b.lock().md.clone();
         let saved_parent = self.graph.lock().parent_of.get(&b.id).copied();
         let old_back = {

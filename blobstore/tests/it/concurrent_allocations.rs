@@ -193,7 +193,11 @@ fn a_first_write_is_direct_at_once_and_a_failed_commit_keeps_it() {
         let (d, _bs, b) = yielding_thin_blob().await;
         let (w0, f0) = (d.writes(), d.flushes());
         b.write(0, blk(0)).await.unwrap();
-        assert_eq!(d.writes() - w0, 1, "the first write wrote more than its cluster");
+        assert_eq!(
+            d.writes() - w0,
+            1,
+            "the first write wrote more than its cluster"
+        );
         assert_eq!(d.flushes() - f0, 0, "the first write flushed");
         let lba = match b.direct(8, 4096, true).map(|x| x.target) {
             Some(DirectTarget::Dev(lba)) => lba,
@@ -210,6 +214,9 @@ fn a_first_write_is_direct_at_once_and_a_failed_commit_keeps_it() {
         assert_eq!(&r[..], &blk(0)[..]);
         let w1 = d.writes();
         b.flush().await.unwrap();
-        assert!(d.writes() > w1, "the next flush did not commit the allocation");
+        assert!(
+            d.writes() > w1,
+            "the next flush did not commit the allocation"
+        );
     });
 }

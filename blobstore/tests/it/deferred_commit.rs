@@ -39,7 +39,10 @@ async fn crash_load(dev: &MemBsDev, plan: CrashPlan) -> (Arc<MemBsDev>, Blobstor
 /// The first block of cluster `c` of blob `id`.
 async fn first_block(bs: &Blobstore, id: BlobId, c: u64) -> Vec<u8> {
     let b = bs.open_blob(id).await.unwrap();
-    let r = b.read(c * LPC, IoBuf::new(BLK as usize, 4096)).await.unwrap();
+    let r = b
+        .read(c * LPC, IoBuf::new(BLK as usize, 4096))
+        .await
+        .unwrap();
     b.close().await.unwrap();
     r.to_vec()
 }
@@ -67,7 +70,11 @@ fn first_writes_need_a_flush_to_survive_a_power_cut() {
         }
         assert_eq!(bs.free_clusters(), free - 4);
         let (copy, bs2) = crash_load(&dev, CrashPlan::KeepAll).await;
-        assert_eq!(bs2.free_clusters(), free, "uncommitted clusters are free after the cut");
+        assert_eq!(
+            bs2.free_clusters(),
+            free,
+            "uncommitted clusters are free after the cut"
+        );
         for c in 0..4 {
             assert_eq!(first_block(&bs2, b.id(), c).await, vec![0u8; BLK as usize]);
         }
@@ -77,7 +84,10 @@ fn first_writes_need_a_flush_to_survive_a_power_cut() {
         let (copy, bs2) = crash_load(&dev, CrashPlan::LoseAll).await;
         assert_eq!(bs2.free_clusters(), free - 4);
         for c in 0..4 {
-            assert_eq!(first_block(&bs2, b.id(), c).await, vec![0x10 + c as u8; BLK as usize]);
+            assert_eq!(
+                first_block(&bs2, b.id(), c).await,
+                vec![0x10 + c as u8; BLK as usize]
+            );
         }
         unload_and_check(&copy, bs2).await;
         b.close().await.unwrap();
@@ -94,7 +104,10 @@ fn sync_md_commits_pending_first_writes() {
         b.sync_md().await.unwrap();
         let (copy, bs2) = crash_load(&dev, CrashPlan::LoseAll).await;
         let r = bs2.open_blob(b.id()).await.unwrap();
-        let got = r.read(LPC + 1, IoBuf::new(BLK as usize, 4096)).await.unwrap();
+        let got = r
+            .read(LPC + 1, IoBuf::new(BLK as usize, 4096))
+            .await
+            .unwrap();
         assert_eq!(&got[..], &block(0x5a)[..]);
         r.close().await.unwrap();
         unload_and_check(&copy, bs2).await;
@@ -161,9 +174,16 @@ fn pending_first_writes_are_bounded() {
         b.write((n - 1) * LPC, block(0xfe)).await.unwrap();
         let (copy, bs2) = crash_load(&dev, CrashPlan::KeepAll).await;
         let r = bs2.open_blob(b.id()).await.unwrap();
-        assert_eq!(r.num_allocated_clusters(), n, "the write over the bound committed");
+        assert_eq!(
+            r.num_allocated_clusters(),
+            n,
+            "the write over the bound committed"
+        );
         for c in (0..n - 1).step_by(97) {
-            let got = r.read(c * LPC, IoBuf::new(BLK as usize, 4096)).await.unwrap();
+            let got = r
+                .read(c * LPC, IoBuf::new(BLK as usize, 4096))
+                .await
+                .unwrap();
             assert_eq!(&got[..], &block(1 + (c % 250) as u8)[..], "cluster {c}");
         }
         r.close().await.unwrap();

@@ -143,8 +143,13 @@ fn a_thin_write_whose_commit_failed_keeps_its_cluster_and_is_retried() {
         b.flush().await.unwrap();
         b.close().await.unwrap();
         bs.unload().await.unwrap();
-        let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap)).await.unwrap();
-        assert_eq!(read_all(&bs, thin).await[..CLUSTER as usize], secret(CLUSTER as usize)[..]);
+        let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_all(&bs, thin).await[..CLUSTER as usize],
+            secret(CLUSTER as usize)[..]
+        );
     });
 }
 

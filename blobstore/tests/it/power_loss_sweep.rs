@@ -687,7 +687,9 @@ async fn first_writes(c: &Ctx, bs: &[Blob]) -> bool {
         }
     }
     c.ck_soft().await;
-    if c.ok("write", write_blocks(v, l + 2, 1, 0xc7).await).is_none() {
+    if c.ok("write", write_blocks(v, l + 2, 1, 0xc7).await)
+        .is_none()
+    {
         return false;
     }
     c.ck_soft().await;
