@@ -906,6 +906,21 @@ fn operations() -> Vec<(&'static str, Setup, Plan)> {
                 }
                 c.ok("flush", bs[1].flush().await);
                 c.ck().await;
+                // Again on a dirty store (no dirty-mark flush before the commit): the
+                // `PreCommit` flush alone orders these clusters' data before their maps.
+                let [t, u, v, e] = &bs[..] else { return };
+                let l = lpc();
+                for (b, off, n, byte) in [
+                    (v, 1, 1, 0xc8),
+                    (e, 2, 1, 0xc9),
+                    (u, 0, l as usize, 0xca),
+                    (t, 3, 1, 0xcb),
+                ] {
+                    c.ok("write", write_blocks(b, off, n, byte).await);
+                }
+                c.ck_soft().await;
+                c.ok("flush", v.flush().await);
+                c.ck().await;
                 for b in bs {
                     c.ok("close", b.close().await);
                 }
