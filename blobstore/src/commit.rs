@@ -15,8 +15,8 @@
 //!   an open clone on delete, close): its allocations are committed first
 //!   ([`StoreInner::commit_blob_locked`]), and any whole-md write of the blob
 //!   ([`crate::blob::BlobInner::persist_locked`]) covers the uncommitted entries it holds;
-//! - the bound: when the store holds more than [`PENDING_LIMIT`] uncommitted allocations,
-//!   the allocating write that crosses it commits them all before it returns.
+//! - the bound: an allocating write that finds [`PENDING_LIMIT`] uncommitted allocations in
+//!   the store commits them all before it adds its own.
 //!
 //! A commit groups the pending allocations of every blob it covers: one write
 //! per extent page touched (in place, covering every allocation in that page, behind one
@@ -41,9 +41,10 @@ use crate::format::*;
 use crate::store::StoreInner;
 use crate::Result;
 
-/// How many uncommitted allocations a store holds at most: the allocating write that makes
-/// it more commits them all before it returns. 1024 clusters is 1 GiB of first writes with
-/// the default 1 MiB cluster; the pending state costs a map entry each.
+/// How many uncommitted allocations a store holds: an allocating write that finds this many
+/// pending commits them all before it adds its own (so at most this many plus the
+/// allocating writes in flight are pending). 1024 clusters is 1 GiB of first writes with the
+/// default 1 MiB cluster; the pending state costs a map entry each.
 pub const PENDING_LIMIT: usize = 1024;
 
 /// The count of uncommitted allocations of the store (the entries themselves live in their
@@ -58,8 +59,8 @@ impl Committer {
     pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::SeqCst)
     }
-    pub(crate) fn added(&self) -> usize {
-        self.pending.fetch_add(1, Ordering::SeqCst) + 1
+    pub(crate) fn added(&self) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
     }
     pub(crate) fn removed(&self, n: usize) {
         if n != 0 {
@@ -81,14 +82,24 @@ struct PageWrite {
 impl StoreInner {
     /// Records the allocation of map entry `idx` of `blob` to cluster `cluster`, whose data
     /// is written: the in-memory map points at it from now on, and its commit is deferred
-    /// (module doc). Over [`PENDING_LIMIT`] this write commits every pending allocation
-    /// first; an error then leaves them pending (the next flush retries).
+    /// (module doc). When the store already holds [`PENDING_LIMIT`] pending allocations,
+    /// they are all committed first; if that fails, this write fails and its cluster is
+    /// given back unmapped (nobody ever saw it), the others stay pending.
     pub(crate) async fn note_allocation(
         &self,
         blob: &Arc<BlobInner>,
         idx: usize,
         cluster: u32,
     ) -> Result<()> {
+        if self.committer.pending() >= PENDING_LIMIT {
+            let _m = self.md_lock.lock().await;
+            if self.committer.pending() >= PENDING_LIMIT {
+                if let Err(e) = self.commit_all_locked().await {
+                    self.unclaim_clusters(&[cluster]);
+                    return Err(e);
+                }
+            }
+        }
         let closed = {
             let mut s = blob.lock();
             if idx >= s.md.clusters.len() {
@@ -100,17 +111,11 @@ impl StoreInner {
             s.uncommitted.insert(idx, cluster);
             s.open_ref == 0
         };
-        let n = self.committer.added();
+        self.committer.added();
         if closed {
             // Closed meanwhile: nothing else would ever commit it.
             let _m = self.md_lock.lock().await;
             return self.commit_blob_locked(blob).await;
-        }
-        if n > PENDING_LIMIT {
-            let _m = self.md_lock.lock().await;
-            if self.committer.pending() > PENDING_LIMIT {
-                return self.commit_all_locked().await;
-            }
         }
         Ok(())
     }

@@ -446,8 +446,8 @@ impl Blob {
     /// Writes `buf` at io_unit `offset` (allocating and copying clusters of thin blobs).
     /// A first write to a cluster returns once the cluster's data is written and the
     /// in-memory map names it; the map change is committed at the next [`Blob::flush`] (or
-    /// metadata operation of the blob, its close, or when the store holds more than
-    /// [`PENDING_LIMIT`] uncommitted allocations). A power cut before that loses the write:
+    /// metadata operation of the blob, its last close, or a later first write that finds
+    /// [`PENDING_LIMIT`] uncommitted allocations in the store). A power cut before that loses the write:
     /// the blob then reads what it read before it.
     pub async fn write(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.inner.write(offset, buf).await

@@ -1,7 +1,7 @@
 //! The deferred commit of first writes: an allocating write returns once its cluster's data
 //! is written and the in-memory map names it; the map change is written at the client's
 //! flush, at a metadata operation of the blob (sync_md, snapshot, an unmap that releases,
-//! close), or when the store holds more than `PENDING_LIMIT` pending allocations. A power
+//! close), or when the store holds `PENDING_LIMIT` pending allocations. A power
 //! cut before that loses the write (the blob reads what it read before, the cluster is free
 //! again); after it, the write reads back.
 
@@ -152,9 +152,10 @@ fn unmap_releases_a_pending_first_write() {
     });
 }
 
-/// The pending state is bounded: the first write that makes the store hold more than
-/// `PENDING_LIMIT` uncommitted allocations commits them all before it returns (with every
-/// write kept by the device, the map then names all of them; one write earlier, none).
+/// The pending state is bounded: the first write that finds `PENDING_LIMIT` uncommitted
+/// allocations in the store commits them all before it adds its own (with every write kept
+/// by the device, the map then names all of them but that write's; one write earlier,
+/// none).
 #[test]
 fn pending_first_writes_are_bounded() {
     block_on(async {
@@ -176,8 +177,8 @@ fn pending_first_writes_are_bounded() {
         let r = bs2.open_blob(b.id()).await.unwrap();
         assert_eq!(
             r.num_allocated_clusters(),
-            n,
-            "the write over the bound committed"
+            n - 1,
+            "the write at the bound committed the others"
         );
         for c in (0..n - 1).step_by(97) {
             let got = r
