@@ -570,7 +570,6 @@ impl BlobInner {
     ) -> Result<()> {
         let _a = self.lock_cluster(idx).await;
         let lpc = self.bs.geo.lba_per_cluster;
-        let iu = self.bs.geo.io_unit as usize;
         let c = self.cluster_at(idx);
         if c != 0 {
             let lba = u64::from(c) * lpc + off;
@@ -585,6 +584,23 @@ impl BlobInner {
                 None => self.bs.dev.write_zeroes(lba, len).await.map_err(io_err),
             };
         }
+        let new_c = self.fill_new_cluster(idx, off, len, data).await?;
+        self.commit_cluster(idx, new_c).await
+    }
+
+    /// Claims a cluster and writes what cluster `idx` of the blob would hold after writing
+    /// `data` (or zeroes when `None`) at io_unit `off`: the back data (parent, esnap or
+    /// zeroes) around it. Returns the new cluster, claimed but in no map; on error it is
+    /// given back.
+    pub(crate) async fn fill_new_cluster(
+        self: &Arc<Self>,
+        idx: usize,
+        off: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<u32> {
+        let lpc = self.bs.geo.lba_per_cluster;
+        let iu = self.bs.geo.io_unit as usize;
         let back = self.lock().back.clone_ref();
         let full = off == 0 && len == lpc;
         let new_c = self.bs.claim_cluster()?;
@@ -639,7 +655,52 @@ impl BlobInner {
             self.bs.unclaim_clusters(&[new_c]);
             return Err(e);
         }
-        self.commit_cluster(idx, new_c).await
+        Ok(new_c)
+    }
+
+    /// Maps copies made by [`fill_new_cluster`](Self::fill_new_cluster) (freeze held
+    /// exclusively, md_lock held): each entry still unallocated gets its copy, recorded as
+    /// uncommitted so that the next md write of the blob covers it; a copy whose entry a
+    /// client write allocated meanwhile is given back. Returns the entries mapped.
+    pub(crate) fn map_copies(&self, copies: &[(usize, u32)]) -> Vec<(usize, u32)> {
+        let mut mapped = Vec::new();
+        let mut unused = Vec::new();
+        {
+            let mut s = self.lock();
+            for &(i, c) in copies {
+                if s.md.clusters.get(i) == Some(0) {
+                    s.md.clusters.set(i, c);
+                    s.uncommitted.insert(i, c);
+                    mapped.push((i, c));
+                } else {
+                    unused.push(c);
+                }
+            }
+        }
+        for _ in &mapped {
+            self.bs.committer.added();
+        }
+        self.bs.unclaim_clusters(&unused);
+        mapped
+    }
+
+    /// Undoes [`map_copies`](Self::map_copies) after a failed md write (freeze held
+    /// exclusively, so no request saw the clusters): the entries leave the pending set and
+    /// the clusters go back (the caller restored the map).
+    pub(crate) fn unmap_copies(&self, mapped: &[(usize, u32)]) {
+        let mut n = 0;
+        {
+            let mut s = self.lock();
+            for &(i, c) in mapped {
+                if s.uncommitted.get(&i) == Some(&c) {
+                    s.uncommitted.remove(&i);
+                    n += 1;
+                }
+            }
+        }
+        self.bs.committer.removed(n);
+        let cs: Vec<u32> = mapped.iter().map(|&(_, c)| c).collect();
+        self.bs.unclaim_clusters(&cs);
     }
 
     /// Copies the back data of cluster `idx` into the new cluster `new_c` inside the kernel
