@@ -31,8 +31,8 @@
 //! Locks are always taken in this order: a blob's freeze, a cluster's allocation lock, the
 //! store's md_lock (held by metadata operations and by the commit of deferred allocations,
 //! never by the data I/O of an allocation), then short std mutexes (a blob's state, the
-//! allocator, the graph) that are never held across an await. A read or
-//! write of an allocated cluster takes only the freeze (shared) and one std mutex.
+//! allocator, the graph) that are never held across an await. A read or write of an
+//! allocated cluster takes only the freeze (shared) and one std mutex.
 //!
 //! Crash safety follows SPDK's write order, with barriers: new extent and continuation pages
 //! (and the data of new clusters) are written to fresh places and flushed, then the root page
@@ -447,8 +447,8 @@ impl Blob {
     /// A first write to a cluster returns once the cluster's data is written and the
     /// in-memory map names it; the map change is committed at the next [`Blob::flush`] (or
     /// metadata operation of the blob, its last close, or a later first write that finds
-    /// [`PENDING_LIMIT`] uncommitted allocations in the store). A power cut before that loses the write:
-    /// the blob then reads what it read before it.
+    /// [`PENDING_LIMIT`] uncommitted allocations in the store). A power cut before that
+    /// loses the write: the blob then reads what it read before it.
     pub async fn write(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.inner.write(offset, buf).await
     }
