@@ -54,12 +54,11 @@ pub(crate) struct BlobState {
     pub open_ref: u32,
     pub back: Back,
     pub pending_clusters: Vec<u32>,
-    /// Map entries of allocations whose commit is under way (`commit.rs` adds and removes
-    /// them). Such a cluster counts as unallocated to every request ([`BlobInner::cluster_at`],
-    /// the fast path): a write then waits on the cluster's allocation lock, held by the
-    /// allocating writer until the commit's outcome is known, so no request lands in a
-    /// cluster that a failed commit gives back to the allocator.
-    pub committing: Vec<usize>,
+    /// Map entries set by an acknowledged allocating write whose map change is not written
+    /// yet (index -> cluster; `commit.rs`). They count as allocated for every request; a
+    /// client flush, a metadata operation of the blob, its close or the store's bound on
+    /// pending allocations commits them. A failed commit keeps them (and their clusters).
+    pub uncommitted: std::collections::BTreeMap<usize, u32>,
     /// The cluster map as on disk before the first unsynced resize; a failed md write
     /// restores it.
     pub saved_clusters: Option<crate::md::ClusterMap>,
@@ -78,14 +77,9 @@ impl BlobState {
             open_ref: 1,
             back,
             pending_clusters: Vec::new(),
-            committing: Vec::new(),
+            uncommitted: std::collections::BTreeMap::new(),
             saved_clusters: None,
         }
-    }
-    /// Whether the allocation of map entry `idx` is being committed.
-    #[inline]
-    pub(crate) fn is_committing(&self, idx: usize) -> bool {
-        !self.committing.is_empty() && self.committing.contains(&idx)
     }
     pub(crate) fn touch(&mut self) {
         self.dirty = true;
@@ -235,13 +229,41 @@ impl BlobInner {
         Ok(())
     }
 
-    /// The device cluster of map entry `idx`, 0 when unallocated or its commit is under way.
+    /// The device cluster of map entry `idx`, 0 when unallocated.
     fn cluster_at(&self, idx: usize) -> u32 {
-        let s = self.lock();
-        if s.is_committing(idx) {
-            return 0;
+        self.lock().md.clusters.at(idx)
+    }
+
+    /// These uncommitted entries were written (an extent page or the whole md): drops those
+    /// still pointing at the same cluster from the pending set.
+    pub(crate) fn committed(&self, entries: &[(usize, u32)]) {
+        let mut n = 0;
+        {
+            let mut s = self.lock();
+            for &(i, c) in entries {
+                if s.uncommitted.get(&i) == Some(&c) {
+                    s.uncommitted.remove(&i);
+                    n += 1;
+                }
+            }
         }
-        s.md.clusters.at(idx)
+        self.bs.committer.removed(n);
+    }
+
+    /// Drops every uncommitted entry without writing it (the blob leaves memory after a
+    /// failed commit at close): the store is marked tainted, so that unload leaves it dirty
+    /// and the next load rebuilds the masks from the md (the clusters are free there).
+    pub(crate) fn abandon_uncommitted(&self) {
+        let n = {
+            let mut s = self.lock();
+            let n = s.uncommitted.len();
+            s.uncommitted.clear();
+            n
+        };
+        if n != 0 {
+            self.bs.state().tainted = true;
+            self.bs.committer.removed(n);
+        }
     }
 
     // ---------------------------------------------------------------- read
@@ -273,9 +295,6 @@ impl BlobInner {
         let idx = (offset / g.lba_per_cluster) as usize;
         let c = s.md.clusters.get(idx)?;
         if c != 0 {
-            if s.is_committing(idx) {
-                return None;
-            }
             return Some(DirectTarget::Dev(u64::from(c) * g.lba_per_cluster + off));
         }
         match &s.back {
@@ -551,7 +570,6 @@ impl BlobInner {
     ) -> Result<()> {
         let _a = self.lock_cluster(idx).await;
         let lpc = self.bs.geo.lba_per_cluster;
-        let iu = self.bs.geo.io_unit as usize;
         let c = self.cluster_at(idx);
         if c != 0 {
             let lba = u64::from(c) * lpc + off;
@@ -566,6 +584,23 @@ impl BlobInner {
                 None => self.bs.dev.write_zeroes(lba, len).await.map_err(io_err),
             };
         }
+        let new_c = self.fill_new_cluster(idx, off, len, data).await?;
+        self.commit_cluster(idx, new_c).await
+    }
+
+    /// Claims a cluster and writes what cluster `idx` of the blob would hold after writing
+    /// `data` (or zeroes when `None`) at io_unit `off`: the back data (parent, esnap or
+    /// zeroes) around it. Returns the new cluster, claimed but in no map; on error it is
+    /// given back.
+    pub(crate) async fn fill_new_cluster(
+        self: &Arc<Self>,
+        idx: usize,
+        off: u64,
+        len: u64,
+        data: Option<&[u8]>,
+    ) -> Result<u32> {
+        let lpc = self.bs.geo.lba_per_cluster;
+        let iu = self.bs.geo.io_unit as usize;
         let back = self.lock().back.clone_ref();
         let full = off == 0 && len == lpc;
         let new_c = self.bs.claim_cluster()?;
@@ -620,7 +655,52 @@ impl BlobInner {
             self.bs.unclaim_clusters(&[new_c]);
             return Err(e);
         }
-        self.commit_cluster(idx, new_c).await
+        Ok(new_c)
+    }
+
+    /// Maps copies made by [`fill_new_cluster`](Self::fill_new_cluster) (freeze held
+    /// exclusively, md_lock held): each entry still unallocated gets its copy, recorded as
+    /// uncommitted so that the next md write of the blob covers it; a copy whose entry a
+    /// client write allocated meanwhile is given back. Returns the entries mapped.
+    pub(crate) fn map_copies(&self, copies: &[(usize, u32)]) -> Vec<(usize, u32)> {
+        let mut mapped = Vec::new();
+        let mut unused = Vec::new();
+        {
+            let mut s = self.lock();
+            for &(i, c) in copies {
+                if s.md.clusters.get(i) == Some(0) {
+                    s.md.clusters.set(i, c);
+                    s.uncommitted.insert(i, c);
+                    mapped.push((i, c));
+                } else {
+                    unused.push(c);
+                }
+            }
+        }
+        for _ in &mapped {
+            self.bs.committer.added();
+        }
+        self.bs.unclaim_clusters(&unused);
+        mapped
+    }
+
+    /// Undoes [`map_copies`](Self::map_copies) after a failed md write (freeze held
+    /// exclusively, so no request saw the clusters): the entries leave the pending set and
+    /// the clusters go back (the caller restored the map).
+    pub(crate) fn unmap_copies(&self, mapped: &[(usize, u32)]) {
+        let mut n = 0;
+        {
+            let mut s = self.lock();
+            for &(i, c) in mapped {
+                if s.uncommitted.get(&i) == Some(&c) {
+                    s.uncommitted.remove(&i);
+                    n += 1;
+                }
+            }
+        }
+        self.bs.committer.removed(n);
+        let cs: Vec<u32> = mapped.iter().map(|&(_, c)| c).collect();
+        self.bs.unclaim_clusters(&cs);
     }
 
     /// Copies the back data of cluster `idx` into the new cluster `new_c` inside the kernel
@@ -694,10 +774,9 @@ impl BlobInner {
         Ok(buf)
     }
 
-    /// Puts a written cluster into the map and commits it (group commit, `commit.rs`); on
-    /// failure the cluster is released again.
+    /// Puts a written cluster into the map; its commit is deferred (`commit.rs`).
     async fn commit_cluster(self: &Arc<Self>, idx: usize, new_c: u32) -> Result<()> {
-        self.bs.commit_allocation(self, idx, new_c).await
+        self.bs.note_allocation(self, idx, new_c).await
     }
 
     /// Persists a change of one cluster-map entry (md_lock held): rewrites its extent page in
@@ -767,9 +846,11 @@ impl BlobInner {
         self.bs.unclaim_clusters(&added);
     }
 
-    /// Writes the whole md (md_lock held).
+    /// Writes the whole md (md_lock held). It commits the uncommitted allocations it holds
+    /// too: their chunks get new extent pages (their data was written before the map named
+    /// them, so the `PreCommit` flush covers it).
     pub(crate) async fn persist_locked(&self) -> Result<()> {
-        let (md, chain, ep_dirty, pending, gen) = {
+        let (md, chain, mut ep_dirty, pending, gen, unc) = {
             let s = self.lock();
             (
                 s.md.clone(),
@@ -777,8 +858,20 @@ impl BlobInner {
                 s.ep_dirty.clone(),
                 s.pending_clusters.clone(),
                 s.gen,
+                s.uncommitted
+                    .iter()
+                    .map(|(&i, &c)| (i, c))
+                    .collect::<Vec<_>>(),
             )
         };
+        if md.use_et() {
+            let n = md.num_chunks();
+            ep_dirty.extend(
+                unc.iter()
+                    .map(|&(i, _)| i / EXTENTS_PER_EP)
+                    .filter(|&k| k < n),
+            );
+        }
         let (new_chain, eps) = match self
             .bs
             .persist_md(self.id, &md, &chain, &ep_dirty, &pending)
@@ -790,6 +883,7 @@ impl BlobInner {
                 return Err(e);
             }
         };
+        self.committed(&unc);
         let mut s = self.lock();
         s.saved_clusters = None;
         s.chain = new_chain;
@@ -841,6 +935,9 @@ impl BlobInner {
             if release {
                 let _a = self.lock_cluster(s.cluster).await;
                 let _m = self.bs.md_lock.lock().await;
+                // The blob's pending allocations first: the map written below then names
+                // only committed clusters besides this change.
+                self.bs.commit_blob_locked(self).await?;
                 if self.cluster_at(s.cluster) != c {
                     continue;
                 }

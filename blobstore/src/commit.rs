@@ -1,354 +1,241 @@
-//! The metadata committer: group commit of cluster allocations and grouped flushes.
+//! Deferred commit of cluster allocations, and grouped flushes.
 //!
-//! An allocating write puts its new cluster's data on the device first (no store-wide lock
-//! held), then hands `(blob, cluster index, new cluster)` to [`Committer`]. One task at a
-//! time is the *leader*: it takes every allocation queued so far (of any blob) as one batch
-//! and commits it under the store's `md_lock` with the protocol of "Metadata ordering" in
-//! `docs/architecture.md`: one `PreCommit` flush for the data of every allocation in the
-//! batch (and the shadows of the pages about to be rewritten in place), then one extent-page
-//! write per extent page touched (covering every allocation in that page), or, for a blob
-//! whose chunk has no extent page yet, one whole-md commit covering all its allocations.
-//! While a leader commits, new allocations queue up for the next batch; when its own
-//! allocation is done the leader hands the lead to a queued task, so no task commits for
-//! others forever.
+//! An allocating write (the first write to a cluster of a thin blob, a clone or an esnap
+//! clone) puts its new cluster's data on the device first (no store-wide lock held), then
+//! points the blob's in-memory map at the cluster and records the entry as *uncommitted*
+//! ([`crate::blob::BlobState::uncommitted`]) — and returns. From then on the cluster is the
+//! blob's for every read and write, exactly as a committed one. The map change is written
+//! later, at the first of:
+//!
+//! - a client flush (`Blob::flush`): every uncommitted allocation of the store is committed
+//!   ([`StoreInner::commit_all_locked`]: one `PreCommit` flush for the data of all of them,
+//!   then the extent-page or root-page writes), then a device flush;
+//! - a metadata operation of the blob (sync_md, snapshot, resize, set_parent,
+//!   set_external_parent, inflate, decouple, an unmap that releases clusters, the merge into
+//!   an open clone on delete, close): its allocations are committed first
+//!   ([`StoreInner::commit_blob_locked`]), and any whole-md write of the blob
+//!   ([`crate::blob::BlobInner::persist_locked`]) covers the uncommitted entries it holds;
+//! - the bound: an allocating write that finds [`PENDING_LIMIT`] uncommitted allocations in
+//!   the store commits them all before it adds its own.
+//!
+//! A commit groups the pending allocations of every blob it covers: one write
+//! per extent page touched (in place, covering every allocation in that page, behind one
+//! `PreCommit` flush for all of them), or one whole-md commit for a blob whose chunk has no
+//! extent page yet. A failed commit changes nothing in memory: the entries stay uncommitted
+//! (retried at the next flush) and their clusters stay the blob's (a cluster whose write was
+//! acknowledged is never given back). A power cut before the commit loses the map change:
+//! the cluster is free after recovery (and stale, so a thick claim scrubs it), and the
+//! blob reads what it read before the write.
 //!
 //! [`FlushGroup`] makes concurrent barriers and client flushes share device flushes: a
 //! caller takes a ticket, and a flush that started after the ticket was taken covers it
 //! (writes completed before the call are in the device cache when that flush starts).
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use futures::channel::oneshot;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::blob::BlobInner;
 use crate::error::einval;
 use crate::format::*;
 use crate::store::StoreInner;
-use crate::{BsError, Result};
+use crate::Result;
 
-/// One allocation waiting for its commit.
-struct Request {
-    blob: Arc<BlobInner>,
-    idx: usize,
-    cluster: u32,
-    ticket: u64,
-    /// `None` once the lead was handed to this request's task.
-    tx: Option<oneshot::Sender<Msg>>,
-}
+/// How many uncommitted allocations a store holds: an allocating write that finds this many
+/// pending commits them all before it adds its own (so at most this many plus the
+/// allocating writes in flight are pending). 1024 clusters is 1 GiB of first writes with the
+/// default 1 MiB cluster; the pending state costs a map entry each.
+pub const PENDING_LIMIT: usize = 1024;
 
-/// A blob and its allocations by extent-page chunk.
-type BlobPages = (Arc<BlobInner>, BTreeMap<usize, Vec<Request>>);
-
-enum Msg {
-    /// The commit of this allocation finished.
-    Done(Result<()>),
-    /// The previous leader finished its own batch: this task leads now.
-    Lead,
-}
-
-#[derive(Default)]
-struct Queue {
-    items: Vec<Request>,
-    /// Some task is the leader (it will look at the queue again before giving up the lead).
-    leader: bool,
-    next_ticket: u64,
-}
-
-/// The queue of allocations waiting for a commit, and its leader.
+/// The count of uncommitted allocations of the store (the entries themselves live in their
+/// blobs' [`crate::blob::BlobState::uncommitted`]).
 #[derive(Default)]
 pub(crate) struct Committer {
-    q: Mutex<Queue>,
+    pending: AtomicUsize,
 }
 
 impl Committer {
-    fn queue(&self) -> MutexGuard<'_, Queue> {
-        self.q.lock().unwrap_or_else(|e| e.into_inner())
+    /// Uncommitted allocations of the store.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::SeqCst)
     }
-}
-
-/// Gives up (or hands on) the lead when the leading task finishes or is dropped mid-batch.
-struct LeadGuard<'a> {
-    c: &'a Committer,
-}
-
-impl Drop for LeadGuard<'_> {
-    fn drop(&mut self) {
-        let mut q = self.c.queue();
-        // Hand the lead to the first queued task still waiting; if none is, nobody leads
-        // and the next submitter becomes the leader.
-        for r in q.items.iter_mut() {
-            if let Some(tx) = r.tx.take() {
-                if tx.send(Msg::Lead).is_ok() {
-                    return;
-                }
-            }
+    pub(crate) fn added(&self) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+    }
+    pub(crate) fn removed(&self, n: usize) {
+        if n != 0 {
+            self.pending.fetch_sub(n, Ordering::SeqCst);
         }
-        q.leader = false;
     }
 }
 
-/// Copies an error for every allocation of a failed batch (`BsError` is not `Clone`).
-fn dup_err(e: &BsError) -> BsError {
-    match e {
-        BsError::Io(io) => BsError::Io(match io.raw_os_error() {
-            Some(n) => std::io::Error::from_raw_os_error(n),
-            None => std::io::Error::new(io.kind(), io.to_string()),
-        }),
-        BsError::BadHandle(m) => BsError::BadHandle(m.clone()),
-        BsError::BadSuperBlock(m) => BsError::BadSuperBlock(m.clone()),
-        BsError::BstypeMismatch { found, wanted } => BsError::BstypeMismatch {
-            found: found.clone(),
-            wanted: wanted.clone(),
-        },
-        BsError::Busy(m) => BsError::Busy(m.clone()),
-        BsError::Corrupt(m) => BsError::Corrupt(m.clone()),
-        BsError::Degraded(m) => BsError::Degraded(m.clone()),
-        BsError::Exists(m) => BsError::Exists(m.clone()),
-        BsError::InvalidArgument(m) => BsError::InvalidArgument(m.clone()),
-        BsError::NoMemory(m) => BsError::NoMemory(m.clone()),
-        BsError::NoSpace(m) => BsError::NoSpace(m.clone()),
-        BsError::NotFound(m) => BsError::NotFound(m.clone()),
-        BsError::NotSupported(m) => BsError::NotSupported(m.clone()),
-        BsError::ReadOnly(m) => BsError::ReadOnly(m.clone()),
-        BsError::TooLarge(m) => BsError::TooLarge(m.clone()),
-    }
-}
-
-fn dup_result(r: &Result<()>) -> Result<()> {
-    r.as_ref().map(|_| ()).map_err(dup_err)
+/// One extent page rewritten in place by a commit.
+struct PageWrite {
+    blob: Arc<BlobInner>,
+    page: u32,
+    bytes: Vec<u8>,
+    shadow: Option<u32>,
+    /// The uncommitted entries this page commits.
+    entries: Vec<(usize, u32)>,
 }
 
 impl StoreInner {
-    /// Commits the allocation of cluster `idx` of `blob` to physical cluster `cluster`,
-    /// whose data is already written: returns when the map naming it is written (after a
-    /// barrier that made the data durable first). On failure the map entry is undone and
-    /// the cluster given back.
-    pub(crate) async fn commit_allocation(
+    /// Records the allocation of map entry `idx` of `blob` to cluster `cluster`, whose data
+    /// is written: the in-memory map points at it from now on, and its commit is deferred
+    /// (module doc). When the store already holds [`PENDING_LIMIT`] pending allocations,
+    /// they are all committed first; if that fails, this write fails and its cluster is
+    /// given back unmapped (nobody ever saw it), the others stay pending.
+    pub(crate) async fn note_allocation(
         &self,
         blob: &Arc<BlobInner>,
         idx: usize,
         cluster: u32,
     ) -> Result<()> {
-        let (rx, ticket, lead) = {
-            let mut q = self.committer.queue();
-            let (tx, rx) = oneshot::channel();
-            q.next_ticket += 1;
-            let ticket = q.next_ticket;
-            q.items.push(Request {
-                blob: blob.clone(),
-                idx,
-                cluster,
-                ticket,
-                tx: Some(tx),
-            });
-            let lead = !q.leader;
-            q.leader = true;
-            (rx, ticket, lead)
-        };
-        if !lead {
-            match rx.await {
-                Ok(Msg::Done(r)) => return r,
-                Ok(Msg::Lead) => {}
-                // The leader was dropped with our request in its batch: its outcome is
-                // unknown, so report it as failed (the store is tainted by then, if the
-                // batch had started writing).
-                Err(_) => {
-                    return Err(BsError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
-                }
-            }
-        }
-        let _lead = LeadGuard { c: &self.committer };
-        loop {
+        if self.committer.pending() >= PENDING_LIMIT {
             let _m = self.md_lock.lock().await;
-            let batch = std::mem::take(&mut self.committer.queue().items);
-            if batch.is_empty() {
-                // Our request went into an earlier batch that a dropped leader lost.
-                return Err(BsError::Io(std::io::Error::from_raw_os_error(libc::EIO)));
-            }
-            let mut mine = None;
-            for (r, res) in self.run_batch(batch).await {
-                if r.ticket == ticket {
-                    mine = Some(res);
-                } else if let Some(tx) = r.tx {
-                    let _ = tx.send(Msg::Done(res));
+            if self.committer.pending() >= PENDING_LIMIT {
+                if let Err(e) = self.commit_all_locked().await {
+                    self.unclaim_clusters(&[cluster]);
+                    return Err(e);
                 }
             }
-            if let Some(res) = mine {
-                return res;
-            }
         }
+        let closed = {
+            let mut s = blob.lock();
+            if idx >= s.md.clusters.len() {
+                drop(s);
+                self.unclaim_clusters(&[cluster]);
+                return Err(einval("blob shrank during allocation"));
+            }
+            s.md.clusters.set(idx, cluster);
+            s.uncommitted.insert(idx, cluster);
+            s.open_ref == 0
+        };
+        self.committer.added();
+        if closed {
+            // Closed meanwhile: nothing else would ever commit it.
+            let _m = self.md_lock.lock().await;
+            return self.commit_blob_locked(blob).await;
+        }
+        Ok(())
     }
 
-    /// Commits one batch (md_lock held); returns every request with its outcome. Once the
-    /// outcomes are known the entries count as allocated again (or are undone).
-    async fn run_batch(&self, batch: Vec<Request>) -> Vec<(Request, Result<()>)> {
-        // A guard, so that a leader dropped mid-batch does not leave entries marked forever.
-        let _done = Committed(batch.iter().map(|r| (r.blob.clone(), r.idx)).collect());
-        self.run_batch_inner(batch).await
+    /// Commits every uncommitted allocation of the store (md_lock held).
+    pub(crate) async fn commit_all_locked(&self) -> Result<()> {
+        if self.committer.pending() == 0 {
+            return Ok(());
+        }
+        let open: Vec<Arc<BlobInner>> = self.graph.lock().open.values().cloned().collect();
+        let blobs: Vec<Arc<BlobInner>> = open
+            .into_iter()
+            .filter(|b| !b.lock().uncommitted.is_empty())
+            .collect();
+        self.commit_blobs_locked(blobs).await
     }
 
-    async fn run_batch_inner(&self, batch: Vec<Request>) -> Vec<(Request, Result<()>)> {
-        let mut out: Vec<(Request, Result<()>)> = Vec::with_capacity(batch.len());
-        // Group by blob (pointer identity) so that each blob's map changes are applied
-        // together and committed by one write per extent page or one whole-md commit.
-        let mut by_blob: BTreeMap<usize, Vec<Request>> = BTreeMap::new();
-        for r in batch {
-            by_blob
-                .entry(Arc::as_ptr(&r.blob) as usize)
-                .or_default()
-                .push(r);
+    /// Commits the uncommitted allocations of `blob` (md_lock held).
+    pub(crate) async fn commit_blob_locked(&self, blob: &Arc<BlobInner>) -> Result<()> {
+        if blob.lock().uncommitted.is_empty() {
+            return Ok(());
         }
-        // Apply the map entries; split into blobs whose extent pages can be rewritten in
-        // place and blobs that need a whole-md commit.
-        let mut in_place: Vec<BlobPages> = Vec::new();
-        let mut whole: Vec<(Arc<BlobInner>, Vec<Request>)> = Vec::new();
-        for (_, reqs) in by_blob {
-            let blob = reqs[0].blob.clone();
-            let mut ok = Vec::new();
-            {
-                let mut s = blob.lock();
-                for r in reqs {
-                    if r.idx >= s.md.clusters.len() {
-                        out.push((r, Err(einval("blob shrank during allocation"))));
-                    } else {
-                        s.md.clusters.set(r.idx, r.cluster);
-                        s.committing.push(r.idx);
-                        ok.push(r);
-                    }
-                }
-            }
-            if ok.is_empty() {
+        self.commit_blobs_locked(vec![blob.clone()]).await
+    }
+
+    /// Commits the uncommitted allocations of `blobs` (md_lock held): extent pages in place
+    /// behind one `PreCommit` flush where every touched chunk has one and the blob has no
+    /// other md change pending, else one whole-md commit per blob. No flush after: the
+    /// caller flushes (a client flush) or does not need one (the map change of an
+    /// acknowledged write may be lost until a flush). Entries committed are dropped from the
+    /// pending set; on error the rest stay pending.
+    async fn commit_blobs_locked(&self, blobs: Vec<Arc<BlobInner>>) -> Result<()> {
+        let mut writes: Vec<PageWrite> = Vec::new();
+        let mut whole: Vec<Arc<BlobInner>> = Vec::new();
+        for blob in blobs {
+            let s = blob.lock();
+            if s.uncommitted.is_empty() {
                 continue;
             }
-            let pages = {
-                let s = blob.lock();
-                let simple = !s.dirty && s.md.use_et() && s.ep_dirty.is_empty();
-                let mut pages: BTreeMap<usize, Vec<Request>> = BTreeMap::new();
-                let mut all = simple;
-                for r in &ok {
-                    all &= s.md.eps.get(r.idx / EXTENTS_PER_EP) != 0;
-                }
-                if all {
-                    for r in ok.drain(..) {
-                        pages.entry(r.idx / EXTENTS_PER_EP).or_default().push(r);
-                    }
-                }
-                pages
-            };
-            if pages.is_empty() {
-                whole.push((blob, ok));
-            } else {
-                in_place.push((blob, pages));
+            let mut chunks: BTreeMap<usize, Vec<(usize, u32)>> = BTreeMap::new();
+            for (&i, &c) in &s.uncommitted {
+                chunks.entry(i / EXTENTS_PER_EP).or_default().push((i, c));
             }
-        }
-        // Undo for failed requests: map entry back to unallocated, cluster given back.
-        let undo = |r: &Request| {
-            r.blob.lock().md.clusters.set(r.idx, 0);
-            self.unclaim_clusters(&[r.cluster]);
-        };
-        if let Err(e) = self.mark_dirty().await {
-            for (b, pages) in in_place {
-                let _ = b;
-                for r in pages.into_values().flatten() {
-                    undo(&r);
-                    out.push((r, Err(dup_err(&e))));
-                }
+            let in_place = !s.dirty
+                && s.md.use_et()
+                && s.ep_dirty.is_empty()
+                && chunks.keys().all(|&k| s.md.eps.get(k) != 0);
+            if !in_place {
+                drop(s);
+                whole.push(blob);
+                continue;
             }
-            for (_, reqs) in whole {
-                for r in reqs {
-                    undo(&r);
-                    out.push((r, Err(dup_err(&e))));
-                }
-            }
-            return out;
-        }
-        if !in_place.is_empty() {
-            self.commit_in_place(in_place, &mut out, &undo).await;
-        }
-        for (blob, reqs) in whole {
-            // One whole-md commit for every allocation of this blob in the batch.
-            blob.lock().touch();
-            let r = blob.persist_locked().await;
-            for q in reqs {
-                if r.is_err() {
-                    undo(&q);
-                }
-                out.push((q, dup_result(&r)));
-            }
-        }
-        out
-    }
-
-    /// Rewrites extent pages in place: their shadows (on devices whose io unit is under an
-    /// md page), one `PreCommit` flush for the data of every allocation and the shadows,
-    /// then one write per page. No flush after: an allocating write is made durable by a
-    /// client flush or the next commit's barrier.
-    async fn commit_in_place(
-        &self,
-        in_place: Vec<BlobPages>,
-        out: &mut Vec<(Request, Result<()>)>,
-        undo: &impl Fn(&Request),
-    ) {
-        struct PageWrite {
-            page: u32,
-            bytes: Vec<u8>,
-            shadow: Option<u32>,
-            reqs: Vec<Request>,
-        }
-        let mut writes: Vec<PageWrite> = Vec::new();
-        for (blob, pages) in in_place {
-            for (k, reqs) in pages {
-                let (page, bytes) = {
-                    let s = blob.lock();
-                    (
-                        s.md.eps.get(k),
-                        build_extent_page(
-                            blob.id,
-                            (k * EXTENTS_PER_EP) as u32,
-                            s.md.chunk_entries(k),
-                        ),
-                    )
-                };
+            for (k, entries) in chunks {
                 writes.push(PageWrite {
-                    page,
-                    bytes,
+                    blob: blob.clone(),
+                    page: s.md.eps.get(k),
+                    bytes: build_extent_page(
+                        blob.id,
+                        (k * EXTENTS_PER_EP) as u32,
+                        s.md.chunk_entries(k),
+                    ),
                     shadow: None,
-                    reqs,
+                    entries,
                 });
             }
         }
-        let fail_all = |writes: Vec<PageWrite>, e: &BsError, out: &mut Vec<_>| {
-            for w in writes {
-                self.issued_shadow(w.shadow, true);
-                for r in w.reqs {
-                    undo(&r);
-                    out.push((r, Err(dup_err(e))));
+        let mut res: Result<()> = Ok(());
+        if !writes.is_empty() {
+            res = self.write_pages(&mut writes).await;
+        }
+        for blob in whole {
+            // One whole-md commit (it covers every uncommitted entry of the blob).
+            blob.lock().touch();
+            if let Err(e) = blob.persist_locked().await {
+                if res.is_ok() {
+                    res = Err(e);
                 }
+            }
+        }
+        res
+    }
+
+    /// Shadows, one `PreCommit` flush, the page writes together; the entries of each
+    /// page written are committed.
+    async fn write_pages(&self, writes: &mut [PageWrite]) -> Result<()> {
+        self.mark_dirty().await?;
+        let undo_shadows = |writes: &mut [PageWrite]| {
+            for w in writes.iter_mut() {
+                self.issued_shadow(w.shadow.take(), true);
             }
         };
         for i in 0..writes.len() {
             match self.write_shadow(&shadow_of(&writes[i].bytes)).await {
                 Ok(sh) => writes[i].shadow = sh,
-                Err(e) => return fail_all(writes, &e, out),
+                Err(e) => {
+                    undo_shadows(writes);
+                    return Err(e);
+                }
             }
         }
         if let Err(e) = self.pre_commit().await {
-            return fail_all(writes, &e, out);
+            undo_shadows(writes);
+            return Err(e);
         }
-        // The commit writes of the batch go out together.
         let results =
             futures::future::join_all(writes.iter().map(|w| self.write_md_page(w.page, &w.bytes)))
                 .await;
-        for (w, r) in writes.into_iter().zip(results) {
-            self.issued_shadow(w.shadow, true);
-            for q in w.reqs {
-                if r.is_err() {
-                    undo(&q);
+        let mut res = Ok(());
+        for (w, r) in writes.iter_mut().zip(results) {
+            self.issued_shadow(w.shadow.take(), true);
+            match r {
+                Ok(()) => w.blob.committed(&w.entries),
+                Err(e) => {
+                    if res.is_ok() {
+                        res = Err(e);
+                    }
                 }
-                out.push((q, dup_result(&r)));
             }
         }
+        res
     }
 }
 
@@ -382,20 +269,5 @@ impl FlushGroup {
     /// Serialises the device flushes of the group.
     pub(crate) async fn lock(&self) -> async_lock::MutexGuard<'_, ()> {
         self.lock.lock().await
-    }
-}
-
-/// The map entries of a batch; dropping it ends their "commit under way" state
-/// ([`crate::blob::BlobState::committing`]).
-struct Committed(Vec<(Arc<BlobInner>, usize)>);
-
-impl Drop for Committed {
-    fn drop(&mut self) {
-        for (blob, idx) in self.0.drain(..) {
-            let mut s = blob.lock();
-            if let Some(i) = s.committing.iter().position(|&x| x == idx) {
-                s.committing.swap_remove(i);
-            }
-        }
     }
 }

@@ -18,7 +18,7 @@
 //!                 metadata commits), and its parts, each with its own lock and file:
 //!                   alloc.rs   Allocator: masks, claims, stale clusters, scrubbing
 //!                   graph.rs   Graph: open blobs, snapshot→clones, clone→parent, busy marks
-//!                   commit.rs  Committer: group commit of allocations; FlushGroup
+//!                   commit.rs  Committer: deferred commit of allocations; FlushGroup
 //!                   load.rs    init, load and recovery, unload (fills the parts above)
 //!   Blob ───────► BlobInner (blob.rs): metadata (flags, xattrs, cluster map, extent pages),
 //!                 freeze (I/O takes it shared; snapshot/resize/set_parent/merge exclusive),
@@ -29,10 +29,10 @@
 //! ```
 //!
 //! Locks are always taken in this order: a blob's freeze, a cluster's allocation lock, the
-//! store's md_lock (held by metadata operations and by the leader of a commit batch, never
-//! by the data I/O of an allocation), then short std mutexes (a blob's state, the
-//! allocator, the graph, the commit queue) that are never held across an await. A read or
-//! write of an allocated cluster takes only the freeze (shared) and one std mutex.
+//! store's md_lock (held by metadata operations and by the commit of deferred allocations,
+//! never by the data I/O of an allocation), then short std mutexes (a blob's state, the
+//! allocator, the graph) that are never held across an await. A read or write of an
+//! allocated cluster takes only the freeze (shared) and one std mutex.
 //!
 //! Crash safety follows SPDK's write order, with barriers: new extent and continuation pages
 //! (and the data of new clusters) are written to fresh places and flushed, then the root page
@@ -66,6 +66,7 @@ mod store;
 pub mod testing;
 
 pub use blob::{Direct, DirectTarget};
+pub use commit::PENDING_LIMIT;
 pub use dev::{BsDev, CopySrc, MissingDev, ZeroesDev};
 pub use error::{BsError, Result};
 pub use iobuf::IoBuf;
@@ -443,6 +444,11 @@ impl Blob {
         self.inner.direct(offset, bytes, write)
     }
     /// Writes `buf` at io_unit `offset` (allocating and copying clusters of thin blobs).
+    /// A first write to a cluster returns once the cluster's data is written and the
+    /// in-memory map names it; the map change is committed at the next [`Blob::flush`] (or
+    /// metadata operation of the blob, its last close, or a later first write that finds
+    /// [`PENDING_LIMIT`] uncommitted allocations in the store). A power cut before that
+    /// loses the write: the blob then reads what it read before it.
     pub async fn write(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         self.inner.write(offset, buf).await
     }
@@ -482,11 +488,12 @@ impl Blob {
         self.inner.unmap(offset, len).await
     }
     /// Makes every write of this blob acknowledged before the call durable, with the
-    /// metadata it depends on: an allocating write returns only after its extent page or
-    /// root page was written (behind a barrier that made the cluster's data durable first),
-    /// so one device flush covers both.
+    /// metadata it depends on: the store's deferred allocations are committed (their extent
+    /// pages or root pages written behind a flush that made their clusters' data durable
+    /// first), then a device flush. An error (a failed commit or flush) leaves the
+    /// allocations pending in memory; the next flush retries them.
     pub async fn flush(&self) -> Result<()> {
-        self.inner.bs.flush_all().await
+        self.inner.bs.flush_blob().await
     }
     /// Resizes (in clusters); the new size is durable when this returns.
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
@@ -499,14 +506,17 @@ impl Blob {
         s.touch();
         Ok(())
     }
-    /// Persists dirty metadata.
+    /// Persists dirty metadata and the blob's deferred allocations.
     pub async fn sync_md(&self) -> Result<()> {
         if self.inner.lock().md_ro {
             return Ok(());
         }
         let _g = self.inner.bs.md_lock.lock().await;
         if self.inner.lock().dirty {
+            // Covers the blob's deferred allocations too.
             self.inner.persist_locked().await?;
+        } else {
+            self.inner.bs.commit_blob_locked(&self.inner).await?;
         }
         Ok(())
     }

@@ -193,6 +193,8 @@ impl StoreInner {
         }
         let _f = orig.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        // The blob's deferred allocations are committed before its md changes.
+        self.commit_blob_locked(orig).await?;
         // The snapshot takes the map as it is on disk: settle pending changes first.
         if orig.lock().dirty {
             orig.persist_locked().await?;
@@ -386,6 +388,10 @@ impl StoreInner {
             if now != clones || now_open.is_some() != clone_open.is_some() {
                 continue;
             }
+            // The merge rewrites the open clone's map: its deferred allocations first.
+            if let Some(c) = &now_open {
+                self.commit_blob_locked(c).await?;
+            }
             return match now.first() {
                 None => self.delete_plain_locked(id).await,
                 Some(&c) => self.delete_merge_locked(id, c).await,
@@ -531,6 +537,8 @@ impl StoreInner {
         yield_now().await;
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        // The blob's deferred allocations are committed before its md changes.
+        self.commit_blob_locked(b).await?;
         let (old, thin) = {
             let mut s = b.lock();
             if s.saved_clusters.is_none() {
@@ -664,17 +672,36 @@ impl StoreInner {
             }
             v
         };
+        // The copies are made with client I/O going on, into clusters no map names yet: a
+        // failed inflate gives them back, and nobody ever saw them.
+        let mut copies: Vec<(usize, u32)> = Vec::new();
+        copies
+            .try_reserve(todo.len())
+            .map_err(|_| BsError::NoMemory(format!("{need} clusters to inflate")))?;
         {
             let _f = b.freeze.read().await;
-            let lpc = self.geo.lba_per_cluster;
-            let _ = lpc;
             for i in todo {
-                b.alloc_write(i, 0, 0, Some(&[])).await?;
+                match b.fill_new_cluster(i, 0, 0, Some(&[])).await {
+                    Ok(c) => copies.push((i, c)),
+                    Err(e) => {
+                        let cs: Vec<u32> = copies.iter().map(|&(_, c)| c).collect();
+                        self.unclaim_clusters(&cs);
+                        return Err(e);
+                    }
+                }
             }
         }
         let _f = b.freeze.write().await;
         let _g = self.md_lock.lock().await;
+        // The blob's deferred allocations are committed before its md changes.
+        if let Err(e) = self.commit_blob_locked(b).await {
+            let cs: Vec<u32> = copies.iter().map(|&(_, c)| c).collect();
+            self.unclaim_clusters(&cs);
+            return Err(e);
+        }
         let saved_md = b.lock().md.clone();
+        // The copies join the map; the md write below commits them with the parent change.
+        let mapped = b.map_copies(&copies);
         let saved_parent = self.graph.lock().parent_of.get(&b.id).copied();
         let old_back = {
             let mut s = b.lock();
@@ -721,12 +748,13 @@ impl StoreInner {
         }
         .await;
         if let Err(e) = r {
-            // Not written: the blob keeps its parent (the allocations made above are on disk).
+            // Not written: the blob keeps its parent and its map; the copies go back.
             let new_back = {
                 let mut s = b.lock();
                 s.md = saved_md;
                 std::mem::replace(&mut s.back, old_back)
             };
+            b.unmap_copies(&mapped);
             self.remove_relation(b.id);
             if let Some(p) = saved_parent {
                 self.add_relation(p, b.id);
@@ -768,6 +796,8 @@ impl StoreInner {
             }
             let _f = b.freeze.write().await;
             let _g = self.md_lock.lock().await;
+            // The blob's deferred allocations are committed before its md changes.
+            self.commit_blob_locked(&b).await?;
             let sb = self.open_locked(snap).await?;
             if sb.lock().md.clusters.len() != b.lock().md.clusters.len() {
                 self.close_locked(sb).await?;
@@ -856,6 +886,8 @@ impl StoreInner {
             }
             let _f = b.freeze.write().await;
             let _g = self.md_lock.lock().await;
+            // The blob's deferred allocations are committed before its md changes.
+            self.commit_blob_locked(&b).await?;
             let saved_md = b.lock().md.clone();
             let old = {
                 let mut s = b.lock();

@@ -85,7 +85,7 @@ pub(crate) struct StoreInner {
     pub durable_seq: AtomicU64,
     /// Concurrent barriers and client flushes share device flushes.
     pub flushes: FlushGroup,
-    /// Group commit of cluster allocations.
+    /// The count of deferred (uncommitted) cluster allocations.
     pub committer: Committer,
     /// Cluster-sized buffers for copy-on-write through memory.
     pub bufs: BufPool,
@@ -321,6 +321,18 @@ impl StoreInner {
     /// A client flush: everything written so far is durable.
     pub(crate) async fn flush_all(&self) -> Result<()> {
         self.grouped_flush().await
+    }
+
+    /// A client flush of a blob (`Blob::flush`): the store's deferred allocations are
+    /// committed (behind the `PreCommit` flush that makes their data durable), then a device
+    /// flush makes everything written so far durable, their map changes included. A failed
+    /// commit fails the flush and leaves the allocations pending (the next flush retries).
+    pub(crate) async fn flush_blob(&self) -> Result<()> {
+        if self.committer.pending() != 0 {
+            let _m = self.md_lock.lock().await;
+            self.commit_all_locked().await?;
+        }
+        self.flush_all().await
     }
 
     /// The barrier before a commit write: flushes only if the store wrote since the start
@@ -773,8 +785,16 @@ impl StoreInner {
             }
             // The reference is dropped even when the persist fails: the handle is consumed
             // by every caller, so a kept reference could never be released (EBUSY at unload).
-            let r = if b.lock().dirty {
+            // The last close commits the blob's deferred allocations (a whole-md write for
+            // dirty md covers them too); while other handles stay open, their flushes do.
+            let (dirty, last) = {
+                let s = b.lock();
+                (s.dirty, s.open_ref == 1)
+            };
+            let r = if dirty {
                 b.persist_locked().await
+            } else if last {
+                self.commit_blob_locked(&b).await
             } else {
                 Ok(())
             };
@@ -786,6 +806,9 @@ impl StoreInner {
                 }
                 std::mem::replace(&mut s.back, Back::None)
             };
+            // Leaving memory: what is still uncommitted (a failed commit) is given up and
+            // the store left for recovery at the next load (the clusters are free there).
+            b.abandon_uncommitted();
             self.graph.lock().open.remove(&b.id);
             if let Back::Snapshot(p) = back {
                 let rp = self.close_locked(p).await;

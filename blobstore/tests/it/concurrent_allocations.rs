@@ -183,41 +183,40 @@ fn concurrent_allocations_share_commits() {
     });
 }
 
-/// While the commit of a first write is under way, its cluster counts as unallocated to every
-/// other request: no request takes the direct way to it (`Blob::direct`), so none can land in
-/// a cluster that a failed commit gives back to the allocator. Once the commit is done the
-/// cluster is direct again. The device yields on every I/O, so each poll of the first write
-/// stops at its next device request and every step of its commit is looked at.
+/// A first write returns once its cluster's data is written and the in-memory map names it:
+/// no metadata write, no flush. From then on the cluster goes direct (`Blob::direct`) like
+/// any allocated one, and a later failed commit (the client's flush) does not take it away:
+/// the same device LBA, the bytes still there. The next flush commits it.
 #[test]
-fn a_cluster_being_committed_takes_no_direct_request() {
-    use futures::FutureExt;
+fn a_first_write_is_direct_at_once_and_a_failed_commit_keeps_it() {
     block_on(async {
-        let (_d, _bs, b) = yielding_thin_blob().await;
-        let mut first = Box::pin(b.write(0, blk(0)));
-        let mut steps = 0;
-        loop {
-            if let Some(r) = (&mut first).now_or_never() {
-                r.unwrap();
-                break;
-            }
-            steps += 1;
-            assert!(steps < 10_000, "the first write does not finish");
-            // A read may still go direct as zeroes (the cluster is unallocated to it).
-            let read_dev = matches!(
-                b.direct(8, 4096, false).map(|d| d.target),
-                Some(DirectTarget::Dev(_))
-            );
-            assert!(
-                b.direct(8, 4096, true).is_none() && !read_dev,
-                "a request went direct to a cluster whose commit is under way (step {steps})"
-            );
-        }
-        assert!(
-            steps > 2,
-            "the write never yielded: the test looks at nothing"
+        let (d, _bs, b) = yielding_thin_blob().await;
+        let (w0, f0) = (d.writes(), d.flushes());
+        b.write(0, blk(0)).await.unwrap();
+        assert_eq!(
+            d.writes() - w0,
+            1,
+            "the first write wrote more than its cluster"
         );
-        assert!(b.direct(8, 4096, true).is_some(), "committed: direct again");
-        let d = b.read(0, IoBuf::new(4096, 4096)).await.unwrap();
-        assert_eq!(&d[..], &blk(0)[..]);
+        assert_eq!(d.flushes() - f0, 0, "the first write flushed");
+        let lba = match b.direct(8, 4096, true).map(|x| x.target) {
+            Some(DirectTarget::Dev(lba)) => lba,
+            _ => panic!("the written cluster does not go direct"),
+        };
+        d.set_fault(blobstore::testing::Fault::FailAfter(0));
+        assert!(b.flush().await.is_err(), "the commit's writes failed");
+        d.set_fault(blobstore::testing::Fault::None);
+        match b.direct(8, 4096, true).map(|x| x.target) {
+            Some(DirectTarget::Dev(l)) => assert_eq!(l, lba, "the cluster moved"),
+            _ => panic!("a failed commit took the cluster away"),
+        }
+        let r = b.read(0, IoBuf::new(4096, 4096)).await.unwrap();
+        assert_eq!(&r[..], &blk(0)[..]);
+        let w1 = d.writes();
+        b.flush().await.unwrap();
+        assert!(
+            d.writes() > w1,
+            "the next flush did not commit the allocation"
+        );
     });
 }

@@ -119,21 +119,56 @@ fn thick_create_fast_path_writes_no_data_on_a_cleared_store() {
     });
 }
 
+/// A first write returns before its map change is written; when that commit fails (at the
+/// client's flush), the flush fails and the write keeps its cluster: it reads back, no thick
+/// claim gets the cluster (every free cluster a thick claim takes reads zeroes), and the next
+/// flush commits it, durably (it reads back after a reload).
 #[test]
-fn a_thin_write_whose_metadata_failed_does_not_leak_into_a_thick_claim() {
+fn a_thin_write_whose_commit_failed_keeps_its_cluster_and_is_retried() {
     block_on(async {
         let (dev, bs) = unmap_store(64).await;
         let thin = create(&bs, clusters(2).thin()).await;
         let b = bs.open_blob(thin).await.unwrap();
-        // The data write lands, the metadata write after it fails.
-        dev.set_fault(Fault::FailAfter(1));
+        b.write(0, secret(CLUSTER as usize)).await.unwrap();
+        // The commit's metadata writes fail.
+        dev.set_fault(Fault::FailAfter(0));
+        let r = b.flush().await;
+        assert_eq!(r.err().map(|e| e.errno()), Some(libc::EIO));
+        dev.set_fault(Fault::None);
+        assert_eq!(b.num_allocated_clusters(), 1);
+        let got = b.read(0, IoBuf::new(CLUSTER as usize, 4096)).await.unwrap();
+        assert_eq!(&got[..], &secret(CLUSTER as usize)[..]);
+        let n = bs.free_clusters();
+        thick_claims_read_zeroes(&bs, n, "after a failed commit").await;
+        b.flush().await.unwrap();
+        b.close().await.unwrap();
+        bs.unload().await.unwrap();
+        let bs = Blobstore::load(dev.clone(), opts(ClearMethod::Unmap))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_all(&bs, thin).await[..CLUSTER as usize],
+            secret(CLUSTER as usize)[..]
+        );
+    });
+}
+
+/// A first write whose data write fails returns EIO and gives its cluster back.
+#[test]
+fn a_thin_write_whose_data_write_failed_allocates_nothing() {
+    block_on(async {
+        let (dev, bs) = unmap_store(64).await;
+        let thin = create(&bs, clusters(2).thin()).await;
+        let b = bs.open_blob(thin).await.unwrap();
+        let free = bs.free_clusters();
+        dev.set_fault(Fault::FailAfter(0));
         let r = b.write(0, secret(CLUSTER as usize)).await;
         assert_eq!(r.err().map(|e| e.errno()), Some(libc::EIO));
         dev.set_fault(Fault::None);
         assert_eq!(b.num_allocated_clusters(), 0);
+        assert_eq!(bs.free_clusters(), free);
         b.close().await.unwrap();
-        let n = bs.free_clusters();
-        thick_claims_read_zeroes(&bs, n, "after a failed thin allocation").await;
+        thick_claims_read_zeroes(&bs, free, "after a failed thin allocation").await;
     });
 }
 

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod concurrent_allocations;
+mod deferred_commit;
 mod external_snapshots;
 mod failure_paths;
 mod on_disk_layout;

@@ -116,6 +116,9 @@ struct Meta {
 struct Snap {
     super_blob: Option<BlobId>,
     total_clusters: u64,
+    /// Free clusters: compared only by the sweeps of first writes without a flush
+    /// ([`STRICT_FREE`]), where no state in between may hold a cluster no map names.
+    free_clusters: u64,
     blobs: BTreeMap<BlobId, (Meta, Vec<u8>)>,
 }
 
@@ -151,6 +154,7 @@ async fn state(bs: &Blobstore) -> Snap {
     Snap {
         super_blob: bs.super_blob(),
         total_clusters: bs.total_clusters(),
+        free_clusters: bs.free_clusters(),
         blobs,
     }
 }
@@ -162,7 +166,9 @@ struct Ctx {
     ids: Vec<BlobId>,
     /// Reference run: record checkpoints and insist that every step succeeds.
     record: bool,
-    checkpoints: Mutex<Vec<(u64, Snap)>>,
+    /// (event count, state, durable): a durable checkpoint is a state the store must not go
+    /// back before; a non-durable one (`ck_soft`) is a state a cut may or may not keep.
+    checkpoints: Mutex<Vec<(u64, Snap, bool)>>,
     /// Blob ids made by the operation, for its later steps.
     made: Mutex<Vec<BlobId>>,
 }
@@ -181,6 +187,14 @@ impl Ctx {
     }
     /// The step before returned durable: record the store's state and the cut point.
     async fn ck(&self) {
+        self.checkpoint(true).await
+    }
+    /// The steps before returned but need not be durable (first writes without a flush): a
+    /// cut after them may show the state before them or this one, block by block.
+    async fn ck_soft(&self) {
+        self.checkpoint(false).await
+    }
+    async fn checkpoint(&self, durable: bool) {
         if !self.record {
             return;
         }
@@ -202,7 +216,7 @@ impl Ctx {
             self.dev.events(),
             "reading the state wrote to the device"
         );
-        self.checkpoints.lock().unwrap().push((ev, snap));
+        self.checkpoints.lock().unwrap().push((ev, snap, durable));
     }
     fn made(&self, i: usize) -> Option<BlobId> {
         self.made.lock().unwrap().get(i).copied()
@@ -384,10 +398,22 @@ async fn run(image: &[u8], ids: &[BlobId], plan: Plan, cut: Option<u64>, record:
     ctx
 }
 
+thread_local! {
+    /// The sweep compares free cluster counts too (see [`Snap::free_clusters`]).
+    static STRICT_FREE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Why `now` is neither candidate, or None if it is one of them.
 fn mismatch(now: &Snap, cands: &[&Snap]) -> Option<String> {
     let mut why = Vec::new();
     'cand: for (ci, c) in cands.iter().enumerate() {
+        if STRICT_FREE.with(|f| f.get()) && now.free_clusters != c.free_clusters {
+            why.push(format!(
+                "#{ci}: {} free clusters, expected {}",
+                now.free_clusters, c.free_clusters
+            ));
+            continue;
+        }
         if now.super_blob != c.super_blob || now.total_clusters != c.total_clusters {
             why.push(format!(
                 "#{ci}: super blob {:?} / {} clusters, expected {:?} / {}",
@@ -471,6 +497,10 @@ fn torn_pages(img: &[u8]) -> Vec<usize> {
 /// Sweeps `op`.
 fn sweep(name: &str, setup: Setup, op: Plan) -> Stats {
     let t0 = Instant::now();
+    // Without a flush no map change may be written: every state has the free clusters of the
+    // one before the writes, or of the one after them (a cluster written but never committed
+    // is free after recovery).
+    STRICT_FREE.with(|f| f.set(name.ends_with("no flush")));
     let (image, ids) = prepare(setup);
     let reference = block_on(run(&image, &ids, op, None, true));
     let total = reference.dev.events();
@@ -488,12 +518,17 @@ fn sweep(name: &str, setup: Setup, op: Plan) -> Stats {
     let mut restored = 0;
     for k in 0..=total {
         let ctx = block_on(run(&image, &ids, op, Some(k), false));
-        // Checkpoints reached by the cut; the state must be the last of them or the next.
-        let j = cps.iter().filter(|(ev, _)| *ev <= k).count() - 1;
-        let cands: Vec<&Snap> = cps[j..(j + 2).min(cps.len())]
+        // Checkpoints reached by the cut; the state must be the last durable one of them,
+        // a non-durable one after it, or the next durable one.
+        let j = cps
             .iter()
-            .map(|(_, s)| s)
-            .collect();
+            .rposition(|(ev, _, durable)| *durable && *ev <= k)
+            .expect("the first checkpoint is durable");
+        let next = cps[j + 1..]
+            .iter()
+            .position(|(_, _, durable)| *durable)
+            .map_or(cps.len(), |i| j + 2 + i);
+        let cands: Vec<&Snap> = cps[j..next].iter().map(|(_, s, _)| s).collect();
         for plan in plans(ctx.dev.pending_writes()) {
             let img = ctx.dev.crash_image(plan);
             images += 1;
@@ -611,7 +646,64 @@ fn setup_reparent(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + 
     })
 }
 
+/// setup_reparent plus an esnap clone E with one copied cluster (1). ids: [T, S, K, U, V, E].
+fn setup_mixed(bs: &Blobstore) -> Pin<Box<dyn Future<Output = Vec<BlobId>> + '_>> {
+    Box::pin(async move {
+        let mut ids = setup_reparent(bs).await;
+        let e = create(bs, clusters(4).esnap(b"base")).await;
+        fill(bs, e, 1, 0x31).await;
+        ids.push(e);
+        ids
+    })
+}
+
 // ------------------------------------------------------------------------- operations
+
+/// Writes `n` blocks of `byte` at block `off` of `b`: the write's result.
+async fn write_blocks(b: &Blob, off: u64, n: usize, byte: u8) -> blobstore::Result<()> {
+    let mut buf = IoBuf::new(n * blk() as usize, 4096);
+    buf.fill(byte);
+    b.write(off, buf).await.map(|_| ())
+}
+
+/// First writes of every kind on the setup_mixed blobs, no flush: partial and whole-cluster
+/// first writes of the parentless thin blobs V (no extent page yet) and U (one extent page),
+/// copy-on-write of the clone T and of the esnap clone E, then an overwrite of a cluster
+/// allocated just before (the direct path to a cluster whose map change is pending).
+async fn first_writes(c: &Ctx, bs: &[Blob]) -> bool {
+    let [t, u, v, e] = bs else { return false };
+    let l = lpc();
+    let l1 = l as usize;
+    for (b, off, n, byte) in [
+        (v, l + 1, 1, 0xc1),
+        (v, 3 * l, l1, 0xc2),
+        (u, l + 2, 1, 0xc3),
+        (t, l + 3, 2, 0xc4),
+        (e, 2 * l + 1, 1, 0xc5),
+        (e, 3 * l, l1, 0xc6),
+    ] {
+        if c.ok("write", write_blocks(b, off, n, byte).await).is_none() {
+            return false;
+        }
+    }
+    c.ck_soft().await;
+    if c.ok("write", write_blocks(v, l + 2, 1, 0xc7).await)
+        .is_none()
+    {
+        return false;
+    }
+    c.ck_soft().await;
+    true
+}
+
+/// Opens T, U, V and E of setup_mixed.
+async fn open_mixed(c: &Ctx) -> Option<Vec<Blob>> {
+    let mut v = Vec::new();
+    for i in [0, 3, 4, 5] {
+        v.push(c.open(c.ids[i]).await?);
+    }
+    Some(v)
+}
 
 macro_rules! op {
     (|$c:ident| $body:block) => {{
@@ -793,6 +885,87 @@ fn operations() -> Vec<(&'static str, Setup, Plan)> {
             })),
         ),
         (
+            "first writes to thin blobs, a clone and an esnap clone, no flush",
+            setup_mixed,
+            Plan::Custom(op!(|c| {
+                let Some(bs) = open_mixed(c).await else {
+                    return;
+                };
+                first_writes(c, &bs).await;
+            })),
+        ),
+        (
+            "first writes to thin blobs, a clone and an esnap clone, then flush",
+            setup_mixed,
+            Plan::Custom(op!(|c| {
+                let Some(bs) = open_mixed(c).await else {
+                    return;
+                };
+                if !first_writes(c, &bs).await {
+                    return;
+                }
+                c.ok("flush", bs[1].flush().await);
+                c.ck().await;
+                // Again on a dirty store (no dirty-mark flush before the commit): the
+                // `PreCommit` flush alone orders these clusters' data before their maps.
+                let [t, u, v, e] = &bs[..] else { return };
+                let l = lpc();
+                for (b, off, n, byte) in [
+                    (v, 1, 1, 0xc8),
+                    (e, 2, 1, 0xc9),
+                    (u, 0, l as usize, 0xca),
+                    (t, 3, 1, 0xcb),
+                ] {
+                    c.ok("write", write_blocks(b, off, n, byte).await);
+                }
+                c.ck_soft().await;
+                c.ok("flush", v.flush().await);
+                c.ck().await;
+                for b in bs {
+                    c.ok("close", b.close().await);
+                }
+                c.ck().await;
+            })),
+        ),
+        (
+            "first writes pending at a snapshot, an unmap release, a close and a delete",
+            setup_mixed,
+            Plan::Custom(op!(|c| {
+                let l = lpc();
+                let Some(v) = c.open(c.ids[4]).await else {
+                    return;
+                };
+                // Snapshot of V with two first writes pending: they move to the snapshot.
+                c.ok("write", write_blocks(&v, 2 * l + 1, 1, 0xd1).await);
+                c.ok("write", write_blocks(&v, 3 * l, l as usize, 0xd2).await);
+                c.ck_soft().await;
+                c.ok("snapshot", c.bs().create_snapshot(c.ids[4], vec![]).await);
+                c.ck().await;
+                // Unmap of U's cluster 1, whose first write is pending, with another pending.
+                let Some(u) = c.open(c.ids[3]).await else {
+                    return;
+                };
+                c.ok("write", write_blocks(&u, l, l as usize, 0xd3).await);
+                c.ok("write", write_blocks(&u, 2 * l + 3, 1, 0xd4).await);
+                c.ck_soft().await;
+                c.ok("unmap", u.unmap(l, l).await);
+                c.ck().await;
+                // Close of E with a first write pending, then its delete.
+                let Some(e) = c.open(c.ids[5]).await else {
+                    return;
+                };
+                c.ok("write", write_blocks(&e, 2 * l + 1, 1, 0xd5).await);
+                c.ck_soft().await;
+                c.ok("close", e.close().await);
+                c.ck_soft().await;
+                c.ok("delete", c.bs().delete_blob(c.ids[5]).await);
+                c.ck().await;
+                c.ok("close", v.close().await);
+                c.ok("close", u.close().await);
+                c.ck().await;
+            })),
+        ),
+        (
             "write_zeroes that allocates, then flush",
             setup_chain,
             steps(&[WriteZeroes(0, 1, 2)]),
@@ -896,8 +1069,13 @@ fn crash_sweep_init() {
 #[test]
 fn a_missing_barrier_fails_the_sweep() {
     // (barrier left out, operation swept, io unit)
-    let cases: [(Barrier, &str, u32); 5] = [
+    let cases: [(Barrier, &str, u32); 6] = [
         (Barrier::PreCommit, "writes that allocate, then flush", 4096),
+        (
+            Barrier::PreCommit,
+            "first writes to thin blobs, a clone and an esnap clone, then flush",
+            4096,
+        ),
         (
             Barrier::PostCommit,
             "create thin, thin with RLE, thick",
