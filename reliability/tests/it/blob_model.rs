@@ -1446,6 +1446,11 @@ fn regression_extent_page_at_md_page_0() {
 fn a_write_failed_out_of_space_then_a_power_cut() {
     use Op::*;
     let st = |op, cut| Step { op, cut };
+    let thick4 = || Create {
+        thick: true,
+        clusters: 4,
+        rle: false,
+    };
     let steps = vec![
         st(EsnapClone, None),
         st(EsnapClone, None),
@@ -1473,23 +1478,9 @@ fn a_write_failed_out_of_space_then_a_power_cut() {
             None,
         ),
         st(Inflate { vol: 119 }, None),
-        st(
-            Create {
-                thick: true,
-                clusters: 4,
-                rle: false,
-            },
-            None,
-        ),
+        st(thick4(), None),
         st(Snapshot { vol: 125 }, None),
-        st(
-            Create {
-                thick: true,
-                clusters: 4,
-                rle: false,
-            },
-            None,
-        ),
+        st(thick4(), None),
         st(Snapshot { vol: 112 }, None),
         st(
             Write {
