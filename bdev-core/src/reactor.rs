@@ -91,7 +91,8 @@ const CONTENTION_SHARE: u32 = 20;
 struct Contention {
     /// `None`: no schedstat (never contended).
     file: Option<std::fs::File>,
-    last_check: std::time::Instant,
+    /// [`crate::stats::now`] of the last evaluation.
+    last_check: u64,
     last_delay: u64,
     contended: bool,
 }
@@ -101,7 +102,7 @@ impl Contention {
         let file = std::fs::File::open("/proc/thread-self/schedstat").ok();
         let mut c = Contention {
             file,
-            last_check: std::time::Instant::now(),
+            last_check: crate::stats::now(),
             last_delay: 0,
             contended: false,
         };
@@ -121,8 +122,8 @@ impl Contention {
 
     /// Whether the core is shared (re-evaluated once per [`CONTENTION_TICK`]).
     fn contended(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let dt = now.duration_since(self.last_check);
+        let now = crate::stats::now();
+        let dt = std::time::Duration::from_nanos(now.saturating_sub(self.last_check));
         if dt < CONTENTION_TICK {
             return self.contended;
         }
@@ -479,8 +480,8 @@ pub struct AttachedRing {
     scratch: crate::backend::uring::Scratch,
     /// See [`set_attached_poll_window`].
     poll_window: std::time::Duration,
-    /// Last pass that completed or submitted something.
-    last_progress: std::time::Instant,
+    /// Last pass that completed or submitted something ([`crate::stats::now`]).
+    last_progress: u64,
 }
 
 /// Attaches this thread's ring (created now) to the thread's event loop; `None` without
@@ -496,7 +497,7 @@ pub fn attach() -> Option<AttachedRing> {
     Some(AttachedRing {
         ring,
         poll_window: ATTACHED_POLL_WINDOW.with(|w| w.get()),
-        last_progress: std::time::Instant::now(),
+        last_progress: crate::stats::now(),
         scratch: (
             Vec::with_capacity(ENTRIES as usize),
             Vec::with_capacity(ENTRIES as usize),
@@ -514,11 +515,11 @@ impl AttachedRing {
     pub fn pass(&mut self) -> usize {
         let (cqes, ready) = &mut self.scratch;
         if self.ring.submit_and_reap() > 0 {
-            self.last_progress = std::time::Instant::now();
+            self.last_progress = crate::stats::now();
         }
         let done = self.ring.drain(cqes, ready).completed;
         if done > 0 {
-            self.last_progress = std::time::Instant::now();
+            self.last_progress = crate::stats::now();
         }
         done
     }
@@ -531,7 +532,7 @@ impl AttachedRing {
     pub fn keep_polling(&mut self) -> bool {
         let poll = !self.poll_window.is_zero()
             && self.ring.pending() > 0
-            && self.last_progress.elapsed() < self.poll_window
+            && since(self.last_progress) < self.poll_window
             && !(self.poll_window != std::time::Duration::MAX && core_contended());
         if poll {
             count(|s| s.poll_passes += 1);
@@ -544,6 +545,13 @@ impl AttachedRing {
     pub fn register_submit(&self, waker: &Waker) {
         self.ring.register_submit(waker);
     }
+}
+
+/// Time since `tick` (a [`crate::stats::now`] reading): the loops read the cheap counter
+/// clock on every pass, not `clock_gettime`.
+#[inline]
+fn since(tick: u64) -> std::time::Duration {
+    std::time::Duration::from_nanos(crate::stats::now().saturating_sub(tick))
 }
 
 /// Whether the current thread is inside [`block_on`] with an io_uring ring.
@@ -613,7 +621,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
     }
     let _depth = Depth;
     // Last pass that completed or submitted a request (the poll window counts from it).
-    let mut last_progress = std::time::Instant::now();
+    let mut last_progress = crate::stats::now();
     let gated = poll_window != std::time::Duration::MAX;
     let out = loop {
         if state.woken.swap(false, Ordering::SeqCst) {
@@ -623,13 +631,13 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         }
         // Take what has completed (no syscall: this reads the completion queue).
         if ring.drain(&mut cqes, &mut ready).completed > 0 {
-            last_progress = std::time::Instant::now();
+            last_progress = crate::stats::now();
         }
         let woken = state.woken.load(Ordering::SeqCst);
         let polling = !woken
             && !poll_window.is_zero()
             && ring.pending() > 0
-            && last_progress.elapsed() < poll_window
+            && since(last_progress) < poll_window
             && !(gated && core_contended());
         if woken || polling {
             // More work right away, or (polling) I/O in flight: one io_uring_enter submits
@@ -640,10 +648,10 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
                 count(|s| s.poll_passes += 1);
             }
             if ring.submit_and_reap() > 0 {
-                last_progress = std::time::Instant::now();
+                last_progress = crate::stats::now();
             }
             if ring.drain(&mut cqes, &mut ready).completed > 0 {
-                last_progress = std::time::Instant::now();
+                last_progress = crate::stats::now();
             }
             continue;
         }
@@ -675,7 +683,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
         state.sleeping.store(false, Ordering::SeqCst);
         ring.drain(&mut cqes, &mut ready);
         // A wake-up after a sleep starts a new poll window.
-        last_progress = std::time::Instant::now();
+        last_progress = crate::stats::now();
     };
     // Requests of futures dropped inside `fut` may still be in flight: wait for them, so
     // nothing this call queued outlives it (the eventfd read stays armed).

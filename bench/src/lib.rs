@@ -343,9 +343,14 @@ where
     let mut stats = Stats::default();
     let mut submitted = 0u64;
     let start = Instant::now();
-    let deadline = w.duration.map(|d| start + d);
+    // The deadline is checked per request: on the counter clock of the I/O statistics, not
+    // `clock_gettime` (whose cost would count against the device under test).
+    let deadline = w
+        .duration
+        .map(|d| bdev_core::stats::now().saturating_add(d.as_nanos() as u64));
     let more = |submitted: u64| {
-        w.count.is_none_or(|c| submitted < c) && deadline.is_none_or(|d| Instant::now() < d)
+        w.count.is_none_or(|c| submitted < c)
+            && deadline.is_none_or(|d| bdev_core::stats::now() < d)
     };
     let st = Arc::new(SlotState {
         ready: (0..w.qd).map(|_| AtomicBool::new(false)).collect(),

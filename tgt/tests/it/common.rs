@@ -89,7 +89,14 @@ impl Tgt {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tgt"));
         cmd.arg("-r").arg(sock).args(extra).current_dir(dir);
         cmd.stdout(Stdio::null()).stderr(Stdio::inherit());
-        Tgt::spawn(cmd, sock, tools)
+        let t = Tgt::spawn(cmd, sock, tools);
+        // With a config the socket answers at once, in the STARTUP state, and refuses
+        // runtime methods until the replay is done: a test's first call waits for it.
+        let config = extra.iter().any(|a| *a == "--json" || *a == "-c");
+        if config && !extra.contains(&"--wait-for-rpc") {
+            t.ok(&["framework_wait_init"]);
+        }
+        t
     }
 
     /// Starts `tgt -r SOCK` in `dir` with its address space limited to `bytes`
