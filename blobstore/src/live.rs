@@ -150,6 +150,23 @@ impl<T> Drop for Old<T> {
     }
 }
 
+/// The flags the mirror shows for `st`.
+#[inline]
+fn flags_of(st: &BlobState) -> u32 {
+    let mut f = match &st.back {
+        Back::None | Back::Zeroes => BACK_ZEROES,
+        Back::Esnap(Some(_)) => BACK_ESNAP,
+        Back::Esnap(None) | Back::Snapshot(_) => 0,
+    };
+    if st.open_ref > 0 {
+        f |= OPEN;
+    }
+    if st.data_ro {
+        f |= DATA_RO;
+    }
+    f
+}
+
 /// The mirror (module doc). Written only with the blob's state mutex held.
 pub(crate) struct LiveMap {
     table: AtomicPtr<Table>,
@@ -173,8 +190,28 @@ impl LiveMap {
         m
     }
 
-    /// Brings the mirror in step with `st` (the state mutex is held: the only writer).
+    /// Brings the mirror in step with `st` (the state mutex is held: the only writer). Runs
+    /// at every release of the state lock: the common case (nothing the mirror shows
+    /// changed) is a few compares.
+    #[inline]
     pub(crate) fn sync(&self, st: &mut BlobState, freeze: &Freeze) {
+        if !st.md.clusters.in_step(self.stamp.load(Ordering::Relaxed)) {
+            self.sync_map(st, freeze);
+        }
+        let esnap = match &st.back {
+            Back::Esnap(Some(d)) => Arc::as_ptr(d) as *const (),
+            _ => ptr::null(),
+        };
+        let cur = self.esnap.load(Ordering::Relaxed);
+        // SAFETY: the current device box, which only this writer replaces or frees.
+        let cur = unsafe { cur.as_ref() }.map_or(ptr::null(), |d| Arc::as_ptr(d) as *const ());
+        if self.flags.load(Ordering::Relaxed) != flags_of(st) || cur != esnap {
+            self.sync_back(st, freeze);
+        }
+    }
+
+    #[cold]
+    fn sync_map(&self, st: &mut BlobState, freeze: &Freeze) {
         let map = &mut st.md.clusters;
         match map.changes_since(self.stamp.load(Ordering::Relaxed)) {
             Some([]) => {}
@@ -204,7 +241,6 @@ impl LiveMap {
                 self.stamp.store(s, Ordering::Relaxed);
             }
         }
-        self.sync_back(st, freeze);
     }
 
     /// Entry `i` of the table from the map (`i` < len: a length change rebuilds).
@@ -248,6 +284,7 @@ impl LiveMap {
         }
     }
 
+    #[cold]
     fn sync_back(&self, st: &BlobState, freeze: &Freeze) {
         let want = match &st.back {
             Back::Esnap(Some(d)) => Some(d),
@@ -268,17 +305,7 @@ impl LiveMap {
                 freeze.retire(unsafe { Box::from_raw(cur) });
             }
         }
-        let mut f = match &st.back {
-            Back::None | Back::Zeroes => BACK_ZEROES,
-            Back::Esnap(Some(_)) => BACK_ESNAP,
-            Back::Esnap(None) | Back::Snapshot(_) => 0,
-        };
-        if st.open_ref > 0 {
-            f |= OPEN;
-        }
-        if st.data_ro {
-            f |= DATA_RO;
-        }
+        let f = flags_of(st);
         if self.flags.load(Ordering::Relaxed) != f {
             self.flags.store(f, Ordering::Release);
         }
@@ -368,18 +395,7 @@ impl LiveMap {
         };
         // SAFETY: as above.
         let have = unsafe { self.esnap() }.map(|d| d as *const dyn BsDev as *const ());
-        let mut want_flags = match &st.back {
-            Back::None | Back::Zeroes => BACK_ZEROES,
-            Back::Esnap(Some(_)) => BACK_ESNAP,
-            Back::Esnap(None) | Back::Snapshot(_) => 0,
-        };
-        if st.open_ref > 0 {
-            want_flags |= OPEN;
-        }
-        if st.data_ro {
-            want_flags |= DATA_RO;
-        }
-        entries && want == have && self.flags() == want_flags
+        entries && want == have && self.flags() == flags_of(st)
     }
 }
 

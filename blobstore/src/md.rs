@@ -209,6 +209,11 @@ impl ClusterMap {
     pub(crate) fn changes_since(&self, stamp: u64) -> Option<&[usize]> {
         (self.synced != 0 && self.synced == stamp).then_some(&self.changed[..])
     }
+    /// Whether the mirror at `stamp` already says what this map says.
+    #[inline]
+    pub(crate) fn in_step(&self, stamp: u64) -> bool {
+        self.synced != 0 && self.synced == stamp && self.changed.is_empty()
+    }
     /// The mirror now matches this map, at `stamp`.
     pub(crate) fn mark_synced(&mut self, stamp: u64) {
         self.synced = stamp;
