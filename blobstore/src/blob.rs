@@ -101,10 +101,14 @@ pub(crate) struct BlobInner {
 }
 
 /// The blob's state, locked; on release the lock-free mirror is brought in step with
-/// whatever changed (the one place every change of the state goes through).
+/// whatever changed (the one place every change of the state goes through). A guard only
+/// read through (`Deref`) changed nothing (`BlobState` has no interior mutability), and its
+/// release checks nothing.
 pub(crate) struct StateGuard<'a> {
     blob: &'a BlobInner,
     g: MutexGuard<'a, BlobState>,
+    /// Lent mutably (`DerefMut`): the mirror is checked on release.
+    changed: bool,
 }
 
 impl std::ops::Deref for StateGuard<'_> {
@@ -116,13 +120,16 @@ impl std::ops::Deref for StateGuard<'_> {
 
 impl std::ops::DerefMut for StateGuard<'_> {
     fn deref_mut(&mut self) -> &mut BlobState {
+        self.changed = true;
         &mut self.g
     }
 }
 
 impl Drop for StateGuard<'_> {
     fn drop(&mut self) {
-        self.blob.live.sync(&mut self.g, &self.blob.freeze);
+        if self.changed {
+            self.blob.live.sync(&mut self.g, &self.blob.freeze);
+        }
     }
 }
 
@@ -220,6 +227,7 @@ impl BlobInner {
         StateGuard {
             blob: self,
             g: self.st.lock().unwrap_or_else(|e| e.into_inner()),
+            changed: false,
         }
     }
 
