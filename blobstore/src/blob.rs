@@ -95,6 +95,42 @@ pub(crate) struct BlobInner {
     /// two of the same cluster never do.
     alloc: Mutex<std::collections::HashMap<usize, Arc<async_lock::Mutex<()>>>>,
     st: Mutex<BlobState>,
+    /// What the direct path reads without the lock, kept in step with `st` by
+    /// [`StateGuard`] (`live.rs`).
+    live: crate::live::LiveMap,
+}
+
+/// The blob's state, locked; on release the lock-free mirror is brought in step with
+/// whatever changed (the one place every change of the state goes through). A guard only
+/// read through (`Deref`) changed nothing (`BlobState` has no interior mutability), and its
+/// release checks nothing.
+pub(crate) struct StateGuard<'a> {
+    blob: &'a BlobInner,
+    g: MutexGuard<'a, BlobState>,
+    /// Lent mutably (`DerefMut`): the mirror is checked on release.
+    changed: bool,
+}
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = BlobState;
+    fn deref(&self) -> &BlobState {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut BlobState {
+        self.changed = true;
+        &mut self.g
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        if self.changed {
+            self.blob.live.sync(&mut self.g, &self.blob.freeze);
+        }
+    }
 }
 
 /// Holds a cluster's allocation lock; drops the map entry when nobody else wants it.
@@ -118,23 +154,34 @@ impl Drop for ClusterGuard<'_> {
 }
 
 /// Where a single-cluster request goes when it needs nothing of the general path.
-pub enum DirectTarget {
+#[derive(Clone, Copy)]
+pub enum DirectTarget<'a> {
     /// The store's device, at this LBA (the blob's allocated cluster).
     Dev(u64),
     /// Reads as zeroes (an unallocated cluster with nothing behind it).
     Zero,
-    /// The esnap clone's external device, at this LBA (in the device's blocks).
-    Esnap(Arc<dyn BsDev>, u64),
+    /// The esnap clone's external device, at this LBA (in the device's blocks), borrowed
+    /// for as long as the [`Direct`] it came from holds the blob's freeze.
+    Esnap(&'a dyn BsDev, u64),
 }
 
 /// A request of a blob allowed to bypass the general I/O path: while it lives, the blob's
 /// freeze is held shared, as by [`BlobInner::read`] and [`BlobInner::write`], so nothing
 /// that moves the blob's clusters (snapshot, resize, set_parent, inflate, decouple, merge,
-/// esnap swap) runs until the request that took it is done (see [`crate::Blob::direct`]).
+/// esnap swap, an unmap that releases) runs until the request that took it is done (see
+/// [`crate::Blob::direct`]).
 pub struct Direct<'a> {
-    /// Where the request goes.
-    pub target: DirectTarget,
+    /// Valid while `_hold` is: private, and lent out only for a borrow of `self`.
+    target: DirectTarget<'a>,
     _hold: crate::freeze::ReadGuard<'a>,
+}
+
+impl Direct<'_> {
+    /// Where the request goes (for as long as this hold lives).
+    #[inline]
+    pub fn target(&self) -> DirectTarget<'_> {
+        self.target
+    }
 }
 
 /// One piece of an I/O inside a single cluster.
@@ -149,13 +196,16 @@ struct Seg {
 }
 
 impl BlobInner {
-    pub(crate) fn new(id: BlobId, bs: Arc<StoreInner>, st: BlobState) -> Self {
+    pub(crate) fn new(id: BlobId, bs: Arc<StoreInner>, mut st: BlobState) -> Self {
+        let freeze = crate::freeze::Freeze::new();
+        let live = crate::live::LiveMap::new(&mut st, &freeze);
         BlobInner {
             id,
             bs,
-            freeze: crate::freeze::Freeze::new(),
+            freeze,
             alloc: Mutex::new(std::collections::HashMap::new()),
             st: Mutex::new(st),
+            live,
         }
     }
 
@@ -173,8 +223,19 @@ impl BlobInner {
         }
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, BlobState> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    pub(crate) fn lock(&self) -> StateGuard<'_> {
+        StateGuard {
+            blob: self,
+            g: self.st.lock().unwrap_or_else(|e| e.into_inner()),
+            changed: false,
+        }
+    }
+
+    /// Whether the lock-free mirror says what the state says (tests).
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn live_map_matches(&self) -> bool {
+        let s = self.lock();
+        self.live.matches(&s)
     }
 
     pub(crate) fn num_io_units(&self) -> u64 {
@@ -268,19 +329,37 @@ impl BlobInner {
 
     // ---------------------------------------------------------------- read
 
-    /// The fast path of a single-cluster I/O: one lock, no allocation. Returns the device
-    /// LBA when the whole request falls in one allocated cluster of an open blob (and, for
-    /// writes, the blob is writable).
-    fn fast_lba(&self, offset: u64, bytes: usize, write: bool) -> Option<u64> {
-        match self.fast_target(offset, bytes, write)? {
+    /// The fast path of a single-cluster write: returns the device LBA when the whole
+    /// request falls in one allocated cluster of an open writable blob. `_hold`: the blob's
+    /// freeze, held shared.
+    fn fast_lba(
+        &self,
+        _hold: &crate::freeze::ReadGuard<'_>,
+        offset: u64,
+        bytes: usize,
+        write: bool,
+    ) -> Option<u64> {
+        // SAFETY: the freeze is held (`_hold`) and only an LBA leaves.
+        match unsafe { self.fast_target(offset, bytes, write) }? {
             DirectTarget::Dev(lba) => Some(lba),
             DirectTarget::Esnap(..) | DirectTarget::Zero => None,
         }
     }
 
-    /// Where a single-cluster read can go without the general path: this blob's cluster,
-    /// or (unallocated cluster of an esnap clone) straight to the external device.
-    fn fast_target(&self, offset: u64, bytes: usize, write: bool) -> Option<DirectTarget> {
+    /// Where a single-cluster request can go without the general path: this blob's
+    /// cluster, or (a read of an unallocated cluster) zeroes or straight to the external
+    /// device. Lock-free: atomic loads of the blob's mirror (`live.rs`), no reference taken.
+    ///
+    /// # Safety
+    /// The caller holds the blob's freeze shared for as long as it uses the target (the
+    /// esnap device it may borrow is the mirror's, dropped only once no hold remains).
+    #[inline]
+    unsafe fn fast_target(
+        &self,
+        offset: u64,
+        bytes: usize,
+        write: bool,
+    ) -> Option<DirectTarget<'_>> {
         let g = &self.bs.geo;
         let iu = u64::from(g.io_unit);
         let units = bytes as u64 / iu;
@@ -288,34 +367,43 @@ impl BlobInner {
         if !(bytes as u64).is_multiple_of(iu) || units == 0 || off + units > g.lba_per_cluster {
             return None;
         }
-        let s = self.lock();
-        if s.open_ref == 0 || (write && s.data_ro) {
+        let f = self.live.flags();
+        if f & crate::live::OPEN == 0 || (write && f & crate::live::DATA_RO != 0) {
             return None;
         }
         let idx = (offset / g.lba_per_cluster) as usize;
-        let c = s.md.clusters.get(idx)?;
+        // SAFETY: the freeze is held (the caller's contract).
+        let c = unsafe { self.live.entry(idx) }?;
         if c != 0 {
             return Some(DirectTarget::Dev(u64::from(c) * g.lba_per_cluster + off));
         }
-        match &s.back {
-            Back::Zeroes | Back::None if !write => Some(DirectTarget::Zero),
-            Back::Esnap(Some(d)) if !write => {
-                let bl = u64::from(d.block_len());
-                let lba = offset * iu / bl;
-                let n = bytes as u64 / bl;
-                (lba + n <= d.block_count() && !d.is_degraded())
-                    .then(|| DirectTarget::Esnap(d.clone(), lba))
-            }
-            _ => None,
+        if write {
+            return None;
         }
+        if f & crate::live::BACK_ZEROES != 0 {
+            return Some(DirectTarget::Zero);
+        }
+        if f & crate::live::BACK_ESNAP == 0 {
+            return None;
+        }
+        // SAFETY: as above; the caller uses the device only while it holds the freeze.
+        let d = unsafe { self.live.esnap() }?;
+        let bl = u64::from(d.block_len());
+        let lba = offset * iu / bl;
+        let n = bytes as u64 / bl;
+        (lba + n <= d.block_count() && !d.is_degraded()).then_some(DirectTarget::Esnap(d, lba))
     }
 
     /// The target of a request that can bypass the general path, with the freeze held
     /// shared; `None` when the blob is frozen (an operation holds or waits for the freeze:
-    /// the general path waits for it) or the request needs the general path.
+    /// the general path waits for it) or the request needs the general path. No lock, no
+    /// allocation, no reference count.
+    #[inline]
     pub(crate) fn direct(&self, offset: u64, bytes: usize, write: bool) -> Option<Direct<'_>> {
         let hold = self.freeze.try_hold()?;
-        let target = self.fast_target(offset, bytes, write)?;
+        // SAFETY: the target is kept with the hold in `Direct`, which lends it out only for
+        // a borrow of itself.
+        let target = unsafe { self.fast_target(offset, bytes, write) }?;
         Some(Direct {
             target,
             _hold: hold,
@@ -324,7 +412,8 @@ impl BlobInner {
 
     pub(crate) async fn read(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let _f = self.freeze.read().await;
-        match self.fast_target(offset, buf.len(), false) {
+        // SAFETY: `_f` is held until the target's request is done.
+        match unsafe { self.fast_target(offset, buf.len(), false) } {
             Some(DirectTarget::Dev(lba)) => {
                 return self.bs.dev.read(lba, buf).await.map_err(io_err)
             }
@@ -465,7 +554,7 @@ impl BlobInner {
 
     pub(crate) async fn write(self: &Arc<Self>, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let _f = self.freeze.read().await;
-        if let Some(lba) = self.fast_lba(offset, buf.len(), true) {
+        if let Some(lba) = self.fast_lba(&_f, offset, buf.len(), true) {
             return self.bs.dev.write(lba, buf).await.map_err(io_err);
         }
         self.check_writable()?;

@@ -2,8 +2,15 @@
 //! where a blob's data lives (snapshot, resize, set_parent, merge, esnap swap) hold it
 //! exclusively. Built on one atomic word so the shared side costs two atomic operations
 //! and never touches the wake-up machinery unless someone is frozen or freezing.
+//!
+//! The freeze is also the grace period of the blob's lock-free mirror (`live.rs`): what the
+//! mirror unlinks is [retired](Freeze::retire) here and dropped only once no shared hold can
+//! still see it — at the end of an exclusive hold that waited for every shared one, or with
+//! the freeze. A reader of the mirror holds the freeze shared for as long as it uses what it
+//! read.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use event_listener::Event;
 
@@ -16,6 +23,8 @@ pub(crate) struct Freeze {
     /// Wakes readers on unfreeze and writers when the last reader leaves.
     ev: Event,
     writers: async_lock::Mutex<()>,
+    /// Memory unlinked from the mirror, dropped once no shared hold can still see it.
+    retired: Mutex<Vec<Box<dyn Send>>>,
 }
 
 /// Shared hold (one I/O).
@@ -33,7 +42,23 @@ impl Freeze {
             state: AtomicUsize::new(0),
             ev: Event::new(),
             writers: async_lock::Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Keeps `x` (unlinked from what shared holders read) until no shared hold taken before
+    /// this call can remain: the end of the next exclusive hold, or the freeze's drop.
+    pub(crate) fn retire(&self, x: Box<dyn Send>) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(x);
+    }
+
+    /// Items retired and not yet dropped (tests).
+    #[cfg(test)]
+    pub(crate) fn retired_len(&self) -> usize {
+        self.retired.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     fn try_read(&self) -> bool {
@@ -101,6 +126,14 @@ impl Drop for ReadGuard<'_> {
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
+        // No shared hold left (a cancelled wait may leave some), and none can start while
+        // `FROZEN` stays set: whatever was retired is unreachable by any reader. The
+        // `Acquire` pairs with the readers' releasing decrements, so their reads are done.
+        if self.f.state.load(Ordering::Acquire) == FROZEN {
+            let gone =
+                std::mem::take(&mut *self.f.retired.lock().unwrap_or_else(|e| e.into_inner()));
+            drop(gone);
+        }
         self.f.state.fetch_and(!FROZEN, Ordering::AcqRel);
         self.f.ev.notify(usize::MAX);
     }
@@ -148,6 +181,40 @@ mod tests {
         drop(g);
         assert!(f.try_hold().is_some());
         assert_eq!(f.state.load(Ordering::SeqCst), 0, "every hold released");
+    }
+
+    #[test]
+    fn retired_items_outlive_every_shared_hold() {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let f = Freeze::new();
+        let gone = Arc::new(AtomicBool::new(false));
+        let r = f.try_hold().unwrap();
+        f.retire(Box::new(Flag(gone.clone())));
+        {
+            // A writer that gives up while `r` is held ends no grace period.
+            let mut w = Box::pin(f.write());
+            assert!((&mut w).now_or_never().is_none());
+        }
+        assert!(!gone.load(Ordering::SeqCst), "dropped under a shared hold");
+        drop(r);
+        assert!(
+            !gone.load(Ordering::SeqCst),
+            "dropped before an exclusive hold"
+        );
+        drop(block_on(f.write()));
+        assert!(gone.load(Ordering::SeqCst), "kept after an exclusive hold");
+        assert_eq!(f.retired_len(), 0);
+        let gone = Arc::new(AtomicBool::new(false));
+        f.retire(Box::new(Flag(gone.clone())));
+        drop(f);
+        assert!(gone.load(Ordering::SeqCst), "kept past the freeze");
     }
 
     #[test]

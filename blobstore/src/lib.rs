@@ -58,6 +58,7 @@ mod freeze;
 mod graph;
 pub mod inspect;
 mod layout;
+mod live;
 mod load;
 mod md;
 mod ops;
@@ -442,6 +443,12 @@ impl Blob {
     /// unaligned or multi-cluster requests, a frozen blob, a degraded back device).
     pub fn direct(&self, offset: u64, bytes: usize, write: bool) -> Option<Direct<'_>> {
         self.inner.direct(offset, bytes, write)
+    }
+    /// Whether the lock-free mirror that [`Blob::direct`] reads (cluster map, flags, back
+    /// device) says exactly what the blob's state says (tests).
+    #[cfg(feature = "testing")]
+    pub fn live_map_matches(&self) -> bool {
+        self.inner.live_map_matches()
     }
     /// Writes `buf` at io_unit `offset` (allocating and copying clusters of thin blobs).
     /// A first write to a cluster returns once the cluster's data is written and the

@@ -30,18 +30,38 @@ static ZEROS: [u32; CH] = [0; CH];
 /// allocated. A thin blob costs memory for what it owns, not for its size (a 1 PiB thin
 /// blob that was never written is a length). Invariant: no stored chunk is all zero and
 /// nothing is stored at or beyond `len`.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// The map also records what changed since its open blob's lock-free mirror last matched it
+/// (`live.rs`): the mirror is brought in step from that record whenever the blob's state
+/// lock is released, whatever changed the map (a setter, a resize, a whole replacement).
+#[derive(Clone, Debug, Default)]
 pub(crate) struct ClusterMap {
     len: usize,
     chunks: BTreeMap<usize, Box<[u32; CH]>>,
+    /// The mirror stamp this map's content is known relative to (0: none, the mirror is
+    /// rebuilt), and the entries set since. Copied by `clone`: a copy restored later is
+    /// either still relative to the mirror's stamp (then it equals the mirror plus these
+    /// entries) or not (any change to the mirror takes a new stamp), and then rebuilt.
+    synced: u64,
+    changed: Vec<usize>,
 }
+
+/// Entries set between two mirror updates beyond which a rebuild is cheaper than the record.
+const MAX_CHANGED: usize = 64;
+
+impl PartialEq for ClusterMap {
+    fn eq(&self, o: &Self) -> bool {
+        self.len == o.len && self.chunks == o.chunks
+    }
+}
+impl Eq for ClusterMap {}
 
 impl ClusterMap {
     /// `len` unallocated clusters.
     pub(crate) fn zeroed(len: usize) -> Self {
         ClusterMap {
             len,
-            chunks: BTreeMap::new(),
+            ..Default::default()
         }
     }
     /// A map holding `v` (tests, thick blobs).
@@ -68,6 +88,13 @@ impl ClusterMap {
     pub(crate) fn set(&mut self, i: usize, c: u32) {
         if i >= self.len {
             return;
+        }
+        if self.synced != 0 {
+            if self.changed.len() < MAX_CHANGED {
+                self.changed.push(i);
+            } else {
+                self.unsync();
+            }
         }
         let k = i / CH;
         if c == 0 {
@@ -97,6 +124,10 @@ impl ClusterMap {
     pub(crate) fn chunk_allocated(&self, k: usize) -> bool {
         self.chunks.contains_key(&k)
     }
+    /// Whether a chunk in `ks` holds an allocated cluster.
+    pub(crate) fn chunks_allocated_in(&self, ks: std::ops::Range<usize>) -> bool {
+        self.chunks.range(ks).next().is_some()
+    }
     /// Chunks holding an allocated cluster, in order.
     pub(crate) fn allocated_chunks(&self) -> impl Iterator<Item = usize> + '_ {
         self.chunks.keys().copied()
@@ -106,6 +137,7 @@ impl ClusterMap {
         if n >= self.len {
             return;
         }
+        self.unsync();
         self.len = n;
         let first_gone = n.div_ceil(CH);
         self.chunks.split_off(&first_gone);
@@ -121,10 +153,12 @@ impl ClusterMap {
     }
     /// Appends `n` unallocated entries.
     pub(crate) fn push_zeros(&mut self, n: usize) {
+        self.unsync();
         self.len += n;
     }
     /// Appends `v`.
     pub(crate) fn push_slice(&mut self, v: &[u32]) {
+        self.unsync();
         for &c in v {
             self.len += 1;
             if c != 0 {
@@ -169,6 +203,26 @@ impl ClusterMap {
             }
         }
         None
+    }
+    /// The entries set since the mirror was at `stamp` (non-zero), or `None` when this map
+    /// is not known relative to it (the mirror is rebuilt).
+    pub(crate) fn changes_since(&self, stamp: u64) -> Option<&[usize]> {
+        (self.synced != 0 && self.synced == stamp).then_some(&self.changed[..])
+    }
+    /// Whether the mirror at `stamp` already says what this map says.
+    #[inline]
+    pub(crate) fn in_step(&self, stamp: u64) -> bool {
+        self.synced != 0 && self.synced == stamp && self.changed.is_empty()
+    }
+    /// The mirror now matches this map, at `stamp`.
+    pub(crate) fn mark_synced(&mut self, stamp: u64) {
+        self.synced = stamp;
+        self.changed.clear();
+    }
+    /// Forgets the change record: the mirror is rebuilt from the whole map.
+    fn unsync(&mut self) {
+        self.synced = 0;
+        self.changed = Vec::new();
     }
     /// Runs `(first cluster, length)` as the extent RLE descriptor stores them (0 = an
     /// unallocated run; an allocated run is physically contiguous).

@@ -343,7 +343,11 @@ impl LvolBdev {
 
     /// A read on a [`Blob::direct`] target. A closed device or a base that is not ours takes
     /// the device's `BsDev` call, which reports it as the blob's path always did.
-    async fn direct_read(&self, target: &DirectTarget, mut buf: IoBuf) -> blobstore::Result<IoBuf> {
+    async fn direct_read(
+        &self,
+        target: &DirectTarget<'_>,
+        mut buf: IoBuf,
+    ) -> blobstore::Result<IoBuf> {
         let (dev, lba) = match target {
             DirectTarget::Dev(lba) => (&*self.base, *lba),
             DirectTarget::Zero => {
@@ -439,7 +443,7 @@ impl BlockDevice for LvolBdev {
         IoFuture::new(async move {
             let (len, align) = (buf.len(), buf.align());
             let r = match self.lvol.blob.direct(offset_blocks, len, false) {
-                Some(d) => self.direct_read(&d.target, buf).await,
+                Some(d) => self.direct_read(&d.target(), buf).await,
                 None => Box::pin(self.lvol.blob.read(offset_blocks, buf)).await,
             };
             match r {
@@ -451,7 +455,7 @@ impl BlockDevice for LvolBdev {
     fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
         IoFuture::new(async move {
             if let Some(d) = self.lvol.blob.direct(offset_blocks, buf.len(), true) {
-                if let DirectTarget::Dev(lba) = d.target {
+                if let DirectTarget::Dev(lba) = d.target() {
                     if let Some(desc) = self.base.descriptor() {
                         return desc.write_io(lba, buf).await.map_err(dev_err);
                     }

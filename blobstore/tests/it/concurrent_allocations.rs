@@ -199,14 +199,14 @@ fn a_first_write_is_direct_at_once_and_a_failed_commit_keeps_it() {
             "the first write wrote more than its cluster"
         );
         assert_eq!(d.flushes() - f0, 0, "the first write flushed");
-        let lba = match b.direct(8, 4096, true).map(|x| x.target) {
+        let lba = match b.direct(8, 4096, true).as_ref().map(|x| x.target()) {
             Some(DirectTarget::Dev(lba)) => lba,
             _ => panic!("the written cluster does not go direct"),
         };
         d.set_fault(blobstore::testing::Fault::FailAfter(0));
         assert!(b.flush().await.is_err(), "the commit's writes failed");
         d.set_fault(blobstore::testing::Fault::None);
-        match b.direct(8, 4096, true).map(|x| x.target) {
+        match b.direct(8, 4096, true).as_ref().map(|x| x.target()) {
             Some(DirectTarget::Dev(l)) => assert_eq!(l, lba, "the cluster moved"),
             _ => panic!("a failed commit took the cluster away"),
         }

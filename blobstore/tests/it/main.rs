@@ -7,6 +7,7 @@ mod concurrent_allocations;
 mod deferred_commit;
 mod external_snapshots;
 mod failure_paths;
+mod lockfree_lookup;
 mod on_disk_layout;
 mod power_loss_sweep;
 mod scenarios;
