@@ -231,6 +231,12 @@ impl BlobInner {
         }
     }
 
+    /// The mirror's flags ([`crate::live::LiveMap::flags`]), read without the lock.
+    #[inline]
+    pub(crate) fn live_flags(&self) -> u32 {
+        self.live.flags()
+    }
+
     /// Whether the lock-free mirror says what the state says (tests).
     #[cfg(any(test, feature = "testing"))]
     pub(crate) fn live_map_matches(&self) -> bool {

@@ -381,8 +381,8 @@ impl Blob {
     }
     /// Read-only: data or metadata (SPDK `spdk_blob_is_read_only`).
     pub fn is_read_only(&self) -> bool {
-        let s = self.inner.lock();
-        s.data_ro || s.md_ro
+        // The lock-free mirror (`live.rs`): a bdev's write check asks this per request.
+        self.inner.live_flags() & (crate::live::DATA_RO | crate::live::MD_RO) != 0
     }
     /// Has (or had, since load) clones: SPDK `spdk_blob_is_snapshot`, which is true while the
     /// blob is in the store's snapshot list.

@@ -47,6 +47,8 @@ pub(crate) const DATA_RO: u32 = 2;
 pub(crate) const BACK_ZEROES: u32 = 4;
 /// Unallocated clusters read from the esnap device ([`LiveMap::esnap`]).
 pub(crate) const BACK_ESNAP: u32 = 8;
+/// The blob's metadata is read-only (with [`DATA_RO`]: [`crate::Blob::is_read_only`]).
+pub(crate) const MD_RO: u32 = 16;
 
 static STAMPS: AtomicU64 = AtomicU64::new(1);
 
@@ -163,6 +165,9 @@ fn flags_of(st: &BlobState) -> u32 {
     }
     if st.data_ro {
         f |= DATA_RO;
+    }
+    if st.md_ro {
+        f |= MD_RO;
     }
     f
 }
@@ -311,7 +316,7 @@ impl LiveMap {
         }
     }
 
-    /// [`OPEN`], [`DATA_RO`], [`BACK_ZEROES`], [`BACK_ESNAP`].
+    /// [`OPEN`], [`DATA_RO`], [`MD_RO`], [`BACK_ZEROES`], [`BACK_ESNAP`].
     #[inline]
     pub(crate) fn flags(&self) -> u32 {
         self.flags.load(Ordering::Acquire)
