@@ -345,19 +345,19 @@ impl LvolBdev {
     /// the device's `BsDev` call, which reports it as the blob's path always did.
     async fn direct_read(
         &self,
-        target: &DirectTarget<'_>,
+        target: DirectTarget<'_>,
         mut buf: IoBuf,
     ) -> blobstore::Result<IoBuf> {
         let (dev, lba) = match target {
-            DirectTarget::Dev(lba) => (&*self.base, *lba),
+            DirectTarget::Dev(lba) => (&*self.base, lba),
             DirectTarget::Zero => {
                 buf.fill(0);
                 return Ok(buf);
             }
             DirectTarget::Esnap(d, lba) => {
                 match d.as_any().and_then(|a| a.downcast_ref::<BdevBsDev>()) {
-                    Some(b) => (b, *lba),
-                    None => return d.read(*lba, buf).await.map_err(BsError::Io),
+                    Some(b) => (b, lba),
+                    None => return d.read(lba, buf).await.map_err(BsError::Io),
                 }
             }
         };
@@ -443,7 +443,7 @@ impl BlockDevice for LvolBdev {
         IoFuture::new(async move {
             let (len, align) = (buf.len(), buf.align());
             let r = match self.lvol.blob.direct(offset_blocks, len, false) {
-                Some(d) => self.direct_read(&d.target(), buf).await,
+                Some(d) => self.direct_read(d.target(), buf).await,
                 None => Box::pin(self.lvol.blob.read(offset_blocks, buf)).await,
             };
             match r {
