@@ -12,7 +12,7 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::Descriptor;
+use crate::{Descriptor, IoBuf, IoFuture, Result};
 
 /// Bit 0 of `users`: the slot was closed.
 const CLOSED: usize = 1;
@@ -145,6 +145,34 @@ impl Deref for DescGuard<'_> {
         // SAFETY: a guard counts as a use, and the descriptor is freed only when the count of
         // uses of a closed slot reaches zero (or with the slot, which the guard borrows).
         unsafe { self.slot.desc.as_ref() }
+    }
+}
+
+impl<'a> DescGuard<'a> {
+    /// [`Descriptor::read_io`] through this use of the slot, which the request keeps until
+    /// it ends: a stacked device returns it as its own request's future.
+    pub fn into_read_io(self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'a, Result<IoBuf>> {
+        let mut fut = self.descriptor().read_io(offset_blocks, buf);
+        fut.keep(self);
+        fut
+    }
+
+    /// [`Descriptor::write_io`] through this use of the slot (see
+    /// [`DescGuard::into_read_io`]).
+    pub fn into_write_io(self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'a, Result<IoBuf>> {
+        let mut fut = self.descriptor().write_io(offset_blocks, buf);
+        fut.keep(self);
+        fut
+    }
+
+    /// The descriptor, borrowed for as long as the slot is: only for a request that keeps
+    /// this guard ([`IoFuture::keep`]), which drops it after the request's future and its
+    /// accounting, the only users of the borrow.
+    fn descriptor(&self) -> &'a Descriptor {
+        // SAFETY: the descriptor lives while a use of the slot does (see `Deref`); the
+        // callers hand the guard to the request that borrows the descriptor, and the request
+        // drops the guard last.
+        unsafe { &*self.slot.desc.as_ptr() }
     }
 }
 

@@ -146,32 +146,98 @@ enum Kind<'a, T> {
     Boxed(BoxFuture<'a, T>),
 }
 
+/// Descriptors that count and record one request in place (`add_layer`); a request
+/// crossing more is wrapped in a pooled block.
+const LAYERS: usize = 2;
+/// Guards kept in place until a request ends ([`IoFuture::keep`]); more are wrapped.
+const HOLDS: usize = 2;
+/// Words of one guard kept in place.
+const HOLD_WORDS: usize = 2;
+
 /// The future of one I/O request (see the module documentation). `Send`; pinned before its
 /// first poll like any future.
+///
+/// A stacked device may return the request future of the device below as its own, with
+/// the guards it must keep until the request ends ([`IoFuture::keep`]) and the mapping of
+/// its result ([`IoFuture::map_with`]); each descriptor the request crosses adds a layer
+/// of accounting. None of these nests a future, and the clock is read twice per request
+/// however many descriptors count it.
 pub struct IoFuture<'a, T> {
     kind: Kind<'a, T>,
-    /// Counter decremented when the request ends (the descriptor's in-flight count).
-    inflight: Option<&'a AtomicU64>,
-    /// Statistics recorded when the request completes (`bdev_get_iostat`).
-    recorder: Option<Recorder<'a, T>>,
+    /// Descriptors counting the request in flight and recording it, innermost first.
+    layers: [Option<Layer<'a>>; LAYERS],
+    /// Tick at which the innermost layer started counting.
+    start: Option<u64>,
+    /// Tick at which the request was seen complete (once a layer recorded it).
+    end: Option<u64>,
+    /// Whether a result counts as a success (set with the first layer).
+    ok: Option<fn(&T) -> bool>,
+    /// Applied to the result before the layers see it.
+    post: Option<fn(T) -> T>,
+    /// Guards dropped once the request's future and its layers are done.
+    holds: [Option<Hold<'a>>; HOLDS],
     _pin: PhantomPinned,
 }
 
-/// What [`IoFuture::recorded`] records at completion.
-struct Recorder<'a, T> {
+/// One descriptor's accounting of a request: its in-flight count (already incremented by
+/// the caller, decremented when the request ends) and its statistics.
+struct Layer<'a> {
+    inflight: &'a AtomicU64,
     stats: &'a IoStats,
     kind: IoKind,
     bytes: u64,
-    start: u64,
-    ok: fn(&T) -> bool,
+}
+
+/// A type-erased guard of at most [`HOLD_WORDS`] words, dropped in place.
+struct Hold<'a> {
+    data: [MaybeUninit<usize>; HOLD_WORDS],
+    drop: unsafe fn(*mut u8),
+    _life: PhantomData<&'a ()>,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        // SAFETY: `data` holds the guard written by `IoFuture::keep`, dropped only here.
+        unsafe { (self.drop)(self.data.as_mut_ptr().cast()) }
+    }
+}
+
+/// A request future and a guard that could not be kept in place: the future is dropped
+/// first (fields drop in declaration order), then the guard.
+struct Held<F, H> {
+    fut: F,
+    _hold: H,
+}
+
+impl<F: Future, H> Future for Held<F, H> {
+    type Output = F::Output;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        // SAFETY: `fut` is structurally pinned: it is never moved out of the pinned `Held`.
+        unsafe { self.map_unchecked_mut(|h| &mut h.fut) }.poll(cx)
+    }
 }
 
 // SAFETY: every constructor takes a `Send` future (or value); the raw storage only ever holds
-// such a future, so moving the `IoFuture` to another thread moves a `Send` value.
+// such a future, and a hold only ever a `Send` guard ([`IoFuture::keep`] requires it), so
+// moving the `IoFuture` to another thread moves `Send` values.
 unsafe impl<T: Send> Send for IoFuture<'_, T> {}
 
 impl<'a, T> IoFuture<'a, T> {
-    /// Stores `fut` inline if it fits, else boxes it.
+    /// An `IoFuture` of `kind` with nothing attached.
+    fn of(kind: Kind<'a, T>) -> Self {
+        IoFuture {
+            kind,
+            layers: [const { None }; LAYERS],
+            start: None,
+            end: None,
+            ok: None,
+            post: None,
+            holds: [const { None }; HOLDS],
+            _pin: PhantomPinned,
+        }
+    }
+
+    /// Stores `fut` inline if it fits, else in a pooled block (or a box if it is larger).
     pub fn new<F>(fut: F) -> Self
     where
         F: Future<Output = T> + Send + 'a,
@@ -184,54 +250,34 @@ impl<'a, T> IoFuture<'a, T> {
             // SAFETY: the block is `POOL_BLOCK` bytes aligned to 64, enough for `F` (checked
             // above), and owned by the `Pooled` from here on.
             unsafe { std::ptr::write(block.as_ptr() as *mut F, fut) };
-            return IoFuture {
-                kind: Kind::Pooled(Pooled {
-                    block,
-                    poll: poll_fn::<F>,
-                    drop: drop_fn::<F>,
-                    _life: PhantomData,
-                }),
-                inflight: None,
-                recorder: None,
-                _pin: PhantomPinned,
-            };
+            return Self::of(Kind::Pooled(Pooled {
+                block,
+                poll: poll_fn::<F>,
+                drop: drop_fn::<F>,
+                _life: PhantomData,
+            }));
         }
         let mut data = Storage([MaybeUninit::uninit(); INLINE_BYTES]);
         // SAFETY: the storage is large and aligned enough for `F` (checked above); it is
         // written once here and read only through `poll_fn::<F>` / `drop_fn::<F>`.
         unsafe { std::ptr::write(data.0.as_mut_ptr() as *mut F, fut) };
-        IoFuture {
-            kind: Kind::Inline(Inline {
-                data,
-                poll: poll_fn::<F>,
-                drop: drop_fn::<F>,
-                live: true,
-                _life: PhantomData,
-            }),
-            inflight: None,
-            recorder: None,
-            _pin: PhantomPinned,
-        }
+        Self::of(Kind::Inline(Inline {
+            data,
+            poll: poll_fn::<F>,
+            drop: drop_fn::<F>,
+            live: true,
+            _life: PhantomData,
+        }))
     }
 
     /// An already boxed future (what an `#[async_trait]` method returns).
     pub fn boxed(fut: BoxFuture<'a, T>) -> Self {
-        IoFuture {
-            kind: Kind::Boxed(fut),
-            inflight: None,
-            recorder: None,
-            _pin: PhantomPinned,
-        }
+        Self::of(Kind::Boxed(fut))
     }
 
     /// A request that is already complete.
     pub fn ready(v: T) -> Self {
-        IoFuture {
-            kind: Kind::Ready(Some(v)),
-            inflight: None,
-            recorder: None,
-            _pin: PhantomPinned,
-        }
+        Self::of(Kind::Ready(Some(v)))
     }
 
     /// Whether the request's future is on the heap in a block of its own (a future larger
@@ -240,37 +286,146 @@ impl<'a, T> IoFuture<'a, T> {
         matches!(self.kind, Kind::Boxed(_))
     }
 
-    /// Counts the request in `c` (already incremented by the caller) until it ends.
-    pub(crate) fn counted(mut self, c: &'a AtomicU64) -> Self {
-        if let Some(old) = self.inflight.replace(c) {
-            old.fetch_sub(1, Ordering::AcqRel);
+    /// Whether the request's future sits in a pooled block (a future too large to keep
+    /// inline, such as one that nests another request's).
+    pub fn is_pooled(&self) -> bool {
+        matches!(self.kind, Kind::Pooled(_))
+    }
+
+    /// Whether the request already completed (its result waits to be taken).
+    fn is_done(&self) -> bool {
+        matches!(self.kind, Kind::Ready(Some(_)))
+    }
+
+    /// Keeps `guard` until the request ends (dropped after the request's future and after
+    /// the descriptors' in-flight counts are released), or drops it now if the request is
+    /// already complete. A guard of up to two words is kept in place; a larger one, or one
+    /// too many, nests the request in a pooled block.
+    pub fn keep<H: Send + 'a>(&mut self, guard: H)
+    where
+        T: Send + 'a,
+    {
+        if self.is_done() {
+            return;
         }
-        self
+        let fits = size_of::<H>() <= size_of::<[usize; HOLD_WORDS]>()
+            && align_of::<H>() <= align_of::<usize>();
+        match self.holds.iter_mut().find(|h| h.is_none()) {
+            Some(slot) if fits => {
+                let mut data = [MaybeUninit::<usize>::uninit(); HOLD_WORDS];
+                // SAFETY: `data` is large and aligned enough for `H` (checked above); it is
+                // dropped once, through `drop_fn::<H>`, by the `Hold`.
+                unsafe { std::ptr::write(data.as_mut_ptr() as *mut H, guard) };
+                *slot = Some(Hold {
+                    data,
+                    drop: drop_fn::<H>,
+                    _life: PhantomData,
+                });
+            }
+            _ => {
+                let fut = self.take();
+                *self = IoFuture::new(Held { fut, _hold: guard });
+            }
+        }
+    }
+
+    /// Applies `f` to the request's result when it completes (before the descriptors'
+    /// statistics see it), or now if it already did.
+    pub fn map_with(&mut self, f: fn(T) -> T)
+    where
+        T: Send + 'a,
+    {
+        if let Kind::Ready(v @ Some(_)) = &mut self.kind {
+            *v = v.take().map(f);
+        } else if self.post.is_none() {
+            self.post = Some(f);
+        } else {
+            let fut = self.take();
+            *self = IoFuture::new(async move { f(fut.await) });
+        }
+    }
+
+    /// Moves the request out, leaving an empty one (never polled) in its place. Sound
+    /// because `&mut self` of an `IoFuture` means it was not pinned yet.
+    fn take(&mut self) -> Self {
+        std::mem::replace(self, Self::of(Kind::Ready(None)))
+    }
+
+    /// Ends the request's accounting: its future first (it may still use the device), then
+    /// the layers' in-flight counts (recording `out` in their statistics when the request
+    /// completed), then the guards.
+    #[inline]
+    fn finish(&mut self, out: Option<&T>) {
+        self.kind = Kind::Ready(None);
+        if self.layers[0].is_none() {
+            if self.holds[0].is_some() {
+                self.holds = [const { None }; HOLDS];
+            }
+            return;
+        }
+        let end = match (out, self.end) {
+            (Some(_), None) => Some(crate::stats::now()),
+            (_, end) => end,
+        };
+        let ticks = match (end, self.start) {
+            (Some(e), Some(s)) => e.saturating_sub(s),
+            _ => 0,
+        };
+        for l in self.layers.iter_mut() {
+            let Some(l) = l.take() else { break };
+            l.inflight.fetch_sub(1, Ordering::AcqRel);
+            if let (Some(v), Some(ok)) = (out, self.ok) {
+                l.stats.record_ticks(l.kind, l.bytes, ticks, ok(v));
+            }
+        }
+        self.holds = [const { None }; HOLDS];
     }
 }
 
-impl<'a, X> IoFuture<'a, crate::Result<X>> {
-    /// Records the request in `stats` (kind, bytes, latency from now, success) when it
-    /// completes. A request dropped before completion is not counted.
-    pub(crate) fn recorded(mut self, stats: &'a IoStats, kind: IoKind, bytes: u64) -> Self {
-        self.recorder = Some(Recorder {
+impl<'a, X: Send + 'a> IoFuture<'a, crate::Result<X>> {
+    /// Counts the request in `inflight` (already incremented by the caller) until it ends,
+    /// and records it in `stats` (kind, bytes, latency, success) when it completes; a
+    /// request dropped before completion is not recorded. The latency runs from the
+    /// innermost layer's start; a request already complete is recorded at once.
+    pub(crate) fn add_layer(
+        &mut self,
+        inflight: &'a AtomicU64,
+        stats: &'a IoStats,
+        kind: IoKind,
+        bytes: u64,
+    ) {
+        let start = *self.start.get_or_insert_with(crate::stats::now);
+        self.ok = Some(|r| r.is_ok());
+        if let Kind::Ready(Some(v)) = &self.kind {
+            let end = *self.end.get_or_insert_with(crate::stats::now);
+            inflight.fetch_sub(1, Ordering::AcqRel);
+            stats.record_ticks(kind, bytes, end.saturating_sub(start), v.is_ok());
+            return;
+        }
+        let layer = Layer {
+            inflight,
             stats,
             kind,
             bytes,
-            start: crate::stats::now(),
-            ok: |r| r.is_ok(),
-        });
-        self
+        };
+        match self.layers.iter_mut().find(|l| l.is_none()) {
+            Some(slot) => *slot = Some(layer),
+            None => {
+                let inner = self.take();
+                *self = IoFuture::new(inner);
+                self.start = Some(start);
+                self.ok = Some(|r| r.is_ok());
+                self.layers[0] = Some(layer);
+            }
+        }
     }
 }
 
 impl<T> Drop for IoFuture<'_, T> {
     fn drop(&mut self) {
-        // The request's own future first (it may still hold the device), then the count.
-        self.kind = Kind::Ready(None);
-        if let Some(c) = self.inflight.take() {
-            c.fetch_sub(1, Ordering::AcqRel);
-        }
+        // The request's own future first (it may still hold the device), then the counts,
+        // then the guards.
+        self.finish(None);
     }
 }
 
@@ -294,21 +449,23 @@ impl<T> Future for IoFuture<'_, T> {
                 unsafe { (p.poll)(p.block.as_ptr(), cx) }
             }
         };
-        if let Poll::Ready(v) = &out {
-            if let Some(c) = this.inflight.take() {
-                c.fetch_sub(1, Ordering::AcqRel);
+        match out {
+            Poll::Ready(mut v) => {
+                if let Some(f) = this.post.take() {
+                    v = f(v);
+                }
+                this.finish(Some(&v));
+                Poll::Ready(v)
             }
-            if let Some(r) = this.recorder.take() {
-                r.stats.record(r.kind, r.bytes, r.start, (r.ok)(v));
-            }
+            Poll::Pending => Poll::Pending,
         }
-        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
 
     #[test]
     fn futures_of_every_size_complete_and_only_huge_ones_allocate() {
@@ -331,26 +488,132 @@ mod tests {
         assert_eq!(futures::executor::block_on(outer), 15);
     }
 
-    #[test]
-    fn dropping_unfinished_runs_destructors_and_releases_the_count() {
-        use std::sync::Arc;
-        let c = AtomicU64::new(1);
-        let token = Arc::new(());
-        let t2 = token.clone();
-        let f = IoFuture::new(async move {
-            let _t = t2;
-            futures::future::pending::<()>().await
+    type Log = Arc<Mutex<Vec<&'static str>>>;
+
+    /// A guard (one word) that logs its drop.
+    struct Logged(Box<(&'static str, Log)>);
+    impl Drop for Logged {
+        fn drop(&mut self) {
+            self.0 .1.lock().unwrap().push(self.0 .0);
+        }
+    }
+    fn logged(name: &'static str, log: &Log) -> Logged {
+        Logged(Box::new((name, log.clone())))
+    }
+
+    /// A request that completes on its second poll with `r`, logging its own drop.
+    fn pending_once(r: crate::Result<u32>, log: &Log) -> IoFuture<'static, crate::Result<u32>> {
+        let me = logged("future", log);
+        IoFuture::new(async move {
+            let _me = me;
+            let mut first = true;
+            futures::future::poll_fn(|cx| {
+                if std::mem::take(&mut first) {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
+                } else {
+                    Poll::Ready(())
+                }
+            })
+            .await;
+            r
         })
-        .counted(&c);
+    }
+
+    fn eio() -> crate::BdevError {
+        crate::BdevError::Io(std::io::Error::from_raw_os_error(libc::EIO))
+    }
+
+    #[test]
+    fn dropping_unfinished_releases_the_counts_then_the_guards_and_records_nothing() {
+        let log = Log::default();
+        let (c1, c2) = (AtomicU64::new(1), AtomicU64::new(1));
+        let (s1, s2) = (IoStats::new(), IoStats::new());
+        let mut f = pending_once(Ok(1), &log);
+        f.add_layer(&c1, &s1, IoKind::Read, 512);
+        f.keep(logged("guard", &log));
+        f.add_layer(&c2, &s2, IoKind::Read, 512);
         let mut f = Box::pin(f);
         assert!(futures::FutureExt::now_or_never(&mut f).is_none());
-        assert_eq!(Arc::strong_count(&token), 2);
+        assert_eq!(c1.load(Ordering::SeqCst), 1, "still in flight");
         drop(f);
+        assert_eq!(*log.lock().unwrap(), ["future", "guard"]);
         assert_eq!(
-            Arc::strong_count(&token),
-            1,
-            "the inline future was dropped"
+            (c1.load(Ordering::SeqCst), c2.load(Ordering::SeqCst)),
+            (0, 0)
         );
-        assert_eq!(c.load(Ordering::SeqCst), 0, "the count was released");
+        assert_eq!(
+            (s1.get().read.ops, s2.get().read.ops, s1.get().failed),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn completion_maps_the_result_records_every_layer_once_and_drops_the_guard_last() {
+        for (result, ok) in [(Ok(7), true), (Err(eio()), false)] {
+            let log = Log::default();
+            let (c1, c2) = (AtomicU64::new(1), AtomicU64::new(1));
+            let (s1, s2) = (IoStats::new(), IoStats::new());
+            let mut f = pending_once(result, &log);
+            f.add_layer(&c1, &s1, IoKind::Write, 4096);
+            f.keep(logged("guard", &log));
+            f.map_with(|r| r.map(|v| v * 10));
+            f.add_layer(&c2, &s2, IoKind::Write, 4096);
+            assert!(!f.is_pooled(), "two layers and a guard stay in place");
+            let out = futures::executor::block_on(f);
+            assert_eq!(out.as_ref().ok(), ok.then_some(&70));
+            assert_eq!(*log.lock().unwrap(), ["future", "guard"]);
+            assert_eq!(
+                (c1.load(Ordering::SeqCst), c2.load(Ordering::SeqCst)),
+                (0, 0)
+            );
+            let (a, b) = (s1.get(), s2.get());
+            if ok {
+                assert_eq!((a.write.ops, a.write.bytes, b.write.ops), (1, 4096, 1));
+                assert_eq!(a.write.latency_ticks, b.write.latency_ticks, "one clock");
+            } else {
+                assert_eq!((a.failed, b.failed, a.write.ops), (1, 1, 0));
+            }
+        }
+    }
+
+    #[test]
+    fn a_complete_request_is_recorded_and_released_at_once() {
+        let log = Log::default();
+        let c = AtomicU64::new(1);
+        let s = IoStats::new();
+        let mut f = IoFuture::ready(Ok::<u32, crate::BdevError>(3));
+        f.add_layer(&c, &s, IoKind::Read, 512);
+        assert_eq!((c.load(Ordering::SeqCst), s.get().read.ops), (0, 1));
+        f.keep(logged("guard", &log));
+        assert_eq!(*log.lock().unwrap(), ["guard"], "nothing left to guard");
+        f.map_with(|r| r.map(|v| v + 1));
+        assert_eq!(futures::executor::block_on(f).unwrap(), 4);
+        assert_eq!(s.get().read.ops, 1, "recorded once");
+    }
+
+    #[test]
+    fn one_layer_or_guard_too_many_nests_the_request_and_still_counts() {
+        let log = Log::default();
+        let cs = [AtomicU64::new(1), AtomicU64::new(1), AtomicU64::new(1)];
+        let ss = [IoStats::new(), IoStats::new(), IoStats::new()];
+        let mut f = pending_once(Ok(1), &log);
+        for (c, s) in cs.iter().zip(&ss) {
+            f.add_layer(c, s, IoKind::Read, 512);
+        }
+        assert!(f.is_pooled(), "a third layer nests");
+        f.keep(logged("g1", &log));
+        f.keep(logged("g2", &log));
+        f.keep((logged("big", &log), [0u64; 4]));
+        f.map_with(|r| r.map(|v| v + 1));
+        f.map_with(|r| r.map(|v| v * 2));
+        assert_eq!(futures::executor::block_on(f).unwrap(), 4);
+        let l = log.lock().unwrap().clone();
+        assert_eq!(l[0], "future");
+        assert_eq!(l.len(), 4, "{l:?}");
+        assert!(l.iter().position(|&x| x == "big") > l.iter().position(|&x| x == "g2"));
+        for (c, s) in cs.iter().zip(&ss) {
+            assert_eq!((c.load(Ordering::SeqCst), s.get().read.ops), (0, 1));
+        }
     }
 }

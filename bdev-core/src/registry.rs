@@ -698,8 +698,6 @@ impl Descriptor {
             || (io_type == IoType::WriteZeroes && self.dev.io_type_supported(IoType::Write))
     }
 
-    /// The statistics hook: counts one I/O of `blocks` blocks that started at tick `t0`.
-    #[inline]
     /// Runs `op` in flight (counted for removal) and records it in the statistics as `kind`
     /// of `blocks` blocks, with its latency and outcome.
     async fn tracked<T>(
@@ -819,9 +817,9 @@ impl Descriptor {
         } else {
             IoKind::Read
         };
-        submit(self.dev.as_ref(), offset_blocks, buf)
-            .counted(&self.state.inflight)
-            .recorded(&self.state.stats, kind, bytes)
+        let mut fut = submit(self.dev.as_ref(), offset_blocks, buf);
+        fut.add_layer(&self.state.inflight, &self.state.stats, kind, bytes);
+        fut
     }
 
     /// The checks of one read or write, each done once: alive, writable (writes),

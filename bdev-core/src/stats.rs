@@ -628,7 +628,12 @@ impl IoStats {
     /// Failed I/O counts as an error; only successful reads, writes and unmaps count as ops.
     #[inline]
     pub fn record(&self, kind: IoKind, bytes: u64, start: u64, ok: bool) {
-        let ticks = now().saturating_sub(start);
+        self.record_ticks(kind, bytes, now().saturating_sub(start), ok);
+    }
+
+    /// [`IoStats::record`] of an I/O that took `ticks`.
+    #[inline]
+    pub fn record_ticks(&self, kind: IoKind, bytes: u64, ticks: u64, ok: bool) {
         let s = &self.stripes[my_stripe() & (self.stripes.len() - 1)];
         if ok {
             match kind {

@@ -184,6 +184,15 @@ impl Direct<'_> {
     }
 }
 
+impl<'a> Direct<'a> {
+    /// The hold alone (one word), for a request sent to [`DirectTarget::Dev`] that must keep
+    /// the cluster where it is until the request ends.
+    #[inline]
+    pub fn into_hold(self) -> impl Send + 'a {
+        self._hold
+    }
+}
+
 /// One piece of an I/O inside a single cluster.
 struct Seg {
     cluster: usize,

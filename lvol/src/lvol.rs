@@ -265,6 +265,11 @@ fn dev_err(e: BdevError) -> BdevError {
     to_bdev_err(bs_dev_err(e))
 }
 
+/// [`dev_err`] over a request's result (a fn pointer for [`IoFuture::map_with`]).
+fn dev_result(r: bdev_core::Result<IoBuf>) -> bdev_core::Result<IoBuf> {
+    r.map_err(dev_err)
+}
+
 fn eio() -> BdevError {
     BdevError::Io(std::io::Error::from_raw_os_error(libc::EIO))
 }
@@ -436,33 +441,54 @@ impl BlockDevice for LvolBdev {
         self.write_io(offset_blocks, buf).await
     }
     fn read_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
-        // Steady state (`Blob::direct`): the request goes to the descriptor of the device
-        // that holds the data, its future inside ours (a pooled block): no allocation, no
-        // boxed `BsDev` call. Anything else takes the blob's general path, and a failure
-        // the retry loop (with its timer); both are boxed apart so this future stays small.
+        // Steady state (`Blob::direct`): a cluster on the store's device is read by the
+        // request of its descriptor, returned as ours with the freeze hold and the
+        // descriptor's use attached (no future of ours, no pooled block). A base cluster
+        // takes a future of ours that nests the base's request (a pooled block); anything
+        // else the blob's general path, and a failure the retry loop (with its timer), both
+        // boxed apart so the future stays small.
+        let (len, align) = (buf.len(), buf.align());
+        if let Some(d) = self.lvol.blob.direct(offset_blocks, len, false) {
+            if let DirectTarget::Dev(lba) = d.target() {
+                if let Some(desc) = self.base.descriptor() {
+                    let mut fut = desc.into_read_io(lba, buf);
+                    fut.keep(d.into_hold());
+                    fut.map_with(dev_result);
+                    return fut;
+                }
+            }
+            return IoFuture::new(async move {
+                // The hold ends before a retry, which may wait for a base to come back.
+                let r = {
+                    let d = d;
+                    self.direct_read(d.target(), buf).await
+                };
+                match r {
+                    Ok(b) => Ok(b),
+                    Err(e) => Box::pin(self.read_retry(offset_blocks, len, align, e)).await,
+                }
+            });
+        }
         IoFuture::new(async move {
-            let (len, align) = (buf.len(), buf.align());
-            let r = match self.lvol.blob.direct(offset_blocks, len, false) {
-                Some(d) => self.direct_read(d.target(), buf).await,
-                None => Box::pin(self.lvol.blob.read(offset_blocks, buf)).await,
-            };
-            match r {
+            match Box::pin(self.lvol.blob.read(offset_blocks, buf)).await {
                 Ok(b) => Ok(b),
                 Err(e) => Box::pin(self.read_retry(offset_blocks, len, align, e)).await,
             }
         })
     }
     fn write_io(&self, offset_blocks: u64, buf: IoBuf) -> IoFuture<'_, bdev_core::Result<IoBuf>> {
-        IoFuture::new(async move {
-            if let Some(d) = self.lvol.blob.direct(offset_blocks, buf.len(), true) {
-                if let DirectTarget::Dev(lba) = d.target() {
-                    if let Some(desc) = self.base.descriptor() {
-                        return desc.write_io(lba, buf).await.map_err(dev_err);
-                    }
+        // Steady state: as a read of a cluster on the store's device (see `read_io`).
+        if let Some(d) = self.lvol.blob.direct(offset_blocks, buf.len(), true) {
+            if let DirectTarget::Dev(lba) = d.target() {
+                if let Some(desc) = self.base.descriptor() {
+                    let mut fut = desc.into_write_io(lba, buf);
+                    fut.keep(d.into_hold());
+                    fut.map_with(dev_result);
+                    return fut;
                 }
             }
-            Box::pin(self.write_slow(offset_blocks, buf)).await
-        })
+        }
+        IoFuture::new(async move { Box::pin(self.write_slow(offset_blocks, buf)).await })
     }
     async fn flush(&self) -> bdev_core::Result<()> {
         // The blob's flush reaches the store's device (`BdevBsDev::flush`), which writes back

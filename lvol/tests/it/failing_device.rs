@@ -129,3 +129,54 @@ fn read_errors_while_loading_are_eio() {
         assert!(failed > 1, "only {failed} loads failed");
     });
 }
+
+/// A thick lvol's steady-state request is the store device's own (no future of the lvol's
+/// in between): it still counts in both bdevs' statistics, and a failure of the device
+/// reaches the lvol's caller as EIO, at once, for reads and writes alike.
+#[test]
+fn steady_state_requests_count_on_both_bdevs_and_fail_as_eio() {
+    block_on(async {
+        let (reg, m, ee, s) = error_store().await;
+        let l = thick_lvol(&m, &s, "v", 4 * u64::from(CLUSTER)).await;
+        let d = open(&reg, l.unique_id(), true);
+        let data = pattern(9, 8192, 4096);
+        write_at(&d, 8192, &data).await.unwrap();
+        let f = d.read_io(16, bdev_core::IoBuf::new(4096, 4096));
+        assert!(
+            !f.is_pooled(),
+            "the store device's request, not one nesting it"
+        );
+        assert_eq!(&f.await.unwrap()[..], &data[..]);
+        let (lv, dev) = (
+            reg.stats(l.unique_id()).unwrap().get(),
+            reg.stats("EE_m0").unwrap().get(),
+        );
+        assert_eq!((lv.read.ops, lv.write.ops), (1, 1));
+        assert!(dev.read.ops >= 1 && dev.write.ops >= 1, "{dev:?}");
+        let dev_reads = dev.read.ops;
+        for io in [IoType::Read, IoType::Write] {
+            ee.inject(fail_from(io, 0));
+            let e = if io == IoType::Read {
+                d.read(16, bdev_core::IoBuf::new(4096, 4096))
+                    .await
+                    .unwrap_err()
+            } else {
+                write_at(&d, 8192, &data).await.unwrap_err()
+            };
+            assert_eq!(e.errno(), libc::EIO, "{io:?}: {e}");
+            ee.clear();
+        }
+        let (lv, dev) = (
+            reg.stats(l.unique_id()).unwrap().get(),
+            reg.stats("EE_m0").unwrap().get(),
+        );
+        assert_eq!(lv.failed, 2);
+        assert_eq!(
+            dev.read.ops, dev_reads,
+            "the failed read did not count as done"
+        );
+        // The esnap-free lvol reads what it wrote after the failures.
+        let back = d.read(16, bdev_core::IoBuf::new(4096, 4096)).await.unwrap();
+        assert_eq!(&back[..], &data[..]);
+    });
+}
