@@ -20,7 +20,6 @@ use std::future::Future;
 use std::marker::{PhantomData, PhantomPinned};
 use std::mem::{align_of, size_of, MaybeUninit};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -183,10 +182,8 @@ pub struct IoFuture<'a, T> {
     _pin: PhantomPinned,
 }
 
-/// One descriptor's accounting of a request: its in-flight count (already incremented by
-/// the caller, decremented when the request ends) and its statistics.
+/// One descriptor's accounting of a request: its statistics.
 struct Layer<'a> {
-    inflight: &'a AtomicU64,
     stats: &'a IoStats,
     kind: IoKind,
     bytes: u64,
@@ -302,8 +299,7 @@ impl<'a, T> IoFuture<'a, T> {
     }
 
     /// Keeps `guard` until the request ends (dropped after the request's future and after
-    /// the descriptors' in-flight counts are released), or drops it now if the request is
-    /// already complete. A guard of up to two words is kept in place; a larger one, or one
+    /// the descriptors recorded it), or drops it now if the request is already complete. A guard of up to two words is kept in place; a larger one, or one
     /// too many, nests the request in a pooled block.
     pub fn keep<H: Send + 'a>(&mut self, guard: H)
     where
@@ -355,9 +351,8 @@ impl<'a, T> IoFuture<'a, T> {
         std::mem::replace(self, Self::of(Kind::Ready(None)))
     }
 
-    /// Ends the request's accounting: its future first (it may still use the device), then
-    /// the layers' in-flight counts (recording `out` in their statistics when the request
-    /// completed), then the guards.
+    /// Ends the request: its future first (it may still use the device), then the layers
+    /// (recording `out` in their statistics when the request completed), then the guards.
     #[inline]
     fn finish(&mut self, out: Option<&T>) {
         self.kind = Kind::Ready(None);
@@ -377,7 +372,6 @@ impl<'a, T> IoFuture<'a, T> {
         };
         for l in self.layers.iter_mut() {
             let Some(l) = l.take() else { break };
-            l.inflight.fetch_sub(1, Ordering::AcqRel);
             if let (Some(v), Some(ok)) = (out, self.ok) {
                 l.stats.record_ticks(l.kind, l.bytes, ticks, ok(v));
             }
@@ -387,31 +381,18 @@ impl<'a, T> IoFuture<'a, T> {
 }
 
 impl<'a, X: Send + 'a> IoFuture<'a, crate::Result<X>> {
-    /// Counts the request in `inflight` (already incremented by the caller) until it ends,
-    /// and records it in `stats` (kind, bytes, latency, success) when it completes; a
+    /// Records the request in `stats` (kind, bytes, latency, success) when it completes; a
     /// request dropped before completion is not recorded. The latency runs from the
     /// innermost layer's start; a request already complete is recorded at once.
-    pub(crate) fn add_layer(
-        &mut self,
-        inflight: &'a AtomicU64,
-        stats: &'a IoStats,
-        kind: IoKind,
-        bytes: u64,
-    ) {
+    pub(crate) fn add_layer(&mut self, stats: &'a IoStats, kind: IoKind, bytes: u64) {
         let start = *self.start.get_or_insert_with(crate::stats::now);
         self.ok = Some(|r| r.is_ok());
         if let Kind::Ready(Some(v)) = &self.kind {
             let end = *self.end.get_or_insert_with(crate::stats::now);
-            inflight.fetch_sub(1, Ordering::AcqRel);
             stats.record_ticks(kind, bytes, end.saturating_sub(start), v.is_ok());
             return;
         }
-        let layer = Layer {
-            inflight,
-            stats,
-            kind,
-            bytes,
-        };
+        let layer = Layer { stats, kind, bytes };
         match self.layers.iter_mut().find(|l| l.is_none()) {
             Some(slot) => *slot = Some(layer),
             None => {
@@ -427,8 +408,7 @@ impl<'a, X: Send + 'a> IoFuture<'a, crate::Result<X>> {
 
 impl<T> Drop for IoFuture<'_, T> {
     fn drop(&mut self) {
-        // The request's own future first (it may still hold the device), then the counts,
-        // then the guards.
+        // The request's own future first (it may still hold the device), then the guards.
         self.finish(None);
     }
 }
@@ -529,23 +509,17 @@ mod tests {
     }
 
     #[test]
-    fn dropping_unfinished_releases_the_counts_then_the_guards_and_records_nothing() {
+    fn dropping_unfinished_drops_the_future_then_the_guards_and_records_nothing() {
         let log = Log::default();
-        let (c1, c2) = (AtomicU64::new(1), AtomicU64::new(1));
         let (s1, s2) = (IoStats::new(), IoStats::new());
         let mut f = pending_once(Ok(1), &log);
-        f.add_layer(&c1, &s1, IoKind::Read, 512);
+        f.add_layer(&s1, IoKind::Read, 512);
         f.keep(logged("guard", &log));
-        f.add_layer(&c2, &s2, IoKind::Read, 512);
+        f.add_layer(&s2, IoKind::Read, 512);
         let mut f = Box::pin(f);
         assert!(futures::FutureExt::now_or_never(&mut f).is_none());
-        assert_eq!(c1.load(Ordering::SeqCst), 1, "still in flight");
         drop(f);
         assert_eq!(*log.lock().unwrap(), ["future", "guard"]);
-        assert_eq!(
-            (c1.load(Ordering::SeqCst), c2.load(Ordering::SeqCst)),
-            (0, 0)
-        );
         assert_eq!(
             (s1.get().read.ops, s2.get().read.ops, s1.get().failed),
             (0, 0, 0)
@@ -556,21 +530,16 @@ mod tests {
     fn completion_maps_the_result_records_every_layer_once_and_drops_the_guard_last() {
         for (result, ok) in [(Ok(7), true), (Err(eio()), false)] {
             let log = Log::default();
-            let (c1, c2) = (AtomicU64::new(1), AtomicU64::new(1));
             let (s1, s2) = (IoStats::new(), IoStats::new());
             let mut f = pending_once(result, &log);
-            f.add_layer(&c1, &s1, IoKind::Write, 4096);
+            f.add_layer(&s1, IoKind::Write, 4096);
             f.keep(logged("guard", &log));
             f.map_with(|r| r.map(|v| v * 10));
-            f.add_layer(&c2, &s2, IoKind::Write, 4096);
+            f.add_layer(&s2, IoKind::Write, 4096);
             assert!(!f.is_pooled(), "two layers and a guard stay in place");
             let out = futures::executor::block_on(f);
             assert_eq!(out.as_ref().ok(), ok.then_some(&70));
             assert_eq!(*log.lock().unwrap(), ["future", "guard"]);
-            assert_eq!(
-                (c1.load(Ordering::SeqCst), c2.load(Ordering::SeqCst)),
-                (0, 0)
-            );
             let (a, b) = (s1.get(), s2.get());
             if ok {
                 assert_eq!((a.write.ops, a.write.bytes, b.write.ops), (1, 4096, 1));
@@ -584,11 +553,10 @@ mod tests {
     #[test]
     fn a_complete_request_is_recorded_and_released_at_once() {
         let log = Log::default();
-        let c = AtomicU64::new(1);
         let s = IoStats::new();
         let mut f = IoFuture::ready(Ok::<u32, crate::BdevError>(3));
-        f.add_layer(&c, &s, IoKind::Read, 512);
-        assert_eq!((c.load(Ordering::SeqCst), s.get().read.ops), (0, 1));
+        f.add_layer(&s, IoKind::Read, 512);
+        assert_eq!(s.get().read.ops, 1);
         f.keep(logged("guard", &log));
         assert_eq!(*log.lock().unwrap(), ["guard"], "nothing left to guard");
         f.map_with(|r| r.map(|v| v + 1));
@@ -599,11 +567,10 @@ mod tests {
     #[test]
     fn one_layer_or_guard_too_many_nests_the_request_and_still_counts() {
         let log = Log::default();
-        let cs = [AtomicU64::new(1), AtomicU64::new(1), AtomicU64::new(1)];
         let ss = [IoStats::new(), IoStats::new(), IoStats::new()];
         let mut f = pending_once(Ok(1), &log);
-        for (c, s) in cs.iter().zip(&ss) {
-            f.add_layer(c, s, IoKind::Read, 512);
+        for s in &ss {
+            f.add_layer(s, IoKind::Read, 512);
         }
         assert!(f.is_pooled(), "a third layer nests");
         f.keep(logged("g1", &log));
@@ -616,8 +583,8 @@ mod tests {
         assert_eq!(l[0], "future");
         assert_eq!(l.len(), 4, "{l:?}");
         assert!(l.iter().position(|&x| x == "big") > l.iter().position(|&x| x == "g2"));
-        for (c, s) in cs.iter().zip(&ss) {
-            assert_eq!((c.load(Ordering::SeqCst), s.get().read.ops), (0, 1));
+        for s in &ss {
+            assert_eq!(s.get().read.ops, 1);
         }
     }
 }

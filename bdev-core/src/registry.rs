@@ -10,7 +10,7 @@
 //! examine hook may register devices, and a descriptor may be dropped from any thread.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use async_trait::async_trait;
@@ -65,8 +65,6 @@ struct DevCtl {
 struct DevState {
     dev: Arc<dyn BlockDevice>,
     ctl: Mutex<DevCtl>,
-    /// I/O submitted through descriptors and not yet completed.
-    inflight: AtomicU64,
     /// `destruct` has been called: every I/O fails with ENODEV.
     gone: AtomicBool,
     /// I/O statistics (`bdev_get_iostat`).
@@ -214,7 +212,6 @@ impl Registry {
             let state = Arc::new(DevState {
                 dev,
                 ctl: Mutex::new(DevCtl::default()),
-                inflight: AtomicU64::new(0),
                 gone: AtomicBool::new(false),
                 stats: Arc::new(IoStats::new()),
             });
@@ -386,13 +383,6 @@ impl Registry {
             .unwrap_or(0)
     }
 
-    /// Number of I/Os in flight through the descriptors of a device (0 if unknown).
-    pub fn inflight(&self, name: &str) -> u64 {
-        self.state_of(name)
-            .map(|s| s.inflight.load(Ordering::Acquire))
-            .unwrap_or(0)
-    }
-
     /// The I/O statistics of a device (by name, alias or UUID).
     pub fn stats(&self, name_or_alias_or_uuid: &str) -> Option<Arc<IoStats>> {
         self.state_of(name_or_alias_or_uuid)
@@ -506,22 +496,6 @@ impl Registry {
         for (_, d) in ctl.descs.iter() {
             let _ = d.events.unbounded_send(BdevEvent::Resize { num_blocks });
         }
-    }
-}
-
-/// Counts one in-flight I/O for as long as it lives.
-struct Inflight<'a>(&'a AtomicU64);
-
-impl<'a> Inflight<'a> {
-    fn new(c: &'a AtomicU64) -> Self {
-        c.fetch_add(1, Ordering::AcqRel);
-        Inflight(c)
-    }
-}
-
-impl Drop for Inflight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -698,15 +672,14 @@ impl Descriptor {
             || (io_type == IoType::WriteZeroes && self.dev.io_type_supported(IoType::Write))
     }
 
-    /// Runs `op` in flight (counted for removal) and records it in the statistics as `kind`
-    /// of `blocks` blocks, with its latency and outcome.
+    /// Runs `op` and records it in the statistics as `kind` of `blocks` blocks, with its
+    /// latency and outcome.
     async fn tracked<T>(
         &self,
         kind: IoKind,
         blocks: u64,
         op: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
-        let _g = Inflight::new(&self.state.inflight);
         let t0 = stats::now();
         let r = op.await;
         let bytes = blocks.saturating_mul(u64::from(self.dev.block_len()));
@@ -794,8 +767,8 @@ impl Descriptor {
         })
     }
 
-    /// One read or write: the checks, then the device's request, counted in flight and in
-    /// the statistics until it ends.
+    /// One read or write: the checks, then the device's request, recorded in the statistics
+    /// when it ends.
     fn start_io<'a>(
         &'a self,
         offset_blocks: u64,
@@ -810,7 +783,6 @@ impl Descriptor {
         if n == 0 {
             return IoFuture::ready(Ok(buf));
         }
-        self.state.inflight.fetch_add(1, Ordering::AcqRel);
         let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
         let kind = if io_type == IoType::Write {
             IoKind::Write
@@ -818,7 +790,7 @@ impl Descriptor {
             IoKind::Read
         };
         let mut fut = submit(self.dev.as_ref(), offset_blocks, buf);
-        fut.add_layer(&self.state.inflight, &self.state.stats, kind, bytes);
+        fut.add_layer(&self.state.stats, kind, bytes);
         fut
     }
 
@@ -846,7 +818,7 @@ impl Descriptor {
     }
 
     /// [`Descriptor::readv`] or [`Descriptor::writev`]: the checks (alive, writable for a
-    /// write, supported, buffers, range), then the device's call, in flight and counted.
+    /// write, supported, buffers, range), then the device's call, recorded.
     async fn vectored(
         &self,
         write: bool,
