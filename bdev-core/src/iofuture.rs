@@ -149,8 +149,8 @@ enum Kind<'a, T> {
     Boxed(BoxFuture<'a, T>),
 }
 
-/// Descriptors that count and record one request in place (`add_layer`); a request
-/// crossing more is wrapped in a pooled block.
+/// Descriptors that record one request in place (`add_layer`); a request crossing more is
+/// wrapped in a pooled block.
 const LAYERS: usize = 2;
 /// Guards kept in place until a request ends ([`IoFuture::keep`]); more are wrapped.
 const HOLDS: usize = 2;
@@ -167,9 +167,9 @@ const HOLD_WORDS: usize = 2;
 /// however many descriptors count it.
 pub struct IoFuture<'a, T> {
     kind: Kind<'a, T>,
-    /// Descriptors counting the request in flight and recording it, innermost first.
+    /// Descriptors recording the request, innermost first.
     layers: [Option<Layer<'a>>; LAYERS],
-    /// Tick at which the innermost layer started counting.
+    /// Tick at which the innermost layer started timing the request.
     start: Option<u64>,
     /// Tick at which the request was seen complete (once a layer recorded it).
     end: Option<u64>,
@@ -299,8 +299,9 @@ impl<'a, T> IoFuture<'a, T> {
     }
 
     /// Keeps `guard` until the request ends (dropped after the request's future and after
-    /// the descriptors recorded it), or drops it now if the request is already complete. A guard of up to two words is kept in place; a larger one, or one
-    /// too many, nests the request in a pooled block.
+    /// the descriptors recorded it), or drops it now if the request is already complete. A
+    /// guard of up to two words is kept in place; a larger one, or one too many, nests the
+    /// request in a pooled block.
     pub fn keep<H: Send + 'a>(&mut self, guard: H)
     where
         T: Send + 'a,
