@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use bdev_core::{BdevError, BlockDevice, IoFuture, IoType};
-use blobstore::{Blob, BlobId, BsDev, BsError, DirectTarget, Parent};
+use bdev_core::{BdevError, BlockDevice, DescGuard, IoFuture, IoType};
+use blobstore::{Blob, BlobId, BsDev, BsError, Direct, DirectTarget, Parent};
 use iobuf::IoBuf;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -270,6 +270,25 @@ fn dev_result(r: bdev_core::Result<IoBuf>) -> bdev_core::Result<IoBuf> {
     r.map_err(dev_err)
 }
 
+/// The steady-state request on a cluster of the store's device: the device descriptor's own
+/// request, returned as the lvol's with the freeze hold `d` and the error mapping attached.
+fn store_request<'a>(
+    desc: DescGuard<'a>,
+    d: Direct<'a>,
+    lba: u64,
+    buf: IoBuf,
+    write: bool,
+) -> IoFuture<'a, bdev_core::Result<IoBuf>> {
+    let mut fut = if write {
+        desc.into_write_io(lba, buf)
+    } else {
+        desc.into_read_io(lba, buf)
+    };
+    fut.keep(d.into_hold());
+    fut.map_with(dev_result);
+    fut
+}
+
 fn eio() -> BdevError {
     BdevError::Io(std::io::Error::from_raw_os_error(libc::EIO))
 }
@@ -451,10 +470,7 @@ impl BlockDevice for LvolBdev {
         if let Some(d) = self.lvol.blob.direct(offset_blocks, len, false) {
             if let DirectTarget::Dev(lba) = d.target() {
                 if let Some(desc) = self.base.descriptor() {
-                    let mut fut = desc.into_read_io(lba, buf);
-                    fut.keep(d.into_hold());
-                    fut.map_with(dev_result);
-                    return fut;
+                    return store_request(desc, d, lba, buf, false);
                 }
             }
             return IoFuture::new(async move {
@@ -481,10 +497,7 @@ impl BlockDevice for LvolBdev {
         if let Some(d) = self.lvol.blob.direct(offset_blocks, buf.len(), true) {
             if let DirectTarget::Dev(lba) = d.target() {
                 if let Some(desc) = self.base.descriptor() {
-                    let mut fut = desc.into_write_io(lba, buf);
-                    fut.keep(d.into_hold());
-                    fut.map_with(dev_result);
-                    return fut;
+                    return store_request(desc, d, lba, buf, true);
                 }
             }
         }
