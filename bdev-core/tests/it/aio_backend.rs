@@ -335,3 +335,35 @@ fn default_open_is_o_direct_and_buffered_on_request() {
         "{flags:?}"
     );
 }
+
+/// A request taken through a slot's guard (`DescGuard::into_read_io`, the path a thick lvol's
+/// steady-state read takes) keeps the descriptor open after the slot is closed: the device's
+/// unregister waits until the request ends, and the request reads what was written.
+#[test]
+fn a_guarded_request_keeps_the_closed_slots_descriptor_until_it_ends() {
+    block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::new();
+        test_support::bdev::aio_sparse(&reg, dir.path(), "a", 1 << 20).await;
+        let slot = bdev_core::DescSlot::new(reg.open("a", true).unwrap());
+        let want = {
+            let g = slot.get().unwrap();
+            let b = pattern(&g, 8, 1, 5);
+            g.write(8, b.clone()).await.unwrap();
+            b
+        };
+        // Not polled yet: an aio request is pending, so the guard is kept, not dropped.
+        let fut = slot.get().unwrap().into_read_io(8, IoBuf::new(512, 512));
+        assert!(slot.close());
+        assert!(slot.get().is_none(), "closed for new requests");
+        let mut unreg = Box::pin(reg.unregister("a"));
+        assert!(
+            futures::poll!(unreg.as_mut()).is_pending(),
+            "the request holds the descriptor"
+        );
+        let got = fut.await.unwrap();
+        assert_eq!(&got[..], &want[..]);
+        unreg.await.unwrap();
+        assert!(reg.open("a", false).is_err(), "the device is gone");
+    });
+}

@@ -141,6 +141,8 @@ fn steady_state_requests_count_on_both_bdevs_and_fail_as_eio() {
         let d = open(&reg, l.unique_id(), true);
         let data = pattern(9, 8192, 4096);
         write_at(&d, 8192, &data).await.unwrap();
+        let dev_stats = reg.stats("EE_m0").unwrap();
+        let before = dev_stats.get();
         let f = d.read_io(16, bdev_core::IoBuf::new(4096, 4096));
         assert!(
             !f.is_pooled(),
@@ -152,7 +154,14 @@ fn steady_state_requests_count_on_both_bdevs_and_fail_as_eio() {
             reg.stats("EE_m0").unwrap().get(),
         );
         assert_eq!((lv.read.ops, lv.write.ops), (1, 1));
-        assert!(dev.read.ops >= 1 && dev.write.ops >= 1, "{dev:?}");
+        assert_eq!(
+            (
+                dev.read.ops - before.read.ops,
+                dev.read.bytes - before.read.bytes
+            ),
+            (1, 4096),
+            "the lvol's read is one read of the store's device"
+        );
         let dev_reads = dev.read.ops;
         for io in [IoType::Read, IoType::Write] {
             ee.inject(fail_from(io, 0));
@@ -175,7 +184,7 @@ fn steady_state_requests_count_on_both_bdevs_and_fail_as_eio() {
             dev.read.ops, dev_reads,
             "the failed read did not count as done"
         );
-        // The esnap-free lvol reads what it wrote after the failures.
+        // Once the device heals, the lvol reads what it wrote.
         let back = d.read(16, bdev_core::IoBuf::new(4096, 4096)).await.unwrap();
         assert_eq!(&back[..], &data[..]);
     });
