@@ -50,5 +50,5 @@ pub use desc_slot::{DescGuard, DescSlot};
 pub use device::{BdevEvent, BlockDevice, ClaimType, IoType};
 pub use error::{BdevError, Result};
 pub use iobuf::IoBuf;
-pub use iofuture::IoFuture;
+pub use iofuture::{IoFuture, Recovered};
 pub use registry::{Descriptor, ExamineHook, Registry};

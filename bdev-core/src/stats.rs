@@ -77,18 +77,19 @@ impl IoKind {
         }
     }
 
+    /// Every kind, in declaration order (`kind as usize` indexes it).
+    pub(crate) const ALL: [IoKind; 6] = [
+        IoKind::Read,
+        IoKind::Write,
+        IoKind::Unmap,
+        IoKind::Flush,
+        IoKind::Reset,
+        IoKind::WriteZeroes,
+    ];
+
     /// The kind named `name` (SPDK's names).
     pub fn from_spdk_name(name: &str) -> Option<IoKind> {
-        [
-            IoKind::Read,
-            IoKind::Write,
-            IoKind::Unmap,
-            IoKind::Flush,
-            IoKind::Reset,
-            IoKind::WriteZeroes,
-        ]
-        .into_iter()
-        .find(|k| k.spdk_name() == name)
+        Self::ALL.into_iter().find(|k| k.spdk_name() == name)
     }
 
     fn code(self) -> u8 {

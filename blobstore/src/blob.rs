@@ -191,6 +191,17 @@ impl<'a> Direct<'a> {
     pub fn into_hold(self) -> impl Send + 'a {
         self._hold
     }
+
+    /// The target and the hold apart (the hold is one word), for a request that keeps the
+    /// hold until it ends.
+    ///
+    /// # Safety
+    /// The target's [`DirectTarget::Esnap`] device is valid only while the hold lives: the
+    /// caller must not use it (nor anything borrowed from it) once the hold is dropped.
+    #[inline]
+    pub unsafe fn into_parts(self) -> (DirectTarget<'a>, impl Send + 'a) {
+        (self.target, self._hold)
+    }
 }
 
 /// One piece of an I/O inside a single cluster.

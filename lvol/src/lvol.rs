@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use async_trait::async_trait;
-use bdev_core::{BdevError, BlockDevice, DescGuard, IoFuture, IoType};
+use bdev_core::{BdevError, BlockDevice, DescGuard, IoFuture, IoType, Recovered};
 use blobstore::{Blob, BlobId, BsDev, BsError, Direct, DirectTarget, Parent};
 use iobuf::IoBuf;
 use serde_json::{json, Value};
@@ -289,6 +289,25 @@ fn store_request<'a>(
     fut
 }
 
+/// What a failed read of an esnap clone's base cluster becomes: the retry loop (see
+/// [`LvolBdev::read_retry`]); a success passes as it is.
+// The request to wait for instead is the slow path, moved once.
+#[allow(clippy::result_large_err)]
+fn esnap_recover<'a>(
+    (me, offset_blocks, len, align): (&'a LvolBdev, u64, u32, u32),
+    r: bdev_core::Result<IoBuf>,
+) -> Recovered<'a, bdev_core::Result<IoBuf>> {
+    match r {
+        Ok(b) => Ok(Ok(b)),
+        Err(e) => {
+            let (len, align) = (len as usize, align as usize);
+            Err(IoFuture::new(async move {
+                Box::pin(me.read_retry(offset_blocks, len, align, bs_dev_err(e))).await
+            }))
+        }
+    }
+}
+
 fn eio() -> BdevError {
     BdevError::Io(std::io::Error::from_raw_os_error(libc::EIO))
 }
@@ -473,11 +492,31 @@ impl BlockDevice for LvolBdev {
                     return store_request(desc, d, lba, buf, false);
                 }
             }
+            // SAFETY: `target` is used only while `hold` lives: the request below keeps the
+            // hold until it ends (dropped after the esnap descriptor's guard), the future
+            // after it holds it across the read.
+            let (target, hold) = unsafe { d.into_parts() };
+            if let DirectTarget::Esnap(ed, lba) = target {
+                let esnap = ed.as_any().and_then(|a| a.downcast_ref::<BdevBsDev>());
+                if let (Some(desc), Ok(len32), Ok(align32)) = (
+                    esnap.and_then(|b| b.descriptor()),
+                    u32::try_from(len),
+                    u32::try_from(align),
+                ) {
+                    // A base cluster of an esnap clone: the base descriptor's own request,
+                    // as a store cluster's; a failure goes to the retry loop, which runs
+                    // without the hold (it may wait for the base to come back).
+                    let mut fut = desc.into_read_io(lba, buf);
+                    fut.keep(hold);
+                    fut.recover_with((self, offset_blocks, len32, align32), esnap_recover);
+                    return fut;
+                }
+            }
             return IoFuture::new(async move {
                 // The hold ends before a retry, which may wait for a base to come back.
                 let r = {
-                    let d = d;
-                    self.direct_read(d.target(), buf).await
+                    let _hold = hold;
+                    self.direct_read(target, buf).await
                 };
                 match r {
                     Ok(b) => Ok(b),

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use bdev_core::backend::error::ErrorBdev;
+use bdev_core::backend::error::{ErrorBdev, Injection};
 use bdev_core::{IoType, Registry};
 use blobstore::ClearMethod;
 use futures::executor::block_on;
@@ -187,5 +187,72 @@ fn steady_state_requests_count_on_both_bdevs_and_fail_as_eio() {
         // Once the device heals, the lvol reads what it wrote.
         let back = d.read(16, bdev_core::IoBuf::new(4096, 4096)).await.unwrap();
         assert_eq!(&back[..], &data[..]);
+    });
+}
+
+/// An esnap clone's read of a base cluster is the base's own request (nothing pooled); a
+/// failure of the base goes to the retry loop, which reads again and either gets the data
+/// or ends in EIO; the base counts every failed try, the clone one result per request.
+#[test]
+fn esnap_base_reads_are_the_bases_requests_and_base_failures_are_retried() {
+    block_on(async {
+        let (reg, m) = setup();
+        let ee = error_over_malloc(&reg, "b0", 4 * MIB).await;
+        let base = pattern(3, 0, 2 * MIB as usize);
+        write_at(&open(&reg, "EE_b0", true), 0, &base)
+            .await
+            .unwrap();
+        malloc(&reg, "m0", 16 * MIB, 512).await;
+        let s = lvs(&m, "m0", "lvs", CLUSTER).await;
+        let ec = m.create_esnap_clone("EE_b0", &s, "ec").await.unwrap();
+        let d = open(&reg, ec.unique_id(), false);
+        let stats = || {
+            (
+                reg.stats(ec.unique_id()).unwrap().get(),
+                reg.stats("EE_b0").unwrap().get(),
+            )
+        };
+        let (_, b0) = stats();
+        let f = d.read_io(16, bdev_core::IoBuf::new(4096, 4096));
+        assert!(!f.is_pooled(), "the base's request, not one nesting it");
+        assert_eq!(&f.await.unwrap()[..], &base[8192..12288]);
+        let (c1, b1) = stats();
+        assert_eq!((c1.read.ops, b1.read.ops - b0.read.ops), (1, 1));
+
+        // Two failures, three retries allowed: the read gets the base's data.
+        m.set_esnap_retry(3, std::time::Duration::from_millis(1));
+        ee.inject(Injection {
+            count: 2,
+            ..fail_from(IoType::Read, 0)
+        });
+        let got = d.read(24, bdev_core::IoBuf::new(4096, 4096)).await.unwrap();
+        assert_eq!(&got[..], &base[12288..16384]);
+        let (c2, b2) = stats();
+        assert_eq!(
+            (c2.read.ops, c2.failed),
+            (2, 0),
+            "one success for the clone"
+        );
+        assert_eq!(
+            (b2.failed - b1.failed, b2.read.ops - b1.read.ops),
+            (2, 1),
+            "the base saw two failed tries and one read"
+        );
+
+        // A base that keeps failing: EIO once the retries are spent.
+        m.set_esnap_retry(1, std::time::Duration::from_millis(1));
+        ee.inject(fail_from(IoType::Read, 0));
+        let e = d
+            .read(32, bdev_core::IoBuf::new(4096, 4096))
+            .await
+            .unwrap_err();
+        assert_eq!(e.errno(), libc::EIO, "{e}");
+        let (c3, b3) = stats();
+        assert_eq!((c3.read.ops, c3.failed), (2, 1));
+        assert_eq!(b3.failed - b2.failed, 2, "the first try and one retry");
+        ee.clear();
+        let got = d.read(32, bdev_core::IoBuf::new(4096, 4096)).await.unwrap();
+        assert_eq!(&got[..], &base[16384..20480]);
+        assert!(!ec.is_degraded(), "a failing base is not a missing one");
     });
 }
