@@ -256,3 +256,44 @@ fn esnap_base_reads_are_the_bases_requests_and_base_failures_are_retried() {
         assert!(!ec.is_degraded(), "a failing base is not a missing one");
     });
 }
+
+/// A read of an esnap clone's base that fails and waits in its retries does not keep the
+/// clone frozen: a snapshot of the clone (which needs the freeze) completes meanwhile, and
+/// the read then gets the base's data once the base heals.
+#[test]
+fn a_retrying_esnap_read_does_not_hold_the_clone_frozen() {
+    block_on(async {
+        let (reg, m) = setup();
+        let ee = error_over_malloc(&reg, "b0", 4 * MIB).await;
+        let base = pattern(5, 0, 2 * MIB as usize);
+        write_at(&open(&reg, "EE_b0", true), 0, &base)
+            .await
+            .unwrap();
+        malloc(&reg, "m0", 16 * MIB, 512).await;
+        let s = lvs(&m, "m0", "lvs", CLUSTER).await;
+        let ec = m.create_esnap_clone("EE_b0", &s, "ec").await.unwrap();
+        let d = open(&reg, ec.unique_id(), false);
+        // Up to 2 s of retries: far longer than the snapshot needs once the freeze is free.
+        m.set_esnap_retry(200, std::time::Duration::from_millis(10));
+        ee.inject(fail_from(IoType::Read, 0));
+        let snapped = std::cell::Cell::new(false);
+        let read = d.read(40, bdev_core::IoBuf::new(4096, 4096));
+        let snapshot_then_heal = async {
+            futures_timer::Delay::new(std::time::Duration::from_millis(30)).await;
+            m.create_snapshot(&ec, "snap").await.unwrap();
+            snapped.set(true);
+            ee.clear();
+        };
+        // A deadline, so a read that kept the freeze fails the test instead of hanging it.
+        let both = Box::pin(async { futures::join!(read, snapshot_then_heal) });
+        let deadline = futures_timer::Delay::new(std::time::Duration::from_secs(20));
+        let (got, ()) = match futures::future::select(both, deadline).await {
+            futures::future::Either::Left((out, _)) => out,
+            futures::future::Either::Right(_) => panic!("the snapshot waited for the read"),
+        };
+        assert!(snapped.get());
+        assert_eq!(&got.unwrap()[..], &base[20480..24576]);
+        let got = d.read(40, bdev_core::IoBuf::new(4096, 4096)).await.unwrap();
+        assert_eq!(&got[..], &base[20480..24576], "through the snapshot");
+    });
+}
