@@ -1535,8 +1535,8 @@ fn markdown_table(records: &[Value]) -> String {
     s
 }
 
-/// CPU time per request (the NBD servers' `details[].server_cpu`, the aio entries'
-/// `details[].cpu_us_per_io`), per side with its median (min–max) over the rounds; empty when
+/// CPU time per request (the NBD servers' `details[].server_cpu`, the scaling entries'
+/// `details[].cpu`, the aio entries' `details[].cpu_us_per_io`), per side with its median (min–max) over the rounds; empty when
 /// no entry measured it.
 fn server_cpu_table(records: &[Value]) -> String {
     let mut rows = String::new();
@@ -1549,6 +1549,7 @@ fn server_cpu_table(records: &[Value]) -> String {
                 .filter_map(|d| {
                     d["server_cpu"]["server_cpu_us_per_request"]
                         .as_f64()
+                        .or_else(|| d["cpu"]["server_cpu_us_per_request"].as_f64())
                         .or_else(|| d["cpu_us_per_io"].as_f64())
                 })
                 .collect();
@@ -2830,7 +2831,7 @@ Job: aio0 (Core Mask 0x1, workload: randread, depth: 32, IO size: 4096)
         benches().into_iter().find(|b| b.name == name).unwrap()
     }
 
-    fn test_ctx() -> Ctx {
+    pub(super) fn test_ctx() -> Ctx {
         Ctx {
             data_dir: PathBuf::from("/data"),
             bench_bin: PathBuf::from("/bin/bench"),
