@@ -877,6 +877,63 @@ mod tests {
         assert_eq!(futures::executor::block_on(f).unwrap(), 202);
     }
 
+    /// The retry request of [`a_retry_with_its_own_layer_and_guard_is_nested_whole`]: a
+    /// request of another descriptor (its own layer and guard), completing with `ok`.
+    static RETRY: std::sync::LazyLock<(IoStats, Log)> =
+        std::sync::LazyLock::new(|| (IoStats::new(), Log::default()));
+
+    fn retry_with_layer(ok: bool, r: crate::Result<u32>) -> Recovered<'static, crate::Result<u32>> {
+        match r {
+            Ok(v) => Ok(Ok(v)),
+            Err(_) => {
+                let (stats, log) = &*RETRY;
+                let mut next = pending_once(if ok { Ok(9) } else { Err(eio()) }, log);
+                next.add_layer(stats, IoKind::Read, 4096);
+                next.keep(logged("retry guard", log));
+                Err(next)
+            }
+        }
+    }
+
+    #[test]
+    fn a_retry_with_its_own_layer_and_guard_is_nested_whole() {
+        for retry_ok in [true, false] {
+            let (retry_stats, log) = &*RETRY;
+            retry_stats.reset(crate::stats::ResetMode::All);
+            log.lock().unwrap().clear();
+            let (inner, outer) = (IoStats::new(), IoStats::new());
+            let mut f = pending_once(Err(eio()), log);
+            f.add_layer(&inner, IoKind::Read, 4096);
+            f.keep(logged("inner guard", log));
+            f.recover_with(retry_ok, retry_with_layer);
+            f.add_layer(&outer, IoKind::Read, 4096);
+            f.keep(logged("outer guard", log));
+            let out = futures::executor::block_on(f);
+            assert_eq!(out.is_ok(), retry_ok);
+            let (i, r, o) = (inner.get(), retry_stats.get(), outer.get());
+            assert_eq!((i.read.ops, i.failed), (0, 1), "the failed request");
+            let once = if retry_ok { (1, 0) } else { (0, 1) };
+            assert_eq!((r.read.ops, r.failed), once, "the retry's own descriptor");
+            assert_eq!(
+                (o.read.ops, o.failed),
+                once,
+                "the caller: the final result, once"
+            );
+            // The first request's future and guard end before the retry runs; the retry's
+            // own guard when it ends; the caller's last.
+            assert_eq!(
+                *log.lock().unwrap(),
+                [
+                    "future",
+                    "inner guard",
+                    "future",
+                    "retry guard",
+                    "outer guard"
+                ]
+            );
+        }
+    }
+
     #[test]
     fn an_io_future_stays_within_eight_avx_vectors() {
         // Each layer returns the request by value: up to 256 bytes, glibc's memcpy copies it
