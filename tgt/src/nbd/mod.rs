@@ -12,5 +12,6 @@ mod rmw;
 pub(crate) mod rpc;
 pub mod server;
 mod session;
+mod slots;
 #[cfg(test)]
 mod tests;

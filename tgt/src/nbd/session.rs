@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use iobuf::IoBuf;
 use nbd_proto::{self as proto, Next, Request};
@@ -15,6 +14,7 @@ use tokio::sync::watch;
 use super::exports::{Export, ExportMap, Lookup};
 use super::rmw::{execute, pooled_buf, recycle, span};
 use super::server::lock;
+use super::slots::Slots;
 use crate::limits::{Held, MemBudget, StallGuard};
 /// Receive buffer of a connection.
 pub(super) const RBUF_LEN: usize = 256 << 10;
@@ -230,7 +230,7 @@ fn begin(
 }
 
 /// The transmission phase. One task reads requests, runs up to [`MAX_INFLIGHT`] of them
-/// concurrently (a `FuturesUnordered`, no task per request) and writes each reply as soon as
+/// concurrently (in reusable slots, [`Slots`]: no task and no allocation per request) and writes each reply as soon as
 /// it is ready, batching the replies that are ready together into one flush. When the client
 /// disconnects, the export goes away or the server stops, no new request is read; the ones in
 /// flight complete and their replies are sent before the socket is closed.
@@ -267,7 +267,7 @@ where
     // no buffered writer (whose buffer they would be copied into).
     let mut w = StallGuard::new(wr, mem.stall);
     let mut ready: Vec<Reply> = Vec::with_capacity(MAX_INFLIGHT);
-    let mut inflight = FuturesUnordered::new();
+    let mut inflight = Slots::with_capacity(MAX_INFLIGHT);
     // Received bytes not yet parsed are rbuf[pos..].
     let mut rbuf: Vec<u8> = Vec::with_capacity(RBUF_LEN);
     let mut pos = 0usize;
