@@ -190,21 +190,36 @@ fn steady_state_requests_count_on_both_bdevs_and_fail_as_eio() {
     });
 }
 
+/// A fresh esnap clone (`ec`, store `lvs` on malloc `m0`) of an error-injecting base
+/// (`EE_b0` over malloc `b0`) holding 2 MiB of pattern `seed` (returned).
+async fn esnap_clone_of_failing_base(
+    seed: u8,
+) -> (
+    Registry,
+    LvolModule,
+    Arc<ErrorBdev>,
+    Vec<u8>,
+    Arc<lvol::Lvol>,
+) {
+    let (reg, m) = setup();
+    let ee = error_over_malloc(&reg, "b0", 4 * MIB).await;
+    let base = pattern(seed, 0, 2 * MIB as usize);
+    write_at(&open(&reg, "EE_b0", true), 0, &base)
+        .await
+        .unwrap();
+    malloc(&reg, "m0", 16 * MIB, 512).await;
+    let s = lvs(&m, "m0", "lvs", CLUSTER).await;
+    let ec = m.create_esnap_clone("EE_b0", &s, "ec").await.unwrap();
+    (reg, m, ee, base, ec)
+}
+
 /// An esnap clone's read of a base cluster is the base's own request (nothing pooled); a
 /// failure of the base goes to the retry loop, which reads again and either gets the data
 /// or ends in EIO; the base counts every failed try, the clone one result per request.
 #[test]
 fn esnap_base_reads_are_the_bases_requests_and_base_failures_are_retried() {
     block_on(async {
-        let (reg, m) = setup();
-        let ee = error_over_malloc(&reg, "b0", 4 * MIB).await;
-        let base = pattern(3, 0, 2 * MIB as usize);
-        write_at(&open(&reg, "EE_b0", true), 0, &base)
-            .await
-            .unwrap();
-        malloc(&reg, "m0", 16 * MIB, 512).await;
-        let s = lvs(&m, "m0", "lvs", CLUSTER).await;
-        let ec = m.create_esnap_clone("EE_b0", &s, "ec").await.unwrap();
+        let (reg, m, ee, base, ec) = esnap_clone_of_failing_base(3).await;
         let d = open(&reg, ec.unique_id(), false);
         let stats = || {
             (
@@ -263,15 +278,7 @@ fn esnap_base_reads_are_the_bases_requests_and_base_failures_are_retried() {
 #[test]
 fn a_retrying_esnap_read_does_not_hold_the_clone_frozen() {
     block_on(async {
-        let (reg, m) = setup();
-        let ee = error_over_malloc(&reg, "b0", 4 * MIB).await;
-        let base = pattern(5, 0, 2 * MIB as usize);
-        write_at(&open(&reg, "EE_b0", true), 0, &base)
-            .await
-            .unwrap();
-        malloc(&reg, "m0", 16 * MIB, 512).await;
-        let s = lvs(&m, "m0", "lvs", CLUSTER).await;
-        let ec = m.create_esnap_clone("EE_b0", &s, "ec").await.unwrap();
+        let (reg, m, ee, base, ec) = esnap_clone_of_failing_base(5).await;
         let d = open(&reg, ec.unique_id(), false);
         // Up to 2 s of retries: far longer than the snapshot needs once the freeze is free.
         m.set_esnap_retry(200, std::time::Duration::from_millis(10));
