@@ -2,12 +2,16 @@
 //! `bdev_get_histogram` report them.
 //!
 //! Every I/O that goes through a [`crate::Descriptor`] is timed and counted here. The counters
-//! are striped: a thread always updates the same stripe (picked once per thread, round-robin),
-//! each stripe sits on cache lines of its own, so two threads never touch the same line
-//! unless there are more threads than stripes. A stripe is atomics only (relaxed adds, min and
-//! max by `fetch_min`/`fetch_max` when a new extreme is seen, atomic histogram buckets): no
-//! lock on the data path, so a thread that shares a stripe never waits. Reading sums the
-//! stripes, as SPDK sums its per-channel counters; a reset swaps each counter with zero.
+//! are striped, each stripe on cache lines of its own. A thread leases a stripe index the
+//! first time it records and returns it when it exits, so at any moment each of the first
+//! `stripes - 1` stripes (of every device) has at most one writing thread: like SPDK's
+//! per-channel counters, its byte, op and latency sums are updated with a plain load and
+//! store, no locked instruction. Threads beyond those share the last stripe, which is updated
+//! with atomic adds. Min and max use `fetch_min`/`fetch_max` when a new extreme is seen,
+//! errors and histogram buckets atomic adds: no lock on the data path. Reading sums the
+//! stripes, as SPDK sums its per-channel counters. A reader never writes a sum a single
+//! writer owns: a reset of the sums records the values read as the stripe's base, which
+//! later reads subtract (the rarer error count and extremes are swapped with zero).
 //! Recording allocates nothing.
 //!
 //! Latencies are in ticks of [`TICK_RATE`] per second: nanoseconds, read from the CPU's
@@ -157,6 +161,21 @@ pub struct IoStat {
 }
 
 impl IoStat {
+    /// These counters less the byte, op and latency sums of `base` (taken earlier from the
+    /// same stripe); the extremes and the error count are this read's.
+    fn since(mut self, base: &IoStat) -> IoStat {
+        for (c, b) in [
+            (&mut self.read, &base.read),
+            (&mut self.write, &base.write),
+            (&mut self.unmap, &base.unmap),
+        ] {
+            c.bytes = c.bytes.wrapping_sub(b.bytes);
+            c.ops = c.ops.wrapping_sub(b.ops);
+            c.latency_ticks = c.latency_ticks.wrapping_sub(b.latency_ticks);
+        }
+        self
+    }
+
     fn merge(&mut self, o: &IoStat) {
         self.read.merge(&o.read);
         self.write.merge(&o.write);
@@ -395,11 +414,23 @@ impl Default for AtomicOps {
 }
 
 impl AtomicOps {
+    /// Counts one I/O; `owned`: the calling thread is the stripe's only writer.
     #[inline]
-    fn add(&self, bytes: u64, ticks: u64) {
-        self.bytes.fetch_add(bytes, Ordering::Relaxed);
-        self.ops.fetch_add(1, Ordering::Relaxed);
-        self.latency_ticks.fetch_add(ticks, Ordering::Relaxed);
+    fn add(&self, bytes: u64, ticks: u64, owned: bool) {
+        if owned {
+            // Single writer: a plain read and write (no locked instruction); readers only
+            // load these sums.
+            let bump = |a: &AtomicU64, v: u64| {
+                a.store(a.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed)
+            };
+            bump(&self.bytes, bytes);
+            bump(&self.ops, 1);
+            bump(&self.latency_ticks, ticks);
+        } else {
+            self.bytes.fetch_add(bytes, Ordering::Relaxed);
+            self.ops.fetch_add(1, Ordering::Relaxed);
+            self.latency_ticks.fetch_add(ticks, Ordering::Relaxed);
+        }
         // A new extreme is rare: a plain load first spares the read-modify-write.
         if ticks > self.max.load(Ordering::Relaxed) {
             self.max.fetch_max(ticks, Ordering::Relaxed);
@@ -409,14 +440,11 @@ impl AtomicOps {
         }
     }
 
-    /// The counters, cleared as `mode` says. Each clearing is a swap, so an I/O recorded
-    /// meanwhile is counted in this read or in the next one, never lost or counted twice.
+    /// The counters since the stripe was created (the sums are never cleared here: see
+    /// [`IoStats::get_and_reset`]); the extremes cleared as `mode` says, each with a swap,
+    /// so a latency recorded meanwhile lands in this read or the next.
     fn take(&self, mode: ResetMode) -> OpCounters {
-        let (all, maxmin) = match mode {
-            ResetMode::All => (true, true),
-            ResetMode::MaxMin => (false, true),
-            ResetMode::Error | ResetMode::None => (false, false),
-        };
+        let maxmin = matches!(mode, ResetMode::All | ResetMode::MaxMin);
         let get = |a: &AtomicU64, clear: bool, to: u64| {
             if clear {
                 a.swap(to, Ordering::Relaxed)
@@ -425,9 +453,9 @@ impl AtomicOps {
             }
         };
         OpCounters {
-            bytes: get(&self.bytes, all, 0),
-            ops: get(&self.ops, all, 0),
-            latency_ticks: get(&self.latency_ticks, all, 0),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            ops: self.ops.load(Ordering::Relaxed),
+            latency_ticks: self.latency_ticks.load(Ordering::Relaxed),
             max_latency_ticks: get(&self.max, maxmin, 0),
             min_latency_ticks: get(&self.min, maxmin, u64::MAX),
         }
@@ -573,27 +601,95 @@ fn stripe_count() -> usize {
     })
 }
 
-thread_local! {
-    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+/// `STRIPE` before the thread's first record.
+const UNASSIGNED: usize = usize::MAX;
+/// `STRIPE` of a thread without a lease of its own: it writes the shared last stripe.
+const SHARED: usize = usize::MAX - 1;
+
+/// The owned stripe indices: those returned by exited threads, and the next never leased.
+struct StripePool(Mutex<(Vec<usize>, usize)>);
+
+impl StripePool {
+    const fn new() -> Self {
+        StripePool(Mutex::new((Vec::new(), 0)))
+    }
+
+    /// An index below `count - 1` that no live lease holds, if any is left.
+    fn lease(&self, count: usize) -> Option<usize> {
+        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match p.0.pop() {
+            Some(i) => Some(i),
+            None if p.1 + 1 < count => {
+                p.1 += 1;
+                Some(p.1 - 1)
+            }
+            None => None,
+        }
+    }
+
+    /// Gives `i` back; its holder writes no more with it.
+    fn release(&self, i: usize) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).0.push(i);
+    }
 }
 
-#[inline]
-fn my_stripe() -> usize {
-    STRIPE.with(|s| {
-        let v = s.get();
-        if v != usize::MAX {
-            return v;
+static STRIPES: StripePool = StripePool::new();
+
+/// A thread's lease of an owned stripe index, returned when the thread exits.
+struct StripeLease(Cell<usize>);
+
+impl Drop for StripeLease {
+    fn drop(&mut self) {
+        let i = self.0.replace(UNASSIGNED);
+        if i == UNASSIGNED {
+            return;
         }
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let v = NEXT.fetch_add(1, Ordering::Relaxed);
-        s.set(v);
-        v
-    })
+        // Anything this thread still records (from a later destructor) goes to the shared
+        // stripe; the mutex orders its last plain writes before the next owner's.
+        let _ = STRIPE.try_with(|s| s.set(SHARED));
+        STRIPES.release(i);
+    }
+}
+
+thread_local! {
+    static STRIPE: Cell<usize> = const { Cell::new(UNASSIGNED) };
+    static LEASE: StripeLease = const { StripeLease(Cell::new(UNASSIGNED)) };
+}
+
+/// The calling thread's stripe among `count` and whether it is the stripe's only writer.
+#[inline]
+fn my_stripe(count: usize) -> (usize, bool) {
+    let v = STRIPE.try_with(Cell::get).unwrap_or(SHARED);
+    match v {
+        UNASSIGNED => lease_stripe(count),
+        SHARED => (count - 1, false),
+        i => (i, true),
+    }
+}
+
+/// Leases the calling thread an owned stripe index if one is free (else: the shared one).
+#[cold]
+fn lease_stripe(count: usize) -> (usize, bool) {
+    let Some(i) = STRIPES.lease(count) else {
+        let _ = STRIPE.try_with(|s| s.set(SHARED));
+        return (count - 1, false);
+    };
+    // A thread that is exiting (its lease already gone) cannot hold one: give it back.
+    if LEASE.try_with(|l| l.0.set(i)).is_err() {
+        STRIPES.release(i);
+        let _ = STRIPE.try_with(|s| s.set(SHARED));
+        return (count - 1, false);
+    }
+    let _ = STRIPE.try_with(|s| s.set(i));
+    (i, true)
 }
 
 /// The statistics of one device.
 pub struct IoStats {
     stripes: Box<[Stripe]>,
+    /// Per stripe: the byte, op and latency sums at the last reset (see
+    /// [`IoStats::get_and_reset`]); held while the stripes are read.
+    base: Mutex<Box<[IoStat]>>,
     hist_on: AtomicBool,
     /// 0: every type, else `IoKind::code`.
     hist_kind: AtomicU8,
@@ -619,6 +715,7 @@ impl IoStats {
     pub fn new() -> Self {
         IoStats {
             stripes: (0..stripe_count()).map(|_| Stripe::default()).collect(),
+            base: Mutex::new(vec![IoStat::default(); stripe_count()].into_boxed_slice()),
             hist_on: AtomicBool::new(false),
             hist_kind: AtomicU8::new(0),
             hist_cfg: Mutex::new(None),
@@ -635,12 +732,13 @@ impl IoStats {
     /// [`IoStats::record`] of an I/O that took `ticks`.
     #[inline]
     pub fn record_ticks(&self, kind: IoKind, bytes: u64, ticks: u64, ok: bool) {
-        let s = &self.stripes[my_stripe() & (self.stripes.len() - 1)];
+        let (i, owned) = my_stripe(self.stripes.len());
+        let s = &self.stripes[i];
         if ok {
             match kind {
-                IoKind::Read => s.read.add(bytes, ticks),
-                IoKind::Write => s.write.add(bytes, ticks),
-                IoKind::Unmap => s.unmap.add(bytes, ticks),
+                IoKind::Read => s.read.add(bytes, ticks, owned),
+                IoKind::Write => s.write.add(bytes, ticks, owned),
+                IoKind::Unmap => s.unmap.add(bytes, ticks, owned),
                 IoKind::Flush | IoKind::Reset | IoKind::WriteZeroes => {}
             }
         } else {
@@ -661,9 +759,11 @@ impl IoStats {
 
     /// The counters of each stripe (SPDK's per-channel view).
     pub fn per_stripe(&self) -> Vec<IoStat> {
+        let base = self.base.lock().unwrap_or_else(|e| e.into_inner());
         self.stripes
             .iter()
-            .map(|s| s.take(ResetMode::None))
+            .zip(base.iter())
+            .map(|(s, b)| s.take(ResetMode::None).since(b))
             .collect()
     }
 
@@ -672,12 +772,19 @@ impl IoStats {
         self.get_and_reset(mode);
     }
 
-    /// Reads the counters, then clears them as `mode` says, counter by counter (each with
-    /// one swap: no I/O is lost or counted twice between the two).
+    /// Reads the counters, then clears them as `mode` says, counter by counter: a sum by
+    /// taking the value read as its new base, an error count or extreme by a swap with
+    /// zero. An I/O recorded meanwhile is counted in this read or the next, never lost or
+    /// counted twice.
     pub fn get_and_reset(&self, mode: ResetMode) -> IoStat {
+        let mut base = self.base.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = IoStat::default();
-        for s in self.stripes.iter() {
-            out.merge(&s.take(mode));
+        for (s, b) in self.stripes.iter().zip(base.iter_mut()) {
+            let cur = s.take(mode);
+            out.merge(&cur.since(b));
+            if mode == ResetMode::All {
+                *b = cur;
+            }
         }
         out
     }
@@ -760,6 +867,68 @@ mod tests {
             errors.iter().any(|&e| e < 0.02),
             "ticks against the monotonic clock, relative errors {errors:?}"
         );
+    }
+
+    /// The pool hands out each owned index to one holder at a time, none past `count - 2`
+    /// (the last stripe is the shared one), and reuses what holders give back.
+    #[test]
+    fn owned_stripes_are_leased_once_and_reused() {
+        let pool = StripePool::new();
+        let mut got: Vec<usize> = (0..3).filter_map(|_| pool.lease(4)).collect();
+        got.sort_unstable();
+        assert_eq!(got, [0, 1, 2]);
+        assert_eq!(
+            pool.lease(4),
+            None,
+            "the last stripe is shared, never leased"
+        );
+        pool.release(1);
+        assert_eq!(pool.lease(4), Some(1));
+        assert_eq!(pool.lease(4), None);
+    }
+
+    /// Sums read and reset while many threads (more than there are stripes, so some share
+    /// one and the rest write theirs without locked instructions) record: every I/O is
+    /// counted exactly once over all the reads.
+    #[test]
+    fn resets_during_recording_lose_and_double_count_nothing() {
+        const PER_THREAD: u64 = 20_000;
+        let threads = stripe_count() as u64 * 2 + 1;
+        let s = std::sync::Arc::new(IoStats::new());
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (s, done) = (s.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut ops, mut bytes, mut reads) = (0u64, 0u64, 0u32);
+                while !done.load(Ordering::Acquire) || reads < 2 {
+                    let st = s.get_and_reset(ResetMode::All);
+                    ops += st.read.ops;
+                    bytes += st.read.bytes;
+                    reads += 1;
+                }
+                (ops, bytes)
+            })
+        };
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..PER_THREAD {
+                        s.record_ticks(IoKind::Read, 512, 1, true);
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        done.store(true, Ordering::Release);
+        let (ops, bytes) = reader.join().unwrap();
+        let rest = s.get();
+        assert_eq!(ops + rest.read.ops, threads * PER_THREAD);
+        assert_eq!(bytes + rest.read.bytes, threads * PER_THREAD * 512);
+        assert_eq!(s.get_and_reset(ResetMode::All).read.ops, rest.read.ops);
+        assert_eq!(s.get().read.ops, 0);
     }
 
     #[test]
