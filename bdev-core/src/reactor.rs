@@ -460,10 +460,15 @@ pub fn is_single_issuer() -> bool {
     RING.with(|r| r.borrow().as_ref().is_some_and(|t| t.ring.single_issuer))
 }
 
-/// The ring of the reactor running on this thread, if any (inside [`block_on`], or on a
-/// thread whose event loop serves the ring, see [`attach`]).
+/// Whether a reactor runs on this thread (inside [`block_on`], or on a thread whose event
+/// loop serves the thread's ring, see [`attach`]).
+pub(crate) fn on_reactor() -> bool {
+    DEPTH.with(|d| d.get()) != 0 || ATTACHED.with(|a| a.get())
+}
+
+/// The ring of the reactor running on this thread, if any (see [`on_reactor`]).
 pub(crate) fn current_ring() -> Option<Arc<Ring>> {
-    if DEPTH.with(|d| d.get()) == 0 && !ATTACHED.with(|a| a.get()) {
+    if !on_reactor() {
         return None;
     }
     RING.with(|r| r.borrow().as_ref().map(|t| t.ring.clone()))

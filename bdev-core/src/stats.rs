@@ -651,6 +651,8 @@ impl Drop for StripeLease {
     }
 }
 
+// Two thread-locals: `STRIPE` (no destructor) is what the data path reads, with no
+// registration check; `LEASE` only exists for its destructor, which returns the index.
 thread_local! {
     static STRIPE: Cell<usize> = const { Cell::new(UNASSIGNED) };
     static LEASE: StripeLease = const { StripeLease(Cell::new(UNASSIGNED)) };

@@ -17,14 +17,15 @@
 //!   over a `oneshot` (used when io_uring is unavailable, or on request).
 //!
 //! A write to a file opened through the page cache (`direct_io: false`, or the fallback
-//! below) is a plain `pwrite` on the submitting thread when the ring engine is in use, as
-//! SPDK's libaio `io_submit` does it for such a file: it copies into the page cache and
-//! returns. Through the ring, a file system without asynchronous buffered writes (ext4)
-//! hands every such write to an io_uring worker thread, a wake-up and two context switches
-//! per write, which measured 1.5-2.5x slower (`bench --target aio:FILE --engine uring
-//! --rw randwrite`, page cache, on ext4). Like SPDK's, such a write can block its thread
-//! while the kernel throttles dirty pages. Reads stay on the ring (a page-cache read
-//! completes inline there, a miss asynchronously).
+//! below) issued on a reactor thread with the ring engine is a plain `pwrite` there, as
+//! SPDK's libaio `io_submit` does it for such a file on an SPDK thread: it copies into the
+//! page cache and returns. Through the ring, a file system without asynchronous buffered
+//! writes (ext4) hands every such write to an io_uring worker thread, a wake-up and two
+//! context switches per write, which measured 1.5-2.5x slower (`bench --target aio:FILE
+//! --engine uring --rw randwrite`, page cache, on ext4). Like SPDK's, such a write can block
+//! its reactor while the kernel throttles dirty pages. Other threads (an async runtime's
+//! workers, which must not block) keep the ring for these writes too, and reads stay on the
+//! ring everywhere (a page-cache read completes inline there, a miss asynchronously).
 //!
 //! Flush is `fdatasync`: `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC` on the ring, a plain
 //! `fdatasync` on the thread-pool engine. `fallocate` always runs on the thread pool.
@@ -635,10 +636,17 @@ impl AioBdev {
         self.direct && !(buf.as_ptr() as usize).is_multiple_of(self.mem_align)
     }
 
+    /// Whether a write goes to the page cache on this thread (see the module docs).
+    fn writes_inline(&self) -> bool {
+        !self.direct && matches!(self.engine, Engine::Uring(_)) && crate::reactor::on_reactor()
+    }
+
     /// One read or write on the engine in use (`buf` suitable for the file's mode).
     async fn rw(&self, write: bool, off: u64, buf: IoBuf) -> Result<IoBuf> {
+        if write && self.writes_inline() {
+            return self.write_inline(off, [buf]).map(|[b]| b);
+        }
         match (self.engine.ring(&self.file, &self.fixed), write) {
-            (Some(_), true) if !self.direct => self.write_inline(off, [buf]).map(|[b]| b),
             (Some((r, f)), _) => r.rw(&f, write, off, buf, 0).await,
             (None, false) => self.pool_read(off, buf).await,
             (None, true) => self.pool_write(off, buf).await,
@@ -683,8 +691,8 @@ impl AioBdev {
         Ok(bufs)
     }
 
-    /// A page-cache write on the calling thread (see the module docs): `bufs` one after
-    /// the other from byte `off`, returned when all are in.
+    /// A page-cache write on the calling reactor (see the module docs): `bufs` one after
+    /// the other from byte `off`, returned when all are in the page cache.
     fn write_inline<B: AsRef<[IoBuf]>>(&self, off: u64, bufs: B) -> Result<B> {
         let mut pos = off;
         for b in bufs.as_ref() {
@@ -766,8 +774,10 @@ impl BlockDevice for AioBdev {
         if bufs.iter().any(|b| self.misaligned(b)) {
             return self.bounce_v(true, off, bufs).await;
         }
+        if self.writes_inline() {
+            return self.write_inline(off, bufs);
+        }
         match self.engine.ring(&self.file, &self.fixed) {
-            Some(_) if !self.direct => self.write_inline(off, bufs),
             Some((r, f)) if bufs.len() <= MAX_IOVS => r.rwv(&f, true, off, bufs).await,
             _ => {
                 let file = self.file.clone();
