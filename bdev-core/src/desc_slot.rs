@@ -5,21 +5,19 @@
 //! bdev's base) hold the descriptor of the device below them and must be able to let go of it
 //! on hot-remove while requests are in flight: those finish, later ones fail. An
 //! `RwLock<Option<Arc<Descriptor>>>` does that at the cost of a lock and two atomic reference
-//! count updates per request; a `DescSlot` does it with one counter shared by the requests
-//! in flight and the closed flag (one atomic add and one subtract per request, no lock).
+//! count updates per request; a `DescSlot` counts the requests in flight in a
+//! [`HoldCount`] (crate `thread-slot`), whose gate is the closed flag: a request's use is a
+//! plain load and store in its thread's slot, no locked instruction, no lock. The close (rare)
+//! pays a process-wide barrier instead.
 
+use std::mem::ManuallyDrop;
 use std::ops::Deref;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use thread_slot::{Hold, HoldCount};
 
 use crate::{Descriptor, IoBuf, IoFuture, Result};
-
-/// Bit 0 of `users`: the slot was closed.
-const CLOSED: usize = 1;
-/// Bit 1 of `users`: the descriptor of the closed slot was dropped.
-const FREED: usize = 2;
-/// One user in `users` (bits 2..).
-const ONE: usize = 4;
 
 /// A descriptor shared by the requests in flight on it, closable at any time: closing it
 /// makes later [`DescSlot::get`] calls return `None`, and the descriptor itself is dropped
@@ -27,13 +25,14 @@ const ONE: usize = 4;
 /// the last [`DescGuard`] taken before the close goes away.
 pub struct DescSlot {
     desc: NonNull<Descriptor>,
-    /// `CLOSED` and `FREED` bits, and `ONE` per guard alive (or per `get` backing off).
-    users: AtomicUsize,
+    /// The uses (guards alive, and `get`s backing off for an instant); closed with the slot.
+    uses: HoldCount,
+    /// The descriptor of the closed slot was dropped.
+    freed: AtomicBool,
 }
 
 // SAFETY: the slot owns a boxed `Descriptor` (which is Send + Sync) and only hands out shared
-// references to it; its freeing is serialised through `users` (exactly one thread sees the
-// count reach zero after the close, see `leave`).
+// references to it; its freeing happens once, through `freed` (see `try_free`).
 unsafe impl Send for DescSlot {}
 // SAFETY: as above.
 unsafe impl Sync for DescSlot {}
@@ -44,26 +43,30 @@ impl DescSlot {
     pub fn new(desc: Descriptor) -> Self {
         DescSlot {
             desc: NonNull::from(Box::leak(Box::new(desc))),
-            users: AtomicUsize::new(0),
+            uses: HoldCount::new(),
+            freed: AtomicBool::new(false),
         }
     }
 
     /// The descriptor for one request, unless the slot was closed.
     #[inline]
     pub fn get(&self) -> Option<DescGuard<'_>> {
-        let prev = self.users.fetch_add(ONE, Ordering::Acquire);
-        let g = DescGuard { slot: self };
-        if prev & CLOSED != 0 {
-            // Dropping `g` undoes the add (and frees the descriptor if we held it last).
-            drop(g);
-            return None;
+        match self.uses.enter() {
+            Some(h) => Some(DescGuard {
+                slot: self,
+                hold: ManuallyDrop::new(h),
+            }),
+            None => {
+                // The refusal counted for an instant: the last use may have seen it.
+                self.try_free();
+                None
+            }
         }
-        Some(g)
     }
 
     /// Whether [`DescSlot::close`] was called.
     pub fn is_closed(&self) -> bool {
-        self.users.load(Ordering::Acquire) & CLOSED != 0
+        self.uses.is_closed()
     }
 
     /// Closes the slot. `before` runs once, on the first close, with the descriptor still
@@ -72,15 +75,10 @@ impl DescSlot {
     /// the slot.
     pub fn close_with(&self, before: impl FnOnce(&Descriptor)) -> bool {
         // Hold a use of our own, so the descriptor stays alive until `before` has run.
-        let prev = self.users.fetch_add(ONE, Ordering::Acquire);
-        let g = DescGuard { slot: self };
-        if prev & CLOSED != 0 {
-            drop(g);
+        let Some(g) = self.get() else {
             return false;
-        }
-        let prev = self.users.fetch_or(CLOSED, Ordering::AcqRel);
-        if prev & CLOSED != 0 {
-            drop(g);
+        };
+        if !self.uses.close() {
             return false;
         }
         before(&g);
@@ -93,21 +91,17 @@ impl DescSlot {
         self.close_with(|_| {})
     }
 
-    /// Ends one use; frees the descriptor when it was the last use of a closed slot.
-    #[inline]
-    fn leave(&self) {
-        let prev = self.users.fetch_sub(ONE, Ordering::AcqRel);
-        // The last use of a closed slot frees the descriptor. A `get` that backs off adds and
-        // removes a use too: whoever brings the count to zero while the slot is closed and
-        // not yet freed tries, and exactly one of them moves CLOSED to CLOSED | FREED.
-        if prev == ONE | CLOSED
-            && self
-                .users
-                .compare_exchange(CLOSED, CLOSED | FREED, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            // SAFETY: the slot is closed (no new use starts: `get` backs off on CLOSED), no
-            // use is left, and FREED is set by this thread alone, so nothing references the
+    /// Frees the descriptor of a closed slot once no use is left. Called by every use that
+    /// ends (or backs off) after the close: the count is read after a process-wide barrier,
+    /// so the last of them sees it empty, and `freed` lets exactly one free.
+    #[cold]
+    fn try_free(&self) {
+        if self.freed.load(Ordering::Acquire) || !self.uses.is_empty() {
+            return;
+        }
+        if !self.freed.swap(true, Ordering::AcqRel) {
+            // SAFETY: the slot is closed (no new use starts: `get` backs off), no use is
+            // left, and `freed` was set by this thread alone, so nothing references the
             // descriptor and nobody frees it again.
             unsafe { drop(Box::from_raw(self.desc.as_ptr())) };
         }
@@ -117,9 +111,9 @@ impl DescSlot {
 impl Drop for DescSlot {
     fn drop(&mut self) {
         // No guard outlives the slot (they borrow it): a closed slot has freed its
-        // descriptor already, an open one frees it now.
-        if *self.users.get_mut() & CLOSED == 0 {
-            // SAFETY: not closed, so not freed; `&mut self` means no use is in progress.
+        // descriptor already (its last use did), an open one frees it now.
+        if !*self.freed.get_mut() {
+            // SAFETY: not freed; `&mut self` means no use is in progress.
             unsafe { drop(Box::from_raw(self.desc.as_ptr())) };
         }
     }
@@ -133,17 +127,19 @@ impl std::fmt::Debug for DescSlot {
     }
 }
 
-/// One use of a [`DescSlot`]'s descriptor (see [`DescSlot::get`]).
+/// One use of a [`DescSlot`]'s descriptor (see [`DescSlot::get`]): two words, so an I/O
+/// future keeps it inline.
 pub struct DescGuard<'a> {
     slot: &'a DescSlot,
+    hold: ManuallyDrop<Hold>,
 }
 
 impl Deref for DescGuard<'_> {
     type Target = Descriptor;
     #[inline]
     fn deref(&self) -> &Descriptor {
-        // SAFETY: a guard counts as a use, and the descriptor is freed only when the count of
-        // uses of a closed slot reaches zero (or with the slot, which the guard borrows).
+        // SAFETY: a guard counts as a use, and the descriptor is freed only when no use of a
+        // closed slot is left (or with the slot, which the guard borrows).
         unsafe { self.slot.desc.as_ref() }
     }
 }
@@ -179,7 +175,12 @@ impl<'a> DescGuard<'a> {
 impl Drop for DescGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.slot.leave();
+        // SAFETY: taken once, here; the field is not used again.
+        let hold = unsafe { ManuallyDrop::take(&mut self.hold) };
+        if self.slot.uses.leave(hold) {
+            // Closed: this may have been the last use.
+            self.slot.try_free();
+        }
     }
 }
 
@@ -230,6 +231,73 @@ mod tests {
                 assert!(slot.get().is_none());
                 assert!(!slot.close());
             }
+        });
+    }
+
+    /// Threads (more than there are owned counting slots) take guards and read through
+    /// them, some guards ending on another thread, while the slot is closed: every guard
+    /// taken reads the bdev's bytes, no get succeeds after the close is seen, and the
+    /// descriptor is dropped exactly once, after the last guard (the unregister, which
+    /// waits for it, completes).
+    #[test]
+    fn guards_of_many_threads_keep_the_descriptor_until_the_last_one() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        futures::executor::block_on(async {
+            let (reg, slot) = malloc_slot().await;
+            {
+                let g = slot.get().unwrap();
+                let mut b = IoBuf::new(512, 512);
+                b.fill(9);
+                g.write(0, b).await.unwrap();
+            }
+            // Leaked so the threads can borrow it (its descriptor is freed by the close).
+            let slot: &'static DescSlot = Box::leak(Box::new(slot));
+            let reads = Arc::new(AtomicUsize::new(0));
+            let threads = thread_slot::slot_count() * 2 + 1;
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, DescGuard<'static>)>();
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            let workers: Vec<_> = (0..threads)
+                .map(|t| {
+                    let (reads, tx, rx) = (reads.clone(), tx.clone(), rx.clone());
+                    std::thread::spawn(move || {
+                        while let Some(g) = slot.get() {
+                            let r = futures::executor::block_on(g.read(0, IoBuf::new(512, 512)))
+                                .expect("a guard taken before the close reads");
+                            assert!(r.iter().all(|&x| x == 9));
+                            reads.fetch_add(1, Ordering::SeqCst);
+                            if t % 3 == 0 {
+                                tx.send((t, g)).unwrap();
+                            }
+                            // Guards sent by others end on this thread.
+                            while let Ok((_, g)) = rx.lock().unwrap().try_recv() {
+                                drop(g);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            while reads.load(Ordering::SeqCst) < 2_000 {
+                std::thread::yield_now();
+            }
+            assert!(slot.close());
+            let mut unreg = Box::pin(reg.unregister("m"));
+            for w in workers {
+                w.join().unwrap();
+            }
+            drop(tx);
+            let left: Vec<_> = rx.lock().unwrap().try_iter().collect();
+            if !left.is_empty() {
+                // Guards remain: the descriptor is still open.
+                assert!(futures::poll!(unreg.as_mut()).is_pending());
+            }
+            drop(left);
+            unreg.await.unwrap();
+            assert!(slot.get().is_none());
+            assert!(
+                slot.freed.load(Ordering::SeqCst),
+                "freed once, by the last use"
+            );
         });
     }
 

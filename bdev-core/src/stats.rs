@@ -2,22 +2,22 @@
 //! `bdev_get_histogram` report them.
 //!
 //! Every I/O that goes through a [`crate::Descriptor`] is timed and counted here. The counters
-//! are striped, each stripe on cache lines of its own. A thread leases a stripe index the
-//! first time it records and returns it when it exits, so at any moment each of the first
-//! `stripes - 1` stripes (of every device) has at most one writing thread: like SPDK's
-//! per-channel counters, its byte, op and latency sums are updated with a plain load and
-//! store, no locked instruction. Threads beyond those share the last stripe, which is updated
-//! with atomic adds. Min and max use `fetch_min`/`fetch_max` when a new extreme is seen,
-//! errors and histogram buckets atomic adds: no lock on the data path. Reading sums the
-//! stripes, as SPDK sums its per-channel counters. A reader never writes a sum a single
-//! writer owns: a reset of the sums records the values read as the stripe's base, which
-//! later reads subtract (the rarer error count and extremes are swapped with zero).
+//! are striped, each stripe on cache lines of its own. A thread leases a stripe index (its
+//! slot of crate `thread-slot`) the first time it records and returns it when it exits, so
+//! at any moment each of the first `stripes - 1` stripes (of every device) has at most one
+//! writing thread: like SPDK's per-channel counters, its byte, op and latency sums are
+//! updated with a plain load and store, no locked instruction. Threads beyond those share
+//! the last stripe, which is updated with atomic adds. Min and max use
+//! `fetch_min`/`fetch_max` when a new extreme is seen, errors and histogram buckets atomic
+//! adds: no lock on the data path. Reading sums the stripes, as SPDK sums its per-channel
+//! counters. A reader never writes a sum a single writer owns: a reset of the sums records
+//! the values read as the stripe's base, which later reads subtract (the rarer error count
+//! and extremes are swapped with zero).
 //! Recording allocates nothing.
 //!
 //! Latencies are in ticks of [`TICK_RATE`] per second: nanoseconds, read from the CPU's
 //! invariant time-stamp counter calibrated against the monotonic clock (see [`now`]).
 
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -593,99 +593,6 @@ impl Drop for Stripe {
     }
 }
 
-fn stripe_count() -> usize {
-    static N: OnceLock<usize> = OnceLock::new();
-    *N.get_or_init(|| {
-        let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
-        (cpus * 2).next_power_of_two().clamp(4, 64)
-    })
-}
-
-/// `STRIPE` before the thread's first record.
-const UNASSIGNED: usize = usize::MAX;
-/// `STRIPE` of a thread without a lease of its own: it writes the shared last stripe.
-const SHARED: usize = usize::MAX - 1;
-
-/// The owned stripe indices: those returned by exited threads, and the next never leased.
-struct StripePool(Mutex<(Vec<usize>, usize)>);
-
-impl StripePool {
-    const fn new() -> Self {
-        StripePool(Mutex::new((Vec::new(), 0)))
-    }
-
-    /// An index below `count - 1` that no live lease holds, if any is left.
-    fn lease(&self, count: usize) -> Option<usize> {
-        let mut p = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match p.0.pop() {
-            Some(i) => Some(i),
-            None if p.1 + 1 < count => {
-                p.1 += 1;
-                Some(p.1 - 1)
-            }
-            None => None,
-        }
-    }
-
-    /// Gives `i` back; its holder writes no more with it.
-    fn release(&self, i: usize) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).0.push(i);
-    }
-}
-
-static STRIPES: StripePool = StripePool::new();
-
-/// A thread's lease of an owned stripe index, returned when the thread exits.
-struct StripeLease(Cell<usize>);
-
-impl Drop for StripeLease {
-    fn drop(&mut self) {
-        let i = self.0.replace(UNASSIGNED);
-        if i == UNASSIGNED {
-            return;
-        }
-        // Anything this thread still records (from a later destructor) goes to the shared
-        // stripe; the mutex orders its last plain writes before the next owner's.
-        let _ = STRIPE.try_with(|s| s.set(SHARED));
-        STRIPES.release(i);
-    }
-}
-
-// Two thread-locals: `STRIPE` (no destructor) is what the data path reads, with no
-// registration check; `LEASE` only exists for its destructor, which returns the index.
-thread_local! {
-    static STRIPE: Cell<usize> = const { Cell::new(UNASSIGNED) };
-    static LEASE: StripeLease = const { StripeLease(Cell::new(UNASSIGNED)) };
-}
-
-/// The calling thread's stripe among `count` and whether it is the stripe's only writer.
-#[inline]
-fn my_stripe(count: usize) -> (usize, bool) {
-    let v = STRIPE.try_with(Cell::get).unwrap_or(SHARED);
-    match v {
-        UNASSIGNED => lease_stripe(count),
-        SHARED => (count - 1, false),
-        i => (i, true),
-    }
-}
-
-/// Leases the calling thread an owned stripe index if one is free (else: the shared one).
-#[cold]
-fn lease_stripe(count: usize) -> (usize, bool) {
-    let Some(i) = STRIPES.lease(count) else {
-        let _ = STRIPE.try_with(|s| s.set(SHARED));
-        return (count - 1, false);
-    };
-    // A thread that is exiting (its lease already gone) cannot hold one: give it back.
-    if LEASE.try_with(|l| l.0.set(i)).is_err() {
-        STRIPES.release(i);
-        let _ = STRIPE.try_with(|s| s.set(SHARED));
-        return (count - 1, false);
-    }
-    let _ = STRIPE.try_with(|s| s.set(i));
-    (i, true)
-}
-
 /// The statistics of one device.
 pub struct IoStats {
     stripes: Box<[Stripe]>,
@@ -716,8 +623,10 @@ impl IoStats {
     /// Zeroed statistics, histogram off.
     pub fn new() -> Self {
         IoStats {
-            stripes: (0..stripe_count()).map(|_| Stripe::default()).collect(),
-            base: Mutex::new(vec![IoStat::default(); stripe_count()].into_boxed_slice()),
+            stripes: (0..thread_slot::slot_count())
+                .map(|_| Stripe::default())
+                .collect(),
+            base: Mutex::new(vec![IoStat::default(); thread_slot::slot_count()].into_boxed_slice()),
             hist_on: AtomicBool::new(false),
             hist_kind: AtomicU8::new(0),
             hist_cfg: Mutex::new(None),
@@ -734,7 +643,7 @@ impl IoStats {
     /// [`IoStats::record`] of an I/O that took `ticks`.
     #[inline]
     pub fn record_ticks(&self, kind: IoKind, bytes: u64, ticks: u64, ok: bool) {
-        let (i, owned) = my_stripe(self.stripes.len());
+        let (i, owned) = thread_slot::current();
         let s = &self.stripes[i];
         if ok {
             match kind {
@@ -871,31 +780,13 @@ mod tests {
         );
     }
 
-    /// The pool hands out each owned index to one holder at a time, none past `count - 2`
-    /// (the last stripe is the shared one), and reuses what holders give back.
-    #[test]
-    fn owned_stripes_are_leased_once_and_reused() {
-        let pool = StripePool::new();
-        let mut got: Vec<usize> = (0..3).filter_map(|_| pool.lease(4)).collect();
-        got.sort_unstable();
-        assert_eq!(got, [0, 1, 2]);
-        assert_eq!(
-            pool.lease(4),
-            None,
-            "the last stripe is shared, never leased"
-        );
-        pool.release(1);
-        assert_eq!(pool.lease(4), Some(1));
-        assert_eq!(pool.lease(4), None);
-    }
-
     /// Sums read and reset while many threads (more than there are stripes, so some share
     /// one and the rest write theirs without locked instructions) record: every I/O is
     /// counted exactly once over all the reads.
     #[test]
     fn resets_during_recording_lose_and_double_count_nothing() {
         const PER_THREAD: u64 = 20_000;
-        let threads = stripe_count() as u64 * 2 + 1;
+        let threads = thread_slot::slot_count() as u64 * 2 + 1;
         let s = std::sync::Arc::new(IoStats::new());
         let done = std::sync::Arc::new(AtomicBool::new(false));
         let reader = {

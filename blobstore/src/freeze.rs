@@ -1,7 +1,10 @@
 //! The per-blob I/O freeze (SPDK "freeze I/O"): I/O holds it shared, operations that change
 //! where a blob's data lives (snapshot, resize, set_parent, merge, esnap swap) hold it
-//! exclusively. Built on one atomic word so the shared side costs two atomic operations
-//! and never touches the wake-up machinery unless someone is frozen or freezing.
+//! exclusively. The shared side is a [`HoldCount`] (crate `thread-slot`): a request's hold is
+//! a plain load and store in its thread's slot and a load of the gate's flag, no locked
+//! instruction; the exclusive side, rare, closes the gate and pays a process-wide barrier
+//! before it reads the counts. The wake-up machinery is touched only while someone is frozen
+//! or freezing.
 //!
 //! The freeze is also the grace period of the blob's lock-free mirror (`live.rs`): what the
 //! mirror unlinks is [retired](Freeze::retire) here and dropped only once no shared hold can
@@ -9,38 +12,46 @@
 //! the freeze. A reader of the mirror holds the freeze shared for as long as it uses what it
 //! read.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::mem::ManuallyDrop;
 use std::sync::Mutex;
 
 use event_listener::Event;
-
-const FROZEN: usize = 1 << (usize::BITS - 1);
+use thread_slot::{Hold, HoldCount};
 
 /// A reader/writer gate; writers (rare) also exclude each other.
 pub(crate) struct Freeze {
-    /// Active I/O count, plus `FROZEN` while a writer holds or waits for the gate.
-    state: AtomicUsize,
-    /// Wakes readers on unfreeze and writers when the last reader leaves.
+    /// The shared holds (active I/O), behind a gate closed while a writer holds or waits.
+    holds: HoldCount,
+    /// Wakes readers on unfreeze.
     ev: Event,
+    /// Wakes the writer waiting for readers to leave (kept apart: a refused reader wakes it,
+    /// and must not wake itself).
+    drain: Event,
     writers: async_lock::Mutex<()>,
     /// Memory unlinked from the mirror, dropped once no shared hold can still see it.
     retired: Mutex<Vec<Box<dyn Send>>>,
 }
 
-/// Shared hold (one I/O).
-pub(crate) struct ReadGuard<'a>(&'a Freeze);
+/// Shared hold (one I/O): two words, so an I/O future keeps it inline.
+pub(crate) struct ReadGuard<'a> {
+    f: &'a Freeze,
+    hold: ManuallyDrop<Hold>,
+}
 
 /// Exclusive hold (I/O is frozen).
 pub(crate) struct WriteGuard<'a> {
     f: &'a Freeze,
     _w: async_lock::MutexGuard<'a, ()>,
+    /// Every shared hold let in before the gate closed has left (false while waiting).
+    drained: bool,
 }
 
 impl Freeze {
     pub(crate) fn new() -> Freeze {
         Freeze {
-            state: AtomicUsize::new(0),
+            holds: HoldCount::new(),
             ev: Event::new(),
+            drain: Event::new(),
             writers: async_lock::Mutex::new(()),
             retired: Mutex::new(Vec::new()),
         }
@@ -61,36 +72,30 @@ impl Freeze {
         self.retired.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    fn try_read(&self) -> bool {
-        let mut s = self.state.load(Ordering::Acquire);
-        while s & FROZEN == 0 {
-            match self
-                .state
-                .compare_exchange_weak(s, s + 1, Ordering::Acquire, Ordering::Acquire)
-            {
-                Ok(_) => return true,
-                Err(now) => s = now,
-            }
-        }
-        false
-    }
-
     /// The shared hold at once, or `None` while frozen (or a writer waits).
     #[inline]
     pub(crate) fn try_hold(&self) -> Option<ReadGuard<'_>> {
-        // `then`, not `then_some`: a guard built and dropped on failure would release a hold
-        // that was never taken.
-        self.try_read().then(|| ReadGuard(self))
+        match self.holds.enter() {
+            Some(h) => Some(ReadGuard {
+                f: self,
+                hold: ManuallyDrop::new(h),
+            }),
+            None => {
+                // The refusal counted for an instant: the writer may have seen it.
+                self.drain.notify(usize::MAX);
+                None
+            }
+        }
     }
 
     pub(crate) async fn read(&self) -> ReadGuard<'_> {
         loop {
-            if self.try_read() {
-                return ReadGuard(self);
+            if let Some(g) = self.try_hold() {
+                return g;
             }
             let l = self.ev.listen();
-            if self.try_read() {
-                return ReadGuard(self);
+            if let Some(g) = self.try_hold() {
+                return g;
             }
             l.await;
         }
@@ -98,43 +103,58 @@ impl Freeze {
 
     pub(crate) async fn write(&self) -> WriteGuard<'_> {
         let w = self.writers.lock().await;
-        self.state.fetch_or(FROZEN, Ordering::AcqRel);
+        self.holds.close();
         // Built before waiting so that a cancelled wait still unfreezes (in its drop).
-        let g = WriteGuard { f: self, _w: w };
+        let mut g = WriteGuard {
+            f: self,
+            _w: w,
+            drained: false,
+        };
+        // (A refused `try_hold` counts for an instant too: it only makes this look again.)
         loop {
-            if self.state.load(Ordering::Acquire) & !FROZEN == 0 {
+            if self.holds.is_empty() {
                 break;
             }
-            let l = self.ev.listen();
-            if self.state.load(Ordering::Acquire) & !FROZEN == 0 {
+            // Listening before looking again: a hold that leaves after that look wakes us.
+            let l = self.drain.listen();
+            if self.holds.is_empty() {
                 break;
             }
             l.await;
         }
+        g.drained = true;
         g
+    }
+
+    /// Whether no shared hold is counted (tests).
+    #[cfg(test)]
+    fn no_holds(&self) -> bool {
+        self.holds.is_empty()
     }
 }
 
 impl Drop for ReadGuard<'_> {
     fn drop(&mut self) {
-        let prev = self.0.state.fetch_sub(1, Ordering::AcqRel);
-        if prev & FROZEN != 0 && prev & !FROZEN == 1 {
-            self.0.ev.notify(usize::MAX);
+        // SAFETY: taken once, here; the field is not used again.
+        let hold = unsafe { ManuallyDrop::take(&mut self.hold) };
+        if self.f.holds.leave(hold) {
+            // Frozen or freezing: the writer may wait for this one.
+            self.f.drain.notify(usize::MAX);
         }
     }
 }
 
 impl Drop for WriteGuard<'_> {
     fn drop(&mut self) {
-        // No shared hold left (a cancelled wait may leave some), and none can start while
-        // `FROZEN` stays set: whatever was retired is unreachable by any reader. The
-        // `Acquire` pairs with the readers' releasing decrements, so their reads are done.
-        if self.f.state.load(Ordering::Acquire) == FROZEN {
+        // No shared hold left (unless the wait was cancelled), and none can start while the
+        // gate stays closed: whatever was retired is unreachable by any reader. (The count
+        // was read after a barrier that orders the readers' last reads before it.)
+        if self.drained {
             let gone =
                 std::mem::take(&mut *self.f.retired.lock().unwrap_or_else(|e| e.into_inner()));
             drop(gone);
         }
-        self.f.state.fetch_and(!FROZEN, Ordering::AcqRel);
+        self.f.holds.open();
         self.f.ev.notify(usize::MAX);
     }
 }
@@ -144,6 +164,7 @@ mod tests {
     use super::*;
     use futures::executor::block_on;
     use futures::FutureExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn writer_waits_for_readers_and_blocks_new_ones() {
@@ -180,7 +201,7 @@ mod tests {
         assert!(f.try_hold().is_none(), "frozen");
         drop(g);
         assert!(f.try_hold().is_some());
-        assert_eq!(f.state.load(Ordering::SeqCst), 0, "every hold released");
+        assert!(f.no_holds(), "every hold released");
     }
 
     #[test]
@@ -234,18 +255,22 @@ mod tests {
     fn threads() {
         let f = std::sync::Arc::new(Freeze::new());
         let n = std::sync::Arc::new(AtomicUsize::new(0));
+        let inside = std::sync::Arc::new(AtomicUsize::new(0));
         let hs: Vec<_> = (0..4)
             .map(|i| {
                 let f = f.clone();
                 let n = n.clone();
+                let inside = inside.clone();
                 std::thread::spawn(move || {
                     for _ in 0..2000 {
                         if i == 0 {
                             let _g = block_on(f.write());
-                            assert_eq!(f.state.load(Ordering::SeqCst) & !FROZEN, 0);
+                            assert_eq!(inside.load(Ordering::SeqCst), 0, "a reader inside");
                         } else {
                             let _g = block_on(f.read());
+                            inside.fetch_add(1, Ordering::SeqCst);
                             n.fetch_add(1, Ordering::Relaxed);
+                            inside.fetch_sub(1, Ordering::SeqCst);
                         }
                     }
                 })
@@ -255,5 +280,6 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(n.load(Ordering::Relaxed), 6000);
+        assert!(f.no_holds());
     }
 }
