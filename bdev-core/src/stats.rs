@@ -622,11 +622,11 @@ impl std::fmt::Debug for IoStats {
 impl IoStats {
     /// Zeroed statistics, histogram off.
     pub fn new() -> Self {
+        // One stripe per thread slot: `record_ticks` indexes them with the slot.
+        let n = thread_slot::slot_count();
         IoStats {
-            stripes: (0..thread_slot::slot_count())
-                .map(|_| Stripe::default())
-                .collect(),
-            base: Mutex::new(vec![IoStat::default(); thread_slot::slot_count()].into_boxed_slice()),
+            stripes: (0..n).map(|_| Stripe::default()).collect(),
+            base: Mutex::new(vec![IoStat::default(); n].into_boxed_slice()),
             hist_on: AtomicBool::new(false),
             hist_kind: AtomicU8::new(0),
             hist_cfg: Mutex::new(None),

@@ -180,7 +180,7 @@ impl HoldCount {
         if owned {
             s.store(s.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
             // The closer's heavy barrier orders this store before the flag load below, or
-            // the flag store before it (see `close`).
+            // the flag store before it (see `is_empty`).
             light();
         } else {
             s.fetch_add(1, Ordering::SeqCst);
