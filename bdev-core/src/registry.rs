@@ -725,13 +725,19 @@ impl Descriptor {
     /// memory copies through a bounce buffer.)
     fn check_buf(&self, buf: &IoBuf) -> Result<u64> {
         let bl = self.dev.block_len() as usize;
-        if !buf.len().is_multiple_of(bl) {
+        // Block lengths are powers of two in practice: shift and mask, not a division.
+        let (n, rest) = if bl.is_power_of_two() {
+            (buf.len() >> bl.trailing_zeros(), buf.len() & (bl - 1))
+        } else {
+            (buf.len() / bl, buf.len() % bl)
+        };
+        if rest != 0 {
             return Err(BdevError::InvalidArgument(format!(
                 "buffer length {} is not a multiple of the block length {bl}",
                 buf.len()
             )));
         }
-        Ok((buf.len() / bl) as u64)
+        Ok(n as u64)
     }
 
     fn check_bufs(&self, offset: u64, bufs: &[IoBuf]) -> Result<u64> {
@@ -783,7 +789,8 @@ impl Descriptor {
         if n == 0 {
             return IoFuture::ready(Ok(buf));
         }
-        let bytes = n.saturating_mul(u64::from(self.dev.block_len()));
+        // `check_io` found the buffer a whole number of blocks.
+        let bytes = buf.len() as u64;
         let kind = if io_type == IoType::Write {
             IoKind::Write
         } else {
