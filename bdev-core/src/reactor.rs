@@ -760,7 +760,10 @@ mod tests {
 
     /// Counts `test` as skipped (a failure under CI): no io_uring reactor here.
     fn no_ring(test: &str) {
-        test_support::skip(test, "io_uring (with SINGLE_ISSUER for an exclusive reactor) is not available");
+        test_support::skip(
+            test,
+            "io_uring (with SINGLE_ISSUER for an exclusive reactor) is not available",
+        );
     }
 
     /// One request that stays in flight for `d`.

@@ -1536,41 +1536,62 @@ fn markdown_table(records: &[Value]) -> String {
 }
 
 /// CPU time per request (the NBD servers' `details[].server_cpu`, the scaling entries'
-/// `details[].cpu`, the aio entries' `details[].cpu_us_per_io`), per side with its median (min–max) over the rounds; empty when
-/// no entry measured it.
+/// `details[].cpu`, the aio entries' `details[].cpu_us_per_io`), per side with its median
+/// (min–max) over the rounds, and where measured the NBD clients' CPU per request and how
+/// busy the entry's CPUs were; empty when no entry measured it.
 fn server_cpu_table(records: &[Value]) -> String {
     let mut rows = String::new();
+    let cell = |v: &[f64], digits: usize| match summarize(v) {
+        Some(sm) => format!(
+            "{:.d$} ({:.d$}–{:.d$})",
+            sm.median,
+            sm.min,
+            sm.max,
+            d = digits
+        ),
+        None => "–".to_string(),
+    };
     for r in records {
         for side in r["sides"].as_array().into_iter().flatten() {
-            let per: Vec<f64> = side["details"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|d| {
-                    d["server_cpu"]["server_cpu_us_per_request"]
-                        .as_f64()
-                        .or_else(|| d["cpu"]["server_cpu_us_per_request"].as_f64())
-                        .or_else(|| d["cpu_us_per_io"].as_f64())
-                })
-                .collect();
-            if let Some(sm) = summarize(&per) {
-                let _ = writeln!(
-                    rows,
-                    "| {} | {} | {:.2} ({:.2}–{:.2}) |",
-                    r["name"].as_str().unwrap_or(""),
-                    side["id"].as_str().unwrap_or(""),
-                    sm.median,
-                    sm.min,
-                    sm.max
-                );
+            let details: Vec<&Value> = side["details"].as_array().into_iter().flatten().collect();
+            let pick = |f: &dyn Fn(&Value) -> Option<f64>| -> Vec<f64> {
+                details.iter().filter_map(|d| f(d)).collect()
+            };
+            let per = pick(&|d| {
+                d["server_cpu"]["server_cpu_us_per_request"]
+                    .as_f64()
+                    .or_else(|| d["cpu"]["server_cpu_us_per_request"].as_f64())
+                    .or_else(|| d["cpu_us_per_io"].as_f64())
+            });
+            if per.is_empty() {
+                continue;
             }
+            let client = pick(&|d| {
+                d["server_cpu"]["client_cpu_us_per_request"]
+                    .as_f64()
+                    .or_else(|| d["cpu"]["clients_cpu_us_per_request"].as_f64())
+            });
+            let busy = pick(&|d| {
+                d["server_cpu"]["cpus_busy_percent"]
+                    .as_f64()
+                    .or_else(|| d["cpu"]["cpus_busy_percent"].as_f64())
+            });
+            let _ = writeln!(
+                rows,
+                "| {} | {} | {} | {} | {} |",
+                r["name"].as_str().unwrap_or(""),
+                side["id"].as_str().unwrap_or(""),
+                cell(&per, 2),
+                cell(&client, 2),
+                cell(&busy, 0),
+            );
         }
     }
     if rows.is_empty() {
         return rows;
     }
     format!(
-        "\nCPU time (user + system, all threads) per request, µs: median (min–max). NBD entries: the server's, over the client's run; aio entries: every process of the side, over the run\n\n| benchmark | side | µs per request |\n|---|---|---|\n{rows}"
+        "\nCPU time (user + system, all threads) per request, µs: median (min–max). NBD entries: the server's and the client's, over the client's run, and how busy the CPUs they run on were (everything but idle and iowait in /proc/stat, so the disk's interrupts count); scaling entries: the same from the processes' times; aio entries: every process of the side, over the run\n\n| benchmark | side | µs per request | client µs per request | CPUs busy % |\n|---|---|---|---|---|\n{rows}"
     )
 }
 
@@ -2128,17 +2149,68 @@ fn nbd_client_with_server_cpu(
             .map_err(anyhow::Error::from)
             .and_then(|s| parse_stat_cpu_ticks(&s))
     };
-    let t0 = ticks()?;
+    let cpus = cpu_union(ctx);
+    let (t0, c0, s0) = (ticks()?, children_cpu_seconds(), cpu_ticks(&cpus));
     let c = nbd_client_counted(ctx, b, uri)?;
-    let t1 = ticks()?;
+    let (t1, c1, s1) = (ticks()?, children_cpu_seconds(), cpu_ticks(&cpus));
     let secs = t1.saturating_sub(t0) as f64 / clock_ticks_per_second();
-    let per = (c.requests > 0).then(|| secs * 1e6 / c.requests as f64);
+    let per =
+        |secs: f64| (c.requests > 0 && secs.is_finite()).then(|| secs * 1e6 / c.requests as f64);
+    // The client is the only child reaped during its run (the server is still running).
+    let client = c1 - c0;
+    let busy = s0.zip(s1).and_then(|(a, b)| busy_percent(a, b));
     Ok((
         c.value,
         c.command,
         json!({"server_cpu_seconds": secs, "requests": c.requests,
-               "server_cpu_us_per_request": per}),
+               "server_cpu_us_per_request": per(secs),
+               "client_cpu_seconds": client.is_finite().then_some(client),
+               "client_cpu_us_per_request": per(client),
+               "cpus": cpus, "cpus_busy_percent": busy}),
     ))
+}
+
+/// The CPUs the servers and the clients of an entry run on (sorted, no repeats).
+fn cpu_union(ctx: &Ctx) -> Vec<u32> {
+    let mut set = parse_cpu_list(&ctx.cpus).unwrap_or_default();
+    set.extend(parse_cpu_list(&ctx.client_cpus).unwrap_or_default());
+    set.sort_unstable();
+    set.dedup();
+    set
+}
+
+/// `(busy, total)` clock ticks of `cpus` so far, from `/proc/stat`: busy is everything but
+/// idle and iowait, so interrupt and softirq time (the disk's completions) counts as busy.
+fn cpu_ticks(cpus: &[u32]) -> Option<(u64, u64)> {
+    parse_cpu_ticks(&std::fs::read_to_string("/proc/stat").ok()?, cpus)
+}
+
+/// [`cpu_ticks`] from the text of `/proc/stat`; `None` if a CPU is missing.
+fn parse_cpu_ticks(stat: &str, cpus: &[u32]) -> Option<(u64, u64)> {
+    let (mut busy, mut total) = (0u64, 0u64);
+    for cpu in cpus {
+        let name = format!("cpu{cpu}");
+        let line = stat
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name.as_str()))?;
+        let v: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
+        // user nice system idle iowait irq softirq steal (guest time is inside user).
+        let t: u64 = v.iter().take(8).sum();
+        let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+        busy += t - idle.min(t);
+        total += t;
+    }
+    Some((busy, total))
+}
+
+/// Share of `a..b` (two [`cpu_ticks`] readings) the CPUs were busy, in percent.
+fn busy_percent(a: (u64, u64), b: (u64, u64)) -> Option<f64> {
+    let total = b.1.checked_sub(a.1)?;
+    (total > 0).then(|| b.0.saturating_sub(a.0) as f64 * 100.0 / total as f64)
 }
 
 /// The kernel's clock ticks per second (`getconf CLK_TCK`, 100 if it cannot say).
@@ -2927,11 +2999,29 @@ Job: aio0 (Core Mask 0x1, workload: randread, depth: 32, IO size: 4096)
             {"id": "fio", "details": [{"ios": 3}]},
             {"id": "raw", "details": [{"cpu_us_per_io": 2.5}]}]});
         let t = server_cpu_table(&[rec]);
-        assert!(t.contains("| n | ours | 4.50 (4.00–5.00) |"), "{t}");
-        assert!(t.contains("| n | qemu | 9.00 (9.00–9.00) |"), "{t}");
+        assert!(t.contains("| n | ours | 4.50 (4.00–5.00) | – | – |"), "{t}");
+        assert!(t.contains("| n | qemu | 9.00 (9.00–9.00) | – | – |"), "{t}");
         assert!(!t.contains("| fio |"), "{t}");
-        assert!(t.contains("| n | raw | 2.50 (2.50–2.50) |"), "{t}");
+        assert!(t.contains("| n | raw | 2.50 (2.50–2.50) | – | – |"), "{t}");
+        // The client's CPU and the CPUs' busy share, where measured.
+        let full = json!({"server_cpu": {"server_cpu_us_per_request": 3.0,
+                                         "client_cpu_us_per_request": 6.0,
+                                         "cpus_busy_percent": 51.4}});
+        let t = server_cpu_table(&[json!({"name": "m", "sides": [
+            {"id": "ours", "details": [full]}]})]);
+        assert!(
+            t.contains("| m | ours | 3.00 (3.00–3.00) | 6.00 (6.00–6.00) | 51 (51–51) |"),
+            "{t}"
+        );
         assert_eq!(server_cpu_table(&[json!({"name": "x", "sides": []})]), "");
+        // /proc/stat: busy is all but idle and iowait; a missing CPU is no figure.
+        let stat =
+            "cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 10 0 5 80 5 0 0 0 0 0\ncpu1 20 0 10 50 10 5 5 0 0 0\n";
+        assert_eq!(parse_cpu_ticks(stat, &[1]), Some((40, 100)));
+        assert_eq!(parse_cpu_ticks(stat, &[0, 1]), Some((55, 200)));
+        assert_eq!(parse_cpu_ticks(stat, &[2]), None);
+        assert_eq!(busy_percent((40, 100), (90, 200)), Some(50.0));
+        assert_eq!(busy_percent((40, 100), (40, 100)), None);
         // An entry with an SPDK job says why there is no SPDK figure.
         let a = bench_named("aio_randread_4k_qd32_direct");
         let s = sides(&ctx, &a);
