@@ -52,8 +52,8 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use io_uring::{opcode, types};
 
-pub use crate::backend::uring::SqPoll;
 use crate::backend::uring::{Ring, EVENTFD_KEY};
+pub use crate::backend::uring::{SqPoll, DEFAULT_SUBMIT_CAP};
 
 /// Ring size of a reactor.
 const ENTRIES: u32 = 512;
@@ -499,6 +499,10 @@ pub fn attach() -> Option<AttachedRing> {
         r.borrow().as_ref().map(|t| t.ring.clone())
     })?;
     ATTACHED.with(|a| a.set(true));
+    ring.submit_cap.store(
+        crate::backend::uring::default_submit_cap(),
+        Ordering::Relaxed,
+    );
     Some(AttachedRing {
         ring,
         poll_window: ATTACHED_POLL_WINDOW.with(|w| w.get()),
@@ -549,6 +553,19 @@ impl AttachedRing {
     /// `waker` is woken when a request is queued on the ring and no submission is due yet.
     pub fn register_submit(&self, waker: &Waker) {
         self.ring.register_submit(waker);
+    }
+    /// Once `cap` requests are queued, the request that makes them `cap` submits them at once
+    /// instead of waiting for the loop's next pass; 0: every submission waits for a pass.
+    /// Starts at [`DEFAULT_SUBMIT_CAP`] (or `BDEV_REACTOR_SUBMIT_CAP` from the environment).
+    ///
+    /// Why: a burst (an NBD client's whole queue arrives in one read) is started request by
+    /// request with parsing in between; with a cap the disk works on the first requests while
+    /// the rest are started, instead of idling until the whole burst is queued, and a few
+    /// requests per submission still let the block layer merge neighbours. (A
+    /// [`block_on`] reactor queues its bursts without work in between, so it keeps one
+    /// submission per pass.)
+    pub fn set_submit_cap(&self, cap: usize) {
+        self.ring.submit_cap.store(cap, Ordering::Relaxed);
     }
 }
 
@@ -885,6 +902,45 @@ mod tests {
             };
             assert_eq!(passes > 0, polls, "{window:?}: {passes} passes");
             assert!(stopped < SLOW / 2, "{window:?}: polled for {stopped:?}");
+        }
+    }
+
+    /// An attached ring submits a burst itself once `cap` requests are queued, without its
+    /// loop's pass; with no cap they wait for the pass.
+    #[test]
+    fn attached_ring_submits_a_burst_at_its_cap() {
+        // (cap, requests started) -> queued and not yet handed to the kernel.
+        for (cap, started, queued) in [(2, 2, 0), (3, 2, 2), (0, 2, 2), (DEFAULT_SUBMIT_CAP, 8, 0)]
+        {
+            let r = std::thread::spawn(move || {
+                let mut a = attach()?;
+                a.set_submit_cap(cap);
+                let ring = a.ring.clone();
+                let waker = futures::task::noop_waker();
+                let mut cx = Context::from_waker(&waker);
+                let mut futs: Vec<_> = (0..started)
+                    .map(|_| Box::pin(ring.slow_request(Duration::from_millis(5))))
+                    .collect();
+                for f in futs.iter_mut() {
+                    assert!(f.as_mut().poll(&mut cx).is_pending());
+                }
+                let left = ring.queued();
+                // The loop's pass submits the rest; every request then completes.
+                while ring.pending() > 0 {
+                    a.pass();
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                for f in futs.iter_mut() {
+                    assert_eq!(f.as_mut().poll(&mut cx), Poll::Ready(-libc::ETIME));
+                }
+                Some(left)
+            })
+            .join()
+            .expect("attached thread");
+            let Some(left) = r else {
+                return no_ring("attached_ring_submits_a_burst_at_its_cap");
+            };
+            assert_eq!(left, queued, "cap {cap}, {started} started");
         }
     }
 

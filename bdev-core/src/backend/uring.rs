@@ -270,6 +270,22 @@ pub(crate) struct Ring {
     /// is queued (`submit_due` false -> true).
     submit_task: futures::task::AtomicWaker,
     submit_due: AtomicBool,
+    /// Queued requests at which an owner ring submits at once, without waiting for its
+    /// loop's pass; 0: never (see [`crate::reactor::AttachedRing::set_submit_cap`]).
+    pub(crate) submit_cap: std::sync::atomic::AtomicUsize,
+}
+
+/// How many requests a reactor ring served by a foreign event loop keeps queued at most
+/// before it submits them itself (see [`crate::reactor::AttachedRing::set_submit_cap`]);
+/// `BDEV_REACTOR_SUBMIT_CAP` in the environment overrides it (0: no cap).
+pub const DEFAULT_SUBMIT_CAP: usize = 8;
+
+/// The cap a new attached ring starts with: the environment's, else the default.
+pub(crate) fn default_submit_cap() -> usize {
+    std::env::var("BDEV_REACTOR_SUBMIT_CAP")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_SUBMIT_CAP)
 }
 
 /// Whether the kernel supports what the rings need.
@@ -422,6 +438,7 @@ impl Ring {
             taskrun_flag,
             submit_task: futures::task::AtomicWaker::new(),
             submit_due: AtomicBool::new(false),
+            submit_cap: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -513,6 +530,14 @@ impl Ring {
         self.inflight.load(Ordering::Acquire)
     }
 
+    /// Requests queued and not yet handed to the kernel (tests).
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        let _g = lock(&self.pending);
+        // SAFETY: the submission queue is read under the pending mutex.
+        unsafe { self.ring.submission_shared().len() }
+    }
+
     /// Queues one SQE; the caller holds the pending lock.
     fn push_locked(&self, sqe: &squeue::Entry) -> io::Result<()> {
         loop {
@@ -557,7 +582,7 @@ impl Ring {
     /// Queues a request and arranges for its submission (see [`SubmitMode`]); the ticket
     /// is its completion.
     async fn submit(&self, sqe: squeue::Entry, hold: Hold, file: &FileRef) -> Result<Ticket<'_>> {
-        let key = {
+        let (key, queued) = {
             let mut st = lock(&self.pending);
             let key = st.insert(Pending {
                 hold,
@@ -572,7 +597,8 @@ impl Ring {
                 return Err(BdevError::Io(e));
             }
             self.inflight.fetch_add(1, Ordering::AcqRel);
-            key
+            // SAFETY: the submission queue is read under the pending mutex, held here.
+            (key, unsafe { self.ring.submission_shared().len() })
         };
         let ticket = Ticket {
             ring: self,
@@ -582,8 +608,13 @@ impl Ring {
         };
         match self.mode {
             SubmitMode::Owner => {
-                // A foreign event loop serving the ring submits on its next pass.
-                if !self.submit_due.swap(true, Ordering::AcqRel) {
+                let cap = self.submit_cap.load(Ordering::Relaxed);
+                if cap != 0 && queued >= cap {
+                    // A burst (an NBD client's whole queue in one read): hand the device
+                    // what is queued now, so it works while the rest is still parsed.
+                    self.flush();
+                } else if !self.submit_due.swap(true, Ordering::AcqRel) {
+                    // A foreign event loop serving the ring submits on its next pass.
                     self.submit_task.wake();
                 }
             }
