@@ -582,7 +582,7 @@ impl Ring {
     /// Queues a request and arranges for its submission (see [`SubmitMode`]); the ticket
     /// is its completion.
     async fn submit(&self, sqe: squeue::Entry, hold: Hold, file: &FileRef) -> Result<Ticket<'_>> {
-        let (key, queued) = {
+        let (key, burst) = {
             let mut st = lock(&self.pending);
             let key = st.insert(Pending {
                 hold,
@@ -597,8 +597,13 @@ impl Ring {
                 return Err(BdevError::Io(e));
             }
             self.inflight.fetch_add(1, Ordering::AcqRel);
+            let cap = match self.mode {
+                SubmitMode::Owner => self.submit_cap.load(Ordering::Relaxed),
+                _ => 0,
+            };
             // SAFETY: the submission queue is read under the pending mutex, held here.
-            (key, unsafe { self.ring.submission_shared().len() })
+            let burst = cap != 0 && unsafe { self.ring.submission_shared().len() } >= cap;
+            (key, burst)
         };
         let ticket = Ticket {
             ring: self,
@@ -608,8 +613,7 @@ impl Ring {
         };
         match self.mode {
             SubmitMode::Owner => {
-                let cap = self.submit_cap.load(Ordering::Relaxed);
-                if cap != 0 && queued >= cap {
+                if burst {
                     // A burst (an NBD client's whole queue in one read): hand the device
                     // what is queued now, so it works while the rest is still parsed.
                     self.flush();
