@@ -926,7 +926,9 @@ mod tests {
                 }
                 let left = ring.queued();
                 // The loop's pass submits the rest; every request then completes.
+                let deadline = Instant::now() + Duration::from_secs(5);
                 while ring.pending() > 0 {
+                    assert!(Instant::now() < deadline, "requests never completed");
                     a.pass();
                     std::thread::sleep(Duration::from_millis(1));
                 }

@@ -724,20 +724,15 @@ impl Descriptor {
     /// device's business: `buf_align` is what it prefers, and a device that needs aligned
     /// memory copies through a bounce buffer.)
     fn check_buf(&self, buf: &IoBuf) -> Result<u64> {
-        let bl = self.dev.block_len() as usize;
-        // Block lengths are powers of two in practice: shift and mask, not a division.
-        let (n, rest) = if bl.is_power_of_two() {
-            (buf.len() >> bl.trailing_zeros(), buf.len() & (bl - 1))
-        } else {
-            (buf.len() / bl, buf.len() % bl)
-        };
+        let bl = self.dev.block_len();
+        let (n, rest) = iobuf::div_rem(buf.len() as u64, u64::from(bl));
         if rest != 0 {
             return Err(BdevError::InvalidArgument(format!(
                 "buffer length {} is not a multiple of the block length {bl}",
                 buf.len()
             )));
         }
-        Ok(n as u64)
+        Ok(n)
     }
 
     fn check_bufs(&self, offset: u64, bufs: &[IoBuf]) -> Result<u64> {

@@ -388,8 +388,8 @@ impl BlobInner {
     ) -> Option<DirectTarget<'_>> {
         let g = &self.bs.geo;
         let iu = u64::from(g.io_unit);
-        let (units, rest) = div_rem(bytes as u64, iu);
-        let (idx, off) = div_rem(offset, g.lba_per_cluster);
+        let (units, rest) = iobuf::div_rem(bytes as u64, iu);
+        let (idx, off) = iobuf::div_rem(offset, g.lba_per_cluster);
         if rest != 0 || units == 0 || off + units > g.lba_per_cluster {
             return None;
         }
@@ -415,8 +415,8 @@ impl BlobInner {
         // SAFETY: as above; the caller uses the device only while it holds the freeze.
         let d = unsafe { self.live.esnap() }?;
         let bl = u64::from(d.block_len());
-        let lba = div_rem(offset * iu, bl).0;
-        let n = div_rem(bytes as u64, bl).0;
+        let lba = iobuf::div_rem(offset * iu, bl).0;
+        let n = iobuf::div_rem(bytes as u64, bl).0;
         (lba + n <= d.block_count() && !d.is_degraded()).then_some(DirectTarget::Esnap(d, lba))
     }
 
@@ -1106,32 +1106,6 @@ impl BlobInner {
             BackRef::Snapshot(p) => p.is_degraded(),
             BackRef::Esnap(None) => true,
             BackRef::Esnap(Some(d)) => d.is_degraded(),
-        }
-    }
-}
-
-/// `(x / d, x % d)` for `d > 0`, by shift and mask when `d` is a power of two (io_units,
-/// clusters and block lengths always are in practice): a request's fast path would otherwise
-/// pay up to four 64-bit divisions.
-#[inline]
-fn div_rem(x: u64, d: u64) -> (u64, u64) {
-    if d.is_power_of_two() {
-        (x >> d.trailing_zeros(), x & (d - 1))
-    } else {
-        (x / d, x % d)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::div_rem;
-
-    #[test]
-    fn div_rem_is_division_and_remainder_for_any_divisor() {
-        for d in [1u64, 2, 8, 512, 520, 4096, 3 << 20, 1 << 20, 1 << 40] {
-            for x in [0u64, 1, 511, 512, 4095, 4097, 123_456_789, u64::MAX] {
-                assert_eq!(div_rem(x, d), (x / d, x % d), "{x} / {d}");
-            }
         }
     }
 }

@@ -3,12 +3,25 @@
 //! This leaf crate owns [`IoBuf`], the buffer type every I/O call in the workspace takes and
 //! returns. I/O calls take the buffer by value and hand it back on completion, so a backend
 //! such as io_uring can own the memory until the kernel is done with it, even if the future
-//! that issued the request is dropped. It knows nothing about devices or blobstores.
+//! that issued the request is dropped. It also has [`div_rem`], the block arithmetic the
+//! I/O paths of the layers above share. It knows nothing about devices or blobstores.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
+
+/// `(x / d, x % d)` for `d > 0`, by shift and mask when `d` is a power of two (block
+/// lengths, io_units and clusters always are in practice): a request's fast path would
+/// otherwise pay a 64-bit division per split.
+#[inline]
+pub fn div_rem(x: u64, d: u64) -> (u64, u64) {
+    if d.is_power_of_two() {
+        (x >> d.trailing_zeros(), x & (d - 1))
+    } else {
+        (x / d, x % d)
+    }
+}
 
 /// A zero-initialised heap buffer whose start is aligned to `align` bytes.
 pub struct IoBuf {
@@ -135,6 +148,15 @@ impl Eq for IoBuf {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn div_rem_is_division_and_remainder_for_any_divisor() {
+        for d in [1u64, 2, 8, 512, 520, 4096, 3 << 20, 1 << 20, 1 << 40] {
+            for x in [0u64, 1, 511, 512, 4095, 4097, 123_456_789, u64::MAX] {
+                assert_eq!(div_rem(x, d), (x / d, x % d), "{x} / {d}");
+            }
+        }
+    }
 
     #[test]
     fn new_is_zeroed_and_aligned() {

@@ -2149,7 +2149,7 @@ fn nbd_client_with_server_cpu(
             .map_err(anyhow::Error::from)
             .and_then(|s| parse_stat_cpu_ticks(&s))
     };
-    let cpus = cpu_union(ctx);
+    let cpus = cpu_union(ctx)?;
     let (t0, c0, s0) = (ticks()?, children_cpu_seconds(), cpu_ticks(&cpus));
     let c = nbd_client_counted(ctx, b, uri)?;
     let (t1, c1, s1) = (ticks()?, children_cpu_seconds(), cpu_ticks(&cpus));
@@ -2171,12 +2171,12 @@ fn nbd_client_with_server_cpu(
 }
 
 /// The CPUs the servers and the clients of an entry run on (sorted, no repeats).
-fn cpu_union(ctx: &Ctx) -> Vec<u32> {
-    let mut set = parse_cpu_list(&ctx.cpus).unwrap_or_default();
-    set.extend(parse_cpu_list(&ctx.client_cpus).unwrap_or_default());
+fn cpu_union(ctx: &Ctx) -> Result<Vec<u32>> {
+    let mut set = parse_cpu_list(&ctx.cpus)?;
+    set.extend(parse_cpu_list(&ctx.client_cpus)?);
     set.sort_unstable();
     set.dedup();
-    set
+    Ok(set)
 }
 
 /// `(busy, total)` clock ticks of `cpus` so far, from `/proc/stat`: busy is everything but

@@ -250,10 +250,7 @@ fn server_ticks(pid: u32) -> Result<u64> {
 /// kept busy: `(server + clients) / (wall × CPUs)`, the CPUs being the union of the server's
 /// and the clients' sets.
 fn cpu_detail(ctx: &Ctx, server_secs: f64, jobs: &Jobs, wall: f64) -> Result<Value> {
-    let mut set = parse_cpu_list(&ctx.cpus)?;
-    set.extend(parse_cpu_list(&ctx.client_cpus)?);
-    set.sort_unstable();
-    set.dedup();
+    let set = super::cpu_union(ctx)?;
     let per = |secs: f64| (jobs.requests > 0).then(|| secs * 1e6 / jobs.requests as f64);
     let busy = jobs
         .cpu_seconds
